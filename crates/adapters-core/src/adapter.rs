@@ -1,0 +1,70 @@
+//! The `Adapter` trait: one named adapter, occupying one or more points of a model.
+
+use crate::context::ForwardCtx;
+use crate::point::Point;
+use candle_core::{Result, Tensor, Var};
+
+/// What a hidden site (between sublayers) hands to an adapter.
+pub struct SublayerIo<'a> {
+    /// The residual stream entering the sublayer, `[batch, seq, hidden]`.
+    pub input: &'a Tensor,
+    /// The sublayer's output before the residual add, `[batch, seq, hidden]`.
+    pub output: &'a Tensor,
+    /// The backbone's norm applied after the residual add (post-norm models such as BERT);
+    /// `None` for pre-norm models (Llama). Pfeiffer adapters apply it to their input.
+    pub post_norm: Option<&'a dyn Fn(&Tensor) -> Result<Tensor>>,
+}
+
+/// What a projection site hands to an adapter.
+pub struct ProjectionIo<'a> {
+    /// The projection's input, `[batch, seq, in_features]`.
+    pub input: &'a Tensor,
+    /// The projection's output `W x + b`, `[batch, seq, out_features]`.
+    pub output: &'a Tensor,
+    /// The frozen projection itself, so an adapter can re-apply it to a changed input.
+    pub linear: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+}
+
+/// An adapter: a small trainable module attached to a frozen backbone.
+///
+/// One `Adapter` value is one named adapter with all its per-point modules; the backbone
+/// calls it at each point it occupies. A kind implements the forward for the site kinds
+/// it supports; the other one keeps the default, which is never called because placement
+/// rules reject unsupported sites at construction.
+pub trait Adapter: Send + Sync {
+    /// The registered kind name (`seq_bn`, `lora`, ...).
+    fn kind(&self) -> &str;
+
+    /// The full configuration, as it would be saved (kind-specific fields).
+    fn config(&self) -> serde_json::Value;
+
+    /// The points this adapter occupies.
+    fn points(&self) -> Vec<Point>;
+
+    /// Every trainable variable, with a name that is unique within this adapter.
+    fn vars(&self) -> Vec<(String, Var)>;
+
+    /// At a hidden site: the new sublayer output (replacing `io.output`).
+    fn forward_hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let _ = (io, ctx);
+        candle_core::bail!("adapter kind `{}` has no hidden-site forward ({point})", self.kind())
+    }
+
+    /// At a projection site: the new projection output (replacing `io.output`).
+    fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let _ = (io, ctx);
+        candle_core::bail!("adapter kind `{}` has no projection forward ({point})", self.kind())
+    }
+
+    /// The weight delta `ΔW` (`[out, in]`) this adapter adds at a projection point, for
+    /// kinds that can be merged into the base weight; `None` otherwise.
+    fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {
+        let _ = point;
+        None
+    }
+
+    /// Number of trainable parameters.
+    fn num_parameters(&self) -> usize {
+        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}

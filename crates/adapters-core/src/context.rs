@@ -1,0 +1,106 @@
+//! The context that flows through one forward pass: down to the sites (training flag,
+//! per-row adapter choice, task ids) and back to the caller (auxiliary losses, routing).
+
+use crate::point::Point;
+use candle_core::{Device, Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// Rows of a batch that share one adapter setup (a stack of adapter names, applied in order).
+#[derive(Clone, Debug)]
+pub struct RowGroup {
+    /// Adapter names applied in order; empty means the base model for these rows.
+    pub stack: Vec<String>,
+    /// Row indices into the batch (`u32`, on the model's device).
+    pub rows: Tensor,
+}
+
+/// An auxiliary loss produced inside the forward pass (e.g. a router's load-balancing loss).
+#[derive(Clone, Debug)]
+pub struct AuxLoss {
+    pub adapter: String,
+    pub point: Point,
+    pub name: String,
+    pub value: Tensor,
+}
+
+/// Per-point routing statistics (e.g. how many tokens each expert received).
+#[derive(Clone, Debug)]
+pub struct RoutingStats {
+    pub adapter: String,
+    pub point: Point,
+    pub tokens_per_expert: Vec<f32>,
+}
+
+/// What adapters report back from a forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct AuxOutputs {
+    pub losses: Vec<AuxLoss>,
+    pub routing: Vec<RoutingStats>,
+}
+
+/// The per-forward context. Cheap to build; one per forward call.
+#[derive(Debug, Default)]
+pub struct ForwardCtx {
+    /// Training mode: dropout, noise and stochastic routing are active, and backbones use
+    /// only differentiable ops (fused inference kernels cut candle's gradient graph).
+    pub train: bool,
+    /// Per-row adapter choice; `None` means every row uses the model's active setup.
+    pub row_groups: Option<Vec<RowGroup>>,
+    /// Per-example task ids `[batch]` (`u32`), for hypernetworks and multi-task heads.
+    pub task_ids: Option<Tensor>,
+    aux: Arc<Mutex<AuxOutputs>>,
+}
+
+impl ForwardCtx {
+    /// Inference: no dropout, fastest kernels.
+    pub fn inference() -> Self {
+        ForwardCtx::default()
+    }
+
+    /// Training: dropout on, differentiable kernels only.
+    pub fn training() -> Self {
+        ForwardCtx { train: true, ..Default::default() }
+    }
+
+    /// Routes row `i` of the batch through `choices[i]` (a stack of adapter names; empty
+    /// for the base model). Rows that share a choice are computed together.
+    pub fn with_row_choices(mut self, choices: &[Vec<String>], device: &Device) -> Result<Self> {
+        let mut groups: Vec<(Vec<String>, Vec<u32>)> = Vec::new();
+        for (row, stack) in choices.iter().enumerate() {
+            match groups.iter_mut().find(|(s, _)| s == stack) {
+                Some((_, rows)) => rows.push(row as u32),
+                None => groups.push((stack.clone(), vec![row as u32])),
+            }
+        }
+        let groups = groups
+            .into_iter()
+            .map(|(stack, rows)| {
+                let n = rows.len();
+                Ok(RowGroup { stack, rows: Tensor::from_vec(rows, n, device)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.row_groups = Some(groups);
+        Ok(self)
+    }
+
+    /// Sets per-example task ids.
+    pub fn with_task_ids(mut self, task_ids: Tensor) -> Self {
+        self.task_ids = Some(task_ids);
+        self
+    }
+
+    /// Called by adapters to report an auxiliary loss.
+    pub fn push_loss(&self, loss: AuxLoss) {
+        self.aux.lock().expect("aux lock poisoned").losses.push(loss);
+    }
+
+    /// Called by adapters to report routing statistics.
+    pub fn push_routing(&self, stats: RoutingStats) {
+        self.aux.lock().expect("aux lock poisoned").routing.push(stats);
+    }
+
+    /// Takes what adapters reported during the forward pass.
+    pub fn take_aux(&self) -> AuxOutputs {
+        std::mem::take(&mut *self.aux.lock().expect("aux lock poisoned"))
+    }
+}

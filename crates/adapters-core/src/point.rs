@@ -1,0 +1,150 @@
+//! Where an adapter can sit in a backbone: a (layer, site) pair, and the sizes seen there.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A kind of site inside one transformer layer.
+///
+/// Hidden sites sit between sublayers: the adapter sees the sublayer's input (the residual
+/// stream entering it) and its output, so sequential (Pfeiffer, Houlsby) and parallel
+/// (He et al.) adapters, fusion, mixtures and hypernetwork adapters all live there.
+/// Projection sites sit on one linear layer: the adapter sees the projection's input and
+/// output and may add a delta (LoRA) or rescale (IA3), or be merged into the weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Site {
+    /// After the self-attention sublayer (before its residual add / post-norm).
+    AttentionOutput,
+    /// After the feed-forward sublayer (before its residual add / post-norm).
+    FfnOutput,
+    /// Query projection.
+    Query,
+    /// Key projection.
+    Key,
+    /// Value projection.
+    Value,
+    /// Attention output projection.
+    AttentionProj,
+    /// FFN up projection (BERT `intermediate.dense`, Llama `up_proj`).
+    FfnUp,
+    /// FFN gate projection (Llama `gate_proj`; BERT has none).
+    FfnGate,
+    /// FFN down projection (BERT `output.dense`, Llama `down_proj`).
+    FfnDown,
+}
+
+impl Site {
+    /// Every site kind, hidden sites first.
+    pub const ALL: [Site; 9] = [
+        Site::AttentionOutput,
+        Site::FfnOutput,
+        Site::Query,
+        Site::Key,
+        Site::Value,
+        Site::AttentionProj,
+        Site::FfnUp,
+        Site::FfnGate,
+        Site::FfnDown,
+    ];
+
+    /// True for sites on a projection weight, false for sites between sublayers.
+    pub fn is_projection(self) -> bool {
+        !matches!(self, Site::AttentionOutput | Site::FfnOutput)
+    }
+
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::AttentionOutput => "attention_output",
+            Site::FfnOutput => "ffn_output",
+            Site::Query => "query",
+            Site::Key => "key",
+            Site::Value => "value",
+            Site::AttentionProj => "attention_proj",
+            Site::FfnUp => "ffn_up",
+            Site::FfnGate => "ffn_gate",
+            Site::FfnDown => "ffn_down",
+        }
+    }
+
+    /// Parses a site name; the error lists the valid names.
+    pub fn parse(name: &str) -> Result<Site, String> {
+        Site::ALL.iter().copied().find(|s| s.name() == name).ok_or_else(|| {
+            let names: Vec<_> = Site::ALL.iter().map(|s| s.name()).collect();
+            format!("unknown site `{name}`; valid sites: {}", names.join(", "))
+        })
+    }
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One (layer, site) pair of a concrete model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Point {
+    pub layer: usize,
+    pub site: Site,
+}
+
+impl Point {
+    pub fn new(layer: usize, site: Site) -> Self {
+        Point { layer, site }
+    }
+}
+
+impl fmt::Display for Point {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "layer {} {}", self.layer, self.site)
+    }
+}
+
+/// A point together with the tensor widths an adapter sees there.
+///
+/// For hidden sites both widths are the model's hidden size; for projection sites they
+/// are the projection's input and output features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointSpec {
+    pub point: Point,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// What an adapter constructor needs to know about the backbone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// `bert` or `llama`.
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    /// Every point the backbone exposes, in layer order.
+    pub points: Vec<PointSpec>,
+}
+
+impl ModelInfo {
+    /// The spec of one point, if the model has it.
+    pub fn spec(&self, point: Point) -> Option<PointSpec> {
+        self.points.iter().copied().find(|p| p.point == point)
+    }
+
+    /// The site kinds this model offers (in `Site::ALL` order).
+    pub fn sites(&self) -> Vec<Site> {
+        Site::ALL
+            .iter()
+            .copied()
+            .filter(|s| self.points.iter().any(|p| p.point.site == *s))
+            .collect()
+    }
+}
+
+/// Implemented by every backbone: the insertion points it exposes and their widths.
+///
+/// Placement rules expand against this, and adapter constructors read the widths from it,
+/// so a family crate never needs to know which backbone it is attached to.
+pub trait InsertionPoint {
+    /// A description of the model for adapter constructors.
+    fn model_info(&self) -> ModelInfo;
+}
