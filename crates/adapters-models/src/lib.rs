@@ -1,1 +1,22 @@
-//! placeholder
+//! Backbones with adapter insertion points: a BERT-family encoder and a Llama-family
+//! decoder, loaded from their original files by their original tensor names, with
+//! tokenizers, heads and generation.
+//!
+//! Both backbones are our own code so that every sublayer and projection calls its
+//! model's [`adapters_core::AdapterSet`], and so that training gradients flow through
+//! differentiable ops (see [`ops`]).
+
+pub mod bert;
+pub mod files;
+pub mod generate;
+pub mod heads;
+pub mod llama;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+pub mod weights;
+
+pub use bert::{Bert, BertConfig};
+pub use llama::{KvCache, Llama, LlamaConfig};
+pub use model::{load, Backbone, LoadedModel};
+pub use tokenizer::{Message, TextTokenizer};

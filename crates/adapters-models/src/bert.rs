@@ -1,0 +1,284 @@
+//! BERT-family encoder (BERT, MiniLM, ...) with adapter insertion points.
+//!
+//! Loads a Hugging Face folder (`config.json`, `model.safetensors`) by the original tensor
+//! names. Post-norm layers: each sublayer's output passes through the adapter hook before
+//! the residual add and the sublayer's LayerNorm, which the hook also receives.
+
+use crate::ops::{embedding, softmax_last, LayerNorm, Linear};
+use crate::weights::Weights;
+use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, ProjectionIo, Site, SublayerIo};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The fields of a BERT `config.json` that the forward pass uses.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_pos")]
+    pub position_embedding_type: String,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_pos() -> String {
+    "absolute".into()
+}
+
+/// The FFN activation, by its Hugging Face name.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `gelu`: exact (erf) GELU.
+    GeluErf,
+    /// `gelu_new`, `gelu_pytorch_tanh`: tanh approximation.
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            other => bail!("unsupported hidden_act `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"),
+        })
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::GeluErf => x.gelu_erf(),
+            Activation::GeluTanh => x.gelu(),
+            Activation::Relu => x.relu(),
+            Activation::Silu => x.silu(),
+        }
+    }
+}
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    ffn_norm: LayerNorm,
+}
+
+/// A BERT-family encoder.
+pub struct Bert {
+    pub config: BertConfig,
+    activation: Activation,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    /// The adapters attached to this model.
+    pub adapters: AdapterSet,
+}
+
+impl Bert {
+    /// Loads `config.json` and `model.safetensors` from a Hugging Face folder.
+    pub fn from_folder(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let config_path = dir.join("config.json");
+        let config: BertConfig = serde_json::from_slice(
+            &std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
+        )
+        .with_context(|| format!("{} is not a valid BERT config", config_path.display()))?;
+        let weights = Weights::from_safetensors(&dir.join("model.safetensors"), device)?;
+        Self::from_weights(config, &weights)
+    }
+
+    /// Builds the model from tensors named as in Hugging Face's `BertModel`
+    /// (with or without a `bert.` prefix).
+    pub fn from_weights(config: BertConfig, w: &Weights) -> anyhow::Result<Self> {
+        if config.position_embedding_type != "absolute" {
+            bail!("position_embedding_type `{}` is not supported (only `absolute`)", config.position_embedding_type);
+        }
+        if config.hidden_size % config.num_attention_heads != 0 {
+            bail!("hidden_size {} is not divisible by num_attention_heads {}", config.hidden_size, config.num_attention_heads);
+        }
+        let activation = Activation::parse(&config.hidden_act)?;
+        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let linear = |name: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
+            Ok(Linear::new(
+                w.get(&format!("{prefix}{name}.weight"), &[out, inp])?,
+                Some(w.get(&format!("{prefix}{name}.bias"), &[out])?),
+            ))
+        };
+        let norm = |name: &str| -> anyhow::Result<LayerNorm> {
+            let n = |a: &str| format!("{prefix}{name}.{a}");
+            Ok(LayerNorm {
+                weight: w.get_any(&[n("weight"), n("gamma")], &[h])?,
+                bias: w.get_any(&[n("bias"), n("beta")], &[h])?,
+                eps: config.layer_norm_eps,
+            })
+        };
+        let embeddings = Embeddings {
+            word: w.get(&format!("{prefix}embeddings.word_embeddings.weight"), &[config.vocab_size, h])?,
+            position: w.get(&format!("{prefix}embeddings.position_embeddings.weight"), &[config.max_position_embeddings, h])?,
+            token_type: w.get(&format!("{prefix}embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?,
+            norm: norm("embeddings.LayerNorm")?,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("encoder.layer.{l}");
+                Ok(Layer {
+                    query: linear(&format!("{p}.attention.self.query"), h, h)?,
+                    key: linear(&format!("{p}.attention.self.key"), h, h)?,
+                    value: linear(&format!("{p}.attention.self.value"), h, h)?,
+                    attn_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
+                    attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                    up: linear(&format!("{p}.intermediate.dense"), i, h)?,
+                    down: linear(&format!("{p}.output.dense"), h, i)?,
+                    ffn_norm: norm(&format!("{p}.output.LayerNorm"))?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Bert { config, activation, embeddings, layers, adapters: AdapterSet::default() })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embeddings.word.device()
+    }
+
+    /// Total number of (frozen) base parameters.
+    pub fn num_parameters(&self) -> usize {
+        let e = &self.embeddings;
+        let lin = |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count());
+        let ln = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
+        e.word.elem_count() + e.position.elem_count() + e.token_type.elem_count() + ln(&e.norm)
+            + self.layers.iter().map(|l| {
+                lin(&l.query) + lin(&l.key) + lin(&l.value) + lin(&l.attn_out) + lin(&l.up) + lin(&l.down)
+                    + ln(&l.attn_norm) + ln(&l.ffn_norm)
+            }).sum::<usize>()
+    }
+
+    /// The last hidden state `[batch, seq, hidden]`.
+    ///
+    /// `input_ids` is `[batch, seq]` (u32); `token_type_ids` defaults to zeros;
+    /// `attention_mask` (`[batch, seq]`, 1 for tokens, 0 for padding) defaults to all ones.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            candle_core::bail!("input has {t} tokens, more than the model's {} positions", self.config.max_position_embeddings);
+        }
+        let e = &self.embeddings;
+        let types = match token_type_ids {
+            Some(ids) => ids.clone(),
+            None => Tensor::zeros((b, t), DType::U32, input_ids.device())?,
+        };
+        let words = embedding(&e.word, input_ids)?;
+        let types = embedding(&e.token_type, &types)?;
+        let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
+        let mut x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?, ctx.train)?;
+        let mask = match attention_mask {
+            // [b, 1, 1, t]: 0 where attended, a large negative value on padding.
+            Some(m) => Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?
+                .reshape((b, 1, 1, t))?),
+            None => None,
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(l, layer, &x, mask.as_ref(), ctx)?;
+        }
+        Ok(x)
+    }
+
+    fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let y = lin.forward(x)?;
+        let apply = |t: &Tensor| lin.forward(t);
+        self.adapters.projection(point, &ProjectionIo { input: x, output: &y, linear: &apply }, ctx)
+    }
+
+    fn layer_forward(&self, l: usize, layer: &Layer, x: &Tensor, mask: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let hd = h / heads;
+        let split = |y: Tensor| y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous();
+        let q = split(self.project(&layer.query, Point::new(l, Site::Query), x, ctx)?)?;
+        let k = split(self.project(&layer.key, Point::new(l, Site::Key), x, ctx)?)?;
+        let v = split(self.project(&layer.value, Point::new(l, Site::Value), x, ctx)?)?;
+        let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = softmax_last(&scores, ctx.train)?;
+        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let attn = self.project(&layer.attn_out, Point::new(l, Site::AttentionProj), &attn, ctx)?;
+
+        let attn_norm = |z: &Tensor| layer.attn_norm.forward(z, ctx.train);
+        let io = SublayerIo { input: x, output: &attn, post_norm: Some(&attn_norm) };
+        let attn = self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?;
+        let x = attn_norm(&(x + attn)?)?;
+
+        let up = self.activation.apply(&self.project(&layer.up, Point::new(l, Site::FfnUp), &x, ctx)?)?;
+        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &up, ctx)?;
+        let ffn_norm = |z: &Tensor| layer.ffn_norm.forward(z, ctx.train);
+        let io = SublayerIo { input: &x, output: &ffn, post_norm: Some(&ffn_norm) };
+        let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;
+        ffn_norm(&(&x + ffn)?)
+    }
+}
+
+impl InsertionPoint for Bert {
+    fn model_info(&self) -> ModelInfo {
+        let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
+        let mut points = Vec::new();
+        for layer in 0..self.config.num_hidden_layers {
+            let mut add = |site, in_features, out_features| {
+                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features })
+            };
+            add(Site::AttentionOutput, h, h);
+            add(Site::FfnOutput, h, h);
+            add(Site::Query, h, h);
+            add(Site::Key, h, h);
+            add(Site::Value, h, h);
+            add(Site::AttentionProj, h, h);
+            add(Site::FfnUp, h, i);
+            add(Site::FfnDown, i, h);
+        }
+        ModelInfo {
+            architecture: "bert".into(),
+            hidden_size: h,
+            num_layers: self.config.num_hidden_layers,
+            vocab_size: self.config.vocab_size,
+            points,
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! Task heads on top of a backbone's hidden states. The causal-LM head lives with the
+//! decoder (`Llama::logits`), since it may be tied to the token embeddings.
+
+use adapters_core::Init;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+/// Sequence classification: a new linear layer on a pooled representation.
+pub struct ClassificationHead {
+    pub weight: Var,
+    pub bias: Var,
+}
+
+impl ClassificationHead {
+    /// A freshly initialised head (PyTorch's `nn.Linear` init, seeded).
+    pub fn new(hidden: usize, num_labels: usize, seed: u64, device: &Device) -> Result<Self> {
+        let mut init = Init::new(seed);
+        let weight = Var::from_tensor(&init.kaiming_uniform(num_labels, hidden, device)?)?;
+        let bias = Var::from_tensor(&init.uniform(num_labels, 1.0 / (hidden as f64).sqrt(), device)?)?;
+        Ok(ClassificationHead { weight, bias })
+    }
+
+    /// Logits `[batch, num_labels]` from pooled features `[batch, hidden]`.
+    pub fn forward(&self, pooled: &Tensor) -> Result<Tensor> {
+        pooled.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())
+    }
+
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        vec![("head.weight".into(), self.weight.clone()), ("head.bias".into(), self.bias.clone())]
+    }
+}
+
+/// Mean of the hidden states over the tokens the mask keeps: `[batch, hidden]`.
+pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let mask = attention_mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
+    summed.broadcast_div(&counts)
+}
+
+/// The hidden state of each row's last unmasked token (decoder classification).
+pub fn last_token_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let last = (attention_mask.to_dtype(DType::F32)?.sum(1)? - 1.0)?.clamp(0.0, f64::MAX)?.to_dtype(DType::U32)?;
+    let (b, _, h) = hidden.dims3()?;
+    let idx = last.reshape((b, 1, 1))?.expand((b, 1, h))?.contiguous()?;
+    hidden.gather(&idx, 1)?.squeeze(1)
+}
+
+/// Rows scaled to unit L2 norm (eps 1e-12, as PyTorch's `F.normalize`).
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}

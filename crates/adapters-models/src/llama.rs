@@ -1,0 +1,439 @@
+//! Llama-family decoder (Llama, SmolLM2, ...) with adapter insertion points.
+//!
+//! Loads a GGUF file (weights de-quantised to f32, q/k rows restored to Hugging Face's
+//! layout so that projection-level adapters such as PEFT LoRA line up) or a Hugging Face
+//! folder (`config.json`, `model.safetensors`). Pre-norm layers: each sublayer's output
+//! passes through the adapter hook before the residual add.
+
+use crate::ops::{embedding, rope, softmax_last, Linear, RmsNorm};
+use crate::weights::Weights;
+use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, ProjectionIo, Site, SublayerIo};
+use anyhow::{anyhow, bail, Context};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The fields of a Llama `config.json` that the forward pass uses.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+}
+
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_model_type() -> String {
+    "llama".into()
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Reads the architecture from GGUF metadata (`llama.*` keys).
+    pub fn from_gguf(ct: &gguf_file::Content) -> anyhow::Result<Self> {
+        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if arch != "llama" {
+            bail!("GGUF architecture `{arch}` is not supported (only `llama`)");
+        }
+        let u = |k: &str| -> anyhow::Result<usize> {
+            Ok(ct.metadata.get(k).ok_or_else(|| anyhow!("GGUF metadata has no `{k}`"))?.to_u32()? as usize)
+        };
+        let f = |k: &str| ct.metadata.get(k).and_then(|v| v.to_f32().ok()).map(|v| v as f64);
+        let heads = u("llama.attention.head_count")?;
+        let hidden = u("llama.embedding_length")?;
+        let vocab = match ct.metadata.get("llama.vocab_size") {
+            Some(v) => v.to_u32()? as usize,
+            None => ct.metadata.get("tokenizer.ggml.tokens").map(|v| v.to_vec().map(|t| t.len())).transpose()?.unwrap_or(0),
+        };
+        Ok(LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: u("llama.feed_forward_length")?,
+            num_hidden_layers: u("llama.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: u("llama.attention.head_count_kv").unwrap_or(heads),
+            head_dim: u("llama.rope.dimension_count").ok(),
+            rms_norm_eps: f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: f("llama.rope.freq_base").unwrap_or(10000.0),
+            max_position_embeddings: u("llama.context_length").unwrap_or(4096),
+            tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+            bos_token_id: ct.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+            eos_token_id: ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
+            model_type: "llama".into(),
+        })
+    }
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Cached keys and values of earlier positions, one entry per layer.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers[0].as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Llama-family decoder with its causal-LM head.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// `None` when the output projection is tied to the token embeddings.
+    lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    /// The adapters attached to this model.
+    pub adapters: AdapterSet,
+}
+
+/// Maps a GGUF tensor name to the Hugging Face name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, name) = rest.split_once('.')?;
+    let hf = match name {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation (interleaved RoPE pairs back to half-split).
+fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    w.reshape((heads, out / heads / 2, 2, inp))?.transpose(1, 2)?.reshape((out, inp))
+}
+
+impl Llama {
+    /// Loads a GGUF file: config and weights (de-quantised to f32, Hugging Face names).
+    pub fn from_gguf(path: &Path, device: &Device) -> anyhow::Result<(Self, gguf_file::Content)> {
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
+        let config = LlamaConfig::from_gguf(&ct).with_context(|| format!("reading {}", path.display()))?;
+        let mut tensors = HashMap::new();
+        for name in ct.tensor_infos.keys() {
+            let Some(hf) = hf_name(name) else { continue };
+            let t = ct
+                .tensor(&mut file, name, device)
+                .and_then(|q| q.dequantize(device))
+                .map_err(|e| anyhow!("{}: tensor `{name}` cannot be read: {e}", path.display()))?;
+            let t = match name.rsplit('.').nth(1) {
+                Some("attn_q") => unpermute(&t, config.num_attention_heads)?,
+                Some("attn_k") => unpermute(&t, config.num_key_value_heads)?,
+                _ => t,
+            };
+            tensors.insert(hf, t);
+        }
+        let model = Self::from_weights(config, &Weights::new(path.to_path_buf(), tensors))?;
+        Ok((model, ct))
+    }
+
+    /// Loads `config.json` and `model.safetensors` (or a sharded index) from a folder.
+    pub fn from_folder(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let config_path = dir.join("config.json");
+        let config: LlamaConfig = serde_json::from_slice(
+            &std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
+        )
+        .with_context(|| format!("{} is not a valid Llama config", config_path.display()))?;
+        let index = dir.join("model.safetensors.index.json");
+        let file = if index.exists() { index } else { dir.join("model.safetensors") };
+        Self::from_weights(config, &Weights::from_safetensors(&file, device)?)
+    }
+
+    /// Builds the model from tensors named as in Hugging Face's `LlamaForCausalLM`.
+    pub fn from_weights(config: LlamaConfig, w: &Weights) -> anyhow::Result<Self> {
+        let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
+        let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
+        if nh % nkv != 0 {
+            bail!("num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}");
+        }
+        let lin = |name: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
+            Ok(Linear::new(w.get(name, &[out, inp])?, None))
+        };
+        let norm = |name: &str| -> anyhow::Result<RmsNorm> {
+            Ok(RmsNorm { weight: w.get(name, &[h])?, eps: config.rms_norm_eps })
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Ok(Layer {
+                    attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                    q: lin(&format!("{p}.self_attn.q_proj.weight"), nh * hd, h)?,
+                    k: lin(&format!("{p}.self_attn.k_proj.weight"), nkv * hd, h)?,
+                    v: lin(&format!("{p}.self_attn.v_proj.weight"), nkv * hd, h)?,
+                    o: lin(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
+                    ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                    gate: lin(&format!("{p}.mlp.gate_proj.weight"), i, h)?,
+                    up: lin(&format!("{p}.mlp.up_proj.weight"), i, h)?,
+                    down: lin(&format!("{p}.mlp.down_proj.weight"), h, i)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let lm_head = if w.contains("lm_head.weight") && !config.tie_word_embeddings {
+            Some(w.get("lm_head.weight", &[config.vocab_size, h])?)
+        } else {
+            None
+        };
+        let device = embed.device().clone();
+        let (cos, sin) = rope_tables(hd, config.rope_theta, config.max_position_embeddings, &device)?;
+        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, lm_head, cos, sin, adapters: AdapterSet::default() })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Total number of base parameters (tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        let lin = |l: &Linear| l.weight.elem_count();
+        self.embed.elem_count()
+            + self.norm.weight.elem_count()
+            + self.lm_head.as_ref().map_or(0, |t| t.elem_count())
+            + self.layers.iter().map(|l| {
+                lin(&l.q) + lin(&l.k) + lin(&l.v) + lin(&l.o) + lin(&l.gate) + lin(&l.up) + lin(&l.down)
+                    + l.attn_norm.weight.elem_count() + l.ffn_norm.weight.elem_count()
+            }).sum::<usize>()
+    }
+
+    /// Whether the output projection is the token embedding matrix.
+    pub fn ties_embeddings(&self) -> bool {
+        self.lm_head.is_none()
+    }
+
+    /// The final hidden states `[batch, seq, hidden]` (after the final norm).
+    ///
+    /// With a cache, `input_ids` continue the cached positions and the cache is extended.
+    /// Rows are assumed unpadded or right-padded (causal attention never looks right).
+    pub fn forward_hidden(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if past + t > self.config.max_position_embeddings {
+            candle_core::bail!("{} positions exceed the model's context of {}", past + t, self.config.max_position_embeddings);
+        }
+        let mut x = embedding(&self.embed, input_ids)?;
+        let cos = self.cos.narrow(0, past, t)?;
+        let sin = self.sin.narrow(0, past, t)?;
+        let mask = if t > 1 { Some(causal_mask(t, past, x.device())?) } else { None };
+        let mut cache = cache;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_mut().map(|c| &mut c.layers[l]);
+            x = self.layer_forward(l, layer, &x, (&cos, &sin), mask.as_ref(), kv, ctx)?;
+        }
+        self.norm.forward(&x, ctx.train)
+    }
+
+    /// Logits `[batch, seq, vocab]` from final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Linear::new(head.clone(), None).forward(hidden)
+    }
+
+    /// Logits at the last position of each row, `[batch, vocab]`.
+    pub fn last_logits(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, cache, ctx)?;
+        let t = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// A fresh cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let y = lin.forward(x)?;
+        let apply = |t: &Tensor| lin.forward(t);
+        self.adapters.projection(point, &ProjectionIo { input: x, output: &y, linear: &apply }, ctx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: usize,
+        layer: &Layer,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: Option<&Tensor>,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim());
+        let n = layer.attn_norm.forward(x, ctx.train)?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let q = heads(self.project(&layer.q, Point::new(l, Site::Query), &n, ctx)?, nh)?;
+        let k = heads(self.project(&layer.k, Point::new(l, Site::Key), &n, ctx)?, nkv)?;
+        let v = heads(self.project(&layer.v, Point::new(l, Site::Value), &n, ctx)?, nkv)?;
+        let q = rope(&q, cos, sin, ctx.train)?;
+        let mut k = rope(&k, cos, sin, ctx.train)?;
+        let mut v = v;
+        if let Some(kv) = kv {
+            if let Some((pk, pv)) = kv.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *kv = Some((k.clone(), v.clone()));
+        }
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let attn = softmax_last(&scores, ctx.train)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx)?;
+        let io = SublayerIo { input: x, output: &attn, post_norm: None };
+        let x = (x + self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?)?;
+
+        let n = layer.ffn_norm.forward(&x, ctx.train)?;
+        let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx)?.silu()?;
+        let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &n, ctx)?;
+        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &(gate * up)?, ctx)?;
+        let io = SublayerIo { input: &x, output: &ffn, post_norm: None };
+        &x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?
+    }
+
+    /// Writes this model as a Hugging Face folder (`config.json`, `model.safetensors`).
+    pub fn save_hf_weights(&self, dir: &Path) -> anyhow::Result<()> {
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        tensors.insert("model.embed_tokens.weight".into(), self.embed.clone());
+        tensors.insert("model.norm.weight".into(), self.norm.weight.clone());
+        if let Some(head) = &self.lm_head {
+            tensors.insert("lm_head.weight".into(), head.clone());
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            for (name, t) in [
+                ("input_layernorm.weight", &layer.attn_norm.weight),
+                ("post_attention_layernorm.weight", &layer.ffn_norm.weight),
+                ("self_attn.q_proj.weight", &layer.q.weight),
+                ("self_attn.k_proj.weight", &layer.k.weight),
+                ("self_attn.v_proj.weight", &layer.v.weight),
+                ("self_attn.o_proj.weight", &layer.o.weight),
+                ("mlp.gate_proj.weight", &layer.gate.weight),
+                ("mlp.up_proj.weight", &layer.up.weight),
+                ("mlp.down_proj.weight", &layer.down.weight),
+            ] {
+                tensors.insert(format!("{p}.{name}"), t.clone());
+            }
+        }
+        let mut config = self.config.clone();
+        config.tie_word_embeddings = self.lm_head.is_none();
+        crate::files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        crate::files::save_safetensors_atomic(&tensors, &dir.join("model.safetensors"))
+    }
+}
+
+impl InsertionPoint for Llama {
+    fn model_info(&self) -> ModelInfo {
+        let c = &self.config;
+        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let mut points = Vec::new();
+        for layer in 0..c.num_hidden_layers {
+            let mut add = |site, in_features, out_features| {
+                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features })
+            };
+            add(Site::AttentionOutput, h, h);
+            add(Site::FfnOutput, h, h);
+            add(Site::Query, h, c.num_attention_heads * hd);
+            add(Site::Key, h, c.num_key_value_heads * hd);
+            add(Site::Value, h, c.num_key_value_heads * hd);
+            add(Site::AttentionProj, c.num_attention_heads * hd, h);
+            add(Site::FfnGate, h, i);
+            add(Site::FfnUp, h, i);
+            add(Site::FfnDown, i, h);
+        }
+        ModelInfo { architecture: "llama".into(), hidden_size: h, num_layers: c.num_hidden_layers, vocab_size: c.vocab_size, points }
+    }
+}
+
+/// cos and sin tables `[max_pos, head_dim/2]` for half-split RoPE.
+fn rope_tables(head_dim: usize, theta: f64, max_pos: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32).collect();
+    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+    let pos = Tensor::arange(0u32, max_pos as u32, device)?.to_dtype(DType::F32)?.reshape((max_pos, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// `[t, past + t]`: 0 where position i may attend to j, -inf to the right of i.
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, past + t), device)
+}
+
+/// Repeats key/value heads for grouped-query attention: `[b, kv, t, d]` to `[b, kv*n, t, d]`.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?.expand((b, kv, n, t, d))?.reshape((b, kv * n, t, d))
+}
+

@@ -1,0 +1,145 @@
+//! The few tensor ops the backbones need, each with a fused inference kernel and a
+//! differentiable composition for training.
+//!
+//! candle's fused kernels (layer norm, RMS norm, softmax, RoPE) have no backward pass and
+//! silently cut the gradient graph, so in training mode we compose the same maths from
+//! differentiable primitives. Both paths compute the same function.
+
+use candle_core::{Module, Result, Tensor, D};
+
+/// A frozen linear layer `y = x W^T + b`, as stored by PyTorch (`W` is `[out, in]`).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match x.dims() {
+            [b, t, i] => x.reshape((b * t, *i))?.matmul(&self.weight.t()?)?.reshape((*b, *t, ()))?,
+            _ => x.matmul(&self.weight.t()?)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Looks up rows of an embedding table: `ids` `[b, t]` to `[b, t, dim]`.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, ()))
+}
+
+/// Layer norm over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            let n = x.dim(D::Minus1)? as f64;
+            let centered = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?;
+            let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+            centered
+                .broadcast_div(&(var + self.eps)?.sqrt()?)?
+                .broadcast_mul(&self.weight)?
+                .broadcast_add(&self.bias)
+        } else {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+/// RMS norm over the last dimension (Llama).
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            let n = x.dim(D::Minus1)? as f64;
+            let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+            x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+        }
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+    }
+}
+
+/// Rotary position embedding, half-split (Hugging Face) layout, on `[b, heads, t, d]`.
+/// `cos` and `sin` are `[t, d/2]` for the positions of `x`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        let half = x.dim(D::Minus1)? / 2;
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(
+            &[(x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?, (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?],
+            D::Minus1,
+        )?;
+        Ok(rotated)
+    } else {
+        candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The training compositions compute the same function as the fused kernels.
+    #[test]
+    fn fused_and_composed_paths_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
+        let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
+        let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
+        let ln = LayerNorm { weight: w.clone(), bias: b, eps: 1e-12 };
+        assert!(max_diff(&ln.forward(&x, true)?, &ln.forward(&x, false)?) < 1e-5);
+        let rms = RmsNorm { weight: w, eps: 1e-5 };
+        assert!(max_diff(&rms.forward(&x, true)?, &rms.forward(&x, false)?) < 1e-5);
+        assert!(max_diff(&softmax_last(&x, true)?, &softmax_last(&x, false)?) < 1e-6);
+        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        assert!(max_diff(&rope(&x, &cos, &sin, true)?, &rope(&x, &cos, &sin, false)?) < 1e-5);
+        Ok(())
+    }
+}
