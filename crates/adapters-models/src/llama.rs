@@ -287,6 +287,19 @@ impl Llama {
         self.norm.forward(&x, ctx.train)
     }
 
+    /// The residual stream `[batch, seq, hidden]` after the first `num_layers` layers
+    /// (0: the token embeddings), without the final norm: for probing and parity checks.
+    pub fn residual_stream(&self, input_ids: &Tensor, num_layers: usize, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let mut x = embedding(&self.embed, input_ids)?;
+        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let mask = if t > 1 { Some(causal_mask(t, 0, x.device())?) } else { None };
+        for (l, layer) in self.layers.iter().enumerate().take(num_layers) {
+            x = self.layer_forward(l, layer, &x, (&cos, &sin), mask.as_ref(), None, ctx)?;
+        }
+        Ok(x)
+    }
+
     /// Logits `[batch, seq, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);

@@ -113,6 +113,19 @@ impl TextTokenizer {
         })
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (chat template, bos/eos) into
+    /// `dir`, the layout [`TextTokenizer::from_folder`] reads.
+    pub fn save_folder(&self, dir: &Path) -> Result<()> {
+        let json = self.inner.to_string(true).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        crate::files::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let config = serde_json::json!({
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+        });
+        crate::files::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())
+    }
+
     /// Token ids of one text.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizing: {e}"))?;
