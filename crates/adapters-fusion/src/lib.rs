@@ -1,1 +1,4 @@
-//! placeholder
+//! AdapterFusion and the composition blocks (Stack, Parallel, Average, BatchSplit, Split).
+//!
+//! Empty for now: the family arrives with its own issue and registers its kinds in the
+//! `adapters-core` registry.

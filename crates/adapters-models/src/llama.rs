@@ -100,6 +100,7 @@ struct Layer {
 }
 
 /// Cached keys and values of earlier positions, one entry per layer.
+#[derive(Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
 }

@@ -1,0 +1,190 @@
+//! The subcommands: thin layers over adapters-core and adapters-models.
+
+use adapters_core::{registry, ForwardCtx, InsertionPoint};
+use adapters_models::generate::{generate as run_generation, Sampling};
+use adapters_models::heads::{l2_normalize, mean_pool};
+use adapters_models::{load, Backbone, LoadedModel, Message};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use std::io::Write;
+use std::path::Path;
+
+fn device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    return Ok(Device::cuda_if_available(0)?);
+    #[cfg(not(feature = "cuda"))]
+    Ok(Device::Cpu)
+}
+
+fn open(model: &Path) -> Result<LoadedModel> {
+    load(model, &device()?)
+}
+
+pub fn kinds() -> Result<()> {
+    let kinds = registry::kinds();
+    if kinds.is_empty() {
+        println!("No adapter kinds are registered in this build.");
+        return Ok(());
+    }
+    for kind in kinds {
+        println!("{:<16} {} (from {})", kind.name, kind.summary, kind.family);
+        for f in kind.fields {
+            println!("    {:<22} {:<24} default {:<10} {}", f.name, f.ty, f.default, f.doc);
+        }
+    }
+    Ok(())
+}
+
+pub fn info(model: &Path, json: bool) -> Result<()> {
+    let loaded = open(model)?;
+    let info = loaded.backbone.model_info();
+    let params = loaded.backbone.num_parameters();
+    let details = match &loaded.backbone {
+        Backbone::Bert(m) => serde_json::to_value(&m.config)?,
+        Backbone::Llama(m) => serde_json::to_value(&m.config)?,
+    };
+    if json {
+        let out = serde_json::json!({
+            "source": loaded.source,
+            "architecture": info.architecture,
+            "parameters": params,
+            "config": details,
+            "insertion_points": info.points,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("model         {}", loaded.source.display());
+    println!("architecture  {}", info.architecture);
+    println!("parameters    {params} ({:.1}M)", params as f64 / 1e6);
+    println!("layers        {}", info.num_layers);
+    println!("hidden size   {}", info.hidden_size);
+    println!("vocabulary    {}", info.vocab_size);
+    if let Backbone::Llama(m) = &loaded.backbone {
+        let c = &m.config;
+        println!("heads         {} query, {} key/value, head size {}", c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        println!("context       {} positions, RoPE theta {}", c.max_position_embeddings, c.rope_theta);
+        println!("lm head       {}", if m.ties_embeddings() { "tied to the token embeddings" } else { "separate" });
+    }
+    println!("insertion points: {} ({} in each of layers 0-{})", info.points.len(), info.sites().len(), info.num_layers - 1);
+    for site in info.sites() {
+        let spec = info.points.iter().find(|p| p.point.site == site).expect("site listed");
+        let kind = if site.is_projection() { "projection" } else { "between sublayers" };
+        println!("    {:<18} {:<18} {} -> {}", site.name(), kind, spec.in_features, spec.out_features);
+    }
+    Ok(())
+}
+
+/// Normalised mean-pooled embeddings, one per text.
+fn embeddings(loaded: &LoadedModel, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batch = loaded.tokenizer.encode_batch(&refs)?;
+    let dev = loaded.backbone.device();
+    let ids = Tensor::new(batch.ids, dev)?;
+    let mask = Tensor::new(batch.attention_mask, dev)?;
+    let ctx = ForwardCtx::inference();
+    let hidden = match &loaded.backbone {
+        Backbone::Bert(m) => m.forward(&ids, Some(&Tensor::new(batch.type_ids, dev)?), Some(&mask), &ctx)?,
+        Backbone::Llama(m) => m.forward_hidden(&ids, None, &ctx)?,
+    };
+    Ok(l2_normalize(&mean_pool(&hidden, &mask)?)?.to_vec2()?)
+}
+
+pub fn embed(model: &Path, texts: &[String], json: bool) -> Result<()> {
+    let loaded = open(model)?;
+    let vectors = embeddings(&loaded, texts)?;
+    if json {
+        println!("{}", serde_json::to_string(&vectors)?);
+    } else {
+        for (text, v) in texts.iter().zip(&vectors) {
+            let head: Vec<String> = v.iter().take(6).map(|x| format!("{x:+.4}")).collect();
+            println!("{:>4} dims  [{} ...]  {text}", v.len(), head.join(", "));
+        }
+    }
+    Ok(())
+}
+
+pub fn similarity(model: &Path, texts: &[String]) -> Result<()> {
+    let loaded = open(model)?;
+    let v = embeddings(&loaded, texts)?;
+    for (i, a) in texts.iter().enumerate() {
+        for (j, b) in texts.iter().enumerate().skip(i + 1) {
+            let cos: f32 = v[i].iter().zip(&v[j]).map(|(x, y)| x * y).sum();
+            println!("{cos:+.3}  {a:?} ~ {b:?}");
+        }
+    }
+    Ok(())
+}
+
+fn decoder(loaded: &LoadedModel) -> Result<&adapters_models::Llama> {
+    match &loaded.backbone {
+        Backbone::Llama(m) => Ok(m),
+        Backbone::Bert(_) => bail!(
+            "{} is an encoder (BERT) model, which cannot generate text; use a decoder such as models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            loaded.source.display()
+        ),
+    }
+}
+
+fn prompt_ids(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let text = if chat {
+        loaded.tokenizer.apply_chat_template(&[Message { role: "user".into(), content: prompt.into() }], true)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = loaded.tokenizer.encode(&text, false)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenization; give some text");
+    }
+    Ok(ids)
+}
+
+pub fn generate(model: &Path, prompt: &str, max_tokens: usize, sampling: &Sampling, chat: bool) -> Result<()> {
+    let loaded = open(model)?;
+    let m = decoder(&loaded)?;
+    let ids = prompt_ids(&loaded, prompt, chat)?;
+    let mut stop: Vec<u32> = m.config.eos_token_id.into_iter().collect();
+    if let Some(id) = loaded.tokenizer.eos_token.as_deref().and_then(|t| loaded.tokenizer.token_id(t)) {
+        stop.push(id);
+    }
+    let mut stream = loaded.tokenizer.inner.decode_stream(true);
+    let mut out = std::io::stdout().lock();
+    run_generation(m, &ids, max_tokens, sampling, &stop, |id| {
+        if !stop.contains(&id) {
+            if let Some(piece) = stream.step(id).map_err(|e| anyhow::anyhow!("decoding: {e}"))? {
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    })
+    .context("generating")?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub fn logits(model: &Path, prompt: &str, top: usize, chat: bool, json: bool) -> Result<()> {
+    let loaded = open(model)?;
+    let m = decoder(&loaded)?;
+    let ids = prompt_ids(&loaded, prompt, chat)?;
+    let input = Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?;
+    let logits: Vec<f32> = m.last_logits(&input, None, &ForwardCtx::inference())?.squeeze(0)?.to_vec1()?;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let rows: Vec<serde_json::Value> = order
+        .iter()
+        .take(top)
+        .map(|&i| {
+            let token = loaded.tokenizer.decode(&[i as u32], false).unwrap_or_default();
+            serde_json::json!({ "id": i, "token": token, "logit": logits[i] })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        for r in rows {
+            println!("{:>7}  {:>9.4}  {:?}", r["id"], r["logit"].as_f64().unwrap_or(0.0), r["token"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
