@@ -48,6 +48,9 @@ pub struct ForwardCtx {
     pub row_groups: Option<Vec<RowGroup>>,
     /// Per-example task ids `[batch]` (`u32`), for hypernetworks and multi-task heads.
     pub task_ids: Option<Tensor>,
+    /// Per-example conditioning vectors `[batch, dim]` (task or instance embeddings) from
+    /// which hypernetwork adapters generate their weights at call time.
+    pub conditioning: Option<Tensor>,
     aux: Arc<Mutex<AuxOutputs>>,
 }
 
@@ -87,6 +90,25 @@ impl ForwardCtx {
     pub fn with_task_ids(mut self, task_ids: Tensor) -> Self {
         self.task_ids = Some(task_ids);
         self
+    }
+
+    /// Sets per-example conditioning vectors.
+    pub fn with_conditioning(mut self, conditioning: Tensor) -> Self {
+        self.conditioning = Some(conditioning);
+        self
+    }
+
+    /// The context seen by a subset of the batch's rows: per-example fields are narrowed
+    /// to those rows, and reports still reach this context.
+    pub fn for_rows(&self, rows: &Tensor) -> Result<ForwardCtx> {
+        let pick = |t: &Option<Tensor>| t.as_ref().map(|t| t.index_select(rows, 0)).transpose();
+        Ok(ForwardCtx {
+            train: self.train,
+            row_groups: None,
+            task_ids: pick(&self.task_ids)?,
+            conditioning: pick(&self.conditioning)?,
+            aux: self.aux.clone(),
+        })
     }
 
     /// Called by adapters to report an auxiliary loss.

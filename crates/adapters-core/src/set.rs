@@ -115,7 +115,7 @@ impl AdapterSet {
 
     /// Runs the adapters at a hidden site; returns the (possibly new) sublayer output.
     pub fn hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        let run = |stack: &[Arc<dyn Adapter>], input: &Tensor, output: &Tensor| -> Result<Tensor> {
+        let run = |stack: &[Arc<dyn Adapter>], input: &Tensor, output: &Tensor, ctx: &ForwardCtx| -> Result<Tensor> {
             let mut out = output.clone();
             for a in stack {
                 let io = SublayerIo { input, output: &out, post_norm: io.post_norm };
@@ -128,7 +128,7 @@ impl AdapterSet {
 
     /// Runs the adapters at a projection site; returns the (possibly new) projection output.
     pub fn projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        let run = |stack: &[Arc<dyn Adapter>], input: &Tensor, output: &Tensor| -> Result<Tensor> {
+        let run = |stack: &[Arc<dyn Adapter>], input: &Tensor, output: &Tensor, ctx: &ForwardCtx| -> Result<Tensor> {
             let mut out = output.clone();
             for a in stack {
                 let io = ProjectionIo { input, output: &out, linear: io.linear };
@@ -146,12 +146,12 @@ impl AdapterSet {
         input: &Tensor,
         output: &Tensor,
         ctx: &ForwardCtx,
-        run: impl Fn(&[Arc<dyn Adapter>], &Tensor, &Tensor) -> Result<Tensor>,
+        run: impl Fn(&[Arc<dyn Adapter>], &Tensor, &Tensor, &ForwardCtx) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let Some(groups) = &ctx.row_groups else {
             return match self.active_at.get(&point) {
                 None => Ok(output.clone()),
-                Some(stack) => run(stack, input, output),
+                Some(stack) => run(stack, input, output, ctx),
             };
         };
         let mut result = output.clone();
@@ -162,7 +162,7 @@ impl AdapterSet {
             }
             let rows_in = input.index_select(&group.rows, 0)?;
             let rows_out = output.index_select(&group.rows, 0)?;
-            let new_rows = run(&stack, &rows_in, &rows_out)?;
+            let new_rows = run(&stack, &rows_in, &rows_out, &ctx.for_rows(&group.rows)?)?;
             result = result.index_add(&group.rows, &(new_rows - rows_out)?, 0)?;
         }
         Ok(result)

@@ -41,7 +41,13 @@ impl Adapter for ShiftAdapter {
     fn vars(&self) -> Vec<(String, Var)> {
         self.points().into_iter().map(|p| (format!("{}.{}.shift", p.layer, p.site), self.shifts[&p].clone())).collect()
     }
-    fn forward_hidden(&self, point: Point, io: &SublayerIo, _ctx: &ForwardCtx) -> Result<Tensor> {
+    fn forward_hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        // Per-example context must line up with the rows this adapter sees.
+        if let Some(ids) = &ctx.task_ids {
+            if ids.dim(0)? != io.output.dim(0)? {
+                candle_core::bail!("task ids for {} rows, hidden state of {}", ids.dim(0)?, io.output.dim(0)?);
+            }
+        }
         io.output.broadcast_add(&(self.shifts[&point].as_tensor() * self.config.scale)?)
     }
 }
@@ -133,7 +139,8 @@ fn set_dispatch_follows_the_active_stack_and_row_choices() -> anyhow::Result<()>
 
     // Per-row choice: row 0 base, row 1 "a", row 2 "a" then "b" (stacked).
     let choices = vec![vec![], vec!["a".to_string()], vec!["a".to_string(), "b".to_string()]];
-    let ctx = ForwardCtx::inference().with_row_choices(&choices, &dev)?;
+    let task_ids = Tensor::new(&[0u32, 1, 2], &dev)?;
+    let ctx = ForwardCtx::inference().with_row_choices(&choices, &dev)?.with_task_ids(task_ids);
     let out = set.hidden(point, &io, &ctx)?;
     let shift_b = set.get("b").unwrap().vars()[0].1.as_tensor().clone();
     let rows = out.to_vec3::<f32>()?;

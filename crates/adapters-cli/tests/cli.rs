@@ -1,0 +1,115 @@
+//! The `adapters` binary, run as a user would, on the real models.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model(name: &str) -> String {
+    let path = workspace().join("models").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo xtask fetch` first", path.display());
+    path.to_string_lossy().into_owned()
+}
+
+fn adapters(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_adapters")).args(args).output().unwrap()
+}
+
+fn stdout_ok(args: &[&str]) -> String {
+    let out = adapters(args);
+    assert!(out.status.success(), "adapters {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail: exit code 1, an `error:` line containing `needle`, no panic.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = adapters(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "adapters {args:?}: {err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "adapters {args:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn golden(name: &str) -> serde_json::Value {
+    let path = workspace().join("../shared/golden").join(name);
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn embed_json_matches_the_reference_embeddings() {
+    let g = golden("minilm.json");
+    let sentences: Vec<&str> = g["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let mut args = vec!["embed", "--json"];
+    let m = model("all-MiniLM-L6-v2");
+    args.push(&m);
+    args.extend(&sentences);
+    let got: Vec<Vec<f32>> = serde_json::from_str(&stdout_ok(&args)).unwrap();
+    assert_eq!(got.len(), sentences.len());
+    for (v, s) in got.iter().zip(g["sentences"].as_array().unwrap()) {
+        let want = s["embedding"].as_array().unwrap();
+        let d = v.iter().zip(want).map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs()).fold(0.0, f32::max);
+        assert!(d <= 1e-4, "{:?}: {d}", s["text"]);
+    }
+}
+
+#[test]
+fn logits_json_gives_the_reference_top_tokens() {
+    let g = golden("smollm2.json");
+    let p = &g["prompts"][0];
+    let out = stdout_ok(&["logits", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), p["text"].as_str().unwrap(), "--top", "5", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 5);
+    for (row, want) in rows.iter().zip(p["last_position_logits"]["top20"].as_array().unwrap()) {
+        assert_eq!(row["id"], want[0]);
+        let (got, want) = (row["logit"].as_f64().unwrap(), want[1].as_f64().unwrap());
+        assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0));
+    }
+}
+
+#[test]
+fn generate_streams_the_greedy_continuation() {
+    let g = golden("smollm2.json");
+    let p = &g["prompts"][0];
+    let out = stdout_ok(&["generate", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), p["text"].as_str().unwrap(), "--greedy", "--max-tokens", "20"]);
+    assert_eq!(out.trim_end_matches('\n'), p["greedy_continuation"]["text"].as_str().unwrap().trim_end_matches('\n'));
+    let chat = stdout_ok(&["generate", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), "What is the capital of France?", "--chat", "--greedy", "--max-tokens", "30"]);
+    assert!(chat.contains("Paris"), "{chat}");
+}
+
+#[test]
+fn info_and_kinds_describe_what_is_there() {
+    let out = stdout_ok(&["info", &model("all-MiniLM-L6-v2"), "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["architecture"], "bert");
+    assert_eq!(info["insertion_points"].as_array().unwrap().len(), 6 * 8);
+    let out = stdout_ok(&["info", &model("SmolLM2-135M-Instruct.Q4_1.gguf")]);
+    assert!(out.contains("llama") && out.contains("tied") && out.contains("ffn_gate"), "{out}");
+    stdout_ok(&["kinds"]);
+}
+
+#[test]
+fn bad_models_and_inputs_give_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("adapters-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_string_lossy().into_owned();
+    fails_with(&["info", "/no/such/model"], "does not exist");
+    fails_with(&["info", &d], "config.json");
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    fails_with(&["info", &d], "config.json is not valid JSON");
+    let minilm = workspace().join("models/all-MiniLM-L6-v2");
+    std::fs::copy(minilm.join("config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(minilm.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    fails_with(&["info", &d], "model.safetensors");
+    let bytes = std::fs::read(minilm.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(&["info", &d], "model.safetensors is not a readable safetensors file");
+    let gguf = std::fs::read(model("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &gguf[..gguf.len() / 3]).unwrap();
+    fails_with(&["info", &cut.to_string_lossy()], "cut.gguf");
+    fails_with(&["generate", &model("all-MiniLM-L6-v2"), "hello"], "encoder");
+    fails_with(&["generate", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), ""], "empty");
+    std::fs::remove_dir_all(&dir).ok();
+}
