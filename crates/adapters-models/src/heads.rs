@@ -50,3 +50,23 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
     x.broadcast_div(&norm)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_respects_the_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        // [2, 3, 2]: row 0 has 3 tokens, row 1 has 2 (last is padding).
+        let h = Tensor::new(&[[[1f32, 2.], [3., 4.], [5., 6.]], [[7., 8.], [9., 10.], [100., 100.]]], &dev)?;
+        let mask = Tensor::new(&[[1u32, 1, 1], [1, 1, 0]], &dev)?;
+        assert_eq!(mean_pool(&h, &mask)?.to_vec2::<f32>()?, vec![vec![3., 4.], vec![8., 9.]]);
+        assert_eq!(last_token_pool(&h, &mask)?.to_vec2::<f32>()?, vec![vec![5., 6.], vec![9., 10.]]);
+        let n = l2_normalize(&Tensor::new(&[[3f32, 4.]], &dev)?)?.to_vec2::<f32>()?;
+        assert_eq!(n, vec![vec![0.6, 0.8]]);
+        let head = ClassificationHead::new(2, 3, 1, &dev)?;
+        assert_eq!(head.forward(&mean_pool(&h, &mask)?)?.dims(), &[2, 3]);
+        Ok(())
+    }
+}
