@@ -8,7 +8,9 @@
 
 pub mod adapter;
 pub mod context;
+pub mod fingerprint;
 pub mod init;
+pub mod io;
 pub mod placement;
 pub mod point;
 pub mod registry;
@@ -16,7 +18,9 @@ pub mod set;
 
 pub use adapter::{Adapter, ProjectionIo, SublayerIo};
 pub use context::{AuxLoss, AuxOutputs, ForwardCtx, RoutingStats, RowGroup};
+pub use fingerprint::Fingerprint;
 pub use init::Init;
+pub use io::{AdapterFormat, Loaded};
 pub use inventory;
 pub use placement::{Layers, Placement};
 pub use point::{InsertionPoint, ModelInfo, Point, PointSpec, Site};
@@ -34,6 +38,10 @@ pub enum Error {
     Placement(String),
     #[error("{0}")]
     Adapter(String),
+    #[error("{}: {message}", path.display())]
+    Io { path: std::path::PathBuf, message: String },
+    #[error("{0}")]
+    Mismatch(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

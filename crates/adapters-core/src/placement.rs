@@ -141,7 +141,7 @@ impl Placement {
                 let spec = model
                     .spec(Point::new(layer, site))
                     .ok_or_else(|| Error::Placement(format!("the model has no point at layer {layer} {site}")))?;
-                points.push(spec);
+                points.push(spec.clone());
             }
         }
         if points.is_empty() {
@@ -159,7 +159,7 @@ mod tests {
         let mut points = Vec::new();
         for layer in 0..layers {
             for site in [Site::AttentionOutput, Site::FfnOutput, Site::Query, Site::Value] {
-                points.push(PointSpec { point: Point::new(layer, site), in_features: 8, out_features: 8 });
+                points.push(PointSpec { point: Point::new(layer, site), in_features: 8, out_features: 8, module: format!("l{layer}.{site}") });
             }
         }
         ModelInfo { architecture: "test".into(), hidden_size: 8, num_layers: layers, vocab_size: 10, points }

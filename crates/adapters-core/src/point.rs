@@ -101,15 +101,19 @@ impl fmt::Display for Point {
     }
 }
 
-/// A point together with the tensor widths an adapter sees there.
+/// A point together with the tensor widths an adapter sees there and the module path
+/// the original (PyTorch) model has at that place.
 ///
 /// For hidden sites both widths are the model's hidden size; for projection sites they
-/// are the projection's input and output features.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// are the projection's input and output features. The module path (e.g.
+/// `encoder.layer.3.attention.self.query`, `model.layers.0.mlp`) is what the Python
+/// ecosystem's adapter files use in their tensor names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointSpec {
     pub point: Point,
     pub in_features: usize,
     pub out_features: usize,
+    pub module: String,
 }
 
 /// What an adapter constructor needs to know about the backbone.
@@ -126,8 +130,13 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     /// The spec of one point, if the model has it.
-    pub fn spec(&self, point: Point) -> Option<PointSpec> {
-        self.points.iter().copied().find(|p| p.point == point)
+    pub fn spec(&self, point: Point) -> Option<&PointSpec> {
+        self.points.iter().find(|p| p.point == point)
+    }
+
+    /// The point whose module path is `module`, if any.
+    pub fn point_at_module(&self, module: &str) -> Option<&PointSpec> {
+        self.points.iter().find(|p| p.module == module)
     }
 
     /// The site kinds this model offers (in `Site::ALL` order).
@@ -147,4 +156,12 @@ impl ModelInfo {
 pub trait InsertionPoint {
     /// A description of the model for adapter constructors.
     fn model_info(&self) -> ModelInfo;
+
+    /// The frozen base weights by their original names.
+    fn named_weights(&self) -> Vec<(String, candle_core::Tensor)>;
+
+    /// The model's fingerprint (see [`crate::Fingerprint`]).
+    fn fingerprint(&self) -> candle_core::Result<crate::Fingerprint> {
+        crate::Fingerprint::of(&self.model_info(), &self.named_weights())
+    }
 }

@@ -77,7 +77,7 @@ fn model() -> ModelInfo {
     let points = (0..2)
         .flat_map(|layer| {
             [Site::AttentionOutput, Site::FfnOutput]
-                .map(|site| PointSpec { point: Point::new(layer, site), in_features: 4, out_features: 4 })
+                .map(|site| PointSpec { point: Point::new(layer, site), in_features: 4, out_features: 4, module: format!("layers.{layer}.{site}") })
         })
         .collect();
     ModelInfo { architecture: "toy".into(), hidden_size: 4, num_layers: 2, vocab_size: 10, points }

@@ -172,6 +172,28 @@ impl Bert {
         self.embeddings.word.device()
     }
 
+    /// Every projection with its point.
+    fn linears(&self) -> Vec<(Point, &Linear)> {
+        self.layers.iter().enumerate().flat_map(|(l, x)| {
+            [(Site::Query, &x.query), (Site::Key, &x.key), (Site::Value, &x.value), (Site::AttentionProj, &x.attn_out), (Site::FfnUp, &x.up), (Site::FfnDown, &x.down)]
+                .map(|(s, lin)| (Point::new(l, s), lin))
+        }).collect()
+    }
+
+    /// The projection at a point, for merging adapters into its weight.
+    pub fn linear_mut(&mut self, point: Point) -> Option<&mut Linear> {
+        let layer = self.layers.get_mut(point.layer)?;
+        Some(match point.site {
+            Site::Query => &mut layer.query,
+            Site::Key => &mut layer.key,
+            Site::Value => &mut layer.value,
+            Site::AttentionProj => &mut layer.attn_out,
+            Site::FfnUp => &mut layer.up,
+            Site::FfnDown => &mut layer.down,
+            _ => return None,
+        })
+    }
+
     /// Total number of (frozen) base parameters.
     pub fn num_parameters(&self) -> usize {
         let e = &self.embeddings;
@@ -261,17 +283,18 @@ impl InsertionPoint for Bert {
         let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
         let mut points = Vec::new();
         for layer in 0..self.config.num_hidden_layers {
-            let mut add = |site, in_features, out_features| {
-                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features })
+            let p = format!("encoder.layer.{layer}");
+            let mut add = |site, in_features, out_features, module: &str| {
+                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features, module: format!("{p}.{module}") })
             };
-            add(Site::AttentionOutput, h, h);
-            add(Site::FfnOutput, h, h);
-            add(Site::Query, h, h);
-            add(Site::Key, h, h);
-            add(Site::Value, h, h);
-            add(Site::AttentionProj, h, h);
-            add(Site::FfnUp, h, i);
-            add(Site::FfnDown, i, h);
+            add(Site::AttentionOutput, h, h, "attention.output");
+            add(Site::FfnOutput, h, h, "output");
+            add(Site::Query, h, h, "attention.self.query");
+            add(Site::Key, h, h, "attention.self.key");
+            add(Site::Value, h, h, "attention.self.value");
+            add(Site::AttentionProj, h, h, "attention.output.dense");
+            add(Site::FfnUp, h, i, "intermediate.dense");
+            add(Site::FfnDown, i, h, "output.dense");
         }
         ModelInfo {
             architecture: "bert".into(),
@@ -280,5 +303,32 @@ impl InsertionPoint for Bert {
             vocab_size: self.config.vocab_size,
             points,
         }
+    }
+
+    fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let e = &self.embeddings;
+        let mut out = vec![
+            ("embeddings.word_embeddings.weight".to_string(), e.word.clone()),
+            ("embeddings.position_embeddings.weight".to_string(), e.position.clone()),
+            ("embeddings.token_type_embeddings.weight".to_string(), e.token_type.clone()),
+        ];
+        let mut norm = |name: String, n: &LayerNorm| {
+            out.push((format!("{name}.weight"), n.weight.clone()));
+            out.push((format!("{name}.bias"), n.bias.clone()));
+        };
+        norm("embeddings.LayerNorm".into(), &e.norm);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("encoder.layer.{l}");
+            norm(format!("{p}.attention.output.LayerNorm"), &layer.attn_norm);
+            norm(format!("{p}.output.LayerNorm"), &layer.ffn_norm);
+        }
+        for (point, lin) in self.linears() {
+            let module = self.model_info().spec(point).map(|s| s.module.clone()).unwrap_or_default();
+            out.push((format!("{module}.weight"), lin.weight.clone()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{module}.bias"), b.clone()));
+            }
+        }
+        out
     }
 }

@@ -371,8 +371,23 @@ impl Llama {
         &x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?
     }
 
-    /// Writes this model as a Hugging Face folder (`config.json`, `model.safetensors`).
-    pub fn save_hf_weights(&self, dir: &Path) -> anyhow::Result<()> {
+    /// The projection at a point, for merging adapters into its weight.
+    pub fn linear_mut(&mut self, point: Point) -> Option<&mut Linear> {
+        let layer = self.layers.get_mut(point.layer)?;
+        Some(match point.site {
+            Site::Query => &mut layer.q,
+            Site::Key => &mut layer.k,
+            Site::Value => &mut layer.v,
+            Site::AttentionProj => &mut layer.o,
+            Site::FfnGate => &mut layer.gate,
+            Site::FfnUp => &mut layer.up,
+            Site::FfnDown => &mut layer.down,
+            _ => return None,
+        })
+    }
+
+    /// Every weight by its Hugging Face name.
+    fn hf_tensors(&self) -> HashMap<String, Tensor> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         tensors.insert("model.embed_tokens.weight".into(), self.embed.clone());
         tensors.insert("model.norm.weight".into(), self.norm.weight.clone());
@@ -395,6 +410,12 @@ impl Llama {
                 tensors.insert(format!("{p}.{name}"), t.clone());
             }
         }
+        tensors
+    }
+
+    /// Writes this model as a Hugging Face folder (`config.json`, `model.safetensors`).
+    pub fn save_hf_weights(&self, dir: &Path) -> anyhow::Result<()> {
+        let tensors = self.hf_tensors();
         let mut config = self.config.clone();
         config.tie_word_embeddings = self.lm_head.is_none();
         crate::files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
@@ -408,20 +429,25 @@ impl InsertionPoint for Llama {
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
         let mut points = Vec::new();
         for layer in 0..c.num_hidden_layers {
-            let mut add = |site, in_features, out_features| {
-                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features })
+            let p = format!("model.layers.{layer}");
+            let mut add = |site, in_features, out_features, module: &str| {
+                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features, module: format!("{p}.{module}") })
             };
-            add(Site::AttentionOutput, h, h);
-            add(Site::FfnOutput, h, h);
-            add(Site::Query, h, c.num_attention_heads * hd);
-            add(Site::Key, h, c.num_key_value_heads * hd);
-            add(Site::Value, h, c.num_key_value_heads * hd);
-            add(Site::AttentionProj, c.num_attention_heads * hd, h);
-            add(Site::FfnGate, h, i);
-            add(Site::FfnUp, h, i);
-            add(Site::FfnDown, i, h);
+            add(Site::AttentionOutput, h, h, "self_attn");
+            add(Site::FfnOutput, h, h, "mlp");
+            add(Site::Query, h, c.num_attention_heads * hd, "self_attn.q_proj");
+            add(Site::Key, h, c.num_key_value_heads * hd, "self_attn.k_proj");
+            add(Site::Value, h, c.num_key_value_heads * hd, "self_attn.v_proj");
+            add(Site::AttentionProj, c.num_attention_heads * hd, h, "self_attn.o_proj");
+            add(Site::FfnGate, h, i, "mlp.gate_proj");
+            add(Site::FfnUp, h, i, "mlp.up_proj");
+            add(Site::FfnDown, i, h, "mlp.down_proj");
         }
         ModelInfo { architecture: "llama".into(), hidden_size: h, num_layers: c.num_hidden_layers, vocab_size: c.vocab_size, points }
+    }
+
+    fn named_weights(&self) -> Vec<(String, Tensor)> {
+        self.hf_tensors().into_iter().collect()
     }
 }
 

@@ -37,6 +37,14 @@ impl Backbone {
         }
     }
 
+    /// The projection at a point, for merging adapters into its weight.
+    pub fn linear_mut(&mut self, point: adapters_core::Point) -> Option<&mut crate::ops::Linear> {
+        match self {
+            Backbone::Bert(m) => m.linear_mut(point),
+            Backbone::Llama(m) => m.linear_mut(point),
+        }
+    }
+
     pub fn device(&self) -> &Device {
         match self {
             Backbone::Bert(m) => m.device(),
@@ -50,6 +58,13 @@ impl InsertionPoint for Backbone {
         match self {
             Backbone::Bert(m) => m.model_info(),
             Backbone::Llama(m) => m.model_info(),
+        }
+    }
+
+    fn named_weights(&self) -> Vec<(String, candle_core::Tensor)> {
+        match self {
+            Backbone::Bert(m) => m.named_weights(),
+            Backbone::Llama(m) => m.named_weights(),
         }
     }
 }

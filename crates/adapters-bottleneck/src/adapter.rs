@@ -1,0 +1,179 @@
+//! The bottleneck adapter: down-projection, non-linearity, up-projection, added to the
+//! sublayer output (the residual is the backbone's).
+
+use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
+use adapters_core::{Adapter, BuildArgs, Error, ForwardCtx, Init, Point, SublayerIo};
+use candle_core::{DType, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+/// The parameters at one point.
+struct Site {
+    down_w: Var,
+    down_b: Var,
+    up_w: Var,
+    up_b: Var,
+    norm_before: Option<(Var, Var)>,
+    norm_after: Option<(Var, Var)>,
+    gate: Option<(Var, Var)>,
+    scaling: Option<Var>,
+}
+
+/// A bottleneck adapter (`seq_bn`, `double_seq_bn` or `par_bn`) at one or more points.
+pub struct Bottleneck {
+    kind: &'static str,
+    config: BottleneckConfig,
+    sites: BTreeMap<Point, Site>,
+}
+
+fn var(t: Tensor) -> Result<Var> {
+    Var::from_tensor(&t)
+}
+
+impl Bottleneck {
+    pub fn build(kind: &'static KindDefaults, args: &BuildArgs) -> std::result::Result<Self, Error> {
+        let config = crate::config::resolve(kind, args.config)?;
+        let points = args.placement.expand(args.model, kind.sites, |s| !s.is_projection())?;
+        let mut init = Init::new(args.seed);
+        let dev = args.device;
+        let mut sites = BTreeMap::new();
+        for spec in points {
+            let d = spec.out_features;
+            let r = args.placement.size_for(spec.point.layer, config.default_size(d));
+            let (down_w, up_w) = match config.init_weights {
+                InitWeights::Bert => (init.normal((r, d), 0.02, dev)?, init.normal((d, r), 0.02, dev)?),
+                InitWeights::MamAdapter => (init.kaiming_uniform(r, d, dev)?, Tensor::zeros((d, r), DType::F32, dev)?),
+            };
+            let norm = |on: bool| -> Result<Option<(Var, Var)>> {
+                Ok(if on { Some((var(Tensor::ones(d, DType::F32, dev)?)?, var(Tensor::zeros(d, DType::F32, dev)?)?)) } else { None })
+            };
+            let site = Site {
+                down_w: var(down_w)?,
+                down_b: var(Tensor::zeros(r, DType::F32, dev)?)?,
+                up_w: var(up_w)?,
+                up_b: var(Tensor::zeros(d, DType::F32, dev)?)?,
+                norm_before: norm(config.ln_before)?,
+                norm_after: norm(config.ln_after)?,
+                gate: if config.use_gating {
+                    Some((var(init.normal((1, d), 0.02, dev)?)?, var(Tensor::zeros(1, DType::F32, dev)?)?))
+                } else {
+                    None
+                },
+                scaling: match config.scaling {
+                    Scaling::Fixed(_) => None,
+                    Scaling::Learned => Some(var(Tensor::ones(1, DType::F32, dev)?)?),
+                    Scaling::Channel => Some(var(Tensor::ones(d, DType::F32, dev)?)?),
+                },
+            };
+            sites.insert(spec.point, site);
+        }
+        Ok(Bottleneck { kind: kind.name, config, sites })
+    }
+
+    pub fn settings(&self) -> &BottleneckConfig {
+        &self.config
+    }
+
+    /// The bottleneck width at a point.
+    pub fn size_at(&self, point: Point) -> Option<usize> {
+        self.sites.get(&point).map(|s| s.down_b.dim(0).unwrap_or(0))
+    }
+}
+
+fn act(a: Activation, x: &Tensor) -> Result<Tensor> {
+    match a {
+        Activation::Relu => x.relu(),
+        Activation::Gelu => x.gelu_erf(),
+        Activation::Swish | Activation::Silu => x.silu(),
+        Activation::Tanh => x.tanh(),
+    }
+}
+
+fn linear(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
+    x.broadcast_matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())
+}
+
+fn layer_norm(x: &Tensor, (w, b): &(Var, Var)) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)? as f64;
+    let c = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?;
+    let var = (c.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+    c.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(w.as_tensor())?.broadcast_add(b.as_tensor())
+}
+
+impl Adapter for Bottleneck {
+    fn kind(&self) -> &str {
+        self.kind
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("configs serialise")
+    }
+
+    fn points(&self) -> Vec<Point> {
+        self.sites.keys().copied().collect()
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (p, s) in &self.sites {
+            let pre = format!("layer.{}.{}", p.layer, p.site);
+            let mut push = |name: &str, v: &Var| out.push((format!("{pre}.{name}"), v.clone()));
+            push("adapter_down.weight", &s.down_w);
+            push("adapter_down.bias", &s.down_b);
+            push("adapter_up.weight", &s.up_w);
+            push("adapter_up.bias", &s.up_b);
+            if let Some((w, b)) = &s.norm_before {
+                push("adapter_norm_before.weight", w);
+                push("adapter_norm_before.bias", b);
+            }
+            if let Some((w, b)) = &s.norm_after {
+                push("adapter_norm_after.weight", w);
+                push("adapter_norm_after.bias", b);
+            }
+            if let Some((w, b)) = &s.gate {
+                push("gate.weight", w);
+                push("gate.bias", b);
+            }
+            if let Some(v) = &s.scaling {
+                push("scaling", v);
+            }
+        }
+        out
+    }
+
+    fn forward_hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let s = &self.sites[&point];
+        let c = &self.config;
+        let z = if c.is_parallel {
+            io.input.clone()
+        } else if c.original_ln_before {
+            let sum = (io.input + io.output)?;
+            match io.post_norm {
+                Some(norm) => norm(&sum)?,
+                None => sum,
+            }
+        } else {
+            io.output.clone()
+        };
+        let z = match &s.norm_before {
+            Some(n) => layer_norm(&z, n)?,
+            None => z,
+        };
+        let mut up = linear(&act(c.non_linearity, &linear(&z, &s.down_w, &s.down_b)?)?, &s.up_w, &s.up_b)?;
+        if let Some(n) = &s.norm_after {
+            up = layer_norm(&up, n)?;
+        }
+        up = match (&c.scaling, &s.scaling) {
+            (Scaling::Fixed(v), _) if *v == 1.0 => up,
+            (Scaling::Fixed(v), _) => (up * *v)?,
+            (_, Some(learned)) => up.broadcast_mul(learned.as_tensor())?,
+            (_, None) => up,
+        };
+        if let Some((w, b)) = &s.gate {
+            up = up.broadcast_mul(&candle_nn::ops::sigmoid(&linear(&z, w, b)?)?)?;
+        }
+        if ctx.train && c.dropout > 0.0 {
+            up = candle_nn::ops::dropout(&up, c.dropout as f32)?;
+        }
+        io.output + up
+    }
+}

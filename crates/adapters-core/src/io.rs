@@ -1,0 +1,196 @@
+//! Adapters on disk. Our own format is a folder with `adapter_config.json` (kind, full
+//! configuration, placement, library version, base-model fingerprint) and
+//! `adapter_model.safetensors` (every variable by its name). Family crates register
+//! readers for the Python ecosystem's formats (PEFT, AdapterHub) as [`AdapterFormat`]s,
+//! so [`load`] reads any of them.
+
+use crate::adapter::Adapter;
+use crate::fingerprint::Fingerprint;
+use crate::placement::Placement;
+use crate::point::ModelInfo;
+use crate::{registry, Error};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The `format` value of our own `adapter_config.json`.
+pub const FORMAT: &str = "adapters-rs";
+
+/// The contents of our `adapter_config.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedConfig {
+    pub format: String,
+    pub library_version: String,
+    /// The name it was saved under.
+    pub name: String,
+    pub kind: String,
+    pub config: serde_json::Value,
+    pub placement: Placement,
+    pub base_model: Fingerprint,
+}
+
+/// An adapter read from disk, ready to attach.
+pub struct Loaded {
+    /// The name it was saved under (our `name`, AdapterHub's `name`, or the folder name).
+    pub name: String,
+    pub adapter: Box<dyn Adapter>,
+    pub placement: Placement,
+    /// Which format it was read from (`adapters-rs`, `peft`, `adapterhub`).
+    pub format: &'static str,
+}
+
+/// A reader for another library's adapter folders, registered by a family crate.
+pub struct AdapterFormat {
+    pub name: &'static str,
+    /// Whether a parsed `adapter_config.json` is in this format.
+    pub detect: fn(&serde_json::Value) -> bool,
+    pub load: fn(&Path, &serde_json::Value, &ModelInfo, &Device) -> Result<Loaded, Error>,
+}
+
+inventory::collect!(AdapterFormat);
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), message: e.to_string() };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    result.map_err(io)
+}
+
+/// Writes tensors as safetensors through a temporary file and a rename.
+pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), Error> {
+    let io = |m: String| Error::Io { path: path.to_path_buf(), message: m };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
+    }
+    let tmp = temp_path(path);
+    let result = candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| e.to_string())
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    if result.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    result.map_err(io)
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Reads a safetensors file; a missing, truncated or corrupt file is an error naming it.
+pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, Error> {
+    if !path.exists() {
+        return Err(Error::Io { path: path.to_path_buf(), message: "the file is missing".into() });
+    }
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        message: format!("not a readable safetensors file (truncated or corrupt?): {e}"),
+    })?;
+    tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? })))
+        .collect()
+}
+
+/// Reads and parses a JSON file, naming it in errors.
+pub fn read_json(path: &Path) -> Result<serde_json::Value, Error> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), message: e.to_string() })?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Io { path: path.to_path_buf(), message: format!("not valid JSON: {e}") })
+}
+
+/// Saves an adapter in our format under `dir`. Weights are written before the config,
+/// each atomically, so a folder never holds a config without its weights.
+pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement, base: &Fingerprint) -> Result<(), Error> {
+    let tensors: HashMap<String, Tensor> =
+        adapter.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    save_tensors_atomic(&tensors, &dir.join(WEIGHTS_FILE))?;
+    let config = SavedConfig {
+        format: FORMAT.into(),
+        library_version: env!("CARGO_PKG_VERSION").into(),
+        name: name.into(),
+        kind: adapter.kind().into(),
+        config: adapter.config(),
+        placement: placement.clone(),
+        base_model: base.clone(),
+    };
+    let json = serde_json::to_string_pretty(&config).expect("configs serialise");
+    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+}
+
+/// Copies `tensors` into the adapter's variables, by name. Every variable must be present
+/// with its exact shape and no tensor may be left over; nothing is changed unless all fit.
+pub fn fill_vars(adapter: &dyn Adapter, mut tensors: HashMap<String, Tensor>, file: &Path) -> Result<(), Error> {
+    let bad = |m: String| Error::Io { path: file.to_path_buf(), message: m };
+    let mut pairs = Vec::new();
+    for (name, var) in adapter.vars() {
+        let t = tensors.remove(&name).ok_or_else(|| bad(format!("tensor `{name}` is missing")))?;
+        if t.dims() != var.dims() {
+            return Err(bad(format!("tensor `{name}` has shape {:?}, the adapter's config needs {:?}", t.dims(), var.dims())));
+        }
+        pairs.push((var, t));
+    }
+    if let Some(extra) = tensors.keys().next() {
+        return Err(bad(format!("tensor `{extra}` does not belong to a `{}` adapter with this config", adapter.kind())));
+    }
+    for (var, t) in pairs {
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// Reads an adapter folder of any known format, checked against the base model.
+pub fn load(dir: &Path, model: &ModelInfo, base: &Fingerprint, device: &Device) -> Result<Loaded, Error> {
+    if !dir.is_dir() {
+        return Err(Error::Io { path: dir.to_path_buf(), message: "not a folder; an adapter is a folder with adapter_config.json".into() });
+    }
+    let config_path = dir.join(CONFIG_FILE);
+    let json = read_json(&config_path)?;
+    if json.get("format").and_then(|f| f.as_str()) == Some(FORMAT) {
+        return load_own(dir, json, model, base, device);
+    }
+    for format in inventory::iter::<AdapterFormat> {
+        if (format.detect)(&json) {
+            return (format.load)(dir, &json, model, device);
+        }
+    }
+    let known: Vec<&str> = std::iter::once(FORMAT).chain(inventory::iter::<AdapterFormat>.into_iter().map(|f| f.name)).collect();
+    Err(Error::Io {
+        path: config_path,
+        message: format!("not an adapter config of a known format ({})", known.join(", ")),
+    })
+}
+
+fn load_own(dir: &Path, json: serde_json::Value, model: &ModelInfo, base: &Fingerprint, device: &Device) -> Result<Loaded, Error> {
+    let config_path = dir.join(CONFIG_FILE);
+    let saved: SavedConfig = serde_json::from_value(json)
+        .map_err(|e| Error::Io { path: config_path.clone(), message: e.to_string() })?;
+    if &saved.base_model != base {
+        return Err(Error::Mismatch(format!(
+            "{} was made for the base model {}, but the loaded model is {}",
+            dir.display(),
+            saved.base_model,
+            base
+        )));
+    }
+    let adapter = registry::build(&saved.kind, &saved.config, &saved.placement, model, device, 0)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    fill_vars(adapter.as_ref(), read_tensors(&weights, device)?, &weights)?;
+    Ok(Loaded { name: saved.name, adapter, placement: saved.placement, format: FORMAT })
+}
