@@ -24,6 +24,9 @@ struct Named {
 pub struct AdapterSet {
     adapters: Vec<Named>,
     active: Vec<String>,
+    /// Adapters whose weights are merged into the base model: kept for unmerging, never
+    /// applied by the hooks.
+    merged: HashSet<String>,
     /// For each point, the active adapters there in stack order (rebuilt on change).
     active_at: HashMap<Point, Vec<Arc<dyn Adapter>>>,
 }
@@ -44,6 +47,9 @@ impl AdapterSet {
     /// Detaches an adapter (and drops it from the active setup).
     pub fn remove(&mut self, name: &str) -> std::result::Result<Arc<dyn Adapter>, Error> {
         let i = self.index(name)?;
+        if self.merged.contains(name) {
+            return Err(Error::Adapter(format!("adapter `{name}` is merged into the base weights; unmerge it first")));
+        }
         let named = self.adapters.remove(i);
         self.active.retain(|n| n != name);
         self.rebuild();
@@ -64,10 +70,32 @@ impl AdapterSet {
     pub fn activate(&mut self, names: &[&str]) -> std::result::Result<(), Error> {
         for name in names {
             self.index(name)?;
+            if self.merged.contains(*name) {
+                return Err(Error::Adapter(format!("adapter `{name}` is merged into the base weights; unmerge it to activate it")));
+            }
         }
         self.active = names.iter().map(|s| s.to_string()).collect();
         self.rebuild();
         Ok(())
+    }
+
+    /// Marks an adapter as merged into (or unmerged from) the base weights. The backbone
+    /// changes its weights; this only records it and keeps the hooks from applying it.
+    pub fn set_merged(&mut self, name: &str, merged: bool) -> std::result::Result<(), Error> {
+        self.index(name)?;
+        if merged {
+            self.merged.insert(name.to_string());
+            self.active.retain(|n| n != name);
+            self.rebuild();
+        } else {
+            self.merged.remove(name);
+        }
+        Ok(())
+    }
+
+    /// Whether an adapter is merged into the base weights.
+    pub fn is_merged(&self, name: &str) -> bool {
+        self.merged.contains(name)
     }
 
     /// The active stack.

@@ -45,6 +45,38 @@ impl Backbone {
         }
     }
 
+    /// Adds the weight deltas of adapter `name` (LoRA) to the base projections; the hooks
+    /// then skip it. Fails, changing nothing, if the adapter's kind cannot be merged.
+    pub fn merge(&mut self, name: &str) -> Result<()> {
+        self.apply_merge(name, 1.0)?;
+        Ok(self.adapters_mut().set_merged(name, true)?)
+    }
+
+    /// Subtracts a merged adapter's deltas again (exact up to float rounding).
+    pub fn unmerge(&mut self, name: &str) -> Result<()> {
+        if !self.adapters().is_merged(name) {
+            bail!("adapter `{name}` is not merged");
+        }
+        self.apply_merge(name, -1.0)?;
+        Ok(self.adapters_mut().set_merged(name, false)?)
+    }
+
+    fn apply_merge(&mut self, name: &str, sign: f64) -> Result<()> {
+        let adapter = self.adapters().get(name).cloned().with_context(|| format!("no adapter named `{name}`"))?;
+        let mut deltas = Vec::new();
+        for point in adapter.points() {
+            let delta = adapter
+                .merge_delta(point)
+                .with_context(|| format!("adapter `{name}` of kind `{}` cannot be merged into the base weights", adapter.kind()))??;
+            deltas.push((point, (delta * sign)?));
+        }
+        for (point, delta) in deltas {
+            let lin = self.linear_mut(point).with_context(|| format!("the model has no projection at {point}"))?;
+            lin.weight = (&lin.weight + delta)?;
+        }
+        Ok(())
+    }
+
     pub fn device(&self) -> &Device {
         match self {
             Backbone::Bert(m) => m.device(),

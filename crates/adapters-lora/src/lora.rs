@@ -1,0 +1,152 @@
+//! LoRA: `y = W x + b + s * B (A dropout(x))`, with `s = alpha / r` (or `alpha / sqrt(r)`
+//! with rsLoRA). A starts kaiming-uniform and B at zero, as PEFT does, so a fresh adapter
+//! leaves the model unchanged. Mergeable: the delta `s * B A` can be added to `W`.
+
+use adapters_core::registry::parse_config;
+use adapters_core::{Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site};
+use candle_core::{DType, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Scale numerator (PEFT's `lora_alpha`).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout on the LoRA input, in training only.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Scale by alpha / sqrt(r) instead of alpha / r.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Per-module rank overrides: a key matches a point whose module path equals it or
+    /// ends with `.key` (PEFT's `rank_pattern`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides (PEFT's `alpha_pattern`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+
+/// The first pattern key that matches a module path (PEFT's suffix rule).
+pub fn pattern_match<'a, T>(pattern: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
+    pattern.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
+}
+
+struct Pair {
+    a: Var,
+    b: Var,
+    scale: f64,
+}
+
+/// A LoRA adapter on one or more projection points.
+pub struct Lora {
+    config: LoraConfig,
+    pairs: BTreeMap<Point, Pair>,
+}
+
+pub const DEFAULT_SITES: &[Site] = &[Site::Query, Site::Value];
+
+impl Lora {
+    pub fn build(args: &BuildArgs) -> std::result::Result<Self, Error> {
+        let config: LoraConfig = parse_config("lora", args.config)?;
+        let bad = |m: String| Error::Config { kind: "lora".into(), message: m };
+        if config.r == 0 {
+            return Err(bad("r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(bad(format!("dropout must be in [0, 1), got {}", config.dropout)));
+        }
+        let points = args.placement.expand(args.model, DEFAULT_SITES, Site::is_projection)?;
+        let mut init = Init::new(args.seed);
+        let mut pairs = BTreeMap::new();
+        for spec in points {
+            let r = pattern_match(&config.rank_pattern, &spec.module)
+                .copied()
+                .unwrap_or_else(|| args.placement.size_for(spec.point.layer, config.r));
+            let alpha = pattern_match(&config.alpha_pattern, &spec.module).copied().unwrap_or(config.alpha);
+            let scale = if config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+            let a = Var::from_tensor(&init.kaiming_uniform(r, spec.in_features, args.device)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((spec.out_features, r), DType::F32, args.device)?)?;
+            pairs.insert(spec.point, Pair { a, b, scale });
+        }
+        Ok(Lora { config, pairs })
+    }
+
+    pub fn settings(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// (rank, scale) at a point.
+    pub fn rank_and_scale(&self, point: Point) -> Option<(usize, f64)> {
+        self.pairs.get(&point).map(|p| (p.a.dim(0).unwrap_or(0), p.scale))
+    }
+
+    /// The A and B variables at a point, by our variable names.
+    pub fn var_names(point: Point) -> (String, String) {
+        let pre = format!("layer.{}.{}", point.layer, point.site);
+        (format!("{pre}.lora_A.weight"), format!("{pre}.lora_B.weight"))
+    }
+}
+
+impl Adapter for Lora {
+    fn kind(&self) -> &str {
+        "lora"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("configs serialise")
+    }
+
+    fn points(&self) -> Vec<Point> {
+        self.pairs.keys().copied().collect()
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.pairs
+            .iter()
+            .flat_map(|(p, pair)| {
+                let (a, b) = Lora::var_names(*p);
+                [(a, pair.a.clone()), (b, pair.b.clone())]
+            })
+            .collect()
+    }
+
+    fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let p = &self.pairs[&point];
+        let x = if ctx.train && self.config.dropout > 0.0 {
+            candle_nn::ops::dropout(io.input, self.config.dropout as f32)?
+        } else {
+            io.input.clone()
+        };
+        let delta = x.broadcast_matmul(&p.a.as_tensor().t()?)?.broadcast_matmul(&p.b.as_tensor().t()?)?;
+        io.output + (delta * p.scale)?
+    }
+
+    fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {
+        let p = self.pairs.get(&point)?;
+        Some(p.b.as_tensor().matmul(p.a.as_tensor()).and_then(|d| d * p.scale))
+    }
+}
+
+/// Copies our variables from a map keyed by point, used by the PEFT reader.
+pub(crate) fn tensors_by_point(pairs: HashMap<Point, (Tensor, Tensor)>) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    for (p, (a, b)) in pairs {
+        let (an, bn) = Lora::var_names(p);
+        out.insert(an, a);
+        out.insert(bn, b);
+    }
+    out
+}
