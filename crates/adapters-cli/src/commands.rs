@@ -16,11 +16,36 @@ fn device() -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-fn open(model: &Path) -> Result<LoadedModel> {
+pub fn open(model: &Path) -> Result<LoadedModel> {
+    // Touch every family crate so the linker keeps their registrations.
+    let _ = (adapters_bottleneck::FAMILY, adapters_lora::FAMILY);
     load(model, &device()?)
 }
 
+/// Loads a model and attaches the adapter folders, stacked in the given order.
+pub fn open_with(model: &Path, adapters: &[std::path::PathBuf]) -> Result<LoadedModel> {
+    let mut loaded = open(model)?;
+    let (info, fp) = (loaded.backbone.model_info(), loaded.backbone.fingerprint()?);
+    let mut names = Vec::new();
+    for dir in adapters {
+        let a = adapters_core::io::load(dir, &info, &fp, loaded.backbone.device())
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        let mut name = a.name.clone();
+        let mut n = 2;
+        while names.contains(&name) {
+            name = format!("{}-{n}", a.name);
+            n += 1;
+        }
+        loaded.backbone.adapters_mut().add(&name, a.adapter)?;
+        names.push(name);
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    loaded.backbone.adapters_mut().activate(&refs)?;
+    Ok(loaded)
+}
+
 pub fn kinds() -> Result<()> {
+    let _ = (adapters_bottleneck::FAMILY, adapters_lora::FAMILY);
     let kinds = registry::kinds();
     if kinds.is_empty() {
         println!("No adapter kinds are registered in this build.");
@@ -90,8 +115,8 @@ fn embeddings(loaded: &LoadedModel, texts: &[String]) -> Result<Vec<Vec<f32>>> {
     Ok(l2_normalize(&mean_pool(&hidden, &mask)?)?.to_vec2()?)
 }
 
-pub fn embed(model: &Path, texts: &[String], json: bool) -> Result<()> {
-    let loaded = open(model)?;
+pub fn embed(model: &Path, adapters: &[std::path::PathBuf], texts: &[String], json: bool) -> Result<()> {
+    let loaded = open_with(model, adapters)?;
     let vectors = embeddings(&loaded, texts)?;
     if json {
         println!("{}", serde_json::to_string(&vectors)?);
@@ -104,8 +129,8 @@ pub fn embed(model: &Path, texts: &[String], json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn similarity(model: &Path, texts: &[String]) -> Result<()> {
-    let loaded = open(model)?;
+pub fn similarity(model: &Path, adapters: &[std::path::PathBuf], texts: &[String]) -> Result<()> {
+    let loaded = open_with(model, adapters)?;
     let v = embeddings(&loaded, texts)?;
     for (i, a) in texts.iter().enumerate() {
         for (j, b) in texts.iter().enumerate().skip(i + 1) {
@@ -139,8 +164,8 @@ fn prompt_ids(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<Vec<u32>
     Ok(ids)
 }
 
-pub fn generate(model: &Path, prompt: &str, max_tokens: usize, sampling: &Sampling, chat: bool) -> Result<()> {
-    let loaded = open(model)?;
+pub fn generate(model: &Path, adapters: &[std::path::PathBuf], prompt: &str, max_tokens: usize, sampling: &Sampling, chat: bool) -> Result<()> {
+    let loaded = open_with(model, adapters)?;
     let m = decoder(&loaded)?;
     let ids = prompt_ids(&loaded, prompt, chat)?;
     let mut stop: Vec<u32> = m.config.eos_token_id.into_iter().collect();
@@ -163,8 +188,8 @@ pub fn generate(model: &Path, prompt: &str, max_tokens: usize, sampling: &Sampli
     Ok(())
 }
 
-pub fn logits(model: &Path, prompt: &str, top: usize, chat: bool, json: bool) -> Result<()> {
-    let loaded = open(model)?;
+pub fn logits(model: &Path, adapters: &[std::path::PathBuf], prompt: &str, top: usize, chat: bool, json: bool) -> Result<()> {
+    let loaded = open_with(model, adapters)?;
     let m = decoder(&loaded)?;
     let ids = prompt_ids(&loaded, prompt, chat)?;
     let input = Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?;

@@ -1,5 +1,6 @@
 //! `adapters`: inspect models and adapter kinds, embed text, generate, read logits.
 
+mod adapter_commands;
 mod commands;
 
 use clap::{Parser, Subcommand};
@@ -18,7 +19,11 @@ use std::path::PathBuf;
         adapters info models/all-MiniLM-L6-v2\n  \
         adapters embed models/all-MiniLM-L6-v2 \"first text\" \"second text\" --json\n  \
         adapters generate models/SmolLM2-135M-Instruct.Q4_1.gguf \"Tell me a joke\" --chat\n  \
-        adapters logits models/SmolLM2-135M-Instruct.Q4_1.gguf \"The capital of France is\" --top 5 --json"
+        adapters logits models/SmolLM2-135M-Instruct.Q4_1.gguf \"The capital of France is\" --top 5 --json\n  \
+        adapters new seq_bn --model models/all-MiniLM-L6-v2 --out my-adapter --set reduction_factor=8\n  \
+        adapters new lora --model models/all-MiniLM-L6-v2 --out my-lora --set r=4 --set placement.sites='[\"query\",\"value\"]' --format peft\n  \
+        adapters inspect my-adapter --model models/all-MiniLM-L6-v2\n  \
+        adapters embed models/all-MiniLM-L6-v2 \"some text\" --adapter my-adapter --adapter my-lora"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,6 +50,8 @@ enum Command {
         /// Print one JSON array of embeddings (one array of floats per text).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        adapters: AdapterArgs,
     },
     /// Cosine similarity between every pair of texts, from their embeddings.
     Similarity {
@@ -52,6 +59,8 @@ enum Command {
         /// Two or more texts.
         #[arg(required = true, num_args = 2..)]
         texts: Vec<String>,
+        #[command(flatten)]
+        adapters: AdapterArgs,
     },
     /// Generate text after a prompt with a decoder model, streaming tokens as they come.
     Generate {
@@ -75,6 +84,8 @@ enum Command {
         /// Wrap the prompt as a user message in the model's chat template.
         #[arg(long)]
         chat: bool,
+        #[command(flatten)]
+        adapters: AdapterArgs,
     },
     /// The top K next-token logits at the last position of a prompt (decoder models).
     Logits {
@@ -89,7 +100,62 @@ enum Command {
         /// Print JSON: [{"id": .., "token": .., "logit": ..}, ...].
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        adapters: AdapterArgs,
     },
+    /// Create a freshly initialised adapter of any registered kind and save it.
+    New {
+        /// The adapter kind (see `adapters kinds`).
+        kind: String,
+        /// The base model the adapter is made for.
+        #[arg(long)]
+        model: PathBuf,
+        /// The folder to write (must not exist yet, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// A config field (`r=4`, `non_linearity=gelu`) or placement rule
+        /// (`placement.layers=[0,1]`, `placement.layers={"top":2}`, `placement.leave_out=[0]`,
+        /// `placement.sites=["query","value"]`, `placement.sizes.5=16`). Values are JSON;
+        /// bare words are strings. Repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// The name recorded in the adapter (default: the folder name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Seed for the initial weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// File layout: ours, `peft` (LoRA) or `adapterhub` (bottleneck kinds).
+        #[arg(long, value_enum, default_value_t = adapter_commands::Format::Native)]
+        format: adapter_commands::Format,
+    },
+    /// Show an adapter folder (ours, PEFT or AdapterHub): kind, placement, parameters,
+    /// base model, and with --model whether it fits that model.
+    Inspect {
+        dir: PathBuf,
+        /// Check against this model and show the parameter share.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+    /// Merge LoRA adapters into the base weights and write a new model folder.
+    Merge {
+        model: PathBuf,
+        /// LoRA adapter folders to merge, in order (repeatable).
+        #[arg(long = "adapter", required = true)]
+        adapters: Vec<PathBuf>,
+        /// The folder to write the merged model to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Adapters to attach before running (repeatable; stacked in the given order).
+#[derive(clap::Args)]
+struct AdapterArgs {
+    /// An adapter folder: ours, PEFT LoRA or AdapterHub bottleneck. Repeat to stack
+    /// several, applied in the given order.
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapter: Vec<PathBuf>,
 }
 
 fn main() {
@@ -97,17 +163,24 @@ fn main() {
     let result = match cli.command {
         Command::Kinds => commands::kinds(),
         Command::Info { model, json } => commands::info(&model, json),
-        Command::Embed { model, texts, json } => commands::embed(&model, &texts, json),
-        Command::Similarity { model, texts } => commands::similarity(&model, &texts),
-        Command::Generate { model, prompt, max_tokens, greedy, temperature, top_p, seed, chat } => {
+        Command::Embed { model, texts, json, adapters } => commands::embed(&model, &adapters.adapter, &texts, json),
+        Command::Similarity { model, texts, adapters } => commands::similarity(&model, &adapters.adapter, &texts),
+        Command::Generate { model, prompt, max_tokens, greedy, temperature, top_p, seed, chat, adapters } => {
             let sampling = if greedy {
                 adapters_models::generate::Sampling::Greedy
             } else {
                 adapters_models::generate::Sampling::Sample { temperature, top_p, seed }
             };
-            commands::generate(&model, &prompt, max_tokens, &sampling, chat)
+            commands::generate(&model, &adapters.adapter, &prompt, max_tokens, &sampling, chat)
         }
-        Command::Logits { model, prompt, top, chat, json } => commands::logits(&model, &prompt, top, chat, json),
+        Command::Logits { model, prompt, top, chat, json, adapters } => {
+            commands::logits(&model, &adapters.adapter, &prompt, top, chat, json)
+        }
+        Command::New { kind, model, out, set, name, seed, format } => {
+            adapter_commands::new(&kind, &model, &out, &set, name, seed, format)
+        }
+        Command::Inspect { dir, model } => adapter_commands::inspect(&dir, model.as_deref()),
+        Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &adapters, &out),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -108,6 +108,30 @@ pub struct LoadedModel {
     pub source: PathBuf,
 }
 
+impl LoadedModel {
+    /// Writes the model (with any merged adapters baked in) as a Hugging Face folder:
+    /// `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`.
+    pub fn save_folder(&self, dir: &Path) -> Result<()> {
+        if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+            bail!("{} exists and is not empty; choose a new folder", dir.display());
+        }
+        match &self.backbone {
+            Backbone::Bert(m) => {
+                let weights: std::collections::HashMap<_, _> = m.named_weights().into_iter().collect();
+                crate::files::save_safetensors_atomic(&weights, &dir.join("model.safetensors"))?;
+                let config = if self.source.is_dir() {
+                    std::fs::read(self.source.join("config.json"))?
+                } else {
+                    serde_json::to_vec_pretty(&m.config)?
+                };
+                crate::files::write_atomic(&dir.join("config.json"), &config)?;
+            }
+            Backbone::Llama(m) => m.save_hf_weights(dir)?,
+        }
+        self.tokenizer.save_folder(dir)
+    }
+}
+
 const EXPECTED: &str = "expected a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file";
 
 /// Loads the model at `path` (see [`EXPECTED`] forms).

@@ -1,0 +1,154 @@
+//! Adapter folders: create (`new`), describe (`inspect`), merge into the base (`merge`).
+
+use crate::commands::{open, open_with};
+use adapters_core::io::{self, read_json, read_tensors, CONFIG_FILE};
+use adapters_core::{registry, InsertionPoint, Placement};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    /// Our own layout (adapter_config.json + adapter_model.safetensors).
+    Native,
+    /// PEFT's LoRA layout.
+    Peft,
+    /// AdapterHub's bottleneck layout.
+    Adapterhub,
+}
+
+/// Parses `--set` values: JSON where it parses, else a plain string.
+fn parse_value(raw: &str) -> serde_json::Value {
+    serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.to_string()))
+}
+
+/// Splits `--set` pairs into the kind's config and the placement.
+fn config_and_placement(sets: &[String]) -> Result<(serde_json::Value, Placement)> {
+    let mut config = serde_json::Map::new();
+    let mut placement = serde_json::Map::new();
+    let mut sizes = serde_json::Map::new();
+    for s in sets {
+        let (key, value) = s.split_once('=').with_context(|| format!("--set {s:?}: expected KEY=VALUE, e.g. --set r=4"))?;
+        let value = parse_value(value);
+        match key.strip_prefix("placement.") {
+            Some(p) => match p.strip_prefix("sizes.") {
+                Some(layer) => {
+                    sizes.insert(layer.to_string(), value);
+                }
+                None => {
+                    placement.insert(p.to_string(), value);
+                }
+            },
+            None => {
+                config.insert(key.to_string(), value);
+            }
+        }
+    }
+    if !sizes.is_empty() {
+        placement.insert("sizes".into(), serde_json::Value::Object(sizes));
+    }
+    let placement: Placement = serde_json::from_value(serde_json::Value::Object(placement))
+        .context("bad placement in --set placement.*: fields are layers, leave_out, sites, sizes.N")?;
+    Ok((serde_json::Value::Object(config), placement))
+}
+
+fn check_empty_target(out: &Path) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{} exists and is not empty; choose a new folder (nothing was written)", out.display());
+    }
+    Ok(())
+}
+
+pub fn new(kind: &str, model: &Path, out: &Path, sets: &[String], name: Option<String>, seed: u64, format: Format) -> Result<()> {
+    check_empty_target(out)?;
+    let (config, placement) = config_and_placement(sets)?;
+    let loaded = open(model)?;
+    let info = loaded.backbone.model_info();
+    let adapter = registry::build(kind, &config, &placement, &info, loaded.backbone.device(), seed)?;
+    let name = name.unwrap_or_else(|| out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| kind.into()));
+    match format {
+        Format::Native => io::save(out, &name, adapter.as_ref(), &placement, &loaded.backbone.fingerprint()?)?,
+        Format::Peft => adapters_lora::peft::save(out, adapter.as_ref(), &info, &model.to_string_lossy())?,
+        Format::Adapterhub => adapters_bottleneck::adapterhub::save(out, &name, adapter.as_ref(), &placement, &info)?,
+    }
+    let params = adapter.num_parameters();
+    println!(
+        "wrote {} ({kind} `{name}`, {} points, {params} trainable parameters, {:.3}% of the base's {})",
+        out.display(),
+        adapter.points().len(),
+        100.0 * params as f64 / loaded.backbone.num_parameters() as f64,
+        loaded.backbone.num_parameters()
+    );
+    Ok(())
+}
+
+/// The weights file of an adapter folder, whichever layout it has.
+fn weights_file(dir: &Path) -> Option<PathBuf> {
+    [io::WEIGHTS_FILE, adapters_bottleneck::adapterhub::WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.exists())
+}
+
+pub fn inspect(dir: &Path, model: Option<&Path>) -> Result<()> {
+    let config = read_json(&dir.join(CONFIG_FILE))?;
+    let weights = weights_file(dir).with_context(|| format!("{} has no adapter_model.safetensors or adapter.safetensors", dir.display()))?;
+    let tensors = read_tensors(&weights, &Device::Cpu)?;
+    let params: usize = tensors.values().map(|t| t.elem_count()).sum();
+    let format = if config.get("format").and_then(|f| f.as_str()) == Some(io::FORMAT) {
+        "adapters-rs"
+    } else if config.get("peft_type").is_some() {
+        "peft"
+    } else if config.get("config").is_some() {
+        "adapterhub"
+    } else {
+        "unknown"
+    };
+    println!("folder        {}", dir.display());
+    println!("format        {format}");
+    match format {
+        "adapters-rs" => {
+            println!("name          {}", config["name"].as_str().unwrap_or(""));
+            println!("kind          {}", config["kind"].as_str().unwrap_or(""));
+            println!("config        {}", config["config"]);
+            println!("placement     {}", config["placement"]);
+            println!("made for      {}", serde_json::from_value::<adapters_core::Fingerprint>(config["base_model"].clone()).map(|f| f.to_string()).unwrap_or_default());
+            println!("library       {}", config["library_version"].as_str().unwrap_or(""));
+        }
+        "peft" => {
+            println!("kind          {} (r {}, alpha {}, targets {})", config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"]);
+            println!("made for      {}", config["base_model_name_or_path"]);
+        }
+        "adapterhub" => {
+            println!("name          {}", config["name"].as_str().unwrap_or(""));
+            println!("config        reduction_factor {}, non_linearity {}, parallel {}", config["config"]["reduction_factor"], config["config"]["non_linearity"], config["config"]["is_parallel"]);
+            println!("made for      {} ({})", config["model_type"], config["model_name"]);
+        }
+        _ => {}
+    }
+    println!("tensors       {} in {}", tensors.len(), weights.file_name().unwrap_or_default().to_string_lossy());
+    println!("parameters    {params}");
+    if let Some(model) = model {
+        let loaded = open(model)?;
+        let (info, fp) = (loaded.backbone.model_info(), loaded.backbone.fingerprint()?);
+        println!("model         {} = {fp}", model.display());
+        match io::load(dir, &info, &fp, &Device::Cpu) {
+            Ok(a) => {
+                let base = loaded.backbone.num_parameters();
+                println!("fits model    yes: {} `{}` at {} points", a.adapter.kind(), a.name, a.adapter.points().len());
+                println!("share         {:.3}% of the base's {base} parameters", 100.0 * a.adapter.num_parameters() as f64 / base as f64);
+            }
+            Err(e) => println!("fits model    no: {e}"),
+        }
+    }
+    Ok(())
+}
+
+pub fn merge(model: &Path, adapters: &[PathBuf], out: &Path) -> Result<()> {
+    check_empty_target(out)?;
+    let mut loaded = open_with(model, adapters)?;
+    let names: Vec<String> = loaded.backbone.adapters().active().to_vec();
+    for name in &names {
+        loaded.backbone.merge(name)?;
+    }
+    loaded.save_folder(out)?;
+    println!("merged {} into {} and wrote {}", names.join(", "), model.display(), out.display());
+    Ok(())
+}
