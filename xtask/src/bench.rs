@@ -6,7 +6,14 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// (package, bench target) pairs, in report order.
-const BENCHES: &[(&str, &str)] = &[("adapters-models", "backbones"), ("adapters-models", "hook_overhead")];
+const BENCHES: &[(&str, &str)] = &[
+    ("adapters-models", "backbones"),
+    ("adapters-models", "hook_overhead"),
+    ("adapters-bench", "adapter_overhead"),
+];
+
+/// Interleaved comparisons written by the benches, in report order.
+const COMPARISONS: &[&str] = &["adapter_overhead_minilm.json", "adapter_overhead_smollm2_decode.json"];
 
 pub fn run(root: &Path, filter: Option<&str>) -> Result<()> {
     crate::fetch::fetch_all(root)?;
@@ -91,6 +98,26 @@ fn report(root: &Path) -> Result<String> {
         writeln!(md, "| one idle hook call | {:.1} ns |", h["idle_hook_call_ns"].as_f64().unwrap_or(f64::NAN))?;
         writeln!(md, "| idle hook calls per forward | {} |", h["hook_calls_per_forward"])?;
         writeln!(md, "| idle hooks' share of the forward time | {:.2e} |", h["idle_hooks_share_of_forward"].as_f64().unwrap_or(f64::NAN))?;
+    }
+    for file in COMPARISONS {
+        let path = root.join("target/bench-results").join(file);
+        if !path.exists() {
+            continue;
+        }
+        let c = read_json(&path)?;
+        writeln!(md, "\n## {} (interleaved)\n", c["title"].as_str().unwrap_or(file))?;
+        writeln!(md, "{} rounds, {} threads; ratio = median over rounds of variant time / first variant's time.\n", c["rounds"], c["threads"])?;
+        writeln!(md, "| variant | median | ratio to first |")?;
+        writeln!(md, "|---|---|---|")?;
+        for v in c["variants"].as_array().into_iter().flatten() {
+            writeln!(
+                md,
+                "| {} | {} | {:.3} |",
+                v["name"].as_str().unwrap_or(""),
+                human(v["median_s"].as_f64().unwrap_or(f64::NAN)),
+                v["median_ratio_to_first"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
     }
     Ok(md)
 }

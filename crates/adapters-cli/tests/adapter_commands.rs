@@ -1,0 +1,82 @@
+//! `adapters kinds`, `new`, `inspect`, `merge` and `--adapter`, run as a user would.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn minilm() -> String {
+    adapters_models::fetched("all-MiniLM-L6-v2").unwrap().to_string_lossy().into_owned()
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_adapters")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ok(args: &[&str]) -> String {
+    let (success, out, err) = run(args);
+    assert!(success, "adapters {args:?}: {err}");
+    out
+}
+
+fn embedding(args: &[&str]) -> Vec<f32> {
+    let v: Vec<Vec<f32>> = serde_json::from_str(&ok(args)).unwrap();
+    v.into_iter().next().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn kinds_lists_every_family() {
+    let out = ok(&["kinds"]);
+    for (kind, family) in [("seq_bn", "adapters-bottleneck"), ("double_seq_bn", "adapters-bottleneck"), ("par_bn", "adapters-bottleneck"), ("lora", "adapters-lora"), ("ia3", "adapters-lora")] {
+        assert!(out.lines().any(|l| l.starts_with(kind) && l.contains(family)), "{kind} missing:\n{out}");
+    }
+}
+
+#[test]
+fn new_inspect_embed_and_merge() {
+    let m = minilm();
+    let tmp = std::env::temp_dir().join(format!("cli-adapters-{}", std::process::id()));
+    let dir = |n: &str| tmp.join(n).to_string_lossy().into_owned();
+    let out = ok(&["new", "seq_bn", "--model", &m, "--out", &dir("pf"), "--set", "reduction_factor=8", "--set", "placement.leave_out=[0]"]);
+    assert!(out.contains("5 points") && out.contains("186480 trainable parameters"), "{out}");
+    ok(&["new", "lora", "--model", &m, "--out", &dir("lora"), "--set", "r=4", "--set", "placement.sites=[\"query\",\"value\"]", "--format", "peft", "--seed", "3"]);
+    ok(&["new", "double_seq_bn", "--model", &m, "--out", &dir("hub"), "--format", "adapterhub"]);
+
+    let out = ok(&["inspect", &dir("pf"), "--model", &m]);
+    assert!(out.contains("seq_bn") && out.contains("fits model    yes") && out.contains("186480"), "{out}");
+    let out = ok(&["inspect", &dir("hub")]);
+    assert!(out.contains("adapterhub"), "{out}");
+    let smollm = adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap();
+    let out = ok(&["inspect", &dir("pf"), "--model", &smollm.to_string_lossy()]);
+    assert!(out.contains("fits model    no") && out.contains("was made for the base model bert"), "{out}");
+
+    // Several adapters stack; the interop LoRA folder loads as well.
+    let peft = workspace().join("../shared/interop/peft_lora_minilm/adapter").to_string_lossy().into_owned();
+    let base = embedding(&["embed", &m, "adapters are small", "--json"]);
+    let one = embedding(&["embed", &m, "adapters are small", "--json", "--adapter", &dir("pf")]);
+    let two = embedding(&["embed", &m, "adapters are small", "--json", "--adapter", &dir("pf"), "--adapter", &peft]);
+    assert!(max_diff(&base, &one) > 1e-4 && max_diff(&one, &two) > 1e-4);
+    ok(&["embed", &m, "x", "--adapter", &dir("hub"), "--adapter", &dir("lora")]);
+
+    // Merging the LoRA folder gives a model folder whose plain output is the adapted one.
+    let with_lora = embedding(&["embed", &m, "adapters are small", "--json", "--adapter", &peft]);
+    ok(&["merge", &m, "--adapter", &peft, "--out", &dir("merged")]);
+    let merged = embedding(&["embed", &dir("merged"), "adapters are small", "--json"]);
+    assert!(max_diff(&merged, &with_lora) <= 1e-5, "{}", max_diff(&merged, &with_lora));
+    let (success, _, err) = run(&["merge", &m, "--adapter", &dir("pf"), "--out", &dir("merged2")]);
+    assert!(!success && err.contains("cannot be merged"), "{err}");
+    let (success, _, err) = run(&["new", "seq_bn", "--model", &m, "--out", &dir("pf")]);
+    assert!(!success && err.contains("not empty"), "{err}");
+    let (success, _, err) = run(&["new", "lora", "--model", &m, "--out", &dir("bad"), "--set", "rank=2"]);
+    assert!(!success && err.contains("unknown field `rank`"), "{err}");
+    let (success, _, err) = run(&["embed", &m, "x", "--adapter", &dir("nothing-here")]);
+    assert!(!success && err.contains("nothing-here"), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
