@@ -7,7 +7,6 @@
 //! differentiable ops (see [`ops`]).
 
 pub mod bert;
-pub mod files;
 pub mod generate;
 pub mod heads;
 pub mod llama;

@@ -118,13 +118,13 @@ impl LoadedModel {
         match &self.backbone {
             Backbone::Bert(m) => {
                 let weights: std::collections::HashMap<_, _> = m.named_weights().into_iter().collect();
-                crate::files::save_safetensors_atomic(&weights, &dir.join("model.safetensors"))?;
+                adapters_core::io::save_tensors_atomic(&weights, &dir.join("model.safetensors"))?;
                 let config = if self.source.is_dir() {
                     std::fs::read(self.source.join("config.json"))?
                 } else {
                     serde_json::to_vec_pretty(&m.config)?
                 };
-                crate::files::write_atomic(&dir.join("config.json"), &config)?;
+                adapters_core::io::write_atomic(&dir.join("config.json"), &config)?;
             }
             Backbone::Llama(m) => m.save_hf_weights(dir)?,
         }

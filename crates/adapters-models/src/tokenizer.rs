@@ -117,13 +117,14 @@ impl TextTokenizer {
     /// `dir`, the layout [`TextTokenizer::from_folder`] reads.
     pub fn save_folder(&self, dir: &Path) -> Result<()> {
         let json = self.inner.to_string(true).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
-        crate::files::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        adapters_core::io::write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
         let config = serde_json::json!({
             "chat_template": self.chat_template,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         });
-        crate::files::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())
+        adapters_core::io::write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        Ok(())
     }
 
     /// Token ids of one text.
