@@ -29,6 +29,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let _ = (adapters_bottleneck::family(), adapters_lora::family());
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(11);
     let ctx = ForwardCtx::inference();
     let path = fetched("all-MiniLM-L6-v2").unwrap();

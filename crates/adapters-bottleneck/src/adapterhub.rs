@@ -5,7 +5,7 @@
 
 use crate::config::{DOUBLE_SEQ_BN, PAR_BN, SEQ_BN};
 use adapters_core::io::{fill_vars, read_tensors, save_tensors_atomic, write_atomic};
-use adapters_core::{Adapter, AdapterFormat, BuildArgs, Error, Layers, Loaded, ModelInfo, Placement, Site};
+use adapters_core::{Adapter, BuildArgs, Error, Layers, Loaded, ModelInfo, Placement, Site};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -15,7 +15,7 @@ pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 /// The AdapterHub version whose layout we write.
 pub const VERSION: &str = "adapters.1.3.0";
 
-fn detect(config: &Value) -> bool {
+pub(crate) fn detect(config: &Value) -> bool {
     config.get("config").is_some_and(|c| c.is_object())
         && config.get("version").and_then(|v| v.as_str()).is_some_and(|v| v.starts_with("adapters.") || v.starts_with("adapter-transformers"))
 }
@@ -29,7 +29,7 @@ fn bad(path: &Path, message: String) -> Error {
     Error::Io { path: path.to_path_buf(), message }
 }
 
-fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
+pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
     let config_path = dir.join(adapters_core::io::CONFIG_FILE);
     let c = &json["config"];
     let name = json["name"].as_str().ok_or_else(|| bad(&config_path, "has no adapter `name`".into()))?.to_string();
@@ -169,6 +169,3 @@ pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement
     write_atomic(&dir.join(adapters_core::io::CONFIG_FILE), serde_json::to_string_pretty(&file).expect("json").as_bytes())
 }
 
-adapters_core::inventory::submit! {
-    AdapterFormat { name: "adapterhub", detect, load }
-}

@@ -11,8 +11,14 @@ pub use config::{Activation, BottleneckConfig, InitWeights, Scaling};
 
 use adapters_core::{AdapterKind, BuildArgs, ConfigField};
 
-/// Referenced by binaries so the linker keeps this crate and its registrations.
-pub const FAMILY: &str = "adapters-bottleneck";
+/// The family's name. Binaries and tests that build adapters by name call this so the
+/// linker keeps this crate, and with it the registrations in this module (all of this
+/// crate's `inventory::submit!` calls live here, in one module, for that reason).
+pub fn family() -> &'static str {
+    FAMILY
+}
+
+const FAMILY: &str = "adapters-bottleneck";
 
 const FIELDS: &[ConfigField] = &[
     ConfigField { name: "reduction_factor", ty: "number", default: "16 (par_bn: 2)", doc: "bottleneck = hidden / reduction_factor" },
@@ -46,4 +52,8 @@ adapters_core::inventory::submit! {
 }
 adapters_core::inventory::submit! {
     AdapterKind { name: "par_bn", family: FAMILY, summary: "parallel bottleneck beside the FFN, scaled (He et al.)", fields: FIELDS, build: build_par }
+}
+
+adapters_core::inventory::submit! {
+    adapters_core::AdapterFormat { name: "adapterhub", detect: adapterhub::detect, load: adapterhub::load }
 }

@@ -51,7 +51,7 @@ fn attach(bert: &mut Bert, loaded: io::Loaded) {
 
 #[test]
 fn every_adapterhub_folder_reproduces_its_outputs_and_round_trips() {
-    let _ = adapters_bottleneck::FAMILY;
+    let _ = adapters_bottleneck::family();
     let mut bert = bert();
     let info = bert.model_info();
     let fp = bert.fingerprint().unwrap();

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
 fn model(name: &str) -> Backbone {
-    let _ = adapters_bottleneck::FAMILY;
+    let _ = adapters_bottleneck::family();
     load(&fetched(name).unwrap(), &Device::Cpu).unwrap().backbone
 }
 

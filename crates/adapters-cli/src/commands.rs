@@ -18,7 +18,7 @@ fn device() -> Result<Device> {
 
 pub fn open(model: &Path) -> Result<LoadedModel> {
     // Touch every family crate so the linker keeps their registrations.
-    let _ = (adapters_bottleneck::FAMILY, adapters_lora::FAMILY);
+    let _ = (adapters_bottleneck::family(), adapters_lora::family());
     load(model, &device()?)
 }
 
@@ -45,7 +45,7 @@ pub fn open_with(model: &Path, adapters: &[std::path::PathBuf]) -> Result<Loaded
 }
 
 pub fn kinds() -> Result<()> {
-    let _ = (adapters_bottleneck::FAMILY, adapters_lora::FAMILY);
+    let _ = (adapters_bottleneck::family(), adapters_lora::family());
     let kinds = registry::kinds();
     if kinds.is_empty() {
         println!("No adapter kinds are registered in this build.");

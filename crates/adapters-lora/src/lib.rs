@@ -10,8 +10,14 @@ pub use lora::{Lora, LoraConfig};
 
 use adapters_core::{AdapterKind, BuildArgs, ConfigField};
 
-/// Referenced by binaries so the linker keeps this crate and its registrations.
-pub const FAMILY: &str = "adapters-lora";
+/// The family's name. Binaries and tests that build adapters by name call this so the
+/// linker keeps this crate, and with it the registrations in this module (all of this
+/// crate's `inventory::submit!` calls live here, in one module, for that reason).
+pub fn family() -> &'static str {
+    FAMILY
+}
+
+const FAMILY: &str = "adapters-lora";
 
 fn build_lora(args: &BuildArgs) -> Result<Box<dyn adapters_core::Adapter>, adapters_core::Error> {
     Ok(Box::new(Lora::build(args)?))
@@ -46,4 +52,8 @@ adapters_core::inventory::submit! {
         fields: &[ConfigField { name: "feedforward_sites", ty: "[site]", default: "[ffn_down]", doc: "sites whose input is scaled instead of output" }],
         build: build_ia3,
     }
+}
+
+adapters_core::inventory::submit! {
+    adapters_core::AdapterFormat { name: "peft", detect: peft::detect, load: peft::load }
 }

@@ -5,7 +5,7 @@
 
 use crate::lora::{tensors_by_point, Lora, LoraConfig};
 use adapters_core::io::{fill_vars, read_tensors, save_tensors_atomic, write_atomic, CONFIG_FILE, WEIGHTS_FILE};
-use adapters_core::{Adapter, AdapterFormat, BuildArgs, Error, Layers, Loaded, ModelInfo, Placement, Point, Site};
+use adapters_core::{Adapter, BuildArgs, Error, Layers, Loaded, ModelInfo, Placement, Point, Site};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -13,7 +13,7 @@ use std::path::Path;
 
 const PREFIX: &str = "base_model.model.";
 
-fn detect(config: &Value) -> bool {
+pub(crate) fn detect(config: &Value) -> bool {
     config.get("peft_type").is_some()
 }
 
@@ -32,7 +32,7 @@ fn point_of(module: &str, model: &ModelInfo) -> Option<Point> {
     }
 }
 
-fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
+pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
     let config_path = dir.join(CONFIG_FILE);
     let peft_type = json["peft_type"].as_str().unwrap_or("");
     if peft_type != "LORA" {
@@ -153,6 +153,3 @@ pub fn save(dir: &Path, adapter: &dyn Adapter, model: &ModelInfo, base_model_nam
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&file).expect("json").as_bytes())
 }
 
-adapters_core::inventory::submit! {
-    AdapterFormat { name: "peft", detect, load }
-}

@@ -55,7 +55,7 @@ fn attach(m: &mut Backbone, loaded: io::Loaded) -> String {
 
 #[test]
 fn peft_minilm_reproduces_peft_and_round_trips_and_merges() {
-    let _ = adapters_lora::FAMILY;
+    let _ = adapters_lora::family();
     let mut m = model("all-MiniLM-L6-v2");
     let (info, fp) = (m.model_info(), m.fingerprint().unwrap());
     let (dir, expected) = interop("peft_lora_minilm");
