@@ -1,6 +1,7 @@
 //! What adapters add to the forward pass, timed interleaved (see `adapters_bench`):
-//! MiniLM at batch 32 x seq 128 with no adapter, a Pfeiffer (seq_bn) adapter, a parallel
-//! (par_bn) adapter, LoRA r=8 on query and value unmerged, and the same LoRA merged; and
+//! MiniLM at batch 32 x seq 128 with no adapter, a Pfeiffer (seq_bn) adapter, parallel
+//! (par_bn) adapters of two sizes, LoRA r=8 on query and value unmerged, and the same
+//! LoRA merged; and
 //! SmolLM2 decode (batch 1, one token after 128) with and without a Pfeiffer adapter.
 //! Targets: a bottleneck adapter adds at most 5%; merged LoRA adds nothing measurable.
 
@@ -30,41 +31,42 @@ fn main() {
         return;
     }
     let _ = (adapters_bottleneck::family(), adapters_lora::family());
-    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(11);
+    let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(15);
     let ctx = ForwardCtx::inference();
-    let path = fetched("all-MiniLM-L6-v2").unwrap();
-    let mut bert = load(&path, &Device::Cpu).unwrap().backbone;
-    let mut merged = load(&path, &Device::Cpu).unwrap().backbone;
-    for m in [&mut bert, &mut merged] {
-        attach(m, "pfeiffer", "seq_bn", json!({}));
-        attach(m, "parallel", "par_bn", json!({}));
-        attach(m, "lora", "lora", json!({"r": 8, "alpha": 16}));
-    }
-    merged.merge("lora").unwrap();
+    let mut bert = load(&fetched("all-MiniLM-L6-v2").unwrap(), &Device::Cpu).unwrap().backbone;
+    attach(&mut bert, "pfeiffer", "seq_bn", json!({}));
+    attach(&mut bert, "parallel", "par_bn", json!({}));
+    attach(&mut bert, "parallel-r24", "par_bn", json!({"reduction_factor": 16}));
+    attach(&mut bert, "lora", "lora", json!({"r": 8, "alpha": 16}));
     let input = ids(32, 128, 30522);
-    let forward = |m: &Backbone| {
-        let Backbone::Bert(b) = m else { unreachable!() };
-        b.forward(&input, None, None, &ctx).unwrap();
-    };
-    // Each variant activates its own setup on a shared model before timing: activation
-    // costs microseconds against a forward of about a second.
+    // One model; each variant sets its state (active adapters, LoRA merged or not) and
+    // then runs a forward. Switching costs well under a millisecond (merging adds twelve
+    // 384 x 384 deltas) against a forward of about a second.
     let cell = std::cell::RefCell::new(bert);
-    let with = |names: &'static [&'static str]| {
-        let cell = &cell;
+    let with = |names: &'static [&'static str], merged: bool| {
+        let (cell, input, ctx) = (&cell, &input, &ctx);
         move || {
-            cell.borrow_mut().adapters_mut().activate(names).unwrap();
-            forward(&cell.borrow());
+            let mut m = cell.borrow_mut();
+            if merged != m.adapters().is_merged("lora") {
+                if merged { m.merge("lora").unwrap() } else { m.unmerge("lora").unwrap() }
+            }
+            m.adapters_mut().activate(names).unwrap();
+            let Backbone::Bert(b) = &*m else { unreachable!() };
+            b.forward(input, None, None, ctx).unwrap();
         }
     };
-    let (none, pfeiffer, parallel, lora) = (with(&[]), with(&["pfeiffer"]), with(&["parallel"]), with(&["lora"]));
-    let lora_merged = || forward(&merged);
+    let none = with(&[], false);
+    let pfeiffer = with(&["pfeiffer"], false);
+    let parallel = with(&["parallel"], false);
+    let parallel_small = with(&["parallel-r24"], false);
+    let lora = with(&["lora"], false);
+    let lora_merged = with(&[], true);
     let timings = interleave(
-        &[("no adapter", &none), ("seq_bn (Pfeiffer)", &pfeiffer), ("par_bn (parallel)", &parallel),
-          ("LoRA r=8 q,v unmerged", &lora), ("LoRA r=8 q,v merged", &lora_merged)],
+        &[("no adapter", &none), ("no adapter again (noise control)", &none), ("seq_bn (Pfeiffer, r=24)", &pfeiffer), ("par_bn (AdapterHub default, r=192, s=4)", &parallel),
+          ("par_bn (r=24, s=4)", &parallel_small), ("LoRA r=8 q,v unmerged", &lora), ("LoRA r=8 q,v merged", &lora_merged)],
         rounds,
     );
     write_result("adapter_overhead_minilm.json", &to_json("MiniLM forward, batch 32 x seq 128", &timings, rounds));
-    drop(merged);
     drop(cell);
 
     let mut llama = load(&fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &Device::Cpu).unwrap().backbone;
@@ -88,6 +90,6 @@ fn main() {
         }
     };
     let (plain, adapted) = (step(&[]), step(&["pfeiffer"]));
-    let timings = interleave(&[("no adapter", &plain), ("seq_bn (Pfeiffer)", &adapted)], rounds * 2);
-    write_result("adapter_overhead_smollm2_decode.json", &to_json("SmolLM2 decode, batch 1, 8 tokens after a 128-token prompt", &timings, rounds * 2));
+    let timings = interleave(&[("no adapter", &plain), ("no adapter again (noise control)", &plain), ("seq_bn (Pfeiffer)", &adapted)], rounds * 3);
+    write_result("adapter_overhead_smollm2_decode.json", &to_json("SmolLM2 decode, batch 1, 8 tokens after a 128-token prompt", &timings, rounds * 3));
 }
