@@ -15,9 +15,9 @@ const BENCHES: &[(&str, &str)] = &[
 /// Interleaved comparisons written by the benches, in report order.
 const COMPARISONS: &[&str] = &["adapter_overhead_minilm.json", "adapter_overhead_smollm2_decode.json"];
 
-pub fn run(root: &Path, filter: Option<&str>) -> Result<()> {
+pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
     crate::fetch::fetch_all(root)?;
-    for (package, bench) in BENCHES {
+    for (package, bench) in BENCHES.iter().filter(|_| !report_only) {
         let mut args = vec!["bench", "-p", package, "--bench", bench];
         if let Some(f) = filter {
             args.extend(["--", f]);
@@ -106,19 +106,17 @@ fn report(root: &Path) -> Result<String> {
         }
         let c = read_json(&path)?;
         writeln!(md, "\n## {} (interleaved)\n", c["title"].as_str().unwrap_or(file))?;
-        writeln!(md, "{} rounds, {} threads. Median pair ratio: median over adjacent (baseline, variant) pairs of variant time / baseline time. Ratio of fastest: each variant's fastest run over the baseline's (interference only slows runs down). The noise-control row runs the baseline again: its distance from 1.000 is this run's noise floor.\n", c["rounds"], c["threads"])?;
-        writeln!(md, "| variant | median | fastest | median pair ratio | ratio of fastest |")?;
-        writeln!(md, "|---|---|---|---|---|")?;
+        writeln!(md, "{} rounds, {} threads. Median pair ratio: median over adjacent (baseline, variant) pairs of variant time / baseline time. The noise-control row runs the baseline again: its distance from 1.000 is this run's noise floor.\n", c["rounds"], c["threads"])?;
+        writeln!(md, "| variant | median | median pair ratio |")?;
+        writeln!(md, "|---|---|---|")?;
         let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for v in c["variants"].as_array().into_iter().flatten() {
             writeln!(
                 md,
-                "| {} | {} | {} | {:.3} | {:.3} |",
+                "| {} | {} | {:.3} |",
                 v["name"].as_str().unwrap_or(""),
                 human(num(v, "median_s")),
-                human(num(v, "min_s")),
                 num(v, "median_ratio_to_first"),
-                num(v, "min_ratio_to_first"),
             )?;
         }
     }

@@ -28,6 +28,9 @@ enum Task {
         /// Only run benchmarks whose id contains this text.
         #[arg(long)]
         filter: Option<String>,
+        /// Only rewrite BENCHMARKS.md from the results of the last run.
+        #[arg(long)]
+        report_only: bool,
     },
     /// The main job on a fresh machine: fetch the models, embed some sentences and
     /// generate text with the release build of the `adapters` tool.
@@ -38,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Fetch => fetch::fetch_all(&root()).map(|_| ()),
         Task::Test => test::run(&root()),
-        Task::Bench { filter } => bench::run(&root(), filter.as_deref()),
+        Task::Bench { filter, report_only } => bench::run(&root(), filter.as_deref(), report_only),
         Task::Demo => demo(&root()),
     }
 }

@@ -8,9 +8,6 @@ use std::time::Instant;
 pub struct Timing {
     pub name: String,
     pub median_s: f64,
-    /// Fastest run: interference on a shared machine only ever slows a run down, so the
-    /// minimum is the least disturbed estimate of the work itself.
-    pub min_s: f64,
     /// Median over pairs of (this variant's time / the baseline's time in the same pair).
     pub median_ratio: f64,
 }
@@ -56,7 +53,6 @@ pub fn interleave(variants: &[(&str, &dyn Fn())], rounds: usize) -> Vec<Timing> 
         .map(|i| Timing {
             name: variants[i].0.to_string(),
             median_s: median(times[i].clone()),
-            min_s: times[i].iter().copied().fold(f64::INFINITY, f64::min),
             median_ratio: median(ratios[i].clone()),
         })
         .collect()
@@ -69,8 +65,7 @@ pub fn to_json(title: &str, timings: &[Timing], rounds: usize) -> serde_json::Va
         "threads": candle_core::utils::get_num_threads(),
         "rounds": rounds,
         "variants": timings.iter().map(|t| serde_json::json!({
-            "name": t.name, "median_s": t.median_s, "min_s": t.min_s, "median_ratio_to_first": t.median_ratio,
-            "min_ratio_to_first": t.min_s / timings[0].min_s,
+            "name": t.name, "median_s": t.median_s, "median_ratio_to_first": t.median_ratio,
         })).collect::<Vec<_>>(),
     })
 }
