@@ -1,3 +1,7 @@
 //! Config-driven training of any registered set of adapters.
 //!
-//! Empty for now: training arrives with its own issue.
+//! Built so far: reading labelled data ([`data`]) and the optimiser with its learning-rate
+//! schedule and gradient clipping ([`optim`]). The TOML-driven trainer follows.
+
+pub mod data;
+pub mod optim;
