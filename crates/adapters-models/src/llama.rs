@@ -418,8 +418,9 @@ impl Llama {
         let tensors = self.hf_tensors();
         let mut config = self.config.clone();
         config.tie_word_embeddings = self.lm_head.is_none();
-        adapters_core::io::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        // Weights first: a folder with a config.json is one whose weights are complete.
         adapters_core::io::save_tensors_atomic(&tensors, &dir.join("model.safetensors"))?;
+        adapters_core::io::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
         Ok(())
     }
 }
