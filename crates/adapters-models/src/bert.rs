@@ -6,9 +6,9 @@
 
 use crate::ops::{embedding, softmax_last, LayerNorm, Linear};
 use crate::weights::Weights;
-use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, ProjectionIo, Site, SublayerIo};
+use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -243,9 +243,7 @@ impl Bert {
     }
 
     fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let y = lin.forward(x)?;
-        let apply = |t: &Tensor| lin.forward(t);
-        self.adapters.projection(point, &ProjectionIo { input: x, output: &y, linear: &apply }, ctx)
+        lin.forward_with(&self.adapters, point, x, ctx)
     }
 
     fn layer_forward(&self, l: usize, layer: &Layer, x: &Tensor, mask: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
@@ -322,8 +320,9 @@ impl InsertionPoint for Bert {
             norm(format!("{p}.attention.output.LayerNorm"), &layer.attn_norm);
             norm(format!("{p}.output.LayerNorm"), &layer.ffn_norm);
         }
+        let info = self.model_info();
         for (point, lin) in self.linears() {
-            let module = self.model_info().spec(point).map(|s| s.module.clone()).unwrap_or_default();
+            let module = info.spec(point).map(|s| s.module.clone()).unwrap_or_default();
             out.push((format!("{module}.weight"), lin.weight.clone()));
             if let Some(b) = &lin.bias {
                 out.push((format!("{module}.bias"), b.clone()));

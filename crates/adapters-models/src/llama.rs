@@ -7,7 +7,7 @@
 
 use crate::ops::{embedding, rope, softmax_last, Linear, RmsNorm};
 use crate::weights::Weights;
-use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, ProjectionIo, Site, SublayerIo};
+use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use anyhow::{anyhow, bail, Context};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -320,9 +320,7 @@ impl Llama {
     }
 
     fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let y = lin.forward(x)?;
-        let apply = |t: &Tensor| lin.forward(t);
-        self.adapters.projection(point, &ProjectionIo { input: x, output: &y, linear: &apply }, ctx)
+        lin.forward_with(&self.adapters, point, x, ctx)
     }
 
     #[allow(clippy::too_many_arguments)]

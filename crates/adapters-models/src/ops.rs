@@ -5,6 +5,7 @@
 //! silently cut the gradient graph, so in training mode we compose the same maths from
 //! differentiable primitives. Both paths compute the same function.
 
+use adapters_core::{AdapterSet, ForwardCtx, Point, ProjectionIo};
 use candle_core::{Module, Result, Tensor, D};
 
 /// A frozen linear layer `y = x W^T + b`, as stored by PyTorch (`W` is `[out, in]`).
@@ -25,6 +26,13 @@ impl Linear {
 
     pub fn out_features(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
+    }
+
+    /// The projection at `point`, passed through the adapters attached there.
+    pub fn forward_with(&self, adapters: &AdapterSet, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        let apply = |t: &Tensor| self.forward(t);
+        adapters.projection(point, &ProjectionIo { input: x, output: &y, linear: &apply }, ctx)
     }
 }
 
