@@ -172,7 +172,7 @@ impl Adapter for Bottleneck {
             up = up.broadcast_mul(&candle_nn::ops::sigmoid(&linear(&z, w, b)?)?)?;
         }
         if ctx.train && c.dropout > 0.0 {
-            up = candle_nn::ops::dropout(&up, c.dropout as f32)?;
+            up = ctx.dropout(&up, c.dropout)?;
         }
         io.output + up
     }

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use std::io::Write;
 use std::path::Path;
 
-fn device() -> Result<Device> {
+pub fn device() -> Result<Device> {
     #[cfg(feature = "cuda")]
     return Ok(Device::cuda_if_available(0)?);
     #[cfg(not(feature = "cuda"))]
@@ -28,6 +28,9 @@ pub fn open_with(model: &Path, adapters: &[std::path::PathBuf]) -> Result<Loaded
     let (info, fp) = (loaded.backbone.model_info(), loaded.backbone.fingerprint()?);
     let mut names = Vec::new();
     for dir in adapters {
+        if !dir.join(adapters_core::io::CONFIG_FILE).exists() && dir.join(adapters_train::heads::HEADS_DIR).is_dir() {
+            continue; // a head-only run folder: heads, no adapter
+        }
         let a = adapters_core::io::load(dir, &info, &fp, loaded.backbone.device())
             .with_context(|| format!("loading the adapter {}", dir.display()))?;
         let mut name = a.name.clone();

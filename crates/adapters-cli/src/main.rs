@@ -2,6 +2,7 @@
 
 mod adapter_commands;
 mod commands;
+mod train_commands;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -147,6 +148,63 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train adapters (and heads) from a TOML config: see examples/ and the README.
+    Train {
+        /// The config file (model, adapters, tasks, training, output).
+        config: PathBuf,
+        /// Override a config value: `training.lr=5e-4`, `training.mode="head_only"`,
+        /// `output.dir="runs/x"` (dotted key, TOML value). Repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from the checkpoint in the output folder.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps in total (a checkpoint is written; --resume continues).
+        #[arg(long, value_name = "STEPS")]
+        stop_after: Option<usize>,
+    },
+    /// Classify texts with a trained head (found in heads/ of the model or adapter folders).
+    Predict {
+        model: PathBuf,
+        #[arg(required = true)]
+        texts: Vec<String>,
+        /// Which task's head, when several are found.
+        #[arg(long)]
+        task: Option<String>,
+        /// Longer texts are truncated to this many tokens.
+        #[arg(long, default_value_t = 128)]
+        max_length: usize,
+        /// Print JSON: [{"text", "label", "scores": {label: probability}}].
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        adapters: AdapterArgs,
+    },
+    /// Evaluate on a file: accuracy and macro-F1 with a trained head (.jsonl / .csv), or
+    /// perplexity of a decoder on plain text (.txt, blank-line separated documents).
+    Eval {
+        model: PathBuf,
+        /// The data file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Which task's head, when several are found.
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        #[arg(long, default_value = "label")]
+        label_field: String,
+        /// Skip bad rows instead of failing.
+        #[arg(long)]
+        skip_bad_rows: bool,
+        /// Token limit per text (classification) or block length (perplexity).
+        #[arg(long, default_value_t = 128)]
+        max_length: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        adapters: AdapterArgs,
+    },
 }
 
 /// Adapters to attach before running (repeatable; stacked in the given order).
@@ -181,6 +239,14 @@ fn main() {
         }
         Command::Inspect { dir, model } => adapter_commands::inspect(&dir, model.as_deref()),
         Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &adapters, &out),
+        Command::Train { config, set, resume, stop_after } => train_commands::train(&config, &set, resume, stop_after),
+        Command::Predict { model, texts, task, max_length, json, adapters } => {
+            train_commands::predict(&model, &adapters.adapter, task.as_deref(), &texts, max_length, json)
+        }
+        Command::Eval { model, data, task, text_field, label_field, skip_bad_rows, max_length, json, adapters } => {
+            let fields = adapters_train::data::Fields { text: text_field, label: label_field, skip_bad_rows };
+            train_commands::eval(&model, &adapters.adapter, task.as_deref(), &data, fields, max_length, json)
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

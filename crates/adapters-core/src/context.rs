@@ -3,6 +3,8 @@
 
 use crate::point::Point;
 use candle_core::{Device, Result, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::sync::{Arc, Mutex};
 
 /// Rows of a batch that share one adapter setup (a stack of adapter names, applied in order).
@@ -52,6 +54,9 @@ pub struct ForwardCtx {
     /// which hypernetwork adapters generate their weights at call time.
     pub conditioning: Option<Tensor>,
     aux: Arc<Mutex<AuxOutputs>>,
+    /// Draws dropout masks; seeded so that training runs (and resumed runs) repeat exactly.
+    /// candle's own CPU RNG cannot be seeded.
+    dropout_rng: Option<Arc<Mutex<ChaCha8Rng>>>,
 }
 
 impl ForwardCtx {
@@ -60,9 +65,28 @@ impl ForwardCtx {
         ForwardCtx::default()
     }
 
-    /// Training: dropout on, differentiable kernels only.
+    /// Training: dropout on, differentiable kernels only; dropout masks from an unseeded RNG.
     pub fn training() -> Self {
-        ForwardCtx { train: true, ..Default::default() }
+        Self::training_seeded(rand::random())
+    }
+
+    /// Training with reproducible dropout masks: the same seed draws the same masks.
+    pub fn training_seeded(seed: u64) -> Self {
+        ForwardCtx { train: true, dropout_rng: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))), ..Default::default() }
+    }
+
+    /// Inverted dropout with drop probability `p` in training; `x` itself in inference.
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let Some(rng) = self.dropout_rng.as_ref().filter(|_| self.train && p > 0.0) else {
+            return Ok(x.clone());
+        };
+        if p >= 1.0 {
+            return x.zeros_like();
+        }
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mut rng = rng.lock().expect("dropout rng poisoned");
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
     }
 
     /// Routes row `i` of the batch through `choices[i]` (a stack of adapter names; empty
@@ -108,6 +132,7 @@ impl ForwardCtx {
             task_ids: pick(&self.task_ids)?,
             conditioning: pick(&self.conditioning)?,
             aux: self.aux.clone(),
+            dropout_rng: self.dropout_rng.clone(),
         })
     }
 

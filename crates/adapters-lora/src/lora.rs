@@ -126,7 +126,7 @@ impl Adapter for Lora {
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let p = &self.pairs[&point];
         let x = if ctx.train && self.config.dropout > 0.0 {
-            candle_nn::ops::dropout(io.input, self.config.dropout as f32)?
+            ctx.dropout(io.input, self.config.dropout)?
         } else {
             io.input.clone()
         };

@@ -4,9 +4,10 @@
 use crate::bert::Bert;
 use crate::llama::Llama;
 use crate::tokenizer::TextTokenizer;
-use adapters_core::{AdapterSet, InsertionPoint, ModelInfo};
+use crate::weights::Weights;
+use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo};
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor, Var};
 use std::path::{Path, PathBuf};
 
 /// A backbone of either family.
@@ -75,6 +76,45 @@ impl Backbone {
             lin.weight = (&lin.weight + delta)?;
         }
         Ok(())
+    }
+
+    /// Turns every base weight into a trainable variable (full fine-tuning) and returns
+    /// them by their original names. Attached adapters stay attached.
+    pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let vars = self
+            .named_weights()
+            .into_iter()
+            .map(|(name, t)| Ok((name, Var::from_tensor(&t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        let weights = Weights::new(PathBuf::from("<trainable copy>"), tensors);
+        let adapters = std::mem::take(self.adapters_mut());
+        *self = match self {
+            Backbone::Bert(m) => Backbone::Bert(Bert::from_weights(m.config.clone(), &weights)?),
+            Backbone::Llama(m) => Backbone::Llama(Llama::from_weights(m.config.clone(), &weights)?),
+        };
+        *self.adapters_mut() = adapters;
+        Ok(vars)
+    }
+
+    /// The last hidden state `[batch, seq, hidden]` of right-padded rows (`mask` is 1 on
+    /// tokens). Decoders attend causally, so right padding does not change real tokens.
+    pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        match self {
+            Backbone::Bert(m) => m.forward(ids, None, Some(mask), ctx),
+            Backbone::Llama(m) => m.forward_hidden(ids, None, ctx),
+        }
+    }
+
+    pub fn is_encoder(&self) -> bool {
+        matches!(self, Backbone::Bert(_))
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Backbone::Bert(m) => m.config.hidden_size,
+            Backbone::Llama(m) => m.config.hidden_size,
+        }
     }
 
     pub fn device(&self) -> &Device {

@@ -39,13 +39,56 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match x.dims() {
-            [b, t, i] => x.reshape((b * t, *i))?.matmul(&self.weight.t()?)?.reshape((*b, *t, ()))?,
-            _ => x.matmul(&self.weight.t()?)?,
+            [b, t, i] => frozen_aware_matmul(&x.reshape((b * t, *i))?, &self.weight)?.reshape((*b, *t, ()))?,
+            _ => frozen_aware_matmul(x, &self.weight)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// `x W^T`. When `x` carries a gradient but `W` is frozen (adapter training), the product
+/// goes through [`FrozenMatmul`], whose backward computes only the input's gradient;
+/// candle's matmul backward would also compute (and then drop) the weight's gradient,
+/// a third of the layer's training FLOPs.
+fn frozen_aware_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if x.track_op() && !weight.track_op() && x.device().is_cpu() && x.rank() == 2 && x.dtype() == candle_core::DType::F32 {
+        x.contiguous()?.apply_op1(FrozenMatmul { weight_t: weight.t()? })
+    } else {
+        x.matmul(&weight.t()?)
+    }
+}
+
+/// `x W^T` with a constant `W`: the backward pass returns `grad W` for `x` only.
+struct FrozenMatmul {
+    weight_t: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
+        let x = match storage {
+            candle_core::CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
+            _ => return Err(candle_core::Error::Msg("frozen-matmul: only f32 is supported".into())),
+        };
+        let y = x.matmul(&self.weight_t)?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(cpu) if layout.is_contiguous() && layout.start_offset() == 0 => Ok((cpu.clone(), layout.shape().clone())),
+            _ => Err(candle_core::Error::Msg("frozen-matmul: unexpected output layout".into())),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_y.matmul(&self.weight_t.t()?)?))
     }
 }
 

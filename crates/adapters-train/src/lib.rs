@@ -1,7 +1,17 @@
-//! Config-driven training of any registered set of adapters.
-//!
-//! Built so far: reading labelled data ([`data`]) and the optimiser with its learning-rate
-//! schedule and gradient clipping ([`optim`]). The TOML-driven trainer follows.
+//! Config-driven training of any registered set of adapters: data readers, AdamW with
+//! parameter groups, schedules, multi-task sampling, staged training, metrics,
+//! checkpoints and the training loop.
 
+pub mod config;
 pub mod data;
 pub mod optim;
+pub mod checkpoint;
+pub mod forward;
+pub mod heads;
+pub mod metrics;
+pub mod report;
+pub mod task;
+pub mod trainer;
+
+pub use config::Config;
+pub use trainer::{RunOptions, Summary, Trainer};

@@ -4,6 +4,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
+use std::collections::HashMap;
 
 /// How the learning rate falls after warmup.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,10 +40,13 @@ impl Schedule {
 }
 
 struct Slot {
+    name: String,
     var: Var,
     decay: bool,
     m: Tensor,
     v: Tensor,
+    /// Updates this variable has had (its bias correction), as PyTorch keeps per parameter.
+    t: u32,
 }
 
 /// AdamW (decoupled weight decay, as PyTorch's `torch.optim.AdamW`).
@@ -52,20 +56,19 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    step: usize,
 }
 
 impl AdamW {
     /// Variables of rank 2 or more get weight decay; vectors and scalars do not.
-    pub fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self> {
+    pub fn new(vars: Vec<(String, Var)>, weight_decay: f64) -> Result<Self> {
         let slots = vars
             .into_iter()
-            .map(|var| {
+            .map(|(name, var)| {
                 let decay = var.rank() >= 2;
-                Ok(Slot { m: var.zeros_like()?, v: var.zeros_like()?, var, decay })
+                Ok(Slot { m: var.zeros_like()?, v: var.zeros_like()?, name, var, decay, t: 0 })
             })
             .collect::<Result<_>>()?;
-        Ok(AdamW { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0 })
+        Ok(AdamW { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
     }
 
     /// How many variables get weight decay, and how many do not.
@@ -74,13 +77,46 @@ impl AdamW {
         (d, self.slots.len() - d)
     }
 
+    /// The moment estimates and update counts as `m.NAME`, `v.NAME`, `t.NAME` tensors,
+    /// for checkpoints.
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for s in &self.slots {
+            out.insert(format!("m.{}", s.name), s.m.clone());
+            out.insert(format!("v.{}", s.name), s.v.clone());
+            out.insert(format!("t.{}", s.name), Tensor::new(&[s.t], s.m.device())?);
+        }
+        Ok(out)
+    }
+
+    /// Restores [`AdamW::state`]; every variable's entries must be there with its shapes.
+    pub fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let mut take = |key: String, dims: &[usize]| -> anyhow::Result<Tensor> {
+            let t = state.remove(&key).ok_or_else(|| anyhow::anyhow!("the optimizer state has no `{key}`"))?;
+            if t.dims() != dims {
+                anyhow::bail!("the optimizer state `{key}` has shape {:?}, expected {dims:?}", t.dims());
+            }
+            Ok(t)
+        };
+        let mut restored = Vec::new();
+        for s in &self.slots {
+            let m = take(format!("m.{}", s.name), s.m.dims())?;
+            let v = take(format!("v.{}", s.name), s.v.dims())?;
+            let t = take(format!("t.{}", s.name), &[1])?.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?[0];
+            restored.push((m, v, t));
+        }
+        for (s, (m, v, t)) in self.slots.iter_mut().zip(restored) {
+            (s.m, s.v, s.t) = (m, v, t);
+        }
+        Ok(())
+    }
+
     /// One update with learning rate `lr`. A variable without a gradient is left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.step += 1;
-        let t = self.step as i32;
-        let (c1, c2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else { continue };
+            s.t += 1;
+            let (c1, c2) = (1.0 - self.beta1.powi(s.t as i32), 1.0 - self.beta2.powi(s.t as i32));
             s.m = ((&s.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
             s.v = ((&s.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let update = ((&s.m / c1)? / ((&s.v / c2)?.sqrt()? + self.eps)?)?;
@@ -142,7 +178,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Var::new(&[[1.0f32, -2.0]], &dev)?;
         let b = Var::new(&[0.5f32], &dev)?;
-        let mut opt = AdamW::new(vec![w.clone(), b.clone()], 0.1)?;
+        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], 0.1)?;
         assert_eq!(opt.decay_split(), (1, 1));
         let (lr, b1, b2, eps, wd): (f64, f64, f64, f64, f64) = (0.01, 0.9, 0.999, 1e-8, 0.1);
         let mut want_w = [1.0f64, -2.0];

@@ -1,0 +1,424 @@
+//! The training configuration, one TOML file: the model, any number of adapters of any
+//! registered kind, the tasks with their data and heads, the training schedule and the
+//! output folder. Unknown keys and wrong types are errors that name the key.
+
+use adapters_core::Placement;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    /// Named adapters; `kind` picks the registered kind, the other keys are its config.
+    #[serde(default)]
+    pub adapters: BTreeMap<String, AdapterEntry>,
+    /// One or more tasks (`[[task]]`).
+    pub task: Vec<TaskConfig>,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    /// Staged training (`[[stage]]`): which parameter groups train for how many steps.
+    #[serde(default)]
+    pub stage: Vec<Stage>,
+    pub output: OutputConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face folder or a .gguf file; relative paths are taken from the working
+    /// directory.
+    pub path: PathBuf,
+    /// Longer texts are truncated to this many tokens.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+}
+
+fn default_max_length() -> usize {
+    128
+}
+
+/// One adapter: its kind, placement and the kind's own fields (checked by the kind).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct AdapterEntry {
+    pub kind: String,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(flatten)]
+    pub config: BTreeMap<String, toml::Value>,
+}
+
+impl AdapterEntry {
+    /// The kind-specific fields as the registry takes them.
+    pub fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("TOML values convert to JSON")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskType {
+    /// Sequence classification: a linear head on pooled hidden states, cross-entropy.
+    Classification,
+    /// Causal language modelling on plain text: next-token cross-entropy, perplexity.
+    CausalLm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over the tokens (encoders).
+    Mean,
+    /// The first token (`[CLS]`).
+    Cls,
+    /// The last token (decoders).
+    Last,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: TaskType,
+    /// JSONL or CSV (classification) or plain text with blank-line separated documents
+    /// (causal LM).
+    pub train: PathBuf,
+    pub dev: Option<PathBuf>,
+    pub test: Option<PathBuf>,
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    #[serde(default = "default_label_field")]
+    pub label_field: String,
+    /// Skip (and count) bad rows instead of stopping at the first.
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+    /// The adapters this task runs through, stacked in order; default: all adapters.
+    pub adapters: Option<Vec<String>>,
+    /// Pooling for the classification head; default mean for encoders, last for decoders.
+    pub pooling: Option<Pooling>,
+}
+
+fn default_text_field() -> String {
+    "text".into()
+}
+
+fn default_label_field() -> String {
+    "label".into()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Base frozen; adapters and heads train.
+    Adapters,
+    /// Base frozen, no adapters: only the heads train (a linear probe).
+    HeadOnly,
+    /// Everything trains: base, adapters and heads.
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// How the next batch's task is drawn in multi-task training.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Sampling {
+    /// `"proportional"` (to the training set sizes).
+    Named(SamplingName),
+    /// `{ temperature = T }`: probability proportional to size^(1/T); T = 1 is
+    /// proportional, large T approaches uniform.
+    Temperature { temperature: f64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplingName {
+    Proportional,
+    Uniform,
+}
+
+impl Sampling {
+    /// The sampling temperature (uniform is infinite).
+    pub fn temperature(&self) -> f64 {
+        match self {
+            Sampling::Named(SamplingName::Proportional) => 1.0,
+            Sampling::Named(SamplingName::Uniform) => f64::INFINITY,
+            Sampling::Temperature { temperature } => *temperature,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// `accuracy`, `macro_f1`, `loss` or `perplexity` on the dev sets (mean over tasks).
+    pub metric: Metric,
+    /// Stop after this many evaluations without improvement.
+    pub patience: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    Accuracy,
+    MacroF1,
+    Loss,
+    Perplexity,
+}
+
+impl Metric {
+    pub fn higher_is_better(self) -> bool {
+        matches!(self, Metric::Accuracy | Metric::MacroF1)
+    }
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::MacroF1 => "macro_f1",
+            Metric::Loss => "loss",
+            Metric::Perplexity => "perplexity",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    pub mode: Mode,
+    /// Peak learning rate (1e-3 suits adapters; full fine-tuning wants ~2e-5 to 5e-5).
+    pub lr: f64,
+    /// AdamW decoupled weight decay, on matrices only (not biases, norms, scalings).
+    pub weight_decay: f64,
+    pub schedule: ScheduleKind,
+    /// Warmup as a share of all steps.
+    pub warmup_ratio: f64,
+    /// Clip the global gradient norm to this; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    /// Dropout on the pooled features before a classification head.
+    pub dropout: f64,
+    pub batch_size: usize,
+    /// Passes over the training data (all tasks); ignored when `steps` is set.
+    pub epochs: usize,
+    /// Total optimizer steps, overriding `epochs`.
+    pub steps: Option<usize>,
+    pub seed: u64,
+    /// Evaluate on the dev sets every N steps (default: once per epoch) and at the end.
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every N steps (default: at every evaluation).
+    pub checkpoint_every: Option<usize>,
+    pub early_stopping: Option<EarlyStopping>,
+    /// Multi-task sampling: `"proportional"`, `"uniform"` or `{ temperature = T }`.
+    pub sampling: Sampling,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            mode: Mode::Adapters,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            schedule: ScheduleKind::Linear,
+            warmup_ratio: 0.06,
+            max_grad_norm: 1.0,
+            dropout: 0.1,
+            batch_size: 32,
+            epochs: 3,
+            steps: None,
+            seed: 42,
+            eval_every: None,
+            checkpoint_every: None,
+            early_stopping: None,
+            sampling: Sampling::Named(SamplingName::Proportional),
+        }
+    }
+}
+
+/// One stage of staged training: these parameter groups train for `steps` steps (the
+/// last stage may omit `steps` and runs to the end). Groups: `adapters`, `adapter:NAME`,
+/// `heads`, `head:TASK`, `base` (full mode).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub steps: Option<usize>,
+    pub train: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// The run folder: adapters, heads, metrics.jsonl, curves.svg, summary.json, checkpoints.
+    pub dir: PathBuf,
+}
+
+impl Config {
+    /// Reads a TOML file, applies `overrides` (`training.lr=5e-4`, `output.dir="x"`:
+    /// dotted key paths, TOML values) and checks it.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the config {}", path.display()))?;
+        Self::parse(&text, overrides).with_context(|| format!("in the config {}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| anyhow::anyhow!("{e}"))?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        // Through text again so that errors point at the offending line and key.
+        let text = toml::to_string(&doc).context("re-serialising the config")?;
+        let config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<()> {
+        let t = &self.training;
+        if self.task.is_empty() {
+            bail!("`task`: at least one [[task]] is needed");
+        }
+        if t.batch_size == 0 {
+            bail!("`training.batch_size` must be at least 1");
+        }
+        if !(t.lr > 0.0) {
+            bail!("`training.lr` must be positive, got {}", t.lr);
+        }
+        if !(0.0..1.0).contains(&t.dropout) {
+            bail!("`training.dropout` must be in [0, 1), got {}", t.dropout);
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            bail!("`training.warmup_ratio` must be in [0, 1], got {}", t.warmup_ratio);
+        }
+        if matches!(t.sampling, Sampling::Temperature { temperature } if !(temperature > 0.0)) {
+            bail!("`training.sampling.temperature` must be positive");
+        }
+        if t.mode == Mode::HeadOnly && self.task.iter().any(|k| k.kind == TaskType::CausalLm) {
+            bail!("`training.mode = \"head_only\"` has nothing to train for a causal_lm task (its head is the tied embedding)");
+        }
+        if t.mode == Mode::Adapters && self.adapters.is_empty() {
+            bail!("`training.mode = \"adapters\"` needs at least one [adapters.NAME] table (or use mode \"head_only\" / \"full\")");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for task in &self.task {
+            if !names.insert(&task.name) {
+                bail!("`task.name`: two tasks are called `{}`", task.name);
+            }
+            for a in task.adapters.iter().flatten() {
+                if !self.adapters.contains_key(a) {
+                    bail!("`task.adapters` of task `{}`: no adapter `{a}` (defined: {})", task.name, self.adapter_names().join(", "));
+                }
+            }
+        }
+        for (i, s) in self.stage.iter().enumerate() {
+            if s.steps.is_none() && i + 1 != self.stage.len() {
+                bail!("`stage` {}: only the last stage may leave out `steps`", i + 1);
+            }
+            for g in &s.train {
+                self.check_group(g).with_context(|| format!("`stage.train` of stage {}", i + 1))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_group(&self, group: &str) -> Result<()> {
+        let ok = match group.split_once(':') {
+            None => matches!(group, "adapters" | "heads" | "base"),
+            Some(("adapter", name)) => self.adapters.contains_key(name),
+            Some(("head", name)) => self.task.iter().any(|t| t.name == name),
+            _ => false,
+        };
+        if !ok {
+            bail!("unknown parameter group `{group}`; groups are adapters, heads, base, adapter:NAME, head:TASK");
+        }
+        Ok(())
+    }
+
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.adapters.keys().cloned().collect()
+    }
+
+    /// The adapter stack of a task (none in head-only mode).
+    pub fn stack_of(&self, task: &TaskConfig) -> Vec<String> {
+        if self.training.mode == Mode::HeadOnly {
+            return Vec::new();
+        }
+        task.adapters.clone().unwrap_or_else(|| self.adapter_names())
+    }
+}
+
+/// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
+fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment:?}: expected KEY=VALUE, e.g. --set training.lr=5e-4"))?;
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut table = doc;
+    for part in &parts[..parts.len() - 1] {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().with_context(|| format!("--set {key}: `{part}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+path = "models/all-MiniLM-L6-v2"
+
+[adapters.pfeiffer]
+kind = "seq_bn"
+reduction_factor = 16
+placement = { layers = "all" }
+
+[[task]]
+name = "sms"
+type = "classification"
+train = "data/sms_spam/train.jsonl"
+
+[output]
+dir = "runs/x"
+"#;
+
+    #[test]
+    fn defaults_and_adapter_fields() {
+        let c = Config::parse(BASE, &[]).unwrap();
+        assert_eq!(c.training.lr, 1e-3);
+        assert_eq!(c.training.mode, Mode::Adapters);
+        assert_eq!(c.adapters["pfeiffer"].config_json(), serde_json::json!({"reduction_factor": 16}));
+        assert_eq!(c.stack_of(&c.task[0]), vec!["pfeiffer".to_string()]);
+        let c = Config::parse(BASE, &["training.mode=\"head_only\"".into(), "training.lr=5e-4".into(), "output.dir=runs/y".into()]).unwrap();
+        assert_eq!((c.training.mode, c.training.lr), (Mode::HeadOnly, 5e-4));
+        assert_eq!(c.output.dir, PathBuf::from("runs/y"));
+        assert!(c.stack_of(&c.task[0]).is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let e = Config::parse(&format!("{BASE}\n[training]\nlearning_rate = 1e-3\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = Config::parse(&format!("{BASE}\n[training]\nbatch_size = \"big\"\n"), &[]).unwrap_err().to_string();
+        assert!(e.contains("batch_size") && e.contains("invalid type"), "{e}");
+        let e = Config::parse(&BASE.replace("type = \"classification\"", "type = \"regression\""), &[]).unwrap_err().to_string();
+        assert!(e.contains("regression") && e.contains("type"), "{e}");
+        let e = Config::parse(&format!("{BASE}\n[[stage]]\ntrain = [\"adapterz\"]\n"), &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("adapterz"), "{e:#}");
+        let e = Config::parse(BASE, &["training.epochs=\"x\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("epochs"), "{e}");
+    }
+}

@@ -1,0 +1,57 @@
+//! The task forward passes shared by training, evaluation and prediction: padding,
+//! pooling, classification logits and the causal-LM loss.
+
+use crate::config::Pooling;
+use adapters_core::ForwardCtx;
+use adapters_models::heads::{last_token_pool, mean_pool, ClassificationHead};
+use adapters_models::Backbone;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor, D};
+
+/// Right-pads rows of token ids: `[batch, longest]` ids (padding id 0) and the mask.
+pub fn pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {
+    let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(rows.len() * longest);
+    let mut mask = Vec::with_capacity(rows.len() * longest);
+    for r in rows {
+        ids.extend_from_slice(r);
+        ids.extend(std::iter::repeat_n(0u32, longest - r.len()));
+        mask.extend(std::iter::repeat_n(1u32, r.len()));
+        mask.extend(std::iter::repeat_n(0u32, longest - r.len()));
+    }
+    Ok((Tensor::from_vec(ids, (rows.len(), longest), device)?, Tensor::from_vec(mask, (rows.len(), longest), device)?))
+}
+
+/// Pooled features `[batch, hidden]` for a classification head.
+pub fn pooled(backbone: &Backbone, rows: &[&[u32]], pooling: Pooling, ctx: &ForwardCtx) -> Result<Tensor> {
+    let (ids, mask) = pad(rows, backbone.device())?;
+    let hidden = backbone.hidden_states(&ids, &mask, ctx)?;
+    Ok(match pooling {
+        Pooling::Mean => mean_pool(&hidden, &mask)?,
+        Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        Pooling::Last => last_token_pool(&hidden, &mask)?,
+    })
+}
+
+/// Logits `[batch, labels]` from pooled features, with dropout on the features in training.
+pub fn classify(head: &ClassificationHead, pooled: &Tensor, dropout: f64, ctx: &ForwardCtx) -> Result<Tensor> {
+    Ok(head.forward(&ctx.dropout(pooled, dropout)?)?)
+}
+
+/// Mean next-token cross-entropy over equal-length rows, and how many tokens it averages.
+pub fn lm_loss(backbone: &Backbone, rows: &[&[u32]], ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
+    let Backbone::Llama(model) = backbone else { bail!("causal language modelling needs a decoder model") };
+    let (ids, _) = pad(rows, backbone.device())?;
+    let (b, t) = ids.dims2()?;
+    let hidden = model.forward_hidden(&ids, None, ctx)?.narrow(1, 0, t - 1)?;
+    let logits = model.logits(&hidden)?;
+    let vocab = logits.dim(D::Minus1)?;
+    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+    let loss = candle_nn::loss::cross_entropy(&logits.reshape((b * (t - 1), vocab))?, &targets)?;
+    Ok((loss, b * (t - 1)))
+}
+
+/// The label index with the highest logit, per row.
+pub fn argmax(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+}

@@ -1,0 +1,86 @@
+//! Trained classification heads on disk. A head lives in a `heads/TASK/` folder inside
+//! whatever it was trained on top of: the top adapter's folder (adapters mode), the run
+//! folder (head-only mode) or the fine-tuned model folder (full mode).
+//! `head_config.json` holds the task, labels and pooling; `head.safetensors` the weights.
+
+use crate::config::Pooling;
+use adapters_core::io::{read_json, read_tensors, save_tensors_atomic, write_atomic};
+use adapters_models::heads::ClassificationHead;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const HEADS_DIR: &str = "heads";
+pub const HEAD_CONFIG: &str = "head_config.json";
+pub const HEAD_WEIGHTS: &str = "head.safetensors";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    pub task: String,
+    /// Always `classification` for now.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub labels: Vec<String>,
+    pub pooling: Pooling,
+    pub hidden_size: usize,
+    /// The adapters the head was trained on top of, in stack order.
+    pub adapters: Vec<String>,
+}
+
+/// A head read back from disk.
+pub struct SavedHead {
+    pub config: HeadConfig,
+    pub head: ClassificationHead,
+    pub dir: PathBuf,
+}
+
+/// Writes `dir/heads/TASK/` (weights first, then the config, each atomically).
+pub fn save(dir: &Path, config: &HeadConfig, head: &ClassificationHead) -> Result<()> {
+    let dir = dir.join(HEADS_DIR).join(&config.task);
+    let tensors: HashMap<String, Tensor> =
+        [("weight".to_string(), head.weight.as_tensor().clone()), ("bias".to_string(), head.bias.as_tensor().clone())].into();
+    save_tensors_atomic(&tensors, &dir.join(HEAD_WEIGHTS))?;
+    write_atomic(&dir.join(HEAD_CONFIG), serde_json::to_string_pretty(config)?.as_bytes())?;
+    Ok(())
+}
+
+/// Every head under `dir/heads/`, sorted by task.
+pub fn load_all(dir: &Path, device: &Device) -> Result<Vec<SavedHead>> {
+    let root = dir.join(HEADS_DIR);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut heads = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for d in entries {
+        heads.push(load(&d, device)?);
+    }
+    Ok(heads)
+}
+
+/// One head folder; checks the weights against the config.
+pub fn load(dir: &Path, device: &Device) -> Result<SavedHead> {
+    let config_path = dir.join(HEAD_CONFIG);
+    let config: HeadConfig = serde_json::from_value(read_json(&config_path)?)
+        .with_context(|| format!("{} is not a head config", config_path.display()))?;
+    let weights_path = dir.join(HEAD_WEIGHTS);
+    let mut t = read_tensors(&weights_path, device)?;
+    let (n, h) = (config.labels.len(), config.hidden_size);
+    let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let x = t.remove(name).with_context(|| format!("{}: tensor `{name}` is missing", weights_path.display()))?;
+        if x.dims() != shape {
+            bail!("{}: tensor `{name}` has shape {:?}, the head config needs {shape:?}", weights_path.display(), x.dims());
+        }
+        Ok(x)
+    };
+    let head = ClassificationHead { weight: Var::from_tensor(&take("weight", &[n, h])?)?, bias: Var::from_tensor(&take("bias", &[n])?)? };
+    Ok(SavedHead { config, head, dir: dir.to_path_buf() })
+}

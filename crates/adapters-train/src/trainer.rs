@@ -1,0 +1,615 @@
+//! The training loop: builds the model, adapters (through the registry) and heads from a
+//! [`Config`], trains the parameter groups the mode and stages allow, evaluates, stops
+//! early, checkpoints, resumes, and writes the trained adapters, heads and reports.
+
+use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
+use crate::config::{Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
+use crate::forward::{argmax, classify, lm_loss, pooled};
+use crate::heads::{self, HeadConfig};
+use crate::metrics::{accuracy, macro_f1, MetricsLog};
+use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
+use crate::report;
+use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
+use adapters_core::{io, registry, ForwardCtx, InsertionPoint};
+use adapters_models::heads::ClassificationHead;
+use adapters_models::LoadedModel;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// How to run: fresh or resumed, and optionally stop early (to train in slices).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from the checkpoint in the output folder.
+    pub resume: bool,
+    /// Stop (after writing a checkpoint) once this many steps are done in total.
+    pub stop_after: Option<usize>,
+    /// Draw a progress bar (otherwise a plain line every tenth of the run).
+    pub progress: bool,
+}
+
+/// What a run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub mode: Mode,
+    pub steps: usize,
+    pub finished: bool,
+    pub seconds: f64,
+    pub trainable_parameters: usize,
+    pub base_parameters: usize,
+    /// Trainable parameters as a share of the base model's.
+    pub trainable_share: f64,
+    /// Per task: metrics on test (and on dev at the chosen step).
+    pub tasks: BTreeMap<String, TaskResult>,
+    pub best_step: Option<usize>,
+    pub stopped_early: bool,
+    pub output: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskResult {
+    pub dev: BTreeMap<String, f64>,
+    pub test: BTreeMap<String, f64>,
+    /// Dev metrics before any training (step 0).
+    pub dev_at_start: BTreeMap<String, f64>,
+}
+
+/// Pooled features of every row, computed once when the base is frozen and has no
+/// adapters (head-only mode): the backbone then never runs during training.
+struct Features {
+    train: Tensor,
+    dev: Option<Tensor>,
+    test: Option<Tensor>,
+}
+
+struct Task {
+    name: String,
+    kind: TaskType,
+    data: TaskData,
+    stack: Vec<String>,
+    pooling: Pooling,
+    head: Option<ClassificationHead>,
+    features: Option<Features>,
+}
+
+/// One trainable variable and the parameter groups it belongs to.
+struct Param {
+    name: String,
+    var: Var,
+    groups: Vec<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Dev,
+    Test,
+}
+
+pub struct Trainer {
+    config: Config,
+    model: LoadedModel,
+    tasks: Vec<Task>,
+    params: Vec<Param>,
+    base_parameters: usize,
+    optimizer: AdamW,
+    schedule: Schedule,
+    eval_every: usize,
+    checkpoint_every: usize,
+}
+
+impl Trainer {
+    /// Loads the model and data and builds adapters and heads; checks everything before
+    /// any training starts.
+    pub fn new(config: Config, device: &Device) -> Result<Self> {
+        let mut model = adapters_models::load(&config.model.path, device)
+            .with_context(|| format!("`model.path` = {}", config.model.path.display()))?;
+        let base_parameters = model.backbone.num_parameters();
+        let seed = config.training.seed;
+        let mode = config.training.mode;
+        let mut params = Vec::new();
+        if mode == Mode::Full {
+            for (name, var) in model.backbone.make_trainable()? {
+                params.push(Param { name: format!("base.{name}"), var, groups: vec!["base".into()] });
+            }
+        }
+        if mode != Mode::HeadOnly {
+            let info = model.backbone.model_info();
+            for (i, (name, entry)) in config.adapters.iter().enumerate() {
+                let adapter = registry::build(&entry.kind, &entry.config_json(), &entry.placement, &info, device, mix(&[seed, i as u64, 0xada]))
+                    .with_context(|| format!("`adapters.{name}`"))?;
+                for (var_name, var) in adapter.vars() {
+                    params.push(Param {
+                        name: format!("adapter.{name}.{var_name}"),
+                        var,
+                        groups: vec!["adapters".into(), format!("adapter:{name}")],
+                    });
+                }
+                model.backbone.adapters_mut().add(name, adapter)?;
+            }
+        }
+        let is_encoder = model.backbone.is_encoder();
+        let hidden = model.backbone.hidden_size();
+        let mut tasks = Vec::new();
+        for (i, t) in config.task.iter().enumerate() {
+            let data = task::load(t, &model.tokenizer, config.model.max_length, is_encoder).with_context(|| format!("task `{}`", t.name))?;
+            if data.skipped > 0 {
+                eprintln!("task `{}`: skipped {} bad rows", t.name, data.skipped);
+            }
+            let head = match t.kind {
+                TaskType::Classification => {
+                    let head = ClassificationHead::new(hidden, data.labels.len(), mix(&[seed, i as u64, 0x4ead]), device)?;
+                    for (var_name, var) in head.vars() {
+                        let var_name = var_name.trim_start_matches("head.");
+                        params.push(Param {
+                            name: format!("head.{}.{var_name}", t.name),
+                            var,
+                            groups: vec!["heads".into(), format!("head:{}", t.name)],
+                        });
+                    }
+                    Some(head)
+                }
+                TaskType::CausalLm => None,
+            };
+            let pooling = t.pooling.unwrap_or(if is_encoder { Pooling::Mean } else { Pooling::Last });
+            tasks.push(Task { name: t.name.clone(), kind: t.kind, data, stack: config.stack_of(t), pooling, head, features: None });
+        }
+        if let Some(es) = &config.training.early_stopping {
+            check_metric(es.metric, &tasks)?;
+        }
+        let t = &config.training;
+        let steps_per_epoch: usize = tasks.iter().map(|k| k.data.train.len().div_ceil(t.batch_size)).sum();
+        let total = t.steps.unwrap_or(t.epochs * steps_per_epoch).max(1);
+        let decay = match t.schedule {
+            ScheduleKind::Constant => Decay::Constant,
+            ScheduleKind::Linear => Decay::Linear,
+            ScheduleKind::Cosine => Decay::Cosine,
+        };
+        let schedule = Schedule { peak: t.lr, warmup: (t.warmup_ratio * total as f64).round() as usize, total, decay };
+        let eval_every = t.eval_every.unwrap_or(steps_per_epoch).max(1);
+        let checkpoint_every = t.checkpoint_every.unwrap_or(eval_every).max(1);
+        let optimizer = AdamW::new(params.iter().map(|p| (p.name.clone(), p.var.clone())).collect(), t.weight_decay)?;
+        let mut trainer = Trainer { config, model, tasks, params, base_parameters, optimizer, schedule, eval_every, checkpoint_every };
+        if mode == Mode::HeadOnly {
+            trainer.cache_features()?;
+        }
+        Ok(trainer)
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.schedule.total
+    }
+
+    pub fn trainable_parameters(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    /// The trainable variables by name (for tests and reports).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.params.iter().map(|p| (p.name.clone(), p.var.clone())).collect()
+    }
+
+    fn cache_features(&mut self) -> Result<()> {
+        let ctx = ForwardCtx::inference();
+        let backbone = &self.model.backbone;
+        for task in &mut self.tasks {
+            let features = |split: &Split| -> Result<Tensor> {
+                let mut rows = vec![None; split.len()];
+                for batch in sorted_batches(&split.ids.iter().map(Vec::len).collect::<Vec<_>>(), 64) {
+                    let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
+                    let f = pooled(backbone, &ids, task.pooling, &ctx)?;
+                    for (j, &i) in batch.iter().enumerate() {
+                        rows[i] = Some(f.get(j)?);
+                    }
+                }
+                Ok(Tensor::stack(&rows.into_iter().map(|r| r.expect("every row pooled")).collect::<Vec<_>>(), 0)?)
+            };
+            task.features = Some(Features {
+                train: features(&task.data.train)?,
+                dev: task.data.dev.as_ref().map(features).transpose()?,
+                test: task.data.test.as_ref().map(features).transpose()?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Trains to the end (or to `stop_after`), then evaluates on test and writes the outputs.
+    pub fn run(&mut self, options: &RunOptions) -> Result<Summary> {
+        let out = self.config.output.dir.clone();
+        std::fs::create_dir_all(&out).with_context(|| format!("creating the output folder {}", out.display()))?;
+        let started = Instant::now();
+        let mut state = if options.resume {
+            let params = self.params_by_name();
+            let state = checkpoint::load(&out, &self.config, &mut self.optimizer, &params)?;
+            eprintln!("resuming from step {} of {}", state.step, self.total_steps());
+            state
+        } else {
+            if checkpoint::exists(&out) {
+                bail!(
+                    "{} holds a checkpoint of an earlier run; resume it (--resume) or choose a new `output.dir`",
+                    out.display()
+                );
+            }
+            State::new(self.tasks.len(), &self.config)
+        };
+        let mut log = MetricsLog::open(&out.join(report::METRICS_FILE), options.resume.then_some(state.step))?;
+        if state.step == 0 && !options.resume {
+            let dev = self.evaluate(Which::Dev)?;
+            self.log_eval(&mut log, 0, "dev", &dev)?;
+            state.dev_at_start = dev;
+        }
+        let total = self.total_steps();
+        let last = options.stop_after.unwrap_or(total).min(total);
+        let bar = progress_bar(total, state.step, options.progress);
+        let mut window = Throughput::default();
+        while state.step < last && !state.stopped_early {
+            let step = state.step;
+            let task_idx = self.pick_task(step);
+            let rows = self.next_batch(&mut state.cursors[task_idx], task_idx);
+            let lr = self.schedule.lr(step);
+            let t0 = Instant::now();
+            let (loss, grad_norm, examples, tokens) = self.train_step(step, task_idx, &rows, lr)?;
+            window.add(examples, tokens, t0.elapsed().as_secs_f64());
+            state.step += 1;
+            log.write(&json!({"step": state.step, "task": self.tasks[task_idx].name, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "examples_per_s": window.examples_per_s(), "elapsed_s": started.elapsed().as_secs_f64()}))?;
+            bar.set_position(state.step as u64);
+            bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s  {:.0} tok/s", window.examples_per_s(), window.tokens_per_s()));
+            if !options.progress && (state.step % (total / 10).max(1) == 0 || state.step == total) {
+                eprintln!("step {}/{total}  loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s", state.step, window.examples_per_s());
+            }
+            if state.step % self.eval_every == 0 || state.step == total {
+                let dev = self.evaluate(Which::Dev)?;
+                self.log_eval(&mut log, state.step, "dev", &dev)?;
+                bar.suspend(|| print_eval(state.step, "dev", &dev));
+                self.track_best(&mut state, &dev, &out)?;
+            }
+            if state.step % self.checkpoint_every == 0 || state.step == last || state.stopped_early {
+                checkpoint::save(&out, &state, &self.optimizer, &self.params_by_name())?;
+            }
+        }
+        bar.finish_and_clear();
+        let finished = state.step >= total || state.stopped_early;
+        if !finished {
+            eprintln!("stopped after step {} of {total}; continue with --resume", state.step);
+        }
+        let mut summary = self.summary(&state, started.elapsed().as_secs_f64(), finished);
+        if finished {
+            if state.best.is_some() {
+                checkpoint::restore_best(&out, &self.params_by_name())?;
+            }
+            let test = self.evaluate(Which::Test)?;
+            self.log_eval(&mut log, state.step, "test", &test)?;
+            let dev = self.evaluate(Which::Dev)?;
+            for (name, result) in summary.tasks.iter_mut() {
+                result.test = test.get(name).cloned().unwrap_or_default();
+                result.dev = dev.get(name).cloned().unwrap_or_default();
+            }
+            self.save_outputs()?;
+            io::write_atomic(&out.join(report::SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+            report::plot(&out.join(report::METRICS_FILE), &out.join(report::PLOT_FILE))?;
+        }
+        Ok(summary)
+    }
+
+    fn params_by_name(&self) -> Vec<(String, Var)> {
+        self.trainable()
+    }
+
+    /// The task of step `step`: sizes^(1/T) weights, drawn from a per-step seed.
+    fn pick_task(&self, step: usize) -> usize {
+        if self.tasks.len() == 1 {
+            return 0;
+        }
+        let temperature = self.config.training.sampling.temperature();
+        let weights: Vec<f64> = self.tasks.iter().map(|t| (t.data.train.len() as f64).powf(1.0 / temperature)).collect();
+        let total: f64 = weights.iter().sum();
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(&[self.config.training.seed, step as u64, 0x7a5c]));
+        let mut u = rng.random::<f64>() * total;
+        for (i, w) in weights.iter().enumerate() {
+            if u < *w {
+                return i;
+            }
+            u -= w;
+        }
+        self.tasks.len() - 1
+    }
+
+    fn next_batch(&self, cursor: &mut Cursor, task_idx: usize) -> Vec<usize> {
+        let split = &self.tasks[task_idx].data.train;
+        let lengths: Vec<usize> = split.ids.iter().map(Vec::len).collect();
+        let batches = epoch_batches(&lengths, self.config.training.batch_size, self.config.training.seed, task_idx, cursor.epoch);
+        let rows = batches[cursor.pos].clone();
+        cursor.pos += 1;
+        if cursor.pos == batches.len() {
+            cursor.epoch += 1;
+            cursor.pos = 0;
+        }
+        rows
+    }
+
+    /// The groups that train at `step`: the stage's, or by default everything the mode allows.
+    fn active_groups(&self, step: usize) -> Option<BTreeSet<String>> {
+        let mut end = 0;
+        for stage in &self.config.stage {
+            match stage.steps {
+                Some(n) => end += n,
+                None => end = usize::MAX,
+            }
+            if step < end {
+                return Some(stage.train.iter().cloned().collect());
+            }
+        }
+        (!self.config.stage.is_empty()).then(BTreeSet::new)
+    }
+
+    fn train_step(&mut self, step: usize, task_idx: usize, rows: &[usize], lr: f64) -> Result<(f64, f64, usize, usize)> {
+        let seed = self.config.training.seed;
+        let ctx = ForwardCtx::training_seeded(mix(&[seed, step as u64, 0xd209]));
+        let task = &self.tasks[task_idx];
+        let stack: Vec<&str> = task.stack.iter().map(String::as_str).collect();
+        self.model.backbone.adapters_mut().activate(&stack)?;
+        let task = &self.tasks[task_idx];
+        let split = &task.data.train;
+        let ids: Vec<&[u32]> = rows.iter().map(|&i| split.ids[i].as_slice()).collect();
+        let tokens: usize = ids.iter().map(|r| r.len()).sum();
+        let mut loss = match task.kind {
+            TaskType::Classification => {
+                let features = match &task.features {
+                    Some(f) => f.train.index_select(&Tensor::from_vec(rows.iter().map(|&i| i as u32).collect(), rows.len(), f.train.device())?, 0)?,
+                    None => pooled(&self.model.backbone, &ids, task.pooling, &ctx)?,
+                };
+                let logits = classify(task.head.as_ref().expect("classification head"), &features, self.config.training.dropout, &ctx)?;
+                let labels: Vec<u32> = rows.iter().map(|&i| split.labels[i]).collect();
+                candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels, logits.device())?)?
+            }
+            TaskType::CausalLm => lm_loss(&self.model.backbone, &ids, &ctx)?.0,
+        };
+        for aux in ctx.take_aux().losses {
+            loss = (loss + aux.value)?;
+        }
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            bail!("the loss became {loss_value} at step {}; lower `training.lr` or turn on `training.max_grad_norm`", step + 1);
+        }
+        let mut grads = loss.backward()?;
+        let active = self.active_groups(step);
+        let mut trained = Vec::new();
+        for p in &self.params {
+            if active.as_ref().is_some_and(|a| !p.groups.iter().any(|g| a.contains(g))) {
+                grads.remove(p.var.as_tensor());
+            } else {
+                trained.push(p.var.clone());
+            }
+        }
+        let max = self.config.training.max_grad_norm;
+        let norm = clip_grad_norm(&trained, &mut grads, if max > 0.0 { max } else { f64::INFINITY })?;
+        self.optimizer.step(&grads, lr)?;
+        Ok((loss_value, norm, rows.len(), tokens))
+    }
+
+    /// Metrics per task on dev or test (tasks without that split are left out).
+    fn evaluate(&mut self, which: Which) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+        let mut out = BTreeMap::new();
+        let ctx = ForwardCtx::inference();
+        for i in 0..self.tasks.len() {
+            let stack: Vec<String> = self.tasks[i].stack.clone();
+            self.model.backbone.adapters_mut().activate(&stack.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let task = &self.tasks[i];
+            let (split, features) = match which {
+                Which::Dev => (task.data.dev.as_ref(), task.features.as_ref().and_then(|f| f.dev.as_ref())),
+                Which::Test => (task.data.test.as_ref(), task.features.as_ref().and_then(|f| f.test.as_ref())),
+            };
+            let Some(split) = split else { continue };
+            let lengths: Vec<usize> = split.ids.iter().map(Vec::len).collect();
+            let mut metrics = BTreeMap::new();
+            match task.kind {
+                TaskType::Classification => {
+                    let head = task.head.as_ref().expect("classification head");
+                    let (mut pred, mut gold, mut loss_sum) = (Vec::new(), Vec::new(), 0.0);
+                    for batch in sorted_batches(&lengths, 64) {
+                        let f = match features {
+                            Some(f) => f.index_select(&Tensor::from_vec(batch.iter().map(|&i| i as u32).collect(), batch.len(), f.device())?, 0)?,
+                            None => {
+                                let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
+                                pooled(&self.model.backbone, &ids, task.pooling, &ctx)?
+                            }
+                        };
+                        let logits = classify(head, &f, 0.0, &ctx)?;
+                        let labels: Vec<u32> = batch.iter().map(|&i| split.labels[i]).collect();
+                        let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels.as_slice(), logits.device())?)?;
+                        loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+                        pred.extend(argmax(&logits)?);
+                        gold.extend(labels);
+                    }
+                    metrics.insert("accuracy".into(), accuracy(&gold, &pred));
+                    metrics.insert("macro_f1".into(), macro_f1(&gold, &pred, task.data.labels.len()));
+                    metrics.insert("loss".into(), loss_sum / gold.len() as f64);
+                }
+                TaskType::CausalLm => {
+                    let (mut nll, mut count) = (0.0, 0usize);
+                    for batch in sorted_batches(&lengths, 8) {
+                        let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
+                        let (loss, n) = lm_loss(&self.model.backbone, &ids, &ctx)?;
+                        nll += loss.to_scalar::<f32>()? as f64 * n as f64;
+                        count += n;
+                    }
+                    metrics.insert("loss".into(), nll / count as f64);
+                    metrics.insert("perplexity".into(), (nll / count as f64).exp());
+                }
+            }
+            out.insert(task.name.clone(), metrics);
+        }
+        Ok(out)
+    }
+
+    fn log_eval(&self, log: &mut MetricsLog, step: usize, split: &str, results: &BTreeMap<String, BTreeMap<String, f64>>) -> Result<()> {
+        for (task, metrics) in results {
+            let mut record = json!({"step": step, "split": split, "task": task});
+            for (k, v) in metrics {
+                record[k] = json!(v);
+            }
+            log.write(&record)?;
+        }
+        Ok(())
+    }
+
+    /// Early stopping: keeps the best trainable weights so far and counts evaluations
+    /// without improvement.
+    fn track_best(&self, state: &mut State, dev: &BTreeMap<String, BTreeMap<String, f64>>, out: &std::path::Path) -> Result<()> {
+        let Some(es) = &self.config.training.early_stopping else { return Ok(()) };
+        let values: Vec<f64> = dev.values().filter_map(|m| m.get(es.metric.key()).copied()).collect();
+        if values.is_empty() {
+            return Ok(());
+        }
+        let value = values.iter().sum::<f64>() / values.len() as f64;
+        let better = match &state.best {
+            None => true,
+            Some(b) if es.metric.higher_is_better() => value > b.value,
+            Some(b) => value < b.value,
+        };
+        if better {
+            state.best = Some(Best { value, step: state.step });
+            state.evals_since_best = 0;
+            checkpoint::save_best(out, &self.params_by_name())?;
+        } else {
+            state.evals_since_best += 1;
+            if state.evals_since_best >= es.patience {
+                eprintln!("early stopping at step {}: dev {} has not improved for {} evaluations", state.step, es.metric.key(), es.patience);
+                state.stopped_early = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn summary(&self, state: &State, seconds: f64, finished: bool) -> Summary {
+        let trainable = self.trainable_parameters();
+        Summary {
+            mode: self.config.training.mode,
+            steps: state.step,
+            finished,
+            seconds,
+            trainable_parameters: trainable,
+            base_parameters: self.base_parameters,
+            trainable_share: trainable as f64 / self.base_parameters as f64,
+            tasks: self
+                .tasks
+                .iter()
+                .map(|t| {
+                    let start = state.dev_at_start.get(&t.name).cloned().unwrap_or_default();
+                    (t.name.clone(), TaskResult { dev: BTreeMap::new(), test: BTreeMap::new(), dev_at_start: start })
+                })
+                .collect(),
+            best_step: state.best.as_ref().map(|b| b.step),
+            stopped_early: state.stopped_early,
+            output: self.config.output.dir.clone(),
+        }
+    }
+
+    /// Writes the trained adapters and heads where `adapters predict` finds them (see
+    /// [`crate::heads`]); in full mode, the whole fine-tuned model.
+    fn save_outputs(&self) -> Result<()> {
+        let out = &self.config.output.dir;
+        let backbone = &self.model.backbone;
+        let mode = self.config.training.mode;
+        let model_dir = out.join("model");
+        if mode == Mode::Full {
+            replace_dir(&model_dir, |tmp| self.model.save_folder(tmp))?;
+        }
+        let fingerprint = backbone.fingerprint()?;
+        for (name, entry) in &self.config.adapters {
+            if mode == Mode::HeadOnly {
+                break;
+            }
+            let adapter = backbone.adapters().get(name).expect("added in new()");
+            let dir = out.join("adapters").join(name);
+            replace_dir(&dir, |tmp| Ok(io::save(tmp, name, adapter.as_ref(), &entry.placement, &fingerprint)?))?;
+        }
+        for task in &self.tasks {
+            let Some(head) = &task.head else { continue };
+            let home = match (mode, task.stack.last()) {
+                (Mode::Full, _) => model_dir.clone(),
+                (_, Some(top)) => out.join("adapters").join(top),
+                (_, None) => out.clone(),
+            };
+            let config = HeadConfig {
+                task: task.name.clone(),
+                kind: "classification".into(),
+                labels: task.data.labels.clone(),
+                pooling: task.pooling,
+                hidden_size: backbone.hidden_size(),
+                adapters: task.stack.clone(),
+            };
+            heads::save(&home, &config, head)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_metric(metric: Metric, tasks: &[Task]) -> Result<()> {
+    let fits = |t: &Task| match metric {
+        Metric::Accuracy | Metric::MacroF1 => t.kind == TaskType::Classification,
+        Metric::Perplexity => t.kind == TaskType::CausalLm,
+        Metric::Loss => true,
+    };
+    if !tasks.iter().any(|t| fits(t) && t.data.dev.is_some()) {
+        bail!("`training.early_stopping.metric = \"{}\"` needs a task with that metric and a `dev` split", metric.key());
+    }
+    Ok(())
+}
+
+fn print_eval(step: usize, split: &str, results: &BTreeMap<String, BTreeMap<String, f64>>) {
+    for (task, m) in results {
+        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        eprintln!("step {step:>6}  {split} {task}: {}", parts.join("  "));
+    }
+}
+
+fn progress_bar(total: usize, done: usize, draw: bool) -> ProgressBar {
+    if !draw {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
+    bar.set_position(done as u64);
+    bar
+}
+
+/// Throughput over the last few steps.
+#[derive(Default)]
+struct Throughput {
+    recent: std::collections::VecDeque<(usize, usize, f64)>,
+}
+
+impl Throughput {
+    fn add(&mut self, examples: usize, tokens: usize, seconds: f64) {
+        self.recent.push_back((examples, tokens, seconds));
+        if self.recent.len() > 20 {
+            self.recent.pop_front();
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        self.recent.iter().map(|r| r.2).sum::<f64>().max(1e-9)
+    }
+
+    fn examples_per_s(&self) -> f64 {
+        self.recent.iter().map(|r| r.0).sum::<usize>() as f64 / self.seconds()
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.recent.iter().map(|r| r.1).sum::<usize>() as f64 / self.seconds()
+    }
+}
