@@ -4,6 +4,7 @@
 mod bench;
 mod data;
 mod fetch;
+mod quality;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,18 @@ enum Task {
     /// The main job on a fresh machine: fetch the models, embed some sentences and
     /// generate text with the release build of the `adapters` tool.
     Demo,
+    /// The quality runs behind RESULTS.md: every method on SMS spam, TREC coarse and Rotten
+    /// Tomatoes with the same budget, and the SmolLM2 causal-LM adapter. Slow (hours on
+    /// 2 cores); finished runs are kept and skipped.
+    Quality {
+        /// Only these methods (comma-separated: head_only, pfeiffer, full, houlsby,
+        /// parallel, lora, lm).
+        #[arg(long)]
+        only: Option<String>,
+        /// Only rewrite RESULTS.md from the finished runs.
+        #[arg(long)]
+        report_only: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(&root()),
         Task::Bench { filter, report_only } => bench::run(&root(), filter.as_deref(), report_only),
         Task::Demo => demo(&root()),
+        Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
     }
 }
 

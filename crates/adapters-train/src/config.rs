@@ -95,10 +95,14 @@ pub struct TaskConfig {
     /// Skip (and count) bad rows instead of stopping at the first.
     #[serde(default)]
     pub skip_bad_rows: bool,
-    /// The adapters this task runs through, stacked in order; default: all adapters.
+    /// The adapters this task runs through, stacked in order; default: all adapters in
+    /// name order. Its head is saved in the last (top) adapter's folder.
     pub adapters: Option<Vec<String>>,
     /// Pooling for the classification head; default mean for encoders, last for decoders.
     pub pooling: Option<Pooling>,
+    /// Evaluate on only the first N rows (or LM blocks) of dev and test, to keep
+    /// evaluation of large sets short.
+    pub eval_limit: Option<usize>,
 }
 
 fn default_text_field() -> String {

@@ -27,6 +27,15 @@ impl Split {
         self.ids.is_empty()
     }
 
+    /// The first `limit` rows.
+    pub fn limit(mut self, limit: Option<usize>) -> Split {
+        if let Some(n) = limit {
+            self.ids.truncate(n);
+            self.labels.truncate(n);
+        }
+        self
+    }
+
     pub fn tokens(&self) -> usize {
         self.ids.iter().map(Vec::len).sum()
     }
@@ -71,8 +80,8 @@ pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_
             Ok(TaskData {
                 labels: Vec::new(),
                 train: blocks(&task.train)?,
-                dev: task.dev.as_deref().map(blocks).transpose()?,
-                test: task.test.as_deref().map(blocks).transpose()?,
+                dev: task.dev.as_deref().map(blocks).transpose()?.map(|s| s.limit(task.eval_limit)),
+                test: task.test.as_deref().map(blocks).transpose()?.map(|s| s.limit(task.eval_limit)),
                 skipped: 0,
             })
         }
@@ -116,8 +125,8 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
         skipped += read.skipped;
         encode(path, read.examples).map(Some)
     };
-    let dev = other(&task.dev)?;
-    let test = other(&task.test)?;
+    let dev = other(&task.dev)?.map(|s| s.limit(task.eval_limit));
+    let test = other(&task.test)?.map(|s| s.limit(task.eval_limit));
     Ok(TaskData { labels, train: train_split, dev, test, skipped })
 }
 

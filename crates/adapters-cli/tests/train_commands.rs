@@ -1,0 +1,87 @@
+//! `adapters train`, `predict` and `eval`, run as a user would, on real data.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_adapters")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ok(args: &[&str]) -> String {
+    let (success, out, err) = run(args);
+    assert!(success, "adapters {args:?}: {err}");
+    out
+}
+
+fn first_lines(src: &Path, n: usize, dst: &Path) {
+    let text = std::fs::read_to_string(src).expect("run `cargo xtask fetch` first");
+    std::fs::write(dst, text.lines().take(n).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+}
+
+/// Train a short run from the example config (with overrides), then `predict` with the
+/// saved adapter folder and `eval` on the test file: eval reproduces the trainer's test
+/// accuracy exactly, so the saved adapter and head are the trained ones.
+#[test]
+fn train_then_predict_and_eval_from_the_saved_folders() {
+    let dir = std::env::temp_dir().join(format!("adapters-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = workspace().join("data/sms_spam");
+    let (train, test) = (dir.join("train.jsonl"), dir.join("test.jsonl"));
+    first_lines(&data.join("train.jsonl"), 64, &train);
+    first_lines(&data.join("test.jsonl"), 40, &test);
+    let model = adapters_models::fetched("all-MiniLM-L6-v2").unwrap();
+    let out = dir.join("run");
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let stdout = ok(&[
+        "train",
+        workspace().join("examples/sms_spam.toml").to_str().unwrap(),
+        "--set", &format!("model.path={}", q(&model)),
+        "--set", &format!("task=[{{name=\"sms_spam\", type=\"classification\", train={}, dev={}, test={}}}]", q(&train), q(&train), q(&test)),
+        "--set", "training.steps=4",
+        "--set", "training.batch_size=16",
+        "--set", "training.early_stopping={metric=\"loss\", patience=1}",
+        "--set", &format!("output.dir={}", q(&out)),
+    ]);
+    assert!(stdout.contains("sms_spam: test accuracy") && stdout.contains("trainable parameters"), "{stdout}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let adapter = out.join("adapters/sms_spam");
+    let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
+    let eval: serde_json::Value = serde_json::from_str(&ok(&["eval", m, "--adapter", a, "--data", test.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(eval["examples"], 40);
+    assert_eq!(eval["accuracy"], summary["tasks"]["sms_spam"]["test"]["accuracy"], "{eval} vs {summary}");
+    let preds: serde_json::Value =
+        serde_json::from_str(&ok(&["predict", m, "--adapter", a, "--json", "WINNER!! Claim your free prize now", "see you at lunch"])).unwrap();
+    for p in preds.as_array().unwrap() {
+        let scores = p["scores"].as_object().unwrap();
+        assert_eq!(scores.len(), 2);
+        assert!((scores.values().map(|v| v.as_f64().unwrap()).sum::<f64>() - 1.0).abs() < 1e-5);
+        assert!(scores.contains_key(p["label"].as_str().unwrap()));
+    }
+    // Without the adapter there is no head to predict with; the error says where heads live.
+    let (success, _, err) = run(&["predict", m, "hello"]);
+    assert!(!success && err.contains("heads/TASK"), "{err}");
+}
+
+#[test]
+fn bad_configs_exit_with_the_key_named() {
+    let dir = std::env::temp_dir().join(format!("adapters-cli-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    let example = std::fs::read_to_string(workspace().join("examples/sms_spam.toml")).unwrap();
+    std::fs::write(&cfg, example.replace("batch_size = 32", "batch_size = \"thirty-two\"")).unwrap();
+    let (success, _, err) = run(&["train", cfg.to_str().unwrap()]);
+    assert!(!success && err.contains("batch_size") && err.contains("bad.toml") && !err.contains("panicked"), "{err}");
+    std::fs::write(&cfg, example.replace("[training]", "[training]\nlearning_rate = 0.1")).unwrap();
+    let (success, _, err) = run(&["train", cfg.to_str().unwrap()]);
+    assert!(!success && err.contains("learning_rate"), "{err}");
+    std::fs::write(&cfg, example.replace("kind = \"seq_bn\"", "kind = \"seq_bn\"\nreduction = 4")).unwrap();
+    let model = format!("model.path={:?}", adapters_models::fetched("all-MiniLM-L6-v2").unwrap().display().to_string());
+    let (success, _, err) = run(&["train", cfg.to_str().unwrap(), "--set", &model]);
+    assert!(!success && err.contains("adapters.sms_spam") && err.contains("reduction"), "{err}");
+}

@@ -1,0 +1,206 @@
+//! The trainer on the real models and datasets (`cargo xtask fetch`), in short runs.
+
+use adapters_core::InsertionPoint;
+use adapters_train::{Config, RunOptions, Trainer};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("adapters-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The first `n` lines of a fetched data file, as a new file in `dir`.
+fn head_of(dataset: &str, split: &str, n: usize, dir: &Path) -> PathBuf {
+    let src = root().join("data").join(dataset).join(split);
+    let text = std::fs::read_to_string(&src).unwrap_or_else(|_| panic!("{} missing: run `cargo xtask fetch`", src.display()));
+    let sep = if split.ends_with(".txt") { "\n\n" } else { "\n" };
+    let body: Vec<&str> = text.split(sep).take(n).collect();
+    let out = dir.join(format!("{dataset}-{split}"));
+    std::fs::write(&out, body.join(sep) + sep).unwrap();
+    out
+}
+
+fn minilm() -> String {
+    adapters_models::fetched("all-MiniLM-L6-v2").unwrap().display().to_string()
+}
+
+fn config(body: &str, out: &Path) -> Config {
+    let _ = (adapters_bottleneck::family(), adapters_lora::family());
+    Config::parse(&format!("{body}\n[output]\ndir = {:?}\n", out.display().to_string()), &[]).unwrap()
+}
+
+fn sms_config(dir: &Path, adapters: &str, training: &str) -> String {
+    let (train, dev) = (head_of("sms_spam", "train.jsonl", 48, dir), head_of("sms_spam", "dev.jsonl", 16, dir));
+    format!(
+        "[model]\npath = {:?}\nmax_length = 32\n{adapters}\n[[task]]\nname = \"sms\"\ntype = \"classification\"\ntrain = {:?}\ndev = {:?}\ntest = {:?}\n[training]\nbatch_size = 8\n{training}\n",
+        minilm(),
+        train.display().to_string(),
+        dev.display().to_string(),
+        dev.display().to_string()
+    )
+}
+
+fn values(pairs: Vec<(String, Tensor)>) -> HashMap<String, Vec<f32>> {
+    pairs.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+}
+
+/// Adapters mode: after training, every base weight is bit-identical and every adapter
+/// and head variable has changed.
+#[test]
+fn the_base_stays_frozen_and_everything_trainable_changes() {
+    let dir = scratch("frozen");
+    let adapters = "[adapters.pf]\nkind = \"seq_bn\"\nreduction_factor = 16\ninit_weights = \"bert\"\n[adapters.lo]\nkind = \"lora\"\nr = 4\nplacement = { sites = [\"query\", \"value\"] }\n";
+    let c = config(&sms_config(&dir, adapters, "steps = 3\nlr = 1e-2\nwarmup_ratio = 0.0"), &dir.join("out"));
+    let mut trainer = Trainer::new(c, &Device::Cpu).unwrap();
+    let base_before = values(trainer.model().backbone.named_weights());
+    let trainable_before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let summary = trainer.run(&RunOptions::default()).unwrap();
+    assert!(summary.finished && summary.steps == 3);
+    let base_after = values(trainer.model().backbone.named_weights());
+    assert_eq!(base_before.len(), base_after.len());
+    for (name, before) in &base_before {
+        assert!(before == &base_after[name], "base weight {name} changed");
+    }
+    let trainable_after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    assert!(trainable_before.keys().any(|k| k.starts_with("adapter.pf.")) && trainable_before.keys().any(|k| k.starts_with("adapter.lo.")));
+    for (name, before) in &trainable_before {
+        assert!(before != &trainable_after[name], "trainable variable {name} did not change");
+    }
+    // The reports exist: metrics log, plot, summary, adapters with the head in the top one.
+    let out = dir.join("out");
+    for f in ["metrics.jsonl", "curves.svg", "summary.json", "adapters/pf/adapter_config.json", "adapters/pf/heads/sms/head.safetensors"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    assert!(std::fs::read_to_string(out.join("curves.svg")).unwrap().contains("<svg"));
+}
+
+/// Training 6 steps straight equals training 3, stopping, and resuming for 3 more, with
+/// dropout on (seeded per step), bit for bit.
+#[test]
+fn resuming_from_a_checkpoint_gives_the_same_result() {
+    let dir = scratch("resume");
+    let adapters = "[adapters.pf]\nkind = \"seq_bn\"\nreduction_factor = 16\ndropout = 0.1\n";
+    let body = sms_config(&dir, adapters, "steps = 6\neval_every = 2\ncheckpoint_every = 2");
+    let mut straight = Trainer::new(config(&body, &dir.join("a")), &Device::Cpu).unwrap();
+    straight.run(&RunOptions::default()).unwrap();
+    let mut first = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
+    let s = first.run(&RunOptions { stop_after: Some(3), ..Default::default() }).unwrap();
+    assert!(!s.finished && s.steps == 3);
+    drop(first);
+    // A fresh run into the same folder must not overwrite the checkpoint.
+    let e = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap().run(&RunOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("--resume"), "{e}");
+    let mut resumed = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
+    let s = resumed.run(&RunOptions { resume: true, ..Default::default() }).unwrap();
+    assert!(s.finished && s.steps == 6);
+    let a = values(straight.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let b = values(resumed.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    assert_eq!(a, b);
+    // The log of the resumed run has each step once.
+    let steps: Vec<u64> = adapters_train::metrics::MetricsLog::read(&dir.join("b/metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("split").is_none())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // A different config refuses to resume this checkpoint.
+    let other = sms_config(&dir, adapters, "steps = 7\neval_every = 2\ncheckpoint_every = 2");
+    let mut t = Trainer::new(config(&other, &dir.join("b")), &Device::Cpu).unwrap();
+    let _ = std::fs::remove_file(dir.join("b/summary.json"));
+    assert!(t.run(&RunOptions { resume: true, ..Default::default() }).unwrap_err().to_string().contains("different config"));
+}
+
+/// Staged training freezes what the stage leaves out; multi-task sampling visits both
+/// tasks, each with its own head and adapter.
+#[test]
+fn stages_freeze_groups_and_multi_task_visits_every_task() {
+    let dir = scratch("stages");
+    let (sms, trec) = (head_of("sms_spam", "train.jsonl", 40, &dir), head_of("trec_coarse", "train.jsonl", 40, &dir));
+    let body = format!(
+        "[model]\npath = {:?}\nmax_length = 32\n[adapters.a]\nkind = \"seq_bn\"\nreduction_factor = 32\ninit_weights = \"bert\"\n[adapters.b]\nkind = \"seq_bn\"\nreduction_factor = 32\ninit_weights = \"bert\"\n\
+         [[task]]\nname = \"sms\"\ntype = \"classification\"\ntrain = {:?}\nadapters = [\"a\"]\n[[task]]\nname = \"trec\"\ntype = \"classification\"\ntrain = {:?}\nadapters = [\"b\"]\n\
+         [training]\nbatch_size = 8\nsteps = 4\nsampling = \"uniform\"\n[[stage]]\nsteps = 2\ntrain = [\"heads\"]\n[[stage]]\ntrain = [\"adapter:a\", \"head:sms\"]\n",
+        minilm(),
+        sms.display().to_string(),
+        trec.display().to_string()
+    );
+    let c = config(&body, &dir.join("out"));
+    let mut trainer = Trainer::new(c.clone(), &Device::Cpu).unwrap();
+    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let mut half = Trainer::new(config(&body, &dir.join("half")), &Device::Cpu).unwrap();
+    half.run(&RunOptions { stop_after: Some(2), ..Default::default() }).unwrap();
+    let mid = values(half.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    for (name, v) in &before {
+        if name.starts_with("adapter.") {
+            assert_eq!(v, &mid[name], "{name} trained in the heads-only stage");
+        }
+    }
+    trainer.run(&RunOptions::default()).unwrap();
+    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    assert!(before.iter().any(|(n, v)| n.starts_with("adapter.a.") && v != &after[n]), "adapter a never trained");
+    for (name, v) in &before {
+        if name.starts_with("adapter.b.") {
+            assert_eq!(v, &after[name], "{name} trained although no stage trains adapter b");
+        }
+    }
+    let tasks: std::collections::BTreeSet<String> = adapters_train::metrics::MetricsLog::read(&dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["task"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    assert!(dir.join("out/adapters/a/heads/sms").exists() && dir.join("out/adapters/b/heads/trec").exists());
+}
+
+/// Causal LM on SmolLM2 with a bottleneck adapter: perplexity before and after, on text.
+#[test]
+fn causal_lm_reports_perplexity() {
+    let dir = scratch("lm");
+    let (train, dev) = (head_of("movie_dialog", "train.txt", 200, &dir), head_of("movie_dialog", "dev.txt", 60, &dir));
+    let gguf = adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap();
+    let body = format!(
+        "[model]\npath = {:?}\nmax_length = 32\n[adapters.d]\nkind = \"seq_bn\"\nreduction_factor = 16\n\
+         [[task]]\nname = \"dialog\"\ntype = \"causal_lm\"\ntrain = {:?}\ndev = {:?}\ntest = {:?}\neval_limit = 4\n[training]\nbatch_size = 2\nsteps = 2\n",
+        gguf.display().to_string(),
+        train.display().to_string(),
+        dev.display().to_string(),
+        dev.display().to_string()
+    );
+    let mut trainer = Trainer::new(config(&body, &dir.join("out")), &Device::Cpu).unwrap();
+    let s = trainer.run(&RunOptions::default()).unwrap();
+    let t = &s.tasks["dialog"];
+    let (before, after) = (t.dev_at_start["perplexity"], t.dev["perplexity"]);
+    assert!(before.is_finite() && after.is_finite() && before > 1.0, "{before} {after}");
+    assert!((t.dev["loss"].exp() - after).abs() < 1e-6 * after);
+    assert_eq!(t.test["perplexity"], after, "dev and test are the same file here");
+}
+
+/// Full fine-tuning changes base weights; the head-only mode trains only the head.
+#[test]
+fn full_and_head_only_modes_train_what_they_say() {
+    let dir = scratch("modes");
+    let body = sms_config(&dir, "", "steps = 2\nlr = 1e-3\nwarmup_ratio = 0.0\nmode = \"full\"");
+    let mut full = Trainer::new(config(&body, &dir.join("full")), &Device::Cpu).unwrap();
+    let base = adapters_models::load(Path::new(&minilm()), &Device::Cpu).unwrap();
+    let before = values(base.backbone.named_weights());
+    full.run(&RunOptions::default()).unwrap();
+    let after = values(full.model().backbone.named_weights());
+    let changed = before.iter().filter(|(n, v)| *v != &after[*n]).count();
+    // Every weight that takes part in the forward pass (the unused token-type rows aside).
+    assert!(changed >= before.len() - 1, "{changed} of {} base weights changed", before.len());
+    assert!(dir.join("full/model/model.safetensors").exists() && dir.join("full/model/heads/sms/head_config.json").exists());
+    let body = sms_config(&dir, "", "steps = 2\nmode = \"head_only\"");
+    let mut head = Trainer::new(config(&body, &dir.join("head")), &Device::Cpu).unwrap();
+    assert_eq!(head.trainable().len(), 2);
+    head.run(&RunOptions::default()).unwrap();
+    assert!(dir.join("head/heads/sms/head.safetensors").exists());
+}

@@ -1,0 +1,126 @@
+//! `cargo xtask quality`: the quality runs behind RESULTS.md. Trains every method on the
+//! classification datasets with the same trainer and budget, and the SmolLM2 causal-LM
+//! adapter, then writes RESULTS.md from the runs' summary.json files. A run whose summary
+//! exists is not repeated, so the grid can be continued after an interruption.
+
+use anyhow::{Context, Result};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Datasets with their epoch budget (the same for every method).
+const DATASETS: &[(&str, usize)] = &[("sms_spam", 2), ("trec_coarse", 3), ("rotten_tomatoes", 1)];
+
+/// Methods: name, what it is, and the config overrides (`{ds}` is the dataset name).
+const METHODS: &[(&str, &str, &[&str])] = &[
+    ("head_only", "linear probe on the frozen model (lr 1e-2)", &["training.mode=\"head_only\"", "training.lr=1e-2"]),
+    ("pfeiffer", "seq_bn, reduction factor 16, all layers", &[]),
+    ("full", "full fine-tuning, no adapter (lr 5e-5)", &["training.mode=\"full\"", "training.lr=5e-5", "adapters={}"]),
+    ("houlsby", "double_seq_bn, reduction factor 16", &["adapters.{ds}={kind=\"double_seq_bn\", reduction_factor=16}"]),
+    ("parallel", "par_bn, reduction factor 16, scaling 4", &["adapters.{ds}={kind=\"par_bn\", reduction_factor=16}"]),
+    ("lora", "LoRA r=8, alpha=16 on query and value", &["adapters.{ds}={kind=\"lora\", r=8, alpha=16, placement={sites=[\"query\",\"value\"]}}"]),
+];
+
+pub fn run(root: &Path, only: Option<&str>, report_only: bool) -> Result<()> {
+    if !report_only {
+        crate::fetch::fetch_all(root)?;
+        crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
+        let cli = root.join("target/release/adapters");
+        for (method, _, sets) in METHODS.iter().filter(|m| only.is_none_or(|o| o.split(',').any(|x| x == m.0))) {
+            for (ds, epochs) in DATASETS {
+                let out = format!("runs/quality/{ds}-{method}");
+                if root.join(&out).join("summary.json").exists() {
+                    continue;
+                }
+                let mut args = vec![
+                    "train".to_string(),
+                    format!("examples/{ds}.toml"),
+                    "--set".into(),
+                    format!("training.epochs={epochs}"),
+                    "--set".into(),
+                    format!("output.dir=\"{out}\""),
+                ];
+                for s in *sets {
+                    args.push("--set".into());
+                    args.push(s.replace("{ds}", ds));
+                }
+                let _ = std::fs::remove_dir_all(root.join(&out));
+                crate::run(root, cli.to_str().unwrap(), &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+            }
+        }
+        if only.is_none_or(|o| o.split(',').any(|x| x == "lm")) && !root.join("runs/quality/movie_dialog/summary.json").exists() {
+            let _ = std::fs::remove_dir_all(root.join("runs/quality/movie_dialog"));
+            crate::run(root, cli.to_str().unwrap(), &["train", "examples/movie_dialog.toml", "--set", "output.dir=\"runs/quality/movie_dialog\""])?;
+        }
+    }
+    write_results(root)
+}
+
+fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(root.join("runs/quality").join(run).join("summary.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_results(root: &Path) -> Result<()> {
+    let mut md = String::from(
+        "# Results\n\nWritten by `cargo xtask quality` from the runs in `runs/quality/` (each run's \
+         `summary.json`, `metrics.jsonl` and `curves.svg` are there). Base model all-MiniLM-L6-v2 \
+         (22.6M parameters), frozen except in full fine-tuning. Same trainer and budget for every \
+         method: the dataset's example config (`examples/DATASET.toml`: AdamW, lr 1e-3 unless noted, \
+         weight decay 0.01 on matrices, 6% warmup then linear decay, batch 32, max length 128, \
+         dropout 0.1 before the head, clipping at 1.0, seed 42), the epochs below, evaluation on dev \
+         after every epoch and the best dev epoch kept (early stopping, patience 2). Test splits are \
+         the fixed, seeded splits of `cargo xtask fetch`.\n\n",
+    );
+    writeln!(md, "Methods:\n")?;
+    for (name, what, _) in METHODS {
+        writeln!(md, "- `{name}`: {what}")?;
+    }
+    for (ds, epochs) in DATASETS {
+        writeln!(md, "\n## {ds} ({epochs} epoch{})\n", if *epochs == 1 { "" } else { "s" })?;
+        writeln!(md, "| method | test accuracy | test macro-F1 | trainable parameters | share of base | best step | time |")?;
+        writeln!(md, "|---|---|---|---|---|---|---|")?;
+        for (method, _, _) in METHODS {
+            let Some(s) = summary(root, &format!("{ds}-{method}")) else {
+                writeln!(md, "| {method} | not run | | | | | |")?;
+                continue;
+            };
+            let test = &s["tasks"][ds]["test"];
+            writeln!(
+                md,
+                "| {method} | {:.2} | {:.2} | {} | {:.2}% | {} | {:.0} s |",
+                100.0 * test["accuracy"].as_f64().unwrap_or(f64::NAN),
+                100.0 * test["macro_f1"].as_f64().unwrap_or(f64::NAN),
+                s["trainable_parameters"],
+                100.0 * s["trainable_share"].as_f64().unwrap_or(f64::NAN),
+                s["best_step"],
+                s["seconds"].as_f64().unwrap_or(0.0)
+            )?;
+        }
+    }
+    writeln!(md, "\n## movie_dialog: causal LM on SmolLM2-135M-Instruct\n")?;
+    match summary(root, "movie_dialog") {
+        Some(s) => {
+            let t = &s["tasks"]["movie_dialog"];
+            let before = t["dev_at_start"]["perplexity"].as_f64().unwrap_or(f64::NAN);
+            let after = t["dev"]["perplexity"].as_f64().unwrap_or(f64::NAN);
+            writeln!(
+                md,
+                "`examples/movie_dialog.toml`: seq_bn (reduction factor 16) on the frozen model, {} steps of \
+                 8 x 128 tokens, lr 1e-3, seed 42. Held-out perplexity (first 64 blocks of 128 tokens):\n\n\
+                 | split | before | after | change |\n|---|---|---|---|\n\
+                 | dev | {before:.2} | {after:.2} | {:+.1}% |\n| test | | {:.2} | |\n\n\
+                 Trainable parameters: {} ({:.2}% of the base's {}).",
+                s["steps"],
+                100.0 * (after / before - 1.0),
+                t["test"]["perplexity"].as_f64().unwrap_or(f64::NAN),
+                s["trainable_parameters"],
+                100.0 * s["trainable_share"].as_f64().unwrap_or(f64::NAN),
+                s["base_parameters"]
+            )?;
+        }
+        None => writeln!(md, "not run")?,
+    }
+    std::fs::write(root.join("RESULTS.md"), md).context("writing RESULTS.md")?;
+    eprintln!("wrote RESULTS.md");
+    Ok(())
+}
