@@ -10,10 +10,11 @@ const BENCHES: &[(&str, &str)] = &[
     ("adapters-models", "backbones"),
     ("adapters-models", "hook_overhead"),
     ("adapters-bench", "adapter_overhead"),
+    ("adapters-bench", "training_step"),
 ];
 
 /// Interleaved comparisons written by the benches, in report order.
-const COMPARISONS: &[&str] = &["adapter_overhead_minilm.json", "adapter_overhead_smollm2_decode.json"];
+const COMPARISONS: &[&str] = &["adapter_overhead_minilm.json", "adapter_overhead_smollm2_decode.json", "training_step.json"];
 
 pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
     crate::fetch::fetch_all(root)?;
@@ -107,13 +108,21 @@ fn report(root: &Path) -> Result<String> {
         let c = read_json(&path)?;
         writeln!(md, "\n## {} (interleaved)\n", c["title"].as_str().unwrap_or(file))?;
         writeln!(md, "{} rounds, {} threads. Median pair ratio: median over adjacent (baseline, variant) pairs of variant time / baseline time. The noise-control row runs the baseline again: its distance from 1.000 is this run's noise floor.\n", c["rounds"], c["threads"])?;
-        writeln!(md, "| variant | median | median pair ratio |")?;
-        writeln!(md, "|---|---|---|")?;
+        let memory = c["variants"][0].get("peak_step_mb").is_some();
+        if memory {
+            writeln!(md, "Peak memory: the most heap bytes one step holds above what was live before it (activations, gradients, temporaries), counted by a global allocator.\n")?;
+            writeln!(md, "| variant | median | median pair ratio | peak memory of a step |")?;
+            writeln!(md, "|---|---|---|---|")?;
+        } else {
+            writeln!(md, "| variant | median | median pair ratio |")?;
+            writeln!(md, "|---|---|---|")?;
+        }
         let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for v in c["variants"].as_array().into_iter().flatten() {
+            let peak = if memory { format!(" {:.0} MB |", num(v, "peak_step_mb")) } else { String::new() };
             writeln!(
                 md,
-                "| {} | {} | {:.3} |",
+                "| {} | {} | {:.3} |{peak}",
                 v["name"].as_str().unwrap_or(""),
                 human(num(v, "median_s")),
                 num(v, "median_ratio_to_first"),
