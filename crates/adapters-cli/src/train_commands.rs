@@ -148,9 +148,9 @@ pub fn eval(model: &Path, adapters: &[PathBuf], task: Option<&str>, data: &Path,
         let head = find_head(model, adapters, task, &loaded)?;
         let examples = read_labelled(data, &fields)?.examples;
         let mut gold = Vec::new();
-        for (i, e) in examples.iter().enumerate() {
+        for e in &examples {
             let label = head.config.labels.iter().position(|l| *l == e.label).with_context(|| {
-                format!("{}: example {} has label `{}`, which the head does not know ({})", data.display(), i + 1, e.label, head.config.labels.join(", "))
+                format!("{}:{}: label `{}` is not one the head knows ({})", data.display(), e.line, e.label, head.config.labels.join(", "))
             })?;
             gold.push(label as u32);
         }

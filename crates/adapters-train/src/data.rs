@@ -10,6 +10,8 @@ use std::path::Path;
 pub struct Example {
     pub text: String,
     pub label: String,
+    /// The line the row starts on in its file (1-based), for error messages.
+    pub line: usize,
 }
 
 /// Which fields hold the text and the label, and what to do with bad rows.
@@ -54,7 +56,7 @@ pub fn read_labelled(path: &Path, fields: &Fields) -> Result<Read> {
     let mut out = Read::default();
     for (line, row) in rows {
         match row {
-            Ok(e) => out.examples.push(e),
+            Ok(e) => out.examples.push(Example { line, ..e }),
             Err(_) if fields.skip_bad_rows => out.skipped += 1,
             Err(why) => bail!("{}:{line}: {why} (fix the row, or allow skipping bad rows)", path.display()),
         }
@@ -71,7 +73,7 @@ fn check(text: Option<String>, label: Option<String>, fields: &Fields) -> std::r
         return Err(format!("empty text in field `{}`", fields.text));
     }
     let label = label.ok_or_else(|| format!("missing or non-scalar label field `{}`", fields.label))?;
-    Ok(Example { text, label })
+    Ok(Example { text, label, line: 0 })
 }
 
 fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Result<Example, String>)>> {
@@ -111,8 +113,8 @@ fn read_csv(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Res
 
 /// Checks that every label of a dev or test set was seen in training.
 pub fn check_labels(path: &Path, examples: &[Example], known: &BTreeSet<String>) -> Result<()> {
-    if let Some((i, e)) = examples.iter().enumerate().find(|(_, e)| !known.contains(&e.label)) {
-        bail!("{}: example {} has label `{}`, which the training data does not have (known: {})", path.display(), i + 1, e.label, known.iter().cloned().collect::<Vec<_>>().join(", "));
+    if let Some(e) = examples.iter().find(|e| !known.contains(&e.label)) {
+        bail!("{}:{}: label `{}` does not occur in the training data (known: {})", path.display(), e.line, e.label, known.iter().cloned().collect::<Vec<_>>().join(", "));
     }
     Ok(())
 }
@@ -143,7 +145,7 @@ mod tests {
     fn jsonl_and_csv_with_string_or_integer_labels() {
         let p = file("a.jsonl", "{\"text\":\"good\",\"label\":\"pos\"}\n\n{\"text\":\"bad\",\"label\":0}\n");
         let r = read_labelled(&p, &Fields::default()).unwrap();
-        assert_eq!(r.examples, vec![Example { text: "good".into(), label: "pos".into() }, Example { text: "bad".into(), label: "0".into() }]);
+        assert_eq!(r.examples, vec![Example { text: "good".into(), label: "pos".into(), line: 1 }, Example { text: "bad".into(), label: "0".into(), line: 3 }]);
         let p = file("b.csv", "id,sentence,y\n1,\"a, quoted\",x\n2,plain,y\n");
         let f = Fields { text: "sentence".into(), label: "y".into(), skip_bad_rows: false };
         assert_eq!(read_labelled(&p, &f).unwrap().examples[0].text, "a, quoted");
@@ -160,8 +162,8 @@ mod tests {
         let e = read_labelled(&p, &Fields { label: "class".into(), ..Fields::default() }).unwrap_err().to_string();
         assert!(e.contains("`class`") && e.contains("text, label"), "{e}");
         let known: BTreeSet<String> = ["a".to_string()].into();
-        let e = check_labels(&p, &[Example { text: "t".into(), label: "b".into() }], &known).unwrap_err().to_string();
-        assert!(e.contains("label `b`"), "{e}");
+        let e = check_labels(&p, &[Example { text: "t".into(), label: "b".into(), line: 7 }], &known).unwrap_err().to_string();
+        assert!(e.contains("c.csv:7: label `b`"), "{e}");
         assert!(read_labelled(&file("x.txt", "hi"), &Fields::default()).is_err());
     }
 
