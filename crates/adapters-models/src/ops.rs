@@ -193,4 +193,23 @@ mod tests {
         assert!(max_diff(&rope(&x, &cos, &sin, true)?, &rope(&x, &cos, &sin, false)?) < 1e-5);
         Ok(())
     }
+
+    /// The frozen-weight matmul gives the input the same gradient as candle's matmul and
+    /// computes none for the weight.
+    #[test]
+    fn frozen_matmul_matches_matmul_and_skips_the_weight_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::new(&[[1f32, -2., 0.5], [3., 0.25, -1.]], &dev)?;
+        let w = Tensor::new(&[[0.1f32, 0.2, 0.3], [-0.4, 0.5, 0.6], [0.7, -0.8, 0.9], [1.0, 1.1, -1.2]], &dev)?;
+        let lin = Linear::new(w.clone(), None);
+        let y = lin.forward(x.as_tensor())?;
+        let reference = x.as_tensor().matmul(&w.t()?)?;
+        assert_eq!(y.to_vec2::<f32>()?, reference.to_vec2::<f32>()?);
+        let g = y.sqr()?.sum_all()?.backward()?;
+        let g_ref = reference.sqr()?.sum_all()?.backward()?;
+        assert_eq!(g.get(&x).unwrap().to_vec2::<f32>()?, g_ref.get(&x).unwrap().to_vec2::<f32>()?);
+        // candle's matmul also stores a gradient for the (transposed) weight; ours does not.
+        assert_eq!(g.get_ids().count() + 1, g_ref.get_ids().count());
+        Ok(())
+    }
 }
