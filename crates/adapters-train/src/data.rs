@@ -36,6 +36,13 @@ pub struct Read {
     pub skipped: usize,
 }
 
+fn exists(path: &Path) -> Result<()> {
+    if !path.exists() {
+        bail!("{} does not exist (relative paths start at the working directory; the project's datasets are written to data/ by `cargo xtask fetch`)", path.display());
+    }
+    Ok(())
+}
+
 fn label_string(v: &serde_json::Value) -> Option<String> {
     match v {
         serde_json::Value::String(s) => Some(s.clone()),
@@ -47,6 +54,7 @@ fn label_string(v: &serde_json::Value) -> Option<String> {
 
 /// Reads labelled examples from a `.jsonl` or `.csv` file.
 pub fn read_labelled(path: &Path, fields: &Fields) -> Result<Read> {
+    exists(path)?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let rows: Vec<(usize, std::result::Result<Example, String>)> = match ext {
         "jsonl" | "json" => read_jsonl(path, fields)?,
@@ -121,6 +129,7 @@ pub fn check_labels(path: &Path, examples: &[Example], known: &BTreeSet<String>)
 
 /// Plain text for language modelling: documents separated by blank lines.
 pub fn read_text(path: &Path) -> Result<Vec<String>> {
+    exists(path)?;
     let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let docs: Vec<String> = body.split("\n\n").map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect();
     if docs.is_empty() {
