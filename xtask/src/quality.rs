@@ -25,8 +25,9 @@ pub fn run(root: &Path, only: Option<&str>, report_only: bool) -> Result<()> {
         crate::fetch::fetch_all(root)?;
         crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
         let cli = root.join("target/release/adapters");
-        for (method, _, sets) in METHODS.iter().filter(|m| only.is_none_or(|o| o.split(',').any(|x| x == m.0))) {
-            for (ds, epochs) in DATASETS {
+        // Dataset by dataset, so an interrupted grid has every method on the first datasets.
+        for (ds, epochs) in DATASETS {
+            for (method, _, sets) in METHODS.iter().filter(|m| only.is_none_or(|o| o.split(',').any(|x| x == m.0))) {
                 let out = format!("runs/quality/{ds}-{method}");
                 if root.join(&out).join("summary.json").exists() {
                     continue;
