@@ -204,3 +204,22 @@ fn full_and_head_only_modes_train_what_they_say() {
     head.run(&RunOptions::default()).unwrap();
     assert!(dir.join("head/heads/sms/head.safetensors").exists());
 }
+
+/// Every config in examples/ parses, and its data files are the fetched ones.
+#[test]
+fn every_example_config_parses() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let c = Config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            for t in &c.task {
+                for f in [Some(&t.train), t.dev.as_ref(), t.test.as_ref()].into_iter().flatten() {
+                    assert!(root().join(f).exists(), "{}: {} missing", path.display(), f.display());
+                }
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 8, "{seen} example configs");
+}
