@@ -70,7 +70,11 @@ fn write_results(root: &Path) -> Result<()> {
          weight decay 0.01 on matrices, 6% warmup then linear decay, batch 32, max length 128, \
          dropout 0.1 before the head, clipping at 1.0, seed 42), the epochs below, evaluation on dev \
          after every epoch and the best dev epoch kept (early stopping, patience 2). Test splits are \
-         the fixed, seeded splits of `cargo xtask fetch`.\n\n",
+         the fixed, seeded splits of `cargo xtask fetch`. \
+         Accuracy and macro-F1 in percent; \"vs full fine-tuning\" in accuracy points. Time is the training \
+         loop's wall time (without loading, and for head-only without computing the frozen features once) \
+         on the shared 2-core machine, often with other jobs running: a rough guide, not a benchmark \
+         (see BENCHMARKS.md for the training step).\n\n",
     );
     writeln!(md, "Methods:\n")?;
     for (name, what, _) in METHODS {
@@ -78,18 +82,21 @@ fn write_results(root: &Path) -> Result<()> {
     }
     for (ds, epochs) in DATASETS {
         writeln!(md, "\n## {ds} ({epochs} epoch{})\n", if *epochs == 1 { "" } else { "s" })?;
-        writeln!(md, "| method | test accuracy | test macro-F1 | trainable parameters | share of base | best step | time |")?;
-        writeln!(md, "|---|---|---|---|---|---|---|")?;
+        writeln!(md, "| method | test accuracy | vs full fine-tuning | test macro-F1 | trainable parameters | share of base | best step | time |")?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+        let full = summary(root, &format!("{ds}-full")).and_then(|s| s["tasks"][ds]["test"]["accuracy"].as_f64());
         for (method, _, _) in METHODS {
             let Some(s) = summary(root, &format!("{ds}-{method}")) else {
-                writeln!(md, "| {method} | not run | | | | | |")?;
+                writeln!(md, "| {method} | not run | | | | | | |")?;
                 continue;
             };
             let test = &s["tasks"][ds]["test"];
+            let acc = test["accuracy"].as_f64().unwrap_or(f64::NAN);
+            let delta = full.map(|f| format!("{:+.2}", 100.0 * (acc - f))).unwrap_or_default();
             writeln!(
                 md,
-                "| {method} | {:.2} | {:.2} | {} | {:.2}% | {} | {:.0} s |",
-                100.0 * test["accuracy"].as_f64().unwrap_or(f64::NAN),
+                "| {method} | {:.2} | {delta} | {:.2} | {} | {:.2}% | {} | {:.0} s |",
+                100.0 * acc,
                 100.0 * test["macro_f1"].as_f64().unwrap_or(f64::NAN),
                 s["trainable_parameters"],
                 100.0 * s["trainable_share"].as_f64().unwrap_or(f64::NAN),
@@ -102,21 +109,26 @@ fn write_results(root: &Path) -> Result<()> {
     match summary(root, "movie_dialog") {
         Some(s) => {
             let t = &s["tasks"]["movie_dialog"];
-            let before = t["dev_at_start"]["perplexity"].as_f64().unwrap_or(f64::NAN);
-            let after = t["dev"]["perplexity"].as_f64().unwrap_or(f64::NAN);
+            let ppl = |split: &str, key: &str| t[split][key].as_f64().unwrap_or(f64::NAN);
             writeln!(
                 md,
                 "`examples/movie_dialog.toml`: seq_bn (reduction factor 16) on the frozen model, {} steps of \
-                 8 x 128 tokens, lr 1e-3, seed 42. Held-out perplexity (first 64 blocks of 128 tokens):\n\n\
-                 | split | before | after | change |\n|---|---|---|---|\n\
-                 | dev | {before:.2} | {after:.2} | {:+.1}% |\n| test | | {:.2} | |\n\n\
-                 Trainable parameters: {} ({:.2}% of the base's {}).",
-                s["steps"],
-                100.0 * (after / before - 1.0),
-                t["test"]["perplexity"].as_f64().unwrap_or(f64::NAN),
+                 8 x 128 tokens, lr 1e-3, seed 42. Held-out perplexity (first 64 blocks of 128 tokens of each \
+                 split), before training and after:\n\n\
+                 | split | before | after | change |\n|---|---|---|---|",
+                s["steps"]
+            )?;
+            for (split, before, after) in [("dev", "dev_at_start", "dev"), ("test", "test_at_start", "test")] {
+                let (b, a) = (ppl(before, "perplexity"), ppl(after, "perplexity"));
+                writeln!(md, "| {split} | {b:.2} | {a:.2} | {:+.1}% |", 100.0 * (a / b - 1.0))?;
+            }
+            writeln!(
+                md,
+                "\nTrainable parameters: {} ({:.2}% of the base's {}); training loop {:.0} s.",
                 s["trainable_parameters"],
                 100.0 * s["trainable_share"].as_f64().unwrap_or(f64::NAN),
-                s["base_parameters"]
+                s["base_parameters"],
+                s["seconds"].as_f64().unwrap_or(0.0)
             )?;
         }
         None => writeln!(md, "not run")?,

@@ -36,8 +36,8 @@ pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<us
             ["accuracy", "macro_f1", "perplexity"].iter().filter_map(|k| m.get(*k).map(|v| format!("{k} {v:.4}"))).collect::<Vec<_>>().join("  ")
         };
         println!("{task}: test {}", show(&r.test));
-        if !r.dev_at_start.is_empty() {
-            println!("{task}: dev before training {}  after {}", show(&r.dev_at_start), show(&r.dev));
+        if !r.test_at_start.is_empty() {
+            println!("{task}: test before training {}", show(&r.test_at_start));
         }
     }
     println!(

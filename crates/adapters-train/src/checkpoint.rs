@@ -40,6 +40,7 @@ pub struct State {
     pub evals_since_best: usize,
     pub stopped_early: bool,
     pub dev_at_start: BTreeMap<String, BTreeMap<String, f64>>,
+    pub test_at_start: BTreeMap<String, BTreeMap<String, f64>>,
     /// The run's config (without the output folder), to refuse resuming a different run.
     pub config: serde_json::Value,
 }
@@ -53,6 +54,7 @@ impl State {
             evals_since_best: 0,
             stopped_early: false,
             dev_at_start: BTreeMap::new(),
+            test_at_start: BTreeMap::new(),
             config: comparable(config),
         }
     }

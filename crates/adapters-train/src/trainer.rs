@@ -55,8 +55,9 @@ pub struct Summary {
 pub struct TaskResult {
     pub dev: BTreeMap<String, f64>,
     pub test: BTreeMap<String, f64>,
-    /// Dev metrics before any training (step 0).
+    /// Dev and test metrics before any training (step 0).
     pub dev_at_start: BTreeMap<String, f64>,
+    pub test_at_start: BTreeMap<String, f64>,
 }
 
 /// Pooled features of every row, computed once when the base is frozen and has no
@@ -245,6 +246,7 @@ impl Trainer {
             let dev = self.evaluate(Which::Dev)?;
             self.log_eval(&mut log, 0, "dev", &dev)?;
             state.dev_at_start = dev;
+            state.test_at_start = self.evaluate(Which::Test)?;
         }
         let total = self.total_steps();
         let last = options.stop_after.unwrap_or(total).min(total);
@@ -505,8 +507,14 @@ impl Trainer {
                 .tasks
                 .iter()
                 .map(|t| {
-                    let start = state.dev_at_start.get(&t.name).cloned().unwrap_or_default();
-                    (t.name.clone(), TaskResult { dev: BTreeMap::new(), test: BTreeMap::new(), dev_at_start: start })
+                    let at_start = |m: &BTreeMap<String, BTreeMap<String, f64>>| m.get(&t.name).cloned().unwrap_or_default();
+                    let result = TaskResult {
+                        dev: BTreeMap::new(),
+                        test: BTreeMap::new(),
+                        dev_at_start: at_start(&state.dev_at_start),
+                        test_at_start: at_start(&state.test_at_start),
+                    };
+                    (t.name.clone(), result)
                 })
                 .collect(),
             best_step: state.best.as_ref().map(|b| b.step),
