@@ -222,6 +222,10 @@ pub struct TrainingConfig {
     pub early_stopping: Option<EarlyStopping>,
     /// Multi-task sampling: `"proportional"`, `"uniform"` or `{ temperature = T }`.
     pub sampling: Sampling,
+    /// Put texts of similar length in the same batch (less padding, much faster on varied
+    /// lengths). Turn off when length predicts the label so strongly that batches become
+    /// single-class.
+    pub group_by_length: bool,
 }
 
 impl Default for TrainingConfig {
@@ -242,6 +246,7 @@ impl Default for TrainingConfig {
             checkpoint_every: None,
             early_stopping: None,
             sampling: Sampling::Named(SamplingName::Proportional),
+            group_by_length: true,
         }
     }
 }

@@ -130,13 +130,17 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
     Ok(TaskData { labels, train: train_split, dev, test, skipped })
 }
 
-/// The batches of one epoch: a seeded shuffle, then rows of similar length grouped into
-/// the same batch (within windows of 50 batches) to save padding, then the batches
-/// shuffled again. Deterministic in (seed, task, epoch), so a resumed run sees the same.
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, seed: u64, task: usize, epoch: usize) -> Vec<Vec<usize>> {
+/// The batches of one epoch: a seeded shuffle, then (with `group`) rows of similar length
+/// grouped into the same batch (within windows of 50 batches) to save padding, then the
+/// batches shuffled again. Deterministic in (seed, task, epoch), so a resumed run sees the
+/// same.
+pub fn epoch_batches(lengths: &[usize], batch_size: usize, group: bool, seed: u64, task: usize, epoch: usize) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, task as u64, epoch as u64, 0xba7c]));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut rng);
+    if !group {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
     let mut batches = Vec::new();
     for window in order.chunks_mut(batch_size * 50) {
         window.sort_by_key(|&i| lengths[i]);
@@ -172,12 +176,12 @@ mod tests {
     #[test]
     fn epochs_cover_every_row_once_and_repeat_with_the_seed() {
         let lengths: Vec<usize> = (0..1000).map(|i| (i * 37) % 101).collect();
-        let a = epoch_batches(&lengths, 32, 7, 0, 0);
+        let a = epoch_batches(&lengths, 32, true, 7, 0, 0);
         let mut all: Vec<usize> = a.iter().flatten().copied().collect();
         all.sort();
         assert_eq!(all, (0..1000).collect::<Vec<_>>());
-        assert_eq!(a, epoch_batches(&lengths, 32, 7, 0, 0));
-        assert_ne!(a, epoch_batches(&lengths, 32, 7, 0, 1));
+        assert_eq!(a, epoch_batches(&lengths, 32, true, 7, 0, 0));
+        assert_ne!(a, epoch_batches(&lengths, 32, true, 7, 0, 1));
         // Grouping by length: the mean spread inside a batch is far below random batches'.
         let spread: usize = a.iter().map(|b| b.iter().map(|&i| lengths[i]).max().unwrap() - b.iter().map(|&i| lengths[i]).min().unwrap()).sum();
         assert!(spread / a.len() < 20, "{}", spread / a.len());

@@ -329,7 +329,8 @@ impl Trainer {
     fn next_batch(&self, cursor: &mut Cursor, task_idx: usize) -> Vec<usize> {
         let split = &self.tasks[task_idx].data.train;
         let lengths: Vec<usize> = split.ids.iter().map(Vec::len).collect();
-        let batches = epoch_batches(&lengths, self.config.training.batch_size, self.config.training.seed, task_idx, cursor.epoch);
+        let t = &self.config.training;
+        let batches = epoch_batches(&lengths, t.batch_size, t.group_by_length, t.seed, task_idx, cursor.epoch);
         let rows = batches[cursor.pos].clone();
         cursor.pos += 1;
         if cursor.pos == batches.len() {
