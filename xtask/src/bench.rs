@@ -110,16 +110,20 @@ fn report(root: &Path) -> Result<String> {
         writeln!(md, "{} rounds, {} threads. Median pair ratio: median over adjacent (baseline, variant) pairs of variant time / baseline time. The noise-control row runs the baseline again: its distance from 1.000 is this run's noise floor.\n", c["rounds"], c["threads"])?;
         let memory = c["variants"][0].get("peak_step_mb").is_some();
         if memory {
-            writeln!(md, "Peak memory: the most heap bytes one step holds above what was live before it (activations, gradients, temporaries), counted by a global allocator.\n")?;
-            writeln!(md, "| variant | median | median pair ratio | peak memory of a step |")?;
-            writeln!(md, "|---|---|---|---|")?;
+            writeln!(md, "Peak memory of a step: the most heap bytes the step holds above what was live before it (activations, gradients, temporaries), counted by a global allocator. Optimizer state: the AdamW moments kept between steps (8 bytes per trainable parameter).\n")?;
+            writeln!(md, "| variant | median | median pair ratio | peak memory of a step | optimizer state |")?;
+            writeln!(md, "|---|---|---|---|---|")?;
         } else {
             writeln!(md, "| variant | median | median pair ratio |")?;
             writeln!(md, "|---|---|---|")?;
         }
         let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for v in c["variants"].as_array().into_iter().flatten() {
-            let peak = if memory { format!(" {:.0} MB |", num(v, "peak_step_mb")) } else { String::new() };
+            let peak = if memory {
+                format!(" {:.0} MB | {:.1} MB |", num(v, "peak_step_mb"), num(v, "optimizer_state_mb"))
+            } else {
+                String::new()
+            };
             writeln!(
                 md,
                 "| {} | {} | {:.3} |{peak}",

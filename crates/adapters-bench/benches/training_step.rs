@@ -45,6 +45,9 @@ struct Setup {
     head: ClassificationHead,
     vars: Vec<Var>,
     optimizer: AdamW,
+    /// Trainable parameters: each costs a gradient in the step and two AdamW moments
+    /// held between steps.
+    trainable: usize,
 }
 
 fn setup(kind: Option<(&str, serde_json::Value)>, full: bool) -> Setup {
@@ -61,9 +64,10 @@ fn setup(kind: Option<(&str, serde_json::Value)>, full: bool) -> Setup {
     }
     let head = ClassificationHead::new(384, 2, 1, &Device::Cpu).unwrap();
     named.extend(head.vars());
-    let vars = named.iter().map(|(_, v)| v.clone()).collect();
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let trainable = vars.iter().map(|v| v.elem_count()).sum();
     let optimizer = AdamW::new(named, 0.01).unwrap();
-    Setup { model, head, vars, optimizer }
+    Setup { model, head, vars, optimizer, trainable }
 }
 
 fn step(s: &mut Setup, rows: &[&[u32]], labels: &Tensor) {
@@ -108,8 +112,9 @@ fn main() {
     let named: Vec<(&str, &dyn Fn())> = variants.iter().zip(&fns).map(|((n, _), f)| (*n, f.as_ref())).collect();
     let timings = interleave(&named, rounds);
     let mut result = to_json("Training step, MiniLM b32 x s128 (forward, backward, AdamW)", &timings, rounds);
-    for (v, peak) in result["variants"].as_array_mut().unwrap().iter_mut().zip(&peaks) {
+    for ((v, peak), (_, s)) in result["variants"].as_array_mut().unwrap().iter_mut().zip(&peaks).zip(&variants) {
         v["peak_step_mb"] = json!(*peak as f64 / 1e6);
+        v["optimizer_state_mb"] = json!(s.borrow().trainable as f64 * 8.0 / 1e6);
     }
     write_result("training_step.json", &result);
 }
