@@ -107,7 +107,9 @@ fn report(root: &Path) -> Result<String> {
         }
         let c = read_json(&path)?;
         writeln!(md, "\n## {} (interleaved)\n", c["title"].as_str().unwrap_or(file))?;
-        writeln!(md, "{} rounds, {} threads. Median pair ratio: median over adjacent (baseline, variant) pairs of variant time / baseline time. The noise-control row runs the baseline again: its distance from 1.000 is this run's noise floor.\n", c["rounds"], c["threads"])?;
+        let control = c["variants"].as_array().into_iter().flatten().any(|v| v["name"].as_str().is_some_and(|n| n.contains("noise")));
+        let control_note = if control { " The noise-control row runs the baseline again: its distance from 1.000 is this run's noise floor." } else { "" };
+        writeln!(md, "{} rounds, {} threads. Median pair ratio: median over adjacent (baseline, variant) pairs of variant time / baseline time.{control_note}\n", c["rounds"], c["threads"])?;
         let memory = c["variants"][0].get("peak_step_mb").is_some();
         if memory {
             writeln!(md, "Peak memory of a step: the most heap bytes the step holds above what was live before it (activations, gradients, temporaries), counted by a global allocator. Optimizer state: the AdamW moments kept between steps (8 bytes per trainable parameter).\n")?;
@@ -120,7 +122,8 @@ fn report(root: &Path) -> Result<String> {
         let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for v in c["variants"].as_array().into_iter().flatten() {
             let peak = if memory {
-                format!(" {:.0} MB | {:.1} MB |", num(v, "peak_step_mb"), num(v, "optimizer_state_mb"))
+                let state = v["optimizer_state_mb"].as_f64().map(|m| format!("{m:.1} MB")).unwrap_or_else(|| "not recorded".into());
+                format!(" {:.0} MB | {state} |", num(v, "peak_step_mb"))
             } else {
                 String::new()
             };
