@@ -75,16 +75,7 @@ fn find_head(model: &Path, adapters: &[PathBuf], task: Option<&str>, loaded: &Lo
 }
 
 fn encode(loaded: &LoadedModel, text: &str, max_length: usize) -> Result<Vec<u32>> {
-    let encoder = loaded.backbone.is_encoder();
-    let mut ids = loaded.tokenizer.encode(text, encoder)?;
-    if ids.len() > max_length {
-        let last = ids[ids.len() - 1];
-        ids.truncate(max_length);
-        if encoder {
-            ids[max_length - 1] = last;
-        }
-    }
-    Ok(ids)
+    adapters_train::task::encode_truncated(&loaded.tokenizer, text, max_length, loaded.backbone.is_encoder())
 }
 
 fn logits_for(loaded: &LoadedModel, head: &SavedHead, ids: &[Vec<u32>]) -> Result<Tensor> {

@@ -104,16 +104,7 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
         check_labels(path, &examples, &known)?;
         let mut split = Split::default();
         for e in examples {
-            let mut ids = tokenizer.encode(&e.text, is_encoder)?;
-            if ids.len() > max_length {
-                // Keep the closing special token of encoders ([SEP]).
-                let last = ids[ids.len() - 1];
-                ids.truncate(max_length);
-                if is_encoder {
-                    ids[max_length - 1] = last;
-                }
-            }
-            split.ids.push(ids);
+            split.ids.push(encode_truncated(tokenizer, &e.text, max_length, is_encoder)?);
             split.labels.push(labels.binary_search(&e.label).expect("checked above") as u32);
         }
         Ok(split)
@@ -128,6 +119,20 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
     let dev = other(&task.dev)?.map(|s| s.limit(task.eval_limit));
     let test = other(&task.test)?.map(|s| s.limit(task.eval_limit));
     Ok(TaskData { labels, train: train_split, dev, test, skipped })
+}
+
+/// Token ids of a text for classification, cut to `max_length` (keeping an encoder's
+/// closing special token, `[SEP]`).
+pub fn encode_truncated(tokenizer: &TextTokenizer, text: &str, max_length: usize, is_encoder: bool) -> Result<Vec<u32>> {
+    let mut ids = tokenizer.encode(text, is_encoder)?;
+    if ids.len() > max_length {
+        let last = ids[ids.len() - 1];
+        ids.truncate(max_length);
+        if is_encoder {
+            ids[max_length - 1] = last;
+        }
+    }
+    Ok(ids)
 }
 
 /// The batches of one epoch: a seeded shuffle, then (with `group`) rows of similar length
