@@ -1,4 +1,5 @@
-//! The test matrix: the whole workspace; each adapter family crate built and tested on
+//! The test matrix: the repository's hygiene (self-contained, rustfmt, clippy and rustdoc
+//! without warnings); the whole workspace; each adapter family crate built and tested on
 //! its own (a team that depends on one family must not need the others); and the CUDA
 //! build where a CUDA toolkit is found. Prints what ran, what was skipped and why, and
 //! how long each part took.
@@ -23,6 +24,29 @@ pub fn run(root: &Path) -> Result<()> {
     crate::fetch::fetch_all(root)?;
     let mut outcomes = Vec::new();
     let mut counts = Counts::default();
+    let start = std::time::Instant::now();
+    let status = match outside_references(root) {
+        Ok(hits) if hits.is_empty() => Status::Passed,
+        Ok(hits) => {
+            eprintln!("tracked files refer to {SHARED}, which a clone does not have; use the copies in fixtures/ instead:");
+            for hit in hits {
+                eprintln!("  {hit}");
+            }
+            Status::Failed
+        }
+        Err(e) => {
+            eprintln!("could not list the tracked files: {e}");
+            Status::Failed
+        }
+    };
+    outcomes.push(Outcome { name: "self-contained (no reference to ../shared)".into(), status, seconds: start.elapsed().as_secs_f64() });
+    for (name, args, env) in lints() {
+        eprintln!("\n=== {name}: cargo {}", args.join(" "));
+        let start = std::time::Instant::now();
+        let ok = Command::new("cargo").args(&args).envs(env).current_dir(root).status().map(|s| s.success()).unwrap_or(false);
+        let status = if ok { Status::Passed } else { Status::Failed };
+        outcomes.push(Outcome { name: name.into(), status, seconds: start.elapsed().as_secs_f64() });
+    }
     let mut step = |name: String, args: Vec<String>| {
         eprintln!("\n=== {name}: cargo {}", args.join(" "));
         let start = std::time::Instant::now();
@@ -65,6 +89,40 @@ pub fn run(root: &Path) -> Result<()> {
         bail!("{failed} part(s) of the test matrix failed");
     }
     Ok(())
+}
+
+/// The folder beside the repository that holds the team's reference data; spelt in two
+/// parts so that this file does not match its own check.
+const SHARED: &str = concat!("..", "/shared");
+
+/// `path:line` of every line of a tracked file (outside `fixtures/`, whose READMEs say
+/// where the data came from) that names the shared folder.
+fn outside_references(root: &Path) -> Result<Vec<String>> {
+    let out = Command::new("git").args(["ls-files", "-z"]).current_dir(root).output()?;
+    anyhow::ensure!(out.status.success(), "`git ls-files` failed; run the tests in a git checkout");
+    let mut hits = Vec::new();
+    for path in out.stdout.split(|b| *b == 0).filter(|p| !p.is_empty()) {
+        let path = String::from_utf8_lossy(path);
+        if path.starts_with("fixtures/") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(root.join(path.as_ref())) else { continue };
+        for (i, line) in text.lines().enumerate() {
+            if line.contains(SHARED) {
+                hits.push(format!("{path}:{}", i + 1));
+            }
+        }
+    }
+    Ok(hits)
+}
+
+/// rustfmt, clippy and rustdoc, each failing on any warning.
+fn lints() -> Vec<(&'static str, Vec<&'static str>, Vec<(&'static str, &'static str)>)> {
+    vec![
+        ("rustfmt", vec!["fmt", "--all", "--check"], vec![]),
+        ("clippy", vec!["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], vec![]),
+        ("rustdoc", vec!["doc", "--workspace", "--no-deps"], vec![("RUSTDOCFLAGS", "-D warnings")]),
+    ]
 }
 
 #[derive(Default)]

@@ -30,6 +30,7 @@ fn var(t: Tensor) -> Result<Var> {
 }
 
 impl Bottleneck {
+    /// Builds a bottleneck adapter of `kind` from registry arguments.
     pub fn build(kind: &'static KindDefaults, args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config = crate::config::resolve(kind, args.config)?;
         let points = args.placement.expand(args.model, kind.sites, |s| !s.is_projection())?;
@@ -69,6 +70,7 @@ impl Bottleneck {
         Ok(Bottleneck { kind: kind.name, config, sites })
     }
 
+    /// The configuration it was built with.
     pub fn settings(&self) -> &BottleneckConfig {
         &self.config
     }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The weights file of an AdapterHub adapter folder.
 pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 /// The AdapterHub version whose layout we write.
 pub const VERSION: &str = "adapters.1.3.0";

@@ -9,11 +9,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Activation {
+    /// `relu`.
     Relu,
+    /// `gelu` (exact).
     Gelu,
     /// SiLU, as AdapterHub names it.
     Swish,
+    /// `silu` (same as `swish`).
     Silu,
+    /// `tanh`.
     Tanh,
 }
 
@@ -21,8 +25,11 @@ pub enum Activation {
 /// per-channel vector.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Scaling {
+    /// A fixed factor.
     Fixed(f64),
+    /// One learned scalar.
     Learned,
+    /// A learned factor per channel.
     Channel,
 }
 
@@ -60,6 +67,7 @@ pub enum InitWeights {
     MamAdapter,
 }
 
+/// A bottleneck adapter's full configuration (AdapterHub's `BnConfig` fields we support).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BottleneckConfig {
@@ -68,12 +76,14 @@ pub struct BottleneckConfig {
     /// An explicit bottleneck width, overriding `reduction_factor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bottleneck_size: Option<usize>,
+    /// Activation between the projections.
     pub non_linearity: Activation,
     /// Sequential adapters: feed the sublayer's post-norm output to the adapter (Pfeiffer)
     /// instead of the raw sublayer output (Houlsby).
     pub original_ln_before: bool,
     /// Parallel adapter: it reads the sublayer's input (He et al.).
     pub is_parallel: bool,
+    /// How the adapter output is scaled.
     pub scaling: Scaling,
     /// A LayerNorm of the adapter's own before the down projection.
     pub ln_before: bool,
@@ -83,6 +93,7 @@ pub struct BottleneckConfig {
     pub dropout: f64,
     /// A learned sigmoid gate on the adapter output.
     pub use_gating: bool,
+    /// How the projections start.
     pub init_weights: InitWeights,
 }
 
@@ -95,11 +106,15 @@ impl BottleneckConfig {
 
 /// The registered kinds and their defaults.
 pub struct KindDefaults {
+    /// The registered kind name.
     pub name: &'static str,
+    /// The sites it occupies by default.
     pub sites: &'static [Site],
+    /// Its default field values.
     pub defaults: fn() -> serde_json::Value,
 }
 
+/// Pfeiffer: after the FFN, reading the post-norm output.
 pub const SEQ_BN: KindDefaults = KindDefaults {
     name: "seq_bn",
     sites: &[Site::FfnOutput],
@@ -109,6 +124,7 @@ pub const SEQ_BN: KindDefaults = KindDefaults {
     }),
 };
 
+/// Houlsby: after attention and after the FFN.
 pub const DOUBLE_SEQ_BN: KindDefaults = KindDefaults {
     name: "double_seq_bn",
     sites: &[Site::AttentionOutput, Site::FfnOutput],
@@ -118,6 +134,7 @@ pub const DOUBLE_SEQ_BN: KindDefaults = KindDefaults {
     }),
 };
 
+/// He et al.: beside the FFN, reading its input, scaled by 4.
 pub const PAR_BN: KindDefaults = KindDefaults {
     name: "par_bn",
     sites: &[Site::FfnOutput],
@@ -127,6 +144,7 @@ pub const PAR_BN: KindDefaults = KindDefaults {
     }),
 };
 
+/// Every bottleneck kind.
 pub const KINDS: [&KindDefaults; 3] = [&SEQ_BN, &DOUBLE_SEQ_BN, &PAR_BN];
 
 /// The kind's defaults overlaid with the user's fields; unknown fields are errors.

@@ -2,6 +2,8 @@
 //! parallel (He et al. `par_bn`), registered in the `adapters-core` registry, with
 //! AdapterHub's folder format both ways.
 
+#![warn(missing_docs)]
+
 pub mod adapter;
 pub mod adapterhub;
 pub mod config;

@@ -1,4 +1,4 @@
-//! The AdapterHub folders in ../shared/interop load onto our MiniLM and reproduce the
+//! The AdapterHub folders in fixtures/interop load onto our MiniLM and reproduce the
 //! embeddings AdapterHub computed; saving (ours and AdapterHub's layout) and loading back
 //! gives the same outputs; bad folders give clear errors and leave the model unchanged.
 
@@ -22,7 +22,7 @@ fn bert() -> Bert {
 }
 
 fn interop(name: &str) -> (PathBuf, serde_json::Value) {
-    let dir = workspace().join("../shared/interop").join(name);
+    let dir = workspace().join("fixtures/interop").join(name);
     let expected = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
     (dir.join("adapter"), expected)
 }
@@ -45,8 +45,8 @@ fn max_diff(got: &[Vec<f32>], want: &serde_json::Value) -> f32 {
 
 fn attach(bert: &mut Bert, loaded: io::Loaded) {
     let name = loaded.name.clone();
-    bert.adapters.add(&name, loaded.adapter).unwrap();
-    bert.adapters.activate(&[&name]).unwrap();
+    bert.adapters_mut().add(&name, loaded.adapter).unwrap();
+    bert.adapters_mut().activate(&[&name]).unwrap();
 }
 
 #[test]
@@ -57,7 +57,7 @@ fn every_adapterhub_folder_reproduces_its_outputs_and_round_trips() {
     let fp = bert.fingerprint().unwrap();
     for (folder, kind) in [("adapterhub_seq_bn_minilm", "seq_bn"), ("adapterhub_par_bn_minilm", "par_bn"), ("adapterhub_double_seq_bn_minilm", "double_seq_bn")] {
         let (dir, expected) = interop(folder);
-        let loaded = io::load(&dir, &info, &fp, &Device::Cpu).unwrap();
+        let loaded = io::load(&dir, &bert, &Device::Cpu).unwrap();
         assert_eq!(loaded.format, "adapterhub");
         assert_eq!(loaded.adapter.kind(), kind);
         assert_eq!(loaded.adapter.num_parameters() as u64, expected["num_adapter_parameters"].as_u64().unwrap(), "{folder}");
@@ -69,7 +69,7 @@ fn every_adapterhub_folder_reproduces_its_outputs_and_round_trips() {
         assert!(d <= 1e-4, "{folder}: max abs diff {d}");
 
         // Saved in both layouts and loaded back: the same outputs.
-        let adapter = bert.adapters.get(&name).unwrap().clone();
+        let adapter = bert.adapters().get(&name).unwrap().clone();
         let tmp = std::env::temp_dir().join(format!("hub-{folder}-{}", std::process::id()));
         for layout in ["adapterhub", "ours"] {
             let out = tmp.join(layout);
@@ -77,12 +77,12 @@ fn every_adapterhub_folder_reproduces_its_outputs_and_round_trips() {
                 "adapterhub" => adapters_bottleneck::adapterhub::save(&out, &name, adapter.as_ref(), &placement, &info).unwrap(),
                 _ => io::save(&out, &name, adapter.as_ref(), &placement, &fp).unwrap(),
             }
-            let again = io::load(&out, &info, &fp, &Device::Cpu).unwrap();
-            bert.adapters.remove(&name).unwrap();
+            let again = io::load(&out, &bert, &Device::Cpu).unwrap();
+            bert.adapters_mut().remove(&name).unwrap();
             attach(&mut bert, again);
             assert_eq!(embeddings(&bert, &expected), got, "{folder} via {layout}");
         }
-        bert.adapters.remove(&name).unwrap();
+        bert.adapters_mut().remove(&name).unwrap();
         let base = embeddings(&bert, &expected);
         assert!(max_diff(&base, &expected["base_embeddings"]) <= 1e-4);
         std::fs::remove_dir_all(&tmp).ok();

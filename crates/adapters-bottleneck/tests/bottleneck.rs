@@ -129,7 +129,9 @@ fn variants_train_on_the_decoder_too() {
         activate(&mut m, kind, a);
         let grads = loss(&m, &ForwardCtx::training()).backward().unwrap();
         for (name, var) in m.adapters().active_vars() {
-            assert!(grads.get(var.as_tensor()).is_some(), "{kind}: {name} has no gradient");
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{kind}: {name} has no gradient"));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm.is_finite() && norm > 0.0, "{kind}: {name} has gradient norm {norm}");
         }
     }
 }
@@ -148,7 +150,7 @@ fn dropout_only_in_training() {
 #[test]
 fn bad_folders_give_clear_errors_and_change_nothing() {
     let mut m = model("all-MiniLM-L6-v2");
-    let (info, fp) = (m.model_info(), m.fingerprint().unwrap());
+    let fp = m.fingerprint().unwrap();
     let a = build(&m, "seq_bn", json!({}), "{}");
     let tmp = std::env::temp_dir().join(format!("bn-bad-{}", std::process::id()));
     let good = tmp.join("good");
@@ -157,14 +159,15 @@ fn bad_folders_give_clear_errors_and_change_nothing() {
     activate(&mut m, "kept", kept);
     let before = output(&m);
 
-    let case = |name: &str, edit: &dyn Fn(&std::path::Path)| -> String {
+    // Each bad folder goes through the call that attaches adapters to the model.
+    let mut case = |name: &str, edit: &dyn Fn(&std::path::Path)| -> String {
         let dir = tmp.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         for f in ["adapter_config.json", "adapter_model.safetensors"] {
             std::fs::copy(good.join(f), dir.join(f)).unwrap();
         }
         edit(&dir);
-        io::load(&dir, &info, &fp, &Device::Cpu).err().expect("loading must fail").to_string()
+        m.load_adapter(&dir).err().expect("loading must fail").to_string()
     };
     let e = case("missing", &|d| std::fs::remove_file(d.join("adapter_model.safetensors")).unwrap());
     assert!(e.contains("adapter_model.safetensors") && e.contains("missing"), "{e}");
@@ -188,11 +191,18 @@ fn bad_folders_give_clear_errors_and_change_nothing() {
     let e = case("json", &|d| std::fs::write(d.join("adapter_config.json"), "{oops").unwrap());
     assert!(e.contains("adapter_config.json") && e.contains("not valid JSON"), "{e}");
     // Another base model: the error names both.
-    let llama = model("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let e = io::load(&good, &llama.model_info(), &llama.fingerprint().unwrap(), &Device::Cpu).err().unwrap().to_string();
+    let mut llama = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let e = llama.load_adapter(&good).err().unwrap().to_string();
     assert!(e.contains("bert (6 layers") && e.contains("llama (30 layers"), "{e}");
+    assert!(llama.adapters().names().is_empty());
 
+    // Nothing was attached, the active setup and the outputs are as before; the good
+    // folder attaches under its saved name, beside `kept`, and changes the output.
     assert_eq!(m.adapters().names(), vec!["kept"]);
+    assert_eq!(m.adapters().active(), ["kept".to_string()]);
     assert_eq!(output(&m), before);
+    assert_eq!(m.load_adapter(&good).unwrap(), "a");
+    m.adapters_mut().activate(&["kept", "a"]).unwrap();
+    assert!(max_diff(&output(&m), &before) > 1e-4);
     std::fs::remove_dir_all(&tmp).ok();
 }

@@ -127,9 +127,8 @@ pub fn inspect(dir: &Path, model: Option<&Path>) -> Result<()> {
     println!("parameters    {params}");
     if let Some(model) = model {
         let loaded = open(model)?;
-        let (info, fp) = (loaded.backbone.model_info(), loaded.backbone.fingerprint()?);
-        println!("model         {} = {fp}", model.display());
-        match io::load(dir, &info, &fp, &Device::Cpu) {
+        println!("model         {} = {}", model.display(), loaded.backbone.fingerprint()?);
+        match io::load(dir, &loaded.backbone, &Device::Cpu) {
             Ok(a) => {
                 let base = loaded.backbone.num_parameters();
                 println!("fits model    yes: {} `{}` at {} points", a.adapter.kind(), a.name, a.adapter.points().len());

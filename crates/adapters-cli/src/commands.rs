@@ -19,27 +19,18 @@ pub fn device() -> Result<Device> {
 pub fn open(model: &Path) -> Result<LoadedModel> {
     // Touch every family crate so the linker keeps their registrations.
     let _ = (adapters_bottleneck::family(), adapters_lora::family());
-    load(model, &device()?)
+    Ok(load(model, &device()?)?)
 }
 
 /// Loads a model and attaches the adapter folders, stacked in the given order.
 pub fn open_with(model: &Path, adapters: &[std::path::PathBuf]) -> Result<LoadedModel> {
     let mut loaded = open(model)?;
-    let (info, fp) = (loaded.backbone.model_info(), loaded.backbone.fingerprint()?);
     let mut names = Vec::new();
     for dir in adapters {
         if !dir.join(adapters_core::io::CONFIG_FILE).exists() && dir.join(adapters_train::heads::HEADS_DIR).is_dir() {
             continue; // a head-only run folder: heads, no adapter
         }
-        let a = adapters_core::io::load(dir, &info, &fp, loaded.backbone.device())
-            .with_context(|| format!("loading the adapter {}", dir.display()))?;
-        let mut name = a.name.clone();
-        let mut n = 2;
-        while names.contains(&name) {
-            name = format!("{}-{n}", a.name);
-            n += 1;
-        }
-        loaded.backbone.adapters_mut().add(&name, a.adapter)?;
+        let name = loaded.backbone.load_adapter(dir).with_context(|| format!("loading the adapter {}", dir.display()))?;
         names.push(name);
     }
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -177,7 +168,7 @@ pub fn generate(model: &Path, adapters: &[std::path::PathBuf], prompt: &str, max
     }
     let mut stream = loaded.tokenizer.inner.decode_stream(true);
     let mut out = std::io::stdout().lock();
-    run_generation(m, &ids, max_tokens, sampling, &stop, |id| {
+    run_generation(m, &ids, max_tokens, sampling, &stop, |id| -> Result<()> {
         if !stop.contains(&id) {
             if let Some(piece) = stream.step(id).map_err(|e| anyhow::anyhow!("decoding: {e}"))? {
                 out.write_all(piece.as_bytes())?;

@@ -75,7 +75,7 @@ fn find_head(model: &Path, adapters: &[PathBuf], task: Option<&str>, loaded: &Lo
 }
 
 fn encode(loaded: &LoadedModel, text: &str, max_length: usize) -> Result<Vec<u32>> {
-    adapters_train::task::encode_truncated(&loaded.tokenizer, text, max_length, loaded.backbone.is_encoder())
+    Ok(adapters_train::encode_truncated(&loaded.tokenizer, text, max_length, loaded.backbone.is_encoder())?)
 }
 
 fn logits_for(loaded: &LoadedModel, head: &SavedHead, ids: &[Vec<u32>]) -> Result<Tensor> {
@@ -83,7 +83,7 @@ fn logits_for(loaded: &LoadedModel, head: &SavedHead, ids: &[Vec<u32>]) -> Resul
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let pooling: Pooling = head.config.pooling;
     let features = pooled(&loaded.backbone, &rows, pooling, &ctx)?;
-    classify(&head.head, &features, 0.0, &ctx)
+    Ok(classify(&head.head, &features, 0.0, &ctx)?)
 }
 
 pub fn predict(model: &Path, adapters: &[PathBuf], task: Option<&str>, texts: &[String], max_length: usize, json: bool) -> Result<()> {

@@ -58,7 +58,7 @@ fn new_inspect_embed_and_merge() {
     assert!(out.contains("fits model    no") && out.contains("was made for the base model bert"), "{out}");
 
     // Several adapters stack; the interop LoRA folder loads as well.
-    let peft = workspace().join("../shared/interop/peft_lora_minilm/adapter").to_string_lossy().into_owned();
+    let peft = workspace().join("fixtures/interop/peft_lora_minilm/adapter").to_string_lossy().into_owned();
     let base = embedding(&["embed", &m, "adapters are small", "--json"]);
     let one = embedding(&["embed", &m, "adapters are small", "--json", "--adapter", &dir("pf")]);
     let two = embedding(&["embed", &m, "adapters are small", "--json", "--adapter", &dir("pf"), "--adapter", &peft]);

@@ -33,7 +33,7 @@ fn fails_with(args: &[&str], needle: &str) {
 }
 
 fn golden(name: &str) -> serde_json::Value {
-    let path = workspace().join("../shared/golden").join(name);
+    let path = workspace().join("fixtures/golden").join(name);
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 

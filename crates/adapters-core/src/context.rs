@@ -1,11 +1,12 @@
 //! The context that flows through one forward pass: down to the sites (training flag,
-//! per-row adapter choice, task ids) and back to the caller (auxiliary losses, routing).
+//! attention mask, per-row adapter choice, task ids, a seeded RNG) and back to the caller
+//! (auxiliary losses, routing).
 
 use crate::point::Point;
 use candle_core::{Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Rows of a batch that share one adapter setup (a stack of adapter names, applied in order).
 #[derive(Clone, Debug)]
@@ -19,24 +20,33 @@ pub struct RowGroup {
 /// An auxiliary loss produced inside the forward pass (e.g. a router's load-balancing loss).
 #[derive(Clone, Debug)]
 pub struct AuxLoss {
+    /// The adapter that produced it.
     pub adapter: String,
+    /// Where it was produced.
     pub point: Point,
+    /// What it measures (`load_balance`, ...).
     pub name: String,
+    /// A scalar tensor, already weighted; the trainer adds it to the loss.
     pub value: Tensor,
 }
 
 /// Per-point routing statistics (e.g. how many tokens each expert received).
 #[derive(Clone, Debug)]
 pub struct RoutingStats {
+    /// The adapter that routed.
     pub adapter: String,
+    /// Where it routed.
     pub point: Point,
+    /// Tokens (not padding) sent to each expert.
     pub tokens_per_expert: Vec<f32>,
 }
 
 /// What adapters report back from a forward pass.
 #[derive(Clone, Debug, Default)]
 pub struct AuxOutputs {
+    /// Auxiliary losses, in the order they were reported.
     pub losses: Vec<AuxLoss>,
+    /// Routing statistics, in the order they were reported.
     pub routing: Vec<RoutingStats>,
 }
 
@@ -48,15 +58,20 @@ pub struct ForwardCtx {
     pub train: bool,
     /// Per-row adapter choice; `None` means every row uses the model's active setup.
     pub row_groups: Option<Vec<RowGroup>>,
+    /// The attention mask `[batch, seq]` (`u32`, 1 on tokens, 0 on padding), set by the
+    /// backbone for its forward so that hidden and projection sites can skip padding
+    /// (routing statistics, balance losses); `None` when no row is padded.
+    pub attention_mask: Option<Tensor>,
     /// Per-example task ids `[batch]` (`u32`), for hypernetworks and multi-task heads.
     pub task_ids: Option<Tensor>,
     /// Per-example conditioning vectors `[batch, dim]` (task or instance embeddings) from
     /// which hypernetwork adapters generate their weights at call time.
     pub conditioning: Option<Tensor>,
     aux: Arc<Mutex<AuxOutputs>>,
-    /// Draws dropout masks; seeded so that training runs (and resumed runs) repeat exactly.
-    /// candle's own CPU RNG cannot be seeded.
-    dropout_rng: Option<Arc<Mutex<ChaCha8Rng>>>,
+    /// Draws dropout masks and any other randomness adapters use in training (router
+    /// noise); seeded so that training runs (and resumed runs) repeat exactly. candle's
+    /// own CPU RNG cannot be seeded.
+    rng: Option<Arc<Mutex<ChaCha8Rng>>>,
 }
 
 impl ForwardCtx {
@@ -72,19 +87,35 @@ impl ForwardCtx {
 
     /// Training with reproducible dropout masks: the same seed draws the same masks.
     pub fn training_seeded(seed: u64) -> Self {
-        ForwardCtx { train: true, dropout_rng: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))), ..Default::default() }
+        ForwardCtx { train: true, rng: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))), ..Default::default() }
+    }
+
+    /// The seeded generator adapters draw training-time randomness from (router noise,
+    /// stochastic routing); `None` in inference. Draw in a fixed order so that a resumed
+    /// run repeats an uninterrupted one bit for bit.
+    pub fn rng(&self) -> Option<MutexGuard<'_, ChaCha8Rng>> {
+        self.rng.as_ref().filter(|_| self.train).map(|rng| rng.lock().expect("forward rng poisoned"))
+    }
+
+    /// Normal(0, std) noise of `shape` from [`Self::rng`]; `None` in inference.
+    pub fn normal_noise(&self, shape: &[usize], std: f64, device: &Device) -> Result<Option<Tensor>> {
+        let Some(mut rng) = self.rng() else { return Ok(None) };
+        let normal = rand_distr::Normal::new(0.0, std).map_err(|e| candle_core::Error::Msg(format!("noise std {std}: {e}")))?;
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rand_distr::Distribution::sample(&normal, &mut *rng) as f32).collect();
+        Tensor::from_vec(values, shape, device).map(Some)
     }
 
     /// Inverted dropout with drop probability `p` in training; `x` itself in inference.
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
-        let Some(rng) = self.dropout_rng.as_ref().filter(|_| self.train && p > 0.0) else {
+        if p <= 0.0 {
             return Ok(x.clone());
-        };
+        }
+        let Some(mut rng) = self.rng() else { return Ok(x.clone()) };
         if p >= 1.0 {
             return x.zeros_like();
         }
         let keep = (1.0 / (1.0 - p)) as f32;
-        let mut rng = rng.lock().expect("dropout rng poisoned");
         let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
         x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
     }
@@ -110,6 +141,26 @@ impl ForwardCtx {
         Ok(self)
     }
 
+    /// Sets the attention mask `[batch, seq]` (`u32`, 1 on tokens).
+    pub fn with_attention_mask(mut self, mask: Tensor) -> Self {
+        self.attention_mask = Some(mask);
+        self
+    }
+
+    /// This context with `mask` as its attention mask, sharing everything else (reports,
+    /// RNG): what a backbone hands to its sites when the caller passed a mask separately.
+    pub fn masked(&self, mask: &Tensor) -> ForwardCtx {
+        ForwardCtx {
+            train: self.train,
+            row_groups: self.row_groups.clone(),
+            attention_mask: Some(mask.clone()),
+            task_ids: self.task_ids.clone(),
+            conditioning: self.conditioning.clone(),
+            aux: self.aux.clone(),
+            rng: self.rng.clone(),
+        }
+    }
+
     /// Sets per-example task ids.
     pub fn with_task_ids(mut self, task_ids: Tensor) -> Self {
         self.task_ids = Some(task_ids);
@@ -129,10 +180,11 @@ impl ForwardCtx {
         Ok(ForwardCtx {
             train: self.train,
             row_groups: None,
+            attention_mask: pick(&self.attention_mask)?,
             task_ids: pick(&self.task_ids)?,
             conditioning: pick(&self.conditioning)?,
             aux: self.aux.clone(),
-            dropout_rng: self.dropout_rng.clone(),
+            rng: self.rng.clone(),
         })
     }
 

@@ -12,6 +12,7 @@ pub struct Init {
 }
 
 impl Init {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Init { rng: ChaCha8Rng::seed_from_u64(seed) }
     }

@@ -7,7 +7,7 @@
 use crate::adapter::Adapter;
 use crate::fingerprint::Fingerprint;
 use crate::placement::Placement;
-use crate::point::ModelInfo;
+use crate::point::{InsertionPoint, ModelInfo};
 use crate::{registry, Error};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// The configuration file of an adapter folder.
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file of our adapter folders.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The `format` value of our own `adapter_config.json`.
 pub const FORMAT: &str = "adapters-rs";
@@ -24,13 +26,19 @@ pub const FORMAT: &str = "adapters-rs";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SavedConfig {
+    /// Always [`FORMAT`].
     pub format: String,
+    /// The version of this library that wrote it.
     pub library_version: String,
     /// The name it was saved under.
     pub name: String,
+    /// The registered kind.
     pub kind: String,
+    /// The kind's configuration.
     pub config: serde_json::Value,
+    /// Where it sits.
     pub placement: Placement,
+    /// The model it was made for.
     pub base_model: Fingerprint,
 }
 
@@ -38,7 +46,9 @@ pub struct SavedConfig {
 pub struct Loaded {
     /// The name it was saved under (our `name`, AdapterHub's `name`, or the folder name).
     pub name: String,
+    /// The adapter, with its weights filled in.
     pub adapter: Box<dyn Adapter>,
+    /// Where it sits.
     pub placement: Placement,
     /// Which format it was read from (`adapters-rs`, `peft`, `adapterhub`).
     pub format: &'static str,
@@ -46,9 +56,11 @@ pub struct Loaded {
 
 /// A reader for another library's adapter folders, registered by a family crate.
 pub struct AdapterFormat {
+    /// The format's name (`peft`, `adapterhub`).
     pub name: &'static str,
     /// Whether a parsed `adapter_config.json` is in this format.
     pub detect: fn(&serde_json::Value) -> bool,
+    /// Reads a folder detected as this format.
     pub load: fn(&Path, &serde_json::Value, &ModelInfo, &Device) -> Result<Loaded, Error>,
 }
 
@@ -155,19 +167,20 @@ pub fn fill_vars(adapter: &dyn Adapter, mut tensors: HashMap<String, Tensor>, fi
     Ok(())
 }
 
-/// Reads an adapter folder of any known format, checked against the base model.
-pub fn load(dir: &Path, model: &ModelInfo, base: &Fingerprint, device: &Device) -> Result<Loaded, Error> {
+/// Reads an adapter folder of any known format, checked against the base model. Nothing
+/// is attached: the caller adds the result to the model's adapter set once it is read.
+pub fn load(dir: &Path, model: &dyn InsertionPoint, device: &Device) -> Result<Loaded, Error> {
     if !dir.is_dir() {
         return Err(Error::Io { path: dir.to_path_buf(), message: "not a folder; an adapter is a folder with adapter_config.json".into() });
     }
     let config_path = dir.join(CONFIG_FILE);
     let json = read_json(&config_path)?;
     if json.get("format").and_then(|f| f.as_str()) == Some(FORMAT) {
-        return load_own(dir, json, model, base, device);
+        return load_own(dir, json, model, device);
     }
     for format in inventory::iter::<AdapterFormat> {
         if (format.detect)(&json) {
-            return (format.load)(dir, &json, model, device);
+            return (format.load)(dir, &json, &model.model_info(), device);
         }
     }
     let known: Vec<&str> = std::iter::once(FORMAT).chain(inventory::iter::<AdapterFormat>.into_iter().map(|f| f.name)).collect();
@@ -177,11 +190,17 @@ pub fn load(dir: &Path, model: &ModelInfo, base: &Fingerprint, device: &Device) 
     })
 }
 
-fn load_own(dir: &Path, json: serde_json::Value, model: &ModelInfo, base: &Fingerprint, device: &Device) -> Result<Loaded, Error> {
+fn load_own(dir: &Path, json: serde_json::Value, model: &dyn InsertionPoint, device: &Device) -> Result<Loaded, Error> {
     let config_path = dir.join(CONFIG_FILE);
     let saved: SavedConfig = serde_json::from_value(json)
         .map_err(|e| Error::Io { path: config_path.clone(), message: e.to_string() })?;
-    if &saved.base_model != base {
+    let info = model.model_info();
+    let mut base = model.fingerprint()?;
+    if saved.base_model.version != base.version {
+        // Saved by an earlier library: compare in its fingerprint format.
+        base = Fingerprint::of_version(saved.base_model.version, &info, &model.named_weights())?;
+    }
+    if saved.base_model != base {
         return Err(Error::Mismatch(format!(
             "{} was made for the base model {}, but the loaded model is {}",
             dir.display(),
@@ -189,7 +208,7 @@ fn load_own(dir: &Path, json: serde_json::Value, model: &ModelInfo, base: &Finge
             base
         )));
     }
-    let adapter = registry::build(&saved.kind, &saved.config, &saved.placement, model, device, 0)?;
+    let adapter = registry::build(&saved.kind, &saved.config, &saved.placement, &info, device, 0)?;
     let weights = dir.join(WEIGHTS_FILE);
     fill_vars(adapter.as_ref(), read_tensors(&weights, device)?, &weights)?;
     Ok(Loaded { name: saved.name, adapter, placement: saved.placement, format: FORMAT })

@@ -6,6 +6,8 @@
 //! [`Adapter`], and register a constructor with `inventory::submit!` so that every tool
 //! can build their adapters by name.
 
+#![warn(missing_docs)]
+
 pub mod adapter;
 pub mod context;
 pub mod fingerprint;
@@ -15,6 +17,7 @@ pub mod placement;
 pub mod point;
 pub mod registry;
 pub mod set;
+mod error;
 
 pub use adapter::{Adapter, ProjectionIo, SublayerIo};
 pub use context::{AuxLoss, AuxOutputs, ForwardCtx, RoutingStats, RowGroup};
@@ -26,22 +29,4 @@ pub use placement::{Layers, Placement};
 pub use point::{InsertionPoint, ModelInfo, Point, PointSpec, Site};
 pub use registry::{AdapterKind, BuildArgs, ConfigField};
 pub use set::AdapterSet;
-
-/// Errors of the core crate; every message says what was wrong and where.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("unknown adapter kind `{kind}`; registered kinds: {known}")]
-    UnknownKind { kind: String, known: String },
-    #[error("bad configuration for adapter kind `{kind}`: {message}")]
-    Config { kind: String, message: String },
-    #[error("bad placement: {0}")]
-    Placement(String),
-    #[error("{0}")]
-    Adapter(String),
-    #[error("{}: {message}", path.display())]
-    Io { path: std::path::PathBuf, message: String },
-    #[error("{0}")]
-    Mismatch(String),
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-}
+pub use error::Error;

@@ -16,7 +16,10 @@ pub enum Layers {
     /// An explicit list of layer indices (`[0, 3, 5]`).
     List(Vec<usize>),
     /// The k layers closest to the output (`{ top = 3 }`).
-    Top { top: usize },
+    Top {
+        /// How many layers, counted from the output.
+        top: usize,
+    },
 }
 
 mod all_tag {

@@ -85,11 +85,14 @@ impl fmt::Display for Site {
 /// One (layer, site) pair of a concrete model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Point {
+    /// Layer index, from 0 at the input.
     pub layer: usize,
+    /// Where in the layer.
     pub site: Site,
 }
 
 impl Point {
+    /// The point at `site` of layer `layer`.
     pub fn new(layer: usize, site: Site) -> Self {
         Point { layer, site }
     }
@@ -110,9 +113,13 @@ impl fmt::Display for Point {
 /// ecosystem's adapter files use in their tensor names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointSpec {
+    /// The point.
     pub point: Point,
+    /// Width of what the adapter receives.
     pub in_features: usize,
+    /// Width of what the adapter returns.
     pub out_features: usize,
+    /// The original model's module path at this point.
     pub module: String,
 }
 
@@ -121,8 +128,11 @@ pub struct PointSpec {
 pub struct ModelInfo {
     /// `bert` or `llama`.
     pub architecture: String,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Number of transformer layers.
     pub num_layers: usize,
+    /// Number of token embeddings.
     pub vocab_size: usize,
     /// Every point the backbone exposes, in layer order.
     pub points: Vec<PointSpec>,

@@ -11,11 +11,13 @@ use serde::de::DeserializeOwned;
 /// One documented field of a kind's configuration.
 #[derive(Debug)]
 pub struct ConfigField {
+    /// The field's name in configs.
     pub name: &'static str,
     /// Type as shown to users (`usize`, `"relu" | "gelu"`, ...).
     pub ty: &'static str,
     /// Default as shown to users; `"required"` when there is none.
     pub default: &'static str,
+    /// What the field does.
     pub doc: &'static str,
 }
 
@@ -23,8 +25,11 @@ pub struct ConfigField {
 pub struct BuildArgs<'a> {
     /// The kind-specific configuration (without `kind` and `placement`).
     pub config: &'a serde_json::Value,
+    /// Where the adapter goes.
     pub placement: &'a Placement,
+    /// The backbone it is built for.
     pub model: &'a ModelInfo,
+    /// Where its weights live.
     pub device: &'a Device,
     /// Seed for the adapter's initialisation (candle's CPU RNG cannot be seeded).
     pub seed: u64,
@@ -40,6 +45,7 @@ pub struct AdapterKind {
     pub summary: &'static str,
     /// The configuration schema.
     pub fields: &'static [ConfigField],
+    /// Builds an adapter from a configuration.
     pub build: fn(&BuildArgs) -> Result<Box<dyn Adapter>, Error>,
 }
 

@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor, Var};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+#[derive(Clone)]
 struct Named {
     name: String,
     adapter: Arc<dyn Adapter>,
@@ -20,7 +21,13 @@ struct Named {
 /// The active setup is a stack: the named adapters applied in order at every point they
 /// share. A forward context may instead route each row of a batch through its own stack
 /// (`ForwardCtx::with_row_choices`); rows that share a stack are computed together.
-#[derive(Default)]
+///
+/// Cloning is cheap (adapters are shared `Arc`s), so a backbone can hand out immutable
+/// snapshots and change a copy.
+///
+/// Merged adapters live in the base weights, which every row shares, so per-row choices
+/// are refused while any adapter is merged: a row could neither drop nor repeat it.
+#[derive(Clone, Default)]
 pub struct AdapterSet {
     adapters: Vec<Named>,
     active: Vec<String>,
@@ -182,6 +189,12 @@ impl AdapterSet {
                 Some(stack) => run(stack, input, output, ctx),
             };
         };
+        if let Some(name) = self.merged.iter().next() {
+            candle_core::bail!(
+                "per-row adapter choices need an unmerged base model, but adapter `{name}` is merged into the \
+                 base weights (every row would get it); unmerge it first"
+            );
+        }
         let mut result = output.clone();
         for group in groups {
             let stack = self.stack_at(&group.stack, point)?;

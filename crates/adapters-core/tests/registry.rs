@@ -84,8 +84,12 @@ fn model() -> ModelInfo {
 }
 
 fn build(config: serde_json::Value, placement: &str) -> std::result::Result<Box<dyn Adapter>, adapters_core::Error> {
+    build_seeded(config, placement, 3)
+}
+
+fn build_seeded(config: serde_json::Value, placement: &str, seed: u64) -> std::result::Result<Box<dyn Adapter>, adapters_core::Error> {
     let placement: Placement = serde_json::from_str(placement).unwrap();
-    registry::build("test_shift", &config, &placement, &model(), &Device::Cpu, 3)
+    registry::build("test_shift", &config, &placement, &model(), &Device::Cpu, seed)
 }
 
 #[test]
@@ -116,7 +120,8 @@ fn set_dispatch_follows_the_active_stack_and_row_choices() -> anyhow::Result<()>
     let dev = Device::Cpu;
     let mut set = AdapterSet::default();
     set.add("a", build(serde_json::json!({}), "{}")?)?;
-    set.add("b", build(serde_json::json!({"scale": -1.0}), "{}")?)?;
+    // b has its own seed and scale, so "a then b" differs from a, from b and from the base.
+    set.add("b", build_seeded(serde_json::json!({"scale": -2.0}), "{}", 4)?)?;
     assert!(set.add("a", build(serde_json::json!({}), "{}")?).is_err());
     assert_eq!(set.names(), vec!["a", "b"]);
 
@@ -146,9 +151,12 @@ fn set_dispatch_follows_the_active_stack_and_row_choices() -> anyhow::Result<()>
     let rows = out.to_vec3::<f32>()?;
     assert_eq!(rows[0], h.get(0)?.to_vec2::<f32>()?);
     assert_eq!(rows[1], h.get(1)?.broadcast_add(&shift_a)?.to_vec2::<f32>()?);
-    let stacked = h.get(2)?.broadcast_add(&shift_a)?.broadcast_sub(&shift_b)?;
+    let stacked = h.get(2)?.broadcast_add(&shift_a)?.broadcast_add(&(shift_b * -2.0)?)?;
+    let base_row = h.get(2)?.to_vec2::<f32>()?;
+    assert!(rows[2].iter().flatten().zip(base_row.iter().flatten()).any(|(g, b)| (g - b).abs() > 0.1), "row 2 is the base");
+    assert_ne!(rows[2], rows[1], "row 2 got only `a`");
     for (g, w) in rows[2].iter().flatten().zip(stacked.to_vec2::<f32>()?.iter().flatten()) {
-        assert!((g - w).abs() < 1e-6);
+        assert!((g - w).abs() < 1e-6, "row 2: {g} vs {w}");
     }
 
     let ctx = ForwardCtx::inference().with_row_choices(&[vec!["zzz".to_string()]], &dev)?;

@@ -8,6 +8,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// IA3's configuration (the `ia3` kind's fields).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ia3Config {
@@ -20,14 +21,17 @@ fn default_ff() -> Vec<Site> {
     vec![Site::FfnDown]
 }
 
+/// Sites used when the placement names none (PEFT's defaults).
 pub const DEFAULT_SITES: &[Site] = &[Site::Key, Site::Value, Site::FfnDown];
 
+/// An IA3 adapter: a learned scaling vector per projection point.
 pub struct Ia3 {
     config: Ia3Config,
     scales: BTreeMap<Point, Var>,
 }
 
 impl Ia3 {
+    /// Builds an `ia3` adapter from registry arguments (scales start at 1: identity).
     pub fn build(args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config: Ia3Config = parse_config("ia3", args.config)?;
         let points = args.placement.expand(args.model, DEFAULT_SITES, Site::is_projection)?;

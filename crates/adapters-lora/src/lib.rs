@@ -1,6 +1,8 @@
 //! LoRA and IA3 on projection weights, registered in the `adapters-core` registry; LoRA
 //! merges into and unmerges from the base weights, and reads and writes PEFT's folders.
 
+#![warn(missing_docs)]
+
 pub mod ia3;
 pub mod lora;
 pub mod peft;

@@ -8,6 +8,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
+/// LoRA's configuration (the `lora` kind's fields).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
@@ -56,9 +57,11 @@ pub struct Lora {
     pairs: BTreeMap<Point, Pair>,
 }
 
+/// Sites used when the placement names none (PEFT's defaults).
 pub const DEFAULT_SITES: &[Site] = &[Site::Query, Site::Value];
 
 impl Lora {
+    /// Builds a `lora` adapter from registry arguments (B starts at zero: identity).
     pub fn build(args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config: LoraConfig = parse_config("lora", args.config)?;
         let bad = |m: String| Error::Config { kind: "lora".into(), message: m };
@@ -84,6 +87,7 @@ impl Lora {
         Ok(Lora { config, pairs })
     }
 
+    /// The configuration it was built with.
     pub fn settings(&self) -> &LoraConfig {
         &self.config
     }

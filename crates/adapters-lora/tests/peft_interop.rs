@@ -1,4 +1,4 @@
-//! PEFT LoRA folders in ../shared/interop reproduce PEFT's outputs on our MiniLM and
+//! PEFT LoRA folders in fixtures/interop reproduce PEFT's outputs on our MiniLM and
 //! SmolLM2; our LoRA adapters save as PEFT folders and load back; merging equals the
 //! unmerged forward; fresh LoRA and IA3 adapters leave the model unchanged.
 
@@ -19,7 +19,7 @@ fn model(name: &str) -> Backbone {
 }
 
 fn interop(name: &str) -> (PathBuf, serde_json::Value) {
-    let dir = workspace().join("../shared/interop").join(name);
+    let dir = workspace().join("fixtures/interop").join(name);
     (dir.join("adapter"), serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap())
 }
 
@@ -59,7 +59,7 @@ fn peft_minilm_reproduces_peft_and_round_trips_and_merges() {
     let mut m = model("all-MiniLM-L6-v2");
     let (info, fp) = (m.model_info(), m.fingerprint().unwrap());
     let (dir, expected) = interop("peft_lora_minilm");
-    let loaded = io::load(&dir, &info, &fp, &Device::Cpu).unwrap();
+    let loaded = io::load(&dir, &m, &Device::Cpu).unwrap();
     assert_eq!((loaded.format, loaded.adapter.kind()), ("peft", "lora"));
     assert_eq!(loaded.adapter.num_parameters() as u64, expected["num_adapter_parameters"].as_u64().unwrap());
     let name = attach(&mut m, loaded);
@@ -75,7 +75,7 @@ fn peft_minilm_reproduces_peft_and_round_trips_and_merges() {
     io::save(&tmp.join("ours"), &name, adapter.as_ref(), &placement, &fp).unwrap();
     for layout in ["peft", "ours"] {
         m.adapters_mut().remove(&name).unwrap();
-        let again = io::load(&tmp.join(layout), &info, &fp, &Device::Cpu).unwrap();
+        let again = io::load(&tmp.join(layout), &m, &Device::Cpu).unwrap();
         m.adapters_mut().add(&name, again.adapter).unwrap();
         m.adapters_mut().activate(&[&name]).unwrap();
         assert_eq!(bert_embeddings(&m, &expected), got, "via {layout}");
@@ -97,7 +97,7 @@ fn peft_smollm2_reproduces_peft_logits() {
     let mut m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
     let (info, fp) = (m.model_info(), m.fingerprint().unwrap());
     let (dir, expected) = interop("peft_lora_smollm2");
-    let loaded = io::load(&dir, &info, &fp, &Device::Cpu).unwrap();
+    let loaded = io::load(&dir, &m, &Device::Cpu).unwrap();
     assert_eq!(loaded.adapter.num_parameters() as u64, expected["num_adapter_parameters"].as_u64().unwrap());
     let name = attach(&mut m, loaded);
     let check = |m: &Backbone| {
@@ -150,4 +150,46 @@ fn rank_overrides_rslora_and_bad_configs() {
     assert!(e.contains("rank") && e.contains("lora"), "{e}");
     let e = registry::build("lora", &serde_json::json!({}), &serde_json::from_str::<Placement>(r#"{"sites":["ffn_output"]}"#).unwrap(), &info, &Device::Cpu, 0).err().unwrap().to_string();
     assert!(e.contains("ffn_output"), "{e}");
+}
+
+/// Hidden states of two right-padded rows, with or without per-row adapter choices.
+fn two_rows(m: &Backbone, choices: Option<&[Vec<String>]>) -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
+    let ids = Tensor::new(&[[1u32, 2054, 2003, 2023], [1, 2023, 2003, 1037]], &Device::Cpu)?;
+    let mask = ids.ones_like()?;
+    let mut ctx = ForwardCtx::inference();
+    if let Some(choices) = choices {
+        ctx = ctx.with_row_choices(choices, &Device::Cpu)?;
+    }
+    m.hidden_states(&ids, &mask, &ctx)?.to_vec3::<f32>()
+}
+
+/// A merged LoRA lives in the shared base weights, so per-row choices are refused while it
+/// is merged (a row naming it would get it twice, a base row would get it too); once
+/// unmerged, each row gets exactly what it asked for. On both backbones.
+#[test]
+fn row_choices_are_refused_while_an_adapter_is_merged() {
+    let _ = adapters_lora::family();
+    for (name, folder) in [("all-MiniLM-L6-v2", "peft_lora_minilm"), ("SmolLM2-135M-Instruct.Q4_1.gguf", "peft_lora_smollm2")] {
+        let mut m = model(name);
+        let lora = m.load_adapter(&interop(folder).0).unwrap();
+        let base = two_rows(&m, None).unwrap();
+        m.adapters_mut().activate(&[&lora]).unwrap();
+        let adapted = two_rows(&m, None).unwrap();
+        assert!(max_diff(&adapted[0], &base[0]) > 1e-4, "{name}: the LoRA changes nothing");
+        m.adapters_mut().activate(&[]).unwrap();
+
+        m.merge(&lora).unwrap();
+        let merged = two_rows(&m, None).unwrap();
+        assert!(max_diff(&merged[0], &adapted[0]) < 1e-3, "{name}: merged differs from unmerged");
+        let rows = [vec![lora.clone()], vec![]];
+        for choices in [&rows[..], &[vec![], vec![]][..]] {
+            let e = two_rows(&m, Some(choices)).unwrap_err().to_string();
+            assert!(e.contains("merged") && e.contains(&lora) && e.contains("unmerge"), "{name}: {e}");
+        }
+
+        m.unmerge(&lora).unwrap();
+        let mixed = two_rows(&m, Some(&rows)).unwrap();
+        assert!(max_diff(&mixed[0], &adapted[0]) < 1e-4, "{name}: the LoRA row");
+        assert!(max_diff(&mixed[1], &base[1]) < 1e-4, "{name}: the base row");
+    }
 }

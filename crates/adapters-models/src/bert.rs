@@ -7,13 +7,15 @@
 use crate::ops::{embedding, softmax_last, LayerNorm, Linear};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
-use anyhow::{bail, Context};
+use crate::error::Error;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 
 /// The fields of a BERT `config.json` that the forward pass uses.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[allow(missing_docs)] // the fields are Hugging Face's, with their meaning there
 pub struct BertConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -53,21 +55,29 @@ pub enum Activation {
     GeluErf,
     /// `gelu_new`, `gelu_pytorch_tanh`: tanh approximation.
     GeluTanh,
+    /// `relu`.
     Relu,
+    /// `silu`, `swish`.
     Silu,
 }
 
 impl Activation {
-    pub fn parse(name: &str) -> anyhow::Result<Self> {
+    /// The activation named `name` in a Hugging Face config.
+    pub fn parse(name: &str) -> std::result::Result<Self, Error> {
         Ok(match name {
             "gelu" => Activation::GeluErf,
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
             "silu" | "swish" => Activation::Silu,
-            other => bail!("unsupported hidden_act `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"),
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "unsupported hidden_act `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
+                )))
+            }
         })
     }
 
+    /// Applies the activation elementwise.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::GeluErf => x.gelu_erf(),
@@ -98,45 +108,51 @@ struct Layer {
 
 /// A BERT-family encoder.
 pub struct Bert {
+    /// The model's configuration.
     pub config: BertConfig,
     activation: Activation,
     embeddings: Embeddings,
     layers: Vec<Layer>,
-    /// The adapters attached to this model.
-    pub adapters: AdapterSet,
+    /// The adapters attached to this model: an immutable snapshot, replaced on change.
+    adapters: Arc<AdapterSet>,
 }
 
 impl Bert {
     /// Loads `config.json` and `model.safetensors` from a Hugging Face folder.
-    pub fn from_folder(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+    pub fn from_folder(dir: &Path, device: &Device) -> std::result::Result<Self, Error> {
         let config_path = dir.join("config.json");
-        let config: BertConfig = serde_json::from_slice(
-            &std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
-        )
-        .with_context(|| format!("{} is not a valid BERT config", config_path.display()))?;
+        let bytes = std::fs::read(&config_path).map_err(|e| Error::file(&config_path, e))?;
+        let config: BertConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::file(&config_path, format!("not a valid BERT config: {e}")))?;
         let weights = Weights::from_safetensors(&dir.join("model.safetensors"), device)?;
         Self::from_weights(config, &weights)
     }
 
     /// Builds the model from tensors named as in Hugging Face's `BertModel`
     /// (with or without a `bert.` prefix).
-    pub fn from_weights(config: BertConfig, w: &Weights) -> anyhow::Result<Self> {
+    pub fn from_weights(config: BertConfig, w: &Weights) -> std::result::Result<Self, Error> {
         if config.position_embedding_type != "absolute" {
-            bail!("position_embedding_type `{}` is not supported (only `absolute`)", config.position_embedding_type);
+            return Err(Error::Unsupported(format!(
+                "position_embedding_type `{}` is not supported (only `absolute`)",
+                config.position_embedding_type
+            )));
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
-            bail!("hidden_size {} is not divisible by num_attention_heads {}", config.hidden_size, config.num_attention_heads);
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(Error::Unsupported(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            )));
         }
         let activation = Activation::parse(&config.hidden_act)?;
         let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let (h, i) = (config.hidden_size, config.intermediate_size);
-        let linear = |name: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
+        let linear = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
             Ok(Linear::new(
                 w.get(&format!("{prefix}{name}.weight"), &[out, inp])?,
                 Some(w.get(&format!("{prefix}{name}.bias"), &[out])?),
             ))
         };
-        let norm = |name: &str| -> anyhow::Result<LayerNorm> {
+        let norm = |name: &str| -> std::result::Result<LayerNorm, Error> {
             let n = |a: &str| format!("{prefix}{name}.{a}");
             Ok(LayerNorm {
                 weight: w.get_any(&[n("weight"), n("gamma")], &[h])?,
@@ -164,10 +180,32 @@ impl Bert {
                     ffn_norm: norm(&format!("{p}.output.LayerNorm"))?,
                 })
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Bert { config, activation, embeddings, layers, adapters: AdapterSet::default() })
+            .collect::<std::result::Result<Vec<_>, Error>>()?;
+        Ok(Bert { config, activation, embeddings, layers, adapters: Arc::default() })
     }
 
+    /// The attached adapters.
+    pub fn adapters(&self) -> &AdapterSet {
+        &self.adapters
+    }
+
+    /// The attached adapters, to change. Forwards that hold a [`Self::adapters_snapshot`]
+    /// keep the version they started with: the change goes to a copy.
+    pub fn adapters_mut(&mut self) -> &mut AdapterSet {
+        Arc::make_mut(&mut self.adapters)
+    }
+
+    /// An immutable snapshot of the attached adapters (cheap: shared).
+    pub fn adapters_snapshot(&self) -> Arc<AdapterSet> {
+        self.adapters.clone()
+    }
+
+    /// Replaces the attached adapters with `adapters`.
+    pub fn set_adapters(&mut self, adapters: Arc<AdapterSet>) {
+        self.adapters = adapters;
+    }
+
+    /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.embeddings.word.device()
     }
@@ -230,6 +268,14 @@ impl Bert {
         let types = embedding(&e.token_type, &types)?;
         let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
         let mut x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?, ctx.train)?;
+        let masked;
+        let ctx = match attention_mask {
+            Some(m) => {
+                masked = ctx.masked(m);
+                &masked
+            }
+            None => ctx,
+        };
         let mask = match attention_mask {
             // [b, 1, 1, t]: 0 where attended, a large negative value on padding.
             Some(m) => Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?

@@ -13,37 +13,48 @@ pub enum Sampling {
     Greedy,
     /// Softmax(logits / temperature), restricted to the smallest set of tokens whose
     /// probability reaches `top_p`, drawn with a seeded generator.
-    Sample { temperature: f64, top_p: f64, seed: u64 },
+    Sample {
+        /// Divides the logits; below 1 sharpens, above 1 flattens.
+        temperature: f64,
+        /// The probability mass kept (nucleus sampling).
+        top_p: f64,
+        /// Seed of the generator that draws tokens.
+        seed: u64,
+    },
 }
 
 /// Generates up to `max_tokens` tokens after `prompt`, calling `on_token` with each new
-/// token as it is produced; stops early at any of `stop_ids`. Returns the new tokens.
-pub fn generate(
+/// token as it is produced (an error from it stops generation and is returned); stops
+/// early at any of `stop_ids`. Returns the new tokens.
+pub fn generate<E: From<crate::Error>>(
     model: &Llama,
     prompt: &[u32],
     max_tokens: usize,
     sampling: &Sampling,
     stop_ids: &[u32],
-    mut on_token: impl FnMut(u32) -> anyhow::Result<()>,
-) -> anyhow::Result<Vec<u32>> {
-    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
+    mut on_token: impl FnMut(u32) -> std::result::Result<(), E>,
+) -> std::result::Result<Vec<u32>, E> {
+    if prompt.is_empty() {
+        return Err(crate::Error::Invalid("the prompt is empty".into()).into());
+    }
+    let step = |r: Result<Tensor>| r.map_err(|e| E::from(crate::Error::from(e)));
     let ctx = ForwardCtx::inference();
     let mut cache = model.new_cache();
     let mut rng = match sampling {
         Sampling::Sample { seed, .. } => ChaCha8Rng::seed_from_u64(*seed),
         Sampling::Greedy => ChaCha8Rng::seed_from_u64(0),
     };
-    let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    let mut input = step(Tensor::new(prompt, model.device()).and_then(|t| t.unsqueeze(0)))?;
     let mut out = Vec::new();
     for _ in 0..max_tokens {
-        let logits = model.last_logits(&input, Some(&mut cache), &ctx)?.squeeze(0)?;
-        let next = choose(&logits, sampling, &mut rng)?;
+        let logits = step(model.last_logits(&input, Some(&mut cache), &ctx).and_then(|l| l.squeeze(0)))?;
+        let next = choose(&logits, sampling, &mut rng).map_err(|e| E::from(crate::Error::from(e)))?;
         out.push(next);
         on_token(next)?;
         if stop_ids.contains(&next) {
             break;
         }
-        input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+        input = step(Tensor::new(&[next], model.device()).and_then(|t| t.unsqueeze(0)))?;
     }
     Ok(out)
 }

@@ -6,7 +6,9 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 
 /// Sequence classification: a new linear layer on a pooled representation.
 pub struct ClassificationHead {
+    /// `[num_labels, hidden]`.
     pub weight: Var,
+    /// `[num_labels]`.
     pub bias: Var,
 }
 
@@ -24,6 +26,7 @@ impl ClassificationHead {
         pooled.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())
     }
 
+    /// The head's variables as `head.weight`, `head.bias`.
     pub fn vars(&self) -> Vec<(String, Var)> {
         vec![("head.weight".into(), self.weight.clone()), ("head.bias".into(), self.bias.clone())]
     }

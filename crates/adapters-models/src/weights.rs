@@ -1,6 +1,6 @@
 //! Named tensors read from a model file, with errors that name the file and the tensor.
 
-use anyhow::{bail, Context, Result};
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// Tensors already in memory; `source` names them in error messages.
     pub fn new(source: PathBuf, tensors: HashMap<String, Tensor>) -> Self {
         Weights { source, tensors }
     }
@@ -20,13 +21,10 @@ impl Weights {
     /// Half-precision tensors are widened to f32.
     pub fn from_safetensors(path: &Path, device: &Device) -> Result<Self> {
         let files: Vec<PathBuf> = if path.extension().is_some_and(|e| e == "json") {
-            let index: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-            let map = index["weight_map"]
-                .as_object()
-                .with_context(|| format!("{} has no `weight_map` object", path.display()))?;
+            let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+            let index: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+            let map = index["weight_map"].as_object().ok_or_else(|| Error::file(path, "has no `weight_map` object"))?;
             let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             shards.sort();
             shards.dedup();
@@ -37,9 +35,8 @@ impl Weights {
         };
         let mut tensors = HashMap::new();
         for file in &files {
-            let loaded = candle_core::safetensors::load(file, device).with_context(|| {
-                format!("{} is not a readable safetensors file (truncated or corrupt?)", file.display())
-            })?;
+            let loaded = candle_core::safetensors::load(file, device)
+                .map_err(|e| Error::file(file, format!("not a readable safetensors file (truncated or corrupt?): {e}")))?;
             for (name, t) in loaded {
                 let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
                 tensors.insert(name, t);
@@ -61,13 +58,11 @@ impl Weights {
     /// The tensor `name`, checked against the expected shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self.tensors.get(name) {
-            None => bail!("{}: tensor `{name}` is missing", self.source.display()),
-            Some(t) if t.dims() != shape => bail!(
-                "{}: tensor `{name}` has shape {:?}, expected {:?} from the model config",
-                self.source.display(),
-                t.dims(),
-                shape
-            ),
+            None => Err(Error::file(&self.source, format!("tensor `{name}` is missing"))),
+            Some(t) if t.dims() != shape => Err(Error::file(
+                &self.source,
+                format!("tensor `{name}` has shape {:?}, expected {shape:?} from the model config", t.dims()),
+            )),
             Some(t) => Ok(t.clone()),
         }
     }
@@ -76,7 +71,7 @@ impl Weights {
     pub fn get_any(&self, names: &[String], shape: &[usize]) -> Result<Tensor> {
         match names.iter().find(|n| self.contains(n)) {
             Some(n) => self.get(n, shape),
-            None => bail!("{}: none of the tensors {names:?} is present", self.source.display()),
+            None => Err(Error::file(&self.source, format!("none of the tensors {names:?} is present"))),
         }
     }
 

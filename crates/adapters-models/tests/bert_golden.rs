@@ -1,4 +1,4 @@
-//! all-MiniLM-L6-v2 against the PyTorch reference outputs in ../shared/golden/minilm.json,
+//! all-MiniLM-L6-v2 against the PyTorch reference outputs in fixtures/golden/minilm.json,
 //! and against candle-transformers' own BertModel.
 
 mod common;
@@ -28,7 +28,7 @@ fn embed(bert: &Bert, ids: &[Vec<u32>], mask: &[Vec<u32>], ctx: &ForwardCtx) -> 
 #[test]
 fn token_ids_match_the_reference_tokenizer() {
     let (_, tok) = model();
-    let golden = shared("golden/minilm.json");
+    let golden = fixture("golden/minilm.json");
     for s in golden["sentences"].as_array().unwrap() {
         let got = tok.encode(s["text"].as_str().unwrap(), true).unwrap();
         assert_eq!(got, ids(&s["input_ids"]), "text {:?}", s["text"]);
@@ -38,7 +38,7 @@ fn token_ids_match_the_reference_tokenizer() {
 #[test]
 fn embeddings_match_within_1e_4_one_by_one_and_padded() {
     let (bert, tok) = model();
-    let golden = shared("golden/minilm.json");
+    let golden = fixture("golden/minilm.json");
     let sentences = golden["sentences"].as_array().unwrap();
     for s in sentences {
         let got = embed(&bert, &[ids(&s["input_ids"])], &[ids(&s["attention_mask"])], &ForwardCtx::inference());
@@ -58,7 +58,7 @@ fn embeddings_match_within_1e_4_one_by_one_and_padded() {
 #[test]
 fn last_hidden_state_matches_within_1e_3_and_training_path_agrees() {
     let (bert, _) = model();
-    let golden = shared("golden/minilm.json");
+    let golden = fixture("golden/minilm.json");
     let s = &golden["sentences"][0];
     let ids = Tensor::new(vec![ids(&s["input_ids"])], &Device::Cpu).unwrap();
     let want: Vec<f32> = golden["last_hidden_state_sentence0"]["values"]

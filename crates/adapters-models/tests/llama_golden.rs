@@ -1,5 +1,5 @@
 //! SmolLM2-135M-Instruct (GGUF) against the PyTorch reference outputs in
-//! ../shared/golden/smollm2.json, against candle-transformers' quantized llama, and the
+//! fixtures/golden/smollm2.json, against candle-transformers' quantized llama, and the
 //! same model loaded back from a Hugging Face safetensors folder.
 
 mod common;
@@ -28,7 +28,7 @@ fn last_logits(m: &Llama, ids: &[u32], ctx: &ForwardCtx) -> Vec<f32> {
 }
 
 /// Checks logits against a reference summary (top-20 by id, mean, std), with the
-/// tolerance of ../shared/golden/README.md: 1e-3 * max(1, |expected|).
+/// tolerance of fixtures/golden/README.md: 1e-3 * max(1, |expected|).
 fn assert_logits_match(got: &[f32], want: &serde_json::Value, what: &str) {
     let tol = |e: f32| 1e-3 * e.abs().max(1.0);
     for pair in want["top20"].as_array().unwrap() {
@@ -48,7 +48,7 @@ fn assert_logits_match(got: &[f32], want: &serde_json::Value, what: &str) {
 #[test]
 fn token_ids_and_chat_template_match() {
     let (_, tok) = model();
-    let golden = shared("golden/smollm2.json");
+    let golden = fixture("golden/smollm2.json");
     for p in golden["prompts"].as_array().unwrap() {
         let text = p["text"].as_str().unwrap();
         assert_eq!(tok.encode(text, false).unwrap(), ids(&p["input_ids"]), "prompt {}", p["name"]);
@@ -65,7 +65,7 @@ fn token_ids_and_chat_template_match() {
 #[test]
 fn last_position_logits_and_hidden_states_match() {
     let (m, _) = model();
-    let golden = shared("golden/smollm2.json");
+    let golden = fixture("golden/smollm2.json");
     for p in golden["prompts"].as_array().unwrap() {
         let ids = ids(&p["input_ids"]);
         let got = last_logits(m, &ids, &ForwardCtx::inference());
@@ -86,10 +86,10 @@ fn last_position_logits_and_hidden_states_match() {
 #[test]
 fn greedy_continuations_match_with_the_kv_cache() {
     let (m, _) = model();
-    let golden = shared("golden/smollm2.json");
+    let golden = fixture("golden/smollm2.json");
     for p in golden["prompts"].as_array().unwrap() {
         let want = ids(&p["greedy_continuation"]["new_token_ids"]);
-        let got = generate(m, &ids(&p["input_ids"]), want.len(), &Sampling::Greedy, &[], |_| Ok(())).unwrap();
+        let got = generate(m, &ids(&p["input_ids"]), want.len(), &Sampling::Greedy, &[], |_| Ok::<(), adapters_models::Error>(())).unwrap();
         assert_eq!(got, want, "prompt {}", p["name"]);
     }
 }
@@ -99,12 +99,12 @@ fn sampling_is_seeded_and_stops_at_eos() {
     let (m, tok) = model();
     let prompt = tok.encode("Once upon a time", false).unwrap();
     let s = Sampling::Sample { temperature: 0.8, top_p: 0.9, seed: 5 };
-    let a = generate(m, &prompt, 8, &s, &[], |_| Ok(())).unwrap();
-    let b = generate(m, &prompt, 8, &s, &[], |_| Ok(())).unwrap();
+    let a = generate(m, &prompt, 8, &s, &[], |_| Ok::<(), adapters_models::Error>(())).unwrap();
+    let b = generate(m, &prompt, 8, &s, &[], |_| Ok::<(), adapters_models::Error>(())).unwrap();
     assert_eq!(a, b);
     assert_eq!(a.len(), 8);
     let stop = a[2];
-    let c = generate(m, &prompt, 8, &s, &[stop], |_| Ok(())).unwrap();
+    let c = generate(m, &prompt, 8, &s, &[stop], |_| Ok::<(), adapters_models::Error>(())).unwrap();
     assert_eq!(c.len(), a.iter().position(|&t| t == stop).unwrap() + 1);
 }
 

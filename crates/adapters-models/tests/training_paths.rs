@@ -44,12 +44,12 @@ fn bert_every_adapter_and_head_variable_gets_a_gradient() {
     let mut bert = bert();
     let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
     assert_eq!(probe.points().len(), 6 * 8);
-    bert.adapters.add("probe", Box::new(probe)).unwrap();
-    bert.adapters.activate(&["probe"]).unwrap();
+    bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
+    bert.adapters_mut().activate(&["probe"]).unwrap();
     let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
     let loss = bert_loss(&bert, &head, &ForwardCtx::training());
     let grads = loss.backward().unwrap();
-    let mut vars = bert.adapters.active_vars();
+    let mut vars = bert.adapters().active_vars();
     vars.extend(head.vars());
     assert_all_grads(&vars, &grads);
 }
@@ -58,12 +58,12 @@ fn bert_every_adapter_and_head_variable_gets_a_gradient() {
 fn bert_gradients_agree_with_finite_differences() {
     let mut bert = bert();
     let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
-    bert.adapters.add("probe", Box::new(probe)).unwrap();
-    bert.adapters.activate(&["probe"]).unwrap();
+    bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
+    bert.adapters_mut().activate(&["probe"]).unwrap();
     let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
     let ctx = ForwardCtx::training();
     let grads = bert_loss(&bert, &head, &ctx).backward().unwrap();
-    let vars = bert.adapters.active_vars();
+    let vars = bert.adapters().active_vars();
     // A hidden-site variable in the first layer and a projection-site one in the last.
     for name in ["probe.layer 0 attention_output", "probe.layer 5 value"] {
         let var: &Var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
@@ -90,15 +90,15 @@ fn llama_every_adapter_variable_gets_a_gradient() {
     let mut m = llama();
     let probe = Probe::everywhere(&m.model_info(), &Device::Cpu).unwrap();
     assert_eq!(probe.points().len(), 30 * 9);
-    m.adapters.add("probe", Box::new(probe)).unwrap();
-    m.adapters.activate(&["probe"]).unwrap();
+    m.adapters_mut().add("probe", Box::new(probe)).unwrap();
+    m.adapters_mut().activate(&["probe"]).unwrap();
     let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314, 7042]], &Device::Cpu).unwrap();
     let ctx = ForwardCtx::training();
     let hidden = m.forward_hidden(&ids.narrow(1, 0, 5).unwrap(), None, &ctx).unwrap();
     let logits = m.logits(&hidden).unwrap().squeeze(0).unwrap();
     let targets = ids.narrow(1, 1, 5).unwrap().squeeze(0).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
-    assert_all_grads(&m.adapters.active_vars(), &loss.backward().unwrap());
+    assert_all_grads(&m.adapters().active_vars(), &loss.backward().unwrap());
 }
 
 #[test]
@@ -108,13 +108,13 @@ fn idle_hooks_leave_the_base_untouched_and_rows_can_choose() {
     let ctx = ForwardCtx::inference();
     let base = bert.forward(&ids, None, Some(&mask), &ctx).unwrap().to_vec3::<f32>().unwrap();
     let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
-    bert.adapters.add("probe", Box::new(probe)).unwrap();
+    bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
     // Attached but inactive: bit-identical.
     assert_eq!(bert.forward(&ids, None, Some(&mask), &ctx).unwrap().to_vec3::<f32>().unwrap(), base);
-    bert.adapters.activate(&["probe"]).unwrap();
+    bert.adapters_mut().activate(&["probe"]).unwrap();
     let adapted = bert.forward(&ids, None, Some(&mask), &ctx).unwrap().to_vec3::<f32>().unwrap();
     assert_ne!(adapted, base);
-    bert.adapters.activate(&[]).unwrap();
+    bert.adapters_mut().activate(&[]).unwrap();
     // Row 0 through the probe, row 1 through the base model, in one forward.
     let rows = ForwardCtx::inference().with_row_choices(&[vec!["probe".into()], vec![]], &Device::Cpu).unwrap();
     let mixed = bert.forward(&ids, None, Some(&mask), &rows).unwrap().to_vec3::<f32>().unwrap();

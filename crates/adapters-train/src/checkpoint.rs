@@ -6,7 +6,7 @@
 use crate::config::Config;
 use crate::optim::AdamW;
 use adapters_core::io::{read_tensors, save_tensors_atomic, write_atomic};
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Error, Result, Within};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -88,13 +88,13 @@ pub fn save(out: &Path, state: &State, optimizer: &AdamW, params: &[(String, Var
 pub fn load(out: &Path, config: &Config, optimizer: &mut AdamW, params: &[(String, Var)]) -> Result<State> {
     let dir = out.join(CHECKPOINT_DIR);
     if !exists(out) {
-        bail!("{} has no checkpoint to resume; start without --resume", out.display());
+        fail!(Run, "{} has no checkpoint to resume; start without --resume", out.display());
     }
     let state_path = dir.join(STATE);
     let state: State = serde_json::from_slice(&std::fs::read(&state_path)?)
-        .with_context(|| format!("{} is not a checkpoint state", state_path.display()))?;
+        .within(|| format!("{} is not a checkpoint state", state_path.display()))?;
     if state.config != comparable(config) {
-        bail!(
+        fail!(Run, 
             "{} was written by a different config (model, adapters, tasks, training or stages changed); \
              resume with the config it was started with, or start a new `output.dir`",
             dir.display()
@@ -103,7 +103,7 @@ pub fn load(out: &Path, config: &Config, optimizer: &mut AdamW, params: &[(Strin
     let weights = read_tensors(&dir.join(TRAINABLE), &candle_core::Device::Cpu)?;
     let pairs = fit(params, weights, &dir.join(TRAINABLE))?;
     optimizer.load_state(read_tensors(&dir.join(OPTIMIZER), &candle_core::Device::Cpu)?)
-        .with_context(|| format!("reading {}", dir.join(OPTIMIZER).display()))?;
+        .within(|| format!("reading {}", dir.join(OPTIMIZER).display()))?;
     for (var, t) in pairs {
         var.set(&t.to_device(var.device())?)?;
     }
@@ -114,9 +114,9 @@ fn fit(params: &[(String, Var)], mut weights: HashMap<String, Tensor>, file: &Pa
     params
         .iter()
         .map(|(name, var)| {
-            let t = weights.remove(name).with_context(|| format!("{}: `{name}` is missing", file.display()))?;
+            let t = weights.remove(name).ok_or_else(|| Error::file(file, format!("`{name}` is missing")))?;
             if t.dims() != var.dims() {
-                bail!("{}: `{name}` has shape {:?}, expected {:?}", file.display(), t.dims(), var.dims());
+                fail!(Run, "{}: `{name}` has shape {:?}, expected {:?}", file.display(), t.dims(), var.dims());
             }
             Ok((var.clone(), t))
         })
@@ -140,8 +140,8 @@ pub fn restore_best(out: &Path, params: &[(String, Var)]) -> Result<()> {
 /// Writes a folder through `write` into a temporary sibling, then swaps it into place, so
 /// an interrupted write never leaves a half-written folder behind.
 pub fn replace_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().context("an output folder has no parent")?;
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let parent = dir.parent().ok_or_else(|| Error::file(dir, "an output folder needs a parent folder"))?;
+    std::fs::create_dir_all(parent).within(|| format!("creating {}", parent.display()))?;
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let (tmp, old) = (parent.join(format!(".{name}.tmp")), parent.join(format!(".{name}.old")));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -151,7 +151,7 @@ pub fn replace_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resul
     if dir.exists() {
         std::fs::rename(dir, &old)?;
     }
-    std::fs::rename(&tmp, dir).with_context(|| format!("moving the new {} into place", dir.display()))?;
+    std::fs::rename(&tmp, dir).within(|| format!("moving the new {} into place", dir.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }

@@ -3,28 +3,33 @@
 //! output folder. Unknown keys and wrong types are errors that name the key.
 
 use adapters_core::Placement;
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Error, Result, Within};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// One training run, as written in its TOML file.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[model]`.
     pub model: ModelConfig,
     /// Named adapters; `kind` picks the registered kind, the other keys are its config.
     #[serde(default)]
     pub adapters: BTreeMap<String, AdapterEntry>,
     /// One or more tasks (`[[task]]`).
     pub task: Vec<TaskConfig>,
+    /// `[training]`.
     #[serde(default)]
     pub training: TrainingConfig,
     /// Staged training (`[[stage]]`): which parameter groups train for how many steps.
     #[serde(default)]
     pub stage: Vec<Stage>,
+    /// `[output]`.
     pub output: OutputConfig,
 }
 
+/// `[model]`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -43,9 +48,12 @@ fn default_max_length() -> usize {
 /// One adapter: its kind, placement and the kind's own fields (checked by the kind).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct AdapterEntry {
+    /// The registered kind.
     pub kind: String,
+    /// Where the adapter goes.
     #[serde(default)]
     pub placement: Placement,
+    /// The kind's own fields.
     #[serde(flatten)]
     pub config: BTreeMap<String, toml::Value>,
 }
@@ -57,6 +65,7 @@ impl AdapterEntry {
     }
 }
 
+/// What a task learns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskType {
@@ -66,6 +75,7 @@ pub enum TaskType {
     CausalLm,
 }
 
+/// How a classification head sees a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
@@ -77,19 +87,26 @@ pub enum Pooling {
     Last,
 }
 
+/// `[[task]]`: one task's data, adapters and head.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
+    /// Names the task in reports and its head folder.
     pub name: String,
+    /// Classification or causal LM.
     #[serde(rename = "type")]
     pub kind: TaskType,
     /// JSONL or CSV (classification) or plain text with blank-line separated documents
     /// (causal LM).
     pub train: PathBuf,
+    /// Dev data, for evaluation during training.
     pub dev: Option<PathBuf>,
+    /// Test data, evaluated before and after training.
     pub test: Option<PathBuf>,
+    /// The JSONL field or CSV column with the text.
     #[serde(default = "default_text_field")]
     pub text_field: String,
+    /// The JSONL field or CSV column with the label.
     #[serde(default = "default_label_field")]
     pub label_field: String,
     /// Skip (and count) bad rows instead of stopping at the first.
@@ -113,6 +130,7 @@ fn default_label_field() -> String {
     "label".into()
 }
 
+/// What trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -124,11 +142,15 @@ pub enum Mode {
     Full,
 }
 
+/// The learning-rate shape after warmup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScheduleKind {
+    /// Stays at the peak.
     Constant,
+    /// Falls linearly to 0.
     Linear,
+    /// Follows half a cosine to 0.
     Cosine,
 }
 
@@ -140,13 +162,19 @@ pub enum Sampling {
     Named(SamplingName),
     /// `{ temperature = T }`: probability proportional to size^(1/T); T = 1 is
     /// proportional, large T approaches uniform.
-    Temperature { temperature: f64 },
+    Temperature {
+        /// T.
+        temperature: f64,
+    },
 }
 
+/// Named multi-task sampling rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SamplingName {
+    /// Tasks in proportion to their training rows.
     Proportional,
+    /// Every task equally often.
     Uniform,
 }
 
@@ -161,6 +189,7 @@ impl Sampling {
     }
 }
 
+/// Stop when the dev metric has not improved for `patience` evaluations.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyStopping {
@@ -170,20 +199,27 @@ pub struct EarlyStopping {
     pub patience: usize,
 }
 
+/// A dev metric to watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
+    /// Accuracy (classification).
     Accuracy,
+    /// Macro-averaged F1 (classification).
     MacroF1,
+    /// Dev loss (any task).
     Loss,
+    /// Perplexity (causal LM).
     Perplexity,
 }
 
 impl Metric {
+    /// Whether larger values are better.
     pub fn higher_is_better(self) -> bool {
         matches!(self, Metric::Accuracy | Metric::MacroF1)
     }
 
+    /// The metric's name in reports.
     pub fn key(self) -> &'static str {
         match self {
             Metric::Accuracy => "accuracy",
@@ -194,14 +230,17 @@ impl Metric {
     }
 }
 
+/// `[training]`: optimiser, schedule, batches, evaluation, checkpoints.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
+    /// What trains (default: adapters).
     pub mode: Mode,
     /// Peak learning rate (1e-3 suits adapters; full fine-tuning wants ~2e-5 to 5e-5).
     pub lr: f64,
     /// AdamW decoupled weight decay, on matrices only (not biases, norms, scalings).
     pub weight_decay: f64,
+    /// Learning-rate shape after warmup.
     pub schedule: ScheduleKind,
     /// Warmup as a share of all steps.
     pub warmup_ratio: f64,
@@ -209,16 +248,19 @@ pub struct TrainingConfig {
     pub max_grad_norm: f64,
     /// Dropout on the pooled features before a classification head.
     pub dropout: f64,
+    /// Rows per step.
     pub batch_size: usize,
     /// Passes over the training data (all tasks); ignored when `steps` is set.
     pub epochs: usize,
     /// Total optimizer steps, overriding `epochs`.
     pub steps: Option<usize>,
+    /// Seeds initialisation, data order, task choice and dropout.
     pub seed: u64,
     /// Evaluate on the dev sets every N steps (default: once per epoch) and at the end.
     pub eval_every: Option<usize>,
     /// Write a checkpoint every N steps (default: at every evaluation).
     pub checkpoint_every: Option<usize>,
+    /// Early stopping on a dev metric.
     pub early_stopping: Option<EarlyStopping>,
     /// Multi-task sampling: `"proportional"`, `"uniform"` or `{ temperature = T }`.
     pub sampling: Sampling,
@@ -226,6 +268,11 @@ pub struct TrainingConfig {
     /// lengths). Turn off when length predicts the label so strongly that batches become
     /// single-class.
     pub group_by_length: bool,
+    /// Every batch holds rows of every task, in the proportions `sampling` gives, run
+    /// through one forward (each row with its task's adapters and head) instead of one
+    /// task per batch. Classification tasks only.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mixed_task_batches: bool,
 }
 
 impl Default for TrainingConfig {
@@ -247,6 +294,7 @@ impl Default for TrainingConfig {
             early_stopping: None,
             sampling: Sampling::Named(SamplingName::Proportional),
             group_by_length: true,
+            mixed_task_batches: false,
         }
     }
 }
@@ -257,10 +305,13 @@ impl Default for TrainingConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
+    /// How many steps; the last stage may leave it out to run to the end.
     pub steps: Option<usize>,
+    /// The parameter groups that train in this stage.
     pub train: Vec<String>,
 }
 
+/// `[output]`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
@@ -272,18 +323,19 @@ impl Config {
     /// Reads a TOML file, applies `overrides` (`training.lr=5e-4`, `output.dir="x"`:
     /// dotted key paths, TOML values) and checks it.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the config {}", path.display()))?;
-        Self::parse(&text, overrides).with_context(|| format!("in the config {}", path.display()))
+        let text = std::fs::read_to_string(path).within(|| format!("reading the config {}", path.display()))?;
+        Self::parse(&text, overrides).within(|| format!("in the config {}", path.display()))
     }
 
+    /// Parses a config from TOML text with `--set KEY=VALUE` overrides applied, and checks it.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
-        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| anyhow::anyhow!("{e}"))?;
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
         // Through text again so that errors point at the offending line and key.
-        let text = toml::to_string(&doc).context("re-serialising the config")?;
-        let config: Config = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let text = toml::to_string(&doc).map_err(|e| Error::Config(format!("re-serialising the config: {e}")))?;
+        let config: Config = toml::from_str(&text).map_err(|e| Error::Config(e.to_string().trim_end().to_string()))?;
         config.check()?;
         Ok(config)
     }
@@ -291,46 +343,52 @@ impl Config {
     fn check(&self) -> Result<()> {
         let t = &self.training;
         if self.task.is_empty() {
-            bail!("`task`: at least one [[task]] is needed");
+            fail!(Config, "`task`: at least one [[task]] is needed");
         }
         if t.batch_size == 0 {
-            bail!("`training.batch_size` must be at least 1");
+            fail!(Config, "`training.batch_size` must be at least 1");
         }
         if !(t.lr > 0.0) {
-            bail!("`training.lr` must be positive, got {}", t.lr);
+            fail!(Config, "`training.lr` must be positive, got {}", t.lr);
         }
         if !(0.0..1.0).contains(&t.dropout) {
-            bail!("`training.dropout` must be in [0, 1), got {}", t.dropout);
+            fail!(Config, "`training.dropout` must be in [0, 1), got {}", t.dropout);
         }
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            bail!("`training.warmup_ratio` must be in [0, 1], got {}", t.warmup_ratio);
+            fail!(Config, "`training.warmup_ratio` must be in [0, 1], got {}", t.warmup_ratio);
         }
         if matches!(t.sampling, Sampling::Temperature { temperature } if !(temperature > 0.0)) {
-            bail!("`training.sampling.temperature` must be positive");
+            fail!(Config, "`training.sampling.temperature` must be positive");
         }
         if t.mode == Mode::HeadOnly && self.task.iter().any(|k| k.kind == TaskType::CausalLm) {
-            bail!("`training.mode = \"head_only\"` has nothing to train for a causal_lm task (its head is the tied embedding)");
+            fail!(Config, "`training.mode = \"head_only\"` has nothing to train for a causal_lm task (its head is the tied embedding)");
+        }
+        if t.mixed_task_batches && self.task.iter().any(|k| k.kind != TaskType::Classification) {
+            fail!(Config, "`training.mixed_task_batches = true` needs classification tasks only (a causal_lm task trains on its own batches)");
+        }
+        if t.mixed_task_batches && t.batch_size < self.task.len() {
+            fail!(Config, "`training.mixed_task_batches = true` needs `training.batch_size` of at least one row per task ({})", self.task.len());
         }
         if t.mode == Mode::Adapters && self.adapters.is_empty() {
-            bail!("`training.mode = \"adapters\"` needs at least one [adapters.NAME] table (or use mode \"head_only\" / \"full\")");
+            fail!(Config, "`training.mode = \"adapters\"` needs at least one [adapters.NAME] table (or use mode \"head_only\" / \"full\")");
         }
         let mut names = std::collections::BTreeSet::new();
         for task in &self.task {
             if !names.insert(&task.name) {
-                bail!("`task.name`: two tasks are called `{}`", task.name);
+                fail!(Config, "`task.name`: two tasks are called `{}`", task.name);
             }
             for a in task.adapters.iter().flatten() {
                 if !self.adapters.contains_key(a) {
-                    bail!("`task.adapters` of task `{}`: no adapter `{a}` (defined: {})", task.name, self.adapter_names().join(", "));
+                    fail!(Config, "`task.adapters` of task `{}`: no adapter `{a}` (defined: {})", task.name, self.adapter_names().join(", "));
                 }
             }
         }
         for (i, s) in self.stage.iter().enumerate() {
             if s.steps.is_none() && i + 1 != self.stage.len() {
-                bail!("`stage` {}: only the last stage may leave out `steps`", i + 1);
+                fail!(Config, "`stage` {}: only the last stage may leave out `steps`", i + 1);
             }
             for g in &s.train {
-                self.check_group(g).with_context(|| format!("`stage.train` of stage {}", i + 1))?;
+                self.check_group(g).within(|| format!("`stage.train` of stage {}", i + 1))?;
             }
         }
         Ok(())
@@ -344,11 +402,12 @@ impl Config {
             _ => false,
         };
         if !ok {
-            bail!("unknown parameter group `{group}`; groups are adapters, heads, base, adapter:NAME, head:TASK");
+            fail!(Config, "unknown parameter group `{group}`; groups are adapters, heads, base, adapter:NAME, head:TASK");
         }
         Ok(())
     }
 
+    /// The `[adapters.NAME]` names, in order.
     pub fn adapter_names(&self) -> Vec<String> {
         self.adapters.keys().cloned().collect()
     }
@@ -366,7 +425,7 @@ impl Config {
 fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')
-        .with_context(|| format!("--set {assignment:?}: expected KEY=VALUE, e.g. --set training.lr=5e-4"))?;
+        .ok_or_else(|| Error::Config(format!("--set {assignment:?}: expected KEY=VALUE, e.g. --set training.lr=5e-4")))?;
     let value = format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
@@ -376,7 +435,7 @@ fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
     let mut table = doc;
     for part in &parts[..parts.len() - 1] {
         let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        table = entry.as_table_mut().with_context(|| format!("--set {key}: `{part}` is not a table"))?;
+        table = entry.as_table_mut().ok_or_else(|| Error::Config(format!("--set {key}: `{part}` is not a table")))?;
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())

@@ -2,13 +2,16 @@
 //! strings or integers), and plain text for language modelling. A bad row is an error
 //! naming the file and line, or, when the caller allows it, skipped and counted.
 
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Result, Within};
 use std::collections::BTreeSet;
 use std::path::Path;
 
+/// One labelled text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
+    /// The text.
     pub text: String,
+    /// Its label.
     pub label: String,
     /// The line the row starts on in its file (1-based), for error messages.
     pub line: usize,
@@ -17,7 +20,9 @@ pub struct Example {
 /// Which fields hold the text and the label, and what to do with bad rows.
 #[derive(Clone, Debug)]
 pub struct Fields {
+    /// Field or column with the text.
     pub text: String,
+    /// Field or column with the label.
     pub label: String,
     /// Skip bad rows (and count them) instead of failing.
     pub skip_bad_rows: bool,
@@ -32,13 +37,15 @@ impl Default for Fields {
 /// Rows read and rows skipped.
 #[derive(Debug, Default, PartialEq)]
 pub struct Read {
+    /// The good rows, in file order.
     pub examples: Vec<Example>,
+    /// Bad rows skipped.
     pub skipped: usize,
 }
 
 fn exists(path: &Path) -> Result<()> {
     if !path.exists() {
-        bail!("{} does not exist (relative paths start at the working directory; the project's datasets are written to data/ by `cargo xtask fetch`)", path.display());
+        fail!(Data, "{} does not exist (relative paths start at the working directory; the project's datasets are written to data/ by `cargo xtask fetch`)", path.display());
     }
     Ok(())
 }
@@ -59,18 +66,18 @@ pub fn read_labelled(path: &Path, fields: &Fields) -> Result<Read> {
     let rows: Vec<(usize, std::result::Result<Example, String>)> = match ext {
         "jsonl" | "json" => read_jsonl(path, fields)?,
         "csv" => read_csv(path, fields)?,
-        other => bail!("{}: unknown data format `.{other}`; use .jsonl or .csv", path.display()),
+        other => fail!(Data, "{}: unknown data format `.{other}`; use .jsonl or .csv", path.display()),
     };
     let mut out = Read::default();
     for (line, row) in rows {
         match row {
             Ok(e) => out.examples.push(Example { line, ..e }),
             Err(_) if fields.skip_bad_rows => out.skipped += 1,
-            Err(why) => bail!("{}:{line}: {why} (fix the row, or allow skipping bad rows)", path.display()),
+            Err(why) => fail!(Data, "{}:{line}: {why} (fix the row, or allow skipping bad rows)", path.display()),
         }
     }
     if out.examples.is_empty() {
-        bail!("{}: no usable rows", path.display());
+        fail!(Data, "{}: no usable rows", path.display());
     }
     Ok(out)
 }
@@ -85,7 +92,7 @@ fn check(text: Option<String>, label: Option<String>, fields: &Fields) -> std::r
 }
 
 fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Result<Example, String>)>> {
-    let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let body = std::fs::read_to_string(path).within(|| format!("reading {}", path.display()))?;
     Ok(body
         .lines()
         .enumerate()
@@ -101,11 +108,11 @@ fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::R
 }
 
 fn read_csv(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Result<Example, String>)>> {
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).with_context(|| format!("reading {}", path.display()))?;
-    let headers = reader.headers().with_context(|| format!("{}: no header row", path.display()))?.clone();
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_path(path).within(|| format!("reading {}", path.display()))?;
+    let headers = reader.headers().within(|| format!("{}: no header row", path.display()))?.clone();
     let col = |name: &str| headers.iter().position(|h| h == name);
     let (Some(t), Some(l)) = (col(&fields.text), col(&fields.label)) else {
-        bail!("{}: the header has no `{}` or no `{}` column (columns: {})", path.display(), fields.text, fields.label, headers.iter().collect::<Vec<_>>().join(", "));
+        fail!(Data, "{}: the header has no `{}` or no `{}` column (columns: {})", path.display(), fields.text, fields.label, headers.iter().collect::<Vec<_>>().join(", "));
     };
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
@@ -122,7 +129,7 @@ fn read_csv(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Res
 /// Checks that every label of a dev or test set was seen in training.
 pub fn check_labels(path: &Path, examples: &[Example], known: &BTreeSet<String>) -> Result<()> {
     if let Some(e) = examples.iter().find(|e| !known.contains(&e.label)) {
-        bail!("{}:{}: label `{}` does not occur in the training data (known: {})", path.display(), e.line, e.label, known.iter().cloned().collect::<Vec<_>>().join(", "));
+        fail!(Data, "{}:{}: label `{}` does not occur in the training data (known: {})", path.display(), e.line, e.label, known.iter().cloned().collect::<Vec<_>>().join(", "));
     }
     Ok(())
 }
@@ -130,10 +137,10 @@ pub fn check_labels(path: &Path, examples: &[Example], known: &BTreeSet<String>)
 /// Plain text for language modelling: documents separated by blank lines.
 pub fn read_text(path: &Path) -> Result<Vec<String>> {
     exists(path)?;
-    let body = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let body = std::fs::read_to_string(path).within(|| format!("reading {}", path.display()))?;
     let docs: Vec<String> = body.split("\n\n").map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect();
     if docs.is_empty() {
-        bail!("{}: no text", path.display());
+        fail!(Data, "{}: no text", path.display());
     }
     Ok(docs)
 }

@@ -5,7 +5,7 @@ use crate::config::Pooling;
 use adapters_core::ForwardCtx;
 use adapters_models::heads::{last_token_pool, mean_pool, ClassificationHead};
 use adapters_models::Backbone;
-use anyhow::{bail, Result};
+use crate::error::{fail, Result};
 use candle_core::{Device, Tensor, D};
 
 /// Right-pads rows of token ids: `[batch, longest]` ids (padding id 0) and the mask.
@@ -26,10 +26,15 @@ pub fn pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {
 pub fn pooled(backbone: &Backbone, rows: &[&[u32]], pooling: Pooling, ctx: &ForwardCtx) -> Result<Tensor> {
     let (ids, mask) = pad(rows, backbone.device())?;
     let hidden = backbone.hidden_states(&ids, &mask, ctx)?;
+    pool(&hidden, &mask, pooling)
+}
+
+/// Pools hidden states `[batch, seq, hidden]` of right-padded rows into `[batch, hidden]`.
+pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> Result<Tensor> {
     Ok(match pooling {
-        Pooling::Mean => mean_pool(&hidden, &mask)?,
+        Pooling::Mean => mean_pool(hidden, mask)?,
         Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-        Pooling::Last => last_token_pool(&hidden, &mask)?,
+        Pooling::Last => last_token_pool(hidden, mask)?,
     })
 }
 
@@ -40,10 +45,10 @@ pub fn classify(head: &ClassificationHead, pooled: &Tensor, dropout: f64, ctx: &
 
 /// Mean next-token cross-entropy over equal-length rows, and how many tokens it averages.
 pub fn lm_loss(backbone: &Backbone, rows: &[&[u32]], ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
-    let Backbone::Llama(model) = backbone else { bail!("causal language modelling needs a decoder model") };
-    let (ids, _) = pad(rows, backbone.device())?;
+    let Backbone::Llama(model) = backbone else { fail!(Config, "causal language modelling needs a decoder model") };
+    let (ids, mask) = pad(rows, backbone.device())?;
     let (b, t) = ids.dims2()?;
-    let hidden = model.forward_hidden(&ids, None, ctx)?.narrow(1, 0, t - 1)?;
+    let hidden = model.forward_hidden(&ids, None, &ctx.masked(&mask))?.narrow(1, 0, t - 1)?;
     let logits = model.logits(&hidden)?;
     let vocab = logits.dim(D::Minus1)?;
     let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;

@@ -6,25 +6,33 @@
 use crate::config::Pooling;
 use adapters_core::io::{read_json, read_tensors, save_tensors_atomic, write_atomic};
 use adapters_models::heads::ClassificationHead;
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Error, Result, Within};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The folder (inside an adapter or run folder) that holds heads, one per task.
 pub const HEADS_DIR: &str = "heads";
+/// A head's configuration file.
 pub const HEAD_CONFIG: &str = "head_config.json";
+/// A head's weights file.
 pub const HEAD_WEIGHTS: &str = "head.safetensors";
 
+/// What a saved head needs to predict: labels, pooling, the adapter stack.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeadConfig {
+    /// The task it was trained for.
     pub task: String,
     /// Always `classification` for now.
     #[serde(rename = "type")]
     pub kind: String,
+    /// Label names by index.
     pub labels: Vec<String>,
+    /// How it pools hidden states.
     pub pooling: Pooling,
+    /// The width it expects.
     pub hidden_size: usize,
     /// The adapters the head was trained on top of, in stack order.
     pub adapters: Vec<String>,
@@ -32,8 +40,11 @@ pub struct HeadConfig {
 
 /// A head read back from disk.
 pub struct SavedHead {
+    /// Its configuration.
     pub config: HeadConfig,
+    /// Its weights.
     pub head: ClassificationHead,
+    /// Where it was read from.
     pub dir: PathBuf,
 }
 
@@ -55,7 +66,7 @@ pub fn load_all(dir: &Path, device: &Device) -> Result<Vec<SavedHead>> {
     }
     let mut heads = Vec::new();
     let mut entries: Vec<PathBuf> = std::fs::read_dir(&root)
-        .with_context(|| format!("reading {}", root.display()))?
+        .within(|| format!("reading {}", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
@@ -70,14 +81,14 @@ pub fn load_all(dir: &Path, device: &Device) -> Result<Vec<SavedHead>> {
 pub fn load(dir: &Path, device: &Device) -> Result<SavedHead> {
     let config_path = dir.join(HEAD_CONFIG);
     let config: HeadConfig = serde_json::from_value(read_json(&config_path)?)
-        .with_context(|| format!("{} is not a head config", config_path.display()))?;
+        .within(|| format!("{} is not a head config", config_path.display()))?;
     let weights_path = dir.join(HEAD_WEIGHTS);
     let mut t = read_tensors(&weights_path, device)?;
     let (n, h) = (config.labels.len(), config.hidden_size);
     let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let x = t.remove(name).with_context(|| format!("{}: tensor `{name}` is missing", weights_path.display()))?;
+        let x = t.remove(name).ok_or_else(|| Error::file(&weights_path, format!("tensor `{name}` is missing")))?;
         if x.dims() != shape {
-            bail!("{}: tensor `{name}` has shape {:?}, the head config needs {shape:?}", weights_path.display(), x.dims());
+            fail!(Run, "{}: tensor `{name}` has shape {:?}, the head config needs {shape:?}", weights_path.display(), x.dims());
         }
         Ok(x)
     };

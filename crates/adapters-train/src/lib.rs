@@ -2,16 +2,21 @@
 //! parameter groups, schedules, multi-task sampling, staged training, metrics,
 //! checkpoints and the training loop.
 
+#![warn(missing_docs)]
+
 pub mod config;
+pub mod error;
 pub mod data;
 pub mod optim;
-pub mod checkpoint;
+mod checkpoint;
 pub mod forward;
 pub mod heads;
 pub mod metrics;
-pub mod report;
-pub mod task;
+mod report;
+mod task;
 pub mod trainer;
 
 pub use config::Config;
+pub use error::{Error, Result};
+pub use task::encode_truncated;
 pub use trainer::{RunOptions, Summary, Trainer};

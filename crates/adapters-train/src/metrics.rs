@@ -1,6 +1,6 @@
 //! Evaluation metrics and the JSONL metrics log.
 
-use anyhow::{Context, Result};
+use crate::error::{Result, Within};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -56,18 +56,19 @@ impl MetricsLog {
             _ => String::new(),
         };
         adapters_core::io::write_atomic(path, kept.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file = std::fs::OpenOptions::new().append(true).open(path).within(|| format!("opening {}", path.display()))?;
         Ok(MetricsLog { path: path.to_path_buf(), file })
     }
 
+    /// Appends one record as a JSON line.
     pub fn write(&mut self, record: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{record}").with_context(|| format!("writing {}", self.path.display()))
+        writeln!(self.file, "{record}").within(|| format!("writing {}", self.path.display()))
     }
 
     /// Every record in a log file.
     pub fn read(path: &Path) -> Result<Vec<serde_json::Value>> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("{}: bad line", path.display()))).collect()
+        let text = std::fs::read_to_string(path).within(|| format!("reading {}", path.display()))?;
+        text.lines().map(|l| serde_json::from_str(l).within(|| format!("{}: bad line", path.display()))).collect()
     }
 }
 

@@ -2,6 +2,7 @@
 //! schedule, and global gradient-norm clipping. candle-nn's AdamW decays every variable;
 //! here matrices decay and vectors (biases, norm weights, scaling vectors) do not.
 
+use crate::error::{fail, Error};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use std::collections::HashMap;
@@ -9,17 +10,24 @@ use std::collections::HashMap;
 /// How the learning rate falls after warmup.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Decay {
+    /// Stays at the peak.
     Constant,
+    /// Falls linearly to 0.
     Linear,
+    /// Follows half a cosine down to 0.
     Cosine,
 }
 
 /// Linear warmup from 0 to `peak` over `warmup` steps, then `decay` to 0 at `total`.
 #[derive(Clone, Copy, Debug)]
 pub struct Schedule {
+    /// The learning rate at the end of warmup.
     pub peak: f64,
+    /// Warmup steps.
     pub warmup: usize,
+    /// All steps of the run.
     pub total: usize,
+    /// The shape after warmup.
     pub decay: Decay,
 }
 
@@ -52,9 +60,13 @@ struct Slot {
 /// AdamW (decoupled weight decay, as PyTorch's `torch.optim.AdamW`).
 pub struct AdamW {
     slots: Vec<Slot>,
+    /// Decay of the first moment (0.9).
     pub beta1: f64,
+    /// Decay of the second moment (0.999).
     pub beta2: f64,
+    /// Added to the denominator (1e-8).
     pub eps: f64,
+    /// Decoupled weight decay on matrices.
     pub weight_decay: f64,
 }
 
@@ -90,18 +102,20 @@ impl AdamW {
     }
 
     /// Restores [`AdamW::state`]; every variable's entries must be there with its shapes.
-    pub fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> anyhow::Result<()> {
-        let mut take = |key: String, dims: &[usize]| -> anyhow::Result<Tensor> {
-            let t = state.remove(&key).ok_or_else(|| anyhow::anyhow!("the optimizer state has no `{key}`"))?;
+    /// The moments move to the device of the variable they belong to (a checkpoint is
+    /// read on the CPU; the gradients they meet live where the variables do).
+    pub fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> crate::error::Result<()> {
+        let mut take = |key: String, dims: &[usize]| -> crate::error::Result<Tensor> {
+            let t = state.remove(&key).ok_or_else(|| Error::Run(format!("the optimizer state has no `{key}`")))?;
             if t.dims() != dims {
-                anyhow::bail!("the optimizer state `{key}` has shape {:?}, expected {dims:?}", t.dims());
+                fail!(Run, "the optimizer state `{key}` has shape {:?}, expected {dims:?}", t.dims());
             }
             Ok(t)
         };
         let mut restored = Vec::new();
         for s in &self.slots {
-            let m = take(format!("m.{}", s.name), s.m.dims())?;
-            let v = take(format!("v.{}", s.name), s.v.dims())?;
+            let m = take(format!("m.{}", s.name), s.m.dims())?.to_device(s.var.device())?;
+            let v = take(format!("v.{}", s.name), s.v.dims())?.to_device(s.var.device())?;
             let t = take(format!("t.{}", s.name), &[1])?.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?[0];
             restored.push((m, v, t));
         }
@@ -204,6 +218,49 @@ mod tests {
             assert!((got_w[i] as f64 - want_w[i]).abs() < 1e-6, "{} vs {}", got_w[i], want_w[i]);
         }
         assert!((b.as_tensor().to_vec1::<f32>()?[0] as f64 - want_b).abs() < 1e-6);
+        Ok(())
+    }
+
+    /// The device under test: `ADAPTERS_TEST_DEVICE=cuda` (or `cuda:N`) runs these tests
+    /// on a GPU (in a build with the `cuda` feature); the CPU otherwise.
+    fn test_device() -> Device {
+        match std::env::var("ADAPTERS_TEST_DEVICE").as_deref() {
+            Ok(d) if d.starts_with("cuda") => {
+                let ordinal = d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
+                Device::new_cuda(ordinal).expect("ADAPTERS_TEST_DEVICE asks for CUDA: build with the cuda feature on a GPU machine")
+            }
+            _ => Device::Cpu,
+        }
+    }
+
+    /// A checkpoint is read on the CPU; after loading, the moments live with their
+    /// variables, and the next step (gradients on the variables' device) works and equals
+    /// the step of an optimizer that never left the device.
+    #[test]
+    fn loaded_state_follows_the_variables_device() -> Result<()> {
+        let dev = test_device();
+        let fresh = || -> Result<(Var, AdamW)> {
+            let w = Var::new(&[[1.0f32, -2.0], [0.5, 3.0]], &dev)?;
+            let opt = AdamW::new(vec![("w".into(), w.clone())], 0.1)?;
+            Ok((w, opt))
+        };
+        let step = |w: &Var, opt: &mut AdamW| -> Result<()> {
+            let loss = (w.as_tensor().sqr()?.sum_all()? * 0.5)?;
+            opt.step(&loss.backward()?, 0.01)
+        };
+        let (w, mut opt) = fresh()?;
+        step(&w, &mut opt)?;
+        let on_cpu: HashMap<String, Tensor> =
+            opt.state()?.into_iter().map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+        let (w2, mut resumed) = fresh()?;
+        w2.set(w.as_tensor())?;
+        resumed.load_state(on_cpu).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        for t in resumed.state()?.values() {
+            assert!(t.device().same_device(w2.device()), "state on {:?}, variable on {:?}", t.device(), w2.device());
+        }
+        step(&w, &mut opt)?;
+        step(&w2, &mut resumed)?;
+        assert_eq!(w.as_tensor().to_vec2::<f32>()?, w2.as_tensor().to_vec2::<f32>()?);
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! Run reports: the metrics log's file name, the summary, and the training/dev curves.
 
 use crate::metrics::MetricsLog;
-use anyhow::{anyhow, Result};
+use crate::error::{Error, Result};
 use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,7 +39,7 @@ pub fn plot(metrics: &Path, out: &Path) -> Result<()> {
             (s, loss[from..=i].iter().map(|p| p.1).sum::<f64>() / (i - from + 1) as f64)
         })
         .collect();
-    let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", out.display());
+    let err = |e: &dyn std::fmt::Display| Error::file(out, format!("drawing: {e}"));
     let root = SVGBackend::new(out, (1100, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (left, right) = root.split_horizontally(550);

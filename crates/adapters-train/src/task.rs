@@ -4,7 +4,7 @@
 use crate::config::{TaskConfig, TaskType};
 use crate::data::{check_labels, read_labelled, read_text, Fields};
 use adapters_models::TextTokenizer;
-use anyhow::{bail, Result};
+use crate::error::{fail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -23,10 +23,6 @@ impl Split {
         self.ids.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
     /// The first `limit` rows.
     pub fn limit(mut self, limit: Option<usize>) -> Split {
         if let Some(n) = limit {
@@ -34,10 +30,6 @@ impl Split {
             self.labels.truncate(n);
         }
         self
-    }
-
-    pub fn tokens(&self) -> usize {
-        self.ids.iter().map(Vec::len).sum()
     }
 }
 
@@ -55,13 +47,13 @@ pub struct TaskData {
 /// Reads and tokenizes a task's files.
 pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_encoder: bool) -> Result<TaskData> {
     if max_length < 2 {
-        bail!("`model.max_length` must be at least 2");
+        fail!(Data, "`model.max_length` must be at least 2");
     }
     match task.kind {
         TaskType::Classification => load_labelled(task, tokenizer, max_length, is_encoder),
         TaskType::CausalLm => {
             if is_encoder {
-                bail!("task `{}`: causal_lm needs a decoder model (Llama family); this model is an encoder", task.name);
+                fail!(Data, "task `{}`: causal_lm needs a decoder model (Llama family); this model is an encoder", task.name);
             }
             let eos = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t));
             let blocks = |path: &Path| -> Result<Split> {
@@ -73,7 +65,7 @@ pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_
                 }
                 let ids: Vec<Vec<u32>> = stream.chunks_exact(max_length).map(<[u32]>::to_vec).collect();
                 if ids.is_empty() {
-                    bail!("{}: fewer than {max_length} tokens, not one block of `model.max_length`", path.display());
+                    fail!(Data, "{}: fewer than {max_length} tokens, not one block of `model.max_length`", path.display());
                 }
                 Ok(Split { ids, labels: Vec::new() })
             };
@@ -92,11 +84,11 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
     let fields = Fields { text: task.text_field.clone(), label: task.label_field.clone(), skip_bad_rows: task.skip_bad_rows };
     let train = read_labelled(&task.train, &fields)?;
     if train.examples.is_empty() {
-        bail!("{}: no examples", task.train.display());
+        fail!(Data, "{}: no examples", task.train.display());
     }
     let known: BTreeSet<String> = train.examples.iter().map(|e| e.label.clone()).collect();
     if known.len() < 2 {
-        bail!("{}: only one label ({}); classification needs at least two", task.train.display(), known.iter().next().unwrap());
+        fail!(Data, "{}: only one label ({}); classification needs at least two", task.train.display(), known.iter().next().unwrap());
     }
     let labels: Vec<String> = known.iter().cloned().collect();
     let mut skipped = train.skipped;

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
 use crate::config::{Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
-use crate::forward::{argmax, classify, lm_loss, pooled};
+use crate::forward::{argmax, classify, lm_loss, pad, pool, pooled};
 use crate::heads::{self, HeadConfig};
 use crate::metrics::{accuracy, macro_f1, MetricsLog};
 use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
@@ -13,7 +13,7 @@ use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint};
 use adapters_models::heads::ClassificationHead;
 use adapters_models::LoadedModel;
-use anyhow::{bail, Context, Result};
+use crate::error::{fail, Result, Within};
 use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -36,27 +36,40 @@ pub struct RunOptions {
 /// What a run produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
+    /// What trained.
     pub mode: Mode,
+    /// Steps done.
     pub steps: usize,
+    /// Whether the run reached its end (or stopped early).
     pub finished: bool,
+    /// Wall time of the training loop.
     pub seconds: f64,
+    /// Trainable parameters.
     pub trainable_parameters: usize,
+    /// Parameters of the base model.
     pub base_parameters: usize,
     /// Trainable parameters as a share of the base model's.
     pub trainable_share: f64,
     /// Per task: metrics on test (and on dev at the chosen step).
     pub tasks: BTreeMap<String, TaskResult>,
+    /// The step whose weights were kept (early stopping).
     pub best_step: Option<usize>,
+    /// Whether early stopping ended the run.
     pub stopped_early: bool,
+    /// The run folder.
     pub output: PathBuf,
 }
 
+/// One task's metrics.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskResult {
+    /// Dev metrics at the end (best weights).
     pub dev: BTreeMap<String, f64>,
+    /// Test metrics at the end (best weights).
     pub test: BTreeMap<String, f64>,
     /// Dev and test metrics before any training (step 0).
     pub dev_at_start: BTreeMap<String, f64>,
+    /// Test metrics before training.
     pub test_at_start: BTreeMap<String, f64>,
 }
 
@@ -91,6 +104,7 @@ enum Which {
     Test,
 }
 
+/// A training run: model, adapters, heads, data, optimizer; see [`Trainer::run`].
 pub struct Trainer {
     config: Config,
     model: LoadedModel,
@@ -108,7 +122,7 @@ impl Trainer {
     /// any training starts.
     pub fn new(config: Config, device: &Device) -> Result<Self> {
         let mut model = adapters_models::load(&config.model.path, device)
-            .with_context(|| format!("`model.path` = {}", config.model.path.display()))?;
+            .within(|| format!("`model.path` = {}", config.model.path.display()))?;
         let base_parameters = model.backbone.num_parameters();
         let seed = config.training.seed;
         let mode = config.training.mode;
@@ -122,7 +136,7 @@ impl Trainer {
             let info = model.backbone.model_info();
             for (i, (name, entry)) in config.adapters.iter().enumerate() {
                 let adapter = registry::build(&entry.kind, &entry.config_json(), &entry.placement, &info, device, mix(&[seed, i as u64, 0xada]))
-                    .with_context(|| format!("`adapters.{name}`"))?;
+                    .within(|| format!("`adapters.{name}`"))?;
                 for (var_name, var) in adapter.vars() {
                     params.push(Param {
                         name: format!("adapter.{name}.{var_name}"),
@@ -137,7 +151,7 @@ impl Trainer {
         let hidden = model.backbone.hidden_size();
         let mut tasks = Vec::new();
         for (i, t) in config.task.iter().enumerate() {
-            let data = task::load(t, &model.tokenizer, config.model.max_length, is_encoder).with_context(|| format!("task `{}`", t.name))?;
+            let data = task::load(t, &model.tokenizer, config.model.max_length, is_encoder).within(|| format!("task `{}`", t.name))?;
             if data.skipped > 0 {
                 eprintln!("task `{}`: skipped {} bad rows", t.name, data.skipped);
             }
@@ -181,14 +195,17 @@ impl Trainer {
         Ok(trainer)
     }
 
+    /// Optimizer steps of the whole run.
     pub fn total_steps(&self) -> usize {
         self.schedule.total
     }
 
+    /// Number of trainable parameters.
     pub fn trainable_parameters(&self) -> usize {
         self.params.iter().map(|p| p.var.elem_count()).sum()
     }
 
+    /// The model, with its adapters.
     pub fn model(&self) -> &LoadedModel {
         &self.model
     }
@@ -225,7 +242,7 @@ impl Trainer {
     /// Trains to the end (or to `stop_after`), then evaluates on test and writes the outputs.
     pub fn run(&mut self, options: &RunOptions) -> Result<Summary> {
         let out = self.config.output.dir.clone();
-        std::fs::create_dir_all(&out).with_context(|| format!("creating the output folder {}", out.display()))?;
+        std::fs::create_dir_all(&out).within(|| format!("creating the output folder {}", out.display()))?;
         let started = Instant::now();
         let mut state = if options.resume {
             let params = self.params_by_name();
@@ -234,7 +251,7 @@ impl Trainer {
             state
         } else {
             if checkpoint::exists(&out) {
-                bail!(
+                fail!(Run, 
                     "{} holds a checkpoint of an earlier run; resume it (--resume) or choose a new `output.dir`",
                     out.display()
                 );
@@ -254,14 +271,17 @@ impl Trainer {
         let mut window = Throughput::default();
         while state.step < last && !state.stopped_early {
             let step = state.step;
-            let task_idx = self.pick_task(step);
-            let rows = self.next_batch(&mut state.cursors[task_idx], task_idx);
+            let batch = self.next_batch(step, &mut state.cursors);
             let lr = self.schedule.lr(step);
             let t0 = Instant::now();
-            let (loss, grad_norm, examples, tokens) = self.train_step(step, task_idx, &rows, lr)?;
+            let (loss, grad_norm, examples, tokens) = self.train_step(step, &batch, lr)?;
             window.add(examples, tokens, t0.elapsed().as_secs_f64());
             state.step += 1;
-            log.write(&json!({"step": state.step, "task": self.tasks[task_idx].name, "loss": loss, "lr": lr,
+            let task = match batch.as_slice() {
+                [(task, _)] => self.tasks[*task].name.as_str(),
+                _ => "mixed",
+            };
+            log.write(&json!({"step": state.step, "task": task, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "examples_per_s": window.examples_per_s(), "elapsed_s": started.elapsed().as_secs_f64()}))?;
             bar.set_position(state.step as u64);
             bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s  {:.0} tok/s", window.examples_per_s(), window.tokens_per_s()));
@@ -306,13 +326,38 @@ impl Trainer {
         self.trainable()
     }
 
-    /// The task of step `step`: sizes^(1/T) weights, drawn from a per-step seed.
+    /// Each task's share of the batches: sizes^(1/T), normalised.
+    fn task_weights(&self) -> Vec<f64> {
+        let temperature = self.config.training.sampling.temperature();
+        let weights: Vec<f64> = self.tasks.iter().map(|t| (t.data.train.len() as f64).powf(1.0 / temperature)).collect();
+        let total: f64 = weights.iter().sum();
+        weights.into_iter().map(|w| w / total).collect()
+    }
+
+    /// The rows of step `step`, as (task, rows) parts: one task's batch, drawn by the
+    /// sampling weights; or, with `mixed_task_batches`, a slice of every task sized by them.
+    fn next_batch(&self, step: usize, cursors: &mut [Cursor]) -> Vec<(usize, Vec<usize>)> {
+        let t = &self.config.training;
+        if !t.mixed_task_batches {
+            let task = self.pick_task(step);
+            return vec![(task, self.next_rows(&mut cursors[task], task, t.batch_size))];
+        }
+        self.task_weights()
+            .into_iter()
+            .enumerate()
+            .map(|(task, w)| {
+                let rows = ((t.batch_size as f64 * w).round() as usize).max(1);
+                (task, self.next_rows(&mut cursors[task], task, rows))
+            })
+            .collect()
+    }
+
+    /// The task of step `step`, drawn from a per-step seed by the sampling weights.
     fn pick_task(&self, step: usize) -> usize {
         if self.tasks.len() == 1 {
             return 0;
         }
-        let temperature = self.config.training.sampling.temperature();
-        let weights: Vec<f64> = self.tasks.iter().map(|t| (t.data.train.len() as f64).powf(1.0 / temperature)).collect();
+        let weights = self.task_weights();
         let total: f64 = weights.iter().sum();
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(&[self.config.training.seed, step as u64, 0x7a5c]));
@@ -326,11 +371,11 @@ impl Trainer {
         self.tasks.len() - 1
     }
 
-    fn next_batch(&self, cursor: &mut Cursor, task_idx: usize) -> Vec<usize> {
+    fn next_rows(&self, cursor: &mut Cursor, task_idx: usize, batch_size: usize) -> Vec<usize> {
         let split = &self.tasks[task_idx].data.train;
         let lengths: Vec<usize> = split.ids.iter().map(Vec::len).collect();
         let t = &self.config.training;
-        let batches = epoch_batches(&lengths, t.batch_size, t.group_by_length, t.seed, task_idx, cursor.epoch);
+        let batches = epoch_batches(&lengths, batch_size, t.group_by_length, t.seed, task_idx, cursor.epoch);
         let rows = batches[cursor.pos].clone();
         cursor.pos += 1;
         if cursor.pos == batches.len() {
@@ -355,34 +400,37 @@ impl Trainer {
         (!self.config.stage.is_empty()).then(BTreeSet::new)
     }
 
-    fn train_step(&mut self, step: usize, task_idx: usize, rows: &[usize], lr: f64) -> Result<(f64, f64, usize, usize)> {
+    /// One optimizer step on a batch of (task, rows) parts. Every row carries its task id
+    /// in the forward context; parts whose tasks use different adapter stacks are routed
+    /// per row within the one forward.
+    fn train_step(&mut self, step: usize, batch: &[(usize, Vec<usize>)], lr: f64) -> Result<(f64, f64, usize, usize)> {
         let seed = self.config.training.seed;
-        let ctx = ForwardCtx::training_seeded(mix(&[seed, step as u64, 0xd209]));
-        let task = &self.tasks[task_idx];
-        let stack: Vec<&str> = task.stack.iter().map(String::as_str).collect();
-        self.model.backbone.adapters_mut().activate(&stack)?;
-        let task = &self.tasks[task_idx];
-        let split = &task.data.train;
-        let ids: Vec<&[u32]> = rows.iter().map(|&i| split.ids[i].as_slice()).collect();
+        let device = self.model.backbone.device().clone();
+        let task_ids: Vec<u32> = batch.iter().flat_map(|(task, rows)| std::iter::repeat_n(*task as u32, rows.len())).collect();
+        let examples = task_ids.len();
+        let mut ctx = ForwardCtx::training_seeded(mix(&[seed, step as u64, 0xd209])).with_task_ids(Tensor::new(task_ids, &device)?);
+        let (first, _) = batch[0];
+        if batch.iter().all(|(task, _)| self.tasks[*task].stack == self.tasks[first].stack) {
+            let stack: Vec<&str> = self.tasks[first].stack.iter().map(String::as_str).collect();
+            self.model.backbone.adapters_mut().activate(&stack)?;
+        } else {
+            self.model.backbone.adapters_mut().activate(&[])?;
+            let choices: Vec<Vec<String>> =
+                batch.iter().flat_map(|(task, rows)| std::iter::repeat_n(self.tasks[*task].stack.clone(), rows.len())).collect();
+            ctx = ctx.with_row_choices(&choices, &device)?;
+        }
+        let ids: Vec<&[u32]> = batch.iter().flat_map(|(task, rows)| rows.iter().map(|&i| self.tasks[*task].data.train.ids[i].as_slice())).collect();
         let tokens: usize = ids.iter().map(|r| r.len()).sum();
-        let mut loss = match task.kind {
-            TaskType::Classification => {
-                let features = match &task.features {
-                    Some(f) => f.train.index_select(&Tensor::from_vec(rows.iter().map(|&i| i as u32).collect(), rows.len(), f.train.device())?, 0)?,
-                    None => pooled(&self.model.backbone, &ids, task.pooling, &ctx)?,
-                };
-                let logits = classify(task.head.as_ref().expect("classification head"), &features, self.config.training.dropout, &ctx)?;
-                let labels: Vec<u32> = rows.iter().map(|&i| split.labels[i]).collect();
-                candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels, logits.device())?)?
-            }
+        let mut loss = match self.tasks[first].kind {
             TaskType::CausalLm => lm_loss(&self.model.backbone, &ids, &ctx)?.0,
+            TaskType::Classification => self.classification_loss(batch, &ids, &ctx)?,
         };
         for aux in ctx.take_aux().losses {
             loss = (loss + aux.value)?;
         }
         let loss_value = loss.to_scalar::<f32>()? as f64;
         if !loss_value.is_finite() {
-            bail!("the loss became {loss_value} at step {}; lower `training.lr` or turn on `training.max_grad_norm`", step + 1);
+            fail!(Run, "the loss became {loss_value} at step {}; lower `training.lr` or turn on `training.max_grad_norm`", step + 1);
         }
         let mut grads = loss.backward()?;
         let active = self.active_groups(step);
@@ -397,14 +445,50 @@ impl Trainer {
         let max = self.config.training.max_grad_norm;
         let norm = clip_grad_norm(&trained, &mut grads, if max > 0.0 { max } else { f64::INFINITY })?;
         self.optimizer.step(&grads, lr)?;
-        Ok((loss_value, norm, rows.len(), tokens))
+        Ok((loss_value, norm, examples, tokens))
+    }
+
+    /// Cross-entropy over all rows of a batch of classification parts: the backbone runs
+    /// once over every row (unless head-only features are cached), each part is pooled
+    /// its task's way and scored by its task's head.
+    fn classification_loss(&self, batch: &[(usize, Vec<usize>)], ids: &[&[u32]], ctx: &ForwardCtx) -> Result<Tensor> {
+        let needs_backbone = batch.iter().any(|(task, _)| self.tasks[*task].features.is_none());
+        let (hidden, mask) = if needs_backbone {
+            let (padded, mask) = pad(ids, self.model.backbone.device())?;
+            (Some(self.model.backbone.hidden_states(&padded, &mask, ctx)?), Some(mask))
+        } else {
+            (None, None)
+        };
+        let mut total: Option<Tensor> = None;
+        let mut offset = 0;
+        for (task_idx, rows) in batch {
+            let task = &self.tasks[*task_idx];
+            let n = rows.len();
+            let features = match (&task.features, &hidden, &mask) {
+                (Some(f), _, _) => f.train.index_select(&Tensor::from_vec(rows.iter().map(|&i| i as u32).collect(), n, f.train.device())?, 0)?,
+                (None, Some(h), Some(m)) => pool(&h.narrow(0, offset, n)?, &m.narrow(0, offset, n)?, task.pooling)?,
+                _ => unreachable!("hidden states are computed when a task has no cached features"),
+            };
+            offset += n;
+            let logits = classify(task.head.as_ref().expect("classification head"), &features, self.config.training.dropout, ctx)?;
+            let labels: Vec<u32> = rows.iter().map(|&i| task.data.train.labels[i]).collect();
+            let part = (candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels, logits.device())?)? * (n as f64 / ids.len() as f64))?;
+            total = Some(match total {
+                None => part,
+                Some(t) => (t + part)?,
+            });
+        }
+        Ok(total.expect("a batch has at least one part"))
     }
 
     /// Metrics per task on dev or test (tasks without that split are left out).
     fn evaluate(&mut self, which: Which) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         let mut out = BTreeMap::new();
-        let ctx = ForwardCtx::inference();
+        let device = self.model.backbone.device().clone();
         for i in 0..self.tasks.len() {
+            let ctx_for = |rows: usize| -> Result<ForwardCtx> {
+                Ok(ForwardCtx::inference().with_task_ids(Tensor::new(vec![i as u32; rows], &device)?))
+            };
             let stack: Vec<String> = self.tasks[i].stack.clone();
             self.model.backbone.adapters_mut().activate(&stack.iter().map(String::as_str).collect::<Vec<_>>())?;
             let task = &self.tasks[i];
@@ -424,10 +508,10 @@ impl Trainer {
                             Some(f) => f.index_select(&Tensor::from_vec(batch.iter().map(|&i| i as u32).collect(), batch.len(), f.device())?, 0)?,
                             None => {
                                 let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
-                                pooled(&self.model.backbone, &ids, task.pooling, &ctx)?
+                                pooled(&self.model.backbone, &ids, task.pooling, &ctx_for(ids.len())?)?
                             }
                         };
-                        let logits = classify(head, &f, 0.0, &ctx)?;
+                        let logits = classify(head, &f, 0.0, &ForwardCtx::inference())?;
                         let labels: Vec<u32> = batch.iter().map(|&i| split.labels[i]).collect();
                         let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels.as_slice(), logits.device())?)?;
                         loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
@@ -442,7 +526,7 @@ impl Trainer {
                     let (mut nll, mut count) = (0.0, 0usize);
                     for batch in sorted_batches(&lengths, 8) {
                         let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
-                        let (loss, n) = lm_loss(&self.model.backbone, &ids, &ctx)?;
+                        let (loss, n) = lm_loss(&self.model.backbone, &ids, &ctx_for(ids.len())?)?;
                         nll += loss.to_scalar::<f32>()? as f64 * n as f64;
                         count += n;
                     }
@@ -532,7 +616,7 @@ impl Trainer {
         let mode = self.config.training.mode;
         let model_dir = out.join("model");
         if mode == Mode::Full {
-            replace_dir(&model_dir, |tmp| self.model.save_folder(tmp))?;
+            replace_dir(&model_dir, |tmp| Ok(self.model.save_folder(tmp)?))?;
         }
         let fingerprint = backbone.fingerprint()?;
         for (name, entry) in &self.config.adapters {
@@ -571,7 +655,7 @@ fn check_metric(metric: Metric, tasks: &[Task]) -> Result<()> {
         Metric::Loss => true,
     };
     if !tasks.iter().any(|t| fits(t) && t.data.dev.is_some()) {
-        bail!("`training.early_stopping.metric = \"{}\"` needs a task with that metric and a `dev` split", metric.key());
+        fail!(Run, "`training.early_stopping.metric = \"{}\"` needs a task with that metric and a `dev` split", metric.key());
     }
     Ok(())
 }

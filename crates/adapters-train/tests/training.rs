@@ -161,27 +161,29 @@ fn stages_freeze_groups_and_multi_task_visits_every_task() {
     assert!(dir.join("out/adapters/a/heads/sms").exists() && dir.join("out/adapters/b/heads/trec").exists());
 }
 
-/// Causal LM on SmolLM2 with a bottleneck adapter: perplexity before and after, on text.
+/// Causal LM on SmolLM2 with a bottleneck adapter learns: overfitting four training blocks,
+/// their perplexity falls well below where it started, and the report is exp(loss).
 #[test]
-fn causal_lm_reports_perplexity() {
+fn causal_lm_adapter_overfits_a_few_sequences() {
     let dir = scratch("lm");
-    let (train, dev) = (head_of("movie_dialog", "train.txt", 200, &dir), head_of("movie_dialog", "dev.txt", 60, &dir));
+    let train = head_of("movie_dialog", "train.txt", 40, &dir);
     let gguf = adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap();
     let body = format!(
         "[model]\npath = {:?}\nmax_length = 32\n[adapters.d]\nkind = \"seq_bn\"\nreduction_factor = 16\n\
-         [[task]]\nname = \"dialog\"\ntype = \"causal_lm\"\ntrain = {:?}\ndev = {:?}\ntest = {:?}\neval_limit = 4\n[training]\nbatch_size = 2\nsteps = 2\n",
+         [[task]]\nname = \"dialog\"\ntype = \"causal_lm\"\ntrain = {:?}\ndev = {:?}\ntest = {:?}\neval_limit = 4\n\
+         [training]\nbatch_size = 4\nsteps = 10\nlr = 1e-2\nwarmup_ratio = 0.0\nschedule = \"constant\"\ngroup_by_length = false\n",
         gguf.display().to_string(),
         train.display().to_string(),
-        dev.display().to_string(),
-        dev.display().to_string()
+        train.display().to_string(),
+        train.display().to_string()
     );
     let mut trainer = Trainer::new(config(&body, &dir.join("out")), &Device::Cpu).unwrap();
     let s = trainer.run(&RunOptions::default()).unwrap();
     let t = &s.tasks["dialog"];
     let (before, after) = (t.dev_at_start["perplexity"], t.dev["perplexity"]);
-    assert!(before.is_finite() && after.is_finite() && before > 1.0, "{before} {after}");
+    assert!(before.is_finite() && before > 1.0, "{before}");
+    assert!(after < 0.7 * before, "perplexity on the training blocks went from {before:.2} to {after:.2}");
     assert!((t.dev["loss"].exp() - after).abs() < 1e-6 * after);
-    assert_eq!(t.test["perplexity"], after, "dev and test are the same file here");
 }
 
 /// Full fine-tuning changes base weights; the head-only mode trains only the head.
@@ -222,4 +224,78 @@ fn every_example_config_parses() {
         }
     }
     assert!(seen >= 8, "{seen} example configs");
+}
+
+/// Records what the forward context carries to the sites: every row's task id and the
+/// attention mask, narrowed alike.
+mod context_probe {
+    use adapters_core::{Adapter, AdapterKind, BuildArgs, ForwardCtx, Point, Site, SublayerIo};
+    use candle_core::{Result, Tensor, Var};
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    pub static SEEN_TASKS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+    struct Probe(Vec<Point>);
+
+    impl Adapter for Probe {
+        fn kind(&self) -> &str {
+            "test_context_probe"
+        }
+        fn config(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn points(&self) -> Vec<Point> {
+            self.0.clone()
+        }
+        fn vars(&self) -> Vec<(String, Var)> {
+            vec![]
+        }
+        fn forward_hidden(&self, _: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
+            let rows = io.output.dim(0)?;
+            let ids = ctx.task_ids.as_ref().expect("the trainer sets task ids for every batch");
+            let mask = ctx.attention_mask.as_ref().expect("the backbone hands the mask to its sites");
+            assert_eq!((ids.dim(0)?, mask.dims2()?), (rows, (rows, io.output.dim(1)?)));
+            SEEN_TASKS.lock().unwrap().extend(ids.to_vec1::<u32>()?);
+            Ok(io.output.clone())
+        }
+    }
+
+    fn build(args: &BuildArgs) -> std::result::Result<Box<dyn Adapter>, adapters_core::Error> {
+        let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| !s.is_projection())?;
+        Ok(Box::new(Probe(points.into_iter().map(|p| p.point).collect())))
+    }
+
+    adapters_core::inventory::submit! {
+        AdapterKind { name: "test_context_probe", family: "train-tests", summary: "records the forward context (test only)", fields: &[], build }
+    }
+}
+
+/// Mixed-task batches: every step trains both tasks (different adapters and heads, one
+/// forward with rows routed per task), and every row reaches the sites with its task id.
+#[test]
+fn mixed_task_batches_train_every_task_in_every_step() {
+    let dir = scratch("mixed");
+    let (sms, trec) = (head_of("sms_spam", "train.jsonl", 40, &dir), head_of("trec_coarse", "train.jsonl", 40, &dir));
+    let body = format!(
+        "[model]\npath = {:?}\nmax_length = 32\n[adapters.a]\nkind = \"seq_bn\"\nreduction_factor = 32\ninit_weights = \"bert\"\n\
+         [adapters.b]\nkind = \"lora\"\nr = 2\n[adapters.probe]\nkind = \"test_context_probe\"\nplacement = {{ layers = [0] }}\n\
+         [[task]]\nname = \"sms\"\ntype = \"classification\"\ntrain = {:?}\nadapters = [\"a\", \"probe\"]\n\
+         [[task]]\nname = \"trec\"\ntype = \"classification\"\ntrain = {:?}\nadapters = [\"b\", \"probe\"]\n\
+         [training]\nbatch_size = 8\nsteps = 1\nlr = 1e-2\nwarmup_ratio = 0.0\nmixed_task_batches = true\n",
+        minilm(),
+        sms.display().to_string(),
+        trec.display().to_string()
+    );
+    let mut trainer = Trainer::new(config(&body, &dir.join("out")), &Device::Cpu).unwrap();
+    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    context_probe::SEEN_TASKS.lock().unwrap().clear();
+    trainer.run(&RunOptions::default()).unwrap();
+    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    for prefix in ["adapter.a.", "adapter.b.", "head.sms.", "head.trec."] {
+        assert!(before.iter().any(|(n, v)| n.starts_with(prefix) && v != &after[n]), "{prefix} did not train in the one step");
+    }
+    assert_eq!(*context_probe::SEEN_TASKS.lock().unwrap(), [0u32, 1].into_iter().collect());
+    let log = adapters_train::metrics::MetricsLog::read(&dir.join("out/metrics.jsonl")).unwrap();
+    assert!(log.iter().any(|r| r["task"] == "mixed"));
 }

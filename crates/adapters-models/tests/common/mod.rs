@@ -24,9 +24,9 @@ pub fn smollm() -> PathBuf {
     model_path("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// A reference file from `../shared` (golden outputs and interop adapters).
-pub fn shared(rel: &str) -> serde_json::Value {
-    let path = workspace().join("../shared").join(rel);
+/// A reference file from `fixtures/` (golden outputs and interop adapters).
+pub fn fixture(rel: &str) -> serde_json::Value {
+    let path = workspace().join("fixtures").join(rel);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_slice(&bytes).unwrap()
 }
