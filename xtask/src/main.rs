@@ -88,7 +88,20 @@ fn demo(root: &std::path::Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&runs);
     let config = "examples/sms_spam.toml";
     run(root, cli, &["train", config, "--set", "output.dir=\"runs/demo/pfeiffer\""])?;
-    run(root, cli, &["train", config, "--set", "output.dir=\"runs/demo/head_only\"", "--set", "training.mode=\"head_only\"", "--set", "training.lr=1e-2"])?;
+    run(
+        root,
+        cli,
+        &[
+            "train",
+            config,
+            "--set",
+            "output.dir=\"runs/demo/head_only\"",
+            "--set",
+            "training.mode=\"head_only\"",
+            "--set",
+            "training.lr=1e-2",
+        ],
+    )?;
     let summary = |name: &str| -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&std::fs::read_to_string(runs.join(name).join("summary.json"))?)?)
     };
@@ -107,8 +120,17 @@ fn demo(root: &std::path::Path) -> anyhow::Result<()> {
     }
     println!("curves: runs/demo/pfeiffer/curves.svg, metrics: runs/demo/pfeiffer/metrics.jsonl\n");
     let minilm = models.join(fetch::MINILM_DIR);
-    run(root, cli, &["predict", minilm.to_str().unwrap(), "--adapter", "runs/demo/pfeiffer/adapters/sms_spam",
-        "URGENT! You have won a 1 week FREE membership in our prize draw. Text WIN to 80086 now",
-        "Are we still meeting for lunch tomorrow?"])?;
+    run(
+        root,
+        cli,
+        &[
+            "predict",
+            minilm.to_str().unwrap(),
+            "--adapter",
+            "runs/demo/pfeiffer/adapters/sms_spam",
+            "URGENT! You have won a 1 week FREE membership in our prize draw. Text WIN to 80086 now",
+            "Are we still meeting for lunch tomorrow?",
+        ],
+    )?;
     Ok(())
 }

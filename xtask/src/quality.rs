@@ -17,7 +17,11 @@ const METHODS: &[(&str, &str, &[&str])] = &[
     ("full", "full fine-tuning, no adapter (lr 5e-5)", &["training.mode=\"full\"", "training.lr=5e-5", "adapters={}"]),
     ("houlsby", "double_seq_bn, reduction factor 16", &["adapters.{ds}={kind=\"double_seq_bn\", reduction_factor=16}"]),
     ("parallel", "par_bn, reduction factor 16, scaling 4", &["adapters.{ds}={kind=\"par_bn\", reduction_factor=16}"]),
-    ("lora", "LoRA r=8, alpha=16 on query and value", &["adapters.{ds}={kind=\"lora\", r=8, alpha=16, placement={sites=[\"query\",\"value\"]}}"]),
+    (
+        "lora",
+        "LoRA r=8, alpha=16 on query and value",
+        &["adapters.{ds}={kind=\"lora\", r=8, alpha=16, placement={sites=[\"query\",\"value\"]}}"],
+    ),
 ];
 
 pub fn run(root: &Path, only: Option<&str>, report_only: bool) -> Result<()> {
@@ -50,7 +54,11 @@ pub fn run(root: &Path, only: Option<&str>, report_only: bool) -> Result<()> {
         }
         if only.is_none_or(|o| o.split(',').any(|x| x == "lm")) && !root.join("runs/quality/movie_dialog/summary.json").exists() {
             let _ = std::fs::remove_dir_all(root.join("runs/quality/movie_dialog"));
-            crate::run(root, cli.to_str().unwrap(), &["train", "examples/movie_dialog.toml", "--set", "output.dir=\"runs/quality/movie_dialog\""])?;
+            crate::run(
+                root,
+                cli.to_str().unwrap(),
+                &["train", "examples/movie_dialog.toml", "--set", "output.dir=\"runs/quality/movie_dialog\""],
+            )?;
         }
     }
     write_results(root)
@@ -82,7 +90,10 @@ fn write_results(root: &Path) -> Result<()> {
     }
     for (ds, epochs) in DATASETS {
         writeln!(md, "\n## {ds} ({epochs} epoch{})\n", if *epochs == 1 { "" } else { "s" })?;
-        writeln!(md, "| method | test accuracy | vs full fine-tuning | test macro-F1 | trainable parameters | share of base | best step | time |")?;
+        writeln!(
+            md,
+            "| method | test accuracy | vs full fine-tuning | test macro-F1 | trainable parameters | share of base | best step | time |"
+        )?;
         writeln!(md, "|---|---|---|---|---|---|---|---|")?;
         let full = summary(root, &format!("{ds}-full")).and_then(|s| s["tasks"][ds]["test"]["accuracy"].as_f64());
         for (method, _, _) in METHODS {
@@ -163,7 +174,11 @@ fn extra_runs(root: &Path, md: &mut String) -> Result<()> {
     writeln!(md, "|---|---|---|---|---|---|")?;
     for path in found {
         let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-        let name = path.parent().and_then(|p| p.strip_prefix(root.join("runs/quality-extra")).ok()).map(|p| p.display().to_string()).unwrap_or_default();
+        let name = path
+            .parent()
+            .and_then(|p| p.strip_prefix(root.join("runs/quality-extra")).ok())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         for (task, t) in s["tasks"].as_object().into_iter().flatten() {
             writeln!(
                 md,

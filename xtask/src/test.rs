@@ -116,8 +116,11 @@ fn outside_references(root: &Path) -> Result<Vec<String>> {
     Ok(hits)
 }
 
+/// A cargo command with its name and environment.
+type Lint = (&'static str, Vec<&'static str>, Vec<(&'static str, &'static str)>);
+
 /// rustfmt, clippy and rustdoc, each failing on any warning.
-fn lints() -> Vec<(&'static str, Vec<&'static str>, Vec<(&'static str, &'static str)>)> {
+fn lints() -> Vec<Lint> {
     vec![
         ("rustfmt", vec!["fmt", "--all", "--check"], vec![]),
         ("clippy", vec!["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], vec![]),

@@ -48,7 +48,11 @@ fn main() {
         move || {
             let mut m = cell.borrow_mut();
             if merged != m.adapters().is_merged("lora") {
-                if merged { m.merge("lora").unwrap() } else { m.unmerge("lora").unwrap() }
+                if merged {
+                    m.merge("lora").unwrap()
+                } else {
+                    m.unmerge("lora").unwrap()
+                }
             }
             m.adapters_mut().activate(names).unwrap();
             let Backbone::Bert(b) = &*m else { unreachable!() };
@@ -62,8 +66,15 @@ fn main() {
     let lora = with(&["lora"], false);
     let lora_merged = with(&[], true);
     let timings = interleave(
-        &[("no adapter", &none), ("no adapter again (noise control)", &none), ("seq_bn (Pfeiffer, r=24)", &pfeiffer), ("par_bn (AdapterHub default, r=192, s=4)", &parallel),
-          ("par_bn (r=24, s=4)", &parallel_small), ("LoRA r=8 q,v unmerged", &lora), ("LoRA r=8 q,v merged", &lora_merged)],
+        &[
+            ("no adapter", &none),
+            ("no adapter again (noise control)", &none),
+            ("seq_bn (Pfeiffer, r=24)", &pfeiffer),
+            ("par_bn (AdapterHub default, r=192, s=4)", &parallel),
+            ("par_bn (r=24, s=4)", &parallel_small),
+            ("LoRA r=8 q,v unmerged", &lora),
+            ("LoRA r=8 q,v merged", &lora_merged),
+        ],
         rounds,
     );
     write_result("adapter_overhead_minilm.json", &to_json("MiniLM forward, batch 32 x seq 128", &timings, rounds));
@@ -90,6 +101,10 @@ fn main() {
         }
     };
     let (plain, adapted) = (step(&[]), step(&["pfeiffer"]));
-    let timings = interleave(&[("no adapter", &plain), ("no adapter again (noise control)", &plain), ("seq_bn (Pfeiffer)", &adapted)], rounds * 3);
-    write_result("adapter_overhead_smollm2_decode.json", &to_json("SmolLM2 decode, batch 1, 8 tokens after a 128-token prompt", &timings, rounds * 3));
+    let timings =
+        interleave(&[("no adapter", &plain), ("no adapter again (noise control)", &plain), ("seq_bn (Pfeiffer)", &adapted)], rounds * 3);
+    write_result(
+        "adapter_overhead_smollm2_decode.json",
+        &to_json("SmolLM2 decode, batch 1, 8 tokens after a 128-token prompt", &timings, rounds * 3),
+    );
 }

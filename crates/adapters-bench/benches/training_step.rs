@@ -105,10 +105,13 @@ fn main() {
         eprintln!("{name}: peak {:.0} MB above the {:.0} MB held before the step", peak as f64 / 1e6, before as f64 / 1e6);
         peaks.push(peak);
     }
-    let fns: Vec<Box<dyn Fn()>> = variants.iter().map(|(_, s)| {
-        let (rows, labels) = (&rows, &labels);
-        Box::new(move || step(&mut s.borrow_mut(), rows, labels)) as Box<dyn Fn()>
-    }).collect();
+    let fns: Vec<Box<dyn Fn()>> = variants
+        .iter()
+        .map(|(_, s)| {
+            let (rows, labels) = (&rows, &labels);
+            Box::new(move || step(&mut s.borrow_mut(), rows, labels)) as Box<dyn Fn()>
+        })
+        .collect();
     let named: Vec<(&str, &dyn Fn())> = variants.iter().zip(&fns).map(|((n, _), f)| (*n, f.as_ref())).collect();
     let timings = interleave(&named, rounds);
     let mut result = to_json("Training step, MiniLM b32 x s128 (forward, backward, AdamW)", &timings, rounds);

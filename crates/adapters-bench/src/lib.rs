@@ -50,11 +50,7 @@ pub fn interleave(variants: &[(&str, &dyn Fn())], rounds: usize) -> Vec<Timing> 
     }
     ratios[0] = vec![1.0];
     (0..n)
-        .map(|i| Timing {
-            name: variants[i].0.to_string(),
-            median_s: median(times[i].clone()),
-            median_ratio: median(ratios[i].clone()),
-        })
+        .map(|i| Timing { name: variants[i].0.to_string(), median_s: median(times[i].clone()), median_ratio: median(ratios[i].clone()) })
         .collect()
 }
 

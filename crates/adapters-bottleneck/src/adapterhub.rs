@@ -18,7 +18,10 @@ pub const VERSION: &str = "adapters.1.3.0";
 
 pub(crate) fn detect(config: &Value) -> bool {
     config.get("config").is_some_and(|c| c.is_object())
-        && config.get("version").and_then(|v| v.as_str()).is_some_and(|v| v.starts_with("adapters.") || v.starts_with("adapter-transformers"))
+        && config
+            .get("version")
+            .and_then(|v| v.as_str())
+            .is_some_and(|v| v.starts_with("adapters.") || v.starts_with("adapter-transformers"))
 }
 
 /// Our parameter name for an AdapterHub one, and back.
@@ -56,7 +59,13 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
         return Err(bad(&config_path, format!("config field `{what}` is not supported by this library's bottleneck adapters")));
     }
     let (mh, out) = (flag("mh_adapter"), c["output_adapter"].as_bool().unwrap_or(true));
-    let kind = if flag("is_parallel") { &PAR_BN } else if mh && out { &DOUBLE_SEQ_BN } else { &SEQ_BN };
+    let kind = if flag("is_parallel") {
+        &PAR_BN
+    } else if mh && out {
+        &DOUBLE_SEQ_BN
+    } else {
+        &SEQ_BN
+    };
     let mut sites = Vec::new();
     if mh {
         sites.push(Site::AttentionOutput);
@@ -81,13 +90,17 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
         "use_gating": flag("use_gating"),
         "init_weights": if c["init_weights"].as_str() == Some("mam_adapter") { "mam_adapter" } else { "bert" },
     });
-    let leave_out: Vec<usize> = c["leave_out"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect()).unwrap_or_default();
+    let leave_out: Vec<usize> =
+        c["leave_out"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64().map(|x| x as usize)).collect()).unwrap_or_default();
     let placement = Placement { layers: Layers::All, leave_out, sites, sizes: Default::default() };
     let adapter = crate::Bottleneck::build(kind, &BuildArgs { config: &ours, placement: &placement, model, device, seed: 0 })?;
 
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.exists() && dir.join("pytorch_adapter.bin").exists() {
-        return Err(bad(&dir.join("pytorch_adapter.bin"), "PyTorch pickles are not read; save the adapter with use_safetensors=True".into()));
+        return Err(bad(
+            &dir.join("pytorch_adapter.bin"),
+            "PyTorch pickles are not read; save the adapter with use_safetensors=True".into(),
+        ));
     }
     let hub = read_tensors(&weights, device)?;
     let renamed = rename_from_hub(&adapter, hub, &name, model, &weights)?;
@@ -96,7 +109,13 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
 }
 
 /// Maps AdapterHub keys to our variable names; any model prefix (`bert.`) is dropped.
-fn rename_from_hub(adapter: &dyn Adapter, hub: HashMap<String, Tensor>, name: &str, model: &ModelInfo, file: &Path) -> Result<HashMap<String, Tensor>, Error> {
+fn rename_from_hub(
+    adapter: &dyn Adapter,
+    hub: HashMap<String, Tensor>,
+    name: &str,
+    model: &ModelInfo,
+    file: &Path,
+) -> Result<HashMap<String, Tensor>, Error> {
     let mut by_key: HashMap<String, String> = HashMap::new();
     for (ours, _) in adapter.vars() {
         by_key.insert(hub_key(&ours, name, model).ok_or_else(|| bad(file, format!("no module path for `{ours}`")))?, ours);
@@ -128,11 +147,15 @@ fn hub_key(ours: &str, name: &str, model: &ModelInfo) -> Option<String> {
 pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement, model: &ModelInfo) -> Result<(), Error> {
     let kind = adapter.kind();
     if ![SEQ_BN.name, DOUBLE_SEQ_BN.name, PAR_BN.name].contains(&kind) {
-        return Err(Error::Adapter(format!("AdapterHub's bottleneck format holds seq_bn, double_seq_bn and par_bn adapters, not `{kind}`")));
+        return Err(Error::Adapter(format!(
+            "AdapterHub's bottleneck format holds seq_bn, double_seq_bn and par_bn adapters, not `{kind}`"
+        )));
     }
     let c = adapter.config();
     if c.get("bottleneck_size").is_some_and(|v| !v.is_null()) || !placement.sizes.is_empty() || placement.layers != Layers::All {
-        return Err(Error::Adapter("AdapterHub's config has only reduction_factor and leave_out: explicit sizes and layer lists cannot be saved in it".into()));
+        return Err(Error::Adapter(
+            "AdapterHub's config has only reduction_factor and leave_out: explicit sizes and layer lists cannot be saved in it".into(),
+        ));
     }
     let sites: Vec<Site> = adapter.points().iter().map(|p| p.site).collect();
     let non_linearity = match c["non_linearity"].as_str() {
@@ -169,4 +192,3 @@ pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement
     });
     write_atomic(&dir.join(adapters_core::io::CONFIG_FILE), serde_json::to_string_pretty(&file).expect("json").as_bytes())
 }
-

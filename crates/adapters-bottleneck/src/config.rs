@@ -49,9 +49,7 @@ impl<'de> Deserialize<'de> for Scaling {
             serde_json::Value::Number(n) => Ok(Scaling::Fixed(n.as_f64().unwrap_or(1.0))),
             serde_json::Value::String(s) if s == "learned" => Ok(Scaling::Learned),
             serde_json::Value::String(s) if s == "channel" => Ok(Scaling::Channel),
-            other => Err(serde::de::Error::custom(format!(
-                "scaling must be a number, \"learned\" or \"channel\", not {other}"
-            ))),
+            other => Err(serde::de::Error::custom(format!("scaling must be a number, \"learned\" or \"channel\", not {other}"))),
         }
     }
 }
@@ -118,30 +116,36 @@ pub struct KindDefaults {
 pub const SEQ_BN: KindDefaults = KindDefaults {
     name: "seq_bn",
     sites: &[Site::FfnOutput],
-    defaults: || serde_json::json!({
-        "reduction_factor": 16.0, "non_linearity": "relu", "original_ln_before": true, "is_parallel": false,
-        "scaling": 1.0, "ln_before": false, "ln_after": false, "dropout": 0.0, "use_gating": false, "init_weights": "bert"
-    }),
+    defaults: || {
+        serde_json::json!({
+            "reduction_factor": 16.0, "non_linearity": "relu", "original_ln_before": true, "is_parallel": false,
+            "scaling": 1.0, "ln_before": false, "ln_after": false, "dropout": 0.0, "use_gating": false, "init_weights": "bert"
+        })
+    },
 };
 
 /// Houlsby: after attention and after the FFN.
 pub const DOUBLE_SEQ_BN: KindDefaults = KindDefaults {
     name: "double_seq_bn",
     sites: &[Site::AttentionOutput, Site::FfnOutput],
-    defaults: || serde_json::json!({
-        "reduction_factor": 16.0, "non_linearity": "swish", "original_ln_before": false, "is_parallel": false,
-        "scaling": 1.0, "ln_before": false, "ln_after": false, "dropout": 0.0, "use_gating": false, "init_weights": "bert"
-    }),
+    defaults: || {
+        serde_json::json!({
+            "reduction_factor": 16.0, "non_linearity": "swish", "original_ln_before": false, "is_parallel": false,
+            "scaling": 1.0, "ln_before": false, "ln_after": false, "dropout": 0.0, "use_gating": false, "init_weights": "bert"
+        })
+    },
 };
 
 /// He et al.: beside the FFN, reading its input, scaled by 4.
 pub const PAR_BN: KindDefaults = KindDefaults {
     name: "par_bn",
     sites: &[Site::FfnOutput],
-    defaults: || serde_json::json!({
-        "reduction_factor": 2.0, "non_linearity": "relu", "original_ln_before": false, "is_parallel": true,
-        "scaling": 4.0, "ln_before": false, "ln_after": false, "dropout": 0.0, "use_gating": false, "init_weights": "mam_adapter"
-    }),
+    defaults: || {
+        serde_json::json!({
+            "reduction_factor": 2.0, "non_linearity": "relu", "original_ln_before": false, "is_parallel": true,
+            "scaling": 4.0, "ln_before": false, "ln_after": false, "dropout": 0.0, "use_gating": false, "init_weights": "mam_adapter"
+        })
+    },
 };
 
 /// Every bottleneck kind.
@@ -160,8 +164,11 @@ pub fn resolve(kind: &KindDefaults, user: &serde_json::Value) -> Result<Bottlene
         other => return Err(Error::Config { kind: kind.name.into(), message: format!("expected a table of fields, got {other}") }),
     }
     let config: BottleneckConfig = parse_config(kind.name, &merged)?;
-    if !(config.reduction_factor > 0.0) {
-        return Err(Error::Config { kind: kind.name.into(), message: format!("reduction_factor must be positive, got {}", config.reduction_factor) });
+    if config.reduction_factor.is_nan() || config.reduction_factor <= 0.0 {
+        return Err(Error::Config {
+            kind: kind.name.into(),
+            message: format!("reduction_factor must be positive, got {}", config.reduction_factor),
+        });
     }
     if !(0.0..1.0).contains(&config.dropout) {
         return Err(Error::Config { kind: kind.name.into(), message: format!("dropout must be in [0, 1), got {}", config.dropout) });

@@ -25,15 +25,35 @@ const FAMILY: &str = "adapters-bottleneck";
 const FIELDS: &[ConfigField] = &[
     ConfigField { name: "reduction_factor", ty: "number", default: "16 (par_bn: 2)", doc: "bottleneck = hidden / reduction_factor" },
     ConfigField { name: "bottleneck_size", ty: "integer", default: "none", doc: "explicit bottleneck width (overrides reduction_factor)" },
-    ConfigField { name: "non_linearity", ty: "relu|gelu|swish|silu|tanh", default: "relu (double_seq_bn: swish)", doc: "activation between the projections" },
-    ConfigField { name: "original_ln_before", ty: "bool", default: "seq_bn: true", doc: "adapter reads the post-norm sublayer output (Pfeiffer)" },
+    ConfigField {
+        name: "non_linearity",
+        ty: "relu|gelu|swish|silu|tanh",
+        default: "relu (double_seq_bn: swish)",
+        doc: "activation between the projections",
+    },
+    ConfigField {
+        name: "original_ln_before",
+        ty: "bool",
+        default: "seq_bn: true",
+        doc: "adapter reads the post-norm sublayer output (Pfeiffer)",
+    },
     ConfigField { name: "is_parallel", ty: "bool", default: "par_bn: true", doc: "adapter reads the sublayer input (He et al.)" },
-    ConfigField { name: "scaling", ty: "number|\"learned\"|\"channel\"", default: "1.0 (par_bn: 4.0)", doc: "fixed, learned scalar, or learned per channel" },
+    ConfigField {
+        name: "scaling",
+        ty: "number|\"learned\"|\"channel\"",
+        default: "1.0 (par_bn: 4.0)",
+        doc: "fixed, learned scalar, or learned per channel",
+    },
     ConfigField { name: "ln_before", ty: "bool", default: "false", doc: "adapter LayerNorm before the down projection" },
     ConfigField { name: "ln_after", ty: "bool", default: "false", doc: "adapter LayerNorm after the up projection" },
     ConfigField { name: "dropout", ty: "number", default: "0.0", doc: "dropout on the adapter output (training only)" },
     ConfigField { name: "use_gating", ty: "bool", default: "false", doc: "learned sigmoid gate on the adapter output" },
-    ConfigField { name: "init_weights", ty: "bert|mam_adapter", default: "bert (par_bn: mam_adapter)", doc: "normal(0,0.02) both, or zero up-projection (identity at start)" },
+    ConfigField {
+        name: "init_weights",
+        ty: "bert|mam_adapter",
+        default: "bert (par_bn: mam_adapter)",
+        doc: "normal(0,0.02) both, or zero up-projection (identity at start)",
+    },
 ];
 
 fn build_seq(args: &BuildArgs) -> Result<Box<dyn adapters_core::Adapter>, adapters_core::Error> {

@@ -28,19 +28,25 @@ fn interop(name: &str) -> (PathBuf, serde_json::Value) {
 }
 
 fn embeddings(bert: &Bert, expected: &serde_json::Value) -> Vec<Vec<f32>> {
-    expected["sentences"].as_array().unwrap().iter().map(|s| {
-        let ids: Vec<u32> = s["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let ids = Tensor::new(vec![ids], &Device::Cpu).unwrap();
-        let mask = ids.ones_like().unwrap();
-        let h = bert.forward(&ids, None, Some(&mask), &ForwardCtx::inference()).unwrap();
-        l2_normalize(&mean_pool(&h, &mask).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
-    }).collect()
+    expected["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let ids: Vec<u32> = s["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let ids = Tensor::new(vec![ids], &Device::Cpu).unwrap();
+            let mask = ids.ones_like().unwrap();
+            let h = bert.forward(&ids, None, Some(&mask), &ForwardCtx::inference()).unwrap();
+            l2_normalize(&mean_pool(&h, &mask).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+        })
+        .collect()
 }
 
 fn max_diff(got: &[Vec<f32>], want: &serde_json::Value) -> f32 {
-    got.iter().zip(want.as_array().unwrap()).flat_map(|(g, w)| {
-        g.iter().zip(w.as_array().unwrap()).map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs()).collect::<Vec<_>>()
-    }).fold(0.0, f32::max)
+    got.iter()
+        .zip(want.as_array().unwrap())
+        .flat_map(|(g, w)| g.iter().zip(w.as_array().unwrap()).map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs()).collect::<Vec<_>>())
+        .fold(0.0, f32::max)
 }
 
 fn attach(bert: &mut Bert, loaded: io::Loaded) {
@@ -55,7 +61,11 @@ fn every_adapterhub_folder_reproduces_its_outputs_and_round_trips() {
     let mut bert = bert();
     let info = bert.model_info();
     let fp = bert.fingerprint().unwrap();
-    for (folder, kind) in [("adapterhub_seq_bn_minilm", "seq_bn"), ("adapterhub_par_bn_minilm", "par_bn"), ("adapterhub_double_seq_bn_minilm", "double_seq_bn")] {
+    for (folder, kind) in [
+        ("adapterhub_seq_bn_minilm", "seq_bn"),
+        ("adapterhub_par_bn_minilm", "par_bn"),
+        ("adapterhub_double_seq_bn_minilm", "double_seq_bn"),
+    ] {
         let (dir, expected) = interop(folder);
         let loaded = io::load(&dir, &bert, &Device::Cpu).unwrap();
         assert_eq!(loaded.format, "adapterhub");

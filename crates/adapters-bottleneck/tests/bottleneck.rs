@@ -62,7 +62,12 @@ fn parameter_counts_are_exact() {
     let a = build(&m, "double_seq_bn", json!({"bottleneck_size": 10}), r#"{"leave_out":[0]}"#);
     assert_eq!(a.num_parameters(), 2 * 5 * (2 * 10 * d + 10 + d));
     // LayerNorms (2d each), gate (d + 1), per-channel scaling (d).
-    let a = build(&m, "par_bn", json!({"bottleneck_size": 4, "ln_before": true, "ln_after": true, "use_gating": true, "scaling": "channel"}), r#"{"layers":[1]}"#);
+    let a = build(
+        &m,
+        "par_bn",
+        json!({"bottleneck_size": 4, "ln_before": true, "ln_after": true, "use_gating": true, "scaling": "channel"}),
+        r#"{"layers":[1]}"#,
+    );
     assert_eq!(a.num_parameters(), (2 * 4 * d + 4 + d) + 4 * d + (d + 1) + d);
     let a = build(&m, "seq_bn", json!({"bottleneck_size": 4, "scaling": "learned"}), r#"{"layers":{"top":1}}"#);
     assert_eq!(a.num_parameters(), 2 * 4 * d + 4 + d + 1);
@@ -101,7 +106,9 @@ fn every_variable_gets_a_gradient_matching_finite_differences() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
         assert!(g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
     }
-    for (name, var) in vars.iter().filter(|(n, _)| n.ends_with("adapter_down.weight") || n.ends_with("scaling") || n.ends_with("gate.weight")) {
+    for (name, var) in
+        vars.iter().filter(|(n, _)| n.ends_with("adapter_down.weight") || n.ends_with("scaling") || n.ends_with("gate.weight"))
+    {
         let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         let numeric = finite_difference(&m, var, 0, 1e-2);
         assert!((analytic - numeric).abs() <= 2e-2 * analytic.abs().max(1e-3), "{name}: analytic {analytic}, numeric {numeric}");
@@ -167,7 +174,7 @@ fn bad_folders_give_clear_errors_and_change_nothing() {
             std::fs::copy(good.join(f), dir.join(f)).unwrap();
         }
         edit(&dir);
-        m.load_adapter(&dir).err().expect("loading must fail").to_string()
+        m.load_adapter(&dir).expect_err("loading must fail").to_string()
     };
     let e = case("missing", &|d| std::fs::remove_file(d.join("adapter_model.safetensors")).unwrap());
     assert!(e.contains("adapter_model.safetensors") && e.contains("missing"), "{e}");
@@ -204,5 +211,37 @@ fn bad_folders_give_clear_errors_and_change_nothing() {
     assert_eq!(m.load_adapter(&good).unwrap(), "a");
     m.adapters_mut().activate(&["kept", "a"]).unwrap();
     assert!(max_diff(&output(&m), &before) > 1e-4);
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// An adapter saved before fingerprint version 2 (`fixtures/legacy/pfeiffer_v1`, written by
+/// this library's trainer with the f64-sum checksum) still loads onto its base model, and
+/// saving it again writes the current version; a version-1 checksum that does not match
+/// is refused.
+#[test]
+fn adapters_with_the_version_1_fingerprint_still_load() {
+    let mut m = model("all-MiniLM-L6-v2");
+    let legacy = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/legacy/pfeiffer_v1");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(legacy.join("adapter_config.json")).unwrap()).unwrap();
+    assert!(saved["base_model"].get("version").is_none(), "the fixture predates fingerprint versions");
+    let name = m.load_adapter(&legacy).unwrap();
+    let adapter = m.adapters().get(&name).unwrap().clone();
+    assert_eq!(adapter.kind(), "seq_bn");
+
+    let tmp = std::env::temp_dir().join(format!("bn-legacy-{}", std::process::id()));
+    io::save(&tmp.join("again"), &name, adapter.as_ref(), &Placement::default(), &m.fingerprint().unwrap()).unwrap();
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.join("again/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(again["base_model"]["version"], 2);
+    assert_ne!(again["base_model"]["weights_checksum"], saved["base_model"]["weights_checksum"]);
+    assert!(m.load_adapter(&tmp.join("again")).is_ok());
+
+    let wrong = tmp.join("wrong");
+    std::fs::create_dir_all(&wrong).unwrap();
+    std::fs::copy(legacy.join("adapter_model.safetensors"), wrong.join("adapter_model.safetensors")).unwrap();
+    let mut edited = saved.clone();
+    edited["base_model"]["weights_checksum"] = json!("0000000000000000");
+    std::fs::write(wrong.join("adapter_config.json"), serde_json::to_vec(&edited).unwrap()).unwrap();
+    let e = m.load_adapter(&wrong).unwrap_err().to_string();
+    assert!(e.contains("was made for the base model"), "{e}");
     std::fs::remove_dir_all(&tmp).ok();
 }

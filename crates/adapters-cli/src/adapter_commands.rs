@@ -89,7 +89,8 @@ fn weights_file(dir: &Path) -> Option<PathBuf> {
 
 pub fn inspect(dir: &Path, model: Option<&Path>) -> Result<()> {
     let config = read_json(&dir.join(CONFIG_FILE))?;
-    let weights = weights_file(dir).with_context(|| format!("{} has no adapter_model.safetensors or adapter.safetensors", dir.display()))?;
+    let weights =
+        weights_file(dir).with_context(|| format!("{} has no adapter_model.safetensors or adapter.safetensors", dir.display()))?;
     let tensors = read_tensors(&weights, &Device::Cpu)?;
     let params: usize = tensors.values().map(|t| t.elem_count()).sum();
     let format = if config.get("format").and_then(|f| f.as_str()) == Some(io::FORMAT) {
@@ -109,16 +110,27 @@ pub fn inspect(dir: &Path, model: Option<&Path>) -> Result<()> {
             println!("kind          {}", config["kind"].as_str().unwrap_or(""));
             println!("config        {}", config["config"]);
             println!("placement     {}", config["placement"]);
-            println!("made for      {}", serde_json::from_value::<adapters_core::Fingerprint>(config["base_model"].clone()).map(|f| f.to_string()).unwrap_or_default());
+            println!(
+                "made for      {}",
+                serde_json::from_value::<adapters_core::Fingerprint>(config["base_model"].clone())
+                    .map(|f| f.to_string())
+                    .unwrap_or_default()
+            );
             println!("library       {}", config["library_version"].as_str().unwrap_or(""));
         }
         "peft" => {
-            println!("kind          {} (r {}, alpha {}, targets {})", config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"]);
+            println!(
+                "kind          {} (r {}, alpha {}, targets {})",
+                config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"]
+            );
             println!("made for      {}", config["base_model_name_or_path"]);
         }
         "adapterhub" => {
             println!("name          {}", config["name"].as_str().unwrap_or(""));
-            println!("config        reduction_factor {}, non_linearity {}, parallel {}", config["config"]["reduction_factor"], config["config"]["non_linearity"], config["config"]["is_parallel"]);
+            println!(
+                "config        reduction_factor {}, non_linearity {}, parallel {}",
+                config["config"]["reduction_factor"], config["config"]["non_linearity"], config["config"]["is_parallel"]
+            );
             println!("made for      {} ({})", config["model_type"], config["model_name"]);
         }
         _ => {}

@@ -158,7 +158,14 @@ fn prompt_ids(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<Vec<u32>
     Ok(ids)
 }
 
-pub fn generate(model: &Path, adapters: &[std::path::PathBuf], prompt: &str, max_tokens: usize, sampling: &Sampling, chat: bool) -> Result<()> {
+pub fn generate(
+    model: &Path,
+    adapters: &[std::path::PathBuf],
+    prompt: &str,
+    max_tokens: usize,
+    sampling: &Sampling,
+    chat: bool,
+) -> Result<()> {
     let loaded = open_with(model, adapters)?;
     let m = decoder(&loaded)?;
     let ids = prompt_ids(&loaded, prompt, chat)?;

@@ -234,9 +234,7 @@ fn main() {
         Command::Logits { model, prompt, top, chat, json, adapters } => {
             commands::logits(&model, &adapters.adapter, &prompt, top, chat, json)
         }
-        Command::New { kind, model, out, set, name, seed, format } => {
-            adapter_commands::new(&kind, &model, &out, &set, name, seed, format)
-        }
+        Command::New { kind, model, out, set, name, seed, format } => adapter_commands::new(&kind, &model, &out, &set, name, seed, format),
         Command::Inspect { dir, model } => adapter_commands::inspect(&dir, model.as_deref()),
         Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &adapters, &out),
         Command::Train { config, set, resume, stop_after } => train_commands::train(&config, &set, resume, stop_after),

@@ -1,6 +1,7 @@
 //! Training and using trained heads: `train`, `predict`, `eval`.
 
 use crate::commands::open_with;
+use adapters_core::ForwardCtx;
 use adapters_models::LoadedModel;
 use adapters_train::config::Pooling;
 use adapters_train::data::{read_labelled, read_text, Fields};
@@ -8,7 +9,6 @@ use adapters_train::forward::{argmax, classify, lm_loss, pooled};
 use adapters_train::heads::{self, SavedHead};
 use adapters_train::metrics::{accuracy, macro_f1};
 use adapters_train::{Config, RunOptions, Trainer};
-use adapters_core::ForwardCtx;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::io::IsTerminal;
@@ -33,7 +33,11 @@ pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<us
     }
     for (task, r) in &summary.tasks {
         let show = |m: &std::collections::BTreeMap<String, f64>| {
-            ["accuracy", "macro_f1", "perplexity"].iter().filter_map(|k| m.get(*k).map(|v| format!("{k} {v:.4}"))).collect::<Vec<_>>().join("  ")
+            ["accuracy", "macro_f1", "perplexity"]
+                .iter()
+                .filter_map(|k| m.get(*k).map(|v| format!("{k} {v:.4}")))
+                .collect::<Vec<_>>()
+                .join("  ")
         };
         println!("{task}: test {}", show(&r.test));
         if !r.test_at_start.is_empty() {
@@ -110,7 +114,15 @@ pub fn predict(model: &Path, adapters: &[PathBuf], task: Option<&str>, texts: &[
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn eval(model: &Path, adapters: &[PathBuf], task: Option<&str>, data: &Path, fields: Fields, max_length: usize, json: bool) -> Result<()> {
+pub fn eval(
+    model: &Path,
+    adapters: &[PathBuf],
+    task: Option<&str>,
+    data: &Path,
+    fields: Fields,
+    max_length: usize,
+    json: bool,
+) -> Result<()> {
     let loaded = open_with(model, adapters)?;
     let is_text = data.extension().is_some_and(|e| e == "txt");
     let result = if is_text {

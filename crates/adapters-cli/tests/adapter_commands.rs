@@ -34,7 +34,13 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn kinds_lists_every_family() {
     let out = ok(&["kinds"]);
-    for (kind, family) in [("seq_bn", "adapters-bottleneck"), ("double_seq_bn", "adapters-bottleneck"), ("par_bn", "adapters-bottleneck"), ("lora", "adapters-lora"), ("ia3", "adapters-lora")] {
+    for (kind, family) in [
+        ("seq_bn", "adapters-bottleneck"),
+        ("double_seq_bn", "adapters-bottleneck"),
+        ("par_bn", "adapters-bottleneck"),
+        ("lora", "adapters-lora"),
+        ("ia3", "adapters-lora"),
+    ] {
         assert!(out.lines().any(|l| l.starts_with(kind) && l.contains(family)), "{kind} missing:\n{out}");
     }
 }
@@ -46,7 +52,22 @@ fn new_inspect_embed_and_merge() {
     let dir = |n: &str| tmp.join(n).to_string_lossy().into_owned();
     let out = ok(&["new", "seq_bn", "--model", &m, "--out", &dir("pf"), "--set", "reduction_factor=8", "--set", "placement.leave_out=[0]"]);
     assert!(out.contains("5 points") && out.contains("186480 trainable parameters"), "{out}");
-    ok(&["new", "lora", "--model", &m, "--out", &dir("lora"), "--set", "r=4", "--set", "placement.sites=[\"query\",\"value\"]", "--format", "peft", "--seed", "3"]);
+    ok(&[
+        "new",
+        "lora",
+        "--model",
+        &m,
+        "--out",
+        &dir("lora"),
+        "--set",
+        "r=4",
+        "--set",
+        "placement.sites=[\"query\",\"value\"]",
+        "--format",
+        "peft",
+        "--seed",
+        "3",
+    ]);
     ok(&["new", "double_seq_bn", "--model", &m, "--out", &dir("hub"), "--format", "adapterhub"]);
 
     let out = ok(&["inspect", &dir("pf"), "--model", &m]);

@@ -72,9 +72,18 @@ fn logits_json_gives_the_reference_top_tokens() {
 fn generate_streams_the_greedy_continuation() {
     let g = golden("smollm2.json");
     let p = &g["prompts"][0];
-    let out = stdout_ok(&["generate", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), p["text"].as_str().unwrap(), "--greedy", "--max-tokens", "20"]);
+    let out =
+        stdout_ok(&["generate", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), p["text"].as_str().unwrap(), "--greedy", "--max-tokens", "20"]);
     assert_eq!(out.trim_end_matches('\n'), p["greedy_continuation"]["text"].as_str().unwrap().trim_end_matches('\n'));
-    let chat = stdout_ok(&["generate", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), "What is the capital of France?", "--chat", "--greedy", "--max-tokens", "30"]);
+    let chat = stdout_ok(&[
+        "generate",
+        &model("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "What is the capital of France?",
+        "--chat",
+        "--greedy",
+        "--max-tokens",
+        "30",
+    ]);
     assert!(chat.contains("Paris"), "{chat}");
 }
 

@@ -41,22 +41,30 @@ fn train_then_predict_and_eval_from_the_saved_folders() {
     let stdout = ok(&[
         "train",
         workspace().join("examples/sms_spam.toml").to_str().unwrap(),
-        "--set", &format!("model.path={}", q(&model)),
-        "--set", &format!("task=[{{name=\"sms_spam\", type=\"classification\", train={}, dev={}, test={}}}]", q(&train), q(&train), q(&test)),
-        "--set", "training.steps=4",
-        "--set", "training.batch_size=16",
-        "--set", "training.early_stopping={metric=\"loss\", patience=1}",
-        "--set", &format!("output.dir={}", q(&out)),
+        "--set",
+        &format!("model.path={}", q(&model)),
+        "--set",
+        &format!("task=[{{name=\"sms_spam\", type=\"classification\", train={}, dev={}, test={}}}]", q(&train), q(&train), q(&test)),
+        "--set",
+        "training.steps=4",
+        "--set",
+        "training.batch_size=16",
+        "--set",
+        "training.early_stopping={metric=\"loss\", patience=1}",
+        "--set",
+        &format!("output.dir={}", q(&out)),
     ]);
     assert!(stdout.contains("sms_spam: test accuracy") && stdout.contains("trainable parameters"), "{stdout}");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let adapter = out.join("adapters/sms_spam");
     let (m, a) = (model.to_str().unwrap(), adapter.to_str().unwrap());
-    let eval: serde_json::Value = serde_json::from_str(&ok(&["eval", m, "--adapter", a, "--data", test.to_str().unwrap(), "--json"])).unwrap();
+    let eval: serde_json::Value =
+        serde_json::from_str(&ok(&["eval", m, "--adapter", a, "--data", test.to_str().unwrap(), "--json"])).unwrap();
     assert_eq!(eval["examples"], 40);
     assert_eq!(eval["accuracy"], summary["tasks"]["sms_spam"]["test"]["accuracy"], "{eval} vs {summary}");
     let preds: serde_json::Value =
-        serde_json::from_str(&ok(&["predict", m, "--adapter", a, "--json", "WINNER!! Claim your free prize now", "see you at lunch"])).unwrap();
+        serde_json::from_str(&ok(&["predict", m, "--adapter", a, "--json", "WINNER!! Claim your free prize now", "see you at lunch"]))
+            .unwrap();
     for p in preds.as_array().unwrap() {
         let scores = p["scores"].as_object().unwrap();
         assert_eq!(scores.len(), 2);

@@ -4,6 +4,9 @@ use crate::context::ForwardCtx;
 use crate::point::Point;
 use candle_core::{Result, Tensor, Var};
 
+/// A frozen function of a tensor that a site lends to adapters (a norm, a projection).
+pub type TensorFn<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+
 /// What a hidden site (between sublayers) hands to an adapter.
 pub struct SublayerIo<'a> {
     /// The residual stream entering the sublayer, `[batch, seq, hidden]`.
@@ -12,7 +15,7 @@ pub struct SublayerIo<'a> {
     pub output: &'a Tensor,
     /// The backbone's norm applied after the residual add (post-norm models such as BERT);
     /// `None` for pre-norm models (Llama). Pfeiffer adapters apply it to their input.
-    pub post_norm: Option<&'a dyn Fn(&Tensor) -> Result<Tensor>>,
+    pub post_norm: Option<TensorFn<'a>>,
 }
 
 /// What a projection site hands to an adapter.
@@ -22,7 +25,7 @@ pub struct ProjectionIo<'a> {
     /// The projection's output `W x + b`, `[batch, seq, out_features]`.
     pub output: &'a Tensor,
     /// The frozen projection itself, so an adapter can re-apply it to a changed input.
-    pub linear: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+    pub linear: TensorFn<'a>,
 }
 
 /// An adapter: a small trainable module attached to a frozen backbone.

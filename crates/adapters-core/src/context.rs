@@ -203,3 +203,33 @@ impl ForwardCtx {
         std::mem::take(&mut *self.aux.lock().expect("aux lock poisoned"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_contexts_narrow_the_mask_and_task_ids_alike() -> Result<()> {
+        let dev = Device::Cpu;
+        let mask = Tensor::new(&[[1u32, 1, 0], [1, 0, 0], [1, 1, 1]], &dev)?;
+        let ctx = ForwardCtx::inference().with_attention_mask(mask).with_task_ids(Tensor::new(&[7u32, 8, 9], &dev)?);
+        let rows = ctx.for_rows(&Tensor::new(&[2u32, 0], &dev)?)?;
+        assert_eq!(rows.attention_mask.unwrap().to_vec2::<u32>()?, vec![vec![1, 1, 1], vec![1, 1, 0]]);
+        assert_eq!(rows.task_ids.unwrap().to_vec1::<u32>()?, vec![9, 7]);
+        Ok(())
+    }
+
+    #[test]
+    fn noise_is_seeded_and_only_in_training() -> Result<()> {
+        let dev = Device::Cpu;
+        let draw = |ctx: &ForwardCtx| -> Result<Vec<f32>> { ctx.normal_noise(&[4], 1.0, &dev)?.unwrap().to_vec1() };
+        let (a, b) = (ForwardCtx::training_seeded(3), ForwardCtx::training_seeded(3));
+        assert_eq!(draw(&a)?, draw(&b)?);
+        assert_ne!(draw(&a)?, draw(&ForwardCtx::training_seeded(4))?);
+        // The generator is shared with derived contexts, so draws continue the sequence.
+        let masked = a.masked(&Tensor::ones((1, 4), candle_core::DType::U32, &dev)?);
+        assert_eq!(draw(&masked)?, draw(&b)?);
+        assert!(ForwardCtx::inference().normal_noise(&[4], 1.0, &dev)?.is_none());
+        Ok(())
+    }
+}

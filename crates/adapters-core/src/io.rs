@@ -115,10 +115,7 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
         path: path.to_path_buf(),
         message: format!("not a readable safetensors file (truncated or corrupt?): {e}"),
     })?;
-    tensors
-        .into_iter()
-        .map(|(k, t)| Ok((k, if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? })))
-        .collect()
+    tensors.into_iter().map(|(k, t)| Ok((k, if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? }))).collect()
 }
 
 /// Reads and parses a JSON file, naming it in errors.
@@ -130,8 +127,7 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value, Error> {
 /// Saves an adapter in our format under `dir`. Weights are written before the config,
 /// each atomically, so a folder never holds a config without its weights.
 pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement, base: &Fingerprint) -> Result<(), Error> {
-    let tensors: HashMap<String, Tensor> =
-        adapter.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    let tensors: HashMap<String, Tensor> = adapter.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
     save_tensors_atomic(&tensors, &dir.join(WEIGHTS_FILE))?;
     let config = SavedConfig {
         format: FORMAT.into(),
@@ -184,16 +180,12 @@ pub fn load(dir: &Path, model: &dyn InsertionPoint, device: &Device) -> Result<L
         }
     }
     let known: Vec<&str> = std::iter::once(FORMAT).chain(inventory::iter::<AdapterFormat>.into_iter().map(|f| f.name)).collect();
-    Err(Error::Io {
-        path: config_path,
-        message: format!("not an adapter config of a known format ({})", known.join(", ")),
-    })
+    Err(Error::Io { path: config_path, message: format!("not an adapter config of a known format ({})", known.join(", ")) })
 }
 
 fn load_own(dir: &Path, json: serde_json::Value, model: &dyn InsertionPoint, device: &Device) -> Result<Loaded, Error> {
     let config_path = dir.join(CONFIG_FILE);
-    let saved: SavedConfig = serde_json::from_value(json)
-        .map_err(|e| Error::Io { path: config_path.clone(), message: e.to_string() })?;
+    let saved: SavedConfig = serde_json::from_value(json).map_err(|e| Error::Io { path: config_path.clone(), message: e.to_string() })?;
     let info = model.model_info();
     let mut base = model.fingerprint()?;
     if saved.base_model.version != base.version {

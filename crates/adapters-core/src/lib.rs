@@ -4,29 +4,31 @@
 //!
 //! Family crates (bottleneck, LoRA, fusion, ...) depend on this crate only, implement
 //! [`Adapter`], and register a constructor with `inventory::submit!` so that every tool
-//! can build their adapters by name.
+//! can build their adapters by name. The [`guide`] walks through adding a kind.
 
 #![warn(missing_docs)]
 
 pub mod adapter;
 pub mod context;
 pub mod fingerprint;
+#[doc = include_str!("guide.md")]
+pub mod guide {}
+mod error;
 pub mod init;
 pub mod io;
 pub mod placement;
 pub mod point;
 pub mod registry;
 pub mod set;
-mod error;
 
 pub use adapter::{Adapter, ProjectionIo, SublayerIo};
 pub use context::{AuxLoss, AuxOutputs, ForwardCtx, RoutingStats, RowGroup};
+pub use error::Error;
 pub use fingerprint::Fingerprint;
 pub use init::Init;
-pub use io::{AdapterFormat, Loaded};
 pub use inventory;
+pub use io::{AdapterFormat, Loaded};
 pub use placement::{Layers, Placement};
 pub use point::{InsertionPoint, ModelInfo, Point, PointSpec, Site};
 pub use registry::{AdapterKind, BuildArgs, ConfigField};
 pub use set::AdapterSet;
-pub use error::Error;

@@ -103,21 +103,14 @@ impl Placement {
     ///
     /// `default_sites` are used when the placement names none; `allowed` says which site
     /// kinds the adapter kind supports (an error names the first one it does not).
-    pub fn expand(
-        &self,
-        model: &ModelInfo,
-        default_sites: &[Site],
-        allowed: impl Fn(Site) -> bool,
-    ) -> Result<Vec<PointSpec>, Error> {
+    pub fn expand(&self, model: &ModelInfo, default_sites: &[Site], allowed: impl Fn(Site) -> bool) -> Result<Vec<PointSpec>, Error> {
         let sites = if self.sites.is_empty() { default_sites } else { &self.sites };
         if sites.is_empty() {
             return Err(Error::Placement("no sites selected".into()));
         }
         for &site in sites {
             if !allowed(site) {
-                return Err(Error::Placement(format!(
-                    "this adapter kind cannot sit at site `{site}`"
-                )));
+                return Err(Error::Placement(format!("this adapter kind cannot sit at site `{site}`")));
             }
             if !model.sites().contains(&site) {
                 let offered: Vec<_> = model.sites().iter().map(|s| s.name()).collect();
@@ -132,10 +125,7 @@ impl Placement {
         for key in self.sizes.keys() {
             let ok = key.parse::<usize>().map(|l| l < model.num_layers).unwrap_or(false);
             if !ok {
-                return Err(Error::Placement(format!(
-                    "`sizes` key \"{key}\" is not a layer index below {}",
-                    model.num_layers
-                )));
+                return Err(Error::Placement(format!("`sizes` key \"{key}\" is not a layer index below {}", model.num_layers)));
             }
         }
         let mut points = Vec::new();
@@ -162,7 +152,12 @@ mod tests {
         let mut points = Vec::new();
         for layer in 0..layers {
             for site in [Site::AttentionOutput, Site::FfnOutput, Site::Query, Site::Value] {
-                points.push(PointSpec { point: Point::new(layer, site), in_features: 8, out_features: 8, module: format!("l{layer}.{site}") });
+                points.push(PointSpec {
+                    point: Point::new(layer, site),
+                    in_features: 8,
+                    out_features: 8,
+                    module: format!("l{layer}.{site}"),
+                });
             }
         }
         ModelInfo { architecture: "test".into(), hidden_size: 8, num_layers: layers, vocab_size: 10, points }
@@ -200,13 +195,11 @@ mod tests {
         let m = model(3);
         let p = parse(r#"{"layers":[0,2],"sizes":{"2":16}}"#);
         let pts = p.expand(&m, &[Site::FfnOutput], |s| !s.is_projection()).unwrap();
-        assert_eq!(pts.iter().map(|s| s.point).collect::<Vec<_>>(),
-                   vec![Point::new(0, Site::FfnOutput), Point::new(2, Site::FfnOutput)]);
+        assert_eq!(pts.iter().map(|s| s.point).collect::<Vec<_>>(), vec![Point::new(0, Site::FfnOutput), Point::new(2, Site::FfnOutput)]);
         assert_eq!(p.size_for(2, 4), 16);
         assert_eq!(p.size_for(0, 4), 4);
 
-        let e = parse(r#"{"sites":["query"]}"#).expand(&m, &[Site::FfnOutput], |s| !s.is_projection())
-            .unwrap_err().to_string();
+        let e = parse(r#"{"sites":["query"]}"#).expand(&m, &[Site::FfnOutput], |s| !s.is_projection()).unwrap_err().to_string();
         assert!(e.contains("query"), "{e}");
         let e = parse(r#"{"sites":["ffn_gate"]}"#).expand(&m, &[], |_| true).unwrap_err().to_string();
         assert!(e.contains("ffn_gate") && e.contains("offers"), "{e}");

@@ -151,11 +151,7 @@ impl ModelInfo {
 
     /// The site kinds this model offers (in `Site::ALL` order).
     pub fn sites(&self) -> Vec<Site> {
-        Site::ALL
-            .iter()
-            .copied()
-            .filter(|s| self.points.iter().any(|p| p.point.site == *s))
-            .collect()
+        Site::ALL.iter().copied().filter(|s| self.points.iter().any(|p| p.point.site == *s)).collect()
     }
 }
 

@@ -82,6 +82,5 @@ pub fn build(
 /// Parses a kind's configuration; the error names the kind and the offending field.
 /// Use `#[serde(deny_unknown_fields)]` on the config struct so misspelt keys are caught.
 pub fn parse_config<T: DeserializeOwned>(kind: &str, config: &serde_json::Value) -> Result<T, Error> {
-    serde_json::from_value(config.clone())
-        .map_err(|e| Error::Config { kind: kind.to_string(), message: e.to_string() })
+    serde_json::from_value(config.clone()).map_err(|e| Error::Config { kind: kind.to_string(), message: e.to_string() })
 }

@@ -42,9 +42,7 @@ impl AdapterSet {
     /// Attaches an adapter under `name` (inactive until activated).
     pub fn add(&mut self, name: &str, adapter: Box<dyn Adapter>) -> std::result::Result<(), Error> {
         if self.get(name).is_some() {
-            return Err(Error::Adapter(format!(
-                "an adapter named `{name}` is already attached; remove it first or pick another name"
-            )));
+            return Err(Error::Adapter(format!("an adapter named `{name}` is already attached; remove it first or pick another name")));
         }
         let points = adapter.points().into_iter().collect();
         self.adapters.push(Named { name: name.to_string(), adapter: Arc::from(adapter), points });
@@ -120,9 +118,10 @@ impl AdapterSet {
     }
 
     fn index(&self, name: &str) -> std::result::Result<usize, Error> {
-        self.adapters.iter().position(|a| a.name == name).ok_or_else(|| {
-            Error::Adapter(format!("no adapter named `{name}`; attached: [{}]", self.names().join(", ")))
-        })
+        self.adapters
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| Error::Adapter(format!("no adapter named `{name}`; attached: [{}]", self.names().join(", "))))
     }
 
     fn rebuild(&mut self) {
@@ -138,9 +137,11 @@ impl AdapterSet {
     fn stack_at(&self, stack: &[String], point: Point) -> Result<Vec<Arc<dyn Adapter>>> {
         let mut out = Vec::new();
         for name in stack {
-            let named = self.adapters.iter().find(|a| &a.name == name).ok_or_else(|| {
-                candle_core::Error::Msg(format!("row choice names adapter `{name}`, which is not attached"))
-            })?;
+            let named = self
+                .adapters
+                .iter()
+                .find(|a| &a.name == name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("row choice names adapter `{name}`, which is not attached")))?;
             if named.points.contains(&point) {
                 out.push(named.adapter.clone());
             }

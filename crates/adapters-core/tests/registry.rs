@@ -3,8 +3,7 @@
 
 use adapters_core::registry::{self, parse_config};
 use adapters_core::{
-    Adapter, AdapterKind, AdapterSet, BuildArgs, ConfigField, ForwardCtx, Init, ModelInfo, Placement, Point,
-    PointSpec, Site, SublayerIo,
+    Adapter, AdapterKind, AdapterSet, BuildArgs, ConfigField, ForwardCtx, Init, ModelInfo, Placement, Point, PointSpec, Site, SublayerIo,
 };
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::Deserialize;
@@ -76,8 +75,12 @@ adapters_core::inventory::submit! {
 fn model() -> ModelInfo {
     let points = (0..2)
         .flat_map(|layer| {
-            [Site::AttentionOutput, Site::FfnOutput]
-                .map(|site| PointSpec { point: Point::new(layer, site), in_features: 4, out_features: 4, module: format!("layers.{layer}.{site}") })
+            [Site::AttentionOutput, Site::FfnOutput].map(|site| PointSpec {
+                point: Point::new(layer, site),
+                in_features: 4,
+                out_features: 4,
+                module: format!("layers.{layer}.{site}"),
+            })
         })
         .collect();
     ModelInfo { architecture: "toy".into(), hidden_size: 4, num_layers: 2, vocab_size: 10, points }
@@ -104,8 +107,7 @@ fn the_kind_is_listed_and_built_by_name() {
 
 #[test]
 fn unknown_kind_and_bad_field_are_clear() {
-    let e = registry::build("no_such", &serde_json::json!({}), &Placement::default(), &model(), &Device::Cpu, 0)
-        .err().unwrap().to_string();
+    let e = registry::build("no_such", &serde_json::json!({}), &Placement::default(), &model(), &Device::Cpu, 0).err().unwrap().to_string();
     assert!(e.contains("no_such") && e.contains("test_shift"), "{e}");
     let e = build(serde_json::json!({"scael": 2.0}), "{}").err().unwrap().to_string();
     assert!(e.contains("test_shift") && e.contains("scael"), "{e}");

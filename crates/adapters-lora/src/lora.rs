@@ -129,11 +129,7 @@ impl Adapter for Lora {
 
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let p = &self.pairs[&point];
-        let x = if ctx.train && self.config.dropout > 0.0 {
-            ctx.dropout(io.input, self.config.dropout)?
-        } else {
-            io.input.clone()
-        };
+        let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
         let delta = x.broadcast_matmul(&p.a.as_tensor().t()?)?.broadcast_matmul(&p.b.as_tensor().t()?)?;
         io.output + (delta * p.scale)?
     }

@@ -63,7 +63,11 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
             bad(&weights, format!("tensor `{key}`: module `{module}` is not a projection of this {} model", model.architecture))
         })?;
         let slot = pairs.entry(point).or_default();
-        if which == 0 { slot.0 = Some(t) } else { slot.1 = Some(t) }
+        if which == 0 {
+            slot.0 = Some(t)
+        } else {
+            slot.1 = Some(t)
+        }
     }
     if pairs.is_empty() {
         return Err(bad(&weights, "holds no LoRA tensors".into()));
@@ -152,4 +156,3 @@ pub fn save(dir: &Path, adapter: &dyn Adapter, model: &ModelInfo, base_model_nam
     });
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&file).expect("json").as_bytes())
 }
-

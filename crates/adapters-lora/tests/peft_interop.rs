@@ -30,12 +30,17 @@ fn ids(v: &serde_json::Value) -> Tensor {
 
 fn bert_embeddings(m: &Backbone, expected: &serde_json::Value) -> Vec<Vec<f32>> {
     let Backbone::Bert(b) = m else { unreachable!() };
-    expected["sentences"].as_array().unwrap().iter().map(|s| {
-        let ids = ids(&s["input_ids"]);
-        let mask = ids.ones_like().unwrap();
-        let h = b.forward(&ids, None, Some(&mask), &ForwardCtx::inference()).unwrap();
-        l2_normalize(&mean_pool(&h, &mask).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
-    }).collect()
+    expected["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let ids = ids(&s["input_ids"]);
+            let mask = ids.ones_like().unwrap();
+            let h = b.forward(&ids, None, Some(&mask), &ForwardCtx::inference()).unwrap();
+            l2_normalize(&mean_pool(&h, &mask).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+        })
+        .collect()
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -95,7 +100,7 @@ fn peft_minilm_reproduces_peft_and_round_trips_and_merges() {
 #[test]
 fn peft_smollm2_reproduces_peft_logits() {
     let mut m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let (info, fp) = (m.model_info(), m.fingerprint().unwrap());
+    let (_info, _fp) = (m.model_info(), m.fingerprint().unwrap());
     let (dir, expected) = interop("peft_lora_smollm2");
     let loaded = io::load(&dir, &m, &Device::Cpu).unwrap();
     assert_eq!(loaded.adapter.num_parameters() as u64, expected["num_adapter_parameters"].as_u64().unwrap());
@@ -103,7 +108,8 @@ fn peft_smollm2_reproduces_peft_logits() {
     let check = |m: &Backbone| {
         let Backbone::Llama(l) = m else { unreachable!() };
         for p in expected["prompts"].as_array().unwrap() {
-            let logits: Vec<f32> = l.last_logits(&ids(&p["input_ids"]), None, &ForwardCtx::inference()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let logits: Vec<f32> =
+                l.last_logits(&ids(&p["input_ids"]), None, &ForwardCtx::inference()).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
             for pair in p["expected_last_position_logits"]["top20"].as_array().unwrap() {
                 let (id, e) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
                 assert!((logits[id] - e).abs() <= 1e-3 * e.abs().max(1.0), "{}: token {id}: {} vs {e}", p["name"], logits[id]);
@@ -146,9 +152,20 @@ fn rank_overrides_rslora_and_bad_configs() {
     // layer 0 query: r 8 -> 2*(384*8); layer 0 ffn_up: r 2 -> 2*384+2*1536... computed exactly:
     let expected = 8 * (384 + 384) + 2 * (384 + 1536) + 4 * (384 + 384) + 4 * (384 + 1536);
     assert_eq!(a.num_parameters(), expected);
-    let e = registry::build("lora", &serde_json::json!({"rank": 4}), &Placement::default(), &info, &Device::Cpu, 0).err().unwrap().to_string();
+    let e =
+        registry::build("lora", &serde_json::json!({"rank": 4}), &Placement::default(), &info, &Device::Cpu, 0).err().unwrap().to_string();
     assert!(e.contains("rank") && e.contains("lora"), "{e}");
-    let e = registry::build("lora", &serde_json::json!({}), &serde_json::from_str::<Placement>(r#"{"sites":["ffn_output"]}"#).unwrap(), &info, &Device::Cpu, 0).err().unwrap().to_string();
+    let e = registry::build(
+        "lora",
+        &serde_json::json!({}),
+        &serde_json::from_str::<Placement>(r#"{"sites":["ffn_output"]}"#).unwrap(),
+        &info,
+        &Device::Cpu,
+        0,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("ffn_output"), "{e}");
 }
 

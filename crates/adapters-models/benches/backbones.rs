@@ -17,16 +17,12 @@ fn backbones(c: &mut Criterion) {
 
     let bert = bert();
     let ids = token_ids(32, 128, bert.config.vocab_size as u32);
-    group.bench_function("minilm_forward_b32_s128", |b| {
-        b.iter(|| bert.forward(&ids, None, None, &ctx).unwrap())
-    });
+    group.bench_function("minilm_forward_b32_s128", |b| b.iter(|| bert.forward(&ids, None, None, &ctx).unwrap()));
     drop(bert);
 
     let llama = llama();
     let ids = token_ids(4, 128, llama.config.vocab_size as u32);
-    group.bench_function("smollm2_prefill_b4_s128", |b| {
-        b.iter(|| llama.last_logits(&ids, None, &ctx).unwrap())
-    });
+    group.bench_function("smollm2_prefill_b4_s128", |b| b.iter(|| llama.last_logits(&ids, None, &ctx).unwrap()));
 
     let prompt = token_ids(1, 128, llama.config.vocab_size as u32);
     let mut cache = llama.new_cache();

@@ -29,9 +29,7 @@ fn main() {
     let dir = model_path("all-MiniLM-L6-v2");
     let config: candle_transformers::models::bert::Config =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev).unwrap()
-    };
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev).unwrap() };
     let reference = candle_transformers::models::bert::BertModel::load(vb, &config).unwrap();
     let (batch, seq) = (32, 128);
     let ids = token_ids(batch, seq, config.vocab_size as u32);

@@ -4,10 +4,10 @@
 //! names. Post-norm layers: each sublayer's output passes through the adapter hook before
 //! the residual add and the sublayer's LayerNorm, which the hook also receives.
 
+use crate::error::Error;
 use crate::ops::{embedding, softmax_last, LayerNorm, Linear};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
-use crate::error::Error;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -122,8 +122,8 @@ impl Bert {
     pub fn from_folder(dir: &Path, device: &Device) -> std::result::Result<Self, Error> {
         let config_path = dir.join("config.json");
         let bytes = std::fs::read(&config_path).map_err(|e| Error::file(&config_path, e))?;
-        let config: BertConfig = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::file(&config_path, format!("not a valid BERT config: {e}")))?;
+        let config: BertConfig =
+            serde_json::from_slice(&bytes).map_err(|e| Error::file(&config_path, format!("not a valid BERT config: {e}")))?;
         let weights = Weights::from_safetensors(&dir.join("model.safetensors"), device)?;
         Self::from_weights(config, &weights)
     }
@@ -137,7 +137,7 @@ impl Bert {
                 config.position_embedding_type
             )));
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(Error::Unsupported(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 config.hidden_size, config.num_attention_heads
@@ -147,10 +147,7 @@ impl Bert {
         let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let linear = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
-            Ok(Linear::new(
-                w.get(&format!("{prefix}{name}.weight"), &[out, inp])?,
-                Some(w.get(&format!("{prefix}{name}.bias"), &[out])?),
-            ))
+            Ok(Linear::new(w.get(&format!("{prefix}{name}.weight"), &[out, inp])?, Some(w.get(&format!("{prefix}{name}.bias"), &[out])?)))
         };
         let norm = |name: &str| -> std::result::Result<LayerNorm, Error> {
             let n = |a: &str| format!("{prefix}{name}.{a}");
@@ -212,10 +209,21 @@ impl Bert {
 
     /// Every projection with its point.
     fn linears(&self) -> Vec<(Point, &Linear)> {
-        self.layers.iter().enumerate().flat_map(|(l, x)| {
-            [(Site::Query, &x.query), (Site::Key, &x.key), (Site::Value, &x.value), (Site::AttentionProj, &x.attn_out), (Site::FfnUp, &x.up), (Site::FfnDown, &x.down)]
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(l, x)| {
+                [
+                    (Site::Query, &x.query),
+                    (Site::Key, &x.key),
+                    (Site::Value, &x.value),
+                    (Site::AttentionProj, &x.attn_out),
+                    (Site::FfnUp, &x.up),
+                    (Site::FfnDown, &x.down),
+                ]
                 .map(|(s, lin)| (Point::new(l, s), lin))
-        }).collect()
+            })
+            .collect()
     }
 
     /// The projection at a point, for merging adapters into its weight.
@@ -237,11 +245,24 @@ impl Bert {
         let e = &self.embeddings;
         let lin = |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count());
         let ln = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
-        e.word.elem_count() + e.position.elem_count() + e.token_type.elem_count() + ln(&e.norm)
-            + self.layers.iter().map(|l| {
-                lin(&l.query) + lin(&l.key) + lin(&l.value) + lin(&l.attn_out) + lin(&l.up) + lin(&l.down)
-                    + ln(&l.attn_norm) + ln(&l.ffn_norm)
-            }).sum::<usize>()
+        e.word.elem_count()
+            + e.position.elem_count()
+            + e.token_type.elem_count()
+            + ln(&e.norm)
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    lin(&l.query)
+                        + lin(&l.key)
+                        + lin(&l.value)
+                        + lin(&l.attn_out)
+                        + lin(&l.up)
+                        + lin(&l.down)
+                        + ln(&l.attn_norm)
+                        + ln(&l.ffn_norm)
+                })
+                .sum::<usize>()
     }
 
     /// The last hidden state `[batch, seq, hidden]`.
@@ -278,8 +299,7 @@ impl Bert {
         };
         let mask = match attention_mask {
             // [b, 1, 1, t]: 0 where attended, a large negative value on padding.
-            Some(m) => Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?
-                .reshape((b, 1, 1, t))?),
+            Some(m) => Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?.reshape((b, 1, 1, t))?),
             None => None,
         };
         for (l, layer) in self.layers.iter().enumerate() {

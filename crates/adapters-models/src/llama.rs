@@ -5,10 +5,10 @@
 //! folder (`config.json`, `model.safetensors`). Pre-norm layers: each sublayer's output
 //! passes through the adapter hook before the residual add.
 
+use crate::error::Error;
 use crate::ops::{embedding, rope, softmax_last, Linear, RmsNorm};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
-use crate::error::Error;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -183,8 +183,7 @@ impl Llama {
     /// base-model fingerprint over them) are the same on every device.
     pub fn from_gguf(path: &Path, device: &Device) -> std::result::Result<(Self, gguf_file::Content), Error> {
         let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-        let ct = gguf_file::Content::read(&mut file)
-            .map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
+        let ct = gguf_file::Content::read(&mut file).map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
         let config = LlamaConfig::from_gguf(&ct).map_err(|e| Error::file(path, e))?;
         let mut tensors = HashMap::new();
         for name in ct.tensor_infos.keys() {
@@ -209,8 +208,8 @@ impl Llama {
     pub fn from_folder(dir: &Path, device: &Device) -> std::result::Result<Self, Error> {
         let config_path = dir.join("config.json");
         let bytes = std::fs::read(&config_path).map_err(|e| Error::file(&config_path, e))?;
-        let config: LlamaConfig = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::file(&config_path, format!("not a valid Llama config: {e}")))?;
+        let config: LlamaConfig =
+            serde_json::from_slice(&bytes).map_err(|e| Error::file(&config_path, format!("not a valid Llama config: {e}")))?;
         let index = dir.join("model.safetensors.index.json");
         let file = if index.exists() { index } else { dir.join("model.safetensors") };
         Self::from_weights(config, &Weights::from_safetensors(&file, device)?)
@@ -226,12 +225,10 @@ impl Llama {
             )));
         }
         let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
-        let lin = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
-            Ok(Linear::new(w.get(name, &[out, inp])?, None))
-        };
-        let norm = |name: &str| -> std::result::Result<RmsNorm, Error> {
-            Ok(RmsNorm { weight: w.get(name, &[h])?, eps: config.rms_norm_eps })
-        };
+        let lin =
+            |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> { Ok(Linear::new(w.get(name, &[out, inp])?, None)) };
+        let norm =
+            |name: &str| -> std::result::Result<RmsNorm, Error> { Ok(RmsNorm { weight: w.get(name, &[h])?, eps: config.rms_norm_eps }) };
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
@@ -291,10 +288,21 @@ impl Llama {
         self.embed.elem_count()
             + self.norm.weight.elem_count()
             + self.lm_head.as_ref().map_or(0, |t| t.elem_count())
-            + self.layers.iter().map(|l| {
-                lin(&l.q) + lin(&l.k) + lin(&l.v) + lin(&l.o) + lin(&l.gate) + lin(&l.up) + lin(&l.down)
-                    + l.attn_norm.weight.elem_count() + l.ffn_norm.weight.elem_count()
-            }).sum::<usize>()
+            + self
+                .layers
+                .iter()
+                .map(|l| {
+                    lin(&l.q)
+                        + lin(&l.k)
+                        + lin(&l.v)
+                        + lin(&l.o)
+                        + lin(&l.gate)
+                        + lin(&l.up)
+                        + lin(&l.down)
+                        + l.attn_norm.weight.elem_count()
+                        + l.ffn_norm.weight.elem_count()
+                })
+                .sum::<usize>()
     }
 
     /// Whether the output projection is the token embedding matrix.
@@ -499,9 +507,7 @@ fn rope_tables(head_dim: usize, theta: f64, max_pos: usize, device: &Device) -> 
 
 /// `[t, past + t]`: 0 where position i may attend to j, -inf to the right of i.
 fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (t, past + t), device)
 }
 
@@ -513,4 +519,3 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     let (b, kv, t, d) = x.dims4()?;
     x.unsqueeze(2)?.expand((b, kv, n, t, d))?.reshape((b, kv * n, t, d))
 }
-

@@ -104,9 +104,11 @@ impl Backbone {
     }
 
     fn apply_merge(&mut self, name: &str, sign: f64) -> Result<()> {
-        let adapter = self.adapters().get(name).cloned().ok_or_else(|| {
-            Error::Invalid(format!("no adapter named `{name}`; attached: [{}]", self.adapters().names().join(", ")))
-        })?;
+        let adapter = self
+            .adapters()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("no adapter named `{name}`; attached: [{}]", self.adapters().names().join(", "))))?;
         let mut deltas = Vec::new();
         for point in adapter.points() {
             let delta = adapter.merge_delta(point).ok_or_else(|| {
@@ -127,11 +129,7 @@ impl Backbone {
     /// Turns every base weight into a trainable variable (full fine-tuning) and returns
     /// them by their original names. Attached adapters stay attached.
     pub fn make_trainable(&mut self) -> Result<Vec<(String, Var)>> {
-        let vars = self
-            .named_weights()
-            .into_iter()
-            .map(|(name, t)| Ok((name, Var::from_tensor(&t)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let vars = self.named_weights().into_iter().map(|(name, t)| Ok((name, Var::from_tensor(&t)?))).collect::<Result<Vec<_>>>()?;
         let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         let weights = Weights::new(PathBuf::from("<trainable copy>"), tensors);
         let adapters = self.adapters_snapshot();
@@ -230,9 +228,7 @@ impl LoadedModel {
 /// Where `cargo xtask fetch` puts the project's models: `$ADAPTERS_MODELS`, else
 /// `models/` at the workspace root.
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("ADAPTERS_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
+    std::env::var_os("ADAPTERS_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"))
 }
 
 /// A fetched model by name (`all-MiniLM-L6-v2`, `SmolLM2-135M-Instruct.Q4_1.gguf`); the
@@ -247,7 +243,8 @@ pub fn fetched(name: &str) -> Result<PathBuf> {
 
 const EXPECTED: &str = "expected a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file";
 
-/// Loads the model at `path` (see [`EXPECTED`] forms).
+/// Loads the model at `path`: a Hugging Face folder (`config.json`, `model.safetensors`,
+/// `tokenizer.json`) of a BERT or Llama model, or a Llama `.gguf` file.
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     if !path.exists() {
         return Err(Error::file(path, format!("does not exist; {EXPECTED}. Run `cargo xtask fetch` to get the project's models")));
@@ -260,8 +257,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
             return Err(Error::file(path, format!("is a file but not a GGUF file (no GGUF magic); {EXPECTED}")));
         }
         let (model, ct) = Llama::from_gguf(path, device)?;
-        let tokenizer =
-            TextTokenizer::from_gguf(&ct).map_err(|e| Error::file(path, format!("reading the tokenizer: {e}")))?;
+        let tokenizer = TextTokenizer::from_gguf(&ct).map_err(|e| Error::file(path, format!("reading the tokenizer: {e}")))?;
         return Ok(LoadedModel { backbone: Backbone::Llama(model), tokenizer, source: path.to_path_buf() });
     }
     let config_path = path.join("config.json");

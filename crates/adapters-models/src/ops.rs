@@ -76,10 +76,13 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
         let x = match storage {
             candle_core::CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
             _ => return Err(candle_core::Error::Msg("frozen-matmul: only f32 is supported".into())),
@@ -87,7 +90,9 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         let y = x.matmul(&self.weight_t)?;
         let (storage, layout) = y.storage_and_layout();
         match &*storage {
-            candle_core::Storage::Cpu(cpu) if layout.is_contiguous() && layout.start_offset() == 0 => Ok((cpu.clone(), layout.shape().clone())),
+            candle_core::Storage::Cpu(cpu) if layout.is_contiguous() && layout.start_offset() == 0 => {
+                Ok((cpu.clone(), layout.shape().clone()))
+            }
             _ => Err(candle_core::Error::Msg("frozen-matmul: unexpected output layout".into())),
         }
     }
@@ -122,10 +127,7 @@ impl LayerNorm {
             let n = x.dim(D::Minus1)? as f64;
             let centered = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?;
             let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-            centered
-                .broadcast_div(&(var + self.eps)?.sqrt()?)?
-                .broadcast_mul(&self.weight)?
-                .broadcast_add(&self.bias)
+            centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
         } else {
             candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
         }

@@ -77,9 +77,7 @@ impl TextTokenizer {
         if model != "gpt2" {
             return Err(Error::Tokenizer(format!("GGUF tokenizer model `{model}` is not supported (only byte-level BPE, `gpt2`)")));
         }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            md(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect()
-        };
+        let strings = |key: &str| -> Result<Vec<String>> { md(key)?.to_vec()?.iter().map(|v| Ok(v.to_string()?.clone())).collect() };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges = strings("tokenizer.ggml.merges")?
             .into_iter()
@@ -104,16 +102,10 @@ impl TextTokenizer {
         ]))));
         inner.with_decoder(Some(ByteLevel::default()));
         inner.with_post_processor(Some(ByteLevel::default().trim_offsets(false)));
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3 || t == 4)
-            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
-            .collect();
+        let specials: Vec<AddedToken> =
+            tokens.iter().zip(&types).filter(|(_, &t)| t == 3 || t == 4).map(|(tok, _)| AddedToken::from(tok.clone(), true)).collect();
         inner.add_special_tokens(&specials);
-        let token_at = |key: &str| {
-            ct.metadata.get(key).and_then(|v| v.to_u32().ok()).and_then(|id| tokens.get(id as usize).cloned())
-        };
+        let token_at = |key: &str| ct.metadata.get(key).and_then(|v| v.to_u32().ok()).and_then(|id| tokens.get(id as usize).cloned());
         Ok(TextTokenizer {
             inner,
             chat_template: ct.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),

@@ -22,8 +22,7 @@ impl Weights {
     pub fn from_safetensors(path: &Path, device: &Device) -> Result<Self> {
         let files: Vec<PathBuf> = if path.extension().is_some_and(|e| e == "json") {
             let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
-            let index: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+            let index: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
             let map = index["weight_map"].as_object().ok_or_else(|| Error::file(path, "has no `weight_map` object"))?;
             let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             shards.sort();

@@ -61,8 +61,7 @@ fn last_hidden_state_matches_within_1e_3_and_training_path_agrees() {
     let golden = fixture("golden/minilm.json");
     let s = &golden["sentences"][0];
     let ids = Tensor::new(vec![ids(&s["input_ids"])], &Device::Cpu).unwrap();
-    let want: Vec<f32> = golden["last_hidden_state_sentence0"]["values"]
-        .as_array().unwrap().iter().flat_map(|row| floats(row)).collect();
+    let want: Vec<f32> = golden["last_hidden_state_sentence0"]["values"].as_array().unwrap().iter().flat_map(floats).collect();
     let got = bert.forward(&ids, None, None, &ForwardCtx::inference()).unwrap();
     let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
     assert!(max_abs_diff(&got, &want) <= 1e-3);
@@ -77,9 +76,8 @@ fn agrees_with_candle_transformers_bert() {
     let dev = Device::Cpu;
     let dir = minilm();
     let config: ct::Config = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], candle_core::DType::F32, &dev).unwrap()
-    };
+    let vb =
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], candle_core::DType::F32, &dev).unwrap() };
     let reference = ct::BertModel::load(vb, &config).unwrap();
     let (bert, tok) = model();
     let batch = tok.encode_batch(&["Adapters are small.", "A frozen model with clip-on tools, one per task."]).unwrap();

@@ -4,9 +4,9 @@
 //! choice, dropout) the resumed run computes exactly what an uninterrupted one would.
 
 use crate::config::Config;
+use crate::error::{fail, Error, Result, Within};
 use crate::optim::AdamW;
 use adapters_core::io::{read_tensors, save_tensors_atomic, write_atomic};
-use crate::error::{fail, Error, Result, Within};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -91,10 +91,11 @@ pub fn load(out: &Path, config: &Config, optimizer: &mut AdamW, params: &[(Strin
         fail!(Run, "{} has no checkpoint to resume; start without --resume", out.display());
     }
     let state_path = dir.join(STATE);
-    let state: State = serde_json::from_slice(&std::fs::read(&state_path)?)
-        .within(|| format!("{} is not a checkpoint state", state_path.display()))?;
+    let state: State =
+        serde_json::from_slice(&std::fs::read(&state_path)?).within(|| format!("{} is not a checkpoint state", state_path.display()))?;
     if state.config != comparable(config) {
-        fail!(Run, 
+        fail!(
+            Run,
             "{} was written by a different config (model, adapters, tasks, training or stages changed); \
              resume with the config it was started with, or start a new `output.dir`",
             dir.display()
@@ -102,7 +103,8 @@ pub fn load(out: &Path, config: &Config, optimizer: &mut AdamW, params: &[(Strin
     }
     let weights = read_tensors(&dir.join(TRAINABLE), &candle_core::Device::Cpu)?;
     let pairs = fit(params, weights, &dir.join(TRAINABLE))?;
-    optimizer.load_state(read_tensors(&dir.join(OPTIMIZER), &candle_core::Device::Cpu)?)
+    optimizer
+        .load_state(read_tensors(&dir.join(OPTIMIZER), &candle_core::Device::Cpu)?)
         .within(|| format!("reading {}", dir.join(OPTIMIZER).display()))?;
     for (var, t) in pairs {
         var.set(&t.to_device(var.device())?)?;

@@ -2,8 +2,8 @@
 //! registered kind, the tasks with their data and heads, the training schedule and the
 //! output folder. Unknown keys and wrong types are errors that name the key.
 
-use adapters_core::Placement;
 use crate::error::{fail, Error, Result, Within};
+use adapters_core::Placement;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -348,7 +348,7 @@ impl Config {
         if t.batch_size == 0 {
             fail!(Config, "`training.batch_size` must be at least 1");
         }
-        if !(t.lr > 0.0) {
+        if t.lr.is_nan() || t.lr <= 0.0 {
             fail!(Config, "`training.lr` must be positive, got {}", t.lr);
         }
         if !(0.0..1.0).contains(&t.dropout) {
@@ -357,17 +357,24 @@ impl Config {
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             fail!(Config, "`training.warmup_ratio` must be in [0, 1], got {}", t.warmup_ratio);
         }
-        if matches!(t.sampling, Sampling::Temperature { temperature } if !(temperature > 0.0)) {
+        if matches!(t.sampling, Sampling::Temperature { temperature } if temperature.is_nan() || temperature <= 0.0) {
             fail!(Config, "`training.sampling.temperature` must be positive");
         }
         if t.mode == Mode::HeadOnly && self.task.iter().any(|k| k.kind == TaskType::CausalLm) {
             fail!(Config, "`training.mode = \"head_only\"` has nothing to train for a causal_lm task (its head is the tied embedding)");
         }
         if t.mixed_task_batches && self.task.iter().any(|k| k.kind != TaskType::Classification) {
-            fail!(Config, "`training.mixed_task_batches = true` needs classification tasks only (a causal_lm task trains on its own batches)");
+            fail!(
+                Config,
+                "`training.mixed_task_batches = true` needs classification tasks only (a causal_lm task trains on its own batches)"
+            );
         }
         if t.mixed_task_batches && t.batch_size < self.task.len() {
-            fail!(Config, "`training.mixed_task_batches = true` needs `training.batch_size` of at least one row per task ({})", self.task.len());
+            fail!(
+                Config,
+                "`training.mixed_task_batches = true` needs `training.batch_size` of at least one row per task ({})",
+                self.task.len()
+            );
         }
         if t.mode == Mode::Adapters && self.adapters.is_empty() {
             fail!(Config, "`training.mode = \"adapters\"` needs at least one [adapters.NAME] table (or use mode \"head_only\" / \"full\")");
@@ -379,7 +386,12 @@ impl Config {
             }
             for a in task.adapters.iter().flatten() {
                 if !self.adapters.contains_key(a) {
-                    fail!(Config, "`task.adapters` of task `{}`: no adapter `{a}` (defined: {})", task.name, self.adapter_names().join(", "));
+                    fail!(
+                        Config,
+                        "`task.adapters` of task `{}`: no adapter `{a}` (defined: {})",
+                        task.name,
+                        self.adapter_names().join(", ")
+                    );
                 }
             }
         }
@@ -470,7 +482,8 @@ dir = "runs/x"
         assert_eq!(c.training.mode, Mode::Adapters);
         assert_eq!(c.adapters["pfeiffer"].config_json(), serde_json::json!({"reduction_factor": 16}));
         assert_eq!(c.stack_of(&c.task[0]), vec!["pfeiffer".to_string()]);
-        let c = Config::parse(BASE, &["training.mode=\"head_only\"".into(), "training.lr=5e-4".into(), "output.dir=runs/y".into()]).unwrap();
+        let c =
+            Config::parse(BASE, &["training.mode=\"head_only\"".into(), "training.lr=5e-4".into(), "output.dir=runs/y".into()]).unwrap();
         assert_eq!((c.training.mode, c.training.lr), (Mode::HeadOnly, 5e-4));
         assert_eq!(c.output.dir, PathBuf::from("runs/y"));
         assert!(c.stack_of(&c.task[0]).is_empty());

@@ -112,7 +112,14 @@ fn read_csv(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Res
     let headers = reader.headers().within(|| format!("{}: no header row", path.display()))?.clone();
     let col = |name: &str| headers.iter().position(|h| h == name);
     let (Some(t), Some(l)) = (col(&fields.text), col(&fields.label)) else {
-        fail!(Data, "{}: the header has no `{}` or no `{}` column (columns: {})", path.display(), fields.text, fields.label, headers.iter().collect::<Vec<_>>().join(", "));
+        fail!(
+            Data,
+            "{}: the header has no `{}` or no `{}` column (columns: {})",
+            path.display(),
+            fields.text,
+            fields.label,
+            headers.iter().collect::<Vec<_>>().join(", ")
+        );
     };
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
@@ -129,7 +136,14 @@ fn read_csv(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Res
 /// Checks that every label of a dev or test set was seen in training.
 pub fn check_labels(path: &Path, examples: &[Example], known: &BTreeSet<String>) -> Result<()> {
     if let Some(e) = examples.iter().find(|e| !known.contains(&e.label)) {
-        fail!(Data, "{}:{}: label `{}` does not occur in the training data (known: {})", path.display(), e.line, e.label, known.iter().cloned().collect::<Vec<_>>().join(", "));
+        fail!(
+            Data,
+            "{}:{}: label `{}` does not occur in the training data (known: {})",
+            path.display(),
+            e.line,
+            e.label,
+            known.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     Ok(())
 }
@@ -161,7 +175,10 @@ mod tests {
     fn jsonl_and_csv_with_string_or_integer_labels() {
         let p = file("a.jsonl", "{\"text\":\"good\",\"label\":\"pos\"}\n\n{\"text\":\"bad\",\"label\":0}\n");
         let r = read_labelled(&p, &Fields::default()).unwrap();
-        assert_eq!(r.examples, vec![Example { text: "good".into(), label: "pos".into(), line: 1 }, Example { text: "bad".into(), label: "0".into(), line: 3 }]);
+        assert_eq!(
+            r.examples,
+            vec![Example { text: "good".into(), label: "pos".into(), line: 1 }, Example { text: "bad".into(), label: "0".into(), line: 3 }]
+        );
         let p = file("b.csv", "id,sentence,y\n1,\"a, quoted\",x\n2,plain,y\n");
         let f = Fields { text: "sentence".into(), label: "y".into(), skip_bad_rows: false };
         assert_eq!(read_labelled(&p, &f).unwrap().examples[0].text, "a, quoted");

@@ -2,10 +2,10 @@
 //! pooling, classification logits and the causal-LM loss.
 
 use crate::config::Pooling;
+use crate::error::{fail, Result};
 use adapters_core::ForwardCtx;
 use adapters_models::heads::{last_token_pool, mean_pool, ClassificationHead};
 use adapters_models::Backbone;
-use crate::error::{fail, Result};
 use candle_core::{Device, Tensor, D};
 
 /// Right-pads rows of token ids: `[batch, longest]` ids (padding id 0) and the mask.

@@ -4,9 +4,9 @@
 //! `head_config.json` holds the task, labels and pooling; `head.safetensors` the weights.
 
 use crate::config::Pooling;
+use crate::error::{fail, Error, Result, Within};
 use adapters_core::io::{read_json, read_tensors, save_tensors_atomic, write_atomic};
 use adapters_models::heads::ClassificationHead;
-use crate::error::{fail, Error, Result, Within};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -80,8 +80,8 @@ pub fn load_all(dir: &Path, device: &Device) -> Result<Vec<SavedHead>> {
 /// One head folder; checks the weights against the config.
 pub fn load(dir: &Path, device: &Device) -> Result<SavedHead> {
     let config_path = dir.join(HEAD_CONFIG);
-    let config: HeadConfig = serde_json::from_value(read_json(&config_path)?)
-        .within(|| format!("{} is not a head config", config_path.display()))?;
+    let config: HeadConfig =
+        serde_json::from_value(read_json(&config_path)?).within(|| format!("{} is not a head config", config_path.display()))?;
     let weights_path = dir.join(HEAD_WEIGHTS);
     let mut t = read_tensors(&weights_path, device)?;
     let (n, h) = (config.labels.len(), config.hidden_size);

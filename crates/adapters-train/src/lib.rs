@@ -4,14 +4,14 @@
 
 #![warn(missing_docs)]
 
-pub mod config;
-pub mod error;
-pub mod data;
-pub mod optim;
 mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
 pub mod forward;
 pub mod heads;
 pub mod metrics;
+pub mod optim;
 mod report;
 mod task;
 pub mod trainer;

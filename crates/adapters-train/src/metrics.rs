@@ -32,7 +32,11 @@ pub fn macro_f1(gold: &[u32], pred: &[u32], num_labels: usize) -> f64 {
     }
     let f1 = |l: usize| {
         let denom = 2 * tp[l] + fp[l] + fn_[l];
-        if denom == 0 { 0.0 } else { 2.0 * tp[l] as f64 / denom as f64 }
+        if denom == 0 {
+            0.0
+        } else {
+            2.0 * tp[l] as f64 / denom as f64
+        }
     };
     present.iter().map(|&l| f1(l)).sum::<f64>() / present.len() as f64
 }
@@ -50,7 +54,9 @@ impl MetricsLog {
         let kept = match (keep_until_step, std::fs::read_to_string(path)) {
             (Some(step), Ok(text)) => text
                 .lines()
-                .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step)
+                })
                 .map(|l| format!("{l}\n"))
                 .collect::<String>(),
             _ => String::new(),

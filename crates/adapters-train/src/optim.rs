@@ -269,7 +269,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Var::new(&[3.0f32, 4.0], &dev)?;
         let mut grads = (w.as_tensor().sqr()?.sum_all()? * 0.5)?.backward()?; // gradient (3, 4), norm 5
-        let norm = clip_grad_norm(&[w.clone()], &mut grads, 1.0)?;
+        let norm = clip_grad_norm(std::slice::from_ref(&w), &mut grads, 1.0)?;
         assert!((norm - 5.0).abs() < 1e-6);
         let g = grads.get(w.as_tensor()).unwrap().to_vec1::<f32>()?;
         assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5);

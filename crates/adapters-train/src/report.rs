@@ -1,7 +1,7 @@
 //! Run reports: the metrics log's file name, the summary, and the training/dev curves.
 
-use crate::metrics::MetricsLog;
 use crate::error::{Error, Result};
+use crate::metrics::MetricsLog;
 use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,8 +3,8 @@
 
 use crate::config::{TaskConfig, TaskType};
 use crate::data::{check_labels, read_labelled, read_text, Fields};
-use adapters_models::TextTokenizer;
 use crate::error::{fail, Result};
+use adapters_models::TextTokenizer;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -180,7 +180,8 @@ mod tests {
         assert_eq!(a, epoch_batches(&lengths, 32, true, 7, 0, 0));
         assert_ne!(a, epoch_batches(&lengths, 32, true, 7, 0, 1));
         // Grouping by length: the mean spread inside a batch is far below random batches'.
-        let spread: usize = a.iter().map(|b| b.iter().map(|&i| lengths[i]).max().unwrap() - b.iter().map(|&i| lengths[i]).min().unwrap()).sum();
+        let spread: usize =
+            a.iter().map(|b| b.iter().map(|&i| lengths[i]).max().unwrap() - b.iter().map(|&i| lengths[i]).min().unwrap()).sum();
         assert!(spread / a.len() < 20, "{}", spread / a.len());
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
 use crate::config::{Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
+use crate::error::{fail, Result, Within};
 use crate::forward::{argmax, classify, lm_loss, pad, pool, pooled};
 use crate::heads::{self, HeadConfig};
 use crate::metrics::{accuracy, macro_f1, MetricsLog};
@@ -13,7 +14,6 @@ use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint};
 use adapters_models::heads::ClassificationHead;
 use adapters_models::LoadedModel;
-use crate::error::{fail, Result, Within};
 use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -121,8 +121,8 @@ impl Trainer {
     /// Loads the model and data and builds adapters and heads; checks everything before
     /// any training starts.
     pub fn new(config: Config, device: &Device) -> Result<Self> {
-        let mut model = adapters_models::load(&config.model.path, device)
-            .within(|| format!("`model.path` = {}", config.model.path.display()))?;
+        let mut model =
+            adapters_models::load(&config.model.path, device).within(|| format!("`model.path` = {}", config.model.path.display()))?;
         let base_parameters = model.backbone.num_parameters();
         let seed = config.training.seed;
         let mode = config.training.mode;
@@ -135,8 +135,9 @@ impl Trainer {
         if mode != Mode::HeadOnly {
             let info = model.backbone.model_info();
             for (i, (name, entry)) in config.adapters.iter().enumerate() {
-                let adapter = registry::build(&entry.kind, &entry.config_json(), &entry.placement, &info, device, mix(&[seed, i as u64, 0xada]))
-                    .within(|| format!("`adapters.{name}`"))?;
+                let adapter =
+                    registry::build(&entry.kind, &entry.config_json(), &entry.placement, &info, device, mix(&[seed, i as u64, 0xada]))
+                        .within(|| format!("`adapters.{name}`"))?;
                 for (var_name, var) in adapter.vars() {
                     params.push(Param {
                         name: format!("adapter.{name}.{var_name}"),
@@ -251,10 +252,7 @@ impl Trainer {
             state
         } else {
             if checkpoint::exists(&out) {
-                fail!(Run, 
-                    "{} holds a checkpoint of an earlier run; resume it (--resume) or choose a new `output.dir`",
-                    out.display()
-                );
+                fail!(Run, "{} holds a checkpoint of an earlier run; resume it (--resume) or choose a new `output.dir`", out.display());
             }
             State::new(self.tasks.len(), &self.config)
         };
@@ -284,7 +282,11 @@ impl Trainer {
             log.write(&json!({"step": state.step, "task": task, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "examples_per_s": window.examples_per_s(), "elapsed_s": started.elapsed().as_secs_f64()}))?;
             bar.set_position(state.step as u64);
-            bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s  {:.0} tok/s", window.examples_per_s(), window.tokens_per_s()));
+            bar.set_message(format!(
+                "loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s  {:.0} tok/s",
+                window.examples_per_s(),
+                window.tokens_per_s()
+            ));
             if !options.progress && (state.step % (total / 10).max(1) == 0 || state.step == total) {
                 eprintln!("step {}/{total}  loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s", state.step, window.examples_per_s());
             }
@@ -419,7 +421,8 @@ impl Trainer {
                 batch.iter().flat_map(|(task, rows)| std::iter::repeat_n(self.tasks[*task].stack.clone(), rows.len())).collect();
             ctx = ctx.with_row_choices(&choices, &device)?;
         }
-        let ids: Vec<&[u32]> = batch.iter().flat_map(|(task, rows)| rows.iter().map(|&i| self.tasks[*task].data.train.ids[i].as_slice())).collect();
+        let ids: Vec<&[u32]> =
+            batch.iter().flat_map(|(task, rows)| rows.iter().map(|&i| self.tasks[*task].data.train.ids[i].as_slice())).collect();
         let tokens: usize = ids.iter().map(|r| r.len()).sum();
         let mut loss = match self.tasks[first].kind {
             TaskType::CausalLm => lm_loss(&self.model.backbone, &ids, &ctx)?.0,
@@ -465,7 +468,9 @@ impl Trainer {
             let task = &self.tasks[*task_idx];
             let n = rows.len();
             let features = match (&task.features, &hidden, &mask) {
-                (Some(f), _, _) => f.train.index_select(&Tensor::from_vec(rows.iter().map(|&i| i as u32).collect(), n, f.train.device())?, 0)?,
+                (Some(f), _, _) => {
+                    f.train.index_select(&Tensor::from_vec(rows.iter().map(|&i| i as u32).collect(), n, f.train.device())?, 0)?
+                }
                 (None, Some(h), Some(m)) => pool(&h.narrow(0, offset, n)?, &m.narrow(0, offset, n)?, task.pooling)?,
                 _ => unreachable!("hidden states are computed when a task has no cached features"),
             };
@@ -505,7 +510,9 @@ impl Trainer {
                     let (mut pred, mut gold, mut loss_sum) = (Vec::new(), Vec::new(), 0.0);
                     for batch in sorted_batches(&lengths, 64) {
                         let f = match features {
-                            Some(f) => f.index_select(&Tensor::from_vec(batch.iter().map(|&i| i as u32).collect(), batch.len(), f.device())?, 0)?,
+                            Some(f) => {
+                                f.index_select(&Tensor::from_vec(batch.iter().map(|&i| i as u32).collect(), batch.len(), f.device())?, 0)?
+                            }
                             None => {
                                 let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
                                 pooled(&self.model.backbone, &ids, task.pooling, &ctx_for(ids.len())?)?
@@ -571,7 +578,12 @@ impl Trainer {
         } else {
             state.evals_since_best += 1;
             if state.evals_since_best >= es.patience {
-                eprintln!("early stopping at step {}: dev {} has not improved for {} evaluations", state.step, es.metric.key(), es.patience);
+                eprintln!(
+                    "early stopping at step {}: dev {} has not improved for {} evaluations",
+                    state.step,
+                    es.metric.key(),
+                    es.patience
+                );
                 state.stopped_early = true;
             }
         }
@@ -673,8 +685,7 @@ fn progress_bar(total: usize, done: usize, draw: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .expect("valid template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]").expect("valid template"),
     );
     bar.set_position(done as u64);
     bar

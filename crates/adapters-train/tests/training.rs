@@ -171,7 +171,7 @@ fn causal_lm_adapter_overfits_a_few_sequences() {
     let body = format!(
         "[model]\npath = {:?}\nmax_length = 32\n[adapters.d]\nkind = \"seq_bn\"\nreduction_factor = 16\n\
          [[task]]\nname = \"dialog\"\ntype = \"causal_lm\"\ntrain = {:?}\ndev = {:?}\ntest = {:?}\neval_limit = 4\n\
-         [training]\nbatch_size = 4\nsteps = 10\nlr = 1e-2\nwarmup_ratio = 0.0\nschedule = \"constant\"\ngroup_by_length = false\n",
+         [training]\nbatch_size = 4\nsteps = 12\nlr = 2e-3\nwarmup_ratio = 0.0\nschedule = \"constant\"\ngroup_by_length = false\n",
         gguf.display().to_string(),
         train.display().to_string(),
         train.display().to_string(),
