@@ -39,7 +39,11 @@ pub fn run(root: &Path) -> Result<()> {
             Status::Failed
         }
     };
-    outcomes.push(Outcome { name: "self-contained (no reference to ../shared)".into(), status, seconds: start.elapsed().as_secs_f64() });
+    outcomes.push(Outcome {
+        name: "self-contained (no reference outside the repository)".into(),
+        status,
+        seconds: start.elapsed().as_secs_f64(),
+    });
     for (name, args, env) in lints() {
         eprintln!("\n=== {name}: cargo {}", args.join(" "));
         let start = std::time::Instant::now();

@@ -106,7 +106,7 @@ fn bad_models_and_inputs_give_clear_errors() {
     fails_with(&["info", "/no/such/model"], "does not exist");
     fails_with(&["info", &d], "config.json");
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
-    fails_with(&["info", &d], "config.json is not valid JSON");
+    fails_with(&["info", &d], "config.json: not valid JSON");
     let minilm = workspace().join("models/all-MiniLM-L6-v2");
     std::fs::copy(minilm.join("config.json"), dir.join("config.json")).unwrap();
     std::fs::copy(minilm.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
