@@ -113,7 +113,7 @@ fn bad_models_and_inputs_give_clear_errors() {
     fails_with(&["info", &d], "model.safetensors");
     let bytes = std::fs::read(minilm.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    fails_with(&["info", &d], "model.safetensors is not a readable safetensors file");
+    fails_with(&["info", &d], "model.safetensors: not a readable safetensors file");
     let gguf = std::fs::read(model("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     let cut = dir.join("cut.gguf");
     std::fs::write(&cut, &gguf[..gguf.len() / 3]).unwrap();
