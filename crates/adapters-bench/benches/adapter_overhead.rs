@@ -7,6 +7,7 @@
 
 use adapters_bench::{interleave, to_json, write_result};
 use adapters_core::{registry, ForwardCtx, InsertionPoint, Placement};
+use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
 use candle_core::{Device, Tensor};
 use serde_json::json;

@@ -6,6 +6,7 @@
 use adapters_bench::{interleave, to_json, write_result};
 use adapters_core::{registry, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::heads::ClassificationHead;
+use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
 use adapters_train::config::Pooling;
 use adapters_train::forward::{classify, pooled};

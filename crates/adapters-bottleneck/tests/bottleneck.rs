@@ -4,6 +4,7 @@
 
 use adapters_core::{io, registry, Adapter, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::heads::mean_pool;
+use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;

@@ -3,6 +3,7 @@
 use crate::commands::{open, open_with};
 use adapters_core::io::{self, read_json, read_tensors, CONFIG_FILE};
 use adapters_core::{registry, InsertionPoint, Placement};
+use adapters_models::HoldsAdapters;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};

@@ -3,6 +3,7 @@
 use adapters_core::{registry, ForwardCtx, InsertionPoint};
 use adapters_models::generate::{generate as run_generation, Sampling};
 use adapters_models::heads::{l2_normalize, mean_pool};
+use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone, LoadedModel, Message};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};

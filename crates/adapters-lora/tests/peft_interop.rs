@@ -4,6 +4,7 @@
 
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::heads::{l2_normalize, mean_pool};
+use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone};
 use candle_core::{Device, Tensor};
 use std::path::PathBuf;

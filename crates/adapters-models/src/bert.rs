@@ -4,6 +4,7 @@
 //! names. Post-norm layers: each sublayer's output passes through the adapter hook before
 //! the residual add and the sublayer's LayerNorm, which the hook also receives.
 
+use crate::attached::HoldsAdapters;
 use crate::error::Error;
 use crate::ops::{embedding, softmax_last, LayerNorm, Linear};
 use crate::weights::Weights;
@@ -181,27 +182,6 @@ impl Bert {
         Ok(Bert { config, activation, embeddings, layers, adapters: Arc::default() })
     }
 
-    /// The attached adapters.
-    pub fn adapters(&self) -> &AdapterSet {
-        &self.adapters
-    }
-
-    /// The attached adapters, to change. Forwards that hold a [`Self::adapters_snapshot`]
-    /// keep the version they started with: the change goes to a copy.
-    pub fn adapters_mut(&mut self) -> &mut AdapterSet {
-        Arc::make_mut(&mut self.adapters)
-    }
-
-    /// An immutable snapshot of the attached adapters (cheap: shared).
-    pub fn adapters_snapshot(&self) -> Arc<AdapterSet> {
-        self.adapters.clone()
-    }
-
-    /// Replaces the attached adapters with `adapters`.
-    pub fn set_adapters(&mut self, adapters: Arc<AdapterSet>) {
-        self.adapters = adapters;
-    }
-
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.embeddings.word.device()
@@ -339,6 +319,16 @@ impl Bert {
         let io = SublayerIo { input: &x, output: &ffn, post_norm: Some(&ffn_norm) };
         let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;
         ffn_norm(&(&x + ffn)?)
+    }
+}
+
+impl HoldsAdapters for Bert {
+    fn snapshot_slot(&self) -> &Arc<AdapterSet> {
+        &self.adapters
+    }
+
+    fn snapshot_slot_mut(&mut self) -> &mut Arc<AdapterSet> {
+        &mut self.adapters
     }
 }
 

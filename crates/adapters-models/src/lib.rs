@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+mod attached;
 pub mod bert;
 mod error;
 pub mod generate;
@@ -18,6 +19,7 @@ pub mod ops;
 pub mod tokenizer;
 pub mod weights;
 
+pub use attached::HoldsAdapters;
 pub use bert::{Bert, BertConfig};
 pub use error::{Error, Result};
 pub use llama::{KvCache, Llama, LlamaConfig};

@@ -5,6 +5,7 @@
 //! folder (`config.json`, `model.safetensors`). Pre-norm layers: each sublayer's output
 //! passes through the adapter hook before the residual add.
 
+use crate::attached::HoldsAdapters;
 use crate::error::Error;
 use crate::ops::{embedding, rope, softmax_last, Linear, RmsNorm};
 use crate::weights::Weights;
@@ -256,27 +257,6 @@ impl Llama {
         Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, lm_head, cos, sin, adapters: Arc::default() })
     }
 
-    /// The attached adapters.
-    pub fn adapters(&self) -> &AdapterSet {
-        &self.adapters
-    }
-
-    /// The attached adapters, to change. Forwards that hold a [`Self::adapters_snapshot`]
-    /// keep the version they started with: the change goes to a copy.
-    pub fn adapters_mut(&mut self) -> &mut AdapterSet {
-        Arc::make_mut(&mut self.adapters)
-    }
-
-    /// An immutable snapshot of the attached adapters (cheap: shared).
-    pub fn adapters_snapshot(&self) -> Arc<AdapterSet> {
-        self.adapters.clone()
-    }
-
-    /// Replaces the attached adapters with `adapters`.
-    pub fn set_adapters(&mut self, adapters: Arc<AdapterSet>) {
-        self.adapters = adapters;
-    }
-
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.embed.device()
@@ -465,6 +445,16 @@ impl Llama {
         let json = serde_json::to_string_pretty(&config).expect("configs serialise");
         adapters_core::io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
         Ok(())
+    }
+}
+
+impl HoldsAdapters for Llama {
+    fn snapshot_slot(&self) -> &Arc<AdapterSet> {
+        &self.adapters
+    }
+
+    fn snapshot_slot_mut(&mut self) -> &mut Arc<AdapterSet> {
+        &mut self.adapters
     }
 }
 

@@ -1,6 +1,7 @@
 //! Loading a model by path: a Hugging Face folder (BERT or Llama) or a GGUF file (Llama),
 //! with its tokenizer.
 
+use crate::attached::HoldsAdapters;
 use crate::bert::Bert;
 use crate::error::{Error, Result};
 use crate::llama::Llama;
@@ -20,38 +21,6 @@ pub enum Backbone {
 }
 
 impl Backbone {
-    /// The attached adapters.
-    pub fn adapters(&self) -> &AdapterSet {
-        match self {
-            Backbone::Bert(m) => m.adapters(),
-            Backbone::Llama(m) => m.adapters(),
-        }
-    }
-
-    /// The attached adapters, to change (copy-on-write against held snapshots).
-    pub fn adapters_mut(&mut self) -> &mut AdapterSet {
-        match self {
-            Backbone::Bert(m) => m.adapters_mut(),
-            Backbone::Llama(m) => m.adapters_mut(),
-        }
-    }
-
-    /// An immutable snapshot of the attached adapters.
-    pub fn adapters_snapshot(&self) -> Arc<AdapterSet> {
-        match self {
-            Backbone::Bert(m) => m.adapters_snapshot(),
-            Backbone::Llama(m) => m.adapters_snapshot(),
-        }
-    }
-
-    /// Replaces the attached adapters.
-    pub fn set_adapters(&mut self, adapters: Arc<AdapterSet>) {
-        match self {
-            Backbone::Bert(m) => m.set_adapters(adapters),
-            Backbone::Llama(m) => m.set_adapters(adapters),
-        }
-    }
-
     /// Reads the adapter folder `dir` (any known format), checks it against this model and
     /// attaches it, inactive, under its saved name (with `-2`, `-3`, ... appended if that
     /// name is taken). Returns the name. On any error the model is left as it was.
@@ -169,6 +138,22 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.device(),
             Backbone::Llama(m) => m.device(),
+        }
+    }
+}
+
+impl HoldsAdapters for Backbone {
+    fn snapshot_slot(&self) -> &Arc<AdapterSet> {
+        match self {
+            Backbone::Bert(m) => m.snapshot_slot(),
+            Backbone::Llama(m) => m.snapshot_slot(),
+        }
+    }
+
+    fn snapshot_slot_mut(&mut self) -> &mut Arc<AdapterSet> {
+        match self {
+            Backbone::Bert(m) => m.snapshot_slot_mut(),
+            Backbone::Llama(m) => m.snapshot_slot_mut(),
         }
     }
 }

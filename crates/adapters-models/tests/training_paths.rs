@@ -6,6 +6,7 @@ mod common;
 
 use adapters_core::{Adapter, ForwardCtx, InsertionPoint};
 use adapters_models::heads::{mean_pool, ClassificationHead};
+use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone, Bert, Llama};
 use candle_core::{Device, Tensor, Var};
 use common::*;

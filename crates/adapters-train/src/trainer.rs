@@ -13,6 +13,7 @@ use crate::report;
 use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint};
 use adapters_models::heads::ClassificationHead;
+use adapters_models::HoldsAdapters;
 use adapters_models::LoadedModel;
 use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
