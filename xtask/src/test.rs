@@ -58,7 +58,7 @@ pub fn run(root: &Path) -> Result<()> {
         let seconds = start.elapsed().as_secs_f64();
         outcomes.push(Outcome { name, status: if ok { Status::Passed } else { Status::Failed }, seconds });
     };
-    step("workspace".into(), vec!["test".into(), "--workspace".into()]);
+    step("workspace".into(), vec!["test".into(), "--workspace".into(), "--no-fail-fast".into()]);
     for krate in family_crates(root)? {
         step(format!("{krate} alone"), vec!["test".into(), "-p".into(), krate]);
     }

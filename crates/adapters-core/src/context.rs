@@ -226,6 +226,8 @@ mod tests {
         let (a, b) = (ForwardCtx::training_seeded(3), ForwardCtx::training_seeded(3));
         assert_eq!(draw(&a)?, draw(&b)?);
         assert_ne!(draw(&a)?, draw(&ForwardCtx::training_seeded(4))?);
+        // b catches up with a (two draws each).
+        draw(&b)?;
         // The generator is shared with derived contexts, so draws continue the sequence.
         let masked = a.masked(&Tensor::ones((1, 4), candle_core::DType::U32, &dev)?);
         assert_eq!(draw(&masked)?, draw(&b)?);

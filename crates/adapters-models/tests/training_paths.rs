@@ -109,7 +109,10 @@ fn idle_hooks_leave_the_base_untouched_and_rows_can_choose() {
     let ctx = ForwardCtx::inference();
     let base = bert.forward(&ids, None, Some(&mask), &ctx).unwrap().to_vec3::<f32>().unwrap();
     let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
+    let snapshot = bert.adapters_snapshot();
     bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
+    // A snapshot taken before (what a request in flight holds) is not changed.
+    assert!(snapshot.names().is_empty() && bert.adapters().names() == ["probe"]);
     // Attached but inactive: bit-identical.
     assert_eq!(bert.forward(&ids, None, Some(&mask), &ctx).unwrap().to_vec3::<f32>().unwrap(), base);
     bert.adapters_mut().activate(&["probe"]).unwrap();
