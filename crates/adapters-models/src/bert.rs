@@ -6,7 +6,8 @@
 
 use crate::attached::HoldsAdapters;
 use crate::error::Error;
-use crate::ops::{embedding, softmax_last, LayerNorm, Linear};
+use crate::kernels;
+use crate::ops::{embedding, LayerNorm, Linear};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use candle_core::{DType, Device, Result, Tensor};
@@ -81,7 +82,7 @@ impl Activation {
     /// Applies the activation elementwise.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::GeluErf => x.gelu_erf(),
+            Activation::GeluErf => kernels::gelu_erf(x),
             Activation::GeluTanh => x.gelu(),
             Activation::Relu => x.relu(),
             Activation::Silu => x.silu(),
@@ -268,7 +269,7 @@ impl Bert {
         let words = embedding(&e.word, input_ids)?;
         let types = embedding(&e.token_type, &types)?;
         let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
-        let mut x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?, ctx.train)?;
+        let mut x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;
         let masked;
         let ctx = match attention_mask {
             Some(m) => {
@@ -278,8 +279,8 @@ impl Bert {
             None => ctx,
         };
         let mask = match attention_mask {
-            // [b, 1, 1, t]: 0 where attended, a large negative value on padding.
-            Some(m) => Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?.reshape((b, 1, 1, t))?),
+            // [b, 1, t]: 0 where attended, a large negative value on padding.
+            Some(m) => Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?.reshape((b, 1, t))?),
             None => None,
         };
         for (l, layer) in self.layers.iter().enumerate() {
@@ -293,29 +294,22 @@ impl Bert {
     }
 
     fn layer_forward(&self, l: usize, layer: &Layer, x: &Tensor, mask: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
+        let (_, _, h) = x.dims3()?;
         let heads = self.config.num_attention_heads;
-        let hd = h / heads;
-        let split = |y: Tensor| y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous();
-        let q = split(self.project(&layer.query, Point::new(l, Site::Query), x, ctx)?)?;
-        let k = split(self.project(&layer.key, Point::new(l, Site::Key), x, ctx)?)?;
-        let v = split(self.project(&layer.value, Point::new(l, Site::Value), x, ctx)?)?;
-        let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = softmax_last(&scores, ctx.train)?;
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let q = self.project(&layer.query, Point::new(l, Site::Query), x, ctx)?;
+        let k = self.project(&layer.key, Point::new(l, Site::Key), x, ctx)?;
+        let v = self.project(&layer.value, Point::new(l, Site::Value), x, ctx)?;
+        let attn = kernels::attention(&q, &k, &v, heads, mask, 1.0 / ((h / heads) as f64).sqrt())?;
         let attn = self.project(&layer.attn_out, Point::new(l, Site::AttentionProj), &attn, ctx)?;
 
-        let attn_norm = |z: &Tensor| layer.attn_norm.forward(z, ctx.train);
+        let attn_norm = |z: &Tensor| layer.attn_norm.forward(z);
         let io = SublayerIo { input: x, output: &attn, post_norm: Some(&attn_norm) };
         let attn = self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?;
         let x = attn_norm(&(x + attn)?)?;
 
         let up = self.activation.apply(&self.project(&layer.up, Point::new(l, Site::FfnUp), &x, ctx)?)?;
         let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &up, ctx)?;
-        let ffn_norm = |z: &Tensor| layer.ffn_norm.forward(z, ctx.train);
+        let ffn_norm = |z: &Tensor| layer.ffn_norm.forward(z);
         let io = SublayerIo { input: &x, output: &ffn, post_norm: Some(&ffn_norm) };
         let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;
         ffn_norm(&(&x + ffn)?)

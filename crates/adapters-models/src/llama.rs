@@ -309,7 +309,7 @@ impl Llama {
             let kv = cache.as_mut().map(|c| &mut c.layers[l]);
             x = self.layer_forward(l, layer, &x, (&cos, &sin), mask.as_ref(), kv, ctx)?;
         }
-        self.norm.forward(&x, ctx.train)
+        self.norm.forward(&x)
     }
 
     /// The residual stream `[batch, seq, hidden]` after the first `num_layers` layers
@@ -360,7 +360,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim());
-        let n = layer.attn_norm.forward(x, ctx.train)?;
+        let n = layer.attn_norm.forward(x)?;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let q = heads(self.project(&layer.q, Point::new(l, Site::Query), &n, ctx)?, nh)?;
         let k = heads(self.project(&layer.k, Point::new(l, Site::Key), &n, ctx)?, nkv)?;
@@ -385,7 +385,7 @@ impl Llama {
         let io = SublayerIo { input: x, output: &attn, post_norm: None };
         let x = (x + self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?)?;
 
-        let n = layer.ffn_norm.forward(&x, ctx.train)?;
+        let n = layer.ffn_norm.forward(&x)?;
         let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx)?.silu()?;
         let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &n, ctx)?;
         let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &(gate * up)?, ctx)?;

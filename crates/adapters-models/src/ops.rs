@@ -1,10 +1,9 @@
-//! The few tensor ops the backbones need, each with a fused inference kernel and a
-//! differentiable composition for training.
-//!
-//! candle's fused kernels (layer norm, RMS norm, softmax, RoPE) have no backward pass and
-//! silently cut the gradient graph, so in training mode we compose the same maths from
-//! differentiable primitives. Both paths compute the same function.
+//! The layers the backbones are built from. Linear layers and norms run on the fused
+//! kernels of [`crate::kernels`]; softmax and RoPE (Llama) still pick candle's fused kernel
+//! for inference and a differentiable composition for training, because candle's fused
+//! versions have no backward pass and would silently cut the gradient graph.
 
+use crate::kernels;
 use adapters_core::{AdapterSet, ForwardCtx, Point, ProjectionIo};
 use candle_core::{Module, Result, Tensor, D};
 
@@ -43,62 +42,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match x.dims() {
-            [b, t, i] => frozen_aware_matmul(&x.reshape((b * t, *i))?, &self.weight)?.reshape((*b, *t, ()))?,
-            _ => frozen_aware_matmul(x, &self.weight)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
-
-/// `x W^T`. When `x` carries a gradient but `W` is frozen (adapter training), the product
-/// goes through [`FrozenMatmul`], whose backward computes only the input's gradient;
-/// candle's matmul backward would also compute (and then drop) the weight's gradient,
-/// a third of the layer's training FLOPs.
-fn frozen_aware_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if x.track_op() && !weight.track_op() && x.device().is_cpu() && x.rank() == 2 && x.dtype() == candle_core::DType::F32 {
-        x.contiguous()?.apply_op1(FrozenMatmul { weight_t: weight.t()? })
-    } else {
-        x.matmul(&weight.t()?)
-    }
-}
-
-/// `x W^T` with a constant `W`: the backward pass returns `grad W` for `x` only.
-struct FrozenMatmul {
-    weight_t: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) =
-            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
-        let x = match storage {
-            candle_core::CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?,
-            _ => return Err(candle_core::Error::Msg("frozen-matmul: only f32 is supported".into())),
-        };
-        let y = x.matmul(&self.weight_t)?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(cpu) if layout.is_contiguous() && layout.start_offset() == 0 => {
-                Ok((cpu.clone(), layout.shape().clone()))
-            }
-            _ => Err(candle_core::Error::Msg("frozen-matmul: unexpected output layout".into())),
-        }
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_y.matmul(&self.weight_t.t()?)?))
+        kernels::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -120,17 +64,9 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Normalises the last dimension; `train` picks the differentiable composition.
-    /// Normalises the last dimension; `train` picks the differentiable composition.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            let n = x.dim(D::Minus1)? as f64;
-            let centered = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?;
-            let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-            centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
-        } else {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)
-        }
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -144,15 +80,9 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Normalises the last dimension; `train` picks the differentiable composition.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            let n = x.dim(D::Minus1)? as f64;
-            let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-            x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
-        } else {
-            candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
-        }
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -196,35 +126,10 @@ mod tests {
     fn fused_and_composed_paths_agree() -> Result<()> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
-        let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
-        let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
-        let ln = LayerNorm { weight: w.clone(), bias: b, eps: 1e-12 };
-        assert!(max_diff(&ln.forward(&x, true)?, &ln.forward(&x, false)?) < 1e-5);
-        let rms = RmsNorm { weight: w, eps: 1e-5 };
-        assert!(max_diff(&rms.forward(&x, true)?, &rms.forward(&x, false)?) < 1e-5);
         assert!(max_diff(&softmax_last(&x, true)?, &softmax_last(&x, false)?) < 1e-6);
         let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
         let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
         assert!(max_diff(&rope(&x, &cos, &sin, true)?, &rope(&x, &cos, &sin, false)?) < 1e-5);
-        Ok(())
-    }
-
-    /// The frozen-weight matmul gives the input the same gradient as candle's matmul and
-    /// computes none for the weight.
-    #[test]
-    fn frozen_matmul_matches_matmul_and_skips_the_weight_gradient() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = candle_core::Var::new(&[[1f32, -2., 0.5], [3., 0.25, -1.]], &dev)?;
-        let w = Tensor::new(&[[0.1f32, 0.2, 0.3], [-0.4, 0.5, 0.6], [0.7, -0.8, 0.9], [1.0, 1.1, -1.2]], &dev)?;
-        let lin = Linear::new(w.clone(), None);
-        let y = lin.forward(x.as_tensor())?;
-        let reference = x.as_tensor().matmul(&w.t()?)?;
-        assert_eq!(y.to_vec2::<f32>()?, reference.to_vec2::<f32>()?);
-        let g = y.sqr()?.sum_all()?.backward()?;
-        let g_ref = reference.sqr()?.sum_all()?.backward()?;
-        assert_eq!(g.get(&x).unwrap().to_vec2::<f32>()?, g_ref.get(&x).unwrap().to_vec2::<f32>()?);
-        // candle's matmul also stores a gradient for the (transposed) weight; ours does not.
-        assert_eq!(g.get_ids().count() + 1, g_ref.get_ids().count());
         Ok(())
     }
 }

@@ -1,0 +1,219 @@
+//! Scaled dot-product attention over heads kept in the projections' `[batch, seq, heads *
+//! head_dim]` layout: no transposes or copies, one task per (row, head) on the thread pool
+//! (the per-head matrices are too small to split well), and a backward that reuses the
+//! softmax probabilities kept from the forward.
+
+use super::simd::{exp, multiversion};
+use super::{fused, gemm, slice, with_values, Mat, SharedMut};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// `softmax(q kᵀ · scale + mask) v` per head, on `[batch, seq, heads * head_dim]` inputs.
+///
+/// `mask` is an additive bias `[1 or batch, 1 or seq_q, seq_k]`: 0 where attended, very
+/// negative where not (padding, the future); `None` attends to all.
+/// `k` and `v` may be longer than `q` (a KV cache): then `mask` must say what is visible.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let mut all = vec![q, k, v];
+    all.extend(mask);
+    if !fused(&all) {
+        return composed(q, k, v, heads, mask, scale);
+    }
+    let (b, tq, width) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let (mb, mq, mk) = m.dims3()?;
+            if !(mb == 1 || mb == b) || !(mq == 1 || mq == tq) || mk != tk {
+                candle_core::bail!("attention: a mask of shape {:?} does not broadcast to [{b}, {tq}, {tk}]", m.dims());
+            }
+            Some(Mask { values: with_values(m, "attention", <[f32]>::to_vec)?, per_row: mb > 1, per_query: mq > 1 })
+        }
+    };
+    if width % heads != 0 || k.dims3()? != (b, tk, width) || v.dims3()? != (b, tk, width) {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads", q.dims(), k.dims(), v.dims());
+    }
+    let keep = q.track_op() || k.track_op() || v.track_op();
+    let op = Attention { heads, scale: scale as f32, mask, tq, tk, probs: Mutex::new(None), keep };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The same maths from candle ops.
+pub(super) fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let (b, tq, width) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let hd = width / heads;
+    let split = |x: &Tensor, t: usize| x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous();
+    let (qh, kh, vh) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
+    let mut scores = (qh.matmul(&kh.t()?)? * scale)?;
+    if let Some(m) = mask {
+        let (mb, mq, mk) = m.dims3()?;
+        scores = scores.broadcast_add(&m.reshape((mb, 1, mq, mk))?)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs.matmul(&vh)?.transpose(1, 2)?.reshape((b, tq, width))
+}
+
+/// An additive mask `[1 or batch, 1 or seq_q, seq_k]`.
+struct Mask {
+    values: Vec<f32>,
+    per_row: bool,
+    per_query: bool,
+}
+
+struct Attention {
+    heads: usize,
+    scale: f32,
+    mask: Option<Mask>,
+    tq: usize,
+    tk: usize,
+    /// Softmax probabilities `[batch, heads, seq_q, seq_k]`, kept for the backward pass.
+    probs: Mutex<Option<Vec<f32>>>,
+    /// Whether to keep them (some input trains).
+    keep: bool,
+}
+
+multiversion! {
+    /// Adds the mask row, then turns `row` into its softmax.
+    fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
+        if let Some(m) = mask {
+            for (x, m) in row.iter_mut().zip(m) {
+                *x += m;
+            }
+        }
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// `ds = p ⊙ (dp − Σ p·dp) · scale`, in place of `dp`, for one row.
+    fn softmax_backward_row(p: &[f32], dp: &mut [f32], scale: f32) {
+        let dot: f32 = p.iter().zip(dp.iter()).map(|(a, b)| a * b).sum();
+        for (d, &p) in dp.iter_mut().zip(p) {
+            *d = p * (*d - dot) * scale;
+        }
+    }
+}
+
+impl Attention {
+    fn mask_row(&self, batch_row: usize, query: usize) -> Option<&[f32]> {
+        let m = self.mask.as_ref()?;
+        let rows_per_batch = if m.per_query { self.tq } else { 1 };
+        let index = if m.per_row { batch_row * rows_per_batch } else { 0 } + if m.per_query { query } else { 0 };
+        Some(&m.values[index * self.tk..(index + 1) * self.tk])
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (slice(qs, ql, "attention")?, slice(ks, kl, "attention")?, slice(vs, vl, "attention")?);
+        let (b, tq, width) = ql.shape().dims3()?;
+        let (h, tk) = (self.heads, self.tk);
+        let hd = width / h;
+        let mut out = vec![0f32; b * tq * width];
+        let mut probs = vec![0f32; if self.keep { b * h * tq * tk } else { 0 }];
+        let (out_ptr, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
+        (0..b * h).into_par_iter().for_each_init(
+            || vec![0f32; if self.keep { 0 } else { tq * tk }],
+            |scratch, task| {
+                let (row, head) = (task / h, task % h);
+                // SAFETY: task (row, head) writes only its own [tq, tk] block of probs (or its
+                // own scratch) and its own head's columns of out; reads stay in bounds.
+                unsafe {
+                    let p = if self.keep { probs_ptr.get().add(task * tq * tk) } else { scratch.as_mut_ptr() };
+                    let qo = q.as_ptr().add(row * tq * width + head * hd);
+                    let ko = k.as_ptr().add(row * tk * width + head * hd);
+                    let vo = v.as_ptr().add(row * tk * width + head * hd);
+                    let w = width as isize;
+                    gemm(tq, tk, hd, SharedMut(p), tk as isize, Mat(qo, w, 1), Mat(ko, 1, w), self.scale, false, 1);
+                    for i in 0..tq {
+                        softmax_row(std::slice::from_raw_parts_mut(p.add(i * tk), tk), self.mask_row(row, i));
+                    }
+                    let o = out_ptr.get().add(row * tq * width + head * hd);
+                    gemm(tq, hd, tk, SharedMut(o), w, Mat(p, tk as isize, 1), Mat(vo, w, 1), 1.0, false, 1);
+                }
+            },
+        );
+        if self.keep {
+            *self.probs.lock().expect("attention probabilities") = Some(probs);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, tq, width))))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let probs = self.probs.lock().expect("attention probabilities").take();
+        let Some(probs) = probs else { candle_core::bail!("attention: backward without kept probabilities (or run twice)") };
+        let (b, tq, width) = q.dims3()?;
+        let (h, tk) = (self.heads, self.tk);
+        let hd = width / h;
+        let mut dq = vec![0f32; b * tq * width];
+        let mut dk = vec![0f32; b * tk * width];
+        let mut dv = vec![0f32; b * tk * width];
+        let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+        with_values(q, "attention", |q| {
+            with_values(k, "attention", |k| {
+                with_values(v, "attention", |v| {
+                    with_values(grad, "attention", |g| {
+                        (0..b * h).into_par_iter().for_each_init(
+                            || vec![0f32; tq * tk],
+                            |ds, task| {
+                                let (row, head) = (task / h, task % h);
+                                let w = width as isize;
+                                // SAFETY: task (row, head) writes only its head's columns of
+                                // dq, dk, dv in its row, and its own scratch.
+                                unsafe {
+                                    let p = probs.as_ptr().add(task * tq * tk);
+                                    let qo = q.as_ptr().add(row * tq * width + head * hd);
+                                    let ko = k.as_ptr().add(row * tk * width + head * hd);
+                                    let vo = v.as_ptr().add(row * tk * width + head * hd);
+                                    let go = g.as_ptr().add(row * tq * width + head * hd);
+                                    let off_q = row * tq * width + head * hd;
+                                    let off_k = row * tk * width + head * hd;
+                                    // dV = Pᵀ dO
+                                    gemm(tk, hd, tq, SharedMut(dv_ptr.get().add(off_k)), w, Mat(p, 1, tk as isize), Mat(go, w, 1), 1.0, false, 1);
+                                    // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+                                    gemm(tq, tk, hd, SharedMut(ds.as_mut_ptr()), tk as isize, Mat(go, w, 1), Mat(vo, 1, w), 1.0, false, 1);
+                                    for i in 0..tq {
+                                        let pr = std::slice::from_raw_parts(p.add(i * tk), tk);
+                                        softmax_backward_row(pr, &mut ds[i * tk..(i + 1) * tk], self.scale);
+                                    }
+                                    // dQ = dS K, dK = dSᵀ Q
+                                    gemm(tq, hd, tk, SharedMut(dq_ptr.get().add(off_q)), w, Mat(ds.as_ptr(), tk as isize, 1), Mat(ko, w, 1), 1.0, false, 1);
+                                    gemm(tk, hd, tq, SharedMut(dk_ptr.get().add(off_k)), w, Mat(ds.as_ptr(), 1, tk as isize), Mat(qo, w, 1), 1.0, false, 1);
+                                }
+                            },
+                        )
+                    })
+                })
+            })
+        })????;
+        let dev = q.device();
+        let grad_of = |t: &Tensor, g: Vec<f32>, len: usize| -> Result<Option<Tensor>> {
+            if t.track_op() { Ok(Some(Tensor::from_vec(g, (b, len, width), dev)?)) } else { Ok(None) }
+        };
+        Ok((grad_of(q, dq, tq)?, grad_of(k, dk, tk)?, grad_of(v, dv, tk)?))
+    }
+}

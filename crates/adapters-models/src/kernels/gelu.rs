@@ -1,0 +1,61 @@
+//! Exact (erf) GELU with a vectorised erf, and its derivative in one pass.
+
+use super::simd::{erf, exp, multiversion};
+use super::{fused, slice, with_values};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+const CHUNK: usize = 1 << 14;
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2π).
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `x · Φ(x)`, Φ the standard normal CDF (PyTorch's `gelu`, approximate = "none").
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fused(&[x]) {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1(GeluErf)
+}
+
+struct GeluErf;
+
+multiversion! {
+    fn forward_chunk(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+}
+
+multiversion! {
+    fn backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
+        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+            *dx = g * (cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x));
+        }
+    }
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "gelu-erf")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let mut dx = vec![0f32; x.elem_count()];
+        with_values(x, "gelu-erf", |xv| {
+            with_values(grad, "gelu-erf", |gv| {
+                dx.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(gv.par_chunks(CHUNK))).for_each(|(dx, (x, g))| backward_chunk(x, g, dx))
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}

@@ -1,0 +1,108 @@
+//! `y = x Wᵀ + b` in one pass (the bias is the accumulator's start), with a backward that
+//! computes the weight's and bias's gradients only when they train.
+
+use super::{fused, gemm, slice, Mat, SharedMut};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// `x Wᵀ + b` for `x` of shape `[..., in]`, `W` `[out, in]` (PyTorch's layout), `b` `[out]`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut tensors = vec![x, weight];
+    tensors.extend(bias);
+    if !fused(&tensors) {
+        return composed(x, weight, bias);
+    }
+    let (rows, features) = (x.elem_count() / x.dim(candle_core::D::Minus1)?, x.dim(candle_core::D::Minus1)?);
+    let flat = x.contiguous()?.reshape((rows, features))?;
+    let (weight, mut out_dims) = (weight.contiguous()?, x.dims().to_vec());
+    *out_dims.last_mut().expect("x has a last dimension") = weight.dim(0)?;
+    let y = match bias {
+        Some(b) => flat.apply_op3(&weight, &b.contiguous()?, Linear)?,
+        None => flat.apply_op2(&weight, Linear)?,
+    };
+    y.reshape(out_dims)
+}
+
+/// The same maths from candle ops.
+pub(super) fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+struct Linear;
+
+impl Linear {
+    fn forward(x: &[f32], xl: &Layout, w: &[f32], wl: &Layout, b: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 || b.is_some_and(|b| b.len() != n) {
+            candle_core::bail!("linear: input {:?}, weight {:?} and bias do not fit", xl.shape(), wl.shape());
+        }
+        let mut y = match b {
+            Some(b) => b.repeat(m),
+            None => vec![0f32; m * n],
+        };
+        // SAFETY: x is m x k, W is n x k (read as its transpose), y is m x n, all in bounds.
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                SharedMut(y.as_mut_ptr()),
+                n as isize,
+                Mat(x.as_ptr(), k as isize, 1),
+                Mat(w.as_ptr(), 1, k as isize),
+                1.0,
+                b.is_some(),
+                candle_core::utils::get_num_threads(),
+            )
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn grads(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gx = if x.track_op() { Some(grad.matmul(w)?) } else { None };
+        let gw = if w.track_op() { Some(grad.t()?.matmul(x)?) } else { None };
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Linear::forward(slice(xs, xl, "linear")?, xl, slice(ws, wl, "linear")?, wl, None)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Linear::grads(x, w, grad)
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Linear::forward(slice(xs, xl, "linear")?, xl, slice(ws, wl, "linear")?, wl, Some(slice(bs, bl, "linear")?))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gx, gw) = Linear::grads(x, w, grad)?;
+        let gb = if b.track_op() { Some(grad.sum(0)?) } else { None };
+        Ok((gx, gw, gb))
+    }
+}

@@ -1,0 +1,84 @@
+//! Fused CPU kernels for the training and inference hot paths, each a candle custom op
+//! with a hand-written backward pass.
+//!
+//! Why: composed from candle's primitives, one BERT layer is ~60 graph nodes, each a full
+//! pass over memory with a fresh allocation, and candle's backward of a matmul computes
+//! the gradient of frozen weights too. A fused op makes one pass, and its backward returns
+//! gradients only for the inputs that track them.
+//!
+//! Every kernel has a composed twin built from candle ops, used on other devices (CUDA,
+//! Metal), for other dtypes, and when `ADAPTERS_COMPOSED_OPS=1` is set; tests check the two
+//! agree in value and gradient.
+
+mod attention;
+mod gelu;
+mod linear;
+mod norm;
+pub(crate) mod simd;
+
+pub use attention::attention;
+pub use gelu::gelu_erf;
+pub use linear::linear;
+pub use norm::{layer_norm, rms_norm};
+
+use candle_core::{CpuStorage, DType, Error, Layout, Result, Storage, Tensor};
+use std::sync::OnceLock;
+
+/// Whether the fused kernels may run on these tensors: CPU, f32, and not switched off.
+fn fused(tensors: &[&Tensor]) -> bool {
+    static COMPOSED: OnceLock<bool> = OnceLock::new();
+    let forced = *COMPOSED.get_or_init(|| std::env::var("ADAPTERS_COMPOSED_OPS").is_ok_and(|v| v == "1"));
+    !forced && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The f32 values of contiguous CPU storage.
+fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = storage else { return Err(Error::Msg(format!("{op}: expects f32"))) };
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| Error::Msg(format!("{op}: expects a contiguous input")))?;
+    Ok(&v[start..end])
+}
+
+/// Runs `f` on the f32 values of a CPU tensor (made contiguous first).
+fn with_values<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { return Err(Error::Msg(format!("{op}: expects a CPU tensor"))) };
+    Ok(f(slice(cpu, layout, op)?))
+}
+
+/// A raw pointer that parallel tasks share, each writing only its own disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: tasks write disjoint index ranges (checked by each kernel's indexing).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Matrix views for [`gemm`]: pointer, row stride, column stride (in elements).
+#[derive(Clone, Copy)]
+struct Mat(*const f32, isize, isize);
+
+/// `dst = scale * lhs · rhs` (`accumulate`: `dst += ...`), `m x k` times `k x n`, on the
+/// calling thread or split over `threads`.
+///
+/// # Safety
+/// The views must stay inside their buffers for the given sizes, and `dst` must not alias.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(m: usize, n: usize, k: usize, dst: SharedMut, dst_rs: isize, lhs: Mat, rhs: Mat, scale: f32, accumulate: bool, threads: usize) {
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst.get(), 1, dst_rs, accumulate, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2, rhs.1, 1.0, scale, false, false, false, par,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,202 @@
+//! Layer norm and RMS norm over the last dimension in one pass each way, keeping each
+//! row's statistics for the backward pass.
+
+use super::simd::multiversion;
+use super::{fused, slice, with_values, SharedMut};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Rows per parallel task: enough work to amortise scheduling.
+const CHUNK: usize = 64;
+
+/// `(x − mean) / sqrt(var + eps) · weight + bias` over the last dimension.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(&[x, weight, bias]) {
+        return composed_layer_norm(x, weight, bias, eps);
+    }
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm::new(eps, true))
+}
+
+/// `x / sqrt(mean(x²) + eps) · weight` over the last dimension (Llama).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(&[x, weight]) {
+        return composed_rms_norm(x, weight, eps);
+    }
+    x.contiguous()?.apply_op2(&weight.contiguous()?, Norm::new(eps, false))
+}
+
+/// [`layer_norm`] from candle ops.
+pub(super) fn composed_layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)? as f64;
+    let centered = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?;
+    let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// [`rms_norm`] from candle ops.
+pub(super) fn composed_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / x.dim(D::Minus1)? as f64)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
+}
+
+struct Norm {
+    eps: f32,
+    /// Layer norm (centres the row) rather than RMS norm.
+    center: bool,
+    /// Per row: mean (0 for RMS norm) and 1/std, kept for the backward pass.
+    stats: Mutex<Vec<(f32, f32)>>,
+}
+
+multiversion! {
+    /// Normalises one row into `y` and returns its (mean, 1/std).
+    fn normalize_row(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], eps: f32, center: bool, stat: &mut (f32, f32)) {
+        let n = x.len() as f32;
+        let mean = if center { x.iter().sum::<f32>() / n } else { 0.0 };
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        match b {
+            Some(b) => {
+                for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                    *y = (x - mean) * rstd * w + b;
+                }
+            }
+            None => {
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                    *y = (x - mean) * rstd * w;
+                }
+            }
+        }
+        *stat = (mean, rstd);
+    }
+}
+
+multiversion! {
+    /// One row's input gradient into `dx`; adds its weight and bias gradients to `dw`, `db`.
+    fn backward_row(x: &[f32], g: &[f32], w: &[f32], stat: (f32, f32), center: bool, dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+        let (mean, rstd) = stat;
+        let n = x.len() as f32;
+        let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+        for ((x, g), w) in x.iter().zip(g).zip(w) {
+            let xhat = (x - mean) * rstd;
+            sum_gw += g * w;
+            sum_gw_xhat += g * w * xhat;
+        }
+        let c1 = if center { sum_gw / n } else { 0.0 };
+        let c2 = sum_gw_xhat / n;
+        for ((((dx, x), g), w), (dw, db)) in dx.iter_mut().zip(x).zip(g).zip(w).zip(dw.iter_mut().zip(db.iter_mut())) {
+            let xhat = (x - mean) * rstd;
+            *dx = rstd * (g * w - c1 - xhat * c2);
+            *dw += g * xhat;
+            *db += g;
+        }
+    }
+}
+
+impl Norm {
+    fn new(eps: f64, center: bool) -> Self {
+        Norm { eps: eps as f32, center, stats: Mutex::new(Vec::new()) }
+    }
+
+    fn forward(&self, x: &[f32], xl: &Layout, w: &[f32], b: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let dim = *xl.dims().last().unwrap_or(&0);
+        if dim == 0 || w.len() != dim || b.is_some_and(|b| b.len() != dim) {
+            candle_core::bail!("norm: input {:?} and weight of {} do not fit", xl.shape(), w.len());
+        }
+        let rows = x.len() / dim;
+        let mut y = vec![0f32; x.len()];
+        let mut stats = vec![(0f32, 0f32); rows];
+        y.par_chunks_mut(dim * CHUNK).zip(x.par_chunks(dim * CHUNK)).zip(stats.par_chunks_mut(CHUNK)).for_each(|((y, x), st)| {
+            for ((y, x), st) in y.chunks_mut(dim).zip(x.chunks(dim)).zip(st.iter_mut()) {
+                normalize_row(x, w, b, y, self.eps, self.center, st);
+            }
+        });
+        *self.stats.lock().expect("norm statistics") = stats;
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    /// Gradients for x, weight and bias (each only if it trains).
+    fn backward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
+        let stats = std::mem::take(&mut *self.stats.lock().expect("norm statistics"));
+        let dim = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / dim;
+        if stats.len() != rows {
+            candle_core::bail!("norm: backward without the forward's statistics (or run twice)");
+        }
+        let mut dx = vec![0f32; x.elem_count()];
+        let chunks = rows.div_ceil(CHUNK);
+        let mut partial = vec![0f32; chunks * 2 * dim];
+        let ptr = SharedMut(partial.as_mut_ptr());
+        with_values(x, "norm", |xv| {
+            with_values(w, "norm", |wv| {
+                with_values(grad, "norm", |gv| {
+                    dx.par_chunks_mut(dim * CHUNK).enumerate().for_each(|(c, dx)| {
+                        // SAFETY: chunk c owns partial[c * 2 * dim .. (c + 1) * 2 * dim].
+                        let part = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(c * 2 * dim), 2 * dim) };
+                        let (dw, db) = part.split_at_mut(dim);
+                        for (r, dx) in dx.chunks_mut(dim).enumerate() {
+                            let row = c * CHUNK + r;
+                            let span = row * dim..(row + 1) * dim;
+                            backward_row(&xv[span.clone()], &gv[span], wv, stats[row], self.center, dx, dw, db);
+                        }
+                    })
+                })
+            })
+        })???;
+        let dev = x.device();
+        let sum_parts = |offset: usize| -> Result<Tensor> {
+            let mut total = vec![0f32; dim];
+            for c in 0..chunks {
+                for (t, p) in total.iter_mut().zip(&partial[c * 2 * dim + offset..c * 2 * dim + offset + dim]) {
+                    *t += p;
+                }
+            }
+            Tensor::from_vec(total, dim, dev)
+        };
+        let gx = if x.track_op() { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        let gw = if w.track_op() { Some(sum_parts(0)?) } else { None };
+        let gb = match b {
+            Some(b) if b.track_op() => Some(sum_parts(dim)?),
+            _ => None,
+        };
+        Ok([gx, gw, gb])
+    }
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward(slice(xs, xl, "layer-norm")?, xl, slice(ws, wl, "layer-norm")?, Some(slice(bs, bl, "layer-norm")?))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, gb] = self.backward(x, w, Some(b), grad)?;
+        Ok((gx, gw, gb))
+    }
+}
+
+impl CustomOp2 for Norm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward(slice(xs, xl, "rms-norm")?, xl, slice(ws, wl, "rms-norm")?, None)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, _] = self.backward(x, w, None, grad)?;
+        Ok((gx, gw))
+    }
+}

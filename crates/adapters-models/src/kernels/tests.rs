@@ -1,0 +1,131 @@
+//! Each fused kernel against its composed twin (value and every input's gradient), and
+//! against central finite differences.
+
+use super::{attention, gelu, linear, norm};
+use candle_core::{Device, Result, Tensor, Var};
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A fixed random projection of the output, so every output element matters to the loss.
+fn loss(y: &Tensor, seed: u64) -> Result<Tensor> {
+    (y * randn(y.dims(), seed))?.sum_all()
+}
+
+/// Runs `f` on variables made from `inputs`; returns the output and each input's gradient.
+fn value_and_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let grads = loss(&y, 99)?.backward()?;
+    Ok((y, vars.iter().map(|v| grads.get(v).expect("every input gets a gradient").clone()).collect()))
+}
+
+/// Fused and composed agree in value and gradients; the fused gradients also agree with
+/// central finite differences of the fused forward at a few coordinates of each input.
+fn check(name: &str, inputs: &[Tensor], fused: &dyn Fn(&[Tensor]) -> Result<Tensor>, composed: &dyn Fn(&[Tensor]) -> Result<Tensor>, tol: f32) {
+    let (yf, gf) = value_and_grads(inputs, fused).unwrap();
+    let (yc, gc) = value_and_grads(inputs, composed).unwrap();
+    let d = max_diff(&yf, &yc);
+    assert!(d < tol, "{name}: values differ by {d}");
+    for (i, (a, b)) in gf.iter().zip(&gc).enumerate() {
+        let d = max_diff(a, b);
+        assert!(d < tol * 10.0, "{name}: gradient of input {i} differs by {d}");
+    }
+    // Finite differences in f64 arithmetic on the f32 function: step 1e-2, a few coordinates.
+    for (i, input) in inputs.iter().enumerate() {
+        let flat = input.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let analytic = gf[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for &j in &[0, flat.len() / 3, flat.len() - 1] {
+            let at = |delta: f32| -> f64 {
+                let mut v = flat.clone();
+                v[j] += delta;
+                let mut args = inputs.to_vec();
+                args[i] = Tensor::from_vec(v, input.shape(), &Device::Cpu).unwrap();
+                loss(&fused(&args).unwrap(), 99).unwrap().to_scalar::<f32>().unwrap() as f64
+            };
+            let h = 1e-2f32;
+            let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
+            let err = (numeric - analytic[j] as f64).abs();
+            assert!(err < 2e-2 * (1.0 + numeric.abs()), "{name}: input {i}[{j}] analytic {} vs finite difference {numeric}", analytic[j]);
+        }
+    }
+}
+
+#[test]
+fn linear_matches_composed_with_and_without_bias() {
+    let (x, w, b) = (randn(&[2, 5, 7], 1), randn(&[3, 7], 2), randn(&[3], 3));
+    check("linear+bias", &[x.clone(), w.clone(), b], &|t| linear::linear(&t[0], &t[1], Some(&t[2])), &|t| linear::composed(&t[0], &t[1], Some(&t[2])), 1e-5);
+    check("linear", &[x, w], &|t| linear::linear(&t[0], &t[1], None), &|t| linear::composed(&t[0], &t[1], None), 1e-5);
+}
+
+/// A frozen weight (not a variable) gets no gradient computed: only the input's is stored.
+#[test]
+fn linear_skips_the_gradient_of_a_frozen_weight() {
+    let x = Var::from_tensor(&randn(&[4, 6], 4)).unwrap();
+    let (w, b) = (randn(&[3, 6], 5), randn(&[3], 6));
+    let y = linear::linear(x.as_tensor(), &w, Some(&b)).unwrap();
+    let grads = loss(&y, 7).unwrap().backward().unwrap();
+    assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+    let reference = linear::composed(x.as_tensor(), &w, Some(&b)).unwrap();
+    let g_ref = loss(&reference, 7).unwrap().backward().unwrap();
+    assert!(max_diff(grads.get(&x).unwrap(), g_ref.get(&x).unwrap()) < 1e-5);
+}
+
+#[test]
+fn attention_matches_composed_with_padding_and_causal_masks() {
+    let (b, t, heads, hd) = (2, 5, 3, 4);
+    let q = randn(&[b, t, heads * hd], 10);
+    let k = randn(&[b, t, heads * hd], 11);
+    let v = randn(&[b, t, heads * hd], 12);
+    let scale = 1.0 / (hd as f64).sqrt();
+    // Padding: the second row's last two tokens are masked.
+    let pad = Tensor::new(&[[0f32, 0., 0., 0., 0.], [0., 0., 0., f32::MIN, f32::MIN]], &Device::Cpu).unwrap().reshape((b, 1, t)).unwrap();
+    let causal: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::MIN } else { 0.0 }).collect();
+    let causal = Tensor::from_vec(causal, (1, t, t), &Device::Cpu).unwrap();
+    for (name, mask) in [("no mask", None), ("padding", Some(&pad)), ("causal", Some(&causal))] {
+        check(
+            name,
+            &[q.clone(), k.clone(), v.clone()],
+            &|x| attention::attention(&x[0], &x[1], &x[2], heads, mask, scale),
+            &|x| attention::composed(&x[0], &x[1], &x[2], heads, mask, scale),
+            1e-5,
+        );
+    }
+}
+
+/// Keys and values longer than the queries (a KV cache), with a mask over all keys.
+#[test]
+fn attention_over_a_longer_cache_matches_composed() {
+    let (b, tq, tk, heads, hd) = (1, 2, 6, 2, 4);
+    let q = randn(&[b, tq, heads * hd], 20);
+    let k = randn(&[b, tk, heads * hd], 21);
+    let v = randn(&[b, tk, heads * hd], 22);
+    let mask: Vec<f32> = (0..tq * tk).map(|i| if i % tk > tk - tq + i / tk { f32::MIN } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (1, tq, tk), &Device::Cpu).unwrap();
+    let fused = attention::attention(&q, &k, &v, heads, Some(&mask), 0.5).unwrap();
+    let composed = attention::composed(&q, &k, &v, heads, Some(&mask), 0.5).unwrap();
+    assert!(max_diff(&fused, &composed) < 1e-5);
+}
+
+#[test]
+fn layer_norm_and_rms_norm_match_composed() {
+    let (x, w, b) = (randn(&[3, 4, 16], 30), randn(&[16], 31), randn(&[16], 32));
+    check("layer norm", &[x.clone(), w.clone(), b], &|t| norm::layer_norm(&t[0], &t[1], &t[2], 1e-12), &|t| norm::composed_layer_norm(&t[0], &t[1], &t[2], 1e-12), 1e-5);
+    check("rms norm", &[x, w], &|t| norm::rms_norm(&t[0], &t[1], 1e-5), &|t| norm::composed_rms_norm(&t[0], &t[1], 1e-5), 1e-5);
+}
+
+#[test]
+fn gelu_matches_composed() {
+    let x = (randn(&[4, 300], 40) * 3.0).unwrap();
+    check("gelu", &[x], &|t| gelu::gelu_erf(&t[0]), &|t| t[0].gelu_erf(), 1e-6);
+}
