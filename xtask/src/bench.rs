@@ -109,6 +109,10 @@ fn report(root: &Path) -> Result<String> {
         writeln!(md, "| idle hook calls per forward | {} |", h["hook_calls_per_forward"])?;
         writeln!(md, "| idle hooks' share of the forward time | {:.2e} |", h["idle_hooks_share_of_forward"].as_f64().unwrap_or(f64::NAN))?;
     }
+    let vs = root.join("target/bench-results/vs_pytorch.json");
+    if vs.exists() {
+        crate::vs_pytorch::report(&mut md, &read_json(&vs)?)?;
+    }
     for file in COMPARISONS {
         let path = root.join("target/bench-results").join(file);
         if !path.exists() {

@@ -2,6 +2,7 @@
 //! matrix, benchmarks and the demo.
 
 mod bench;
+mod vs_pytorch;
 mod data;
 mod fetch;
 mod quality;
@@ -34,6 +35,18 @@ enum Task {
         /// Only rewrite BENCHMARKS.md from the results of the last run.
         #[arg(long)]
         report_only: bool,
+        /// Instead of the criterion benchmarks: run each workload of the PyTorch reference
+        /// (bench/reference/torch_bench.py) on both stacks alternately and write the ratio
+        /// table to BENCHMARKS.md. Installs the reference stack into target/ref-venv once.
+        #[arg(long)]
+        vs_pytorch: bool,
+        /// With --vs-pytorch: only workloads whose name contains this text
+        /// (e.g. minilm_train, smol_decode).
+        #[arg(long)]
+        only: Option<String>,
+        /// With --vs-pytorch: rounds (each runs every workload once per stack).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The main job on a fresh machine: fetch the model and data, train a Pfeiffer adapter
     /// on frozen all-MiniLM-L6-v2 for SMS spam and a head-only baseline, and print test
@@ -57,7 +70,15 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Fetch => fetch::fetch_all(&root()).map(|_| ()),
         Task::Test => test::run(&root()),
-        Task::Bench { filter, report_only } => bench::run(&root(), filter.as_deref(), report_only),
+        Task::Bench { filter, report_only, vs_pytorch, only, rounds } => {
+            if vs_pytorch {
+                if !report_only {
+                    vs_pytorch::run(&root(), only.as_deref(), rounds)?;
+                }
+                return vs_pytorch::write_section(&root());
+            }
+            bench::run(&root(), filter.as_deref(), report_only)
+        }
         Task::Demo => demo(&root()),
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
     }

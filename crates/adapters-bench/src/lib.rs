@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+pub mod workloads;
+
 /// One variant's result.
 pub struct Timing {
     pub name: String,

@@ -2,8 +2,8 @@
 //! sublayer output (the residual is the backbone's).
 
 use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
-use adapters_core::{Adapter, BuildArgs, Error, ForwardCtx, Init, Point, SublayerIo};
-use candle_core::{DType, Result, Tensor, Var, D};
+use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, SublayerIo};
+use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
 /// The parameters at one point.
@@ -84,21 +84,18 @@ impl Bottleneck {
 fn act(a: Activation, x: &Tensor) -> Result<Tensor> {
     match a {
         Activation::Relu => x.relu(),
-        Activation::Gelu => x.gelu_erf(),
+        Activation::Gelu => kernels::gelu_erf(x),
         Activation::Swish | Activation::Silu => x.silu(),
         Activation::Tanh => x.tanh(),
     }
 }
 
 fn linear(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    x.broadcast_matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())
+    kernels::linear(x, w.as_tensor(), Some(b.as_tensor()))
 }
 
 fn layer_norm(x: &Tensor, (w, b): &(Var, Var)) -> Result<Tensor> {
-    let n = x.dim(D::Minus1)? as f64;
-    let c = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?;
-    let var = (c.sqr()?.sum_keepdim(D::Minus1)? / n)?;
-    c.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(w.as_tensor())?.broadcast_add(b.as_tensor())
+    kernels::layer_norm(x, w.as_tensor(), b.as_tensor(), 1e-5)
 }
 
 impl Adapter for Bottleneck {

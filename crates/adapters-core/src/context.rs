@@ -53,9 +53,12 @@ pub struct AuxOutputs {
 /// The per-forward context. Cheap to build; one per forward call.
 #[derive(Debug, Default)]
 pub struct ForwardCtx {
-    /// Training mode: dropout, noise and stochastic routing are active, and backbones use
-    /// only differentiable ops (fused inference kernels cut candle's gradient graph).
+    /// Training mode: dropout, noise and stochastic routing are active.
     pub train: bool,
+    /// No gradients wanted: the adapter sites detach their outputs, so no autograd graph
+    /// is built through trainable adapters (and kernels keep nothing for a backward pass).
+    /// Set by [`ForwardCtx::inference`]; off for evaluation that needs gradients (attacks).
+    pub no_grad: bool,
     /// Per-row adapter choice; `None` means every row uses the model's active setup.
     pub row_groups: Option<Vec<RowGroup>>,
     /// The attention mask `[batch, seq]` (`u32`, 1 on tokens, 0 on padding), set by the
@@ -75,12 +78,12 @@ pub struct ForwardCtx {
 }
 
 impl ForwardCtx {
-    /// Inference: no dropout, fastest kernels.
+    /// Inference: no dropout, no gradients.
     pub fn inference() -> Self {
-        ForwardCtx::default()
+        ForwardCtx { no_grad: true, ..Default::default() }
     }
 
-    /// Training: dropout on, differentiable kernels only; dropout masks from an unseeded RNG.
+    /// Training: dropout on; dropout masks from an unseeded RNG.
     pub fn training() -> Self {
         Self::training_seeded(rand::random())
     }
@@ -152,6 +155,7 @@ impl ForwardCtx {
     pub fn masked(&self, mask: &Tensor) -> ForwardCtx {
         ForwardCtx {
             train: self.train,
+            no_grad: self.no_grad,
             row_groups: self.row_groups.clone(),
             attention_mask: Some(mask.clone()),
             task_ids: self.task_ids.clone(),
@@ -179,6 +183,7 @@ impl ForwardCtx {
         let pick = |t: &Option<Tensor>| t.as_ref().map(|t| t.index_select(rows, 0)).transpose();
         Ok(ForwardCtx {
             train: self.train,
+            no_grad: self.no_grad,
             row_groups: None,
             attention_mask: pick(&self.attention_mask)?,
             task_ids: pick(&self.task_ids)?,

@@ -16,6 +16,7 @@ pub mod guide {}
 mod error;
 pub mod init;
 pub mod io;
+pub mod kernels;
 pub mod placement;
 pub mod point;
 pub mod registry;

@@ -159,7 +159,7 @@ impl AdapterSet {
             }
             Ok(out)
         };
-        self.dispatch(point, io.input, io.output, ctx, run)
+        self.dispatch(point, io.input, io.output, ctx, run).and_then(|y| detached_without_grad(y, ctx))
     }
 
     /// Runs the adapters at a projection site; returns the (possibly new) projection output.
@@ -172,7 +172,7 @@ impl AdapterSet {
             }
             Ok(out)
         };
-        self.dispatch(point, io.input, io.output, ctx, run)
+        self.dispatch(point, io.input, io.output, ctx, run).and_then(|y| detached_without_grad(y, ctx))
     }
 
     /// Applies `run` with the active stack, or per row group when the context routes rows.
@@ -209,4 +209,10 @@ impl AdapterSet {
         }
         Ok(result)
     }
+}
+
+/// `y` cut from the autograd graph when the context wants no gradients: trainable
+/// adapters would otherwise make every later tensor of an inference pass track its history.
+fn detached_without_grad(y: Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    Ok(if ctx.no_grad && y.track_op() { y.detach() } else { y })
 }

@@ -3,7 +3,7 @@
 //! leaves the model unchanged. Mergeable: the delta `s * B A` can be added to `W`.
 
 use adapters_core::registry::parse_config;
-use adapters_core::{Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site};
+use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site};
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -130,7 +130,7 @@ impl Adapter for Lora {
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let p = &self.pairs[&point];
         let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
-        let delta = x.broadcast_matmul(&p.a.as_tensor().t()?)?.broadcast_matmul(&p.b.as_tensor().t()?)?;
+        let delta = kernels::linear(&kernels::linear(&x, p.a.as_tensor(), None)?, p.b.as_tensor(), None)?;
         io.output + (delta * p.scale)?
     }
 

@@ -6,7 +6,7 @@
 
 use crate::attached::HoldsAdapters;
 use crate::error::Error;
-use crate::kernels;
+use adapters_core::kernels;
 use crate::ops::{embedding, LayerNorm, Linear};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
@@ -299,7 +299,7 @@ impl Bert {
         let q = self.project(&layer.query, Point::new(l, Site::Query), x, ctx)?;
         let k = self.project(&layer.key, Point::new(l, Site::Key), x, ctx)?;
         let v = self.project(&layer.value, Point::new(l, Site::Value), x, ctx)?;
-        let attn = kernels::attention(&q, &k, &v, heads, mask, 1.0 / ((h / heads) as f64).sqrt())?;
+        let attn = kernels::attention(&q, &k, &v, heads, heads, mask, 1.0 / ((h / heads) as f64).sqrt())?;
         let attn = self.project(&layer.attn_out, Point::new(l, Site::AttentionProj), &attn, ctx)?;
 
         let attn_norm = |z: &Tensor| layer.attn_norm.forward(z);

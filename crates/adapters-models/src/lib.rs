@@ -13,7 +13,6 @@ pub mod bert;
 mod error;
 pub mod generate;
 pub mod heads;
-pub mod kernels;
 pub mod llama;
 pub mod model;
 pub mod ops;

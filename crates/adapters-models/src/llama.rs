@@ -7,7 +7,8 @@
 
 use crate::attached::HoldsAdapters;
 use crate::error::Error;
-use crate::ops::{embedding, rope, softmax_last, Linear, RmsNorm};
+use adapters_core::kernels;
+use crate::ops::{embedding, Linear, RmsNorm};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use candle_core::quantized::gguf_file;
@@ -105,7 +106,8 @@ struct Layer {
     down: Linear,
 }
 
-/// Cached keys and values of earlier positions, one entry per layer.
+/// Cached keys and values of earlier positions, one entry per layer, each
+/// `[batch, positions, kv_heads * head_dim]` (the projections' layout, after RoPE).
 #[derive(Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -119,7 +121,7 @@ impl KvCache {
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers[0].as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers[0].as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
     }
 
     /// Whether nothing is cached yet.
@@ -325,6 +327,11 @@ impl Llama {
         Ok(x)
     }
 
+    /// The output projection `[vocab, hidden]` (the token embeddings when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
     /// Logits `[batch, seq, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -358,37 +365,27 @@ impl Llama {
         kv: Option<&mut Option<(Tensor, Tensor)>>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim());
         let n = layer.attn_norm.forward(x)?;
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = heads(self.project(&layer.q, Point::new(l, Site::Query), &n, ctx)?, nh)?;
-        let k = heads(self.project(&layer.k, Point::new(l, Site::Key), &n, ctx)?, nkv)?;
-        let v = heads(self.project(&layer.v, Point::new(l, Site::Value), &n, ctx)?, nkv)?;
-        let q = rope(&q, cos, sin, ctx.train)?;
-        let mut k = rope(&k, cos, sin, ctx.train)?;
-        let mut v = v;
+        let q = kernels::rope(&self.project(&layer.q, Point::new(l, Site::Query), &n, ctx)?, cos, sin, nh)?;
+        let mut k = kernels::rope(&self.project(&layer.k, Point::new(l, Site::Key), &n, ctx)?, cos, sin, nkv)?;
+        let mut v = self.project(&layer.v, Point::new(l, Site::Value), &n, ctx)?;
         if let Some(kv) = kv {
             if let Some((pk, pv)) = kv.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
             }
             *kv = Some((k.clone(), v.clone()));
         }
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let attn = softmax_last(&scores, ctx.train)?.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let attn = kernels::attention(&q, &k, &v, nh, nkv, mask, 1.0 / (hd as f64).sqrt())?;
         let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx)?;
         let io = SublayerIo { input: x, output: &attn, post_norm: None };
         let x = (x + self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?)?;
 
         let n = layer.ffn_norm.forward(&x)?;
-        let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx)?.silu()?;
+        let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx)?;
         let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &n, ctx)?;
-        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &(gate * up)?, ctx)?;
+        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &kernels::swiglu(&gate, &up)?, ctx)?;
         let io = SublayerIo { input: &x, output: &ffn, post_norm: None };
         &x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?
     }
@@ -495,17 +492,8 @@ fn rope_tables(head_dim: usize, theta: f64, max_pos: usize, device: &Device) -> 
     Ok((freqs.cos()?, freqs.sin()?))
 }
 
-/// `[t, past + t]`: 0 where position i may attend to j, -inf to the right of i.
+/// `[1, t, past + t]`: 0 where position i may attend to j, -inf to the right of i.
 fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (t, past + t), device)
-}
-
-/// Repeats key/value heads for grouped-query attention: `[b, kv, t, d]` to `[b, kv*n, t, d]`.
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.expand((b, kv, n, t, d))?.reshape((b, kv * n, t, d))
+    Tensor::from_vec(mask, (1, t, past + t), device)
 }

@@ -1,11 +1,9 @@
-//! The layers the backbones are built from. Linear layers and norms run on the fused
-//! kernels of [`crate::kernels`]; softmax and RoPE (Llama) still pick candle's fused kernel
-//! for inference and a differentiable composition for training, because candle's fused
-//! versions have no backward pass and would silently cut the gradient graph.
+//! The layers the backbones are built from, on the fused kernels of [`crate::kernels`]
+//! (which fall back to composed candle ops off the CPU).
 
-use crate::kernels;
+use adapters_core::kernels;
 use adapters_core::{AdapterSet, ForwardCtx, Point, ProjectionIo};
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 
 /// A frozen linear layer `y = x W^T + b`, as stored by PyTorch (`W` is `[out, in]`).
 #[derive(Clone, Debug)]
@@ -83,53 +81,5 @@ impl RmsNorm {
     /// Normalises the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         kernels::rms_norm(x, &self.weight, self.eps)
-    }
-}
-
-/// Softmax over the last dimension.
-pub fn softmax_last(x: &Tensor, train: bool) -> Result<Tensor> {
-    if train {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
-    }
-}
-
-/// Rotary position embedding, half-split (Hugging Face) layout, on `[b, heads, t, d]`.
-/// `cos` and `sin` are `[t, d/2]` for the positions of `x`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, train: bool) -> Result<Tensor> {
-    if train {
-        let half = x.dim(D::Minus1)? / 2;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(
-            &[(x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?, (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?],
-            D::Minus1,
-        )?;
-        Ok(rotated)
-    } else {
-        candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Tensor};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
-
-    /// The training compositions compute the same function as the fused kernels.
-    #[test]
-    fn fused_and_composed_paths_agree() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev)?;
-        assert!(max_diff(&softmax_last(&x, true)?, &softmax_last(&x, false)?) < 1e-6);
-        let cos = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
-        let sin = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
-        assert!(max_diff(&rope(&x, &cos, &sin, true)?, &rope(&x, &cos, &sin, false)?) < 1e-5);
-        Ok(())
     }
 }

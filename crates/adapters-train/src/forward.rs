@@ -49,10 +49,10 @@ pub fn lm_loss(backbone: &Backbone, rows: &[&[u32]], ctx: &ForwardCtx) -> Result
     let (ids, mask) = pad(rows, backbone.device())?;
     let (b, t) = ids.dims2()?;
     let hidden = model.forward_hidden(&ids, None, &ctx.masked(&mask))?.narrow(1, 0, t - 1)?;
-    let logits = model.logits(&hidden)?;
-    let vocab = logits.dim(D::Minus1)?;
+    let hidden = hidden.reshape((b * (t - 1), ()))?;
     let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-    let loss = candle_nn::loss::cross_entropy(&logits.reshape((b * (t - 1), vocab))?, &targets)?;
+    // Blocked: the [tokens, vocab] logits are never all in memory at once.
+    let loss = adapters_core::kernels::linear_cross_entropy(&hidden, model.lm_head_weight(), &targets)?;
     Ok((loss, b * (t - 1)))
 }
 

@@ -4,6 +4,7 @@
 
 use crate::error::{fail, Error};
 use candle_core::backprop::GradStore;
+use adapters_core::kernels::{adamw, AdamWStep};
 use candle_core::{Result, Tensor, Var};
 use std::collections::HashMap;
 
@@ -94,8 +95,9 @@ impl AdamW {
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for s in &self.slots {
-            out.insert(format!("m.{}", s.name), s.m.clone());
-            out.insert(format!("v.{}", s.name), s.v.clone());
+            // Copies: the moments are updated in place by the next step.
+            out.insert(format!("m.{}", s.name), s.m.copy()?);
+            out.insert(format!("v.{}", s.name), s.v.copy()?);
             out.insert(format!("t.{}", s.name), Tensor::new(&[s.t], s.m.device())?);
         }
         Ok(out)
@@ -130,15 +132,16 @@ impl AdamW {
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else { continue };
             s.t += 1;
-            let (c1, c2) = (1.0 - self.beta1.powi(s.t as i32), 1.0 - self.beta2.powi(s.t as i32));
-            s.m = ((&s.m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            s.v = ((&s.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let update = ((&s.m / c1)? / ((&s.v / c2)?.sqrt()? + self.eps)?)?;
-            let mut p = s.var.as_tensor().clone();
-            if s.decay && self.weight_decay > 0.0 {
-                p = (&p * (1.0 - lr * self.weight_decay))?;
-            }
-            s.var.set(&(p - (update * lr)?)?)?;
+            let step = AdamWStep {
+                lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                c1: 1.0 - self.beta1.powi(s.t as i32),
+                c2: 1.0 - self.beta2.powi(s.t as i32),
+                decay: if s.decay { 1.0 - lr * self.weight_decay } else { 1.0 },
+            };
+            adamw(s.var.as_tensor(), &s.m, &s.v, &g.contiguous()?, step)?;
         }
         Ok(())
     }

@@ -32,20 +32,23 @@ pub fn erf(x: f32) -> f32 {
 /// Defines `$name(args)` that runs `$body` compiled for AVX2+FMA when the CPU has them,
 /// and compiled for the baseline target otherwise: one source, two codegens.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name($($arg: $ty),*) {
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn fast($($arg: $ty),*) $body
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? $body
                 if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has the features `fast` was compiled for.
                     return unsafe { fast($($arg),*) };
                 }
             }
             #[inline(always)]
-            fn plain($($arg: $ty),*) $body
+            #[allow(clippy::too_many_arguments)]
+            fn plain($($arg: $ty),*) $(-> $ret)? $body
             plain($($arg),*)
         }
     };

@@ -1,5 +1,5 @@
-//! Fused CPU kernels for the training and inference hot paths, each a candle custom op
-//! with a hand-written backward pass.
+//! Fused CPU kernels for the training and inference hot paths of backbones and adapter
+//! families, each a candle custom op with a hand-written backward pass.
 //!
 //! Why: composed from candle's primitives, one BERT layer is ~60 graph nodes, each a full
 //! pass over memory with a fresh allocation, and candle's backward of a matmul computes
@@ -10,16 +10,24 @@
 //! Metal), for other dtypes, and when `ADAPTERS_COMPOSED_OPS=1` is set; tests check the two
 //! agree in value and gradient.
 
+mod adamw;
 mod attention;
+mod cross_entropy;
 mod gelu;
 mod linear;
 mod norm;
+mod rope;
 pub(crate) mod simd;
+mod swiglu;
 
+pub use adamw::{adamw, AdamWStep};
 pub use attention::attention;
+pub use cross_entropy::linear_cross_entropy;
 pub use gelu::gelu_erf;
 pub use linear::linear;
 pub use norm::{layer_norm, rms_norm};
+pub use rope::rope;
+pub use swiglu::swiglu;
 
 use candle_core::{CpuStorage, DType, Error, Layout, Result, Storage, Tensor};
 use std::sync::OnceLock;

@@ -9,16 +9,19 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-/// `softmax(q kᵀ · scale + mask) v` per head, on `[batch, seq, heads * head_dim]` inputs.
+/// `softmax(q kᵀ · scale + mask) v` per head, on `q` `[batch, seq_q, heads * head_dim]`
+/// and `k`, `v` `[batch, seq_k, kv_heads * head_dim]`; with fewer key/value heads than
+/// query heads (grouped-query attention), each key/value head serves `heads / kv_heads`
+/// consecutive query heads.
 ///
 /// `mask` is an additive bias `[1 or batch, 1 or seq_q, seq_k]`: 0 where attended, very
 /// negative where not (padding, the future); `None` attends to all.
 /// `k` and `v` may be longer than `q` (a KV cache): then `mask` must say what is visible.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let mut all = vec![q, k, v];
     all.extend(mask);
     if !fused(&all) {
-        return composed(q, k, v, heads, mask, scale);
+        return composed(q, k, v, heads, kv_heads, mask, scale);
     }
     let (b, tq, width) = q.dims3()?;
     let tk = k.dim(1)?;
@@ -32,21 +35,30 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<
             Some(Mask { values: with_values(m, "attention", <[f32]>::to_vec)?, per_row: mb > 1, per_query: mq > 1 })
         }
     };
-    if width % heads != 0 || k.dims3()? != (b, tk, width) || v.dims3()? != (b, tk, width) {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads", q.dims(), k.dims(), v.dims());
+    let kv_width = width / heads.max(1) * kv_heads;
+    if heads == 0 || kv_heads == 0 || width % heads != 0 || heads % kv_heads != 0 || k.dims3()? != (b, tk, kv_width) || v.dims3()? != (b, tk, kv_width) {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit {heads} query and {kv_heads} key/value heads", q.dims(), k.dims(), v.dims());
     }
     let keep = q.track_op() || k.track_op() || v.track_op();
-    let op = Attention { heads, scale: scale as f32, mask, tq, tk, probs: Mutex::new(None), keep };
+    let op = Attention { heads, kv_heads, scale: scale as f32, mask, tq, tk, probs: Mutex::new(None), keep };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// The same maths from candle ops.
-pub(super) fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub(super) fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
     let (b, tq, width) = q.dims3()?;
     let tk = k.dim(1)?;
     let hd = width / heads;
-    let split = |x: &Tensor, t: usize| x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous();
-    let (qh, kh, vh) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
+    let split = |x: &Tensor, t: usize, n: usize| x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+    // Each key/value head repeated for the query heads it serves.
+    let repeat = |x: Tensor| -> Result<Tensor> {
+        let group = heads / kv_heads;
+        if group == 1 {
+            return Ok(x);
+        }
+        x.unsqueeze(2)?.expand((b, kv_heads, group, tk, hd))?.reshape((b, heads, tk, hd))
+    };
+    let (qh, kh, vh) = (split(q, tq, heads)?, repeat(split(k, tk, kv_heads)?)?, repeat(split(v, tk, kv_heads)?)?);
     let mut scores = (qh.matmul(&kh.t()?)? * scale)?;
     if let Some(m) = mask {
         let (mb, mq, mk) = m.dims3()?;
@@ -65,6 +77,7 @@ struct Mask {
 
 struct Attention {
     heads: usize,
+    kv_heads: usize,
     scale: f32,
     mask: Option<Mask>,
     tq: usize,
@@ -133,6 +146,7 @@ impl CustomOp3 for Attention {
         let (b, tq, width) = ql.shape().dims3()?;
         let (h, tk) = (self.heads, self.tk);
         let hd = width / h;
+        let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
         let mut out = vec![0f32; b * tq * width];
         let mut probs = vec![0f32; if self.keep { b * h * tq * tk } else { 0 }];
         let (out_ptr, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
@@ -145,15 +159,15 @@ impl CustomOp3 for Attention {
                 unsafe {
                     let p = if self.keep { probs_ptr.get().add(task * tq * tk) } else { scratch.as_mut_ptr() };
                     let qo = q.as_ptr().add(row * tq * width + head * hd);
-                    let ko = k.as_ptr().add(row * tk * width + head * hd);
-                    let vo = v.as_ptr().add(row * tk * width + head * hd);
-                    let w = width as isize;
-                    gemm(tq, tk, hd, SharedMut(p), tk as isize, Mat(qo, w, 1), Mat(ko, 1, w), self.scale, false, 1);
+                    let ko = k.as_ptr().add(row * tk * kv_width + head / group * hd);
+                    let vo = v.as_ptr().add(row * tk * kv_width + head / group * hd);
+                    let (w, kw) = (width as isize, kv_width as isize);
+                    gemm(tq, tk, hd, SharedMut(p), tk as isize, Mat(qo, w, 1), Mat(ko, 1, kw), self.scale, false, 1);
                     for i in 0..tq {
                         softmax_row(std::slice::from_raw_parts_mut(p.add(i * tk), tk), self.mask_row(row, i));
                     }
                     let o = out_ptr.get().add(row * tq * width + head * hd);
-                    gemm(tq, hd, tk, SharedMut(o), w, Mat(p, tk as isize, 1), Mat(vo, w, 1), 1.0, false, 1);
+                    gemm(tq, hd, tk, SharedMut(o), w, Mat(p, tk as isize, 1), Mat(vo, kw, 1), 1.0, false, 1);
                 }
             },
         );
@@ -169,40 +183,45 @@ impl CustomOp3 for Attention {
         let (b, tq, width) = q.dims3()?;
         let (h, tk) = (self.heads, self.tk);
         let hd = width / h;
+        let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
         let mut dq = vec![0f32; b * tq * width];
-        let mut dk = vec![0f32; b * tk * width];
-        let mut dv = vec![0f32; b * tk * width];
+        let mut dk = vec![0f32; b * tk * kv_width];
+        let mut dv = vec![0f32; b * tk * kv_width];
         let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         with_values(q, "attention", |q| {
             with_values(k, "attention", |k| {
                 with_values(v, "attention", |v| {
                     with_values(grad, "attention", |g| {
-                        (0..b * h).into_par_iter().for_each_init(
+                        // One task per (row, key/value head): it owns that head's dk and dv and
+                        // sums into them over the query heads of its group.
+                        (0..b * self.kv_heads).into_par_iter().for_each_init(
                             || vec![0f32; tq * tk],
                             |ds, task| {
-                                let (row, head) = (task / h, task % h);
-                                let w = width as isize;
-                                // SAFETY: task (row, head) writes only its head's columns of
-                                // dq, dk, dv in its row, and its own scratch.
+                                let (row, kv_head) = (task / self.kv_heads, task % self.kv_heads);
+                                let (w, kw) = (width as isize, kv_width as isize);
+                                let off_k = row * tk * kv_width + kv_head * hd;
+                                // SAFETY: the task writes only its own kv head's columns of dk
+                                // and dv, its group's query-head columns of dq, and its scratch.
                                 unsafe {
-                                    let p = probs.as_ptr().add(task * tq * tk);
-                                    let qo = q.as_ptr().add(row * tq * width + head * hd);
-                                    let ko = k.as_ptr().add(row * tk * width + head * hd);
-                                    let vo = v.as_ptr().add(row * tk * width + head * hd);
-                                    let go = g.as_ptr().add(row * tq * width + head * hd);
-                                    let off_q = row * tq * width + head * hd;
-                                    let off_k = row * tk * width + head * hd;
-                                    // dV = Pᵀ dO
-                                    gemm(tk, hd, tq, SharedMut(dv_ptr.get().add(off_k)), w, Mat(p, 1, tk as isize), Mat(go, w, 1), 1.0, false, 1);
-                                    // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
-                                    gemm(tq, tk, hd, SharedMut(ds.as_mut_ptr()), tk as isize, Mat(go, w, 1), Mat(vo, 1, w), 1.0, false, 1);
-                                    for i in 0..tq {
-                                        let pr = std::slice::from_raw_parts(p.add(i * tk), tk);
-                                        softmax_backward_row(pr, &mut ds[i * tk..(i + 1) * tk], self.scale);
+                                    let ko = k.as_ptr().add(off_k);
+                                    let vo = v.as_ptr().add(off_k);
+                                    for (i, head) in (kv_head * group..(kv_head + 1) * group).enumerate() {
+                                        let p = probs.as_ptr().add((row * h + head) * tq * tk);
+                                        let off_q = row * tq * width + head * hd;
+                                        let (qo, go) = (q.as_ptr().add(off_q), g.as_ptr().add(off_q));
+                                        let first = i == 0;
+                                        // dV += Pᵀ dO
+                                        gemm(tk, hd, tq, SharedMut(dv_ptr.get().add(off_k)), kw, Mat(p, 1, tk as isize), Mat(go, w, 1), 1.0, !first, 1);
+                                        // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+                                        gemm(tq, tk, hd, SharedMut(ds.as_mut_ptr()), tk as isize, Mat(go, w, 1), Mat(vo, 1, kw), 1.0, false, 1);
+                                        for r in 0..tq {
+                                            let pr = std::slice::from_raw_parts(p.add(r * tk), tk);
+                                            softmax_backward_row(pr, &mut ds[r * tk..(r + 1) * tk], self.scale);
+                                        }
+                                        // dQ = dS K, dK += dSᵀ Q
+                                        gemm(tq, hd, tk, SharedMut(dq_ptr.get().add(off_q)), w, Mat(ds.as_ptr(), tk as isize, 1), Mat(ko, kw, 1), 1.0, false, 1);
+                                        gemm(tk, hd, tq, SharedMut(dk_ptr.get().add(off_k)), kw, Mat(ds.as_ptr(), 1, tk as isize), Mat(qo, w, 1), 1.0, !first, 1);
                                     }
-                                    // dQ = dS K, dK = dSᵀ Q
-                                    gemm(tq, hd, tk, SharedMut(dq_ptr.get().add(off_q)), w, Mat(ds.as_ptr(), tk as isize, 1), Mat(ko, w, 1), 1.0, false, 1);
-                                    gemm(tk, hd, tq, SharedMut(dk_ptr.get().add(off_k)), w, Mat(ds.as_ptr(), 1, tk as isize), Mat(qo, w, 1), 1.0, false, 1);
                                 }
                             },
                         )
@@ -211,9 +230,9 @@ impl CustomOp3 for Attention {
             })
         })????;
         let dev = q.device();
-        let grad_of = |t: &Tensor, g: Vec<f32>, len: usize| -> Result<Option<Tensor>> {
-            if t.track_op() { Ok(Some(Tensor::from_vec(g, (b, len, width), dev)?)) } else { Ok(None) }
+        let grad_of = |t: &Tensor, g: Vec<f32>| -> Result<Option<Tensor>> {
+            if t.track_op() { Ok(Some(Tensor::from_vec(g, t.shape(), dev)?)) } else { Ok(None) }
         };
-        Ok((grad_of(q, dq, tq)?, grad_of(k, dk, tk)?, grad_of(v, dv, tk)?))
+        Ok((grad_of(q, dq)?, grad_of(k, dk)?, grad_of(v, dv)?))
     }
 }

@@ -1,7 +1,7 @@
 //! Each fused kernel against its composed twin (value and every input's gradient), and
 //! against central finite differences.
 
-use super::{attention, gelu, linear, norm};
+use super::{attention, cross_entropy, gelu, linear, norm, rope, swiglu};
 use candle_core::{Device, Result, Tensor, Var};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -96,11 +96,29 @@ fn attention_matches_composed_with_padding_and_causal_masks() {
         check(
             name,
             &[q.clone(), k.clone(), v.clone()],
-            &|x| attention::attention(&x[0], &x[1], &x[2], heads, mask, scale),
-            &|x| attention::composed(&x[0], &x[1], &x[2], heads, mask, scale),
+            &|x| attention::attention(&x[0], &x[1], &x[2], heads, heads, mask, scale),
+            &|x| attention::composed(&x[0], &x[1], &x[2], heads, heads, mask, scale),
             1e-5,
         );
     }
+}
+
+/// Grouped-query attention (6 query heads over 2 key/value heads), causal.
+#[test]
+fn grouped_query_attention_matches_composed() {
+    let (b, t, hd) = (2, 5, 4);
+    let q = randn(&[b, t, 6 * hd], 50);
+    let k = randn(&[b, t, 2 * hd], 51);
+    let v = randn(&[b, t, 2 * hd], 52);
+    let causal: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::MIN } else { 0.0 }).collect();
+    let causal = Tensor::from_vec(causal, (1, t, t), &Device::Cpu).unwrap();
+    check(
+        "grouped-query",
+        &[q, k, v],
+        &|x| attention::attention(&x[0], &x[1], &x[2], 6, 2, Some(&causal), 0.5),
+        &|x| attention::composed(&x[0], &x[1], &x[2], 6, 2, Some(&causal), 0.5),
+        1e-5,
+    );
 }
 
 /// Keys and values longer than the queries (a KV cache), with a mask over all keys.
@@ -112,8 +130,8 @@ fn attention_over_a_longer_cache_matches_composed() {
     let v = randn(&[b, tk, heads * hd], 22);
     let mask: Vec<f32> = (0..tq * tk).map(|i| if i % tk > tk - tq + i / tk { f32::MIN } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, (1, tq, tk), &Device::Cpu).unwrap();
-    let fused = attention::attention(&q, &k, &v, heads, Some(&mask), 0.5).unwrap();
-    let composed = attention::composed(&q, &k, &v, heads, Some(&mask), 0.5).unwrap();
+    let fused = attention::attention(&q, &k, &v, heads, heads, Some(&mask), 0.5).unwrap();
+    let composed = attention::composed(&q, &k, &v, heads, heads, Some(&mask), 0.5).unwrap();
     assert!(max_diff(&fused, &composed) < 1e-5);
 }
 
@@ -128,4 +146,27 @@ fn layer_norm_and_rms_norm_match_composed() {
 fn gelu_matches_composed() {
     let x = (randn(&[4, 300], 40) * 3.0).unwrap();
     check("gelu", &[x], &|t| gelu::gelu_erf(&t[0]), &|t| t[0].gelu_erf(), 1e-6);
+}
+
+#[test]
+fn rope_matches_composed() {
+    let (b, t, heads, hd) = (2, 3, 2, 8);
+    let x = randn(&[b, t, heads * hd], 60);
+    let (cos, sin) = (randn(&[t, hd / 2], 61), randn(&[t, hd / 2], 62));
+    check("rope", &[x], &|v| rope::rope(&v[0], &cos, &sin, heads), &|v| rope::composed(&v[0], &cos, &sin, heads), 1e-5);
+}
+
+#[test]
+fn swiglu_matches_composed() {
+    let (g, u) = ((randn(&[3, 50], 70) * 3.0).unwrap(), randn(&[3, 50], 71));
+    check("swiglu", &[g, u], &|v| swiglu::swiglu(&v[0], &v[1]), &|v| v[0].silu()? * &v[1], 1e-5);
+}
+
+/// Blocks of 3 rows over 7 (a partial last block) against candle's cross-entropy on full
+/// logits, for the hidden states and the weight.
+#[test]
+fn blocked_cross_entropy_matches_full_logits() {
+    let (h, w) = (randn(&[7, 5], 80), randn(&[11, 5], 81));
+    let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1, 9], &Device::Cpu).unwrap();
+    check("cross-entropy", &[h, w], &|v| cross_entropy::blocked(&v[0], &v[1], &targets, 3), &|v| cross_entropy::composed(&v[0], &v[1], &targets), 1e-5);
 }

@@ -1,0 +1,222 @@
+//! The workloads of the PyTorch reference benchmark (`bench/reference/torch_bench.py`),
+//! same names, shapes and measurements, so `cargo xtask bench --vs-pytorch` can run the
+//! two stacks alternately and compare them as ratios.
+
+use adapters_core::{registry, ForwardCtx, InsertionPoint, Placement};
+use adapters_models::heads::ClassificationHead;
+use adapters_models::{fetched, load, Backbone, HoldsAdapters};
+use adapters_train::config::Pooling;
+use adapters_train::forward::{classify, lm_loss, pooled};
+use adapters_train::optim::{clip_grad_norm, AdamW};
+use candle_core::{Device, Tensor, Var};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+/// Every workload name, as the reference spells it.
+pub const NAMES: &[&str] = &[
+    "minilm_train_full",
+    "minilm_train_seq_bn",
+    "minilm_train_lora",
+    "minilm_infer_base",
+    "minilm_infer_seq_bn",
+    "minilm_infer_lora_unmerged",
+    "minilm_infer_lora_merged",
+    "smol_train_seq_bn",
+    "smol_train_lora",
+    "smol_decode_b1",
+    "smol_decode_b8",
+];
+
+/// Runs workload `name` (`warmup` untimed, then `steps` timed) and returns its record:
+/// `median_ms` per step, and `steps_peak_rss_mib` / `rss_before_loop_mib` measured as
+/// the reference does (the kernel's resident-set high-water mark, reset before warm-up).
+pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
+    let _ = (adapters_bottleneck::family(), adapters_lora::family());
+    let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
+        n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..])?,
+        n if n.starts_with("minilm_infer_") => minilm_infer(&n["minilm_infer_".len()..])?,
+        n if n.starts_with("smol_train_") => smol_train(&n["smol_train_".len()..])?,
+        "smol_decode_b1" => return smol_decode(1, warmup, steps),
+        "smol_decode_b8" => return smol_decode(8, warmup, steps),
+        other => anyhow::bail!("unknown workload `{other}` (known: {})", NAMES.join(", ")),
+    };
+    let rss_before = rss_mib("VmRSS");
+    reset_peak_rss();
+    for _ in 0..warmup {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(json!({
+        "config": name, "median_ms": median(&times), "all_ms": times,
+        "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
+        "threads": candle_core::utils::get_num_threads(),
+    }))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// A `/proc/self/status` field in MiB.
+fn rss_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
+}
+
+/// Resets the kernel's peak-RSS counter of this process (as the reference does).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Attaches a freshly initialised adapter of `kind` and makes it the active one.
+fn attach(model: &mut Backbone, kind: &str, config: Value) -> anyhow::Result<Vec<(String, Var)>> {
+    let a = registry::build(kind, &config, &Placement::default(), &model.model_info(), &Device::Cpu, 1)?;
+    let vars = a.vars();
+    model.adapters_mut().add("bench", a)?;
+    model.adapters_mut().activate(&["bench"])?;
+    Ok(vars)
+}
+
+/// The adapter of a reference method name: AdapterHub's `seq_bn` (reduction 16) and
+/// PEFT's LoRA r=8, alpha 16 on query and value.
+fn method(name: &str) -> anyhow::Result<(&'static str, Value)> {
+    Ok(match name {
+        "seq_bn" => ("seq_bn", json!({"reduction_factor": 16})),
+        "lora" | "lora_unmerged" | "lora_merged" => ("lora", json!({"r": 8, "alpha": 16})),
+        other => anyhow::bail!("unknown method `{other}`"),
+    })
+}
+
+/// Deterministic token ids, as in the training-step bench.
+fn token_rows(batch: usize, seq: usize, vocab: u32) -> Vec<Vec<u32>> {
+    (0..batch).map(|r| (0..seq).map(|i| 1000 + ((r * seq + i) as u32 * 7919) % (vocab - 1000)).collect()).collect()
+}
+
+fn minilm() -> anyhow::Result<Backbone> {
+    Ok(load(&fetched("all-MiniLM-L6-v2")?, &Device::Cpu)?.backbone)
+}
+
+/// Forward, cross-entropy on a 2-label head, backward, clipping, AdamW: batch 32 x 128.
+fn minilm_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+    let mut model = minilm()?;
+    let mut named = if m == "full" {
+        model.make_trainable()?
+    } else {
+        let (kind, config) = method(m)?;
+        attach(&mut model, kind, config)?
+    };
+    let head = ClassificationHead::new(384, 2, 1, &Device::Cpu)?;
+    named.extend(head.vars());
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut optimizer = AdamW::new(named, 0.01)?;
+    let ids = token_rows(32, 128, 30522);
+    let labels = Tensor::new((0..32u32).map(|i| i % 2).collect::<Vec<_>>(), &Device::Cpu)?;
+    let lr = if m == "full" { 5e-5 } else { 1e-4 };
+    Ok(Box::new(move || {
+        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let ctx = ForwardCtx::training_seeded(1);
+        let features = pooled(&model, &rows, Pooling::Mean, &ctx)?;
+        let logits = classify(&head, &features, 0.1, &ctx)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let mut grads = loss.backward()?;
+        clip_grad_norm(&vars, &mut grads, 1.0)?;
+        optimizer.step(&grads, lr)?;
+        Ok(())
+    }))
+}
+
+/// Inference forward at batch 32 x 128, with nothing, a Pfeiffer adapter or LoRA
+/// (random non-zero weights, merged or not) attached.
+fn minilm_infer(v: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+    let mut model = minilm()?;
+    if v != "base" {
+        let (kind, config) = method(v)?;
+        for (_, var) in attach(&mut model, kind, config)? {
+            var.set(&(var.as_tensor().randn_like(0.0, 0.02)?))?;
+        }
+        if v == "lora_merged" {
+            model.merge("bench")?;
+        }
+    }
+    let ids = token_rows(32, 128, 30522);
+    Ok(Box::new(move || {
+        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        pooled(&model, &rows, Pooling::Mean, &ForwardCtx::inference())?;
+        Ok(())
+    }))
+}
+
+fn smollm2() -> anyhow::Result<Backbone> {
+    Ok(load(&fetched("SmolLM2-135M-Instruct.Q4_1.gguf")?, &Device::Cpu)?.backbone)
+}
+
+/// Causal-LM loss, backward, clipping, AdamW: batch 4 x 256.
+fn smol_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+    let mut model = smollm2()?;
+    let (kind, config) = method(m)?;
+    let named = attach(&mut model, kind, config)?;
+    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let mut optimizer = AdamW::new(named, 0.01)?;
+    let ids = token_rows(4, 256, 49152);
+    Ok(Box::new(move || {
+        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let (loss, _) = lm_loss(&model, &rows, &ForwardCtx::training_seeded(1))?;
+        let mut grads = loss.backward()?;
+        clip_grad_norm(&vars, &mut grads, 1.0)?;
+        optimizer.step(&grads, 1e-4)?;
+        Ok(())
+    }))
+}
+
+/// Greedy decoding with a KV cache: a 32-token prompt, then 32 new tokens per row; the
+/// median time of one decode step (one new token for every row).
+fn smol_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Value> {
+    let Backbone::Llama(model) = smollm2()? else { anyhow::bail!("SmolLM2 is a decoder") };
+    let prompt = Tensor::new(token_rows(batch, 32, 49152), &Device::Cpu)?;
+    let ctx = ForwardCtx::inference();
+    let rss_before = rss_mib("VmRSS");
+    reset_peak_rss();
+    let mut step_ms = Vec::new();
+    for call in 0..warmup + calls {
+        let mut cache = model.new_cache();
+        let mut next = model.last_logits(&prompt, Some(&mut cache), &ctx)?.argmax(candle_core::D::Minus1)?;
+        for _ in 1..32 {
+            let t = Instant::now();
+            let logits = model.last_logits(&next.unsqueeze(1)?, Some(&mut cache), &ctx)?;
+            next = logits.argmax(candle_core::D::Minus1)?;
+            next.to_vec1::<u32>()?; // the tokens reach the host, as a server's would
+            if call >= warmup {
+                step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let med = median(&step_ms);
+    Ok(json!({
+        "config": format!("smol_decode_b{batch}"), "median_ms": med, "decode_tokens_per_s": batch as f64 / (med / 1e3),
+        "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
+        "threads": candle_core::utils::get_num_threads(),
+    }))
+}
+
+/// The machine-speed probe: GFLOP/s of a 1024 x 1024 f32 matrix product through candle.
+pub fn sgemm_gflops() -> f64 {
+    let a = Tensor::randn(0f32, 1.0, (1024, 1024), &Device::Cpu).expect("probe input");
+    let _ = a.matmul(&a);
+    let t = Instant::now();
+    for _ in 0..8 {
+        let _ = a.matmul(&a);
+    }
+    2.0 * 1024f64.powi(3) * 8.0 / t.elapsed().as_secs_f64() / 1e9
+}

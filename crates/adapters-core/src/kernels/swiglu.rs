@@ -1,0 +1,68 @@
+//! `silu(gate) · up`, the gated FFN activation of Llama, in one pass each way.
+
+use super::simd::{exp, multiversion};
+use super::{fused, slice, with_values};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+const CHUNK: usize = 1 << 14;
+
+/// `gate · sigmoid(gate) · up`, elementwise.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !fused(&[gate, up]) || gate.shape() != up.shape() {
+        return gate.silu()? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+multiversion! {
+    fn forward_chunk(g: &[f32], u: &[f32], y: &mut [f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g / (1.0 + exp(-g)) * u;
+        }
+    }
+}
+
+multiversion! {
+    fn backward_chunk(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+            let s = 1.0 / (1.0 + exp(-g));
+            *du = dy * g * s;
+            *dg = dy * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(gs, gl, "swiglu")?, slice(us, ul, "swiglu")?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| forward_chunk(g, u, y));
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = gate.elem_count();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        with_values(gate, "swiglu", |g| {
+            with_values(up, "swiglu", |u| {
+                with_values(grad, "swiglu", |dy| {
+                    dg.par_chunks_mut(CHUNK)
+                        .zip(du.par_chunks_mut(CHUNK))
+                        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+                        .for_each(|((dg, du), ((g, u), dy))| backward_chunk(g, u, dy, dg, du))
+                })
+            })
+        })???;
+        let dev = gate.device();
+        let dg = if gate.track_op() { Some(Tensor::from_vec(dg, gate.shape(), dev)?) } else { None };
+        let du = if up.track_op() { Some(Tensor::from_vec(du, up.shape(), dev)?) } else { None };
+        Ok((dg, du))
+    }
+}
