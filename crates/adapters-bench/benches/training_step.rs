@@ -82,6 +82,7 @@ fn step(s: &mut Setup, rows: &[&[u32]], labels: &Tensor) {
 }
 
 fn main() {
+    adapters_core::kernels::keep_freed_buffers();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

@@ -12,6 +12,7 @@ use serde_json::json;
 use std::time::Instant;
 
 fn main() {
+    adapters_core::kernels::keep_freed_buffers();
     let _ = (adapters_bottleneck::family(), adapters_lora::family());
     let what = std::env::args().nth(1).unwrap_or("forward".into());
     let n: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(3);

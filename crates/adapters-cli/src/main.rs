@@ -217,6 +217,7 @@ struct AdapterArgs {
 }
 
 fn main() {
+    adapters_core::kernels::keep_freed_buffers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Kinds => commands::kinds(),

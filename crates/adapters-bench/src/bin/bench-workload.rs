@@ -3,6 +3,7 @@
 //! `cargo xtask bench --vs-pytorch` alternates it with the PyTorch reference.
 
 fn main() -> anyhow::Result<()> {
+    adapters_core::kernels::keep_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--probe") {
         println!("{}", serde_json::json!({ "sgemm1024_gflops": adapters_bench::workloads::sgemm_gflops() }));

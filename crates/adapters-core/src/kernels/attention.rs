@@ -3,7 +3,7 @@
 //! (the per-head matrices are too small to split well), and a backward that reuses the
 //! softmax probabilities kept from the forward.
 
-use super::simd::{exp, multiversion};
+use super::simd::{self, exp, multiversion};
 use super::{fused, gemm, slice, with_values, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -96,13 +96,11 @@ multiversion! {
                 *x += m;
             }
         }
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut sum = 0f32;
+        let max = simd::max(row);
         for x in row.iter_mut() {
             *x = exp(*x - max);
-            sum += *x;
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / simd::sum(row);
         for x in row.iter_mut() {
             *x *= inv;
         }
@@ -112,7 +110,7 @@ multiversion! {
 multiversion! {
     /// `ds = p ⊙ (dp − Σ p·dp) · scale`, in place of `dp`, for one row.
     fn softmax_backward_row(p: &[f32], dp: &mut [f32], scale: f32) {
-        let dot: f32 = p.iter().zip(dp.iter()).map(|(a, b)| a * b).sum();
+        let dot = simd::dot(p, dp);
         for (d, &p) in dp.iter_mut().zip(p) {
             *d = p * (*d - dot) * scale;
         }

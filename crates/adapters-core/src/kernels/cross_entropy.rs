@@ -2,7 +2,7 @@
 //! computed a block of rows at a time, with the gradients computed in the same pass, so a
 //! `[tokens, vocab]` logits tensor (and its gradient) never exists at once.
 
-use super::simd::{exp, multiversion};
+use super::simd::{self, exp, multiversion};
 use super::{fused, gemm, slice, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -52,9 +52,16 @@ multiversion! {
     /// Turns a row of logits into d loss / d logits (softmax − one-hot, over `n` rows) and
     /// returns the row's loss.
     fn softmax_grad_row(row: &mut [f32], target: usize, n: f32, want_grad: bool) -> f32 {
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
-        let lse = max + sum.ln();
+        let max = simd::max(row);
+        let mut sums = [0f32; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                sums[i] += exp(c[i] - max);
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|&x| exp(x - max)).sum();
+        let lse = max + (simd::sum(&sums) + tail).ln();
         let loss = lse - row[target];
         if want_grad {
             for x in row.iter_mut() {

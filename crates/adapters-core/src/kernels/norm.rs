@@ -1,7 +1,7 @@
 //! Layer norm and RMS norm over the last dimension in one pass each way, keeping each
 //! row's statistics for the backward pass.
 
-use super::simd::multiversion;
+use super::simd::{self, multiversion};
 use super::{fused, slice, with_values, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -52,8 +52,16 @@ multiversion! {
     /// Normalises one row into `y` and returns its (mean, 1/std).
     fn normalize_row(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], eps: f32, center: bool, stat: &mut (f32, f32)) {
         let n = x.len() as f32;
-        let mean = if center { x.iter().sum::<f32>() / n } else { 0.0 };
-        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let mean = if center { simd::sum(x) / n } else { 0.0 };
+        let mut centered = [0f32; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                centered[i] += (c[i] - mean) * (c[i] - mean);
+            }
+        }
+        let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        let var = (simd::sum(&centered) + tail) / n;
         let rstd = 1.0 / (var + eps).sqrt();
         match b {
             Some(b) => {
@@ -76,12 +84,22 @@ multiversion! {
     fn backward_row(x: &[f32], g: &[f32], w: &[f32], stat: (f32, f32), center: bool, dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
         let (mean, rstd) = stat;
         let n = x.len() as f32;
-        let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
-        for ((x, g), w) in x.iter().zip(g).zip(w) {
-            let xhat = (x - mean) * rstd;
-            sum_gw += g * w;
-            sum_gw_xhat += g * w * xhat;
+        let (mut sum_gw, mut sum_gw_x) = ([0f32; 8], [0f32; 8]);
+        let (cx, cg, cw) = (x.chunks_exact(8), g.chunks_exact(8), w.chunks_exact(8));
+        let (mut tail_gw, mut tail_gw_x) = (0f32, 0f32);
+        for ((x, g), w) in cx.remainder().iter().zip(cg.remainder()).zip(cw.remainder()) {
+            tail_gw += g * w;
+            tail_gw_x += g * w * x;
         }
+        for ((x, g), w) in cx.zip(cg).zip(cw) {
+            for i in 0..8 {
+                sum_gw[i] += g[i] * w[i];
+                sum_gw_x[i] += g[i] * w[i] * x[i];
+            }
+        }
+        let sum_gw = simd::sum(&sum_gw) + tail_gw;
+        // Σ g·w·x̂ = rstd · (Σ g·w·x − mean · Σ g·w)
+        let sum_gw_xhat = rstd * (simd::sum(&sum_gw_x) + tail_gw_x - mean * sum_gw);
         let c1 = if center { sum_gw / n } else { 0.0 };
         let c2 = sum_gw_xhat / n;
         for ((((dx, x), g), w), (dw, db)) in dx.iter_mut().zip(x).zip(g).zip(w).zip(dw.iter_mut().zip(db.iter_mut())) {

@@ -29,6 +29,50 @@ pub fn erf(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// Lanes of the reductions below: float sums only vectorise when written as several
+/// independent accumulators (the compiler may not reorder a single running sum).
+const LANES: usize = 8;
+
+/// Folds `x` with `f` in [`LANES`] independent accumulators, then across them.
+#[inline(always)]
+fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    let mut acc = [init; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));
+    acc.iter().fold(tail, |a, &b| f(a, b))
+}
+
+/// Σ x.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    reduce(x, 0.0, |a, b| a + b)
+}
+
+/// max x (−∞ for an empty slice).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    reduce(x, f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
+}
+
+/// Σ a·b.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Defines `$name(args)` that runs `$body` compiled for AVX2+FMA when the CPU has them,
 /// and compiled for the baseline target otherwise: one source, two codegens.
 macro_rules! multiversion {
