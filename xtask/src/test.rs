@@ -51,25 +51,52 @@ pub fn run(root: &Path) -> Result<()> {
         let status = if ok { Status::Passed } else { Status::Failed };
         outcomes.push(Outcome { name: name.into(), status, seconds: start.elapsed().as_secs_f64() });
     }
-    let mut step = |name: String, args: Vec<String>| {
+    let mut step = |name: String, args: Vec<String>, env: &[(&str, &str)]| {
         eprintln!("\n=== {name}: cargo {}", args.join(" "));
         let start = std::time::Instant::now();
-        let ok = cargo_test(root, &args, &mut counts).unwrap_or(false);
+        let ok = cargo_test(root, &args, env, &mut counts).unwrap_or(false);
         let seconds = start.elapsed().as_secs_f64();
         outcomes.push(Outcome { name, status: if ok { Status::Passed } else { Status::Failed }, seconds });
     };
-    step("workspace".into(), vec!["test".into(), "--workspace".into(), "--no-fail-fast".into()]);
+    step("workspace".into(), vec!["test".into(), "--workspace".into(), "--no-fail-fast".into()], &[]);
     for krate in family_crates(root)? {
-        step(format!("{krate} alone"), vec!["test".into(), "-p".into(), krate]);
+        step(format!("{krate} alone"), vec!["test".into(), "-p".into(), krate], &[]);
     }
-    match cuda_toolkit() {
-        Some(nvcc) => {
-            eprintln!("CUDA toolkit found ({nvcc})");
-            step("workspace with CUDA".into(), vec!["test".into(), "--workspace".into(), "--features".into(), "adapters-cli/cuda".into()]);
+    // The maths GPUs run: every kernel replaced by its composed candle ops, on the CPU,
+    // against the same golden outputs and gradient checks.
+    step(
+        "backbones with composed ops (the GPU path)".into(),
+        // --workspace keeps the feature set of the first step (no rebuild).
+        ["test", "--workspace", "--test", "bert_golden", "--test", "llama_golden", "--test", "training_paths", "--test", "adapterhub_interop", "--test", "peft_interop"]
+            .map(String::from)
+            .to_vec(),
+        &[("ADAPTERS_COMPOSED_OPS", "1")],
+    );
+    let cuda_build = || vec!["build".into(), "--workspace".into(), "--features".into(), "adapters-cli/cuda".into()];
+    match (cuda_toolkit(), gpu()) {
+        (Some(nvcc), Some(gpu)) => {
+            eprintln!("CUDA toolkit found ({nvcc}), GPU: {gpu}");
+            let mut args = cuda_build();
+            args[0] = "test".into();
+            step("workspace with CUDA".into(), args, &[("ADAPTERS_TEST_DEVICE", "cuda")]);
         }
-        None => outcomes.push(Outcome {
+        (Some(nvcc), None) => {
+            eprintln!("CUDA toolkit found ({nvcc}) but no GPU: building the CUDA configuration only");
+            let start = std::time::Instant::now();
+            let built = crate::run(root, "cargo", &cuda_build().iter().map(String::as_str).collect::<Vec<_>>()).is_ok();
+            outcomes.push(Outcome {
+                name: "workspace with CUDA".into(),
+                status: if built {
+                    Status::Skipped("no GPU (nvidia-smi lists none): the CUDA build compiled, its tests did not run".into())
+                } else {
+                    Status::Failed
+                },
+                seconds: start.elapsed().as_secs_f64(),
+            });
+        }
+        (None, _) => outcomes.push(Outcome {
             name: "workspace with CUDA".into(),
-            status: Status::Skipped("no CUDA toolkit (nvcc not on PATH, no /usr/local/cuda)".into()),
+            status: Status::Skipped("no GPU and no CUDA toolkit (nvcc not on PATH, no /usr/local/cuda)".into()),
             seconds: 0.0,
         }),
     }
@@ -139,9 +166,9 @@ struct Counts {
 }
 
 /// Runs `cargo <args>`, passing its output through and adding up its `test result:` lines.
-fn cargo_test(root: &Path, args: &[String], counts: &mut Counts) -> Result<bool> {
+fn cargo_test(root: &Path, args: &[String], env: &[(&str, &str)], counts: &mut Counts) -> Result<bool> {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new("cargo").args(args).current_dir(root).stdout(Stdio::piped()).spawn()?;
+    let mut child = Command::new("cargo").args(args).envs(env.iter().copied()).current_dir(root).stdout(Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().expect("stdout is piped");
     for line in BufReader::new(stdout).lines() {
         let line = line?;
@@ -172,6 +199,12 @@ fn family_crates(root: &Path) -> Result<Vec<String>> {
         .collect();
     crates.sort();
     Ok(crates)
+}
+
+/// The first GPU `nvidia-smi -L` lists, if any.
+fn gpu() -> Option<String> {
+    let out = Command::new("nvidia-smi").arg("-L").output().ok().filter(|o| o.status.success())?;
+    String::from_utf8_lossy(&out.stdout).lines().find(|l| l.starts_with("GPU")).map(str::to_string)
 }
 
 fn cuda_toolkit() -> Option<String> {

@@ -130,8 +130,9 @@ impl Adapter for Lora {
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let p = &self.pairs[&point];
         let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
-        let delta = kernels::linear(&kernels::linear(&x, p.a.as_tensor(), None)?, p.b.as_tensor(), None)?;
-        io.output + (delta * p.scale)?
+        // The scale applies to the r-wide middle, not the full-width delta: r/d of the work.
+        let delta = kernels::linear(&(kernels::linear(&x, p.a.as_tensor(), None)? * p.scale)?, p.b.as_tensor(), None)?;
+        io.output + delta
     }
 
     fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {
