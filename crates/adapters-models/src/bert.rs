@@ -305,14 +305,14 @@ impl Bert {
         let attn_norm = |z: &Tensor| layer.attn_norm.forward(z);
         let io = SublayerIo { input: x, output: &attn, post_norm: Some(&attn_norm) };
         let attn = self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?;
-        let x = attn_norm(&(x + attn)?)?;
+        let x = layer.attn_norm.forward_add(&attn, x)?;
 
         let up = self.activation.apply(&self.project(&layer.up, Point::new(l, Site::FfnUp), &x, ctx)?)?;
         let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &up, ctx)?;
         let ffn_norm = |z: &Tensor| layer.ffn_norm.forward(z);
         let io = SublayerIo { input: &x, output: &ffn, post_norm: Some(&ffn_norm) };
         let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;
-        ffn_norm(&(&x + ffn)?)
+        layer.ffn_norm.forward_add(&ffn, &x)
     }
 }
 

@@ -66,6 +66,11 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         kernels::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+
+    /// Normalises `x + residual` (one fused step).
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        kernels::add_layer_norm(x, residual, &self.weight, &self.bias, self.eps)
+    }
 }
 
 /// RMS norm over the last dimension (Llama).

@@ -18,6 +18,17 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Norm::new(eps, true))
 }
 
+/// [`layer_norm`] of `x + residual`: the post-norm residual step of BERT in one pass (no
+/// summed tensor in memory, no add node in the graph).
+pub fn add_layer_norm(x: &Tensor, residual: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused(&[x, residual, weight, bias]) || x.shape() != residual.shape() {
+        return composed_layer_norm(&(x + residual)?, weight, bias, eps);
+    }
+    // Weight and bias travel as one [2, dim] input (a custom op takes at most three).
+    let affine = Tensor::stack(&[weight, bias], 0)?;
+    x.contiguous()?.apply_op3(&residual.contiguous()?, &affine, AddNorm(Norm::new(eps, true)))
+}
+
 /// `x / sqrt(mean(x²) + eps) · weight` over the last dimension (Llama).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if !fused(&[x, weight]) {
@@ -135,6 +146,13 @@ impl Norm {
 
     /// Gradients for x, weight and bias (each only if it trains).
     fn backward(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor) -> Result<[Option<Tensor>; 3]> {
+        let want_affine = w.track_op() || b.is_some_and(Tensor::track_op);
+        self.backward_with(x, w, b, grad, x.track_op(), want_affine)
+    }
+
+    /// Gradients for the normalised input (if `want_x`) and the weight and bias (if
+    /// `want_affine`).
+    fn backward_with(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor, want_x: bool, want_affine: bool) -> Result<[Option<Tensor>; 3]> {
         let stats = std::mem::take(&mut *self.stats.lock().expect("norm statistics"));
         let dim = x.dim(D::Minus1)?;
         let rows = x.elem_count() / dim;
@@ -171,13 +189,47 @@ impl Norm {
             }
             Tensor::from_vec(total, dim, dev)
         };
-        let gx = if x.track_op() { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
-        let gw = if w.track_op() { Some(sum_parts(0)?) } else { None };
-        let gb = match b {
-            Some(b) if b.track_op() => Some(sum_parts(dim)?),
+        let gx = if want_x { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        let gw = if want_affine { Some(sum_parts(0)?) } else { None };
+        let gb = if want_affine && b.is_some() { Some(sum_parts(dim)?) } else { None };
+        Ok([gx, gw, gb])
+    }
+}
+
+/// Layer norm of the sum of its first two inputs; the third is `[weight; bias]`.
+struct AddNorm(Norm);
+
+impl CustomOp3 for AddNorm {
+    fn name(&self) -> &'static str {
+        "add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, r) = (slice(xs, xl, self.name())?, slice(rs, rl, self.name())?);
+        let sum: Vec<f32> = x.par_iter().zip(r.par_iter()).map(|(a, b)| a + b).collect();
+        let affine = slice(ws, wl, self.name())?;
+        let (w, b) = affine.split_at(affine.len() / 2);
+        self.0.forward(&sum, xl, w, Some(b))
+    }
+
+    fn bwd(&self, x: &Tensor, r: &Tensor, affine: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let sum = (x + r)?;
+        let (w, b) = (affine.get(0)?, affine.get(1)?);
+        let [gs, gw, gb] = self.0.backward_with(&sum, &w, Some(&b), grad, x.track_op() || r.track_op(), affine.track_op())?;
+        let gaffine = match (gw, gb) {
+            (Some(gw), Some(gb)) => Some(Tensor::stack(&[gw, gb], 0)?),
             _ => None,
         };
-        Ok([gx, gw, gb])
+        let pick = |t: &Tensor| if t.track_op() { gs.clone() } else { None };
+        Ok((pick(x), pick(r), gaffine))
     }
 }
 

@@ -143,6 +143,18 @@ fn layer_norm_and_rms_norm_match_composed() {
 }
 
 #[test]
+fn add_layer_norm_matches_composed() {
+    let (x, r, w, b) = (randn(&[3, 4, 16], 33), randn(&[3, 4, 16], 34), randn(&[16], 35), randn(&[16], 36));
+    check(
+        "add + layer norm",
+        &[x, r, w, b],
+        &|t| norm::add_layer_norm(&t[0], &t[1], &t[2], &t[3], 1e-12),
+        &|t| norm::composed_layer_norm(&(&t[0] + &t[1])?, &t[2], &t[3], 1e-12),
+        1e-5,
+    );
+}
+
+#[test]
 fn gelu_matches_composed() {
     let x = (randn(&[4, 300], 40) * 3.0).unwrap();
     check("gelu", &[x], &|t| gelu::gelu_erf(&t[0]), &|t| t[0].gelu_erf(), 1e-6);
