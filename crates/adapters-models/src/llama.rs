@@ -139,6 +139,8 @@ pub struct Llama {
     norm: RmsNorm,
     /// `None` when the output projection is tied to the token embeddings.
     lm_head: Option<Tensor>,
+    /// The output projection (`lm_head`, or the embeddings when tied) as a layer.
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     /// The adapters attached to this model: an immutable snapshot, replaced on change.
@@ -256,7 +258,8 @@ impl Llama {
         };
         let device = embed.device().clone();
         let (cos, sin) = rope_tables(hd, config.rope_theta, config.max_position_embeddings, &device)?;
-        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, lm_head, cos, sin, adapters: Arc::default() })
+        let output = Linear::new(lm_head.clone().unwrap_or_else(|| embed.clone()), None);
+        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, lm_head, output, cos, sin, adapters: Arc::default() })
     }
 
     /// The device the weights live on.
@@ -334,8 +337,29 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Linear::new(head.clone(), None).forward(hidden)
+        self.output.forward(hidden)
+    }
+
+    /// Keeps 8-bit copies of every projection and the output layer for decoding (see
+    /// [`Linear::quantize`]): token-by-token generation then reads a quarter of the bytes.
+    /// Training, and forwards over more than a few rows, still use the f32 weights.
+    pub fn quantize_for_decoding(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for lin in [&mut layer.q, &mut layer.k, &mut layer.v, &mut layer.o, &mut layer.gate, &mut layer.up, &mut layer.down] {
+                lin.quantize()?;
+            }
+        }
+        self.output.quantize()
+    }
+
+    /// Drops the 8-bit copies: every forward runs on the f32 weights.
+    pub fn dequantize(&mut self) {
+        for layer in &mut self.layers {
+            for lin in [&mut layer.q, &mut layer.k, &mut layer.v, &mut layer.o, &mut layer.gate, &mut layer.up, &mut layer.down] {
+                lin.dequantize();
+            }
+        }
+        self.output.dequantize();
     }
 
     /// Logits at the last position of each row, `[batch, vocab]`.

@@ -90,7 +90,7 @@ impl Backbone {
         }
         for (point, delta) in deltas {
             let lin = self.linear_mut(point).expect("checked above");
-            lin.weight = (&lin.weight + delta)?;
+            lin.set_weight((&lin.weight + delta)?);
         }
         Ok(())
     }
@@ -229,7 +229,8 @@ pub fn fetched(name: &str) -> Result<PathBuf> {
 const EXPECTED: &str = "expected a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file";
 
 /// Loads the model at `path`: a Hugging Face folder (`config.json`, `model.safetensors`,
-/// `tokenizer.json`) of a BERT or Llama model, or a Llama `.gguf` file.
+/// `tokenizer.json`) of a BERT or Llama model, or a Llama `.gguf` file. Llama models also
+/// keep 8-bit copies of their projections for decoding ([`Llama::quantize_for_decoding`]).
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     if !path.exists() {
         return Err(Error::file(path, format!("does not exist; {EXPECTED}. Run `cargo xtask fetch` to get the project's models")));
@@ -241,7 +242,8 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         if &magic != b"GGUF" {
             return Err(Error::file(path, format!("is a file but not a GGUF file (no GGUF magic); {EXPECTED}")));
         }
-        let (model, ct) = Llama::from_gguf(path, device)?;
+        let (mut model, ct) = Llama::from_gguf(path, device)?;
+        model.quantize_for_decoding()?;
         let tokenizer = TextTokenizer::from_gguf(&ct).map_err(|e| Error::file(path, format!("reading the tokenizer: {e}")))?;
         return Ok(LoadedModel { backbone: Backbone::Llama(model), tokenizer, source: path.to_path_buf() });
     }
@@ -256,7 +258,11 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     let tokenizer = TextTokenizer::from_folder(path)?;
     let backbone = match model_type {
         "bert" => Backbone::Bert(Bert::from_folder(path, device)?),
-        "llama" => Backbone::Llama(Llama::from_folder(path, device)?),
+        "llama" => {
+            let mut model = Llama::from_folder(path, device)?;
+            model.quantize_for_decoding()?;
+            Backbone::Llama(model)
+        }
         other => {
             return Err(Error::file(
                 &config_path,
