@@ -3,7 +3,6 @@
 
 use adapters_core::kernels;
 use adapters_core::{AdapterSet, ForwardCtx, Point, ProjectionIo};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Result, Tensor};
 use std::sync::Arc;
 
@@ -18,8 +17,8 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out]`, if the layer has one.
     pub bias: Option<Tensor>,
-    /// An 8-bit (GGML Q8_0) copy of `weight` for inference on few rows.
-    quantized: Option<Arc<QMatMul>>,
+    /// An 8-bit copy of `weight` for inference on few rows.
+    quantized: Option<Arc<kernels::Int8Weight>>,
 }
 
 impl Linear {
@@ -34,14 +33,12 @@ impl Linear {
         self.quantized = None;
     }
 
-    /// Keeps an 8-bit (Q8_0) copy of the weight, used for inputs of few rows without
-    /// gradients: a quarter of the f32 weight's memory traffic, at 8-bit precision
-    /// (activations are quantised to 8 bits per block of 32 too). CPU only; a no-op for
-    /// widths that are not whole blocks.
+    /// Keeps an 8-bit copy of the weight ([`kernels::Int8Weight`]), used for inputs of
+    /// few rows without gradients: a quarter of the f32 weight's memory traffic, at 8-bit
+    /// weight precision. CPU only; a no-op for widths that are not whole blocks.
     pub fn quantize(&mut self) -> Result<()> {
-        if self.weight.device().is_cpu() && self.in_features().is_multiple_of(32) {
-            let q = QTensor::quantize(&self.weight, GgmlDType::Q8_0)?;
-            self.quantized = Some(Arc::new(QMatMul::from_qtensor(q)?));
+        if self.weight.device().is_cpu() && self.in_features().is_multiple_of(kernels::INT8_BLOCK) {
+            self.quantized = Some(Arc::new(kernels::Int8Weight::quantize(&self.weight)?));
         }
         Ok(())
     }
@@ -73,8 +70,8 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.quantized {
             let rows = x.elem_count() / self.in_features().max(1);
-            if rows <= QUANTIZED_MAX_ROWS && !x.track_op() {
-                let y = q.forward(&x.contiguous()?)?;
+            if rows <= QUANTIZED_MAX_ROWS && !x.track_op() && x.device().is_cpu() {
+                let y = q.matmul(x)?;
                 return match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

@@ -11,15 +11,23 @@ use candle_core::{Device, Tensor};
 use common::*;
 use std::sync::OnceLock;
 
+/// The model on its f32 weights (the 8-bit decoding copies dropped), as PyTorch runs it.
 fn model() -> &'static (Llama, TextTokenizer) {
     static MODEL: OnceLock<(Llama, TextTokenizer)> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let loaded = load(&smollm(), &Device::Cpu).unwrap();
-        match loaded.backbone {
-            Backbone::Llama(m) => (m, loaded.tokenizer),
-            _ => panic!("SmolLM2 should load as Llama"),
-        }
+        let (mut m, tok) = loaded();
+        m.dequantize();
+        (m, tok)
     })
+}
+
+/// The model as `load` gives it: with 8-bit copies of the projections for decoding.
+fn loaded() -> (Llama, TextTokenizer) {
+    let loaded = load(&smollm(), &Device::Cpu).unwrap();
+    match loaded.backbone {
+        Backbone::Llama(m) => (m, loaded.tokenizer),
+        _ => panic!("SmolLM2 should load as Llama"),
+    }
 }
 
 fn last_logits(m: &Llama, ids: &[u32], ctx: &ForwardCtx) -> Vec<f32> {
@@ -134,8 +142,10 @@ fn hugging_face_folder_round_trip_gives_the_same_model() {
     let dir = std::env::temp_dir().join(format!("smollm2-hf-{}", std::process::id()));
     m.save_hf_weights(&dir).unwrap();
     tok.save_folder(&dir).unwrap();
-    let loaded = load(&dir, &Device::Cpu).unwrap();
-    let Backbone::Llama(m2) = &loaded.backbone else { panic!("folder should load as Llama") };
+    let mut loaded = load(&dir, &Device::Cpu).unwrap();
+    let Backbone::Llama(m2) = &mut loaded.backbone else { panic!("folder should load as Llama") };
+    m2.dequantize(); // compare f32 with f32 (the 8-bit copies are tested below)
+    let m2 = &*m2;
     let text = "def add(a, b):\n    return a + b";
     let ids = tok.encode(text, false).unwrap();
     assert_eq!(loaded.tokenizer.encode(text, false).unwrap(), ids);
@@ -144,4 +154,37 @@ fn hugging_face_folder_round_trip_gives_the_same_model() {
     let b = last_logits(m2, &ids, &ForwardCtx::inference());
     assert_eq!(a, b);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Decoding on the 8-bit weight copies against the f32 weights, teacher-forced along each
+/// golden prompt's greedy continuation (60 steps): the top token agrees at every step and
+/// no logit (of 49152, logits are ~10-30) moves by more than 2.0. Measured: 1.40 at worst,
+/// mean 0.1. For scale: candle's own GGUF inference (Q4_1 weights, 8-bit activations)
+/// differs from the same f32 weights by up to ~1.0 (test above). The f32 path is the one
+/// that matches PyTorch to 1e-3.
+#[test]
+fn int8_decoding_stays_close_to_the_f32_weights() {
+    let (f32_model, _) = model();
+    let (int8_model, _) = loaded();
+    let golden = fixture("golden/smollm2.json");
+    let ctx = ForwardCtx::inference();
+    let (mut worst, mut total, mut steps) = (0f32, 0f64, 0);
+    for p in golden["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["input_ids"]);
+        let continuation = ids(&p["greedy_continuation"]["new_token_ids"]);
+        let (mut ca, mut cb) = (f32_model.new_cache(), int8_model.new_cache());
+        let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        for &next in &continuation {
+            let a: Vec<f32> = f32_model.last_logits(&input, Some(&mut ca), &ctx).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = int8_model.last_logits(&input, Some(&mut cb), &ctx).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+            assert_eq!(argmax(&a), argmax(&b), "prompt {}: top token differs at step {steps}", p["name"]);
+            worst = worst.max(max_abs_diff(&a, &b));
+            total += a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).sum::<f64>() / a.len() as f64;
+            steps += 1;
+            input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        }
+    }
+    eprintln!("int8 decoding: worst logit difference {worst:.4}, mean {:.4}, over {steps} steps", total / steps as f64);
+    assert!(worst < 2.0, "int8 decoding: logits differ from the f32 weights' by up to {worst}");
 }
