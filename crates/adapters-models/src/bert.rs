@@ -290,7 +290,7 @@ impl Bert {
     }
 
     fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        lin.forward_with(&self.adapters, point, x, ctx)
+        lin.forward_with(&self.adapters, point, x, ctx, false)
     }
 
     fn layer_forward(&self, l: usize, layer: &Layer, x: &Tensor, mask: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor> {

@@ -340,9 +340,9 @@ impl Llama {
         self.output.forward(hidden)
     }
 
-    /// Keeps 8-bit copies of every projection and the output layer for decoding (see
-    /// [`Linear::quantize`]): token-by-token generation then reads a quarter of the bytes.
-    /// Training, and forwards over more than a few rows, still use the f32 weights.
+    /// Keeps 8-bit copies of every projection and the output layer for decoding steps (see
+    /// [`Linear::forward_decoding`]): token-by-token generation then reads a quarter of the
+    /// bytes. Prompts, training and forwards without a cache still use the f32 weights.
     pub fn quantize_for_decoding(&mut self) -> Result<()> {
         for layer in &mut self.layers {
             for lin in [&mut layer.q, &mut layer.k, &mut layer.v, &mut layer.o, &mut layer.gate, &mut layer.up, &mut layer.down] {
@@ -363,10 +363,16 @@ impl Llama {
     }
 
     /// Logits at the last position of each row, `[batch, vocab]`.
+    /// A decoding step (after cached positions) runs on the 8-bit copies, if any.
     pub fn last_logits(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let decoding = cache.as_ref().is_some_and(|c| !c.is_empty());
         let hidden = self.forward_hidden(input_ids, cache, ctx)?;
-        let t = hidden.dim(1)?;
-        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+        if decoding {
+            self.output.forward_decoding(&last)
+        } else {
+            self.logits(&last)
+        }
     }
 
     /// A fresh cache for this model.
@@ -374,8 +380,8 @@ impl Llama {
         KvCache::new(self.layers.len())
     }
 
-    fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        lin.forward_with(&self.adapters, point, x, ctx)
+    fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx, decoding: bool) -> Result<Tensor> {
+        lin.forward_with(&self.adapters, point, x, ctx, decoding)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -390,10 +396,12 @@ impl Llama {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim());
+        // A step after cached positions: few rows, weights dominate; see Linear::forward_decoding.
+        let decoding = kv.as_ref().is_some_and(|c| c.is_some());
         let n = layer.attn_norm.forward(x)?;
-        let q = kernels::rope(&self.project(&layer.q, Point::new(l, Site::Query), &n, ctx)?, cos, sin, nh)?;
-        let mut k = kernels::rope(&self.project(&layer.k, Point::new(l, Site::Key), &n, ctx)?, cos, sin, nkv)?;
-        let mut v = self.project(&layer.v, Point::new(l, Site::Value), &n, ctx)?;
+        let q = kernels::rope(&self.project(&layer.q, Point::new(l, Site::Query), &n, ctx, decoding)?, cos, sin, nh)?;
+        let mut k = kernels::rope(&self.project(&layer.k, Point::new(l, Site::Key), &n, ctx, decoding)?, cos, sin, nkv)?;
+        let mut v = self.project(&layer.v, Point::new(l, Site::Value), &n, ctx, decoding)?;
         if let Some(kv) = kv {
             if let Some((pk, pv)) = kv.as_ref() {
                 k = Tensor::cat(&[pk, &k], 1)?;
@@ -402,14 +410,14 @@ impl Llama {
             *kv = Some((k.clone(), v.clone()));
         }
         let attn = kernels::attention(&q, &k, &v, nh, nkv, mask, 1.0 / (hd as f64).sqrt())?;
-        let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx)?;
+        let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx, decoding)?;
         let io = SublayerIo { input: x, output: &attn, post_norm: None };
         let x = (x + self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?)?;
 
         let n = layer.ffn_norm.forward(&x)?;
-        let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx)?;
-        let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &n, ctx)?;
-        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &kernels::swiglu(&gate, &up)?, ctx)?;
+        let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx, decoding)?;
+        let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &n, ctx, decoding)?;
+        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &kernels::swiglu(&gate, &up)?, ctx, decoding)?;
         let io = SublayerIo { input: &x, output: &ffn, post_norm: None };
         &x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?
     }

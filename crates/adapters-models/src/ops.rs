@@ -6,8 +6,8 @@ use adapters_core::{AdapterSet, ForwardCtx, Point, ProjectionIo};
 use candle_core::{Module, Result, Tensor};
 use std::sync::Arc;
 
-/// Inputs of at most this many rows use a layer's 8-bit copy, when it has one: decoding a
-/// few sequences reads every weight for a handful of rows, so memory traffic dominates.
+/// Decoding steps of at most this many rows use a layer's 8-bit copy, when it has one:
+/// they read every weight for a handful of rows, so memory traffic dominates.
 const QUANTIZED_MAX_ROWS: usize = 16;
 
 /// A frozen linear layer `y = x W^T + b`, as stored by PyTorch (`W` is `[out, in]`).
@@ -33,9 +33,9 @@ impl Linear {
         self.quantized = None;
     }
 
-    /// Keeps an 8-bit copy of the weight ([`kernels::Int8Weight`]), used for inputs of
-    /// few rows without gradients: a quarter of the f32 weight's memory traffic, at 8-bit
-    /// weight precision. CPU only; a no-op for widths that are not whole blocks.
+    /// Keeps an 8-bit copy of the weight ([`kernels::Int8Weight`]), used by decoding steps
+    /// ([`Linear::forward_decoding`]): a quarter of the f32 weight's memory traffic, at
+    /// 8-bit weight precision. CPU only; a no-op for widths that are not whole blocks.
     pub fn quantize(&mut self) -> Result<()> {
         if self.weight.device().is_cpu() && self.in_features().is_multiple_of(kernels::INT8_BLOCK) {
             self.quantized = Some(Arc::new(kernels::Int8Weight::quantize(&self.weight)?));
@@ -58,16 +58,18 @@ impl Linear {
         self.weight.dim(0).unwrap_or(0)
     }
 
-    /// The projection at `point`, passed through the adapters attached there.
-    pub fn forward_with(&self, adapters: &AdapterSet, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let y = self.forward(x)?;
-        let apply = |t: &Tensor| self.forward(t);
+    /// The projection at `point`, passed through the adapters attached there; `decoding`
+    /// picks [`Linear::forward_decoding`] for the frozen product.
+    pub fn forward_with(&self, adapters: &AdapterSet, point: Point, x: &Tensor, ctx: &ForwardCtx, decoding: bool) -> Result<Tensor> {
+        let apply = |t: &Tensor| if decoding { self.forward_decoding(t) } else { self.forward(t) };
+        let y = apply(x)?;
         adapters.projection(point, &ProjectionIo { input: x, output: &y, linear: &apply }, ctx)
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The product for a decoding step: on the 8-bit copy when there is one, `x` has at
+    /// most [`QUANTIZED_MAX_ROWS`] rows and needs no gradient; on the f32 weight otherwise.
+    /// Prompts (prefill) and plain forwards stay on f32, where the golden tests hold.
+    pub fn forward_decoding(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.quantized {
             let rows = x.elem_count() / self.in_features().max(1);
             if rows <= QUANTIZED_MAX_ROWS && !x.track_op() && x.device().is_cpu() {
@@ -78,6 +80,12 @@ impl Module for Linear {
                 };
             }
         }
+        self.forward(x)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         kernels::linear(x, &self.weight, self.bias.as_ref())
     }
 }

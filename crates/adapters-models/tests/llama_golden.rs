@@ -11,17 +11,12 @@ use candle_core::{Device, Tensor};
 use common::*;
 use std::sync::OnceLock;
 
-/// The model on its f32 weights (the 8-bit decoding copies dropped), as PyTorch runs it.
+/// The model as `load` gives it: decoding steps run on 8-bit copies of the projections.
 fn model() -> &'static (Llama, TextTokenizer) {
     static MODEL: OnceLock<(Llama, TextTokenizer)> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let (mut m, tok) = loaded();
-        m.dequantize();
-        (m, tok)
-    })
+    MODEL.get_or_init(loaded)
 }
 
-/// The model as `load` gives it: with 8-bit copies of the projections for decoding.
 fn loaded() -> (Llama, TextTokenizer) {
     let loaded = load(&smollm(), &Device::Cpu).unwrap();
     match loaded.backbone {
@@ -142,10 +137,8 @@ fn hugging_face_folder_round_trip_gives_the_same_model() {
     let dir = std::env::temp_dir().join(format!("smollm2-hf-{}", std::process::id()));
     m.save_hf_weights(&dir).unwrap();
     tok.save_folder(&dir).unwrap();
-    let mut loaded = load(&dir, &Device::Cpu).unwrap();
-    let Backbone::Llama(m2) = &mut loaded.backbone else { panic!("folder should load as Llama") };
-    m2.dequantize(); // compare f32 with f32 (the 8-bit copies are tested below)
-    let m2 = &*m2;
+    let loaded = load(&dir, &Device::Cpu).unwrap();
+    let Backbone::Llama(m2) = &loaded.backbone else { panic!("folder should load as Llama") };
     let text = "def add(a, b):\n    return a + b";
     let ids = tok.encode(text, false).unwrap();
     assert_eq!(loaded.tokenizer.encode(text, false).unwrap(), ids);
@@ -164,8 +157,9 @@ fn hugging_face_folder_round_trip_gives_the_same_model() {
 /// that matches PyTorch to 1e-3.
 #[test]
 fn int8_decoding_stays_close_to_the_f32_weights() {
-    let (f32_model, _) = model();
-    let (int8_model, _) = loaded();
+    let (int8_model, _) = model();
+    let (mut f32_model, _) = loaded();
+    f32_model.dequantize();
     let golden = fixture("golden/smollm2.json");
     let ctx = ForwardCtx::inference();
     let (mut worst, mut total, mut steps) = (0f32, 0f64, 0);
@@ -173,6 +167,7 @@ fn int8_decoding_stays_close_to_the_f32_weights() {
         let prompt = ids(&p["input_ids"]);
         let continuation = ids(&p["greedy_continuation"]["new_token_ids"]);
         let (mut ca, mut cb) = (f32_model.new_cache(), int8_model.new_cache());
+        let f32_model = &f32_model;
         let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         for &next in &continuation {
             let a: Vec<f32> = f32_model.last_logits(&input, Some(&mut ca), &ctx).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
