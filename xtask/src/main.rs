@@ -2,11 +2,11 @@
 //! matrix, benchmarks and the demo.
 
 mod bench;
-mod vs_pytorch;
 mod data;
 mod fetch;
 mod quality;
 mod test;
+mod vs_pytorch;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -67,9 +67,22 @@ pub fn run(root: &Path) -> Result<()> {
     step(
         "backbones with composed ops (the GPU path)".into(),
         // --workspace keeps the feature set of the first step (no rebuild).
-        ["test", "--workspace", "--test", "bert_golden", "--test", "llama_golden", "--test", "training_paths", "--test", "adapterhub_interop", "--test", "peft_interop"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "test",
+            "--workspace",
+            "--test",
+            "bert_golden",
+            "--test",
+            "llama_golden",
+            "--test",
+            "training_paths",
+            "--test",
+            "adapterhub_interop",
+            "--test",
+            "peft_interop",
+        ]
+        .map(String::from)
+        .to_vec(),
         &[("ADAPTERS_COMPOSED_OPS", "1")],
     );
     let cuda_build = || vec!["build".into(), "--workspace".into(), "--features".into(), "adapters-cli/cuda".into()];

@@ -64,7 +64,9 @@ pub fn run(root: &Path, only: Option<&str>, rounds: usize) -> Result<()> {
 /// Replaces (or adds) the "Against PyTorch" section of BENCHMARKS.md, leaving the others.
 pub fn write_section(root: &Path) -> Result<()> {
     let results = root.join("target/bench-results/vs_pytorch.json");
-    let r: Value = serde_json::from_slice(&std::fs::read(&results).with_context(|| format!("reading {}: run without --report-only first", results.display()))?)?;
+    let r: Value = serde_json::from_slice(
+        &std::fs::read(&results).with_context(|| format!("reading {}: run without --report-only first", results.display()))?,
+    )?;
     let mut section = String::new();
     report(&mut section, &r)?;
     let path = root.join("BENCHMARKS.md");
@@ -98,7 +100,11 @@ fn last_json_line(stdout: &[u8], what: &str) -> Result<Value> {
 fn checked(mut cmd: Command, what: &str) -> Result<Value> {
     let out = cmd.output().with_context(|| format!("starting {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+        );
     }
     last_json_line(&out.stdout, what)
 }
@@ -162,7 +168,8 @@ pub fn report(md: &mut String, r: &Value) -> Result<()> {
         let list = |k: &str| w[k].as_array().cloned().unwrap_or_default();
         let (ours, torch) = (list("ours"), list("pytorch"));
         let ms = |v: &[Value]| median(v.iter().filter_map(|x| x["median_ms"].as_f64()).collect());
-        let ratio = median(ours.iter().zip(&torch).filter_map(|(a, b)| Some(a["median_ms"].as_f64()? / b["median_ms"].as_f64()?)).collect());
+        let ratio =
+            median(ours.iter().zip(&torch).filter_map(|(a, b)| Some(a["median_ms"].as_f64()? / b["median_ms"].as_f64()?)).collect());
         let peak = |v: &[Value]| {
             median(v.iter().filter_map(|x| Some(x["steps_peak_rss_mib"].as_f64()? - x["rss_before_loop_mib"].as_f64()?)).collect())
         };

@@ -1,4 +1,5 @@
 //! Runs one workload N times for a sampling profiler: `forward`, `full`, `seq_bn`, `lora`.
+use adapters_core::InsertionPoint;
 use adapters_core::{registry, ForwardCtx, Placement};
 use adapters_models::heads::ClassificationHead;
 use adapters_models::HoldsAdapters;
@@ -6,7 +7,6 @@ use adapters_models::{fetched, load};
 use adapters_train::config::Pooling;
 use adapters_train::forward::{classify, pooled};
 use adapters_train::optim::{clip_grad_norm, AdamW};
-use adapters_core::InsertionPoint;
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 use std::time::Instant;
@@ -24,7 +24,8 @@ fn main() {
     match what.as_str() {
         "full" => named.extend(model.make_trainable().unwrap()),
         "seq_bn" | "lora" => {
-            let (kind, cfg) = if what == "lora" { ("lora", json!({"r": 8, "alpha": 16})) } else { ("seq_bn", json!({"reduction_factor": 16})) };
+            let (kind, cfg) =
+                if what == "lora" { ("lora", json!({"r": 8, "alpha": 16})) } else { ("seq_bn", json!({"reduction_factor": 16})) };
             let a = registry::build(kind, &cfg, &Placement::default(), &model.model_info(), &Device::Cpu, 1).unwrap();
             named.extend(a.vars());
             model.adapters_mut().add("a", a).unwrap();

@@ -6,9 +6,9 @@
 
 use crate::attached::HoldsAdapters;
 use crate::error::Error;
-use adapters_core::kernels;
 use crate::ops::{embedding, LayerNorm, Linear};
 use crate::weights::Weights;
+use adapters_core::kernels;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};

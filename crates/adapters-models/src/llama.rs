@@ -7,9 +7,9 @@
 
 use crate::attached::HoldsAdapters;
 use crate::error::Error;
-use adapters_core::kernels;
 use crate::ops::{embedding, Linear, RmsNorm};
 use crate::weights::Weights;
+use adapters_core::kernels;
 use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};

@@ -3,8 +3,8 @@
 //! here matrices decay and vectors (biases, norm weights, scaling vectors) do not.
 
 use crate::error::{fail, Error};
-use candle_core::backprop::GradStore;
 use adapters_core::kernels::{adamw, AdamWStep};
+use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use std::collections::HashMap;
 

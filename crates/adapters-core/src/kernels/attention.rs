@@ -36,8 +36,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usi
         }
     };
     let kv_width = width / heads.max(1) * kv_heads;
-    if heads == 0 || kv_heads == 0 || width % heads != 0 || heads % kv_heads != 0 || k.dims3()? != (b, tk, kv_width) || v.dims3()? != (b, tk, kv_width) {
-        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit {heads} query and {kv_heads} key/value heads", q.dims(), k.dims(), v.dims());
+    if heads == 0
+        || kv_heads == 0
+        || width % heads != 0
+        || !heads.is_multiple_of(kv_heads)
+        || k.dims3()? != (b, tk, kv_width)
+        || v.dims3()? != (b, tk, kv_width)
+    {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit {heads} query and {kv_heads} key/value heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
     let keep = q.track_op() || k.track_op() || v.track_op();
     let op = Attention { heads, kv_heads, scale: scale as f32, mask, tq, tk, probs: Mutex::new(None), keep };
@@ -45,7 +56,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usi
 }
 
 /// The same maths from candle ops.
-pub(super) fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usize, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub(super) fn composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, tq, width) = q.dims3()?;
     let tk = k.dim(1)?;
     let hd = width / heads;
@@ -175,7 +194,14 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(out), Shape::from((b, tq, width))))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let probs = self.probs.lock().expect("attention probabilities").take();
         let Some(probs) = probs else { candle_core::bail!("attention: backward without kept probabilities (or run twice)") };
         let (b, tq, width) = q.dims3()?;
@@ -209,16 +235,60 @@ impl CustomOp3 for Attention {
                                         let (qo, go) = (q.as_ptr().add(off_q), g.as_ptr().add(off_q));
                                         let first = i == 0;
                                         // dV += Pᵀ dO
-                                        gemm(tk, hd, tq, SharedMut(dv_ptr.get().add(off_k)), kw, Mat(p, 1, tk as isize), Mat(go, w, 1), 1.0, !first, 1);
+                                        gemm(
+                                            tk,
+                                            hd,
+                                            tq,
+                                            SharedMut(dv_ptr.get().add(off_k)),
+                                            kw,
+                                            Mat(p, 1, tk as isize),
+                                            Mat(go, w, 1),
+                                            1.0,
+                                            !first,
+                                            1,
+                                        );
                                         // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
-                                        gemm(tq, tk, hd, SharedMut(ds.as_mut_ptr()), tk as isize, Mat(go, w, 1), Mat(vo, 1, kw), 1.0, false, 1);
+                                        gemm(
+                                            tq,
+                                            tk,
+                                            hd,
+                                            SharedMut(ds.as_mut_ptr()),
+                                            tk as isize,
+                                            Mat(go, w, 1),
+                                            Mat(vo, 1, kw),
+                                            1.0,
+                                            false,
+                                            1,
+                                        );
                                         for r in 0..tq {
                                             let pr = std::slice::from_raw_parts(p.add(r * tk), tk);
                                             softmax_backward_row(pr, &mut ds[r * tk..(r + 1) * tk], self.scale);
                                         }
                                         // dQ = dS K, dK += dSᵀ Q
-                                        gemm(tq, hd, tk, SharedMut(dq_ptr.get().add(off_q)), w, Mat(ds.as_ptr(), tk as isize, 1), Mat(ko, kw, 1), 1.0, false, 1);
-                                        gemm(tk, hd, tq, SharedMut(dk_ptr.get().add(off_k)), kw, Mat(ds.as_ptr(), 1, tk as isize), Mat(qo, w, 1), 1.0, !first, 1);
+                                        gemm(
+                                            tq,
+                                            hd,
+                                            tk,
+                                            SharedMut(dq_ptr.get().add(off_q)),
+                                            w,
+                                            Mat(ds.as_ptr(), tk as isize, 1),
+                                            Mat(ko, kw, 1),
+                                            1.0,
+                                            false,
+                                            1,
+                                        );
+                                        gemm(
+                                            tk,
+                                            hd,
+                                            tq,
+                                            SharedMut(dk_ptr.get().add(off_k)),
+                                            kw,
+                                            Mat(ds.as_ptr(), 1, tk as isize),
+                                            Mat(qo, w, 1),
+                                            1.0,
+                                            !first,
+                                            1,
+                                        );
                                     }
                                 }
                             },
@@ -229,7 +299,11 @@ impl CustomOp3 for Attention {
         })????;
         let dev = q.device();
         let grad_of = |t: &Tensor, g: Vec<f32>| -> Result<Option<Tensor>> {
-            if t.track_op() { Ok(Some(Tensor::from_vec(g, t.shape(), dev)?)) } else { Ok(None) }
+            if t.track_op() {
+                Ok(Some(Tensor::from_vec(g, t.shape(), dev)?))
+            } else {
+                Ok(None)
+            }
         };
         Ok((grad_of(q, dq)?, grad_of(k, dk)?, grad_of(v, dv)?))
     }

@@ -64,7 +64,13 @@ impl Int8Weight {
                 let mut acc = vec![0f32; rows * 8];
                 let mut col = vec![0f32; rows];
                 for j in start..(start + per_task).min(self.out) {
-                    column(x, &self.values[j * self.inp..(j + 1) * self.inp], &self.scales[j * self.inp / BLOCK..(j + 1) * self.inp / BLOCK], &mut acc, &mut col);
+                    column(
+                        x,
+                        &self.values[j * self.inp..(j + 1) * self.inp],
+                        &self.scales[j * self.inp / BLOCK..(j + 1) * self.inp / BLOCK],
+                        &mut acc,
+                        &mut col,
+                    );
                     for (r, v) in col.iter().enumerate() {
                         // SAFETY: column j of row r is written by this task only.
                         unsafe { *y_ptr.get().add(r * self.out + j) = *v };

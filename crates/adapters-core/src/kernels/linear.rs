@@ -100,7 +100,14 @@ impl CustomOp3 for Linear {
         Linear::forward(slice(xs, xl, "linear")?, xl, slice(ws, wl, "linear")?, wl, Some(slice(bs, bl, "linear")?))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = Linear::grads(x, w, grad)?;
         let gb = if b.track_op() { Some(grad.sum(0)?) } else { None };
         Ok((gx, gw, gb))

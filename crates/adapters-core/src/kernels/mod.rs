@@ -97,12 +97,41 @@ struct Mat(*const f32, isize, isize);
 /// # Safety
 /// The views must stay inside their buffers for the given sizes, and `dst` must not alias.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm(m: usize, n: usize, k: usize, dst: SharedMut, dst_rs: isize, lhs: Mat, rhs: Mat, scale: f32, accumulate: bool, threads: usize) {
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: SharedMut,
+    dst_rs: isize,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    accumulate: bool,
+    threads: usize,
+) {
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: forwarded from the caller.
     unsafe {
         gemm::gemm(
-            m, n, k, dst.get(), 1, dst_rs, accumulate, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2, rhs.1, 1.0, scale, false, false, false, par,
+            m,
+            n,
+            k,
+            dst.get(),
+            1,
+            dst_rs,
+            accumulate,
+            lhs.0,
+            lhs.2,
+            lhs.1,
+            rhs.0,
+            rhs.2,
+            rhs.1,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
         )
     }
 }

@@ -152,7 +152,15 @@ impl Norm {
 
     /// Gradients for the normalised input (if `want_x`) and the weight and bias (if
     /// `want_affine`).
-    fn backward_with(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, grad: &Tensor, want_x: bool, want_affine: bool) -> Result<[Option<Tensor>; 3]> {
+    fn backward_with(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        grad: &Tensor,
+        want_x: bool,
+        want_affine: bool,
+    ) -> Result<[Option<Tensor>; 3]> {
         let stats = std::mem::take(&mut *self.stats.lock().expect("norm statistics"));
         let dim = x.dim(D::Minus1)?;
         let rows = x.elem_count() / dim;
@@ -220,7 +228,14 @@ impl CustomOp3 for AddNorm {
         self.0.forward(&sum, xl, w, Some(b))
     }
 
-    fn bwd(&self, x: &Tensor, r: &Tensor, affine: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        affine: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let sum = (x + r)?;
         let (w, b) = (affine.get(0)?, affine.get(1)?);
         let [gs, gw, gb] = self.0.backward_with(&sum, &w, Some(&b), grad, x.track_op() || r.track_op(), affine.track_op())?;
@@ -250,7 +265,14 @@ impl CustomOp3 for Norm {
         self.forward(slice(xs, xl, "layer-norm")?, xl, slice(ws, wl, "layer-norm")?, Some(slice(bs, bl, "layer-norm")?))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [gx, gw, gb] = self.backward(x, w, Some(b), grad)?;
         Ok((gx, gw, gb))
     }

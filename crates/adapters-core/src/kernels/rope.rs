@@ -29,8 +29,10 @@ pub(super) fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> 
     let x = x.reshape((b, t, heads, hd))?;
     let (x1, x2) = (x.narrow(D::Minus1, 0, hd / 2)?, x.narrow(D::Minus1, hd / 2, hd / 2)?);
     let (cos, sin) = (cos.reshape((t, 1, hd / 2))?, sin.reshape((t, 1, hd / 2))?);
-    let rotated =
-        Tensor::cat(&[(x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?, (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?], D::Minus1)?;
+    let rotated = Tensor::cat(
+        &[(x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?, (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?],
+        D::Minus1,
+    )?;
     rotated.reshape((b, t, width))
 }
 

@@ -32,7 +32,13 @@ fn value_and_grads(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) -
 
 /// Fused and composed agree in value and gradients; the fused gradients also agree with
 /// central finite differences of the fused forward at a few coordinates of each input.
-fn check(name: &str, inputs: &[Tensor], fused: &dyn Fn(&[Tensor]) -> Result<Tensor>, composed: &dyn Fn(&[Tensor]) -> Result<Tensor>, tol: f32) {
+fn check(
+    name: &str,
+    inputs: &[Tensor],
+    fused: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    composed: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f32,
+) {
     let (yf, gf) = value_and_grads(inputs, fused).unwrap();
     let (yc, gc) = value_and_grads(inputs, composed).unwrap();
     let d = max_diff(&yf, &yc);
@@ -64,7 +70,13 @@ fn check(name: &str, inputs: &[Tensor], fused: &dyn Fn(&[Tensor]) -> Result<Tens
 #[test]
 fn linear_matches_composed_with_and_without_bias() {
     let (x, w, b) = (randn(&[2, 5, 7], 1), randn(&[3, 7], 2), randn(&[3], 3));
-    check("linear+bias", &[x.clone(), w.clone(), b], &|t| linear::linear(&t[0], &t[1], Some(&t[2])), &|t| linear::composed(&t[0], &t[1], Some(&t[2])), 1e-5);
+    check(
+        "linear+bias",
+        &[x.clone(), w.clone(), b],
+        &|t| linear::linear(&t[0], &t[1], Some(&t[2])),
+        &|t| linear::composed(&t[0], &t[1], Some(&t[2])),
+        1e-5,
+    );
     check("linear", &[x, w], &|t| linear::linear(&t[0], &t[1], None), &|t| linear::composed(&t[0], &t[1], None), 1e-5);
 }
 
@@ -138,7 +150,13 @@ fn attention_over_a_longer_cache_matches_composed() {
 #[test]
 fn layer_norm_and_rms_norm_match_composed() {
     let (x, w, b) = (randn(&[3, 4, 16], 30), randn(&[16], 31), randn(&[16], 32));
-    check("layer norm", &[x.clone(), w.clone(), b], &|t| norm::layer_norm(&t[0], &t[1], &t[2], 1e-12), &|t| norm::composed_layer_norm(&t[0], &t[1], &t[2], 1e-12), 1e-5);
+    check(
+        "layer norm",
+        &[x.clone(), w.clone(), b],
+        &|t| norm::layer_norm(&t[0], &t[1], &t[2], 1e-12),
+        &|t| norm::composed_layer_norm(&t[0], &t[1], &t[2], 1e-12),
+        1e-5,
+    );
     check("rms norm", &[x, w], &|t| norm::rms_norm(&t[0], &t[1], 1e-5), &|t| norm::composed_rms_norm(&t[0], &t[1], 1e-5), 1e-5);
 }
 
@@ -180,5 +198,11 @@ fn swiglu_matches_composed() {
 fn blocked_cross_entropy_matches_full_logits() {
     let (h, w) = (randn(&[7, 5], 80), randn(&[11, 5], 81));
     let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1, 9], &Device::Cpu).unwrap();
-    check("cross-entropy", &[h, w], &|v| cross_entropy::blocked(&v[0], &v[1], &targets, 3), &|v| cross_entropy::composed(&v[0], &v[1], &targets), 1e-5);
+    check(
+        "cross-entropy",
+        &[h, w],
+        &|v| cross_entropy::blocked(&v[0], &v[1], &targets, 3),
+        &|v| cross_entropy::composed(&v[0], &v[1], &targets),
+        1e-5,
+    );
 }
