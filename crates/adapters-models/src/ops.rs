@@ -1,4 +1,4 @@
-//! The layers the backbones are built from, on the fused kernels of [`crate::kernels`]
+//! The layers the backbones are built from, on the fused kernels of [`adapters_core::kernels`]
 //! (which fall back to composed candle ops off the CPU).
 
 use adapters_core::kernels;
@@ -67,7 +67,7 @@ impl Linear {
     }
 
     /// The product for a decoding step: on the 8-bit copy when there is one, `x` has at
-    /// most [`QUANTIZED_MAX_ROWS`] rows and needs no gradient; on the f32 weight otherwise.
+    /// most 16 rows and needs no gradient; on the f32 weight otherwise.
     /// Prompts (prefill) and plain forwards stay on f32, where the golden tests hold.
     pub fn forward_decoding(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(q) = &self.quantized {

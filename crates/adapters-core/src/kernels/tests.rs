@@ -206,3 +206,39 @@ fn blocked_cross_entropy_matches_full_logits() {
         1e-5,
     );
 }
+
+/// The in-place AdamW update against its composed twin, with and without weight decay,
+/// over three steps (the moments carry over).
+#[test]
+fn adamw_in_place_matches_composed() {
+    use super::adamw::{adamw, composed, AdamWStep};
+    let fresh = || {
+        (
+            randn(&[5, 7], 90),
+            Tensor::zeros((5, 7), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            Tensor::zeros((5, 7), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )
+    };
+    for decay in [1.0, 1.0 - 1e-2 * 0.01] {
+        let (p1, m1, v1) = fresh();
+        let (p2, m2, v2) = (p1.copy().unwrap(), m1.copy().unwrap(), v1.copy().unwrap());
+        for t in 1..=3 {
+            let g = randn(&[5, 7], 90 + t);
+            let s = AdamWStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                c1: 1.0 - 0.9f64.powi(t as i32),
+                c2: 1.0 - 0.999f64.powi(t as i32),
+                decay,
+            };
+            adamw(&p1, &m1, &v1, &g, s).unwrap();
+            composed(&p2, &m2, &v2, &g, s).unwrap();
+        }
+        for (a, b) in [(&p1, &p2), (&m1, &m2), (&v1, &v2)] {
+            assert!(max_diff(a, b) < 1e-6, "decay {decay}: differs by {}", max_diff(a, b));
+        }
+        assert!(max_diff(&p1, &randn(&[5, 7], 90)) > 1e-3, "the parameter moved");
+    }
+}
