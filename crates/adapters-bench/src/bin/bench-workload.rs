@@ -1,6 +1,7 @@
 //! Runs one reference workload and prints its record as one JSON line:
 //! `bench-workload NAME [--warmup N] [--steps N]`, or `bench-workload --probe`.
-//! `cargo xtask bench --vs-pytorch` alternates it with the PyTorch reference.
+//! `cargo xtask bench --vs-pytorch` alternates it with the PyTorch reference. It is also
+//! the thing to profile: `perf record -g target/release/bench-workload minilm_train_seq_bn`.
 
 fn main() -> anyhow::Result<()> {
     adapters_core::kernels::keep_freed_buffers();
