@@ -1,8 +1,13 @@
 //! `y = x Wᵀ + b` in one pass (the bias is the accumulator's start), with a backward that
 //! computes the weight's and bias's gradients only when they train.
 
-use super::{fused, gemm, slice, Mat, SharedMut};
+use super::simd::multiversion;
+use super::{fused, gemm, slice, with_values, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel task of the bias gradient.
+const ROWS: usize = 256;
 
 /// `x Wᵀ + b` for `x` of shape `[..., in]`, `W` `[out, in]` (PyTorch's layout), `b` `[out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -109,7 +114,40 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = Linear::grads(x, w, grad)?;
-        let gb = if b.track_op() { Some(grad.sum(0)?) } else { None };
+        let gb = if b.track_op() { Some(column_sums(grad)?) } else { None };
         Ok((gx, gw, gb))
     }
+}
+
+multiversion! {
+    /// Adds each row of `rows` (`cols` wide) into `acc`.
+    fn add_rows(rows: &[f32], acc: &mut [f32]) {
+        for row in rows.chunks_exact(acc.len()) {
+            for (a, x) in acc.iter_mut().zip(row) {
+                *a += x;
+            }
+        }
+    }
+}
+
+/// The bias gradient: `grad` `[rows, cols]` summed over rows, in parallel blocks of rows
+/// (candle's `sum(0)` walks the tensor column by column).
+fn column_sums(grad: &Tensor) -> Result<Tensor> {
+    let (_, cols) = grad.dims2()?;
+    let total = with_values(grad, "linear", |g| {
+        g.par_chunks(ROWS * cols)
+            .map(|block| {
+                let mut acc = vec![0f32; cols];
+                add_rows(block, &mut acc);
+                acc
+            })
+            .reduce(
+                || vec![0f32; cols],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            )
+    })?;
+    Tensor::from_vec(total, cols, grad.device())
 }
