@@ -2,6 +2,7 @@
 //! by our `bench-workload` binary and by the PyTorch reference, alternately (which stack goes
 //! first alternates too), so the machine's fast and slow periods hit both alike; reported
 //! as the median over rounds of our time / PyTorch's time, with both stacks' peak memory.
+//! A run with `--only` replaces those workloads' results and keeps the others'.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -38,26 +39,40 @@ pub fn run(root: &Path, only: Option<&str>, rounds: usize) -> Result<()> {
     }
     let bar = indicatif::ProgressBar::new((rounds * selected.len() * 2) as u64);
     let mut results: Vec<Value> = selected.iter().map(|w| json!({"name": w.0, "target": w.3, "ours": [], "pytorch": []})).collect();
-    let mut probes = Vec::new();
     for round in 0..rounds {
-        probes.push(json!({"ours": probe_ours(root)?, "round": round}));
+        let probe = probe_ours(root)?;
         for (i, (name, warmup, steps, _)) in selected.iter().enumerate() {
             let ours_first = (round + i) % 2 == 0;
             for ours in [ours_first, !ours_first] {
                 bar.set_message(format!("round {} {name} ({})", round + 1, if ours { "ours" } else { "PyTorch" }));
-                let record = if ours { run_ours(root, name, *warmup, *steps)? } else { run_pytorch(root, name, *warmup, *steps)? };
+                let mut record = if ours { run_ours(root, name, *warmup, *steps)? } else { run_pytorch(root, name, *warmup, *steps)? };
+                if ours {
+                    record["probe_gflops"] = json!(probe);
+                }
                 results[i][if ours { "ours" } else { "pytorch" }].as_array_mut().expect("list").push(record);
                 bar.inc(1);
             }
         }
     }
     bar.finish_and_clear();
-    let out = json!({
-        "threads": 2, "rounds": rounds, "probes": probes, "workloads": results,
-    });
-    let dir = root.join("target/bench-results");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("vs_pytorch.json"), serde_json::to_string_pretty(&out)?)?;
+    // Keep earlier results of the workloads this run did not select, in report order.
+    let path = root.join("target/bench-results/vs_pytorch.json");
+    let earlier: Vec<Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|v| v["workloads"].as_array().cloned())
+        .unwrap_or_default();
+    let merged: Vec<Value> = WORKLOADS
+        .iter()
+        .filter_map(|w| {
+            let by_name = |list: &[Value]| list.iter().find(|r| r["name"] == w.0).cloned();
+            by_name(&results).or_else(|| by_name(&earlier))
+        })
+        .collect();
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&json!({ "threads": 2, "workloads": merged }))?)?;
+    std::fs::rename(&tmp, &path)?;
     Ok(())
 }
 
@@ -132,38 +147,32 @@ fn probe_ours(root: &Path) -> Result<f64> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
     v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
 /// The BENCHMARKS.md section for `target/bench-results/vs_pytorch.json`.
 pub fn report(md: &mut String, r: &Value) -> Result<()> {
     use std::fmt::Write as _;
-    let rounds = r["rounds"].as_u64().unwrap_or(0);
-    let ours_probe = median(r["probes"].as_array().into_iter().flatten().filter_map(|p| p["ours"].as_f64()).collect());
-    let torch_probe = median(
-        r["workloads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|w| w["pytorch"].as_array().into_iter().flatten())
-            .filter_map(|p| p["calib_sgemm1024_gflops_before"].as_f64())
-            .collect(),
-    );
+    let records = |stack: &str, key: &str| -> Vec<f64> {
+        r["workloads"].as_array().into_iter().flatten().flat_map(|w| w[stack].as_array().into_iter().flatten()).filter_map(|p| p[key].as_f64()).collect()
+    };
+    let ours_probe = median(records("ours", "probe_gflops"));
+    let torch_probe = median(records("pytorch", "calib_sgemm1024_gflops_before"));
     writeln!(md, "\n{SECTION} on the same machine (`cargo xtask bench --vs-pytorch`)\n")?;
     writeln!(
         md,
-        "PyTorch 2.15 + transformers 4.57.6 + AdapterHub `adapters` 1.3.0 / PEFT 0.21.2 (`bench/reference/`), {rounds} rounds, {} threads each; in every round each workload runs once per stack, alternating which goes first. \
+        "PyTorch 2.15 + transformers 4.57.6 + AdapterHub `adapters` 1.3.0 / PEFT 0.21.2 (`bench/reference/`), {} threads each; in every round each workload runs once per stack, alternating which goes first. \
          Time: median per-step time of one process (after one warm-up step); ratio: median over rounds of ours / PyTorch (below 1: we are faster). \
          Memory: the process's resident-set high-water mark during the steps minus its resident set before them, measured the same way for both stacks. \
          sgemm probe (1024³ f32 matmul, GFLOP/s, median): ours {ours_probe:.0}, PyTorch {torch_probe:.0}.\n",
         r["threads"]
     )?;
-    writeln!(md, "| workload | ours | PyTorch | ratio ours / PyTorch | target | our peak | PyTorch peak |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| workload | rounds | ours | PyTorch | ratio ours / PyTorch | target | our peak | PyTorch peak |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for w in r["workloads"].as_array().into_iter().flatten() {
         let list = |k: &str| w[k].as_array().cloned().unwrap_or_default();
         let (ours, torch) = (list("ours"), list("pytorch"));
@@ -175,8 +184,9 @@ pub fn report(md: &mut String, r: &Value) -> Result<()> {
         };
         writeln!(
             md,
-            "| {} | {:.1} ms | {:.1} ms | {ratio:.2} | {} | {:.0} MiB | {:.0} MiB |",
+            "| {} | {} | {:.1} ms | {:.1} ms | {ratio:.2} | {} | {:.0} MiB | {:.0} MiB |",
             w["name"].as_str().unwrap_or(""),
+            ours.len(),
             ms(&ours),
             ms(&torch),
             w["target"].as_str().unwrap_or(""),
