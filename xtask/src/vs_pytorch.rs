@@ -158,7 +158,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn report(md: &mut String, r: &Value) -> Result<()> {
     use std::fmt::Write as _;
     let records = |stack: &str, key: &str| -> Vec<f64> {
-        r["workloads"].as_array().into_iter().flatten().flat_map(|w| w[stack].as_array().into_iter().flatten()).filter_map(|p| p[key].as_f64()).collect()
+        r["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|w| w[stack].as_array().into_iter().flatten())
+            .filter_map(|p| p[key].as_f64())
+            .collect()
     };
     let ours_probe = median(records("ours", "probe_gflops"));
     let torch_probe = median(records("pytorch", "calib_sgemm1024_gflops_before"));
