@@ -32,7 +32,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usi
             if !(mb == 1 || mb == b) || !(mq == 1 || mq == tq) || mk != tk {
                 candle_core::bail!("attention: a mask of shape {:?} does not broadcast to [{b}, {tq}, {tk}]", m.dims());
             }
-            Some(Mask { values: with_values(m, "attention", <[f32]>::to_vec)?, per_row: mb > 1, per_query: mq > 1 })
+            Some(Mask { values: with_values([m], "attention", |[m]| m.to_vec())?, per_row: mb > 1, per_query: mq > 1 })
         }
     };
     let kv_width = width / heads.max(1) * kv_heads;
@@ -212,91 +212,63 @@ impl CustomOp3 for Attention {
         let mut dk = vec![0f32; b * tk * kv_width];
         let mut dv = vec![0f32; b * tk * kv_width];
         let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
-        with_values(q, "attention", |q| {
-            with_values(k, "attention", |k| {
-                with_values(v, "attention", |v| {
-                    with_values(grad, "attention", |g| {
-                        // One task per (row, key/value head): it owns that head's dk and dv and
-                        // sums into them over the query heads of its group.
-                        (0..b * self.kv_heads).into_par_iter().for_each_init(
-                            || vec![0f32; tq * tk],
-                            |ds, task| {
-                                let (row, kv_head) = (task / self.kv_heads, task % self.kv_heads);
-                                let (w, kw) = (width as isize, kv_width as isize);
-                                let off_k = row * tk * kv_width + kv_head * hd;
-                                // SAFETY: the task writes only its own kv head's columns of dk
-                                // and dv, its group's query-head columns of dq, and its scratch.
-                                unsafe {
-                                    let ko = k.as_ptr().add(off_k);
-                                    let vo = v.as_ptr().add(off_k);
-                                    for (i, head) in (kv_head * group..(kv_head + 1) * group).enumerate() {
-                                        let p = probs.as_ptr().add((row * h + head) * tq * tk);
-                                        let off_q = row * tq * width + head * hd;
-                                        let (qo, go) = (q.as_ptr().add(off_q), g.as_ptr().add(off_q));
-                                        let first = i == 0;
-                                        // dV += Pᵀ dO
-                                        gemm(
-                                            tk,
-                                            hd,
-                                            tq,
-                                            SharedMut(dv_ptr.get().add(off_k)),
-                                            kw,
-                                            Mat(p, 1, tk as isize),
-                                            Mat(go, w, 1),
-                                            1.0,
-                                            !first,
-                                            1,
-                                        );
-                                        // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
-                                        gemm(
-                                            tq,
-                                            tk,
-                                            hd,
-                                            SharedMut(ds.as_mut_ptr()),
-                                            tk as isize,
-                                            Mat(go, w, 1),
-                                            Mat(vo, 1, kw),
-                                            1.0,
-                                            false,
-                                            1,
-                                        );
-                                        for r in 0..tq {
-                                            let pr = std::slice::from_raw_parts(p.add(r * tk), tk);
-                                            softmax_backward_row(pr, &mut ds[r * tk..(r + 1) * tk], self.scale);
-                                        }
-                                        // dQ = dS K, dK += dSᵀ Q
-                                        gemm(
-                                            tq,
-                                            hd,
-                                            tk,
-                                            SharedMut(dq_ptr.get().add(off_q)),
-                                            w,
-                                            Mat(ds.as_ptr(), tk as isize, 1),
-                                            Mat(ko, kw, 1),
-                                            1.0,
-                                            false,
-                                            1,
-                                        );
-                                        gemm(
-                                            tk,
-                                            hd,
-                                            tq,
-                                            SharedMut(dk_ptr.get().add(off_k)),
-                                            kw,
-                                            Mat(ds.as_ptr(), 1, tk as isize),
-                                            Mat(qo, w, 1),
-                                            1.0,
-                                            !first,
-                                            1,
-                                        );
-                                    }
-                                }
-                            },
-                        )
-                    })
-                })
-            })
-        })????;
+        with_values([q, k, v, grad], "attention", |[q, k, v, g]| {
+            // One task per (row, key/value head): it owns that head's dk and dv and
+            // sums into them over the query heads of its group.
+            (0..b * self.kv_heads).into_par_iter().for_each_init(
+                || vec![0f32; tq * tk],
+                |ds, task| {
+                    let (row, kv_head) = (task / self.kv_heads, task % self.kv_heads);
+                    let (w, kw) = (width as isize, kv_width as isize);
+                    let off_k = row * tk * kv_width + kv_head * hd;
+                    // SAFETY: the task writes only its own kv head's columns of dk
+                    // and dv, its group's query-head columns of dq, and its scratch.
+                    unsafe {
+                        let ko = k.as_ptr().add(off_k);
+                        let vo = v.as_ptr().add(off_k);
+                        for (i, head) in (kv_head * group..(kv_head + 1) * group).enumerate() {
+                            let p = probs.as_ptr().add((row * h + head) * tq * tk);
+                            let off_q = row * tq * width + head * hd;
+                            let (qo, go) = (q.as_ptr().add(off_q), g.as_ptr().add(off_q));
+                            let first = i == 0;
+                            // dV += Pᵀ dO
+                            gemm(tk, hd, tq, SharedMut(dv_ptr.get().add(off_k)), kw, Mat(p, 1, tk as isize), Mat(go, w, 1), 1.0, !first, 1);
+                            // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+                            gemm(tq, tk, hd, SharedMut(ds.as_mut_ptr()), tk as isize, Mat(go, w, 1), Mat(vo, 1, kw), 1.0, false, 1);
+                            for r in 0..tq {
+                                let pr = std::slice::from_raw_parts(p.add(r * tk), tk);
+                                softmax_backward_row(pr, &mut ds[r * tk..(r + 1) * tk], self.scale);
+                            }
+                            // dQ = dS K, dK += dSᵀ Q
+                            gemm(
+                                tq,
+                                hd,
+                                tk,
+                                SharedMut(dq_ptr.get().add(off_q)),
+                                w,
+                                Mat(ds.as_ptr(), tk as isize, 1),
+                                Mat(ko, kw, 1),
+                                1.0,
+                                false,
+                                1,
+                            );
+                            gemm(
+                                tk,
+                                hd,
+                                tq,
+                                SharedMut(dk_ptr.get().add(off_k)),
+                                kw,
+                                Mat(ds.as_ptr(), 1, tk as isize),
+                                Mat(qo, w, 1),
+                                1.0,
+                                !first,
+                                1,
+                            );
+                        }
+                    }
+                },
+            )
+        })?;
         let dev = q.device();
         let grad_of = |t: &Tensor, g: Vec<f32>| -> Result<Option<Tensor>> {
             if t.track_op() {

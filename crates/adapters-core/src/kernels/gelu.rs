@@ -51,13 +51,9 @@ impl CustomOp1 for GeluErf {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let mut dx = vec![0f32; x.elem_count()];
-        with_values(x, "gelu-erf", |xv| {
-            with_values(grad, "gelu-erf", |gv| {
-                dx.par_chunks_mut(CHUNK)
-                    .zip(xv.par_chunks(CHUNK).zip(gv.par_chunks(CHUNK)))
-                    .for_each(|(dx, (x, g))| backward_chunk(x, g, dx))
-            })
-        })??;
+        with_values([x, grad], "gelu-erf", |[xv, gv]| {
+            dx.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(gv.par_chunks(CHUNK))).for_each(|(dx, (x, g))| backward_chunk(x, g, dx))
+        })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

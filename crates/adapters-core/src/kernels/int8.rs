@@ -32,7 +32,7 @@ impl Int8Weight {
             candle_core::bail!("int8: the input width {inp} is not a multiple of {BLOCK}");
         }
         let w = weight.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?;
-        let (scales, values) = with_values(&w, "int8", |w| {
+        let (scales, values) = with_values([&w], "int8", |[w]| {
             let mut scales = vec![0f32; out * inp / BLOCK];
             let mut values = vec![0i8; out * inp];
             scales.par_iter_mut().zip(values.par_chunks_mut(BLOCK)).zip(w.par_chunks(BLOCK)).for_each(|((s, q), w)| {
@@ -56,7 +56,7 @@ impl Int8Weight {
         }
         let rows = x.elem_count() / self.inp;
         let mut y = vec![0f32; rows * self.out];
-        with_values(x, "int8", |x| {
+        with_values([x], "int8", |[x]| {
             // Columns split over threads; each column's output for every row.
             let per_task = self.out.div_ceil(rayon::current_num_threads() * 4).max(1);
             let y_ptr = super::SharedMut(y.as_mut_ptr());

@@ -134,7 +134,7 @@ multiversion! {
 /// (candle's `sum(0)` walks the tensor column by column).
 fn column_sums(grad: &Tensor) -> Result<Tensor> {
     let (_, cols) = grad.dims2()?;
-    let total = with_values(grad, "linear", |g| {
+    let total = with_values([grad], "linear", |[g]| {
         g.par_chunks(ROWS * cols)
             .map(|block| {
                 let mut acc = vec![0f32; cols];

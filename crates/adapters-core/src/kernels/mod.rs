@@ -65,12 +65,16 @@ fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [
     Ok(&v[start..end])
 }
 
-/// Runs `f` on the f32 values of a CPU tensor (made contiguous first).
-fn with_values<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { return Err(Error::Msg(format!("{op}: expects a CPU tensor"))) };
-    Ok(f(slice(cpu, layout, op)?))
+/// Runs `f` on the f32 values of CPU tensors (each made contiguous first), all at once.
+fn with_values<const N: usize, R>(tensors: [&Tensor; N], op: &str, f: impl FnOnce([&[f32]; N]) -> R) -> Result<R> {
+    let owned = tensors.iter().map(|t| t.contiguous()).collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut values = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else { return Err(Error::Msg(format!("{op}: expects CPU tensors"))) };
+        values.push(slice(cpu, layout, op)?);
+    }
+    Ok(f(values.try_into().unwrap_or_else(|_| unreachable!("one slice per tensor"))))
 }
 
 /// A raw pointer that parallel tasks share, each writing only its own disjoint part.

@@ -171,22 +171,18 @@ impl Norm {
         let chunks = rows.div_ceil(CHUNK);
         let mut partial = vec![0f32; chunks * 2 * dim];
         let ptr = SharedMut(partial.as_mut_ptr());
-        with_values(x, "norm", |xv| {
-            with_values(w, "norm", |wv| {
-                with_values(grad, "norm", |gv| {
-                    dx.par_chunks_mut(dim * CHUNK).enumerate().for_each(|(c, dx)| {
-                        // SAFETY: chunk c owns partial[c * 2 * dim .. (c + 1) * 2 * dim].
-                        let part = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(c * 2 * dim), 2 * dim) };
-                        let (dw, db) = part.split_at_mut(dim);
-                        for (r, dx) in dx.chunks_mut(dim).enumerate() {
-                            let row = c * CHUNK + r;
-                            let span = row * dim..(row + 1) * dim;
-                            backward_row(&xv[span.clone()], &gv[span], wv, stats[row], self.center, dx, dw, db);
-                        }
-                    })
-                })
+        with_values([x, w, grad], "norm", |[xv, wv, gv]| {
+            dx.par_chunks_mut(dim * CHUNK).enumerate().for_each(|(c, dx)| {
+                // SAFETY: chunk c owns partial[c * 2 * dim .. (c + 1) * 2 * dim].
+                let part = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(c * 2 * dim), 2 * dim) };
+                let (dw, db) = part.split_at_mut(dim);
+                for (r, dx) in dx.chunks_mut(dim).enumerate() {
+                    let row = c * CHUNK + r;
+                    let span = row * dim..(row + 1) * dim;
+                    backward_row(&xv[span.clone()], &gv[span], wv, stats[row], self.center, dx, dw, db);
+                }
             })
-        })???;
+        })?;
         let dev = x.device();
         let sum_parts = |offset: usize| -> Result<Tensor> {
             let mut total = vec![0f32; dim];

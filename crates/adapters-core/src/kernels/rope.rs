@@ -17,8 +17,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tens
     if heads == 0 || width % (2 * heads) != 0 || cos.dims2()? != (t, width / heads / 2) || sin.dims2()? != (t, width / heads / 2) {
         candle_core::bail!("rope: x {:?} with {heads} heads does not fit cos {:?} / sin {:?}", x.dims(), cos.dims(), sin.dims());
     }
-    let cos = with_values(cos, "rope", <[f32]>::to_vec)?;
-    let sin = with_values(sin, "rope", <[f32]>::to_vec)?;
+    let (cos, sin) = with_values([cos, sin], "rope", |[c, s]| (c.to_vec(), s.to_vec()))?;
     x.contiguous()?.apply_op1(Rope { cos, sin, heads })
 }
 
@@ -80,7 +79,7 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_values(grad, "rope", |g| self.apply(g, x.dims(), -1.0))??;
+        let dx = with_values([grad], "rope", |[g]| self.apply(g, x.dims(), -1.0))??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

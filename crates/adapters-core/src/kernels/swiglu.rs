@@ -50,16 +50,12 @@ impl CustomOp2 for SwiGlu {
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-        with_values(gate, "swiglu", |g| {
-            with_values(up, "swiglu", |u| {
-                with_values(grad, "swiglu", |dy| {
-                    dg.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
-                        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
-                        .for_each(|((dg, du), ((g, u), dy))| backward_chunk(g, u, dy, dg, du))
-                })
-            })
-        })???;
+        with_values([gate, up, grad], "swiglu", |[g, u, dy]| {
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+                .for_each(|((dg, du), ((g, u), dy))| backward_chunk(g, u, dy, dg, du))
+        })?;
         let dev = gate.device();
         let dg = if gate.track_op() { Some(Tensor::from_vec(dg, gate.shape(), dev)?) } else { None };
         let du = if up.track_op() { Some(Tensor::from_vec(du, up.shape(), dev)?) } else { None };
