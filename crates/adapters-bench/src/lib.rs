@@ -14,9 +14,10 @@ pub struct Timing {
     pub median_ratio: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (the upper one of an even count; NaN for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Times every variant against the first (the baseline) in adjacent pairs: each round

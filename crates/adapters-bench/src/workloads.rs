@@ -33,7 +33,7 @@ pub const NAMES: &[&str] = &[
 pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
     let _ = (adapters_bottleneck::family(), adapters_lora::family());
     let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
-        n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..])?,
+        n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..])?.0,
         n if n.starts_with("minilm_infer_") => minilm_infer(&n["minilm_infer_".len()..])?,
         n if n.starts_with("smol_train_") => smol_train(&n["smol_train_".len()..])?,
         "smol_decode_b1" => return smol_decode(1, warmup, steps),
@@ -52,20 +52,10 @@ pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok(json!({
-        "config": name, "median_ms": median(&times), "all_ms": times,
+        "config": name, "median_ms": crate::median(times.clone()), "all_ms": times,
         "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
         "threads": candle_core::utils::get_num_threads(),
     }))
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 /// A `/proc/self/status` field in MiB.
@@ -108,8 +98,12 @@ fn minilm() -> anyhow::Result<Backbone> {
     Ok(load(&fetched("all-MiniLM-L6-v2")?, &Device::Cpu)?.backbone)
 }
 
-/// Forward, cross-entropy on a 2-label head, backward, clipping, AdamW: batch 32 x 128.
-fn minilm_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+/// A training step.
+pub type Step = Box<dyn FnMut() -> anyhow::Result<()>>;
+
+/// Forward, cross-entropy on a 2-label head, backward, clipping, AdamW: batch 32 x 128, for
+/// method `full`, `seq_bn` or `lora`; with the number of trainable parameters.
+pub fn minilm_train(m: &str) -> anyhow::Result<(Step, usize)> {
     let mut model = minilm()?;
     let mut named = if m == "full" {
         model.make_trainable()?
@@ -120,11 +114,12 @@ fn minilm_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>
     let head = ClassificationHead::new(384, 2, 1, &Device::Cpu)?;
     named.extend(head.vars());
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let trainable = vars.iter().map(|v| v.elem_count()).sum();
     let mut optimizer = AdamW::new(named, 0.01)?;
     let ids = token_rows(32, 128, 30522);
     let labels = Tensor::new((0..32u32).map(|i| i % 2).collect::<Vec<_>>(), &Device::Cpu)?;
     let lr = if m == "full" { 5e-5 } else { 1e-4 };
-    Ok(Box::new(move || {
+    let step: Step = Box::new(move || {
         let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let ctx = ForwardCtx::training_seeded(1);
         let features = pooled(&model, &rows, Pooling::Mean, &ctx)?;
@@ -134,7 +129,8 @@ fn minilm_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>
         clip_grad_norm(&vars, &mut grads, 1.0)?;
         optimizer.step(&grads, lr)?;
         Ok(())
-    }))
+    });
+    Ok((step, trainable))
 }
 
 /// Inference forward at batch 32 x 128, with nothing, a Pfeiffer adapter or LoRA
@@ -202,7 +198,7 @@ fn smol_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Valu
             }
         }
     }
-    let med = median(&step_ms);
+    let med = crate::median(step_ms);
     Ok(json!({
         "config": format!("smol_decode_b{batch}"), "median_ms": med, "decode_tokens_per_s": batch as f64 / (med / 1e3),
         "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),

@@ -137,10 +137,10 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    /// `None` when the output projection is tied to the token embeddings.
-    lm_head: Option<Tensor>,
-    /// The output projection (`lm_head`, or the embeddings when tied) as a layer.
+    /// The output projection: `lm_head`, or the token embeddings when `tied`.
     output: Linear,
+    /// Whether `output` is the token embedding matrix.
+    tied: bool,
     cos: Tensor,
     sin: Tensor,
     /// The adapters attached to this model: an immutable snapshot, replaced on change.
@@ -258,8 +258,9 @@ impl Llama {
         };
         let device = embed.device().clone();
         let (cos, sin) = rope_tables(hd, config.rope_theta, config.max_position_embeddings, &device)?;
-        let output = Linear::new(lm_head.clone().unwrap_or_else(|| embed.clone()), None);
-        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, lm_head, output, cos, sin, adapters: Arc::default() })
+        let tied = lm_head.is_none();
+        let output = Linear::new(lm_head.unwrap_or_else(|| embed.clone()), None);
+        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, output, tied, cos, sin, adapters: Arc::default() })
     }
 
     /// The device the weights live on.
@@ -272,7 +273,7 @@ impl Llama {
         let lin = |l: &Linear| l.weight.elem_count();
         self.embed.elem_count()
             + self.norm.weight.elem_count()
-            + self.lm_head.as_ref().map_or(0, |t| t.elem_count())
+            + if self.tied { 0 } else { self.output.weight.elem_count() }
             + self
                 .layers
                 .iter()
@@ -292,7 +293,7 @@ impl Llama {
 
     /// Whether the output projection is the token embedding matrix.
     pub fn ties_embeddings(&self) -> bool {
-        self.lm_head.is_none()
+        self.tied
     }
 
     /// The final hidden states `[batch, seq, hidden]` (after the final norm).
@@ -332,7 +333,7 @@ impl Llama {
 
     /// The output projection `[vocab, hidden]` (the token embeddings when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+        &self.output.weight
     }
 
     /// Logits `[batch, seq, vocab]` from final hidden states.
@@ -344,22 +345,20 @@ impl Llama {
     /// [`Linear::forward_decoding`]): token-by-token generation then reads a quarter of the
     /// bytes. Prompts, training and forwards without a cache still use the f32 weights.
     pub fn quantize_for_decoding(&mut self) -> Result<()> {
-        for layer in &mut self.layers {
-            for lin in [&mut layer.q, &mut layer.k, &mut layer.v, &mut layer.o, &mut layer.gate, &mut layer.up, &mut layer.down] {
-                lin.quantize()?;
-            }
-        }
-        self.output.quantize()
+        self.projections_mut().try_for_each(Linear::quantize)
     }
 
     /// Drops the 8-bit copies: every forward runs on the f32 weights.
     pub fn dequantize(&mut self) {
-        for layer in &mut self.layers {
-            for lin in [&mut layer.q, &mut layer.k, &mut layer.v, &mut layer.o, &mut layer.gate, &mut layer.up, &mut layer.down] {
-                lin.dequantize();
-            }
-        }
-        self.output.dequantize();
+        self.projections_mut().for_each(Linear::dequantize);
+    }
+
+    /// Every projection of every layer, and the output layer.
+    fn projections_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
+            .chain(std::iter::once(&mut self.output))
     }
 
     /// Logits at the last position of each row, `[batch, vocab]`.
@@ -442,8 +441,8 @@ impl Llama {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         tensors.insert("model.embed_tokens.weight".into(), self.embed.clone());
         tensors.insert("model.norm.weight".into(), self.norm.weight.clone());
-        if let Some(head) = &self.lm_head {
-            tensors.insert("lm_head.weight".into(), head.clone());
+        if !self.tied {
+            tensors.insert("lm_head.weight".into(), self.output.weight.clone());
         }
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
@@ -468,7 +467,7 @@ impl Llama {
     pub fn save_hf_weights(&self, dir: &Path) -> std::result::Result<(), Error> {
         let tensors = self.hf_tensors();
         let mut config = self.config.clone();
-        config.tie_word_embeddings = self.lm_head.is_none();
+        config.tie_word_embeddings = self.tied;
         // Weights first: a folder with a config.json is one whose weights are complete.
         adapters_core::io::save_tensors_atomic(&tensors, &dir.join("model.safetensors"))?;
         let json = serde_json::to_string_pretty(&config).expect("configs serialise");
