@@ -4,7 +4,7 @@
 //! softmax probabilities kept from the forward.
 
 use super::simd::{self, exp, multiversion};
-use super::{fused, gemm, slice, with_values, Mat, SharedMut};
+use super::{fused, gemm, output_buffer, slice, with_values, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -164,8 +164,9 @@ impl CustomOp3 for Attention {
         let (h, tk) = (self.heads, self.tk);
         let hd = width / h;
         let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
-        let mut out = vec![0f32; b * tq * width];
-        let mut probs = vec![0f32; if self.keep { b * h * tq * tk } else { 0 }];
+        // SAFETY (buffers below): every (row, head) task writes its whole part.
+        let mut out = unsafe { output_buffer(b * tq * width) };
+        let mut probs = unsafe { output_buffer(if self.keep { b * h * tq * tk } else { 0 }) };
         let (out_ptr, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
         (0..b * h).into_par_iter().for_each_init(
             || vec![0f32; if self.keep { 0 } else { tq * tk }],
@@ -208,9 +209,10 @@ impl CustomOp3 for Attention {
         let (h, tk) = (self.heads, self.tk);
         let hd = width / h;
         let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
-        let mut dq = vec![0f32; b * tq * width];
-        let mut dk = vec![0f32; b * tk * kv_width];
-        let mut dv = vec![0f32; b * tk * kv_width];
+        // SAFETY (buffers below): each task overwrites its heads' columns (its first
+        // query head of a group writes dk and dv, later ones add).
+        let (mut dq, mut dk, mut dv) =
+            unsafe { (output_buffer(b * tq * width), output_buffer(b * tk * kv_width), output_buffer(b * tk * kv_width)) };
         let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         with_values([q, k, v, grad], "attention", |[q, k, v, g]| {
             // One task per (row, key/value head): it owns that head's dk and dv and

@@ -1,7 +1,7 @@
 //! Exact (erf) GELU with a vectorised erf, and its derivative in one pass.
 
 use super::simd::{erf, exp, multiversion};
-use super::{fused, slice, with_values};
+use super::{fused, output_buffer, slice, with_values};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -44,13 +44,15 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "gelu-erf")?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: forward_chunk writes every element.
+        let mut y = unsafe { output_buffer(x.len()) };
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let mut dx = vec![0f32; x.elem_count()];
+        // SAFETY: backward_chunk writes every element.
+        let mut dx = unsafe { output_buffer(x.elem_count()) };
         with_values([x, grad], "gelu-erf", |[xv, gv]| {
             dx.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(gv.par_chunks(CHUNK))).for_each(|(dx, (x, g))| backward_chunk(x, g, dx))
         })?;

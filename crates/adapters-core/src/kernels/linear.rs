@@ -2,7 +2,7 @@
 //! computes the weight's and bias's gradients only when they train.
 
 use super::simd::multiversion;
-use super::{fused, gemm, slice, with_values, Mat, SharedMut};
+use super::{fused, gemm, output_buffer, slice, with_values, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -45,10 +45,11 @@ impl Linear {
         if k != k2 || b.is_some_and(|b| b.len() != n) {
             candle_core::bail!("linear: input {:?}, weight {:?} and bias do not fit", xl.shape(), wl.shape());
         }
-        let mut y = match b {
-            Some(b) => b.repeat(m),
-            None => vec![0f32; m * n],
-        };
+        // SAFETY: the bias rows below, or else the gemm (not accumulating), write all of y.
+        let mut y = unsafe { output_buffer(m * n) };
+        if let Some(b) = b {
+            y.par_chunks_mut(ROWS * n).for_each(|block| block.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b)));
+        }
         // SAFETY: x is m x k, W is n x k (read as its transpose), y is m x n, all in bounds.
         unsafe {
             gemm(

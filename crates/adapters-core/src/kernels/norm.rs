@@ -2,7 +2,7 @@
 //! row's statistics for the backward pass.
 
 use super::simd::{self, multiversion};
-use super::{fused, slice, with_values, SharedMut};
+use super::{fused, output_buffer, slice, with_values, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -133,7 +133,8 @@ impl Norm {
             candle_core::bail!("norm: input {:?} and weight of {} do not fit", xl.shape(), w.len());
         }
         let rows = x.len() / dim;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: every row is normalised into y.
+        let mut y = unsafe { output_buffer(x.len()) };
         let mut stats = vec![(0f32, 0f32); rows];
         y.par_chunks_mut(dim * CHUNK).zip(x.par_chunks(dim * CHUNK)).zip(stats.par_chunks_mut(CHUNK)).for_each(|((y, x), st)| {
             for ((y, x), st) in y.chunks_mut(dim).zip(x.chunks(dim)).zip(st.iter_mut()) {
@@ -167,7 +168,8 @@ impl Norm {
         if stats.len() != rows {
             candle_core::bail!("norm: backward without the forward's statistics (or run twice)");
         }
-        let mut dx = vec![0f32; x.elem_count()];
+        // SAFETY: every row of dx is written by backward_row.
+        let mut dx = unsafe { output_buffer(x.elem_count()) };
         let chunks = rows.div_ceil(CHUNK);
         let mut partial = vec![0f32; chunks * 2 * dim];
         let ptr = SharedMut(partial.as_mut_ptr());

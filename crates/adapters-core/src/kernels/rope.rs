@@ -3,7 +3,7 @@
 //! rotation.
 
 use super::simd::multiversion;
-use super::{fused, slice, with_values};
+use super::{fused, output_buffer, slice, with_values};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -60,7 +60,8 @@ impl Rope {
     fn apply(&self, x: &[f32], dims: &[usize], sign: f32) -> Result<Vec<f32>> {
         let [_, t, width] = dims else { candle_core::bail!("rope: expects [batch, seq, width]") };
         let half = width / self.heads / 2;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: rotate writes every element of each position.
+        let mut y = unsafe { output_buffer(x.len()) };
         y.par_chunks_mut(*width).zip(x.par_chunks(*width)).enumerate().for_each(|(pos, (y, x))| {
             let p = pos % t;
             rotate(x, y, &self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half], half, sign)

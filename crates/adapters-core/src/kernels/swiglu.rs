@@ -1,7 +1,7 @@
 //! `silu(gate) · up`, the gated FFN activation of Llama, in one pass each way.
 
 use super::simd::{exp, multiversion};
-use super::{fused, slice, with_values};
+use super::{fused, output_buffer, slice, with_values};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -42,14 +42,16 @@ impl CustomOp2 for SwiGlu {
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (slice(gs, gl, "swiglu")?, slice(us, ul, "swiglu")?);
-        let mut y = vec![0f32; g.len()];
+        // SAFETY: forward_chunk writes every element.
+        let mut y = unsafe { output_buffer(g.len()) };
         y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| forward_chunk(g, u, y));
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = gate.elem_count();
-        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        // SAFETY: backward_chunk writes every element of both.
+        let (mut dg, mut du) = unsafe { (output_buffer(n), output_buffer(n)) };
         with_values([gate, up, grad], "swiglu", |[g, u, dy]| {
             dg.par_chunks_mut(CHUNK)
                 .zip(du.par_chunks_mut(CHUNK))
