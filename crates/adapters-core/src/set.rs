@@ -149,6 +149,12 @@ impl AdapterSet {
         Ok(out)
     }
 
+    /// Whether any adapter may run at `point` in this forward pass (an active one, or any
+    /// when rows choose their own): backbones fuse operations around points where none does.
+    pub fn may_act_at(&self, point: Point, ctx: &ForwardCtx) -> bool {
+        ctx.row_groups.is_some() || self.active_at.contains_key(&point)
+    }
+
     /// Runs the adapters at a hidden site; returns the (possibly new) sublayer output.
     pub fn hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let run = |stack: &[Arc<dyn Adapter>], input: &Tensor, output: &Tensor, ctx: &ForwardCtx| -> Result<Tensor> {

@@ -307,8 +307,15 @@ impl Bert {
         let attn = self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?;
         let x = layer.attn_norm.forward_add(&attn, x)?;
 
-        let up = self.activation.apply(&self.project(&layer.up, Point::new(l, Site::FfnUp), &x, ctx)?)?;
-        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &up, ctx)?;
+        let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &x, ctx)?;
+        let down = Point::new(l, Site::FfnDown);
+        let ffn = match (self.activation, &layer.down.bias) {
+            // GELU inside the down projection: its output is not kept for the backward pass.
+            (Activation::GeluErf, Some(bias)) if !self.adapters.may_act_at(down, ctx) => {
+                kernels::gelu_linear(&up, &layer.down.weight, bias)?
+            }
+            _ => self.project(&layer.down, down, &self.activation.apply(&up)?, ctx)?,
+        };
         let ffn_norm = |z: &Tensor| layer.ffn_norm.forward(z);
         let io = SublayerIo { input: &x, output: &ffn, post_norm: Some(&ffn_norm) };
         let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;

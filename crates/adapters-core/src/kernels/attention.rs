@@ -1,7 +1,9 @@
 //! Scaled dot-product attention over heads kept in the projections' `[batch, seq, heads *
 //! head_dim]` layout: no transposes or copies, one task per (row, head) on the thread pool
-//! (the per-head matrices are too small to split well), and a backward that reuses the
-//! softmax probabilities kept from the forward.
+//! (the per-head matrices are too small to split well), and a backward that recomputes
+//! the softmax probabilities from two numbers per query kept by the forward (keeping them
+//! would hold `batch x heads x seq²` floats per layer until the backward: 25 MB for each
+//! MiniLM layer at batch 32 x seq 128, for a recomputation costing ~1% of a step).
 
 use super::simd::{self, exp, multiversion};
 use super::{fused, gemm, output_buffer, slice, with_values, Mat, SharedMut};
@@ -51,7 +53,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usi
         );
     }
     let keep = q.track_op() || k.track_op() || v.track_op();
-    let op = Attention { heads, kv_heads, scale: scale as f32, mask, tq, tk, probs: Mutex::new(None), keep };
+    let op = Attention { heads, kv_heads, scale: scale as f32, mask, tq, tk, stats: Mutex::new(None), keep };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -101,15 +103,17 @@ struct Attention {
     mask: Option<Mask>,
     tq: usize,
     tk: usize,
-    /// Softmax probabilities `[batch, heads, seq_q, seq_k]`, kept for the backward pass.
-    probs: Mutex<Option<Vec<f32>>>,
+    /// Each query's softmax maximum and 1 / normaliser, `[batch, heads, seq_q, 2]`, kept
+    /// for the backward pass to recompute the probabilities.
+    stats: Mutex<Option<Vec<f32>>>,
     /// Whether to keep them (some input trains).
     keep: bool,
 }
 
 multiversion! {
-    /// Adds the mask row, then turns `row` into its softmax.
-    fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) {
+    /// Adds the mask row, then turns `row` into its softmax; returns the row's maximum and
+    /// 1 / normaliser, from which [`softmax_row_again`] recomputes it.
+    fn softmax_row(row: &mut [f32], mask: Option<&[f32]>) -> (f32, f32) {
         if let Some(m) = mask {
             for (x, m) in row.iter_mut().zip(m) {
                 *x += m;
@@ -122,6 +126,22 @@ multiversion! {
         let inv = 1.0 / simd::sum(row);
         for x in row.iter_mut() {
             *x *= inv;
+        }
+        (max, inv)
+    }
+}
+
+multiversion! {
+    /// [`softmax_row`] given the maximum and 1 / normaliser it returned: the same
+    /// operations in the same order, so the same values.
+    fn softmax_row_again(row: &mut [f32], mask: Option<&[f32]>, max: f32, inv: f32) {
+        if let Some(m) = mask {
+            for (x, m) in row.iter_mut().zip(m) {
+                *x += m;
+            }
+        }
+        for x in row.iter_mut() {
+            *x = exp(*x - max) * inv;
         }
     }
 }
@@ -166,23 +186,27 @@ impl CustomOp3 for Attention {
         let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
         // SAFETY (buffers below): every (row, head) task writes its whole part.
         let mut out = unsafe { output_buffer(b * tq * width) };
-        let mut probs = unsafe { output_buffer(if self.keep { b * h * tq * tk } else { 0 }) };
-        let (out_ptr, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
+        let mut stats = unsafe { output_buffer(if self.keep { b * h * tq * 2 } else { 0 }) };
+        let (out_ptr, stats_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(stats.as_mut_ptr()));
         (0..b * h).into_par_iter().for_each_init(
-            || vec![0f32; if self.keep { 0 } else { tq * tk }],
+            || vec![0f32; tq * tk],
             |scratch, task| {
                 let (row, head) = (task / h, task % h);
-                // SAFETY: task (row, head) writes only its own [tq, tk] block of probs (or its
-                // own scratch) and its own head's columns of out; reads stay in bounds.
+                // SAFETY: task (row, head) writes only its scratch, its own [tq, 2] block of
+                // stats and its own head's columns of out; reads stay in bounds.
                 unsafe {
-                    let p = if self.keep { probs_ptr.get().add(task * tq * tk) } else { scratch.as_mut_ptr() };
+                    let p = scratch.as_mut_ptr();
                     let qo = q.as_ptr().add(row * tq * width + head * hd);
                     let ko = k.as_ptr().add(row * tk * kv_width + head / group * hd);
                     let vo = v.as_ptr().add(row * tk * kv_width + head / group * hd);
                     let (w, kw) = (width as isize, kv_width as isize);
                     gemm(tq, tk, hd, SharedMut(p), tk as isize, Mat(qo, w, 1), Mat(ko, 1, kw), self.scale, false, 1);
                     for i in 0..tq {
-                        softmax_row(std::slice::from_raw_parts_mut(p.add(i * tk), tk), self.mask_row(row, i));
+                        let (max, inv) = softmax_row(std::slice::from_raw_parts_mut(p.add(i * tk), tk), self.mask_row(row, i));
+                        if self.keep {
+                            let st = stats_ptr.get().add((task * tq + i) * 2);
+                            (*st, *st.add(1)) = (max, inv);
+                        }
                     }
                     let o = out_ptr.get().add(row * tq * width + head * hd);
                     gemm(tq, hd, tk, SharedMut(o), w, Mat(p, tk as isize, 1), Mat(vo, kw, 1), 1.0, false, 1);
@@ -190,7 +214,7 @@ impl CustomOp3 for Attention {
             },
         );
         if self.keep {
-            *self.probs.lock().expect("attention probabilities") = Some(probs);
+            *self.stats.lock().expect("attention statistics") = Some(stats);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, tq, width))))
     }
@@ -203,8 +227,8 @@ impl CustomOp3 for Attention {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let probs = self.probs.lock().expect("attention probabilities").take();
-        let Some(probs) = probs else { candle_core::bail!("attention: backward without kept probabilities (or run twice)") };
+        let stats = self.stats.lock().expect("attention statistics").take();
+        let Some(stats) = stats else { candle_core::bail!("attention: backward without the forward's statistics (or run twice)") };
         let (b, tq, width) = q.dims3()?;
         let (h, tk) = (self.heads, self.tk);
         let hd = width / h;
@@ -218,8 +242,8 @@ impl CustomOp3 for Attention {
             // One task per (row, key/value head): it owns that head's dk and dv and
             // sums into them over the query heads of its group.
             (0..b * self.kv_heads).into_par_iter().for_each_init(
-                || vec![0f32; tq * tk],
-                |ds, task| {
+                || (vec![0f32; tq * tk], vec![0f32; tq * tk]),
+                |(probs, ds), task| {
                     let (row, kv_head) = (task / self.kv_heads, task % self.kv_heads);
                     let (w, kw) = (width as isize, kv_width as isize);
                     let off_k = row * tk * kv_width + kv_head * hd;
@@ -229,9 +253,16 @@ impl CustomOp3 for Attention {
                         let ko = k.as_ptr().add(off_k);
                         let vo = v.as_ptr().add(off_k);
                         for (i, head) in (kv_head * group..(kv_head + 1) * group).enumerate() {
-                            let p = probs.as_ptr().add((row * h + head) * tq * tk);
                             let off_q = row * tq * width + head * hd;
                             let (qo, go) = (q.as_ptr().add(off_q), g.as_ptr().add(off_q));
+                            // P again: the forward's scores, mask and softmax, from its statistics.
+                            let p = probs.as_mut_ptr();
+                            gemm(tq, tk, hd, SharedMut(p), tk as isize, Mat(qo, w, 1), Mat(ko, 1, kw), self.scale, false, 1);
+                            for r in 0..tq {
+                                let st = &stats[((row * h + head) * tq + r) * 2..][..2];
+                                softmax_row_again(std::slice::from_raw_parts_mut(p.add(r * tk), tk), self.mask_row(row, r), st[0], st[1]);
+                            }
+                            let p = p as *const f32;
                             let first = i == 0;
                             // dV += Pᵀ dO
                             gemm(tk, hd, tq, SharedMut(dv_ptr.get().add(off_k)), kw, Mat(p, 1, tk as isize), Mat(go, w, 1), 1.0, !first, 1);

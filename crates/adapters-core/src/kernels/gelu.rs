@@ -21,7 +21,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 struct GeluErf;
 
 multiversion! {
-    fn forward_chunk(x: &[f32], y: &mut [f32]) {
+    pub(super) fn forward_chunk(x: &[f32], y: &mut [f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
         }
@@ -29,12 +29,28 @@ multiversion! {
 }
 
 multiversion! {
-    fn backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
+    pub(super) fn backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
             let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
             *dx = g * (cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x));
         }
     }
+}
+
+/// GELU of every value, in parallel chunks.
+pub(super) fn values(x: &[f32]) -> Vec<f32> {
+    // SAFETY: forward_chunk writes every element.
+    let mut y = unsafe { output_buffer(x.len()) };
+    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y));
+    y
+}
+
+/// The gradient through GELU: `g ⊙ GELU'(x)`, in parallel chunks.
+pub(super) fn backward_values(x: &[f32], g: &[f32]) -> Vec<f32> {
+    // SAFETY: backward_chunk writes every element.
+    let mut dx = unsafe { output_buffer(x.len()) };
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(dx, (x, g))| backward_chunk(x, g, dx));
+    dx
 }
 
 impl CustomOp1 for GeluErf {
@@ -43,19 +59,11 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "gelu-erf")?;
-        // SAFETY: forward_chunk writes every element.
-        let mut y = unsafe { output_buffer(x.len()) };
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(values(slice(s, l, "gelu-erf")?)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // SAFETY: backward_chunk writes every element.
-        let mut dx = unsafe { output_buffer(x.elem_count()) };
-        with_values([x, grad], "gelu-erf", |[xv, gv]| {
-            dx.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK).zip(gv.par_chunks(CHUNK))).for_each(|(dx, (x, g))| backward_chunk(x, g, dx))
-        })?;
+        let dx = with_values([x, grad], "gelu-erf", |[xv, gv]| backward_values(xv, gv))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

@@ -2,7 +2,7 @@
 //! computes the weight's and bias's gradients only when they train.
 
 use super::simd::multiversion;
-use super::{fused, gemm, output_buffer, slice, with_values, Mat, SharedMut};
+use super::{fused, gelu, gemm, output_buffer, slice, with_values, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -25,6 +25,21 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
         None => flat.apply_op2(&weight, Linear)?,
     };
     y.reshape(out_dims)
+}
+
+/// `GELU(x) Wᵀ + b` (erf GELU), without keeping `GELU(x)` for the backward pass: it is
+/// recomputed there only if the weight trains (the input's gradient needs `x` alone).
+/// For a frozen FFN down projection this saves an `[tokens, intermediate]` activation
+/// per layer (25 MB per MiniLM layer at batch 32 x seq 128).
+pub fn gelu_linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !fused(&[x, weight, bias]) {
+        return composed(&x.gelu_erf()?, weight, Some(bias));
+    }
+    let features = x.dim(candle_core::D::Minus1)?;
+    let flat = x.contiguous()?.reshape((x.elem_count() / features, features))?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("x has a last dimension") = weight.dim(0)?;
+    flat.apply_op3(&weight.contiguous()?, &bias.contiguous()?, GeluLinear)?.reshape(out_dims)
 }
 
 /// The same maths from candle ops.
@@ -115,6 +130,52 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gx, gw) = Linear::grads(x, w, grad)?;
+        let gb = if b.track_op() { Some(column_sums(grad)?) } else { None };
+        Ok((gx, gw, gb))
+    }
+}
+
+struct GeluLinear;
+
+impl CustomOp3 for GeluLinear {
+    fn name(&self) -> &'static str {
+        "gelu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let activated = gelu::values(slice(xs, xl, "gelu-linear")?);
+        Linear::forward(&activated, xl, slice(ws, wl, "gelu-linear")?, wl, Some(slice(bs, bl, "gelu-linear")?))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let gx = if x.track_op() {
+            let g_activated = grad.matmul(w)?;
+            let gx = with_values([x, &g_activated], "gelu-linear", |[xv, gv]| gelu::backward_values(xv, gv))?;
+            Some(Tensor::from_vec(gx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            let activated = with_values([x], "gelu-linear", |[xv]| gelu::values(xv))?;
+            Some(grad.t()?.matmul(&Tensor::from_vec(activated, x.shape(), x.device())?)?)
+        } else {
+            None
+        };
         let gb = if b.track_op() { Some(column_sums(grad)?) } else { None };
         Ok((gx, gw, gb))
     }

@@ -80,6 +80,18 @@ fn linear_matches_composed_with_and_without_bias() {
     check("linear", &[x, w], &|t| linear::linear(&t[0], &t[1], None), &|t| linear::composed(&t[0], &t[1], None), 1e-5);
 }
 
+#[test]
+fn gelu_linear_matches_composed() {
+    let (x, w, b) = (randn(&[2, 5, 7], 11), randn(&[3, 7], 12), randn(&[3], 13));
+    check(
+        "gelu-linear",
+        &[x, w, b],
+        &|t| linear::gelu_linear(&t[0], &t[1], &t[2]),
+        &|t| linear::composed(&t[0].gelu_erf()?, &t[1], Some(&t[2])),
+        1e-5,
+    );
+}
+
 /// A frozen weight (not a variable) gets no gradient computed: only the input's is stored.
 #[test]
 fn linear_skips_the_gradient_of_a_frozen_weight() {
