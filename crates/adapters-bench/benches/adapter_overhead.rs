@@ -28,7 +28,7 @@ fn attach(m: &mut Backbone, name: &str, kind: &str, config: serde_json::Value) {
 }
 
 fn main() {
-    adapters_core::kernels::keep_freed_buffers();
+    adapters_core::kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

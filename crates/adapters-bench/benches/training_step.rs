@@ -34,7 +34,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 fn main() {
-    adapters_core::kernels::keep_freed_buffers();
+    adapters_core::kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

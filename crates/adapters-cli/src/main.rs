@@ -217,7 +217,7 @@ struct AdapterArgs {
 }
 
 fn main() {
-    adapters_core::kernels::keep_freed_buffers();
+    adapters_core::kernels::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Kinds => commands::kinds(),

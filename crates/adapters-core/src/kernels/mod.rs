@@ -34,20 +34,31 @@ pub use swiglu::swiglu;
 use candle_core::{CpuStorage, DType, Error, Layout, Result, Storage, Tensor};
 use std::sync::OnceLock;
 
-/// Makes glibc keep freed tensor buffers for reuse; call once at the start of a program.
+/// Tunes the process for CPU training and inference; call once at the start of a
+/// program, before any other thread exists.
 ///
-/// Each kernel allocates its output, and a BERT training step allocates and frees ~1 GB
-/// in buffers of 1-25 MB. glibc's defaults return such buffers to the kernel on free
-/// (`munmap`, or trimming the heap), so every step faults them in again page by page and
-/// flushes TLBs: ~15% of a MiniLM training step here. Raising the mmap threshold to its
-/// maximum (32 MiB) and the trim threshold out of reach keeps them in the heap.
-/// Elsewhere than Linux with glibc this does nothing.
-pub fn keep_freed_buffers() {
+/// 1. Makes glibc keep freed tensor buffers for reuse. Each kernel allocates its output,
+///    and a BERT training step allocates and frees ~1 GB in buffers of 1-25 MB. glibc's
+///    defaults return such buffers to the kernel on free (`munmap`, or trimming the
+///    heap), so every step faults them in again page by page and flushes TLBs: ~15% of a
+///    MiniLM training step here. Raising the mmap threshold to its maximum (32 MiB) and
+///    the trim threshold out of reach keeps them in the heap (glibc on Linux only).
+/// 2. Stops candle's elementwise thread pool spinning between operations (unless
+///    `CANDLE_BARRIER_POOL_SPIN_LIMIT` is set): after each candle elementwise op its
+///    workers spin for ~25,000 iterations, taking a core from the gemm and kernel
+///    threads that run next: 6-7% of a SmolLM2 training step's CPU time on 2 cores.
+pub fn tune_cpu_runtime() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before heavy allocation.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+    const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN).is_none() {
+        // The caller runs this before starting threads, so nothing reads the environment
+        // concurrently (candle reads this variable when its pool first starts).
+        std::env::set_var(SPIN, "0");
     }
 }
 
