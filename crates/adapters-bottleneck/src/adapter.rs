@@ -157,11 +157,22 @@ impl Adapter for Bottleneck {
             Some(n) => layer_norm(&z, n)?,
             None => z,
         };
-        let mut up = linear(&act(c.non_linearity, &linear(&z, &s.down_w, &s.down_b)?)?, &s.up_w, &s.up_b)?;
+        let hidden = act(c.non_linearity, &linear(&z, &s.down_w, &s.down_b)?)?;
+        // A fixed scale with nothing between it and the up projection goes into that
+        // projection's (small) weight and bias: no pass over the [tokens, hidden] output.
+        let fold = match (&c.scaling, &s.norm_after) {
+            (Scaling::Fixed(v), None) if *v != 1.0 => Some(*v),
+            _ => None,
+        };
+        let mut up = match fold {
+            Some(v) => kernels::linear(&hidden, &(s.up_w.as_tensor() * v)?, Some(&(s.up_b.as_tensor() * v)?))?,
+            None => linear(&hidden, &s.up_w, &s.up_b)?,
+        };
         if let Some(n) = &s.norm_after {
             up = layer_norm(&up, n)?;
         }
         up = match (&c.scaling, &s.scaling) {
+            (Scaling::Fixed(_), _) if fold.is_some() => up,
             (Scaling::Fixed(v), _) if *v == 1.0 => up,
             (Scaling::Fixed(v), _) => (up * *v)?,
             (_, Some(learned)) => up.broadcast_mul(learned.as_tensor())?,
