@@ -416,7 +416,13 @@ impl Llama {
         let n = layer.ffn_norm.forward(&x)?;
         let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx, decoding)?;
         let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &n, ctx, decoding)?;
-        let ffn = self.project(&layer.down, Point::new(l, Site::FfnDown), &kernels::swiglu(&gate, &up)?, ctx, decoding)?;
+        let down = Point::new(l, Site::FfnDown);
+        let ffn = if !decoding && layer.down.bias.is_none() && !self.adapters.may_act_at(down, ctx) {
+            // The activation inside the down projection: it is not kept for the backward pass.
+            kernels::swiglu_linear(&gate, &up, &layer.down.weight)?
+        } else {
+            self.project(&layer.down, down, &kernels::swiglu(&gate, &up)?, ctx, decoding)?
+        };
         let io = SublayerIo { input: &x, output: &ffn, post_norm: None };
         &x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?
     }

@@ -2,7 +2,7 @@
 //! computes the weight's and bias's gradients only when they train.
 
 use super::simd::multiversion;
-use super::{fused, gelu, gemm, output_buffer, slice, with_values, Mat, SharedMut};
+use super::{fused, gelu, gemm, output_buffer, slice, swiglu, with_values, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -40,6 +40,22 @@ pub fn gelu_linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("x has a last dimension") = weight.dim(0)?;
     flat.apply_op3(&weight.contiguous()?, &bias.contiguous()?, GeluLinear)?.reshape(out_dims)
+}
+
+/// `(silu(gate) · up) Wᵀ`, Llama's FFN down projection over its gated activation, without
+/// keeping the activation for the backward pass: it is recomputed there only if the weight
+/// trains. Saves a `[tokens, intermediate]` activation per layer and its gradient's
+/// accumulation buffer.
+pub fn swiglu_linear(gate: &Tensor, up: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !fused(&[gate, up, weight]) || gate.shape() != up.shape() {
+        return composed(&(gate.silu()? * up)?, weight, None);
+    }
+    let features = gate.dim(candle_core::D::Minus1)?;
+    let rows = gate.elem_count() / features;
+    let mut out_dims = gate.dims().to_vec();
+    *out_dims.last_mut().expect("gate has a last dimension") = weight.dim(0)?;
+    let (gate, up) = (gate.contiguous()?.reshape((rows, features))?, up.contiguous()?.reshape((rows, features))?);
+    gate.apply_op3(&up, &weight.contiguous()?, SwigluLinear)?.reshape(out_dims)
 }
 
 /// The same maths from candle ops.
@@ -178,6 +194,53 @@ impl CustomOp3 for GeluLinear {
         };
         let gb = if b.track_op() { Some(column_sums(grad)?) } else { None };
         Ok((gx, gw, gb))
+    }
+}
+
+struct SwigluLinear;
+
+impl CustomOp3 for SwigluLinear {
+    fn name(&self) -> &'static str {
+        "swiglu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let activated = swiglu::values(slice(gs, gl, "swiglu-linear")?, slice(us, ul, "swiglu-linear")?);
+        Linear::forward(&activated, gl, slice(ws, wl, "swiglu-linear")?, wl, None)
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = if gate.track_op() || up.track_op() {
+            let g_activated = grad.matmul(w)?;
+            let (dg, du) = with_values([gate, up, &g_activated], "swiglu-linear", |[g, u, d]| swiglu::backward_values(g, u, d))?;
+            let dev = gate.device();
+            let keep = |t: &Tensor, v: Vec<f32>| if t.track_op() { Tensor::from_vec(v, t.shape(), dev).map(Some) } else { Ok(None) };
+            (keep(gate, dg)?, keep(up, du)?)
+        } else {
+            (None, None)
+        };
+        let gw = if w.track_op() {
+            let activated = with_values([gate, up], "swiglu-linear", |[g, u]| swiglu::values(g, u))?;
+            Some(grad.t()?.matmul(&Tensor::from_vec(activated, gate.shape(), gate.device())?)?)
+        } else {
+            None
+        };
+        Ok((dg, du, gw))
     }
 }
 

@@ -35,29 +35,37 @@ multiversion! {
     }
 }
 
+/// `silu(gate) · up` of every value, in parallel chunks.
+pub(super) fn values(g: &[f32], u: &[f32]) -> Vec<f32> {
+    // SAFETY: forward_chunk writes every element.
+    let mut y = unsafe { output_buffer(g.len()) };
+    y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| forward_chunk(g, u, y));
+    y
+}
+
+/// The gradients for gate and up given the output's, in parallel chunks.
+pub(super) fn backward_values(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    // SAFETY: backward_chunk writes every element of both.
+    let (mut dg, mut du) = unsafe { (output_buffer(g.len()), output_buffer(g.len())) };
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+        .for_each(|((dg, du), ((g, u), dy))| backward_chunk(g, u, dy, dg, du));
+    (dg, du)
+}
+
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
     }
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, u) = (slice(gs, gl, "swiglu")?, slice(us, ul, "swiglu")?);
-        // SAFETY: forward_chunk writes every element.
-        let mut y = unsafe { output_buffer(g.len()) };
-        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| forward_chunk(g, u, y));
+        let y = values(slice(gs, gl, "swiglu")?, slice(us, ul, "swiglu")?);
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = gate.elem_count();
-        // SAFETY: backward_chunk writes every element of both.
-        let (mut dg, mut du) = unsafe { (output_buffer(n), output_buffer(n)) };
-        with_values([gate, up, grad], "swiglu", |[g, u, dy]| {
-            dg.par_chunks_mut(CHUNK)
-                .zip(du.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
-                .for_each(|((dg, du), ((g, u), dy))| backward_chunk(g, u, dy, dg, du))
-        })?;
+        let (dg, du) = with_values([gate, up, grad], "swiglu", |[g, u, dy]| backward_values(g, u, dy))?;
         let dev = gate.device();
         let dg = if gate.track_op() { Some(Tensor::from_vec(dg, gate.shape(), dev)?) } else { None };
         let du = if up.track_op() { Some(Tensor::from_vec(du, up.shape(), dev)?) } else { None };

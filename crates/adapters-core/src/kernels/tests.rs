@@ -92,6 +92,18 @@ fn gelu_linear_matches_composed() {
     );
 }
 
+#[test]
+fn swiglu_linear_matches_composed() {
+    let (g, u, w) = (randn(&[2, 5, 7], 14), randn(&[2, 5, 7], 15), randn(&[3, 7], 16));
+    check(
+        "swiglu-linear",
+        &[g, u, w],
+        &|t| linear::swiglu_linear(&t[0], &t[1], &t[2]),
+        &|t| linear::composed(&(t[0].silu()? * &t[1])?, &t[2], None),
+        1e-5,
+    );
+}
+
 /// A frozen weight (not a variable) gets no gradient computed: only the input's is stored.
 #[test]
 fn linear_skips_the_gradient_of_a_frozen_weight() {
