@@ -93,6 +93,7 @@ fn with_values<const N: usize, R>(tensors: [&Tensor; N], op: &str, f: impl FnOnc
 ///
 /// # Safety
 /// The caller writes every element before anything reads it.
+#[allow(clippy::uninit_vec)] // the contract above: written in full before any read (as candle's own CPU ops do)
 unsafe fn output_buffer(len: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(len);
     // SAFETY: capacity is len; the caller's contract covers initialisation.
