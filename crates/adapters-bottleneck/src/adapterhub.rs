@@ -17,7 +17,9 @@ pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 pub const VERSION: &str = "adapters.1.3.0";
 
 pub(crate) fn detect(config: &Value) -> bool {
-    config.get("config").is_some_and(|c| c.is_object())
+    // A fusion folder's config has `adapter_names` (the fusion crate reads those).
+    config.get("adapter_names").is_none()
+        && config.get("config").is_some_and(|c| c.is_object())
         && config
             .get("version")
             .and_then(|v| v.as_str())

@@ -175,7 +175,7 @@ fn bad_folders_give_clear_errors_and_change_nothing() {
             std::fs::copy(good.join(f), dir.join(f)).unwrap();
         }
         edit(&dir);
-        m.load_adapter(&dir).expect_err("loading must fail").to_string()
+        m.load_adapter(&dir, None).expect_err("loading must fail").to_string()
     };
     let e = case("missing", &|d| std::fs::remove_file(d.join("adapter_model.safetensors")).unwrap());
     assert!(e.contains("adapter_model.safetensors") && e.contains("missing"), "{e}");
@@ -200,7 +200,7 @@ fn bad_folders_give_clear_errors_and_change_nothing() {
     assert!(e.contains("adapter_config.json") && e.contains("not valid JSON"), "{e}");
     // Another base model: the error names both.
     let mut llama = model("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let e = llama.load_adapter(&good).err().unwrap().to_string();
+    let e = llama.load_adapter(&good, None).err().unwrap().to_string();
     assert!(e.contains("bert (6 layers") && e.contains("llama (30 layers"), "{e}");
     assert!(llama.adapters().names().is_empty());
 
@@ -209,7 +209,7 @@ fn bad_folders_give_clear_errors_and_change_nothing() {
     assert_eq!(m.adapters().names(), vec!["kept"]);
     assert_eq!(m.adapters().active(), ["kept".to_string()]);
     assert_eq!(output(&m), before);
-    assert_eq!(m.load_adapter(&good).unwrap(), "a");
+    assert_eq!(m.load_adapter(&good, None).unwrap(), "a");
     m.adapters_mut().activate(&["kept", "a"]).unwrap();
     assert!(max_diff(&output(&m), &before) > 1e-4);
     std::fs::remove_dir_all(&tmp).ok();
@@ -225,7 +225,7 @@ fn adapters_with_the_version_1_fingerprint_still_load() {
     let legacy = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/legacy/pfeiffer_v1");
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(legacy.join("adapter_config.json")).unwrap()).unwrap();
     assert!(saved["base_model"].get("version").is_none(), "the fixture predates fingerprint versions");
-    let name = m.load_adapter(&legacy).unwrap();
+    let name = m.load_adapter(&legacy, None).unwrap();
     let adapter = m.adapters().get(&name).unwrap().clone();
     assert_eq!(adapter.kind(), "seq_bn");
 
@@ -234,7 +234,8 @@ fn adapters_with_the_version_1_fingerprint_still_load() {
     let again: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.join("again/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(again["base_model"]["version"], 2);
     assert_ne!(again["base_model"]["weights_checksum"], saved["base_model"]["weights_checksum"]);
-    assert!(m.load_adapter(&tmp.join("again")).is_ok());
+    assert!(m.load_adapter(&tmp.join("again"), None).unwrap_err().to_string().contains("already attached"));
+    assert_eq!(m.load_adapter(&tmp.join("again"), Some("again")).unwrap(), "again");
 
     let wrong = tmp.join("wrong");
     std::fs::create_dir_all(&wrong).unwrap();
@@ -242,7 +243,7 @@ fn adapters_with_the_version_1_fingerprint_still_load() {
     let mut edited = saved.clone();
     edited["base_model"]["weights_checksum"] = json!("0000000000000000");
     std::fs::write(wrong.join("adapter_config.json"), serde_json::to_vec(&edited).unwrap()).unwrap();
-    let e = m.load_adapter(&wrong).unwrap_err().to_string();
+    let e = m.load_adapter(&wrong, None).unwrap_err().to_string();
     assert!(e.contains("was made for the base model"), "{e}");
     std::fs::remove_dir_all(&tmp).ok();
 }

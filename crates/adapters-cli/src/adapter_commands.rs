@@ -1,6 +1,6 @@
 //! Adapter folders: create (`new`), describe (`inspect`), merge into the base (`merge`).
 
-use crate::commands::{open, open_with};
+use crate::commands::{open, open_with, AdapterArgs};
 use adapters_core::io::{self, read_json, read_tensors, CONFIG_FILE};
 use adapters_core::{registry, InsertionPoint, Placement};
 use adapters_models::HoldsAdapters;
@@ -153,10 +153,10 @@ pub fn inspect(dir: &Path, model: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-pub fn merge(model: &Path, adapters: &[PathBuf], out: &Path) -> Result<()> {
+pub fn merge(model: &Path, adapters: &AdapterArgs, out: &Path) -> Result<()> {
     check_empty_target(out)?;
     let mut loaded = open_with(model, adapters)?;
-    let names: Vec<String> = loaded.backbone.adapters().active().to_vec();
+    let names: Vec<String> = loaded.backbone.adapters().active();
     for name in &names {
         loaded.backbone.merge(name)?;
     }

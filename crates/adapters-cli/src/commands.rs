@@ -1,6 +1,6 @@
 //! The subcommands: thin layers over adapters-core and adapters-models.
 
-use adapters_core::{registry, ForwardCtx, InsertionPoint};
+use adapters_core::{registry, ForwardCtx, InsertionPoint, Setup};
 use adapters_models::generate::{generate as run_generation, Sampling};
 use adapters_models::heads::{l2_normalize, mean_pool};
 use adapters_models::HoldsAdapters;
@@ -8,7 +8,7 @@ use adapters_models::{load, Backbone, LoadedModel, Message};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub fn device() -> Result<Device> {
     #[cfg(feature = "cuda")]
@@ -19,28 +19,80 @@ pub fn device() -> Result<Device> {
 
 pub fn open(model: &Path) -> Result<LoadedModel> {
     // Touch every family crate so the linker keeps their registrations.
-    let _ = (adapters_bottleneck::family(), adapters_lora::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
     Ok(load(model, &device()?)?)
 }
 
-/// Loads a model and attaches the adapter folders, stacked in the given order.
-pub fn open_with(model: &Path, adapters: &[std::path::PathBuf]) -> Result<LoadedModel> {
+/// Adapters to attach before running, and how to compose them.
+#[derive(clap::Args, Debug, Default)]
+pub struct AdapterArgs {
+    /// An adapter folder (ours, PEFT LoRA or AdapterHub bottleneck), as `DIR` (named as
+    /// saved in it) or `NAME=DIR`. Repeat to load several; without --setup they are
+    /// stacked in the given order. Two adapters with one name are an error.
+    #[arg(long = "adapter", value_name = "[NAME=]DIR")]
+    pub adapter: Vec<String>,
+    /// A fusion folder over loaded adapters (ours, or AdapterHub's `save_adapter_fusion`
+    /// output); use it with --setup 'fuse(a, b)'. Repeatable.
+    #[arg(long = "fusion", value_name = "DIR")]
+    pub fusion: Vec<PathBuf>,
+    /// How to compose the loaded adapters, e.g. 'fuse(a, b, c)', 'stack(lang, task)',
+    /// 'average(a, b; weights=0.7, 0.3)' (weights as given; add '; normalize' to divide by
+    /// their sum), 'parallel(a, b)' (one output per adapter from one pass),
+    /// 'batch_split(a, b; sizes=2, 2)' (rows), 'split(a, b; splits=64, 64)' (positions).
+    #[arg(long, value_name = "EXPR")]
+    pub setup: Option<String>,
+}
+
+impl AdapterArgs {
+    /// Plain adapter folders, stacked.
+    pub fn stacked(dirs: &[PathBuf]) -> Self {
+        AdapterArgs { adapter: dirs.iter().map(|d| d.display().to_string()).collect(), ..Default::default() }
+    }
+
+    /// Each `--adapter` as (name, folder): `NAME=DIR` when the part before `=` is a plain
+    /// name and `DIR` otherwise.
+    pub fn named_dirs(&self) -> Vec<(Option<String>, PathBuf)> {
+        self.adapter
+            .iter()
+            .map(|a| match a.split_once('=') {
+                Some((name, dir)) if !name.is_empty() && !name.contains(std::path::is_separator) => (Some(name.to_string()), dir.into()),
+                _ => (None, a.into()),
+            })
+            .collect()
+    }
+
+    /// The adapter and fusion folders (where saved heads may be).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.named_dirs().into_iter().map(|(_, d)| d).chain(self.fusion.iter().cloned()).collect()
+    }
+}
+
+/// Loads a model, attaches the adapter and fusion folders and activates `--setup` (or
+/// the adapters stacked in the given order).
+pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
     let mut loaded = open(model)?;
     let mut names = Vec::new();
-    for dir in adapters {
+    for (name, dir) in args.named_dirs() {
         if !dir.join(adapters_core::io::CONFIG_FILE).exists() && dir.join(adapters_train::heads::HEADS_DIR).is_dir() {
             continue; // a head-only run folder: heads, no adapter
         }
-        let name = loaded.backbone.load_adapter(dir).with_context(|| format!("loading the adapter {}", dir.display()))?;
+        let name = loaded.backbone.load_adapter(&dir, name.as_deref()).with_context(|| format!("loading the adapter {}", dir.display()))?;
         names.push(name);
     }
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    loaded.backbone.adapters_mut().activate(&refs)?;
+    for dir in &args.fusion {
+        loaded.backbone.load_adapter(dir, None).with_context(|| format!("loading the fusion {}", dir.display()))?;
+    }
+    let setup = match &args.setup {
+        Some(expr) => Some(expr.parse::<Setup>().with_context(|| format!("--setup {expr:?}"))?),
+        None if names.is_empty() => None,
+        None => Some(Setup::stack(&names)),
+    };
+    loaded.backbone.adapters_mut().set_setup(setup).context("--setup")?;
     Ok(loaded)
 }
 
 pub fn kinds() -> Result<()> {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
     let kinds = registry::kinds();
     if kinds.is_empty() {
         println!("No adapter kinds are registered in this build.");
@@ -110,7 +162,7 @@ fn embeddings(loaded: &LoadedModel, texts: &[String]) -> Result<Vec<Vec<f32>>> {
     Ok(l2_normalize(&mean_pool(&hidden, &mask)?)?.to_vec2()?)
 }
 
-pub fn embed(model: &Path, adapters: &[std::path::PathBuf], texts: &[String], json: bool) -> Result<()> {
+pub fn embed(model: &Path, adapters: &AdapterArgs, texts: &[String], json: bool) -> Result<()> {
     let loaded = open_with(model, adapters)?;
     let vectors = embeddings(&loaded, texts)?;
     if json {
@@ -124,7 +176,7 @@ pub fn embed(model: &Path, adapters: &[std::path::PathBuf], texts: &[String], js
     Ok(())
 }
 
-pub fn similarity(model: &Path, adapters: &[std::path::PathBuf], texts: &[String]) -> Result<()> {
+pub fn similarity(model: &Path, adapters: &AdapterArgs, texts: &[String]) -> Result<()> {
     let loaded = open_with(model, adapters)?;
     let v = embeddings(&loaded, texts)?;
     for (i, a) in texts.iter().enumerate() {
@@ -159,14 +211,7 @@ fn prompt_ids(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<Vec<u32>
     Ok(ids)
 }
 
-pub fn generate(
-    model: &Path,
-    adapters: &[std::path::PathBuf],
-    prompt: &str,
-    max_tokens: usize,
-    sampling: &Sampling,
-    chat: bool,
-) -> Result<()> {
+pub fn generate(model: &Path, adapters: &AdapterArgs, prompt: &str, max_tokens: usize, sampling: &Sampling, chat: bool) -> Result<()> {
     let loaded = open_with(model, adapters)?;
     let m = decoder(&loaded)?;
     let ids = prompt_ids(&loaded, prompt, chat)?;
@@ -190,7 +235,7 @@ pub fn generate(
     Ok(())
 }
 
-pub fn logits(model: &Path, adapters: &[std::path::PathBuf], prompt: &str, top: usize, chat: bool, json: bool) -> Result<()> {
+pub fn logits(model: &Path, adapters: &AdapterArgs, prompt: &str, top: usize, chat: bool, json: bool) -> Result<()> {
     let loaded = open_with(model, adapters)?;
     let m = decoder(&loaded)?;
     let ids = prompt_ids(&loaded, prompt, chat)?;

@@ -5,6 +5,7 @@ mod commands;
 mod train_commands;
 
 use clap::{Parser, Subcommand};
+use commands::AdapterArgs;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -207,44 +208,33 @@ enum Command {
     },
 }
 
-/// Adapters to attach before running (repeatable; stacked in the given order).
-#[derive(clap::Args)]
-struct AdapterArgs {
-    /// An adapter folder: ours, PEFT LoRA or AdapterHub bottleneck. Repeat to stack
-    /// several, applied in the given order.
-    #[arg(long = "adapter", value_name = "DIR")]
-    adapter: Vec<PathBuf>,
-}
-
 fn main() {
     adapters_core::kernels::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Kinds => commands::kinds(),
         Command::Info { model, json } => commands::info(&model, json),
-        Command::Embed { model, texts, json, adapters } => commands::embed(&model, &adapters.adapter, &texts, json),
-        Command::Similarity { model, texts, adapters } => commands::similarity(&model, &adapters.adapter, &texts),
+        Command::Embed { model, texts, json, adapters } => commands::embed(&model, &adapters, &texts, json),
+        Command::Similarity { model, texts, adapters } => commands::similarity(&model, &adapters, &texts),
         Command::Generate { model, prompt, max_tokens, greedy, temperature, top_p, seed, chat, adapters } => {
             let sampling = if greedy {
                 adapters_models::generate::Sampling::Greedy
             } else {
                 adapters_models::generate::Sampling::Sample { temperature, top_p, seed }
             };
-            commands::generate(&model, &adapters.adapter, &prompt, max_tokens, &sampling, chat)
+            commands::generate(&model, &adapters, &prompt, max_tokens, &sampling, chat)
         }
-        Command::Logits { model, prompt, top, chat, json, adapters } => {
-            commands::logits(&model, &adapters.adapter, &prompt, top, chat, json)
-        }
+        Command::Logits { model, prompt, top, chat, json, adapters } => commands::logits(&model, &adapters, &prompt, top, chat, json),
         Command::New { kind, model, out, set, name, seed, format } => adapter_commands::new(&kind, &model, &out, &set, name, seed, format),
         Command::Inspect { dir, model } => adapter_commands::inspect(&dir, model.as_deref()),
-        Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &adapters, &out),
+        Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &AdapterArgs::stacked(&adapters), &out),
         Command::Train { config, set, resume, stop_after } => train_commands::train(&config, &set, resume, stop_after),
         Command::Predict { model, texts, task, max_length, json, adapters } => {
-            train_commands::predict(&model, &adapters.adapter, task.as_deref(), &texts, max_length, json)
+            train_commands::predict(&model, &adapters, task.as_deref(), &texts, max_length, json)
         }
         Command::Eval { model, data, task, text_field, label_field, skip_bad_rows, max_length, json, adapters } => {
             let fields = adapters_train::data::Fields { text: text_field, label: label_field, skip_bad_rows };
-            train_commands::eval(&model, &adapters.adapter, task.as_deref(), &data, fields, max_length, json)
+            train_commands::eval(&model, &adapters, task.as_deref(), &data, fields, max_length, json)
         }
     };
     if let Err(e) = result {

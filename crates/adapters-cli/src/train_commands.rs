@@ -1,6 +1,6 @@
 //! Training and using trained heads: `train`, `predict`, `eval`.
 
-use crate::commands::open_with;
+use crate::commands::{open_with, AdapterArgs};
 use adapters_core::ForwardCtx;
 use adapters_models::LoadedModel;
 use adapters_train::config::Pooling;
@@ -12,7 +12,7 @@ use adapters_train::{Config, RunOptions, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<usize>) -> Result<()> {
     let _ = (adapters_bottleneck::family(), adapters_lora::family());
@@ -57,12 +57,12 @@ pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<us
 }
 
 /// The heads in the model folder and the adapter folders, narrowed to `task` if given.
-fn find_head(model: &Path, adapters: &[PathBuf], task: Option<&str>, loaded: &LoadedModel) -> Result<SavedHead> {
+fn find_head(model: &Path, adapters: &AdapterArgs, task: Option<&str>, loaded: &LoadedModel) -> Result<SavedHead> {
     let device = loaded.backbone.device();
     let mut found = Vec::new();
-    for dir in std::iter::once(model).chain(adapters.iter().map(PathBuf::as_path)) {
+    for dir in std::iter::once(model.to_path_buf()).chain(adapters.dirs()) {
         if dir.is_dir() {
-            found.extend(heads::load_all(dir, device)?);
+            found.extend(heads::load_all(&dir, device)?);
         }
     }
     let names: Vec<String> = found.iter().map(|h| format!("{} ({})", h.config.task, h.dir.display())).collect();
@@ -90,7 +90,7 @@ fn logits_for(loaded: &LoadedModel, head: &SavedHead, ids: &[Vec<u32>]) -> Resul
     Ok(classify(&head.head, &features, 0.0, &ctx)?)
 }
 
-pub fn predict(model: &Path, adapters: &[PathBuf], task: Option<&str>, texts: &[String], max_length: usize, json: bool) -> Result<()> {
+pub fn predict(model: &Path, adapters: &AdapterArgs, task: Option<&str>, texts: &[String], max_length: usize, json: bool) -> Result<()> {
     let loaded = open_with(model, adapters)?;
     let head = find_head(model, adapters, task, &loaded)?;
     let ids = texts.iter().map(|t| encode(&loaded, t, max_length)).collect::<Result<Vec<_>>>()?;
@@ -116,7 +116,7 @@ pub fn predict(model: &Path, adapters: &[PathBuf], task: Option<&str>, texts: &[
 #[allow(clippy::too_many_arguments)]
 pub fn eval(
     model: &Path,
-    adapters: &[PathBuf],
+    adapters: &AdapterArgs,
     task: Option<&str>,
     data: &Path,
     fields: Fields,

@@ -28,6 +28,26 @@ pub struct ProjectionIo<'a> {
     pub linear: TensorFn<'a>,
 }
 
+/// One member of a fusion at a site: its output there and the adapter whose conventions
+/// (what it reads, where its residual comes from) the fusion follows: the member itself,
+/// or the last adapter of a stacked member.
+pub struct FuseMember<'a> {
+    /// The member adapter (`None` for a member that is not a plain adapter or stack).
+    pub adapter: Option<&'a dyn Adapter>,
+    /// The sublayer output with this member applied.
+    pub output: Tensor,
+}
+
+/// What a fusion layer returns at a site.
+pub struct Fused {
+    /// The new sublayer output.
+    pub output: Tensor,
+    /// The attention weights over the members, `[batch, seq, members]`.
+    pub attention: Tensor,
+    /// A regularisation term for the training loss (already weighted), if any.
+    pub regularization: Option<Tensor>,
+}
+
 /// An adapter: a small trainable module attached to a frozen backbone.
 ///
 /// One `Adapter` value is one named adapter with all its per-point modules; the backbone
@@ -57,6 +77,13 @@ pub trait Adapter: Send + Sync {
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let _ = (io, ctx);
         candle_core::bail!("adapter kind `{}` has no projection forward ({point})", self.kind())
+    }
+
+    /// As the fusion layer of a `fuse(...)` block at a hidden site: combines the members'
+    /// outputs there into the new sublayer output. Only fusion kinds implement it.
+    fn fuse_hidden(&self, point: Point, io: &SublayerIo, members: &[FuseMember], ctx: &ForwardCtx) -> Result<Fused> {
+        let _ = (io, members, ctx);
+        candle_core::bail!("adapter kind `{}` cannot fuse adapters ({point}); use a fusion layer in `fuse(...)`", self.kind())
     }
 
     /// The weight delta `ΔW` (`[out, in]`) this adapter adds at a projection point, for

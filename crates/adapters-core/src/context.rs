@@ -41,6 +41,17 @@ pub struct RoutingStats {
     pub tokens_per_expert: Vec<f32>,
 }
 
+/// A fusion layer's attention over its members at one site, from one forward pass.
+#[derive(Clone, Debug)]
+pub struct FusionAttention {
+    /// The fusion layer's name.
+    pub fusion: String,
+    /// Where.
+    pub point: Point,
+    /// `[batch, seq, members]`, rows summing to 1, in the members' order.
+    pub weights: Tensor,
+}
+
 /// What adapters report back from a forward pass.
 #[derive(Clone, Debug, Default)]
 pub struct AuxOutputs {
@@ -48,6 +59,8 @@ pub struct AuxOutputs {
     pub losses: Vec<AuxLoss>,
     /// Routing statistics, in the order they were reported.
     pub routing: Vec<RoutingStats>,
+    /// Fusion attention weights, when the context asked for them.
+    pub fusion_attentions: Vec<FusionAttention>,
 }
 
 /// The per-forward context. Cheap to build; one per forward call.
@@ -70,6 +83,9 @@ pub struct ForwardCtx {
     /// Per-example conditioning vectors `[batch, dim]` (task or instance embeddings) from
     /// which hypernetwork adapters generate their weights at call time.
     pub conditioning: Option<Tensor>,
+    /// Keep every fusion layer's attention weights in the reports (see
+    /// [`ForwardCtx::with_fusion_attentions`]); off by default (they would pile up).
+    pub record_fusion_attentions: bool,
     aux: Arc<Mutex<AuxOutputs>>,
     /// Draws dropout masks and any other randomness adapters use in training (router
     /// noise); seeded so that training runs (and resumed runs) repeat exactly. candle's
@@ -160,9 +176,17 @@ impl ForwardCtx {
             attention_mask: Some(mask.clone()),
             task_ids: self.task_ids.clone(),
             conditioning: self.conditioning.clone(),
+            record_fusion_attentions: self.record_fusion_attentions,
             aux: self.aux.clone(),
             rng: self.rng.clone(),
         }
+    }
+
+    /// Asks fusion layers to report their attention weights (read them with
+    /// [`ForwardCtx::take_aux`]).
+    pub fn with_fusion_attentions(mut self) -> Self {
+        self.record_fusion_attentions = true;
+        self
     }
 
     /// Sets per-example task ids.
@@ -180,14 +204,37 @@ impl ForwardCtx {
     /// The context seen by a subset of the batch's rows: per-example fields are narrowed
     /// to those rows, and reports still reach this context.
     pub fn for_rows(&self, rows: &Tensor) -> Result<ForwardCtx> {
-        let pick = |t: &Option<Tensor>| t.as_ref().map(|t| t.index_select(rows, 0)).transpose();
+        self.narrowed(|t| t.index_select(rows, 0), |t| t.index_select(rows, 0))
+    }
+
+    /// [`ForwardCtx::for_rows`] for the consecutive rows `start .. start + len`.
+    pub fn for_range(&self, start: usize, len: usize) -> Result<ForwardCtx> {
+        self.narrowed(|t| t.narrow(0, start, len), |t| t.narrow(0, start, len))
+    }
+
+    /// The context seen by copy `index` of a batch of `rows` rows repeated for a
+    /// `parallel(...)` setup: per-example fields given for every copy are narrowed to this
+    /// copy's rows; fields given once (for `rows` rows) are shared.
+    pub fn for_copy(&self, index: usize, rows: usize) -> Result<ForwardCtx> {
+        let pick = |t: &Tensor| if t.dim(0)? > rows { t.narrow(0, index * rows, rows) } else { Ok(t.clone()) };
+        self.narrowed(pick, pick)
+    }
+
+    /// The context seen by sequence positions `start .. start + len`: the attention mask
+    /// is narrowed to them; per-example fields stay.
+    pub fn for_positions(&self, start: usize, len: usize) -> Result<ForwardCtx> {
+        self.narrowed(|t| t.narrow(1, start, len), |t| Ok(t.clone()))
+    }
+
+    fn narrowed(&self, mask: impl Fn(&Tensor) -> Result<Tensor>, per_example: impl Fn(&Tensor) -> Result<Tensor>) -> Result<ForwardCtx> {
         Ok(ForwardCtx {
             train: self.train,
             no_grad: self.no_grad,
             row_groups: None,
-            attention_mask: pick(&self.attention_mask)?,
-            task_ids: pick(&self.task_ids)?,
-            conditioning: pick(&self.conditioning)?,
+            attention_mask: self.attention_mask.as_ref().map(&mask).transpose()?,
+            task_ids: self.task_ids.as_ref().map(&per_example).transpose()?,
+            conditioning: self.conditioning.as_ref().map(&per_example).transpose()?,
+            record_fusion_attentions: self.record_fusion_attentions,
             aux: self.aux.clone(),
             rng: self.rng.clone(),
         })
@@ -201,6 +248,15 @@ impl ForwardCtx {
     /// Called by adapters to report routing statistics.
     pub fn push_routing(&self, stats: RoutingStats) {
         self.aux.lock().expect("aux lock poisoned").routing.push(stats);
+    }
+
+    /// Called by the adapter set to report a fusion layer's attention weights (kept,
+    /// detached, only when [`ForwardCtx::record_fusion_attentions`] is on).
+    pub fn push_fusion_attention(&self, attention: FusionAttention) {
+        if self.record_fusion_attentions {
+            let weights = attention.weights.detach();
+            self.aux.lock().expect("aux lock poisoned").fusion_attentions.push(FusionAttention { weights, ..attention });
+        }
     }
 
     /// Takes what adapters reported during the forward pass.

@@ -33,6 +33,9 @@ pub enum Error {
         /// What is wrong with it and, where it helps, what to do.
         message: String,
     },
+    /// A composition setup is malformed or does not fit the attached adapters.
+    #[error("bad adapter setup: {0}")]
+    Setup(String),
     /// An adapter was made for another base model.
     #[error("{0}")]
     Mismatch(String),

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 /// The configuration file of an adapter folder.
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The configuration file of AdapterHub's fusion folders (read by a registered format).
+pub const FUSION_CONFIG_FILE: &str = "adapter_fusion_config.json";
 /// The weights file of our adapter folders.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The `format` value of our own `adapter_config.json`.
@@ -169,7 +171,9 @@ pub fn load(dir: &Path, model: &dyn InsertionPoint, device: &Device) -> Result<L
     if !dir.is_dir() {
         return Err(Error::Io { path: dir.to_path_buf(), message: "not a folder; an adapter is a folder with adapter_config.json".into() });
     }
-    let config_path = dir.join(CONFIG_FILE);
+    // AdapterHub saves fusion layers with their own config file name.
+    let fusion_config = dir.join(FUSION_CONFIG_FILE);
+    let config_path = if !dir.join(CONFIG_FILE).exists() && fusion_config.exists() { fusion_config } else { dir.join(CONFIG_FILE) };
     let json = read_json(&config_path)?;
     if json.get("format").and_then(|f| f.as_str()) == Some(FORMAT) {
         return load_own(dir, json, model, device);

@@ -21,9 +21,10 @@ pub mod placement;
 pub mod point;
 pub mod registry;
 pub mod set;
+pub mod setup;
 
-pub use adapter::{Adapter, ProjectionIo, SublayerIo};
-pub use context::{AuxLoss, AuxOutputs, ForwardCtx, RoutingStats, RowGroup};
+pub use adapter::{Adapter, FuseMember, Fused, ProjectionIo, SublayerIo};
+pub use context::{AuxLoss, AuxOutputs, ForwardCtx, FusionAttention, RoutingStats, RowGroup};
 pub use error::Error;
 pub use fingerprint::Fingerprint;
 pub use init::Init;
@@ -33,3 +34,4 @@ pub use placement::{Layers, Placement};
 pub use point::{InsertionPoint, ModelInfo, Point, PointSpec, Site};
 pub use registry::{AdapterKind, BuildArgs, ConfigField};
 pub use set::AdapterSet;
+pub use setup::Setup;

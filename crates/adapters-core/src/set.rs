@@ -1,9 +1,10 @@
 //! The named adapters attached to one model, the active setup, and the dispatch that
 //! backbones call at every point.
 
-use crate::adapter::{Adapter, ProjectionIo, SublayerIo};
-use crate::context::ForwardCtx;
+use crate::adapter::{Adapter, FuseMember, ProjectionIo, SublayerIo, TensorFn};
+use crate::context::{AuxLoss, ForwardCtx, FusionAttention};
 use crate::point::Point;
+use crate::setup::Setup;
 use crate::Error;
 use candle_core::{Result, Tensor, Var};
 use std::collections::{HashMap, HashSet};
@@ -16,10 +17,11 @@ struct Named {
     points: HashSet<Point>,
 }
 
-/// The adapters of one model, by name, and which of them are active.
+/// The adapters of one model, by name, and the active setup: a composition tree
+/// ([`Setup`]: stack, fuse, parallel, average, batch_split, split) over their names.
+/// Activating a list of names makes a stack of them.
 ///
-/// The active setup is a stack: the named adapters applied in order at every point they
-/// share. A forward context may instead route each row of a batch through its own stack
+/// A forward context may instead route each row of a batch through its own stack
 /// (`ForwardCtx::with_row_choices`); rows that share a stack are computed together.
 ///
 /// Cloning is cheap (adapters are shared `Arc`s), so a backbone can hand out immutable
@@ -30,12 +32,59 @@ struct Named {
 #[derive(Clone, Default)]
 pub struct AdapterSet {
     adapters: Vec<Named>,
-    active: Vec<String>,
+    setup: Option<Setup>,
     /// Adapters whose weights are merged into the base model: kept for unmerging, never
     /// applied by the hooks.
     merged: HashSet<String>,
-    /// For each point, the active adapters there in stack order (rebuilt on change).
-    active_at: HashMap<Point, Vec<Arc<dyn Adapter>>>,
+    /// Adapters that run but do not train (fusion members in the second stage).
+    frozen: HashSet<String>,
+    /// The active setup resolved at each point it touches (rebuilt on change), so a
+    /// forward finds `Arc`s rather than names.
+    resolved: HashMap<Point, Node>,
+}
+
+/// A setup resolved at one point: only the adapters that occupy it.
+#[derive(Clone)]
+enum Node {
+    Adapter(Arc<dyn Adapter>),
+    Stack(Vec<Node>),
+    Fuse {
+        name: String,
+        fusion: Arc<dyn Adapter>,
+        members: Vec<Node>,
+    },
+    /// Children absent at this point are `None`: they pass their input through.
+    Parallel(Vec<Option<Node>>),
+    Average {
+        children: Vec<Option<Node>>,
+        weights: Vec<f32>,
+    },
+    BatchSplit {
+        children: Vec<Option<Node>>,
+        sizes: Vec<usize>,
+    },
+    Split {
+        children: Vec<Option<Node>>,
+        splits: Vec<usize>,
+    },
+}
+
+impl Node {
+    /// The adapter whose conventions a fusion follows for this member: the last one.
+    fn last_adapter(&self) -> Option<&Arc<dyn Adapter>> {
+        match self {
+            Node::Adapter(a) => Some(a),
+            Node::Stack(children) => children.last().and_then(Node::last_adapter),
+            _ => None,
+        }
+    }
+}
+
+/// What a site lends to its adapters besides its input and output.
+#[derive(Clone, Copy)]
+enum SiteFn<'a> {
+    Hidden(Option<TensorFn<'a>>),
+    Projection(TensorFn<'a>),
 }
 
 impl AdapterSet {
@@ -49,15 +98,18 @@ impl AdapterSet {
         Ok(())
     }
 
-    /// Detaches an adapter (and drops it from the active setup).
+    /// Detaches an adapter (and drops the active setup if it uses it).
     pub fn remove(&mut self, name: &str) -> std::result::Result<Arc<dyn Adapter>, Error> {
         let i = self.index(name)?;
         if self.merged.contains(name) {
             return Err(Error::Adapter(format!("adapter `{name}` is merged into the base weights; unmerge it first")));
         }
         let named = self.adapters.remove(i);
-        self.active.retain(|n| n != name);
-        self.rebuild();
+        self.frozen.remove(name);
+        if self.setup.as_ref().is_some_and(|s| s.adapter_names().iter().chain(&s.fusion_names()).any(|n| n == name)) {
+            self.setup = None;
+        }
+        self.rebuild().map_err(|e| Error::Adapter(format!("{e}")))?;
         Ok(named.adapter)
     }
 
@@ -73,15 +125,37 @@ impl AdapterSet {
 
     /// Makes `names` the active stack (applied in this order); `&[]` deactivates all.
     pub fn activate(&mut self, names: &[&str]) -> std::result::Result<(), Error> {
-        for name in names {
-            self.index(name)?;
-            if self.merged.contains(*name) {
-                return Err(Error::Adapter(format!("adapter `{name}` is merged into the base weights; unmerge it to activate it")));
+        if names.is_empty() {
+            return self.set_setup(None);
+        }
+        self.set_setup(Some(Setup::stack(names)))
+    }
+
+    /// Makes `setup` the active composition (`None`: no adapter). Checked once here: the
+    /// tree's shape, that every name is attached and not merged, that each `fuse` block has
+    /// its fusion layer, and that a fusion's members and layer occupy the same sites.
+    pub fn set_setup(&mut self, setup: Option<Setup>) -> std::result::Result<(), Error> {
+        if let Some(s) = &setup {
+            s.validate()?;
+            for name in s.adapter_names().iter().chain(&s.fusion_names()) {
+                self.index(name)?;
+                if self.merged.contains(name) {
+                    return Err(Error::Adapter(format!("adapter `{name}` is merged into the base weights; unmerge it to activate it")));
+                }
             }
         }
-        self.active = names.iter().map(|s| s.to_string()).collect();
-        self.rebuild();
+        let previous = std::mem::replace(&mut self.setup, setup);
+        if let Err(e) = self.rebuild() {
+            self.setup = previous;
+            self.rebuild()?;
+            return Err(e);
+        }
         Ok(())
+    }
+
+    /// The active setup, if any.
+    pub fn setup(&self) -> Option<&Setup> {
+        self.setup.as_ref()
     }
 
     /// Marks an adapter as merged into (or unmerged from) the base weights. The backbone
@@ -90,8 +164,11 @@ impl AdapterSet {
         self.index(name)?;
         if merged {
             self.merged.insert(name.to_string());
-            self.active.retain(|n| n != name);
-            self.rebuild();
+            if self.setup.as_ref().is_some_and(|s| s.adapter_names().iter().any(|n| n == name)) {
+                let names: Vec<String> = self.active().into_iter().filter(|n| n != name).collect();
+                self.setup = if names.is_empty() { None } else { Some(Setup::stack(&names)) };
+            }
+            self.rebuild()?;
         } else {
             self.merged.remove(name);
         }
@@ -103,16 +180,36 @@ impl AdapterSet {
         self.merged.contains(name)
     }
 
-    /// The active stack.
-    pub fn active(&self) -> &[String] {
-        &self.active
+    /// Keeps an adapter out of (or back in) the trainable variables: it still runs.
+    pub fn set_frozen(&mut self, name: &str, frozen: bool) -> std::result::Result<(), Error> {
+        self.index(name)?;
+        if frozen {
+            self.frozen.insert(name.to_string());
+        } else {
+            self.frozen.remove(name);
+        }
+        Ok(())
     }
 
-    /// Every trainable variable of the active adapters, as `adapter_name.var_name`.
+    /// Whether an adapter is frozen.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.frozen.contains(name)
+    }
+
+    /// The adapters the active setup uses, left to right (fusion layers not included).
+    pub fn active(&self) -> Vec<String> {
+        self.setup.as_ref().map(Setup::adapter_names).unwrap_or_default()
+    }
+
+    /// Every trainable variable of the active setup (its adapters and fusion layers, less
+    /// frozen ones), as `adapter_name.var_name`.
     pub fn active_vars(&self) -> Vec<(String, Var)> {
-        self.active
-            .iter()
-            .filter_map(|n| self.adapters.iter().find(|a| &a.name == n))
+        let names = self.setup.as_ref().map(|s| [s.adapter_names(), s.fusion_names()].concat()).unwrap_or_default();
+        let mut seen = HashSet::new();
+        names
+            .into_iter()
+            .filter(|n| !self.frozen.contains(n) && seen.insert(n.clone()))
+            .filter_map(|n| self.adapters.iter().find(|a| a.name == n))
             .flat_map(|a| a.adapter.vars().into_iter().map(move |(v, var)| (format!("{}.{v}", a.name), var)))
             .collect()
     }
@@ -124,76 +221,94 @@ impl AdapterSet {
             .ok_or_else(|| Error::Adapter(format!("no adapter named `{name}`; attached: [{}]", self.names().join(", "))))
     }
 
-    fn rebuild(&mut self) {
-        self.active_at.clear();
-        for name in &self.active {
-            let named = self.adapters.iter().find(|a| &a.name == name).expect("active names are attached");
-            for &p in &named.points {
-                self.active_at.entry(p).or_default().push(named.adapter.clone());
-            }
-        }
+    fn named(&self, name: &str) -> std::result::Result<&Named, Error> {
+        self.index(name).map(|i| &self.adapters[i])
     }
 
-    fn stack_at(&self, stack: &[String], point: Point) -> Result<Vec<Arc<dyn Adapter>>> {
-        let mut out = Vec::new();
-        for name in stack {
-            let named = self
-                .adapters
-                .iter()
-                .find(|a| &a.name == name)
-                .ok_or_else(|| candle_core::Error::Msg(format!("row choice names adapter `{name}`, which is not attached")))?;
-            if named.points.contains(&point) {
-                out.push(named.adapter.clone());
+    fn rebuild(&mut self) -> std::result::Result<(), Error> {
+        let mut resolved = HashMap::new();
+        if let Some(setup) = &self.setup {
+            let points: HashSet<Point> =
+                setup.adapter_names().iter().filter_map(|n| self.named(n).ok()).flat_map(|n| n.points.iter().copied()).collect();
+            for p in points {
+                if let Some(node) = self.resolve(setup, p)? {
+                    resolved.insert(p, node);
+                }
             }
         }
-        Ok(out)
+        self.resolved = resolved;
+        Ok(())
+    }
+
+    /// `setup` at `point`: only what occupies it; `None` when nothing does.
+    fn resolve(&self, setup: &Setup, point: Point) -> std::result::Result<Option<Node>, Error> {
+        let each = |children: &[Setup]| children.iter().map(|c| self.resolve(c, point)).collect::<std::result::Result<Vec<_>, _>>();
+        let some = |nodes: Vec<Option<Node>>| if nodes.iter().all(Option::is_none) { None } else { Some(nodes) };
+        Ok(match setup {
+            Setup::Adapter { name } => {
+                let named = self.named(name)?;
+                named.points.contains(&point).then(|| Node::Adapter(named.adapter.clone()))
+            }
+            Setup::Stack { children } => {
+                let nodes: Vec<Node> = each(children)?.into_iter().flatten().collect();
+                (!nodes.is_empty()).then_some(Node::Stack(nodes))
+            }
+            Setup::Fuse { children, fusion } => {
+                let name = fusion.clone().unwrap_or_else(|| Setup::default_fusion_name(children));
+                let layer = self.named(&name)?;
+                let members = each(children)?;
+                if members.iter().all(Option::is_none) {
+                    return Ok(None);
+                }
+                if let Some(i) = members.iter().position(Option::is_none) {
+                    return Err(Error::Setup(format!(
+                        "`{setup}`: `{}` has no adapter at {point}, where the other members have one; fused adapters \
+                         must share their sites",
+                        children[i]
+                    )));
+                }
+                if !layer.points.contains(&point) {
+                    return Err(Error::Setup(format!(
+                        "`{setup}`: the fusion layer `{name}` has no layer at {point}, where its members sit"
+                    )));
+                }
+                Some(Node::Fuse { name, fusion: layer.adapter.clone(), members: members.into_iter().flatten().collect() })
+            }
+            Setup::Parallel { children } => some(each(children)?).map(Node::Parallel),
+            Setup::Average { children, weights } => some(each(children)?).map(|c| Node::Average { children: c, weights: weights.clone() }),
+            Setup::BatchSplit { children, sizes } => some(each(children)?).map(|c| Node::BatchSplit { children: c, sizes: sizes.clone() }),
+            Setup::Split { children, splits } => some(each(children)?).map(|c| Node::Split { children: c, splits: splits.clone() }),
+        })
     }
 
     /// Whether any adapter may run at `point` in this forward pass (an active one, or any
     /// when rows choose their own): backbones fuse operations around points where none does.
     pub fn may_act_at(&self, point: Point, ctx: &ForwardCtx) -> bool {
-        ctx.row_groups.is_some() || self.active_at.contains_key(&point)
+        ctx.row_groups.is_some() || self.resolved.contains_key(&point)
+    }
+
+    /// How many copies of the batch the active setup asks the backbone to run (its
+    /// `parallel` block's children; 1 without one).
+    pub fn parallel_width(&self) -> usize {
+        self.setup.as_ref().map_or(1, Setup::parallel_width)
     }
 
     /// Runs the adapters at a hidden site; returns the (possibly new) sublayer output.
     pub fn hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        let run = |stack: &[Arc<dyn Adapter>], input: &Tensor, output: &Tensor, ctx: &ForwardCtx| -> Result<Tensor> {
-            let mut out = output.clone();
-            for a in stack {
-                let io = SublayerIo { input, output: &out, post_norm: io.post_norm };
-                out = a.forward_hidden(point, &io, ctx)?;
-            }
-            Ok(out)
-        };
-        self.dispatch(point, io.input, io.output, ctx, run).and_then(|y| detached_without_grad(y, ctx))
+        self.dispatch(point, io.input, io.output, SiteFn::Hidden(io.post_norm), ctx).and_then(|y| detached_without_grad(y, ctx))
     }
 
     /// Runs the adapters at a projection site; returns the (possibly new) projection output.
     pub fn projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        let run = |stack: &[Arc<dyn Adapter>], input: &Tensor, output: &Tensor, ctx: &ForwardCtx| -> Result<Tensor> {
-            let mut out = output.clone();
-            for a in stack {
-                let io = ProjectionIo { input, output: &out, linear: io.linear };
-                out = a.forward_projection(point, &io, ctx)?;
-            }
-            Ok(out)
-        };
-        self.dispatch(point, io.input, io.output, ctx, run).and_then(|y| detached_without_grad(y, ctx))
+        self.dispatch(point, io.input, io.output, SiteFn::Projection(io.linear), ctx).and_then(|y| detached_without_grad(y, ctx))
     }
 
-    /// Applies `run` with the active stack, or per row group when the context routes rows.
-    fn dispatch(
-        &self,
-        point: Point,
-        input: &Tensor,
-        output: &Tensor,
-        ctx: &ForwardCtx,
-        run: impl Fn(&[Arc<dyn Adapter>], &Tensor, &Tensor, &ForwardCtx) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    /// Applies the active setup, or each row group's stack when the context routes rows.
+    fn dispatch(&self, point: Point, input: &Tensor, output: &Tensor, site: SiteFn, ctx: &ForwardCtx) -> Result<Tensor> {
         let Some(groups) = &ctx.row_groups else {
-            return match self.active_at.get(&point) {
+            return match self.resolved.get(&point) {
                 None => Ok(output.clone()),
-                Some(stack) => run(stack, input, output, ctx),
+                Some(node) => self.run(node, point, input, output, site, ctx),
             };
         };
         if let Some(name) = self.merged.iter().next() {
@@ -204,16 +319,100 @@ impl AdapterSet {
         }
         let mut result = output.clone();
         for group in groups {
-            let stack = self.stack_at(&group.stack, point)?;
-            if stack.is_empty() {
-                continue;
-            }
+            let setup = Setup::stack(&group.stack);
+            let node = self.resolve(&setup, point).map_err(|e| candle_core::Error::Msg(format!("row choice: {e}")))?;
+            let Some(node) = node else { continue };
             let rows_in = input.index_select(&group.rows, 0)?;
             let rows_out = output.index_select(&group.rows, 0)?;
-            let new_rows = run(&stack, &rows_in, &rows_out, &ctx.for_rows(&group.rows)?)?;
+            let new_rows = self.run(&node, point, &rows_in, &rows_out, site, &ctx.for_rows(&group.rows)?)?;
             result = result.index_add(&group.rows, &(new_rows - rows_out)?, 0)?;
         }
         Ok(result)
+    }
+
+    /// Evaluates a resolved setup on one site's input and output.
+    fn run(&self, node: &Node, point: Point, input: &Tensor, output: &Tensor, site: SiteFn, ctx: &ForwardCtx) -> Result<Tensor> {
+        // A child absent at this point passes its input through.
+        let child = |c: &Option<Node>, input: &Tensor, output: &Tensor, ctx: &ForwardCtx| match c {
+            Some(n) => self.run(n, point, input, output, site, ctx),
+            None => Ok(output.clone()),
+        };
+        // Children on consecutive parts of dimension `dim` (rows or positions).
+        let parts = |children: &[Option<Node>], sizes: &[usize], dim: usize, what: &str| -> Result<Tensor> {
+            let total = output.dim(dim)?;
+            if sizes.iter().sum::<usize>() != total {
+                candle_core::bail!("{what} {:?} add up to {}, but the batch has {total} ({point})", sizes, sizes.iter().sum::<usize>());
+            }
+            let mut outs = Vec::with_capacity(children.len());
+            let mut start = 0;
+            for (c, &n) in children.iter().zip(sizes) {
+                let part_ctx = if dim == 0 { ctx.for_range(start, n)? } else { ctx.for_positions(start, n)? };
+                outs.push(child(c, &input.narrow(dim, start, n)?, &output.narrow(dim, start, n)?, &part_ctx)?);
+                start += n;
+            }
+            Tensor::cat(&outs, dim)
+        };
+        match node {
+            Node::Adapter(a) => match site {
+                SiteFn::Hidden(post_norm) => a.forward_hidden(point, &SublayerIo { input, output, post_norm }, ctx),
+                SiteFn::Projection(linear) => a.forward_projection(point, &ProjectionIo { input, output, linear }, ctx),
+            },
+            Node::Stack(children) => {
+                let mut out = output.clone();
+                for c in children {
+                    out = self.run(c, point, input, &out, site, ctx)?;
+                }
+                Ok(out)
+            }
+            Node::Fuse { name, fusion, members } => {
+                let SiteFn::Hidden(post_norm) = site else {
+                    candle_core::bail!("fusion `{name}` sits at a projection ({point}); fusion runs at hidden sites only")
+                };
+                let outputs = members.iter().map(|m| self.run(m, point, input, output, site, ctx)).collect::<Result<Vec<_>>>()?;
+                let fuse_members: Vec<FuseMember> = members
+                    .iter()
+                    .zip(outputs)
+                    .map(|(m, output)| FuseMember { adapter: m.last_adapter().map(|a| a.as_ref()), output })
+                    .collect();
+                let fused = fusion.fuse_hidden(point, &SublayerIo { input, output, post_norm }, &fuse_members, ctx)?;
+                if let Some(value) = fused.regularization {
+                    ctx.push_loss(AuxLoss { adapter: name.clone(), point, name: "fusion_value_regularization".into(), value });
+                }
+                ctx.push_fusion_attention(FusionAttention { fusion: name.clone(), point, weights: fused.attention });
+                Ok(fused.output)
+            }
+            Node::Parallel(children) => {
+                let n = children.len();
+                let rows = output.dim(0)?;
+                if rows % n != 0 {
+                    candle_core::bail!(
+                        "parallel over {n} adapters needs the batch repeated {n} times, but it has {rows} rows ({point}); \
+                         the backbone repeats it when the setup is set on the model"
+                    );
+                }
+                let copy = rows / n;
+                let mut outs = Vec::with_capacity(n);
+                for (i, c) in children.iter().enumerate() {
+                    let (x, y) = (input.narrow(0, i * copy, copy)?, output.narrow(0, i * copy, copy)?);
+                    outs.push(child(c, &x, &y, &ctx.for_copy(i, copy)?)?);
+                }
+                Tensor::cat(&outs, 0)
+            }
+            Node::Average { children, weights } => {
+                let mut total: Option<Tensor> = None;
+                let n = children.len() as f64;
+                for (c, &w) in children.iter().zip(weights) {
+                    let y = (child(c, input, output, ctx)? * (w as f64 / n))?;
+                    total = Some(match total {
+                        None => y,
+                        Some(t) => (t + y)?,
+                    });
+                }
+                total.ok_or_else(|| candle_core::Error::Msg(format!("average with no children ({point})")))
+            }
+            Node::BatchSplit { children, sizes } => parts(children, sizes, 0, "batch_split sizes"),
+            Node::Split { children, splits } => parts(children, splits, 1, "split positions"),
+        }
     }
 }
 

@@ -189,7 +189,7 @@ fn row_choices_are_refused_while_an_adapter_is_merged() {
     let _ = adapters_lora::family();
     for (name, folder) in [("all-MiniLM-L6-v2", "peft_lora_minilm"), ("SmolLM2-135M-Instruct.Q4_1.gguf", "peft_lora_smollm2")] {
         let mut m = model(name);
-        let lora = m.load_adapter(&interop(folder).0).unwrap();
+        let lora = m.load_adapter(&interop(folder).0, None).unwrap();
         let base = two_rows(&m, None).unwrap();
         m.adapters_mut().activate(&[&lora]).unwrap();
         let adapted = two_rows(&m, None).unwrap();

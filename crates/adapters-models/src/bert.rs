@@ -250,6 +250,8 @@ impl Bert {
     ///
     /// `input_ids` is `[batch, seq]` (u32); `token_type_ids` defaults to zeros;
     /// `attention_mask` (`[batch, seq]`, 1 for tokens, 0 for padding) defaults to all ones.
+    /// With a `parallel(...)` setup active the result has one copy of the batch per child,
+    /// child `i`'s in rows `i·batch .. (i+1)·batch`.
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -257,6 +259,17 @@ impl Bert {
         attention_mask: Option<&Tensor>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
+        // A `parallel(...)` setup runs each child on its own copy of the batch: the output
+        // has `copies · batch` rows, child i's in rows `i·batch .. (i+1)·batch`.
+        let copies = if ctx.row_groups.is_none() { self.adapters.parallel_width() } else { 1 };
+        let repeated;
+        let (input_ids, token_type_ids, attention_mask) = if copies > 1 {
+            let rep = |t: &Tensor| t.repeat((copies, 1));
+            repeated = (rep(input_ids)?, token_type_ids.map(rep).transpose()?, attention_mask.map(rep).transpose()?);
+            (&repeated.0, repeated.1.as_ref(), repeated.2.as_ref())
+        } else {
+            (input_ids, token_type_ids, attention_mask)
+        };
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle_core::bail!("input has {t} tokens, more than the model's {} positions", self.config.max_position_embeddings);

@@ -301,6 +301,19 @@ impl Llama {
     /// With a cache, `input_ids` continue the cached positions and the cache is extended.
     /// Rows are assumed unpadded or right-padded (causal attention never looks right).
     pub fn forward_hidden(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        // A `parallel(...)` setup runs each child on its own copy of the batch (rows
+        // `i·batch .. (i+1)·batch` are child i's); a cache would have to hold every copy.
+        let copies = if ctx.row_groups.is_none() { self.adapters.parallel_width() } else { 1 };
+        let repeated;
+        let input_ids = if copies > 1 {
+            if cache.is_some() {
+                candle_core::bail!("a `parallel(...)` setup runs without a KV cache; generate with one adapter setup at a time");
+            }
+            repeated = input_ids.repeat((copies, 1))?;
+            &repeated
+        } else {
+            input_ids
+        };
         let (_, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if past + t > self.config.max_position_embeddings {

@@ -22,16 +22,17 @@ pub enum Backbone {
 
 impl Backbone {
     /// Reads the adapter folder `dir` (any known format), checks it against this model and
-    /// attaches it, inactive, under its saved name (with `-2`, `-3`, ... appended if that
-    /// name is taken). Returns the name. On any error the model is left as it was.
-    pub fn load_adapter(&mut self, dir: &Path) -> Result<String> {
+    /// attaches it, inactive, under `name` or else its saved name; a name already taken is
+    /// an error. Returns the name. On any error the model is left as it was.
+    pub fn load_adapter(&mut self, dir: &Path, name: Option<&str>) -> Result<String> {
         let device = self.device().clone();
         let loaded = adapters_core::io::load(dir, &*self, &device)?;
-        let mut name = loaded.name.clone();
-        let mut n = 2;
-        while self.adapters().get(&name).is_some() {
-            name = format!("{}-{n}", loaded.name);
-            n += 1;
+        let name = name.map_or(loaded.name, String::from);
+        if self.adapters().get(&name).is_some() {
+            return Err(Error::file(
+                dir,
+                format!("an adapter named `{name}` is already attached; load this one under another name (`NAME=DIR` on the command line)"),
+            ));
         }
         self.adapters_mut().add(&name, loaded.adapter)?;
         Ok(name)

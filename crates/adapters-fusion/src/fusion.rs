@@ -1,0 +1,268 @@
+//! The AdapterFusion layer (Pfeiffer et al. 2021, AdapterHub's `BertFusion`): at each hidden
+//! site its member adapters share, attention over the members' outputs per token, with
+//! the sublayer's (normalised) output as the query.
+
+use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, FuseMember, Fused, Init, Point, SublayerIo};
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// The fusion's configuration: AdapterHub's `AdapterFusionConfig` fields, plus the members.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FusionConfig {
+    /// The fused adapters' names, in order (the order of the attention weights).
+    pub members: Vec<String>,
+    /// A learned query projection of the sublayer output.
+    pub key: bool,
+    /// A learned key projection of each member's output.
+    pub query: bool,
+    /// A learned value projection (no bias) of each member's output.
+    pub value: bool,
+    /// Start the value projection at the identity (off-diagonal 1e-6), as AdapterHub does.
+    pub value_initialized: bool,
+    /// Apply the value projection to each member before the weighted sum (else after it).
+    pub value_before_softmax: bool,
+    /// Add the residual to each member's output before the values (else to the result).
+    pub residual_before: bool,
+    /// Take the query before the backbone's norm (the raw sublayer output).
+    pub query_before_ln: bool,
+    /// Softmax temperature starting at 50 and falling by 0.05 per training forward to 1
+    /// (AdapterHub also lowers it in evaluation forwards; here only training moves it).
+    pub temperature: bool,
+    /// Dropout on the attention scores in training; `None`: 0.1 (BERT's attention dropout).
+    pub dropout_prob: Option<f64>,
+    /// Add `0.01 · ‖I − W_V‖²` per site to the training loss (needs `value`).
+    pub regularization: bool,
+}
+
+impl FusionConfig {
+    /// AdapterHub's `dynamic` configuration (query, key and value; value regularised).
+    pub fn dynamic(members: Vec<String>) -> Self {
+        FusionConfig {
+            members,
+            key: true,
+            query: true,
+            value: true,
+            value_initialized: true,
+            value_before_softmax: true,
+            residual_before: false,
+            query_before_ln: false,
+            temperature: false,
+            dropout_prob: None,
+            regularization: true,
+        }
+    }
+
+    /// AdapterHub's `static` configuration (query and key only).
+    pub fn static_(members: Vec<String>) -> Self {
+        FusionConfig { value: false, value_initialized: false, regularization: false, ..Self::dynamic(members) }
+    }
+
+    /// Reads a configuration: `preset` (`"dynamic"`, default, or `"static"`) gives the
+    /// defaults, any other field overrides them; `members` is required.
+    pub fn parse(kind: &str, json: &serde_json::Value) -> std::result::Result<Self, Error> {
+        let bad = |message: String| Error::Config { kind: kind.into(), message };
+        let mut object = json.as_object().cloned().ok_or_else(|| bad("the configuration must be a table".into()))?;
+        let preset = match object.remove("preset") {
+            None => "dynamic".to_string(),
+            Some(serde_json::Value::String(s)) => s,
+            Some(other) => return Err(bad(format!("`preset` must be \"dynamic\" or \"static\", not {other}"))),
+        };
+        let base = match preset.as_str() {
+            "dynamic" => FusionConfig::dynamic(vec![]),
+            "static" => FusionConfig::static_(vec![]),
+            other => return Err(bad(format!("`preset` must be \"dynamic\" or \"static\", not \"{other}\""))),
+        };
+        if !object.contains_key("members") {
+            return Err(bad("`members` is required: the names of the adapters to fuse, e.g. [\"sentiment\", \"topic\"]".into()));
+        }
+        let mut full = serde_json::to_value(base).expect("configs serialise");
+        for (k, v) in object {
+            full[k] = v;
+        }
+        let config: FusionConfig = registry::parse_config(kind, &full)?;
+        if config.members.len() < 2 {
+            return Err(bad(format!("`members` names {} adapter(s); a fusion needs at least two", config.members.len())));
+        }
+        if config.regularization && !config.value {
+            return Err(bad("`regularization` needs `value = true` (it pulls the value matrix towards the identity)".into()));
+        }
+        if let Some(p) = config.dropout_prob.filter(|p| !(0.0..1.0).contains(p)) {
+            return Err(bad(format!("`dropout_prob` = {p} is outside [0, 1)")));
+        }
+        Ok(config)
+    }
+}
+
+/// The fusion parameters at one site.
+struct Site {
+    query: Option<(Var, Var)>,
+    key: Option<(Var, Var)>,
+    value: Option<Var>,
+    /// The current softmax temperature (falls during training when `temperature` is on).
+    temperature: Mutex<f64>,
+}
+
+/// An AdapterFusion layer over named member adapters, at the hidden sites they share.
+pub struct Fusion {
+    config: FusionConfig,
+    sites: BTreeMap<Point, Site>,
+}
+
+/// Temperature at the start of training when the schedule is on (AdapterHub's `T`).
+const START_TEMPERATURE: f64 = 50.0;
+/// Weight of the value regularisation (AdapterHub's `0.01`).
+const VALUE_REGULARIZATION: f64 = 0.01;
+
+impl Fusion {
+    /// Builds a fusion layer from registry arguments: its sites are the placement's hidden
+    /// sites (those its members occupy).
+    pub fn build(args: &BuildArgs) -> std::result::Result<Self, Error> {
+        let config = FusionConfig::parse(crate::KIND, args.config)?;
+        let points = args.placement.expand(args.model, &[], |s| !s.is_projection())?;
+        let mut init = Init::new(args.seed);
+        let dev = args.device;
+        let mut sites = BTreeMap::new();
+        for spec in points {
+            let d = spec.out_features;
+            let linear = |init: &mut Init| -> Result<(Var, Var)> {
+                Ok((Var::from_tensor(&init.normal((d, d), 0.02, dev)?)?, Var::from_tensor(&Tensor::zeros(d, DType::F32, dev)?)?))
+            };
+            let query = if config.query { Some(linear(&mut init)?) } else { None };
+            let key = if config.key { Some(linear(&mut init)?) } else { None };
+            let value = if !config.value {
+                None
+            } else if config.value_initialized {
+                Some(Var::from_tensor(&near_identity(d, dev)?)?)
+            } else {
+                Some(Var::from_tensor(&init.normal((d, d), 0.02, dev)?)?)
+            };
+            let start = if config.temperature { START_TEMPERATURE } else { 1.0 };
+            sites.insert(spec.point, Site { query, key, value, temperature: Mutex::new(start) });
+        }
+        Ok(Fusion { config, sites })
+    }
+
+    /// The configuration it was built with.
+    pub fn settings(&self) -> &FusionConfig {
+        &self.config
+    }
+}
+
+/// AdapterHub's identity start for the value matrix: 1 on the diagonal, 1e-6 elsewhere.
+fn near_identity(d: usize, dev: &Device) -> Result<Tensor> {
+    let eye = Tensor::eye(d, DType::F32, dev)?;
+    (eye.affine(1.0 - 1e-6, 1e-6))?.to_dtype(DType::F32)
+}
+
+/// A boolean field of a member's saved configuration (bottleneck adapters), with a default.
+fn member_flag(member: &dyn Adapter, field: &str, default: bool) -> bool {
+    member.config().get(field).and_then(|v| v.as_bool()).unwrap_or(default)
+}
+
+impl Adapter for Fusion {
+    fn kind(&self) -> &str {
+        crate::KIND
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("configs serialise")
+    }
+
+    fn points(&self) -> Vec<Point> {
+        self.sites.keys().copied().collect()
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (p, s) in &self.sites {
+            let pre = format!("layer.{}.{}", p.layer, p.site);
+            let mut push = |name: &str, v: &Var| out.push((format!("{pre}.{name}"), v.clone()));
+            if let Some((w, b)) = &s.query {
+                push("query.weight", w);
+                push("query.bias", b);
+            }
+            if let Some((w, b)) = &s.key {
+                push("key.weight", w);
+                push("key.bias", b);
+            }
+            if let Some(w) = &s.value {
+                push("value.weight", w);
+            }
+        }
+        out
+    }
+
+    fn forward_hidden(&self, point: Point, _io: &SublayerIo, _ctx: &ForwardCtx) -> Result<Tensor> {
+        candle_core::bail!(
+            "a fusion layer runs inside a `fuse(...)` block over its members ({}), not on its own ({point}); \
+             activate e.g. `fuse({})`",
+            self.config.members.join(", "),
+            self.config.members.join(", ")
+        )
+    }
+
+    fn fuse_hidden(&self, point: Point, io: &SublayerIo, members: &[FuseMember], ctx: &ForwardCtx) -> Result<Fused> {
+        let Some(site) = self.sites.get(&point) else {
+            candle_core::bail!("the fusion over {} has no layer at {point}", self.config.members.join(", "))
+        };
+        let Some(last) = members.last() else { candle_core::bail!("a fusion at {point} got no member outputs") };
+        let c = &self.config;
+        // What the last member reads (AdapterHub's `pre_forward` of the last fused adapter):
+        // the sublayer output, normalised together with the residual stream when the member
+        // reads the post-norm output (Pfeiffer), and its residual.
+        let original_ln_before = last.adapter.is_none_or(|a| member_flag(a, "original_ln_before", true));
+        let residual_before_ln = last.adapter.is_none_or(|a| member_flag(a, "residual_before_ln", true));
+        let normed = match (original_ln_before, io.post_norm) {
+            (true, Some(norm)) => norm(&(io.input + io.output)?)?,
+            (true, None) => (io.input + io.output)?,
+            (false, _) => io.output.clone(),
+        };
+        let residual = if residual_before_ln { io.output.clone() } else { normed.clone() };
+        let query = if c.query_before_ln { io.output.clone() } else { normed };
+
+        // Each member's own contribution: its output minus the sublayer output it was given.
+        let ups = members.iter().map(|m| &m.output - io.output).collect::<Result<Vec<_>>>()?;
+        let ups = Tensor::stack(&ups, 2)?; // [b, t, n, d]
+        let values = if c.residual_before { ups.broadcast_add(&residual.unsqueeze(2)?)? } else { ups.clone() };
+        let q = match &site.query {
+            Some((w, b)) => kernels::linear(&query, w.as_tensor(), Some(b.as_tensor()))?,
+            None => query,
+        };
+        let k = match &site.key {
+            Some((w, b)) => kernels::linear(&ups, w.as_tensor(), Some(b.as_tensor()))?,
+            None => ups,
+        };
+        let v = match (&site.value, c.value_before_softmax) {
+            (Some(w), true) => kernels::linear(&values, w.as_tensor(), None)?,
+            _ => values,
+        };
+        let scores = k.broadcast_mul(&q.unsqueeze(2)?)?.sum(D::Minus1)?; // [b, t, n]
+        let scores = if ctx.train { ctx.dropout(&scores, c.dropout_prob.unwrap_or(0.1))? } else { scores };
+        let temperature = {
+            let mut t = site.temperature.lock().expect("fusion temperature");
+            let now = *t;
+            if ctx.train && c.temperature {
+                *t = (now - START_TEMPERATURE / 1000.0).max(1.0);
+            }
+            now
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&(scores / temperature)?)?;
+        let mut context = v.broadcast_mul(&probs.unsqueeze(3)?)?.sum(2)?; // [b, t, d]
+        if let (Some(w), false) = (&site.value, c.value_before_softmax) {
+            context = kernels::linear(&context, w.as_tensor(), None)?;
+        }
+        let output = if c.residual_before { context } else { (context + residual)? };
+        let regularization = match (&site.value, c.regularization && ctx.train) {
+            (Some(w), true) => {
+                let d = w.dim(0)?;
+                let gap = (Tensor::eye(d, DType::F32, w.device())? - w.as_tensor())?;
+                Some((gap.sqr()?.sum_all()? * VALUE_REGULARIZATION)?)
+            }
+            _ => None,
+        };
+        Ok(Fused { output, attention: probs, regularization })
+    }
+}
