@@ -38,7 +38,8 @@ pub struct AdapterArgs {
     /// How to compose the loaded adapters, e.g. 'fuse(a, b, c)', 'stack(lang, task)',
     /// 'average(a, b; weights=0.7, 0.3)' (weights as given; add '; normalize' to divide by
     /// their sum), 'parallel(a, b)' (one output per adapter from one pass),
-    /// 'batch_split(a, b; sizes=2, 2)' (rows), 'split(a, b; splits=64, 64)' (positions).
+    /// 'batch_split(a, b; sizes=2, 2)' (rows), 'split(a, b; splits=64, 64)' (positions);
+    /// or an adapter_setup.json (or a folder holding one).
     #[arg(long, value_name = "EXPR")]
     pub setup: Option<String>,
 }
@@ -83,6 +84,7 @@ pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
         loaded.backbone.load_adapter(dir, None).with_context(|| format!("loading the fusion {}", dir.display()))?;
     }
     let setup = match &args.setup {
+        Some(path) if Path::new(path).exists() => Some(Setup::load(Path::new(path))?),
         Some(expr) => Some(expr.parse::<Setup>().with_context(|| format!("--setup {expr:?}"))?),
         None if names.is_empty() => None,
         None => Some(Setup::stack(&names)),

@@ -122,3 +122,31 @@ fn bad_models_and_inputs_give_clear_errors() {
     fails_with(&["generate", &model("SmolLM2-135M-Instruct.Q4_1.gguf"), ""], "empty");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--adapter NAME=DIR`, `--fusion DIR` and `--setup` on AdapterHub's fusion reference: the
+/// embeddings AdapterHub computed with `Fuse(sentiment, topic)` and with
+/// `Average(sentiment, topic, weights=[0.7, 0.3])`.
+#[test]
+fn embed_with_a_fusion_setup_matches_adapterhub() {
+    let reference = workspace().join("fixtures/interop/adapterhub_fusion_minilm");
+    let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(reference.join("expected.json")).unwrap()).unwrap();
+    let sentences: Vec<&str> = expected["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let m = model("all-MiniLM-L6-v2");
+    let dir = |p: &str| reference.join(p).to_string_lossy().into_owned();
+    let (sentiment, topic, fusion) =
+        (format!("sentiment={}", dir("adapters/sentiment")), format!("topic={}", dir("adapters/topic")), dir("fusion"));
+    for (setup, key) in [("fuse(sentiment, topic)", "fuse"), ("average(sentiment, topic; weights=0.7, 0.3)", "average")] {
+        let mut args = vec!["embed", "--json", &m, "--adapter", &sentiment, "--adapter", &topic, "--fusion", &fusion, "--setup", setup];
+        args.extend(&sentences);
+        let got: Vec<Vec<f32>> = serde_json::from_str(&stdout_ok(&args)).unwrap();
+        for (v, want) in got.iter().zip(expected["expected"][key].as_array().unwrap()) {
+            let d = v.iter().zip(want.as_array().unwrap()).map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs()).fold(0.0, f32::max);
+            assert!(d <= 1e-4, "{setup}: {d}");
+        }
+    }
+    // Two adapters under one name, and a malformed setup, are errors that say what to do.
+    let same = format!("sentiment={}", dir("adapters/topic"));
+    fails_with(&["embed", &m, "--adapter", &sentiment, "--adapter", &same, "hi"], "already attached");
+    fails_with(&["embed", &m, "--adapter", &sentiment, "--setup", "fuse(sentiment", "hi"], "expected `)`");
+    fails_with(&["embed", &m, "--adapter", &sentiment, "--setup", "average(sentiment, fuse(a, b); weights=1, 1)", "hi"], "cannot nest");
+}

@@ -6,6 +6,9 @@ use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The file a setup is saved in.
+pub const SETUP_FILE: &str = "adapter_setup.json";
+
 /// One node of a composition tree.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "block", rename_all = "snake_case", deny_unknown_fields)]
@@ -207,7 +210,19 @@ impl Setup {
         Ok(())
     }
 
-    /// Reads `adapter_setup.json`.
+    /// Writes the setup as `adapter_setup.json` in `dir` (atomically).
+    pub fn save(&self, dir: &std::path::Path) -> Result<(), Error> {
+        crate::io::write_atomic(&dir.join(SETUP_FILE), self.to_json().as_bytes())
+    }
+
+    /// Reads a setup from `path`: an `adapter_setup.json`, or a folder holding one.
+    pub fn load(path: &std::path::Path) -> Result<Setup, Error> {
+        let file = if path.is_dir() { path.join(SETUP_FILE) } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::Io { path: file.clone(), message: e.to_string() })?;
+        Setup::from_json(&text).map_err(|e| Error::Io { path: file, message: e.to_string() })
+    }
+
+    /// Reads `adapter_setup.json` text.
     pub fn from_json(text: &str) -> Result<Setup, Error> {
         let setup: Setup = serde_json::from_str(text).map_err(|e| Error::Setup(format!("not an adapter setup: {e}")))?;
         setup.validate()?;
@@ -451,6 +466,19 @@ mod tests {
 
     fn leaf(name: &str) -> Setup {
         Setup::Adapter { name: name.into() }
+    }
+
+    #[test]
+    fn setups_save_and_load_as_adapter_setup_json() {
+        let dir = std::env::temp_dir().join(format!("setup-json-{}", std::process::id()));
+        let s: Setup = "stack(lang, fuse(a, b))".parse().unwrap();
+        s.save(&dir).unwrap();
+        assert_eq!(Setup::load(&dir).unwrap(), s);
+        assert_eq!(Setup::load(&dir.join(super::SETUP_FILE)).unwrap(), s);
+        std::fs::write(dir.join(super::SETUP_FILE), r#"{"block": "fuse", "children": [{"block": "parallel", "children": []}]}"#).unwrap();
+        let e = Setup::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("adapter_setup.json") && e.contains("cannot nest"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
