@@ -2,7 +2,7 @@
 //! site its member adapters share, attention over the members' outputs per token, with
 //! the sublayer's (normalised) output as the query.
 
-use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, FuseMember, Fused, Init, Point, SublayerIo};
+use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, FuseMember, Fused, Init, Point, Site, SublayerIo};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -97,7 +97,7 @@ impl FusionConfig {
 }
 
 /// The fusion parameters at one site.
-struct Site {
+struct SiteLayer {
     query: Option<(Var, Var)>,
     key: Option<(Var, Var)>,
     value: Option<Var>,
@@ -108,7 +108,7 @@ struct Site {
 /// An AdapterFusion layer over named member adapters, at the hidden sites they share.
 pub struct Fusion {
     config: FusionConfig,
-    sites: BTreeMap<Point, Site>,
+    sites: BTreeMap<Point, SiteLayer>,
 }
 
 /// Temperature at the start of training when the schedule is on (AdapterHub's `T`).
@@ -118,10 +118,10 @@ const VALUE_REGULARIZATION: f64 = 0.01;
 
 impl Fusion {
     /// Builds a fusion layer from registry arguments: its sites are the placement's hidden
-    /// sites (those its members occupy).
+    /// sites (those its members occupy; by default after the FFN, where Pfeiffer adapters sit).
     pub fn build(args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config = FusionConfig::parse(crate::KIND, args.config)?;
-        let points = args.placement.expand(args.model, &[], |s| !s.is_projection())?;
+        let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| !s.is_projection())?;
         let mut init = Init::new(args.seed);
         let dev = args.device;
         let mut sites = BTreeMap::new();
@@ -140,7 +140,7 @@ impl Fusion {
                 Some(Var::from_tensor(&init.normal((d, d), 0.02, dev)?)?)
             };
             let start = if config.temperature { START_TEMPERATURE } else { 1.0 };
-            sites.insert(spec.point, Site { query, key, value, temperature: Mutex::new(start) });
+            sites.insert(spec.point, SiteLayer { query, key, value, temperature: Mutex::new(start) });
         }
         Ok(Fusion { config, sites })
     }
@@ -249,7 +249,7 @@ impl Adapter for Fusion {
             }
             now
         };
-        let probs = candle_nn::ops::softmax_last_dim(&(scores / temperature)?)?;
+        let probs = candle_nn::ops::softmax(&(scores / temperature)?, D::Minus1)?; // softmax_last_dim has no backward
         let mut context = v.broadcast_mul(&probs.unsqueeze(3)?)?.sum(2)?; // [b, t, d]
         if let (Some(w), false) = (&site.value, c.value_before_softmax) {
             context = kernels::linear(&context, w.as_tensor(), None)?;
@@ -264,5 +264,134 @@ impl Adapter for Fusion {
             _ => None,
         };
         Ok(Fused { output, attention: probs, regularization })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adapters_core::{ModelInfo, Placement, PointSpec};
+
+    const D: usize = 6;
+
+    fn model() -> ModelInfo {
+        let point = Point::new(0, Site::FfnOutput);
+        ModelInfo {
+            architecture: "bert".into(),
+            hidden_size: D,
+            num_layers: 1,
+            vocab_size: 10,
+            points: vec![PointSpec { point, in_features: D, out_features: D, module: "encoder.layer.0.output".into() }],
+        }
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut init = Init::new(seed);
+        init.normal(shape, 1.0, &Device::Cpu).unwrap()
+    }
+
+    /// A fusion with `overrides` on the dynamic preset, its weights moved off their
+    /// initialisation so that every path matters.
+    fn fusion(overrides: serde_json::Value) -> Fusion {
+        let mut config = serde_json::json!({ "members": ["a", "b", "c"] });
+        for (k, v) in overrides.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        let f =
+            Fusion::build(&BuildArgs { config: &config, placement: &Placement::default(), model: &model(), device: &Device::Cpu, seed: 3 })
+                .unwrap();
+        for (i, (_, var)) in f.vars().iter().enumerate() {
+            var.set(&(var.as_tensor() + (randn(var.dims(), 50 + i as u64) * 0.3).unwrap()).unwrap()).unwrap();
+        }
+        f
+    }
+
+    /// The loss `Σ output · R` of the fusion at the point, for members given as outputs.
+    fn loss(f: &Fusion, input: &Tensor, output: &Tensor, members: &[Tensor]) -> Tensor {
+        let norm = |x: &Tensor| x.affine(0.5, 0.1);
+        let io = SublayerIo { input, output, post_norm: Some(&norm) };
+        let members: Vec<FuseMember> = members.iter().map(|m| FuseMember { adapter: None, output: m.clone() }).collect();
+        let fused = f.fuse_hidden(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::inference()).unwrap();
+        let sums = fused.attention.sum(candle_core::D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "attention rows sum to 1");
+        (fused.output * randn(&[1, 2, D], 99)).unwrap().sum_all().unwrap()
+    }
+
+    /// Every fusion weight's gradient and a member output's against central finite
+    /// differences, for the presets and each option that changes the maths.
+    #[test]
+    fn gradients_match_finite_differences_for_every_option() {
+        let (input, output) = (randn(&[1, 2, D], 1), randn(&[1, 2, D], 2));
+        for overrides in [
+            serde_json::json!({}),
+            serde_json::json!({ "preset": "static" }),
+            serde_json::json!({ "residual_before": true }),
+            serde_json::json!({ "value_before_softmax": false }),
+            serde_json::json!({ "query_before_ln": true }),
+        ] {
+            let f = fusion(overrides.clone());
+            let member = Var::from_tensor(&randn(&[1, 2, D], 7)).unwrap();
+            let members = vec![member.as_tensor().clone(), randn(&[1, 2, D], 8), randn(&[1, 2, D], 9)];
+            let grads = loss(&f, &input, &output, &members).backward().unwrap();
+            let mut vars: Vec<(String, Var)> = f.vars();
+            vars.push(("member a".into(), member.clone()));
+            for (name, var) in vars {
+                let analytic = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let flat = var.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for j in [0, flat.len() / 2, flat.len() - 1] {
+                    let at = |delta: f32| -> f64 {
+                        let mut v = flat.clone();
+                        v[j] += delta;
+                        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                        let members = vec![member.as_tensor().clone(), members[1].clone(), members[2].clone()];
+                        let l = loss(&f, &input, &output, &members).to_scalar::<f32>().unwrap() as f64;
+                        var.set(&Tensor::from_vec(flat.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                        l
+                    };
+                    let h = 1e-2;
+                    let numeric = (at(h) - at(-h)) / (2.0 * h as f64);
+                    let err = (numeric - analytic[j] as f64).abs();
+                    assert!(err < 2e-2 * (1.0 + numeric.abs()), "{overrides}: {name}[{j}] analytic {} vs {numeric}", analytic[j]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn configs_are_checked_with_the_field_named() {
+        let build = |c: serde_json::Value| {
+            Fusion::build(&BuildArgs { config: &c, placement: &Placement::default(), model: &model(), device: &Device::Cpu, seed: 0 })
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        assert!(build(serde_json::json!({})).contains("`members` is required"));
+        assert!(build(serde_json::json!({ "members": ["a"] })).contains("a fusion needs at least two"));
+        assert!(build(serde_json::json!({ "members": ["a", "b"], "preset": "fancy" })).contains("`preset`"));
+        assert!(build(serde_json::json!({ "members": ["a", "b"], "value": false })).contains("`regularization` needs `value = true`"));
+        assert!(build(serde_json::json!({ "members": ["a", "b"], "tempreature": true })).contains("tempreature"));
+    }
+
+    #[test]
+    fn the_value_matrix_starts_at_the_identity_and_regularisation_measures_the_gap() {
+        let f = Fusion::build(&BuildArgs {
+            config: &serde_json::json!({ "members": ["a", "b"] }),
+            placement: &Placement::default(),
+            model: &model(),
+            device: &Device::Cpu,
+            seed: 0,
+        })
+        .unwrap();
+        let (_, value) = f.vars().into_iter().find(|(n, _)| n.ends_with("value.weight")).unwrap();
+        let v = value.as_tensor().to_vec2::<f32>().unwrap();
+        assert!(v[0][0] == 1.0 && v[0][1] == 1e-6);
+        // In training the gap is reported: 0.01 · ‖I − W‖² = 0.01 · (D² − D) · 1e-12 here.
+        let (x, y) = (randn(&[1, 2, D], 1), randn(&[1, 2, D], 2));
+        let io = SublayerIo { input: &x, output: &y, post_norm: None };
+        let members: Vec<FuseMember> = (0..2).map(|i| FuseMember { adapter: None, output: randn(&[1, 2, D], 10 + i) }).collect();
+        let fused = f.fuse_hidden(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::training_seeded(1)).unwrap();
+        let reg = fused.regularization.unwrap().to_scalar::<f32>().unwrap();
+        assert!((reg - 0.01 * (D * D - D) as f32 * 1e-12).abs() < 1e-15, "{reg}");
+        assert!(f.fuse_hidden(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::inference()).unwrap().regularization.is_none());
     }
 }

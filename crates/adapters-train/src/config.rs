@@ -3,7 +3,7 @@
 //! output folder. Unknown keys and wrong types are errors that name the key.
 
 use crate::error::{fail, Error, Result, Within};
-use adapters_core::Placement;
+use adapters_core::{Placement, Setup};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,11 +45,16 @@ fn default_max_length() -> usize {
     128
 }
 
-/// One adapter: its kind, placement and the kind's own fields (checked by the kind).
+/// One adapter: its kind, placement and the kind's own fields (checked by the kind); or
+/// `from`, a trained adapter folder loaded frozen (the members of a fusion in stage two).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct AdapterEntry {
-    /// The registered kind.
+    /// The registered kind (not with `from`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
+    /// A trained adapter folder (ours, PEFT or AdapterHub) to load and keep frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
     /// Where the adapter goes.
     #[serde(default)]
     pub placement: Placement,
@@ -115,6 +120,10 @@ pub struct TaskConfig {
     /// The adapters this task runs through, stacked in order; default: all adapters in
     /// name order. Its head is saved in the last (top) adapter's folder.
     pub adapters: Option<Vec<String>>,
+    /// Instead of `adapters`: a composition of them, e.g. `"fuse(sentiment, topic)"`
+    /// (blocks: stack, fuse, parallel, average, batch_split, split). Its head is saved in the
+    /// folder of its fusion layer, or else of its last adapter.
+    pub setup: Option<String>,
     /// Pooling for the classification head; default mean for encoders, last for decoders.
     pub pooling: Option<Pooling>,
     /// Evaluate on only the first N rows (or LM blocks) of dev and test, to keep
@@ -384,6 +393,25 @@ impl Config {
             if !names.insert(&task.name) {
                 fail!(Config, "`task.name`: two tasks are called `{}`", task.name);
             }
+            if let Some(text) = &task.setup {
+                if task.adapters.is_some() {
+                    fail!(Config, "task `{}`: give `adapters` (a stack) or `setup` (a composition), not both", task.name);
+                }
+                if t.mixed_task_batches {
+                    fail!(Config, "task `{}`: `setup` needs `training.mixed_task_batches = false` (rows choose plain stacks)", task.name);
+                }
+                let setup: Setup = text.parse().map_err(|e| Error::Config(format!("`task.setup` of task `{}`: {e}", task.name)))?;
+                for a in setup.adapter_names().iter().chain(&setup.fusion_names()) {
+                    if !self.adapters.contains_key(a) {
+                        fail!(
+                            Config,
+                            "`task.setup` of task `{}`: no adapter `{a}` (defined: {})",
+                            task.name,
+                            self.adapter_names().join(", ")
+                        );
+                    }
+                }
+            }
             for a in task.adapters.iter().flatten() {
                 if !self.adapters.contains_key(a) {
                     fail!(
@@ -393,6 +421,18 @@ impl Config {
                         self.adapter_names().join(", ")
                     );
                 }
+            }
+        }
+        for (name, entry) in &self.adapters {
+            match (&entry.from, entry.kind.is_empty()) {
+                (None, true) => fail!(Config, "`adapters.{name}`: give `kind` (a registered kind) or `from` (a trained adapter folder)"),
+                (Some(_), false) => fail!(Config, "`adapters.{name}`: `from` loads a trained folder with its own kind; leave out `kind`"),
+                (Some(_), true) if !entry.config.is_empty() || entry.placement != Placement::default() => fail!(
+                    Config,
+                    "`adapters.{name}`: `from` loads a trained folder with its own configuration and placement; leave out `{}`",
+                    entry.config.keys().next().map_or("placement", String::as_str)
+                ),
+                _ => {}
             }
         }
         for (i, s) in self.stage.iter().enumerate() {
@@ -429,7 +469,18 @@ impl Config {
         if self.training.mode == Mode::HeadOnly {
             return Vec::new();
         }
+        if let Some(setup) = self.setup_of(task) {
+            return setup.adapter_names();
+        }
         task.adapters.clone().unwrap_or_else(|| self.adapter_names())
+    }
+
+    /// The composition a task runs through, when it gives `setup` (checked when loaded).
+    pub fn setup_of(&self, task: &TaskConfig) -> Option<Setup> {
+        if self.training.mode == Mode::HeadOnly {
+            return None;
+        }
+        task.setup.as_ref().and_then(|s| s.parse().ok())
     }
 }
 

@@ -3,7 +3,7 @@
 //! early, checkpoints, resumes, and writes the trained adapters, heads and reports.
 
 use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
-use crate::config::{Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
+use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
 use crate::forward::{argmax, classify, lm_loss, pad, pool, pooled};
 use crate::heads::{self, HeadConfig};
@@ -11,7 +11,7 @@ use crate::metrics::{accuracy, macro_f1, MetricsLog};
 use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
 use crate::report;
 use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
-use adapters_core::{io, registry, ForwardCtx, InsertionPoint};
+use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Layers, Placement, Setup};
 use adapters_models::heads::ClassificationHead;
 use adapters_models::HoldsAdapters;
 use adapters_models::LoadedModel;
@@ -87,6 +87,8 @@ struct Task {
     kind: TaskType,
     data: TaskData,
     stack: Vec<String>,
+    /// The task's composition, when it gives one (else its stack is activated).
+    setup: Option<Setup>,
     pooling: Pooling,
     head: Option<ClassificationHead>,
     features: Option<Features>,
@@ -135,10 +137,26 @@ impl Trainer {
         }
         if mode != Mode::HeadOnly {
             let info = model.backbone.model_info();
-            for (i, (name, entry)) in config.adapters.iter().enumerate() {
-                let adapter =
-                    registry::build(&entry.kind, &entry.config_json(), &entry.placement, &info, device, mix(&[seed, i as u64, 0xada]))
-                        .within(|| format!("`adapters.{name}`"))?;
+            // Trained folders first (frozen), then new adapters, fusion layers last: a
+            // fusion's default placement is where its members sit.
+            let mut entries: Vec<(usize, (&String, &AdapterEntry))> = config.adapters.iter().enumerate().collect();
+            entries.sort_by_key(|(_, (_, e))| (e.from.is_none(), e.kind == FUSION));
+            for (i, (name, entry)) in entries {
+                if let Some(from) = &entry.from {
+                    let loaded =
+                        io::load(from, &model.backbone, device).within(|| format!("`adapters.{name}.from` = {}", from.display()))?;
+                    model.backbone.adapters_mut().add(name, loaded.adapter)?;
+                    model.backbone.adapters_mut().set_frozen(name, true)?;
+                    continue;
+                }
+                let placement = match entry.kind.as_str() {
+                    FUSION if entry.placement == Placement::default() => {
+                        members_placement(&model, entry).within(|| format!("`adapters.{name}.members`"))?
+                    }
+                    _ => entry.placement.clone(),
+                };
+                let adapter = registry::build(&entry.kind, &entry.config_json(), &placement, &info, device, mix(&[seed, i as u64, 0xada]))
+                    .within(|| format!("`adapters.{name}`"))?;
                 for (var_name, var) in adapter.vars() {
                     params.push(Param {
                         name: format!("adapter.{name}.{var_name}"),
@@ -173,7 +191,13 @@ impl Trainer {
                 TaskType::CausalLm => None,
             };
             let pooling = t.pooling.unwrap_or(if is_encoder { Pooling::Mean } else { Pooling::Last });
-            tasks.push(Task { name: t.name.clone(), kind: t.kind, data, stack: config.stack_of(t), pooling, head, features: None });
+            let setup = config.setup_of(t);
+            if let Some(setup) = &setup {
+                // Checked now, not at the first step: names, nesting, shared fusion sites.
+                model.backbone.adapters_mut().set_setup(Some(setup.clone())).within(|| format!("`task.setup` of task `{}`", t.name))?;
+                model.backbone.adapters_mut().set_setup(None)?;
+            }
+            tasks.push(Task { name: t.name.clone(), kind: t.kind, data, stack: config.stack_of(t), setup, pooling, head, features: None });
         }
         if let Some(es) = &config.training.early_stopping {
             check_metric(es.metric, &tasks)?;
@@ -195,6 +219,14 @@ impl Trainer {
             trainer.cache_features()?;
         }
         Ok(trainer)
+    }
+
+    /// Makes task `i`'s setup (or stack) the model's active one.
+    fn activate_task(&mut self, i: usize) -> Result<()> {
+        let task = &self.tasks[i];
+        let setup = task.setup.clone().or_else(|| (!task.stack.is_empty()).then(|| Setup::stack(&task.stack)));
+        self.model.backbone.adapters_mut().set_setup(setup)?;
+        Ok(())
     }
 
     /// Optimizer steps of the whole run.
@@ -413,9 +445,9 @@ impl Trainer {
         let examples = task_ids.len();
         let mut ctx = ForwardCtx::training_seeded(mix(&[seed, step as u64, 0xd209])).with_task_ids(Tensor::new(task_ids, &device)?);
         let (first, _) = batch[0];
-        if batch.iter().all(|(task, _)| self.tasks[*task].stack == self.tasks[first].stack) {
-            let stack: Vec<&str> = self.tasks[first].stack.iter().map(String::as_str).collect();
-            self.model.backbone.adapters_mut().activate(&stack)?;
+        let same = |a: &Task, b: &Task| a.stack == b.stack && a.setup == b.setup;
+        if batch.iter().all(|(task, _)| same(&self.tasks[*task], &self.tasks[first])) {
+            self.activate_task(first)?;
         } else {
             self.model.backbone.adapters_mut().activate(&[])?;
             let choices: Vec<Vec<String>> =
@@ -495,8 +527,7 @@ impl Trainer {
             let ctx_for = |rows: usize| -> Result<ForwardCtx> {
                 Ok(ForwardCtx::inference().with_task_ids(Tensor::new(vec![i as u32; rows], &device)?))
             };
-            let stack: Vec<String> = self.tasks[i].stack.clone();
-            self.model.backbone.adapters_mut().activate(&stack.iter().map(String::as_str).collect::<Vec<_>>())?;
+            self.activate_task(i)?;
             let task = &self.tasks[i];
             let (split, features) = match which {
                 Which::Dev => (task.data.dev.as_ref(), task.features.as_ref().and_then(|f| f.dev.as_ref())),
@@ -636,17 +667,27 @@ impl Trainer {
             if mode == Mode::HeadOnly {
                 break;
             }
+            if entry.from.is_some() {
+                continue; // trained earlier and frozen: its folder is where `from` says
+            }
             let adapter = backbone.adapters().get(name).expect("added in new()");
             let dir = out.join("adapters").join(name);
             replace_dir(&dir, |tmp| Ok(io::save(tmp, name, adapter.as_ref(), &entry.placement, &fingerprint)?))?;
         }
         for task in &self.tasks {
             let Some(head) = &task.head else { continue };
-            let home = match (mode, task.stack.last()) {
+            let top = match &task.setup {
+                Some(setup) => setup.fusion_names().pop().or_else(|| setup.adapter_names().pop()),
+                None => task.stack.last().cloned(),
+            };
+            let home = match (mode, top) {
                 (Mode::Full, _) => model_dir.clone(),
                 (_, Some(top)) => out.join("adapters").join(top),
                 (_, None) => out.clone(),
             };
+            if let Some(setup) = &task.setup {
+                setup.save(&home)?;
+            }
             let config = HeadConfig {
                 task: task.name.clone(),
                 kind: "classification".into(),
@@ -659,6 +700,24 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// The registered kind of AdapterFusion layers.
+const FUSION: &str = "fusion";
+
+/// Where a fusion layer goes by default: the layers and sites of its first member.
+fn members_placement(model: &LoadedModel, entry: &AdapterEntry) -> Result<Placement> {
+    let members = entry.config.get("members").and_then(|m| m.as_array()).cloned().unwrap_or_default();
+    let Some(first) = members.first().and_then(|m| m.as_str()) else {
+        fail!(Config, "a fusion needs `members = [\"a\", \"b\", ...]`, the adapters it fuses")
+    };
+    let Some(adapter) = model.backbone.adapters().get(first) else {
+        fail!(Config, "no adapter `{first}` (a fusion's members must be [adapters.NAME] tables, e.g. with `from`)")
+    };
+    let points = adapter.points();
+    let layers: BTreeSet<usize> = points.iter().map(|p| p.layer).collect();
+    let sites: BTreeSet<_> = points.iter().map(|p| p.site).collect();
+    Ok(Placement { layers: Layers::List(layers.into_iter().collect()), sites: sites.into_iter().collect(), ..Default::default() })
 }
 
 fn check_metric(metric: Metric, tasks: &[Task]) -> Result<()> {

@@ -1,6 +1,7 @@
 //! The trainer on the real models and datasets (`cargo xtask fetch`), in short runs.
 
 use adapters_core::InsertionPoint;
+use adapters_models::HoldsAdapters;
 use adapters_train::{Config, RunOptions, Trainer};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -33,7 +34,7 @@ fn minilm() -> String {
 }
 
 fn config(body: &str, out: &Path) -> Config {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
     Config::parse(&format!("{body}\n[output]\ndir = {:?}\n", out.display().to_string()), &[]).unwrap()
 }
 
@@ -298,4 +299,73 @@ fn mixed_task_batches_train_every_task_in_every_step() {
     assert_eq!(*context_probe::SEEN_TASKS.lock().unwrap(), [0u32, 1].into_iter().collect());
     let log = adapters_train::metrics::MetricsLog::read(&dir.join("out/metrics.jsonl")).unwrap();
     assert!(log.iter().any(|r| r["task"] == "mixed"));
+}
+
+/// Two-stage AdapterFusion: stage one trains two Pfeiffer adapters on two datasets; stage
+/// two loads their folders frozen (`from`), fuses them for a third task and trains only the
+/// fusion layer and the head. The members' weights do not move, the fusion's do, the value
+/// regularisation enters the loss, and the outputs hold the fusion folder with the head and
+/// `adapter_setup.json`. Bad stage-two configs name the key.
+#[test]
+fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
+    let dir = scratch("fusion");
+    let stage1 = dir.join("stage1");
+    for (name, dataset) in [("spam", "sms_spam"), ("trec", "trec_coarse")] {
+        let (train, dev) = (head_of(dataset, "train.jsonl", 32, &dir), head_of(dataset, "dev.jsonl", 8, &dir));
+        let body = format!(
+            "[model]\npath = {:?}\nmax_length = 32\n[adapters.{name}]\nkind = \"seq_bn\"\nreduction_factor = 32\n[[task]]\nname = \"{name}\"\ntype = \"classification\"\ntrain = {:?}\ndev = {:?}\n[training]\nbatch_size = 8\nsteps = 2\n",
+            minilm(),
+            train.display().to_string(),
+            dev.display().to_string()
+        );
+        Trainer::new(config(&body, &stage1.join(name)), &Device::Cpu).unwrap().run(&RunOptions::default()).unwrap();
+    }
+    let member = |name: &str| stage1.join(name).join("adapters").join(name);
+    let adapters = format!(
+        "[adapters.spam]\nfrom = {:?}\n[adapters.trec]\nfrom = {:?}\n[adapters.fused]\nkind = \"fusion\"\nmembers = [\"spam\", \"trec\"]\n",
+        member("spam").display().to_string(),
+        member("trec").display().to_string()
+    );
+    let body = sms_config(&dir, &adapters, "steps = 3\nlr = 1e-2\nwarmup_ratio = 0.0")
+        .replace("[[task]]\nname = \"sms\"\n", "[[task]]\nname = \"sms\"\nsetup = \"fuse(spam, trec; fusion=fused)\"\n");
+    let out = dir.join("stage2");
+    let mut trainer = Trainer::new(config(&body, &out), &Device::Cpu).unwrap();
+    let trainable: Vec<String> = trainer.trainable().into_iter().map(|(n, _)| n).collect();
+    assert!(trainable.iter().all(|n| n.starts_with("adapter.fused.") || n.starts_with("head.")), "{trainable:?}");
+    let members_before = values(
+        ["spam", "trec"]
+            .iter()
+            .flat_map(|m| trainer.model().backbone.adapters().get(m).unwrap().vars())
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect(),
+    );
+    let fusion_before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    trainer.run(&RunOptions::default()).unwrap();
+    let members_after = values(
+        ["spam", "trec"]
+            .iter()
+            .flat_map(|m| trainer.model().backbone.adapters().get(m).unwrap().vars())
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect(),
+    );
+    assert_eq!(members_before, members_after, "frozen members moved");
+    let fusion_after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let unchanged: Vec<&String> = fusion_before.iter().filter(|(n, v)| *v == &fusion_after[*n]).map(|(n, _)| n).collect();
+    assert!(unchanged.is_empty(), "every fusion and head variable trains; unchanged: {unchanged:?}");
+    for f in ["adapters/fused/adapter_config.json", "adapters/fused/adapter_setup.json", "adapters/fused/heads/sms/head.safetensors"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    assert!(!out.join("adapters/spam").exists(), "frozen members are not written again");
+
+    // Errors name the key.
+    let err = |body: String| Trainer::new(config(&body, &dir.join("bad")), &Device::Cpu).err().unwrap().to_string();
+    let missing = body.replace(&member("trec").display().to_string(), "/nonexistent/trec");
+    let e = err(missing);
+    assert!(e.contains("`adapters.trec.from`") && e.contains("/nonexistent/trec"), "{e}");
+    let lora = body.replace(
+        &format!("[adapters.trec]\nfrom = {:?}\n", member("trec").display().to_string()),
+        "[adapters.trec]\nkind = \"lora\"\nr = 4\n",
+    );
+    let e = err(lora);
+    assert!(e.contains("`task.setup` of task `sms`") && e.contains("must share their sites"), "{e}");
 }
