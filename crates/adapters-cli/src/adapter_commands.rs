@@ -2,8 +2,8 @@
 
 use crate::commands::{open, open_with, AdapterArgs};
 use adapters_core::io::{self, read_json, read_tensors, CONFIG_FILE};
-use adapters_core::{registry, InsertionPoint, Placement};
-use adapters_models::HoldsAdapters;
+use adapters_core::{registry, Adapter, InsertionPoint, Placement};
+use adapters_models::{HoldsAdapters, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ pub enum Format {
     Native,
     /// PEFT's LoRA layout.
     Peft,
-    /// AdapterHub's bottleneck layout.
+    /// AdapterHub's layout (bottleneck adapters, fusion layers).
     Adapterhub,
 }
 
@@ -67,11 +67,7 @@ pub fn new(kind: &str, model: &Path, out: &Path, sets: &[String], name: Option<S
     let info = loaded.backbone.model_info();
     let adapter = registry::build(kind, &config, &placement, &info, loaded.backbone.device(), seed)?;
     let name = name.unwrap_or_else(|| out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| kind.into()));
-    match format {
-        Format::Native => io::save(out, &name, adapter.as_ref(), &placement, &loaded.backbone.fingerprint()?)?,
-        Format::Peft => adapters_lora::peft::save(out, adapter.as_ref(), &info, &model.to_string_lossy())?,
-        Format::Adapterhub => adapters_bottleneck::adapterhub::save(out, &name, adapter.as_ref(), &placement, &info)?,
-    }
+    write_as(format, out, &name, adapter.as_ref(), &placement, &loaded, model)?;
     let params = adapter.num_parameters();
     println!(
         "wrote {} ({kind} `{name}`, {} points, {params} trainable parameters, {:.3}% of the base's {})",
@@ -80,6 +76,40 @@ pub fn new(kind: &str, model: &Path, out: &Path, sets: &[String], name: Option<S
         100.0 * params as f64 / loaded.backbone.num_parameters() as f64,
         loaded.backbone.num_parameters()
     );
+    Ok(())
+}
+
+/// Writes an adapter in one of the layouts (AdapterHub's: bottleneck kinds and fusion).
+fn write_as(
+    format: Format,
+    out: &Path,
+    name: &str,
+    adapter: &dyn Adapter,
+    placement: &Placement,
+    loaded: &LoadedModel,
+    model: &Path,
+) -> Result<()> {
+    let info = loaded.backbone.model_info();
+    match format {
+        Format::Native => io::save(out, name, adapter, placement, &loaded.backbone.fingerprint()?)?,
+        Format::Peft => adapters_lora::peft::save(out, adapter, &info, &model.to_string_lossy())?,
+        Format::Adapterhub if adapter.kind() == adapters_fusion::KIND => adapters_fusion::adapterhub::save(out, name, adapter, &info)?,
+        Format::Adapterhub => adapters_bottleneck::adapterhub::save(out, name, adapter, placement, &info)?,
+    }
+    Ok(())
+}
+
+/// Rewrites an adapter folder (any layout) in another layout, e.g. for Python users.
+pub fn convert(dir: &Path, model: &Path, format: Format, out: &Path) -> Result<()> {
+    check_empty_target(out)?;
+    let loaded = open(model)?;
+    let adapter = io::load(dir, &loaded.backbone, loaded.backbone.device()).with_context(|| format!("reading {}", dir.display()))?;
+    write_as(format, out, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model).map_err(|e| {
+        // Nothing half-written stays behind.
+        std::fs::remove_dir_all(out).ok();
+        e
+    })?;
+    println!("wrote {} ({} `{}` from {} as {format:?})", out.display(), adapter.adapter.kind(), adapter.name, adapter.format);
     Ok(())
 }
 

@@ -131,6 +131,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = adapter_commands::Format::Native)]
         format: adapter_commands::Format,
     },
+    /// Rewrite an adapter folder in another layout: ours (`native`), PEFT (LoRA) or
+    /// AdapterHub (bottleneck kinds and fusion layers), e.g. to hand it to Python users.
+    /// The model is the one the adapter was made for (checked).
+    Convert {
+        /// The adapter folder (any layout).
+        dir: PathBuf,
+        /// The base model it belongs to.
+        #[arg(long)]
+        model: PathBuf,
+        /// The layout to write.
+        #[arg(long, value_enum)]
+        format: adapter_commands::Format,
+        /// The folder to write (must not exist yet, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Show an adapter folder (ours, PEFT or AdapterHub): kind, placement, parameters,
     /// base model, and with --model whether it fits that model.
     Inspect {
@@ -227,6 +243,7 @@ fn main() {
         Command::Logits { model, prompt, top, chat, json, adapters } => commands::logits(&model, &adapters, &prompt, top, chat, json),
         Command::New { kind, model, out, set, name, seed, format } => adapter_commands::new(&kind, &model, &out, &set, name, seed, format),
         Command::Inspect { dir, model } => adapter_commands::inspect(&dir, model.as_deref()),
+        Command::Convert { dir, model, format, out } => adapter_commands::convert(&dir, &model, format, &out),
         Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &AdapterArgs::stacked(&adapters), &out),
         Command::Train { config, set, resume, stop_after } => train_commands::train(&config, &set, resume, stop_after),
         Command::Predict { model, texts, task, max_length, json, adapters } => {

@@ -101,3 +101,64 @@ fn new_inspect_embed_and_merge() {
     assert!(!success && err.contains("nothing-here"), "{err}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// `adapters convert` rewrites PEFT, AdapterHub bottleneck and AdapterHub fusion folders in
+/// other layouts; every converted folder gives the same embeddings as the original, and a
+/// layout that cannot hold the kind is an error that leaves nothing behind.
+#[test]
+fn convert_round_trips_between_layouts() {
+    let m = minilm();
+    let interop = workspace().join("fixtures/interop");
+    let tmp = std::env::temp_dir().join(format!("adapters-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+    for (folder, other) in [("peft_lora_minilm/adapter", "peft"), ("adapterhub_seq_bn_minilm/adapter", "adapterhub")] {
+        let original = path(&interop.join(folder));
+        let want = embedding(&["embed", "--json", &m, "--adapter", &original, "a converted adapter"]);
+        let native = tmp.join(format!("{other}-native"));
+        let back = tmp.join(format!("{other}-back"));
+        ok(&["convert", &original, "--model", &m, "--format", "native", "--out", &path(&native)]);
+        ok(&["convert", &path(&native), "--model", &m, "--format", other, "--out", &path(&back)]);
+        for dir in [&native, &back] {
+            let got = embedding(&["embed", "--json", &m, "--adapter", &path(dir), "a converted adapter"]);
+            assert!(max_diff(&got, &want) < 1e-6, "{}: {}", dir.display(), max_diff(&got, &want));
+        }
+    }
+    // A fusion layer: AdapterHub's folder to ours and back, used with its members.
+    let reference = interop.join("adapterhub_fusion_minilm");
+    let members = [
+        format!("sentiment={}", path(&reference.join("adapters/sentiment"))),
+        format!("topic={}", path(&reference.join("adapters/topic"))),
+    ];
+    let fused = |fusion: &str| {
+        embedding(&[
+            "embed",
+            "--json",
+            &m,
+            "--adapter",
+            &members[0],
+            "--adapter",
+            &members[1],
+            "--fusion",
+            fusion,
+            "--setup",
+            "fuse(sentiment, topic)",
+            "text",
+        ])
+    };
+    let want = fused(&path(&reference.join("fusion")));
+    let (native, back) = (tmp.join("fusion-native"), tmp.join("fusion-back"));
+    ok(&["convert", &path(&reference.join("fusion")), "--model", &m, "--format", "native", "--out", &path(&native)]);
+    ok(&["convert", &path(&native), "--model", &m, "--format", "adapterhub", "--out", &path(&back)]);
+    assert!(back.join("adapter_fusion_config.json").exists() && back.join("model_adapter_fusion.safetensors").exists());
+    for dir in [&native, &back] {
+        assert_eq!(max_diff(&fused(&path(dir)), &want), 0.0, "{}", dir.display());
+    }
+    // PEFT holds LoRA only: refused, and the target folder is not left half-written.
+    let bad = tmp.join("bad");
+    let (success, _, err) =
+        run(&["convert", &path(&reference.join("adapters/topic")), "--model", &m, "--format", "peft", "--out", &path(&bad)]);
+    assert!(!success && err.contains("error:"), "{err}");
+    assert!(!bad.exists(), "a failed conversion leaves no folder");
+    std::fs::remove_dir_all(&tmp).ok();
+}
