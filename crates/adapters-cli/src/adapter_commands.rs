@@ -104,10 +104,9 @@ pub fn convert(dir: &Path, model: &Path, format: Format, out: &Path) -> Result<(
     check_empty_target(out)?;
     let loaded = open(model)?;
     let adapter = io::load(dir, &loaded.backbone, loaded.backbone.device()).with_context(|| format!("reading {}", dir.display()))?;
-    write_as(format, out, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model).map_err(|e| {
+    write_as(format, out, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model).inspect_err(|_| {
         // Nothing half-written stays behind.
         std::fs::remove_dir_all(out).ok();
-        e
     })?;
     println!("wrote {} ({} `{}` from {} as {format:?})", out.display(), adapter.adapter.kind(), adapter.name, adapter.format);
     Ok(())
