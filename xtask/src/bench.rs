@@ -11,10 +11,17 @@ const BENCHES: &[(&str, &str)] = &[
     ("adapters-models", "hook_overhead"),
     ("adapters-bench", "adapter_overhead"),
     ("adapters-bench", "training_step"),
+    ("adapters-bench", "composition"),
 ];
 
 /// Interleaved comparisons written by the benches, in report order.
-const COMPARISONS: &[&str] = &["adapter_overhead_minilm.json", "adapter_overhead_smollm2_decode.json", "training_step.json"];
+const COMPARISONS: &[&str] = &[
+    "adapter_overhead_minilm.json",
+    "adapter_overhead_smollm2_decode.json",
+    "training_step.json",
+    "composition_fusion.json",
+    "composition_parallel.json",
+];
 
 pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
     crate::fetch::fetch_all(root)?;
