@@ -194,7 +194,7 @@ fn load_own(dir: &Path, json: serde_json::Value, model: &dyn InsertionPoint, dev
     let mut base = model.fingerprint()?;
     if saved.base_model.version != base.version {
         // Saved by an earlier library: compare in its fingerprint format.
-        base = Fingerprint::of_version(saved.base_model.version, &info, &model.named_weights())?;
+        base = Fingerprint::of_version(saved.base_model.version, &info, &model.fingerprint_weights())?;
     }
     if saved.base_model != base {
         return Err(Error::Mismatch(format!(

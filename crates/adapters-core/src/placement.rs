@@ -131,10 +131,11 @@ impl Placement {
         let mut points = Vec::new();
         for &layer in &layers {
             for &site in sites {
-                let spec = model
-                    .spec(Point::new(layer, site))
-                    .ok_or_else(|| Error::Placement(format!("the model has no point at layer {layer} {site}")))?;
-                points.push(spec.clone());
+                // A site the model has only in some layers (BERT's pooler, on the last)
+                // is taken where it exists.
+                if let Some(spec) = model.spec(Point::new(layer, site)) {
+                    points.push(spec.clone());
+                }
             }
         }
         if points.is_empty() {

@@ -31,11 +31,14 @@ pub enum Site {
     FfnGate,
     /// FFN down projection (BERT `output.dense`, Llama `down_proj`).
     FfnDown,
+    /// BERT's pooler projection (`pooler.dense`, on the `[CLS]` token, feeding
+    /// `pooler_output`); one point, on the last layer.
+    Pooler,
 }
 
 impl Site {
     /// Every site kind, hidden sites first.
-    pub const ALL: [Site; 9] = [
+    pub const ALL: [Site; 10] = [
         Site::AttentionOutput,
         Site::FfnOutput,
         Site::Query,
@@ -45,6 +48,7 @@ impl Site {
         Site::FfnUp,
         Site::FfnGate,
         Site::FfnDown,
+        Site::Pooler,
     ];
 
     /// True for sites on a projection weight, false for sites between sublayers.
@@ -64,6 +68,7 @@ impl Site {
             Site::FfnUp => "ffn_up",
             Site::FfnGate => "ffn_gate",
             Site::FfnDown => "ffn_down",
+            Site::Pooler => "pooler",
         }
     }
 
@@ -166,8 +171,14 @@ pub trait InsertionPoint {
     /// The frozen base weights by their original names.
     fn named_weights(&self) -> Vec<(String, candle_core::Tensor)>;
 
+    /// The weights the fingerprint covers: all of them unless a backbone leaves some out
+    /// (BERT's pooler, which adapters saved before it was loaded did not cover).
+    fn fingerprint_weights(&self) -> Vec<(String, candle_core::Tensor)> {
+        self.named_weights()
+    }
+
     /// The model's fingerprint (see [`crate::Fingerprint`]).
     fn fingerprint(&self) -> candle_core::Result<crate::Fingerprint> {
-        crate::Fingerprint::of(&self.model_info(), &self.named_weights())
+        crate::Fingerprint::of(&self.model_info(), &self.fingerprint_weights())
     }
 }

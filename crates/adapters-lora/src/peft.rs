@@ -82,7 +82,8 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     // Placement: the layers and sites that carry tensors (they must form a full grid).
     let layers: BTreeSet<usize> = complete.keys().map(|p| p.layer).collect();
     let sites: BTreeSet<Site> = complete.keys().map(|p| p.site).collect();
-    if layers.len() * sites.len() != complete.len() {
+    let grid = layers.iter().flat_map(|&l| sites.iter().map(move |&s| Point::new(l, s))).filter(|p| model.spec(*p).is_some()).count();
+    if grid != complete.len() {
         return Err(bad(&weights, "the adapted modules do not cover the same sites in every adapted layer; not supported".into()));
     }
     let placement = Placement {

@@ -211,3 +211,49 @@ fn row_choices_are_refused_while_an_adapter_is_merged() {
         assert!(max_diff(&mixed[1], &base[1]) < 1e-4, "{name}: the base row");
     }
 }
+
+/// A PEFT LoRA on every `dense` module (`target_modules=["dense"]`: the attention and FFN
+/// output projections and BERT's `pooler.dense`) loads, reproduces PEFT's embeddings and
+/// `pooler_output`, and merging it changes the pooler as PEFT's `merge_and_unload` does;
+/// the merged model folder keeps the pooler.
+#[test]
+fn a_lora_on_the_pooler_loads_reproduces_peft_and_merges_into_the_pooler() {
+    let _ = adapters_lora::family();
+    let (dir, expected) = interop("peft_lora_dense_minilm");
+    let mut m = model("all-MiniLM-L6-v2");
+    let loaded = io::load(&dir, &m, &Device::Cpu).unwrap();
+    assert!(loaded.adapter.points().iter().any(|p| p.site == adapters_core::Site::Pooler));
+    let name = attach(&mut m, loaded);
+    let want: Vec<Vec<f32>> =
+        expected["sentences"].as_array().unwrap().iter().map(|s| to_vecs(&serde_json::json!([s["embedding"]]))[0].clone()).collect();
+    let d = max_diff(&bert_embeddings(&m, &expected), &want);
+    assert!(d <= 1e-4, "embeddings: max abs diff {d}");
+    let pooled = |m: &Backbone| -> Vec<Vec<f32>> {
+        let Backbone::Bert(b) = m else { unreachable!() };
+        expected["sentences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let ids = ids(&s["input_ids"]);
+                let h = b.forward(&ids, None, None, &ForwardCtx::inference()).unwrap();
+                b.pooler_output(&h, &ForwardCtx::inference()).unwrap().unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+            })
+            .collect()
+    };
+    let want_pooled: Vec<Vec<f32>> =
+        expected["sentences"].as_array().unwrap().iter().map(|s| to_vecs(&serde_json::json!([s["pooler_output"]]))[0].clone()).collect();
+    let d = max_diff(&pooled(&m), &want_pooled);
+    assert!(d <= 1e-4, "pooler_output: max abs diff {d}");
+
+    m.merge(&name).unwrap();
+    let d = max_diff(&pooled(&m), &want_pooled);
+    assert!(d <= 1e-4, "pooler_output after merging: max abs diff {d}");
+    let weights: std::collections::HashMap<String, Tensor> = m.named_weights().into_iter().collect();
+    let pooler = weights["pooler.dense.weight"].to_vec2::<f32>().unwrap();
+    for (row, want) in expected["merged_pooler_weight_rows"].as_object().unwrap() {
+        let want: Vec<f32> = want.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let d = max_diff(&[pooler[row.parse::<usize>().unwrap()].clone()], &[want]);
+        assert!(d <= 1e-5, "merged pooler row {row}: {d}");
+    }
+}

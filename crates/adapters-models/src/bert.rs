@@ -115,6 +115,8 @@ pub struct Bert {
     activation: Activation,
     embeddings: Embeddings,
     layers: Vec<Layer>,
+    /// `pooler.dense`, when the checkpoint has it.
+    pooler: Option<Linear>,
     /// The adapters attached to this model: an immutable snapshot, replaced on change.
     adapters: Arc<AdapterSet>,
 }
@@ -180,7 +182,9 @@ impl Bert {
                 })
             })
             .collect::<std::result::Result<Vec<_>, Error>>()?;
-        Ok(Bert { config, activation, embeddings, layers, adapters: Arc::default() })
+        // BERT's pooler (`pooler_output`); sentence-embedding checkpoints may lack it.
+        let pooler = if w.contains(&format!("{prefix}pooler.dense.weight")) { Some(linear("pooler.dense", h, h)?) } else { None };
+        Ok(Bert { config, activation, embeddings, layers, pooler, adapters: Arc::default() })
     }
 
     /// The device the weights live on.
@@ -188,9 +192,10 @@ impl Bert {
         self.embeddings.word.device()
     }
 
-    /// Every projection with its point.
+    /// Every projection with its point (the pooler's on the last layer).
     fn linears(&self) -> Vec<(Point, &Linear)> {
-        self.layers
+        let mut out: Vec<(Point, &Linear)> = self
+            .layers
             .iter()
             .enumerate()
             .flat_map(|(l, x)| {
@@ -204,11 +209,29 @@ impl Bert {
                 ]
                 .map(|(s, lin)| (Point::new(l, s), lin))
             })
-            .collect()
+            .collect();
+        out.extend(self.pooler.as_ref().map(|p| (self.pooler_point(), p)));
+        out
+    }
+
+    /// Where the pooler's projection is: the last layer.
+    fn pooler_point(&self) -> Point {
+        Point::new(self.config.num_hidden_layers.saturating_sub(1), Site::Pooler)
+    }
+
+    /// Hugging Face's `pooler_output`: `tanh(W h[CLS] + b)` on the last hidden state, with
+    /// the adapters at the pooler's projection; `None` if the checkpoint has no pooler.
+    pub fn pooler_output(&self, hidden: &Tensor, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        let Some(pooler) = &self.pooler else { return Ok(None) };
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(Some(self.project(pooler, self.pooler_point(), &cls, ctx)?.tanh()?))
     }
 
     /// The projection at a point, for merging adapters into its weight.
     pub fn linear_mut(&mut self, point: Point) -> Option<&mut Linear> {
+        if point.site == Site::Pooler {
+            return if point == self.pooler_point() { self.pooler.as_mut() } else { None };
+        }
         let layer = self.layers.get_mut(point.layer)?;
         Some(match point.site {
             Site::Query => &mut layer.query,
@@ -244,6 +267,7 @@ impl Bert {
                         + ln(&l.ffn_norm)
                 })
                 .sum::<usize>()
+            + self.pooler.as_ref().map_or(0, lin)
     }
 
     /// The last hidden state `[batch, seq, hidden]`.
@@ -364,6 +388,9 @@ impl InsertionPoint for Bert {
             add(Site::FfnUp, h, i, "intermediate.dense");
             add(Site::FfnDown, i, h, "output.dense");
         }
+        if self.pooler.is_some() {
+            points.push(PointSpec { point: self.pooler_point(), in_features: h, out_features: h, module: "pooler.dense".into() });
+        }
         ModelInfo {
             architecture: "bert".into(),
             hidden_size: h,
@@ -371,6 +398,12 @@ impl InsertionPoint for Bert {
             vocab_size: self.config.vocab_size,
             points,
         }
+    }
+
+    /// All weights but the pooler's: adapters saved before the pooler was loaded were
+    /// fingerprinted without it, and no adapter reads it unless placed on it.
+    fn fingerprint_weights(&self) -> Vec<(String, Tensor)> {
+        self.named_weights().into_iter().filter(|(name, _)| !name.starts_with("pooler.")).collect()
     }
 
     fn named_weights(&self) -> Vec<(String, Tensor)> {

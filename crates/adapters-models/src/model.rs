@@ -173,6 +173,13 @@ impl InsertionPoint for Backbone {
             Backbone::Llama(m) => m.named_weights(),
         }
     }
+
+    fn fingerprint_weights(&self) -> Vec<(String, candle_core::Tensor)> {
+        match self {
+            Backbone::Bert(m) => m.fingerprint_weights(),
+            Backbone::Llama(m) => m.fingerprint_weights(),
+        }
+    }
 }
 
 /// A backbone with its tokenizer and where it came from.

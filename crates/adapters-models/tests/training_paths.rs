@@ -35,7 +35,9 @@ fn bert_batch() -> (Tensor, Tensor) {
 fn bert_loss(bert: &Bert, head: &ClassificationHead, ctx: &ForwardCtx) -> Tensor {
     let (ids, mask) = bert_batch();
     let hidden = bert.forward(&ids, None, Some(&mask), ctx).unwrap();
-    let logits = head.forward(&mean_pool(&hidden, &mask).unwrap()).unwrap();
+    // Mean pooling plus the pooler's output, so the pooler's projection is on the path too.
+    let pooled = (mean_pool(&hidden, &mask).unwrap() + bert.pooler_output(&hidden, ctx).unwrap().unwrap()).unwrap();
+    let logits = head.forward(&pooled).unwrap();
     let labels = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
     candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
 }
@@ -44,7 +46,7 @@ fn bert_loss(bert: &Bert, head: &ClassificationHead, ctx: &ForwardCtx) -> Tensor
 fn bert_every_adapter_and_head_variable_gets_a_gradient() {
     let mut bert = bert();
     let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
-    assert_eq!(probe.points().len(), 6 * 8);
+    assert_eq!(probe.points().len(), 6 * 8 + 1, "8 points per layer and the pooler");
     bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
     bert.adapters_mut().activate(&["probe"]).unwrap();
     let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
