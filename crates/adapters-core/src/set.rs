@@ -260,6 +260,14 @@ impl AdapterSet {
                 if members.iter().all(Option::is_none) {
                     return Ok(None);
                 }
+                if point.site.is_projection() {
+                    let i = members.iter().position(Option::is_some).expect("some member is present");
+                    return Err(Error::Setup(format!(
+                        "`{setup}`: `{}` sits on a projection ({point}); fusion combines adapters at hidden sites \
+                         (bottleneck adapters), so stack projection adapters (LoRA, IA3) under or over the fusion instead",
+                        children[i]
+                    )));
+                }
                 if let Some(i) = members.iter().position(Option::is_none) {
                     return Err(Error::Setup(format!(
                         "`{setup}`: `{}` has no adapter at {point}, where the other members have one; fused adapters \

@@ -75,6 +75,28 @@ fn split_over_positions_and_stack_and_average_compose_as_defined() {
     assert!(max_diff(&single, &sentiment) < 1e-5);
 }
 
+/// LoRA (a projection adapter) cannot be a fusion member; stacked over a fusion it can.
+#[test]
+fn lora_stacks_with_a_fusion_but_is_not_fused() {
+    let _ = (adapters_lora::family(), adapters_fusion::family());
+    let mut bert = bert_with_members();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let lora = io::load(&root.join("fixtures/interop/peft_lora_minilm/adapter"), &bert, &Device::Cpu).unwrap();
+    bert.adapters_mut().add("lora", lora.adapter).unwrap();
+    let fusion = io::load(&root.join("fixtures/interop/adapterhub_fusion_minilm/fusion"), &bert, &Device::Cpu).unwrap();
+    bert.adapters_mut().add("sentiment,topic", fusion.adapter).unwrap();
+    // AdapterHub names fusions with commas, which expressions cannot spell: build the tree.
+    let tree = Setup::Fuse {
+        children: vec![Setup::Adapter { name: "sentiment".into() }, Setup::Adapter { name: "lora".into() }],
+        fusion: Some("sentiment,topic".into()),
+    };
+    let e = bert.adapters_mut().set_setup(Some(tree)).unwrap_err().to_string();
+    assert!(e.contains("`lora` sits on a projection") && e.contains("stack projection adapters"), "{e}");
+    let fused = forward(&mut bert, "fuse(sentiment, topic)");
+    let stacked = forward(&mut bert, "stack(lora, fuse(sentiment, topic))");
+    assert!(max_diff(&fused, &stacked) > 1e-4, "the LoRA under the fusion changes the output");
+}
+
 #[test]
 fn a_refused_setup_keeps_the_active_one() {
     let mut bert = bert_with_members();
