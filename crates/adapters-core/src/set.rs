@@ -7,7 +7,7 @@ use crate::point::Point;
 use crate::setup::Setup;
 use crate::Error;
 use candle_core::{Result, Tensor, Var};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -228,7 +228,8 @@ impl AdapterSet {
     fn rebuild(&mut self) -> std::result::Result<(), Error> {
         let mut resolved = HashMap::new();
         if let Some(setup) = &self.setup {
-            let points: HashSet<Point> =
+            // In order, so that an error names the same point every time.
+            let points: BTreeSet<Point> =
                 setup.adapter_names().iter().filter_map(|n| self.named(n).ok()).flat_map(|n| n.points.iter().copied()).collect();
             for p in points {
                 if let Some(node) = self.resolve(setup, p)? {
@@ -256,17 +257,18 @@ impl AdapterSet {
             Setup::Fuse { children, fusion } => {
                 let name = fusion.clone().unwrap_or_else(|| Setup::default_fusion_name(children));
                 let layer = self.named(&name)?;
+                for member in children.iter().flat_map(Setup::adapter_names) {
+                    let named = self.named(&member)?;
+                    if named.points.iter().all(|p| p.site.is_projection()) {
+                        return Err(Error::Setup(format!(
+                            "`{setup}`: `{member}` sits on projections; fusion combines adapters at hidden sites \
+                             (bottleneck adapters), so stack projection adapters (LoRA, IA3) under or over the fusion instead"
+                        )));
+                    }
+                }
                 let members = each(children)?;
                 if members.iter().all(Option::is_none) {
                     return Ok(None);
-                }
-                if point.site.is_projection() {
-                    let i = members.iter().position(Option::is_some).expect("some member is present");
-                    return Err(Error::Setup(format!(
-                        "`{setup}`: `{}` sits on a projection ({point}); fusion combines adapters at hidden sites \
-                         (bottleneck adapters), so stack projection adapters (LoRA, IA3) under or over the fusion instead",
-                        children[i]
-                    )));
                 }
                 if let Some(i) = members.iter().position(Option::is_none) {
                     return Err(Error::Setup(format!(

@@ -91,7 +91,7 @@ fn lora_stacks_with_a_fusion_but_is_not_fused() {
         fusion: Some("sentiment,topic".into()),
     };
     let e = bert.adapters_mut().set_setup(Some(tree)).unwrap_err().to_string();
-    assert!(e.contains("`lora` sits on a projection") && e.contains("stack projection adapters"), "{e}");
+    assert!(e.contains("`lora` sits on projections") && e.contains("stack projection adapters"), "{e}");
     let fused = forward(&mut bert, "fuse(sentiment, topic)");
     let stacked = forward(&mut bert, "stack(lora, fuse(sentiment, topic))");
     assert!(max_diff(&fused, &stacked) > 1e-4, "the LoRA under the fusion changes the output");
