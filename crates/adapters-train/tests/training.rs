@@ -371,5 +371,5 @@ fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
         "[adapters.trec]\nkind = \"lora\"\nr = 4\n",
     );
     let e = err(lora);
-    assert!(e.contains("`task.setup` of task `sms`") && e.contains("must share their sites"), "{e}");
+    assert!(e.contains("`task.setup` of task `sms`") && e.contains("`trec` sits on projections"), "{e}");
 }
