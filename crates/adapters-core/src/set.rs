@@ -109,7 +109,7 @@ impl AdapterSet {
         if self.setup.as_ref().is_some_and(|s| s.adapter_names().iter().chain(&s.fusion_names()).any(|n| n == name)) {
             self.setup = None;
         }
-        self.rebuild().map_err(|e| Error::Adapter(format!("{e}")))?;
+        self.rebuild()?;
         Ok(named.adapter)
     }
 
@@ -163,11 +163,12 @@ impl AdapterSet {
     pub fn set_merged(&mut self, name: &str, merged: bool) -> std::result::Result<(), Error> {
         self.index(name)?;
         if merged {
+            let setup = match &self.setup {
+                Some(s) => s.without(name)?,
+                None => None,
+            };
             self.merged.insert(name.to_string());
-            if self.setup.as_ref().is_some_and(|s| s.adapter_names().iter().any(|n| n == name)) {
-                let names: Vec<String> = self.active().into_iter().filter(|n| n != name).collect();
-                self.setup = if names.is_empty() { None } else { Some(Setup::stack(&names)) };
-            }
+            self.setup = setup;
             self.rebuild()?;
         } else {
             self.merged.remove(name);

@@ -210,6 +210,25 @@ impl Setup {
         Ok(())
     }
 
+    /// The setup without adapter `name` (merged into the base weights, so no longer run by
+    /// the hooks): dropped from stacks, emptied stacks dropped; `None` when nothing is left.
+    /// An adapter inside another block (whose weights, sizes or fusion name its children)
+    /// cannot be taken out that way: an error says so.
+    pub fn without(&self, name: &str) -> Result<Option<Setup>, Error> {
+        match self {
+            Setup::Adapter { name: n } => Ok(if n == name { None } else { Some(self.clone()) }),
+            Setup::Stack { children } => {
+                let kept = children.iter().map(|c| c.without(name)).collect::<Result<Vec<_>, _>>()?;
+                let kept: Vec<Setup> = kept.into_iter().flatten().collect();
+                Ok((!kept.is_empty()).then_some(Setup::Stack { children: kept }))
+            }
+            other if other.adapter_names().iter().any(|n| n == name) => Err(Error::Setup(format!(
+                "`{name}` is inside `{other}`; taking it out would change that block: set a setup without it first"
+            ))),
+            other => Ok(Some(other.clone())),
+        }
+    }
+
     /// Writes the setup as `adapter_setup.json` in `dir` (atomically).
     pub fn save(&self, dir: &std::path::Path) -> Result<(), Error> {
         crate::io::write_atomic(&dir.join(SETUP_FILE), self.to_json().as_bytes())
@@ -466,6 +485,15 @@ mod tests {
 
     fn leaf(name: &str) -> Setup {
         Setup::Adapter { name: name.into() }
+    }
+
+    #[test]
+    fn merged_adapters_leave_stacks_but_not_other_blocks() {
+        let s: Setup = "stack(lora, fuse(a, b))".parse().unwrap();
+        assert_eq!(s.without("lora").unwrap().unwrap().to_string(), "stack(fuse(a, b))");
+        assert_eq!(Setup::stack(&["lora"]).without("lora").unwrap(), None);
+        assert!(s.without("a").unwrap_err().to_string().contains("`a` is inside `fuse(a, b)`"));
+        assert_eq!(s.without("other").unwrap().unwrap(), s);
     }
 
     #[test]

@@ -60,6 +60,10 @@ impl Backbone {
         if self.adapters().is_merged(name) {
             return Err(Error::Invalid(format!("adapter `{name}` is already merged")));
         }
+        // Checked before the weights change: the active setup must be able to drop it.
+        if let Some(setup) = self.adapters().setup() {
+            setup.without(name)?;
+        }
         self.apply_merge(name, 1.0)?;
         Ok(self.adapters_mut().set_merged(name, true)?)
     }
