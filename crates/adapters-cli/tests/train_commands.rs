@@ -74,6 +74,7 @@ fn train_then_predict_and_eval_from_the_saved_folders() {
     // Without the adapter there is no head to predict with; the error says where heads live.
     let (success, _, err) = run(&["predict", m, "hello"]);
     assert!(!success && err.contains("heads/TASK"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -92,4 +93,5 @@ fn bad_configs_exit_with_the_key_named() {
     let model = format!("model.path={:?}", adapters_models::fetched("all-MiniLM-L6-v2").unwrap().display().to_string());
     let (success, _, err) = run(&["train", cfg.to_str().unwrap(), "--set", &model]);
     assert!(!success && err.contains("adapters.sms_spam") && err.contains("reduction"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
