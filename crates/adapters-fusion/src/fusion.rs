@@ -357,6 +357,33 @@ mod tests {
         }
     }
 
+    /// With `temperature`, training starts at T = 50 (flatter attention than T = 1) and
+    /// falls by 0.05 per training forward to 1, where it equals the fusion without it.
+    #[test]
+    fn the_temperature_schedule_starts_flat_and_ends_at_one() {
+        let (x, y) = (randn(&[1, 2, D], 1), randn(&[1, 2, D], 2));
+        let members: Vec<FuseMember> = (0..3).map(|i| FuseMember { adapter: None, output: randn(&[1, 2, D], 20 + i) }).collect();
+        let io = SublayerIo { input: &x, output: &y, post_norm: None };
+        let point = Point::new(0, Site::FfnOutput);
+        let ctx = ForwardCtx::training_seeded(1);
+        let (warm, plain) =
+            (fusion(serde_json::json!({ "temperature": true, "dropout_prob": 0.0 })), fusion(serde_json::json!({ "dropout_prob": 0.0 })));
+        let spread = |f: &Fusion| -> f32 {
+            let a = f.fuse_hidden(point, &io, &members, &ctx).unwrap().attention;
+            (a.max(candle_core::D::Minus1).unwrap() - a.min(candle_core::D::Minus1).unwrap())
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(spread(&warm) < spread(&plain) / 5.0, "T = 50 flattens the attention");
+        for _ in 0..1000 {
+            spread(&warm);
+        }
+        assert!((spread(&warm) - spread(&plain)).abs() < 1e-6, "after 980 steps T is 1");
+    }
+
     #[test]
     fn configs_are_checked_with_the_field_named() {
         let build = |c: serde_json::Value| {
