@@ -39,15 +39,7 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     let config_path = dir.join(adapters_core::io::CONFIG_FILE);
     let c = &json["config"];
     let name = json["name"].as_str().ok_or_else(|| bad(&config_path, "has no adapter `name`".into()))?.to_string();
-    if let Some(arch) = json["model_type"].as_str() {
-        if arch != model.architecture {
-            return Err(Error::Mismatch(format!(
-                "{} was saved for a `{arch}` model, but the loaded model is `{}`",
-                dir.display(),
-                model.architecture
-            )));
-        }
-    }
+    adapters_core::io::check_model_type(dir, json, model)?;
     let flag = |k: &str| c[k].as_bool().unwrap_or(false);
     let unsupported = [
         ("phm_layer", flag("phm_layer")),
@@ -137,10 +129,7 @@ fn rename_from_hub(
 
 /// `layer.3.ffn_output.adapter_down.weight` -> `encoder.layer.3.output.adapters.NAME.adapter_down.0.weight`.
 fn hub_key(ours: &str, name: &str, model: &ModelInfo) -> Option<String> {
-    let rest = ours.strip_prefix("layer.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (site, param) = rest.split_once('.')?;
-    let point = adapters_core::Point::new(layer.parse().ok()?, Site::parse(site).ok()?);
+    let (point, param) = adapters_core::Point::split_var_name(ours)?;
     let module = &model.spec(point)?.module;
     Some(format!("{module}.adapters.{name}.{}", hub_param(param)))
 }
@@ -178,10 +167,7 @@ pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement
         "reduction_factor": c["reduction_factor"], "residual_before_ln": true, "scaling": c["scaling"],
         "shared_W_phm": false, "shared_phm_rule": true, "stochastic_depth": 0.0, "use_gating": c["use_gating"],
     });
-    let (model_class, model_type) = match model.architecture.as_str() {
-        "bert" => ("BertModel", "bert"),
-        other => ("LlamaModel", other),
-    };
+    let (model_class, model_type) = adapters_core::io::hf_model_class(model);
     let mut tensors = HashMap::new();
     for (ours, var) in adapter.vars() {
         let key = hub_key(&ours, name, model).ok_or_else(|| Error::Adapter(format!("no module path for `{ours}`")))?;

@@ -108,6 +108,27 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Checks the `model_type` a Hugging Face-side config names (AdapterHub's, PEFT's) against
+/// the model an adapter folder is loaded onto.
+pub fn check_model_type(dir: &Path, config: &serde_json::Value, model: &ModelInfo) -> Result<(), Error> {
+    match config["model_type"].as_str() {
+        Some(arch) if arch != model.architecture => Err(Error::Mismatch(format!(
+            "{} was saved for a `{arch}` model, but the loaded model is `{}`",
+            dir.display(),
+            model.architecture
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The Hugging Face `model_class` and `model_type` written for a model's architecture.
+pub fn hf_model_class(model: &ModelInfo) -> (&'static str, &str) {
+    match model.architecture.as_str() {
+        "bert" => ("BertModel", "bert"),
+        other => ("LlamaModel", other),
+    }
+}
+
 /// Reads a safetensors file; a missing, truncated or corrupt file is an error naming it.
 pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, Error> {
     if !path.exists() {

@@ -103,6 +103,17 @@ impl Point {
     }
 }
 
+impl Point {
+    /// Splits an adapter variable name of the form `layer.L.SITE.PARAM` (the convention of
+    /// the families' `vars`) into its point and `PARAM`.
+    pub fn split_var_name(name: &str) -> Option<(Point, &str)> {
+        let rest = name.strip_prefix("layer.")?;
+        let (layer, rest) = rest.split_once('.')?;
+        let (site, param) = rest.split_once('.')?;
+        Some((Point::new(layer.parse().ok()?, Site::parse(site).ok()?), param))
+    }
+}
+
 impl fmt::Display for Point {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "layer {} {}", self.layer, self.site)

@@ -131,26 +131,22 @@ impl AdapterSet {
         self.set_setup(Some(Setup::stack(names)))
     }
 
-    /// Makes `setup` the active composition (`None`: no adapter). Checked once here: the
-    /// tree's shape, that every name is attached and not merged, that each `fuse` block has
-    /// its fusion layer, and that a fusion's members and layer occupy the same sites.
+    /// Makes `setup` the active composition (`None`: no adapter). Checked once here (see
+    /// [`AdapterSet::check_setup`]); a refused setup leaves the active one in place.
     pub fn set_setup(&mut self, setup: Option<Setup>) -> std::result::Result<(), Error> {
-        if let Some(s) = &setup {
-            s.validate()?;
-            for name in s.adapter_names().iter().chain(&s.fusion_names()) {
-                self.index(name)?;
-                if self.merged.contains(name) {
-                    return Err(Error::Adapter(format!("adapter `{name}` is merged into the base weights; unmerge it to activate it")));
-                }
-            }
-        }
-        let previous = std::mem::replace(&mut self.setup, setup);
-        if let Err(e) = self.rebuild() {
-            self.setup = previous;
-            self.rebuild()?;
-            return Err(e);
-        }
+        let resolved = match &setup {
+            Some(s) => self.resolve_all(s)?,
+            None => HashMap::new(),
+        };
+        (self.setup, self.resolved) = (setup, resolved);
         Ok(())
+    }
+
+    /// Checks a setup against the attached adapters without activating it: the tree's
+    /// shape, that every name is attached and not merged, that each `fuse` block has its
+    /// fusion layer, and that a fusion's members and layer occupy the same hidden sites.
+    pub fn check_setup(&self, setup: &Setup) -> std::result::Result<(), Error> {
+        self.resolve_all(setup).map(|_| ())
     }
 
     /// The active setup, if any.
@@ -226,20 +222,34 @@ impl AdapterSet {
         self.index(name).map(|i| &self.adapters[i])
     }
 
+    /// Re-resolves the active setup after the attached adapters changed.
     fn rebuild(&mut self) -> std::result::Result<(), Error> {
-        let mut resolved = HashMap::new();
-        if let Some(setup) = &self.setup {
-            // In order, so that an error names the same point every time.
-            let points: BTreeSet<Point> =
-                setup.adapter_names().iter().filter_map(|n| self.named(n).ok()).flat_map(|n| n.points.iter().copied()).collect();
-            for p in points {
-                if let Some(node) = self.resolve(setup, p)? {
-                    resolved.insert(p, node);
-                }
+        self.resolved = match &self.setup {
+            Some(s) => self.resolve_all(s)?,
+            None => HashMap::new(),
+        };
+        Ok(())
+    }
+
+    /// `setup` checked and resolved at every point its adapters occupy.
+    fn resolve_all(&self, setup: &Setup) -> std::result::Result<HashMap<Point, Node>, Error> {
+        setup.validate()?;
+        for name in setup.adapter_names().iter().chain(&setup.fusion_names()) {
+            self.index(name)?;
+            if self.merged.contains(name) {
+                return Err(Error::Adapter(format!("adapter `{name}` is merged into the base weights; unmerge it to activate it")));
             }
         }
-        self.resolved = resolved;
-        Ok(())
+        // In order, so that an error names the same point every time.
+        let points: BTreeSet<Point> =
+            setup.adapter_names().iter().filter_map(|n| self.named(n).ok()).flat_map(|n| n.points.iter().copied()).collect();
+        let mut resolved = HashMap::new();
+        for p in points {
+            if let Some(node) = self.resolve(setup, p)? {
+                resolved.insert(p, node);
+            }
+        }
+        Ok(resolved)
     }
 
     /// `setup` at `point`: only what occupies it; `None` when nothing does.

@@ -3,9 +3,9 @@
 //! fusion `name`) and `model_adapter_fusion.safetensors` with keys such as
 //! `encoder.layer.3.output.adapter_fusion_layer.NAME.query.weight`.
 
-use crate::fusion::{Fusion, FusionConfig};
+use crate::fusion::Fusion;
 use adapters_core::io::{fill_vars, read_tensors, save_tensors_atomic, write_atomic};
-use adapters_core::{Adapter, BuildArgs, Error, Layers, Loaded, ModelInfo, Placement, Point, Site};
+use adapters_core::{Adapter, BuildArgs, Error, Layers, Loaded, ModelInfo, Placement, Point};
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
@@ -49,15 +49,7 @@ fn hub_key(point: Point, param: &str, name: &str, model: &ModelInfo) -> Option<S
 pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
     let config_path = dir.join(CONFIG_FILE);
     let name = json["name"].as_str().ok_or_else(|| bad(&config_path, "has no fusion `name`".into()))?.to_string();
-    if let Some(arch) = json["model_type"].as_str() {
-        if arch != model.architecture {
-            return Err(Error::Mismatch(format!(
-                "{} was saved for a `{arch}` model, but the loaded model is `{}`",
-                dir.display(),
-                model.architecture
-            )));
-        }
-    }
+    adapters_core::io::check_model_type(dir, json, model)?;
     let members: Vec<String> = json["adapter_names"]
         .as_array()
         .into_iter()
@@ -94,21 +86,14 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     let fusion = Fusion::build(&BuildArgs { config: &config, placement: &placement, model, device, seed: 0 })?;
     let mut ours = HashMap::new();
     for (var_name, _) in fusion.vars() {
-        let (point, param) = split_var(&var_name).ok_or_else(|| Error::Adapter(format!("unexpected fusion variable `{var_name}`")))?;
+        let (point, param) =
+            Point::split_var_name(&var_name).ok_or_else(|| Error::Adapter(format!("unexpected fusion variable `{var_name}`")))?;
         let key = hub_key(point, param, &name, model).ok_or_else(|| Error::Adapter(format!("no module path for {point}")))?;
         let t: Tensor = hub.get(&key).cloned().ok_or_else(|| bad(&weights_path, format!("tensor `{key}` is missing")))?;
         ours.insert(var_name, t);
     }
     fill_vars(&fusion, ours, &weights_path)?;
     Ok(Loaded { name, adapter: Box::new(fusion), placement, format: "adapterhub-fusion" })
-}
-
-/// `layer.3.ffn_output.query.weight` -> (point, `query.weight`).
-fn split_var(name: &str) -> Option<(Point, &str)> {
-    let rest = name.strip_prefix("layer.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (site, param) = rest.split_once('.')?;
-    Some((Point::new(layer.parse().ok()?, Site::parse(site).ok()?), param))
 }
 
 /// Saves a fusion layer in AdapterHub's layout (`load_adapter_fusion` reads it).
@@ -123,23 +108,15 @@ pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, model: &ModelInfo) ->
     }
     let mut tensors = HashMap::new();
     for (ours, var) in adapter.vars() {
-        let (point, param) = split_var(&ours).ok_or_else(|| Error::Adapter(format!("unexpected fusion variable `{ours}`")))?;
+        let (point, param) = Point::split_var_name(&ours).ok_or_else(|| Error::Adapter(format!("unexpected fusion variable `{ours}`")))?;
         let key = hub_key(point, param, name, model).ok_or_else(|| Error::Adapter(format!("no module path for {point}")))?;
         tensors.insert(key, var.as_tensor().clone());
     }
     save_tensors_atomic(&tensors, &dir.join(WEIGHTS_FILE))?;
-    let (model_class, model_type) = match model.architecture.as_str() {
-        "bert" => ("BertModel", "bert"),
-        other => ("LlamaModel", other),
-    };
+    let (model_class, model_type) = adapters_core::io::hf_model_class(model);
     let file = json!({
         "adapter_names": c["members"], "config": Value::Object(config), "hidden_size": model.hidden_size,
         "model_class": model_class, "model_name": Value::Null, "model_type": model_type, "name": name, "version": VERSION,
     });
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&file).expect("json").as_bytes())
-}
-
-/// The members' names of a fusion configuration.
-pub fn members(config: &FusionConfig) -> &[String] {
-    &config.members
 }

@@ -153,8 +153,7 @@ impl Fusion {
 
 /// AdapterHub's identity start for the value matrix: 1 on the diagonal, 1e-6 elsewhere.
 fn near_identity(d: usize, dev: &Device) -> Result<Tensor> {
-    let eye = Tensor::eye(d, DType::F32, dev)?;
-    (eye.affine(1.0 - 1e-6, 1e-6))?.to_dtype(DType::F32)
+    Tensor::eye(d, DType::F32, dev)?.affine(1.0 - 1e-6, 1e-6)
 }
 
 /// A boolean field of a member's saved configuration (bottleneck adapters), with a default.

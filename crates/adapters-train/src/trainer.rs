@@ -194,8 +194,7 @@ impl Trainer {
             let setup = config.setup_of(t);
             if let Some(setup) = &setup {
                 // Checked now, not at the first step: names, nesting, shared fusion sites.
-                model.backbone.adapters_mut().set_setup(Some(setup.clone())).within(|| format!("`task.setup` of task `{}`", t.name))?;
-                model.backbone.adapters_mut().set_setup(None)?;
+                model.backbone.adapters().check_setup(setup).within(|| format!("`task.setup` of task `{}`", t.name))?;
             }
             tasks.push(Task { name: t.name.clone(), kind: t.kind, data, stack: config.stack_of(t), setup, pooling, head, features: None });
         }
