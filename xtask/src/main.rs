@@ -4,6 +4,7 @@
 mod bench;
 mod data;
 mod fetch;
+mod fusion_study;
 mod quality;
 mod test;
 mod vs_pytorch;
@@ -64,6 +65,11 @@ enum Task {
         #[arg(long)]
         report_only: bool,
     },
+    /// The AdapterFusion study behind RESULTS.md: on Rotten Tomatoes with 500 training
+    /// reviews, the task's own Pfeiffer adapter against a fusion of it with frozen adapters
+    /// from SMS spam, TREC coarse and VADER tweets (fixtures/fusion-sources), 3 seeds each;
+    /// then rewrites RESULTS.md. About 25 minutes on 2 cores; finished runs are skipped.
+    FusionStudy,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo => demo(&root()),
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
+        Task::FusionStudy => fusion_study::run(&root()),
     }
 }
 

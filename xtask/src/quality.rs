@@ -69,11 +69,11 @@ fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
     serde_json::from_str(&text).ok()
 }
 
-fn write_results(root: &Path) -> Result<()> {
+pub fn write_results(root: &Path) -> Result<()> {
     let mut md = String::from(
         "# Results\n\nWritten by `cargo xtask quality` from the runs in `runs/quality/` (each run's \
          `summary.json`, `metrics.jsonl` and `curves.svg` are there). Base model all-MiniLM-L6-v2 \
-         (22.6M parameters), frozen except in full fine-tuning. Same trainer and budget for every \
+         (22.7M parameters), frozen except in full fine-tuning. Same trainer and budget for every \
          method: the dataset's example config (`examples/DATASET.toml`: AdamW, lr 1e-3 unless noted, \
          weight decay 0.01 on matrices, 6% warmup then linear decay, batch 32, max length 128, \
          dropout 0.1 before the head, clipping at 1.0, seed 42), the epochs below, evaluation on dev \
@@ -144,6 +144,7 @@ fn write_results(root: &Path) -> Result<()> {
         }
         None => writeln!(md, "not run")?,
     }
+    md.push_str(&crate::fusion_study::block(root)?);
     extra_runs(root, &mut md)?;
     std::fs::write(root.join("RESULTS.md"), md).context("writing RESULTS.md")?;
     eprintln!("wrote RESULTS.md");

@@ -28,6 +28,15 @@ pub struct ProjectionIo<'a> {
     pub linear: TensorFn<'a>,
 }
 
+/// A low-rank term a projection adapter adds to the projection output: `down · upᵀ`, with
+/// `down` `[..., r]` computed from the projection's input and `up` `[out_features, r]`.
+pub struct LowRank {
+    /// The r-wide middle, from the projection's input (LoRA: `s · x Aᵀ`).
+    pub down: Tensor,
+    /// The up projection (LoRA: `B`).
+    pub up: Tensor,
+}
+
 /// One member of a fusion at a site: its output there and the adapter whose conventions
 /// (what it reads, where its residual comes from) the fusion follows: the member itself,
 /// or the last adapter of a stacked member.
@@ -77,6 +86,16 @@ pub trait Adapter: Send + Sync {
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let _ = (io, ctx);
         candle_core::bail!("adapter kind `{}` has no projection forward ({point})", self.kind())
+    }
+
+    /// At a projection site, for kinds whose whole change is a low-rank term added to the
+    /// output (LoRA): that term. When such an adapter is the only one at a projection, the
+    /// backbone adds the term inside its own product, so neither its frozen output nor the
+    /// full-width delta is stored for the backward pass. `None` (the default) otherwise;
+    /// `forward_projection` must agree with `io.output + down · upᵀ`.
+    fn low_rank_projection(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>> {
+        let _ = (point, input, ctx);
+        None
     }
 
     /// As the fusion layer of a `fuse(...)` block at a hidden site: combines the members'

@@ -3,6 +3,7 @@
 
 use crate::adapter::{Adapter, FuseMember, ProjectionIo, SublayerIo, TensorFn};
 use crate::context::{AuxLoss, ForwardCtx, FusionAttention};
+use crate::kernels;
 use crate::point::Point;
 use crate::setup::Setup;
 use crate::Error;
@@ -322,6 +323,33 @@ impl AdapterSet {
     /// Runs the adapters at a projection site; returns the (possibly new) projection output.
     pub fn projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         self.dispatch(point, io.input, io.output, SiteFn::Projection(io.linear), ctx).and_then(|y| detached_without_grad(y, ctx))
+    }
+
+    /// A projection `x Wᵀ + b` (frozen `W`, `b`) with the adapters at `point` applied, when
+    /// they are one adapter with a low-rank term (see [`Adapter::low_rank_projection`]): the
+    /// term is added inside the product. `None` when they are not; the backbone then
+    /// computes the projection and calls [`AdapterSet::projection`].
+    pub fn low_rank_projection(
+        &self,
+        point: Point,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<Option<Tensor>> {
+        if ctx.row_groups.is_some() {
+            return Ok(None);
+        }
+        let adapter = match self.resolved.get(&point) {
+            Some(Node::Adapter(a)) => a,
+            Some(Node::Stack(children)) => match children.as_slice() {
+                [Node::Adapter(a)] => a,
+                _ => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        let Some(term) = adapter.low_rank_projection(point, x, ctx).transpose()? else { return Ok(None) };
+        detached_without_grad(kernels::low_rank_linear(x, weight, bias, &term.down, &term.up)?, ctx).map(Some)
     }
 
     /// Applies the active setup, or each row group's stack when the context routes rows.

@@ -3,7 +3,7 @@
 //! leaves the model unchanged. Mergeable: the delta `s * B A` can be added to `W`.
 
 use adapters_core::registry::parse_config;
-use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site};
+use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, LowRank, Point, ProjectionIo, Site};
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -97,6 +97,15 @@ impl Lora {
         self.pairs.get(&point).map(|p| (p.a.dim(0).unwrap_or(0), p.scale))
     }
 
+    /// `s · A dropout(x)` and `B` at a point: the delta is their product.
+    fn low_rank(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Result<LowRank> {
+        let p = &self.pairs[&point];
+        let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(input, self.config.dropout)? } else { input.clone() };
+        // The scale applies to the r-wide middle, not the full-width delta: r/d of the work.
+        let down = (kernels::linear(&x, p.a.as_tensor(), None)? * p.scale)?;
+        Ok(LowRank { down, up: p.b.as_tensor().clone() })
+    }
+
     /// The A and B variables at a point, by our variable names.
     pub fn var_names(point: Point) -> (String, String) {
         let pre = format!("layer.{}.{}", point.layer, point.site);
@@ -128,11 +137,12 @@ impl Adapter for Lora {
     }
 
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        let p = &self.pairs[&point];
-        let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
-        // The scale applies to the r-wide middle, not the full-width delta: r/d of the work.
-        let delta = kernels::linear(&(kernels::linear(&x, p.a.as_tensor(), None)? * p.scale)?, p.b.as_tensor(), None)?;
-        io.output + delta
+        let term = self.low_rank(point, io.input, ctx)?;
+        io.output + kernels::linear(&term.down, &term.up, None)?
+    }
+
+    fn low_rank_projection(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>> {
+        Some(self.low_rank(point, input, ctx))
     }
 
     fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {

@@ -61,6 +61,11 @@ impl Linear {
     /// The projection at `point`, passed through the adapters attached there; `decoding`
     /// picks [`Linear::forward_decoding`] for the frozen product.
     pub fn forward_with(&self, adapters: &AdapterSet, point: Point, x: &Tensor, ctx: &ForwardCtx, decoding: bool) -> Result<Tensor> {
+        if !decoding {
+            if let Some(y) = adapters.low_rank_projection(point, x, &self.weight, self.bias.as_ref(), ctx)? {
+                return Ok(y);
+            }
+        }
         let apply = |t: &Tensor| if decoding { self.forward_decoding(t) } else { self.forward(t) };
         let y = apply(x)?;
         adapters.projection(point, &ProjectionIo { input: x, output: &y, linear: &apply }, ctx)

@@ -129,6 +129,10 @@ pub struct TaskConfig {
     /// Evaluate on only the first N rows (or LM blocks) of dev and test, to keep
     /// evaluation of large sets short.
     pub eval_limit: Option<usize>,
+    /// Train on only the first N rows (or LM blocks) of the training file: a low-resource
+    /// run or a learning curve (`cargo xtask fetch` shuffles the splits, so the first rows
+    /// are a random sample). The labels are still those of the whole file.
+    pub train_limit: Option<usize>,
 }
 
 fn default_text_field() -> String {

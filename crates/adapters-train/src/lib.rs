@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod forward;
+mod fusion_report;
 pub mod heads;
 pub mod metrics;
 pub mod optim;

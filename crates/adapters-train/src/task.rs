@@ -49,6 +49,9 @@ pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_
     if max_length < 2 {
         fail!(Data, "`model.max_length` must be at least 2");
     }
+    if task.train_limit == Some(0) {
+        fail!(Data, "task `{}`: `train_limit` must be at least 1 (or left out to train on every row)", task.name);
+    }
     match task.kind {
         TaskType::Classification => load_labelled(task, tokenizer, max_length, is_encoder),
         TaskType::CausalLm => {
@@ -71,7 +74,7 @@ pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_
             };
             Ok(TaskData {
                 labels: Vec::new(),
-                train: blocks(&task.train)?,
+                train: blocks(&task.train)?.limit(task.train_limit),
                 dev: task.dev.as_deref().map(blocks).transpose()?.map(|s| s.limit(task.eval_limit)),
                 test: task.test.as_deref().map(blocks).transpose()?.map(|s| s.limit(task.eval_limit)),
                 skipped: 0,
@@ -101,7 +104,7 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
         }
         Ok(split)
     };
-    let train_split = encode(&task.train, train.examples)?;
+    let train_split = encode(&task.train, train.examples)?.limit(task.train_limit);
     let mut other = |path: &Option<std::path::PathBuf>| -> Result<Option<Split>> {
         let Some(path) = path else { return Ok(None) };
         let read = read_labelled(path, &fields)?;

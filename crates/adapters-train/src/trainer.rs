@@ -6,6 +6,7 @@ use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
 use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
 use crate::forward::{argmax, classify, lm_loss, pad, pool, pooled};
+use crate::fusion_report::{self, AttentionSums};
 use crate::heads::{self, HeadConfig};
 use crate::metrics::{accuracy, macro_f1, MetricsLog};
 use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
@@ -344,7 +345,11 @@ impl Trainer {
             }
             let test = self.evaluate(Which::Test)?;
             self.log_eval(&mut log, state.step, "test", &test)?;
-            let dev = self.evaluate(Which::Dev)?;
+            let mut attention = AttentionSums::default();
+            let dev = self.evaluate_recording(Which::Dev, Some(&mut attention))?;
+            if !attention.is_empty() {
+                fusion_report::write(&out, &attention.to_json("dev"))?;
+            }
             for (name, result) in summary.tasks.iter_mut() {
                 result.test = test.get(name).cloned().unwrap_or_default();
                 result.dev = dev.get(name).cloned().unwrap_or_default();
@@ -520,6 +525,16 @@ impl Trainer {
 
     /// Metrics per task on dev or test (tasks without that split are left out).
     fn evaluate(&mut self, which: Which) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+        self.evaluate_recording(which, None)
+    }
+
+    /// [`Trainer::evaluate`], also summing the fusion layers' attention into `attention`
+    /// for classification tasks whose setup fuses adapters.
+    fn evaluate_recording(
+        &mut self,
+        which: Which,
+        mut attention: Option<&mut AttentionSums>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         let mut out = BTreeMap::new();
         let device = self.model.backbone.device().clone();
         for i in 0..self.tasks.len() {
@@ -546,7 +561,15 @@ impl Trainer {
                             }
                             None => {
                                 let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
-                                pooled(&self.model.backbone, &ids, task.pooling, &ctx_for(ids.len())?)?
+                                let fused = task.setup.as_ref().filter(|s| !s.fusion_names().is_empty());
+                                let record = attention.is_some() && fused.is_some();
+                                let ctx = if record { ctx_for(ids.len())?.with_fusion_attentions() } else { ctx_for(ids.len())? };
+                                let f = pooled(&self.model.backbone, &ids, task.pooling, &ctx)?;
+                                if let (Some(sums), Some(setup), true) = (attention.as_deref_mut(), fused, record) {
+                                    let lengths: Vec<usize> = ids.iter().map(|r| r.len()).collect();
+                                    sums.add(&task.name, setup, ctx.take_aux().fusion_attentions, &lengths)?;
+                                }
+                                f
                             }
                         };
                         let logits = classify(head, &f, 0.0, &ForwardCtx::inference())?;

@@ -377,6 +377,18 @@ fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     assert!(!out.join("adapters/spam").exists(), "frozen members are not written again");
+    // The fusion's attention on dev: per layer, over the two members, a distribution.
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("fusion_attention.json")).unwrap()).unwrap();
+    let fusion = &report["fusions"][0];
+    assert_eq!((fusion["fusion"].as_str(), fusion["task"].as_str()), (Some("fused"), Some("sms")));
+    assert_eq!(fusion["members"], serde_json::json!(["spam", "trec"]));
+    let points = fusion["points"].as_array().unwrap();
+    assert_eq!(points.len(), 6, "one row per layer");
+    for p in points {
+        let w: Vec<f64> = p["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap()).collect();
+        assert!(w.len() == 2 && (w.iter().sum::<f64>() - 1.0).abs() < 1e-4 && p["tokens"].as_u64().unwrap() > 8, "{p}");
+    }
+    assert!(std::fs::read_to_string(out.join("fusion_attention.svg")).unwrap().contains("<svg"));
 
     // Errors name the key.
     let err = |body: String| Trainer::new(config(&body, &dir.join("bad")), &Device::Cpu).err().unwrap().to_string();

@@ -104,6 +104,22 @@ fn swiglu_linear_matches_composed() {
     );
 }
 
+/// The frozen projection plus a low-rank term (LoRA's fused path), with and without bias.
+#[test]
+fn low_rank_linear_matches_composed() {
+    let (x, down, up) = (randn(&[2, 5, 7], 21), randn(&[2, 5, 2], 22), randn(&[3, 2], 23));
+    let (w, b) = (randn(&[3, 7], 24), randn(&[3], 25));
+    for bias in [Some(&b), None] {
+        check(
+            "low-rank-linear",
+            &[x.clone(), down.clone(), up.clone()],
+            &|t| linear::low_rank_linear(&t[0], &w, bias, &t[1], &t[2]),
+            &|t| linear::composed(&t[0], &w, bias)? + linear::composed(&t[1], &t[2], None)?,
+            1e-5,
+        );
+    }
+}
+
 /// A frozen weight (not a variable) gets no gradient computed: only the input's is stored.
 #[test]
 fn linear_skips_the_gradient_of_a_frozen_weight() {
