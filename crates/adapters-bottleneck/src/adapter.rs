@@ -145,10 +145,9 @@ impl Adapter for Bottleneck {
         let z = if c.is_parallel {
             io.input.clone()
         } else if c.original_ln_before {
-            let sum = (io.input + io.output)?;
             match io.post_norm {
-                Some(norm) => norm(&sum)?,
-                None => sum,
+                Some(norm) => norm(io.output, io.input)?,
+                None => (io.input + io.output)?,
             }
         } else {
             io.output.clone()
@@ -164,10 +163,18 @@ impl Adapter for Bottleneck {
             (Scaling::Fixed(v), None) if *v != 1.0 => Some(*v),
             _ => None,
         };
-        let mut up = match fold {
-            Some(v) => kernels::linear(&hidden, &(s.up_w.as_tensor() * v)?, Some(&(s.up_b.as_tensor() * v)?))?,
-            None => linear(&hidden, &s.up_w, &s.up_b)?,
+        let (up_w, up_b) = match fold {
+            Some(v) => ((s.up_w.as_tensor() * v)?, (s.up_b.as_tensor() * v)?),
+            None => (s.up_w.as_tensor().clone(), s.up_b.as_tensor().clone()),
         };
+        // Nothing between the up projection and the residual add (the usual case): one
+        // fused step, which neither makes nor keeps the up projection's own output.
+        let dropout = ctx.train && c.dropout > 0.0;
+        let unscaled = fold.is_some() || matches!(c.scaling, Scaling::Fixed(v) if v == 1.0);
+        if unscaled && s.norm_after.is_none() && s.gate.is_none() && !dropout {
+            return kernels::linear_add(&hidden, &up_w, &up_b, io.output);
+        }
+        let mut up = kernels::linear(&hidden, &up_w, Some(&up_b))?;
         if let Some(n) = &s.norm_after {
             up = layer_norm(&up, n)?;
         }
@@ -181,7 +188,7 @@ impl Adapter for Bottleneck {
         if let Some((w, b)) = &s.gate {
             up = up.broadcast_mul(&candle_nn::ops::sigmoid(&linear(&z, w, b)?)?)?;
         }
-        if ctx.train && c.dropout > 0.0 {
+        if dropout {
             up = ctx.dropout(&up, c.dropout)?;
         }
         io.output + up

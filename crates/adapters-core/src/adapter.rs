@@ -4,8 +4,11 @@ use crate::context::ForwardCtx;
 use crate::point::Point;
 use candle_core::{Result, Tensor, Var};
 
-/// A frozen function of a tensor that a site lends to adapters (a norm, a projection).
+/// A frozen function of a tensor that a site lends to adapters (a projection).
 pub type TensorFn<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
+
+/// A frozen norm of a sum that a site lends to adapters: `norm(a + b)` in one fused step.
+pub type AddNormFn<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Result<Tensor>;
 
 /// What a hidden site (between sublayers) hands to an adapter.
 pub struct SublayerIo<'a> {
@@ -13,9 +16,10 @@ pub struct SublayerIo<'a> {
     pub input: &'a Tensor,
     /// The sublayer's output before the residual add, `[batch, seq, hidden]`.
     pub output: &'a Tensor,
-    /// The backbone's norm applied after the residual add (post-norm models such as BERT);
-    /// `None` for pre-norm models (Llama). Pfeiffer adapters apply it to their input.
-    pub post_norm: Option<TensorFn<'a>>,
+    /// The backbone's norm applied after the residual add (post-norm models such as BERT),
+    /// as `post_norm(output, input) = norm(output + input)`; `None` for pre-norm models
+    /// (Llama). Pfeiffer adapters read their input through it.
+    pub post_norm: Option<AddNormFn<'a>>,
 }
 
 /// What a projection site hands to an adapter.

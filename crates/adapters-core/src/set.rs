@@ -1,7 +1,7 @@
 //! The named adapters attached to one model, the active setup, and the dispatch that
 //! backbones call at every point.
 
-use crate::adapter::{Adapter, FuseMember, ProjectionIo, SublayerIo, TensorFn};
+use crate::adapter::{Adapter, AddNormFn, FuseMember, ProjectionIo, SublayerIo, TensorFn};
 use crate::context::{AuxLoss, ForwardCtx, FusionAttention};
 use crate::kernels;
 use crate::point::Point;
@@ -84,7 +84,7 @@ impl Node {
 /// What a site lends to its adapters besides its input and output.
 #[derive(Clone, Copy)]
 enum SiteFn<'a> {
-    Hidden(Option<TensorFn<'a>>),
+    Hidden(Option<AddNormFn<'a>>),
     Projection(TensorFn<'a>),
 }
 

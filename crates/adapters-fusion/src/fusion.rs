@@ -215,7 +215,7 @@ impl Adapter for Fusion {
         let original_ln_before = last.adapter.is_none_or(|a| member_flag(a, "original_ln_before", true));
         let residual_before_ln = last.adapter.is_none_or(|a| member_flag(a, "residual_before_ln", true));
         let normed = match (original_ln_before, io.post_norm) {
-            (true, Some(norm)) => norm(&(io.input + io.output)?)?,
+            (true, Some(norm)) => norm(io.output, io.input)?,
             (true, None) => (io.input + io.output)?,
             (false, _) => io.output.clone(),
         };
@@ -307,7 +307,7 @@ mod tests {
 
     /// The loss `Σ output · R` of the fusion at the point, for members given as outputs.
     fn loss(f: &Fusion, input: &Tensor, output: &Tensor, members: &[Tensor]) -> Tensor {
-        let norm = |x: &Tensor| x.affine(0.5, 0.1);
+        let norm = |y: &Tensor, x: &Tensor| (y + x)?.affine(0.5, 0.1);
         let io = SublayerIo { input, output, post_norm: Some(&norm) };
         let members: Vec<FuseMember> = members.iter().map(|m| FuseMember { adapter: None, output: m.clone() }).collect();
         let fused = f.fuse_hidden(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::inference()).unwrap();

@@ -339,7 +339,7 @@ impl Bert {
         let attn = kernels::attention(&q, &k, &v, heads, heads, mask, 1.0 / ((h / heads) as f64).sqrt())?;
         let attn = self.project(&layer.attn_out, Point::new(l, Site::AttentionProj), &attn, ctx)?;
 
-        let attn_norm = |z: &Tensor| layer.attn_norm.forward(z);
+        let attn_norm = |y: &Tensor, x: &Tensor| layer.attn_norm.forward_add(y, x);
         let io = SublayerIo { input: x, output: &attn, post_norm: Some(&attn_norm) };
         let attn = self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?;
         let x = layer.attn_norm.forward_add(&attn, x)?;
@@ -353,7 +353,7 @@ impl Bert {
             }
             _ => self.project(&layer.down, down, &self.activation.apply(&up)?, ctx)?,
         };
-        let ffn_norm = |z: &Tensor| layer.ffn_norm.forward(z);
+        let ffn_norm = |y: &Tensor, x: &Tensor| layer.ffn_norm.forward_add(y, x);
         let io = SublayerIo { input: &x, output: &ffn, post_norm: Some(&ffn_norm) };
         let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;
         layer.ffn_norm.forward_add(&ffn, &x)

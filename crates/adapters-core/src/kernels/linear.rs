@@ -78,6 +78,31 @@ pub fn low_rank_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, down:
     flat.apply_op3(&down, &up.contiguous()?, op)?.reshape(out_dims)
 }
 
+/// `residual + x Wᵀ + b` in one pass: a small (trainable) projection added onto a residual
+/// stream without making or keeping the projection's own output (a bottleneck adapter's up
+/// projection: one `[tokens, hidden]` pass and 6.3 MB per MiniLM layer at batch 32 x seq
+/// 128). `x` `[..., in]`, `W` `[out, in]`, `b` `[out]`, `residual` `[..., out]`.
+pub fn linear_add(x: &Tensor, weight: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    if !fused(&[x, weight, bias, residual]) {
+        return residual + composed(x, weight, Some(bias))?;
+    }
+    let (k, n) = (x.dim(candle_core::D::Minus1)?, weight.dim(0)?);
+    let rows = x.elem_count() / k;
+    if residual.elem_count() != rows * n || weight.dims2()? != (n, k) || bias.elem_count() != n {
+        candle_core::bail!(
+            "linear_add: input {:?}, weight {:?}, bias {:?} and residual {:?} do not fit",
+            x.shape(),
+            weight.shape(),
+            bias.shape(),
+            residual.shape()
+        );
+    }
+    // Weight and bias as one [out, in + 1] operand: a custom op takes at most three inputs.
+    let augmented = Tensor::cat(&[weight, &bias.reshape((n, 1))?], 1)?;
+    let (x2, r2) = (x.contiguous()?.reshape((rows, k))?, residual.contiguous()?.reshape((rows, n))?);
+    x2.apply_op3(&augmented, &r2, LinearAdd)?.reshape(residual.shape())
+}
+
 /// The same maths from candle ops.
 pub(super) fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = x.broadcast_matmul(&weight.t()?)?;
@@ -333,6 +358,78 @@ impl CustomOp3 for LowRankLinear {
         let gd = if down.track_op() { Some(grad.matmul(&up.detach())?) } else { None };
         let gu = if up.track_op() { Some(grad.t()?.matmul(&down.detach())?) } else { None };
         Ok((gx, gd, gu))
+    }
+}
+
+/// [`linear_add`]'s op, on `x` `[m, k]`, `[W | b]` `[n, k + 1]` and the residual `[m, n]`.
+struct LinearAdd;
+
+impl CustomOp3 for LinearAdd {
+    fn name(&self) -> &'static str {
+        "linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, wb, r) = (slice(xs, xl, "linear-add")?, slice(ws, wl, "linear-add")?, slice(rs, rl, "linear-add")?);
+        let ((m, k), (n, k1)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if k1 != k + 1 || rl.shape().dims2()? != (m, n) {
+            candle_core::bail!("linear-add: input {:?}, weight {:?} and residual {:?} do not fit", xl.shape(), wl.shape(), rl.shape());
+        }
+        let bias: Vec<f32> = (0..n).map(|j| wb[j * k1 + k]).collect();
+        // SAFETY: every element is written by the row copy below before the gemm adds to it.
+        let mut y = unsafe { output_buffer(m * n) };
+        y.par_chunks_mut(ROWS * n).zip(r.par_chunks(ROWS * n)).for_each(|(yb, rb)| {
+            for (yr, rr) in yb.chunks_exact_mut(n).zip(rb.chunks_exact(n)) {
+                for ((o, a), b) in yr.iter_mut().zip(rr).zip(&bias) {
+                    *o = a + b;
+                }
+            }
+        });
+        // SAFETY: x is m x k, W is the first k columns of the n x (k + 1) operand (read as
+        // its transpose), y is m x n.
+        unsafe {
+            gemm(
+                m,
+                n,
+                k,
+                SharedMut(y.as_mut_ptr()),
+                n as isize,
+                Mat(x.as_ptr(), k as isize, 1),
+                Mat(wb.as_ptr(), 1, k1 as isize),
+                1.0,
+                true,
+                candle_core::utils::get_num_threads(),
+            )
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        r: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let k = x.dim(1)?;
+        let gx = if x.track_op() { Some(grad.matmul(&wb.detach().narrow(1, 0, k)?.contiguous()?)?) } else { None };
+        let gwb = if wb.track_op() {
+            let gw = grad.t()?.matmul(&x.detach())?;
+            Some(Tensor::cat(&[gw, column_sums(grad)?.unsqueeze(1)?], 1)?)
+        } else {
+            None
+        };
+        let gr = if r.track_op() { Some(grad.clone()) } else { None };
+        Ok((gx, gwb, gr))
     }
 }
 

@@ -26,7 +26,7 @@ pub use attention::attention;
 pub use cross_entropy::linear_cross_entropy;
 pub use gelu::gelu_erf;
 pub use int8::{Int8Weight, BLOCK as INT8_BLOCK};
-pub use linear::{gelu_linear, linear, low_rank_linear, swiglu_linear};
+pub use linear::{gelu_linear, linear, linear_add, low_rank_linear, swiglu_linear};
 pub use norm::{add_layer_norm, layer_norm, rms_norm};
 pub use rope::rope;
 pub use swiglu::swiglu;

@@ -120,6 +120,19 @@ fn low_rank_linear_matches_composed() {
     }
 }
 
+/// A trainable projection added onto a residual (a bottleneck's up projection).
+#[test]
+fn linear_add_matches_composed() {
+    let (x, w, b, r) = (randn(&[2, 5, 4], 31), randn(&[7, 4], 32), randn(&[7], 33), randn(&[2, 5, 7], 34));
+    check(
+        "linear-add",
+        &[x, w, b, r],
+        &|t| linear::linear_add(&t[0], &t[1], &t[2], &t[3]),
+        &|t| &t[3] + linear::composed(&t[0], &t[1], Some(&t[2]))?,
+        1e-5,
+    );
+}
+
 /// A frozen weight (not a variable) gets no gradient computed: only the input's is stored.
 #[test]
 fn linear_skips_the_gradient_of_a_frozen_weight() {
