@@ -133,9 +133,9 @@ fn report(root: &Path) -> Result<String> {
         writeln!(md, "{} rounds, {} threads. Median pair ratio: median over adjacent (baseline, variant) pairs of variant time / baseline time.{control_note}\n", c["rounds"], c["threads"])?;
         let memory = c["variants"][0].get("peak_step_mb").is_some();
         if memory {
-            writeln!(md, "Peak memory of a step: the most heap bytes the step holds above what was live before it (activations, gradients, temporaries), counted by a global allocator. Optimizer state: the AdamW moments kept between steps (8 bytes per trainable parameter).\n")?;
-            writeln!(md, "| variant | median | median pair ratio | peak memory of a step | optimizer state |")?;
-            writeln!(md, "|---|---|---|---|---|")?;
+            writeln!(md, "Peak memory of a step: the most heap bytes the step holds above what was live before it (activations, gradients, temporaries), counted by a global allocator; held after the forward: what the forward pass keeps for the backward (the activations), the rest of the peak is the backward's gradients and temporaries. Optimizer state: the AdamW moments kept between steps (8 bytes per trainable parameter).\n")?;
+            writeln!(md, "| variant | median | median pair ratio | peak memory of a step | held after the forward | optimizer state |")?;
+            writeln!(md, "|---|---|---|---|---|---|")?;
         } else {
             writeln!(md, "| variant | median | median pair ratio |")?;
             writeln!(md, "|---|---|---|")?;
@@ -144,7 +144,8 @@ fn report(root: &Path) -> Result<String> {
         for v in c["variants"].as_array().into_iter().flatten() {
             let peak = if memory {
                 let state = v["optimizer_state_mb"].as_f64().map(|m| format!("{m:.1} MB")).unwrap_or_else(|| "not recorded".into());
-                format!(" {:.0} MB | {state} |", num(v, "peak_step_mb"))
+                let held = v["held_after_forward_mb"].as_f64().map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "not recorded".into());
+                format!(" {:.0} MB | {held} | {state} |", num(v, "peak_step_mb"))
             } else {
                 String::new()
             };

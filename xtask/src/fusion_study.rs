@@ -1,19 +1,27 @@
-//! `cargo xtask fusion-study`: does AdapterFusion help a low-resource task? Rotten
-//! Tomatoes with 500 training reviews: its own Pfeiffer adapter alone, against a fusion of
-//! that adapter with frozen adapters trained on other tasks (committed in
-//! fixtures/fusion-sources), over 3 seeds. Writes the section of RESULTS.md and copies a
-//! fusion attention heatmap next to it. Finished runs are kept and skipped.
+//! `cargo xtask fusion-study`: does AdapterFusion help a low-resource task? For each
+//! target (Rotten Tomatoes, VADER tweets) with 500 training examples: its own Pfeiffer
+//! adapter alone, against a fusion of that adapter with frozen adapters trained on the
+//! other datasets (committed in fixtures/fusion-sources), over 3 seeds. Writes the section
+//! of RESULTS.md and a fusion attention heatmap per target next to it. Finished runs are
+//! kept and skipped.
 
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// Source tasks with their epochs (their example configs otherwise).
-const SOURCES: &[(&str, usize)] = &[("sms_spam", 2), ("trec_coarse", 3), ("vader_tweets", 3)];
+/// Source adapters with their epochs (their example configs otherwise).
+const SOURCES: &[(&str, usize)] = &[("sms_spam", 2), ("trec_coarse", 3), ("vader_tweets", 3), ("rotten_tomatoes", 2)];
+/// Targets with their source adapters (every visible classification dataset but the
+/// target; TREC fine shares TREC coarse's questions and is left out).
+const TARGETS: &[(&str, &[&str])] =
+    &[("rotten_tomatoes", &["sms_spam", "trec_coarse", "vader_tweets"]), ("vader_tweets", &["sms_spam", "trec_coarse", "rotten_tomatoes"])];
 const SEEDS: &[u64] = &[1, 2, 3];
 const RUNS: &str = "runs/fusion-study";
-/// The heatmap of seed 1's fusion, linked from RESULTS.md.
-pub const PICTURE: &str = "docs/fusion_attention_rotten_tomatoes.svg";
+
+/// The heatmap of a target's seed-1 fusion, linked from RESULTS.md.
+fn picture(target: &str) -> String {
+    format!("docs/fusion_attention_{target}.svg")
+}
 
 pub fn run(root: &Path) -> Result<()> {
     crate::fetch::fetch_all(root)?;
@@ -30,27 +38,180 @@ pub fn run(root: &Path) -> Result<()> {
         let (epochs, dir) = (format!("training.epochs={epochs}"), format!("output.dir=\"{out}\""));
         crate::run(root, cli, &["train", &format!("examples/{ds}.toml"), "--set", &epochs, "--set", &dir])?;
         copy_dir(&root.join(&out).join("adapters").join(ds), &fixture)?;
+        record_source_accuracy(root, ds, &root.join(&out))?;
     }
-    for seed in SEEDS {
-        let (own, fusion) = (format!("{RUNS}/own-s{seed}"), format!("{RUNS}/fusion-s{seed}"));
-        let seed_set = format!("training.seed={seed}");
-        if !root.join(&own).join("summary.json").exists() {
-            let _ = std::fs::remove_dir_all(root.join(&own));
-            let dir = format!("output.dir=\"{own}\"");
-            crate::run(root, cli, &["train", "examples/rotten_tomatoes_500.toml", "--set", &seed_set, "--set", &dir])?;
+    for (target, _) in TARGETS {
+        for seed in SEEDS {
+            let (own, fusion) = (format!("{RUNS}/{target}/own-s{seed}"), format!("{RUNS}/{target}/fusion-s{seed}"));
+            let seed_set = format!("training.seed={seed}");
+            if !root.join(&own).join("summary.json").exists() {
+                let _ = std::fs::remove_dir_all(root.join(&own));
+                let (config, dir) = (format!("examples/{target}_500.toml"), format!("output.dir=\"{own}\""));
+                crate::run(root, cli, &["train", &config, "--set", &seed_set, "--set", &dir])?;
+            }
+            if !root.join(&fusion).join("summary.json").exists() {
+                let _ = std::fs::remove_dir_all(root.join(&fusion));
+                let member = format!("adapters.{target}.from=\"{own}/adapters/{target}\"");
+                let (config, dir) = (format!("examples/{target}_fusion.toml"), format!("output.dir=\"{fusion}\""));
+                crate::run(root, cli, &["train", &config, "--set", &seed_set, "--set", &member, "--set", &dir])?;
+            }
         }
-        if !root.join(&fusion).join("summary.json").exists() {
-            let _ = std::fs::remove_dir_all(root.join(&fusion));
-            let member = format!("adapters.rotten_tomatoes.from=\"{own}/adapters/rotten_tomatoes\"");
-            let dir = format!("output.dir=\"{fusion}\"");
-            let args = ["train", "examples/rotten_tomatoes_fusion.toml", "--set", &seed_set, "--set", &member, "--set", &dir];
-            crate::run(root, cli, &args)?;
-        }
+        let picture = root.join(picture(target));
+        std::fs::create_dir_all(picture.parent().expect("a folder"))?;
+        std::fs::copy(root.join(RUNS).join(target).join("fusion-s1/fusion_attention.svg"), &picture)
+            .context("copying the attention heatmap")?;
     }
-    let picture = root.join(PICTURE);
-    std::fs::create_dir_all(picture.parent().expect("a folder"))?;
-    std::fs::copy(root.join(RUNS).join("fusion-s1/fusion_attention.svg"), &picture).context("copying the attention heatmap")?;
     update_results(root)
+}
+
+/// Keeps a trained source adapter's test accuracy in fixtures/fusion-sources/sources.json.
+fn record_source_accuracy(root: &Path, ds: &str, run: &Path) -> Result<()> {
+    let path = root.join("fixtures/fusion-sources/sources.json");
+    let mut all: serde_json::Value =
+        std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| serde_json::json!({}));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json"))?)?;
+    all[ds] = s["tasks"][ds]["test"]["accuracy"].clone();
+    std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
+}
+
+fn accuracy(s: &serde_json::Value, task: &str, split: &str) -> f64 {
+    100.0 * s["tasks"][task][split]["accuracy"].as_f64().unwrap_or(f64::NAN)
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    (mean, (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt())
+}
+
+fn spread(v: &[f64]) -> f64 {
+    v.iter().cloned().fold(f64::NEG_INFINITY, f64::max) - v.iter().cloned().fold(f64::INFINITY, f64::min)
+}
+
+/// The RESULTS.md section from the runs (empty until the study has run).
+fn section(root: &Path) -> Result<String> {
+    let mut md = String::new();
+    for (target, sources) in TARGETS {
+        md.push_str(&target_section(root, target, sources)?);
+    }
+    if md.is_empty() {
+        return Ok(md);
+    }
+    let recorded: Option<serde_json::Value> =
+        std::fs::read_to_string(root.join("fixtures/fusion-sources/sources.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let sources: Vec<String> = SOURCES
+        .iter()
+        .map(|(ds, _)| {
+            let acc = recorded.as_ref().and_then(|s| s[*ds].as_f64()).map_or("?".to_string(), |a| format!("{:.2}", 100.0 * a));
+            format!("{ds} {acc}")
+        })
+        .collect();
+    let intro = format!(
+        "\n## AdapterFusion on low-resource tasks (`cargo xtask fusion-study`)\n\n\
+         Does fusing adapters trained on other tasks help a task with little data? Each target trains on \
+         the first 500 examples of its shuffled training split (`train_limit = 500`) and is evaluated on its \
+         full dev and test splits. Own adapter: `examples/TARGET_500.toml` (Pfeiffer, reduction factor 16, \
+         10 epochs = 160 steps, lr 1e-3, early stopping on dev accuracy, patience 3). Fusion: \
+         `examples/TARGET_fusion.toml`, stage two over frozen Pfeiffer adapters (the seed's own adapter and \
+         adapters trained on the other datasets' full training sets with their example configs and seed 42, \
+         committed in `fixtures/fusion-sources/`: none saw the target's data), training only the dynamic \
+         fusion layer (AdapterHub's defaults) and a new head, with the same budget. The best dev epoch is \
+         kept for both; accuracy in percent. A seed changes the own adapter's and the fusion's \
+         initialisation, dropout and data order. Source adapters' test accuracy on their own tasks: {}.\n",
+        sources.join(", ")
+    );
+    Ok(intro + &md)
+}
+
+fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String> {
+    let runs: Vec<(u64, serde_json::Value, serde_json::Value)> = SEEDS
+        .iter()
+        .filter_map(|&s| Some((s, summary(root, &format!("{target}/own-s{s}"))?, summary(root, &format!("{target}/fusion-s{s}"))?)))
+        .collect();
+    if runs.is_empty() {
+        return Ok(String::new());
+    }
+    let mut md = String::new();
+    writeln!(md, "\n### {target}, 500 training examples; sources: {}\n", sources.join(", "))?;
+    writeln!(md, "| seed | own adapter: test | fusion + own: test | gain | own: dev | fusion: dev | fusion best step |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    let (mut own, mut fused) = (Vec::new(), Vec::new());
+    for (seed, o, f) in &runs {
+        let (a, b) = (accuracy(o, target, "test"), accuracy(f, target, "test"));
+        own.push(a);
+        fused.push(b);
+        let (od, fd) = (accuracy(o, target, "dev"), accuracy(f, target, "dev"));
+        writeln!(md, "| {seed} | {a:.2} | {b:.2} | {:+.2} | {od:.2} | {fd:.2} | {} |", b - a, f["best_step"])?;
+    }
+    let gains: Vec<f64> = own.iter().zip(&fused).map(|(a, b)| b - a).collect();
+    let ((om, osd), (fm, fsd), (gm, gsd)) = (mean_sd(&own), mean_sd(&fused), mean_sd(&gains));
+    writeln!(md, "| mean ± sd | {om:.2} ± {osd:.2} | {fm:.2} ± {fsd:.2} | {gm:+.2} ± {gsd:.2} | | | |")?;
+    let widest = spread(&own).max(spread(&fused));
+    writeln!(
+        md,
+        "\nOver {} seeds the fusion {} the own adapter by {:.2} points on average ({} of {} seeds better); the \
+         seed-to-seed spread (max − min) is {:.2} points for the own adapter and {:.2} for the fusion, so the \
+         difference is {} than the spread of either.",
+        runs.len(),
+        if gm >= 0.0 { "beats" } else { "trails" },
+        gm.abs(),
+        gains.iter().filter(|g| **g > 0.0).count(),
+        gains.len(),
+        spread(&own),
+        spread(&fused),
+        if gm.abs() > widest { "larger" } else { "not larger" }
+    )?;
+    // What the fusions attend to: each member's weight, averaged over layers and dev tokens.
+    let reports: Vec<(u64, serde_json::Value)> = runs
+        .iter()
+        .filter_map(|(s, _, _)| {
+            let text = std::fs::read_to_string(root.join(RUNS).join(format!("{target}/fusion-s{s}/fusion_attention.json"))).ok()?;
+            Some((*s, serde_json::from_str(&text).ok()?))
+        })
+        .collect();
+    if let Some((_, first)) = reports.first() {
+        let members: Vec<String> =
+            first["fusions"][0]["members"].as_array().into_iter().flatten().map(|m| m.as_str().unwrap_or("?").to_string()).collect();
+        writeln!(
+            md,
+            "\nWhat the fusion attends to: each member's attention weight averaged over the dev tokens and the \
+             6 layers (per layer: `{RUNS}/{target}/fusion-sSEED/fusion_attention.json`); seed 1 per layer:\n\n\
+             ![fusion attention per layer and adapter on {target} dev, seed 1]({})\n",
+            picture(target)
+        )?;
+        writeln!(md, "| seed | {} |", members.join(" | "))?;
+        writeln!(md, "|---|{}", "---|".repeat(members.len()))?;
+        for (seed, r) in &reports {
+            let points = r["fusions"][0]["points"].as_array().cloned().unwrap_or_default();
+            let mut means = vec![0.0; members.len()];
+            for p in &points {
+                for (m, w) in means.iter_mut().zip(p["weights"].as_array().into_iter().flatten()) {
+                    *m += w.as_f64().unwrap_or(0.0) / points.len().max(1) as f64;
+                }
+            }
+            writeln!(md, "| {seed} | {} |", means.iter().map(|m| format!("{m:.3}")).collect::<Vec<_>>().join(" | "))?;
+        }
+    }
+    Ok(md)
 }
 
 const BEGIN: &str = "<!-- fusion-study: written by `cargo xtask fusion-study` -->";
@@ -82,124 +243,4 @@ fn update_results(root: &Path) -> Result<()> {
     std::fs::write(&path, text).context("writing RESULTS.md")?;
     eprintln!("wrote the AdapterFusion section of RESULTS.md");
     Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
-}
-
-fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
-}
-
-fn accuracy(s: &serde_json::Value, split: &str) -> f64 {
-    100.0 * s["tasks"]["rotten_tomatoes"][split]["accuracy"].as_f64().unwrap_or(f64::NAN)
-}
-
-fn mean_sd(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    (mean, (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt())
-}
-
-fn spread(v: &[f64]) -> f64 {
-    v.iter().cloned().fold(f64::NEG_INFINITY, f64::max) - v.iter().cloned().fold(f64::INFINITY, f64::min)
-}
-
-/// The RESULTS.md section from the runs (empty until the study has run).
-fn section(root: &Path) -> Result<String> {
-    let runs: Vec<(u64, serde_json::Value, serde_json::Value)> =
-        SEEDS.iter().filter_map(|&s| Some((s, summary(root, &format!("own-s{s}"))?, summary(root, &format!("fusion-s{s}"))?))).collect();
-    if runs.is_empty() {
-        return Ok(String::new());
-    }
-    let mut md = String::new();
-    writeln!(
-        md,
-        "\n## AdapterFusion on low-resource Rotten Tomatoes (`cargo xtask fusion-study`)\n\n\
-         Does fusing adapters trained on other tasks help a task with little data? Target: Rotten \
-         Tomatoes with the first 500 training reviews of its shuffled split (`train_limit = 500`), full \
-         dev (1275) and test (1275) splits. Own adapter: `examples/rotten_tomatoes_500.toml` (Pfeiffer, \
-         reduction factor 16, 10 epochs = 160 steps, lr 1e-3, early stopping on dev accuracy, patience 3). \
-         Fusion: `examples/rotten_tomatoes_fusion.toml`, stage two over four frozen Pfeiffer adapters (the \
-         seed's own adapter, and SMS spam, TREC coarse and VADER tweets adapters trained on their full \
-         training sets with their example configs, committed in `fixtures/fusion-sources/`), training only \
-         the dynamic fusion layer (AdapterHub's defaults) and a new head with the same budget. The best dev \
-         epoch is kept for both; test accuracy in percent. Seeds change the own adapter's and the fusion's \
-         initialisation, dropout and data order.\n"
-    )?;
-    writeln!(md, "| seed | own adapter: test | fusion + own: test | gain | own: dev | fusion: dev | fusion best step |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
-    let (mut own, mut fused) = (Vec::new(), Vec::new());
-    for (seed, o, f) in &runs {
-        let (a, b) = (accuracy(o, "test"), accuracy(f, "test"));
-        own.push(a);
-        fused.push(b);
-        writeln!(
-            md,
-            "| {seed} | {a:.2} | {b:.2} | {:+.2} | {:.2} | {:.2} | {} |",
-            b - a,
-            accuracy(o, "dev"),
-            accuracy(f, "dev"),
-            f["best_step"]
-        )?;
-    }
-    let gains: Vec<f64> = own.iter().zip(&fused).map(|(a, b)| b - a).collect();
-    let ((om, osd), (fm, fsd), (gm, gsd)) = (mean_sd(&own), mean_sd(&fused), mean_sd(&gains));
-    writeln!(md, "| mean ± sd | {om:.2} ± {osd:.2} | {fm:.2} ± {fsd:.2} | {gm:+.2} ± {gsd:.2} | | | |")?;
-    let worst = spread(&own).max(spread(&fused));
-    writeln!(
-        md,
-        "\nOver {} seeds the fusion {} the own adapter by {gm:+.2} points on average ({} of {} seeds better); \
-         the seed-to-seed spread (max − min) is {:.2} points for the own adapter and {:.2} for the fusion, so \
-         the gain is {} than the larger spread.",
-        runs.len(),
-        if gm >= 0.0 { "beats" } else { "trails" },
-        gains.iter().filter(|g| **g > 0.0).count(),
-        gains.len(),
-        spread(&own),
-        spread(&fused),
-        if gm.abs() > worst { "larger" } else { "not larger" }
-    )?;
-    // What the fusions attend to: each member's weight, averaged over layers and dev tokens.
-    let reports: Vec<(u64, serde_json::Value)> = runs
-        .iter()
-        .filter_map(|(s, _, _)| {
-            let text = std::fs::read_to_string(root.join(RUNS).join(format!("fusion-s{s}/fusion_attention.json"))).ok()?;
-            Some((*s, serde_json::from_str(&text).ok()?))
-        })
-        .collect();
-    if let Some((_, first)) = reports.first() {
-        let members: Vec<String> =
-            first["fusions"][0]["members"].as_array().into_iter().flatten().map(|m| m.as_str().unwrap_or("?").to_string()).collect();
-        writeln!(
-            md,
-            "\nWhat the fusion attends to: each member's attention weight, averaged over the dev tokens and \
-             the 6 layers (per layer: `{RUNS}/fusion-sSEED/fusion_attention.json`). Seed 1 per layer:\n\n\
-             ![fusion attention per layer and adapter, seed 1]({PICTURE})\n"
-        )?;
-        writeln!(md, "| seed | {} |", members.join(" | "))?;
-        writeln!(md, "|---|{}", "---|".repeat(members.len()))?;
-        for (seed, r) in &reports {
-            let points = r["fusions"][0]["points"].as_array().cloned().unwrap_or_default();
-            let mut means = vec![0.0; members.len()];
-            for p in &points {
-                for (m, w) in means.iter_mut().zip(p["weights"].as_array().into_iter().flatten()) {
-                    *m += w.as_f64().unwrap_or(0.0) / points.len().max(1) as f64;
-                }
-            }
-            writeln!(md, "| {seed} | {} |", means.iter().map(|m| format!("{m:.3}")).collect::<Vec<_>>().join(" | "))?;
-        }
-    }
-    Ok(md)
 }

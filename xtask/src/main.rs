@@ -65,10 +65,11 @@ enum Task {
         #[arg(long)]
         report_only: bool,
     },
-    /// The AdapterFusion study behind RESULTS.md: on Rotten Tomatoes with 500 training
-    /// reviews, the task's own Pfeiffer adapter against a fusion of it with frozen adapters
-    /// from SMS spam, TREC coarse and VADER tweets (fixtures/fusion-sources), 3 seeds each;
-    /// then rewrites RESULTS.md. About 25 minutes on 2 cores; finished runs are skipped.
+    /// The AdapterFusion study behind RESULTS.md: for Rotten Tomatoes and VADER tweets with
+    /// 500 training examples each, the task's own Pfeiffer adapter against a fusion of it
+    /// with frozen adapters trained on the other datasets (fixtures/fusion-sources), 3 seeds
+    /// each; then rewrites that section of RESULTS.md. About 40 minutes on 2 cores; finished
+    /// runs are skipped.
     FusionStudy,
 }
 

@@ -33,7 +33,7 @@ pub const NAMES: &[&str] = &[
 pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
     let _ = (adapters_bottleneck::family(), adapters_lora::family());
     let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
-        n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..])?.0,
+        n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..], || {})?.0,
         n if n.starts_with("minilm_infer_") => minilm_infer(&n["minilm_infer_".len()..])?,
         n if n.starts_with("smol_train_") => smol_train(&n["smol_train_".len()..])?,
         "smol_decode_b1" => return smol_decode(1, warmup, steps),
@@ -103,7 +103,9 @@ pub type Step = Box<dyn FnMut() -> anyhow::Result<()>>;
 
 /// Forward, cross-entropy on a 2-label head, backward, clipping, AdamW: batch 32 x 128, for
 /// method `full`, `seq_bn` or `lora`; with the number of trainable parameters.
-pub fn minilm_train(m: &str) -> anyhow::Result<(Step, usize)> {
+/// `after_forward` runs between the loss and the backward pass (the memory bench reads the
+/// heap there: what the forward holds for the backward).
+pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize)> {
     let mut model = minilm()?;
     let mut named = if m == "full" {
         model.make_trainable()?
@@ -125,6 +127,7 @@ pub fn minilm_train(m: &str) -> anyhow::Result<(Step, usize)> {
         let features = pooled(&model, &rows, Pooling::Mean, &ctx)?;
         let logits = classify(&head, &features, 0.1, &ctx)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        after_forward();
         let mut grads = loss.backward()?;
         clip_grad_norm(&vars, &mut grads, 1.0)?;
         optimizer.step(&grads, lr)?;
