@@ -170,7 +170,7 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
         md,
         "\nOver {} seeds the fusion {} the own adapter by {:.2} points on average ({} of {} seeds better); the \
          seed-to-seed spread (max − min) is {:.2} points for the own adapter and {:.2} for the fusion, so the \
-         difference is {} than the spread of either.",
+         difference is {}.",
         runs.len(),
         if gm >= 0.0 { "beats" } else { "trails" },
         gm.abs(),
@@ -178,7 +178,7 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
         gains.len(),
         spread(&own),
         spread(&fused),
-        if gm.abs() > widest { "larger" } else { "not larger" }
+        if gm.abs() > widest { "larger than both spreads" } else { "not larger than both spreads" }
     )?;
     // What the fusions attend to: each member's weight, averaged over layers and dev tokens.
     let reports: Vec<(u64, serde_json::Value)> = runs
@@ -200,16 +200,39 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
         )?;
         writeln!(md, "| seed | {} |", members.join(" | "))?;
         writeln!(md, "|---|{}", "---|".repeat(members.len()))?;
+        let mut overall = vec![0.0; members.len()];
+        // The largest weight a source (not the target's own adapter) gets at one layer.
+        let mut peak: (f64, String, u64, u64) = (0.0, String::new(), 0, 0);
         for (seed, r) in &reports {
             let points = r["fusions"][0]["points"].as_array().cloned().unwrap_or_default();
             let mut means = vec![0.0; members.len()];
             for p in &points {
-                for (m, w) in means.iter_mut().zip(p["weights"].as_array().into_iter().flatten()) {
-                    *m += w.as_f64().unwrap_or(0.0) / points.len().max(1) as f64;
+                for (i, w) in p["weights"].as_array().into_iter().flatten().enumerate().take(members.len()) {
+                    let w = w.as_f64().unwrap_or(0.0);
+                    means[i] += w / points.len().max(1) as f64;
+                    if members[i] != target && w > peak.0 {
+                        peak = (w, members[i].clone(), p["layer"].as_u64().unwrap_or(0), *seed);
+                    }
                 }
             }
+            overall.iter_mut().zip(&means).for_each(|(o, m)| *o += m / reports.len() as f64);
             writeln!(md, "| {seed} | {} |", means.iter().map(|m| format!("{m:.3}")).collect::<Vec<_>>().join(" | "))?;
         }
+        let own_share = members.iter().zip(&overall).find(|(m, _)| m.as_str() == target).map_or(0.0, |(_, w)| *w);
+        let mut used: Vec<(&String, f64)> = members.iter().zip(overall.iter().copied()).filter(|(m, _)| m.as_str() != target).collect();
+        used.sort_by(|a, b| b.1.total_cmp(&a.1));
+        writeln!(
+            md,
+            "\nIn words: the fusion leans on the target's own adapter ({:.0}% of the attention, averaged over seeds, \
+             layers and dev tokens); of the sources it uses {} most; the largest share a source gets at one \
+             layer is {:.0}% ({} at layer {}, seed {}).",
+            100.0 * own_share,
+            used.iter().map(|(m, w)| format!("{m} ({:.1}%)", 100.0 * w)).collect::<Vec<_>>().join(", then "),
+            100.0 * peak.0,
+            peak.1,
+            peak.2,
+            peak.3
+        )?;
     }
     Ok(md)
 }

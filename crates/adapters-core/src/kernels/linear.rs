@@ -69,6 +69,9 @@ pub fn low_rank_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, down:
     if !fused(&tensors) || weight.track_op() || bias.is_some_and(Tensor::track_op) {
         return composed(x, weight, bias)? + composed(down, up, None)?;
     }
+    if bias.is_some_and(|b| b.elem_count() != weight.dim(0).unwrap_or(0)) {
+        candle_core::bail!("low_rank_linear: weight {:?} and bias {:?} do not fit", weight.shape(), bias.map(Tensor::shape));
+    }
     let features = x.dim(candle_core::D::Minus1)?;
     let rows = x.elem_count() / features;
     let mut out_dims = x.dims().to_vec();
@@ -112,36 +115,58 @@ pub(super) fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Re
     }
 }
 
+/// Writes a block of [`ROWS`] rows of a product's output, given the block's index.
+type BlockStart<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+/// `y = start + x Wᵀ` for `x` `[m, k]` and `W` `[n, k]` (PyTorch's layout): `start` first
+/// writes each block of [`ROWS`] rows of `y`, in parallel and while the block is in cache,
+/// then the product is added; without `start`, `y = x Wᵀ`.
+fn product_onto(x: &[f32], xl: &Layout, w: &[f32], wl: &Layout, start: Option<BlockStart>) -> Result<(CpuStorage, Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, k2) = wl.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("linear: input {:?} and weight {:?} do not fit", xl.shape(), wl.shape());
+    }
+    // SAFETY: `start`, or else the gemm (not accumulating), writes all of y.
+    let mut y = unsafe { output_buffer(m * n) };
+    if let Some(start) = start {
+        y.par_chunks_mut(ROWS * n).enumerate().for_each(|(i, block)| start(i, block));
+    }
+    // SAFETY: x is m x k, W is n x k (read as its transpose), y is m x n, all in bounds.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            SharedMut(y.as_mut_ptr()),
+            n as isize,
+            Mat(x.as_ptr(), k as isize, 1),
+            Mat(w.as_ptr(), 1, k as isize),
+            1.0,
+            start.is_some(),
+            candle_core::utils::get_num_threads(),
+        )
+    };
+    Ok((CpuStorage::F32(y), Shape::from((m, n))))
+}
+
 struct Linear;
 
 impl Linear {
     fn forward(x: &[f32], xl: &Layout, w: &[f32], wl: &Layout, b: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = xl.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 || b.is_some_and(|b| b.len() != n) {
-            candle_core::bail!("linear: input {:?}, weight {:?} and bias do not fit", xl.shape(), wl.shape());
+        if b.is_some_and(|b| b.len() != wl.shape().dims()[0]) {
+            candle_core::bail!("linear: weight {:?} and bias {:?} do not fit", wl.shape(), b.map(<[f32]>::len));
         }
-        // SAFETY: the bias rows below, or else the gemm (not accumulating), write all of y.
-        let mut y = unsafe { output_buffer(m * n) };
-        if let Some(b) = b {
-            y.par_chunks_mut(ROWS * n).for_each(|block| block.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b)));
+        match b {
+            Some(b) => product_onto(
+                x,
+                xl,
+                w,
+                wl,
+                Some(&|_, block: &mut [f32]| block.chunks_exact_mut(b.len()).for_each(|row| row.copy_from_slice(b))),
+            ),
+            None => product_onto(x, xl, w, wl, None),
         }
-        // SAFETY: x is m x k, W is n x k (read as its transpose), y is m x n, all in bounds.
-        unsafe {
-            gemm(
-                m,
-                n,
-                k,
-                SharedMut(y.as_mut_ptr()),
-                n as isize,
-                Mat(x.as_ptr(), k as isize, 1),
-                Mat(w.as_ptr(), 1, k as isize),
-                1.0,
-                b.is_some(),
-                candle_core::utils::get_num_threads(),
-            )
-        };
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
     fn grads(x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -321,29 +346,37 @@ impl CustomOp3 for LowRankLinear {
                 self.weight.shape()
             );
         }
-        let (storage, shape) = match &self.bias {
-            Some(b) => {
-                with_values([&self.weight, b], "low-rank-linear", |[w, b]| Linear::forward(x, xl, w, self.weight.layout(), Some(b)))??
-            }
-            None => with_values([&self.weight], "low-rank-linear", |[w]| Linear::forward(x, xl, w, self.weight.layout(), None))??,
+        // Each block of rows starts as bias + down · upᵀ (a small product, on the block while
+        // it is in cache), then the frozen product is added.
+        let run = |w: &[f32], b: Option<&[f32]>| {
+            let start = |i: usize, block: &mut [f32]| {
+                if let Some(b) = b {
+                    block.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b));
+                }
+                let rows = block.len() / n;
+                // SAFETY: this block's rows of down (rows x r), up (n x r, read as its
+                // transpose) and the block (rows x n) are in bounds.
+                unsafe {
+                    gemm(
+                        rows,
+                        n,
+                        r,
+                        SharedMut(block.as_mut_ptr()),
+                        n as isize,
+                        Mat(down[i * ROWS * r..].as_ptr(), r as isize, 1),
+                        Mat(up.as_ptr(), 1, r as isize),
+                        1.0,
+                        b.is_some(),
+                        1,
+                    )
+                }
+            };
+            product_onto(x, xl, w, self.weight.layout(), Some(&start))
         };
-        let CpuStorage::F32(mut y) = storage else { unreachable!("linear writes f32") };
-        // SAFETY: down is m x r, up is n x r (read as its transpose), y is m x n.
-        unsafe {
-            gemm(
-                m,
-                n,
-                r,
-                SharedMut(y.as_mut_ptr()),
-                n as isize,
-                Mat(down.as_ptr(), r as isize, 1),
-                Mat(up.as_ptr(), 1, r as isize),
-                1.0,
-                true,
-                candle_core::utils::get_num_threads(),
-            )
-        };
-        Ok((CpuStorage::F32(y), shape))
+        match &self.bias {
+            Some(b) => with_values([&self.weight, b], "low-rank-linear", |[w, b]| run(w, Some(b)))?,
+            None => with_values([&self.weight], "low-rank-linear", |[w]| run(w, None))?,
+        }
     }
 
     fn bwd(
@@ -384,31 +417,32 @@ impl CustomOp3 for LinearAdd {
             candle_core::bail!("linear-add: input {:?}, weight {:?} and residual {:?} do not fit", xl.shape(), wl.shape(), rl.shape());
         }
         let bias: Vec<f32> = (0..n).map(|j| wb[j * k1 + k]).collect();
-        // SAFETY: every element is written by the row copy below before the gemm adds to it.
+        // SAFETY: each block's rows are written by the copy below before its gemm adds to them.
         let mut y = unsafe { output_buffer(m * n) };
-        y.par_chunks_mut(ROWS * n).zip(r.par_chunks(ROWS * n)).for_each(|(yb, rb)| {
+        // Block by block, while the block is in cache: residual + bias, then x Wᵀ added.
+        y.par_chunks_mut(ROWS * n).zip(r.par_chunks(ROWS * n)).enumerate().for_each(|(i, (yb, rb))| {
             for (yr, rr) in yb.chunks_exact_mut(n).zip(rb.chunks_exact(n)) {
                 for ((o, a), b) in yr.iter_mut().zip(rr).zip(&bias) {
                     *o = a + b;
                 }
             }
+            // SAFETY: this block's rows of x (rows x k), W (the first k columns of the
+            // n x (k + 1) operand, read as its transpose) and the block (rows x n).
+            unsafe {
+                gemm(
+                    yb.len() / n,
+                    n,
+                    k,
+                    SharedMut(yb.as_mut_ptr()),
+                    n as isize,
+                    Mat(x[i * ROWS * k..].as_ptr(), k as isize, 1),
+                    Mat(wb.as_ptr(), 1, k1 as isize),
+                    1.0,
+                    true,
+                    1,
+                )
+            }
         });
-        // SAFETY: x is m x k, W is the first k columns of the n x (k + 1) operand (read as
-        // its transpose), y is m x n.
-        unsafe {
-            gemm(
-                m,
-                n,
-                k,
-                SharedMut(y.as_mut_ptr()),
-                n as isize,
-                Mat(x.as_ptr(), k as isize, 1),
-                Mat(wb.as_ptr(), 1, k1 as isize),
-                1.0,
-                true,
-                candle_core::utils::get_num_threads(),
-            )
-        };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 

@@ -107,30 +107,35 @@ fn swiglu_linear_matches_composed() {
 /// The frozen projection plus a low-rank term (LoRA's fused path), with and without bias.
 #[test]
 fn low_rank_linear_matches_composed() {
-    let (x, down, up) = (randn(&[2, 5, 7], 21), randn(&[2, 5, 2], 22), randn(&[3, 2], 23));
-    let (w, b) = (randn(&[3, 7], 24), randn(&[3], 25));
-    for bias in [Some(&b), None] {
-        check(
-            "low-rank-linear",
-            &[x.clone(), down.clone(), up.clone()],
-            &|t| linear::low_rank_linear(&t[0], &w, bias, &t[1], &t[2]),
-            &|t| linear::composed(&t[0], &w, bias)? + linear::composed(&t[1], &t[2], None)?,
-            1e-5,
-        );
+    // 5 rows (one block) and 300 rows (blocks of 256 and 44: each starts from its own rows).
+    for rows in [5, 300] {
+        let (x, down, up) = (randn(&[2, rows, 7], 21), randn(&[2, rows, 2], 22), randn(&[3, 2], 23));
+        let (w, b) = (randn(&[3, 7], 24), randn(&[3], 25));
+        for bias in [Some(&b), None] {
+            check(
+                "low-rank-linear",
+                &[x.clone(), down.clone(), up.clone()],
+                &|t| linear::low_rank_linear(&t[0], &w, bias, &t[1], &t[2]),
+                &|t| linear::composed(&t[0], &w, bias)? + linear::composed(&t[1], &t[2], None)?,
+                1e-4,
+            );
+        }
     }
 }
 
 /// A trainable projection added onto a residual (a bottleneck's up projection).
 #[test]
 fn linear_add_matches_composed() {
-    let (x, w, b, r) = (randn(&[2, 5, 4], 31), randn(&[7, 4], 32), randn(&[7], 33), randn(&[2, 5, 7], 34));
-    check(
-        "linear-add",
-        &[x, w, b, r],
-        &|t| linear::linear_add(&t[0], &t[1], &t[2], &t[3]),
-        &|t| &t[3] + linear::composed(&t[0], &t[1], Some(&t[2]))?,
-        1e-5,
-    );
+    for rows in [5, 300] {
+        let (x, w, b, r) = (randn(&[2, rows, 4], 31), randn(&[7, 4], 32), randn(&[7], 33), randn(&[2, rows, 7], 34));
+        check(
+            "linear-add",
+            &[x, w, b, r],
+            &|t| linear::linear_add(&t[0], &t[1], &t[2], &t[3]),
+            &|t| &t[3] + linear::composed(&t[0], &t[1], Some(&t[2]))?,
+            1e-4,
+        );
+    }
 }
 
 /// A frozen weight (not a variable) gets no gradient computed: only the input's is stored.
