@@ -224,10 +224,10 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
         writeln!(
             md,
             "\nIn words: the fusion leans on the target's own adapter ({:.0}% of the attention, averaged over seeds, \
-             layers and dev tokens); of the sources it uses {} most; the largest share a source gets at one \
-             layer is {:.0}% ({} at layer {}, seed {}).",
+             layers and dev tokens); the sources get, most used first: {}; the largest share a source gets at \
+             one layer is {:.0}% ({} at layer {}, seed {}).",
             100.0 * own_share,
-            used.iter().map(|(m, w)| format!("{m} ({:.1}%)", 100.0 * w)).collect::<Vec<_>>().join(", then "),
+            used.iter().map(|(m, w)| format!("{m} {:.1}%", 100.0 * w)).collect::<Vec<_>>().join(", "),
             100.0 * peak.0,
             peak.1,
             peak.2,
