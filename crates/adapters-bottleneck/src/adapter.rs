@@ -114,8 +114,7 @@ impl Adapter for Bottleneck {
     fn vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for (p, s) in &self.sites {
-            let pre = format!("layer.{}.{}", p.layer, p.site);
-            let mut push = |name: &str, v: &Var| out.push((format!("{pre}.{name}"), v.clone()));
+            let mut push = |name: &str, v: &Var| out.push((p.var_name(name), v.clone()));
             push("adapter_down.weight", &s.down_w);
             push("adapter_down.bias", &s.down_b);
             push("adapter_up.weight", &s.up_w);

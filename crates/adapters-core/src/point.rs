@@ -104,6 +104,12 @@ impl Point {
 }
 
 impl Point {
+    /// An adapter variable's name at this point, `layer.L.SITE.PARAM`: the convention of the
+    /// families' `vars`, which [`Point::split_var_name`] reverses.
+    pub fn var_name(&self, param: &str) -> String {
+        format!("layer.{}.{}.{param}", self.layer, self.site)
+    }
+
     /// Splits an adapter variable name of the form `layer.L.SITE.PARAM` (the convention of
     /// the families' `vars`) into its point and `PARAM`.
     pub fn split_var_name(name: &str) -> Option<(Point, &str)> {

@@ -177,8 +177,7 @@ impl Adapter for Fusion {
     fn vars(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for (p, s) in &self.sites {
-            let pre = format!("layer.{}.{}", p.layer, p.site);
-            let mut push = |name: &str, v: &Var| out.push((format!("{pre}.{name}"), v.clone()));
+            let mut push = |name: &str, v: &Var| out.push((p.var_name(name), v.clone()));
             if let Some((w, b)) = &s.query {
                 push("query.weight", w);
                 push("query.bias", b);

@@ -58,7 +58,7 @@ impl Adapter for Ia3 {
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        self.scales.iter().map(|(p, v)| (format!("layer.{}.{}.ia3_l", p.layer, p.site), v.clone())).collect()
+        self.scales.iter().map(|(p, v)| (p.var_name("ia3_l"), v.clone())).collect()
     }
 
     fn forward_projection(&self, point: Point, io: &ProjectionIo, _ctx: &ForwardCtx) -> Result<Tensor> {

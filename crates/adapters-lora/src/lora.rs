@@ -108,8 +108,7 @@ impl Lora {
 
     /// The A and B variables at a point, by our variable names.
     pub fn var_names(point: Point) -> (String, String) {
-        let pre = format!("layer.{}.{}", point.layer, point.site);
-        (format!("{pre}.lora_A.weight"), format!("{pre}.lora_B.weight"))
+        (point.var_name("lora_A.weight"), point.var_name("lora_B.weight"))
     }
 }
 
