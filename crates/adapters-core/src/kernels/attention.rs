@@ -4,6 +4,9 @@
 //! the softmax probabilities from two numbers per query kept by the forward (keeping them
 //! would hold `batch x heads x seq²` floats per layer until the backward: 25 MB for each
 //! MiniLM layer at batch 32 x seq 128, for a recomputation costing ~1% of a step).
+//! Keys that the mask hides from a whole block of queries (the future under a causal
+//! mask, padding at the end of a row) are never multiplied: a causal SmolLM2 step at seq
+//! 256 does 5/8 of the full square's products.
 
 use super::simd::{self, exp, multiversion};
 use super::{fused, gemm, output_buffer, slice, with_values, Mat, SharedMut};
@@ -53,7 +56,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, kv_heads: usi
         );
     }
     let keep = q.track_op() || k.track_op() || v.track_op();
-    let op = Attention { heads, kv_heads, scale: scale as f32, mask, tq, tk, stats: Mutex::new(None), keep };
+    let blocks = match &mask {
+        None => vec![vec![Block { start: 0, end: tq, keys: tk }]],
+        Some(m) => (0..if m.per_row { b } else { 1 }).map(|row| m.blocks(row, tq, tk)).collect(),
+    };
+    let op = Attention { heads, kv_heads, scale: scale as f32, mask, blocks, tq, tk, stats: Mutex::new(None), keep };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -96,11 +103,48 @@ struct Mask {
     per_query: bool,
 }
 
+/// Queries per block when the mask differs between queries (a causal mask).
+const QUERY_BLOCK: usize = 64;
+
+/// Queries `start..end` of a row attend within its first `keys` keys: the mask hides the
+/// rest from every one of them.
+#[derive(Clone, Copy)]
+struct Block {
+    start: usize,
+    end: usize,
+    keys: usize,
+}
+
+impl Mask {
+    /// The query blocks of batch row `row`: one block unless the mask differs between
+    /// queries, each with the keys that some query in it may see.
+    fn blocks(&self, row: usize, tq: usize, tk: usize) -> Vec<Block> {
+        let size = if self.per_query { QUERY_BLOCK } else { tq };
+        let rows_per_batch = if self.per_query { tq } else { 1 };
+        let base = if self.per_row { row * rows_per_batch } else { 0 };
+        // Keys up to the last visible one; a query that sees nothing keeps them all (its
+        // softmax over only hidden keys stays what the full row gives).
+        let visible = |query: usize| {
+            let values = &self.values[(base + if self.per_query { query } else { 0 }) * tk..][..tk];
+            values.iter().rposition(|&m| m > f32::MIN).map_or(tk, |last| last + 1)
+        };
+        (0..tq)
+            .step_by(size.max(1))
+            .map(|start| {
+                let end = (start + size).min(tq);
+                Block { start, end, keys: (start..end).map(visible).max().unwrap_or(tk) }
+            })
+            .collect()
+    }
+}
+
 struct Attention {
     heads: usize,
     kv_heads: usize,
     scale: f32,
     mask: Option<Mask>,
+    /// Query blocks per batch row (one list for all rows unless the mask is per row).
+    blocks: Vec<Vec<Block>>,
     tq: usize,
     tk: usize,
     /// Each query's softmax maximum and 1 / normaliser, `[batch, heads, seq_q, 2]`, kept
@@ -157,11 +201,16 @@ multiversion! {
 }
 
 impl Attention {
-    fn mask_row(&self, batch_row: usize, query: usize) -> Option<&[f32]> {
+    /// The first `keys` mask values of query `query` in batch row `batch_row`.
+    fn mask_row(&self, batch_row: usize, query: usize, keys: usize) -> Option<&[f32]> {
         let m = self.mask.as_ref()?;
         let rows_per_batch = if m.per_query { self.tq } else { 1 };
         let index = if m.per_row { batch_row * rows_per_batch } else { 0 } + if m.per_query { query } else { 0 };
-        Some(&m.values[index * self.tk..(index + 1) * self.tk])
+        Some(&m.values[index * self.tk..][..keys])
+    }
+
+    fn blocks(&self, batch_row: usize) -> &[Block] {
+        &self.blocks[if self.blocks.len() > 1 { batch_row } else { 0 }]
     }
 }
 
@@ -196,20 +245,24 @@ impl CustomOp3 for Attention {
                 // stats and its own head's columns of out; reads stay in bounds.
                 unsafe {
                     let p = scratch.as_mut_ptr();
-                    let qo = q.as_ptr().add(row * tq * width + head * hd);
-                    let ko = k.as_ptr().add(row * tk * kv_width + head / group * hd);
-                    let vo = v.as_ptr().add(row * tk * kv_width + head / group * hd);
                     let (w, kw) = (width as isize, kv_width as isize);
-                    gemm(tq, tk, hd, SharedMut(p), tk as isize, Mat(qo, w, 1), Mat(ko, 1, kw), self.scale, false, 1);
-                    for i in 0..tq {
-                        let (max, inv) = softmax_row(std::slice::from_raw_parts_mut(p.add(i * tk), tk), self.mask_row(row, i));
-                        if self.keep {
-                            let st = stats_ptr.get().add((task * tq + i) * 2);
-                            (*st, *st.add(1)) = (max, inv);
+                    for &Block { start, end, keys } in self.blocks(row) {
+                        let (n, kn) = (end - start, keys as isize);
+                        let qo = q.as_ptr().add((row * tq + start) * width + head * hd);
+                        let ko = k.as_ptr().add(row * tk * kv_width + head / group * hd);
+                        let vo = v.as_ptr().add(row * tk * kv_width + head / group * hd);
+                        gemm(n, keys, hd, SharedMut(p), kn, Mat(qo, w, 1), Mat(ko, 1, kw), self.scale, false, 1);
+                        for i in 0..n {
+                            let scores = std::slice::from_raw_parts_mut(p.add(i * keys), keys);
+                            let (max, inv) = softmax_row(scores, self.mask_row(row, start + i, keys));
+                            if self.keep {
+                                let st = stats_ptr.get().add((task * tq + start + i) * 2);
+                                (*st, *st.add(1)) = (max, inv);
+                            }
                         }
+                        let o = out_ptr.get().add((row * tq + start) * width + head * hd);
+                        gemm(n, hd, keys, SharedMut(o), w, Mat(p, kn, 1), Mat(vo, kw, 1), 1.0, false, 1);
                     }
-                    let o = out_ptr.get().add(row * tq * width + head * hd);
-                    gemm(tq, hd, tk, SharedMut(o), w, Mat(p, tk as isize, 1), Mat(vo, kw, 1), 1.0, false, 1);
                 }
             },
         );
@@ -233,14 +286,14 @@ impl CustomOp3 for Attention {
         let (h, tk) = (self.heads, self.tk);
         let hd = width / h;
         let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
-        // SAFETY (buffers below): each task overwrites its heads' columns (its first
-        // query head of a group writes dk and dv, later ones add).
+        // SAFETY (buffers below): each task zeroes its kv head's columns of dk and dv
+        // before adding into them and writes every row of its query heads' columns of dq.
         let (mut dq, mut dk, mut dv) =
             unsafe { (output_buffer(b * tq * width), output_buffer(b * tk * kv_width), output_buffer(b * tk * kv_width)) };
         let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         with_values([q, k, v, grad], "attention", |[q, k, v, g]| {
             // One task per (row, key/value head): it owns that head's dk and dv and
-            // sums into them over the query heads of its group.
+            // sums into them over the query heads of its group and their query blocks.
             (0..b * self.kv_heads).into_par_iter().for_each_init(
                 || (vec![0f32; tq * tk], vec![0f32; tq * tk]),
                 |(probs, ds), task| {
@@ -250,53 +303,50 @@ impl CustomOp3 for Attention {
                     // SAFETY: the task writes only its own kv head's columns of dk
                     // and dv, its group's query-head columns of dq, and its scratch.
                     unsafe {
+                        for key in 0..tk {
+                            std::ptr::write_bytes(dk_ptr.get().add(off_k + key * kv_width), 0, hd);
+                            std::ptr::write_bytes(dv_ptr.get().add(off_k + key * kv_width), 0, hd);
+                        }
                         let ko = k.as_ptr().add(off_k);
                         let vo = v.as_ptr().add(off_k);
-                        for (i, head) in (kv_head * group..(kv_head + 1) * group).enumerate() {
-                            let off_q = row * tq * width + head * hd;
-                            let (qo, go) = (q.as_ptr().add(off_q), g.as_ptr().add(off_q));
-                            // P again: the forward's scores, mask and softmax, from its statistics.
-                            let p = probs.as_mut_ptr();
-                            gemm(tq, tk, hd, SharedMut(p), tk as isize, Mat(qo, w, 1), Mat(ko, 1, kw), self.scale, false, 1);
-                            for r in 0..tq {
-                                let st = &stats[((row * h + head) * tq + r) * 2..][..2];
-                                softmax_row_again(std::slice::from_raw_parts_mut(p.add(r * tk), tk), self.mask_row(row, r), st[0], st[1]);
+                        for head in kv_head * group..(kv_head + 1) * group {
+                            for &Block { start, end, keys } in self.blocks(row) {
+                                let (n, kn) = (end - start, keys as isize);
+                                let off_q = (row * tq + start) * width + head * hd;
+                                let (qo, go) = (q.as_ptr().add(off_q), g.as_ptr().add(off_q));
+                                // P again: the forward's scores, mask and softmax, from its statistics.
+                                let p = probs.as_mut_ptr();
+                                gemm(n, keys, hd, SharedMut(p), kn, Mat(qo, w, 1), Mat(ko, 1, kw), self.scale, false, 1);
+                                for r in 0..n {
+                                    let st = &stats[((row * h + head) * tq + start + r) * 2..][..2];
+                                    let scores = std::slice::from_raw_parts_mut(p.add(r * keys), keys);
+                                    softmax_row_again(scores, self.mask_row(row, start + r, keys), st[0], st[1]);
+                                }
+                                let p = p as *const f32;
+                                // dV += Pᵀ dO
+                                gemm(keys, hd, n, SharedMut(dv_ptr.get().add(off_k)), kw, Mat(p, 1, kn), Mat(go, w, 1), 1.0, true, 1);
+                                // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+                                gemm(n, keys, hd, SharedMut(ds.as_mut_ptr()), kn, Mat(go, w, 1), Mat(vo, 1, kw), 1.0, false, 1);
+                                for r in 0..n {
+                                    let pr = std::slice::from_raw_parts(p.add(r * keys), keys);
+                                    softmax_backward_row(pr, &mut ds[r * keys..(r + 1) * keys], self.scale);
+                                }
+                                // dQ = dS K, dK += dSᵀ Q
+                                let dq_block = SharedMut(dq_ptr.get().add(off_q));
+                                gemm(n, hd, keys, dq_block, w, Mat(ds.as_ptr(), kn, 1), Mat(ko, kw, 1), 1.0, false, 1);
+                                gemm(
+                                    keys,
+                                    hd,
+                                    n,
+                                    SharedMut(dk_ptr.get().add(off_k)),
+                                    kw,
+                                    Mat(ds.as_ptr(), 1, kn),
+                                    Mat(qo, w, 1),
+                                    1.0,
+                                    true,
+                                    1,
+                                );
                             }
-                            let p = p as *const f32;
-                            let first = i == 0;
-                            // dV += Pᵀ dO
-                            gemm(tk, hd, tq, SharedMut(dv_ptr.get().add(off_k)), kw, Mat(p, 1, tk as isize), Mat(go, w, 1), 1.0, !first, 1);
-                            // dP = dO Vᵀ, then dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
-                            gemm(tq, tk, hd, SharedMut(ds.as_mut_ptr()), tk as isize, Mat(go, w, 1), Mat(vo, 1, kw), 1.0, false, 1);
-                            for r in 0..tq {
-                                let pr = std::slice::from_raw_parts(p.add(r * tk), tk);
-                                softmax_backward_row(pr, &mut ds[r * tk..(r + 1) * tk], self.scale);
-                            }
-                            // dQ = dS K, dK += dSᵀ Q
-                            gemm(
-                                tq,
-                                hd,
-                                tk,
-                                SharedMut(dq_ptr.get().add(off_q)),
-                                w,
-                                Mat(ds.as_ptr(), tk as isize, 1),
-                                Mat(ko, kw, 1),
-                                1.0,
-                                false,
-                                1,
-                            );
-                            gemm(
-                                tk,
-                                hd,
-                                tq,
-                                SharedMut(dk_ptr.get().add(off_k)),
-                                kw,
-                                Mat(ds.as_ptr(), 1, tk as isize),
-                                Mat(qo, w, 1),
-                                1.0,
-                                !first,
-                                1,
-                            );
                         }
                     }
                 },

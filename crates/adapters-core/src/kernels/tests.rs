@@ -191,6 +191,26 @@ fn grouped_query_attention_matches_composed() {
     );
 }
 
+/// A causal mask over several query blocks, with per-row padding and one query that sees
+/// nothing: the blocks skip hidden keys and give what the full square gives.
+#[test]
+fn causal_attention_over_query_blocks_matches_composed() {
+    let (b, t, hd) = (2, 150, 8);
+    let q = randn(&[b, t, 4 * hd], 60);
+    let k = randn(&[b, t, 2 * hd], 61);
+    let v = randn(&[b, t, 2 * hd], 62);
+    let hidden = |row: usize, i: usize, j: usize| j > i || (row == 1 && (j >= 130 || i == 149));
+    let mask: Vec<f32> = (0..b * t * t).map(|x| if hidden(x / (t * t), x / t % t, x % t) { f32::MIN } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (b, t, t), &Device::Cpu).unwrap();
+    check(
+        "causal blocks",
+        &[q, k, v],
+        &|x| attention::attention(&x[0], &x[1], &x[2], 4, 2, Some(&mask), 0.3),
+        &|x| attention::composed(&x[0], &x[1], &x[2], 4, 2, Some(&mask), 0.3),
+        1e-5,
+    );
+}
+
 /// Keys and values longer than the queries (a KV cache), with a mask over all keys.
 #[test]
 fn attention_over_a_longer_cache_matches_composed() {
