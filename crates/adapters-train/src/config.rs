@@ -58,6 +58,11 @@ pub struct AdapterEntry {
     /// Where the adapter goes.
     #[serde(default)]
     pub placement: Placement,
+    /// This adapter's peak learning rate (the schedule's warmup and decay still apply);
+    /// `training.lr` when absent. A fusion over trained adapters usually wants a lower
+    /// one than the new head it trains with (AdapterFusion used 5e-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
     /// The kind's own fields.
     #[serde(flatten)]
     pub config: BTreeMap<String, toml::Value>,
@@ -431,6 +436,12 @@ impl Config {
             match (&entry.from, entry.kind.is_empty()) {
                 (None, true) => fail!(Config, "`adapters.{name}`: give `kind` (a registered kind) or `from` (a trained adapter folder)"),
                 (Some(_), false) => fail!(Config, "`adapters.{name}`: `from` loads a trained folder with its own kind; leave out `kind`"),
+                (Some(_), _) if entry.lr.is_some() => {
+                    fail!(Config, "`adapters.{name}.lr`: an adapter loaded with `from` is frozen and does not train; leave out `lr`")
+                }
+                (None, false) if entry.lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) => {
+                    fail!(Config, "`adapters.{name}.lr` = {}: a learning rate is a positive number", entry.lr.unwrap_or_default())
+                }
                 (Some(_), true) if !entry.config.is_empty() || entry.placement != Placement::default() => fail!(
                     Config,
                     "`adapters.{name}`: `from` loads a trained folder with its own configuration and placement; leave out `{}`",
@@ -542,6 +553,19 @@ dir = "runs/x"
         assert_eq!((c.training.mode, c.training.lr), (Mode::HeadOnly, 5e-4));
         assert_eq!(c.output.dir, PathBuf::from("runs/y"));
         assert!(c.stack_of(&c.task[0]).is_empty());
+        // An adapter's own learning rate is not one of the kind's fields.
+        let c = Config::parse(&BASE.replace("reduction_factor = 16", "reduction_factor = 16\nlr = 1e-4"), &[]).unwrap();
+        assert_eq!(c.adapters["pfeiffer"].lr, Some(1e-4));
+        assert_eq!(c.adapters["pfeiffer"].config_json(), serde_json::json!({"reduction_factor": 16}));
+    }
+
+    #[test]
+    fn an_adapter_learning_rate_is_positive_and_only_for_adapters_that_train() {
+        let e = Config::parse(&BASE.replace("reduction_factor = 16", "reduction_factor = 16\nlr = -1.0"), &[]).unwrap_err();
+        assert!(e.to_string().contains("`adapters.pfeiffer.lr` = -1"), "{e}");
+        let frozen = format!("{BASE}\n[adapters.old]\nfrom = \"runs/old\"\nlr = 1e-4\n");
+        let e = Config::parse(&frozen, &[]).unwrap_err();
+        assert!(e.to_string().contains("`adapters.old.lr`") && e.to_string().contains("frozen"), "{e}");
     }
 
     #[test]

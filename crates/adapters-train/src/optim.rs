@@ -56,6 +56,8 @@ struct Slot {
     v: Tensor,
     /// Updates this variable has had (its bias correction), as PyTorch keeps per parameter.
     t: u32,
+    /// This variable's learning rate as a multiple of the step's.
+    lr_scale: f64,
 }
 
 /// AdamW (decoupled weight decay, as PyTorch's `torch.optim.AdamW`).
@@ -78,10 +80,19 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let decay = var.rank() >= 2;
-                Ok(Slot { m: var.zeros_like()?, v: var.zeros_like()?, name, var, decay, t: 0 })
+                Ok(Slot { m: var.zeros_like()?, v: var.zeros_like()?, name, var, decay, t: 0, lr_scale: 1.0 })
             })
             .collect::<Result<_>>()?;
         Ok(AdamW { slots, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
+    }
+
+    /// Gives variable `name` a learning rate of `scale` times the step's (a parameter
+    /// group with its own rate).
+    pub fn scale_lr(&mut self, name: &str, scale: f64) -> Result<()> {
+        let slot = self.slots.iter_mut().find(|s| s.name == name);
+        let slot = slot.ok_or_else(|| candle_core::Error::Msg(format!("AdamW: no variable `{name}`")))?;
+        slot.lr_scale = scale;
+        Ok(())
     }
 
     /// How many variables get weight decay, and how many do not.
@@ -132,6 +143,7 @@ impl AdamW {
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else { continue };
             s.t += 1;
+            let lr = lr * s.lr_scale;
             let step = AdamWStep {
                 lr,
                 beta1: self.beta1,
@@ -189,20 +201,25 @@ mod tests {
     }
 
     /// Three AdamW steps on f(w) = sum(w^2) / 2 (gradient w) against the update computed
-    /// by hand in f64; the matrix decays, the vector does not.
+    /// by hand in f64; the matrix decays, the vectors do not; `c` has half the learning rate.
     #[test]
     fn adamw_matches_a_hand_computation() -> Result<()> {
         let dev = Device::Cpu;
         let w = Var::new(&[[1.0f32, -2.0]], &dev)?;
         let b = Var::new(&[0.5f32], &dev)?;
-        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone())], 0.1)?;
-        assert_eq!(opt.decay_split(), (1, 1));
+        let c = Var::new(&[0.5f32], &dev)?;
+        let mut opt = AdamW::new(vec![("w".into(), w.clone()), ("b".into(), b.clone()), ("c".into(), c.clone())], 0.1)?;
+        opt.scale_lr("c", 0.5)?;
+        assert!(opt.scale_lr("nope", 0.5).is_err());
+        assert_eq!(opt.decay_split(), (1, 2));
         let (lr, b1, b2, eps, wd): (f64, f64, f64, f64, f64) = (0.01, 0.9, 0.999, 1e-8, 0.1);
         let mut want_w = [1.0f64, -2.0];
         let mut want_b = 0.5f64;
+        let (mut want_c, mut mc, mut vc) = (0.5f64, 0.0f64, 0.0f64);
         let (mut mw, mut vw, mut mb, mut vb) = ([0.0f64; 2], [0.0f64; 2], 0.0f64, 0.0f64);
         for t in 1..=3 {
-            let loss = ((w.as_tensor().sqr()?.sum_all()? + b.as_tensor().sqr()?.sum_all()?)? * 0.5)?;
+            let squares = (w.as_tensor().sqr()?.sum_all()? + b.as_tensor().sqr()?.sum_all()?)?;
+            let loss = ((squares + c.as_tensor().sqr()?.sum_all()?)? * 0.5)?;
             opt.step(&loss.backward()?, lr)?;
             let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             for i in 0..2 {
@@ -215,12 +232,17 @@ mod tests {
             mb = b1 * mb + (1.0 - b1) * g;
             vb = b2 * vb + (1.0 - b2) * g * g;
             want_b -= lr * (mb / c1) / ((vb / c2).sqrt() + eps);
+            let g = want_c;
+            mc = b1 * mc + (1.0 - b1) * g;
+            vc = b2 * vc + (1.0 - b2) * g * g;
+            want_c -= 0.5 * lr * (mc / c1) / ((vc / c2).sqrt() + eps);
         }
         let got_w = w.as_tensor().flatten_all()?.to_vec1::<f32>()?;
         for i in 0..2 {
             assert!((got_w[i] as f64 - want_w[i]).abs() < 1e-6, "{} vs {}", got_w[i], want_w[i]);
         }
         assert!((b.as_tensor().to_vec1::<f32>()?[0] as f64 - want_b).abs() < 1e-6);
+        assert!((c.as_tensor().to_vec1::<f32>()?[0] as f64 - want_c).abs() < 1e-6);
         Ok(())
     }
 

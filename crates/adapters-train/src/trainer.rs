@@ -213,7 +213,14 @@ impl Trainer {
         let schedule = Schedule { peak: t.lr, warmup: (t.warmup_ratio * total as f64).round() as usize, total, decay };
         let eval_every = t.eval_every.unwrap_or(steps_per_epoch).max(1);
         let checkpoint_every = t.checkpoint_every.unwrap_or(eval_every).max(1);
-        let optimizer = AdamW::new(params.iter().map(|p| (p.name.clone(), p.var.clone())).collect(), t.weight_decay)?;
+        let mut optimizer = AdamW::new(params.iter().map(|p| (p.name.clone(), p.var.clone())).collect(), t.weight_decay)?;
+        for (name, entry) in &config.adapters {
+            let Some(lr) = entry.lr else { continue };
+            let group = format!("adapter:{name}");
+            for p in params.iter().filter(|p| p.groups.contains(&group)) {
+                optimizer.scale_lr(&p.name, lr / t.lr)?;
+            }
+        }
         let mut trainer = Trainer { config, model, tasks, params, base_parameters, optimizer, schedule, eval_every, checkpoint_every };
         if mode == Mode::HeadOnly {
             trainer.cache_features()?;

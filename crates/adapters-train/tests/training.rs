@@ -390,6 +390,18 @@ fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
     }
     assert!(std::fs::read_to_string(out.join("fusion_attention.svg")).unwrap().contains("<svg"));
 
+    // The fusion's own learning rate reaches the optimizer: so small here that its
+    // variables do not move, while the head (at `training.lr`) does.
+    let slow = body.replace("members = [\"spam\", \"trec\"]\n", "members = [\"spam\", \"trec\"]\nlr = 1e-30\n");
+    let mut trainer = Trainer::new(config(&slow, &dir.join("slow")), &Device::Cpu).unwrap();
+    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    trainer.run(&RunOptions::default()).unwrap();
+    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let shift = |n: &String| before[n].iter().zip(&after[n]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let moved = |prefix: &str| before.keys().filter(|n| n.starts_with(prefix) && shift(n) > 1e-12).count();
+    assert_eq!(moved("adapter.fused."), 0, "the fusion trained at training.lr");
+    assert!(moved("head.") > 0, "the head did not train");
+
     // Errors name the key.
     let err = |body: String| Trainer::new(config(&body, &dir.join("bad")), &Device::Cpu).err().unwrap().to_string();
     let missing = body.replace(&member("trec").display().to_string(), "/nonexistent/trec");
