@@ -382,6 +382,26 @@ mod tests {
         assert!((spread(&warm) - spread(&plain)).abs() < 1e-6, "after 980 steps T is 1");
     }
 
+    /// Dropout on the attention scores acts in training only, draws its mask from the
+    /// context's seeded generator, and is off at `dropout_prob = 0`.
+    #[test]
+    fn score_dropout_is_seeded_and_only_in_training() {
+        let (x, y) = (randn(&[2, 8, D], 1), randn(&[2, 8, D], 2));
+        let members: Vec<FuseMember> = (0..3).map(|i| FuseMember { adapter: None, output: randn(&[2, 8, D], 30 + i) }).collect();
+        let io = SublayerIo { input: &x, output: &y, post_norm: None };
+        let point = Point::new(0, Site::FfnOutput);
+        let attention = |f: &Fusion, ctx: &ForwardCtx| f.fuse_hidden(point, &io, &members, ctx).unwrap().attention;
+        let (dropping, plain) = (fusion(serde_json::json!({ "dropout_prob": 0.5 })), fusion(serde_json::json!({ "dropout_prob": 0.0 })));
+        let inference = attention(&dropping, &ForwardCtx::inference());
+        let differs = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-4;
+        let (first, again) = (attention(&dropping, &ForwardCtx::training_seeded(5)), attention(&dropping, &ForwardCtx::training_seeded(5)));
+        assert!(differs(&first, &inference), "dropout changes the training attention");
+        assert!(!differs(&first, &again), "the same seed draws the same mask");
+        assert!(differs(&first, &attention(&dropping, &ForwardCtx::training_seeded(6))), "another seed, another mask");
+        assert!(!differs(&inference, &attention(&plain, &ForwardCtx::inference())), "no dropout in inference");
+        assert!(!differs(&attention(&plain, &ForwardCtx::training_seeded(5)), &inference), "dropout_prob = 0 turns it off");
+    }
+
     #[test]
     fn configs_are_checked_with_the_field_named() {
         let build = |c: serde_json::Value| {
