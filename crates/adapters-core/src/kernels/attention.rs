@@ -116,18 +116,20 @@ struct Block {
 }
 
 impl Mask {
+    /// The mask values (all `tk` keys) of query `query` in batch row `batch_row`.
+    fn row(&self, batch_row: usize, query: usize, tq: usize, tk: usize) -> &[f32] {
+        let rows_per_batch = if self.per_query { tq } else { 1 };
+        let index = if self.per_row { batch_row * rows_per_batch } else { 0 } + if self.per_query { query } else { 0 };
+        &self.values[index * tk..][..tk]
+    }
+
     /// The query blocks of batch row `row`: one block unless the mask differs between
     /// queries, each with the keys that some query in it may see.
     fn blocks(&self, row: usize, tq: usize, tk: usize) -> Vec<Block> {
         let size = if self.per_query { QUERY_BLOCK } else { tq };
-        let rows_per_batch = if self.per_query { tq } else { 1 };
-        let base = if self.per_row { row * rows_per_batch } else { 0 };
         // Keys up to the last visible one; a query that sees nothing keeps them all (its
         // softmax over only hidden keys stays what the full row gives).
-        let visible = |query: usize| {
-            let values = &self.values[(base + if self.per_query { query } else { 0 }) * tk..][..tk];
-            values.iter().rposition(|&m| m > f32::MIN).map_or(tk, |last| last + 1)
-        };
+        let visible = |query: usize| self.row(row, query, tq, tk).iter().rposition(|&m| m > f32::MIN).map_or(tk, |last| last + 1);
         (0..tq)
             .step_by(size.max(1))
             .map(|start| {
@@ -203,10 +205,7 @@ multiversion! {
 impl Attention {
     /// The first `keys` mask values of query `query` in batch row `batch_row`.
     fn mask_row(&self, batch_row: usize, query: usize, keys: usize) -> Option<&[f32]> {
-        let m = self.mask.as_ref()?;
-        let rows_per_batch = if m.per_query { self.tq } else { 1 };
-        let index = if m.per_row { batch_row * rows_per_batch } else { 0 } + if m.per_query { query } else { 0 };
-        Some(&m.values[index * self.tk..][..keys])
+        Some(&self.mask.as_ref()?.row(batch_row, query, self.tq, self.tk)[..keys])
     }
 
     fn blocks(&self, batch_row: usize) -> &[Block] {
