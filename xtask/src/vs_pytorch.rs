@@ -14,6 +14,8 @@ const WORKLOADS: &[(&str, usize, usize, &str)] = &[
     ("minilm_train_full", 1, 3, "≤ 1.0"),
     ("minilm_train_seq_bn", 1, 3, "≤ 1.0"),
     ("minilm_train_lora", 1, 3, "≤ 1.0"),
+    ("minilm_train_seq_bn_ckpt", 1, 3, "none (memory)"),
+    ("minilm_train_lora_ckpt", 1, 3, "none (memory)"),
     ("minilm_infer_base", 1, 5, "≤ 0.9"),
     ("minilm_infer_seq_bn", 1, 5, "≤ 0.9"),
     ("minilm_infer_lora_unmerged", 1, 5, "≤ 0.9"),

@@ -1,7 +1,8 @@
 //! One training step (forward in training mode, cross-entropy on a classification head,
 //! backward, clipping, AdamW) on MiniLM at batch 32 x seq 128: Pfeiffer adapter, LoRA
-//! r=8 on query and value, and full fine-tuning; timed interleaved against full
-//! fine-tuning, with the peak heap memory of one step (counted by a global allocator).
+//! r=8 on query and value, both also with gradient checkpointing, and full fine-tuning;
+//! timed interleaved against full fine-tuning, with the peak heap memory of one step
+//! (counted by a global allocator).
 
 use adapters_bench::workloads::{minilm_train, Step};
 use adapters_bench::{interleave, to_json, write_result};
@@ -42,15 +43,19 @@ fn main() {
     }
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
     // The same steps as `bench-workload minilm_train_*` (the PyTorch comparison).
-    let variants: Vec<(&str, RefCell<Step>, usize)> =
-        [("full fine-tuning", "full"), ("Pfeiffer adapter (seq_bn, r=24)", "seq_bn"), ("LoRA r=8 on query, value", "lora")]
-            .into_iter()
-            .map(|(name, method)| {
-                let (step, trainable) =
-                    minilm_train(method, || AFTER_FORWARD.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed)).unwrap();
-                (name, RefCell::new(step), trainable)
-            })
-            .collect();
+    let variants: Vec<(&str, RefCell<Step>, usize)> = [
+        ("full fine-tuning", "full"),
+        ("Pfeiffer adapter (seq_bn, r=24)", "seq_bn"),
+        ("LoRA r=8 on query, value", "lora"),
+        ("Pfeiffer adapter, gradient checkpointing", "seq_bn_ckpt"),
+        ("LoRA r=8, gradient checkpointing", "lora_ckpt"),
+    ]
+    .into_iter()
+    .map(|(name, method)| {
+        let (step, trainable) = minilm_train(method, || AFTER_FORWARD.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed)).unwrap();
+        (name, RefCell::new(step), trainable)
+    })
+    .collect();
     let run = |s: &RefCell<Step>| (s.borrow_mut())().unwrap();
     let mut peaks = Vec::new();
     for (name, s, _) in &variants {

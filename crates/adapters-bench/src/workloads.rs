@@ -6,7 +6,7 @@ use adapters_core::{registry, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::heads::ClassificationHead;
 use adapters_models::{fetched, load, Backbone, HoldsAdapters};
 use adapters_train::config::Pooling;
-use adapters_train::forward::{classify, lm_loss, pooled};
+use adapters_train::forward::{classify, lm_loss, loss_and_grads, pad, pool, pooled};
 use adapters_train::optim::{clip_grad_norm, AdamW};
 use candle_core::{Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -17,6 +17,8 @@ pub const NAMES: &[&str] = &[
     "minilm_train_full",
     "minilm_train_seq_bn",
     "minilm_train_lora",
+    "minilm_train_seq_bn_ckpt",
+    "minilm_train_lora_ckpt",
     "minilm_infer_base",
     "minilm_infer_seq_bn",
     "minilm_infer_lora_unmerged",
@@ -102,10 +104,12 @@ fn minilm() -> anyhow::Result<Backbone> {
 pub type Step = Box<dyn FnMut() -> anyhow::Result<()>>;
 
 /// Forward, cross-entropy on a 2-label head, backward, clipping, AdamW: batch 32 x 128, for
-/// method `full`, `seq_bn` or `lora`; with the number of trainable parameters.
+/// method `full`, `seq_bn` or `lora`, with `_ckpt` appended: with gradient checkpointing;
+/// with the number of trainable parameters.
 /// `after_forward` runs between the loss and the backward pass (the memory bench reads the
 /// heap there: what the forward holds for the backward).
 pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize)> {
+    let (m, checkpointing) = m.strip_suffix("_ckpt").map_or((m, false), |m| (m, true));
     let mut model = minilm()?;
     let mut named = if m == "full" {
         model.make_trainable()?
@@ -118,17 +122,18 @@ pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let trainable = vars.iter().map(|v| v.elem_count()).sum();
     let mut optimizer = AdamW::new(named, 0.01)?;
-    let ids = token_rows(32, 128, 30522);
+    let rows = token_rows(32, 128, 30522);
+    let (ids, mask) = pad(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), &Device::Cpu)?;
     let labels = Tensor::new((0..32u32).map(|i| i % 2).collect::<Vec<_>>(), &Device::Cpu)?;
     let lr = if m == "full" { 5e-5 } else { 1e-4 };
     let step: Step = Box::new(move || {
-        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let ctx = ForwardCtx::training_seeded(1);
-        let features = pooled(&model, &rows, Pooling::Mean, &ctx)?;
-        let logits = classify(&head, &features, 0.1, &ctx)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        after_forward();
-        let mut grads = loss.backward()?;
+        let (_, mut grads) = loss_and_grads(&model, &ids, &mask, &ctx, &vars, checkpointing, |hidden| {
+            let logits = classify(&head, &pool(hidden, &mask, Pooling::Mean)?, 0.1, &ctx)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            after_forward();
+            Ok(loss)
+        })?;
         clip_grad_norm(&vars, &mut grads, 1.0)?;
         optimizer.step(&grads, lr)?;
         Ok(())

@@ -63,8 +63,9 @@ pub struct AuxOutputs {
     pub fusion_attentions: Vec<FusionAttention>,
 }
 
-/// The per-forward context. Cheap to build; one per forward call.
-#[derive(Debug, Default)]
+/// The per-forward context. Cheap to build; one per forward call. A clone shares the
+/// reports and the random generator.
+#[derive(Clone, Debug, Default)]
 pub struct ForwardCtx {
     /// Training mode: dropout, noise and stochastic routing are active.
     pub train: bool,
@@ -91,6 +92,8 @@ pub struct ForwardCtx {
     /// noise); seeded so that training runs (and resumed runs) repeat exactly. candle's
     /// own CPU RNG cannot be seeded.
     rng: Option<Arc<Mutex<ChaCha8Rng>>>,
+    /// The seed `rng` started from; [`ForwardCtx::for_layer`] derives each layer's stream from it.
+    seed: u64,
 }
 
 impl ForwardCtx {
@@ -106,7 +109,30 @@ impl ForwardCtx {
 
     /// Training with reproducible dropout masks: the same seed draws the same masks.
     pub fn training_seeded(seed: u64) -> Self {
-        ForwardCtx { train: true, rng: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))), ..Default::default() }
+        ForwardCtx { train: true, rng: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))), seed, ..Default::default() }
+    }
+
+    /// The context of layer `l` of a backbone: this one with a random stream of the layer's
+    /// own, derived from the seed, so that the layer draws the same dropout masks however
+    /// often it runs (gradient checkpointing runs it twice) and whatever ran before it.
+    pub fn for_layer(&self, l: usize) -> ForwardCtx {
+        let rng = self.rng.as_ref().map(|_| {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(l as u64 + 1);
+            Arc::new(Mutex::new(rng))
+        });
+        ForwardCtx { rng, ..self.clone() }
+    }
+
+    /// This context with [`ForwardCtx::no_grad`] on: no autograd graph through adapters.
+    pub fn without_grad(&self) -> ForwardCtx {
+        ForwardCtx { no_grad: true, ..self.clone() }
+    }
+
+    /// This context with reports of its own (auxiliary losses, routing, fusion attention),
+    /// kept apart from this one's.
+    pub fn with_own_reports(&self) -> ForwardCtx {
+        ForwardCtx { aux: Arc::default(), ..self.clone() }
     }
 
     /// The seeded generator adapters draw training-time randomness from (router noise,
@@ -169,17 +195,7 @@ impl ForwardCtx {
     /// This context with `mask` as its attention mask, sharing everything else (reports,
     /// RNG): what a backbone hands to its sites when the caller passed a mask separately.
     pub fn masked(&self, mask: &Tensor) -> ForwardCtx {
-        ForwardCtx {
-            train: self.train,
-            no_grad: self.no_grad,
-            row_groups: self.row_groups.clone(),
-            attention_mask: Some(mask.clone()),
-            task_ids: self.task_ids.clone(),
-            conditioning: self.conditioning.clone(),
-            record_fusion_attentions: self.record_fusion_attentions,
-            aux: self.aux.clone(),
-            rng: self.rng.clone(),
-        }
+        ForwardCtx { attention_mask: Some(mask.clone()), ..self.clone() }
     }
 
     /// Asks fusion layers to report their attention weights (read them with
@@ -228,15 +244,11 @@ impl ForwardCtx {
 
     fn narrowed(&self, mask: impl Fn(&Tensor) -> Result<Tensor>, per_example: impl Fn(&Tensor) -> Result<Tensor>) -> Result<ForwardCtx> {
         Ok(ForwardCtx {
-            train: self.train,
-            no_grad: self.no_grad,
             row_groups: None,
             attention_mask: self.attention_mask.as_ref().map(&mask).transpose()?,
             task_ids: self.task_ids.as_ref().map(&per_example).transpose()?,
             conditioning: self.conditioning.as_ref().map(&per_example).transpose()?,
-            record_fusion_attentions: self.record_fusion_attentions,
-            aux: self.aux.clone(),
-            rng: self.rng.clone(),
+            ..self.clone()
         })
     }
 
@@ -257,6 +269,14 @@ impl ForwardCtx {
             let weights = attention.weights.detach();
             self.aux.lock().expect("aux lock poisoned").fusion_attentions.push(FusionAttention { weights, ..attention });
         }
+    }
+
+    /// Adds reports taken from another context (see [`ForwardCtx::with_own_reports`]).
+    pub fn report(&self, outputs: AuxOutputs) {
+        let mut aux = self.aux.lock().expect("aux lock poisoned");
+        aux.losses.extend(outputs.losses);
+        aux.routing.extend(outputs.routing);
+        aux.fusion_attentions.extend(outputs.fusion_attentions);
     }
 
     /// Takes what adapters reported during the forward pass.
@@ -293,6 +313,21 @@ mod tests {
         let masked = a.masked(&Tensor::ones((1, 4), candle_core::DType::U32, &dev)?);
         assert_eq!(draw(&masked)?, draw(&b)?);
         assert!(ForwardCtx::inference().normal_noise(&[4], 1.0, &dev)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn a_layer_draws_the_same_stream_whatever_ran_before_it() -> Result<()> {
+        let dev = Device::Cpu;
+        let draw = |ctx: &ForwardCtx| -> Result<Vec<f32>> { ctx.normal_noise(&[4], 1.0, &dev)?.unwrap().to_vec1() };
+        let ctx = ForwardCtx::training_seeded(5);
+        let first = draw(&ctx.for_layer(2))?;
+        draw(&ctx)?;
+        draw(&ctx.for_layer(1))?;
+        assert_eq!(draw(&ctx.for_layer(2))?, first);
+        assert_ne!(draw(&ctx.for_layer(3))?, first);
+        assert_ne!(draw(&ForwardCtx::training_seeded(6).for_layer(2))?, first);
+        assert!(ForwardCtx::inference().for_layer(2).normal_noise(&[4], 1.0, &dev)?.is_none());
         Ok(())
     }
 }

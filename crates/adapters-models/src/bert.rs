@@ -283,6 +283,22 @@ impl Bert {
         attention_mask: Option<&Tensor>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
+        let (mut x, inputs) = self.embed(input_ids, token_type_ids, attention_mask, ctx)?;
+        for l in 0..self.layers.len() {
+            x = self.layer(l, &x, &inputs, &inputs.ctx.for_layer(l))?;
+        }
+        Ok(x)
+    }
+
+    /// The embedded tokens `[rows, seq, hidden]` (rows: `batch` times the number of
+    /// `parallel(...)` copies) and what every layer needs besides them.
+    pub(crate) fn embed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, LayerInputs)> {
         // A `parallel(...)` setup runs each child on its own copy of the batch: the output
         // has `copies · batch` rows, child i's in rows `i·batch .. (i+1)·batch`.
         let copies = if ctx.row_groups.is_none() { self.adapters.parallel_width() } else { 1 };
@@ -306,24 +322,27 @@ impl Bert {
         let words = embedding(&e.word, input_ids)?;
         let types = embedding(&e.token_type, &types)?;
         let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
-        let mut x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;
-        let masked;
-        let ctx = match attention_mask {
-            Some(m) => {
-                masked = ctx.masked(m);
-                &masked
-            }
-            None => ctx,
+        let x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;
+        let inputs = match attention_mask {
+            Some(m) => LayerInputs {
+                // [b, 1, t]: 0 where attended, a large negative value on padding.
+                mask: Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?.reshape((b, 1, t))?),
+                ctx: ctx.masked(m),
+            },
+            None => LayerInputs { mask: None, ctx: ctx.clone() },
         };
-        let mask = match attention_mask {
-            // [b, 1, t]: 0 where attended, a large negative value on padding.
-            Some(m) => Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?.reshape((b, 1, t))?),
-            None => None,
-        };
-        for (l, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(l, layer, &x, mask.as_ref(), ctx)?;
-        }
-        Ok(x)
+        Ok((x, inputs))
+    }
+
+    /// Layer `l` on the residual stream `x`; `ctx` is `inputs.ctx.for_layer(l)` or a
+    /// variant of it.
+    pub(crate) fn layer(&self, l: usize, x: &Tensor, inputs: &LayerInputs, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.layer_forward(l, &self.layers[l], x, inputs.mask.as_ref(), ctx)
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
@@ -358,6 +377,14 @@ impl Bert {
         let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;
         layer.ffn_norm.forward_add(&ffn, &x)
     }
+}
+
+/// What every layer of one forward pass needs besides the residual stream.
+pub(crate) struct LayerInputs {
+    /// `[rows, 1, seq]` additive attention bias, `None` without padding.
+    mask: Option<Tensor>,
+    /// The forward's context, with the attention mask set.
+    pub(crate) ctx: ForwardCtx,
 }
 
 impl HoldsAdapters for Bert {

@@ -10,6 +10,7 @@
 
 mod attached;
 pub mod bert;
+mod checkpoint;
 mod error;
 pub mod generate;
 pub mod heads;

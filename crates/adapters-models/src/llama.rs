@@ -301,45 +301,69 @@ impl Llama {
     /// With a cache, `input_ids` continue the cached positions and the cache is extended.
     /// Rows are assumed unpadded or right-padded (causal attention never looks right).
     pub fn forward_hidden(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (mut x, inputs) = self.embed(input_ids, past, ctx)?;
+        if cache.is_some() && x.dim(0)? != input_ids.dim(0)? {
+            candle_core::bail!("a `parallel(...)` setup runs without a KV cache; generate with one adapter setup at a time");
+        }
+        let mut cache = cache;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_mut().map(|c| &mut c.layers[l]);
+            x = self.layer_forward(l, layer, &x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), kv, &inputs.ctx.for_layer(l))?;
+        }
+        self.finish(&x)
+    }
+
+    /// The embedded tokens `[rows, seq, hidden]` at positions after `past` cached ones
+    /// (rows: `batch` times the number of `parallel(...)` copies), and what every layer
+    /// needs besides them.
+    pub(crate) fn embed(&self, input_ids: &Tensor, past: usize, ctx: &ForwardCtx) -> Result<(Tensor, LayerInputs)> {
         // A `parallel(...)` setup runs each child on its own copy of the batch (rows
-        // `i·batch .. (i+1)·batch` are child i's); a cache would have to hold every copy.
+        // `i·batch .. (i+1)·batch` are child i's).
         let copies = if ctx.row_groups.is_none() { self.adapters.parallel_width() } else { 1 };
         let repeated;
         let input_ids = if copies > 1 {
-            if cache.is_some() {
-                candle_core::bail!("a `parallel(...)` setup runs without a KV cache; generate with one adapter setup at a time");
-            }
             repeated = input_ids.repeat((copies, 1))?;
             &repeated
         } else {
             input_ids
         };
         let (_, t) = input_ids.dims2()?;
-        let past = cache.as_ref().map_or(0, |c| c.len());
         if past + t > self.config.max_position_embeddings {
             candle_core::bail!("{} positions exceed the model's context of {}", past + t, self.config.max_position_embeddings);
         }
-        let mut x = embedding(&self.embed, input_ids)?;
-        let cos = self.cos.narrow(0, past, t)?;
-        let sin = self.sin.narrow(0, past, t)?;
-        let mask = if t > 1 { Some(causal_mask(t, past, x.device())?) } else { None };
-        let mut cache = cache;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_mut().map(|c| &mut c.layers[l]);
-            x = self.layer_forward(l, layer, &x, (&cos, &sin), mask.as_ref(), kv, ctx)?;
-        }
-        self.norm.forward(&x)
+        let x = embedding(&self.embed, input_ids)?;
+        let inputs = LayerInputs {
+            cos: self.cos.narrow(0, past, t)?,
+            sin: self.sin.narrow(0, past, t)?,
+            mask: if t > 1 { Some(causal_mask(t, past, x.device())?) } else { None },
+            ctx: ctx.clone(),
+        };
+        Ok((x, inputs))
+    }
+
+    /// Layer `l` on the residual stream `x`, without a cache; `ctx` is
+    /// `inputs.ctx.for_layer(l)` or a variant of it.
+    pub(crate) fn layer(&self, l: usize, x: &Tensor, inputs: &LayerInputs, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.layer_forward(l, &self.layers[l], x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), None, ctx)
+    }
+
+    /// The final norm, after the last layer.
+    pub(crate) fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// The residual stream `[batch, seq, hidden]` after the first `num_layers` layers
     /// (0: the token embeddings), without the final norm: for probing and parity checks.
     pub fn residual_stream(&self, input_ids: &Tensor, num_layers: usize, ctx: &ForwardCtx) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
-        let mut x = embedding(&self.embed, input_ids)?;
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
-        let mask = if t > 1 { Some(causal_mask(t, 0, x.device())?) } else { None };
-        for (l, layer) in self.layers.iter().enumerate().take(num_layers) {
-            x = self.layer_forward(l, layer, &x, (&cos, &sin), mask.as_ref(), None, ctx)?;
+        let (mut x, inputs) = self.embed(input_ids, 0, ctx)?;
+        for l in 0..num_layers.min(self.layers.len()) {
+            x = self.layer(l, &x, &inputs, &inputs.ctx.for_layer(l))?;
         }
         Ok(x)
     }
@@ -546,4 +570,13 @@ fn rope_tables(head_dim: usize, theta: f64, max_pos: usize, device: &Device) -> 
 fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (1, t, past + t), device)
+}
+/// What every layer of one forward pass needs besides the residual stream.
+pub(crate) struct LayerInputs {
+    cos: Tensor,
+    sin: Tensor,
+    /// The causal mask, `None` for a single position.
+    mask: Option<Tensor>,
+    /// The forward's context.
+    pub(crate) ctx: ForwardCtx,
 }

@@ -104,6 +104,75 @@ fn llama_every_adapter_variable_gets_a_gradient() {
     assert_all_grads(&m.adapters().active_vars(), &loss.backward().unwrap());
 }
 
+/// Checks that gradient checkpointing gives the plain step's loss and gradients, for a
+/// model with a noisy probe attached (dropout and auxiliary losses at every hidden site) or
+/// trained in full (`trainable`).
+fn assert_checkpointing_matches(model: &Backbone, ids: &Tensor, mask: &Tensor, vars: &[(String, Var)], head: impl Fn(&Tensor) -> Tensor) {
+    let plain_ctx = ForwardCtx::training_seeded(7);
+    let mut plain = head(&model.hidden_states(ids, mask, &plain_ctx).unwrap());
+    for aux in plain_ctx.take_aux().losses {
+        plain = (plain + aux.value).unwrap();
+    }
+    let plain_grads = plain.backward().unwrap();
+    let ctx = ForwardCtx::training_seeded(7);
+    let just_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let (mut loss, grads) = model.backward_checkpointed(ids, mask, &ctx, &just_vars, |h| Ok::<_, candle_core::Error>(head(h))).unwrap();
+    for aux in ctx.take_aux().losses {
+        assert!(!aux.value.track_op(), "the first pass builds no graph");
+        loss = (loss + aux.value).unwrap();
+    }
+    let (a, b) = (plain.to_scalar::<f32>().unwrap(), loss.to_scalar::<f32>().unwrap());
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "loss: plain {a}, checkpointed {b}");
+    assert_all_grads(vars, &grads);
+    for (name, var) in vars {
+        let (p, c) = (plain_grads.get(var).unwrap().flatten_all().unwrap(), grads.get(var).unwrap().flatten_all().unwrap());
+        let scale = p.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = max_abs_diff(&p.to_vec1().unwrap(), &c.to_vec1().unwrap());
+        assert!(d <= 1e-4 * scale, "{name}: gradients differ by {d} (largest {scale})");
+    }
+}
+
+#[test]
+fn checkpointed_steps_match_plain_steps_for_both_backbones_and_full_fine_tuning() {
+    let dev = Device::Cpu;
+    let head = ClassificationHead::new(384, 2, 0, &dev).unwrap();
+    let labels = Tensor::new(&[1u32, 0], &dev).unwrap();
+    let (ids, mask) = bert_batch();
+    let classify = |h: &Tensor| {
+        let logits = head.forward(&mean_pool(h, &mask).unwrap()).unwrap();
+        candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
+    };
+    let mut model = Backbone::Bert(bert());
+    let probe = Probe::everywhere(&model.model_info(), &dev).unwrap().noisy();
+    model.adapters_mut().add("probe", Box::new(probe)).unwrap();
+    model.adapters_mut().activate(&["probe"]).unwrap();
+    // Every layer's variables and the head's (the pooler is not on this loss's path).
+    let mut vars: Vec<_> = model.adapters().active_vars().into_iter().filter(|(n, _)| !n.contains("pooler")).collect();
+    vars.extend(head.vars());
+    assert_checkpointing_matches(&model, &ids, &mask, &vars, classify);
+
+    // Full fine-tuning: the embeddings' gradients come through the first layer's input.
+    model.adapters_mut().activate(&[]).unwrap();
+    let trainable = model.make_trainable().unwrap();
+    let names = ["embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight", "encoder.layer.5.output.dense.bias"];
+    let picked: Vec<_> = trainable.into_iter().filter(|(n, _)| names.contains(&n.as_str())).collect();
+    assert_eq!(picked.len(), names.len());
+    assert_checkpointing_matches(&model, &ids, &mask, &picked, classify);
+
+    let mut model = Backbone::Llama(llama());
+    let probe = Probe::everywhere(&model.model_info(), &dev).unwrap().noisy();
+    model.adapters_mut().add("probe", Box::new(probe)).unwrap();
+    model.adapters_mut().activate(&["probe"]).unwrap();
+    let ids = Tensor::new(&[[504u32, 3575, 282, 4649, 314, 7042], [1, 2, 3, 4, 0, 0]], &dev).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &dev).unwrap();
+    let Backbone::Llama(m) = &model else { unreachable!() };
+    let next_token = |h: &Tensor| {
+        let logits = m.logits(&h.narrow(1, 0, 5).unwrap()).unwrap().flatten_to(1).unwrap();
+        candle_nn::loss::cross_entropy(&logits, &ids.narrow(1, 1, 5).unwrap().flatten_all().unwrap()).unwrap()
+    };
+    assert_checkpointing_matches(&model, &ids, &mask, &model.adapters().active_vars(), next_token);
+}
+
 #[test]
 fn idle_hooks_leave_the_base_untouched_and_rows_can_choose() {
     let mut bert = bert();

@@ -291,6 +291,11 @@ pub struct TrainingConfig {
     /// task per batch. Classification tasks only.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub mixed_task_batches: bool,
+    /// Recompute each layer's activations during the backward pass instead of keeping them
+    /// from the forward pass: a step holds one layer's activations at a time, for about a
+    /// third more time per step (BENCHMARKS.md has the figures).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingConfig {
@@ -313,6 +318,7 @@ impl Default for TrainingConfig {
             sampling: Sampling::Named(SamplingName::Proportional),
             group_by_length: true,
             mixed_task_batches: false,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -6,7 +6,8 @@ use crate::error::{fail, Result};
 use adapters_core::ForwardCtx;
 use adapters_models::heads::{last_token_pool, mean_pool, ClassificationHead};
 use adapters_models::Backbone;
-use candle_core::{Device, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var, D};
 
 /// Right-pads rows of token ids: `[batch, longest]` ids (padding id 0) and the mask.
 pub fn pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {
@@ -45,15 +46,50 @@ pub fn classify(head: &ClassificationHead, pooled: &Tensor, dropout: f64, ctx: &
 
 /// Mean next-token cross-entropy over equal-length rows, and how many tokens it averages.
 pub fn lm_loss(backbone: &Backbone, rows: &[&[u32]], ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
-    let Backbone::Llama(model) = backbone else { fail!(Config, "causal language modelling needs a decoder model") };
     let (ids, mask) = pad(rows, backbone.device())?;
+    let hidden = backbone.hidden_states(&ids, &mask, ctx)?;
+    lm_loss_of(backbone, &hidden, &ids)
+}
+
+/// [`lm_loss`] from the decoder's final hidden states `[batch, seq, hidden]` of `ids`.
+pub fn lm_loss_of(backbone: &Backbone, hidden: &Tensor, ids: &Tensor) -> Result<(Tensor, usize)> {
+    let Backbone::Llama(model) = backbone else { fail!(Config, "causal language modelling needs a decoder model") };
     let (b, t) = ids.dims2()?;
-    let hidden = model.forward_hidden(&ids, None, &ctx.masked(&mask))?.narrow(1, 0, t - 1)?;
-    let hidden = hidden.reshape((b * (t - 1), ()))?;
+    let hidden = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), ()))?;
     let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
     // Blocked: the [tokens, vocab] logits are never all in memory at once.
     let loss = adapters_core::kernels::linear_cross_entropy(&hidden, model.lm_head_weight(), &targets)?;
     Ok((loss, b * (t - 1)))
+}
+
+/// A training step's loss (detached; with the auxiliary losses adapters report) and the
+/// gradients of `vars`: the backbone runs over `ids` (`mask` marks tokens) and `head` maps
+/// its last hidden states to the loss. With `checkpointing`, each layer's activations are
+/// recomputed during the backward pass instead of kept (see
+/// [`Backbone::backward_checkpointed`]): less memory, one more forward's time.
+pub fn loss_and_grads(
+    backbone: &Backbone,
+    ids: &Tensor,
+    mask: &Tensor,
+    ctx: &ForwardCtx,
+    vars: &[Var],
+    checkpointing: bool,
+    head: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, GradStore)> {
+    let (mut loss, grads) = if checkpointing {
+        backbone.backward_checkpointed(ids, mask, ctx, vars, head)?
+    } else {
+        let mut loss = head(&backbone.hidden_states(ids, mask, ctx)?)?;
+        for aux in ctx.take_aux().losses {
+            loss = (loss + aux.value)?;
+        }
+        let grads = loss.backward()?;
+        return Ok((loss.detach(), grads));
+    };
+    for aux in ctx.take_aux().losses {
+        loss = (loss + aux.value)?;
+    }
+    Ok((loss, grads))
 }
 
 /// The label index with the highest logit, per row.

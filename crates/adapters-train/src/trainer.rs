@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
 use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
-use crate::forward::{argmax, classify, lm_loss, pad, pool, pooled};
+use crate::forward::{argmax, classify, lm_loss, lm_loss_of, loss_and_grads, pad, pool, pooled};
 use crate::fusion_report::{self, AttentionSums};
 use crate::heads::{self, HeadConfig};
 use crate::metrics::{accuracy, macro_f1, MetricsLog};
@@ -468,18 +468,25 @@ impl Trainer {
         let ids: Vec<&[u32]> =
             batch.iter().flat_map(|(task, rows)| rows.iter().map(|&i| self.tasks[*task].data.train.ids[i].as_slice())).collect();
         let tokens: usize = ids.iter().map(|r| r.len()).sum();
-        let mut loss = match self.tasks[first].kind {
-            TaskType::CausalLm => lm_loss(&self.model.backbone, &ids, &ctx)?.0,
-            TaskType::Classification => self.classification_loss(batch, &ids, &ctx)?,
+        let kind = self.tasks[first].kind;
+        let (padded, mask) = pad(&ids, &device)?;
+        let head = |hidden: Option<&Tensor>| match kind {
+            TaskType::CausalLm => Ok(lm_loss_of(&self.model.backbone, hidden.expect("a decoder runs"), &padded)?.0),
+            TaskType::Classification => self.classification_loss(batch, hidden.map(|h| (h, &mask)), ids.len(), &ctx),
         };
-        for aux in ctx.take_aux().losses {
-            loss = (loss + aux.value)?;
-        }
+        let needs_backbone = kind == TaskType::CausalLm || batch.iter().any(|(task, _)| self.tasks[*task].features.is_none());
+        let (loss, mut grads) = if needs_backbone {
+            let vars: Vec<Var> = self.params.iter().map(|p| p.var.clone()).collect();
+            let checkpointing = self.config.training.gradient_checkpointing;
+            loss_and_grads(&self.model.backbone, &padded, &mask, &ctx, &vars, checkpointing, |h| head(Some(h)))?
+        } else {
+            let loss = head(None)?;
+            (loss.detach(), loss.backward()?)
+        };
         let loss_value = loss.to_scalar::<f32>()? as f64;
         if !loss_value.is_finite() {
             fail!(Run, "the loss became {loss_value} at step {}; lower `training.lr` or turn on `training.max_grad_norm`", step + 1);
         }
-        let mut grads = loss.backward()?;
         let active = self.active_groups(step);
         let mut trained = Vec::new();
         for p in &self.params {
@@ -495,33 +502,32 @@ impl Trainer {
         Ok((loss_value, norm, examples, tokens))
     }
 
-    /// Cross-entropy over all rows of a batch of classification parts: the backbone runs
-    /// once over every row (unless head-only features are cached), each part is pooled
-    /// its task's way and scored by its task's head.
-    fn classification_loss(&self, batch: &[(usize, Vec<usize>)], ids: &[&[u32]], ctx: &ForwardCtx) -> Result<Tensor> {
-        let needs_backbone = batch.iter().any(|(task, _)| self.tasks[*task].features.is_none());
-        let (hidden, mask) = if needs_backbone {
-            let (padded, mask) = pad(ids, self.model.backbone.device())?;
-            (Some(self.model.backbone.hidden_states(&padded, &mask, ctx)?), Some(mask))
-        } else {
-            (None, None)
-        };
+    /// Cross-entropy over all `rows` rows of a batch of classification parts: each part is
+    /// pooled its task's way from the backbone's `hidden` states (with their mask), or
+    /// read from its cached head-only features, and scored by its task's head.
+    fn classification_loss(
+        &self,
+        batch: &[(usize, Vec<usize>)],
+        hidden: Option<(&Tensor, &Tensor)>,
+        total_rows: usize,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
         let mut offset = 0;
         for (task_idx, rows) in batch {
             let task = &self.tasks[*task_idx];
             let n = rows.len();
-            let features = match (&task.features, &hidden, &mask) {
-                (Some(f), _, _) => {
+            let features = match (&task.features, hidden) {
+                (Some(f), _) => {
                     f.train.index_select(&Tensor::from_vec(rows.iter().map(|&i| i as u32).collect(), n, f.train.device())?, 0)?
                 }
-                (None, Some(h), Some(m)) => pool(&h.narrow(0, offset, n)?, &m.narrow(0, offset, n)?, task.pooling)?,
-                _ => unreachable!("hidden states are computed when a task has no cached features"),
+                (None, Some((h, m))) => pool(&h.narrow(0, offset, n)?, &m.narrow(0, offset, n)?, task.pooling)?,
+                (None, None) => unreachable!("hidden states are computed when a task has no cached features"),
             };
             offset += n;
             let logits = classify(task.head.as_ref().expect("classification head"), &features, self.config.training.dropout, ctx)?;
             let labels: Vec<u32> = rows.iter().map(|&i| task.data.train.labels[i]).collect();
-            let part = (candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels, logits.device())?)? * (n as f64 / ids.len() as f64))?;
+            let part = (candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels, logits.device())?)? * (n as f64 / total_rows as f64))?;
             total = Some(match total {
                 None => part,
                 Some(t) => (t + part)?,

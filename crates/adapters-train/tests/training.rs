@@ -137,6 +137,36 @@ fn resuming_from_a_checkpoint_gives_the_same_result() {
     assert!(t.run(&RunOptions { resume: true, ..Default::default() }).unwrap_err().to_string().contains("different config"));
 }
 
+/// `gradient_checkpointing = true` trains the same adapter, up to float rounding, with
+/// dropout on in the adapter and before the head.
+#[test]
+fn gradient_checkpointing_trains_like_the_plain_step() {
+    let dir = scratch("checkpointing");
+    let adapters = "[adapters.pf]\nkind = \"seq_bn\"\nreduction_factor = 16\ndropout = 0.1\n";
+    let run = |name: &str, training: &str| {
+        let mut t = Trainer::new(config(&sms_config(&dir, adapters, training), &dir.join(name)), &Device::Cpu).unwrap();
+        t.run(&RunOptions::default()).unwrap();
+        let losses: Vec<f64> = adapters_train::metrics::MetricsLog::read(&dir.join(name).join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter(|r| r.get("split").is_none())
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect();
+        (values(t.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()), losses)
+    };
+    let (plain, plain_losses) = run("plain", "steps = 4");
+    let (checkpointed, losses) = run("checkpointed", "steps = 4\ngradient_checkpointing = true");
+    assert_eq!(losses.len(), 4);
+    for (a, b) in plain_losses.iter().zip(&losses) {
+        assert!((a - b).abs() < 1e-5 * a.abs(), "step losses differ: plain {plain_losses:?}, checkpointed {losses:?}");
+    }
+    for (name, p) in &plain {
+        let c = &checkpointed[name];
+        let d = p.iter().zip(c).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(d < 1e-5, "{name} differs by {d}");
+    }
+}
+
 /// Staged training freezes what the stage leaves out; multi-task sampling visits both
 /// tasks, each with its own head and adapter.
 #[test]

@@ -2,7 +2,7 @@
 //! and a probe adapter that touches every insertion point.
 #![allow(dead_code)]
 
-use adapters_core::{Adapter, ForwardCtx, Init, ModelInfo, Point, ProjectionIo, SublayerIo};
+use adapters_core::{Adapter, AuxLoss, ForwardCtx, Init, ModelInfo, Point, ProjectionIo, SublayerIo};
 use candle_core::{Device, Result, Tensor, Var};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,6 +49,9 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// path from the input to the loss.
 pub struct Probe {
     vars: BTreeMap<Point, Var>,
+    /// Training-time randomness and an auxiliary loss at every hidden site, so that a test
+    /// sees both paths (see [`Probe::noisy`]).
+    noisy: bool,
 }
 
 impl Probe {
@@ -59,7 +62,13 @@ impl Probe {
             let w = init.normal((spec.in_features, spec.out_features), 0.01, device)?;
             vars.insert(spec.point, Var::from_tensor(&w)?);
         }
-        Ok(Probe { vars })
+        Ok(Probe { vars, noisy: false })
+    }
+
+    /// Also applies dropout (p = 0.1) to its hidden-site input in training and reports an
+    /// auxiliary loss (1e-3 times the squared sum of its output) there.
+    pub fn noisy(self) -> Self {
+        Probe { noisy: true, ..self }
     }
 }
 
@@ -76,8 +85,14 @@ impl Adapter for Probe {
     fn vars(&self) -> Vec<(String, Var)> {
         self.vars.iter().map(|(p, v)| (p.to_string(), v.clone())).collect()
     }
-    fn forward_hidden(&self, point: Point, io: &SublayerIo, _: &ForwardCtx) -> Result<Tensor> {
-        io.output + io.input.broadcast_matmul(self.vars[&point].as_tensor())?
+    fn forward_hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        if !self.noisy {
+            return io.output + io.input.broadcast_matmul(self.vars[&point].as_tensor())?;
+        }
+        let delta = ctx.dropout(io.input, 0.1)?.broadcast_matmul(self.vars[&point].as_tensor())?;
+        let value = (delta.sum_all()?.sqr()? * 1e-3)?;
+        ctx.push_loss(AuxLoss { adapter: "probe".into(), point, name: "test".into(), value });
+        io.output + delta
     }
     fn forward_projection(&self, point: Point, io: &ProjectionIo, _: &ForwardCtx) -> Result<Tensor> {
         io.output + io.input.broadcast_matmul(self.vars[&point].as_tensor())?
