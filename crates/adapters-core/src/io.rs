@@ -68,6 +68,11 @@ pub struct AdapterFormat {
 
 inventory::collect!(AdapterFormat);
 
+/// Every registered format of other libraries (our own, [`FORMAT`], is not among them).
+pub fn formats() -> impl Iterator<Item = &'static AdapterFormat> {
+    inventory::iter::<AdapterFormat>.into_iter()
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), message: e.to_string() };
@@ -199,12 +204,12 @@ pub fn load(dir: &Path, model: &dyn InsertionPoint, device: &Device) -> Result<L
     if json.get("format").and_then(|f| f.as_str()) == Some(FORMAT) {
         return load_own(dir, json, model, device);
     }
-    for format in inventory::iter::<AdapterFormat> {
+    for format in formats() {
         if (format.detect)(&json) {
             return (format.load)(dir, &json, &model.model_info(), device);
         }
     }
-    let known: Vec<&str> = std::iter::once(FORMAT).chain(inventory::iter::<AdapterFormat>.into_iter().map(|f| f.name)).collect();
+    let known: Vec<&str> = std::iter::once(FORMAT).chain(formats().map(|f| f.name)).collect();
     Err(Error::Io { path: config_path, message: format!("not an adapter config of a known format ({})", known.join(", ")) })
 }
 

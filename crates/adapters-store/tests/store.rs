@@ -1,0 +1,241 @@
+//! The adapter library on a local folder and on a real S3-compatible server (s3s-fs,
+//! started on 127.0.0.1 by the test), with the repository's adapter fixtures.
+
+use adapters_store::{Error, Name, Reference, Store};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// A scratch folder, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+    let dir = std::env::temp_dir().join(format!("adapters-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn name(s: &str) -> Name {
+    s.parse().unwrap()
+}
+
+fn reference(s: &str) -> Reference {
+    s.parse().unwrap()
+}
+
+fn same_files(a: &Path, b: &Path) {
+    for e in std::fs::read_dir(a).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            same_files(&e.path(), &b.join(e.file_name()));
+        } else {
+            assert_eq!(std::fs::read(e.path()).unwrap(), std::fs::read(b.join(e.file_name())).unwrap(), "{}", e.path().display());
+        }
+    }
+}
+
+/// Push, resolve, pull, tag, remove and list: the same on every backend.
+async fn round_trip(store: &Store, work: &Path) {
+    let sms = fixtures().join("fusion-sources/sms_spam");
+    let trec = fixtures().join("fusion-sources/trec_coarse");
+    let first = store.push(&sms, &name("classifier"), &[name("prod")], Some("runs/sms".into())).await.unwrap();
+    assert_eq!((first.contents.format.as_str(), first.contents.kind.as_str()), ("adapters-rs", "seq_bn"));
+    assert!(first.contents.base_model.is_some() && first.contents.parameters > 100_000, "{first:?}");
+    assert_eq!(first.version.len(), 16);
+    assert_eq!(first.training_run.as_deref(), Some("runs/sms"));
+    assert!(first.files.iter().any(|f| f.path == "heads/sms_spam/head.safetensors"), "{:?}", first.files);
+    // The same folder again: the same version, nothing new.
+    let again = store.push(&sms, &name("classifier"), &[], None).await.unwrap();
+    assert_eq!((again.version.as_str(), again.created.as_str()), (first.version.as_str(), first.created.as_str()));
+    // Another folder: a new version that `latest` follows and `prod` does not.
+    let second = store.push(&trec, &name("classifier"), &[name("canary")], None).await.unwrap();
+    assert_ne!(second.version, first.version);
+    assert_eq!(store.resolve(&reference("classifier")).await.unwrap().version, second.version);
+    assert_eq!(store.resolve(&reference("classifier@prod")).await.unwrap().version, first.version);
+    assert_eq!(store.resolve(&reference(&format!("classifier@{}", &first.version[..6]))).await.unwrap().version, first.version);
+    let missing = store.resolve(&reference("classifier@nope")).await.unwrap_err();
+    assert!(matches!(missing, Error::NotFound(_)) && missing.to_string().contains("canary"), "{missing}");
+
+    // Pull: the files come back as pushed; an occupied folder is refused.
+    let out = work.join("pulled");
+    let pulled = store.pull(&reference("classifier@prod"), &out).await.unwrap();
+    assert_eq!(pulled, first);
+    same_files(&sms, &out);
+    assert!(store.pull(&reference("classifier@prod"), &out).await.unwrap_err().to_string().contains("not empty"));
+
+    // Tags move; a tagged version is not removed without --force.
+    store.tag(&reference("classifier@canary"), &name("prod")).await.unwrap();
+    assert_eq!(store.resolve(&reference("classifier@prod")).await.unwrap().version, second.version);
+    store.untag(&name("classifier"), &name("canary")).await.unwrap();
+    assert!(store.untag(&name("classifier"), &name("canary")).await.is_err());
+    let listing = store.list(None).await.unwrap();
+    assert_eq!(listing.len(), 1);
+    let tags: Vec<Vec<String>> = listing[0].versions.iter().map(|v| v.tags.clone()).collect();
+    assert!(tags.contains(&vec!["latest".to_string(), "prod".to_string()]) && tags.contains(&vec![]), "{tags:?}");
+    let refused = store.remove(&reference("classifier@prod"), false).await.unwrap_err();
+    assert!(refused.to_string().contains("--force"), "{refused}");
+    store.remove(&reference(&format!("classifier@{}", first.version)), false).await.unwrap();
+    assert!(matches!(store.resolve(&reference(&format!("classifier@{}", first.version))).await, Err(Error::NotFound(_))));
+    store.remove(&reference("classifier"), true).await.unwrap();
+    assert!(matches!(store.resolve(&reference("classifier")).await, Err(Error::NotFound(_))));
+    assert!(store.list(None).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_local_store_keeps_versions_tags_and_files() {
+    let dir = scratch("local");
+    let store = Store::open(dir.0.join("store").to_str().unwrap()).unwrap();
+    round_trip(&store, &dir.0).await;
+}
+
+#[tokio::test]
+async fn an_s3_store_keeps_versions_tags_and_files() {
+    let dir = scratch("s3");
+    let endpoint = start_s3(&dir.0.join("s3")).await;
+    let options = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test-key"),
+        ("aws_secret_access_key", "test-secret"),
+        ("aws_region", "us-east-1"),
+    ];
+    let store = Store::open_with_options("s3://adapters/team-a", &options).unwrap();
+    round_trip(&store, &dir.0).await;
+    // A wrong secret is an error from the server, named with the store.
+    let mut wrong = options;
+    wrong[3] = ("aws_secret_access_key", "wrong");
+    let bad = Store::open_with_options("s3://adapters", &wrong).unwrap();
+    let e = bad.list(None).await.unwrap_err();
+    assert!(matches!(e, Error::Backend { .. }) && e.to_string().contains("s3://adapters"), "{e}");
+}
+
+/// An S3-compatible server (s3s-fs) over `root` on a free port, with bucket `adapters`.
+async fn start_s3(root: &Path) -> String {
+    std::fs::create_dir_all(root.join("adapters")).unwrap();
+    let mut builder = s3s::service::S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
+    builder.set_auth(s3s::auth::SimpleAuth::from_single("test-key", "test-secret"));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { return };
+            let conn = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service.clone()).into_owned();
+            tokio::spawn(conn);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn setups_are_stored_with_their_adapters() {
+    let dir = scratch("setup");
+    let bundle = dir.0.join("bundle");
+    for member in ["sms_spam", "trec_coarse"] {
+        copy_dir(&fixtures().join("fusion-sources").join(member), &bundle.join(member));
+    }
+    std::fs::write(
+        bundle.join("adapter_setup.json"),
+        r#"{"block": "stack", "children": [{"block": "adapter", "name": "sms_spam"}, {"block": "adapter", "name": "trec_coarse"}]}"#,
+    )
+    .unwrap();
+    let store = Store::open(dir.0.join("store").to_str().unwrap()).unwrap();
+    let m = store.push(&bundle, &name("both"), &[], None).await.unwrap();
+    assert_eq!(m.contents.kind, "setup");
+    let setup = m.contents.setup.as_ref().unwrap();
+    assert_eq!(setup.expression, "stack(sms_spam, trec_coarse)");
+    assert_eq!(setup.adapters, vec![("sms_spam".to_string(), "seq_bn".to_string()), ("trec_coarse".to_string(), "seq_bn".to_string())]);
+    store.pull(&reference("both"), &dir.0.join("out")).await.unwrap();
+    same_files(&bundle, &dir.0.join("out"));
+    // A setup naming an adapter it does not carry is refused.
+    std::fs::remove_dir_all(bundle.join("trec_coarse")).unwrap();
+    let e = store.push(&bundle, &name("broken"), &[], None).await.unwrap_err();
+    assert!(e.to_string().contains("no subfolder `trec_coarse`"), "{e}");
+}
+
+#[tokio::test]
+async fn malformed_folders_and_names_are_refused_before_anything_is_stored() {
+    let dir = scratch("bad");
+    let store = Store::open(dir.0.join("store").to_str().unwrap()).unwrap();
+    let good = dir.0.join("good");
+    copy_dir(&fixtures().join("fusion-sources/sms_spam"), &good);
+    let refused = |e: Error, what: &str| assert!(e.to_string().contains(what), "expected `{what}` in: {e}");
+
+    refused(store.push(&dir.0.join("nowhere"), &name("x"), &[], None).await.unwrap_err(), "is not a folder");
+    let empty = dir.0.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    refused(store.push(&empty, &name("x"), &[], None).await.unwrap_err(), "adapter_config.json");
+    for bad in ["../escape", "a/b", ".."] {
+        refused(bad.parse::<Name>().unwrap_err(), "not a valid name");
+    }
+
+    let unknown = dir.0.join("unknown");
+    copy_dir(&good, &unknown);
+    let config = std::fs::read_to_string(unknown.join("adapter_config.json")).unwrap().replace("\"seq_bn\"", "\"no_such_kind\"");
+    std::fs::write(unknown.join("adapter_config.json"), config).unwrap();
+    refused(store.push(&unknown, &name("x"), &[], None).await.unwrap_err(), "no_such_kind");
+
+    let foreign = dir.0.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("adapter_config.json"), r#"{"some": "other tool"}"#).unwrap();
+    refused(store.push(&foreign, &name("x"), &[], None).await.unwrap_err(), "not an adapter config of a known format");
+
+    let truncated = dir.0.join("truncated");
+    copy_dir(&good, &truncated);
+    let weights = truncated.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    refused(store.push(&truncated, &name("x"), &[], None).await.unwrap_err(), "truncated");
+    assert!(store.list(None).await.unwrap().is_empty(), "nothing was stored");
+
+    // Other libraries' folders are stored with their kind.
+    let peft = store.push(&fixtures().join("interop/peft_lora_minilm/adapter"), &name("peft"), &[], None).await.unwrap();
+    assert_eq!((peft.contents.format.as_str(), peft.contents.kind.as_str(), peft.contents.base_model.is_none()), ("peft", "lora", true));
+}
+
+#[tokio::test]
+async fn damaged_or_unfinished_versions_are_never_served() {
+    let dir = scratch("damaged");
+    let root = dir.0.join("store");
+    let store = Store::open(root.to_str().unwrap()).unwrap();
+    let m = store.push(&fixtures().join("fusion-sources/sms_spam"), &name("sms"), &[], None).await.unwrap();
+    // A file truncated in the store: the pull fails and leaves no folder behind.
+    let stored = root.join(format!("sms/versions/{}/files/adapter_model.safetensors", m.version));
+    let bytes = std::fs::read(&stored).unwrap();
+    std::fs::write(&stored, &bytes[..100]).unwrap();
+    let out = dir.0.join("out");
+    let e = store.pull(&reference("sms"), &out).await.unwrap_err();
+    assert!(matches!(e, Error::Corrupt(_)) && e.to_string().contains("damaged"), "{e}");
+    assert!(!out.exists() && std::fs::read_dir(&dir.0).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+    // A push that stopped before its manifest: its files are there, the version is not.
+    let unfinished = root.join("sms/versions/0123456789abcdef/files");
+    std::fs::create_dir_all(&unfinished).unwrap();
+    std::fs::write(unfinished.join("adapter_config.json"), b"{}").unwrap();
+    let listed = store.list(Some(&name("sms"))).await.unwrap();
+    assert_eq!(listed[0].versions.len(), 1);
+    assert!(matches!(store.resolve(&reference("sms@0123456789abcdef")).await, Err(Error::NotFound(_))));
+}
