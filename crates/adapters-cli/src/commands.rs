@@ -42,6 +42,11 @@ pub struct AdapterArgs {
     /// or an adapter_setup.json (or a folder holding one).
     #[arg(long, value_name = "EXPR")]
     pub setup: Option<String>,
+    /// The adapter library to take `--adapter NAME@TAG` (or NAME@VERSION, or NAME: its
+    /// latest) from when no such folder exists; versions are downloaded once into
+    /// $ADAPTERS_CACHE (default ~/.cache/adapters).
+    #[arg(long, env = "ADAPTERS_STORE", value_name = "URI")]
+    pub store: Option<String>,
 }
 
 impl AdapterArgs {
@@ -62,9 +67,39 @@ impl AdapterArgs {
             .collect()
     }
 
+    /// [`AdapterArgs::named_dirs`], with references to the `--store` library downloaded:
+    /// an `--adapter` that is not a folder but a `NAME[@TAG|@VERSION]` is taken from the
+    /// store and named NAME.
+    pub fn resolved_dirs(&self) -> Result<Vec<(Option<String>, PathBuf)>> {
+        self.named_dirs()
+            .into_iter()
+            .map(|(name, dir)| {
+                let text = dir.display().to_string();
+                match (&self.store, dir.exists(), text.parse::<adapters_store::Reference>()) {
+                    (Some(store), false, Ok(reference)) => {
+                        let store = crate::store_commands::StoreArg { store: store.clone() };
+                        let local = crate::store_commands::fetch_cached(&text, &store, &adapter_cache())?;
+                        Ok((name.or(Some(reference.name.to_string())), local))
+                    }
+                    _ => Ok((name, dir)),
+                }
+            })
+            .collect()
+    }
+
     /// The adapter and fusion folders (where saved heads may be).
-    pub fn dirs(&self) -> Vec<PathBuf> {
-        self.named_dirs().into_iter().map(|(_, d)| d).chain(self.fusion.iter().cloned()).collect()
+    pub fn dirs(&self) -> Result<Vec<PathBuf>> {
+        Ok(self.resolved_dirs()?.into_iter().map(|(_, d)| d).chain(self.fusion.iter().cloned()).collect())
+    }
+}
+
+/// Where versions taken from an adapter library are kept: `$ADAPTERS_CACHE`, else
+/// `~/.cache/adapters`.
+fn adapter_cache() -> PathBuf {
+    match (std::env::var_os("ADAPTERS_CACHE"), std::env::var_os("HOME")) {
+        (Some(dir), _) => dir.into(),
+        (None, Some(home)) => PathBuf::from(home).join(".cache/adapters"),
+        (None, None) => std::env::temp_dir().join("adapters-cache"),
     }
 }
 
@@ -73,7 +108,7 @@ impl AdapterArgs {
 pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
     let mut loaded = open(model)?;
     let mut names = Vec::new();
-    for (name, dir) in args.named_dirs() {
+    for (name, dir) in args.resolved_dirs()? {
         if !dir.join(adapters_core::io::CONFIG_FILE).exists() && dir.join(adapters_train::heads::HEADS_DIR).is_dir() {
             continue; // a head-only run folder: heads, no adapter
         }

@@ -2,11 +2,13 @@
 
 mod adapter_commands;
 mod commands;
+mod store_commands;
 mod train_commands;
 
 use clap::{Parser, Subcommand};
 use commands::AdapterArgs;
 use std::path::PathBuf;
+use store_commands::StoreArg;
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +27,10 @@ use std::path::PathBuf;
         adapters new seq_bn --model models/all-MiniLM-L6-v2 --out my-adapter --set reduction_factor=8\n  \
         adapters new lora --model models/all-MiniLM-L6-v2 --out my-lora --set r=4 --set placement.sites='[\"query\",\"value\"]' --format peft\n  \
         adapters inspect my-adapter --model models/all-MiniLM-L6-v2\n  \
-        adapters embed models/all-MiniLM-L6-v2 \"some text\" --adapter my-adapter --adapter my-lora"
+        adapters embed models/all-MiniLM-L6-v2 \"some text\" --adapter my-adapter --adapter my-lora\n  \
+        adapters push my-adapter --store s3://team-adapters --name sms-spam --tag prod --model models/all-MiniLM-L6-v2\n  \
+        adapters list --store s3://team-adapters\n  \
+        adapters embed models/all-MiniLM-L6-v2 \"some text\" --adapter sms-spam@prod --store s3://team-adapters"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -222,6 +227,66 @@ enum Command {
         #[command(flatten)]
         adapters: AdapterArgs,
     },
+    /// Store an adapter folder (or a setup folder: adapter_setup.json with one subfolder
+    /// per adapter) in the adapter library as a new immutable version of NAME, tagged
+    /// `latest` (and --tag). Unknown kinds and broken folders are refused before anything
+    /// is uploaded; with --model it must also load onto that model.
+    Push {
+        /// The adapter or setup folder.
+        dir: PathBuf,
+        /// The adapter's name in the library (letters, digits, `.`, `_`, `-`).
+        #[arg(long)]
+        name: String,
+        /// Also point this tag at the new version (`prod`, `canary`, ...). Repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Check that it loads onto this base model (and record the model's fingerprint).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The training run it came from, recorded in the manifest.
+        #[arg(long)]
+        run: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Download a stored version into a new folder: NAME (latest), NAME@TAG or
+    /// NAME@VERSION (a unique prefix of 4+ digits will do). Files are hash-checked.
+    Pull {
+        reference: String,
+        /// The folder to write (must not exist yet, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List the library's adapters (or one), with versions, tags, kinds and sizes.
+    List {
+        name: Option<String>,
+        /// Print JSON (the manifests and their tags).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Point TAG of an adapter at the version REFERENCE names (`adapters tag sms@3f9a prod`).
+    Tag {
+        reference: String,
+        tag: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Remove a stored version (NAME@VERSION or NAME@TAG), or with --tag one tag of NAME.
+    /// A version that tags point to stays unless --force (which removes those tags too).
+    Rm {
+        reference: String,
+        /// Remove this tag of the adapter instead of a version.
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        store: StoreArg,
+    },
 }
 
 fn main() {
@@ -253,6 +318,11 @@ fn main() {
             let fields = adapters_train::data::Fields { text: text_field, label: label_field, skip_bad_rows };
             train_commands::eval(&model, &adapters, task.as_deref(), &data, fields, max_length, json)
         }
+        Command::Push { dir, name, tags, model, run, store } => store_commands::push(&dir, &name, &tags, model.as_deref(), run, &store),
+        Command::Pull { reference, out, store } => store_commands::pull(&reference, &out, &store),
+        Command::List { name, json, store } => store_commands::list(name.as_deref(), json, &store),
+        Command::Tag { reference, tag, store } => store_commands::tag(&reference, &tag, &store),
+        Command::Rm { reference, tag, force, store } => store_commands::rm(&reference, tag.as_deref(), force, &store),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -60,7 +60,7 @@ pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<us
 fn find_head(model: &Path, adapters: &AdapterArgs, task: Option<&str>, loaded: &LoadedModel) -> Result<SavedHead> {
     let device = loaded.backbone.device();
     let mut found = Vec::new();
-    for dir in std::iter::once(model.to_path_buf()).chain(adapters.dirs()) {
+    for dir in std::iter::once(model.to_path_buf()).chain(adapters.dirs()?) {
         if dir.is_dir() {
             found.extend(heads::load_all(&dir, device)?);
         }

@@ -70,6 +70,18 @@ pub struct VersionListing {
     pub tags: Vec<String>,
 }
 
+/// What a push records besides the folder.
+#[derive(Clone, Debug, Default)]
+pub struct PushOptions {
+    /// Tags to point at the new version (`latest` always moves).
+    pub tags: Vec<Name>,
+    /// The training run it came from (a run folder, an experiment id).
+    pub training_run: Option<String>,
+    /// The base model it was checked against, recorded when the folder names none (PEFT
+    /// and AdapterHub folders do not).
+    pub base_model: Option<adapters_core::Fingerprint>,
+}
+
 /// An adapter library on a local folder or S3-compatible storage.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -138,11 +150,15 @@ impl Store {
     }
 
     /// Stores the adapter (or setup) folder `dir` as a version of `name`, moves `latest`
-    /// and `tags` to it, and returns its manifest. The folder is read and checked first;
+    /// and the options' tags to it, and returns its manifest. The folder is read and checked first;
     /// its files are uploaded before its manifest, so no reader ever sees a partial
     /// version. Pushing the same contents again only moves the tags.
-    pub async fn push(&self, dir: &Path, name: &Name, tags: &[Name], training_run: Option<String>) -> Result<Manifest> {
-        let (contents, files) = folder::inspect(dir)?;
+    pub async fn push(&self, dir: &Path, name: &Name, options: PushOptions) -> Result<Manifest> {
+        let PushOptions { tags, training_run, base_model } = options;
+        let (mut contents, files) = folder::inspect(dir)?;
+        if contents.base_model.is_none() {
+            contents.base_model = base_model;
+        }
         let digest = folder::digest(&files);
         let version = digest[..VERSION_DIGITS].to_string();
         let manifest_path = manifest_path(name, &version);
@@ -177,7 +193,7 @@ impl Store {
             }
         };
         let latest: Name = LATEST.parse().expect("a valid tag");
-        for tag in std::iter::once(&latest).chain(tags) {
+        for tag in std::iter::once(&latest).chain(&tags) {
             self.set_tag(name, tag, &version).await?;
         }
         Ok(manifest)

@@ -1,7 +1,7 @@
 //! The adapter library on a local folder and on a real S3-compatible server (s3s-fs,
 //! started on 127.0.0.1 by the test), with the repository's adapter fixtures.
 
-use adapters_store::{Error, Name, Reference, Store};
+use adapters_store::{Error, Name, PushOptions, Reference, Store};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use std::path::{Path, PathBuf};
@@ -62,17 +62,24 @@ fn same_files(a: &Path, b: &Path) {
 async fn round_trip(store: &Store, work: &Path) {
     let sms = fixtures().join("fusion-sources/sms_spam");
     let trec = fixtures().join("fusion-sources/trec_coarse");
-    let first = store.push(&sms, &name("classifier"), &[name("prod")], Some("runs/sms".into())).await.unwrap();
+    let first = store
+        .push(
+            &sms,
+            &name("classifier"),
+            PushOptions { tags: vec![name("prod")], training_run: Some("runs/sms".into()), ..Default::default() },
+        )
+        .await
+        .unwrap();
     assert_eq!((first.contents.format.as_str(), first.contents.kind.as_str()), ("adapters-rs", "seq_bn"));
     assert!(first.contents.base_model.is_some() && first.contents.parameters > 100_000, "{first:?}");
     assert_eq!(first.version.len(), 16);
     assert_eq!(first.training_run.as_deref(), Some("runs/sms"));
     assert!(first.files.iter().any(|f| f.path == "heads/sms_spam/head.safetensors"), "{:?}", first.files);
     // The same folder again: the same version, nothing new.
-    let again = store.push(&sms, &name("classifier"), &[], None).await.unwrap();
+    let again = store.push(&sms, &name("classifier"), PushOptions::default()).await.unwrap();
     assert_eq!((again.version.as_str(), again.created.as_str()), (first.version.as_str(), first.created.as_str()));
     // Another folder: a new version that `latest` follows and `prod` does not.
-    let second = store.push(&trec, &name("classifier"), &[name("canary")], None).await.unwrap();
+    let second = store.push(&trec, &name("classifier"), PushOptions { tags: vec![name("canary")], ..Default::default() }).await.unwrap();
     assert_ne!(second.version, first.version);
     assert_eq!(store.resolve(&reference("classifier")).await.unwrap().version, second.version);
     assert_eq!(store.resolve(&reference("classifier@prod")).await.unwrap().version, first.version);
@@ -164,7 +171,7 @@ async fn setups_are_stored_with_their_adapters() {
     )
     .unwrap();
     let store = Store::open(dir.0.join("store").to_str().unwrap()).unwrap();
-    let m = store.push(&bundle, &name("both"), &[], None).await.unwrap();
+    let m = store.push(&bundle, &name("both"), PushOptions::default()).await.unwrap();
     assert_eq!(m.contents.kind, "setup");
     let setup = m.contents.setup.as_ref().unwrap();
     assert_eq!(setup.expression, "stack(sms_spam, trec_coarse)");
@@ -173,7 +180,7 @@ async fn setups_are_stored_with_their_adapters() {
     same_files(&bundle, &dir.0.join("out"));
     // A setup naming an adapter it does not carry is refused.
     std::fs::remove_dir_all(bundle.join("trec_coarse")).unwrap();
-    let e = store.push(&bundle, &name("broken"), &[], None).await.unwrap_err();
+    let e = store.push(&bundle, &name("broken"), PushOptions::default()).await.unwrap_err();
     assert!(e.to_string().contains("no subfolder `trec_coarse`"), "{e}");
 }
 
@@ -185,10 +192,10 @@ async fn malformed_folders_and_names_are_refused_before_anything_is_stored() {
     copy_dir(&fixtures().join("fusion-sources/sms_spam"), &good);
     let refused = |e: Error, what: &str| assert!(e.to_string().contains(what), "expected `{what}` in: {e}");
 
-    refused(store.push(&dir.0.join("nowhere"), &name("x"), &[], None).await.unwrap_err(), "is not a folder");
+    refused(store.push(&dir.0.join("nowhere"), &name("x"), PushOptions::default()).await.unwrap_err(), "is not a folder");
     let empty = dir.0.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    refused(store.push(&empty, &name("x"), &[], None).await.unwrap_err(), "adapter_config.json");
+    refused(store.push(&empty, &name("x"), PushOptions::default()).await.unwrap_err(), "adapter_config.json");
     for bad in ["../escape", "a/b", ".."] {
         refused(bad.parse::<Name>().unwrap_err(), "not a valid name");
     }
@@ -197,23 +204,23 @@ async fn malformed_folders_and_names_are_refused_before_anything_is_stored() {
     copy_dir(&good, &unknown);
     let config = std::fs::read_to_string(unknown.join("adapter_config.json")).unwrap().replace("\"seq_bn\"", "\"no_such_kind\"");
     std::fs::write(unknown.join("adapter_config.json"), config).unwrap();
-    refused(store.push(&unknown, &name("x"), &[], None).await.unwrap_err(), "no_such_kind");
+    refused(store.push(&unknown, &name("x"), PushOptions::default()).await.unwrap_err(), "no_such_kind");
 
     let foreign = dir.0.join("foreign");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("adapter_config.json"), r#"{"some": "other tool"}"#).unwrap();
-    refused(store.push(&foreign, &name("x"), &[], None).await.unwrap_err(), "not an adapter config of a known format");
+    refused(store.push(&foreign, &name("x"), PushOptions::default()).await.unwrap_err(), "not an adapter config of a known format");
 
     let truncated = dir.0.join("truncated");
     copy_dir(&good, &truncated);
     let weights = truncated.join("adapter_model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    refused(store.push(&truncated, &name("x"), &[], None).await.unwrap_err(), "truncated");
+    refused(store.push(&truncated, &name("x"), PushOptions::default()).await.unwrap_err(), "truncated");
     assert!(store.list(None).await.unwrap().is_empty(), "nothing was stored");
 
     // Other libraries' folders are stored with their kind.
-    let peft = store.push(&fixtures().join("interop/peft_lora_minilm/adapter"), &name("peft"), &[], None).await.unwrap();
+    let peft = store.push(&fixtures().join("interop/peft_lora_minilm/adapter"), &name("peft"), PushOptions::default()).await.unwrap();
     assert_eq!((peft.contents.format.as_str(), peft.contents.kind.as_str(), peft.contents.base_model.is_none()), ("peft", "lora", true));
 }
 
@@ -222,7 +229,7 @@ async fn damaged_or_unfinished_versions_are_never_served() {
     let dir = scratch("damaged");
     let root = dir.0.join("store");
     let store = Store::open(root.to_str().unwrap()).unwrap();
-    let m = store.push(&fixtures().join("fusion-sources/sms_spam"), &name("sms"), &[], None).await.unwrap();
+    let m = store.push(&fixtures().join("fusion-sources/sms_spam"), &name("sms"), PushOptions::default()).await.unwrap();
     // A file truncated in the store: the pull fails and leaves no folder behind.
     let stored = root.join(format!("sms/versions/{}/files/adapter_model.safetensors", m.version));
     let bytes = std::fs::read(&stored).unwrap();
