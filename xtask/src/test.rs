@@ -200,7 +200,8 @@ fn cargo_test(root: &Path, args: &[String], env: &[(&str, &str)], counts: &mut C
 /// Crates under `crates/` that are not adapter families. Testing a crate alone builds its
 /// dependencies with its own feature set, which on a fresh machine recompiles candle, so
 /// only the families (the crates users pick one by one) get a run of their own.
-const NOT_FAMILIES: &[&str] = &["adapters-core", "adapters-models", "adapters-train", "adapters-cli", "adapters-bench"];
+const NOT_FAMILIES: &[&str] =
+    &["adapters-core", "adapters-models", "adapters-train", "adapters-cli", "adapters-bench", "adapters-store", "adapters-serve"];
 
 /// Every adapter family crate (a new family is picked up by adding its crate).
 fn family_crates(root: &Path) -> Result<Vec<String>> {

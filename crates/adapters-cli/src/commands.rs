@@ -2,7 +2,6 @@
 
 use adapters_core::{registry, ForwardCtx, InsertionPoint, Setup};
 use adapters_models::generate::{generate as run_generation, Sampling};
-use adapters_models::heads::{l2_normalize, mean_pool};
 use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone, LoadedModel, Message};
 use anyhow::{bail, Context, Result};
@@ -95,7 +94,7 @@ impl AdapterArgs {
 
 /// Where versions taken from an adapter library are kept: `$ADAPTERS_CACHE`, else
 /// `~/.cache/adapters`.
-fn adapter_cache() -> PathBuf {
+pub fn adapter_cache() -> PathBuf {
     match (std::env::var_os("ADAPTERS_CACHE"), std::env::var_os("HOME")) {
         (Some(dir), _) => dir.into(),
         (None, Some(home)) => PathBuf::from(home).join(".cache/adapters"),
@@ -186,17 +185,7 @@ pub fn info(model: &Path, json: bool) -> Result<()> {
 
 /// Normalised mean-pooled embeddings, one per text.
 fn embeddings(loaded: &LoadedModel, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let batch = loaded.tokenizer.encode_batch(&refs)?;
-    let dev = loaded.backbone.device();
-    let ids = Tensor::new(batch.ids, dev)?;
-    let mask = Tensor::new(batch.attention_mask, dev)?;
-    let ctx = ForwardCtx::inference();
-    let hidden = match &loaded.backbone {
-        Backbone::Bert(m) => m.forward(&ids, Some(&Tensor::new(batch.type_ids, dev)?), Some(&mask), &ctx)?,
-        Backbone::Llama(m) => m.forward_hidden(&ids, None, &ctx)?,
-    };
-    Ok(l2_normalize(&mean_pool(&hidden, &mask)?)?.to_vec2()?)
+    Ok(adapters_models::sentence_embeddings(&loaded.backbone, &loaded.tokenizer, texts)?.0)
 }
 
 pub fn embed(model: &Path, adapters: &AdapterArgs, texts: &[String], json: bool) -> Result<()> {

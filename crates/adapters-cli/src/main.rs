@@ -2,6 +2,7 @@
 
 mod adapter_commands;
 mod commands;
+mod serve_command;
 mod store_commands;
 mod train_commands;
 
@@ -275,6 +276,37 @@ enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Serve MODEL and the adapters of the library over HTTP (OpenAI-style endpoints).
+    /// Adapters load on first use (`"model": "NAME@TAG"`), stay in an LRU cache, and
+    /// report per-adapter Prometheus metrics at /metrics. Ctrl-C or SIGTERM drains and stops.
+    Serve {
+        model: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Address to listen on (0.0.0.0 to accept other machines).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Most adapters resident at once.
+        #[arg(long, default_value_t = 64)]
+        max_adapters: usize,
+        /// Most bytes of resident adapters.
+        #[arg(long, default_value_t = 2 << 30)]
+        max_adapter_bytes: u64,
+        /// Bearer token required by /admin/* (load, unload, pin, tag).
+        #[arg(long, env = "ADAPTERS_ADMIN_TOKEN")]
+        admin_token: Option<String>,
+        /// Where downloaded adapter versions are kept (default: $ADAPTERS_CACHE or ~/.cache/adapters).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Forward passes run at once; more requests wait in a queue.
+        #[arg(long, default_value_t = 2)]
+        max_concurrent: usize,
+        /// Seconds a tag's resolution is reused before asking the store again.
+        #[arg(long, default_value_t = 5)]
+        tag_ttl: u64,
+    },
     /// Remove a stored version (NAME@VERSION or NAME@TAG), or with --tag one tag of NAME.
     /// A version that tags point to stays unless --force (which removes those tags too).
     Rm {
@@ -322,6 +354,17 @@ fn main() {
         Command::Pull { reference, out, store } => store_commands::pull(&reference, &out, &store),
         Command::List { name, json, store } => store_commands::list(name.as_deref(), json, &store),
         Command::Tag { reference, tag, store } => store_commands::tag(&reference, &tag, &store),
+        Command::Serve { model, store, host, port, max_adapters, max_adapter_bytes, admin_token, cache_dir, max_concurrent, tag_ttl } => {
+            let config = adapters_serve::Config {
+                cache_dir: cache_dir.unwrap_or_else(commands::adapter_cache),
+                limits: adapters_serve::cache::Limits { max_adapters, max_bytes: max_adapter_bytes },
+                admin_token,
+                tag_ttl: std::time::Duration::from_secs(tag_ttl),
+                max_concurrent,
+                ..Default::default()
+            };
+            serve_command::serve(&model, &store, &host, port, config)
+        }
         Command::Rm { reference, tag, force, store } => store_commands::rm(&reference, tag.as_deref(), force, &store),
     };
     if let Err(e) = result {

@@ -90,6 +90,7 @@ impl Activation {
     }
 }
 
+#[derive(Clone)]
 struct Embeddings {
     word: Tensor,
     position: Tensor,
@@ -97,6 +98,7 @@ struct Embeddings {
     norm: LayerNorm,
 }
 
+#[derive(Clone)]
 struct Layer {
     query: Linear,
     key: Linear,
@@ -109,6 +111,7 @@ struct Layer {
 }
 
 /// A BERT-family encoder.
+#[derive(Clone)]
 pub struct Bert {
     /// The model's configuration.
     pub config: BertConfig,

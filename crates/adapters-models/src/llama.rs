@@ -94,6 +94,7 @@ impl LlamaConfig {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     attn_norm: RmsNorm,
     q: Linear,
@@ -131,6 +132,7 @@ impl KvCache {
 }
 
 /// A Llama-family decoder with its causal-LM head.
+#[derive(Clone)]
 pub struct Llama {
     /// The model's configuration.
     pub config: LlamaConfig,

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A backbone of either family.
+#[derive(Clone)]
 pub enum Backbone {
     /// A BERT-family encoder.
     Bert(Bert),
@@ -184,6 +185,25 @@ impl InsertionPoint for Backbone {
             Backbone::Llama(m) => m.fingerprint_weights(),
         }
     }
+}
+
+/// Sentence embeddings of `texts`: the last hidden states mean-pooled over each text's
+/// tokens and L2-normalised (what sentence-transformers does for MiniLM); with the number
+/// of tokens read.
+pub fn sentence_embeddings(backbone: &Backbone, tokenizer: &TextTokenizer, texts: &[String]) -> Result<(Vec<Vec<f32>>, usize)> {
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batch = tokenizer.encode_batch(&refs)?;
+    let tokens = batch.attention_mask.iter().flatten().filter(|&&m| m == 1).count();
+    let dev = backbone.device();
+    let ids = Tensor::new(batch.ids, dev)?;
+    let mask = Tensor::new(batch.attention_mask, dev)?;
+    let ctx = ForwardCtx::inference();
+    let hidden = match backbone {
+        Backbone::Bert(m) => m.forward(&ids, Some(&Tensor::new(batch.type_ids, dev)?), Some(&mask), &ctx)?,
+        Backbone::Llama(m) => m.forward_hidden(&ids, None, &ctx)?,
+    };
+    let vectors = crate::heads::l2_normalize(&crate::heads::mean_pool(&hidden, &mask)?)?.to_vec2()?;
+    Ok((vectors, tokens))
 }
 
 /// A backbone with its tokenizer and where it came from.

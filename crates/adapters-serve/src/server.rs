@@ -1,0 +1,531 @@
+//! The HTTP server: routes, adapter resolution and loading, and the inference handlers.
+
+use crate::cache::{AdapterCache, CacheError, Limits, Resident};
+use crate::error::ApiError;
+use crate::metrics::{AdapterLabels, Metrics, RequestLabels};
+use adapters_core::{ForwardCtx, Setup};
+use adapters_models::{Backbone, HoldsAdapters, LoadedModel, TextTokenizer};
+use adapters_store::{Manifest, Reference, Store};
+use adapters_train::config::Pooling;
+use adapters_train::forward::{classify, pooled};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How the server runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where downloaded adapter versions are kept (content-addressed; safe to share).
+    pub cache_dir: PathBuf,
+    /// Resident adapter limits.
+    pub limits: Limits,
+    /// Bearer token for `/admin/*`; `None` leaves them open (bind to 127.0.0.1 then).
+    pub admin_token: Option<String>,
+    /// How long a tag's resolution is reused before the store is asked again.
+    pub tag_ttl: Duration,
+    /// Forwards that run at once; further requests queue.
+    pub max_concurrent: usize,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Most texts in one request.
+    pub max_inputs: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cache_dir: std::env::temp_dir().join("adapters-serve-cache"),
+            limits: Limits { max_adapters: 64, max_bytes: 2 << 30 },
+            admin_token: None,
+            tag_ttl: Duration::from_secs(5),
+            max_concurrent: 2,
+            max_body_bytes: 1 << 20,
+            max_inputs: 256,
+        }
+    }
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    base: Backbone,
+    tokenizer: TextTokenizer,
+    store: Store,
+    cache: AdapterCache,
+    /// The server's metrics.
+    pub metrics: Metrics,
+    config: Config,
+    compute: tokio::sync::Semaphore,
+    tags: Mutex<HashMap<String, (Manifest, Instant)>>,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    /// The state for serving `model` (no adapters active) with adapters from `store`.
+    pub fn new(model: LoadedModel, store: Store, config: Config) -> Self {
+        let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+        AppState {
+            base: model.backbone,
+            tokenizer: model.tokenizer,
+            store,
+            cache: AdapterCache::new(config.limits),
+            metrics: Metrics::default(),
+            compute: tokio::sync::Semaphore::new(config.max_concurrent.max(1)),
+            tags: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            config,
+        }
+    }
+
+    /// From now on `/ready` answers 503, so load balancers stop sending new requests.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The manifest a reference names, reusing a tag's resolution for `tag_ttl`.
+    async fn manifest(&self, reference: &Reference) -> Result<Manifest, ApiError> {
+        let key = reference.to_string();
+        if let Some((m, at)) = self.tags.lock().expect("tag cache poisoned").get(&key) {
+            if at.elapsed() < self.config.tag_ttl {
+                return Ok(m.clone());
+            }
+        }
+        let m = self.store.resolve(reference).await?;
+        self.tags.lock().expect("tag cache poisoned").insert(key, (m.clone(), Instant::now()));
+        Ok(m)
+    }
+
+    /// The resident adapter for `model` (`NAME`, `NAME@TAG`, `NAME@VERSION`), loading it
+    /// from the store on first use.
+    async fn adapter(self: &Arc<Self>, model: &str) -> Result<Arc<Resident>, ApiError> {
+        let reference: Reference = model.parse().map_err(|e: adapters_store::Error| ApiError::bad_request(format!("`model`: {e}")))?;
+        let manifest = self.manifest(&reference).await?;
+        let labels = AdapterLabels { adapter: manifest.name.clone(), version: manifest.version.clone() };
+        let key = format!("{}@{}", manifest.name, manifest.version);
+        let started = Instant::now();
+        let state = self.clone();
+        let loaded = self.cache.get_or_load(&key, move || async move { state.load(manifest).await }).await;
+        match loaded {
+            Ok((resident, true, _)) => {
+                self.metrics.cache_hits.get_or_create(&labels).inc();
+                Ok(resident)
+            }
+            Ok((resident, false, published)) => {
+                self.metrics.cache_misses.get_or_create(&labels).inc();
+                self.metrics.load_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+                self.metrics.swap_seconds.observe(published.swap.as_secs_f64());
+                for evicted in &published.evicted {
+                    let (adapter, version) = evicted.split_once('@').unwrap_or((evicted, ""));
+                    self.metrics.evictions.get_or_create(&AdapterLabels { adapter: adapter.into(), version: version.into() }).inc();
+                    tracing::info!(adapter = %evicted, "evicted");
+                }
+                self.update_resident_gauges();
+                tracing::info!(adapter = %key, seconds = started.elapsed().as_secs_f64(), "loaded");
+                Ok(resident)
+            }
+            Err(CacheError::Load(e)) => Err(e),
+            Err(full @ CacheError::Full { .. }) => Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: full.to_string() }),
+        }
+    }
+
+    fn update_resident_gauges(&self) {
+        let residents = self.cache.residents();
+        self.metrics.resident.set(residents.len() as i64);
+        self.metrics.resident_bytes.set(residents.iter().map(|r| r.bytes() as i64).sum());
+    }
+
+    /// Downloads a version (once; versions never change) and attaches it to a copy of the
+    /// base model (the weights are shared, not copied).
+    async fn load(&self, manifest: Manifest) -> Result<Resident, ApiError> {
+        let dir = self.config.cache_dir.join(&manifest.name).join(&manifest.version);
+        if !dir.exists() {
+            self.store.download(&manifest, &dir).await?;
+        }
+        let mut model = self.base.clone();
+        tokio::task::spawn_blocking(move || {
+            let fits = |e: adapters_models::Error| ApiError {
+                status: StatusCode::CONFLICT,
+                message: format!("{}@{} does not fit this server's base model: {e}", manifest.name, manifest.version),
+            };
+            let mut heads = Vec::new();
+            let device = model.device().clone();
+            let mut read_heads = |d: &std::path::Path| -> Result<(), ApiError> {
+                heads.extend(adapters_train::heads::load_all(d, &device).map_err(|e| ApiError::internal(e.to_string()))?);
+                Ok(())
+            };
+            match &manifest.contents.setup {
+                Some(setup) => {
+                    for (name, _) in &setup.adapters {
+                        model.load_adapter(&dir.join(name), Some(name)).map_err(fits)?;
+                        read_heads(&dir.join(name))?;
+                    }
+                    let tree = Setup::load(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
+                    model.adapters_mut().set_setup(Some(tree)).map_err(|e| fits(e.into()))?;
+                }
+                None => {
+                    let name = model.load_adapter(&dir, Some(&manifest.name)).map_err(fits)?;
+                    model.adapters_mut().activate(&[name.as_str()]).map_err(|e| fits(e.into()))?;
+                    read_heads(&dir)?;
+                }
+            }
+            Ok(Resident::new(manifest, model, heads))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("loading the adapter failed: {e}")))?
+    }
+}
+
+/// The routes: OpenAI-style inference, models, admin, health, readiness and metrics.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/classify", post(classify_texts))
+        .route("/v1/models", get(models))
+        .route("/admin/adapters/load", post(admin_load))
+        .route("/admin/adapters/unload", post(admin_unload))
+        .route("/admin/adapters/pin", post(admin_pin))
+        .route("/admin/tags", post(admin_tag))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// `input`: one text or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferenceRequest {
+    /// `base`, or an adapter: `NAME`, `NAME@TAG`, `NAME@VERSION`.
+    model: String,
+    input: Input,
+    /// Which head, for `/v1/classify` when the adapter has several.
+    #[serde(default)]
+    task: Option<String>,
+    /// Accepted for OpenAI clients; only `float` is produced.
+    #[serde(default)]
+    encoding_format: Option<String>,
+}
+
+/// A JSON body, or a 400/413/415 that says what is wrong with it.
+fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    payload.map(|Json(t)| t).map_err(|r| ApiError { status: r.status(), message: format!("request body: {}", r.body_text()) })
+}
+
+/// Runs `work` on a compute slot in the blocking pool, recording the queue time.
+async fn compute<T: Send + 'static>(
+    state: &Arc<AppState>,
+    labels: &AdapterLabels,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let queued = Instant::now();
+    let _slot = state.compute.acquire().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
+    state.metrics.queue.get_or_create(labels).observe(queued.elapsed().as_secs_f64());
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("the forward pass failed: {e}")))?
+}
+
+/// The model a request runs on: the base, or a resident adapter (held for the request).
+enum Target {
+    Base,
+    Adapter(Arc<Resident>),
+}
+
+impl Target {
+    fn labels(&self) -> AdapterLabels {
+        match self {
+            Target::Base => AdapterLabels { adapter: "base".into(), version: String::new() },
+            Target::Adapter(r) => AdapterLabels { adapter: r.manifest.name.clone(), version: r.manifest.version.clone() },
+        }
+    }
+
+    fn id(&self) -> String {
+        match self {
+            Target::Base => "base".into(),
+            Target::Adapter(r) => r.key(),
+        }
+    }
+}
+
+async fn target(state: &Arc<AppState>, model: &str) -> Result<Target, ApiError> {
+    if model == "base" {
+        Ok(Target::Base)
+    } else {
+        Ok(Target::Adapter(state.adapter(model).await?))
+    }
+}
+
+/// Counts and times a finished request.
+fn record(state: &AppState, labels: &AdapterLabels, endpoint: &str, status: StatusCode, started: Instant) {
+    let l = RequestLabels {
+        adapter: labels.adapter.clone(),
+        version: labels.version.clone(),
+        endpoint: endpoint.into(),
+        status: status.as_u16().to_string(),
+    };
+    state.metrics.requests.get_or_create(&l).inc();
+    state.metrics.latency.get_or_create(&l).observe(started.elapsed().as_secs_f64());
+}
+
+fn texts(state: &AppState, input: Input) -> Result<Vec<String>, ApiError> {
+    let texts = match input {
+        Input::One(t) => vec![t],
+        Input::Many(v) => v,
+    };
+    if texts.is_empty() || texts.len() > state.config.max_inputs {
+        return Err(ApiError::bad_request(format!("`input`: give 1 to {} texts, not {}", state.config.max_inputs, texts.len())));
+    }
+    Ok(texts)
+}
+
+/// An endpoint's work on one request's texts (and `task`): the response body and the
+/// tokens read.
+type Runner = fn(&AppState, &Target, Vec<String>, Option<String>) -> Result<(Value, usize), ApiError>;
+
+/// Runs an inference endpoint: parses, resolves the model, runs, and records metrics
+/// under the adapter's labels (or `unknown` when the model could not be resolved).
+async fn serve_inference(
+    state: Arc<AppState>,
+    endpoint: &'static str,
+    payload: Result<Json<InferenceRequest>, JsonRejection>,
+    run: Runner,
+) -> axum::response::Response {
+    let started = Instant::now();
+    let mut labels = AdapterLabels { adapter: "unknown".into(), version: String::new() };
+    let result = async {
+        let request = body(payload)?;
+        if request.encoding_format.as_deref().is_some_and(|f| f != "float") {
+            return Err(ApiError::bad_request("`encoding_format`: only `float` is supported"));
+        }
+        let texts = texts(&state, request.input)?;
+        let target = target(&state, &request.model).await?;
+        labels = target.labels();
+        let (st, lb, task) = (state.clone(), labels.clone(), request.task);
+        let rows = texts.len() as u64;
+        let (mut value, tokens) = compute(&state, &labels, move || run(&st, &target, texts, task).map(|(v, t)| (v, t, target.id())))
+            .await
+            .map(|(mut v, tokens, id)| {
+                v["model"] = json!(id);
+                (v, tokens)
+            })?;
+        state.metrics.rows.get_or_create(&lb).inc_by(rows);
+        state.metrics.tokens.get_or_create(&lb).inc_by(tokens as u64);
+        value["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+        Ok(value)
+    }
+    .await;
+    let response = match result {
+        Ok(value) => (StatusCode::OK, Json(value)).into_response(),
+        Err(e) => {
+            tracing::warn!(endpoint, adapter = %labels.adapter, status = e.status.as_u16(), "{}", e.message);
+            e.into_response()
+        }
+    };
+    record(&state, &labels, endpoint, response.status(), started);
+    response
+}
+
+fn model_of<'a>(state: &'a AppState, target: &'a Target) -> &'a Backbone {
+    match target {
+        Target::Base => &state.base,
+        Target::Adapter(r) => &r.model,
+    }
+}
+
+fn run_embeddings(state: &AppState, target: &Target, texts: Vec<String>, _: Option<String>) -> Result<(Value, usize), ApiError> {
+    let (vectors, tokens) = adapters_models::sentence_embeddings(model_of(state, target), &state.tokenizer, &texts)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let data: Vec<Value> =
+        vectors.into_iter().enumerate().map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v})).collect();
+    Ok((json!({"object": "list", "data": data}), tokens))
+}
+
+fn run_classify(state: &AppState, target: &Target, texts: Vec<String>, task: Option<String>) -> Result<(Value, usize), ApiError> {
+    let Target::Adapter(resident) = target else {
+        return Err(ApiError::bad_request("`model`: the base model has no classification head; name an adapter trained with one"));
+    };
+    let heads: Vec<_> = resident.heads.iter().filter(|h| task.as_ref().is_none_or(|t| &h.config.task == t)).collect();
+    let head = match heads.as_slice() {
+        [one] => *one,
+        [] => {
+            let known: Vec<&str> = resident.heads.iter().map(|h| h.config.task.as_str()).collect();
+            return Err(ApiError::bad_request(format!(
+                "{} has no head{} (heads: [{}])",
+                resident.key(),
+                task.map(|t| format!(" for task `{t}`")).unwrap_or_default(),
+                known.join(", ")
+            )));
+        }
+        _ => return Err(ApiError::bad_request(format!("{} has several heads; choose one with `task`", resident.key()))),
+    };
+    let max_length = 512;
+    let ids = texts
+        .iter()
+        .map(|t| adapters_train::encode_truncated(&state.tokenizer, t, max_length, resident.model.is_encoder()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let tokens = ids.iter().map(Vec::len).sum();
+    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let ctx = ForwardCtx::inference();
+    let pooling: Pooling = head.config.pooling;
+    let logits = pooled(&resident.model, &rows, pooling, &ctx)
+        .and_then(|f| classify(&head.head, &f, 0.0, &ctx))
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let probs =
+        candle_nn::ops::softmax_last_dim(&logits).and_then(|p| p.to_vec2::<f32>()).map_err(|e| ApiError::internal(e.to_string()))?;
+    let data: Vec<Value> = probs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let best = p.iter().enumerate().fold(0, |b, (j, &v)| if v > p[b] { j } else { b });
+            let scores: serde_json::Map<String, Value> = head.config.labels.iter().zip(p).map(|(l, v)| (l.clone(), json!(v))).collect();
+            json!({"index": i, "label": head.config.labels[best], "scores": scores})
+        })
+        .collect();
+    Ok((json!({"object": "list", "task": head.config.task, "data": data}), tokens))
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    payload: Result<Json<InferenceRequest>, JsonRejection>,
+) -> axum::response::Response {
+    serve_inference(state, "embeddings", payload, run_embeddings).await
+}
+
+async fn classify_texts(
+    State(state): State<Arc<AppState>>,
+    payload: Result<Json<InferenceRequest>, JsonRejection>,
+) -> axum::response::Response {
+    serve_inference(state, "classify", payload, run_classify).await
+}
+
+/// `GET /v1/models`: the base model and every adapter in the store (resident ones marked).
+async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let resident: HashMap<String, Arc<Resident>> = state.cache.residents().into_iter().map(|r| (r.key(), r)).collect();
+    let mut data = vec![json!({"id": "base", "object": "model", "owned_by": "adapters", "resident": true})];
+    for entry in state.store.list(None).await? {
+        for v in entry.versions {
+            let key = format!("{}@{}", entry.name, v.manifest.version);
+            let r = resident.get(&key);
+            data.push(json!({
+                "id": key, "object": "model", "owned_by": "adapters", "kind": v.manifest.contents.kind,
+                "tags": v.tags, "resident": r.is_some(), "pinned": r.is_some_and(|r| r.pinned.load(Ordering::Relaxed)),
+            }));
+        }
+    }
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
+    } else {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], state.metrics.encode())
+}
+
+/// Refuses an admin call without the configured bearer token.
+fn authorised(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.config.admin_token else { return Ok(()) };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given != Some(token.as_str()) {
+        return Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: "admin endpoints need `Authorization: Bearer <token>` (the server's --admin-token)".into(),
+        });
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminRequest {
+    /// `NAME`, `NAME@TAG` or `NAME@VERSION`.
+    adapter: String,
+    /// For `/admin/adapters/pin`: pin (default) or unpin.
+    #[serde(default)]
+    pinned: Option<bool>,
+    /// For `/admin/tags`: the tag to point at `adapter`.
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+async fn admin_load(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    payload: Result<Json<AdminRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorised(&state, &headers)?;
+    let r = state.adapter(&body(payload)?.adapter).await?;
+    Ok(Json(json!({"loaded": r.key()})))
+}
+
+async fn admin_unload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    payload: Result<Json<AdminRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorised(&state, &headers)?;
+    let reference: Reference = body(payload)?.adapter.parse()?;
+    let m = state.manifest(&reference).await?;
+    let key = format!("{}@{}", m.name, m.version);
+    let (was, swap) = state.cache.unload(&key);
+    state.metrics.swap_seconds.observe(swap.as_secs_f64());
+    state.update_resident_gauges();
+    if !was {
+        return Err(ApiError::not_found(format!("{key} is not resident")));
+    }
+    Ok(Json(json!({"unloaded": key, "swap_seconds": swap.as_secs_f64()})))
+}
+
+async fn admin_pin(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    payload: Result<Json<AdminRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorised(&state, &headers)?;
+    let request = body(payload)?;
+    let r = state.adapter(&request.adapter).await?;
+    let pinned = request.pinned.unwrap_or(true);
+    r.pinned.store(pinned, Ordering::Relaxed);
+    Ok(Json(json!({"adapter": r.key(), "pinned": pinned})))
+}
+
+async fn admin_tag(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    payload: Result<Json<AdminRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorised(&state, &headers)?;
+    let request = body(payload)?;
+    let reference: Reference = request.adapter.parse()?;
+    let tag = request.tag.ok_or_else(|| ApiError::bad_request("`tag`: which tag to point at the adapter"))?.parse()?;
+    let m = state.store.tag(&reference, &tag).await?;
+    // New requests for NAME@TAG resolve to the new version at once on this replica.
+    let tagged = format!("{}@{tag}", m.name);
+    state.tags.lock().expect("tag cache poisoned").insert(tagged.clone(), (m.clone(), Instant::now()));
+    if tag.as_str() == adapters_store::LATEST {
+        state.tags.lock().expect("tag cache poisoned").insert(m.name.clone(), (m.clone(), Instant::now()));
+    }
+    Ok(Json(json!({"tag": tagged, "version": m.version})))
+}

@@ -1,0 +1,318 @@
+//! The real server on 127.0.0.1 with a real HTTP client, real MiniLM weights, adapters
+//! from the repository's fixtures pushed into a real store (a local folder, or an
+//! S3-compatible server started by the test).
+
+use adapters_serve::cache::Limits;
+use adapters_serve::{AppState, Config};
+use adapters_store::{Name, PushOptions, Store};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("adapters-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running server and what it needs to stop.
+struct Server {
+    url: String,
+    state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    async fn start(store: Store, config: Config) -> Server {
+        let model = adapters_models::load(&adapters_models::fetched("all-MiniLM-L6-v2").unwrap(), &candle_core::Device::Cpu).unwrap();
+        let state = Arc::new(AppState::new(model, store, config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(adapters_serve::serve(listener, state.clone(), async {
+            let _ = stopped.await;
+        }));
+        Server { url, state, stop: Some(stop), task }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = reqwest::Client::new().post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();
+        (r.status(), r.json().await.unwrap())
+    }
+
+    async fn metric(&self, line_start: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url)).await.unwrap().text().await.unwrap();
+        text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).map_or(0.0, |v| v.parse().unwrap())
+    }
+}
+
+async fn local_store(dir: &Path) -> Store {
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    for (name, folder, tag) in [
+        ("sms", "fusion-sources/sms_spam", Some("prod")),
+        ("trec", "fusion-sources/trec_coarse", None),
+        ("vader", "fusion-sources/vader_tweets", None),
+    ] {
+        let tags = tag.map(|t| vec![t.parse::<Name>().unwrap()]).unwrap_or_default();
+        store.push(&fixtures().join(folder), &name.parse().unwrap(), PushOptions { tags, ..Default::default() }).await.unwrap();
+    }
+    store
+}
+
+fn config(dir: &Path) -> Config {
+    Config { cache_dir: dir.join("cache"), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adapters_load_on_first_use_once_and_classify_like_the_cli() {
+    let dir = scratch("first-use");
+    let server = Server::start(local_store(&dir).await, config(&dir)).await;
+    // Six concurrent first requests: one load, five cache hits.
+    let requests = (0..6).map(|_| {
+        server.post(
+            "/v1/classify",
+            json!({"model": "sms@prod", "input": ["free entry to win a prize, text WIN now", "are we meeting at six?"]}),
+        )
+    });
+    let answers = futures::future::join_all(requests).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        assert_eq!(body, &answers[0].1);
+    }
+    let body = &answers[0].1;
+    assert!(body["model"].as_str().unwrap().starts_with("sms@"), "{body}");
+    assert_eq!(body["data"][1]["label"], "ham");
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    // The same probabilities as the adapter folder loaded directly.
+    let mut direct = adapters_models::load(&adapters_models::fetched("all-MiniLM-L6-v2").unwrap(), &candle_core::Device::Cpu).unwrap();
+    let name = direct.backbone.load_adapter(&fixtures().join("fusion-sources/sms_spam"), None).unwrap();
+    adapters_models::HoldsAdapters::adapters_mut(&mut direct.backbone).activate(&[name.as_str()]).unwrap();
+    let head = adapters_train::heads::load_all(&fixtures().join("fusion-sources/sms_spam"), &candle_core::Device::Cpu).unwrap().remove(0);
+    let ids = adapters_train::encode_truncated(&direct.tokenizer, "free entry to win a prize, text WIN now", 512, true).unwrap();
+    let ctx = adapters_core::ForwardCtx::inference();
+    let features = adapters_train::forward::pooled(&direct.backbone, &[ids.as_slice()], head.config.pooling, &ctx).unwrap();
+    let logits = adapters_train::forward::classify(&head.head, &features, 0.0, &ctx).unwrap();
+    let p = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec2::<f32>().unwrap();
+    let served = body["data"][0]["scores"]["spam"].as_f64().unwrap() as f32;
+    assert!((served - p[0][1]).abs() < 1e-5, "served {served}, direct {}", p[0][1]);
+
+    let labels = r#"{adapter="sms",version=""#;
+    assert_eq!(server.metric(&format!("adapters_cache_misses_total{labels}")).await, 1.0);
+    assert_eq!(server.metric(&format!("adapters_cache_hits_total{labels}")).await, 5.0);
+    assert_eq!(server.metric(&format!("adapters_rows_total{labels}")).await, 12.0);
+    assert_eq!(server.metric("adapters_resident_adapters").await, 1.0);
+    // Publishing a snapshot is far below the 1 ms target.
+    let swap = server.metric("adapters_snapshot_swap_seconds_sum").await / server.metric("adapters_snapshot_swap_seconds_count").await;
+    assert!(swap < 1e-3, "mean snapshot swap {swap} s");
+
+    // Embeddings, OpenAI's shape; the base model and an adapter differ.
+    let (status, base) = server.post("/v1/embeddings", json!({"model": "base", "input": "a quiet evening"})).await;
+    assert_eq!(status, StatusCode::OK, "{base}");
+    let (_, adapted) = server.post("/v1/embeddings", json!({"model": "trec", "input": ["a quiet evening"]})).await;
+    let (b, a) = (&base["data"][0]["embedding"], &adapted["data"][0]["embedding"]);
+    assert_eq!(b.as_array().unwrap().len(), 384);
+    assert_ne!(a, b);
+    assert_eq!(base["object"], "list");
+    let (_, models) = reqwest::get(format!("{}/v1/models", server.url)).await.unwrap().json::<Value>().await.map(|v| ((), v)).unwrap();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cache_evicts_the_least_recently_used_and_never_a_pinned_adapter() {
+    let dir = scratch("lru");
+    let cfg = Config { limits: Limits { max_adapters: 2, max_bytes: u64::MAX }, admin_token: Some("secret".into()), ..config(&dir) };
+    let server = Server::start(local_store(&dir).await, cfg).await;
+    let classify = |model: &'static str| server.post("/v1/classify", json!({"model": model, "input": "hello there"}));
+    assert_eq!(classify("sms").await.0, StatusCode::OK);
+    assert_eq!(classify("trec").await.0, StatusCode::OK);
+    assert_eq!(classify("vader").await.0, StatusCode::OK); // sms goes
+    let resident = |s: &Server| s.state.clone();
+    let keys = |s: &Server| {
+        let mut k: Vec<String> =
+            resident(s).metrics.encode().lines().filter(|l| l.starts_with("adapters_cache_evictions_total")).map(String::from).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&server).len(), 1);
+    assert!(keys(&server)[0].contains(r#"adapter="sms""#), "{:?}", keys(&server));
+
+    // Admin calls need the token.
+    let client = reqwest::Client::new();
+    let pin = |auth: Option<&str>| {
+        let mut r = client.post(format!("{}/admin/adapters/pin", server.url)).json(&json!({"adapter": "trec"}));
+        if let Some(a) = auth {
+            r = r.bearer_auth(a);
+        }
+        r.send()
+    };
+    assert_eq!(pin(None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(pin(Some("wrong")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(pin(Some("secret")).await.unwrap().status(), StatusCode::OK);
+    // trec is pinned and vader was used last; sms comes back by evicting vader, not trec.
+    assert_eq!(classify("sms").await.0, StatusCode::OK);
+    assert!(keys(&server).iter().any(|k| k.contains(r#"adapter="vader""#)), "{:?}", keys(&server));
+    assert!(!keys(&server).iter().any(|k| k.contains(r#"adapter="trec""#)), "{:?}", keys(&server));
+    // Unload frees a slot.
+    let unload = client
+        .post(format!("{}/admin/adapters/unload", server.url))
+        .bearer_auth("secret")
+        .json(&json!({"adapter": "sms"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unload.status(), StatusCode::OK);
+    assert_eq!(server.metric("adapters_resident_adapters").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retagging_switches_new_requests_while_requests_in_flight_keep_their_version() {
+    let dir = scratch("retag");
+    let server = Server::start(local_store(&dir).await, config(&dir)).await;
+    let (_, first) = server.post("/v1/classify", json!({"model": "sms@prod", "input": "hi"})).await;
+    let v1 = first["model"].as_str().unwrap().to_string();
+    // A new version of sms, then `prod` moved to it through the admin endpoint.
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    let v2 = store.push(&fixtures().join("fusion-sources/rotten_tomatoes"), &"sms".parse().unwrap(), PushOptions::default()).await.unwrap();
+    // A slow request on prod (v1) in flight while prod moves to v2 and v1 is unloaded.
+    let url = server.url.clone();
+    let in_flight = tokio::spawn(async move {
+        let texts: Vec<String> = (0..96).map(|i| format!("message {i}: call now to claim the prize you won this week")).collect();
+        let r = reqwest::Client::new()
+            .post(format!("{url}/v1/classify"))
+            .json(&json!({"model": "sms@prod", "input": texts}))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    let (status, _) = server.post("/admin/tags", json!({"adapter": format!("sms@{}", v2.version), "tag": "prod"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server.post("/admin/adapters/unload", json!({"adapter": v1})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, after) = server.post("/v1/classify", json!({"model": "sms@prod", "input": "hi"})).await;
+    assert_eq!(after["model"], format!("sms@{}", v2.version));
+    let (status, finished) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{finished}");
+    assert_eq!(finished["model"], v1, "the request in flight finished on the version it started with");
+    assert_eq!(finished["data"].as_array().unwrap().len(), 96);
+    // The old version stays addressable by its version.
+    let (_, old) = server.post("/v1/classify", json!({"model": v1, "input": "hi"})).await;
+    assert_eq!(old["model"], v1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_and_bad_adapters_get_clear_errors_and_the_server_keeps_serving() {
+    let dir = scratch("faults");
+    let store = local_store(&dir).await;
+    // An adapter for another base model, and one damaged in the store.
+    store.push(&fixtures().join("interop/peft_lora_smollm2/adapter"), &"smol-lora".parse().unwrap(), PushOptions::default()).await.unwrap();
+    let damaged =
+        store.push(&fixtures().join("fusion-sources/rotten_tomatoes"), &"damaged".parse().unwrap(), PushOptions::default()).await.unwrap();
+    let weights = dir.join(format!("store/damaged/versions/{}/files/adapter_model.safetensors", damaged.version));
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 3]).unwrap();
+    let server = Server::start(store, Config { max_body_bytes: 64 << 10, max_inputs: 8, ..config(&dir) }).await;
+    let client = reqwest::Client::new();
+    let raw =
+        |body: String| client.post(format!("{}/v1/classify", server.url)).header("content-type", "application/json").body(body).send();
+    let expect = |status: StatusCode, body: Value, needle: &str, want: StatusCode| {
+        assert_eq!(status, want, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "expected `{needle}` in {body}");
+    };
+    let r = raw("{\"model\": \"sms\", \"input\": ".into()).await.unwrap();
+    expect(r.status(), r.json().await.unwrap(), "request body", StatusCode::BAD_REQUEST);
+    let (s, b) = server.post("/v1/classify", json!({"model": "sms", "input": "x", "temperature": 1})).await;
+    expect(s, b, "unknown field `temperature`", StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, b) = server.post("/v1/classify", json!({"model": "nobody", "input": "x"})).await;
+    expect(s, b, "no adapter `nobody`", StatusCode::NOT_FOUND);
+    let (s, b) = server.post("/v1/classify", json!({"model": "../etc", "input": "x"})).await;
+    expect(s, b, "not a valid name", StatusCode::BAD_REQUEST);
+    let (s, b) = server.post("/v1/classify", json!({"model": "smol-lora", "input": "x"})).await;
+    expect(s, b, "does not fit this server's base model", StatusCode::CONFLICT);
+    let (s, b) = server.post("/v1/classify", json!({"model": "damaged", "input": "x"})).await;
+    expect(s, b, "damaged", StatusCode::BAD_GATEWAY);
+    let (s, b) = server.post("/v1/classify", json!({"model": "sms", "input": vec!["x"; 9]})).await;
+    expect(s, b, "1 to 8 texts", StatusCode::BAD_REQUEST);
+    let r = raw(json!({"model": "sms", "input": "x".repeat(100_000)}).to_string()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, b) = server.post("/v1/classify", json!({"model": "base", "input": "x"})).await;
+    expect(s, b, "no classification head", StatusCode::BAD_REQUEST);
+    // Everyone else is still served.
+    let (s, b) = server.post("/v1/classify", json!({"model": "sms", "input": "see you soon"})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(server.metric(r#"adapters_requests_total{adapter="unknown",version="",endpoint="classify",status="404"}"#).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_drains_requests_in_flight() {
+    let dir = scratch("drain");
+    let mut server = Server::start(local_store(&dir).await, config(&dir)).await;
+    let url = server.url.clone();
+    let slow = tokio::spawn(async move {
+        let texts: Vec<String> = (0..64).map(|i| format!("text number {i} with a few more words in it to read")).collect();
+        reqwest::Client::new()
+            .post(format!("{url}/v1/embeddings"))
+            .json(&json!({"model": "base", "input": texts}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    server.stop.take().unwrap().send(()).unwrap();
+    assert_eq!(slow.await.unwrap(), StatusCode::OK, "the request in flight finished");
+    server.task.await.unwrap().unwrap();
+    assert!(reqwest::get(format!("{}/health", server.url)).await.is_err(), "stopped accepting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_servers_share_one_s3_store() {
+    let dir = scratch("s3");
+    let endpoint = start_s3(&dir.join("s3")).await;
+    let options = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test-key"),
+        ("aws_secret_access_key", "test-secret"),
+        ("aws_region", "us-east-1"),
+    ];
+    let store = || Store::open_with_options("s3://adapters/shared", &options).unwrap();
+    store().push(&fixtures().join("fusion-sources/sms_spam"), &"sms".parse().unwrap(), PushOptions::default()).await.unwrap();
+    let a = Server::start(store(), Config { cache_dir: dir.join("cache-a"), ..Default::default() }).await;
+    let b = Server::start(store(), Config { cache_dir: dir.join("cache-b"), ..Default::default() }).await;
+    let (sa, ra) = a.post("/v1/classify", json!({"model": "sms", "input": "win cash now"})).await;
+    let (sb, rb) = b.post("/v1/classify", json!({"model": "sms", "input": "win cash now"})).await;
+    assert_eq!((sa, sb), (StatusCode::OK, StatusCode::OK), "{ra} {rb}");
+    assert_eq!(ra, rb);
+}
+
+/// An S3-compatible server (s3s-fs) over `root` on a free port, with bucket `adapters`.
+async fn start_s3(root: &Path) -> String {
+    std::fs::create_dir_all(root.join("adapters")).unwrap();
+    let mut builder = s3s::service::S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
+    builder.set_auth(s3s::auth::SimpleAuth::from_single("test-key", "test-secret"));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { return };
+            let conn = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service.clone()).into_owned();
+            tokio::spawn(conn);
+        }
+    });
+    format!("http://{addr}")
+}
