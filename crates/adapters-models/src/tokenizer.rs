@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, PaddingParams, PaddingStrategy, PreTokenizerWrapper, Tokenizer};
 
 /// One chat message (`role` is `system`, `user` or `assistant`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Message {
     /// `system`, `user` or `assistant`.
     pub role: String,

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+mod completions;
 mod error;
 pub mod metrics;
 mod server;

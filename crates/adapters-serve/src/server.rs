@@ -64,7 +64,7 @@ pub struct AppState {
     /// The server's metrics.
     pub metrics: Metrics,
     config: Config,
-    compute: tokio::sync::Semaphore,
+    compute: Arc<tokio::sync::Semaphore>,
     tags: Mutex<HashMap<String, (Manifest, Instant)>>,
     draining: AtomicBool,
 }
@@ -79,7 +79,7 @@ impl AppState {
             store,
             cache: AdapterCache::new(config.limits),
             metrics: Metrics::default(),
-            compute: tokio::sync::Semaphore::new(config.max_concurrent.max(1)),
+            compute: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent.max(1))),
             tags: Mutex::new(HashMap::new()),
             draining: AtomicBool::new(false),
             config,
@@ -137,6 +137,39 @@ impl AppState {
         }
     }
 
+    /// The base model or the resident adapter `model` names (held for the request).
+    pub(crate) async fn target(self: &Arc<Self>, model: &str) -> Result<Target, ApiError> {
+        if model == "base" {
+            Ok(Target::Base)
+        } else {
+            Ok(Target::Adapter(self.adapter(model).await?))
+        }
+    }
+
+    /// The network a target runs on.
+    pub(crate) fn model_of<'a>(&'a self, target: &'a Target) -> &'a Backbone {
+        match target {
+            Target::Base => &self.base,
+            Target::Adapter(r) => &r.model,
+        }
+    }
+
+    /// The base model's tokenizer (adapters share it).
+    pub(crate) fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// A compute slot: at most `max_concurrent` forwards run at once.
+    pub(crate) async fn compute_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.compute.clone().acquire_owned().await.map_err(|_| ApiError::internal("the server is shutting down"))
+    }
+
+    /// Counts one generation (a row) and its prompt and new tokens.
+    pub(crate) fn count_tokens(&self, labels: &AdapterLabels, tokens: usize) {
+        self.metrics.rows.get_or_create(labels).inc();
+        self.metrics.tokens.get_or_create(labels).inc_by(tokens as u64);
+    }
+
     fn update_resident_gauges(&self) {
         let residents = self.cache.residents();
         self.metrics.resident.set(residents.len() as i64);
@@ -190,6 +223,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify_texts))
+        .route("/v1/completions", post(crate::completions::completions))
+        .route("/v1/chat/completions", post(crate::completions::chat_completions))
         .route("/v1/models", get(models))
         .route("/admin/adapters/load", post(admin_load))
         .route("/admin/adapters/unload", post(admin_unload))
@@ -219,13 +254,14 @@ struct InferenceRequest {
     /// Which head, for `/v1/classify` when the adapter has several.
     #[serde(default)]
     task: Option<String>,
-    /// Accepted for OpenAI clients; only `float` is produced.
+    /// Embeddings as `float` lists (default) or `base64` (little-endian f32 bytes, what
+    /// OpenAI's Python client asks for).
     #[serde(default)]
     encoding_format: Option<String>,
 }
 
 /// A JSON body, or a 400/413/415 that says what is wrong with it.
-fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(crate) fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     payload.map(|Json(t)| t).map_err(|r| ApiError { status: r.status(), message: format!("request body: {}", r.body_text()) })
 }
 
@@ -236,26 +272,26 @@ async fn compute<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let queued = Instant::now();
-    let _slot = state.compute.acquire().await.map_err(|_| ApiError::internal("the server is shutting down"))?;
+    let _slot = state.compute_slot().await?;
     state.metrics.queue.get_or_create(labels).observe(queued.elapsed().as_secs_f64());
     tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("the forward pass failed: {e}")))?
 }
 
 /// The model a request runs on: the base, or a resident adapter (held for the request).
-enum Target {
+pub(crate) enum Target {
     Base,
     Adapter(Arc<Resident>),
 }
 
 impl Target {
-    fn labels(&self) -> AdapterLabels {
+    pub(crate) fn labels(&self) -> AdapterLabels {
         match self {
             Target::Base => AdapterLabels { adapter: "base".into(), version: String::new() },
             Target::Adapter(r) => AdapterLabels { adapter: r.manifest.name.clone(), version: r.manifest.version.clone() },
         }
     }
 
-    fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         match self {
             Target::Base => "base".into(),
             Target::Adapter(r) => r.key(),
@@ -263,16 +299,8 @@ impl Target {
     }
 }
 
-async fn target(state: &Arc<AppState>, model: &str) -> Result<Target, ApiError> {
-    if model == "base" {
-        Ok(Target::Base)
-    } else {
-        Ok(Target::Adapter(state.adapter(model).await?))
-    }
-}
-
 /// Counts and times a finished request.
-fn record(state: &AppState, labels: &AdapterLabels, endpoint: &str, status: StatusCode, started: Instant) {
+pub(crate) fn record(state: &AppState, labels: &AdapterLabels, endpoint: &str, status: StatusCode, started: Instant) {
     let l = RequestLabels {
         adapter: labels.adapter.clone(),
         version: labels.version.clone(),
@@ -310,11 +338,13 @@ async fn serve_inference(
     let mut labels = AdapterLabels { adapter: "unknown".into(), version: String::new() };
     let result = async {
         let request = body(payload)?;
-        if request.encoding_format.as_deref().is_some_and(|f| f != "float") {
-            return Err(ApiError::bad_request("`encoding_format`: only `float` is supported"));
-        }
+        let base64 = match request.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => return Err(ApiError::bad_request(format!("`encoding_format`: `float` or `base64`, not `{other}`"))),
+        };
         let texts = texts(&state, request.input)?;
-        let target = target(&state, &request.model).await?;
+        let target = state.target(&request.model).await?;
         labels = target.labels();
         let (st, lb, task) = (state.clone(), labels.clone(), request.task);
         let rows = texts.len() as u64;
@@ -327,6 +357,14 @@ async fn serve_inference(
         state.metrics.rows.get_or_create(&lb).inc_by(rows);
         state.metrics.tokens.get_or_create(&lb).inc_by(tokens as u64);
         value["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+        if base64 {
+            for item in value["data"].as_array_mut().into_iter().flatten() {
+                if let Some(v) = item["embedding"].as_array() {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| (x.as_f64().unwrap_or(0.0) as f32).to_le_bytes()).collect();
+                    item["embedding"] = json!(base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes));
+                }
+            }
+        }
         Ok(value)
     }
     .await;
@@ -341,15 +379,8 @@ async fn serve_inference(
     response
 }
 
-fn model_of<'a>(state: &'a AppState, target: &'a Target) -> &'a Backbone {
-    match target {
-        Target::Base => &state.base,
-        Target::Adapter(r) => &r.model,
-    }
-}
-
 fn run_embeddings(state: &AppState, target: &Target, texts: Vec<String>, _: Option<String>) -> Result<(Value, usize), ApiError> {
-    let (vectors, tokens) = adapters_models::sentence_embeddings(model_of(state, target), &state.tokenizer, &texts)
+    let (vectors, tokens) = adapters_models::sentence_embeddings(state.model_of(target), &state.tokenizer, &texts)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let data: Vec<Value> =
         vectors.into_iter().enumerate().map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v})).collect();

@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
@@ -34,6 +35,10 @@ struct Server {
 impl Server {
     async fn start(store: Store, config: Config) -> Server {
         let model = adapters_models::load(&adapters_models::fetched("all-MiniLM-L6-v2").unwrap(), &candle_core::Device::Cpu).unwrap();
+        Self::start_with(model, store, config).await
+    }
+
+    async fn start_with(model: adapters_models::LoadedModel, store: Store, config: Config) -> Server {
         let state = Arc::new(AppState::new(model, store, config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -315,4 +320,74 @@ async fn start_s3(root: &Path) -> String {
         }
     });
     format!("http://{addr}")
+}
+
+/// The OpenAI Python client (pinned, in a venv under target/ that this test sets up) against
+/// a SmolLM2 server: models, completions, chat (whole and streamed), embeddings, errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_official_openai_client_works_against_the_server() {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/openai-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        let made = std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+        let installed = made.is_ok_and(|s| s.success())
+            && std::process::Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "openai==3.57.0"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !installed {
+            let _ = std::fs::remove_dir_all(&venv);
+            eprintln!(
+                "skipped: could not set up a Python venv with openai==3.57.0 (python3 -m venv, pip install); nothing else is skipped"
+            );
+            return;
+        }
+    }
+    let dir = scratch("openai");
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    store.push(&fixtures().join("interop/peft_lora_smollm2/adapter"), &"smol-lora".parse().unwrap(), PushOptions::default()).await.unwrap();
+    let model =
+        adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu).unwrap();
+    let server = Server::start_with(model, store, config(&dir)).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let url = server.url.clone();
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new(python).arg(script).arg(url).output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(got["models"].as_array().unwrap().iter().any(|m| m.as_str().unwrap().starts_with("smol-lora@")), "{got}");
+    assert!(got["completion"].as_str().unwrap().contains("Paris"), "{got}");
+    assert_eq!(got["completion_usage"], 6);
+    assert!(got["chat_model"].as_str().unwrap().starts_with("smol-lora@"));
+    assert_eq!(got["chat"], got["chat_streamed"], "streamed and whole greedy answers agree");
+    assert!(!got["chat"].as_str().unwrap().is_empty());
+    assert_eq!(got["embedding_dims"], json!([576, 576]));
+    assert_eq!(got["unknown_model"], "NotFoundError");
+}
+
+/// A streaming client that goes away frees its compute slot at once: with one slot, the
+/// next request is answered within 5 s, while the abandoned greedy story would run on for
+/// hundreds of tokens (400 take about 9 s here; it does not stop by itself before that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_mid_stream_stops_its_generation() {
+    let dir = scratch("disconnect");
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    let model =
+        adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu).unwrap();
+    let server = Server::start_with(model, store, Config { max_concurrent: 1, ..config(&dir) }).await;
+    let request = json!({"model": "base", "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "stream": true});
+    let mut response = reqwest::Client::new().post(format!("{}/v1/completions", server.url)).json(&request).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: {"), "{first:?}");
+    drop(response);
+    let started = Instant::now();
+    let next = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        server.post("/v1/completions", json!({"model": "base", "prompt": "Hello", "max_tokens": 2, "temperature": 0})),
+    )
+    .await
+    .expect("the slot was not freed: the abandoned generation went on");
+    assert_eq!(next.0, StatusCode::OK, "{}", next.1);
+    assert!(started.elapsed().as_secs_f64() < 5.0);
 }
