@@ -306,6 +306,10 @@ enum Command {
         /// Seconds a tag's resolution is reused before asking the store again.
         #[arg(long, default_value_t = 5)]
         tag_ttl: u64,
+        /// A/B routes, JSON: {"ROUTE": [{"adapter": "NAME@VERSION", "weight": 90}, ...]};
+        /// a request for ROUTE goes to a variant by weight (sticky per `user`).
+        #[arg(long)]
+        routes: Option<PathBuf>,
     },
     /// Remove a stored version (NAME@VERSION or NAME@TAG), or with --tag one tag of NAME.
     /// A version that tags point to stays unless --force (which removes those tags too).
@@ -354,8 +358,28 @@ fn main() {
         Command::Pull { reference, out, store } => store_commands::pull(&reference, &out, &store),
         Command::List { name, json, store } => store_commands::list(name.as_deref(), json, &store),
         Command::Tag { reference, tag, store } => store_commands::tag(&reference, &tag, &store),
-        Command::Serve { model, store, host, port, max_adapters, max_adapter_bytes, admin_token, cache_dir, max_concurrent, tag_ttl } => {
+        Command::Serve {
+            model,
+            store,
+            host,
+            port,
+            max_adapters,
+            max_adapter_bytes,
+            admin_token,
+            cache_dir,
+            max_concurrent,
+            tag_ttl,
+            routes,
+        } => {
+            let routes = match routes.map(|r| adapters_serve::routes::Routes::load(&r)).transpose() {
+                Ok(r) => r.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("error: --routes {e}");
+                    std::process::exit(1);
+                }
+            };
             let config = adapters_serve::Config {
+                routes,
                 cache_dir: cache_dir.unwrap_or_else(commands::adapter_cache),
                 limits: adapters_serve::cache::Limits { max_adapters, max_bytes: max_adapter_bytes },
                 admin_token,

@@ -42,6 +42,9 @@ pub struct GenerationRequest {
     stream: bool,
     #[serde(default)]
     n: Option<usize>,
+    /// Who asks: keeps them on one variant of an A/B route.
+    #[serde(default)]
+    user: Option<String>,
 }
 
 /// Which endpoint, and the shape of its answers.
@@ -78,7 +81,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
         if request.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request("`n`: one choice per request is supported"));
         }
-        let target = state.target(&request.model).await?;
+        let (target, route) = state.target(&request.model, request.user.as_deref()).await?;
         labels = target.labels();
         if !matches!(state.model_of(&target), Backbone::Llama(_)) {
             return Err(ApiError::bad_request(format!(
@@ -115,10 +118,10 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 seed: request.seed.unwrap_or_else(rand_seed),
             }
         };
-        Ok((target, prompt, max_tokens, sampling, request.stream))
+        Ok((target, route, prompt, max_tokens, sampling, request.stream))
     }
     .await;
-    let (target, prompt, max_tokens, sampling, stream) = match prepared {
+    let (target, route, prompt, max_tokens, sampling, stream) = match prepared {
         Ok(p) => p,
         Err(e) => {
             record(&state, &labels, endpoint, e.status, started);
@@ -167,12 +170,16 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     });
 
     let chunk = move |content: Option<&str>, finish: Option<&str>| -> Value {
-        match kind {
+        let mut value = match kind {
             Kind::Completion => json!({"id": id, "object": "text_completion", "created": created, "model": model_id,
                 "choices": [{"index": 0, "text": content.unwrap_or(""), "finish_reason": finish}]}),
             Kind::Chat => json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model_id,
                 "choices": [{"index": 0, "delta": content.map_or(json!({}), |c| json!({"role": "assistant", "content": c})), "finish_reason": finish}]}),
+        };
+        if let Some(route) = &route {
+            value["route"] = route.clone();
         }
+        value
     };
     if stream {
         let state2 = state.clone();

@@ -10,6 +10,7 @@ pub mod cache;
 mod completions;
 mod error;
 pub mod metrics;
+pub mod routes;
 mod server;
 
 pub use error::ApiError;

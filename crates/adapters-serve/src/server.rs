@@ -39,6 +39,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Most texts in one request.
     pub max_inputs: usize,
+    /// A/B routes at start (`/admin/routes` changes them).
+    pub routes: crate::routes::Routes,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             max_concurrent: 2,
             max_body_bytes: 1 << 20,
             max_inputs: 256,
+            routes: Default::default(),
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct AppState {
     config: Config,
     compute: Arc<tokio::sync::Semaphore>,
     tags: Mutex<HashMap<String, (Manifest, Instant)>>,
+    routes: arc_swap::ArcSwap<crate::routes::Routes>,
+    route_publishing: Mutex<()>,
     draining: AtomicBool,
 }
 
@@ -81,6 +86,8 @@ impl AppState {
             metrics: Metrics::default(),
             compute: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent.max(1))),
             tags: Mutex::new(HashMap::new()),
+            routes: arc_swap::ArcSwap::from_pointee(config.routes.clone()),
+            route_publishing: Mutex::new(()),
             draining: AtomicBool::new(false),
             config,
         }
@@ -137,13 +144,17 @@ impl AppState {
         }
     }
 
-    /// The base model or the resident adapter `model` names (held for the request).
-    pub(crate) async fn target(self: &Arc<Self>, model: &str) -> Result<Target, ApiError> {
-        if model == "base" {
-            Ok(Target::Base)
-        } else {
-            Ok(Target::Adapter(self.adapter(model).await?))
-        }
+    /// The base model or the resident adapter `model` names (held for the request); a
+    /// route name is first replaced by one of its variants (sticky per `user`), which the
+    /// result reports.
+    pub(crate) async fn target(self: &Arc<Self>, model: &str, user: Option<&str>) -> Result<(Target, Option<Value>), ApiError> {
+        let routes = self.routes.load();
+        let (model, route) = match routes.pick(model, user) {
+            Some(variant) => (variant, Some(json!({"name": model, "variant": variant}))),
+            None => (model, None),
+        };
+        let target = if model == "base" { Target::Base } else { Target::Adapter(self.adapter(model).await?) };
+        Ok((target, route))
     }
 
     /// The network a target runs on.
@@ -230,6 +241,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/adapters/unload", post(admin_unload))
         .route("/admin/adapters/pin", post(admin_pin))
         .route("/admin/tags", post(admin_tag))
+        .route("/admin/routes", post(admin_route))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -258,6 +270,9 @@ struct InferenceRequest {
     /// OpenAI's Python client asks for).
     #[serde(default)]
     encoding_format: Option<String>,
+    /// Who asks: keeps them on one variant of an A/B route.
+    #[serde(default)]
+    user: Option<String>,
 }
 
 /// A JSON body, or a 400/413/415 that says what is wrong with it.
@@ -344,7 +359,7 @@ async fn serve_inference(
             Some(other) => return Err(ApiError::bad_request(format!("`encoding_format`: `float` or `base64`, not `{other}`"))),
         };
         let texts = texts(&state, request.input)?;
-        let target = state.target(&request.model).await?;
+        let (target, route) = state.target(&request.model, request.user.as_deref()).await?;
         labels = target.labels();
         let (st, lb, task) = (state.clone(), labels.clone(), request.task);
         let rows = texts.len() as u64;
@@ -357,6 +372,9 @@ async fn serve_inference(
         state.metrics.rows.get_or_create(&lb).inc_by(rows);
         state.metrics.tokens.get_or_create(&lb).inc_by(tokens as u64);
         value["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+        if let Some(route) = route {
+            value["route"] = route;
+        }
         if base64 {
             for item in value["data"].as_array_mut().into_iter().flatten() {
                 if let Some(v) = item["embedding"].as_array() {
@@ -559,4 +577,36 @@ async fn admin_tag(
         state.tags.lock().expect("tag cache poisoned").insert(m.name.clone(), (m.clone(), Instant::now()));
     }
     Ok(Json(json!({"tag": tagged, "version": m.version})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteRequest {
+    name: String,
+    /// The new variants; empty removes the route.
+    variants: Vec<crate::routes::Variant>,
+}
+
+/// Sets (or with no variants removes) an A/B route, publishing a new routes snapshot.
+async fn admin_route(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    payload: Result<Json<RouteRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorised(&state, &headers)?;
+    let request = body(payload)?;
+    if !request.variants.is_empty() {
+        crate::routes::check(&request.name, &request.variants).map_err(ApiError::bad_request)?;
+    }
+    let _one_publisher = state.route_publishing.lock().expect("route lock poisoned");
+    let mut next = (**state.routes.load()).clone();
+    if request.variants.is_empty() {
+        next.0.remove(&request.name);
+    } else {
+        next.0.insert(request.name.clone(), request.variants);
+    }
+    let t = Instant::now();
+    state.routes.store(Arc::new(next));
+    state.metrics.swap_seconds.observe(t.elapsed().as_secs_f64());
+    Ok(Json(json!({"routes": **state.routes.load()})))
 }

@@ -391,3 +391,31 @@ async fn a_client_that_disconnects_mid_stream_stops_its_generation() {
     assert_eq!(next.0, StatusCode::OK, "{}", next.1);
     assert!(started.elapsed().as_secs_f64() < 5.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ab_route_splits_traffic_by_weight_and_says_which_variant_served() {
+    let dir = scratch("ab");
+    let server = Server::start(local_store(&dir).await, config(&dir)).await;
+    let route = json!({"name": "spam-ab", "variants": [{"adapter": "sms@prod", "weight": 1.0}, {"adapter": "vader", "weight": 1.0}]});
+    let (status, body) = server.post("/admin/routes", route).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = server.post("/admin/routes", json!({"name": "bad", "variants": [{"adapter": "sms", "weight": -1.0}]})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let mut served = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..24 {
+        let (status, body) = server.post("/v1/embeddings", json!({"model": "spam-ab", "input": "hi", "user": format!("user-{i}")})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["route"]["name"], "spam-ab");
+        let variant = body["route"]["variant"].as_str().unwrap();
+        assert!(body["model"].as_str().unwrap().starts_with(variant.split('@').next().unwrap()), "{body}");
+        *served.entry(variant.to_string()).or_default() += 1;
+        // The same user stays on the same variant.
+        let (_, again) = server.post("/v1/embeddings", json!({"model": "spam-ab", "input": "hi", "user": format!("user-{i}")})).await;
+        assert_eq!(again["route"]["variant"], variant);
+    }
+    assert_eq!(served.len(), 2, "both variants serve: {served:?}");
+    assert!(served.values().all(|&n| n >= 4), "{served:?}");
+    // Removing the route: the name is an unknown adapter again.
+    server.post("/admin/routes", json!({"name": "spam-ab", "variants": []})).await;
+    assert_eq!(server.post("/v1/embeddings", json!({"model": "spam-ab", "input": "hi"})).await.0, StatusCode::NOT_FOUND);
+}
