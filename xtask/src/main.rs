@@ -6,6 +6,7 @@ mod data;
 mod fetch;
 mod fusion_study;
 mod quality;
+mod serve_demo;
 mod test;
 mod vs_pytorch;
 
@@ -71,6 +72,10 @@ enum Task {
     /// each; then rewrites that section of RESULTS.md. About 40 minutes on 2 cores; finished
     /// runs are skipped.
     FusionStudy,
+    /// Serving in one minute: push two trained adapters into a fresh local adapter library,
+    /// start `adapters serve` over frozen MiniLM, classify the same texts with each over
+    /// HTTP, print their per-adapter metrics, stop the server.
+    ServeDemo,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(&root()),
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
         Task::FusionStudy => fusion_study::run(&root()),
+        Task::ServeDemo => serve_demo::run_demo(&root()),
     }
 }
 

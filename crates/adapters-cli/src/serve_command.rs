@@ -10,6 +10,7 @@ pub fn serve(model: &Path, store: &StoreArg, host: &str, port: u16, config: adap
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let loaded = open(model)?;
     let store = adapters_store::Store::open(&store.store)?;

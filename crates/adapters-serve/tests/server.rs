@@ -419,3 +419,26 @@ async fn an_ab_route_splits_traffic_by_weight_and_says_which_variant_served() {
     server.post("/admin/routes", json!({"name": "spam-ab", "variants": []})).await;
     assert_eq!(server.post("/v1/embeddings", json!({"model": "spam-ab", "input": "hi"})).await.0, StatusCode::NOT_FOUND);
 }
+
+/// Every metric the Grafana dashboard in deploy/ queries is one the server exports (after
+/// traffic that loads, hits and evicts adapters: families without samples are not shown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_only_exported_metrics() {
+    let dir = scratch("dashboard");
+    let one_slot = Config { limits: Limits { max_adapters: 1, max_bytes: u64::MAX }, ..config(&dir) };
+    let server = Server::start(local_store(&dir).await, one_slot).await;
+    for model in ["sms", "trec", "trec"] {
+        assert_eq!(server.post("/v1/classify", json!({"model": model, "input": "hi"})).await.0, StatusCode::OK);
+    }
+    let exported = reqwest::get(format!("{}/metrics", server.url)).await.unwrap().text().await.unwrap();
+    let dashboard = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana-dashboard.json")).unwrap();
+    let mut names: Vec<&str> =
+        dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("adapters_")).collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        let family = name.strip_suffix("_total").or_else(|| name.strip_suffix("_bucket")).unwrap_or(name);
+        assert!(exported.contains(&format!("# TYPE {family} ")), "the dashboard queries {name}, which /metrics does not export");
+    }
+}

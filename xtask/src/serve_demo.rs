@@ -1,0 +1,83 @@
+//! `cargo xtask serve-demo`: pushes two trained adapters (from fixtures/fusion-sources)
+//! into a fresh local adapter library, starts `adapters serve` over frozen MiniLM, asks
+//! each adapter to classify the same texts over HTTP, shows their metrics, and stops the
+//! server with SIGTERM.
+
+use crate::{fetch, run};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const TEXTS: [&str; 3] = [
+    "URGENT! You have won a 1 week FREE membership in our prize draw. Text WIN to 80086 now",
+    "What is the capital city of Australia?",
+    "Who wrote the novel Pride and Prejudice?",
+];
+
+pub fn run_demo(root: &Path) -> Result<()> {
+    let models = fetch::fetch_all(root)?;
+    run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
+    let cli = root.join("target/release/adapters");
+    let work = root.join("runs/serve-demo");
+    let _ = std::fs::remove_dir_all(&work);
+    let store = work.join("store");
+    let store = store.to_str().context("a UTF-8 path")?;
+    for (name, folder) in [("sms-spam", "sms_spam"), ("trec-coarse", "trec_coarse")] {
+        let dir = root.join("fixtures/fusion-sources").join(folder);
+        run(
+            root,
+            cli.to_str().context("a UTF-8 path")?,
+            &["push", dir.to_str().context("a UTF-8 path")?, "--name", name, "--tag", "prod", "--store", store],
+        )?;
+    }
+    let minilm = models.join(fetch::MINILM_DIR);
+    let cache = work.join("cache");
+    let mut server = Command::new(&cli)
+        .arg("serve")
+        .arg(&minilm)
+        .args(["--store", store, "--port", "0", "--cache-dir"])
+        .arg(&cache)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting adapters serve")?;
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.as_mut().context("server stdout")?).read_line(&mut line)?;
+    let Some(url) = line.trim().strip_prefix("listening on ").map(str::to_string) else {
+        let _ = server.kill();
+        bail!("the server did not start: {line:?}");
+    };
+    let result = query(&url);
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status()?;
+    let status = server.wait()?;
+    result?;
+    println!("server stopped ({status})");
+    Ok(())
+}
+
+fn query(url: &str) -> Result<()> {
+    let client = reqwest::blocking::Client::new();
+    for adapter in ["sms-spam@prod", "trec-coarse@prod"] {
+        let answer: Value = client
+            .post(format!("{url}/v1/classify"))
+            .json(&json!({"model": adapter, "input": TEXTS}))
+            .send()?
+            .error_for_status()?
+            .json()?;
+        println!("\n{adapter} (served as {}, task {}):", answer["model"].as_str().unwrap_or("?"), answer["task"].as_str().unwrap_or("?"));
+        for (text, row) in TEXTS.iter().zip(answer["data"].as_array().into_iter().flatten()) {
+            let label = row["label"].as_str().unwrap_or("?");
+            println!("  {label:<8} {:.3}  {text}", row["scores"][label].as_f64().unwrap_or(f64::NAN));
+        }
+    }
+    let metrics = client.get(format!("{url}/metrics")).send()?.text()?;
+    println!("\nper-adapter metrics ({url}/metrics):");
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("adapters_requests_total") || l.starts_with("adapters_cache_") || l.starts_with("adapters_resident"))
+    {
+        println!("  {line}");
+    }
+    Ok(())
+}
