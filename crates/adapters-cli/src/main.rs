@@ -306,7 +306,7 @@ enum Command {
         /// Seconds a tag's resolution is reused before asking the store again.
         #[arg(long, default_value_t = 5)]
         tag_ttl: u64,
-        /// A/B routes, JSON: {"ROUTE": [{"adapter": "NAME@VERSION", "weight": 90}, ...]};
+        /// A/B routes, JSON: `{"ROUTE": [{"adapter": "NAME@VERSION", "weight": 90}, ...]}`;
         /// a request for ROUTE goes to a variant by weight (sticky per `user`).
         #[arg(long)]
         routes: Option<PathBuf>,
