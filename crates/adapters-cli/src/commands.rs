@@ -76,8 +76,7 @@ impl AdapterArgs {
                 let text = dir.display().to_string();
                 match (&self.store, dir.exists(), text.parse::<adapters_store::Reference>()) {
                     (Some(store), false, Ok(reference)) => {
-                        let store = crate::store_commands::StoreArg { store: store.clone() };
-                        let local = crate::store_commands::fetch_cached(&text, &store, &adapter_cache())?;
+                        let local = adapters_store::local_copy(store, &reference, &adapters_store::default_cache_dir())?;
                         Ok((name.or(Some(reference.name.to_string())), local))
                     }
                     _ => Ok((name, dir)),
@@ -89,16 +88,6 @@ impl AdapterArgs {
     /// The adapter and fusion folders (where saved heads may be).
     pub fn dirs(&self) -> Result<Vec<PathBuf>> {
         Ok(self.resolved_dirs()?.into_iter().map(|(_, d)| d).chain(self.fusion.iter().cloned()).collect())
-    }
-}
-
-/// Where versions taken from an adapter library are kept: `$ADAPTERS_CACHE`, else
-/// `~/.cache/adapters`.
-pub fn adapter_cache() -> PathBuf {
-    match (std::env::var_os("ADAPTERS_CACHE"), std::env::var_os("HOME")) {
-        (Some(dir), _) => dir.into(),
-        (None, Some(home)) => PathBuf::from(home).join(".cache/adapters"),
-        (None, None) => std::env::temp_dir().join("adapters-cache"),
     }
 }
 

@@ -380,7 +380,7 @@ fn main() {
             };
             let config = adapters_serve::Config {
                 routes,
-                cache_dir: cache_dir.unwrap_or_else(commands::adapter_cache),
+                cache_dir: cache_dir.unwrap_or_else(adapters_store::default_cache_dir),
                 limits: adapters_serve::cache::Limits { max_adapters, max_bytes: max_adapter_bytes },
                 admin_token,
                 tag_ttl: std::time::Duration::from_secs(tag_ttl),

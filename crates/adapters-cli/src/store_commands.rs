@@ -6,7 +6,7 @@ use adapters_models::HoldsAdapters;
 use adapters_store::{Manifest, Name, PushOptions, Reference, Store};
 use anyhow::{bail, Context, Result};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Where the adapter library is.
 #[derive(clap::Args, Debug)]
@@ -150,19 +150,4 @@ pub fn rm(reference: &str, tag: Option<&str>, force: bool, store: &StoreArg) -> 
         }
     }
     Ok(())
-}
-
-/// The folder holding the store version `reference`, downloaded once into `cache`
-/// (versions never change, so a folder there is reused).
-pub fn fetch_cached(reference: &str, store: &StoreArg, cache: &Path) -> Result<PathBuf> {
-    let reference: Reference = reference.parse()?;
-    let store = store.open()?;
-    block_on(async {
-        let m = store.resolve(&reference).await?;
-        let dir = cache.join(&m.name).join(&m.version);
-        if !dir.exists() {
-            store.download(&m, &dir).await?;
-        }
-        Ok(dir)
-    })
 }

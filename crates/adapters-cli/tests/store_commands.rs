@@ -74,3 +74,54 @@ fn push_list_pull_tag_rm_and_use_by_reference() {
     fails(&["pull", "spam@nope", "--out", dir.join("x").to_str().unwrap()], "has no tag or version `nope`");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A training config names frozen adapters by reference (`from = "NAME@TAG"`): they come
+/// from the library, and a fusion over them trains.
+#[test]
+fn training_takes_frozen_adapters_from_the_library() {
+    let dir = std::env::temp_dir().join(format!("adapters-cli-store-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ok = |args: &[&str]| {
+        let (success, out, err) = run(&dir, args);
+        assert!(success, "adapters {args:?}: {err}");
+        out
+    };
+    for (name, folder) in [("spam", "sms_spam"), ("topic", "trec_coarse")] {
+        ok(&["push", workspace().join("fixtures/fusion-sources").join(folder).to_str().unwrap(), "--name", name, "--tag", "prod"]);
+    }
+    let train = dir.join("train.jsonl");
+    let text = std::fs::read_to_string(workspace().join("data/sms_spam/train.jsonl")).expect("run `cargo xtask fetch` first");
+    std::fs::write(&train, text.lines().take(32).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let config = dir.join("fusion.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 32\n[adapters.spam]\nfrom = \"spam@prod\"\n[adapters.topic]\nfrom = \"topic\"\n\
+             [adapters.fusion]\nkind = \"fusion\"\nmembers = [\"spam\", \"topic\"]\n\
+             [[task]]\nname = \"sms\"\ntype = \"classification\"\nsetup = \"fuse(spam, topic; fusion=fusion)\"\ntrain = {:?}\ndev = {:?}\n\
+             [training]\nsteps = 2\nbatch_size = 8\n[output]\ndir = {:?}\n",
+            minilm(),
+            train.display().to_string(),
+            train.display().to_string(),
+            dir.join("run").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = ok(&["train", config.to_str().unwrap()]);
+    assert!(out.contains("trainable parameters"), "{out}");
+    assert!(dir.join("run/adapters/fusion/adapter_config.json").exists());
+    let (success, _, err) = run(
+        &dir,
+        &[
+            "train",
+            config.to_str().unwrap(),
+            "--set",
+            "adapters.spam.from=\"spam@nope\"",
+            "--set",
+            &format!("output.dir={:?}", dir.join("run2").display().to_string()),
+        ],
+    );
+    assert!(!success && err.contains("adapters.spam.from") && err.contains("has no tag or version `nope`"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

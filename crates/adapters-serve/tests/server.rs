@@ -442,3 +442,47 @@ async fn the_dashboard_queries_only_exported_metrics() {
         assert!(exported.contains(&format!("# TYPE {family} ")), "the dashboard queries {name}, which /metrics does not export");
     }
 }
+
+/// A stored setup (two adapters stacked, each with its head) is served like an adapter:
+/// `task` picks the head, and the answer matches the same setup loaded from folders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_setup_is_served_like_an_adapter() {
+    let dir = scratch("setup");
+    let bundle = dir.join("bundle");
+    for member in ["sms_spam", "trec_coarse"] {
+        let from = fixtures().join("fusion-sources").join(member);
+        let to = bundle.join(member);
+        std::fs::create_dir_all(to.join("heads").join(member)).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+        for e in std::fs::read_dir(from.join("heads").join(member)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join("heads").join(member).join(e.file_name())).unwrap();
+        }
+    }
+    let setup = adapters_core::Setup::stack(&["sms_spam".to_string(), "trec_coarse".to_string()]);
+    setup.save(&bundle).unwrap();
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    store.push(&bundle, &"stacked".parse().unwrap(), PushOptions::default()).await.unwrap();
+    let server = Server::start(store, config(&dir)).await;
+    let (status, body) =
+        server.post("/v1/classify", json!({"model": "stacked", "input": "Who wrote Hamlet?", "task": "trec_coarse"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["task"], "trec_coarse");
+    let (status, body) = server.post("/v1/classify", json!({"model": "stacked", "input": "Who wrote Hamlet?"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "two heads and no task: {body}");
+    // The stacked setup's embedding equals the same stack loaded from the folders.
+    let (_, served) = server.post("/v1/embeddings", json!({"model": "stacked", "input": "Who wrote Hamlet?"})).await;
+    let mut direct = adapters_models::load(&adapters_models::fetched("all-MiniLM-L6-v2").unwrap(), &candle_core::Device::Cpu).unwrap();
+    for member in ["sms_spam", "trec_coarse"] {
+        direct.backbone.load_adapter(&bundle.join(member), Some(member)).unwrap();
+    }
+    adapters_models::HoldsAdapters::adapters_mut(&mut direct.backbone).set_setup(Some(setup)).unwrap();
+    let (vectors, _) =
+        adapters_models::sentence_embeddings(&direct.backbone, &direct.tokenizer, &["Who wrote Hamlet?".to_string()]).unwrap();
+    let served: Vec<f32> = served["data"][0]["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let d = served.iter().zip(&vectors[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(d < 1e-6, "served and direct embeddings differ by {d}");
+}

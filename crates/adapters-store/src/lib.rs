@@ -21,7 +21,7 @@ mod store;
 
 pub use folder::{Contents, FileEntry, SetupContents};
 pub use name::{Name, Reference};
-pub use store::{Listing, Manifest, PushOptions, Store, TagFile, VersionListing, LATEST};
+pub use store::{default_cache_dir, local_copy, Listing, Manifest, PushOptions, Store, TagFile, VersionListing, LATEST};
 
 mod error;
 pub use error::{Error, Result};

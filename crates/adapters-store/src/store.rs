@@ -441,3 +441,32 @@ fn parse_manifest(bytes: &[u8], name: &Name, version: &str) -> Result<Manifest> 
 fn hex_sha(bytes: &[u8]) -> String {
     folder::hex(&Sha256::digest(bytes))
 }
+
+/// Where downloaded versions are kept unless told otherwise: `$ADAPTERS_CACHE`, else
+/// `~/.cache/adapters`.
+pub fn default_cache_dir() -> std::path::PathBuf {
+    match (std::env::var_os("ADAPTERS_CACHE"), std::env::var_os("HOME")) {
+        (Some(dir), _) => dir.into(),
+        (None, Some(home)) => std::path::PathBuf::from(home).join(".cache/adapters"),
+        (None, None) => std::env::temp_dir().join("adapters-cache"),
+    }
+}
+
+/// The local folder of the version `reference` names in the store at `uri`, downloaded
+/// into `cache/NAME/VERSION` the first time (versions never change). Blocking, for
+/// command-line tools and the trainer; not for use inside an async runtime.
+pub fn local_copy(uri: &str, reference: &Reference, cache: &Path) -> Result<std::path::PathBuf> {
+    let store = Store::open(uri)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("starting the I/O runtime for {uri}: {e}")))?;
+    runtime.block_on(async {
+        let m = store.resolve(reference).await?;
+        let dir = cache.join(&m.name).join(&m.version);
+        if !dir.exists() {
+            store.download(&m, &dir).await?;
+        }
+        Ok(dir)
+    })
+}

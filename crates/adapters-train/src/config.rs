@@ -52,7 +52,8 @@ pub struct AdapterEntry {
     /// The registered kind (not with `from`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kind: String,
-    /// A trained adapter folder (ours, PEFT or AdapterHub) to load and keep frozen.
+    /// A trained adapter folder (ours, PEFT or AdapterHub) to load and keep frozen, or
+    /// `NAME@TAG` / `NAME@VERSION` in the adapter library `$ADAPTERS_STORE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<PathBuf>,
     /// Where the adapter goes.

@@ -144,6 +144,7 @@ impl Trainer {
             entries.sort_by_key(|(_, (_, e))| (e.from.is_none(), e.kind == FUSION));
             for (i, (name, entry)) in entries {
                 if let Some(from) = &entry.from {
+                    let from = &local_folder(from).within(|| format!("`adapters.{name}.from` = {}", from.display()))?;
                     let loaded =
                         io::load(from, &model.backbone, device).within(|| format!("`adapters.{name}.from` = {}", from.display()))?;
                     model.backbone.adapters_mut().add(name, loaded.adapter)?;
@@ -741,6 +742,20 @@ impl Trainer {
 const FUSION: &str = "fusion";
 
 /// Where a fusion layer goes by default: the layers and sites of its first member.
+/// A trained adapter's folder: `from` itself, or, when no such path exists, the version
+/// `from` names (`NAME@TAG`, `NAME@VERSION`) in the adapter library `$ADAPTERS_STORE`,
+/// downloaded once into `$ADAPTERS_CACHE`.
+fn local_folder(from: &std::path::Path) -> Result<PathBuf> {
+    let text = from.to_string_lossy();
+    match (from.exists(), std::env::var("ADAPTERS_STORE"), text.parse::<adapters_store::Reference>()) {
+        (false, Ok(store), Ok(reference)) => Ok(adapters_store::local_copy(&store, &reference, &adapters_store::default_cache_dir())?),
+        (false, Err(_), Ok(_)) => {
+            fail!(Config, "no folder {text}; to take `{text}` from an adapter library, set ADAPTERS_STORE to its address")
+        }
+        _ => Ok(from.to_path_buf()),
+    }
+}
+
 fn members_placement(model: &LoadedModel, entry: &AdapterEntry) -> Result<Placement> {
     let members = entry.config.get("members").and_then(|m| m.as_array()).cloned().unwrap_or_default();
     let Some(first) = members.first().and_then(|m| m.as_str()) else {
