@@ -190,10 +190,7 @@ impl AppState {
     /// Downloads a version (once; versions never change) and attaches it to a copy of the
     /// base model (the weights are shared, not copied).
     async fn load(&self, manifest: Manifest) -> Result<Resident, ApiError> {
-        let dir = self.config.cache_dir.join(&manifest.name).join(&manifest.version);
-        if !dir.exists() {
-            self.store.download(&manifest, &dir).await?;
-        }
+        let dir = self.store.cached(&manifest, &self.config.cache_dir).await?;
         let mut model = self.base.clone();
         tokio::task::spawn_blocking(move || {
             let fits = |e: adapters_models::Error| ApiError {

@@ -310,6 +310,16 @@ impl Store {
         result
     }
 
+    /// The folder `cache/NAME/VERSION` holding the version `manifest` describes,
+    /// downloaded the first time (versions never change, so a folder there is reused).
+    pub async fn cached(&self, manifest: &Manifest, cache: &Path) -> Result<std::path::PathBuf> {
+        let dir = cache.join(&manifest.name).join(&manifest.version);
+        if !dir.exists() {
+            self.download(manifest, &dir).await?;
+        }
+        Ok(dir)
+    }
+
     async fn download_into(&self, manifest: &Manifest, dir: &Path) -> Result<()> {
         let name: Name = manifest.name.parse()?;
         for f in &manifest.files {
@@ -452,8 +462,8 @@ pub fn default_cache_dir() -> std::path::PathBuf {
     }
 }
 
-/// The local folder of the version `reference` names in the store at `uri`, downloaded
-/// into `cache/NAME/VERSION` the first time (versions never change). Blocking, for
+/// The local folder of the version `reference` names in the store at `uri` (see
+/// [`Store::cached`]). Blocking, for
 /// command-line tools and the trainer; not for use inside an async runtime.
 pub fn local_copy(uri: &str, reference: &Reference, cache: &Path) -> Result<std::path::PathBuf> {
     let store = Store::open(uri)?;
@@ -461,12 +471,5 @@ pub fn local_copy(uri: &str, reference: &Reference, cache: &Path) -> Result<std:
         .enable_all()
         .build()
         .map_err(|e| Error::Invalid(format!("starting the I/O runtime for {uri}: {e}")))?;
-    runtime.block_on(async {
-        let m = store.resolve(reference).await?;
-        let dir = cache.join(&m.name).join(&m.version);
-        if !dir.exists() {
-            store.download(&m, &dir).await?;
-        }
-        Ok(dir)
-    })
+    runtime.block_on(async { store.cached(&store.resolve(reference).await?, cache).await })
 }
