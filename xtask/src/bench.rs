@@ -12,6 +12,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("adapters-bench", "adapter_overhead"),
     ("adapters-bench", "training_step"),
     ("adapters-bench", "composition"),
+    ("adapters-bench", "mixed_batch"),
 ];
 
 /// Interleaved comparisons written by the benches, in report order.
@@ -21,6 +22,8 @@ const COMPARISONS: &[&str] = &[
     "training_step.json",
     "composition_fusion.json",
     "composition_parallel.json",
+    "mixed_batch_pfeiffer.json",
+    "mixed_batch_lora.json",
 ];
 
 pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {

@@ -2,7 +2,7 @@
 //! sublayer output (the residual is the backbone's).
 
 use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
-use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, SublayerIo};
+use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, RowBatch, SublayerIo};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -90,12 +90,138 @@ fn act(a: Activation, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn linear(x: &Tensor, w: &Var, b: &Var) -> Result<Tensor> {
-    kernels::linear(x, w.as_tensor(), Some(b.as_tensor()))
+/// A site's tensors: the adapter's own, or (`per_row`) stacked per row of a batch whose
+/// rows use different adapters of one configuration (`[rows, ...]`).
+struct Weights {
+    down_w: Tensor,
+    down_b: Tensor,
+    up_w: Tensor,
+    up_b: Tensor,
+    norm_before: Option<(Tensor, Tensor)>,
+    norm_after: Option<(Tensor, Tensor)>,
+    gate: Option<(Tensor, Tensor)>,
+    scaling: Option<Tensor>,
+    per_row: bool,
 }
 
-fn layer_norm(x: &Tensor, (w, b): &(Var, Var)) -> Result<Tensor> {
-    kernels::layer_norm(x, w.as_tensor(), b.as_tensor(), 1e-5)
+impl Site {
+    /// Every tensor, in the order of [`Adapter::vars`].
+    fn tensors(&self) -> Vec<Tensor> {
+        let pair = |p: &Option<(Var, Var)>| p.iter().flat_map(|(w, b)| [w.as_tensor().clone(), b.as_tensor().clone()]).collect::<Vec<_>>();
+        let mut out = vec![
+            self.down_w.as_tensor().clone(),
+            self.down_b.as_tensor().clone(),
+            self.up_w.as_tensor().clone(),
+            self.up_b.as_tensor().clone(),
+        ];
+        out.extend(pair(&self.norm_before));
+        out.extend(pair(&self.norm_after));
+        out.extend(pair(&self.gate));
+        out.extend(self.scaling.iter().map(|v| v.as_tensor().clone()));
+        out
+    }
+
+    /// `tensors` (this site's own, or stacked per row), named by this site's layout.
+    fn weights(&self, tensors: &[Tensor], per_row: bool) -> Result<Weights> {
+        if tensors.len() != self.tensors().len() {
+            candle_core::bail!("bottleneck site: {} tensors given for a site of {}", tensors.len(), self.tensors().len());
+        }
+        let mut it = tensors.iter().cloned();
+        let mut next = || it.next().expect("counted above");
+        let (down_w, down_b, up_w, up_b) = (next(), next(), next(), next());
+        let mut pair = |on: bool| if on { Some((next(), next())) } else { None };
+        let (norm_before, norm_after, gate) =
+            (pair(self.norm_before.is_some()), pair(self.norm_after.is_some()), pair(self.gate.is_some()));
+        let scaling = self.scaling.as_ref().map(|_| next());
+        Ok(Weights { down_w, down_b, up_w, up_b, norm_before, norm_after, gate, scaling, per_row })
+    }
+}
+
+impl Weights {
+    fn linear(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.per_row {
+            kernels::row_linear(x, w, Some(b), None)
+        } else {
+            kernels::linear(x, w, Some(b))
+        }
+    }
+
+    fn layer_norm(&self, x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+        if self.per_row {
+            kernels::row_layer_norm(x, w, b, 1e-5)
+        } else {
+            kernels::layer_norm(x, w, b, 1e-5)
+        }
+    }
+
+    /// A learned scale as it broadcasts over `[batch, seq, hidden]`.
+    fn scale(&self, s: &Tensor) -> Result<Tensor> {
+        if self.per_row {
+            s.unsqueeze(1)
+        } else {
+            Ok(s.clone())
+        }
+    }
+}
+
+impl Bottleneck {
+    /// The forward at a site with the given weights (see [`Weights`]).
+    fn forward_with(&self, w: &Weights, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let c = &self.config;
+        let z = if c.is_parallel {
+            io.input.clone()
+        } else if c.original_ln_before {
+            match io.post_norm {
+                Some(norm) => norm(io.output, io.input)?,
+                None => (io.input + io.output)?,
+            }
+        } else {
+            io.output.clone()
+        };
+        let z = match &w.norm_before {
+            Some(n) => w.layer_norm(&z, n)?,
+            None => z,
+        };
+        let hidden = act(c.non_linearity, &w.linear(&z, &w.down_w, &w.down_b)?)?;
+        // A fixed scale with nothing between it and the up projection goes into that
+        // projection's (small) weight and bias: no pass over the [tokens, hidden] output.
+        let fold = match (&c.scaling, &w.norm_after) {
+            (Scaling::Fixed(v), None) if *v != 1.0 => Some(*v),
+            _ => None,
+        };
+        let (up_w, up_b) = match fold {
+            Some(v) => ((&w.up_w * v)?, (&w.up_b * v)?),
+            None => (w.up_w.clone(), w.up_b.clone()),
+        };
+        // Nothing between the up projection and the residual add (the usual case): one
+        // fused step, which neither makes nor keeps the up projection's own output.
+        let dropout = ctx.train && c.dropout > 0.0;
+        let unscaled = fold.is_some() || matches!(c.scaling, Scaling::Fixed(v) if v == 1.0);
+        if unscaled && w.norm_after.is_none() && w.gate.is_none() && !dropout {
+            return match w.per_row {
+                true => kernels::row_linear(&hidden, &up_w, Some(&up_b), Some(io.output)),
+                false => kernels::linear_add(&hidden, &up_w, &up_b, io.output),
+            };
+        }
+        let mut up = w.linear(&hidden, &up_w, &up_b)?;
+        if let Some(n) = &w.norm_after {
+            up = w.layer_norm(&up, n)?;
+        }
+        up = match (&c.scaling, &w.scaling) {
+            (Scaling::Fixed(_), _) if fold.is_some() => up,
+            (Scaling::Fixed(v), _) if *v == 1.0 => up,
+            (Scaling::Fixed(v), _) => (up * *v)?,
+            (_, Some(learned)) => up.broadcast_mul(&w.scale(learned)?)?,
+            (_, None) => up,
+        };
+        if let Some((gw, gb)) = &w.gate {
+            up = up.broadcast_mul(&candle_nn::ops::sigmoid(&w.linear(&z, gw, gb)?)?)?;
+        }
+        if dropout {
+            up = ctx.dropout(&up, c.dropout)?;
+        }
+        io.output + up
+    }
 }
 
 impl Adapter for Bottleneck {
@@ -139,57 +265,23 @@ impl Adapter for Bottleneck {
     }
 
     fn forward_hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        let s = &self.sites[&point];
+        let site = &self.sites[&point];
+        self.forward_with(&site.weights(&site.tensors(), false)?, io, ctx)
+    }
+
+    fn row_batch(&self, point: Point) -> Option<RowBatch> {
+        let site = self.sites.get(&point)?;
         let c = &self.config;
-        let z = if c.is_parallel {
-            io.input.clone()
-        } else if c.original_ln_before {
-            match io.post_norm {
-                Some(norm) => norm(io.output, io.input)?,
-                None => (io.input + io.output)?,
-            }
-        } else {
-            io.output.clone()
-        };
-        let z = match &s.norm_before {
-            Some(n) => layer_norm(&z, n)?,
-            None => z,
-        };
-        let hidden = act(c.non_linearity, &linear(&z, &s.down_w, &s.down_b)?)?;
-        // A fixed scale with nothing between it and the up projection goes into that
-        // projection's (small) weight and bias: no pass over the [tokens, hidden] output.
-        let fold = match (&c.scaling, &s.norm_after) {
-            (Scaling::Fixed(v), None) if *v != 1.0 => Some(*v),
-            _ => None,
-        };
-        let (up_w, up_b) = match fold {
-            Some(v) => ((s.up_w.as_tensor() * v)?, (s.up_b.as_tensor() * v)?),
-            None => (s.up_w.as_tensor().clone(), s.up_b.as_tensor().clone()),
-        };
-        // Nothing between the up projection and the residual add (the usual case): one
-        // fused step, which neither makes nor keeps the up projection's own output.
-        let dropout = ctx.train && c.dropout > 0.0;
-        let unscaled = fold.is_some() || matches!(c.scaling, Scaling::Fixed(v) if v == 1.0);
-        if unscaled && s.norm_after.is_none() && s.gate.is_none() && !dropout {
-            return kernels::linear_add(&hidden, &up_w, &up_b, io.output);
-        }
-        let mut up = kernels::linear(&hidden, &up_w, Some(&up_b))?;
-        if let Some(n) = &s.norm_after {
-            up = layer_norm(&up, n)?;
-        }
-        up = match (&c.scaling, &s.scaling) {
-            (Scaling::Fixed(_), _) if fold.is_some() => up,
-            (Scaling::Fixed(v), _) if *v == 1.0 => up,
-            (Scaling::Fixed(v), _) => (up * *v)?,
-            (_, Some(learned)) => up.broadcast_mul(learned.as_tensor())?,
-            (_, None) => up,
-        };
-        if let Some((w, b)) = &s.gate {
-            up = up.broadcast_mul(&candle_nn::ops::sigmoid(&linear(&z, w, b)?)?)?;
-        }
-        if dropout {
-            up = ctx.dropout(&up, c.dropout)?;
-        }
-        io.output + up
+        let (r, d) = site.down_w.dims2().ok()?;
+        // Everything the forward depends on besides the tensors (not the kind's name or the init).
+        let key = format!(
+            "bottleneck {d}x{r} act={:?} original_ln_before={} parallel={} scaling={:?} ln_before={} ln_after={} dropout={} gating={}",
+            c.non_linearity, c.original_ln_before, c.is_parallel, c.scaling, c.ln_before, c.ln_after, c.dropout, c.use_gating
+        );
+        Some(RowBatch { key, weights: site.tensors() })
+    }
+
+    fn forward_hidden_rows(&self, point: Point, io: &SublayerIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_with(&self.sites[&point].weights(weights, true)?, io, ctx)
     }
 }

@@ -310,6 +310,13 @@ enum Command {
         /// a request for ROUTE goes to a variant by weight (sticky per `user`).
         #[arg(long)]
         routes: Option<PathBuf>,
+        /// Most texts in one forward pass: embedding and classification requests waiting
+        /// together run as one batch, each row through its own adapter (0: each request alone).
+        #[arg(long, default_value_t = 32)]
+        batch_rows: usize,
+        /// Milliseconds a batch waits for more requests once a compute slot is free.
+        #[arg(long, default_value_t = 2)]
+        batch_wait_ms: u64,
     },
     /// Remove a stored version (NAME@VERSION or NAME@TAG), or with --tag one tag of NAME.
     /// A version that tags point to stays unless --force (which removes those tags too).
@@ -370,6 +377,8 @@ fn main() {
             max_concurrent,
             tag_ttl,
             routes,
+            batch_rows,
+            batch_wait_ms,
         } => {
             let routes = match routes.map(|r| adapters_serve::routes::Routes::load(&r)).transpose() {
                 Ok(r) => r.unwrap_or_default(),
@@ -385,6 +394,7 @@ fn main() {
                 admin_token,
                 tag_ttl: std::time::Duration::from_secs(tag_ttl),
                 max_concurrent,
+                batching: adapters_serve::Batching { max_rows: batch_rows, max_wait: std::time::Duration::from_millis(batch_wait_ms) },
                 ..Default::default()
             };
             serve_command::serve(&model, &store, &host, port, config)

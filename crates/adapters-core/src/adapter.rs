@@ -41,6 +41,18 @@ pub struct LowRank {
     pub up: Tensor,
 }
 
+/// How an adapter's computation at a point runs together with other adapters' in one
+/// batch whose rows use different adapters (mixed-adapter serving): adapters with equal
+/// `key`s compute the same function of different `weights`, so the rows of all of them
+/// go through one batched computation over the weights stacked per row
+/// ([`Adapter::forward_hidden_rows`], [`Adapter::forward_projection_rows`]).
+pub struct RowBatch {
+    /// Equal keys mean equal computation and equal weight shapes (kind, configuration, sizes).
+    pub key: String,
+    /// The tensors that differ between such adapters, in a fixed order.
+    pub weights: Vec<Tensor>,
+}
+
 /// One member of a fusion at a site: its output there and the adapter whose conventions
 /// (what it reads, where its residual comes from) the fusion follows: the member itself,
 /// or the last adapter of a stacked member.
@@ -100,6 +112,27 @@ pub trait Adapter: Send + Sync {
     fn low_rank_projection(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>> {
         let _ = (point, input, ctx);
         None
+    }
+
+    /// The form in which this adapter runs at `point` batched with other adapters, each
+    /// on its own rows; `None` (the default): its rows run as a group of their own.
+    fn row_batch(&self, point: Point) -> Option<RowBatch> {
+        let _ = point;
+        None
+    }
+
+    /// At a hidden site, with weights per row: `weights[j]` stacks tensor `j` of the
+    /// [`RowBatch`] of each row's adapter (`[rows, ...]`), adapters that share this one's
+    /// key. Must agree with each adapter's own `forward_hidden` on its rows.
+    fn forward_hidden_rows(&self, point: Point, io: &SublayerIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
+        let _ = (io, weights, ctx);
+        candle_core::bail!("adapter kind `{}` has no per-row hidden-site forward ({point})", self.kind())
+    }
+
+    /// At a projection site, with weights per row (as [`Adapter::forward_hidden_rows`]).
+    fn forward_projection_rows(&self, point: Point, io: &ProjectionIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
+        let _ = (io, weights, ctx);
+        candle_core::bail!("adapter kind `{}` has no per-row projection forward ({point})", self.kind())
     }
 
     /// As the fusion layer of a `fuse(...)` block at a hidden site: combines the members'

@@ -15,6 +15,8 @@ pub struct RowGroup {
     pub stack: Vec<String>,
     /// Row indices into the batch (`u32`, on the model's device).
     pub rows: Tensor,
+    /// The same indices, on the host.
+    pub indices: Vec<u32>,
 }
 
 /// An auxiliary loss produced inside the forward pass (e.g. a router's load-balancing loss).
@@ -179,7 +181,7 @@ impl ForwardCtx {
             .into_iter()
             .map(|(stack, rows)| {
                 let n = rows.len();
-                Ok(RowGroup { stack, rows: Tensor::from_vec(rows, n, device)? })
+                Ok(RowGroup { stack, rows: Tensor::from_vec(rows.clone(), n, device)?, indices: rows })
             })
             .collect::<Result<Vec<_>>>()?;
         self.row_groups = Some(groups);

@@ -2,7 +2,7 @@
 //! backbones call at every point.
 
 use crate::adapter::{Adapter, AddNormFn, FuseMember, ProjectionIo, SublayerIo, TensorFn};
-use crate::context::{AuxLoss, ForwardCtx, FusionAttention};
+use crate::context::{AuxLoss, ForwardCtx, FusionAttention, RowGroup};
 use crate::kernels;
 use crate::point::Point;
 use crate::setup::Setup;
@@ -81,6 +81,9 @@ impl Node {
     }
 }
 
+/// One adapter of a row batch at a point: its tensors there and its rows.
+type RowBatchMember<'a> = (Arc<dyn Adapter>, Vec<Tensor>, &'a RowGroup);
+
 /// What a site lends to its adapters besides its input and output.
 #[derive(Clone, Copy)]
 enum SiteFn<'a> {
@@ -91,11 +94,17 @@ enum SiteFn<'a> {
 impl AdapterSet {
     /// Attaches an adapter under `name` (inactive until activated).
     pub fn add(&mut self, name: &str, adapter: Box<dyn Adapter>) -> std::result::Result<(), Error> {
+        self.add_shared(name, Arc::from(adapter))
+    }
+
+    /// Attaches an adapter that other sets share (a server's batch borrows its resident
+    /// adapters without copying them); inactive until activated.
+    pub fn add_shared(&mut self, name: &str, adapter: Arc<dyn Adapter>) -> std::result::Result<(), Error> {
         if self.get(name).is_some() {
             return Err(Error::Adapter(format!("an adapter named `{name}` is already attached; remove it first or pick another name")));
         }
         let points = adapter.points().into_iter().collect();
-        self.adapters.push(Named { name: name.to_string(), adapter: Arc::from(adapter), points });
+        self.adapters.push(Named { name: name.to_string(), adapter, points });
         Ok(())
     }
 
@@ -306,7 +315,10 @@ impl AdapterSet {
     /// Whether any adapter may run at `point` in this forward pass (an active one, or any
     /// when rows choose their own): backbones fuse operations around points where none does.
     pub fn may_act_at(&self, point: Point, ctx: &ForwardCtx) -> bool {
-        ctx.row_groups.is_some() || self.resolved.contains_key(&point)
+        let Some(groups) = &ctx.row_groups else { return self.resolved.contains_key(&point) };
+        // A name not attached may act: the dispatch reports it.
+        let acts = |name: &String| self.adapters.iter().find(|a| a.name == *name).is_none_or(|a| a.points.contains(&point));
+        groups.iter().any(|g| g.stack.iter().any(acts))
     }
 
     /// How many copies of the batch the active setup asks the backbone to run (its
@@ -366,15 +378,81 @@ impl AdapterSet {
                  base weights (every row would get it); unmerge it first"
             );
         }
-        let mut result = output.clone();
+        // Groups whose stack here is one adapter with a row-batch form go in one batched
+        // computation with the groups of the same key; the rest run group by group.
+        let mut batches: Vec<(String, Vec<RowBatchMember>)> = Vec::new();
+        let mut alone = Vec::new();
         for group in groups {
             let setup = Setup::stack(&group.stack);
             let node = self.resolve(&setup, point).map_err(|e| candle_core::Error::Msg(format!("row choice: {e}")))?;
             let Some(node) = node else { continue };
+            let single = match &node {
+                Node::Adapter(a) => Some(a.clone()),
+                Node::Stack(children) => match children.as_slice() {
+                    [Node::Adapter(a)] => Some(a.clone()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            match single.and_then(|a| a.row_batch(point).map(|b| (a, b))) {
+                Some((adapter, form)) => match batches.iter_mut().find(|(key, _)| *key == form.key) {
+                    Some((_, members)) => members.push((adapter, form.weights, group)),
+                    None => batches.push((form.key, vec![(adapter, form.weights, group)])),
+                },
+                None => alone.push((node, group)),
+            }
+        }
+        // A key with one adapter gains nothing from per-row weights.
+        for (_, members) in batches.iter_mut().filter(|(_, m)| m.len() == 1) {
+            let (adapter, _, group) = members.pop().expect("one member");
+            alone.push((Node::Adapter(adapter), group));
+        }
+        let batch = output.dim(0)?;
+        let whole = |indices: &[u32]| indices.len() == batch && indices.iter().enumerate().all(|(i, &r)| r as usize == i);
+        let mut result = output.clone();
+        let mut untouched = true;
+        for (_, members) in batches.into_iter().filter(|(_, m)| !m.is_empty()) {
+            // Row r of the batch (in ascending order) takes member `member_of[r]`'s weights.
+            let mut rows: Vec<(u32, u32)> =
+                members.iter().enumerate().flat_map(|(m, (_, _, g))| g.indices.iter().map(move |&r| (r, m as u32))).collect();
+            rows.sort_unstable();
+            let member_of = Tensor::from_iter(rows.iter().map(|&(_, m)| m), output.device())?;
+            let weights = (0..members[0].1.len())
+                .map(|j| Tensor::stack(&members.iter().map(|(_, w, _)| &w[j]).collect::<Vec<_>>(), 0)?.index_select(&member_of, 0))
+                .collect::<Result<Vec<_>>>()?;
+            let adapter = &members[0].0;
+            let rows_of = |t: &Tensor, index: &Tensor| if rows.len() == batch { Ok(t.clone()) } else { t.index_select(index, 0) };
+            let index = Tensor::from_iter(rows.iter().map(|&(r, _)| r), output.device())?;
+            let (rows_in, rows_out) = (rows_of(input, &index)?, rows_of(output, &index)?);
+            let rows_ctx = if rows.len() == batch { ctx.for_range(0, batch)? } else { ctx.for_rows(&index)? };
+            let new_rows = match site {
+                SiteFn::Hidden(post_norm) => adapter.forward_hidden_rows(
+                    point,
+                    &SublayerIo { input: &rows_in, output: &rows_out, post_norm },
+                    &weights,
+                    &rows_ctx,
+                )?,
+                SiteFn::Projection(linear) => adapter.forward_projection_rows(
+                    point,
+                    &ProjectionIo { input: &rows_in, output: &rows_out, linear },
+                    &weights,
+                    &rows_ctx,
+                )?,
+            };
+            result = if rows.len() == batch && untouched { new_rows } else { result.index_add(&index, &(new_rows - rows_out)?, 0)? };
+            untouched = false;
+        }
+        for (node, group) in alone {
+            if whole(&group.indices) && untouched {
+                result = self.run(&node, point, input, output, site, &ctx.for_range(0, batch)?)?;
+                untouched = false;
+                continue;
+            }
             let rows_in = input.index_select(&group.rows, 0)?;
             let rows_out = output.index_select(&group.rows, 0)?;
             let new_rows = self.run(&node, point, &rows_in, &rows_out, site, &ctx.for_rows(&group.rows)?)?;
             result = result.index_add(&group.rows, &(new_rows - rows_out)?, 0)?;
+            untouched = false;
         }
         Ok(result)
     }

@@ -3,7 +3,7 @@
 //! leaves the model unchanged. Mergeable: the delta `s * B A` can be added to `W`.
 
 use adapters_core::registry::parse_config;
-use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, LowRank, Point, ProjectionIo, Site};
+use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, LowRank, Point, ProjectionIo, RowBatch, Site};
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -142,6 +142,23 @@ impl Adapter for Lora {
 
     fn low_rank_projection(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>> {
         Some(self.low_rank(point, input, ctx))
+    }
+
+    fn row_batch(&self, point: Point) -> Option<RowBatch> {
+        let p = self.pairs.get(&point)?;
+        let (r, d_in) = p.a.dims2().ok()?;
+        let d_out = p.b.dim(0).ok()?;
+        let scale = Tensor::new(&[p.scale as f32], p.a.device()).ok()?;
+        let key = format!("lora {d_in}->{r}->{d_out} dropout={}", self.config.dropout);
+        Some(RowBatch { key, weights: vec![p.a.as_tensor().clone(), p.b.as_tensor().clone(), scale] })
+    }
+
+    /// `weights`: A `[rows, r, in]`, B `[rows, out, r]`, the scale `[rows, 1]`.
+    fn forward_projection_rows(&self, _point: Point, io: &ProjectionIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
+        let [a, b, scale] = weights else { candle_core::bail!("lora: {} per-row tensors given, not 3 (A, B, scale)", weights.len()) };
+        let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
+        let down = kernels::row_linear(&x, a, None, None)?.broadcast_mul(&scale.unsqueeze(1)?)?;
+        kernels::row_linear(&down, b, None, Some(io.output))
     }
 
     fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {

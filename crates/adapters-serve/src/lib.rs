@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+mod batcher;
 pub mod cache;
 mod completions;
 mod error;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod routes;
 mod server;
 
+pub use batcher::Batching;
 pub use error::ApiError;
 pub use server::{router, AppState, Config};
 

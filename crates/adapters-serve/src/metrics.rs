@@ -66,6 +66,10 @@ pub struct Metrics {
     pub resident_bytes: Gauge,
     /// Seconds to publish a new snapshot of the resident adapters.
     pub swap_seconds: Histogram,
+    /// Rows (texts) per forward pass.
+    pub batch_rows: Histogram,
+    /// Different models (adapters, or the base) per forward pass.
+    pub batch_models: Histogram,
 }
 
 impl Default for Metrics {
@@ -84,6 +88,8 @@ impl Default for Metrics {
             resident: Gauge::default(),
             resident_bytes: Gauge::default(),
             swap_seconds: swap_latency(),
+            batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            batch_models: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by adapter, version, endpoint and status", m.requests.clone());
@@ -98,6 +104,8 @@ impl Default for Metrics {
         registry.register("resident_adapters", "Resident adapters", m.resident.clone());
         registry.register("resident_adapter_bytes", "Bytes of resident adapters", m.resident_bytes.clone());
         registry.register("snapshot_swap_seconds", "Time to publish a new snapshot of the resident adapters", m.swap_seconds.clone());
+        registry.register("batch_rows", "Rows (texts) per forward pass", m.batch_rows.clone());
+        registry.register("batch_models", "Different adapters (or the base) per forward pass", m.batch_models.clone());
         Metrics { registry, ..m }
     }
 }

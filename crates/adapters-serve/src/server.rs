@@ -1,13 +1,12 @@
 //! The HTTP server: routes, adapter resolution and loading, and the inference handlers.
 
+use crate::batcher::{Batcher, Batching, Work};
 use crate::cache::{AdapterCache, CacheError, Limits, Resident};
 use crate::error::ApiError;
 use crate::metrics::{AdapterLabels, Metrics, RequestLabels};
-use adapters_core::{ForwardCtx, Setup};
+use adapters_core::Setup;
 use adapters_models::{Backbone, HoldsAdapters, LoadedModel, TextTokenizer};
 use adapters_store::{Manifest, Reference, Store};
-use adapters_train::config::Pooling;
-use adapters_train::forward::{classify, pooled};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -19,7 +18,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How the server runs.
@@ -41,6 +40,8 @@ pub struct Config {
     pub max_inputs: usize,
     /// A/B routes at start (`/admin/routes` changes them).
     pub routes: crate::routes::Routes,
+    /// How embedding and classification requests are batched across adapters.
+    pub batching: Batching,
 }
 
 impl Default for Config {
@@ -54,6 +55,7 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             max_inputs: 256,
             routes: Default::default(),
+            batching: Batching::default(),
         }
     }
 }
@@ -72,6 +74,7 @@ pub struct AppState {
     routes: arc_swap::ArcSwap<crate::routes::Routes>,
     route_publishing: Mutex<()>,
     draining: AtomicBool,
+    batcher: OnceLock<Batcher>,
 }
 
 impl AppState {
@@ -89,6 +92,7 @@ impl AppState {
             routes: arc_swap::ArcSwap::from_pointee(config.routes.clone()),
             route_publishing: Mutex::new(()),
             draining: AtomicBool::new(false),
+            batcher: OnceLock::new(),
             config,
         }
     }
@@ -168,6 +172,16 @@ impl AppState {
     /// The base model's tokenizer (adapters share it).
     pub(crate) fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
+    }
+
+    /// How requests are batched.
+    pub(crate) fn batching(&self) -> Batching {
+        self.config.batching
+    }
+
+    /// The batching queue (started on first use, inside the server's runtime).
+    fn batcher(self: &Arc<Self>) -> &Batcher {
+        self.batcher.get_or_init(|| Batcher::start(Arc::downgrade(self)))
     }
 
     /// A compute slot: at most `max_concurrent` forwards run at once.
@@ -277,18 +291,6 @@ pub(crate) fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, ApiE
     payload.map(|Json(t)| t).map_err(|r| ApiError { status: r.status(), message: format!("request body: {}", r.body_text()) })
 }
 
-/// Runs `work` on a compute slot in the blocking pool, recording the queue time.
-async fn compute<T: Send + 'static>(
-    state: &Arc<AppState>,
-    labels: &AdapterLabels,
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let queued = Instant::now();
-    let _slot = state.compute_slot().await?;
-    state.metrics.queue.get_or_create(labels).observe(queued.elapsed().as_secs_f64());
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("the forward pass failed: {e}")))?
-}
-
 /// The model a request runs on: the base, or a resident adapter (held for the request).
 pub(crate) enum Target {
     Base,
@@ -334,9 +336,8 @@ fn texts(state: &AppState, input: Input) -> Result<Vec<String>, ApiError> {
     Ok(texts)
 }
 
-/// An endpoint's work on one request's texts (and `task`): the response body and the
-/// tokens read.
-type Runner = fn(&AppState, &Target, Vec<String>, Option<String>) -> Result<(Value, usize), ApiError>;
+/// What an endpoint asks of a request's rows, given its model (and `task`).
+type WorkOf = fn(&Target, Option<String>) -> Result<Work, ApiError>;
 
 /// Runs an inference endpoint: parses, resolves the model, runs, and records metrics
 /// under the adapter's labels (or `unknown` when the model could not be resolved).
@@ -344,7 +345,7 @@ async fn serve_inference(
     state: Arc<AppState>,
     endpoint: &'static str,
     payload: Result<Json<InferenceRequest>, JsonRejection>,
-    run: Runner,
+    work_of: WorkOf,
 ) -> axum::response::Response {
     let started = Instant::now();
     let mut labels = AdapterLabels { adapter: "unknown".into(), version: String::new() };
@@ -358,16 +359,12 @@ async fn serve_inference(
         let texts = texts(&state, request.input)?;
         let (target, route) = state.target(&request.model, request.user.as_deref()).await?;
         labels = target.labels();
-        let (st, lb, task) = (state.clone(), labels.clone(), request.task);
-        let rows = texts.len() as u64;
-        let (mut value, tokens) = compute(&state, &labels, move || run(&st, &target, texts, task).map(|(v, t)| (v, t, target.id())))
-            .await
-            .map(|(mut v, tokens, id)| {
-                v["model"] = json!(id);
-                (v, tokens)
-            })?;
-        state.metrics.rows.get_or_create(&lb).inc_by(rows);
-        state.metrics.tokens.get_or_create(&lb).inc_by(tokens as u64);
+        let work = work_of(&target, request.task)?;
+        let (rows, id) = (texts.len() as u64, target.id());
+        let (mut value, tokens) = state.batcher().run(target, texts, work).await?;
+        value["model"] = json!(id);
+        state.metrics.rows.get_or_create(&labels).inc_by(rows);
+        state.metrics.tokens.get_or_create(&labels).inc_by(tokens as u64);
         value["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
         if let Some(route) = route {
             value["route"] = route;
@@ -394,71 +391,44 @@ async fn serve_inference(
     response
 }
 
-fn run_embeddings(state: &AppState, target: &Target, texts: Vec<String>, _: Option<String>) -> Result<(Value, usize), ApiError> {
-    let (vectors, tokens) = adapters_models::sentence_embeddings(state.model_of(target), &state.tokenizer, &texts)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let data: Vec<Value> =
-        vectors.into_iter().enumerate().map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v})).collect();
-    Ok((json!({"object": "list", "data": data}), tokens))
+fn embedding(_: &Target, _: Option<String>) -> Result<Work, ApiError> {
+    Ok(Work::Embed)
 }
 
-fn run_classify(state: &AppState, target: &Target, texts: Vec<String>, task: Option<String>) -> Result<(Value, usize), ApiError> {
+/// The adapter's head for `task` (or its only head).
+fn classification(target: &Target, task: Option<String>) -> Result<Work, ApiError> {
     let Target::Adapter(resident) = target else {
         return Err(ApiError::bad_request("`model`: the base model has no classification head; name an adapter trained with one"));
     };
-    let heads: Vec<_> = resident.heads.iter().filter(|h| task.as_ref().is_none_or(|t| &h.config.task == t)).collect();
-    let head = match heads.as_slice() {
-        [one] => *one,
+    let heads: Vec<usize> =
+        (0..resident.heads.len()).filter(|&i| task.as_ref().is_none_or(|t| &resident.heads[i].config.task == t)).collect();
+    match heads.as_slice() {
+        [one] => Ok(Work::Classify { head: *one }),
         [] => {
             let known: Vec<&str> = resident.heads.iter().map(|h| h.config.task.as_str()).collect();
-            return Err(ApiError::bad_request(format!(
+            Err(ApiError::bad_request(format!(
                 "{} has no head{} (heads: [{}])",
                 resident.key(),
                 task.map(|t| format!(" for task `{t}`")).unwrap_or_default(),
                 known.join(", ")
-            )));
+            )))
         }
-        _ => return Err(ApiError::bad_request(format!("{} has several heads; choose one with `task`", resident.key()))),
-    };
-    let max_length = 512;
-    let ids = texts
-        .iter()
-        .map(|t| adapters_train::encode_truncated(&state.tokenizer, t, max_length, resident.model.is_encoder()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let tokens = ids.iter().map(Vec::len).sum();
-    let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let ctx = ForwardCtx::inference();
-    let pooling: Pooling = head.config.pooling;
-    let logits = pooled(&resident.model, &rows, pooling, &ctx)
-        .and_then(|f| classify(&head.head, &f, 0.0, &ctx))
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    let probs =
-        candle_nn::ops::softmax_last_dim(&logits).and_then(|p| p.to_vec2::<f32>()).map_err(|e| ApiError::internal(e.to_string()))?;
-    let data: Vec<Value> = probs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let best = p.iter().enumerate().fold(0, |b, (j, &v)| if v > p[b] { j } else { b });
-            let scores: serde_json::Map<String, Value> = head.config.labels.iter().zip(p).map(|(l, v)| (l.clone(), json!(v))).collect();
-            json!({"index": i, "label": head.config.labels[best], "scores": scores})
-        })
-        .collect();
-    Ok((json!({"object": "list", "task": head.config.task, "data": data}), tokens))
+        _ => Err(ApiError::bad_request(format!("{} has several heads; choose one with `task`", resident.key()))),
+    }
 }
 
 async fn embeddings(
     State(state): State<Arc<AppState>>,
     payload: Result<Json<InferenceRequest>, JsonRejection>,
 ) -> axum::response::Response {
-    serve_inference(state, "embeddings", payload, run_embeddings).await
+    serve_inference(state, "embeddings", payload, embedding).await
 }
 
 async fn classify_texts(
     State(state): State<Arc<AppState>>,
     payload: Result<Json<InferenceRequest>, JsonRejection>,
 ) -> axum::response::Response {
-    serve_inference(state, "classify", payload, run_classify).await
+    serve_inference(state, "classify", payload, classification).await
 }
 
 /// `GET /v1/models`: the base model and every adapter in the store (resident ones marked).

@@ -443,11 +443,8 @@ async fn the_dashboard_queries_only_exported_metrics() {
     }
 }
 
-/// A stored setup (two adapters stacked, each with its head) is served like an adapter:
-/// `task` picks the head, and the answer matches the same setup loaded from folders.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_setup_is_served_like_an_adapter() {
-    let dir = scratch("setup");
+/// A setup bundle in `dir/bundle`: the SMS spam and TREC adapters stacked, each with its head.
+fn stacked_bundle(dir: &Path) -> (PathBuf, adapters_core::Setup) {
     let bundle = dir.join("bundle");
     for member in ["sms_spam", "trec_coarse"] {
         let from = fixtures().join("fusion-sources").join(member);
@@ -463,6 +460,15 @@ async fn a_stored_setup_is_served_like_an_adapter() {
     }
     let setup = adapters_core::Setup::stack(&["sms_spam".to_string(), "trec_coarse".to_string()]);
     setup.save(&bundle).unwrap();
+    (bundle, setup)
+}
+
+/// A stored setup (two adapters stacked, each with its head) is served like an adapter:
+/// `task` picks the head, and the answer matches the same setup loaded from folders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_setup_is_served_like_an_adapter() {
+    let dir = scratch("setup");
+    let (bundle, setup) = stacked_bundle(&dir);
     let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
     store.push(&bundle, &"stacked".parse().unwrap(), PushOptions::default()).await.unwrap();
@@ -485,4 +491,68 @@ async fn a_stored_setup_is_served_like_an_adapter() {
     let served: Vec<f32> = served["data"][0]["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let d = served.iter().zip(&vectors[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(d < 1e-6, "served and direct embeddings differ by {d}");
+}
+
+/// Whether two JSON values are equal, numbers within `tol`.
+fn close(a: &Value, b: &Value, tol: f64) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() <= tol,
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| close(x, y, tol)),
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| close(v, w, tol))),
+        _ => a == b,
+    }
+}
+
+/// Requests that wait together run as one forward pass even when they use different
+/// adapters (three Pfeiffer adapters with heads, a PEFT LoRA, an AdapterHub parallel
+/// adapter, the base model, and a stored setup, which runs on its own): each answer equals
+/// the answer of a server that runs every request alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_for_different_adapters_run_as_one_batch() {
+    let dir = scratch("batching");
+    let store = local_store(&dir).await;
+    let (bundle, _) = stacked_bundle(&dir);
+    store.push(&bundle, &"stacked".parse().unwrap(), PushOptions::default()).await.unwrap();
+    for (name, folder) in [("lora", "interop/peft_lora_minilm/adapter"), ("parallel", "interop/adapterhub_par_bn_minilm/adapter")] {
+        store.push(&fixtures().join(folder), &name.parse().unwrap(), PushOptions::default()).await.unwrap();
+    }
+    let requests = [
+        ("/v1/classify", json!({"model": "sms", "input": ["free entry to win a prize, text WIN now", "are we meeting at six?"]})),
+        ("/v1/classify", json!({"model": "trec", "input": "Who wrote Hamlet?"})),
+        ("/v1/embeddings", json!({"model": "vader", "input": "what a lovely day :)"})),
+        ("/v1/embeddings", json!({"model": "lora", "input": ["a quiet evening", "the results are in, and they look good"]})),
+        ("/v1/embeddings", json!({"model": "parallel", "input": "the results are in"})),
+        ("/v1/embeddings", json!({"model": "base", "input": "a quiet evening"})),
+        ("/v1/classify", json!({"model": "stacked", "input": "Who wrote Hamlet?", "task": "trec_coarse"})),
+        ("/v1/classify", json!({"model": "sms", "input": "call now to claim your reward"})),
+    ];
+    let mut answers = Vec::new();
+    for max_rows in [0, 64] {
+        let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+        let batching = adapters_serve::Batching { max_rows, max_wait: std::time::Duration::from_millis(300) };
+        let server = Server::start(store, Config { batching, max_concurrent: 1, ..config(&dir) }).await;
+        // Every adapter resident first, so that loading does not split the batch.
+        for (path, body) in &requests {
+            assert_eq!(server.post(path, body.clone()).await.0, StatusCode::OK, "{body}");
+        }
+        let forwards = server.metric("adapters_batch_rows_count").await;
+        let models = server.metric("adapters_batch_models_sum").await;
+        let bodies = futures::future::join_all(requests.iter().map(|(path, body)| server.post(path, body.clone()))).await;
+        for (status, body) in &bodies {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+        }
+        let (forwards, models) =
+            (server.metric("adapters_batch_rows_count").await - forwards, server.metric("adapters_batch_models_sum").await - models);
+        if max_rows == 0 {
+            assert_eq!(forwards, requests.len() as f64, "without batching every request runs alone");
+        } else {
+            assert_eq!(forwards, 1.0, "{} requests took {forwards} batches", requests.len());
+            // Seven models: six in one forward, the setup on its own within the batch.
+            assert_eq!(models, 7.0);
+        }
+        answers.push(bodies);
+    }
+    for ((alone, batched), (_, request)) in answers[0].iter().zip(&answers[1]).zip(&requests) {
+        assert!(close(&alone.1, &batched.1, 1e-5), "{request}: alone {} but batched {}", alone.1, batched.1);
+    }
 }

@@ -18,6 +18,7 @@ mod int8;
 mod linear;
 mod norm;
 mod rope;
+mod rows;
 pub(crate) mod simd;
 mod swiglu;
 
@@ -29,6 +30,7 @@ pub use int8::{Int8Weight, BLOCK as INT8_BLOCK};
 pub use linear::{gelu_linear, linear, linear_add, low_rank_linear, swiglu_linear};
 pub use norm::{add_layer_norm, layer_norm, rms_norm};
 pub use rope::rope;
+pub use rows::{row_layer_norm, row_linear};
 pub use swiglu::swiglu;
 
 use candle_core::{CpuStorage, DType, Error, Layout, Result, Storage, Tensor};

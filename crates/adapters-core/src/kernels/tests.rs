@@ -1,7 +1,7 @@
 //! Each fused kernel against its composed twin (value and every input's gradient), and
 //! against central finite differences.
 
-use super::{attention, cross_entropy, gelu, linear, norm, rope, swiglu};
+use super::{attention, cross_entropy, gelu, linear, norm, rope, rows, swiglu};
 use candle_core::{Device, Result, Tensor, Var};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -135,6 +135,38 @@ fn linear_add_matches_composed() {
             &|t| &t[3] + linear::composed(&t[0], &t[1], Some(&t[2]))?,
             1e-4,
         );
+    }
+}
+
+/// Weights per row, with and without bias and residual, against each row's own product.
+#[test]
+fn row_linear_matches_a_product_per_row() {
+    let (x, w, b, r) = (randn(&[3, 5, 4], 41), randn(&[3, 7, 4], 42), randn(&[3, 7], 43), randn(&[3, 5, 7], 44));
+    for (bias, residual) in [(true, true), (true, false), (false, true), (false, false)] {
+        // Inputs: x, W, then the bias and the residual when used.
+        let mut inputs = vec![x.clone(), w.clone()];
+        inputs.extend(bias.then(|| b.clone()));
+        inputs.extend(residual.then(|| r.clone()));
+        let parts = |t: &[Tensor]| (bias.then(|| t[2].clone()), residual.then(|| t[t.len() - 1].clone()));
+        let per_row = |t: &[Tensor]| -> Result<Tensor> {
+            let (b, r) = parts(t);
+            let rows = (0..3)
+                .map(|i| {
+                    let bi = b.as_ref().map(|b| b.get(i)).transpose()?;
+                    let y = linear::composed(&t[0].get(i)?, &t[1].get(i)?, bi.as_ref())?;
+                    match &r {
+                        Some(r) => r.get(i)? + y,
+                        None => Ok(y),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&rows, 0)
+        };
+        let fused = |t: &[Tensor]| {
+            let (b, r) = parts(t);
+            rows::row_linear(&t[0], &t[1], b.as_ref(), r.as_ref())
+        };
+        check(&format!("row-linear bias={bias} residual={residual}"), &inputs, &fused, &per_row, 1e-4);
     }
 }
 

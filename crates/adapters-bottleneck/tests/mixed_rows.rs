@@ -1,0 +1,131 @@
+//! A batch whose rows use different adapters (mixed-adapter serving): rows whose adapters
+//! share a configuration run as one batched computation over weights stacked per row.
+//! Every row equals the forward of its own adapter alone, on both backbones, for the
+//! bottleneck kinds (every optional part on) and LoRA; training through such a batch gives
+//! each adapter the gradient of its own rows.
+
+use adapters_core::{registry, Adapter, ForwardCtx, InsertionPoint, Placement};
+use adapters_models::HoldsAdapters;
+use adapters_models::{fetched, load, Backbone};
+use candle_core::{Device, Tensor, Var};
+use serde_json::json;
+
+fn model(name: &str) -> Backbone {
+    let _ = (adapters_bottleneck::family(), adapters_lora::family());
+    load(&fetched(name).unwrap(), &Device::Cpu).unwrap().backbone
+}
+
+/// An adapter of `kind` with every weight random (nothing starts at zero), drawn from `seed`.
+fn adapter(m: &Backbone, kind: &str, config: &serde_json::Value, seed: u64) -> Box<dyn Adapter> {
+    let a = registry::build(kind, config, &Placement::default(), &m.model_info(), &Device::Cpu, seed).unwrap();
+    for (_, v) in a.vars() {
+        let t = v.as_tensor();
+        let noise = Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap();
+        v.set(&(t + noise).unwrap()).unwrap();
+    }
+    a
+}
+
+fn batch() -> (Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let ids: Vec<Vec<u32>> = (0..6u32).map(|r| (0..7u32).map(|t| 1000 + (r * 31 + t * 17) % 900).collect()).collect();
+    let mask: Vec<Vec<u32>> = (0..6usize).map(|r| (0..7usize).map(|t| u32::from(t < 7 - r % 3)).collect()).collect();
+    (Tensor::new(ids, &dev).unwrap(), Tensor::new(mask, &dev).unwrap())
+}
+
+fn hidden(m: &Backbone, ctx: &ForwardCtx) -> Tensor {
+    let (ids, mask) = batch();
+    match m {
+        Backbone::Bert(b) => b.forward(&ids, None, Some(&mask), ctx).unwrap(),
+        Backbone::Llama(l) => l.forward_hidden(&ids, None, ctx).unwrap(),
+    }
+}
+
+/// Rows 0-4 choose single adapters (three share a configuration: one batched computation)
+/// or the base model; row 5 a stack of two (computed as a group of its own).
+fn choices() -> Vec<Vec<String>> {
+    let s = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    vec![s(&["a0"]), s(&["a1"]), s(&[]), s(&["a2"]), s(&["a1"]), s(&["a0", "a1"])]
+}
+
+fn with_three(m: &mut Backbone, kind: &str, config: &serde_json::Value) {
+    for i in 0..3 {
+        let mut config = config.clone();
+        if kind == "lora" && i == 2 {
+            config["alpha"] = json!(3.0); // another scale: still batched with the others
+        }
+        let a = adapter(m, kind, &config, 10 + i);
+        m.adapters_mut().add(&format!("a{i}"), a).unwrap();
+    }
+    let keys: Vec<String> = (0..3)
+        .map(|i| {
+            let a = m.adapters().get(&format!("a{i}")).unwrap().clone();
+            a.row_batch(a.points()[0]).expect("a row-batch form").key
+        })
+        .collect();
+    assert!(keys.iter().all(|k| *k == keys[0]), "{kind}: keys differ, so nothing would be batched: {keys:?}");
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+#[test]
+fn every_row_equals_its_own_adapter_alone() {
+    let full = json!({"ln_before": true, "ln_after": true, "use_gating": true, "scaling": "channel", "non_linearity": "gelu"});
+    let cases = [
+        ("all-MiniLM-L6-v2", "seq_bn", json!({})),
+        ("all-MiniLM-L6-v2", "seq_bn", full),
+        ("all-MiniLM-L6-v2", "double_seq_bn", json!({"scaling": "learned"})),
+        ("all-MiniLM-L6-v2", "par_bn", json!({"scaling": 4.0})),
+        ("all-MiniLM-L6-v2", "lora", json!({"r": 4, "alpha": 8})),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "seq_bn", json!({})),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", "lora", json!({"r": 4, "alpha": 8})),
+    ];
+    for (model_name, kind, config) in cases {
+        let mut m = model(model_name);
+        with_three(&mut m, kind, &config);
+        let ctx = ForwardCtx::inference();
+        let mixed = hidden(&m, &ForwardCtx::inference().with_row_choices(&choices(), &Device::Cpu).unwrap());
+        for (row, stack) in choices().iter().enumerate() {
+            let names: Vec<&str> = stack.iter().map(String::as_str).collect();
+            m.adapters_mut().activate(&names).unwrap();
+            let alone = hidden(&m, &ctx);
+            let d = max_diff(&mixed.get(row).unwrap(), &alone.get(row).unwrap());
+            assert!(d < 1e-4, "{model_name} {kind} {config}: row {row} ({stack:?}) differs from its adapter alone by {d}");
+        }
+    }
+}
+
+/// `sum(hidden · probe)` over the rows in `rows`, with a fixed probe that gives every
+/// output element its own weight.
+fn loss(h: &Tensor, rows: &[usize]) -> Tensor {
+    let keep: Vec<f32> = (0..h.dim(0).unwrap()).map(|r| if rows.contains(&r) { 1.0 } else { 0.0 }).collect();
+    let keep = Tensor::from_vec(keep, (h.dim(0).unwrap(), 1, 1), &Device::Cpu).unwrap();
+    let weights = Tensor::arange(0f32, h.elem_count() as f32, &Device::Cpu).unwrap().reshape(h.shape()).unwrap();
+    let weights = (weights * 0.37).unwrap().sin().unwrap();
+    h.broadcast_mul(&keep).unwrap().mul(&weights).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn each_adapter_gets_the_gradient_of_its_own_rows() {
+    let full = json!({"ln_before": true, "use_gating": true, "scaling": "channel"});
+    for (kind, config) in [("seq_bn", full), ("lora", json!({"r": 4, "alpha": 8}))] {
+        let mut m = model("all-MiniLM-L6-v2");
+        with_three(&mut m, kind, &config);
+        let choices: Vec<Vec<String>> = choices().into_iter().take(5).collect();
+        let ctx = ForwardCtx::training_seeded(1).with_row_choices(&choices, &Device::Cpu).unwrap();
+        let grads = loss(&hidden(&m, &ctx).narrow(0, 0, 5).unwrap(), &[0, 1, 2, 3, 4]).backward().unwrap();
+        for (name, rows) in [("a0", vec![0]), ("a1", vec![1, 4]), ("a2", vec![3])] {
+            m.adapters_mut().activate(&[name]).unwrap();
+            let alone = loss(&hidden(&m, &ForwardCtx::training_seeded(1)).narrow(0, 0, 5).unwrap(), &rows).backward().unwrap();
+            let vars: Vec<(String, Var)> = m.adapters().get(name).unwrap().vars();
+            for (var, v) in vars {
+                let (g, want) = (grads.get(&v).expect("a gradient in the mixed batch"), alone.get(&v).unwrap());
+                let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+                let d = max_diff(g, want) / scale;
+                assert!(d < 1e-3, "{kind}: {name}'s {var}: relative gradient difference {d}");
+            }
+        }
+    }
+}
