@@ -131,6 +131,17 @@ impl KvCache {
     }
 }
 
+/// Where a layer's attention finds and keeps keys and values.
+enum Kv<'a> {
+    /// No cache: the keys are this forward's own.
+    None,
+    /// One cache for the whole batch (all rows at the same position).
+    Shared(&'a mut Option<(Tensor, Tensor)>),
+    /// One cache per row, each at its own position, for one new token per row: keys are
+    /// padded to the longest cache and the mask hides the padding.
+    PerRow(Vec<&'a mut Option<(Tensor, Tensor)>>),
+}
+
 /// A Llama-family decoder with its causal-LM head.
 #[derive(Clone)]
 pub struct Llama {
@@ -310,10 +321,50 @@ impl Llama {
         }
         let mut cache = cache;
         for (l, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_mut().map(|c| &mut c.layers[l]);
+            let kv = match cache.as_mut() {
+                Some(c) => Kv::Shared(&mut c.layers[l]),
+                None => Kv::None,
+            };
             x = self.layer_forward(l, layer, &x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), kv, &inputs.ctx.for_layer(l))?;
         }
         self.finish(&x)
+    }
+
+    /// One decoding step for sequences that each have their own cache, at their own
+    /// position (continuous batching: sequences join after their prompt ran with their
+    /// own cache, and leave when done): `tokens[i]` continues `caches[i]`, which is
+    /// extended. Rows may use different adapters (`ctx`'s row choices). Returns the next
+    /// token's logits, `[rows, vocab]`, on the 8-bit copies if any (as [`Llama::last_logits`]).
+    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache], ctx: &ForwardCtx) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            candle_core::bail!("decode_step: {} tokens for {} caches", tokens.len(), caches.len());
+        }
+        if caches.iter().any(|c| c.is_empty() || c.layers.len() != self.layers.len()) {
+            candle_core::bail!("decode_step: every sequence needs a cache of this model with its prompt in it");
+        }
+        if ctx.row_groups.is_none() && self.adapters.parallel_width() > 1 {
+            candle_core::bail!("a `parallel(...)` setup runs without a KV cache; generate with one adapter setup at a time");
+        }
+        let device = self.device();
+        let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
+        let longest = *positions.iter().max().expect("at least one row") as usize;
+        if longest + 1 > self.config.max_position_embeddings {
+            candle_core::bail!("{} positions exceed the model's context of {}", longest + 1, self.config.max_position_embeddings);
+        }
+        let at = Tensor::new(positions.as_slice(), device)?;
+        let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
+        // Row i sees its own positions 0..p_i and the new token (placed at `longest`).
+        let mask: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| (0..=longest).map(move |j| if j < p as usize || j == longest { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (tokens.len(), 1, longest + 1), device)?;
+        let mut x = embedding(&self.embed, &Tensor::new(tokens, device)?.unsqueeze(1)?)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let kv = Kv::PerRow(caches.iter_mut().map(|c| &mut c.layers[l]).collect());
+            x = self.layer_forward(l, layer, &x, (&cos, &sin), Some(&mask), kv, &ctx.for_layer(l))?;
+        }
+        self.output.forward_decoding(&self.finish(&x)?.squeeze(1)?)
     }
 
     /// The embedded tokens `[rows, seq, hidden]` at positions after `past` cached ones
@@ -347,7 +398,7 @@ impl Llama {
     /// Layer `l` on the residual stream `x`, without a cache; `ctx` is
     /// `inputs.ctx.for_layer(l)` or a variant of it.
     pub(crate) fn layer(&self, l: usize, x: &Tensor, inputs: &LayerInputs, ctx: &ForwardCtx) -> Result<Tensor> {
-        self.layer_forward(l, &self.layers[l], x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), None, ctx)
+        self.layer_forward(l, &self.layers[l], x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), Kv::None, ctx)
     }
 
     /// The final norm, after the last layer.
@@ -430,22 +481,48 @@ impl Llama {
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Kv,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim());
         // A step after cached positions: few rows, weights dominate; see Linear::forward_decoding.
-        let decoding = kv.as_ref().is_some_and(|c| c.is_some());
+        let decoding = match &kv {
+            Kv::None => false,
+            Kv::Shared(c) => c.is_some(),
+            Kv::PerRow(_) => true,
+        };
+        // One position per row, each its own: RoPE sees the rows as positions of one row.
+        let rope = |t: &Tensor, heads: usize| match &kv {
+            Kv::PerRow(_) => kernels::rope(&t.reshape((1, t.dim(0)?, ()))?, cos, sin, heads)?.reshape(t.shape()),
+            _ => kernels::rope(t, cos, sin, heads),
+        };
         let n = layer.attn_norm.forward(x)?;
-        let q = kernels::rope(&self.project(&layer.q, Point::new(l, Site::Query), &n, ctx, decoding)?, cos, sin, nh)?;
-        let mut k = kernels::rope(&self.project(&layer.k, Point::new(l, Site::Key), &n, ctx, decoding)?, cos, sin, nkv)?;
+        let q = rope(&self.project(&layer.q, Point::new(l, Site::Query), &n, ctx, decoding)?, nh)?;
+        let mut k = rope(&self.project(&layer.k, Point::new(l, Site::Key), &n, ctx, decoding)?, nkv)?;
         let mut v = self.project(&layer.v, Point::new(l, Site::Value), &n, ctx, decoding)?;
-        if let Some(kv) = kv {
-            if let Some((pk, pv)) = kv.as_ref() {
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
+        match kv {
+            Kv::None => {}
+            Kv::Shared(kv) => {
+                if let Some((pk, pv)) = kv.as_ref() {
+                    k = Tensor::cat(&[pk, &k], 1)?;
+                    v = Tensor::cat(&[pv, &v], 1)?;
+                }
+                *kv = Some((k.clone(), v.clone()));
             }
-            *kv = Some((k.clone(), v.clone()));
+            Kv::PerRow(rows) => {
+                let longest = rows.iter().map(|c| c.as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0))).max().unwrap_or(0);
+                let (mut keys, mut values) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+                for (i, cache) in rows.into_iter().enumerate() {
+                    let (new_k, new_v) = (k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                    let (pk, pv) = cache.take().ok_or_else(|| candle_core::Error::Msg("decode_step: an empty cache".into()))?;
+                    let pad = Tensor::zeros((1, longest - pk.dim(1)?, pk.dim(2)?), pk.dtype(), pk.device())?;
+                    keys.push(Tensor::cat(&[&pk, &pad, &new_k], 1)?);
+                    values.push(Tensor::cat(&[&pv, &pad, &new_v], 1)?);
+                    *cache = Some((Tensor::cat(&[&pk, &new_k], 1)?, Tensor::cat(&[&pv, &new_v], 1)?));
+                }
+                k = Tensor::cat(&keys, 0)?;
+                v = Tensor::cat(&values, 0)?;
+            }
         }
         let attn = kernels::attention(&q, &k, &v, nh, nkv, mask, 1.0 / (hd as f64).sqrt())?;
         let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx, decoding)?;
