@@ -142,7 +142,7 @@ fn run_batch(state: &AppState, jobs: Vec<Job>) {
             let model = state.model_of(&plain[0].target).clone();
             run_on(state, &model, false, plain);
         }
-        _ => match mixed_model(state, &plain) {
+        _ => match mixed_model(state, plain.iter().map(|j| &j.target)) {
             Ok(model) => run_on(state, &model, true, plain),
             Err(e) => plain.into_iter().for_each(|j| {
                 let _ = j.reply.send(Err(ApiError::internal(e.clone())));
@@ -152,12 +152,12 @@ fn run_batch(state: &AppState, jobs: Vec<Job>) {
     state.metrics.batch_models.observe(models as f64);
 }
 
-/// The base model with every resident adapter of `jobs` attached (shared, not copied)
-/// under its `name@version`, none active.
-fn mixed_model(state: &AppState, jobs: &[Job]) -> Result<Backbone, String> {
+/// The base model with the adapter of every resident among `targets` attached (shared,
+/// not copied) under its `name@version`, none active.
+pub(crate) fn mixed_model<'a>(state: &AppState, targets: impl Iterator<Item = &'a Target>) -> Result<Backbone, String> {
     let mut model = state.model_of(&Target::Base).clone();
-    for job in jobs {
-        let Target::Adapter(resident) = &job.target else { continue };
+    for target in targets {
+        let Target::Adapter(resident) = target else { continue };
         let key = resident.key();
         if model.adapters().get(&key).is_some() {
             continue;

@@ -2,8 +2,10 @@
 //! streamed as server-sent events. A client that disconnects mid-stream stops its
 //! generation at the next token (the channel to it closes).
 
+use crate::decoding::{Generation, Piece};
 use crate::error::ApiError;
-use crate::server::{body, record, AppState};
+use crate::metrics::AdapterLabels;
+use crate::server::{body, record, AppState, Target};
 use adapters_models::generate::{generate, Sampling};
 use adapters_models::{Backbone, Message};
 use axum::extract::rejection::JsonRejection;
@@ -16,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
 
 /// The fields both endpoints share (others that OpenAI clients send are ignored).
 #[derive(Deserialize)]
@@ -65,17 +68,10 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, payload: Resul
     run(state, Kind::Chat, payload).await
 }
 
-/// What a generation produced, as it goes.
-enum Piece {
-    Text(String),
-    Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
-    Failed(String),
-}
-
 async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRequest>, JsonRejection>) -> Response {
     let started = Instant::now();
     let endpoint = if kind == Kind::Chat { "chat_completions" } else { "completions" };
-    let mut labels = crate::metrics::AdapterLabels { adapter: "unknown".into(), version: String::new() };
+    let mut labels = AdapterLabels { adapter: "unknown".into(), version: String::new() };
     let prepared = async {
         let request = body(payload)?;
         if request.n.is_some_and(|n| n != 1) {
@@ -131,43 +127,15 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     let id = format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, rand_seed());
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let model_id = target.id();
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Piece>(64);
-    let queued = Instant::now();
-    let slot = match state.compute_slot().await {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
-    state.metrics.queue.get_or_create(&labels).observe(queued.elapsed().as_secs_f64());
-    let worker_state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        let Backbone::Llama(m) = worker_state.model_of(&target) else { unreachable!("checked above") };
-        let tokenizer = worker_state.tokenizer();
-        let mut stop: Vec<u32> = m.config.eos_token_id.into_iter().collect();
-        stop.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)));
-        let mut pieces = tokenizer.inner.decode_stream(true);
-        let result = generate(m, &prompt, max_tokens, &sampling, &stop, |token| -> Result<(), GenerationStop> {
-            if stop.contains(&token) {
-                return Ok(());
-            }
-            if let Some(text) = pieces.step(token).map_err(|e| GenerationStop::Failed(format!("decoding: {e}")))? {
-                // The receiver is gone: the client disconnected; stop generating.
-                sender.blocking_send(Piece::Text(text)).map_err(|_| GenerationStop::Disconnected)?;
-            }
-            Ok(())
-        });
-        let _ = match result {
-            Ok(tokens) => {
-                let finish_reason = if tokens.last().is_some_and(|t| stop.contains(t)) { "stop" } else { "length" };
-                sender.blocking_send(Piece::Done { finish_reason, prompt_tokens: prompt.len(), completion_tokens: tokens.len() })
-            }
-            Err(GenerationStop::Disconnected) => {
-                tracing::info!(model = %target.id(), "client disconnected mid-stream; generation stopped");
-                Ok(())
-            }
-            Err(GenerationStop::Failed(message)) => sender.blocking_send(Piece::Failed(message)),
-        };
-    });
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Piece>();
+    if state.batching().max_rows > 0 {
+        let generation = Generation { target, prompt, max_tokens, sampling, queued: Instant::now(), pieces: sender };
+        if let Err(e) = state.decoder().submit(generation) {
+            return e.into_response();
+        }
+    } else if let Err(e) = generate_alone(&state, target, prompt, max_tokens, sampling, sender, &labels).await {
+        return e.into_response();
+    }
 
     let chunk = move |content: Option<&str>, finish: Option<&str>| -> Value {
         let mut value = match kind {
@@ -223,6 +191,52 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     ApiError::internal("generation stopped without an answer").into_response()
 }
 
+/// Without batching: the whole generation on a compute slot of its own.
+async fn generate_alone(
+    state: &Arc<AppState>,
+    target: Target,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: Sampling,
+    sender: UnboundedSender<Piece>,
+    labels: &AdapterLabels,
+) -> Result<(), ApiError> {
+    let queued = Instant::now();
+    let slot = state.compute_slot().await?;
+    state.metrics.queue.get_or_create(labels).observe(queued.elapsed().as_secs_f64());
+    let worker_state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let Backbone::Llama(m) = worker_state.model_of(&target) else { unreachable!("checked by the caller") };
+        let tokenizer = worker_state.tokenizer();
+        let mut stop: Vec<u32> = m.config.eos_token_id.into_iter().collect();
+        stop.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)));
+        let mut pieces = tokenizer.inner.decode_stream(true);
+        let result = generate(m, &prompt, max_tokens, &sampling, &stop, |token| -> Result<(), GenerationStop> {
+            if stop.contains(&token) {
+                return Ok(());
+            }
+            if let Some(text) = pieces.step(token).map_err(|e| GenerationStop::Failed(format!("decoding: {e}")))? {
+                // The receiver is gone: the client disconnected; stop generating.
+                sender.send(Piece::Text(text)).map_err(|_| GenerationStop::Disconnected)?;
+            }
+            Ok(())
+        });
+        let _ = match result {
+            Ok(tokens) => {
+                let finish_reason = if tokens.last().is_some_and(|t| stop.contains(t)) { "stop" } else { "length" };
+                sender.send(Piece::Done { finish_reason, prompt_tokens: prompt.len(), completion_tokens: tokens.len() })
+            }
+            Err(GenerationStop::Disconnected) => {
+                tracing::info!(model = %target.id(), "client disconnected mid-stream; generation stopped");
+                Ok(())
+            }
+            Err(GenerationStop::Failed(message)) => sender.send(Piece::Failed(message)),
+        };
+    });
+    Ok(())
+}
+
 /// Why generation stopped early.
 enum GenerationStop {
     Disconnected,
@@ -237,7 +251,7 @@ impl From<adapters_models::Error> for GenerationStop {
 
 /// The events of each piece from `receiver`, in order, until the generation ends.
 fn async_stream(
-    receiver: tokio::sync::mpsc::Receiver<Piece>,
+    receiver: tokio::sync::mpsc::UnboundedReceiver<Piece>,
     events: impl Fn(Piece) -> Vec<Event> + Send + 'static,
 ) -> impl futures::Stream<Item = Result<Event, std::convert::Infallible>> {
     use futures::StreamExt;

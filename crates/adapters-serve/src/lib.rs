@@ -9,6 +9,7 @@
 mod batcher;
 pub mod cache;
 mod completions;
+mod decoding;
 mod error;
 pub mod metrics;
 pub mod routes;

@@ -2,6 +2,7 @@
 
 use crate::batcher::{Batcher, Batching, Work};
 use crate::cache::{AdapterCache, CacheError, Limits, Resident};
+use crate::decoding::Decoder;
 use crate::error::ApiError;
 use crate::metrics::{AdapterLabels, Metrics, RequestLabels};
 use adapters_core::Setup;
@@ -75,6 +76,7 @@ pub struct AppState {
     route_publishing: Mutex<()>,
     draining: AtomicBool,
     batcher: OnceLock<Batcher>,
+    decoder: OnceLock<Decoder>,
 }
 
 impl AppState {
@@ -93,6 +95,7 @@ impl AppState {
             route_publishing: Mutex::new(()),
             draining: AtomicBool::new(false),
             batcher: OnceLock::new(),
+            decoder: OnceLock::new(),
             config,
         }
     }
@@ -182,6 +185,11 @@ impl AppState {
     /// The batching queue (started on first use, inside the server's runtime).
     fn batcher(self: &Arc<Self>) -> &Batcher {
         self.batcher.get_or_init(|| Batcher::start(Arc::downgrade(self)))
+    }
+
+    /// The continuous-batching decoder (started on first use, inside the server's runtime).
+    pub(crate) fn decoder(self: &Arc<Self>) -> &Decoder {
+        self.decoder.get_or_init(|| Decoder::start(Arc::downgrade(self), tokio::runtime::Handle::current()))
     }
 
     /// A compute slot: at most `max_concurrent` forwards run at once.

@@ -364,32 +364,103 @@ async fn the_official_openai_client_works_against_the_server() {
     assert_eq!(got["unknown_model"], "NotFoundError");
 }
 
-/// A streaming client that goes away frees its compute slot at once: with one slot, the
-/// next request is answered within 5 s, while the abandoned greedy story would run on for
-/// hundreds of tokens (400 take about 9 s here; it does not stop by itself before that).
+/// A streaming client that goes away stops its generation at the next token. Without
+/// batching its compute slot frees at once: with one slot, the next request is answered
+/// within 5 s, while the abandoned greedy story would run on for hundreds of tokens (400
+/// take about 9 s here; it does not stop by itself before that). With continuous
+/// batching the decoding loop stops stepping once the next request is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_disconnects_mid_stream_stops_its_generation() {
-    let dir = scratch("disconnect");
+    for max_rows in [0, 8] {
+        let dir = scratch(&format!("disconnect-{max_rows}"));
+        let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+        let model = adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu)
+            .unwrap();
+        let batching = adapters_serve::Batching { max_rows, ..Default::default() };
+        let server = Server::start_with(model, store, Config { max_concurrent: 1, batching, ..config(&dir) }).await;
+        let request = json!({"model": "base", "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "stream": true});
+        let mut response = reqwest::Client::new().post(format!("{}/v1/completions", server.url)).json(&request).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let first = response.chunk().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&first).starts_with("data: {"), "{first:?}");
+        drop(response);
+        let started = Instant::now();
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            server.post("/v1/completions", json!({"model": "base", "prompt": "Hello", "max_tokens": 2, "temperature": 0})),
+        )
+        .await
+        .expect("the slot was not freed: the abandoned generation went on");
+        assert_eq!(next.0, StatusCode::OK, "{}", next.1);
+        assert!(started.elapsed().as_secs_f64() < 5.0);
+        if max_rows > 0 {
+            let steps = server.metric("adapters_batch_rows_count").await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            assert_eq!(server.metric("adapters_batch_rows_count").await, steps, "the decoding loop still steps the abandoned story");
+        }
+    }
+}
+
+/// Continuous batching: concurrent generations with different adapters (a PEFT LoRA, a
+/// Pfeiffer adapter, the base), prompts and lengths decode together, one token each per
+/// step, and each gets the text (and usage) it gets from a server without batching (greedy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generations_with_different_adapters_decode_in_one_batch() {
+    let dir = scratch("decode-batch");
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
-    let model =
-        adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu).unwrap();
-    let server = Server::start_with(model, store, Config { max_concurrent: 1, ..config(&dir) }).await;
-    let request = json!({"model": "base", "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "stream": true});
-    let mut response = reqwest::Client::new().post(format!("{}/v1/completions", server.url)).json(&request).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let first = response.chunk().await.unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&first).starts_with("data: {"), "{first:?}");
-    drop(response);
-    let started = Instant::now();
-    let next = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        server.post("/v1/completions", json!({"model": "base", "prompt": "Hello", "max_tokens": 2, "temperature": 0})),
-    )
-    .await
-    .expect("the slot was not freed: the abandoned generation went on");
-    assert_eq!(next.0, StatusCode::OK, "{}", next.1);
-    assert!(started.elapsed().as_secs_f64() < 5.0);
+    store.push(&fixtures().join("interop/peft_lora_smollm2/adapter"), &"smol-lora".parse().unwrap(), PushOptions::default()).await.unwrap();
+    let smol =
+        || adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu).unwrap();
+    let model = smol();
+    let _ = adapters_bottleneck::family();
+    use adapters_core::InsertionPoint;
+    let info = model.backbone.model_info();
+    let pfeiffer = adapters_core::registry::build("seq_bn", &json!({}), &Default::default(), &info, &candle_core::Device::Cpu, 3).unwrap();
+    let fingerprint = model.backbone.fingerprint().unwrap();
+    adapters_core::io::save(&dir.join("pfeiffer"), "pfeiffer", pfeiffer.as_ref(), &Default::default(), &fingerprint).unwrap();
+    store.push(&dir.join("pfeiffer"), &"smol-pfeiffer".parse().unwrap(), PushOptions::default()).await.unwrap();
+    let requests = [
+        ("/v1/completions", json!({"model": "base", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0})),
+        ("/v1/completions", json!({"model": "smol-lora", "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0})),
+        (
+            "/v1/chat/completions",
+            json!({"model": "smol-pfeiffer", "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 9, "temperature": 0}),
+        ),
+        ("/v1/completions", json!({"model": "smol-lora", "prompt": "1, 2, 3,", "max_tokens": 8, "temperature": 0})),
+    ];
+    let mut answers = Vec::new();
+    for max_rows in [0, 8] {
+        let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+        let batching = adapters_serve::Batching { max_rows, ..Default::default() };
+        let server = Server::start_with(smol(), store, Config { max_concurrent: 1, batching, ..config(&dir) }).await;
+        for (path, body) in &requests {
+            assert_eq!(server.post(path, body.clone()).await.0, StatusCode::OK, "{body}");
+        }
+        let (steps, rows, models) = (
+            server.metric("adapters_batch_rows_count").await,
+            server.metric("adapters_batch_rows_sum").await,
+            server.metric("adapters_batch_models_sum").await,
+        );
+        let bodies = futures::future::join_all(requests.iter().map(|(path, body)| server.post(path, body.clone()))).await;
+        for (status, body) in &bodies {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+        }
+        if max_rows > 0 {
+            let steps = server.metric("adapters_batch_rows_count").await - steps;
+            let rows = server.metric("adapters_batch_rows_sum").await - rows;
+            let models = server.metric("adapters_batch_models_sum").await - models;
+            // 34 tokens (the first of each from its prompt): far fewer steps than tokens.
+            assert!(rows / steps > 2.0, "{rows} sequence-steps in {steps} steps");
+            assert!(models / steps > 2.0, "{models} models in {steps} steps");
+        }
+        answers.push(bodies);
+    }
+    for ((alone, batched), (_, request)) in answers[0].iter().zip(&answers[1]).zip(&requests) {
+        let (a, b) = (&alone.1["choices"][0], &batched.1["choices"][0]);
+        assert_eq!(a, b, "{request}: alone {a} but batched {b}");
+        assert_eq!(alone.1["usage"], batched.1["usage"], "{request}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

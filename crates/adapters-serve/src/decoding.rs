@@ -1,0 +1,248 @@
+//! Continuous batching for `/v1/completions` and `/v1/chat/completions`: one loop decodes
+//! every running generation together, one token for each per step, each with its own KV
+//! cache and adapter ([`Llama::decode_step`]). New requests join between steps (their
+//! prompt runs alone, through their own adapter); finished ones, and those whose client
+//! went away, leave.
+
+use crate::batcher::mixed_model;
+use crate::error::ApiError;
+use crate::server::{AppState, Target};
+use adapters_core::ForwardCtx;
+use adapters_models::generate::{choose, Sampling};
+use adapters_models::{Backbone, KvCache, Llama};
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::VecDeque;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Weak;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What a generation produced, as it goes.
+pub(crate) enum Piece {
+    Text(String),
+    Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
+    Failed(String),
+}
+
+/// A generation request, ready to run.
+pub(crate) struct Generation {
+    pub target: Target,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub queued: Instant,
+    /// Where its pieces go; closed when the client disconnects.
+    pub pieces: UnboundedSender<Piece>,
+}
+
+/// The queue of the decoding loop.
+pub(crate) struct Decoder {
+    tx: Sender<Generation>,
+}
+
+impl Decoder {
+    /// Starts the decoding loop on a thread of its own (it ends with the server state).
+    pub fn start(state: Weak<AppState>, runtime: tokio::runtime::Handle) -> Self {
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("decoder".into())
+            .spawn(move || decode_loop(state, rx, runtime))
+            .expect("starting the decoding thread");
+        Decoder { tx }
+    }
+
+    /// Queues a generation; its pieces arrive on its channel.
+    pub fn submit(&self, generation: Generation) -> Result<(), ApiError> {
+        self.tx.send(generation).map_err(|_| ApiError::internal("the server is shutting down"))
+    }
+}
+
+/// Waits for work without holding the server state, then runs until nothing is left.
+fn decode_loop(state: Weak<AppState>, rx: Receiver<Generation>, runtime: tokio::runtime::Handle) {
+    while let Ok(first) = rx.recv() {
+        let Some(state) = state.upgrade() else { return };
+        run_while_busy(&state, first, &rx, &runtime);
+    }
+}
+
+/// A generation in the batch.
+struct Running<'t> {
+    generation: Generation,
+    cache: KvCache,
+    /// The token to feed at the next step.
+    next: u32,
+    produced: usize,
+    rng: ChaCha8Rng,
+    text: Box<dyn FnMut(u32) -> Result<Option<String>, String> + 't>,
+    done: bool,
+}
+
+impl Running<'_> {
+    /// Takes a new token: sends its text, or finishes at a stop token, the length limit,
+    /// or a closed channel.
+    fn take(&mut self, token: u32, stop: &[u32]) {
+        self.produced += 1;
+        self.next = token;
+        let finish = |r: &mut Self, reason| {
+            let (prompt_tokens, completion_tokens) = (r.generation.prompt.len(), r.produced);
+            let _ = r.generation.pieces.send(Piece::Done { finish_reason: reason, prompt_tokens, completion_tokens });
+            r.done = true;
+        };
+        if stop.contains(&token) {
+            return finish(self, "stop");
+        }
+        match (self.text)(token) {
+            Ok(Some(text)) => {
+                if self.generation.pieces.send(Piece::Text(text)).is_err() {
+                    tracing::info!(model = %self.generation.target.id(), "client disconnected mid-stream; generation stopped");
+                    self.done = true;
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return self.fail(format!("decoding: {e}")),
+        }
+        if self.produced == self.generation.max_tokens {
+            finish(self, "length");
+        }
+    }
+
+    fn fail(&mut self, message: String) {
+        let _ = self.generation.pieces.send(Piece::Failed(message));
+        self.done = true;
+    }
+}
+
+fn llama(model: &Backbone) -> &Llama {
+    match model {
+        Backbone::Llama(m) => m,
+        Backbone::Bert(_) => unreachable!("completions check for a decoder first"),
+    }
+}
+
+/// Decodes until no generation is running or waiting: before each step, waiting ones join
+/// (up to the batch size) after their prompt; each step holds a compute slot.
+fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>, runtime: &tokio::runtime::Handle) {
+    let tokenizer = state.tokenizer();
+    let base = llama(state.model_of(&Target::Base));
+    let mut stop: Vec<u32> = base.config.eos_token_id.into_iter().collect();
+    stop.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)));
+    let max_rows = state.batching().max_rows.max(1);
+    let mut waiting = VecDeque::from([first]);
+    let mut running: Vec<Running> = Vec::new();
+    let mut mixed: Option<(Vec<String>, Backbone)> = None;
+    loop {
+        waiting.extend(rx.try_iter());
+        if running.is_empty() && waiting.is_empty() {
+            return;
+        }
+        let Ok(_slot) = runtime.block_on(state.compute_slot()) else { return };
+        while running.len() < max_rows {
+            let Some(generation) = waiting.pop_front() else { break };
+            state.metrics.queue.get_or_create(&generation.target.labels()).observe(generation.queued.elapsed().as_secs_f64());
+            let mut stream = tokenizer.inner.decode_stream(true);
+            let text = Box::new(move |t: u32| stream.step(t).map_err(|e| e.to_string()));
+            let rng = ChaCha8Rng::seed_from_u64(match generation.sampling {
+                Sampling::Sample { seed, .. } => seed,
+                Sampling::Greedy => 0,
+            });
+            let cache = llama(state.model_of(&generation.target)).new_cache();
+            let mut r = Running { generation, cache, next: 0, produced: 0, rng, text, done: false };
+            match prefill(state, &mut r) {
+                Ok(token) => r.take(token, &stop),
+                Err(e) => r.fail(e),
+            }
+            if !r.done {
+                running.push(r);
+            }
+        }
+        if !running.is_empty() {
+            step(state, &mut running, &mut mixed, &stop);
+            running.retain(|r| !r.done);
+        }
+    }
+}
+
+/// Runs a joining generation's prompt on its own model and cache; its first token.
+fn prefill(state: &AppState, r: &mut Running) -> Result<u32, String> {
+    let model = llama(state.model_of(&r.generation.target));
+    let prompt = Tensor::new(r.generation.prompt.as_slice(), model.device()).and_then(|t| t.unsqueeze(0)).map_err(|e| e.to_string())?;
+    let logits = model.last_logits(&prompt, Some(&mut r.cache), &ForwardCtx::inference()).and_then(|l| l.squeeze(0));
+    logits.and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map_err(|e| e.to_string())
+}
+
+/// One token for every running generation: those on plain adapters (or the base) in one
+/// forward pass, each row through its own adapter; those on composition setups, which
+/// rows cannot choose, on their own models.
+fn step(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<String>, Backbone)>, stop: &[u32]) {
+    let on_setup = |r: &Running| matches!(&r.generation.target, Target::Adapter(a) if a.manifest.contents.setup.is_some());
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut plain = Vec::new();
+    for (i, r) in running.iter().enumerate() {
+        if on_setup(r) {
+            let id = r.generation.target.id();
+            match groups.iter_mut().find(|(g, _)| *g == id) {
+                Some((_, rows)) => rows.push(i),
+                None => groups.push((id, vec![i])),
+            }
+        } else {
+            plain.push(i);
+        }
+    }
+    let mut ids: Vec<String> = plain.iter().map(|&i| running[i].generation.target.id()).collect();
+    ids.sort();
+    ids.dedup();
+    let mut batches: Vec<(Backbone, bool, Vec<usize>)> =
+        groups.into_iter().map(|(_, rows)| (state.model_of(&running[rows[0]].generation.target).clone(), false, rows)).collect();
+    match ids.len() {
+        0 => {}
+        1 => batches.push((state.model_of(&running[plain[0]].generation.target).clone(), false, plain)),
+        _ => {
+            if mixed.as_ref().is_none_or(|(held, _)| *held != ids) {
+                match mixed_model(state, plain.iter().map(|&i| &running[i].generation.target)) {
+                    Ok(model) => *mixed = Some((ids.clone(), model)),
+                    Err(e) => return plain.iter().for_each(|&i| running[i].fail(e.clone())),
+                }
+            }
+            let model = mixed.as_ref().expect("set above").1.clone();
+            batches.push((model, true, plain));
+        }
+    }
+    state.metrics.batch_models.observe(batches.iter().map(|(_, per_row, _)| if *per_row { ids.len() } else { 1 }).sum::<usize>() as f64);
+    state.metrics.batch_rows.observe(running.len() as f64);
+    for (model, per_row, rows) in batches {
+        match decode(&model, per_row, &rows, running) {
+            Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].take(t, stop)),
+            Err(e) => rows.iter().for_each(|&i| running[i].fail(e.clone())),
+        }
+    }
+}
+
+/// One decoding step of `rows` of `running` on `model`; the next token of each.
+fn decode(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running]) -> Result<Vec<u32>, String> {
+    let m = llama(model);
+    let tokens: Vec<u32> = rows.iter().map(|&i| running[i].next).collect();
+    let mut ctx = ForwardCtx::inference();
+    if per_row {
+        let choices: Vec<Vec<String>> = rows
+            .iter()
+            .map(|&i| match &running[i].generation.target {
+                Target::Base => vec![],
+                Target::Adapter(a) => vec![a.key()],
+            })
+            .collect();
+        ctx = ctx.with_row_choices(&choices, m.device()).map_err(|e| e.to_string())?;
+    }
+    let mut caches: Vec<&mut KvCache> =
+        running.iter_mut().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, r)| &mut r.cache).collect();
+    let logits = m.decode_step(&tokens, &mut caches, &ctx).map_err(|e| e.to_string())?;
+    rows.iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let r = &mut running[i];
+            logits.get(k).and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map_err(|e| e.to_string())
+        })
+        .collect()
+}
