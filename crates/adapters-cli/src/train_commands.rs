@@ -142,7 +142,7 @@ pub fn eval(
         }
         let (mut nll, mut count) = (0.0, 0usize);
         for batch in blocks.chunks(8) {
-            let (loss, n) = lm_loss(&loaded.backbone, batch, &ctx)?;
+            let (loss, n) = lm_loss(&loaded.backbone, batch, None, &ctx)?;
             nll += loss.to_scalar::<f32>()? as f64 * n as f64;
             count += n;
         }

@@ -84,6 +84,16 @@ pub enum TaskType {
     Classification,
     /// Causal language modelling on plain text: next-token cross-entropy, perplexity.
     CausalLm,
+    /// Chat fine-tuning on conversations (JSONL with `messages`), rendered with the
+    /// model's chat template: next-token cross-entropy on the assistant's tokens only.
+    Chat,
+}
+
+impl TaskType {
+    /// Whether the task trains the decoder's own next-token prediction (no head).
+    pub fn is_language_modelling(self) -> bool {
+        matches!(self, TaskType::CausalLm | TaskType::Chat)
+    }
 }
 
 /// How a classification head sees a sequence.
@@ -385,8 +395,11 @@ impl Config {
         if matches!(t.sampling, Sampling::Temperature { temperature } if temperature.is_nan() || temperature <= 0.0) {
             fail!(Config, "`training.sampling.temperature` must be positive");
         }
-        if t.mode == Mode::HeadOnly && self.task.iter().any(|k| k.kind == TaskType::CausalLm) {
-            fail!(Config, "`training.mode = \"head_only\"` has nothing to train for a causal_lm task (its head is the tied embedding)");
+        if t.mode == Mode::HeadOnly && self.task.iter().any(|k| k.kind.is_language_modelling()) {
+            fail!(
+                Config,
+                "`training.mode = \"head_only\"` has nothing to train for a causal_lm or chat task (its head is the tied embedding)"
+            );
         }
         if t.mixed_task_batches && self.task.iter().any(|k| k.kind != TaskType::Classification) {
             fail!(

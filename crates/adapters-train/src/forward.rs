@@ -44,22 +44,44 @@ pub fn classify(head: &ClassificationHead, pooled: &Tensor, dropout: f64, ctx: &
     Ok(head.forward(&ctx.dropout(pooled, dropout)?)?)
 }
 
-/// Mean next-token cross-entropy over equal-length rows, and how many tokens it averages.
-pub fn lm_loss(backbone: &Backbone, rows: &[&[u32]], ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
+/// Mean next-token cross-entropy of rows (over every token after the first, or with
+/// `loss_mask` over the tokens it marks), and how many tokens it averages.
+pub fn lm_loss(backbone: &Backbone, rows: &[&[u32]], loss_mask: Option<&[&[u32]]>, ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
     let (ids, mask) = pad(rows, backbone.device())?;
     let hidden = backbone.hidden_states(&ids, &mask, ctx)?;
-    lm_loss_of(backbone, &hidden, &ids)
+    let loss_mask = loss_mask.map(|m| pad(m, backbone.device())).transpose()?.map(|(m, _)| m);
+    lm_loss_of(backbone, &hidden, &ids, loss_mask.as_ref())
 }
 
-/// [`lm_loss`] from the decoder's final hidden states `[batch, seq, hidden]` of `ids`.
-pub fn lm_loss_of(backbone: &Backbone, hidden: &Tensor, ids: &Tensor) -> Result<(Tensor, usize)> {
+/// [`lm_loss`] from the decoder's final hidden states `[batch, seq, hidden]` of `ids`;
+/// `loss_mask` `[batch, seq]` (1 on the tokens to predict) restricts it.
+pub fn lm_loss_of(backbone: &Backbone, hidden: &Tensor, ids: &Tensor, loss_mask: Option<&Tensor>) -> Result<(Tensor, usize)> {
     let Backbone::Llama(model) = backbone else { fail!(Config, "causal language modelling needs a decoder model") };
     let (b, t) = ids.dims2()?;
-    let hidden = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), ()))?;
-    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+    let mut hidden = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), ()))?;
+    let mut targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+    if let Some(mask) = loss_mask {
+        // The positions whose next token is marked.
+        let keep: Vec<u32> = mask
+            .narrow(1, 1, t - 1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .enumerate()
+            .filter(|(_, &m)| m == 1)
+            .map(|(i, _)| i as u32)
+            .collect();
+        if keep.is_empty() {
+            fail!(Data, "no token of this batch is marked for the loss");
+        }
+        let keep = Tensor::new(keep.as_slice(), hidden.device())?;
+        hidden = hidden.index_select(&keep, 0)?;
+        targets = targets.index_select(&keep, 0)?;
+    }
+    let n = targets.dim(0)?;
     // Blocked: the [tokens, vocab] logits are never all in memory at once.
     let loss = adapters_core::kernels::linear_cross_entropy(&hidden, model.lm_head_weight(), &targets)?;
-    Ok((loss, b * (t - 1)))
+    Ok((loss, n))
 }
 
 /// A training step's loss (detached; with the auxiliary losses adapters report) and the

@@ -1,9 +1,10 @@
 //! A task's data, tokenized once: labelled texts for classification, fixed-length token
-//! blocks for causal language modelling; and the seeded order of its batches.
+//! blocks for causal language modelling, conversations with their assistant tokens marked
+//! for chat; and the seeded order of its batches.
 
 use crate::config::{TaskConfig, TaskType};
 use crate::data::{check_labels, read_labelled, read_text, Fields};
-use crate::error::{fail, Result};
+use crate::error::{fail, Result, Within};
 use adapters_models::TextTokenizer;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -16,6 +17,8 @@ use std::path::Path;
 pub struct Split {
     pub ids: Vec<Vec<u32>>,
     pub labels: Vec<u32>,
+    /// Chat only: per row, 1 on the tokens the loss predicts (the assistant's), 0 elsewhere.
+    pub loss_mask: Vec<Vec<u32>>,
 }
 
 impl Split {
@@ -28,6 +31,7 @@ impl Split {
         if let Some(n) = limit {
             self.ids.truncate(n);
             self.labels.truncate(n);
+            self.loss_mask.truncate(n);
         }
         self
     }
@@ -54,6 +58,10 @@ pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_
     }
     match task.kind {
         TaskType::Classification => load_labelled(task, tokenizer, max_length, is_encoder),
+        TaskType::Chat if is_encoder => {
+            fail!(Data, "task `{}`: chat needs a decoder model (Llama family) with a chat template; this model is an encoder", task.name)
+        }
+        TaskType::Chat => load_chats(task, tokenizer, max_length),
         TaskType::CausalLm => {
             if is_encoder {
                 fail!(Data, "task `{}`: causal_lm needs a decoder model (Llama family); this model is an encoder", task.name);
@@ -70,7 +78,7 @@ pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_
                 if ids.is_empty() {
                     fail!(Data, "{}: fewer than {max_length} tokens, not one block of `model.max_length`", path.display());
                 }
-                Ok(Split { ids, labels: Vec::new() })
+                Ok(Split { ids, ..Default::default() })
             };
             Ok(TaskData {
                 labels: Vec::new(),
@@ -81,6 +89,57 @@ pub fn load(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_
             })
         }
     }
+}
+
+/// Conversations rendered with the model's chat template, cut to `max_length`; rows left
+/// with no assistant token are dropped and counted.
+fn load_chats(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize) -> Result<TaskData> {
+    let mut skipped = 0;
+    let mut read = |path: &Path| -> Result<Split> {
+        let mut split = Split::default();
+        for messages in crate::data::read_chats(path)? {
+            let (mut ids, mut mask) = chat_tokens(tokenizer, &messages).within(|| format!("{}", path.display()))?;
+            ids.truncate(max_length);
+            mask.truncate(max_length);
+            if mask.iter().skip(1).all(|&m| m == 0) {
+                skipped += 1;
+                continue;
+            }
+            split.ids.push(ids);
+            split.loss_mask.push(mask);
+        }
+        if split.ids.is_empty() {
+            fail!(Data, "{}: no conversation has an assistant token within `model.max_length` = {max_length}", path.display());
+        }
+        Ok(split)
+    };
+    let train = read(&task.train)?.limit(task.train_limit);
+    let dev = task.dev.as_deref().map(&mut read).transpose()?.map(|s| s.limit(task.eval_limit));
+    let test = task.test.as_deref().map(&mut read).transpose()?.map(|s| s.limit(task.eval_limit));
+    Ok(TaskData { labels: Vec::new(), train, dev, test, skipped })
+}
+
+/// A conversation's tokens under the chat template, and a mask with 1 on each assistant
+/// message's tokens (its content and end-of-turn marker: what the model must produce
+/// after the template's generation prompt).
+pub fn chat_tokens(tokenizer: &TextTokenizer, messages: &[adapters_models::Message]) -> Result<(Vec<u32>, Vec<u32>)> {
+    let render = |upto: usize, prompt: bool| -> Result<Vec<u32>> {
+        Ok(tokenizer.encode(&tokenizer.apply_chat_template(&messages[..upto], prompt)?, false)?)
+    };
+    let ids = render(messages.len(), false)?;
+    let mut mask = vec![0u32; ids.len()];
+    for (k, _) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+        let (before, through) = (render(k, true)?, render(k + 1, false)?);
+        if !ids.starts_with(&through) || !through.starts_with(&before) {
+            fail!(
+                Data,
+                "the chat template does not render message {} as a continuation of the ones before it, so its tokens cannot be marked",
+                k + 1
+            );
+        }
+        mask[before.len()..through.len()].iter_mut().for_each(|m| *m = 1);
+    }
+    Ok((ids, mask))
 }
 
 fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_encoder: bool) -> Result<TaskData> {

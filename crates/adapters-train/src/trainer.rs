@@ -190,7 +190,7 @@ impl Trainer {
                     }
                     Some(head)
                 }
-                TaskType::CausalLm => None,
+                TaskType::CausalLm | TaskType::Chat => None,
             };
             let pooling = t.pooling.unwrap_or(if is_encoder { Pooling::Mean } else { Pooling::Last });
             let setup = config.setup_of(t);
@@ -471,11 +471,23 @@ impl Trainer {
         let tokens: usize = ids.iter().map(|r| r.len()).sum();
         let kind = self.tasks[first].kind;
         let (padded, mask) = pad(&ids, &device)?;
+        let loss_mask = match kind {
+            TaskType::Chat => {
+                let rows: Vec<&[u32]> = batch
+                    .iter()
+                    .flat_map(|(task, rows)| rows.iter().map(|&i| self.tasks[*task].data.train.loss_mask[i].as_slice()))
+                    .collect();
+                Some(pad(&rows, &device)?.0)
+            }
+            _ => None,
+        };
         let head = |hidden: Option<&Tensor>| match kind {
-            TaskType::CausalLm => Ok(lm_loss_of(&self.model.backbone, hidden.expect("a decoder runs"), &padded)?.0),
+            TaskType::CausalLm | TaskType::Chat => {
+                Ok(lm_loss_of(&self.model.backbone, hidden.expect("a decoder runs"), &padded, loss_mask.as_ref())?.0)
+            }
             TaskType::Classification => self.classification_loss(batch, hidden.map(|h| (h, &mask)), ids.len(), &ctx),
         };
-        let needs_backbone = kind == TaskType::CausalLm || batch.iter().any(|(task, _)| self.tasks[*task].features.is_none());
+        let needs_backbone = kind.is_language_modelling() || batch.iter().any(|(task, _)| self.tasks[*task].features.is_none());
         let (loss, mut grads) = if needs_backbone {
             let vars: Vec<Var> = self.params.iter().map(|p| p.var.clone()).collect();
             let checkpointing = self.config.training.gradient_checkpointing;
@@ -597,11 +609,13 @@ impl Trainer {
                     metrics.insert("macro_f1".into(), macro_f1(&gold, &pred, task.data.labels.len()));
                     metrics.insert("loss".into(), loss_sum / gold.len() as f64);
                 }
-                TaskType::CausalLm => {
+                TaskType::CausalLm | TaskType::Chat => {
                     let (mut nll, mut count) = (0.0, 0usize);
                     for batch in sorted_batches(&lengths, 8) {
                         let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
-                        let (loss, n) = lm_loss(&self.model.backbone, &ids, &ctx_for(ids.len())?)?;
+                        let marks: Option<Vec<&[u32]>> =
+                            (task.kind == TaskType::Chat).then(|| batch.iter().map(|&i| split.loss_mask[i].as_slice()).collect());
+                        let (loss, n) = lm_loss(&self.model.backbone, &ids, marks.as_deref(), &ctx_for(ids.len())?)?;
                         nll += loss.to_scalar::<f32>()? as f64 * n as f64;
                         count += n;
                     }
@@ -773,7 +787,7 @@ fn members_placement(model: &LoadedModel, entry: &AdapterEntry) -> Result<Placem
 fn check_metric(metric: Metric, tasks: &[Task]) -> Result<()> {
     let fits = |t: &Task| match metric {
         Metric::Accuracy | Metric::MacroF1 => t.kind == TaskType::Classification,
-        Metric::Perplexity => t.kind == TaskType::CausalLm,
+        Metric::Perplexity => t.kind.is_language_modelling(),
         Metric::Loss => true,
     };
     if !tasks.iter().any(|t| fits(t) && t.data.dev.is_some()) {

@@ -234,6 +234,85 @@ fn causal_lm_adapter_overfits_a_few_sequences() {
     assert!((t.dev["loss"].exp() - after).abs() < 1e-6 * after);
 }
 
+/// The chat template's rendering marks exactly each assistant message and its end-of-turn
+/// marker (what the model must produce after the generation prompt).
+#[test]
+fn chat_tokens_mark_exactly_the_assistant_turns() {
+    let gguf = adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap();
+    let tokenizer = adapters_models::load(&gguf, &Device::Cpu).unwrap().tokenizer;
+    let m = |role: &str, content: &str| adapters_models::Message { role: role.into(), content: content.into() };
+    let chat = [m("user", "hi there"), m("assistant", "hello."), m("user", "how are you?"), m("assistant", "fine, thanks.")];
+    let (ids, mask) = adapters_train::chat_tokens(&tokenizer, &chat).unwrap();
+    assert_eq!(ids.len(), mask.len());
+    // The marked runs, decoded.
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    for (i, (&id, &marked)) in ids.iter().zip(&mask).enumerate() {
+        if marked == 1 {
+            if i == 0 || mask[i - 1] == 0 {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().unwrap().push(id);
+        }
+    }
+    let texts: Vec<String> = runs.iter().map(|r| tokenizer.decode(r, false).unwrap()).collect();
+    assert_eq!(texts, ["hello.<|im_end|>\n", "fine, thanks.<|im_end|>\n"]);
+}
+
+/// A chat adapter learns the assistant's turns: its loss is the mean next-token
+/// cross-entropy over the assistant tokens alone (checked before training against the
+/// base model's own logits: the adapter starts as the identity), and overfitting a few
+/// conversations drives that perplexity down. Bad rows are refused naming file and line.
+#[test]
+fn chat_adapter_learns_only_the_assistant_turns() {
+    let dir = scratch("chat");
+    let train = head_of("movie_chat", "train.jsonl", 24, &dir);
+    let gguf = adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap();
+    let body = |train: &Path| {
+        format!(
+            "[model]\npath = {:?}\nmax_length = 96\n[adapters.d]\nkind = \"seq_bn\"\nreduction_factor = 16\ninit_weights = \"mam_adapter\"\n\
+             [[task]]\nname = \"chat\"\ntype = \"chat\"\ntrain = {:?}\ndev = {:?}\neval_limit = 4\n\
+             [training]\nbatch_size = 4\nsteps = 12\nlr = 3e-3\nwarmup_ratio = 0.0\nschedule = \"constant\"\n",
+            gguf.display().to_string(),
+            train.display().to_string(),
+            train.display().to_string()
+        )
+    };
+    let mut trainer = Trainer::new(config(&body(&train), &dir.join("out")), &Device::Cpu).unwrap();
+    let s = trainer.run(&RunOptions::default()).unwrap();
+    let t = &s.tasks["chat"];
+    let (before, after) = (t.dev_at_start["perplexity"], t.dev["perplexity"]);
+    assert!(after < 0.7 * before, "assistant-token perplexity on the training chats went from {before:.2} to {after:.2}");
+
+    // The starting loss by hand: the base model's logits at the positions before each
+    // assistant token of the first four conversations.
+    let loaded = adapters_models::load(&gguf, &Device::Cpu).unwrap();
+    let adapters_models::Backbone::Llama(base) = &loaded.backbone else { unreachable!() };
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    for line in std::fs::read_to_string(&train).unwrap().lines().take(4) {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let chat: Vec<adapters_models::Message> = serde_json::from_value(row["messages"].clone()).unwrap();
+        let (mut ids, mut mask) = adapters_train::chat_tokens(&loaded.tokenizer, &chat).unwrap();
+        ids.truncate(96);
+        mask.truncate(96);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let hidden = base.forward_hidden(&input, None, &adapters_core::ForwardCtx::inference()).unwrap();
+        let logp = candle_nn::ops::log_softmax(&base.logits(&hidden).unwrap().squeeze(0).unwrap(), 1).unwrap().to_vec2::<f32>().unwrap();
+        for p in 0..ids.len() - 1 {
+            if mask[p + 1] == 1 {
+                nll -= logp[p][ids[p + 1] as usize] as f64;
+                count += 1;
+            }
+        }
+    }
+    let by_hand = nll / count as f64;
+    assert!((t.dev_at_start["loss"] - by_hand).abs() < 1e-3, "trainer {} vs by hand {by_hand}", t.dev_at_start["loss"]);
+
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let e = Trainer::new(config(&body(&bad), &dir.join("bad-out")), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("bad.jsonl:2") && e.contains("no assistant message"), "{e}");
+}
+
 /// Full fine-tuning changes base weights; the head-only mode trains only the head.
 #[test]
 fn full_and_head_only_modes_train_what_they_say() {
