@@ -73,6 +73,9 @@ pub fn run(root: &Path, only: Option<&str>, report_only: bool) -> Result<()> {
             if !root.join(SERVED).exists() {
                 serve_chat(root, &cli)?;
             }
+            if only == Some("chat") {
+                return update_chat_block(root);
+            }
         }
     }
     write_results(root)
@@ -204,7 +207,7 @@ pub fn write_results(root: &Path) -> Result<()> {
         }
         None => writeln!(md, "not run")?,
     }
-    chat_results(root, &mut md)?;
+    md.push_str(&chat_block(root)?);
     md.push_str(&crate::fusion_study::block(root)?);
     extra_runs(root, &mut md)?;
     std::fs::write(root.join("RESULTS.md"), md).context("writing RESULTS.md")?;
@@ -212,12 +215,43 @@ pub fn write_results(root: &Path) -> Result<()> {
     Ok(())
 }
 
+const CHAT_BEGIN: &str = "<!-- chat: written by `cargo xtask quality --only chat` -->";
+const CHAT_END: &str = "<!-- /chat -->";
+
+/// The chat section from its run, or else as RESULTS.md has it (the runs live on the
+/// machine that made them).
+fn chat_block(root: &Path) -> Result<String> {
+    let mut fresh = String::new();
+    chat_results(root, &mut fresh)?;
+    if !fresh.is_empty() {
+        return Ok(format!("\n{CHAT_BEGIN}\n{fresh}{CHAT_END}\n"));
+    }
+    let current = std::fs::read_to_string(root.join("RESULTS.md")).unwrap_or_default();
+    Ok(match (current.find(CHAT_BEGIN), current.find(CHAT_END)) {
+        (Some(a), Some(b)) if a < b => format!("\n{}{CHAT_END}\n", &current[a..b]),
+        _ => String::new(),
+    })
+}
+
+/// Replaces only the chat section of RESULTS.md (before the fusion study, or at the end).
+fn update_chat_block(root: &Path) -> Result<()> {
+    let path = root.join("RESULTS.md");
+    let block = chat_block(root)?;
+    let mut text = std::fs::read_to_string(&path).context("reading RESULTS.md")?;
+    if let (Some(a), Some(b)) = (text.find(CHAT_BEGIN), text.find(CHAT_END)) {
+        text.replace_range(a.saturating_sub(1)..(b + CHAT_END.len() + 1).min(text.len()), "");
+    }
+    let at = text.find("\n<!-- fusion-study").or_else(|| text.find("\n## Other runs")).unwrap_or(text.len());
+    text.insert_str(at, &block);
+    std::fs::write(&path, text).context("writing RESULTS.md")?;
+    eprintln!("wrote the chat section of RESULTS.md");
+    Ok(())
+}
+
+/// The chat run's section, or nothing when it has not run here.
 fn chat_results(root: &Path, md: &mut String) -> Result<()> {
-    writeln!(md, "\n## movie_chat: a chat adapter on SmolLM2-135M-Instruct\n")?;
-    let Some(s) = summary(root, "movie_chat") else {
-        writeln!(md, "not run")?;
-        return Ok(());
-    };
+    let Some(s) = summary(root, "movie_chat") else { return Ok(()) };
+    writeln!(md, "## movie_chat: a chat adapter on SmolLM2-135M-Instruct\n")?;
     let t = &s["tasks"]["movie_chat"];
     let ppl = |split: &str| t[split]["perplexity"].as_f64().unwrap_or(f64::NAN);
     writeln!(
@@ -248,8 +282,9 @@ fn chat_results(root: &Path, md: &mut String) -> Result<()> {
         md,
         "\nServed: the adapter pushed to a library as `movie-chat@prod` and `adapters serve` over SmolLM2 asked, through \
          `/v1/chat/completions` (greedy, at most 30 tokens), the user turns of the first held-out test conversations; \
-         the base model's answers beside it. The adapter learns the corpus' register (short, lower-case movie lines) \
-         in place of the assistant persona:\n\n| user | reference reply | base model | with the chat adapter |\n|---|---|---|---|"
+         the base model's answers beside it. The adapter answers in the corpus' register (short, lower-case movie \
+         lines, and it stops) in place of the assistant persona; greedy decoding also makes it pick the commonest \
+         short replies (\"i'm sorry.\"), the usual blandness of greedy decoding on dialog data:\n\n| user | reference reply | base model | with the chat adapter |\n|---|---|---|---|"
     )?;
     let cell = |v: &serde_json::Value| v.as_str().unwrap_or("").replace('|', "\\|").replace('\n', " ");
     for q in served {
