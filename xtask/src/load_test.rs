@@ -181,8 +181,13 @@ fn summarise(label: &str, outcomes: &[Outcome], seconds: f64, metrics: &str) -> 
     };
     let all: Vec<f64> = outcomes.iter().filter(|o| o.ok).map(|o| o.seconds).collect();
     let units = |generation: bool| outcomes.iter().filter(|o| o.ok && o.generation == generation).map(|o| o.units).sum::<usize>() as f64;
-    let metric = |name: &str| {
-        metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+    // Summed over label sets.
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     };
     json!({
         "label": label,

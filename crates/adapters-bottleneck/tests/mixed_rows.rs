@@ -131,9 +131,10 @@ fn each_adapter_gets_the_gradient_of_its_own_rows() {
 }
 
 /// Continuous batching: sequences with different prompt lengths and adapters (Pfeiffer,
-/// LoRA, the base) decode one token per step in one batch, each with its own cache; one
-/// joins after the others started, one leaves early. Every step's logits equal that
-/// sequence decoded alone with its adapter active.
+/// LoRA, the base) run their prompts together (padded) and then decode one token per step
+/// in one batch, each with its own cache; one joins after the others started, one leaves
+/// early. Every prompt's and step's logits equal that sequence run alone with its adapter
+/// active.
 #[test]
 fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
     let mut m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -148,7 +149,8 @@ fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
         (s(&[]), vec![1, 4000, 39], vec![5, 505, 55, 5555, 9], 0, 4),
         (s(&["a2"]), vec![1, 1200, 33, 70, 81, 4, 19], vec![99, 999, 9999, 13, 4], 2, 4),
     ];
-    // Alone: the adapter active, one cache, the usual path.
+    // Alone: the adapter active, one cache, the usual path: the logits after the prompt,
+    // then after each token of the continuation.
     let mut alone: Vec<Vec<Tensor>> = Vec::new();
     for (stack, prompt, continuation, _, _) in &sequences {
         let names: Vec<&str> = stack.iter().map(String::as_str).collect();
@@ -156,24 +158,30 @@ fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
         let Backbone::Llama(l) = &m else { unreachable!() };
         let mut cache = l.new_cache();
         let ctx = ForwardCtx::inference();
-        l.last_logits(&Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(&mut cache), &ctx).unwrap();
-        alone.push(
-            continuation
-                .iter()
-                .map(|&t| l.last_logits(&Tensor::new(&[[t]], &Device::Cpu).unwrap(), Some(&mut cache), &ctx).unwrap().squeeze(0).unwrap())
-                .collect(),
-        );
+        let one = |ids: &[u32], cache: &mut adapters_models::KvCache| {
+            l.last_logits(&Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), Some(cache), &ctx).unwrap().squeeze(0).unwrap()
+        };
+        let mut logits = vec![one(prompt, &mut cache)];
+        logits.extend(continuation.iter().map(|&t| one(&[t], &mut cache)));
+        alone.push(logits);
     }
     m.adapters_mut().activate(&[]).unwrap();
     let Backbone::Llama(l) = &m else { unreachable!() };
     let mut caches: Vec<_> = sequences.iter().map(|_| l.new_cache()).collect();
     for step in 0..5 {
         let rows: Vec<usize> = (0..sequences.len()).filter(|&i| (sequences[i].3..=sequences[i].4).contains(&step)).collect();
-        // A sequence joins with its prompt, run alone through its own adapter.
-        for &i in rows.iter().filter(|&&i| sequences[i].3 == step) {
-            let ctx = ForwardCtx::inference().with_row_choices(&[sequences[i].0.clone()], &Device::Cpu).unwrap();
-            let prompt = Tensor::new(sequences[i].1.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            l.last_logits(&prompt, Some(&mut caches[i]), &ctx).unwrap();
+        // Sequences join with their prompts, run together (padded), each through its adapter.
+        let joining: Vec<usize> = rows.iter().copied().filter(|&i| sequences[i].3 == step).collect();
+        if !joining.is_empty() {
+            let choices: Vec<Vec<String>> = joining.iter().map(|&i| sequences[i].0.clone()).collect();
+            let ctx = ForwardCtx::inference().with_row_choices(&choices, &Device::Cpu).unwrap();
+            let prompts: Vec<&[u32]> = joining.iter().map(|&i| sequences[i].1.as_slice()).collect();
+            let (logits, joined) = l.prefill(&prompts, &ctx).unwrap();
+            for (r, (&i, cache)) in joining.iter().zip(joined).enumerate() {
+                let d = max_diff(&logits.get(r).unwrap(), &alone[i][0]);
+                assert!(d < 2e-3, "sequence {i}'s prompt ({:?}): logits differ from it alone by {d}", sequences[i].0);
+                caches[i] = cache;
+            }
         }
         let tokens: Vec<u32> = rows.iter().map(|&i| sequences[i].2[step - sequences[i].3]).collect();
         let choices: Vec<Vec<String>> = rows.iter().map(|&i| sequences[i].0.clone()).collect();
@@ -182,7 +190,7 @@ fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
             caches.iter_mut().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, c)| c).collect();
         let logits = l.decode_step(&tokens, &mut row_caches, &ctx).unwrap();
         for (r, &i) in rows.iter().enumerate() {
-            let want = &alone[i][step - sequences[i].3];
+            let want = &alone[i][step - sequences[i].3 + 1];
             let d = max_diff(&logits.get(r).unwrap(), want);
             assert!(d < 2e-3, "step {step}, sequence {i} ({:?}): logits differ from it alone by {d}", sequences[i].0);
         }

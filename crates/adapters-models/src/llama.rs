@@ -330,6 +330,40 @@ impl Llama {
         self.finish(&x)
     }
 
+    /// Runs several prompts in one forward pass (right-padded to the longest; rows may use
+    /// different adapters through `ctx`'s row choices), each into a cache of its own: the
+    /// logits after each prompt's last token, `[rows, vocab]`, and the caches, ready for
+    /// [`Llama::decode_step`].
+    pub fn prefill(&self, prompts: &[&[u32]], ctx: &ForwardCtx) -> Result<(Tensor, Vec<KvCache>)> {
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            candle_core::bail!("prefill: every prompt needs at least one token");
+        }
+        let padded: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied().chain(std::iter::repeat_n(0, longest - p.len()))).collect();
+        let ids = Tensor::from_vec(padded, (prompts.len(), longest), self.device())?;
+        let mut batch = self.new_cache();
+        // Causal: a prompt's tokens never see the padding to their right.
+        let hidden = self.forward_hidden(&ids, Some(&mut batch), ctx)?;
+        let last: Vec<u32> = prompts.iter().enumerate().map(|(i, p)| (i * longest + p.len() - 1) as u32).collect();
+        let last = hidden.reshape((prompts.len() * longest, ()))?.index_select(&Tensor::new(last.as_slice(), self.device())?, 0)?;
+        let caches = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let layers = batch
+                    .layers
+                    .iter()
+                    .map(|kv| {
+                        let (k, v) = kv.as_ref().expect("the forward filled every layer");
+                        Ok(Some((k.narrow(0, i, 1)?.narrow(1, 0, p.len())?, v.narrow(0, i, 1)?.narrow(1, 0, p.len())?)))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(KvCache { layers })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((self.logits(&last)?, caches))
+    }
+
     /// One decoding step for sequences that each have their own cache, at their own
     /// position (continuous batching: sequences join after their prompt ran with their
     /// own cache, and leave when done): `tokens[i]` continues `caches[i]`, which is

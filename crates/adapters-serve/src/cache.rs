@@ -2,7 +2,7 @@
 //! adapter attached) that requests read without locks and publishers replace whole,
 //! bounded by count and bytes with least-recently-used eviction. Pinned adapters are never
 //! evicted; an adapter a request holds is never freed under it (the request keeps its
-//! `Arc`), and eviction skips adapters in use.
+//! `Arc`), and eviction takes adapters no request is using first.
 
 use adapters_models::Backbone;
 use adapters_store::Manifest;
@@ -82,8 +82,8 @@ pub enum CacheError<E> {
     /// Loading failed.
     #[error(transparent)]
     Load(E),
-    /// Every resident adapter is pinned or in use and there is no room.
-    #[error("no room for {key}: {resident} adapters ({bytes} bytes) are resident and every one is pinned or in use; unpin one or raise --max-adapters / --max-adapter-bytes")]
+    /// Every resident adapter is pinned and there is no room.
+    #[error("no room for {key}: {resident} adapters ({bytes} bytes) are resident and every one is pinned; unpin one or raise --max-adapters / --max-adapter-bytes")]
     Full {
         /// The adapter that did not fit.
         key: String,
@@ -141,8 +141,10 @@ impl AdapterCache {
         Ok((resident, false, published))
     }
 
-    /// Publishes `resident`, evicting least-recently-used adapters that are neither pinned
-    /// nor in use until the limits hold.
+    /// Publishes `resident`, evicting unpinned adapters until the limits hold: those no
+    /// request is using first, least recently used first. One in use may go too (when more
+    /// adapters are in use than the cache holds): requests holding it finish on it, and its
+    /// memory is freed when the last of them ends.
     fn insert<E>(&self, resident: Arc<Resident>) -> Result<Published, CacheError<E>> {
         let _one_publisher = self.publishing.lock().expect("publish lock poisoned");
         let mut next: Snapshot = (**self.snapshot.load()).clone();
@@ -154,8 +156,8 @@ impl AdapterCache {
             // In use: held by a request besides this map and the published snapshot.
             let victim = next
                 .iter()
-                .filter(|(_, r)| !r.pinned.load(Ordering::Relaxed) && Arc::strong_count(r) <= 2)
-                .min_by_key(|(_, r)| r.last_used.load(Ordering::Relaxed))
+                .filter(|(_, r)| !r.pinned.load(Ordering::Relaxed))
+                .min_by_key(|(_, r)| (Arc::strong_count(r) > 2, r.last_used.load(Ordering::Relaxed)))
                 .map(|(k, _)| k.clone());
             match victim {
                 Some(k) => {

@@ -10,7 +10,6 @@ use crate::server::{AppState, Target};
 use adapters_core::ForwardCtx;
 use adapters_models::generate::{choose, Sampling};
 use adapters_models::{Backbone, KvCache, Llama};
-use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
@@ -139,7 +138,8 @@ fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>
             return;
         }
         let Ok(_slot) = runtime.block_on(state.compute_slot()) else { return };
-        while running.len() < max_rows {
+        let mut joining = Vec::new();
+        while running.len() + joining.len() < max_rows {
             let Some(generation) = waiting.pop_front() else { break };
             state.metrics.queue.get_or_create(&generation.target.labels()).observe(generation.queued.elapsed().as_secs_f64());
             let mut stream = tokenizer.inner.decode_stream(true);
@@ -148,35 +148,62 @@ fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>
                 Sampling::Sample { seed, .. } => seed,
                 Sampling::Greedy => 0,
             });
-            let cache = llama(state.model_of(&generation.target)).new_cache();
-            let mut r = Running { generation, cache, next: 0, produced: 0, rng, text, done: false };
-            match prefill(state, &mut r) {
-                Ok(token) => r.take(token, &stop),
-                Err(e) => r.fail(e),
-            }
-            if !r.done {
-                running.push(r);
-            }
+            let cache = base.new_cache();
+            joining.push(Running { generation, cache, next: 0, produced: 0, rng, text, done: false });
+        }
+        if !joining.is_empty() {
+            advance(state, &mut joining, &mut mixed, &stop, prefill);
+            running.extend(joining.into_iter().filter(|r| !r.done));
         }
         if !running.is_empty() {
-            step(state, &mut running, &mut mixed, &stop);
+            advance(state, &mut running, &mut mixed, &stop, decode);
             running.retain(|r| !r.done);
         }
     }
 }
 
-/// Runs a joining generation's prompt on its own model and cache; its first token.
-fn prefill(state: &AppState, r: &mut Running) -> Result<u32, String> {
-    let model = llama(state.model_of(&r.generation.target));
-    let prompt = Tensor::new(r.generation.prompt.as_slice(), model.device()).and_then(|t| t.unsqueeze(0)).map_err(|e| e.to_string())?;
-    let logits = model.last_logits(&prompt, Some(&mut r.cache), &ForwardCtx::inference()).and_then(|l| l.squeeze(0));
-    logits.and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map_err(|e| e.to_string())
+/// Runs the prompts of `rows` of `running` (all joining now) in one forward pass on
+/// `model`, each into its own cache; the first token of each.
+fn prefill(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running]) -> Result<Vec<u32>, String> {
+    let m = llama(model);
+    let ctx = row_context(m, per_row, rows, running)?;
+    let prompts: Vec<&[u32]> = rows.iter().map(|&i| running[i].generation.prompt.as_slice()).collect();
+    let (logits, caches) = m.prefill(&prompts, &ctx).map_err(|e| e.to_string())?;
+    rows.iter()
+        .zip(caches)
+        .enumerate()
+        .map(|(k, (&i, cache))| {
+            let r = &mut running[i];
+            r.cache = cache;
+            logits.get(k).and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
-/// One token for every running generation: those on plain adapters (or the base) in one
-/// forward pass, each row through its own adapter; those on composition setups, which
-/// rows cannot choose, on their own models.
-fn step(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<String>, Backbone)>, stop: &[u32]) {
+/// A forward context that sends each of `rows` through its generation's adapter (with
+/// `per_row`), or a plain one.
+fn row_context(m: &Llama, per_row: bool, rows: &[usize], running: &[Running]) -> Result<ForwardCtx, String> {
+    let ctx = ForwardCtx::inference();
+    if !per_row {
+        return Ok(ctx);
+    }
+    let choices: Vec<Vec<String>> = rows
+        .iter()
+        .map(|&i| match &running[i].generation.target {
+            Target::Base => vec![],
+            Target::Adapter(a) => vec![a.key()],
+        })
+        .collect();
+    ctx.with_row_choices(&choices, m.device()).map_err(|e| e.to_string())
+}
+
+/// What runs a group of rows on one model: the next token of each.
+type RunRows = fn(&Backbone, bool, &[usize], &mut [Running]) -> Result<Vec<u32>, String>;
+
+/// One token for every generation in `running` (by `run`: a prompt, or a decoding step):
+/// those on plain adapters (or the base) in one forward pass, each row through its own
+/// adapter; those on composition setups, which rows cannot choose, on their own models.
+fn advance(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<String>, Backbone)>, stop: &[u32], run: RunRows) {
     let on_setup = |r: &Running| matches!(&r.generation.target, Target::Adapter(a) if a.manifest.contents.setup.is_some());
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     let mut plain = Vec::new();
@@ -213,7 +240,7 @@ fn step(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<Strin
     state.metrics.batch_models.observe(batches.iter().map(|(_, per_row, _)| if *per_row { ids.len() } else { 1 }).sum::<usize>() as f64);
     state.metrics.batch_rows.observe(running.len() as f64);
     for (model, per_row, rows) in batches {
-        match decode(&model, per_row, &rows, running) {
+        match run(&model, per_row, &rows, running) {
             Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].take(t, stop)),
             Err(e) => rows.iter().for_each(|&i| running[i].fail(e.clone())),
         }
@@ -224,17 +251,7 @@ fn step(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<Strin
 fn decode(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running]) -> Result<Vec<u32>, String> {
     let m = llama(model);
     let tokens: Vec<u32> = rows.iter().map(|&i| running[i].next).collect();
-    let mut ctx = ForwardCtx::inference();
-    if per_row {
-        let choices: Vec<Vec<String>> = rows
-            .iter()
-            .map(|&i| match &running[i].generation.target {
-                Target::Base => vec![],
-                Target::Adapter(a) => vec![a.key()],
-            })
-            .collect();
-        ctx = ctx.with_row_choices(&choices, m.device()).map_err(|e| e.to_string())?;
-    }
+    let ctx = row_context(m, per_row, rows, running)?;
     let mut caches: Vec<&mut KvCache> =
         running.iter_mut().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, r)| &mut r.cache).collect();
     let logits = m.decode_step(&tokens, &mut caches, &ctx).map_err(|e| e.to_string())?;

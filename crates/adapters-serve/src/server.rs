@@ -5,7 +5,7 @@ use crate::cache::{AdapterCache, CacheError, Limits, Resident};
 use crate::decoding::Decoder;
 use crate::error::ApiError;
 use crate::metrics::{AdapterLabels, Metrics, RequestLabels};
-use adapters_core::Setup;
+use adapters_core::{Fingerprint, InsertionPoint, Setup};
 use adapters_models::{Backbone, HoldsAdapters, LoadedModel, TextTokenizer};
 use adapters_store::{Manifest, Reference, Store};
 use axum::extract::rejection::JsonRejection;
@@ -77,6 +77,8 @@ pub struct AppState {
     draining: AtomicBool,
     batcher: OnceLock<Batcher>,
     decoder: OnceLock<Decoder>,
+    /// The base model's fingerprint, computed by the first load (the weights never change).
+    fingerprint: OnceLock<Fingerprint>,
 }
 
 impl AppState {
@@ -96,6 +98,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             batcher: OnceLock::new(),
             decoder: OnceLock::new(),
+            fingerprint: OnceLock::new(),
             config,
         }
     }
@@ -214,10 +217,15 @@ impl AppState {
     async fn load(&self, manifest: Manifest) -> Result<Resident, ApiError> {
         let dir = self.store.cached(&manifest, &self.config.cache_dir).await?;
         let mut model = self.base.clone();
-        tokio::task::spawn_blocking(move || {
+        let known = self.fingerprint.get().cloned();
+        let (resident, fingerprint) = tokio::task::spawn_blocking(move || {
             let fits = |e: adapters_models::Error| ApiError {
                 status: StatusCode::CONFLICT,
                 message: format!("{}@{} does not fit this server's base model: {e}", manifest.name, manifest.version),
+            };
+            let fingerprint = match known {
+                Some(f) => f,
+                None => model.fingerprint().map_err(|e| ApiError::internal(format!("fingerprinting the base model: {e}")))?,
             };
             let mut heads = Vec::new();
             let device = model.device().clone();
@@ -228,22 +236,24 @@ impl AppState {
             match &manifest.contents.setup {
                 Some(setup) => {
                     for (name, _) in &setup.adapters {
-                        model.load_adapter(&dir.join(name), Some(name)).map_err(fits)?;
+                        model.load_adapter_for(&dir.join(name), Some(name), &fingerprint).map_err(fits)?;
                         read_heads(&dir.join(name))?;
                     }
                     let tree = Setup::load(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
                     model.adapters_mut().set_setup(Some(tree)).map_err(|e| fits(e.into()))?;
                 }
                 None => {
-                    let name = model.load_adapter(&dir, Some(&manifest.name)).map_err(fits)?;
+                    let name = model.load_adapter_for(&dir, Some(&manifest.name), &fingerprint).map_err(fits)?;
                     model.adapters_mut().activate(&[name.as_str()]).map_err(|e| fits(e.into()))?;
                     read_heads(&dir)?;
                 }
             }
-            Ok(Resident::new(manifest, model, heads))
+            Ok::<_, ApiError>((Resident::new(manifest, model, heads), fingerprint))
         })
         .await
-        .map_err(|e| ApiError::internal(format!("loading the adapter failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("loading the adapter failed: {e}")))??;
+        self.fingerprint.get_or_init(|| fingerprint);
+        Ok(resident)
     }
 }
 
