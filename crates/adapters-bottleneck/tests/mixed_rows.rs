@@ -130,6 +130,9 @@ fn each_adapter_gets_the_gradient_of_its_own_rows() {
     }
 }
 
+/// A test sequence: adapters, prompt, continuation fed one token per step, first step, last step.
+type Sequence = (Vec<String>, Vec<u32>, Vec<u32>, usize, usize);
+
 /// Continuous batching: sequences with different prompt lengths and adapters (Pfeiffer,
 /// LoRA, the base) run their prompts together (padded) and then decode one token per step
 /// in one batch, each with its own cache; one joins after the others started, one leaves
@@ -143,7 +146,7 @@ fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
     m.adapters_mut().add("l0", lora).unwrap();
     let s = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<String>>();
     // (adapters, prompt, continuation fed one token per step, first step, last step)
-    let sequences: Vec<(Vec<String>, Vec<u32>, Vec<u32>, usize, usize)> = vec![
+    let sequences: Vec<Sequence> = vec![
         (s(&["a0"]), vec![1, 504, 3458, 282, 253], vec![1090, 30, 429, 22, 811], 0, 4),
         (s(&["l0"]), vec![1, 77, 9001, 15, 300, 2280, 41, 6, 12], vec![8, 18, 222, 2000, 7], 0, 1),
         (s(&[]), vec![1, 4000, 39], vec![5, 505, 55, 5555, 9], 0, 4),

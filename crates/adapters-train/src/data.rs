@@ -159,6 +159,39 @@ pub fn read_text(path: &Path) -> Result<Vec<String>> {
     Ok(docs)
 }
 
+/// Conversations for chat fine-tuning: JSONL, one `{"messages": [{"role", "content"}, ...]}`
+/// per line (OpenAI's chat format), roles `system`, `user` or `assistant`, with at least
+/// one assistant message each (the loss is on the assistant's tokens).
+pub fn read_chats(path: &Path) -> Result<Vec<Vec<adapters_models::Message>>> {
+    exists(path)?;
+    let body = std::fs::read_to_string(path).within(|| format!("reading {}", path.display()))?;
+    let mut chats = Vec::new();
+    for (i, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            messages: Vec<adapters_models::Message>,
+        }
+        let row: Row = serde_json::from_str(line).map_err(|e| {
+            crate::error::Error::Data(format!(
+                "{}:{}: not a chat row ({e}); each line is {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}, ...]}}",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        if let Some(m) = row.messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str())) {
+            fail!(Data, "{}:{}: role `{}`; use system, user or assistant", path.display(), i + 1, m.role);
+        }
+        if !row.messages.iter().any(|m| m.role == "assistant") {
+            fail!(Data, "{}:{}: no assistant message, so nothing to learn from", path.display(), i + 1);
+        }
+        chats.push(row.messages);
+    }
+    if chats.is_empty() {
+        fail!(Data, "{}: no conversations", path.display());
+    }
+    Ok(chats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,37 +238,4 @@ mod tests {
         let p = file("t.txt", "hi there\nhello.\n\n\nsecond\n");
         assert_eq!(read_text(&p).unwrap(), vec!["hi there\nhello.".to_string(), "second".to_string()]);
     }
-}
-
-/// Conversations for chat fine-tuning: JSONL, one `{"messages": [{"role", "content"}, ...]}`
-/// per line (OpenAI's chat format), roles `system`, `user` or `assistant`, with at least
-/// one assistant message each (the loss is on the assistant's tokens).
-pub fn read_chats(path: &Path) -> Result<Vec<Vec<adapters_models::Message>>> {
-    exists(path)?;
-    let body = std::fs::read_to_string(path).within(|| format!("reading {}", path.display()))?;
-    let mut chats = Vec::new();
-    for (i, line) in body.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        #[derive(serde::Deserialize)]
-        struct Row {
-            messages: Vec<adapters_models::Message>,
-        }
-        let row: Row = serde_json::from_str(line).map_err(|e| {
-            crate::error::Error::Data(format!(
-                "{}:{}: not a chat row ({e}); each line is {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}, ...]}}",
-                path.display(),
-                i + 1
-            ))
-        })?;
-        if let Some(m) = row.messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str())) {
-            fail!(Data, "{}:{}: role `{}`; use system, user or assistant", path.display(), i + 1, m.role);
-        }
-        if !row.messages.iter().any(|m| m.role == "assistant") {
-            fail!(Data, "{}:{}: no assistant message, so nothing to learn from", path.display(), i + 1);
-        }
-        chats.push(row.messages);
-    }
-    if chats.is_empty() {
-        fail!(Data, "{}: no conversations", path.display());
-    }
-    Ok(chats)
 }
