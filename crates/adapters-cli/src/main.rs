@@ -310,8 +310,9 @@ enum Command {
         /// a request for ROUTE goes to a variant by weight (sticky per `user`).
         #[arg(long)]
         routes: Option<PathBuf>,
-        /// Most texts in one forward pass: embedding and classification requests waiting
-        /// together run as one batch, each row through its own adapter (0: each request alone).
+        /// Most rows in one forward pass, each through its own adapter: texts of embedding and
+        /// classification requests waiting together, or generations decoding together
+        /// (continuous batching). 0 turns batching off: each request alone.
         #[arg(long, default_value_t = 32)]
         batch_rows: usize,
         /// Milliseconds a batch waits for more requests once a compute slot is free.

@@ -18,8 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 /// How requests are batched.
 #[derive(Clone, Copy, Debug)]
 pub struct Batching {
-    /// Most rows (texts) in one forward pass; 0 turns batching off (each request alone).
-    /// A request with more rows runs alone.
+    /// Most rows in one forward pass: texts of embedding and classification requests (a
+    /// request with more runs alone), or generations in one decoding step. 0 turns
+    /// batching off: each request alone (a generation on a compute slot of its own).
     pub max_rows: usize,
     /// How long the first request of a batch waits for more once a compute slot is free.
     pub max_wait: Duration,
