@@ -249,27 +249,12 @@ const END: &str = "<!-- /fusion-study -->";
 /// The section as RESULTS.md holds it: from the runs when they are here, else the one
 /// RESULTS.md already has (so `cargo xtask quality` keeps it on a machine without them).
 pub fn block(root: &Path) -> Result<String> {
-    let fresh = section(root)?;
-    if !fresh.is_empty() {
-        return Ok(format!("\n{BEGIN}\n{fresh}{END}\n"));
-    }
-    let current = std::fs::read_to_string(root.join("RESULTS.md")).unwrap_or_default();
-    Ok(match (current.find(BEGIN), current.find(END)) {
-        (Some(a), Some(b)) if a < b => format!("\n{}{END}\n", &current[a..b]),
-        _ => String::new(),
-    })
+    crate::quality::marked_block(root, BEGIN, END, &section(root)?)
 }
 
 /// Replaces the section in RESULTS.md (before "Other runs", or at the end).
 fn update_results(root: &Path) -> Result<()> {
-    let path = root.join("RESULTS.md");
-    let mut text = std::fs::read_to_string(&path).context("reading RESULTS.md")?;
-    if let (Some(a), Some(b)) = (text.find(BEGIN), text.find(END)) {
-        text.replace_range(a.saturating_sub(1)..(b + END.len() + 1).min(text.len()), "");
-    }
-    let at = text.find("\n## Other runs").unwrap_or(text.len());
-    text.insert_str(at, &block(root)?);
-    std::fs::write(&path, text).context("writing RESULTS.md")?;
+    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
     eprintln!("wrote the AdapterFusion section of RESULTS.md");
     Ok(())
 }

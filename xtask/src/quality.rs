@@ -182,28 +182,14 @@ pub fn write_results(root: &Path) -> Result<()> {
     writeln!(md, "\n## movie_dialog: causal LM on SmolLM2-135M-Instruct\n")?;
     match summary(root, "movie_dialog") {
         Some(s) => {
-            let t = &s["tasks"]["movie_dialog"];
-            let ppl = |split: &str, key: &str| t[split][key].as_f64().unwrap_or(f64::NAN);
             writeln!(
                 md,
                 "`examples/movie_dialog.toml`: seq_bn (reduction factor 16) on the frozen model, {} steps of \
                  8 x 128 tokens, lr 1e-3, seed 42. Held-out perplexity (first 64 blocks of 128 tokens of each \
-                 split), before training and after:\n\n\
-                 | split | before | after | change |\n|---|---|---|---|",
+                 split), before training and after:\n",
                 s["steps"]
             )?;
-            for (split, before, after) in [("dev", "dev_at_start", "dev"), ("test", "test_at_start", "test")] {
-                let (b, a) = (ppl(before, "perplexity"), ppl(after, "perplexity"));
-                writeln!(md, "| {split} | {b:.2} | {a:.2} | {:+.1}% |", 100.0 * (a / b - 1.0))?;
-            }
-            writeln!(
-                md,
-                "\nTrainable parameters: {} ({:.2}% of the base's {}); training loop {:.0} s.",
-                s["trainable_parameters"],
-                100.0 * s["trainable_share"].as_f64().unwrap_or(f64::NAN),
-                s["base_parameters"],
-                s["seconds"].as_f64().unwrap_or(0.0)
-            )?;
+            perplexity_table(&mut md, &s, "movie_dialog")?;
         }
         None => writeln!(md, "not run")?,
     }
@@ -218,52 +204,52 @@ pub fn write_results(root: &Path) -> Result<()> {
 const CHAT_BEGIN: &str = "<!-- chat: written by `cargo xtask quality --only chat` -->";
 const CHAT_END: &str = "<!-- /chat -->";
 
-/// The chat section from its run, or else as RESULTS.md has it (the runs live on the
-/// machine that made them).
+/// The chat section from its run, or else as RESULTS.md has it.
 fn chat_block(root: &Path) -> Result<String> {
     let mut fresh = String::new();
     chat_results(root, &mut fresh)?;
-    if !fresh.is_empty() {
-        return Ok(format!("\n{CHAT_BEGIN}\n{fresh}{CHAT_END}\n"));
-    }
-    let current = std::fs::read_to_string(root.join("RESULTS.md")).unwrap_or_default();
-    Ok(match (current.find(CHAT_BEGIN), current.find(CHAT_END)) {
-        (Some(a), Some(b)) if a < b => format!("\n{}{CHAT_END}\n", &current[a..b]),
-        _ => String::new(),
-    })
+    marked_block(root, CHAT_BEGIN, CHAT_END, &fresh)
 }
 
 /// Replaces only the chat section of RESULTS.md (before the fusion study, or at the end).
 fn update_chat_block(root: &Path) -> Result<()> {
-    let path = root.join("RESULTS.md");
-    let block = chat_block(root)?;
-    let mut text = std::fs::read_to_string(&path).context("reading RESULTS.md")?;
-    if let (Some(a), Some(b)) = (text.find(CHAT_BEGIN), text.find(CHAT_END)) {
-        text.replace_range(a.saturating_sub(1)..(b + CHAT_END.len() + 1).min(text.len()), "");
-    }
-    let at = text.find("\n<!-- fusion-study").or_else(|| text.find("\n## Other runs")).unwrap_or(text.len());
-    text.insert_str(at, &block);
-    std::fs::write(&path, text).context("writing RESULTS.md")?;
+    replace_block(root, CHAT_BEGIN, CHAT_END, &chat_block(root)?, "\n<!-- fusion-study")?;
     eprintln!("wrote the chat section of RESULTS.md");
     Ok(())
 }
 
-/// The chat run's section, or nothing when it has not run here.
-fn chat_results(root: &Path, md: &mut String) -> Result<()> {
-    let Some(s) = summary(root, "movie_chat") else { return Ok(()) };
-    writeln!(md, "## movie_chat: a chat adapter on SmolLM2-135M-Instruct\n")?;
-    let t = &s["tasks"]["movie_chat"];
+/// A section of RESULTS.md between two markers: `fresh` when its runs are here, or else
+/// the section as RESULTS.md has it (the runs live on the machine that made them).
+pub fn marked_block(root: &Path, begin: &str, end: &str, fresh: &str) -> Result<String> {
+    if !fresh.is_empty() {
+        return Ok(format!("\n{begin}\n{fresh}{end}\n"));
+    }
+    let current = std::fs::read_to_string(root.join("RESULTS.md")).unwrap_or_default();
+    Ok(match (current.find(begin), current.find(end)) {
+        (Some(a), Some(b)) if a < b => format!("\n{}{end}\n", &current[a..b]),
+        _ => String::new(),
+    })
+}
+
+/// Rewrites RESULTS.md with the section between `begin` and `end` replaced by `block`,
+/// placed before the text `before` (else before "Other runs", else at the end).
+pub fn replace_block(root: &Path, begin: &str, end: &str, block: &str, before: &str) -> Result<()> {
+    let path = root.join("RESULTS.md");
+    let mut text = std::fs::read_to_string(&path).context("reading RESULTS.md")?;
+    if let (Some(a), Some(b)) = (text.find(begin), text.find(end)) {
+        text.replace_range(a.saturating_sub(1)..(b + end.len() + 1).min(text.len()), "");
+    }
+    let at = text.find(before).or_else(|| text.find("\n## Other runs")).unwrap_or(text.len());
+    text.insert_str(at, block);
+    std::fs::write(&path, text).context("writing RESULTS.md")
+}
+
+/// A language-modelling run's perplexity before and after training on dev and test, and
+/// its size and time.
+fn perplexity_table(md: &mut String, s: &serde_json::Value, task: &str) -> Result<()> {
+    let t = &s["tasks"][task];
     let ppl = |split: &str| t[split]["perplexity"].as_f64().unwrap_or(f64::NAN);
-    writeln!(
-        md,
-        "`examples/movie_chat.toml` (`cargo xtask quality --only chat`): a seq_bn adapter (reduction factor 16) on the frozen \
-         model, trained on the Cornell movie dialog exchanges as one-turn chats (the statement from the user, the reply \
-         from the assistant; `data/movie_chat`), rendered with SmolLM2's chat template (which adds its default system \
-         prompt); the loss is on the assistant's tokens only. {} steps of 16 conversations, lr 1e-3, seed 42. Held-out \
-         perplexity of the assistant's tokens (reply and end-of-turn marker; the first 200 conversations of each split), \
-         before training and after:\n\n| split | before | after | change |\n|---|---|---|---|",
-        s["steps"]
-    )?;
+    writeln!(md, "| split | before | after | change |\n|---|---|---|---|")?;
     for (split, before, after) in [("dev", "dev_at_start", "dev"), ("test", "test_at_start", "test")] {
         let (b, a) = (ppl(before), ppl(after));
         writeln!(md, "| {split} | {b:.2} | {a:.2} | {:+.1}% |", 100.0 * (a / b - 1.0))?;
@@ -276,6 +262,24 @@ fn chat_results(root: &Path, md: &mut String) -> Result<()> {
         s["base_parameters"],
         s["seconds"].as_f64().unwrap_or(0.0)
     )?;
+    Ok(())
+}
+
+/// The chat run's section, or nothing when it has not run here.
+fn chat_results(root: &Path, md: &mut String) -> Result<()> {
+    let Some(s) = summary(root, "movie_chat") else { return Ok(()) };
+    writeln!(md, "## movie_chat: a chat adapter on SmolLM2-135M-Instruct\n")?;
+    writeln!(
+        md,
+        "`examples/movie_chat.toml` (`cargo xtask quality --only chat`): a seq_bn adapter (reduction factor 16) on the frozen \
+         model, trained on the Cornell movie dialog exchanges as one-turn chats (the statement from the user, the reply \
+         from the assistant; `data/movie_chat`), rendered with SmolLM2's chat template (which adds its default system \
+         prompt); the loss is on the assistant's tokens only. {} steps of 16 conversations, lr 1e-3, seed 42. Held-out \
+         perplexity of the assistant's tokens (reply and end-of-turn marker; the first 200 conversations of each split), \
+         before training and after:\n",
+        s["steps"]
+    )?;
+    perplexity_table(md, &s, "movie_chat")?;
     let Ok(text) = std::fs::read_to_string(root.join(SERVED)) else { return Ok(()) };
     let served: Vec<serde_json::Value> = serde_json::from_str(&text)?;
     writeln!(

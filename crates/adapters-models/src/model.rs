@@ -26,16 +26,21 @@ impl Backbone {
     /// attaches it, inactive, under `name` or else its saved name; a name already taken is
     /// an error. Returns the name. On any error the model is left as it was.
     pub fn load_adapter(&mut self, dir: &Path, name: Option<&str>) -> Result<String> {
-        let fingerprint = self.fingerprint()?;
-        self.load_adapter_for(dir, name, &fingerprint)
+        // The fingerprint is computed only if the folder's format checks it.
+        let loaded = adapters_core::io::load(dir, &*self, &self.device().clone())?;
+        self.attach_loaded(dir, name, loaded)
     }
 
     /// [`Backbone::load_adapter`] with this model's fingerprint already known: hashing the
     /// base weights takes about 0.4 s for SmolLM2, so a server that loads adapters on
     /// demand computes it once (its weights never change).
     pub fn load_adapter_for(&mut self, dir: &Path, name: Option<&str>, fingerprint: &Fingerprint) -> Result<String> {
-        let device = self.device().clone();
-        let loaded = adapters_core::io::load(dir, &KnownFingerprint { model: self, fingerprint }, &device)?;
+        let loaded = adapters_core::io::load(dir, &KnownFingerprint { model: self, fingerprint }, &self.device().clone())?;
+        self.attach_loaded(dir, name, loaded)
+    }
+
+    /// Attaches a read adapter under `name` or its saved name, refusing a name in use.
+    fn attach_loaded(&mut self, dir: &Path, name: Option<&str>, loaded: adapters_core::Loaded) -> Result<String> {
         let name = name.map_or(loaded.name, String::from);
         if self.adapters().get(&name).is_some() {
             return Err(Error::file(
