@@ -32,15 +32,29 @@ pub struct AuxLoss {
     pub value: Tensor,
 }
 
-/// Per-point routing statistics (e.g. how many tokens each expert received).
+/// Per-point routing statistics of a mixture-of-experts adapter in one forward pass.
+/// Padding tokens are neither routed nor counted.
 #[derive(Clone, Debug)]
 pub struct RoutingStats {
-    /// The adapter that routed.
+    /// The kind of adapter that routed (an adapter does not know its name).
     pub adapter: String,
     /// Where it routed.
     pub point: Point,
-    /// Tokens (not padding) sent to each expert.
+    /// Tokens sent to each expert (a token routed to k experts counts k times; tokens
+    /// dropped by the capacity limit are not counted).
     pub tokens_per_expert: Vec<f32>,
+    /// Tokens routed (not padding).
+    pub tokens: f32,
+    /// Tokens whose router chose no expert (the skip choice): they pass through unchanged.
+    pub skipped: f32,
+    /// Expert assignments dropped because the expert was full (capacity factor); a token
+    /// whose every assignment was dropped passes through unchanged.
+    pub overflowed: f32,
+    /// `tokens_per_expert` split by task id (`per_task[t]`), when the forward carries task ids.
+    pub per_task: Vec<Vec<f32>>,
+    /// Per token of the batch (row-major over `[batch, seq]`), the experts it was sent to;
+    /// kept only when [`ForwardCtx::record_routing`] is on. Padding tokens have none.
+    pub choices: Option<Vec<Vec<u32>>>,
 }
 
 /// A fusion layer's attention over its members at one site, from one forward pass.
@@ -89,6 +103,9 @@ pub struct ForwardCtx {
     /// Keep every fusion layer's attention weights in the reports (see
     /// [`ForwardCtx::with_fusion_attentions`]); off by default (they would pile up).
     pub record_fusion_attentions: bool,
+    /// Report routing statistics with every token's expert choices from inference passes
+    /// too (see [`ForwardCtx::with_routing`]); training passes always report statistics.
+    pub record_routing: bool,
     aux: Arc<Mutex<AuxOutputs>>,
     /// Draws dropout masks and any other randomness adapters use in training (router
     /// noise); seeded so that training runs (and resumed runs) repeat exactly. candle's
@@ -204,6 +221,13 @@ impl ForwardCtx {
     /// [`ForwardCtx::take_aux`]).
     pub fn with_fusion_attentions(mut self) -> Self {
         self.record_fusion_attentions = true;
+        self
+    }
+
+    /// Asks mixture-of-experts adapters to report their routing, with each token's
+    /// chosen experts, from this pass (read them with [`ForwardCtx::take_aux`]).
+    pub fn with_routing(mut self) -> Self {
+        self.record_routing = true;
         self
     }
 

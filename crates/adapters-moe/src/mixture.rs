@@ -1,0 +1,383 @@
+//! The mixture adapter: at each of its points a router and a pool of experts, of which
+//! each unit (token, sequence or task) runs only its top-k.
+//!
+//! `moe_bn` places Pfeiffer bottleneck experts after the feed-forward sublayer (each
+//! reads what a `seq_bn` adapter reads and adds to the sublayer output); `moe_lora`
+//! places LoRA experts on projections. The output is the frozen path plus
+//! `Σ gateₑ · expertₑ(x)` over the chosen experts.
+
+use crate::config::{Activation, Dispatch, ExpertKind, Granularity, MoeConfig, RouterKind};
+use crate::router::{self, Plan, Units};
+use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site, SublayerIo};
+use candle_core::{DType, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+/// One expert's parameters.
+enum Expert {
+    Bottleneck { down_w: Var, down_b: Var, up_w: Var, up_b: Var },
+    Lora { a: Var, b: Var },
+}
+
+impl Expert {
+    /// Variable names within an expert, those of the plain kind it generalises.
+    fn names(kind: ExpertKind) -> &'static [&'static str] {
+        match kind {
+            ExpertKind::Bottleneck => &["adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"],
+            ExpertKind::Lora => &["lora_A.weight", "lora_B.weight"],
+        }
+    }
+
+    /// The variables, in the order of [`Expert::names`].
+    fn vars(&self) -> Vec<&Var> {
+        match self {
+            Expert::Bottleneck { down_w, down_b, up_w, up_b } => vec![down_w, down_b, up_w, up_b],
+            Expert::Lora { a, b } => vec![a, b],
+        }
+    }
+
+    fn tensors(&self) -> Vec<Tensor> {
+        self.vars().into_iter().map(|v| v.as_tensor().clone()).collect()
+    }
+}
+
+/// A router and its experts at one point.
+struct MixtureSite {
+    /// `[choices, in]` for token and sequence routing, `[tasks, choices]` for task routing;
+    /// `None` for the random router.
+    router: Option<Var>,
+    experts: Vec<Expert>,
+    /// LoRA experts' scale (alpha / r); 1 for bottleneck experts.
+    scale: f64,
+}
+
+/// A mixture-of-experts adapter (`moe_bn` or `moe_lora`) at one or more points.
+pub struct Mixture {
+    kind: ExpertKind,
+    config: MoeConfig,
+    sites: BTreeMap<Point, MixtureSite>,
+}
+
+/// Sites used when the placement names none: Pfeiffer's (after the feed-forward
+/// sublayer) for bottleneck experts, PEFT's (query, value) for LoRA experts.
+fn default_sites(kind: ExpertKind) -> &'static [Site] {
+    match kind {
+        ExpertKind::Bottleneck => &[Site::FfnOutput],
+        ExpertKind::Lora => &[Site::Query, Site::Value],
+    }
+}
+
+fn var(t: Tensor) -> Result<Var> {
+    Var::from_tensor(&t)
+}
+
+impl Mixture {
+    /// Builds a mixture of `kind` experts from registry arguments.
+    pub fn build(kind: ExpertKind, args: &BuildArgs) -> std::result::Result<Self, Error> {
+        let config = MoeConfig::parse(kind, args.config)?;
+        let points = match kind {
+            ExpertKind::Bottleneck => args.placement.expand(args.model, default_sites(kind), |s| !s.is_projection())?,
+            ExpertKind::Lora => args.placement.expand(args.model, default_sites(kind), Site::is_projection)?,
+        };
+        let mut init = Init::new(args.seed);
+        let dev = args.device;
+        let mut sites = BTreeMap::new();
+        for spec in points {
+            let (d_in, d_out) = (spec.in_features, spec.out_features);
+            let (experts, scale) = match kind {
+                ExpertKind::Bottleneck => {
+                    let rf = config.reduction_factor.expect("parse fills it");
+                    let r = args.placement.size_for(spec.point.layer, ((d_out as f64 / rf) as usize).max(1));
+                    let draw = |init: &mut Init| -> Result<[Tensor; 2]> {
+                        Ok([init.normal((r, d_out), 0.02, dev)?, init.normal((d_out, r), 0.02, dev)?])
+                    };
+                    let shared = if config.shared_init { Some(draw(&mut init)?) } else { None };
+                    let mut experts = Vec::with_capacity(config.experts);
+                    for _ in 0..config.experts {
+                        let [down, up] = match &shared {
+                            Some(s) => s.clone(),
+                            None => draw(&mut init)?,
+                        };
+                        experts.push(Expert::Bottleneck {
+                            // Copies, so that experts with a shared start train apart.
+                            down_w: var(down.copy()?)?,
+                            down_b: var(Tensor::zeros(r, DType::F32, dev)?)?,
+                            up_w: var(up.copy()?)?,
+                            up_b: var(Tensor::zeros(d_out, DType::F32, dev)?)?,
+                        });
+                    }
+                    (experts, 1.0)
+                }
+                ExpertKind::Lora => {
+                    let r = args.placement.size_for(spec.point.layer, config.r.expect("parse fills it"));
+                    let shared = if config.shared_init { Some(init.kaiming_uniform(r, d_in, dev)?) } else { None };
+                    let mut experts = Vec::with_capacity(config.experts);
+                    for _ in 0..config.experts {
+                        let a = match &shared {
+                            Some(a) => a.copy()?,
+                            None => init.kaiming_uniform(r, d_in, dev)?,
+                        };
+                        experts.push(Expert::Lora { a: var(a)?, b: var(Tensor::zeros((d_out, r), DType::F32, dev)?)? });
+                    }
+                    (experts, config.alpha.expect("parse fills it") / r as f64)
+                }
+            };
+            let router = match (config.router, config.routing) {
+                (RouterKind::Random, _) => None,
+                (_, Granularity::Task) => Some(var(init.normal((config.tasks, config.choices()), 0.02, dev)?)?),
+                _ => Some(var(init.normal((config.choices(), d_in), 0.02, dev)?)?),
+            };
+            sites.insert(spec.point, MixtureSite { router, experts, scale });
+        }
+        Ok(Mixture { kind, config, sites })
+    }
+
+    /// The configuration it was built with.
+    pub fn settings(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    /// Which experts it mixes.
+    pub fn expert_kind(&self) -> ExpertKind {
+        self.kind
+    }
+
+    /// Parameters one token uses at one point: its top-k experts' and the router's.
+    pub fn active_parameters_per_point(&self) -> usize {
+        let Some(site) = self.sites.values().next() else { return 0 };
+        let expert: usize = site.experts[0].vars().iter().map(|v| v.elem_count()).sum();
+        expert * self.config.top_k + site.router.as_ref().map_or(0, |r| r.elem_count())
+    }
+
+    /// The plain adapter this mixture becomes when its experts are averaged
+    /// (`adapters merge-experts`): the kind (`seq_bn` or `lora`), its configuration, and
+    /// its tensors by that kind's variable names. For mixtures whose experts started alike
+    /// and were routed at random (AdaMix) the average is what the mixture learned.
+    pub fn averaged(&self) -> Result<(&'static str, serde_json::Value, Vec<(String, Tensor)>)> {
+        let mut tensors = Vec::new();
+        for (point, site) in &self.sites {
+            let each: Vec<Vec<Tensor>> = site.experts.iter().map(Expert::tensors).collect();
+            for (i, name) in Expert::names(self.kind).iter().enumerate() {
+                let stacked = Tensor::stack(&each.iter().map(|t| t[i].clone()).collect::<Vec<_>>(), 0)?;
+                tensors.push((point.var_name(name), (stacked.sum(0)? / each.len() as f64)?));
+            }
+        }
+        let c = &self.config;
+        Ok(match self.kind {
+            ExpertKind::Bottleneck => (
+                "seq_bn",
+                serde_json::json!({"reduction_factor": c.reduction_factor, "non_linearity": c.non_linearity}),
+                tensors,
+            ),
+            ExpertKind::Lora => ("lora", serde_json::json!({"r": c.r, "alpha": c.alpha}), tensors),
+        })
+    }
+
+    /// Router logits `[units, choices]` at a site (`None`: the random router).
+    fn logits(&self, site: &MixtureSite, x: &Tensor, units: &Units, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
+        let Some(router) = &site.router else { return Ok(None) };
+        let router = router.as_tensor();
+        let (b, t, d) = x.dims3()?;
+        let dev = x.device();
+        Ok(Some(match self.config.routing {
+            Granularity::Token => {
+                let flat = x.reshape((b * t, d))?;
+                let tokens = if units.kept.len() == b * t { flat } else { flat.index_select(&Tensor::new(units.kept.as_slice(), dev)?, 0)? };
+                kernels::linear(&tokens, router, None)?
+            }
+            Granularity::Sequence => {
+                // The mean of each row's tokens (padding left out).
+                let mut weights = vec![0f32; b * t];
+                let mut counts = vec![0f32; b];
+                for &k in &units.kept {
+                    counts[k as usize / t] += 1.0;
+                }
+                for &k in &units.kept {
+                    weights[k as usize] = 1.0 / counts[k as usize / t];
+                }
+                let weights = Tensor::from_vec(weights, (b, 1, t), dev)?;
+                let means = weights.matmul(x)?.squeeze(1)?;
+                let rows = means.index_select(&Tensor::new(units.row.as_slice(), dev)?, 0)?;
+                kernels::linear(&rows, router, None)?
+            }
+            Granularity::Task => {
+                let ids = self.unit_tasks(units, ctx)?.ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{}: task routing needs task ids in the forward context (train it in a multi-task run; \
+                         give --task when predicting)",
+                        self.kind.name()
+                    ))
+                })?;
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.tasks) {
+                    candle_core::bail!("{}: task id {bad} is out of range; this mixture routes {} tasks", self.kind.name(), self.config.tasks);
+                }
+                router.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?
+            }
+        }))
+    }
+
+    /// Each unit's task id, when the context carries task ids.
+    fn unit_tasks(&self, units: &Units, ctx: &ForwardCtx) -> Result<Option<Vec<u32>>> {
+        let Some(ids) = &ctx.task_ids else { return Ok(None) };
+        let ids = ids.to_vec1::<u32>()?;
+        units.row.iter().map(|&r| ids.get(r as usize).copied()).collect::<Option<Vec<_>>>().map(Some).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: the forward context has {} task ids for a larger batch", self.kind.name(), ids.len()))
+        })
+    }
+
+    /// One expert on the rows of `x` (`[n, in]` → `[n, out]`).
+    fn expert(&self, expert: &Expert, scale: f64, x: &Tensor) -> Result<Tensor> {
+        match expert {
+            Expert::Bottleneck { down_w, down_b, up_w, up_b } => {
+                let h = kernels::linear(x, down_w.as_tensor(), Some(down_b.as_tensor()))?;
+                let h = match self.config.non_linearity.expect("parse fills it") {
+                    Activation::Relu => h.relu()?,
+                    Activation::Gelu => kernels::gelu_erf(&h)?,
+                    Activation::Silu => h.silu()?,
+                    Activation::Tanh => h.tanh()?,
+                };
+                kernels::linear(&h, up_w.as_tensor(), Some(up_b.as_tensor()))
+            }
+            Expert::Lora { a, b } => kernels::linear(&(kernels::linear(x, a.as_tensor(), None)? * scale)?, b.as_tensor(), None),
+        }
+    }
+
+    /// `output + Σ gate · expert(x)` at a point; the router reads `x` too.
+    fn mix(&self, point: Point, x: &Tensor, output: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let site = &self.sites[&point];
+        let (b, t, d_in) = x.dims3()?;
+        let d_out = output.dim(D::Minus1)?;
+        let mask = match &ctx.attention_mask {
+            Some(m) if m.dims() == [b, t] => Some(m.flatten_all()?.to_vec1::<u32>()?),
+            _ => None,
+        };
+        let units = Units::new(self.config.routing, b, t, mask.as_deref());
+        let logits = self.logits(site, x, &units, ctx)?;
+        let unit_tasks = self.unit_tasks(&units, ctx)?;
+        let plan = router::plan(&self.config, self.kind.name(), point, logits, units, unit_tasks, ctx)?;
+        if ctx.train || ctx.record_routing {
+            ctx.push_routing(plan.stats.clone());
+        }
+        let x = x.reshape((b * t, d_in))?;
+        let out = output.reshape((b * t, d_out))?;
+        let out = match self.config.dispatch {
+            Dispatch::Sparse => self.sparse(site, &plan, &x, &out)?,
+            Dispatch::Dense => self.dense(site, &plan, &x, &out)?,
+        };
+        out.reshape((b, t, d_out))
+    }
+
+    /// Each expert on its own tokens: gather, expert, gate, and one scatter-add of all.
+    fn sparse(&self, site: &MixtureSite, plan: &Plan, x: &Tensor, out: &Tensor) -> Result<Tensor> {
+        let dev = x.device();
+        let mut indices = Vec::new();
+        let mut parts = Vec::new();
+        for (e, expert) in site.experts.iter().enumerate() {
+            let tokens = &plan.tokens[e];
+            if tokens.is_empty() {
+                continue;
+            }
+            let y = self.expert(expert, site.scale, &x.index_select(&Tensor::new(tokens.as_slice(), dev)?, 0)?)?;
+            parts.push(self.gated(plan, e, y)?);
+            indices.extend_from_slice(tokens);
+        }
+        if parts.is_empty() {
+            return Ok(out.clone());
+        }
+        let n = indices.len();
+        out.index_add(&Tensor::from_vec(indices, n, dev)?, &Tensor::cat(&parts, 0)?, 0)
+    }
+
+    /// `y` (expert `e`'s output on its tokens) times their gates.
+    fn gated(&self, plan: &Plan, e: usize, y: Tensor) -> Result<Tensor> {
+        match &plan.gates {
+            Some(gates) => {
+                let g = gates.index_select(&Tensor::new(plan.gate_at[e].as_slice(), y.device())?, 0)?;
+                y.broadcast_mul(&g.unsqueeze(1)?)
+            }
+            None if plan.constant_gate == 1.0 => Ok(y),
+            None => y * plan.constant_gate,
+        }
+    }
+
+    /// Every expert on every token, masked by the plan's gates: the reference the sparse
+    /// dispatch must equal.
+    fn dense(&self, site: &MixtureSite, plan: &Plan, x: &Tensor, out: &Tensor) -> Result<Tensor> {
+        let dev = x.device();
+        let n = plan.kept.len();
+        if n == 0 {
+            return Ok(out.clone());
+        }
+        let kept = Tensor::new(plan.kept.as_slice(), dev)?;
+        let xs = x.index_select(&kept, 0)?;
+        // Position of each flat token among the kept ones.
+        let mut place = vec![u32::MAX; out.dim(0)?];
+        for (i, &k) in plan.kept.iter().enumerate() {
+            place[k as usize] = i as u32;
+        }
+        let mut total: Option<Tensor> = None;
+        for (e, expert) in site.experts.iter().enumerate() {
+            // The gate of expert e for every kept token: zero where it was not chosen.
+            let mut chosen = vec![0f32; n];
+            let mut at = vec![0u32; n];
+            for (&tok, &g) in plan.tokens[e].iter().zip(&plan.gate_at[e]) {
+                let i = place[tok as usize] as usize;
+                chosen[i] = 1.0;
+                at[i] = g;
+            }
+            let chosen = Tensor::from_vec(chosen, (n, 1), dev)?;
+            let gate = match &plan.gates {
+                Some(gates) => (gates.index_select(&Tensor::from_vec(at, n, dev)?, 0)?.unsqueeze(1)? * &chosen)?,
+                None => (chosen * plan.constant_gate)?,
+            };
+            let y = self.expert(expert, site.scale, &xs)?.broadcast_mul(&gate)?;
+            total = Some(match total {
+                None => y,
+                Some(t) => (t + y)?,
+            });
+        }
+        out.index_add(&kept, &total.expect("at least one expert"), 0)
+    }
+}
+
+impl Adapter for Mixture {
+    fn kind(&self) -> &str {
+        self.kind.name()
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::to_value(&self.config).expect("configs serialise")
+    }
+
+    fn points(&self) -> Vec<Point> {
+        self.sites.keys().copied().collect()
+    }
+
+    fn vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (p, site) in &self.sites {
+            if let Some(r) = &site.router {
+                out.push((p.var_name("router.weight"), r.clone()));
+            }
+            for (e, expert) in site.experts.iter().enumerate() {
+                for (name, v) in Expert::names(self.kind).iter().zip(expert.vars()) {
+                    out.push((p.var_name(&format!("experts.{e}.{name}")), v.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads what a Pfeiffer adapter reads (the post-norm sum of the sublayer's input and
+    /// output, or their sum in pre-norm models) and adds the experts' mix to the output.
+    fn forward_hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let z = match io.post_norm {
+            Some(norm) => norm(io.output, io.input)?,
+            None => (io.input + io.output)?,
+        };
+        self.mix(point, &z, io.output, ctx)
+    }
+
+    fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.mix(point, io.input, io.output, ctx)
+    }
+}
