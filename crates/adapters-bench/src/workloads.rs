@@ -128,7 +128,7 @@ pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize
     let lr = if m == "full" { 5e-5 } else { 1e-4 };
     let step: Step = Box::new(move || {
         let ctx = ForwardCtx::training_seeded(1);
-        let (_, mut grads) = loss_and_grads(&model, &ids, &mask, &ctx, &vars, checkpointing, |hidden| {
+        let (_, mut grads, _) = loss_and_grads(&model, &ids, &mask, &ctx, &vars, checkpointing, |hidden| {
             let logits = classify(&head, &pool(hidden, &mask, Pooling::Mean)?, 0.1, &ctx)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             after_forward();

@@ -18,7 +18,7 @@ pub fn device() -> Result<Device> {
 
 pub fn open(model: &Path) -> Result<LoadedModel> {
     // Touch every family crate so the linker keeps their registrations.
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
     Ok(load(model, &device()?)?)
 }
 
@@ -117,7 +117,7 @@ pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
 }
 
 pub fn kinds() -> Result<()> {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
     let kinds = registry::kinds();
     if kinds.is_empty() {
         println!("No adapter kinds are registered in this build.");

@@ -15,7 +15,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<usize>) -> Result<()> {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
     let config = Config::load(config, sets)?;
     let mut trainer = Trainer::new(config.clone(), &crate::commands::device()?)?;
     let trainable = trainer.trainable_parameters();

@@ -205,7 +205,7 @@ pub fn plan(
 
     // Balance terms, on the units' choices before the capacity limit (Switch counts what
     // the router asked for).
-    if ctx.train && !ctx.no_grad {
+    if ctx.train {
         if let (Some(p), Some(l)) = (&probs, &logits) {
             if config.balance_loss > 0.0 && units.count > 0 {
                 let mut f = vec![0f32; choices_n];

@@ -3,7 +3,8 @@
 
 use crate::config::Pooling;
 use crate::error::{fail, Result};
-use adapters_core::ForwardCtx;
+use adapters_core::{ForwardCtx, RoutingStats};
+use std::collections::BTreeMap;
 use adapters_models::heads::{last_token_pool, mean_pool, ClassificationHead};
 use adapters_models::Backbone;
 use candle_core::backprop::GradStore;
@@ -84,11 +85,22 @@ pub fn lm_loss_of(backbone: &Backbone, hidden: &Tensor, ids: &Tensor, loss_mask:
     Ok((loss, n))
 }
 
-/// A training step's loss (detached; with the auxiliary losses adapters report) and the
-/// gradients of `vars`: the backbone runs over `ids` (`mask` marks tokens) and `head` maps
-/// its last hidden states to the loss. With `checkpointing`, each layer's activations are
-/// recomputed during the backward pass instead of kept (see
-/// [`Backbone::backward_checkpointed`]): less memory, one more forward's time.
+/// What adapters reported during a training step besides the gradients: each kind of
+/// auxiliary loss's total and the routers' statistics.
+#[derive(Default)]
+pub struct StepReports {
+    /// Auxiliary loss values by name (`load_balance`, `router_z`, ...), summed over points.
+    pub aux_losses: BTreeMap<String, f64>,
+    /// Routing statistics of mixture-of-experts adapters.
+    pub routing: Vec<RoutingStats>,
+}
+
+/// A training step's loss (detached; with the auxiliary losses adapters report), the
+/// gradients of `vars` and what adapters reported: the backbone runs over `ids` (`mask`
+/// marks tokens) and `head` maps its last hidden states to the loss. With
+/// `checkpointing`, each layer's activations are recomputed during the backward pass
+/// instead of kept (see [`Backbone::backward_checkpointed`]): less memory, one more
+/// forward's time.
 pub fn loss_and_grads(
     backbone: &Backbone,
     ids: &Tensor,
@@ -97,21 +109,23 @@ pub fn loss_and_grads(
     vars: &[Var],
     checkpointing: bool,
     head: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<(Tensor, GradStore)> {
+) -> Result<(Tensor, GradStore, StepReports)> {
     let (mut loss, grads) = if checkpointing {
         backbone.backward_checkpointed(ids, mask, ctx, vars, head)?
     } else {
-        let mut loss = head(&backbone.hidden_states(ids, mask, ctx)?)?;
-        for aux in ctx.take_aux().losses {
-            loss = (loss + aux.value)?;
-        }
-        let grads = loss.backward()?;
-        return Ok((loss.detach(), grads));
+        (head(&backbone.hidden_states(ids, mask, ctx)?)?, GradStore::default())
     };
-    for aux in ctx.take_aux().losses {
-        loss = (loss + aux.value)?;
+    let aux = ctx.take_aux();
+    let mut reports = StepReports { routing: aux.routing, ..Default::default() };
+    for a in aux.losses {
+        *reports.aux_losses.entry(a.name).or_default() += a.value.to_scalar::<f32>()? as f64;
+        loss = (loss + a.value)?;
     }
-    Ok((loss, grads))
+    if checkpointing {
+        return Ok((loss, grads, reports));
+    }
+    let grads = loss.backward()?;
+    Ok((loss.detach(), grads, reports))
 }
 
 /// The label index with the highest logit, per row.

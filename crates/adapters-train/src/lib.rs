@@ -14,6 +14,7 @@ pub mod heads;
 pub mod metrics;
 pub mod optim;
 mod report;
+mod routing_report;
 mod task;
 pub mod trainer;
 

@@ -5,12 +5,13 @@
 use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
 use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
-use crate::forward::{argmax, classify, lm_loss, lm_loss_of, loss_and_grads, pad, pool, pooled};
+use crate::forward::{argmax, classify, lm_loss, lm_loss_of, loss_and_grads, pad, pool, pooled, StepReports};
 use crate::fusion_report::{self, AttentionSums};
 use crate::heads::{self, HeadConfig};
 use crate::metrics::{accuracy, macro_f1, MetricsLog};
 use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
 use crate::report;
+use crate::routing_report::{self, RoutingSums};
 use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Layers, Placement, Setup};
 use adapters_models::heads::ClassificationHead;
@@ -60,6 +61,10 @@ pub struct Summary {
     pub stopped_early: bool,
     /// The run folder.
     pub output: PathBuf,
+    /// What mixture-of-experts routers did on the dev split with the final weights (per
+    /// point: expert shares, usage entropy, per-task shares, task-expert information).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<serde_json::Value>,
 }
 
 /// One task's metrics.
@@ -93,6 +98,13 @@ struct Task {
     pooling: Pooling,
     head: Option<ClassificationHead>,
     features: Option<Features>,
+}
+
+/// What an evaluation records besides its metrics: fusion attention and routing.
+#[derive(Default)]
+struct Recording {
+    attention: AttentionSums,
+    routing: RoutingSums,
 }
 
 /// One trainable variable and the parameter groups it belongs to.
@@ -313,15 +325,24 @@ impl Trainer {
             let batch = self.next_batch(step, &mut state.cursors);
             let lr = self.schedule.lr(step);
             let t0 = Instant::now();
-            let (loss, grad_norm, examples, tokens) = self.train_step(step, &batch, lr)?;
+            let (loss, grad_norm, examples, tokens, reports) = self.train_step(step, &batch, lr)?;
             window.add(examples, tokens, t0.elapsed().as_secs_f64());
             state.step += 1;
             let task = match batch.as_slice() {
                 [(task, _)] => self.tasks[*task].name.as_str(),
                 _ => "mixed",
             };
-            log.write(&json!({"step": state.step, "task": task, "loss": loss, "lr": lr,
-                "grad_norm": grad_norm, "examples_per_s": window.examples_per_s(), "elapsed_s": started.elapsed().as_secs_f64()}))?;
+            let mut record = json!({"step": state.step, "task": task, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "examples_per_s": window.examples_per_s(), "elapsed_s": started.elapsed().as_secs_f64()});
+            if !reports.aux_losses.is_empty() {
+                record["aux_losses"] = json!(reports.aux_losses);
+            }
+            if !reports.routing.is_empty() {
+                let mut sums = RoutingSums::default();
+                sums.add(&reports.routing, &self.task_names());
+                record["routing"] = sums.to_json(false);
+            }
+            log.write(&record)?;
             bar.set_position(state.step as u64);
             bar.set_message(format!(
                 "loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s  {:.0} tok/s",
@@ -353,10 +374,13 @@ impl Trainer {
             }
             let test = self.evaluate(Which::Test)?;
             self.log_eval(&mut log, state.step, "test", &test)?;
-            let mut attention = AttentionSums::default();
-            let dev = self.evaluate_recording(Which::Dev, Some(&mut attention))?;
-            if !attention.is_empty() {
-                fusion_report::write(&out, &attention.to_json("dev"))?;
+            let mut recording = Recording::default();
+            let dev = self.evaluate_recording(Which::Dev, Some(&mut recording))?;
+            if !recording.attention.is_empty() {
+                fusion_report::write(&out, &recording.attention.to_json("dev"))?;
+            }
+            if !recording.routing.is_empty() {
+                summary.routing = Some(json!({"split": "dev", "points": recording.routing.to_json(true)}));
             }
             for (name, result) in summary.tasks.iter_mut() {
                 result.test = test.get(name).cloned().unwrap_or_default();
@@ -365,6 +389,7 @@ impl Trainer {
             self.save_outputs()?;
             io::write_atomic(&out.join(report::SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
             report::plot(&out.join(report::METRICS_FILE), &out.join(report::PLOT_FILE))?;
+            routing_report::plot(&out.join(report::METRICS_FILE), &out.join(routing_report::PLOT_FILE))?;
         }
         Ok(summary)
     }
@@ -450,7 +475,7 @@ impl Trainer {
     /// One optimizer step on a batch of (task, rows) parts. Every row carries its task id
     /// in the forward context; parts whose tasks use different adapter stacks are routed
     /// per row within the one forward.
-    fn train_step(&mut self, step: usize, batch: &[(usize, Vec<usize>)], lr: f64) -> Result<(f64, f64, usize, usize)> {
+    fn train_step(&mut self, step: usize, batch: &[(usize, Vec<usize>)], lr: f64) -> Result<(f64, f64, usize, usize, StepReports)> {
         let seed = self.config.training.seed;
         let device = self.model.backbone.device().clone();
         let task_ids: Vec<u32> = batch.iter().flat_map(|(task, rows)| std::iter::repeat_n(*task as u32, rows.len())).collect();
@@ -488,13 +513,13 @@ impl Trainer {
             TaskType::Classification => self.classification_loss(batch, hidden.map(|h| (h, &mask)), ids.len(), &ctx),
         };
         let needs_backbone = kind.is_language_modelling() || batch.iter().any(|(task, _)| self.tasks[*task].features.is_none());
-        let (loss, mut grads) = if needs_backbone {
+        let (loss, mut grads, reports) = if needs_backbone {
             let vars: Vec<Var> = self.params.iter().map(|p| p.var.clone()).collect();
             let checkpointing = self.config.training.gradient_checkpointing;
             loss_and_grads(&self.model.backbone, &padded, &mask, &ctx, &vars, checkpointing, |h| head(Some(h)))?
         } else {
             let loss = head(None)?;
-            (loss.detach(), loss.backward()?)
+            (loss.detach(), loss.backward()?, StepReports::default())
         };
         let loss_value = loss.to_scalar::<f32>()? as f64;
         if !loss_value.is_finite() {
@@ -512,7 +537,7 @@ impl Trainer {
         let max = self.config.training.max_grad_norm;
         let norm = clip_grad_norm(&trained, &mut grads, if max > 0.0 { max } else { f64::INFINITY })?;
         self.optimizer.step(&grads, lr)?;
-        Ok((loss_value, norm, examples, tokens))
+        Ok((loss_value, norm, examples, tokens, reports))
     }
 
     /// Cross-entropy over all `rows` rows of a batch of classification parts: each part is
@@ -554,14 +579,20 @@ impl Trainer {
         self.evaluate_recording(which, None)
     }
 
+    /// The task names, by task id.
+    fn task_names(&self) -> Vec<String> {
+        self.tasks.iter().map(|t| t.name.clone()).collect()
+    }
+
     /// [`Trainer::evaluate`], also summing the fusion layers' attention into `attention`
     /// for classification tasks whose setup fuses adapters.
     fn evaluate_recording(
         &mut self,
         which: Which,
-        mut attention: Option<&mut AttentionSums>,
+        mut recording: Option<&mut Recording>,
     ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         let mut out = BTreeMap::new();
+        let task_names = self.task_names();
         let device = self.model.backbone.device().clone();
         for i in 0..self.tasks.len() {
             let ctx_for = |rows: usize| -> Result<ForwardCtx> {
@@ -588,12 +619,19 @@ impl Trainer {
                             None => {
                                 let ids: Vec<&[u32]> = batch.iter().map(|&i| split.ids[i].as_slice()).collect();
                                 let fused = task.setup.as_ref().filter(|s| !s.fusion_names().is_empty());
-                                let record = attention.is_some() && fused.is_some();
-                                let ctx = if record { ctx_for(ids.len())?.with_fusion_attentions() } else { ctx_for(ids.len())? };
+                                let ctx = match (&recording, fused) {
+                                    (Some(_), Some(_)) => ctx_for(ids.len())?.with_fusion_attentions().with_routing(),
+                                    (Some(_), None) => ctx_for(ids.len())?.with_routing(),
+                                    (None, _) => ctx_for(ids.len())?,
+                                };
                                 let f = pooled(&self.model.backbone, &ids, task.pooling, &ctx)?;
-                                if let (Some(sums), Some(setup), true) = (attention.as_deref_mut(), fused, record) {
-                                    let lengths: Vec<usize> = ids.iter().map(|r| r.len()).collect();
-                                    sums.add(&task.name, setup, ctx.take_aux().fusion_attentions, &lengths)?;
+                                if let Some(rec) = recording.as_deref_mut() {
+                                    let aux = ctx.take_aux();
+                                    if let Some(setup) = fused {
+                                        let lengths: Vec<usize> = ids.iter().map(|r| r.len()).collect();
+                                        rec.attention.add(&task.name, setup, aux.fusion_attentions, &lengths)?;
+                                    }
+                                    rec.routing.add(&aux.routing, &task_names);
                                 }
                                 f
                             }
@@ -699,6 +737,7 @@ impl Trainer {
             best_step: state.best.as_ref().map(|b| b.step),
             stopped_early: state.stopped_early,
             output: self.config.output.dir.clone(),
+            routing: None,
         }
     }
 

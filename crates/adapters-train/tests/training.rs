@@ -51,7 +51,7 @@ fn minilm() -> String {
 }
 
 fn config(body: &str, out: &Path) -> Config {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
     Config::parse(&format!("{body}\n[output]\ndir = {:?}\n", out.display().to_string()), &[]).unwrap()
 }
 
@@ -522,4 +522,63 @@ fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
     );
     let e = err(lora);
     assert!(e.contains("`task.setup` of task `sms`") && e.contains("`trec` sits on projections"), "{e}");
+}
+
+/// One mixture of experts shared by two tasks, trained on mixed-task batches with a noisy
+/// router: the metrics log has each step's balance losses and expert shares, the summary
+/// each point's shares per task, `routing.svg` is drawn, and a resumed run ends with the
+/// uninterrupted run's weights (the router noise is seeded).
+#[test]
+fn a_shared_mixture_logs_its_routing_and_resumes_exactly() {
+    let dir = scratch("moe");
+    let (sms, trec) = (head_of("sms_spam", "train.jsonl", 40, &dir), head_of("trec_coarse", "train.jsonl", 40, &dir));
+    let (sms_dev, trec_dev) = (head_of("sms_spam", "dev.jsonl", 16, &dir), head_of("trec_coarse", "dev.jsonl", 16, &dir));
+    let body = format!(
+        "[model]\npath = {:?}\nmax_length = 32\n[adapters.moe]\nkind = \"moe_bn\"\nexperts = 4\nrouter = \"noisy\"\nz_loss = 0.001\n\
+         placement = {{ layers = [4, 5] }}\n\
+         [[task]]\nname = \"sms\"\ntype = \"classification\"\ntrain = {:?}\ndev = {:?}\nadapters = [\"moe\"]\n\
+         [[task]]\nname = \"trec\"\ntype = \"classification\"\ntrain = {:?}\ndev = {:?}\nadapters = [\"moe\"]\n\
+         [training]\nbatch_size = 8\nsteps = 4\neval_every = 2\ncheckpoint_every = 2\nlr = 1e-2\nmixed_task_batches = true\n",
+        minilm(),
+        sms.display().to_string(),
+        sms_dev.display().to_string(),
+        trec.display().to_string(),
+        trec_dev.display().to_string()
+    );
+    let mut straight = Trainer::new(config(&body, &dir.join("a")), &Device::Cpu).unwrap();
+    let summary = straight.run(&RunOptions::default()).unwrap();
+    let mut first = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
+    first.run(&RunOptions { stop_after: Some(3), ..Default::default() }).unwrap();
+    drop(first);
+    let mut resumed = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
+    resumed.run(&RunOptions { resume: true, ..Default::default() }).unwrap();
+    let a = values(straight.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let b = values(resumed.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    assert_eq!(a, b);
+
+    let steps: Vec<_> = adapters_train::metrics::MetricsLog::read(&dir.join("a/metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.get("split").is_none())
+        .collect();
+    assert_eq!(steps.len(), 4);
+    for r in &steps {
+        assert!(r["aux_losses"]["load_balance"].as_f64().unwrap() > 0.0);
+        assert!(r["aux_losses"]["router_z"].as_f64().unwrap() > 0.0);
+        let routing = r["routing"].as_object().unwrap();
+        assert_eq!(routing.keys().collect::<Vec<_>>(), ["moe_bn layer 4 ffn_output", "moe_bn layer 5 ffn_output"]);
+        for point in routing.values() {
+            let share: f64 = point["share"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+            assert!((share - 1.0).abs() < 1e-9);
+            assert!((0.0..=1.0).contains(&point["entropy"].as_f64().unwrap()));
+        }
+    }
+    let routing = summary.routing.expect("routing in the summary");
+    let point = &routing["points"]["moe_bn layer 5 ffn_output"];
+    assert_eq!(point["per_task_share"].as_object().unwrap().keys().collect::<Vec<_>>(), ["sms", "trec"]);
+    assert!(point["task_expert_mi_bits"].as_f64().unwrap() >= 0.0);
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("a/summary.json")).unwrap()).unwrap();
+    let saved_mi = saved["routing"]["points"]["moe_bn layer 5 ffn_output"]["task_expert_mi_bits"].as_f64().unwrap();
+    assert!((saved_mi - point["task_expert_mi_bits"].as_f64().unwrap()).abs() < 1e-12);
+    assert!(std::fs::read_to_string(dir.join("a/routing.svg")).unwrap().contains("expert 3"));
 }
