@@ -193,3 +193,53 @@ pub fn merge(model: &Path, adapters: &AdapterArgs, out: &Path) -> Result<()> {
     println!("merged {} into {} and wrote {}", names.join(", "), model.display(), out.display());
     Ok(())
 }
+
+/// Averages the experts of a mixture folder into one plain adapter folder (heads copied).
+pub fn merge_experts(dir: &Path, model: &Path, out: &Path) -> Result<()> {
+    check_empty_target(out)?;
+    let loaded = open(model)?;
+    let averaged = adapters_moe::merge::average_folder(dir, &loaded.backbone, loaded.backbone.device())
+        .with_context(|| format!("reading the mixture {}", dir.display()))?;
+    // Written next to the target and renamed into place: a failure leaves nothing behind.
+    let tmp = out.with_file_name(format!(".{}.partial", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = (|| -> Result<()> {
+        io::save(&tmp, &averaged.name, averaged.adapter.as_ref(), &averaged.placement, &loaded.backbone.fingerprint()?)?;
+        copy_dir(&dir.join(adapters_train::heads::HEADS_DIR), &tmp.join(adapters_train::heads::HEADS_DIR))?;
+        if out.exists() {
+            std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
+        }
+        std::fs::rename(&tmp, out).with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written?;
+    println!(
+        "wrote {} (`{}`: the {} experts' mean as a `{}` adapter, {} parameters)",
+        out.display(),
+        averaged.name,
+        averaged.from_kind,
+        averaged.adapter.kind(),
+        averaged.adapter.num_parameters()
+    );
+    Ok(())
+}
+
+/// Copies a folder tree (nothing when `from` does not exist).
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}

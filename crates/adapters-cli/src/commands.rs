@@ -275,3 +275,57 @@ pub fn logits(model: &Path, adapters: &AdapterArgs, prompt: &str, top: usize, ch
     }
     Ok(())
 }
+
+/// Which experts each token of each text chose at every routed point of the loaded
+/// mixture-of-experts adapters.
+pub fn route(model: &Path, adapters: &AdapterArgs, texts: &[String], task_id: Option<u32>, json: bool) -> Result<()> {
+    let loaded = open_with(model, adapters)?;
+    let device = loaded.backbone.device().clone();
+    let mut report = Vec::new();
+    for text in texts {
+        let ids = loaded.tokenizer.encode(text, true)?;
+        let tokens: Vec<String> = ids.iter().map(|&id| loaded.tokenizer.decode(&[id], false).map(|t| t.trim().to_string())).collect::<Result<_, _>>()?;
+        let n = ids.len();
+        let mut ctx = ForwardCtx::inference().with_routing();
+        if let Some(t) = task_id {
+            ctx = ctx.with_task_ids(Tensor::new(&[t], &device)?);
+        }
+        let (ids, mask) = (Tensor::from_vec(ids, (1, n), &device)?, Tensor::ones((1, n), candle_core::DType::U32, &device)?);
+        loaded.backbone.hidden_states(&ids, &mask, &ctx)?;
+        let routing = ctx.take_aux().routing;
+        if routing.is_empty() {
+            bail!("no loaded adapter routes tokens; `route` shows the experts of mixture-of-experts adapters (moe_bn, moe_lora)");
+        }
+        let points: Vec<(String, Vec<Vec<u32>>)> =
+            routing.into_iter().map(|s| (format!("{} {}", s.adapter, s.point), s.choices.unwrap_or_default())).collect();
+        report.push((text, tokens, points));
+    }
+    if json {
+        let out: Vec<serde_json::Value> = report
+            .iter()
+            .map(|(text, tokens, points)| {
+                let points: serde_json::Map<String, serde_json::Value> = points.iter().map(|(p, c)| (p.clone(), serde_json::json!(c))).collect();
+                serde_json::json!({"text": text, "tokens": tokens, "experts": points})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for (text, tokens, points) in &report {
+        println!("{text:?}  (experts per token; '-' = none: skipped or over capacity)");
+        let label = points.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+        let cell = |c: &[u32]| if c.is_empty() { "-".to_string() } else { c.iter().map(u32::to_string).collect::<Vec<_>>().join("+") };
+        let widths: Vec<usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| points.iter().map(|(_, c)| cell(&c[i]).len()).max().unwrap_or(1).max(t.chars().count()))
+            .collect();
+        let row = |cells: Vec<String>| cells.iter().zip(&widths).map(|(c, w)| format!("{c:>w$}")).collect::<Vec<_>>().join(" ");
+        println!("  {:label$}  {}", "", row(tokens.clone()));
+        for (point, choices) in points {
+            println!("  {point:label$}  {}", row(choices.iter().map(|c| cell(c)).collect()));
+        }
+        println!();
+    }
+    Ok(())
+}

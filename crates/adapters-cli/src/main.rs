@@ -171,6 +171,35 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Turn a mixture-of-experts adapter (moe_bn, moe_lora) into one plain adapter (seq_bn,
+    /// lora) whose weights are the mean of its experts': the serving form of a mixture
+    /// trained AdaMix-style (`router = "random"`, `shared_init = true`), at one adapter's
+    /// cost and without a router. Heads saved with the mixture are copied.
+    MergeExperts {
+        /// The mixture's adapter folder.
+        dir: PathBuf,
+        /// The base model it belongs to (checked).
+        #[arg(long)]
+        model: PathBuf,
+        /// The folder to write (must not exist yet, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show which experts each token chose, per layer, in the loaded mixture-of-experts
+    /// adapters (moe_bn, moe_lora).
+    Route {
+        model: PathBuf,
+        #[arg(required = true)]
+        texts: Vec<String>,
+        /// The task id to route by (mixtures with `routing = "task"`).
+        #[arg(long)]
+        task_id: Option<u32>,
+        /// Print JSON: [{"text", "tokens", "experts": {point: [[expert, ...] per token]}}].
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        adapters: AdapterArgs,
+    },
     /// Train adapters (and heads) from a TOML config: see examples/ and the README.
     Train {
         /// The config file (model, adapters, tasks, training, output).
@@ -354,6 +383,8 @@ fn main() {
         Command::Inspect { dir, model } => adapter_commands::inspect(&dir, model.as_deref()),
         Command::Convert { dir, model, format, out } => adapter_commands::convert(&dir, &model, format, &out),
         Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &AdapterArgs::stacked(&adapters), &out),
+        Command::MergeExperts { dir, model, out } => adapter_commands::merge_experts(&dir, &model, &out),
+        Command::Route { model, texts, task_id, json, adapters } => commands::route(&model, &adapters, &texts, task_id, json),
         Command::Train { config, set, resume, stop_after } => train_commands::train(&config, &set, resume, stop_after),
         Command::Predict { model, texts, task, max_length, json, adapters } => {
             train_commands::predict(&model, &adapters, task.as_deref(), &texts, max_length, json)

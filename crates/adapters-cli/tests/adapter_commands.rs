@@ -1,4 +1,5 @@
-//! `adapters kinds`, `new`, `inspect`, `merge` and `--adapter`, run as a user would.
+//! `adapters kinds`, `new`, `inspect`, `merge`, `merge-experts`, `route` and `--adapter`,
+//! run as a user would.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -40,6 +41,8 @@ fn kinds_lists_every_family() {
         ("par_bn", "adapters-bottleneck"),
         ("lora", "adapters-lora"),
         ("ia3", "adapters-lora"),
+        ("moe_bn", "adapters-moe"),
+        ("moe_lora", "adapters-moe"),
     ] {
         assert!(out.lines().any(|l| l.starts_with(kind) && l.contains(family)), "{kind} missing:\n{out}");
     }
@@ -161,4 +164,48 @@ fn convert_round_trips_between_layouts() {
     assert!(!success && err.contains("error:"), "{err}");
     assert!(!bad.exists(), "a failed conversion leaves no folder");
     std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// A fresh AdaMix-style mixture (three experts from one initialisation) averages its
+/// experts' outputs in inference; `merge-experts` makes the plain Pfeiffer adapter of
+/// their mean weights, which computes the same. `route` shows one expert per token.
+#[test]
+fn merge_experts_and_route() {
+    let m = minilm();
+    let tmp = std::env::temp_dir().join(format!("cli-moe-{}", std::process::id()));
+    let dir = |n: &str| tmp.join(n).to_string_lossy().into_owned();
+    let set = ["--set", "experts=3", "--set", "router=random", "--set", "shared_init=true", "--set", "reduction_factor=8"];
+    ok(&[&["new", "moe_bn", "--model", &m, "--out", &dir("mix")], &set[..]].concat());
+    let out = ok(&["merge-experts", &dir("mix"), "--model", &m, "--out", &dir("plain")]);
+    assert!(out.contains("moe_bn experts' mean as a `seq_bn` adapter"), "{out}");
+    assert!(ok(&["inspect", &dir("plain")]).contains("seq_bn"));
+    let text = "Win a free cruise, text WIN now";
+    let mixed = embedding(&["embed", &m, text, "--json", "--adapter", &dir("mix")]);
+    let plain = embedding(&["embed", &m, text, "--json", "--adapter", &dir("plain")]);
+    let base = embedding(&["embed", &m, text, "--json"]);
+    assert!(max_diff(&mixed, &plain) < 1e-5, "{}", max_diff(&mixed, &plain));
+    assert!(max_diff(&mixed, &base) > 1e-4);
+    // Not a mixture, or an occupied target: refused, nothing written.
+    let (success, _, err) = run(&["merge-experts", &dir("plain"), "--model", &m, "--out", &dir("again")]);
+    assert!(!success && err.contains("merge-experts turns `moe_bn` or `moe_lora` mixtures"), "{err}");
+    assert!(!tmp.join("again").exists());
+    let (success, _, err) = run(&["merge-experts", &dir("mix"), "--model", &m, "--out", &dir("plain")]);
+    assert!(!success && err.contains("not empty"), "{err}");
+
+    ok(&["new", "moe_lora", "--model", &m, "--out", &dir("lora-mix"), "--set", "experts=4", "--set", "top_k=2"]);
+    let routed: serde_json::Value = serde_json::from_str(&ok(&["route", &m, text, "--json", "--adapter", &dir("lora-mix")])).unwrap();
+    let first = &routed[0];
+    let tokens = first["tokens"].as_array().unwrap().len();
+    let points = first["experts"].as_object().unwrap();
+    assert_eq!(points.len(), 12, "query and value of 6 layers");
+    for choices in points.values() {
+        let choices = choices.as_array().unwrap();
+        assert_eq!(choices.len(), tokens);
+        assert!(choices.iter().all(|c| c.as_array().unwrap().len() == 2));
+    }
+    let table = ok(&["route", &m, text, "--adapter", &dir("lora-mix")]);
+    assert!(table.contains("moe_lora layer 5 value"), "{table}");
+    let (success, _, err) = run(&["route", &m, text, "--adapter", &dir("plain")]);
+    assert!(!success && err.contains("no loaded adapter routes tokens"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

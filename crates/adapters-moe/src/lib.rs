@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod merge;
 pub mod mixture;
 pub mod router;
 
