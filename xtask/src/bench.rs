@@ -13,6 +13,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("adapters-bench", "training_step"),
     ("adapters-bench", "composition"),
     ("adapters-bench", "mixed_batch"),
+    ("adapters-bench", "moe"),
 ];
 
 /// Interleaved comparisons written by the benches, in report order.
@@ -24,6 +25,9 @@ const COMPARISONS: &[&str] = &[
     "composition_parallel.json",
     "mixed_batch_pfeiffer.json",
     "mixed_batch_lora.json",
+    "moe_forward.json",
+    "moe_site.json",
+    "moe_train.json",
 ];
 
 pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
@@ -163,6 +167,9 @@ fn report(root: &Path) -> Result<String> {
                 human(num(v, "median_s")),
                 num(v, "median_ratio_to_first"),
             )?;
+        }
+        for note in c["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
+            writeln!(md, "\n{note}")?;
         }
     }
     Ok(md)

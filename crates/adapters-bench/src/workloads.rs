@@ -33,7 +33,7 @@ pub const NAMES: &[&str] = &[
 /// `median_ms` per step, and `steps_peak_rss_mib` / `rss_before_loop_mib` measured as
 /// the reference does (the kernel's resident-set high-water mark, reset before warm-up).
 pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_moe::family());
     let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
         n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..], || {})?.0,
         n if n.starts_with("minilm_infer_") => minilm_infer(&n["minilm_infer_".len()..])?,
@@ -82,11 +82,15 @@ fn attach(model: &mut Backbone, kind: &str, config: Value) -> anyhow::Result<Vec
 }
 
 /// The adapter of a reference method name: AdapterHub's `seq_bn` (reduction 16) and
-/// PEFT's LoRA r=8, alpha 16 on query and value.
+/// PEFT's LoRA r=8, alpha 16 on query and value; and the `moe` bench's mixtures.
 fn method(name: &str) -> anyhow::Result<(&'static str, Value)> {
     Ok(match name {
         "seq_bn" => ("seq_bn", json!({"reduction_factor": 16})),
         "lora" | "lora_unmerged" | "lora_merged" => ("lora", json!({"r": 8, "alpha": 16})),
+        // Mixtures of 8 Pfeiffer-sized experts (the `moe` bench).
+        "moe_k1" => ("moe_bn", json!({"experts": 8, "top_k": 1, "reduction_factor": 16})),
+        "moe_k2" => ("moe_bn", json!({"experts": 8, "top_k": 2, "reduction_factor": 16})),
+        "moe_k1_dense" => ("moe_bn", json!({"experts": 8, "top_k": 1, "reduction_factor": 16, "dispatch": "dense"})),
         other => anyhow::bail!("unknown method `{other}`"),
     })
 }
@@ -141,9 +145,9 @@ pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize
     Ok((step, trainable))
 }
 
-/// Inference forward at batch 32 x 128, with nothing, a Pfeiffer adapter or LoRA
-/// (random non-zero weights, merged or not) attached.
-fn minilm_infer(v: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+/// Inference forward at batch 32 x 128, with nothing, a Pfeiffer adapter, LoRA (merged or
+/// not) or a mixture attached (random non-zero weights).
+pub fn minilm_infer(v: &str) -> anyhow::Result<Step> {
     let mut model = minilm()?;
     if v != "base" {
         let (kind, config) = method(v)?;
