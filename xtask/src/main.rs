@@ -6,6 +6,7 @@ mod data;
 mod fetch;
 mod fusion_study;
 mod load_test;
+mod moe_study;
 mod quality;
 mod serve_demo;
 mod test;
@@ -68,6 +69,12 @@ enum Task {
         #[arg(long)]
         report_only: bool,
     },
+    /// The mixture-of-experts study behind RESULTS.md: one mixture adapter shared by SMS
+    /// spam, TREC coarse and Rotten Tomatoes (mixed-task batches) against a shared Pfeiffer
+    /// adapter with as many parameters per token and per-task adapters; the mixture without
+    /// balance loss, with sequence routing, and AdaMix-style merged by `adapters
+    /// merge-experts`. About 45 minutes on 2 cores; finished runs are skipped.
+    MoeStudy,
     /// The AdapterFusion study behind RESULTS.md: for Rotten Tomatoes and VADER tweets with
     /// 500 training examples each, the task's own Pfeiffer adapter against a fusion of it
     /// with frozen adapters trained on the other datasets (fixtures/fusion-sources), 3 seeds
@@ -112,6 +119,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(&root()),
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
         Task::FusionStudy => fusion_study::run(&root()),
+        Task::MoeStudy => moe_study::run(&root()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
         Task::LoadTest { clients, seconds, adapters, cache } => {
             load_test::run_load_test(&root(), load_test::Load { clients, seconds, adapters, cache })

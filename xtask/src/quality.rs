@@ -195,6 +195,7 @@ pub fn write_results(root: &Path) -> Result<()> {
     }
     md.push_str(&chat_block(root)?);
     md.push_str(&crate::fusion_study::block(root)?);
+    md.push_str(&crate::moe_study::block(root)?);
     extra_runs(root, &mut md)?;
     std::fs::write(root.join("RESULTS.md"), md).context("writing RESULTS.md")?;
     eprintln!("wrote RESULTS.md");

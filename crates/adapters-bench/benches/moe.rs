@@ -26,6 +26,9 @@ const VARIANTS: [(&str, &str); 4] = [
     ("8 experts, dense (k = 1 gates)", "moe_k1_dense"),
 ];
 
+/// A named variant to time.
+type Variant<'a> = (&'a str, Box<dyn Fn() + 'a>);
+
 fn ratio(t: &[Timing], name: &str) -> f64 {
     t.iter().find(|v| v.name == name).map_or(f64::NAN, |v| v.median_ratio)
 }
@@ -50,7 +53,7 @@ fn run(s: &RefCell<Step>) {
 fn forward(rounds: usize) {
     let base = RefCell::new(minilm_infer("base").unwrap());
     let steps: Vec<RefCell<Step>> = VARIANTS.iter().map(|(_, m)| RefCell::new(minilm_infer(m).unwrap())).collect();
-    let mut variants: Vec<(&str, Box<dyn Fn() + '_>)> = vec![("bare model", Box::new(|| run(&base)))];
+    let mut variants: Vec<Variant<'_>> = vec![("bare model", Box::new(|| run(&base)))];
     for ((name, _), step) in VARIANTS.iter().zip(&steps) {
         variants.push((name, Box::new(move || run(step))));
     }
@@ -72,7 +75,8 @@ fn forward(rounds: usize) {
 fn one_site(rounds: usize) {
     let model = load(&fetched("all-MiniLM-L6-v2").unwrap(), &Device::Cpu).unwrap().backbone;
     let dev = Device::Cpu;
-    let (input, output) = (Tensor::randn(0f32, 1.0, (32, 128, 384), &dev).unwrap(), Tensor::randn(0f32, 1.0, (32, 128, 384), &dev).unwrap());
+    let (input, output) =
+        (Tensor::randn(0f32, 1.0, (32, 128, 384), &dev).unwrap(), Tensor::randn(0f32, 1.0, (32, 128, 384), &dev).unwrap());
     let point = Point::new(0, Site::FfnOutput);
     let placement = Placement { layers: adapters_core::Layers::List(vec![0]), ..Default::default() };
     let adapters: Vec<Box<dyn Adapter>> = VARIANTS
@@ -95,17 +99,20 @@ fn one_site(rounds: usize) {
     let at_site = |a: &dyn Adapter| {
         a.forward_hidden(point, &SublayerIo { input: &input, output: &output, post_norm: None }, &ctx).unwrap();
     };
-    let site: Vec<(&str, Box<dyn Fn() + '_>)> =
+    let site: Vec<Variant<'_>> =
         VARIANTS.iter().zip(&adapters).map(|((n, _), a)| (*n, Box::new(move || at_site(a.as_ref())) as Box<dyn Fn()>)).collect();
     let refs: Vec<(&str, &dyn Fn())> = site.iter().map(|(n, f)| (*n, f.as_ref())).collect();
     let site_timings = interleave(&refs, rounds);
-    write_result("moe_site.json", &to_json("Mixture of 8 experts at one site (the adapter's own work), 32 x 128 tokens", &site_timings, rounds));
+    write_result(
+        "moe_site.json",
+        &to_json("Mixture of 8 experts at one site (the adapter's own work), 32 x 128 tokens", &site_timings, rounds),
+    );
 }
 
 /// The training step, against the single adapter's.
 fn training_step(rounds: usize) {
     let steps: Vec<RefCell<Step>> = VARIANTS.iter().map(|(_, m)| RefCell::new(minilm_train(m, || {}).unwrap().0)).collect();
-    let variants: Vec<(&str, Box<dyn Fn() + '_>)> =
+    let variants: Vec<Variant<'_>> =
         VARIANTS.iter().zip(&steps).map(|((n, _), s)| (*n, Box::new(move || run(s)) as Box<dyn Fn()>)).collect();
     let refs: Vec<(&str, &dyn Fn())> = variants.iter().map(|(n, f)| (*n, f.as_ref())).collect();
     let training = interleave(&refs, rounds);

@@ -284,7 +284,8 @@ pub fn route(model: &Path, adapters: &AdapterArgs, texts: &[String], task_id: Op
     let mut report = Vec::new();
     for text in texts {
         let ids = loaded.tokenizer.encode(text, true)?;
-        let tokens: Vec<String> = ids.iter().map(|&id| loaded.tokenizer.decode(&[id], false).map(|t| t.trim().to_string())).collect::<Result<_, _>>()?;
+        let tokens: Vec<String> =
+            ids.iter().map(|&id| loaded.tokenizer.decode(&[id], false).map(|t| t.trim().to_string())).collect::<Result<_, _>>()?;
         let n = ids.len();
         let mut ctx = ForwardCtx::inference().with_routing();
         if let Some(t) = task_id {
@@ -304,7 +305,8 @@ pub fn route(model: &Path, adapters: &AdapterArgs, texts: &[String], task_id: Op
         let out: Vec<serde_json::Value> = report
             .iter()
             .map(|(text, tokens, points)| {
-                let points: serde_json::Map<String, serde_json::Value> = points.iter().map(|(p, c)| (p.clone(), serde_json::json!(c))).collect();
+                let points: serde_json::Map<String, serde_json::Value> =
+                    points.iter().map(|(p, c)| (p.clone(), serde_json::json!(c))).collect();
                 serde_json::json!({"text": text, "tokens": tokens, "experts": points})
             })
             .collect();

@@ -179,7 +179,10 @@ impl MoeConfig {
             }
             ExpertKind::Lora => {
                 if c.reduction_factor.is_some() || c.non_linearity.is_some() {
-                    return Err(bad("`reduction_factor` and `non_linearity` shape bottleneck experts (moe_bn); moe_lora experts take `r` and `alpha`".into()));
+                    return Err(bad(
+                        "`reduction_factor` and `non_linearity` shape bottleneck experts (moe_bn); moe_lora experts take `r` and `alpha`"
+                            .into(),
+                    ));
                 }
                 let r = *c.r.get_or_insert(8);
                 if r == 0 || r > 65536 {
@@ -206,11 +209,9 @@ impl MoeConfig {
             return Err(bad("`tasks` is only read with `routing = \"task\"`".into()));
         }
         if c.router == RouterKind::Random && (c.top_k != 1 || c.skip_expert || c.routing == Granularity::Task) {
-            return Err(bad(
-                "the `random` router (AdaMix) sends each unit to one expert: it needs `top_k = 1`, no `skip_expert` \
+            return Err(bad("the `random` router (AdaMix) sends each unit to one expert: it needs `top_k = 1`, no `skip_expert` \
                  and token or sequence routing"
-                    .into(),
-            ));
+                .into()));
         }
         if !(c.noise_std.is_finite() && c.noise_std >= 0.0) {
             return Err(bad(format!("`noise_std` must be a non-negative number, got {}", c.noise_std)));

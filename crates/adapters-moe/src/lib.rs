@@ -15,7 +15,7 @@ pub mod mixture;
 pub mod router;
 
 pub use config::{Dispatch, ExpertKind, Granularity, MoeConfig, RouterKind};
-pub use mixture::Mixture;
+pub use mixture::{Mixture, PlainForm};
 
 use adapters_core::{AdapterKind, BuildArgs, ConfigField};
 

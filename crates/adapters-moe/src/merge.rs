@@ -39,8 +39,8 @@ pub fn average_folder(dir: &Path, model: &dyn InsertionPoint, device: &Device) -
     let mixture = Mixture::build(kind, &BuildArgs { config: &config, placement: &loaded.placement, model: &info, device, seed: 0 })?;
     let weights = loaded.adapter.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
     io::fill_vars(&mixture, weights, dir)?;
-    let (plain_kind, plain_config, tensors) = mixture.averaged()?;
-    let adapter = registry::build(plain_kind, &plain_config, &loaded.placement, &info, device, 0)?;
-    io::fill_vars(adapter.as_ref(), tensors.into_iter().collect(), dir)?;
+    let plain = mixture.averaged()?;
+    let adapter = registry::build(plain.kind, &plain.config, &loaded.placement, &info, device, 0)?;
+    io::fill_vars(adapter.as_ref(), plain.tensors.into_iter().collect(), dir)?;
     Ok(Averaged { name: loaded.name, adapter, placement: loaded.placement, from_kind: kind.name() })
 }

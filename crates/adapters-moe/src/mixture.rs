@@ -12,6 +12,16 @@ use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point,
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 
+/// A plain adapter's kind, configuration and tensors (by that kind's variable names).
+pub struct PlainForm {
+    /// `seq_bn` or `lora`.
+    pub kind: &'static str,
+    /// Its configuration.
+    pub config: serde_json::Value,
+    /// Its tensors.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
 /// One expert's parameters.
 enum Expert {
     Bottleneck { down_w: Var, down_b: Var, up_w: Var, up_b: Var },
@@ -149,10 +159,9 @@ impl Mixture {
     }
 
     /// The plain adapter this mixture becomes when its experts are averaged
-    /// (`adapters merge-experts`): the kind (`seq_bn` or `lora`), its configuration, and
-    /// its tensors by that kind's variable names. For mixtures whose experts started alike
+    /// (`adapters merge-experts`). For mixtures whose experts started alike
     /// and were routed at random (AdaMix) the average is what the mixture learned.
-    pub fn averaged(&self) -> Result<(&'static str, serde_json::Value, Vec<(String, Tensor)>)> {
+    pub fn averaged(&self) -> Result<PlainForm> {
         let mut tensors = Vec::new();
         for (point, site) in &self.sites {
             let each: Vec<Vec<Tensor>> = site.experts.iter().map(Expert::tensors).collect();
@@ -162,14 +171,13 @@ impl Mixture {
             }
         }
         let c = &self.config;
-        Ok(match self.kind {
-            ExpertKind::Bottleneck => (
-                "seq_bn",
-                serde_json::json!({"reduction_factor": c.reduction_factor, "non_linearity": c.non_linearity}),
-                tensors,
-            ),
-            ExpertKind::Lora => ("lora", serde_json::json!({"r": c.r, "alpha": c.alpha}), tensors),
-        })
+        let (kind, config) = match self.kind {
+            ExpertKind::Bottleneck => {
+                ("seq_bn", serde_json::json!({"reduction_factor": c.reduction_factor, "non_linearity": c.non_linearity}))
+            }
+            ExpertKind::Lora => ("lora", serde_json::json!({"r": c.r, "alpha": c.alpha})),
+        };
+        Ok(PlainForm { kind, config, tensors })
     }
 
     /// Router logits `[units, choices]` at a site (`None`: the random router).
@@ -181,7 +189,8 @@ impl Mixture {
         Ok(Some(match self.config.routing {
             Granularity::Token => {
                 let flat = x.reshape((b * t, d))?;
-                let tokens = if units.kept.len() == b * t { flat } else { flat.index_select(&Tensor::new(units.kept.as_slice(), dev)?, 0)? };
+                let tokens =
+                    if units.kept.len() == b * t { flat } else { flat.index_select(&Tensor::new(units.kept.as_slice(), dev)?, 0)? };
                 kernels::linear(&tokens, router, None)?
             }
             Granularity::Sequence => {
@@ -208,7 +217,11 @@ impl Mixture {
                     ))
                 })?;
                 if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.tasks) {
-                    candle_core::bail!("{}: task id {bad} is out of range; this mixture routes {} tasks", self.kind.name(), self.config.tasks);
+                    candle_core::bail!(
+                        "{}: task id {bad} is out of range; this mixture routes {} tasks",
+                        self.kind.name(),
+                        self.config.tasks
+                    );
                 }
                 router.index_select(&Tensor::new(ids.as_slice(), dev)?, 0)?
             }

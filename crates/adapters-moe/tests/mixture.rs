@@ -64,7 +64,7 @@ fn sparse_dispatch_equals_dense_and_skips_padding() {
             c
         };
         let a = adapter(&m, kind, config("sparse"), 3);
-    with(&mut m, "sparse", a);
+        with(&mut m, "sparse", a);
         let ctx = ForwardCtx::training_seeded(1);
         let sparse = hidden(&m, &ctx);
         let aux = ctx.take_aux();
@@ -80,7 +80,7 @@ fn sparse_dispatch_equals_dense_and_skips_padding() {
 
         let mut d = model();
         let a = adapter(&d, kind, config("dense"), 3);
-    with(&mut d, "dense", a);
+        with(&mut d, "dense", a);
         let dense = hidden(&d, &ForwardCtx::training_seeded(1));
         let diff = max_diff(&sparse, &dense);
         assert!(diff < 1e-4, "{kind}: sparse and dense differ by {diff}");
@@ -160,7 +160,8 @@ fn router_and_expert_gradients_match_finite_differences() {
         if !(name.contains("router") || name.contains("experts.1.adapter_down.weight") || name.contains("experts.2.adapter_up.weight")) {
             continue;
         }
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g =
+            grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // The entries with the largest gradients, where the comparison means most.
         let mut order: Vec<usize> = (0..g.len()).collect();
@@ -186,10 +187,7 @@ fn router_and_expert_gradients_match_finite_differences() {
 #[test]
 fn overflow_and_skip_pass_tokens_through_unchanged() {
     let m = model();
-    let configs = [
-        ("capacity", json!({"experts": 4, "capacity_factor": 0.5})),
-        ("skip", json!({"experts": 4, "skip_expert": true})),
-    ];
+    let configs = [("capacity", json!({"experts": 4, "capacity_factor": 0.5})), ("skip", json!({"experts": 4, "skip_expert": true}))];
     for (what, config) in configs {
         let a = one_site(&m, &config, 6);
         if what == "skip" {
@@ -203,7 +201,9 @@ fn overflow_and_skip_pass_tokens_through_unchanged() {
         let dev = Device::Cpu;
         let (io_in, io_out) = (init.normal((3, 6, 384), 1.0, &dev).unwrap(), init.normal((3, 6, 384), 1.0, &dev).unwrap());
         let ctx = ForwardCtx::inference().with_routing();
-        let out = a.forward_hidden(Point::new(0, Site::FfnOutput), &SublayerIo { input: &io_in, output: &io_out, post_norm: None }, &ctx).unwrap();
+        let out = a
+            .forward_hidden(Point::new(0, Site::FfnOutput), &SublayerIo { input: &io_in, output: &io_out, post_norm: None }, &ctx)
+            .unwrap();
         let stats = ctx.take_aux().routing.remove(0);
         let passed = if what == "capacity" { stats.overflowed } else { stats.skipped };
         assert!(passed > 0.0, "{what}: no token passed through");
@@ -314,10 +314,10 @@ fn a_one_expert_mixture_is_a_pfeiffer_adapter_and_averaging_gives_the_plain_kind
             let t = drawn.entry(key).or_insert_with(|| (v.as_tensor() + init.normal(v.shape(), 0.05, &Device::Cpu).unwrap()).unwrap());
             v.set(t).unwrap();
         }
-        let (kind, config, tensors) = mixture.averaged().unwrap();
-        assert_eq!(kind, "seq_bn");
-        let plain = registry::build(kind, &config, &Placement::default(), &m.model_info(), &Device::Cpu, 0).unwrap();
-        io::fill_vars(plain.as_ref(), tensors.into_iter().collect(), std::path::Path::new("averaged")).unwrap();
+        let form = mixture.averaged().unwrap();
+        assert_eq!(form.kind, "seq_bn");
+        let plain = registry::build(form.kind, &form.config, &Placement::default(), &m.model_info(), &Device::Cpu, 0).unwrap();
+        io::fill_vars(plain.as_ref(), form.tensors.into_iter().collect(), std::path::Path::new("averaged")).unwrap();
         with(&mut m, "moe", Box::new(mixture));
         let a = hidden(&m, &ForwardCtx::inference());
         with(&mut m, "plain", plain);

@@ -4,11 +4,11 @@
 use crate::config::Pooling;
 use crate::error::{fail, Result};
 use adapters_core::{ForwardCtx, RoutingStats};
-use std::collections::BTreeMap;
 use adapters_models::heads::{last_token_pool, mean_pool, ClassificationHead};
 use adapters_models::Backbone;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var, D};
+use std::collections::BTreeMap;
 
 /// Right-pads rows of token ids: `[batch, longest]` ids (padding id 0) and the mask.
 pub fn pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {

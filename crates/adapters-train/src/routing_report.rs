@@ -173,7 +173,13 @@ pub fn plot(metrics: &Path, out: &Path) -> Result<bool> {
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], color.stroke_width(2)));
         }
         if point == series.keys().next().expect("not empty") {
-            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 10)).draw().map_err(|e| err(&e))?;
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 10))
+                .draw()
+                .map_err(|e| err(&e))?;
         }
     }
     root.present().map_err(|e| err(&e))?;

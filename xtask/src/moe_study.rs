@@ -1,0 +1,212 @@
+//! `cargo xtask moe-study`: one mixture-of-experts adapter shared by three classification
+//! tasks (SMS spam, TREC coarse, Rotten Tomatoes), trained jointly on mixed-task batches,
+//! against one shared Pfeiffer adapter with as many parameters per token and against
+//! per-task Pfeiffer adapters, all with the same data, batches and steps; the mixture
+//! without its balance loss, with sequence-level routing, and AdaMix-style (random routing
+//! from one initialisation) merged into one adapter with `adapters merge-experts`. Writes
+//! its section of RESULTS.md and the routing picture next to it. Finished runs are skipped.
+
+use anyhow::{Context, Result};
+use std::fmt::Write as _;
+use std::path::Path;
+
+const RUNS: &str = "runs/moe-study";
+const MOE: &str = "examples/moe_multitask.toml";
+const TASKS: &[&str] = &["sms_spam", "trec_coarse", "rotten_tomatoes"];
+/// (run, config, overrides, what it is).
+const ARMS: &[(&str, &str, &[&str], &str)] = &[
+    ("shared", "examples/shared_multitask.toml", &[], "one Pfeiffer adapter (r = 24) shared by the three tasks"),
+    ("per_task", "examples/per_task_multitask.toml", &[], "one Pfeiffer adapter (r = 24) per task"),
+    ("moe_token", MOE, &[], "mixture, token routing, balance loss 0.01"),
+    ("moe_no_balance", MOE, &["adapters.moe.balance_loss=0.0"], "mixture, token routing, no balance loss"),
+    ("moe_sequence", MOE, &["adapters.moe.routing=\"sequence\""], "mixture, sequence routing, balance loss 0.01"),
+    (
+        "adamix",
+        MOE,
+        &["adapters.moe.router=\"random\"", "adapters.moe.shared_init=true"],
+        "AdaMix: random routing from one initialisation (inference: the experts' outputs averaged)",
+    ),
+];
+const PICTURE: &str = "docs/moe_routing.svg";
+const BEGIN: &str = "<!-- moe-study: written by `cargo xtask moe-study` -->";
+const END: &str = "<!-- /moe-study -->";
+
+pub fn run(root: &Path) -> Result<()> {
+    crate::fetch::fetch_all(root)?;
+    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
+    let cli = root.join("target/release/adapters");
+    let cli = cli.to_str().context("a UTF-8 path")?;
+    for (name, config, sets, _) in ARMS {
+        let out = format!("{RUNS}/{name}");
+        if root.join(&out).join("summary.json").exists() {
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(root.join(&out));
+        let mut args = vec!["train".to_string(), config.to_string(), "--set".into(), format!("output.dir=\"{out}\"")];
+        for s in *sets {
+            args.extend(["--set".to_string(), s.to_string()]);
+        }
+        crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    // AdaMix's serving form: the experts averaged into one Pfeiffer adapter, evaluated
+    // beside the mixture itself through the same command.
+    let merged = format!("{RUNS}/adamix-merged");
+    if !root.join(&merged).join("adapter_config.json").exists() {
+        let _ = std::fs::remove_dir_all(root.join(&merged));
+        let model = root.join("models/all-MiniLM-L6-v2");
+        let mixture = format!("{RUNS}/adamix/adapters/moe");
+        crate::run(root, cli, &["merge-experts", &mixture, "--model", model.to_str().context("UTF-8")?, "--out", &merged])?;
+    }
+    let evals = root.join(RUNS).join("adamix-evals.json");
+    if !evals.exists() {
+        let mut out = serde_json::Map::new();
+        for (form, dir) in [("mixture", format!("{RUNS}/adamix/adapters/moe")), ("merged", merged.clone())] {
+            for task in TASKS {
+                let data = format!("data/{task}/test.jsonl");
+                let output = std::process::Command::new(cli)
+                    .args([
+                        "eval",
+                        "models/all-MiniLM-L6-v2",
+                        "--data",
+                        &data,
+                        "--task",
+                        task,
+                        "--adapter",
+                        &dir,
+                        "--max-length",
+                        "64",
+                        "--json",
+                    ])
+                    .current_dir(root)
+                    .output()?;
+                anyhow::ensure!(output.status.success(), "eval of {dir} on {task}: {}", String::from_utf8_lossy(&output.stderr));
+                out.insert(format!("{form} {task}"), serde_json::from_slice(&output.stdout)?);
+            }
+        }
+        std::fs::write(&evals, serde_json::to_string_pretty(&out)?)?;
+    }
+    let picture = root.join(PICTURE);
+    std::fs::create_dir_all(picture.parent().expect("a folder"))?;
+    std::fs::copy(root.join(RUNS).join("moe_token/routing.svg"), &picture).context("copying the routing picture")?;
+    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
+    eprintln!("wrote the mixture-of-experts section of RESULTS.md");
+    Ok(())
+}
+
+fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
+}
+
+/// The section of RESULTS.md, from the runs (or as RESULTS.md has it when they are not here).
+pub fn block(root: &Path) -> Result<String> {
+    let mut md = String::new();
+    if summary(root, "moe_token").is_some() {
+        write(root, &mut md)?;
+    }
+    crate::quality::marked_block(root, BEGIN, END, &md)
+}
+
+/// Accuracy in percent.
+fn pct(v: &serde_json::Value) -> f64 {
+    100.0 * v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn write(root: &Path, md: &mut String) -> Result<()> {
+    let steps = summary(root, "moe_token").map(|s| s["steps"].clone()).unwrap_or_default();
+    writeln!(md, "\n## Mixture of experts: one adapter for three tasks\n")?;
+    writeln!(
+        md,
+        "`cargo xtask moe-study`. Three visible classification tasks trained jointly on frozen all-MiniLM-L6-v2: every batch \
+         of 32 mixes the tasks by temperature sampling (T = 2: about 8 SMS, 9 TREC and 14 Rotten Tomatoes rows), each task has \
+         its own head, {steps} steps (about one pass over the three training sets), lr 1e-3, max length 64, seed 42, the best \
+         dev step (mean accuracy, evaluated every 150 steps) kept. The mixture (`{MOE}`): 8 bottleneck experts after every \
+         feed-forward sublayer, top-1 token routing; experts of r = 20 so that expert and router (8 x 384) together hold \
+         18,836 parameters per layer, as many as a token uses with one shared Pfeiffer adapter of r = 24 (18,840). Test \
+         accuracy in percent; parameters without the heads (3,850 in all three arms).\n"
+    )?;
+    writeln!(md, "| arm | {} | mean | adapter parameters stored | per token per layer |", TASKS.join(" | "))?;
+    writeln!(md, "|---|{}---|---|---|", "---|".repeat(TASKS.len()))?;
+    for (name, _, _, what) in ARMS {
+        let Some(s) = summary(root, name) else {
+            writeln!(md, "| {what} | not run |")?;
+            continue;
+        };
+        let accs: Vec<f64> = TASKS.iter().map(|t| pct(&s["tasks"][t]["test"]["accuracy"])).collect();
+        let mean = accs.iter().sum::<f64>() / accs.len() as f64;
+        let stored = s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(3850);
+        let per_token = match *name {
+            "shared" | "per_task" => "18,840",
+            "adamix" => "15,764 (merged)",
+            _ => "18,836",
+        };
+        let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
+        writeln!(md, "| {what} | {} | **{mean:.2}** | {stored} | {per_token} |", cells.join(" | "))?;
+    }
+    routing(root, md)?;
+    adamix(root, md)?;
+    Ok(())
+}
+
+/// Per layer: normalised expert-usage entropy and task-expert mutual information on dev.
+fn routing(root: &Path, md: &mut String) -> Result<()> {
+    let arms = ["moe_token", "moe_no_balance", "moe_sequence"];
+    writeln!(
+        md,
+        "\nRouting on the dev sets with the kept weights (from each run's `summary.json`): normalised entropy of expert use \
+         (1 = all 8 experts used equally, 0 = one expert takes every token) and the mutual information between task and \
+         expert in bits (0 = every task uses the experts alike; at most log2 3 = 1.58). Expert shares over training per \
+         layer: [routing.svg]({PICTURE}) (token routing).\n"
+    )?;
+    writeln!(md, "| layer | {} |", arms.iter().map(|a| format!("{a} entropy | {a} MI")).collect::<Vec<_>>().join(" | "))?;
+    writeln!(md, "|---|{}", "---|".repeat(arms.len() * 2))?;
+    let summaries: Vec<Option<serde_json::Value>> = arms.iter().map(|a| summary(root, a)).collect();
+    for layer in 0..6 {
+        let key = format!("moe_bn layer {layer} ffn_output");
+        let cells: Vec<String> = summaries
+            .iter()
+            .map(|s| match s.as_ref().map(|s| &s["routing"]["points"][&key]) {
+                Some(p) if !p.is_null() => {
+                    format!(
+                        "{:.3} | {:.3}",
+                        p["entropy"].as_f64().unwrap_or(f64::NAN),
+                        p["task_expert_mi_bits"].as_f64().unwrap_or(f64::NAN)
+                    )
+                }
+                _ => "not run | not run".into(),
+            })
+            .collect();
+        writeln!(md, "| {layer} | {} |", cells.join(" | "))?;
+    }
+    if let Some(s) = summary(root, "moe_token") {
+        let p = &s["routing"]["points"]["moe_bn layer 5 ffn_output"]["per_task_share"];
+        writeln!(md, "\nExpert shares per task at layer 5 (token routing, dev):\n")?;
+        writeln!(md, "| task | {} |", (0..8).map(|e| format!("e{e}")).collect::<Vec<_>>().join(" | "))?;
+        writeln!(md, "|---|{}", "---|".repeat(8))?;
+        for task in TASKS {
+            let shares: Vec<String> =
+                p[task].as_array().into_iter().flatten().map(|v| format!("{:.2}", v.as_f64().unwrap_or(f64::NAN))).collect();
+            writeln!(md, "| {task} | {} |", shares.join(" | "))?;
+        }
+    }
+    Ok(())
+}
+
+/// The AdaMix mixture against its merged form, through `adapters eval`.
+fn adamix(root: &Path, md: &mut String) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(root.join(RUNS).join("adamix-evals.json")) else { return Ok(()) };
+    let evals: serde_json::Value = serde_json::from_str(&text)?;
+    writeln!(
+        md,
+        "\nAdaMix's serving form: `adapters merge-experts` averages the 8 experts' weights into one plain Pfeiffer adapter \
+         (`{RUNS}/adamix-merged`), which runs at one adapter's cost without a router; the mixture itself, in inference, runs \
+         every expert and averages their outputs. Both through `adapters eval --max-length 64` on the test sets:\n"
+    )?;
+    writeln!(md, "| form | {} | mean |", TASKS.join(" | "))?;
+    writeln!(md, "|---|{}---|", "---|".repeat(TASKS.len()))?;
+    for form in ["mixture", "merged"] {
+        let accs: Vec<f64> = TASKS.iter().map(|t| pct(&evals[format!("{form} {t}")]["accuracy"])).collect();
+        let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
+        writeln!(md, "| {form} | {} | {:.2} |", cells.join(" | "), accs.iter().sum::<f64>() / accs.len() as f64)?;
+    }
+    Ok(())
+}
