@@ -574,10 +574,26 @@ fn close(a: &Value, b: &Value, tol: f64) -> bool {
     }
 }
 
+/// A mixture-of-experts adapter folder in `dir/moe` (4 experts, random weights).
+fn mixture_folder(dir: &Path) -> PathBuf {
+    use adapters_core::InsertionPoint;
+    let model = adapters_models::load(&adapters_models::fetched("all-MiniLM-L6-v2").unwrap(), &candle_core::Device::Cpu).unwrap();
+    let info = model.backbone.model_info();
+    let placement = adapters_core::Placement::default();
+    let moe = adapters_core::registry::build("moe_bn", &json!({"experts": 4}), &placement, &info, &candle_core::Device::Cpu, 3).unwrap();
+    for (_, v) in moe.vars() {
+        v.set(&v.as_tensor().randn_like(0.0, 0.05).unwrap()).unwrap();
+    }
+    let out = dir.join("moe");
+    adapters_core::io::save(&out, "moe", moe.as_ref(), &placement, &model.backbone.fingerprint().unwrap()).unwrap();
+    out
+}
+
 /// Requests that wait together run as one forward pass even when they use different
 /// adapters (three Pfeiffer adapters with heads, a PEFT LoRA, an AdapterHub parallel
-/// adapter, the base model, and a stored setup, which runs on its own): each answer equals
-/// the answer of a server that runs every request alone.
+/// adapter, the base model, a mixture of experts, and a stored setup; the mixture and the
+/// setup run as groups of their own): each answer equals the answer of a server that runs
+/// every request alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_for_different_adapters_run_as_one_batch() {
     let dir = scratch("batching");
@@ -587,6 +603,7 @@ async fn requests_for_different_adapters_run_as_one_batch() {
     for (name, folder) in [("lora", "interop/peft_lora_minilm/adapter"), ("parallel", "interop/adapterhub_par_bn_minilm/adapter")] {
         store.push(&fixtures().join(folder), &name.parse().unwrap(), PushOptions::default()).await.unwrap();
     }
+    store.push(&mixture_folder(&dir), &"moe".parse().unwrap(), PushOptions::default()).await.unwrap();
     let requests = [
         ("/v1/classify", json!({"model": "sms", "input": ["free entry to win a prize, text WIN now", "are we meeting at six?"]})),
         ("/v1/classify", json!({"model": "trec", "input": "Who wrote Hamlet?"})),
@@ -594,6 +611,7 @@ async fn requests_for_different_adapters_run_as_one_batch() {
         ("/v1/embeddings", json!({"model": "lora", "input": ["a quiet evening", "the results are in, and they look good"]})),
         ("/v1/embeddings", json!({"model": "parallel", "input": "the results are in"})),
         ("/v1/embeddings", json!({"model": "base", "input": "a quiet evening"})),
+        ("/v1/embeddings", json!({"model": "moe", "input": ["free entry to win", "see you at six then"]})),
         ("/v1/classify", json!({"model": "stacked", "input": "Who wrote Hamlet?", "task": "trec_coarse"})),
         ("/v1/classify", json!({"model": "sms", "input": "call now to claim your reward"})),
     ];
@@ -618,8 +636,8 @@ async fn requests_for_different_adapters_run_as_one_batch() {
             assert_eq!(forwards, requests.len() as f64, "without batching every request runs alone");
         } else {
             assert_eq!(forwards, 1.0, "{} requests took {forwards} batches", requests.len());
-            // Seven models: six in one forward, the setup on its own within the batch.
-            assert_eq!(models, 7.0);
+            // Eight models in the one batch.
+            assert_eq!(models, 8.0);
         }
         answers.push(bodies);
     }
