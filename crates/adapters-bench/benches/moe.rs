@@ -40,9 +40,18 @@ fn main() {
     }
     let _ = (adapters_bottleneck::family(), adapters_moe::family());
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
-    forward(rounds);
-    one_site(rounds * 3);
-    training_step((rounds / 2).max(3));
+    // `cargo bench --bench moe -- site` runs one part (forward, site, train).
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wanted = |part: &str| only.is_empty() || only.iter().any(|o| part.contains(o.as_str()));
+    if wanted("forward") {
+        forward(rounds);
+    }
+    if wanted("site") {
+        one_site(rounds * 3);
+    }
+    if wanted("train") {
+        training_step((rounds / 2).max(3));
+    }
 }
 
 fn run(s: &RefCell<Step>) {

@@ -273,43 +273,47 @@ impl Mixture {
         let x = x.reshape((b * t, d_in))?;
         let out = output.reshape((b * t, d_out))?;
         let out = match self.config.dispatch {
-            Dispatch::Sparse => self.sparse(site, &plan, &x, &out)?,
+            Dispatch::Sparse => self.sparse(site, &plan, &x, &out, ctx)?,
             Dispatch::Dense => self.dense(site, &plan, &x, &out)?,
         };
         out.reshape((b, t, d_out))
     }
 
-    /// Each expert on its own tokens: gather, expert, gate, and one scatter-add of all.
-    fn sparse(&self, site: &MixtureSite, plan: &Plan, x: &Tensor, out: &Tensor) -> Result<Tensor> {
+    /// Each expert on its own tokens only ([`kernels::expert_mix`]: one fused pass in
+    /// inference, gather-products-scatter with autograd in training).
+    fn sparse(&self, site: &MixtureSite, plan: &Plan, x: &Tensor, out: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let dev = x.device();
-        let mut indices = Vec::new();
-        let mut parts = Vec::new();
-        for (e, expert) in site.experts.iter().enumerate() {
-            let tokens = &plan.tokens[e];
-            if tokens.is_empty() {
-                continue;
-            }
-            let y = self.expert(expert, site.scale, &x.index_select(&Tensor::new(tokens.as_slice(), dev)?, 0)?)?;
-            parts.push(self.gated(plan, e, y)?);
-            indices.extend_from_slice(tokens);
+        let mut tokens = Vec::new();
+        let mut gate_at = Vec::new();
+        let mut offsets = vec![0];
+        for e in 0..site.experts.len() {
+            tokens.extend_from_slice(&plan.tokens[e]);
+            gate_at.extend_from_slice(&plan.gate_at[e]);
+            offsets.push(tokens.len());
         }
-        if parts.is_empty() {
+        if tokens.is_empty() {
             return Ok(out.clone());
         }
-        let n = indices.len();
-        out.index_add(&Tensor::from_vec(indices, n, dev)?, &Tensor::cat(&parts, 0)?, 0)
-    }
-
-    /// `y` (expert `e`'s output on its tokens) times their gates.
-    fn gated(&self, plan: &Plan, e: usize, y: Tensor) -> Result<Tensor> {
-        match &plan.gates {
-            Some(gates) => {
-                let g = gates.index_select(&Tensor::new(plan.gate_at[e].as_slice(), y.device())?, 0)?;
-                y.broadcast_mul(&g.unsqueeze(1)?)
+        let gates = plan.gates.pick(&gate_at, dev)?;
+        let stack = |i: usize| Tensor::stack(&site.experts.iter().map(|e| e.vars()[i].as_tensor().clone()).collect::<Vec<_>>(), 0);
+        let (experts, gates) = match self.kind {
+            ExpertKind::Bottleneck => {
+                let (down, down_b, up, up_b) = (stack(0)?, stack(1)?, stack(2)?, stack(3)?);
+                let activation = match self.config.non_linearity.expect("parse fills it") {
+                    Activation::Relu => kernels::ExpertActivation::Relu,
+                    Activation::Gelu => kernels::ExpertActivation::Gelu,
+                    Activation::Silu => kernels::ExpertActivation::Silu,
+                    Activation::Tanh => kernels::ExpertActivation::Tanh,
+                };
+                ((down, Some(down_b), up, Some(up_b), activation), gates)
             }
-            None if plan.constant_gate == 1.0 => Ok(y),
-            None => y * plan.constant_gate,
-        }
+            // LoRA's scale is linear: it goes into the gates.
+            ExpertKind::Lora => ((stack(0)?, None, stack(1)?, None, kernels::ExpertActivation::Identity), (gates * site.scale)?),
+        };
+        let (down, down_bias, up, up_bias, activation) = &experts;
+        let experts = kernels::Experts { down, down_bias: down_bias.as_ref(), up, up_bias: up_bias.as_ref(), activation: *activation };
+        let routes = kernels::Routes { tokens: &tokens, offsets: &offsets };
+        kernels::expert_mix(x, out, &gates, &experts, &routes, ctx.train || !ctx.no_grad)
     }
 
     /// Every expert on every token, masked by the plan's gates: the reference the sparse
@@ -338,10 +342,7 @@ impl Mixture {
                 at[i] = g;
             }
             let chosen = Tensor::from_vec(chosen, (n, 1), dev)?;
-            let gate = match &plan.gates {
-                Some(gates) => (gates.index_select(&Tensor::from_vec(at, n, dev)?, 0)?.unsqueeze(1)? * &chosen)?,
-                None => (chosen * plan.constant_gate)?,
-            };
+            let gate = (plan.gates.pick(&at, dev)?.unsqueeze(1)? * &chosen)?;
             let y = self.expert(expert, site.scale, &xs)?.broadcast_mul(&gate)?;
             total = Some(match total {
                 None => y,

@@ -10,20 +10,34 @@ use adapters_core::{AuxLoss, ForwardCtx, Point, RoutingStats};
 use candle_core::{Result, Tensor, D};
 use rand::Rng;
 
+/// Each (unit, choice)'s gate, flattened `[units · choices]` (index with [`Plan::gate_at`]).
+pub enum Gates {
+    /// A tensor in the autograd graph (training: gradients reach the router through it).
+    Table(Tensor),
+    /// Host values (inference, and the random router's constant gates).
+    Host(Vec<f32>),
+}
+
+impl Gates {
+    /// The gates at `at`, as a `[at.len()]` tensor.
+    pub fn pick(&self, at: &[u32], device: &candle_core::Device) -> Result<Tensor> {
+        match self {
+            Gates::Table(t) => t.index_select(&Tensor::new(at, device)?, 0),
+            Gates::Host(v) => Tensor::from_iter(at.iter().map(|&i| v[i as usize]), device),
+        }
+    }
+}
+
 /// What each expert computes in one forward.
 pub struct Plan {
     /// Per expert: the flat token indices (into `[batch · seq]`) it runs on.
     pub tokens: Vec<Vec<u32>>,
-    /// Per expert, per token: the index of its gate in the flattened gate table.
+    /// Per expert, per token: the index of its gate in [`Plan::gates`].
     pub gate_at: Vec<Vec<u32>>,
-    /// The gates, `[units · choices]` flattened; `None` when every gate is `constant_gate`.
-    pub gates: Option<Tensor>,
-    /// The gate of every assignment when `gates` is `None`.
-    pub constant_gate: f64,
+    /// The gates.
+    pub gates: Gates,
     /// The non-padding tokens (flat indices), in order.
     pub kept: Vec<u32>,
-    /// Per kept token, its unit (the token itself, or its sequence).
-    pub unit_of_kept: Vec<u32>,
     /// What the plan did, for the trainer and the `route` command.
     pub stats: RoutingStats,
 }
@@ -76,26 +90,49 @@ impl Units {
     }
 }
 
-/// Each unit's choices, best first, before the capacity limit.
-fn choose(config: &MoeConfig, probs: Option<&[Vec<f32>]>, units: usize, ctx: &ForwardCtx) -> Vec<Vec<u32>> {
+/// Each unit's choices, best first, before the capacity limit: `slots` per unit, flat.
+/// `logits` `[units · choices]` (`None`: the random router).
+fn choose(config: &MoeConfig, logits: Option<&[f32]>, units: usize, ctx: &ForwardCtx) -> (Vec<u32>, usize) {
     let e = config.experts as u32;
-    match probs {
-        Some(probs) => probs
-            .iter()
-            .map(|p| {
-                let mut order: Vec<u32> = (0..p.len() as u32).collect();
-                // Highest probability first; ties to the lower index (a stable sort).
-                order.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]));
-                order.truncate(config.top_k);
-                order
-            })
-            .collect(),
+    let Some(logits) = logits else {
         // AdaMix: one expert drawn uniformly per unit in training, all of them otherwise.
-        None => match ctx.rng() {
-            Some(mut rng) => (0..units).map(|_| vec![rng.random_range(0..e)]).collect(),
-            None => (0..units).map(|_| (0..e).collect()).collect(),
-        },
+        return match ctx.rng() {
+            Some(mut rng) => ((0..units).map(|_| rng.random_range(0..e)).collect(), 1),
+            None => ((0..units).flat_map(|_| 0..e).collect(), e as usize),
+        };
+    };
+    let (n, k) = (config.choices(), config.top_k);
+    let mut chosen = Vec::with_capacity(units * k);
+    let mut order: Vec<u32> = Vec::with_capacity(n);
+    for row in logits.chunks_exact(n) {
+        if k == 1 {
+            // The first maximum: ties go to the lower index.
+            let best = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+            chosen.push(best as u32);
+            continue;
+        }
+        order.clear();
+        order.extend(0..n as u32);
+        // Highest logit (= probability) first; ties to the lower index (a stable sort).
+        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        chosen.extend_from_slice(&order[..k]);
     }
+    (chosen, k)
+}
+
+/// Softmax of each row of `logits` (`[units · n]`, flat), on the host.
+fn softmax_rows(logits: &[f32], n: usize) -> Vec<f32> {
+    let mut p = logits.to_vec();
+    for row in p.chunks_exact_mut(n) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+    p
 }
 
 /// Plans the forward of one site: `logits` `[units, choices]` (`None` for the random
@@ -110,7 +147,7 @@ pub fn plan(
     ctx: &ForwardCtx,
 ) -> Result<Plan> {
     let experts = config.experts;
-    let choices_n = config.choices();
+    let n = config.choices();
     let logits = match (logits, config.router) {
         (Some(l), RouterKind::Noisy) => match ctx.normal_noise(l.dims(), config.noise_std, l.device())? {
             Some(noise) => Some((l + noise)?),
@@ -118,51 +155,61 @@ pub fn plan(
         },
         (l, _) => l,
     };
-    // Composed softmax: candle's fused `softmax_last_dim` has no backward pass.
-    let probs = logits.as_ref().map(|l| candle_nn::ops::softmax(l, D::Minus1)).transpose()?;
-    let probs_host = probs.as_ref().map(|p| p.to_vec2::<f32>()).transpose()?;
-    let chosen = choose(config, probs_host.as_deref(), units.count, ctx);
-
-    // Capacity, in unit order: an expert full at its capacity drops later assignments.
-    let slots = chosen.first().map_or(1, Vec::len);
-    let capacity = config.capacity_factor.map(|cf| (cf * units.count as f64 * slots as f64 / experts as f64).ceil() as usize);
-    let mut load = vec![0usize; experts];
-    let mut accepted: Vec<Vec<u32>> = Vec::with_capacity(units.count);
-    let mut overflowed_units = vec![0usize; units.count];
-    for (u, c) in chosen.iter().enumerate() {
-        let mut keep = Vec::with_capacity(c.len());
-        for &e in c {
-            let e_us = e as usize;
-            if e_us >= experts {
-                continue; // the skip choice: nothing to compute
-            }
-            if capacity.is_some_and(|cap| load[e_us] >= cap) {
-                overflowed_units[u] += 1;
-                continue;
-            }
-            load[e_us] += 1;
-            keep.push(e);
-        }
-        accepted.push(keep);
-    }
+    let host_logits = logits.as_ref().map(|l| l.flatten_all()?.to_vec1::<f32>()).transpose()?;
+    let (chosen, slots) = choose(config, host_logits.as_deref(), units.count, ctx);
+    let learned = logits.is_some();
+    let width = if learned { n } else { slots.max(1) };
 
     // Gates: the router probability (top-1, as Switch), or renormalised over the chosen
-    // (top-k > 1, skip included so that it keeps its share); 1/E for the random router.
-    let (gates, constant_gate) = match &probs {
-        None => (None, if ctx.train { 1.0 } else { 1.0 / experts as f64 }),
-        Some(p) if config.top_k == 1 => (Some(p.flatten_all()?), 1.0),
-        Some(p) => {
-            let mut mask = vec![0f32; units.count * choices_n];
-            for (u, c) in chosen.iter().enumerate() {
-                for &e in c {
-                    mask[u * choices_n + e as usize] = 1.0;
+    // (top-k > 1, skip included so that it keeps its share); 1 (training) or 1/E
+    // (inference) for the random router. Tensors only where gradients are wanted.
+    let differentiable = ctx.train || !ctx.no_grad;
+    let probs = match (&logits, differentiable) {
+        // Composed softmax: candle's fused `softmax_last_dim` has no backward pass.
+        (Some(l), true) => Some(candle_nn::ops::softmax(l, D::Minus1)?),
+        _ => None,
+    };
+    let gates = match (&probs, &host_logits) {
+        (Some(p), _) if config.top_k == 1 => Gates::Table(p.flatten_all()?),
+        (Some(p), _) => {
+            let mut mask = vec![0f32; units.count * n];
+            for (u, c) in chosen.chunks_exact(slots).enumerate() {
+                c.iter().for_each(|&e| mask[u * n + e as usize] = 1.0);
+            }
+            let mask = Tensor::from_vec(mask, (units.count, n), p.device())?;
+            let norm = (p * &mask)?.sum_keepdim(D::Minus1)?;
+            Gates::Table(p.broadcast_div(&norm)?.flatten_all()?)
+        }
+        (None, Some(l)) => {
+            let mut p = softmax_rows(l, n);
+            if config.top_k > 1 {
+                for (row, c) in p.chunks_exact_mut(n).zip(chosen.chunks_exact(slots)) {
+                    let norm: f32 = c.iter().map(|&e| row[e as usize]).sum();
+                    row.iter_mut().for_each(|v| *v /= norm);
                 }
             }
-            let mask = Tensor::from_vec(mask, (units.count, choices_n), p.device())?;
-            let norm = (p * &mask)?.sum_keepdim(D::Minus1)?;
-            (Some(p.broadcast_div(&norm)?.flatten_all()?), 1.0)
+            Gates::Host(p)
         }
+        (None, None) => Gates::Host(vec![if ctx.train { 1.0 } else { 1.0 / experts as f32 }; units.count * width]),
     };
+
+    // Capacity, in unit order: an expert full at its capacity drops later assignments.
+    let capacity = config.capacity_factor.map(|cf| (cf * units.count as f64 * slots as f64 / experts as f64).ceil() as usize);
+    let mut load = vec![0usize; experts];
+    let mut accepted = vec![u32::MAX; chosen.len()];
+    let mut overflowed_units = vec![0usize; units.count];
+    for (i, &e) in chosen.iter().enumerate() {
+        let e_us = e as usize;
+        if e_us >= experts {
+            continue; // the skip choice: nothing to compute
+        }
+        if capacity.is_some_and(|cap| load[e_us] >= cap) {
+            overflowed_units[i / slots] += 1;
+            continue;
+        }
+        load[e_us] += 1;
+        accepted[i] = e;
+    }
 
     // Per expert: its tokens and their gates' places.
     let mut tokens = vec![Vec::new(); experts];
@@ -174,22 +221,22 @@ pub fn plan(
     let mut choices_per_token: Option<Vec<Vec<u32>>> = ctx.record_routing.then(|| vec![Vec::new(); units.total]);
     for (&token, &u) in units.kept.iter().zip(&units.unit_of_kept) {
         let u = u as usize;
-        let mine = &accepted[u];
-        if chosen[u].iter().all(|&e| e as usize >= experts) {
+        let range = u * slots..(u + 1) * slots;
+        if chosen[range.clone()].iter().all(|&e| e as usize >= experts) {
             skipped += 1.0;
         }
         overflowed += overflowed_units[u] as f32;
-        for &e in mine {
-            let e = e as usize;
-            tokens[e].push(token);
-            gate_at[e].push((u * choices_n + e) as u32);
-            tokens_per_expert[e] += 1.0;
+        for &e in accepted[range].iter().filter(|&&e| e != u32::MAX) {
+            let e_us = e as usize;
+            tokens[e_us].push(token);
+            gate_at[e_us].push((u * width + if learned { e_us } else { e_us % width }) as u32);
+            tokens_per_expert[e_us] += 1.0;
             if let Some(t) = &unit_tasks {
-                per_task[t[u] as usize][e] += 1.0;
+                per_task[t[u] as usize][e_us] += 1.0;
             }
-        }
-        if let Some(c) = &mut choices_per_token {
-            c[token as usize] = mine.clone();
+            if let Some(c) = &mut choices_per_token {
+                c[token as usize].push(e);
+            }
         }
     }
     let stats = RoutingStats {
@@ -208,15 +255,12 @@ pub fn plan(
     if ctx.train {
         if let (Some(p), Some(l)) = (&probs, &logits) {
             if config.balance_loss > 0.0 && units.count > 0 {
-                let mut f = vec![0f32; choices_n];
-                for c in &chosen {
-                    for &e in c {
-                        f[e as usize] += 1.0 / (units.count * c.len()) as f32;
-                    }
+                let mut f = vec![0f32; n];
+                for &e in &chosen {
+                    f[e as usize] += 1.0 / chosen.len() as f32;
                 }
-                let f = Tensor::from_vec(f, choices_n, p.device())?;
-                let mean_p = p.mean(0)?;
-                let value = ((mean_p * f)?.sum_all()? * (config.balance_loss * choices_n as f64))?;
+                let f = Tensor::from_vec(f, n, p.device())?;
+                let value = ((p.mean(0)? * f)?.sum_all()? * (config.balance_loss * n as f64))?;
                 ctx.push_loss(AuxLoss { adapter: kind.to_string(), point, name: "load_balance".into(), value });
             }
             if config.z_loss > 0.0 && units.count > 0 {
@@ -227,5 +271,5 @@ pub fn plan(
             }
         }
     }
-    Ok(Plan { tokens, gate_at, gates, constant_gate, kept: units.kept, unit_of_kept: units.unit_of_kept, stats })
+    Ok(Plan { tokens, gate_at, gates, kept: units.kept, stats })
 }

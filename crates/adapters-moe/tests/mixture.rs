@@ -1,5 +1,5 @@
-//! Mixtures of experts on the real MiniLM: the sparse dispatch equals computing every
-//! expert densely, padding is neither changed nor counted, gradients of the router and
+//! Mixtures of experts on the real MiniLM: the sparse dispatch (fused in inference,
+//! composed in training) equals computing every expert densely, padding is neither changed nor counted, gradients of the router and
 //! experts match finite differences, capacity overflow and the skip choice pass tokens
 //! through unchanged, noise is seeded, task and sequence routing send whole rows, a
 //! one-expert mixture is a Pfeiffer adapter, averaging the experts gives the plain
@@ -84,6 +84,10 @@ fn sparse_dispatch_equals_dense_and_skips_padding() {
         let dense = hidden(&d, &ForwardCtx::training_seeded(1));
         let diff = max_diff(&sparse, &dense);
         assert!(diff < 1e-4, "{kind}: sparse and dense differ by {diff}");
+        // Inference: the fused pass (on the CPU) against the dense reference.
+        let (sparse_inf, dense_inf) = (hidden(&m, &ForwardCtx::inference()), hidden(&d, &ForwardCtx::inference()));
+        let diff = max_diff(&sparse_inf, &dense_inf);
+        assert!(diff < 1e-4, "{kind}: sparse and dense inference differ by {diff}");
         // The mixture changed the output.
         let mut base = model();
         base.adapters_mut().activate(&[]).unwrap();

@@ -13,6 +13,7 @@
 mod adamw;
 mod attention;
 mod cross_entropy;
+mod experts;
 mod gelu;
 mod int8;
 mod linear;
@@ -25,6 +26,7 @@ mod swiglu;
 pub use adamw::{adamw, AdamWStep};
 pub use attention::attention;
 pub use cross_entropy::linear_cross_entropy;
+pub use experts::{expert_mix, ExpertActivation, Experts, Routes};
 pub use gelu::gelu_erf;
 pub use int8::{Int8Weight, BLOCK as INT8_BLOCK};
 pub use linear::{gelu_linear, linear, linear_add, low_rank_linear, swiglu_linear};

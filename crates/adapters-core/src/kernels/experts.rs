@@ -1,0 +1,228 @@
+//! Mixture-of-experts dispatch: each expert (a two-layer bottleneck or low-rank MLP) runs
+//! on its own tokens only, and its gated output is added to theirs. On the CPU without a
+//! gradient, one pass: gather, both products, gate and add per block of rows in cache;
+//! otherwise composed from candle ops (gather, products, one scatter-add), which autograd
+//! differentiates.
+
+use super::{fused, gemm, output_buffer, Mat, SharedMut};
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Rows per block of the fused path: the block's input, middle and output stay in cache.
+const BLOCK: usize = 32;
+
+/// The non-linearity between an expert's two products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertActivation {
+    /// None (LoRA experts).
+    Identity,
+    /// `relu`.
+    Relu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// `silu`.
+    Silu,
+    /// `tanh`.
+    Tanh,
+}
+
+impl ExpertActivation {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            ExpertActivation::Identity => Ok(x.clone()),
+            ExpertActivation::Relu => x.relu(),
+            ExpertActivation::Gelu => super::gelu_erf(x),
+            ExpertActivation::Silu => x.silu(),
+            ExpertActivation::Tanh => x.tanh(),
+        }
+    }
+
+    fn apply_in_place(self, v: &mut [f32]) {
+        match self {
+            ExpertActivation::Identity => {}
+            ExpertActivation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+            ExpertActivation::Gelu => {
+                let input = v.to_vec();
+                super::gelu::forward_chunk(&input, v);
+            }
+            ExpertActivation::Silu => v.iter_mut().for_each(|x| *x /= 1.0 + (-*x).exp()),
+            ExpertActivation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
+        }
+    }
+}
+
+/// The experts' weights, stacked: `down` `[E, r, in]` with `down_bias` `[E, r]`, `up`
+/// `[E, out, r]` with `up_bias` `[E, out]` (biases optional).
+pub struct Experts<'a> {
+    /// Down projections.
+    pub down: &'a Tensor,
+    /// Their biases.
+    pub down_bias: Option<&'a Tensor>,
+    /// Up projections.
+    pub up: &'a Tensor,
+    /// Their biases.
+    pub up_bias: Option<&'a Tensor>,
+    /// Between the two.
+    pub activation: ExpertActivation,
+}
+
+/// Which token each assignment sends to which expert: assignments grouped by expert,
+/// `tokens[offsets[e]..offsets[e + 1]]` for expert `e`, no token twice within an expert.
+pub struct Routes<'a> {
+    /// Token (row of `x`) of each assignment.
+    pub tokens: &'a [u32],
+    /// Where each expert's assignments start; `E + 1` entries.
+    pub offsets: &'a [usize],
+}
+
+/// `output[t] + Σ gateₐ · expertₑ(x[t])` over the assignments `a` of token `t` (`x`
+/// `[T, in]`, `output` `[T, out]`, `gates` `[A]`). `differentiable`: build the autograd
+/// graph (training); otherwise the CPU runs the fused pass.
+pub fn expert_mix(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts, routes: &Routes, differentiable: bool) -> Result<Tensor> {
+    let (tokens, d_in) = x.dims2()?;
+    let (e, r, d_in_w) = experts.down.dims3()?;
+    let d_out = output.dim(1)?;
+    if output.dim(0)? != tokens
+        || d_in_w != d_in
+        || experts.up.dims() != [e, d_out, r]
+        || routes.offsets.len() != e + 1
+        || routes.offsets[e] != routes.tokens.len()
+        || gates.dims() != [routes.tokens.len()]
+        || routes.tokens.iter().any(|&t| t as usize >= tokens)
+    {
+        candle_core::bail!(
+            "expert_mix: x {:?}, output {:?}, gates {:?}, down {:?}, up {:?} and {} assignments over {} experts do not fit",
+            x.shape(),
+            output.shape(),
+            gates.shape(),
+            experts.down.shape(),
+            experts.up.shape(),
+            routes.tokens.len(),
+            routes.offsets.len().saturating_sub(1)
+        );
+    }
+    let mut all = vec![x, output, gates, experts.down, experts.up];
+    all.extend(experts.down_bias);
+    all.extend(experts.up_bias);
+    if differentiable || !fused(&all) {
+        return composed(x, output, gates, experts, routes);
+    }
+    fused_forward(x, output, gates, experts, routes)
+}
+
+fn composed(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts, routes: &Routes) -> Result<Tensor> {
+    let dev = x.device();
+    let mut parts = Vec::new();
+    for e in 0..routes.offsets.len() - 1 {
+        let (from, to) = (routes.offsets[e], routes.offsets[e + 1]);
+        if from == to {
+            continue;
+        }
+        let rows = x.index_select(&Tensor::new(&routes.tokens[from..to], dev)?, 0)?;
+        let down_b = experts.down_bias.map(|b| b.get(e)).transpose()?;
+        let up_b = experts.up_bias.map(|b| b.get(e)).transpose()?;
+        let h = experts.activation.apply(&super::linear(&rows, &experts.down.get(e)?, down_b.as_ref())?)?;
+        let y = super::linear(&h, &experts.up.get(e)?, up_b.as_ref())?;
+        parts.push(y.broadcast_mul(&gates.narrow(0, from, to - from)?.unsqueeze(1)?)?);
+    }
+    if parts.is_empty() {
+        return Ok(output.clone());
+    }
+    output.index_add(&Tensor::new(routes.tokens, dev)?, &Tensor::cat(&parts, 0)?, 0)
+}
+
+fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts, routes: &Routes) -> Result<Tensor> {
+    let (tokens, d_in) = x.dims2()?;
+    let (e, r, _) = experts.down.dims3()?;
+    let d_out = output.dim(1)?;
+    let zeros = |n: usize| Tensor::zeros(n, x.dtype(), x.device());
+    let down_b = match experts.down_bias {
+        Some(b) => b.clone(),
+        None => zeros(e * r)?,
+    };
+    let up_b = match experts.up_bias {
+        Some(b) => b.clone(),
+        None => zeros(e * d_out)?,
+    };
+    let activation = experts.activation;
+    let tensors = [x, output, gates, experts.down, &down_b, experts.up, &up_b];
+    let out = super::with_values(tensors, "expert_mix", |[x, output, gates, down, down_b, up, up_b]| {
+        // Each token's row is written by its first assignment (output + gate · expert) and
+        // added to by later ones; rows no expert took are copied at the end. No pass over
+        // the output beyond the one that writes it.
+        // SAFETY: every row is written, by an assignment or by the final copy.
+        let mut out = unsafe { output_buffer(tokens * d_out) };
+        let written: Vec<AtomicBool> = (0..tokens).map(|_| AtomicBool::new(false)).collect();
+        let target = SharedMut(out.as_mut_ptr());
+        for ex in 0..e {
+            let (from, to) = (routes.offsets[ex], routes.offsets[ex + 1]);
+            let (dw, db) = (&down[ex * r * d_in..(ex + 1) * r * d_in], &down_b[ex * r..(ex + 1) * r]);
+            let (uw, ub) = (&up[ex * d_out * r..(ex + 1) * d_out * r], &up_b[ex * d_out..(ex + 1) * d_out]);
+            let assignments: Vec<usize> = (from..to).collect();
+            assignments.par_chunks(BLOCK).for_each(|block| {
+                let n = block.len();
+                // SAFETY: each is written in full below before it is read.
+                let (mut xs, mut mid, mut ys) = unsafe { (output_buffer(n * d_in), output_buffer(n * r), output_buffer(n * d_out)) };
+                for (i, &a) in block.iter().enumerate() {
+                    let t = routes.tokens[a] as usize;
+                    xs[i * d_in..(i + 1) * d_in].copy_from_slice(&x[t * d_in..(t + 1) * d_in]);
+                    mid[i * r..(i + 1) * r].copy_from_slice(db);
+                    ys[i * d_out..(i + 1) * d_out].copy_from_slice(ub);
+                }
+                // SAFETY: in-bounds views of the block's buffers and this expert's weights
+                // (row-major `[r, in]` and `[out, r]`, read transposed).
+                unsafe {
+                    gemm(
+                        n,
+                        r,
+                        d_in,
+                        SharedMut(mid.as_mut_ptr()),
+                        r as isize,
+                        Mat(xs.as_ptr(), d_in as isize, 1),
+                        Mat(dw.as_ptr(), 1, d_in as isize),
+                        1.0,
+                        true,
+                        1,
+                    );
+                }
+                activation.apply_in_place(&mut mid);
+                // SAFETY: as above.
+                unsafe {
+                    gemm(
+                        n,
+                        d_out,
+                        r,
+                        SharedMut(ys.as_mut_ptr()),
+                        d_out as isize,
+                        Mat(mid.as_ptr(), r as isize, 1),
+                        Mat(uw.as_ptr(), 1, r as isize),
+                        1.0,
+                        true,
+                        1,
+                    );
+                }
+                for (i, &a) in block.iter().enumerate() {
+                    let t = routes.tokens[a] as usize;
+                    let g = gates[a];
+                    // SAFETY: within one expert no token repeats, so blocks write disjoint rows;
+                    // experts run one after another.
+                    let row = unsafe { std::slice::from_raw_parts_mut(target.get().add(t * d_out), d_out) };
+                    let y = &ys[i * d_out..(i + 1) * d_out];
+                    if written[t].swap(true, Ordering::Relaxed) {
+                        row.iter_mut().zip(y).for_each(|(o, y)| *o += g * y);
+                    } else {
+                        row.iter_mut().zip(y).zip(&output[t * d_out..(t + 1) * d_out]).for_each(|((o, y), r)| *o = r + g * y);
+                    }
+                }
+            });
+        }
+        out.par_chunks_mut(d_out).zip(output.par_chunks(d_out)).zip(written.par_iter()).for_each(|((o, r), w)| {
+            if !w.load(Ordering::Relaxed) {
+                o.copy_from_slice(r);
+            }
+        });
+        out
+    })?;
+    Tensor::from_vec(out, (tokens, d_out), x.device())
+}
