@@ -80,6 +80,10 @@ pub fn run(root: &Path) -> Result<()> {
             "adapterhub_interop",
             "--test",
             "peft_interop",
+            "--test",
+            "mixed_rows",
+            "--test",
+            "mixture",
         ]
         .map(String::from)
         .to_vec(),

@@ -226,3 +226,46 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
     })?;
     Tensor::from_vec(out, (tokens, d_out), x.device())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fused inference pass equals the composed one: tokens in two experts, tokens in
+    /// none, every activation, with and without biases.
+    #[test]
+    fn fused_pass_equals_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, d_in, r, d_out, e) = (70, 24, 5, 16, 3);
+        let x = Tensor::randn(0f32, 1.0, (t, d_in), &dev)?;
+        let output = Tensor::randn(0f32, 1.0, (t, d_out), &dev)?;
+        let (down, up) = (Tensor::randn(0f32, 0.3, (e, r, d_in), &dev)?, Tensor::randn(0f32, 0.3, (e, d_out, r), &dev)?);
+        let (down_b, up_b) = (Tensor::randn(0f32, 0.3, (e, r), &dev)?, Tensor::randn(0f32, 0.3, (e, d_out), &dev)?);
+        // Expert 0: tokens 0..40; expert 1: none; expert 2: every third token (some twice routed).
+        let mut tokens: Vec<u32> = (0..40).collect();
+        let offsets = vec![0, 40, 40, 40 + (0..t as u32).step_by(3).count()];
+        tokens.extend((0..t as u32).step_by(3));
+        let gates = Tensor::rand(0f32, 1.0, tokens.len(), &dev)?;
+        let routes = Routes { tokens: &tokens, offsets: &offsets };
+        for activation in [ExpertActivation::Identity, ExpertActivation::Relu, ExpertActivation::Gelu, ExpertActivation::Silu, ExpertActivation::Tanh] {
+            for biased in [true, false] {
+                let experts = Experts {
+                    down: &down,
+                    down_bias: biased.then_some(&down_b),
+                    up: &up,
+                    up_bias: biased.then_some(&up_b),
+                    activation,
+                };
+                let fused = expert_mix(&x, &output, &gates, &experts, &routes, false)?;
+                let composed = expert_mix(&x, &output, &gates, &experts, &routes, true)?;
+                let diff = (fused - composed)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{activation:?} biased={biased}: {diff}");
+            }
+        }
+        let bad = Routes { tokens: &tokens, offsets: &[0, 40, 40] };
+        let err = expert_mix(&x, &output, &gates, &Experts { down: &down, down_bias: None, up: &up, up_bias: None, activation: ExpertActivation::Relu }, &bad, false);
+        assert!(err.unwrap_err().to_string().contains("do not fit"));
+        Ok(())
+    }
+}
