@@ -13,18 +13,26 @@ use std::path::Path;
 const RUNS: &str = "runs/moe-study";
 const MOE: &str = "examples/moe_multitask.toml";
 const TASKS: &[&str] = &["sms_spam", "trec_coarse", "rotten_tomatoes"];
-/// (run, config, overrides, what it is).
-const ARMS: &[(&str, &str, &[&str], &str)] = &[
-    ("shared", "examples/shared_multitask.toml", &[], "one Pfeiffer adapter (r = 24) shared by the three tasks"),
-    ("per_task", "examples/per_task_multitask.toml", &[], "one Pfeiffer adapter (r = 24) per task"),
-    ("moe_token", MOE, &[], "mixture, token routing, balance loss 0.01"),
-    ("moe_no_balance", MOE, &["adapters.moe.balance_loss=0.0"], "mixture, token routing, no balance loss"),
-    ("moe_sequence", MOE, &["adapters.moe.routing=\"sequence\""], "mixture, sequence routing, balance loss 0.01"),
+/// (run, config, overrides, what it is, adapter parameters a token uses per layer).
+const ARMS: &[(&str, &str, &[&str], &str, &str)] = &[
+    ("shared", "examples/shared_multitask.toml", &[], "one Pfeiffer adapter (r = 24) shared by the three tasks", "18,840"),
+    ("per_task", "examples/per_task_multitask.toml", &[], "one Pfeiffer adapter (r = 24) per task", "18,840"),
+    ("moe_token", MOE, &[], "mixture, top-1 token routing, balance loss 0.01", "18,836"),
+    (
+        "moe_top2",
+        MOE,
+        &["adapters.moe.top_k=2", "adapters.moe.reduction_factor=42.0"],
+        "mixture, top-2 token routing (experts of r = 9), balance loss 0.01",
+        "17,682",
+    ),
+    ("moe_no_balance", MOE, &["adapters.moe.balance_loss=0.0"], "mixture, top-1 token routing, no balance loss", "18,836"),
+    ("moe_sequence", MOE, &["adapters.moe.routing=\"sequence\""], "mixture, top-1 sequence routing, balance loss 0.01", "18,836"),
     (
         "adamix",
         MOE,
         &["adapters.moe.router=\"random\"", "adapters.moe.shared_init=true"],
         "AdaMix: random routing from one initialisation (inference: the experts' outputs averaged)",
+        "15,764 merged",
     ),
 ];
 const PICTURE: &str = "docs/moe_routing.svg";
@@ -36,7 +44,7 @@ pub fn run(root: &Path) -> Result<()> {
     crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
     let cli = root.join("target/release/adapters");
     let cli = cli.to_str().context("a UTF-8 path")?;
-    for (name, config, sets, _) in ARMS {
+    for (name, config, sets, _, _) in ARMS {
         let out = format!("{RUNS}/{name}");
         if root.join(&out).join("summary.json").exists() {
             continue;
@@ -126,7 +134,7 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
     )?;
     writeln!(md, "| arm | {} | mean | adapter parameters stored | per token per layer |", TASKS.join(" | "))?;
     writeln!(md, "|---|{}---|---|---|", "---|".repeat(TASKS.len()))?;
-    for (name, _, _, what) in ARMS {
+    for (name, _, _, what, per_token) in ARMS {
         let Some(s) = summary(root, name) else {
             writeln!(md, "| {what} | not run |")?;
             continue;
@@ -134,11 +142,6 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
         let accs: Vec<f64> = TASKS.iter().map(|t| pct(&s["tasks"][t]["test"]["accuracy"])).collect();
         let mean = accs.iter().sum::<f64>() / accs.len() as f64;
         let stored = s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(3850);
-        let per_token = match *name {
-            "shared" | "per_task" => "18,840",
-            "adamix" => "15,764 (merged)",
-            _ => "18,836",
-        };
         let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
         writeln!(md, "| {what} | {} | **{mean:.2}** | {stored} | {per_token} |", cells.join(" | "))?;
     }
@@ -149,7 +152,7 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
 
 /// Per layer: normalised expert-usage entropy and task-expert mutual information on dev.
 fn routing(root: &Path, md: &mut String) -> Result<()> {
-    let arms = ["moe_token", "moe_no_balance", "moe_sequence"];
+    let arms = ["moe_token", "moe_top2", "moe_no_balance", "moe_sequence"];
     writeln!(
         md,
         "\nRouting on the dev sets with the kept weights (from each run's `summary.json`): normalised entropy of expert use \

@@ -124,6 +124,20 @@ pub fn mutual_information(joint: &[Vec<f64>]) -> f64 {
     mi
 }
 
+/// Each auxiliary loss's mean over the training steps of the metrics log (balance and
+/// z-losses of routers, fusion regularisation), by name.
+pub fn mean_aux_losses(metrics: &Path) -> Result<BTreeMap<String, f64>> {
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for r in MetricsLog::read(metrics)? {
+        for (name, v) in r.get("aux_losses").and_then(Value::as_object).into_iter().flatten() {
+            let entry = sums.entry(name.clone()).or_default();
+            entry.0 += v.as_f64().unwrap_or(0.0);
+            entry.1 += 1;
+        }
+    }
+    Ok(sums.into_iter().map(|(k, (sum, n))| (k, sum / n as f64)).collect())
+}
+
 /// Draws each routed point's expert shares over training (running mean of 25 steps),
 /// one panel per point, from the `routing` fields of the metrics log. Writes nothing and
 /// returns `false` when no step routed.

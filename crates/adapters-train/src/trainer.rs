@@ -65,6 +65,10 @@ pub struct Summary {
     /// point: expert shares, usage entropy, per-task shares, task-expert information).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routing: Option<serde_json::Value>,
+    /// Each auxiliary loss adapters reported (router balance and z-losses, fusion
+    /// regularisation), averaged over the training steps.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub aux_losses: BTreeMap<String, f64>,
 }
 
 /// One task's metrics.
@@ -386,6 +390,7 @@ impl Trainer {
                 result.test = test.get(name).cloned().unwrap_or_default();
                 result.dev = dev.get(name).cloned().unwrap_or_default();
             }
+            summary.aux_losses = routing_report::mean_aux_losses(&out.join(report::METRICS_FILE))?;
             self.save_outputs()?;
             io::write_atomic(&out.join(report::SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
             report::plot(&out.join(report::METRICS_FILE), &out.join(report::PLOT_FILE))?;
@@ -738,6 +743,7 @@ impl Trainer {
             stopped_early: state.stopped_early,
             output: self.config.output.dir.clone(),
             routing: None,
+            aux_losses: BTreeMap::new(),
         }
     }
 

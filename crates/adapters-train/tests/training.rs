@@ -573,6 +573,7 @@ fn a_shared_mixture_logs_its_routing_and_resumes_exactly() {
             assert!((0.0..=1.0).contains(&point["entropy"].as_f64().unwrap()));
         }
     }
+    assert!(summary.aux_losses["load_balance"] > 0.0 && summary.aux_losses["router_z"] > 0.0);
     let routing = summary.routing.expect("routing in the summary");
     let point = &routing["points"]["moe_bn layer 5 ffn_output"];
     assert_eq!(point["per_task_share"].as_object().unwrap().keys().collect::<Vec<_>>(), ["sms", "trec"]);

@@ -248,15 +248,12 @@ mod tests {
         tokens.extend((0..t as u32).step_by(3));
         let gates = Tensor::rand(0f32, 1.0, tokens.len(), &dev)?;
         let routes = Routes { tokens: &tokens, offsets: &offsets };
-        for activation in [ExpertActivation::Identity, ExpertActivation::Relu, ExpertActivation::Gelu, ExpertActivation::Silu, ExpertActivation::Tanh] {
+        for activation in
+            [ExpertActivation::Identity, ExpertActivation::Relu, ExpertActivation::Gelu, ExpertActivation::Silu, ExpertActivation::Tanh]
+        {
             for biased in [true, false] {
-                let experts = Experts {
-                    down: &down,
-                    down_bias: biased.then_some(&down_b),
-                    up: &up,
-                    up_bias: biased.then_some(&up_b),
-                    activation,
-                };
+                let experts =
+                    Experts { down: &down, down_bias: biased.then_some(&down_b), up: &up, up_bias: biased.then_some(&up_b), activation };
                 let fused = expert_mix(&x, &output, &gates, &experts, &routes, false)?;
                 let composed = expert_mix(&x, &output, &gates, &experts, &routes, true)?;
                 let diff = (fused - composed)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
@@ -264,7 +261,14 @@ mod tests {
             }
         }
         let bad = Routes { tokens: &tokens, offsets: &[0, 40, 40] };
-        let err = expert_mix(&x, &output, &gates, &Experts { down: &down, down_bias: None, up: &up, up_bias: None, activation: ExpertActivation::Relu }, &bad, false);
+        let err = expert_mix(
+            &x,
+            &output,
+            &gates,
+            &Experts { down: &down, down_bias: None, up: &up, up_bias: None, activation: ExpertActivation::Relu },
+            &bad,
+            false,
+        );
         assert!(err.unwrap_err().to_string().contains("do not fit"));
         Ok(())
     }
