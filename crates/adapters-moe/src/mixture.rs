@@ -211,8 +211,8 @@ impl Mixture {
             Granularity::Task => {
                 let ids = self.unit_tasks(units, ctx)?.ok_or_else(|| {
                     candle_core::Error::Msg(format!(
-                        "{}: task routing needs task ids in the forward context (train it in a multi-task run; \
-                         give --task when predicting)",
+                        "{}: task routing needs task ids in the forward context (a multi-task run has them; \
+                         `adapters route --task-id N` gives one)",
                         self.kind.name()
                     ))
                 })?;
@@ -237,17 +237,22 @@ impl Mixture {
         })
     }
 
+    /// The non-linearity between an expert's two products.
+    fn activation(&self) -> kernels::ExpertActivation {
+        match (self.kind, self.config.non_linearity) {
+            (ExpertKind::Lora, _) => kernels::ExpertActivation::Identity,
+            (_, Some(Activation::Gelu)) => kernels::ExpertActivation::Gelu,
+            (_, Some(Activation::Silu)) => kernels::ExpertActivation::Silu,
+            (_, Some(Activation::Tanh)) => kernels::ExpertActivation::Tanh,
+            (_, _) => kernels::ExpertActivation::Relu,
+        }
+    }
+
     /// One expert on the rows of `x` (`[n, in]` → `[n, out]`).
     fn expert(&self, expert: &Expert, scale: f64, x: &Tensor) -> Result<Tensor> {
         match expert {
             Expert::Bottleneck { down_w, down_b, up_w, up_b } => {
-                let h = kernels::linear(x, down_w.as_tensor(), Some(down_b.as_tensor()))?;
-                let h = match self.config.non_linearity.expect("parse fills it") {
-                    Activation::Relu => h.relu()?,
-                    Activation::Gelu => kernels::gelu_erf(&h)?,
-                    Activation::Silu => h.silu()?,
-                    Activation::Tanh => h.tanh()?,
-                };
+                let h = self.activation().apply(&kernels::linear(x, down_w.as_tensor(), Some(down_b.as_tensor()))?)?;
                 kernels::linear(&h, up_w.as_tensor(), Some(up_b.as_tensor()))
             }
             Expert::Lora { a, b } => kernels::linear(&(kernels::linear(x, a.as_tensor(), None)? * scale)?, b.as_tensor(), None),
@@ -296,22 +301,18 @@ impl Mixture {
         }
         let gates = plan.gates.pick(&gate_at, dev)?;
         let stack = |i: usize| Tensor::stack(&site.experts.iter().map(|e| e.vars()[i].as_tensor().clone()).collect::<Vec<_>>(), 0);
-        let (experts, gates) = match self.kind {
-            ExpertKind::Bottleneck => {
-                let (down, down_b, up, up_b) = (stack(0)?, stack(1)?, stack(2)?, stack(3)?);
-                let activation = match self.config.non_linearity.expect("parse fills it") {
-                    Activation::Relu => kernels::ExpertActivation::Relu,
-                    Activation::Gelu => kernels::ExpertActivation::Gelu,
-                    Activation::Silu => kernels::ExpertActivation::Silu,
-                    Activation::Tanh => kernels::ExpertActivation::Tanh,
-                };
-                ((down, Some(down_b), up, Some(up_b), activation), gates)
-            }
+        let ((down, down_bias, up, up_bias), gates) = match self.kind {
+            ExpertKind::Bottleneck => ((stack(0)?, Some(stack(1)?), stack(2)?, Some(stack(3)?)), gates),
             // LoRA's scale is linear: it goes into the gates.
-            ExpertKind::Lora => ((stack(0)?, None, stack(1)?, None, kernels::ExpertActivation::Identity), (gates * site.scale)?),
+            ExpertKind::Lora => ((stack(0)?, None, stack(1)?, None), (gates * site.scale)?),
         };
-        let (down, down_bias, up, up_bias, activation) = &experts;
-        let experts = kernels::Experts { down, down_bias: down_bias.as_ref(), up, up_bias: up_bias.as_ref(), activation: *activation };
+        let experts = kernels::Experts {
+            down: &down,
+            down_bias: down_bias.as_ref(),
+            up: &up,
+            up_bias: up_bias.as_ref(),
+            activation: self.activation(),
+        };
         let routes = kernels::Routes { tokens: &tokens, offsets: &offsets };
         kernels::expert_mix(x, out, &gates, &experts, &routes, ctx.train || !ctx.no_grad)
     }

@@ -28,7 +28,8 @@ pub enum ExpertActivation {
 }
 
 impl ExpertActivation {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    /// The activation of every value of `x`.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             ExpertActivation::Identity => Ok(x.clone()),
             ExpertActivation::Relu => x.relu(),
