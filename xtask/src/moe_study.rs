@@ -176,16 +176,20 @@ fn findings(root: &Path, md: &mut String) -> Result<()> {
     let (smi_lo, smi_hi) = routing_range(sequence, "task_expert_mi_bits");
     writeln!(
         md,
-        "\nFindings (one seed, so differences of a point or less are within what a seed changes on these test sets). The \
+        "\nFindings (one seed each: a second seed would show how much of a difference under a point is the seed's). The \
          mixture {verdict} the shared Pfeiffer adapter's mean at the same parameters per token: top-1 {t1:.2} and top-2 \
-         {t2:.2} against {bar:.2} ({:+.2} and {:+.2} points); every arm was still improving at the end of the budget (best \
-         dev step 450 or 600). With the balance loss the experts are used evenly (normalised entropy at least {e_lo:.3} \
+         {t2:.2} against {bar:.2} ({:+.2} and {:+.2} points); the best dev steps (of {}) were {}, {} and {} (shared, top-1, top-2). \
+         With the balance loss the experts are used evenly (normalised entropy at least {e_lo:.3} \
          (top-1) and {e2_lo:.3} (top-2) in every layer); without it routing collapses onto a few experts (entropy \
          {f_lo:.3}-{f_hi:.3}). Routing depends on the input: token routing carries {mi_lo:.3}-{mi_hi:.3} bits of information \
          about the task, rising with depth, and sequence routing, which sends whole sentences, {smi_lo:.3}-{smi_hi:.3} bits \
          (it separates the tasks far more, at {:.2} mean accuracy: one expert per sentence is less capacity per token).",
         t1 - bar,
         t2 - bar,
+        shared["steps"],
+        shared["best_step"],
+        token["best_step"],
+        top2["best_step"],
         mean_accuracy(sequence)
     )?;
     Ok(())
