@@ -35,6 +35,9 @@ const ARMS: &[(&str, &str, &[&str], &str, &str)] = &[
         "15,764 merged (the mixture: all 8)",
     ),
 ];
+/// Arms run again with other seeds (as `ARM-sSEED`), to see how much a seed moves them.
+const RESEEDED: &[&str] = &["shared", "moe_token"];
+const SEEDS: &[u64] = &[2];
 const PICTURE: &str = "docs/moe_routing.svg";
 const BEGIN: &str = "<!-- moe-study: written by `cargo xtask moe-study` -->";
 const END: &str = "<!-- /moe-study -->";
@@ -44,15 +47,21 @@ pub fn run(root: &Path) -> Result<()> {
     crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
     let cli = root.join("target/release/adapters");
     let cli = cli.to_str().context("a UTF-8 path")?;
-    for (name, config, sets, _, _) in ARMS {
+    let runs = ARMS.iter().map(|(name, config, sets, _, _)| (name.to_string(), *config, sets.to_vec(), None)).chain(
+        RESEEDED.iter().flat_map(|arm| {
+            let (_, config, sets, _, _) = ARMS.iter().find(|a| a.0 == *arm).expect("a reseeded arm is an arm");
+            SEEDS.iter().map(move |seed| (format!("{arm}-s{seed}"), *config, sets.to_vec(), Some(*seed)))
+        }),
+    );
+    for (name, config, sets, seed) in runs {
         let out = format!("{RUNS}/{name}");
         if root.join(&out).join("summary.json").exists() {
             continue;
         }
         let _ = std::fs::remove_dir_all(root.join(&out));
         let mut args = vec!["train".to_string(), config.to_string(), "--set".into(), format!("output.dir=\"{out}\"")];
-        for s in *sets {
-            args.extend(["--set".to_string(), s.to_string()]);
+        for s in sets.iter().map(|s| s.to_string()).chain(seed.map(|s| format!("training.seed={s}"))) {
+            args.extend(["--set".to_string(), s]);
         }
         crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
@@ -162,12 +171,48 @@ fn routing_range(s: &serde_json::Value, field: &str) -> (f64, f64) {
     values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
 }
 
+/// An arm's mean test accuracy averaged over the seeds it ran with, and how many.
+fn seed_mean(root: &Path, arm: &str) -> (f64, usize) {
+    let means: Vec<f64> = std::iter::once(arm.to_string())
+        .chain(SEEDS.iter().map(|s| format!("{arm}-s{s}")))
+        .filter_map(|run| summary(root, &run))
+        .map(|s| mean_accuracy(&s))
+        .collect();
+    (means.iter().sum::<f64>() / means.len().max(1) as f64, means.len())
+}
+
+/// The reseeded arms: each seed's mean accuracy.
+fn seeds(root: &Path, md: &mut String) -> Result<()> {
+    let rows: Vec<(&str, Vec<(u64, f64)>)> = RESEEDED
+        .iter()
+        .map(|arm| {
+            let first = summary(root, arm).map(|s| (42, mean_accuracy(&s)));
+            let others = SEEDS.iter().filter_map(|seed| summary(root, &format!("{arm}-s{seed}")).map(|s| (*seed, mean_accuracy(&s))));
+            (*arm, first.into_iter().chain(others).collect())
+        })
+        .collect();
+    if rows.iter().all(|(_, seeds)| seeds.len() < 2) {
+        return Ok(());
+    }
+    writeln!(md, "\nMean test accuracy by seed (the same runs with `training.seed` changed: initialisation, data order, dropout):\n")?;
+    writeln!(md, "| arm | {} | mean over seeds |", rows[0].1.iter().map(|(s, _)| format!("seed {s}")).collect::<Vec<_>>().join(" | "))?;
+    writeln!(md, "|---|{}---|", "---|".repeat(rows[0].1.len()))?;
+    for (arm, seeds) in &rows {
+        let cells: Vec<String> = seeds.iter().map(|(_, a)| format!("{a:.2}")).collect();
+        writeln!(md, "| {arm} | {} | {:.2} |", cells.join(" | "), seeds.iter().map(|(_, a)| a).sum::<f64>() / seeds.len() as f64)?;
+    }
+    Ok(())
+}
+
 /// What the tables say, computed from them.
 fn findings(root: &Path, md: &mut String) -> Result<()> {
     let arms: Vec<Option<serde_json::Value>> =
         ["shared", "moe_token", "moe_top2", "moe_no_balance", "moe_sequence"].iter().map(|a| summary(root, a)).collect();
     let [Some(shared), Some(token), Some(top2), Some(free), Some(sequence)] = arms.as_slice() else { return Ok(()) };
-    let (bar, t1, t2) = (mean_accuracy(shared), mean_accuracy(token), mean_accuracy(top2));
+    seeds(root, md)?;
+    let (bar, seeds_shared) = seed_mean(root, "shared");
+    let (t1, seeds_token) = seed_mean(root, "moe_token");
+    let t2 = mean_accuracy(top2);
     let verdict = if t1.max(t2) >= bar { "reaches" } else { "does not reach" };
     let (e_lo, _) = routing_range(token, "entropy");
     let (e2_lo, _) = routing_range(top2, "entropy");
@@ -176,8 +221,8 @@ fn findings(root: &Path, md: &mut String) -> Result<()> {
     let (smi_lo, smi_hi) = routing_range(sequence, "task_expert_mi_bits");
     writeln!(
         md,
-        "\nFindings (one seed each: a second seed would show how much of a difference under a point is the seed's). The \
-         mixture {verdict} the shared Pfeiffer adapter's mean at the same parameters per token: top-1 {t1:.2} and top-2 \
+        "\nFindings (the shared adapter and the top-1 mixture: means over {seeds_shared} and {seeds_token} seeds; the other \
+         arms one seed). The mixture {verdict} the shared Pfeiffer adapter's mean at the same parameters per token: top-1 {t1:.2} and top-2 \
          {t2:.2} against {bar:.2} ({:+.2} and {:+.2} points); the best dev steps (of {}) were {}, {} and {} (shared, top-1, top-2). \
          With the balance loss the experts are used evenly (normalised entropy at least {e_lo:.3} \
          (top-1) and {e2_lo:.3} (top-2) in every layer); without it routing collapses onto a few experts (entropy \
