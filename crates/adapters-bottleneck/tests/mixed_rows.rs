@@ -15,12 +15,15 @@ fn model(name: &str) -> Backbone {
     load(&fetched(name).unwrap(), &Device::Cpu).unwrap().backbone
 }
 
-/// An adapter of `kind` with every weight random (nothing starts at zero), drawn from `seed`.
+/// An adapter of `kind` with every weight random (nothing starts at zero), drawn from
+/// `seed` (the library's seeded generator: candle's own cannot be seeded, and a test must
+/// see the same weights on every run).
 fn adapter(m: &Backbone, kind: &str, config: &serde_json::Value, seed: u64) -> Box<dyn Adapter> {
     let a = registry::build(kind, config, &Placement::default(), &m.model_info(), &Device::Cpu, seed).unwrap();
+    let mut init = adapters_core::Init::new(seed + 1000);
     for (_, v) in a.vars() {
         let t = v.as_tensor();
-        let noise = Tensor::randn(0f32, 0.05, t.shape(), &Device::Cpu).unwrap();
+        let noise = init.normal(t.shape(), 0.05, &Device::Cpu).unwrap();
         v.set(&(t + noise).unwrap()).unwrap();
     }
     a
@@ -92,7 +95,14 @@ fn every_row_equals_its_own_adapter_alone() {
             m.adapters_mut().activate(&names).unwrap();
             let alone = hidden(&m, &ctx);
             let d = max_diff(&mixed.get(row).unwrap(), &alone.get(row).unwrap());
-            assert!(d < 1e-4, "{model_name} {kind} {config}: row {row} ({stack:?}) differs from its adapter alone by {d}");
+            // Relative to the row's largest value: SmolLM2's residual stream reaches the
+            // hundreds, where f32 products blocked differently differ by more than 1e-4.
+            // (Over six weight draws the largest relative difference was 3.3e-6.)
+            let scale = alone.get(row).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(
+                d <= 1e-5 * scale,
+                "{model_name} {kind} {config}: row {row} ({stack:?}) differs from its adapter alone by {d} (largest value {scale})"
+            );
         }
     }
 }
@@ -124,6 +134,8 @@ fn each_adapter_gets_the_gradient_of_its_own_rows() {
                 let (g, want) = (grads.get(&v).expect("a gradient in the mixed batch"), alone.get(&v).unwrap());
                 let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
                 let d = max_diff(g, want) / scale;
+                // Over six weight draws the largest was 1.2e-4 (a scalar gate bias: a sum over
+                // every token, with cancellation).
                 assert!(d < 1e-3, "{kind}: {name}'s {var}: relative gradient difference {d}");
             }
         }

@@ -581,8 +581,9 @@ fn mixture_folder(dir: &Path) -> PathBuf {
     let info = model.backbone.model_info();
     let placement = adapters_core::Placement::default();
     let moe = adapters_core::registry::build("moe_bn", &json!({"experts": 4}), &placement, &info, &candle_core::Device::Cpu, 3).unwrap();
+    let mut init = adapters_core::Init::new(4);
     for (_, v) in moe.vars() {
-        v.set(&v.as_tensor().randn_like(0.0, 0.05).unwrap()).unwrap();
+        v.set(&init.normal(v.shape(), 0.05, &candle_core::Device::Cpu).unwrap()).unwrap();
     }
     let out = dir.join("moe");
     adapters_core::io::save(&out, "moe", moe.as_ref(), &placement, &model.backbone.fingerprint().unwrap()).unwrap();
