@@ -171,38 +171,9 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
                     mid[i * r..(i + 1) * r].copy_from_slice(db);
                     ys[i * d_out..(i + 1) * d_out].copy_from_slice(ub);
                 }
-                // SAFETY: in-bounds views of the block's buffers and this expert's weights
-                // (row-major `[r, in]` and `[out, r]`, read transposed).
-                unsafe {
-                    gemm(
-                        n,
-                        r,
-                        d_in,
-                        SharedMut(mid.as_mut_ptr()),
-                        r as isize,
-                        Mat(xs.as_ptr(), d_in as isize, 1),
-                        Mat(dw.as_ptr(), 1, d_in as isize),
-                        1.0,
-                        true,
-                        1,
-                    );
-                }
+                block_product(n, r, d_in, &mut mid, &xs, dw);
                 activation.apply_in_place(&mut mid);
-                // SAFETY: as above.
-                unsafe {
-                    gemm(
-                        n,
-                        d_out,
-                        r,
-                        SharedMut(ys.as_mut_ptr()),
-                        d_out as isize,
-                        Mat(mid.as_ptr(), r as isize, 1),
-                        Mat(uw.as_ptr(), 1, r as isize),
-                        1.0,
-                        true,
-                        1,
-                    );
-                }
+                block_product(n, d_out, r, &mut ys, &mid, uw);
                 for (i, &a) in block.iter().enumerate() {
                     let t = routes.tokens[a] as usize;
                     let g = gates[a];
@@ -226,6 +197,27 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
         out
     })?;
     Tensor::from_vec(out, (tokens, d_out), x.device())
+}
+
+/// `dst += lhs · wᵀ` for row-major `lhs` `[m, k]`, `w` `[n, k]` and `dst` `[m, n]`, on
+/// the calling thread.
+fn block_product(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], w: &[f32]) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && w.len() >= n * k, "block_product: buffers too small");
+    // SAFETY: the views stay inside the buffers (checked above) and `dst` aliases neither.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            SharedMut(dst.as_mut_ptr()),
+            n as isize,
+            Mat(lhs.as_ptr(), k as isize, 1),
+            Mat(w.as_ptr(), 1, k as isize),
+            1.0,
+            true,
+            1,
+        )
+    }
 }
 
 #[cfg(test)]
