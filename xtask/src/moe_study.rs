@@ -19,6 +19,13 @@ const ARMS: &[(&str, &str, &[&str], &str, &str)] = &[
     ("per_task", "examples/per_task_multitask.toml", &[], "one Pfeiffer adapter (r = 24) per task", "18,840"),
     ("moe_token", MOE, &[], "mixture, top-1 token routing, balance loss 0.01", "18,836"),
     (
+        "moe_st",
+        MOE,
+        &["adapters.moe.gate=\"straight_through\""],
+        "mixture, top-1 token routing, straight-through gate, balance loss 0.01",
+        "18,836",
+    ),
+    (
         "moe_top2",
         MOE,
         &["adapters.moe.top_k=2", "adapters.moe.reduction_factor=42.0"],
@@ -36,8 +43,8 @@ const ARMS: &[(&str, &str, &[&str], &str, &str)] = &[
     ),
 ];
 /// Arms run again with other seeds (as `ARM-sSEED`), to see how much a seed moves them.
-const RESEEDED: &[&str] = &["shared", "moe_token"];
-const SEEDS: &[u64] = &[2];
+const RESEEDED: &[&str] = &["shared", "moe_token", "moe_st"];
+const SEEDS: &[u64] = &[2, 3];
 const PICTURE: &str = "docs/moe_routing.svg";
 const BEGIN: &str = "<!-- moe-study: written by `cargo xtask moe-study` -->";
 const END: &str = "<!-- /moe-study -->";
@@ -207,32 +214,40 @@ fn seeds(root: &Path, md: &mut String) -> Result<()> {
 /// What the tables say, computed from them.
 fn findings(root: &Path, md: &mut String) -> Result<()> {
     let arms: Vec<Option<serde_json::Value>> =
-        ["shared", "moe_token", "moe_top2", "moe_no_balance", "moe_sequence"].iter().map(|a| summary(root, a)).collect();
-    let [Some(shared), Some(token), Some(top2), Some(free), Some(sequence)] = arms.as_slice() else { return Ok(()) };
+        ["shared", "moe_token", "moe_st", "moe_top2", "moe_no_balance", "moe_sequence"].iter().map(|a| summary(root, a)).collect();
+    let [Some(shared), Some(token), Some(st), Some(top2), Some(free), Some(sequence)] = arms.as_slice() else { return Ok(()) };
     seeds(root, md)?;
     let (bar, seeds_shared) = seed_mean(root, "shared");
     let (t1, seeds_token) = seed_mean(root, "moe_token");
+    let (t1_st, seeds_st) = seed_mean(root, "moe_st");
     let t2 = mean_accuracy(top2);
-    let verdict = if t1.max(t2) >= bar { "reaches" } else { "does not reach" };
+    let verdict = if t1.max(t1_st).max(t2) >= bar { "reaches" } else { "does not reach" };
     let (e_lo, _) = routing_range(token, "entropy");
+    let (st_lo, _) = routing_range(st, "entropy");
     let (e2_lo, _) = routing_range(top2, "entropy");
     let (f_lo, f_hi) = routing_range(free, "entropy");
-    let (mi_lo, mi_hi) = routing_range(token, "task_expert_mi_bits");
+    let (mi_lo, mi_hi) = routing_range(st, "task_expert_mi_bits");
     let (smi_lo, smi_hi) = routing_range(sequence, "task_expert_mi_bits");
     writeln!(
         md,
-        "\nFindings (the shared adapter and the top-1 mixture: means over {seeds_shared} and {seeds_token} seeds; the other \
-         arms one seed). The mixture {verdict} the shared Pfeiffer adapter's mean at the same parameters per token: top-1 {t1:.2} and top-2 \
-         {t2:.2} against {bar:.2} ({:+.2} and {:+.2} points); the best dev steps (of {}) were {}, {} and {} (shared, top-1, top-2). \
-         With the balance loss the experts are used evenly (normalised entropy at least {e_lo:.3} \
-         (top-1) and {e2_lo:.3} (top-2) in every layer); without it routing collapses onto a few experts (entropy \
-         {f_lo:.3}-{f_hi:.3}). Routing depends on the input: token routing carries {mi_lo:.3}-{mi_hi:.3} bits of information \
-         about the task, rising with depth, and sequence routing, which sends whole sentences, {smi_lo:.3}-{smi_hi:.3} bits \
+        "\nFindings (the shared adapter and the top-1 mixtures: means over {seeds_shared}, {seeds_token} (Switch gate) and \
+         {seeds_st} (straight-through gate) seeds; the other arms one seed). The mixture {verdict} the shared Pfeiffer adapter's \
+         mean at the same parameters per token: top-1 with the straight-through gate {t1_st:.2}, top-1 with Switch's gate \
+         {t1:.2} and top-2 {t2:.2} against {bar:.2} ({:+.2}, {:+.2} and {:+.2} points); the best dev steps (of {}) were {}, {}, \
+         {} and {} (shared, straight-through, Switch, top-2). Switch's gate multiplies the chosen expert's output by its router \
+         probability (1/8 for a router that has not yet learned a preference, and the balance loss rewards even use); the \
+         straight-through gate adds the output at full weight and trains the router with the same gradient. With the \
+         balance loss the experts are used evenly (normalised entropy at least {st_lo:.3} (straight-through), {e_lo:.3} \
+         (Switch) and {e2_lo:.3} (top-2) in every layer); without it routing collapses onto a few experts (entropy \
+         {f_lo:.3}-{f_hi:.3}). Routing depends on the input: token routing (straight-through) carries {mi_lo:.3}-{mi_hi:.3} \
+         bits of information about the task, and sequence routing, which sends whole sentences, {smi_lo:.3}-{smi_hi:.3} bits \
          (it separates the tasks far more, at {:.2} mean accuracy: one expert per sentence is less capacity per token).",
+        t1_st - bar,
         t1 - bar,
         t2 - bar,
         shared["steps"],
         shared["best_step"],
+        st["best_step"],
         token["best_step"],
         top2["best_step"],
         mean_accuracy(sequence)
@@ -242,7 +257,7 @@ fn findings(root: &Path, md: &mut String) -> Result<()> {
 
 /// Per layer: normalised expert-usage entropy and task-expert mutual information on dev.
 fn routing(root: &Path, md: &mut String) -> Result<()> {
-    let arms = ["moe_token", "moe_top2", "moe_no_balance", "moe_sequence"];
+    let arms = ["moe_st", "moe_token", "moe_top2", "moe_no_balance", "moe_sequence"];
     writeln!(
         md,
         "\nRouting on the dev sets with the kept weights (from each run's `summary.json`): normalised entropy of expert use \

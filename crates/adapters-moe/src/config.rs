@@ -33,6 +33,20 @@ pub enum RouterKind {
     Random,
 }
 
+/// What a top-1 unit's chosen expert output is multiplied by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gate {
+    /// The router probability (Switch Transformer); for top-k > 1, renormalised over the
+    /// chosen experts.
+    Probability,
+    /// Top-1 only: 1 in the forward pass, with the router probability's gradient in the
+    /// backward pass (`1 + p − stop_gradient(p)`). The expert's output is not scaled down
+    /// by a router that is still near uniform (p ≈ 1/N early in training, and kept there
+    /// by the balance loss), while the router still learns from the gate.
+    StraightThrough,
+}
+
 /// How the chosen experts are computed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -90,6 +104,9 @@ pub struct MoeConfig {
     /// `linear`, `noisy` or `random` (see [`RouterKind`]).
     #[serde(default = "default_router")]
     pub router: RouterKind,
+    /// `probability` or `straight_through` (see [`Gate`]).
+    #[serde(default = "default_gate")]
+    pub gate: Gate,
     /// Standard deviation of the `noisy` router's logit noise.
     #[serde(default = "one_f")]
     pub noise_std: f64,
@@ -130,6 +147,9 @@ fn default_routing() -> Granularity {
 }
 fn default_router() -> RouterKind {
     RouterKind::Linear
+}
+fn default_gate() -> Gate {
+    Gate::Probability
 }
 fn default_balance() -> f64 {
     0.01
@@ -211,6 +231,11 @@ impl MoeConfig {
         if c.router == RouterKind::Random && (c.top_k != 1 || c.skip_expert || c.routing == Granularity::Task) {
             return Err(bad("the `random` router (AdaMix) sends each unit to one expert: it needs `top_k = 1`, no `skip_expert` \
                  and token or sequence routing"
+                .into()));
+        }
+        if c.gate == Gate::StraightThrough && (c.top_k != 1 || c.router == RouterKind::Random) {
+            return Err(bad("`gate = \"straight_through\"` passes one learned router choice at full weight: it needs `top_k = 1` \
+                 and a `linear` or `noisy` router"
                 .into()));
         }
         if !(c.noise_std.is_finite() && c.noise_std >= 0.0) {

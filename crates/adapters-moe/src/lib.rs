@@ -14,7 +14,7 @@ pub mod merge;
 pub mod mixture;
 pub mod router;
 
-pub use config::{Dispatch, ExpertKind, Granularity, MoeConfig, RouterKind};
+pub use config::{Dispatch, ExpertKind, Gate, Granularity, MoeConfig, RouterKind};
 pub use mixture::{Mixture, PlainForm};
 
 use adapters_core::{AdapterKind, BuildArgs, ConfigField};
@@ -37,6 +37,7 @@ macro_rules! routing_fields {
             ConfigField { name: "routing", ty: "token|sequence|task", default: "token", doc: "what is routed: each token, each sequence (its mean), or each task id" },
             ConfigField { name: "tasks", ty: "integer", default: "0", doc: "task ids the router knows (task routing)" },
             ConfigField { name: "router", ty: "linear|noisy|random", default: "linear", doc: "softmax top-k; with seeded logit noise in training; random = AdaMix (uniform in training, all experts averaged in inference)" },
+            ConfigField { name: "gate", ty: "probability|straight_through", default: "probability", doc: "top-1 expert output times the router probability (Switch), or times 1 with the probability's gradient" },
             ConfigField { name: "noise_std", ty: "number", default: "1.0", doc: "noisy router: std of the logit noise" },
             ConfigField { name: "balance_loss", ty: "number", default: "0.01", doc: "Switch load-balancing loss a·N·Σ f_i·P_i: a (0 = off)" },
             ConfigField { name: "z_loss", ty: "number", default: "0.0", doc: "router z-loss b·mean(logsumexp²): b (0 = off)" },

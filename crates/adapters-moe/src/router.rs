@@ -5,7 +5,7 @@
 //! probabilities, a `[units, choices]` table: small next to the experts' work. The gates
 //! stay tensors, so gradients reach the router through them.
 
-use crate::config::{Granularity, MoeConfig, RouterKind};
+use crate::config::{Gate, Granularity, MoeConfig, RouterKind};
 use adapters_core::{AuxLoss, ForwardCtx, Point, RoutingStats};
 use candle_core::{Result, Tensor, D};
 use rand::Rng;
@@ -161,8 +161,10 @@ pub fn plan(
     let width = if learned { n } else { slots.max(1) };
 
     // Gates: the router probability (top-1, as Switch), or renormalised over the chosen
-    // (top-k > 1, skip included so that it keeps its share); 1 (training) or 1/E
-    // (inference) for the random router. Tensors only where gradients are wanted.
+    // (top-k > 1, skip included so that it keeps its share); 1 with the probability's
+    // gradient (the straight-through gate); 1 (training) or 1/E (inference) for the random
+    // router. Tensors only where gradients are wanted.
+    let straight_through = config.gate == Gate::StraightThrough;
     let differentiable = ctx.train || !ctx.no_grad;
     let probs = match (&logits, differentiable) {
         // Composed softmax: candle's fused `softmax_last_dim` has no backward pass.
@@ -170,7 +172,12 @@ pub fn plan(
         _ => None,
     };
     let gates = match (&probs, &host_logits) {
+        (Some(p), _) if straight_through => {
+            let p = p.flatten_all()?;
+            Gates::Table(((&p - p.detach())? + 1.0)?)
+        }
         (Some(p), _) if config.top_k == 1 => Gates::Table(p.flatten_all()?),
+        (None, Some(_)) if straight_through => Gates::Host(vec![1.0; units.count * n]),
         (Some(p), _) => {
             let mut mask = vec![0f32; units.count * n];
             for (u, c) in chosen.chunks_exact(slots).enumerate() {

@@ -189,6 +189,58 @@ fn router_and_expert_gradients_match_finite_differences() {
 }
 
 #[test]
+fn the_straight_through_gate_adds_the_chosen_expert_at_full_weight_and_trains_the_router_as_switch_does() {
+    let m = model();
+    let config = |gate: &str| json!({"experts": 4, "gate": gate, "balance_loss": 0.5});
+    let st = one_site(&m, &config("straight_through"), 12);
+    let switch = one_site(&m, &config("probability"), 12);
+    let (_, router) = st.vars().into_iter().find(|(n, _)| n.ends_with("router.weight")).unwrap();
+    router.set(&(router.as_tensor() * 20.0).unwrap()).unwrap();
+    for ((_, a), (_, b)) in st.vars().into_iter().zip(switch.vars()) {
+        b.set(a.as_tensor()).unwrap();
+    }
+    let point = Point::new(0, Site::FfnOutput);
+    let mut init = adapters_core::Init::new(13);
+    let dev = Device::Cpu;
+    let (io_in, io_out) = (init.normal((2, 5, 384), 1.0, &dev).unwrap(), init.normal((2, 5, 384), 1.0, &dev).unwrap());
+    // Inference: each token's output is the sublayer output plus its chosen expert, unscaled.
+    let ctx = ForwardCtx::inference().with_routing();
+    let out = st.forward_hidden(point, &SublayerIo { input: &io_in, output: &io_out, post_norm: None }, &ctx).unwrap();
+    let choices = ctx.take_aux().routing[0].choices.clone().unwrap();
+    let z = (&io_in + &io_out).unwrap().reshape((10, 384)).unwrap();
+    let var = |name: &str| st.vars().into_iter().find(|(n, _)| n.ends_with(name)).unwrap().1.as_tensor().clone();
+    for (token, chosen) in choices.iter().enumerate() {
+        let e = chosen[0];
+        let x = z.get(token).unwrap().unsqueeze(0).unwrap();
+        let w = |p: &str| var(&format!("experts.{e}.{p}"));
+        let h = x.matmul(&w("adapter_down.weight").t().unwrap()).unwrap().broadcast_add(&w("adapter_down.bias")).unwrap().relu().unwrap();
+        let y = h.matmul(&w("adapter_up.weight").t().unwrap()).unwrap().broadcast_add(&w("adapter_up.bias")).unwrap();
+        let expected = (io_out.reshape((10, 384)).unwrap().get(token).unwrap() + y.squeeze(0).unwrap()).unwrap();
+        let d = max_diff(&out.reshape((10, 384)).unwrap().get(token).unwrap(), &expected);
+        assert!(d < 1e-4, "token {token}: differs from its expert at full weight by {d}");
+    }
+    // Training: the router's gradient is Switch's (the gate's derivative is the
+    // probability's in both); the forward is the inference one.
+    let weights = init.normal((2, 5, 384), 1.0, &dev).unwrap();
+    let router_grad = |a: &Mixture| {
+        let grads = site_loss(a, point, &io_in, &io_out, &weights).backward().unwrap();
+        let (_, r) = a.vars().into_iter().find(|(n, _)| n.ends_with("router.weight")).unwrap();
+        grads.get(r.as_tensor()).unwrap().clone()
+    };
+    let (g_st, g_switch) = (router_grad(&st), router_grad(&switch));
+    assert!(max_abs(&g_st) > 1e-3);
+    let d = max_diff(&g_st, &g_switch);
+    assert!(d < 1e-4 * max_abs(&g_switch).max(1.0), "router gradients differ by {d}");
+    let ctx = ForwardCtx::training_seeded(9);
+    let trained = st.forward_hidden(point, &SublayerIo { input: &io_in, output: &io_out, post_norm: None }, &ctx).unwrap();
+    assert!(max_diff(&trained, &out) < 1e-4);
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+#[test]
 fn overflow_and_skip_pass_tokens_through_unchanged() {
     let m = model();
     let configs = [("capacity", json!({"experts": 4, "capacity_factor": 0.5})), ("skip", json!({"experts": 4, "skip_expert": true}))];
@@ -381,5 +433,6 @@ fn bad_configs_are_refused_naming_the_field() {
     assert!(build("moe_bn", json!({"routing": "task"})).contains("`tasks`"));
     assert!(build("moe_bn", json!({"router": "random", "top_k": 2})).contains("random"));
     assert!(build("moe_bn", json!({"capacity_factor": -1})).contains("`capacity_factor`"));
+    assert!(build("moe_bn", json!({"gate": "straight_through", "top_k": 2})).contains("`top_k = 1`"));
     assert!(build("moe_bn", json!({"expert": 4})).contains("unknown field `expert`"));
 }
