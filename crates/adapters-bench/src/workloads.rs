@@ -33,7 +33,7 @@ pub const NAMES: &[&str] = &[
 /// `median_ms` per step, and `steps_peak_rss_mib` / `rss_before_loop_mib` measured as
 /// the reference does (the kernel's resident-set high-water mark, reset before warm-up).
 pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_moe::family());
+    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_moe::family(), adapters_hyper::family());
     let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
         n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..], || {})?.0,
         n if n.starts_with("minilm_infer_") => minilm_infer(&n["minilm_infer_".len()..])?,

@@ -200,21 +200,7 @@ pub fn merge_experts(dir: &Path, model: &Path, out: &Path) -> Result<()> {
     let loaded = open(model)?;
     let averaged = adapters_moe::merge::average_folder(dir, &loaded.backbone, loaded.backbone.device())
         .with_context(|| format!("reading the mixture {}", dir.display()))?;
-    // Written next to the target and renamed into place: a failure leaves nothing behind.
-    let tmp = out.with_file_name(format!(".{}.partial", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = (|| -> Result<()> {
-        io::save(&tmp, &averaged.name, averaged.adapter.as_ref(), &averaged.placement, &loaded.backbone.fingerprint()?)?;
-        copy_dir(&dir.join(adapters_train::heads::HEADS_DIR), &tmp.join(adapters_train::heads::HEADS_DIR))?;
-        if out.exists() {
-            std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
-        }
-        std::fs::rename(&tmp, out).with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    written?;
+    write_plain(out, &averaged.name, averaged.adapter.as_ref(), &averaged.placement, &loaded, dir)?;
     println!(
         "wrote {} (`{}`: the {} experts' mean as a `{}` adapter, {} parameters)",
         out.display(),
@@ -224,6 +210,42 @@ pub fn merge_experts(dir: &Path, model: &Path, out: &Path) -> Result<()> {
         averaged.adapter.num_parameters()
     );
     Ok(())
+}
+
+pub fn hyper_export(dir: &Path, model: &Path, task: &str, out: &Path) -> Result<()> {
+    check_empty_target(out)?;
+    let loaded = open(model)?;
+    let mixture = crate::train_commands::parse_mixture(task)?;
+    let exported = adapters_hyper::export::export_folder(dir, &loaded.backbone, &mixture, loaded.backbone.device())
+        .with_context(|| format!("generating the adapter of {task:?} from {}", dir.display()))?;
+    write_plain(out, &exported.name, exported.adapter.as_ref(), &exported.placement, &loaded, dir)?;
+    println!(
+        "wrote {} (`{}`: the `{}` adapter the hypernetwork generates for {task}, {} parameters)",
+        out.display(),
+        exported.name,
+        exported.adapter.kind(),
+        exported.adapter.num_parameters()
+    );
+    Ok(())
+}
+
+/// Writes a plain adapter made from the folder `from` (with `from`'s heads) to `out`,
+/// through a temporary folder next to it and a rename: a failure leaves nothing behind.
+fn write_plain(out: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement, loaded: &LoadedModel, from: &Path) -> Result<()> {
+    let tmp = out.with_file_name(format!(".{}.partial", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written = (|| -> Result<()> {
+        io::save(&tmp, name, adapter, placement, &loaded.backbone.fingerprint()?)?;
+        copy_dir(&from.join(adapters_train::heads::HEADS_DIR), &tmp.join(adapters_train::heads::HEADS_DIR))?;
+        if out.exists() {
+            std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
+        }
+        std::fs::rename(&tmp, out).with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    written
 }
 
 /// Copies a folder tree (nothing when `from` does not exist).

@@ -18,7 +18,13 @@ pub fn device() -> Result<Device> {
 
 pub fn open(model: &Path) -> Result<LoadedModel> {
     // Touch every family crate so the linker keeps their registrations.
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
+    let _ = (
+        adapters_bottleneck::family(),
+        adapters_lora::family(),
+        adapters_fusion::family(),
+        adapters_moe::family(),
+        adapters_hyper::family(),
+    );
     Ok(load(model, &device()?)?)
 }
 
@@ -117,7 +123,13 @@ pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
 }
 
 pub fn kinds() -> Result<()> {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
+    let _ = (
+        adapters_bottleneck::family(),
+        adapters_lora::family(),
+        adapters_fusion::family(),
+        adapters_moe::family(),
+        adapters_hyper::family(),
+    );
     let kinds = registry::kinds();
     if kinds.is_empty() {
         println!("No adapter kinds are registered in this build.");

@@ -185,6 +185,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write the adapter a hypernetwork (hyper_bn) generates for one task, or a mixture of
+    /// its tasks, as a plain Pfeiffer (seq_bn) adapter folder that computes the same function:
+    /// it loads, merges, serves and converts like any other. Heads are copied.
+    HyperExport {
+        /// The hypernetwork's adapter folder.
+        dir: PathBuf,
+        /// The base model it belongs to (checked).
+        #[arg(long)]
+        model: PathBuf,
+        /// A task name, or a mixture of tasks: 'vader_tweets:0.5,rotten_tomatoes:0.5'.
+        #[arg(long)]
+        task: String,
+        /// The folder to write (must not exist yet, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Show which experts each token chose, per layer, in the loaded mixture-of-experts
     /// adapters (moe_bn, moe_lora).
     Route {
@@ -220,9 +236,14 @@ enum Command {
         model: PathBuf,
         #[arg(required = true)]
         texts: Vec<String>,
-        /// Which task's head, when several are found.
+        /// The task: picks its head and, for hypernetwork adapters (hyper_bn), the adapter
+        /// they generate. A hypernetwork also takes a mixture of its tasks,
+        /// 'vader_tweets:0.5,rotten_tomatoes:0.5' (choose the head with --head).
         #[arg(long)]
         task: Option<String>,
+        /// The task whose head classifies, when it is not --task (a task mixture).
+        #[arg(long)]
+        head: Option<String>,
         /// Longer texts are truncated to this many tokens.
         #[arg(long, default_value_t = 128)]
         max_length: usize,
@@ -239,9 +260,14 @@ enum Command {
         /// The data file.
         #[arg(long)]
         data: PathBuf,
-        /// Which task's head, when several are found.
+        /// The task: picks its head and, for hypernetwork adapters (hyper_bn), the adapter
+        /// they generate. A hypernetwork also takes a mixture of its tasks,
+        /// 'vader_tweets:0.5,rotten_tomatoes:0.5' (choose the head with --head).
         #[arg(long)]
         task: Option<String>,
+        /// The task whose head classifies, when it is not --task (a task mixture).
+        #[arg(long)]
+        head: Option<String>,
         #[arg(long, default_value = "text")]
         text_field: String,
         #[arg(long, default_value = "label")]
@@ -384,14 +410,17 @@ fn main() {
         Command::Convert { dir, model, format, out } => adapter_commands::convert(&dir, &model, format, &out),
         Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &AdapterArgs::stacked(&adapters), &out),
         Command::MergeExperts { dir, model, out } => adapter_commands::merge_experts(&dir, &model, &out),
+        Command::HyperExport { dir, model, task, out } => adapter_commands::hyper_export(&dir, &model, &task, &out),
         Command::Route { model, texts, task_id, json, adapters } => commands::route(&model, &adapters, &texts, task_id, json),
         Command::Train { config, set, resume, stop_after } => train_commands::train(&config, &set, resume, stop_after),
-        Command::Predict { model, texts, task, max_length, json, adapters } => {
-            train_commands::predict(&model, &adapters, task.as_deref(), &texts, max_length, json)
+        Command::Predict { model, texts, task, head, max_length, json, adapters } => {
+            train_commands::TaskChoice::parse(task.as_deref(), head.as_deref())
+                .and_then(|task| train_commands::predict(&model, &adapters, &task, &texts, max_length, json))
         }
-        Command::Eval { model, data, task, text_field, label_field, skip_bad_rows, max_length, json, adapters } => {
+        Command::Eval { model, data, task, head, text_field, label_field, skip_bad_rows, max_length, json, adapters } => {
             let fields = adapters_train::data::Fields { text: text_field, label: label_field, skip_bad_rows };
-            train_commands::eval(&model, &adapters, task.as_deref(), &data, fields, max_length, json)
+            train_commands::TaskChoice::parse(task.as_deref(), head.as_deref())
+                .and_then(|task| train_commands::eval(&model, &adapters, &task, &data, fields, max_length, json))
         }
         Command::Push { dir, name, tags, model, run, store } => store_commands::push(&dir, &name, &tags, model.as_deref(), run, &store),
         Command::Pull { reference, out, store } => store_commands::pull(&reference, &out, &store),

@@ -2,7 +2,7 @@
 
 use crate::commands::{open_with, AdapterArgs};
 use adapters_core::ForwardCtx;
-use adapters_models::LoadedModel;
+use adapters_models::{HoldsAdapters, LoadedModel};
 use adapters_train::config::Pooling;
 use adapters_train::data::{read_labelled, read_text, Fields};
 use adapters_train::forward::{argmax, classify, lm_loss, pooled};
@@ -15,7 +15,13 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<usize>) -> Result<()> {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
+    let _ = (
+        adapters_bottleneck::family(),
+        adapters_lora::family(),
+        adapters_fusion::family(),
+        adapters_moe::family(),
+        adapters_hyper::family(),
+    );
     let config = Config::load(config, sets)?;
     let mut trainer = Trainer::new(config.clone(), &crate::commands::device()?)?;
     let trainable = trainer.trainable_parameters();
@@ -57,6 +63,70 @@ pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<us
 }
 
 /// The heads in the model folder and the adapter folders, narrowed to `task` if given.
+/// `--task` and `--head`: the head to classify with and the task (or task mixture) that
+/// hypernetwork adapters generate their adapters for.
+pub struct TaskChoice {
+    /// The head's task (`--head`, or `--task` when it names one task).
+    head: Option<String>,
+    /// `--task` as (task, weight) pairs; one pair of weight 1 for a plain task name.
+    mixture: Option<Vec<(String, f64)>>,
+}
+
+impl TaskChoice {
+    /// Parses `--task NAME` or `--task 'a:0.5,b:0.5'`, and `--head NAME`.
+    pub fn parse(task: Option<&str>, head: Option<&str>) -> Result<Self> {
+        let mixture = task.map(parse_mixture).transpose()?;
+        let head = match (head, &mixture) {
+            (Some(h), _) => Some(h.to_string()),
+            (None, Some(m)) if m.len() == 1 && !task.unwrap_or_default().contains(':') => Some(m[0].0.clone()),
+            (None, Some(_)) => bail!("--task {:?} mixes tasks; choose the head to classify with: --head TASK", task.unwrap_or_default()),
+            (None, None) => None,
+        };
+        Ok(TaskChoice { head, mixture })
+    }
+
+    /// The inference context for `rows` rows: with the task mixture's vector as every row's
+    /// conditioning when hypernetwork adapters are loaded.
+    fn context(&self, loaded: &LoadedModel, rows: usize) -> Result<ForwardCtx> {
+        let set = loaded.backbone.adapters();
+        let hypers: Vec<&str> = set.names().into_iter().filter(|n| set.get(n).is_some_and(|a| a.kind() == "hyper_bn")).collect();
+        let Some(first) = hypers.first() else { return Ok(ForwardCtx::inference()) };
+        let Some(mixture) = &self.mixture else {
+            bail!("the hypernetwork `{first}` generates its adapter for a task: give --task NAME or a mixture --task 'a:0.5,b:0.5'")
+        };
+        let mut vector: Option<Tensor> = None;
+        for name in &hypers {
+            let v = adapters_hyper::task_vector_of(set.get(name).expect("listed").as_ref(), mixture)
+                .with_context(|| format!("--task for the hypernetwork `{name}`"))?;
+            if let Some(prev) = &vector {
+                if prev.dims() != v.dims() || (prev - &v)?.abs()?.max_all()?.to_scalar::<f32>()? != 0.0 {
+                    bail!("the hypernetworks {} embed the tasks differently; load one at a time", hypers.join(", "));
+                }
+            }
+            vector = Some(v);
+        }
+        let vector = vector.expect("at least one hypernetwork");
+        Ok(ForwardCtx::inference().with_conditioning(vector.unsqueeze(0)?.repeat((rows, 1))?))
+    }
+}
+
+/// `NAME` or `a:0.5,b:0.5` as (task, weight) pairs.
+pub fn parse_mixture(spec: &str) -> Result<Vec<(String, f64)>> {
+    if !spec.contains(':') {
+        return Ok(vec![(spec.to_string(), 1.0)]);
+    }
+    spec.split(',')
+        .map(|part| {
+            let (name, weight) = part.split_once(':').with_context(|| format!("--task {spec:?}: `{part}` is not TASK:WEIGHT"))?;
+            let weight: f64 = weight.trim().parse().with_context(|| format!("--task {spec:?}: the weight of `{name}` is not a number"))?;
+            if !weight.is_finite() {
+                bail!("--task {spec:?}: the weight of `{name}` is {weight}");
+            }
+            Ok((name.trim().to_string(), weight))
+        })
+        .collect()
+}
+
 fn find_head(model: &Path, adapters: &AdapterArgs, task: Option<&str>, loaded: &LoadedModel) -> Result<SavedHead> {
     let device = loaded.backbone.device();
     let mut found = Vec::new();
@@ -82,19 +152,19 @@ fn encode(loaded: &LoadedModel, text: &str, max_length: usize) -> Result<Vec<u32
     Ok(adapters_train::encode_truncated(&loaded.tokenizer, text, max_length, loaded.backbone.is_encoder())?)
 }
 
-fn logits_for(loaded: &LoadedModel, head: &SavedHead, ids: &[Vec<u32>]) -> Result<Tensor> {
-    let ctx = ForwardCtx::inference();
+fn logits_for(loaded: &LoadedModel, head: &SavedHead, task: &TaskChoice, ids: &[Vec<u32>]) -> Result<Tensor> {
+    let ctx = task.context(loaded, ids.len())?;
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let pooling: Pooling = head.config.pooling;
     let features = pooled(&loaded.backbone, &rows, pooling, &ctx)?;
     Ok(classify(&head.head, &features, 0.0, &ctx)?)
 }
 
-pub fn predict(model: &Path, adapters: &AdapterArgs, task: Option<&str>, texts: &[String], max_length: usize, json: bool) -> Result<()> {
+pub fn predict(model: &Path, adapters: &AdapterArgs, task: &TaskChoice, texts: &[String], max_length: usize, json: bool) -> Result<()> {
     let loaded = open_with(model, adapters)?;
-    let head = find_head(model, adapters, task, &loaded)?;
+    let head = find_head(model, adapters, task.head.as_deref(), &loaded)?;
     let ids = texts.iter().map(|t| encode(&loaded, t, max_length)).collect::<Result<Vec<_>>>()?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits_for(&loaded, &head, &ids)?)?.to_vec2::<f32>()?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits_for(&loaded, &head, task, &ids)?)?.to_vec2::<f32>()?;
     let mut out = Vec::new();
     for (text, p) in texts.iter().zip(&probs) {
         let best = p.iter().enumerate().fold(0, |b, (i, &v)| if v > p[b] { i } else { b });
@@ -117,7 +187,7 @@ pub fn predict(model: &Path, adapters: &AdapterArgs, task: Option<&str>, texts: 
 pub fn eval(
     model: &Path,
     adapters: &AdapterArgs,
-    task: Option<&str>,
+    task: &TaskChoice,
     data: &Path,
     fields: Fields,
     max_length: usize,
@@ -148,7 +218,7 @@ pub fn eval(
         }
         serde_json::json!({"data": data, "tokens": count, "loss": nll / count as f64, "perplexity": (nll / count as f64).exp()})
     } else {
-        let head = find_head(model, adapters, task, &loaded)?;
+        let head = find_head(model, adapters, task.head.as_deref(), &loaded)?;
         let examples = read_labelled(data, &fields)?.examples;
         let mut gold = Vec::new();
         for e in &examples {
@@ -160,7 +230,7 @@ pub fn eval(
         let mut pred = Vec::new();
         for chunk in examples.chunks(64) {
             let ids = chunk.iter().map(|e| encode(&loaded, &e.text, max_length)).collect::<Result<Vec<_>>>()?;
-            pred.extend(argmax(&logits_for(&loaded, &head, &ids)?)?);
+            pred.extend(argmax(&logits_for(&loaded, &head, task, &ids)?)?);
         }
         serde_json::json!({"data": data, "task": head.config.task, "examples": gold.len(),
             "accuracy": accuracy(&gold, &pred), "macro_f1": macro_f1(&gold, &pred, head.config.labels.len())})

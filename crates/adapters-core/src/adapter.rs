@@ -149,6 +149,14 @@ pub trait Adapter: Send + Sync {
         None
     }
 
+    /// Whether this adapter reads each row's mean input token embedding (`[batch, hidden]`,
+    /// padding left out) as the forward context's `conditioning`: instance-conditioned
+    /// hypernetworks do. Backbones compute it before their layers when an attached adapter
+    /// asks and the caller gave no conditioning. `false` by default.
+    fn wants_mean_token_embedding(&self) -> bool {
+        false
+    }
+
     /// Number of trainable parameters.
     fn num_parameters(&self) -> usize {
         self.vars().iter().map(|(_, v)| v.elem_count()).sum()

@@ -8,6 +8,11 @@ use crate::Error;
 use candle_core::Device;
 use serde::de::DeserializeOwned;
 
+/// The `ty` of a field that lists task names in task-id order (a multi-task run's
+/// `[[task]]` order). The trainer fills such a field with the run's task names when a
+/// config leaves it out, and refuses a config whose names disagree with the run's.
+pub const TASK_NAMES: &str = "list of task names";
+
 /// One documented field of a kind's configuration.
 #[derive(Debug)]
 pub struct ConfigField {

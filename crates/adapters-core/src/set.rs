@@ -123,6 +123,12 @@ impl AdapterSet {
         Ok(named.adapter)
     }
 
+    /// Whether an attached adapter reads each row's mean token embedding as its
+    /// conditioning (see [`Adapter::wants_mean_token_embedding`]).
+    pub fn wants_mean_token_embedding(&self) -> bool {
+        self.adapters.iter().any(|a| a.adapter.wants_mean_token_embedding())
+    }
+
     /// Names of the attached adapters, in attach order.
     pub fn names(&self) -> Vec<&str> {
         self.adapters.iter().map(|a| a.name.as_str()).collect()

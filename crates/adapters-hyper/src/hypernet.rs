@@ -31,8 +31,8 @@ pub struct HyperNet {
     points: Vec<Point>,
     /// The sites it occupies, in the order of `site_table`'s rows.
     sites: Vec<Site>,
-    /// `[tasks, task_dim]`; empty rows for instance conditioning.
-    task_table: Var,
+    /// Task conditioning: `[tasks, task_dim]`.
+    task_table: Option<Var>,
     /// Instance conditioning: `[task_dim, hidden]` and `[task_dim]`.
     instance: Option<(Var, Var)>,
     /// `[num_layers, position_dim]`.
@@ -83,14 +83,9 @@ impl HyperNet {
         let dev = args.device;
         let mut init = Init::new(args.seed);
         let (td, pd, ph, cd) = (config.task_dim, config.position_dim, config.projector_hidden, config.code_dim);
-        let task_rows = match config.conditioning {
-            Conditioning::Task => config.tasks.len(),
-            Conditioning::Instance => 0,
-        };
-        let task_table = var(init.normal((task_rows, td), 1.0, dev)?)?;
-        let instance = match config.conditioning {
-            Conditioning::Instance => Some((var(init.kaiming_uniform(td, d, dev)?)?, var(Tensor::zeros(td, DType::F32, dev)?)?)),
-            Conditioning::Task => None,
+        let (task_table, instance) = match config.conditioning {
+            Conditioning::Task => (Some(var(init.normal((config.tasks.len(), td), 1.0, dev)?)?), None),
+            Conditioning::Instance => (None, Some((var(init.kaiming_uniform(td, d, dev)?)?, var(Tensor::zeros(td, DType::F32, dev)?)?))),
         };
         let layer_table = var(init.normal((args.model.num_layers, pd), 1.0, dev)?)?;
         let site_table = var(init.normal((sites.len(), pd), 1.0, dev)?)?;
@@ -149,31 +144,9 @@ impl HyperNet {
         &self.config
     }
 
-    /// The vector in task-embedding space of a mixture of tasks: `Σ wᵢ · embedding(taskᵢ)`
-    /// (weights 1 and 0 give one task's embedding exactly).
+    /// The vector in task-embedding space of a mixture of tasks (see [`task_vector_of`]).
     pub fn task_vector(&self, mixture: &[(String, f64)]) -> std::result::Result<Tensor, Error> {
-        let bad = |m: String| Error::Config { kind: KIND.into(), message: m };
-        if self.config.conditioning != Conditioning::Task {
-            return Err(bad("this hypernetwork is conditioned on its input, not on tasks".into()));
-        }
-        if mixture.is_empty() {
-            return Err(bad(format!("a task mixture names at least one of: {}", self.config.tasks.join(", "))));
-        }
-        let mut weights = vec![0f32; self.config.tasks.len()];
-        for (name, w) in mixture {
-            let id = self
-                .config
-                .task_id(name)
-                .ok_or_else(|| bad(format!("no task `{name}` in this hypernetwork; it knows: {}", self.config.tasks.join(", "))))?;
-            if !w.is_finite() {
-                return Err(bad(format!("task `{name}` has weight {w}; weights are finite numbers")));
-            }
-            weights[id] += *w as f32;
-        }
-        let table = self.task_table.as_tensor();
-        let n = weights.len();
-        let run = || Tensor::from_vec(weights, (1, n), table.device())?.matmul(table)?.squeeze(0);
-        Ok(run()?)
+        task_vector_of(self, mixture)
     }
 
     /// Each row's conditioning vector in task-embedding space, `[n, task_dim]`, and for
@@ -203,7 +176,7 @@ impl HyperNet {
                 unique.sort_unstable();
                 unique.dedup();
                 let index = ids.iter().map(|id| unique.binary_search(id).expect("present") as u32).collect();
-                let table = self.task_table.as_tensor();
+                let table = self.task_table.as_ref().expect("task conditioning has its table").as_tensor();
                 Ok((table.index_select(&Tensor::new(unique.as_slice(), table.device())?, 0)?, Some(index)))
             }
             (Conditioning::Task, None, None) => candle_core::bail!(
@@ -279,9 +252,44 @@ impl HyperNet {
     }
 
     fn device(&self) -> &Device {
-        self.task_table.device()
+        self.layer_table.device()
     }
 }
+
+/// The vector in task-embedding space of a mixture of tasks, `Σ wᵢ · embedding(taskᵢ)`, for
+/// any loaded `hyper_bn` adapter (weights 1 and 0 give one task's embedding exactly). What
+/// callers pass as the forward context's `conditioning` to run a task mixture.
+pub fn task_vector_of(adapter: &dyn Adapter, mixture: &[(String, f64)]) -> std::result::Result<Tensor, Error> {
+    let bad = |m: String| Error::Config { kind: KIND.into(), message: m };
+    if adapter.kind() != KIND {
+        return Err(bad(format!("a `{}` adapter has no task embeddings", adapter.kind())));
+    }
+    let config = HyperConfig::parse(&adapter.config())?;
+    if config.conditioning != Conditioning::Task {
+        return Err(bad("this hypernetwork is conditioned on its input, not on tasks".into()));
+    }
+    if mixture.is_empty() {
+        return Err(bad(format!("a task mixture names at least one of: {}", config.tasks.join(", "))));
+    }
+    let mut weights = vec![0f32; config.tasks.len()];
+    for (name, w) in mixture {
+        let id = config
+            .task_id(name)
+            .ok_or_else(|| bad(format!("no task `{name}` in this hypernetwork; it knows: {}", config.tasks.join(", "))))?;
+        if !w.is_finite() {
+            return Err(bad(format!("task `{name}` has weight {w}; weights are finite numbers")));
+        }
+        weights[id] += *w as f32;
+    }
+    let table = adapter.vars().into_iter().find(|(n, _)| n == TASK_TABLE).map(|(_, v)| v.as_tensor().clone());
+    let table = table.ok_or_else(|| bad(format!("no `{TASK_TABLE}` tensor")))?;
+    let n = weights.len();
+    let run = || Tensor::from_vec(weights, (1, n), table.device())?.matmul(&table)?.squeeze(0);
+    Ok(run()?)
+}
+
+/// The task-embedding table's variable name.
+const TASK_TABLE: &str = "hypernet.task_embeddings";
 
 impl Adapter for HyperNet {
     fn kind(&self) -> &str {
@@ -297,7 +305,7 @@ impl Adapter for HyperNet {
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        let mut out = vec![("hypernet.task_embeddings".to_string(), self.task_table.clone())];
+        let mut out: Vec<(String, Var)> = self.task_table.iter().map(|t| (TASK_TABLE.to_string(), t.clone())).collect();
         if let Some((w, b)) = &self.instance {
             out.push(("hypernet.instance.weight".into(), w.clone()));
             out.push(("hypernet.instance.bias".into(), b.clone()));
@@ -313,6 +321,10 @@ impl Adapter for HyperNet {
             out.push((format!("hypernet.heads.{}.start", h.name), h.c.clone()));
         }
         out
+    }
+
+    fn wants_mean_token_embedding(&self) -> bool {
+        self.config.conditioning == Conditioning::Instance
     }
 
     /// Generates each row's adapter at this point and runs them all in one per-row forward.

@@ -16,7 +16,7 @@ pub mod export;
 pub mod hypernet;
 
 pub use config::{Conditioning, HyperConfig};
-pub use hypernet::HyperNet;
+pub use hypernet::{task_vector_of, HyperNet};
 
 use adapters_core::{AdapterKind, BuildArgs, ConfigField};
 
@@ -38,7 +38,7 @@ adapters_core::inventory::submit! {
         family: FAMILY,
         summary: "hypernetwork generating every layer's Pfeiffer adapter from a task or instance embedding (default site: ffn_output)",
         fields: &[
-            ConfigField { name: "tasks", ty: "list of names", default: "[]", doc: "task names in task-id order (the run's [[task]] order)" },
+            ConfigField { name: "tasks", ty: adapters_core::registry::TASK_NAMES, default: "the run's tasks", doc: "task names in task-id order (the run's [[task]] order)" },
             ConfigField { name: "conditioning", ty: "task|instance", default: "task", doc: "generate from the row's task embedding, or from its mean token embedding" },
             ConfigField { name: "reduction_factor", ty: "number", default: "16", doc: "generated bottleneck = hidden / reduction_factor" },
             ConfigField { name: "non_linearity", ty: "relu|gelu|swish|silu|tanh", default: "relu", doc: "the generated adapters' activation" },

@@ -224,3 +224,25 @@ fn bad_configurations_are_refused_naming_the_field() {
     let err = m.hidden_states(&ids, &mask, &ForwardCtx::inference()).unwrap_err().to_string();
     assert!(err.contains("--task"), "{err}");
 }
+
+#[test]
+fn instance_conditioning_reads_each_rows_own_tokens() {
+    let mut m = model();
+    let h = hyper(&m, &json!({"conditioning": "instance"}), 7);
+    attach(&mut m, "hyper", Box::new(h));
+    let (ids, mask) = batch();
+    let all = m.hidden_states(&ids, &mask, &ForwardCtx::inference()).unwrap();
+    // Row 1 alone, without its padding: the backbone computes its conditioning from its
+    // real tokens only, so it gets the same adapter.
+    let real = mask.get(1).unwrap().sum_all().unwrap().to_scalar::<u32>().unwrap() as usize;
+    let alone_ids = ids.get(1).unwrap().narrow(0, 0, real).unwrap().unsqueeze(0).unwrap();
+    let alone_mask = mask.get(1).unwrap().narrow(0, 0, real).unwrap().unsqueeze(0).unwrap();
+    let alone = m.hidden_states(&alone_ids, &alone_mask, &ForwardCtx::inference()).unwrap();
+    let d = max_diff(&all.get(1).unwrap().narrow(0, 0, real).unwrap(), &alone.get(0).unwrap());
+    assert!(d < 1e-4, "row 1 differs from itself alone by {d}");
+    // Rows with other tokens get other adapters: the same row repeated with different
+    // neighbours is unchanged, while the hypernetwork with a fixed vector changes it.
+    let fixed = Tensor::zeros((6, 384), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let given = m.hidden_states(&ids, &mask, &ForwardCtx::inference().with_conditioning(fixed)).unwrap();
+    assert!(max_diff(&given, &all) > 1e-3, "the instance vector matters");
+}

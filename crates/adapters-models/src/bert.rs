@@ -326,7 +326,7 @@ impl Bert {
         let types = embedding(&e.token_type, &types)?;
         let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
         let x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;
-        let inputs = match attention_mask {
+        let mut inputs = match attention_mask {
             Some(m) => LayerInputs {
                 // [b, 1, t]: 0 where attended, a large negative value on padding.
                 mask: Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?.reshape((b, 1, t))?),
@@ -334,6 +334,13 @@ impl Bert {
             },
             None => LayerInputs { mask: None, ctx: ctx.clone() },
         };
+        if inputs.ctx.conditioning.is_none() && self.adapters.wants_mean_token_embedding() {
+            let means = match attention_mask {
+                Some(m) => crate::heads::mean_pool(&words, m)?,
+                None => words.mean(1)?,
+            };
+            inputs.ctx = inputs.ctx.with_conditioning(means);
+        }
         Ok((x, inputs))
     }
 

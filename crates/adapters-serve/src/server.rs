@@ -84,7 +84,13 @@ pub struct AppState {
 impl AppState {
     /// The state for serving `model` (no adapters active) with adapters from `store`.
     pub fn new(model: LoadedModel, store: Store, config: Config) -> Self {
-        let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
+        let _ = (
+            adapters_bottleneck::family(),
+            adapters_lora::family(),
+            adapters_fusion::family(),
+            adapters_moe::family(),
+            adapters_hyper::family(),
+        );
         AppState {
             base: model.backbone,
             tokenizer: model.tokenizer,

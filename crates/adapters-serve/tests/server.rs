@@ -61,7 +61,13 @@ impl Server {
 }
 
 async fn local_store(dir: &Path) -> Store {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
+    let _ = (
+        adapters_bottleneck::family(),
+        adapters_lora::family(),
+        adapters_fusion::family(),
+        adapters_moe::family(),
+        adapters_hyper::family(),
+    );
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
     for (name, folder, tag) in [
         ("sms", "fusion-sources/sms_spam", Some("prod")),
@@ -540,7 +546,13 @@ fn stacked_bundle(dir: &Path) -> (PathBuf, adapters_core::Setup) {
 async fn a_stored_setup_is_served_like_an_adapter() {
     let dir = scratch("setup");
     let (bundle, setup) = stacked_bundle(&dir);
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
+    let _ = (
+        adapters_bottleneck::family(),
+        adapters_lora::family(),
+        adapters_fusion::family(),
+        adapters_moe::family(),
+        adapters_hyper::family(),
+    );
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
     store.push(&bundle, &"stacked".parse().unwrap(), PushOptions::default()).await.unwrap();
     let server = Server::start(store, config(&dir)).await;

@@ -20,7 +20,13 @@ impl Drop for Scratch {
 }
 
 fn scratch(name: &str) -> Scratch {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_fusion::family(), adapters_moe::family());
+    let _ = (
+        adapters_bottleneck::family(),
+        adapters_lora::family(),
+        adapters_fusion::family(),
+        adapters_moe::family(),
+        adapters_hyper::family(),
+    );
     let dir = std::env::temp_dir().join(format!("adapters-store-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

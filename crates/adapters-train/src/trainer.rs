@@ -173,7 +173,8 @@ impl Trainer {
                     }
                     _ => entry.placement.clone(),
                 };
-                let adapter = registry::build(&entry.kind, &entry.config_json(), &placement, &info, device, mix(&[seed, i as u64, 0xada]))
+                let adapter_config = with_task_names(&entry.kind, entry.config_json(), &config).within(|| format!("`adapters.{name}`"))?;
+                let adapter = registry::build(&entry.kind, &adapter_config, &placement, &info, device, mix(&[seed, i as u64, 0xada]))
                     .within(|| format!("`adapters.{name}`"))?;
                 for (var_name, var) in adapter.vars() {
                     params.push(Param {
@@ -800,7 +801,6 @@ impl Trainer {
 /// The registered kind of AdapterFusion layers.
 const FUSION: &str = "fusion";
 
-/// Where a fusion layer goes by default: the layers and sites of its first member.
 /// A trained adapter's folder: `from` itself, or, when no such path exists, the version
 /// `from` names (`NAME@TAG`, `NAME@VERSION`) in the adapter library `$ADAPTERS_STORE`,
 /// downloaded once into `$ADAPTERS_CACHE`.
@@ -815,6 +815,7 @@ fn local_folder(from: &std::path::Path) -> Result<PathBuf> {
     }
 }
 
+/// Where a fusion layer goes by default: the layers and sites of its first member.
 fn members_placement(model: &LoadedModel, entry: &AdapterEntry) -> Result<Placement> {
     let members = entry.config.get("members").and_then(|m| m.as_array()).cloned().unwrap_or_default();
     let Some(first) = members.first().and_then(|m| m.as_str()) else {
@@ -827,6 +828,31 @@ fn members_placement(model: &LoadedModel, entry: &AdapterEntry) -> Result<Placem
     let layers: BTreeSet<usize> = points.iter().map(|p| p.layer).collect();
     let sites: BTreeSet<_> = points.iter().map(|p| p.site).collect();
     Ok(Placement { layers: Layers::List(layers.into_iter().collect()), sites: sites.into_iter().collect(), ..Default::default() })
+}
+
+/// The configuration of a kind with a field of task names ([`registry::TASK_NAMES`]):
+/// filled with the run's task names when left out, refused when it names others (task ids
+/// are positions in the run's `[[task]]` list).
+fn with_task_names(kind: &str, mut config: serde_json::Value, run: &Config) -> Result<serde_json::Value> {
+    let Ok(registered) = registry::kind(kind) else { return Ok(config) };
+    let names: Vec<&str> = run.task.iter().map(|t| t.name.as_str()).collect();
+    for field in registered.fields.iter().filter(|f| f.ty == registry::TASK_NAMES) {
+        match config.get(field.name) {
+            None => config[field.name] = serde_json::json!(names),
+            Some(given) => {
+                let given: Vec<&str> = given.as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+                if given != names {
+                    fail!(
+                        Config,
+                        "`{}` = {given:?} must list the run's tasks in their [[task]] order, {names:?} (task ids are positions \
+                         in that list); leave it out to have it filled in",
+                        field.name
+                    );
+                }
+            }
+        }
+    }
+    Ok(config)
 }
 
 fn check_metric(metric: Metric, tasks: &[Task]) -> Result<()> {
