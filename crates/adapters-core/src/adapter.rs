@@ -149,6 +149,14 @@ pub trait Adapter: Send + Sync {
         None
     }
 
+    /// Whether training updates the variable `name` (one of [`Adapter::vars`], which all
+    /// are saved). All by default; a hypernetwork learning a new task with its generator
+    /// frozen trains only its task embeddings.
+    fn trains(&self, name: &str) -> bool {
+        let _ = name;
+        true
+    }
+
     /// Whether this adapter reads each row's mean input token embedding (`[batch, hidden]`,
     /// padding left out) as the forward context's `conditioning`: instance-conditioned
     /// hypernetworks do. Backbones compute it before their layers when an attached adapter

@@ -20,6 +20,17 @@ pub enum Conditioning {
     Instance,
 }
 
+/// Which of the hypernetwork's parameters train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainParts {
+    /// Everything.
+    All,
+    /// Only the task embeddings: a new task learned with a frozen generator
+    /// (`generator_from`), a few dozen parameters.
+    TaskEmbeddings,
+}
+
 /// The configuration of a `hyper_bn` adapter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,12 +60,23 @@ pub struct HyperConfig {
     /// Hidden width of the projector (task ‖ layer ‖ site → code).
     #[serde(default = "default_projector_hidden")]
     pub projector_hidden: usize,
+    /// A trained `hyper_bn` folder whose generator (projector, embeddings of layers and
+    /// sites, heads) this one starts from; its tasks' embeddings are copied by name and new
+    /// tasks start at their mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator_from: Option<std::path::PathBuf>,
+    /// `all` or `task_embeddings` (see [`TrainParts`]).
+    #[serde(default = "default_train")]
+    pub train: TrainParts,
     /// Width of the code every generator head reads: each generated tensor is
     /// `G · code + c`, so a head holds `(code_dim + 1)` times the tensor's size.
     #[serde(default = "default_code_dim")]
     pub code_dim: usize,
 }
 
+fn default_train() -> TrainParts {
+    TrainParts::All
+}
 fn default_conditioning() -> Conditioning {
     Conditioning::Task
 }
@@ -109,7 +131,27 @@ impl HyperConfig {
                 return Err(bad(format!("`{name}` must be in 1..={MAX_WIDTH}, got {v}")));
             }
         }
+        if c.train == TrainParts::TaskEmbeddings && (c.generator_from.is_none() || c.conditioning != Conditioning::Task) {
+            return Err(bad("`train = \"task_embeddings\"` learns tasks for a trained generator: it needs `generator_from` \
+                 (a trained hyper_bn folder) and task conditioning"
+                .into()));
+        }
         Ok(c)
+    }
+
+    /// What must agree with a generator this one starts from: everything that shapes the
+    /// generator or what its output means.
+    pub fn generator_shape(&self) -> serde_json::Value {
+        serde_json::json!({
+            "conditioning": self.conditioning,
+            "reduction_factor": self.reduction_factor,
+            "non_linearity": self.non_linearity,
+            "layer_norm": self.layer_norm,
+            "task_dim": self.task_dim,
+            "position_dim": self.position_dim,
+            "projector_hidden": self.projector_hidden,
+            "code_dim": self.code_dim,
+        })
     }
 
     /// The bottleneck width for a hidden size.

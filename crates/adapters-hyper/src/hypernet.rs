@@ -9,9 +9,9 @@
 //! adapters run through the bottleneck family's per-row forward, so a batch mixing tasks
 //! is one forward with per-row weights, and an exported adapter computes the same function.
 
-use crate::config::{Conditioning, HyperConfig, KIND};
+use crate::config::{Conditioning, HyperConfig, TrainParts, KIND};
 use adapters_bottleneck::Bottleneck;
-use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, Site, SublayerIo};
+use adapters_core::{io, kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, Site, SublayerIo};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// One generated tensor: `G · code + c`, reshaped.
@@ -124,7 +124,7 @@ impl HyperNet {
             };
             heads.push(Head { name, shape, g: var(g)?, c: var(c)? });
         }
-        Ok(HyperNet {
+        let hyper = HyperNet {
             config,
             points: specs.iter().map(|s| s.point).collect(),
             sites,
@@ -136,7 +136,66 @@ impl HyperNet {
             projector_out,
             heads,
             template,
-        })
+        };
+        if let Some(dir) = &hyper.config.generator_from {
+            hyper.start_from(dir)?;
+        }
+        Ok(hyper)
+    }
+
+    /// Copies a trained generator from the `hyper_bn` folder `dir`: every tensor but the
+    /// task embeddings, and the embeddings of tasks both know (by name); other tasks start
+    /// at the mean of the folder's task embeddings.
+    fn start_from(&self, dir: &std::path::Path) -> std::result::Result<(), Error> {
+        let config_file = dir.join(io::CONFIG_FILE);
+        let bad = |m: String| Error::Io { path: config_file.clone(), message: m };
+        let saved = io::read_json(&config_file)?;
+        if saved["kind"] != KIND {
+            return Err(bad(format!("holds a `{}` adapter; `generator_from` reads a trained {KIND} folder", saved["kind"])));
+        }
+        let theirs = HyperConfig::parse(&saved["config"])?;
+        let (mine, other) = (self.config.generator_shape(), theirs.generator_shape());
+        for (field, value) in mine.as_object().expect("an object") {
+            if other[field] != *value {
+                return Err(bad(format!(
+                    "its `{field}` is {}, this adapter's {value}: a generator is only reused with the same shape",
+                    other[field]
+                )));
+            }
+        }
+        let weights_file = dir.join(io::WEIGHTS_FILE);
+        let mut tensors = io::read_tensors(&weights_file, self.device())?;
+        let table = tensors.remove(TASK_TABLE);
+        for (name, var) in self.vars().into_iter().filter(|(n, _)| n != TASK_TABLE) {
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| Error::Io { path: weights_file.clone(), message: format!("tensor `{name}` is missing") })?;
+            if t.dims() != var.dims() {
+                return Err(Error::Io {
+                    path: weights_file.clone(),
+                    message: format!(
+                        "tensor `{name}` has shape {:?}, this adapter's {:?} (another model or placement?)",
+                        t.dims(),
+                        var.dims()
+                    ),
+                });
+            }
+            var.set(&t)?;
+        }
+        if let (Some(mine), Some(table)) = (&self.task_table, table) {
+            let start = table.mean_keepdim(0)?;
+            let rows = self
+                .config
+                .tasks
+                .iter()
+                .map(|t| match theirs.task_id(t) {
+                    Some(i) => table.narrow(0, i, 1),
+                    None => Ok(start.clone()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            mine.set(&Tensor::cat(&rows, 0)?)?;
+        }
+        Ok(())
     }
 
     /// The configuration it was built with.
@@ -296,8 +355,11 @@ impl Adapter for HyperNet {
         KIND
     }
 
+    /// The saved configuration: a complete hypernetwork, without how its training started
+    /// (`generator_from`, `train`), so that the folder loads on its own.
     fn config(&self) -> serde_json::Value {
-        serde_json::to_value(&self.config).expect("configs serialise")
+        let saved = HyperConfig { generator_from: None, train: TrainParts::All, ..self.config.clone() };
+        serde_json::to_value(&saved).expect("configs serialise")
     }
 
     fn points(&self) -> Vec<Point> {
@@ -321,6 +383,10 @@ impl Adapter for HyperNet {
             out.push((format!("hypernet.heads.{}.start", h.name), h.c.clone()));
         }
         out
+    }
+
+    fn trains(&self, name: &str) -> bool {
+        self.config.train == TrainParts::All || name == TASK_TABLE
     }
 
     fn wants_mean_token_embedding(&self) -> bool {

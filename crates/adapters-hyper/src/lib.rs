@@ -15,7 +15,7 @@ pub mod config;
 pub mod export;
 pub mod hypernet;
 
-pub use config::{Conditioning, HyperConfig};
+pub use config::{Conditioning, HyperConfig, TrainParts};
 pub use hypernet::{task_vector_of, HyperNet};
 
 use adapters_core::{AdapterKind, BuildArgs, ConfigField};
@@ -46,6 +46,8 @@ adapters_core::inventory::submit! {
             ConfigField { name: "task_dim", ty: "integer", default: "64", doc: "task-embedding width" },
             ConfigField { name: "position_dim", ty: "integer", default: "16", doc: "layer-id and site embedding width" },
             ConfigField { name: "projector_hidden", ty: "integer", default: "64", doc: "projector hidden width" },
+            ConfigField { name: "generator_from", ty: "path", default: "none", doc: "start from a trained hyper_bn folder's generator (its tasks' embeddings copied by name)" },
+            ConfigField { name: "train", ty: "all|task_embeddings", default: "all", doc: "task_embeddings: learn new tasks with the generator frozen" },
             ConfigField { name: "code_dim", ty: "integer", default: "8", doc: "code width; each head stores (code_dim + 1) x its tensor's size" },
         ],
         build,

@@ -246,3 +246,43 @@ fn instance_conditioning_reads_each_rows_own_tokens() {
     let given = m.hidden_states(&ids, &mask, &ForwardCtx::inference().with_conditioning(fixed)).unwrap();
     assert!(max_diff(&given, &all) > 1e-3, "the instance vector matters");
 }
+
+#[test]
+fn a_new_task_starts_from_a_trained_generator_and_trains_only_its_embedding() {
+    let dir = std::env::temp_dir().join(format!("hyper-generator-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = model();
+    let trained = hyper(&m, &config(), 8);
+    io::save(&dir, "hyper", &trained, &Placement::default(), &m.fingerprint().unwrap()).unwrap();
+    let new_config = json!({"tasks": ["trec_fine", "sms_spam"], "layer_norm": true, "non_linearity": "gelu",
+        "generator_from": dir, "train": "task_embeddings"});
+    let fresh = HyperNet::build(&BuildArgs {
+        config: &new_config,
+        placement: &Placement::default(),
+        model: &m.model_info(),
+        device: &Device::Cpu,
+        seed: 9,
+    })
+    .unwrap();
+    // Only the task table trains; everything else is the trained generator's.
+    let trains: Vec<String> = fresh.vars().into_iter().map(|(n, _)| n).filter(|n| fresh.trains(n)).collect();
+    assert_eq!(trains, ["hypernet.task_embeddings"]);
+    let theirs: std::collections::HashMap<String, Tensor> = trained.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    for (name, var) in fresh.vars() {
+        if name != "hypernet.task_embeddings" {
+            assert_eq!(max_diff(var.as_tensor(), &theirs[&name]), 0.0, "{name} copied");
+        }
+    }
+    // A task both know keeps its embedding; a new one starts at their mean.
+    let table = fresh.vars().into_iter().find(|(n, _)| n == "hypernet.task_embeddings").unwrap().1.as_tensor().clone();
+    let old = &theirs["hypernet.task_embeddings"];
+    assert_eq!(max_diff(&table.get(1).unwrap(), &old.get(0).unwrap()), 0.0);
+    assert!(max_diff(&table.get(0).unwrap(), &old.mean(0).unwrap()) < 1e-6);
+    // Saved, it is a complete hypernetwork: no reference to the generator's folder.
+    assert!(fresh.config().get("generator_from").is_none());
+    // A generator of another shape is refused, naming the field and the folder.
+    let other = json!({"tasks": ["x"], "layer_norm": true, "non_linearity": "gelu", "code_dim": 4, "generator_from": dir});
+    let err = registry::build("hyper_bn", &other, &Placement::default(), &m.model_info(), &Device::Cpu, 0).err().unwrap().to_string();
+    assert!(err.contains("`code_dim`") && err.contains("adapter_config.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

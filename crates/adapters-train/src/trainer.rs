@@ -176,7 +176,7 @@ impl Trainer {
                 let adapter_config = with_task_names(&entry.kind, entry.config_json(), &config).within(|| format!("`adapters.{name}`"))?;
                 let adapter = registry::build(&entry.kind, &adapter_config, &placement, &info, device, mix(&[seed, i as u64, 0xada]))
                     .within(|| format!("`adapters.{name}`"))?;
-                for (var_name, var) in adapter.vars() {
+                for (var_name, var) in adapter.vars().into_iter().filter(|(n, _)| adapter.trains(n)) {
                     params.push(Param {
                         name: format!("adapter.{name}.{var_name}"),
                         var,

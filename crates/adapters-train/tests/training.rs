@@ -589,3 +589,48 @@ fn a_shared_mixture_logs_its_routing_and_resumes_exactly() {
     assert!((saved_mi - point["task_expert_mi_bits"].as_f64().unwrap()).abs() < 1e-12);
     assert!(std::fs::read_to_string(dir.join("a/routing.svg")).unwrap().contains("expert 3"));
 }
+
+#[test]
+fn a_hypernetwork_learns_tasks_jointly_and_a_new_task_with_its_generator_frozen() {
+    let dir = scratch("hyper");
+    let (sms, trec) = (head_of("sms_spam", "train.jsonl", 40, &dir), head_of("trec_coarse", "train.jsonl", 40, &dir));
+    let task = |name: &str, train: &std::path::Path| {
+        format!("[[task]]\nname = {name:?}\ntype = \"classification\"\ntrain = {:?}\nadapters = [\"hyper\"]\n", train.display().to_string())
+    };
+    let training = "[training]\nbatch_size = 8\nsteps = 4\nlr = 1e-2\nmixed_task_batches = true\n";
+    let body = format!(
+        "[model]\npath = {:?}\nmax_length = 32\n[adapters.hyper]\nkind = \"hyper_bn\"\n{}{}{training}",
+        minilm(),
+        task("sms", &sms),
+        task("trec", &trec)
+    );
+    let mut trainer = Trainer::new(config(&body, &dir.join("joint")), &Device::Cpu).unwrap();
+    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    trainer.run(&RunOptions::default()).unwrap();
+    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    assert_ne!(before, after);
+    // The trainer filled in the task names, in [[task]] order.
+    let saved = dir.join("joint/adapters/hyper");
+    let config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config_json["config"]["tasks"], serde_json::json!(["sms", "trec"]));
+
+    // Names in another order are refused: task ids are positions in the run's list.
+    let swapped = body.replace("kind = \"hyper_bn\"\n", "kind = \"hyper_bn\"\ntasks = [\"trec\", \"sms\"]\n");
+    let err = Trainer::new(config(&swapped, &dir.join("swapped")), &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("[[task]] order") && err.contains("adapters.hyper"), "{err}");
+
+    // A new task on the frozen generator: its embedding (64 numbers) and its head train.
+    let new_task = format!(
+        "[model]\npath = {:?}\nmax_length = 32\n[adapters.hyper]\nkind = \"hyper_bn\"\ngenerator_from = {:?}\ntrain = \"task_embeddings\"\n{}{training}",
+        minilm(),
+        saved.display().to_string(),
+        task("trec_again", &trec)
+    );
+    let mut trainer = Trainer::new(config(&new_task, &dir.join("new")), &Device::Cpu).unwrap();
+    let names: Vec<String> = trainer.trainable().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().all(|n| n.starts_with("head.") || n == "adapter.hyper.hypernet.task_embeddings"), "{names:?}");
+    let adapter_part: usize = trainer.trainable().iter().filter(|(n, _)| !n.starts_with("head.")).map(|(_, v)| v.elem_count()).sum();
+    assert_eq!(adapter_part, 64, "one task embedding");
+    trainer.run(&RunOptions::default()).unwrap();
+}
