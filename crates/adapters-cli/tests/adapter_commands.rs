@@ -209,3 +209,32 @@ fn merge_experts_and_route() {
     assert!(!success && err.contains("no loaded adapter routes tokens"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn hyper_export_writes_the_generated_adapter() {
+    let m = minilm();
+    let tmp = std::env::temp_dir().join(format!("cli-hyper-{}", std::process::id()));
+    let dir = |n: &str| tmp.join(n).to_string_lossy().into_owned();
+    ok(&["new", "hyper_bn", "--model", &m, "--out", &dir("hyper"), "--set", r#"tasks=["spam","topic"]"#, "--seed", "3"]);
+    let export = |task: &str, out: &str| ok(&["hyper-export", &dir("hyper"), "--model", &m, "--task", task, "--out", &dir(out)]);
+    assert!(export("spam", "spam").contains("`seq_bn` adapter"));
+    export("spam:1,topic:0", "spam-again");
+    export("spam:0.5,topic:0.5", "half");
+    let text = "Win a free cruise, text WIN now";
+    let embed = |d: &str| embedding(&["embed", &m, text, "--json", "--adapter", &dir(d)]);
+    let (spam, again, half) = (embed("spam"), embed("spam-again"), embed("half"));
+    assert_eq!(max_diff(&spam, &again), 0.0, "weights 1 and 0 are the task exactly");
+    assert!(max_diff(&spam, &half) > 0.0);
+    // Unknown tasks, plain adapters and occupied targets are refused; nothing is written.
+    let (success, _, err) = run(&["hyper-export", &dir("hyper"), "--model", &m, "--task", "imdb", "--out", &dir("x")]);
+    assert!(!success && err.contains("no task `imdb`") && err.contains("spam, topic"), "{err}");
+    let (success, _, err) = run(&["hyper-export", &dir("spam"), "--model", &m, "--task", "spam", "--out", &dir("x")]);
+    assert!(!success && err.contains("hyper-export reads `hyper_bn`"), "{err}");
+    assert!(!tmp.join("x").exists());
+    let (success, _, err) = run(&["hyper-export", &dir("hyper"), "--model", &m, "--task", "spam", "--out", &dir("spam")]);
+    assert!(!success && err.contains("not empty"), "{err}");
+    // The hypernetwork itself needs to know the task.
+    let (success, _, err) = run(&["embed", &m, text, "--adapter", &dir("hyper")]);
+    assert!(!success && err.contains("--task"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
