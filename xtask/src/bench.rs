@@ -14,6 +14,7 @@ const BENCHES: &[(&str, &str)] = &[
     ("adapters-bench", "composition"),
     ("adapters-bench", "mixed_batch"),
     ("adapters-bench", "moe"),
+    ("adapters-bench", "hyper"),
 ];
 
 /// Interleaved comparisons written by the benches, in report order.
@@ -28,6 +29,8 @@ const COMPARISONS: &[&str] = &[
     "moe_forward.json",
     "moe_site.json",
     "moe_train.json",
+    "hyper_forward.json",
+    "hyper_generation.json",
 ];
 
 pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
