@@ -5,6 +5,7 @@ mod bench;
 mod data;
 mod fetch;
 mod fusion_study;
+mod hyper_study;
 mod load_test;
 mod moe_study;
 mod quality;
@@ -75,6 +76,13 @@ enum Task {
     /// balance loss, with sequence routing, and AdaMix-style merged by `adapters
     /// merge-experts`. About 45 minutes on 2 cores; finished runs are skipped.
     MoeStudy,
+    /// The hypernetwork study behind RESULTS.md: one hypernetwork for SMS spam, TREC coarse,
+    /// Rotten Tomatoes and VADER tweets (mixed-task batches) against per-task Pfeiffer
+    /// adapters on the same batches; conditioned on the input instead of the task; TREC fine
+    /// learned with the generator frozen against a full adapter; the sentiment tasks'
+    /// interpolated adapter exported and evaluated. About 40 minutes on 2 cores; finished
+    /// runs are skipped.
+    HyperStudy,
     /// The AdapterFusion study behind RESULTS.md: for Rotten Tomatoes and VADER tweets with
     /// 500 training examples each, the task's own Pfeiffer adapter against a fusion of it
     /// with frozen adapters trained on the other datasets (fixtures/fusion-sources), 3 seeds
@@ -120,6 +128,7 @@ fn main() -> anyhow::Result<()> {
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
         Task::FusionStudy => fusion_study::run(&root()),
         Task::MoeStudy => moe_study::run(&root()),
+        Task::HyperStudy => hyper_study::run(&root()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
         Task::LoadTest { clients, seconds, adapters, cache } => {
             load_test::run_load_test(&root(), load_test::Load { clients, seconds, adapters, cache })

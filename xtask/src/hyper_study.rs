@@ -1,0 +1,254 @@
+//! `cargo xtask hyper-study`: one hypernetwork trained on four classification tasks (SMS
+//! spam, TREC coarse, Rotten Tomatoes, VADER tweets) on mixed-task batches, against
+//! per-task Pfeiffer adapters trained on the same batches; the hypernetwork conditioned on
+//! each input instead of its task; an unseen task (TREC fine) learned with the generator
+//! frozen against a full adapter; and the two sentiment tasks' interpolated adapter, all
+//! through `adapters hyper-export` and `adapters eval`. Writes its section of RESULTS.md.
+//! Finished runs are skipped.
+
+use anyhow::{Context, Result};
+use std::fmt::Write as _;
+use std::path::Path;
+
+const RUNS: &str = "runs/hyper-study";
+const TASKS: &[&str] = &["sms_spam", "trec_coarse", "rotten_tomatoes", "vader_tweets"];
+/// (run, config, overrides, what it is).
+const ARMS: &[(&str, &str, &[&str], &str)] = &[
+    ("per_task", "examples/per_task4_multitask.toml", &[], "one Pfeiffer adapter (r = 24) per task"),
+    ("hyper", "examples/hyper_multitask.toml", &[], "hypernetwork, conditioned on the task"),
+    (
+        "hyper_instance",
+        "examples/hyper_multitask.toml",
+        &["adapters.hyper.conditioning=\"instance\""],
+        "hypernetwork, conditioned on the input (its mean token embedding)",
+    ),
+    (
+        "new_task",
+        "examples/hyper_new_task.toml",
+        &["adapters.hyper.generator_from=\"runs/hyper-study/hyper/adapters/hyper\""],
+        "TREC fine on the frozen generator: a new task embedding and the head",
+    ),
+    (
+        "new_task_adapter",
+        "examples/trec_fine.toml",
+        &["model.max_length=64", "training.steps=400", "training.eval_every=100", "training.early_stopping.patience=10"],
+        "TREC fine with a full Pfeiffer adapter (r = 24)",
+    ),
+];
+/// The interpolated adapter: the two sentiment tasks' embeddings, averaged.
+const MIXTURE: &str = "vader_tweets:0.5,rotten_tomatoes:0.5";
+const BEGIN: &str = "<!-- hyper-study: written by `cargo xtask hyper-study` -->";
+const END: &str = "<!-- /hyper-study -->";
+
+pub fn run(root: &Path) -> Result<()> {
+    crate::fetch::fetch_all(root)?;
+    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
+    let cli = root.join("target/release/adapters");
+    let cli = cli.to_str().context("a UTF-8 path")?;
+    for (name, config, sets, _) in ARMS {
+        let out = format!("{RUNS}/{name}");
+        if root.join(&out).join("summary.json").exists() {
+            continue;
+        }
+        let _ = std::fs::remove_dir_all(root.join(&out));
+        let mut args = vec!["train".to_string(), config.to_string(), "--set".into(), format!("output.dir=\"{out}\"")];
+        for s in sets.iter() {
+            args.extend(["--set".to_string(), s.to_string()]);
+        }
+        crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    // The generated adapters as plain folders: each sentiment task's and their mixture's.
+    let model = root.join("models/all-MiniLM-L6-v2");
+    let model = model.to_str().context("UTF-8")?;
+    let evals = root.join(RUNS).join("exports-evals.json");
+    if !evals.exists() {
+        let mut out = serde_json::Map::new();
+        for (form, task) in [("rotten_tomatoes", "rotten_tomatoes"), ("vader_tweets", "vader_tweets"), ("mixture", MIXTURE)] {
+            let dir = format!("{RUNS}/export-{form}");
+            let _ = std::fs::remove_dir_all(root.join(&dir));
+            crate::run(
+                root,
+                cli,
+                &["hyper-export", &format!("{RUNS}/hyper/adapters/hyper"), "--model", model, "--task", task, "--out", &dir],
+            )?;
+            for test in ["rotten_tomatoes", "vader_tweets"] {
+                let data = format!("data/{test}/test.jsonl");
+                let output = std::process::Command::new(cli)
+                    .args(["eval", model, "--data", &data, "--task", test, "--adapter", &dir, "--max-length", "64", "--json"])
+                    .current_dir(root)
+                    .output()?;
+                anyhow::ensure!(output.status.success(), "eval of {dir} on {test}: {}", String::from_utf8_lossy(&output.stderr));
+                out.insert(format!("{form} {test}"), serde_json::from_slice(&output.stdout)?);
+            }
+        }
+        std::fs::write(&evals, serde_json::to_string_pretty(&out)?)?;
+    }
+    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
+    eprintln!("wrote the hypernetwork section of RESULTS.md");
+    Ok(())
+}
+
+fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
+}
+
+/// The section of RESULTS.md, from the runs (or as RESULTS.md has it when they are not here).
+pub fn block(root: &Path) -> Result<String> {
+    let mut md = String::new();
+    if summary(root, "hyper").is_some() {
+        write(root, &mut md)?;
+    }
+    crate::quality::marked_block(root, BEGIN, END, &md)
+}
+
+/// Accuracy in percent.
+fn pct(v: &serde_json::Value) -> f64 {
+    100.0 * v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// Parameters of a run's heads: (hidden + 1) x labels per head saved with its adapters.
+fn head_parameters(root: &Path, run: &str) -> u64 {
+    let Ok(adapters) = std::fs::read_dir(root.join(RUNS).join(run).join("adapters")) else { return 0 };
+    let mut total = 0;
+    for adapter in adapters.flatten() {
+        let Ok(heads) = std::fs::read_dir(adapter.path().join("heads")) else { continue };
+        for head in heads.flatten() {
+            let config: serde_json::Value = std::fs::read_to_string(head.path().join("head_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            let labels = config["labels"].as_array().map_or(0, Vec::len) as u64;
+            total += (config["hidden_size"].as_u64().unwrap_or(0) + 1) * labels;
+        }
+    }
+    total
+}
+
+fn write(root: &Path, md: &mut String) -> Result<()> {
+    let hyper = summary(root, "hyper").context("the hyper run")?;
+    writeln!(md, "\n## Hypernetwork: one generator for four tasks\n")?;
+    writeln!(
+        md,
+        "`cargo xtask hyper-study`. Four visible classification tasks trained jointly on frozen all-MiniLM-L6-v2: every batch \
+         of 32 mixes the tasks by temperature sampling (T = 2), each task has its own head, {} steps (about one pass over the \
+         four training sets), lr 1e-3, max length 64, seed 42, the best dev step (mean accuracy, every 200 steps) kept. The \
+         per-task adapters train on the same batches, each row through its task's adapter, so every task gets the same \
+         examples and steps in both arms. The hypernetwork (`examples/hyper_multitask.toml`, after HyperFormer++): task \
+         embeddings (64), layer-id and site embeddings (16 each), a projector (96 → 64 → 8, ReLU, then a layer norm without \
+         parameters) to an 8-number code, and one generator head per tensor of a Pfeiffer adapter (r = 24), each `G · code + \
+         c`; rows of different tasks run in one forward with per-row weights. Test accuracy in percent; parameters stored \
+         without the heads.\n",
+        hyper["steps"]
+    )?;
+    writeln!(md, "| arm | {} | mean | adapter parameters stored |", TASKS.join(" | "))?;
+    writeln!(md, "|---|{}---|---|", "---|".repeat(TASKS.len()))?;
+    let mut means = std::collections::BTreeMap::new();
+    for (name, _, _, what) in ARMS.iter().filter(|a| !a.0.starts_with("new_task")) {
+        let Some(s) = summary(root, name) else {
+            writeln!(md, "| {what} | not run |")?;
+            continue;
+        };
+        let accs: Vec<f64> = TASKS.iter().map(|t| pct(&s["tasks"][t]["test"]["accuracy"])).collect();
+        let mean = accs.iter().sum::<f64>() / accs.len() as f64;
+        means.insert(*name, (mean, s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(head_parameters(root, name))));
+        let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
+        writeln!(md, "| {what} | {} | **{mean:.2}** | {} |", cells.join(" | "), means[name].1)?;
+    }
+    writeln!(
+        md,
+        "\nWhy the generator is this small: at MiniLM's size one Pfeiffer adapter holds 2 · 384 · 24 + 24 + 384 = 18,840 \
+         parameters per layer, 113,040 for six layers, 452,160 for four tasks. A HyperFormer head that maps a 64-number \
+         embedding straight to a 384 x 24 matrix holds 64 · 9,216 = 589,824 parameters, more than all four tasks' adapters. \
+         Here every head reads an 8-number code and adds a start value: (8 + 1) · 18,840 = 169,560 for the four tensors of a \
+         layer's adapter, shared by all layers and tasks; with the projector (96 · 64 + 64 + 64 · 8 + 8 = 6,728) and the \
+         embeddings (4 · 64 + 6 · 16 + 16 = 368) that is 176,656, 39% of the per-task adapters' total.\n"
+    )?;
+    writeln!(
+        md,
+        "Stability (hypernetworks are known to diverge when the generated weights' scale follows the embeddings'): the \
+         code passes through a layer norm without parameters, so its scale is fixed whatever the embeddings and projector \
+         learn; every head starts from a small random adapter `c` (normal, std 0.014 for the weights, zero biases) and a \
+         task-dependent part `G · code` half that size, so the generated adapters start near the identity (the model's \
+         output moves about as much as with a fresh Pfeiffer adapter, tested) and apart from each other; the trainer clips \
+         the gradient norm at 1 as in every run. {}\n",
+        diverged(root)
+    )?;
+    if let (Some((h, hp)), Some((p, pp))) = (means.get("hyper"), means.get("per_task")) {
+        let verdict = if p - h <= 1.0 { "within" } else { "not within" };
+        writeln!(
+            md,
+            "The task-conditioned hypernetwork is {verdict} 1 point of the per-task adapters' mean ({h:.2} against {p:.2}, \
+             {:+.2}) while storing {hp} parameters against their {pp} ({:.0}%).",
+            h - p,
+            100.0 * *hp as f64 / *pp as f64
+        )?;
+    }
+    if let Some((i, _)) = means.get("hyper_instance") {
+        writeln!(md, "Conditioned on each input's mean token embedding instead of its task, the same generator reaches {i:.2}.")?;
+    }
+    new_task(root, md)?;
+    mixture(root, md)?;
+    Ok(())
+}
+
+/// Whether any hypernetwork run logged a non-finite training loss.
+fn diverged(root: &Path) -> String {
+    let runs = ["hyper", "hyper_instance", "new_task"];
+    let bad: Vec<&str> = runs
+        .iter()
+        .copied()
+        .filter(|run| {
+            let text = std::fs::read_to_string(root.join(RUNS).join(run).join("metrics.jsonl")).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|r| r.get("split").is_none() && r.get("loss").is_some_and(|l| !l.as_f64().is_some_and(f64::is_finite)))
+        })
+        .collect();
+    match bad.as_slice() {
+        [] => "Every training step of the three hypernetwork runs logged a finite loss.".into(),
+        runs => format!("Non-finite training losses in: {}.", runs.join(", ")),
+    }
+}
+
+/// The unseen task: a new task embedding on the frozen generator against a full adapter.
+fn new_task(root: &Path, md: &mut String) -> Result<()> {
+    let rows: Vec<(&str, serde_json::Value)> =
+        ["new_task", "new_task_adapter"].iter().filter_map(|r| summary(root, r).map(|s| (*r, s))).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "\nA task the hypernetwork never saw, TREC fine (50 question types), {} steps at batch 32 (about three epochs), max \
+         length 64. With the generator frozen (`examples/hyper_new_task.toml`: `generator_from`, `train = \"task_embeddings\"`, \
+         lr 1e-2) only the new task's embedding and its head train; the full adapter is `examples/trec_fine.toml` (lr 1e-3) \
+         with the same steps and length.\n",
+        rows[0].1["steps"]
+    )?;
+    writeln!(md, "| arm | test accuracy | adapter parameters trained |\n|---|---|---|")?;
+    for (run, s) in &rows {
+        let what = ARMS.iter().find(|a| a.0 == *run).map_or("", |a| a.3);
+        let trained = s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(head_parameters(root, run));
+        writeln!(md, "| {what} | {:.2} | {trained} |", pct(&s["tasks"]["trec_fine"]["test"]["accuracy"]))?;
+    }
+    Ok(())
+}
+
+/// The sentiment tasks' exported adapters and their mixture on both sentiment test sets.
+fn mixture(root: &Path, md: &mut String) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(root.join(RUNS).join("exports-evals.json")) else { return Ok(()) };
+    let evals: serde_json::Value = serde_json::from_str(&text)?;
+    writeln!(
+        md,
+        "\nInterpolated task embeddings: `adapters hyper-export --task '{MIXTURE}'` writes the adapter generated from the \
+         mean of the two sentiment tasks' embeddings as a plain Pfeiffer folder; beside it the two pure tasks' exports. \
+         Each evaluated with `adapters eval --max-length 64` on both sentiment test sets, each test set with its own task's \
+         head (the two tasks label differently: fresh/rotten and pos/neg, so there is no one binary head to share):\n"
+    )?;
+    writeln!(md, "| exported adapter | rotten_tomatoes test | vader_tweets test |\n|---|---|---|")?;
+    for (form, what) in [("rotten_tomatoes", "rotten_tomatoes"), ("vader_tweets", "vader_tweets"), ("mixture", MIXTURE)] {
+        let acc = |test: &str| pct(&evals[format!("{form} {test}")]["accuracy"]);
+        writeln!(md, "| {what} | {:.2} | {:.2} |", acc("rotten_tomatoes"), acc("vader_tweets"))?;
+    }
+    Ok(())
+}
