@@ -244,6 +244,10 @@ enum Command {
         /// The task whose head classifies, when it is not --task (a task mixture).
         #[arg(long)]
         head: Option<String>,
+        /// For hypernetworks: generate from this vector of the task-embedding space (a JSON
+        /// array, e.g. one a caller learned or composed) instead of --task's embedding.
+        #[arg(long, conflicts_with = "task")]
+        conditioning: Option<String>,
         /// Longer texts are truncated to this many tokens.
         #[arg(long, default_value_t = 128)]
         max_length: usize,
@@ -268,6 +272,10 @@ enum Command {
         /// The task whose head classifies, when it is not --task (a task mixture).
         #[arg(long)]
         head: Option<String>,
+        /// For hypernetworks: generate from this vector of the task-embedding space (a JSON
+        /// array, e.g. one a caller learned or composed) instead of --task's embedding.
+        #[arg(long, conflicts_with = "task")]
+        conditioning: Option<String>,
         #[arg(long, default_value = "text")]
         text_field: String,
         #[arg(long, default_value = "label")]
@@ -413,13 +421,13 @@ fn main() {
         Command::HyperExport { dir, model, task, out } => adapter_commands::hyper_export(&dir, &model, &task, &out),
         Command::Route { model, texts, task_id, json, adapters } => commands::route(&model, &adapters, &texts, task_id, json),
         Command::Train { config, set, resume, stop_after } => train_commands::train(&config, &set, resume, stop_after),
-        Command::Predict { model, texts, task, head, max_length, json, adapters } => {
-            train_commands::TaskChoice::parse(task.as_deref(), head.as_deref())
+        Command::Predict { model, texts, task, head, conditioning, max_length, json, adapters } => {
+            train_commands::TaskChoice::parse(task.as_deref(), head.as_deref(), conditioning.as_deref())
                 .and_then(|task| train_commands::predict(&model, &adapters, &task, &texts, max_length, json))
         }
-        Command::Eval { model, data, task, head, text_field, label_field, skip_bad_rows, max_length, json, adapters } => {
+        Command::Eval { model, data, task, head, conditioning, text_field, label_field, skip_bad_rows, max_length, json, adapters } => {
             let fields = adapters_train::data::Fields { text: text_field, label: label_field, skip_bad_rows };
-            train_commands::TaskChoice::parse(task.as_deref(), head.as_deref())
+            train_commands::TaskChoice::parse(task.as_deref(), head.as_deref(), conditioning.as_deref())
                 .and_then(|task| train_commands::eval(&model, &adapters, &task, &data, fields, max_length, json))
         }
         Command::Push { dir, name, tags, model, run, store } => store_commands::push(&dir, &name, &tags, model.as_deref(), run, &store),

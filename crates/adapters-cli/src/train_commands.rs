@@ -70,11 +70,16 @@ pub struct TaskChoice {
     head: Option<String>,
     /// `--task` as (task, weight) pairs; one pair of weight 1 for a plain task name.
     mixture: Option<Vec<(String, f64)>>,
+    /// `--conditioning`: a vector of the task-embedding space.
+    vector: Option<Vec<f32>>,
 }
 
 impl TaskChoice {
-    /// Parses `--task NAME` or `--task 'a:0.5,b:0.5'`, and `--head NAME`.
-    pub fn parse(task: Option<&str>, head: Option<&str>) -> Result<Self> {
+    /// Parses `--task NAME` or `--task 'a:0.5,b:0.5'`, `--head NAME` and `--conditioning '[...]'`.
+    pub fn parse(task: Option<&str>, head: Option<&str>, conditioning: Option<&str>) -> Result<Self> {
+        let vector = conditioning
+            .map(|v| serde_json::from_str::<Vec<f32>>(v).with_context(|| format!("--conditioning {v:?}: expected a JSON array of numbers")))
+            .transpose()?;
         let mixture = task.map(parse_mixture).transpose()?;
         let head = match (head, &mixture) {
             (Some(h), _) => Some(h.to_string()),
@@ -82,7 +87,7 @@ impl TaskChoice {
             (None, Some(_)) => bail!("--task {:?} mixes tasks; choose the head to classify with: --head TASK", task.unwrap_or_default()),
             (None, None) => None,
         };
-        Ok(TaskChoice { head, mixture })
+        Ok(TaskChoice { head, mixture, vector })
     }
 
     /// The inference context for `rows` rows: with the task mixture's vector as every row's
@@ -91,8 +96,15 @@ impl TaskChoice {
         let set = loaded.backbone.adapters();
         let hypers: Vec<&str> = set.names().into_iter().filter(|n| set.get(n).is_some_and(|a| a.kind() == "hyper_bn")).collect();
         let Some(first) = hypers.first() else { return Ok(ForwardCtx::inference()) };
+        if let Some(v) = &self.vector {
+            let vector = Tensor::new(v.as_slice(), loaded.backbone.device())?;
+            return Ok(ForwardCtx::inference().with_conditioning(vector.unsqueeze(0)?.repeat((rows, 1))?));
+        }
         let Some(mixture) = &self.mixture else {
-            bail!("the hypernetwork `{first}` generates its adapter for a task: give --task NAME or a mixture --task 'a:0.5,b:0.5'")
+            bail!(
+                "the hypernetwork `{first}` generates its adapter for a task: give --task NAME, a mixture --task 'a:0.5,b:0.5' \
+                 or a vector --conditioning '[...]'"
+            )
         };
         let mut vector: Option<Tensor> = None;
         for name in &hypers {

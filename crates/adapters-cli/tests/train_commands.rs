@@ -95,3 +95,64 @@ fn bad_configs_exit_with_the_key_named() {
     assert!(!success && err.contains("adapters.sms_spam") && err.contains("reduction"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A hypernetwork trained briefly on two tasks: `eval --task` reproduces the trainer's test
+/// accuracy, a 1/0 task mixture and the exported adapter give the same, a mixture needs
+/// `--head`, and `--conditioning` takes a vector of the task-embedding space.
+#[test]
+fn a_hypernetwork_evaluates_by_task_mixture_vector_and_export() {
+    let dir = std::env::temp_dir().join(format!("adapters-cli-hyper-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut tasks = Vec::new();
+    for task in ["sms_spam", "trec_coarse"] {
+        let (train, test) = (dir.join(format!("{task}-train.jsonl")), dir.join(format!("{task}-test.jsonl")));
+        first_lines(&workspace().join(format!("data/{task}/train.jsonl")), 48, &train);
+        first_lines(&workspace().join(format!("data/{task}/test.jsonl")), 30, &test);
+        tasks.push(format!(
+            "{{name=\"{task}\", type=\"classification\", train={}, dev={}, test={}, adapters=[\"hyper\"]}}",
+            q(&train),
+            q(&train),
+            q(&test)
+        ));
+    }
+    let model = adapters_models::fetched("all-MiniLM-L6-v2").unwrap();
+    let out = dir.join("run");
+    ok(&[
+        "train",
+        workspace().join("examples/hyper_multitask.toml").to_str().unwrap(),
+        "--set",
+        &format!("model.path={}", q(&model)),
+        "--set",
+        &format!("task=[{}]", tasks.join(", ")),
+        "--set",
+        "training.steps=4",
+        "--set",
+        "training.eval_every=4",
+        "--set",
+        &format!("output.dir={}", q(&out)),
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let (m, hyper) = (model.to_str().unwrap(), out.join("adapters/hyper"));
+    let h = hyper.to_str().unwrap();
+    let test = dir.join("sms_spam-test.jsonl");
+    let t = test.to_str().unwrap();
+    let accuracy = |extra: &[&str]| -> f64 {
+        let args = [&["eval", m, "--data", t, "--max-length", "64", "--json"][..], extra].concat();
+        serde_json::from_str::<serde_json::Value>(&ok(&args)).unwrap()["accuracy"].as_f64().unwrap()
+    };
+    let trained = summary["tasks"]["sms_spam"]["test"]["accuracy"].as_f64().unwrap();
+    assert_eq!(accuracy(&["--task", "sms_spam", "--adapter", h]), trained);
+    assert_eq!(accuracy(&["--task", "sms_spam:1,trec_coarse:0", "--head", "sms_spam", "--adapter", h]), trained);
+    let exported = dir.join("exported");
+    ok(&["hyper-export", h, "--model", m, "--task", "sms_spam", "--out", exported.to_str().unwrap()]);
+    assert_eq!(accuracy(&["--task", "sms_spam", "--adapter", exported.to_str().unwrap()]), trained);
+    let zeros = format!("[{}]", vec!["0"; 64].join(","));
+    accuracy(&["--conditioning", &zeros, "--head", "sms_spam", "--adapter", h]);
+    let (success, _, err) = run(&["eval", m, "--data", t, "--task", "sms_spam:0.5,trec_coarse:0.5", "--adapter", h]);
+    assert!(!success && err.contains("--head"), "{err}");
+    let (success, _, err) = run(&["eval", m, "--data", t, "--conditioning", "[1,2]", "--head", "sms_spam", "--adapter", h]);
+    assert!(!success && err.contains("task_dim"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
