@@ -84,6 +84,8 @@ pub fn run(root: &Path) -> Result<()> {
             "mixed_rows",
             "--test",
             "mixture",
+            "--test",
+            "hypernet",
         ]
         .map(String::from)
         .to_vec(),
