@@ -221,6 +221,14 @@ fn findings(root: &Path, md: &mut String) -> Result<()> {
     let (t1, seeds_token) = seed_mean(root, "moe_token");
     let (t1_st, seeds_st) = seed_mean(root, "moe_st");
     let t2 = mean_accuracy(top2);
+    let spread = |arm: &str| {
+        let means: Vec<f64> = std::iter::once(arm.to_string())
+            .chain(SEEDS.iter().map(|s| format!("{arm}-s{s}")))
+            .filter_map(|run| summary(root, &run))
+            .map(|s| mean_accuracy(&s))
+            .collect();
+        means.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b)) - means.iter().fold(f64::INFINITY, |a, &b| a.min(b))
+    };
     let verdict = if t1.max(t1_st).max(t2) >= bar { "reaches" } else { "does not reach" };
     let (e_lo, _) = routing_range(token, "entropy");
     let (st_lo, _) = routing_range(st, "entropy");
@@ -233,7 +241,8 @@ fn findings(root: &Path, md: &mut String) -> Result<()> {
         "\nFindings (the shared adapter and the top-1 mixtures: means over {seeds_shared}, {seeds_token} (Switch gate) and \
          {seeds_st} (straight-through gate) seeds; the other arms one seed). The mixture {verdict} the shared Pfeiffer adapter's \
          mean at the same parameters per token: top-1 with the straight-through gate {t1_st:.2}, top-1 with Switch's gate \
-         {t1:.2} and top-2 {t2:.2} against {bar:.2} ({:+.2}, {:+.2} and {:+.2} points); the best dev steps (of {}) were {}, {}, \
+         {t1:.2} and top-2 {t2:.2} against {bar:.2} ({:+.2}, {:+.2} and {:+.2} points; one arm's seeds spread over {:.2} (shared), {:.2} (Switch) \
+         and {:.2} (straight-through) points, so differences of a tenth of a point are within what a seed changes); the best dev steps (of {}) were {}, {}, \
          {} and {} (shared, straight-through, Switch, top-2). Switch's gate multiplies the chosen expert's output by its router \
          probability (1/8 for a router that has not yet learned a preference, and the balance loss rewards even use); the \
          straight-through gate adds the output at full weight and trains the router with the same gradient. With the \
@@ -245,6 +254,9 @@ fn findings(root: &Path, md: &mut String) -> Result<()> {
         t1_st - bar,
         t1 - bar,
         t2 - bar,
+        spread("shared"),
+        spread("moe_token"),
+        spread("moe_st"),
         shared["steps"],
         shared["best_step"],
         st["best_step"],
