@@ -62,7 +62,6 @@ pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<us
     Ok(())
 }
 
-/// The heads in the model folder and the adapter folders, narrowed to `task` if given.
 /// `--task` and `--head`: the head to classify with and the task (or task mixture) that
 /// hypernetwork adapters generate their adapters for.
 pub struct TaskChoice {
@@ -91,10 +90,13 @@ impl TaskChoice {
     }
 
     /// The inference context for `rows` rows: with the task mixture's vector as every row's
-    /// conditioning when hypernetwork adapters are loaded.
+    /// conditioning when task-conditioned hypernetworks are loaded (instance-conditioned
+    /// ones read the input and need nothing).
     fn context(&self, loaded: &LoadedModel, rows: usize) -> Result<ForwardCtx> {
         let set = loaded.backbone.adapters();
-        let hypers: Vec<&str> = set.names().into_iter().filter(|n| set.get(n).is_some_and(|a| a.kind() == "hyper_bn")).collect();
+        let by_task =
+            |a: &std::sync::Arc<dyn adapters_core::Adapter>| a.kind() == adapters_hyper::config::KIND && !a.wants_mean_token_embedding();
+        let hypers: Vec<&str> = set.names().into_iter().filter(|n| set.get(n).is_some_and(by_task)).collect();
         let Some(first) = hypers.first() else { return Ok(ForwardCtx::inference()) };
         if let Some(v) = &self.vector {
             let vector = Tensor::new(v.as_slice(), loaded.backbone.device())?;
@@ -139,6 +141,7 @@ pub fn parse_mixture(spec: &str) -> Result<Vec<(String, f64)>> {
         .collect()
 }
 
+/// The heads in the model folder and the adapter folders, narrowed to `task` if given.
 fn find_head(model: &Path, adapters: &AdapterArgs, task: Option<&str>, loaded: &LoadedModel) -> Result<SavedHead> {
     let device = loaded.backbone.device();
     let mut found = Vec::new();
