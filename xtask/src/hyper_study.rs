@@ -250,5 +250,16 @@ fn mixture(root: &Path, md: &mut String) -> Result<()> {
         let acc = |test: &str| pct(&evals[format!("{form} {test}")]["accuracy"]);
         writeln!(md, "| {what} | {:.2} | {:.2} |", acc("rotten_tomatoes"), acc("vader_tweets"))?;
     }
+    if let Some(hyper) = summary(root, "hyper") {
+        let same = ["rotten_tomatoes", "vader_tweets"]
+            .iter()
+            .all(|t| (pct(&evals[format!("{t} {t}")]["accuracy"]) - pct(&hyper["tasks"][t]["test"]["accuracy"])).abs() < 1e-9);
+        writeln!(
+            md,
+            "\nEach pure export {} the hypernetwork's own test accuracy for its task (the trainer's figures in the first table): \
+             the exported folder is the generated adapter.",
+            if same { "reproduces exactly" } else { "does not reproduce" }
+        )?;
+    }
     Ok(())
 }
