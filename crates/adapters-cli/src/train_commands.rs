@@ -167,8 +167,19 @@ fn encode(loaded: &LoadedModel, text: &str, max_length: usize) -> Result<Vec<u32
     Ok(adapters_train::encode_truncated(&loaded.tokenizer, text, max_length, loaded.backbone.is_encoder())?)
 }
 
-fn logits_for(loaded: &LoadedModel, head: &SavedHead, task: &TaskChoice, ids: &[Vec<u32>]) -> Result<Tensor> {
-    let ctx = task.context(loaded, ids.len())?;
+/// The head's logits for `ids`; `vectors`: each row's own conditioning (a data file's
+/// `conditioning` field), which replaces `task`'s for hypernetworks.
+fn logits_for(loaded: &LoadedModel, head: &SavedHead, task: &TaskChoice, ids: &[Vec<u32>], vectors: Option<Vec<&[f32]>>) -> Result<Tensor> {
+    let ctx = match vectors {
+        Some(v) => {
+            let width = v[0].len();
+            if v.iter().any(|r| r.len() != width) {
+                bail!("the rows' `conditioning` arrays differ in length");
+            }
+            ForwardCtx::inference().with_conditioning(Tensor::from_vec(v.concat(), (v.len(), width), loaded.backbone.device())?)
+        }
+        None => task.context(loaded, ids.len())?,
+    };
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let pooling: Pooling = head.config.pooling;
     let features = pooled(&loaded.backbone, &rows, pooling, &ctx)?;
@@ -179,7 +190,7 @@ pub fn predict(model: &Path, adapters: &AdapterArgs, task: &TaskChoice, texts: &
     let loaded = open_with(model, adapters)?;
     let head = find_head(model, adapters, task.head.as_deref(), &loaded)?;
     let ids = texts.iter().map(|t| encode(&loaded, t, max_length)).collect::<Result<Vec<_>>>()?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits_for(&loaded, &head, task, &ids)?)?.to_vec2::<f32>()?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits_for(&loaded, &head, task, &ids, None)?)?.to_vec2::<f32>()?;
     let mut out = Vec::new();
     for (text, p) in texts.iter().zip(&probs) {
         let best = p.iter().enumerate().fold(0, |b, (i, &v)| if v > p[b] { i } else { b });
@@ -242,10 +253,20 @@ pub fn eval(
             })?;
             gold.push(label as u32);
         }
+        let with_vectors = examples.iter().filter(|e| e.conditioning.is_some()).count();
+        if with_vectors != 0 && with_vectors != examples.len() {
+            let e = examples.iter().find(|e| e.conditioning.is_none()).expect("counted");
+            bail!(
+                "{}:{}: this row has no `conditioning` while {with_vectors} others have one; give it to every row or none",
+                data.display(),
+                e.line
+            );
+        }
         let mut pred = Vec::new();
         for chunk in examples.chunks(64) {
             let ids = chunk.iter().map(|e| encode(&loaded, &e.text, max_length)).collect::<Result<Vec<_>>>()?;
-            pred.extend(argmax(&logits_for(&loaded, &head, task, &ids)?)?);
+            let vectors = chunk.iter().map(|e| e.conditioning.as_deref()).collect::<Option<Vec<_>>>();
+            pred.extend(argmax(&logits_for(&loaded, &head, task, &ids, vectors)?)?);
         }
         serde_json::json!({"data": data, "task": head.config.task, "examples": gold.len(),
             "accuracy": accuracy(&gold, &pred), "macro_f1": macro_f1(&gold, &pred, head.config.labels.len())})

@@ -97,8 +97,9 @@ fn bad_configs_exit_with_the_key_named() {
 }
 
 /// A hypernetwork trained briefly on two tasks: `eval --task` reproduces the trainer's test
-/// accuracy, a 1/0 task mixture and the exported adapter give the same, a mixture needs
-/// `--head`, and `--conditioning` takes a vector of the task-embedding space.
+/// accuracy, a 1/0 task mixture, the exported adapter and data rows carrying the task's
+/// embedding as `conditioning` give the same, a mixture needs `--head`, and
+/// `--conditioning` takes a vector of the task-embedding space.
 #[test]
 fn a_hypernetwork_evaluates_by_task_mixture_vector_and_export() {
     let dir = std::env::temp_dir().join(format!("adapters-cli-hyper-{}", std::process::id()));
@@ -150,6 +151,26 @@ fn a_hypernetwork_evaluates_by_task_mixture_vector_and_export() {
     assert_eq!(accuracy(&["--task", "sms_spam", "--adapter", exported.to_str().unwrap()]), trained);
     let zeros = format!("[{}]", vec!["0"; 64].join(","));
     accuracy(&["--conditioning", &zeros, "--head", "sms_spam", "--adapter", h]);
+    // Each row of a JSONL file may carry its own vector: here the task's embedding.
+    let table = adapters_core::io::read_tensors(&hyper.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let sms: Vec<f32> = table["hypernet.task_embeddings"].get(0).unwrap().to_vec1().unwrap();
+    let rows: Vec<String> = std::fs::read_to_string(&test)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row["conditioning"] = serde_json::json!(sms);
+            row.to_string()
+        })
+        .collect();
+    let with_vectors = dir.join("with-vectors.jsonl");
+    std::fs::write(&with_vectors, rows.join("\n")).unwrap();
+    let args = ["eval", m, "--data", with_vectors.to_str().unwrap(), "--head", "sms_spam", "--adapter", h, "--max-length", "64", "--json"];
+    let by_rows: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert_eq!(by_rows["accuracy"].as_f64().unwrap(), trained);
+    std::fs::write(&with_vectors, format!("{}\n{}", rows[0], std::fs::read_to_string(&test).unwrap().lines().nth(1).unwrap())).unwrap();
+    let (success, _, err) = run(&args);
+    assert!(!success && err.contains(":2: this row has no `conditioning`"), "{err}");
     let (success, _, err) = run(&["eval", m, "--data", t, "--task", "sms_spam:0.5,trec_coarse:0.5", "--adapter", h]);
     assert!(!success && err.contains("--head"), "{err}");
     let (success, _, err) = run(&["eval", m, "--data", t, "--conditioning", "[1,2]", "--head", "sms_spam", "--adapter", h]);

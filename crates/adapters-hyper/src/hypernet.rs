@@ -240,7 +240,8 @@ impl HyperNet {
             }
             (Conditioning::Task, None, None) => candle_core::bail!(
                 "{KIND}: task conditioning needs each row's task: task ids in the forward context (multi-task training \
-                 has them; `--task NAME` or a mixture `--task 'a:0.5,b:0.5'` on the command line)"
+                 has them; `adapters predict` and `eval` take `--task NAME` or a mixture `--task 'a:0.5,b:0.5'`; for other \
+                 commands write the task's adapter with `adapters hyper-export`)"
             ),
             (Conditioning::Instance, Some(v), _) => {
                 let (w, b) = self.instance.as_ref().expect("instance conditioning has its projection");

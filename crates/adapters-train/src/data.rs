@@ -15,6 +15,9 @@ pub struct Example {
     pub label: String,
     /// The line the row starts on in its file (1-based), for error messages.
     pub line: usize,
+    /// A JSONL row's `conditioning` array: the vector hypernetworks generate this row's
+    /// adapter from (in place of a task's embedding).
+    pub conditioning: Option<Vec<f32>>,
 }
 
 /// Which fields hold the text and the label, and what to do with bad rows.
@@ -88,7 +91,7 @@ fn check(text: Option<String>, label: Option<String>, fields: &Fields) -> std::r
         return Err(format!("empty text in field `{}`", fields.text));
     }
     let label = label.ok_or_else(|| format!("missing or non-scalar label field `{}`", fields.label))?;
-    Ok(Example { text, label, line: 0 })
+    Ok(Example { text, label, line: 0, conditioning: None })
 }
 
 fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::Result<Example, String>)>> {
@@ -100,7 +103,14 @@ fn read_jsonl(path: &Path, fields: &Fields) -> Result<Vec<(usize, std::result::R
         .map(|(i, l)| {
             let row = match serde_json::from_str::<serde_json::Value>(l) {
                 Err(e) => Err(format!("not a JSON object: {e}")),
-                Ok(v) => check(v[&fields.text].as_str().map(String::from), label_string(&v[&fields.label]), fields),
+                Ok(v) => check(v[&fields.text].as_str().map(String::from), label_string(&v[&fields.label]), fields).and_then(|e| {
+                    match v.get("conditioning") {
+                        None => Ok(e),
+                        Some(c) => serde_json::from_value::<Vec<f32>>(c.clone())
+                            .map(|c| Example { conditioning: Some(c), ..e })
+                            .map_err(|_| "`conditioning` must be an array of numbers".to_string()),
+                    }
+                }),
             };
             (i + 1, row)
         })
@@ -210,7 +220,10 @@ mod tests {
         let r = read_labelled(&p, &Fields::default()).unwrap();
         assert_eq!(
             r.examples,
-            vec![Example { text: "good".into(), label: "pos".into(), line: 1 }, Example { text: "bad".into(), label: "0".into(), line: 3 }]
+            vec![
+                Example { text: "good".into(), label: "pos".into(), line: 1, conditioning: None },
+                Example { text: "bad".into(), label: "0".into(), line: 3, conditioning: None }
+            ]
         );
         let p = file("b.csv", "id,sentence,y\n1,\"a, quoted\",x\n2,plain,y\n");
         let f = Fields { text: "sentence".into(), label: "y".into(), skip_bad_rows: false };
@@ -228,7 +241,9 @@ mod tests {
         let e = read_labelled(&p, &Fields { label: "class".into(), ..Fields::default() }).unwrap_err().to_string();
         assert!(e.contains("`class`") && e.contains("text, label"), "{e}");
         let known: BTreeSet<String> = ["a".to_string()].into();
-        let e = check_labels(&p, &[Example { text: "t".into(), label: "b".into(), line: 7 }], &known).unwrap_err().to_string();
+        let e = check_labels(&p, &[Example { text: "t".into(), label: "b".into(), line: 7, conditioning: None }], &known)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.csv:7: label `b`"), "{e}");
         assert!(read_labelled(&file("x.txt", "hi"), &Fields::default()).is_err());
     }
