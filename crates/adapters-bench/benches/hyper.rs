@@ -59,23 +59,13 @@ fn main() {
     let mut with_hyper = load(&fetched("all-MiniLM-L6-v2").unwrap(), &dev).unwrap().backbone;
     let config = json!({"tasks": TASKS});
     let info = with_hyper.model_info();
-    let hyper = HyperNet::build(&adapters_core::BuildArgs {
-        config: &config,
-        placement: &Placement::default(),
-        model: &info,
-        device: &dev,
-        seed: 1,
-    })
-    .unwrap();
+    let build = || {
+        let args = adapters_core::BuildArgs { config: &config, placement: &Placement::default(), model: &info, device: &dev, seed: 1 };
+        HyperNet::build(&args).unwrap()
+    };
+    let hyper = build();
     randomise(&hyper);
-    let generator = HyperNet::build(&adapters_core::BuildArgs {
-        config: &config,
-        placement: &Placement::default(),
-        model: &info,
-        device: &dev,
-        seed: 1,
-    })
-    .unwrap();
+    let generator = build();
     with_hyper.adapters_mut().add("hyper", Box::new(hyper)).unwrap();
     with_hyper.adapters_mut().activate(&["hyper"]).unwrap();
     let with_hyper = bert(with_hyper);

@@ -16,8 +16,8 @@ pub fn device() -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-pub fn open(model: &Path) -> Result<LoadedModel> {
-    // Touch every family crate so the linker keeps their registrations.
+/// Touches every family crate so the linker keeps their registrations.
+pub fn link_families() {
     let _ = (
         adapters_bottleneck::family(),
         adapters_lora::family(),
@@ -25,6 +25,10 @@ pub fn open(model: &Path) -> Result<LoadedModel> {
         adapters_moe::family(),
         adapters_hyper::family(),
     );
+}
+
+pub fn open(model: &Path) -> Result<LoadedModel> {
+    link_families();
     Ok(load(model, &device()?)?)
 }
 
@@ -123,13 +127,7 @@ pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
 }
 
 pub fn kinds() -> Result<()> {
-    let _ = (
-        adapters_bottleneck::family(),
-        adapters_lora::family(),
-        adapters_fusion::family(),
-        adapters_moe::family(),
-        adapters_hyper::family(),
-    );
+    link_families();
     let kinds = registry::kinds();
     if kinds.is_empty() {
         println!("No adapter kinds are registered in this build.");

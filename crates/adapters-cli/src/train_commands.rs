@@ -15,13 +15,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<usize>) -> Result<()> {
-    let _ = (
-        adapters_bottleneck::family(),
-        adapters_lora::family(),
-        adapters_fusion::family(),
-        adapters_moe::family(),
-        adapters_hyper::family(),
-    );
+    crate::commands::link_families();
     let config = Config::load(config, sets)?;
     let mut trainer = Trainer::new(config.clone(), &crate::commands::device()?)?;
     let trainable = trainer.trainable_parameters();
@@ -99,8 +93,7 @@ impl TaskChoice {
         let hypers: Vec<&str> = set.names().into_iter().filter(|n| set.get(n).is_some_and(by_task)).collect();
         let Some(first) = hypers.first() else { return Ok(ForwardCtx::inference()) };
         if let Some(v) = &self.vector {
-            let vector = Tensor::new(v.as_slice(), loaded.backbone.device())?;
-            return Ok(ForwardCtx::inference().with_conditioning(vector.unsqueeze(0)?.repeat((rows, 1))?));
+            return every_row(&Tensor::new(v.as_slice(), loaded.backbone.device())?, rows);
         }
         let Some(mixture) = &self.mixture else {
             bail!(
@@ -119,9 +112,13 @@ impl TaskChoice {
             }
             vector = Some(v);
         }
-        let vector = vector.expect("at least one hypernetwork");
-        Ok(ForwardCtx::inference().with_conditioning(vector.unsqueeze(0)?.repeat((rows, 1))?))
+        every_row(&vector.expect("at least one hypernetwork"), rows)
     }
+}
+
+/// An inference context with `vector` as the conditioning of each of `rows` rows.
+fn every_row(vector: &Tensor, rows: usize) -> Result<ForwardCtx> {
+    Ok(ForwardCtx::inference().with_conditioning(vector.unsqueeze(0)?.repeat((rows, 1))?))
 }
 
 /// `NAME` or `a:0.5,b:0.5` as (task, weight) pairs.

@@ -306,11 +306,6 @@ impl HyperNet {
         Ok((self.template.config(), tensors))
     }
 
-    /// Parameters it stores (the unused template excluded).
-    pub fn stored_parameters(&self) -> usize {
-        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
-    }
-
     fn device(&self) -> &Device {
         self.layer_table.device()
     }
