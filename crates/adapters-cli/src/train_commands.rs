@@ -245,8 +245,17 @@ pub fn eval(
         let examples = read_labelled(data, &fields)?.examples;
         let mut gold = Vec::new();
         for e in &examples {
-            let label = head.config.labels.iter().position(|l| *l == e.label).with_context(|| {
-                format!("{}:{}: label `{}` is not one the head knows ({})", data.display(), e.line, e.label, head.config.labels.join(", "))
+            let label = head.config.label_index(&e.label).with_context(|| {
+                let renamed: Vec<&str> = head.config.label_map.keys().map(String::as_str).collect();
+                let also =
+                    if renamed.is_empty() { String::new() } else { format!("; or, renamed by its label_map, {}", renamed.join(", ")) };
+                format!(
+                    "{}:{}: label `{}` is not one the head knows ({}{also})",
+                    data.display(),
+                    e.line,
+                    e.label,
+                    head.config.labels.join(", ")
+                )
             })?;
             gold.push(label as u32);
         }

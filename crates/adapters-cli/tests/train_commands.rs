@@ -25,7 +25,8 @@ fn first_lines(src: &Path, n: usize, dst: &Path) {
 
 /// Train a short run from the example config (with overrides), then `predict` with the
 /// saved adapter folder and `eval` on the test file: eval reproduces the trainer's test
-/// accuracy exactly, so the saved adapter and head are the trained ones.
+/// accuracy exactly, so the saved adapter and head are the trained ones. The run renames
+/// `ham` to `normal` (`label_map`): the head predicts `normal`, eval reads the file's `ham`.
 #[test]
 fn train_then_predict_and_eval_from_the_saved_folders() {
     let dir = std::env::temp_dir().join(format!("adapters-cli-train-{}", std::process::id()));
@@ -44,7 +45,12 @@ fn train_then_predict_and_eval_from_the_saved_folders() {
         "--set",
         &format!("model.path={}", q(&model)),
         "--set",
-        &format!("task=[{{name=\"sms_spam\", type=\"classification\", train={}, dev={}, test={}}}]", q(&train), q(&train), q(&test)),
+        &format!(
+            "task=[{{name=\"sms_spam\", type=\"classification\", train={}, dev={}, test={}, label_map={{ham=\"normal\"}}}}]",
+            q(&train),
+            q(&train),
+            q(&test)
+        ),
         "--set",
         "training.steps=4",
         "--set",
@@ -70,6 +76,7 @@ fn train_then_predict_and_eval_from_the_saved_folders() {
         assert_eq!(scores.len(), 2);
         assert!((scores.values().map(|v| v.as_f64().unwrap()).sum::<f64>() - 1.0).abs() < 1e-5);
         assert!(scores.contains_key(p["label"].as_str().unwrap()));
+        assert!(scores.contains_key("normal") && scores.contains_key("spam"), "the head's labels are the renamed ones: {p}");
     }
     // Without the adapter there is no head to predict with; the error says where heads live.
     let (success, _, err) = run(&["predict", m, "hello"]);

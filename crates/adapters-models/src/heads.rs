@@ -4,7 +4,9 @@
 use adapters_core::Init;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
-/// Sequence classification: a new linear layer on a pooled representation.
+/// Sequence classification: a new linear layer on a pooled representation. A clone shares
+/// the weights (its `Var`s are handles), which is how tasks share one head.
+#[derive(Clone)]
 pub struct ClassificationHead {
     /// `[num_labels, hidden]`.
     pub weight: Var,

@@ -142,6 +142,15 @@ pub struct TaskConfig {
     pub setup: Option<String>,
     /// Pooling for the classification head; default mean for encoders, last for decoders.
     pub pooling: Option<Pooling>,
+    /// The classification head this task trains and is scored by; default: its own, named
+    /// after the task. Tasks that name the same head share its weights, so they must end
+    /// up with the same labels (see `label_map`) and pooling.
+    pub head: Option<String>,
+    /// Renames the data's labels before training and evaluation, e.g.
+    /// `{ fresh = "positive", rotten = "negative" }`, so that tasks labelled differently can
+    /// share a head; labels not named keep their own. Saved with the head, so `adapters
+    /// eval` reads either naming.
+    pub label_map: Option<BTreeMap<String, String>>,
     /// Evaluate on only the first N rows (or LM blocks) of dev and test, to keep
     /// evaluation of large sets short.
     pub eval_limit: Option<usize>,
@@ -336,7 +345,7 @@ impl Default for TrainingConfig {
 
 /// One stage of staged training: these parameter groups train for `steps` steps (the
 /// last stage may omit `steps` and runs to the end). Groups: `adapters`, `adapter:NAME`,
-/// `heads`, `head:TASK`, `base` (full mode).
+/// `heads`, `head:NAME` (a task's head, named after the task unless it sets `head`), `base` (full mode).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
@@ -422,6 +431,8 @@ impl Config {
             if !names.insert(&task.name) {
                 fail!(Config, "`task.name`: two tasks are called `{}`", task.name);
             }
+            task.check_head().within(|| format!("task `{}`", task.name))?;
+            self.check_label_maps(task.head_name())?;
             if let Some(text) = &task.setup {
                 if task.adapters.is_some() {
                     fail!(Config, "task `{}`: give `adapters` (a stack) or `setup` (a composition), not both", task.name);
@@ -485,13 +496,43 @@ impl Config {
         let ok = match group.split_once(':') {
             None => matches!(group, "adapters" | "heads" | "base"),
             Some(("adapter", name)) => self.adapters.contains_key(name),
-            Some(("head", name)) => self.task.iter().any(|t| t.name == name),
+            Some(("head", name)) => self.task.iter().any(|t| t.head_name() == name),
             _ => false,
         };
         if !ok {
-            fail!(Config, "unknown parameter group `{group}`; groups are adapters, heads, base, adapter:NAME, head:TASK");
+            fail!(Config, "unknown parameter group `{group}`; groups are adapters, heads, base, adapter:NAME, head:NAME (a task's head: the task's name unless it sets `head`)");
         }
         Ok(())
+    }
+
+    /// The `label_map`s of the tasks sharing head `name` agree, and never rename a label
+    /// into one that is renamed too: the head keeps their union, read in one step.
+    fn check_label_maps(&self, head: &str) -> Result<()> {
+        let mut union: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for t in self.tasks_of_head(head) {
+            for (from, to) in t.label_map.iter().flatten() {
+                match union.insert(from, (to, &t.name)) {
+                    Some((other, by)) if other != to => fail!(
+                        Config,
+                        "`label_map` of the head `{head}`: task `{by}` renames `{from}` to `{other}`, task `{}` to `{to}`",
+                        t.name
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        if let Some((from, (to, by))) = union.iter().find(|(_, (to, _))| union.contains_key(to)) {
+            fail!(
+                Config,
+                "`label_map` of task `{by}`: `{from}` becomes `{to}`, which is itself renamed; map each label straight to its final name"
+            );
+        }
+        Ok(())
+    }
+
+    /// The tasks that train head `name`, in config order.
+    pub fn tasks_of_head<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a TaskConfig> + 'a {
+        self.task.iter().filter(move |t| t.head_name() == name)
     }
 
     /// The `[adapters.NAME]` names, in order.
@@ -519,6 +560,32 @@ impl Config {
     }
 }
 
+impl TaskConfig {
+    /// The head this task trains: `head`, or the task's name.
+    pub fn head_name(&self) -> &str {
+        self.head.as_deref().unwrap_or(&self.name)
+    }
+
+    /// `head` names a folder; `label_map` and a shared head need classification.
+    fn check_head(&self) -> Result<()> {
+        if let Some(head) = &self.head {
+            let folder_safe = head.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if head.is_empty() || !folder_safe || head.starts_with('.') {
+                fail!(Config, "`head` = {head:?}: a head name is a folder name of letters, digits, `_`, `-` and `.`");
+            }
+        }
+        if self.kind != TaskType::Classification && (self.head.is_some() || self.label_map.is_some()) {
+            fail!(Config, "`head` and `label_map` are for classification tasks; this one predicts tokens");
+        }
+        for (from, to) in self.label_map.iter().flatten() {
+            if from.is_empty() || to.is_empty() {
+                fail!(Config, "`label_map`: {from:?} = {to:?} maps to or from an empty label");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sets `a.b.c = value` in a TOML table; the value is parsed as TOML, else taken as a string.
 fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
@@ -531,9 +598,24 @@ fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let parts: Vec<&str> = key.trim().split('.').collect();
     let mut table = doc;
-    for part in &parts[..parts.len() - 1] {
+    let mut i = 0;
+    while i + 1 < parts.len() {
+        let part = parts[i];
         let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        // `task.2.head`: an array of tables is indexed by the next part, from 0.
+        let entry = if entry.is_array() && i + 2 < parts.len() {
+            i += 1;
+            let items = entry.as_array_mut().expect("checked");
+            let n = items.len();
+            let index: usize = parts[i]
+                .parse()
+                .map_err(|_| Error::Config(format!("--set {key}: `{part}` is a list; index it from 0, e.g. {part}.0.{}", parts[i + 1])))?;
+            items.get_mut(index).ok_or_else(|| Error::Config(format!("--set {key}: `{part}` has {n} entries, indexed from 0")))?
+        } else {
+            entry
+        };
         table = entry.as_table_mut().ok_or_else(|| Error::Config(format!("--set {key}: `{part}` is not a table")))?;
+        i += 1;
     }
     table.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
@@ -586,6 +668,28 @@ dir = "runs/x"
         let frozen = format!("{BASE}\n[adapters.old]\nfrom = \"runs/old\"\nlr = 1e-4\n");
         let e = Config::parse(&frozen, &[]).unwrap_err();
         assert!(e.to_string().contains("`adapters.old.lr`") && e.to_string().contains("frozen"), "{e}");
+    }
+
+    #[test]
+    fn set_indexes_tasks_and_shared_heads_are_checked() {
+        let two = format!("{BASE}\n[[task]]\nname = \"trec\"\ntype = \"classification\"\ntrain = \"t.jsonl\"\n");
+        let sets = ["task.0.head=\"shared\"".into(), "task.1.head=\"shared\"".into(), "task.1.label_map={ ham = \"ok\" }".into()];
+        let c = Config::parse(&two, &sets).unwrap();
+        assert_eq!((c.task[0].head_name(), c.task[1].head_name()), ("shared", "shared"));
+        assert_eq!(c.task[1].label_map.as_ref().unwrap()["ham"], "ok");
+        assert_eq!(c.tasks_of_head("shared").map(|t| t.name.as_str()).collect::<Vec<_>>(), ["sms", "trec"]);
+        assert!(Config::parse(&format!("{two}\n[[stage]]\ntrain = [\"head:shared\"]\n"), &sets).is_ok());
+        let e = Config::parse(&two, &["task.2.head=\"x\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("task.2.head") && e.contains("2 entries"), "{e}");
+        let e = Config::parse(&two, &["task.first.head=\"x\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("index it from 0"), "{e}");
+        let clash = [sets[0].clone(), sets[1].clone(), "task.0.label_map={ ham = \"fine\" }".into(), sets[2].clone()];
+        let e = Config::parse(&two, &clash).unwrap_err().to_string();
+        assert!(e.contains("task `sms` renames `ham` to `fine`, task `trec` to `ok`"), "{e}");
+        let e = Config::parse(&two, &["task.0.label_map={ a = \"b\", b = \"c\" }".into()]).unwrap_err().to_string();
+        assert!(e.contains("`a` becomes `b`, which is itself renamed"), "{e}");
+        let e = Config::parse(&two, &["task.0.head=\"../up\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("task `sms`") && e.contains("folder name"), "{e}");
     }
 
     #[test]

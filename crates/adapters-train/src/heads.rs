@@ -9,7 +9,7 @@ use adapters_core::io::{read_json, read_tensors, save_tensors_atomic, write_atom
 use adapters_models::heads::ClassificationHead;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// The folder (inside an adapter or run folder) that holds heads, one per task.
@@ -36,6 +36,18 @@ pub struct HeadConfig {
     pub hidden_size: usize,
     /// The adapters the head was trained on top of, in stack order.
     pub adapters: Vec<String>,
+    /// Data labels it was trained on under another name (`label_map` of its tasks), so
+    /// that data in either naming can be scored.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_map: BTreeMap<String, String>,
+}
+
+impl HeadConfig {
+    /// The index of a data label, read through `label_map`.
+    pub fn label_index(&self, label: &str) -> Option<usize> {
+        let label = self.label_map.get(label).map_or(label, String::as_str);
+        self.labels.iter().position(|l| l == label)
+    }
 }
 
 /// A head read back from disk.

@@ -144,7 +144,17 @@ pub fn chat_tokens(tokenizer: &TextTokenizer, messages: &[adapters_models::Messa
 
 fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize, is_encoder: bool) -> Result<TaskData> {
     let fields = Fields { text: task.text_field.clone(), label: task.label_field.clone(), skip_bad_rows: task.skip_bad_rows };
-    let train = read_labelled(&task.train, &fields)?;
+    // `label_map` renames labels as they are read, so every split sees the new names.
+    let read = |path: &Path| -> Result<crate::data::Read> {
+        let mut read = read_labelled(path, &fields)?;
+        for e in &mut read.examples {
+            if let Some(to) = task.label_map.as_ref().and_then(|m| m.get(&e.label)) {
+                e.label = to.clone();
+            }
+        }
+        Ok(read)
+    };
+    let train = read(&task.train)?;
     if train.examples.is_empty() {
         fail!(Data, "{}: no examples", task.train.display());
     }
@@ -166,7 +176,7 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
     let train_split = encode(&task.train, train.examples)?.limit(task.train_limit);
     let mut other = |path: &Option<std::path::PathBuf>| -> Result<Option<Split>> {
         let Some(path) = path else { return Ok(None) };
-        let read = read_labelled(path, &fields)?;
+        let read = read(path)?;
         skipped += read.skipped;
         encode(path, read.examples).map(Some)
     };

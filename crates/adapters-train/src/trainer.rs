@@ -188,28 +188,45 @@ impl Trainer {
         }
         let is_encoder = model.backbone.is_encoder();
         let hidden = model.backbone.hidden_size();
-        let mut tasks = Vec::new();
+        let mut tasks: Vec<Task> = Vec::new();
         for (i, t) in config.task.iter().enumerate() {
             let data = task::load(t, &model.tokenizer, config.model.max_length, is_encoder).within(|| format!("task `{}`", t.name))?;
             if data.skipped > 0 {
                 eprintln!("task `{}`: skipped {} bad rows", t.name, data.skipped);
             }
-            let head = match t.kind {
-                TaskType::Classification => {
+            let pooling = t.pooling.unwrap_or(if is_encoder { Pooling::Mean } else { Pooling::Last });
+            let head_name = t.head_name();
+            let shared = config.task[..i].iter().position(|o| o.head_name() == head_name).map(|j| &tasks[j]);
+            let head = match (t.kind, shared) {
+                (TaskType::Classification, Some(first)) => {
+                    if first.data.labels != data.labels || first.pooling != pooling {
+                        fail!(
+                            Config,
+                            "tasks `{}` and `{}` share the head `{head_name}` but not its labels ({} against {}) or pooling                              ({:?} against {:?}); rename labels with `label_map`",
+                            first.name,
+                            t.name,
+                            first.data.labels.join(", "),
+                            data.labels.join(", "),
+                            first.pooling,
+                            pooling
+                        );
+                    }
+                    first.head.clone()
+                }
+                (TaskType::Classification, None) => {
                     let head = ClassificationHead::new(hidden, data.labels.len(), mix(&[seed, i as u64, 0x4ead]), device)?;
                     for (var_name, var) in head.vars() {
                         let var_name = var_name.trim_start_matches("head.");
                         params.push(Param {
-                            name: format!("head.{}.{var_name}", t.name),
+                            name: format!("head.{head_name}.{var_name}"),
                             var,
-                            groups: vec!["heads".into(), format!("head:{}", t.name)],
+                            groups: vec!["heads".into(), format!("head:{head_name}")],
                         });
                     }
                     Some(head)
                 }
-                TaskType::CausalLm | TaskType::Chat => None,
+                (TaskType::CausalLm | TaskType::Chat, _) => None,
             };
-            let pooling = t.pooling.unwrap_or(if is_encoder { Pooling::Mean } else { Pooling::Last });
             let setup = config.setup_of(t);
             if let Some(setup) = &setup {
                 // Checked now, not at the first step: names, nesting, shared fusion sites.
@@ -770,7 +787,7 @@ impl Trainer {
             let dir = out.join("adapters").join(name);
             replace_dir(&dir, |tmp| Ok(io::save(tmp, name, adapter.as_ref(), &entry.placement, &fingerprint)?))?;
         }
-        for task in &self.tasks {
+        for (task, task_config) in self.tasks.iter().zip(&self.config.task) {
             let Some(head) = &task.head else { continue };
             let top = match &task.setup {
                 Some(setup) => setup.fusion_names().pop().or_else(|| setup.adapter_names().pop()),
@@ -784,13 +801,15 @@ impl Trainer {
             if let Some(setup) = &task.setup {
                 setup.save(&home)?;
             }
+            let head_name = task_config.head_name();
             let config = HeadConfig {
-                task: task.name.clone(),
+                task: head_name.to_string(),
                 kind: "classification".into(),
                 labels: task.data.labels.clone(),
                 pooling: task.pooling,
                 hidden_size: backbone.hidden_size(),
                 adapters: task.stack.clone(),
+                label_map: self.config.tasks_of_head(head_name).flat_map(|t| t.label_map.clone().unwrap_or_default()).collect(),
             };
             heads::save(&home, &config, head)?;
         }

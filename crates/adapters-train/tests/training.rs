@@ -634,3 +634,48 @@ fn a_hypernetwork_learns_tasks_jointly_and_a_new_task_with_its_generator_frozen(
     assert_eq!(adapter_part, 64, "one task embedding");
     trainer.run(&RunOptions::default()).unwrap();
 }
+
+/// Two tasks share one head: the second's data names the labels differently and
+/// `label_map` renames them. One set of head weights trains on both (the same rows under
+/// either naming score the same), and the saved head reads either naming. Without the
+/// map the labels differ and the run is refused naming both tasks.
+#[test]
+fn tasks_share_a_head_through_a_label_map() {
+    let dir = scratch("shared-head");
+    let (sms, dev) = (head_of("sms_spam", "train.jsonl", 40, &dir), head_of("sms_spam", "dev.jsonl", 16, &dir));
+    let rename = |from: &Path, to: &str| {
+        let text = std::fs::read_to_string(from).unwrap();
+        let text = text.replace("\"label\":\"ham\"", "\"label\":\"ok\"").replace("\"label\":\"spam\"", "\"label\":\"junk\"");
+        assert!(!text.contains("\"ham\"") && !text.contains("\"spam\""), "every label renamed");
+        std::fs::write(dir.join(to), text).unwrap();
+        dir.join(to).display().to_string()
+    };
+    let (renamed, renamed_dev) = (rename(&sms, "renamed-train.jsonl"), rename(&dev, "renamed-dev.jsonl"));
+    let task = |name: &str, train: &str, dev: &str, extra: &str| {
+        format!("[[task]]\nname = {name:?}\ntype = \"classification\"\ntrain = {train:?}\ndev = {dev:?}\ntest = {dev:?}\n{extra}")
+    };
+    let body = |extra: &str| {
+        format!(
+            "[model]\npath = {:?}\nmax_length = 32\n[adapters.pf]\nkind = \"seq_bn\"\nreduction_factor = 32\n{}{}\
+             [training]\nbatch_size = 8\nsteps = 3\nlr = 1e-2\nmixed_task_batches = true\n",
+            minilm(),
+            task("sms", &sms.display().to_string(), &dev.display().to_string(), ""),
+            task("renamed", &renamed, &renamed_dev, extra)
+        )
+    };
+    let shared = body("head = \"sms\"\nlabel_map = { ok = \"ham\", junk = \"spam\" }\n");
+    let mut trainer = Trainer::new(config(&shared, &dir.join("out")), &Device::Cpu).unwrap();
+    let heads: Vec<String> = trainer.trainable().into_iter().map(|(n, _)| n).filter(|n| n.starts_with("head.")).collect();
+    assert_eq!(heads, ["head.sms.weight", "head.sms.bias"], "one head");
+    let summary = trainer.run(&RunOptions::default()).unwrap();
+    let test = |t: &str| serde_json::to_value(&summary).unwrap()["tasks"][t]["test"].clone();
+    assert_eq!(test("sms"), test("renamed"), "one head, the same rows: the same scores");
+    let saved = adapters_train::heads::load_all(&dir.join("out/adapters/pf"), &Device::Cpu).unwrap();
+    assert_eq!(saved.len(), 1, "one head folder");
+    let head = &saved[0].config;
+    assert_eq!((head.task.as_str(), head.labels.clone()), ("sms", vec!["ham".to_string(), "spam".into()]));
+    assert_eq!([head.label_index("ok"), head.label_index("spam"), head.label_index("maybe")], [Some(0), Some(1), None]);
+
+    let err = Trainer::new(config(&body("head = \"sms\"\n"), &dir.join("bad")), &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("`sms` and `renamed` share the head `sms`") && err.contains("label_map"), "{err}");
+}
