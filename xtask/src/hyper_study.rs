@@ -34,18 +34,33 @@ const ARMS: &[(&str, &str, &[&str], &str)] = &[
         &["model.max_length=64", "training.steps=400", "training.eval_every=100", "training.early_stopping.patience=10"],
         "TREC fine with a full Pfeiffer adapter (r = 24)",
     ),
+    ("shared_head", "examples/hyper_multitask.toml", SHARED_HEAD, "hypernetwork, the two sentiment tasks sharing one head"),
 ];
+/// The sentiment tasks ([[task]] 2 and 3) trained with one binary head, their labels
+/// renamed to the head's.
+const SHARED_HEAD: &[&str] = &[
+    "task.2.head=\"sentiment\"",
+    "task.2.label_map={ fresh = \"positive\", rotten = \"negative\" }",
+    "task.3.head=\"sentiment\"",
+    "task.3.label_map={ pos = \"positive\", neg = \"negative\" }",
+];
+/// Rotten Tomatoes' weight in the interpolated task embeddings of the shared-head run
+/// (Vader tweets' is one minus it).
+const RT_WEIGHTS: &[f64] = &[0.0, 0.25, 0.5, 0.75, 1.0];
 /// The interpolated adapter: the two sentiment tasks' embeddings, averaged.
 const MIXTURE: &str = "vader_tweets:0.5,rotten_tomatoes:0.5";
 const BEGIN: &str = "<!-- hyper-study: written by `cargo xtask hyper-study` -->";
 const END: &str = "<!-- /hyper-study -->";
+const SHARED_BEGIN: &str = "<!-- hyper-study shared head: written by `cargo xtask hyper-study` -->";
+const SHARED_END: &str = "<!-- /hyper-study shared head -->";
 
-pub fn run(root: &Path) -> Result<()> {
+pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
     crate::fetch::fetch_all(root)?;
     crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
     let cli = root.join("target/release/adapters");
     let cli = cli.to_str().context("a UTF-8 path")?;
-    for (name, config, sets, _) in ARMS {
+    let chosen = |name: &str| only.is_none_or(|o| o.split(',').any(|x| x == name));
+    for (name, config, sets, _) in ARMS.iter().filter(|a| chosen(a.0)) {
         let out = format!("{RUNS}/{name}");
         if root.join(&out).join("summary.json").exists() {
             continue;
@@ -61,7 +76,7 @@ pub fn run(root: &Path) -> Result<()> {
     let model = root.join("models/all-MiniLM-L6-v2");
     let model = model.to_str().context("UTF-8")?;
     let evals = root.join(RUNS).join("exports-evals.json");
-    if !evals.exists() {
+    if !evals.exists() && summary(root, "hyper").is_some() {
         let mut out = serde_json::Map::new();
         for (form, task) in [("rotten_tomatoes", "rotten_tomatoes"), ("vader_tweets", "vader_tweets"), ("mixture", MIXTURE)] {
             let dir = format!("{RUNS}/export-{form}");
@@ -83,9 +98,98 @@ pub fn run(root: &Path) -> Result<()> {
         }
         std::fs::write(&evals, serde_json::to_string_pretty(&out)?)?;
     }
+    if summary(root, "shared_head").is_some() {
+        shared_head_evals(root, cli, model)?;
+    }
     crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the hypernetwork section of RESULTS.md");
+    crate::quality::replace_block(root, SHARED_BEGIN, SHARED_END, &shared_head_block(root)?, "\n## Other runs")?;
+    eprintln!("wrote the hypernetwork sections of RESULTS.md");
     Ok(())
+}
+
+/// The shared-head run's interpolated adapters (`RT_WEIGHTS`), each exported and scored
+/// with the shared head on both sentiment test sets (kept in `shared-head-evals.json`).
+fn shared_head_evals(root: &Path, cli: &str, model: &str) -> Result<()> {
+    let path = root.join(RUNS).join("shared-head-evals.json");
+    if path.exists() {
+        return Ok(());
+    }
+    let mut out = serde_json::Map::new();
+    for w in RT_WEIGHTS {
+        let task = format!("rotten_tomatoes:{w},vader_tweets:{}", 1.0 - w);
+        let dir = format!("{RUNS}/shared-export-{w}");
+        let _ = std::fs::remove_dir_all(root.join(&dir));
+        let generator = format!("{RUNS}/shared_head/adapters/hyper");
+        crate::run(root, cli, &["hyper-export", &generator, "--model", model, "--task", &task, "--out", &dir])?;
+        for test in ["rotten_tomatoes", "vader_tweets"] {
+            let data = format!("data/{test}/test.jsonl");
+            let output = std::process::Command::new(cli)
+                .args(["eval", model, "--data", &data, "--head", "sentiment", "--adapter", &dir, "--max-length", "64", "--json"])
+                .current_dir(root)
+                .output()?;
+            anyhow::ensure!(output.status.success(), "eval of {dir} on {test}: {}", String::from_utf8_lossy(&output.stderr));
+            out.insert(format!("{w} {test}"), serde_json::from_slice(&output.stdout)?);
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    Ok(())
+}
+
+/// The shared-head section of RESULTS.md, from its run (or as RESULTS.md has it).
+fn shared_head_block(root: &Path) -> Result<String> {
+    let mut md = String::new();
+    if let (Some(s), Ok(text)) = (summary(root, "shared_head"), std::fs::read_to_string(root.join(RUNS).join("shared-head-evals.json"))) {
+        shared_head_section(&s, &serde_json::from_str(&text)?, &mut md)?;
+    }
+    crate::quality::marked_block(root, SHARED_BEGIN, SHARED_END, &md)
+}
+
+fn shared_head_section(run: &serde_json::Value, evals: &serde_json::Value, md: &mut String) -> Result<()> {
+    writeln!(
+        md,
+        "\n### Interpolating the sentiment tasks under one shared head\n\nThe same hypernetwork run (`examples/hyper_multitask.toml`, \
+         seed 42) with Rotten Tomatoes and VADER tweets sharing one binary head: `--set 'task.2.head=\"sentiment\"' --set \
+         'task.2.label_map={{ fresh = \"positive\", rotten = \"negative\" }}'` and the same for `task.3` with `pos`/`neg`. \
+         Trainer's test accuracy after training: {} (SMS spam), {} (TREC coarse), {} (Rotten Tomatoes), {} (VADER tweets). \
+         Then `adapters hyper-export --task 'rotten_tomatoes:w,vader_tweets:1-w'` for each w, and `adapters eval --head \
+         sentiment --max-length 64` of the exported plain Pfeiffer folder on both sentiment test sets (the head reads each \
+         set's own label names through its `label_map`). Test accuracy in percent:\n",
+        fmt_pct(&run["tasks"]["sms_spam"]["test"]["accuracy"]),
+        fmt_pct(&run["tasks"]["trec_coarse"]["test"]["accuracy"]),
+        fmt_pct(&run["tasks"]["rotten_tomatoes"]["test"]["accuracy"]),
+        fmt_pct(&run["tasks"]["vader_tweets"]["test"]["accuracy"]),
+    )?;
+    writeln!(md, "| Rotten Tomatoes weight w | rotten_tomatoes test | vader_tweets test | mean |\n|---|---|---|---|")?;
+    let mut best = (f64::MIN, 0.0);
+    for w in RT_WEIGHTS {
+        let acc = |test: &str| pct(&evals[format!("{w} {test}")]["accuracy"]);
+        let (rt, vader) = (acc("rotten_tomatoes"), acc("vader_tweets"));
+        let mean = (rt + vader) / 2.0;
+        writeln!(md, "| {w} | {rt:.2} | {vader:.2} | {mean:.2} |")?;
+        if mean > best.0 {
+            best = (mean, *w);
+        }
+    }
+    let four: f64 = TASKS.iter().map(|t| pct(&run["tasks"][t]["test"]["accuracy"])).sum::<f64>() / TASKS.len() as f64;
+    writeln!(
+        md,
+        "\nMoving w trades one test set's accuracy for the other's step by step; the best mean of the two is at w = {} ({:.2}). \
+         Over the four tasks this run's mean test accuracy is {four:.2} (the hypernetwork with a head per task: first table).",
+        best.1, best.0
+    )?;
+    let same = [("1", "rotten_tomatoes"), ("0", "vader_tweets")]
+        .iter()
+        .all(|(w, t)| (pct(&evals[format!("{w} {t}")]["accuracy"]) - pct(&run["tasks"][t]["test"]["accuracy"])).abs() < 1e-9);
+    writeln!(
+        md,
+        "\nThe pure ends (w = 1 on Rotten Tomatoes, w = 0 on VADER) {} the trainer's accuracy for that task.",
+        if same { "reproduce exactly" } else { "do not reproduce" }
+    )?;
+    Ok(())
+}
+
+fn fmt_pct(v: &serde_json::Value) -> String {
+    format!("{:.2}", pct(v))
 }
 
 fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
@@ -193,7 +297,8 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
 
 /// Whether any hypernetwork run logged a non-finite training loss.
 fn diverged(root: &Path) -> String {
-    let runs = ["hyper", "hyper_instance", "new_task"];
+    let runs: Vec<&str> =
+        ["hyper", "hyper_instance", "new_task", "shared_head"].into_iter().filter(|r| summary(root, r).is_some()).collect();
     let bad: Vec<&str> = runs
         .iter()
         .copied()
@@ -205,7 +310,7 @@ fn diverged(root: &Path) -> String {
         })
         .collect();
     match bad.as_slice() {
-        [] => "Every training step of the three hypernetwork runs logged a finite loss.".into(),
+        [] => format!("Every training step of the {} hypernetwork runs logged a finite loss.", runs.len()),
         runs => format!("Non-finite training losses in: {}.", runs.join(", ")),
     }
 }
@@ -243,7 +348,7 @@ fn mixture(root: &Path, md: &mut String) -> Result<()> {
         "\nInterpolated task embeddings: `adapters hyper-export --task '{MIXTURE}'` writes the adapter generated from the \
          mean of the two sentiment tasks' embeddings as a plain Pfeiffer folder; beside it the two pure tasks' exports. \
          Each evaluated with `adapters eval --max-length 64` on both sentiment test sets, each test set with its own task's \
-         head (the two tasks label differently: fresh/rotten and pos/neg, so there is no one binary head to share):\n"
+         head (the next section shares one head between the two tasks):\n"
     )?;
     writeln!(md, "| exported adapter | rotten_tomatoes test | vader_tweets test |\n|---|---|---|")?;
     for (form, what) in [("rotten_tomatoes", "rotten_tomatoes"), ("vader_tweets", "vader_tweets"), ("mixture", MIXTURE)] {

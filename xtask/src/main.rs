@@ -80,9 +80,14 @@ enum Task {
     /// Rotten Tomatoes and VADER tweets (mixed-task batches) against per-task Pfeiffer
     /// adapters on the same batches; conditioned on the input instead of the task; TREC fine
     /// learned with the generator frozen against a full adapter; the sentiment tasks'
-    /// interpolated adapter exported and evaluated. About 40 minutes on 2 cores; finished
-    /// runs are skipped.
-    HyperStudy,
+    /// interpolated adapter exported and evaluated, with each task's head and with one head
+    /// the two sentiment tasks share. About 50 minutes on 2 cores; finished runs are skipped.
+    HyperStudy {
+        /// Only these runs (comma-separated: per_task, hyper, hyper_instance, new_task,
+        /// new_task_adapter, shared_head); the exports need `hyper` and `shared_head`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// The AdapterFusion study behind RESULTS.md: for Rotten Tomatoes and VADER tweets with
     /// 500 training examples each, the task's own Pfeiffer adapter against a fusion of it
     /// with frozen adapters trained on the other datasets (fixtures/fusion-sources), 3 seeds
@@ -128,7 +133,7 @@ fn main() -> anyhow::Result<()> {
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
         Task::FusionStudy => fusion_study::run(&root()),
         Task::MoeStudy => moe_study::run(&root()),
-        Task::HyperStudy => hyper_study::run(&root()),
+        Task::HyperStudy { only } => hyper_study::run(&root(), only.as_deref()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
         Task::LoadTest { clients, seconds, adapters, cache } => {
             load_test::run_load_test(&root(), load_test::Load { clients, seconds, adapters, cache })
