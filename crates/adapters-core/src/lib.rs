@@ -17,6 +17,7 @@ mod error;
 pub mod init;
 pub mod io;
 pub mod kernels;
+pub mod merge;
 pub mod placement;
 pub mod point;
 pub mod registry;

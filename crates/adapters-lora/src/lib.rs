@@ -5,6 +5,7 @@
 
 pub mod ia3;
 pub mod lora;
+pub mod merge;
 pub mod peft;
 
 pub use ia3::{Ia3, Ia3Config};
@@ -55,6 +56,29 @@ adapters_core::inventory::submit! {
         build: build_ia3,
     }
 }
+
+/// Registers PEFT's `add_weighted_adapter` methods for `lora` (see [`merge`]).
+macro_rules! combinations {
+    ($($name:literal: $summary:literal,)*) => {$(
+        adapters_core::inventory::submit! {
+            adapters_core::merge::Combination { kind: "lora", method: $name, summary: $summary, combine: merge::combine }
+        }
+    )*};
+}
+
+combinations!(
+    "linear": "weighted sums of the A and of the B factors, each weighted by sqrt(|w s|) (PEFT's linear; one rank)",
+    "cat": "the factors side by side: exactly the weighted sum of the updates, at the summed rank",
+    "svd": "the weighted sum of the updates s B A, cut back to --rank by SVD",
+    "ties": "TIES on the factors: keep each one's largest entries (--density), elect signs, average the agreeing",
+    "ties_svd": "TIES on the updates, then SVD",
+    "dare_linear": "DARE on the factors: keep a random share (--density, --seed), rescale, sum",
+    "dare_ties": "DARE's pruning, then TIES's sign election, on the factors",
+    "dare_linear_svd": "DARE on the updates, then SVD",
+    "dare_ties_svd": "DARE and TIES on the updates, then SVD",
+    "magnitude_prune": "each factor's largest entries (--density), summed",
+    "magnitude_prune_svd": "magnitude pruning on the updates, then SVD",
+);
 
 adapters_core::inventory::submit! {
     adapters_core::AdapterFormat { name: "peft", detect: peft::detect, load: peft::load }

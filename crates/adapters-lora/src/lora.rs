@@ -106,6 +106,11 @@ impl Lora {
         Ok(LowRank { down, up: p.b.as_tensor().clone() })
     }
 
+    /// The A and B variables and the scale at a point.
+    pub fn factor_vars(&self, point: Point) -> Option<(Var, Var, f64)> {
+        self.pairs.get(&point).map(|p| (p.a.clone(), p.b.clone(), p.scale))
+    }
+
     /// The A and B variables at a point, by our variable names.
     pub fn var_names(point: Point) -> (String, String) {
         (point.var_name("lora_A.weight"), point.var_name("lora_B.weight"))
