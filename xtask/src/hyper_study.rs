@@ -36,7 +36,7 @@ const ARMS: &[(&str, &str, &[&str], &str)] = &[
     ),
     ("shared_head", "examples/hyper_multitask.toml", SHARED_HEAD, "hypernetwork, the two sentiment tasks sharing one head"),
 ];
-/// The sentiment tasks ([[task]] 2 and 3) trained with one binary head, their labels
+/// The sentiment tasks (`[[task]]` 2 and 3) trained with one binary head, their labels
 /// renamed to the head's.
 const SHARED_HEAD: &[&str] = &[
     "task.2.head=\"sentiment\"",

@@ -53,7 +53,7 @@ fn config_and_placement(sets: &[String]) -> Result<(serde_json::Value, Placement
     Ok((serde_json::Value::Object(config), placement))
 }
 
-fn check_empty_target(out: &Path) -> Result<()> {
+pub fn check_empty_target(out: &Path) -> Result<()> {
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} exists and is not empty; choose a new folder (nothing was written)", out.display());
     }
@@ -80,7 +80,7 @@ pub fn new(kind: &str, model: &Path, out: &Path, sets: &[String], name: Option<S
 }
 
 /// Writes an adapter in one of the layouts (AdapterHub's: bottleneck kinds and fusion).
-fn write_as(
+pub fn write_as(
     format: Format,
     out: &Path,
     name: &str,
@@ -229,14 +229,21 @@ pub fn hyper_export(dir: &Path, model: &Path, task: &str, out: &Path) -> Result<
     Ok(())
 }
 
-/// Writes a plain adapter made from the folder `from` (with `from`'s heads) to `out`,
-/// through a temporary folder next to it and a rename: a failure leaves nothing behind.
+/// Writes a plain adapter made from the folder `from` (with `from`'s heads) to `out`.
 fn write_plain(out: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement, loaded: &LoadedModel, from: &Path) -> Result<()> {
+    write_into(out, |tmp| {
+        io::save(tmp, name, adapter, placement, &loaded.backbone.fingerprint()?)?;
+        copy_dir(&from.join(adapters_train::heads::HEADS_DIR), &tmp.join(adapters_train::heads::HEADS_DIR))
+    })
+}
+
+/// Fills a temporary folder next to `out` with `fill`, then renames it to `out` (which
+/// must be missing or empty): a failure leaves nothing behind.
+pub fn write_into(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = out.with_file_name(format!(".{}.partial", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let _ = std::fs::remove_dir_all(&tmp);
     let written = (|| -> Result<()> {
-        io::save(&tmp, name, adapter, placement, &loaded.backbone.fingerprint()?)?;
-        copy_dir(&from.join(adapters_train::heads::HEADS_DIR), &tmp.join(adapters_train::heads::HEADS_DIR))?;
+        fill(&tmp)?;
         if out.exists() {
             std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
         }

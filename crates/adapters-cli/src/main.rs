@@ -1,11 +1,13 @@
 //! `adapters`: inspect models and adapter kinds, embed text, generate, read logits.
 
 mod adapter_commands;
+mod average_command;
 mod commands;
 mod serve_command;
 mod store_commands;
 mod train_commands;
 
+use adapters_core::merge;
 use clap::{Parser, Subcommand};
 use commands::AdapterArgs;
 use std::path::PathBuf;
@@ -168,6 +170,59 @@ enum Command {
         #[arg(long = "adapter", required = true)]
         adapters: Vec<PathBuf>,
         /// The folder to write the merged model to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Combine adapters of one kind into a new adapter folder: a weighted average (or sum;
+    /// negative weights subtract what an adapter learned). Every kind combines `linear`ly,
+    /// weight by weight. LoRA adapters combine as PEFT's add_weighted_adapter does:
+    /// `linear` (the A and B factors summed separately, each weighted by sqrt(|w·scale|):
+    /// cheap but approximate), `cat` (the factors side by side: exactly Σ w·scale·B·A, at
+    /// the summed rank), `svd` (that exact sum cut back to --rank), `ties` / `dare_linear` /
+    /// `dare_ties` / `magnitude_prune` on the factors (with --density), and each of those
+    /// with `_svd` on the full updates. Classification heads that every folder carries for
+    /// the same task and labels are averaged with the same weights.
+    #[command(
+        after_help = "Examples:\n  adapters average --model models/all-MiniLM-L6-v2 --adapter sms-a --adapter sms-b --out sms-avg\n  \
+        adapters average --model models/all-MiniLM-L6-v2 --adapter base-task --adapter toxic --weights 1,-0.5 --out detoxed\n  \
+        adapters average --model models/all-MiniLM-L6-v2 --adapter lora-a --adapter lora-b --method ties --density 0.5 --out lora-ties"
+    )]
+    Average {
+        /// The base model the adapters belong to (checked).
+        #[arg(long)]
+        model: PathBuf,
+        /// An adapter folder to combine (repeatable; ours, PEFT or AdapterHub), all of one kind.
+        #[arg(long = "adapter", required = true)]
+        adapters: Vec<PathBuf>,
+        /// One weight per --adapter, comma-separated, e.g. 0.7,0.3 or 1,-0.5 (default:
+        /// equal weights that sum to 1).
+        #[arg(long, allow_hyphen_values = true)]
+        weights: Option<String>,
+        /// How to combine (see above).
+        #[arg(long, default_value = "linear")]
+        method: String,
+        /// The share of each input's entries that TIES, DARE and magnitude pruning keep, in [0, 1].
+        #[arg(long)]
+        density: Option<f64>,
+        /// The rank of an SVD result (default: the inputs' largest).
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Clamp an SVD result's factors at this quantile of their entries, in (0, 1].
+        #[arg(long)]
+        clamp: Option<f64>,
+        /// TIES's sign election: the sign of the sum (`total`) or the most common (`frequency`).
+        #[arg(long, default_value = "total", value_parser = ["total", "frequency"])]
+        majority_sign: String,
+        /// Seed of DARE's random masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The layout to write.
+        #[arg(long, value_enum, default_value = "native")]
+        format: adapter_commands::Format,
+        /// The new adapter's name (default: the folder's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The folder to write (must not exist yet, or be empty).
         #[arg(long)]
         out: PathBuf,
     },
@@ -417,6 +472,19 @@ fn main() {
         Command::Inspect { dir, model } => adapter_commands::inspect(&dir, model.as_deref()),
         Command::Convert { dir, model, format, out } => adapter_commands::convert(&dir, &model, format, &out),
         Command::Merge { model, adapters, out } => adapter_commands::merge(&model, &AdapterArgs::stacked(&adapters), &out),
+        Command::Average { model, adapters, weights, method, density, rank, clamp, majority_sign, seed, format, name, out } => {
+            let majority_sign = if majority_sign == "frequency" { merge::MajoritySign::Frequency } else { merge::MajoritySign::Total };
+            average_command::average(average_command::Request {
+                model: &model,
+                dirs: &adapters,
+                weights: weights.as_deref(),
+                method: &method,
+                options: merge::Options { density, rank, clamp, majority_sign, seed },
+                format,
+                name,
+                out: &out,
+            })
+        }
         Command::MergeExperts { dir, model, out } => adapter_commands::merge_experts(&dir, &model, &out),
         Command::HyperExport { dir, model, task, out } => adapter_commands::hyper_export(&dir, &model, &task, &out),
         Command::Route { model, texts, task_id, json, adapters } => commands::route(&model, &adapters, &texts, task_id, json),

@@ -238,3 +238,98 @@ fn hyper_export_writes_the_generated_adapter() {
     assert!(!success && err.contains("--task"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// The tensors of a saved adapter (our layout) or head, by name.
+fn tensors(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let read = adapters_core::io::read_tensors(path, &candle_core::Device::Cpu).unwrap();
+    read.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+}
+
+/// `average`: the new folder's weights and shared heads are the weighted sums of the
+/// inputs' (a negative weight subtracts); a head not in every folder is left out and said
+/// so; LoRA folders combine by PEFT's methods and write PEFT's layout; bad requests are
+/// refused before anything is written.
+#[test]
+fn average_combines_adapters_and_their_heads() {
+    use adapters_train::heads::{save, HeadConfig};
+    let dir = std::env::temp_dir().join(format!("adapters-cli-average-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = minilm();
+    let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+    let p = |x: &PathBuf| x.to_str().unwrap().to_string();
+    for (folder, seed) in [(&a, "1"), (&b, "2")] {
+        ok(&["new", "seq_bn", "--model", &m, "--out", &p(folder), "--seed", seed, "--set", "init_weights=bert"]);
+    }
+    let config = |task: &str| HeadConfig {
+        task: task.into(),
+        kind: "classification".into(),
+        labels: vec!["ham".into(), "spam".into()],
+        pooling: adapters_train::config::Pooling::Mean,
+        hidden_size: 384,
+        adapters: vec!["a".into()],
+        label_map: Default::default(),
+    };
+    for (folder, seed) in [(&a, 1), (&b, 2)] {
+        save(folder, &config("sms"), &adapters_models::heads::ClassificationHead::new(384, 2, seed, &candle_core::Device::Cpu).unwrap())
+            .unwrap();
+    }
+    save(&a, &config("only_in_a"), &adapters_models::heads::ClassificationHead::new(384, 2, 3, &candle_core::Device::Cpu).unwrap())
+        .unwrap();
+    let out = ok(&["average", "--model", &m, "--adapter", &p(&a), "--adapter", &p(&b), "--weights", "0.75,-0.25", "--out", &p(&c)]);
+    assert!(out.contains("linear of 2 `seq_bn` adapters") && out.contains("left out") && out.contains("only_in_a"), "{out}");
+    for file in ["adapter_model.safetensors", "heads/sms/head.safetensors"] {
+        let (ta, tb, tc) = (tensors(&a.join(file)), tensors(&b.join(file)), tensors(&c.join(file)));
+        assert_eq!(ta.keys().collect::<std::collections::BTreeSet<_>>(), tc.keys().collect());
+        for (name, va) in &ta {
+            for ((x, y), z) in va.iter().zip(&tb[name]).zip(&tc[name]) {
+                assert!((0.75 * x - 0.25 * y - z).abs() < 1e-6, "{file} {name}: {z} is not 0.75·{x} − 0.25·{y}");
+            }
+        }
+    }
+    assert!(!c.join("heads/only_in_a").exists());
+
+    // LoRA: PEFT's svd, written as a PEFT folder that loads.
+    let inputs = workspace().join("fixtures/merging/inputs");
+    let lora = dir.join("lora");
+    let (one, two) = (p(&inputs.join("one")), p(&inputs.join("two")));
+    ok(&[
+        "average",
+        "--model",
+        &m,
+        "--adapter",
+        &one,
+        "--adapter",
+        &two,
+        "--method",
+        "svd",
+        "--rank",
+        "3",
+        "--format",
+        "peft",
+        "--out",
+        &p(&lora),
+    ]);
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(lora.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((written["r"].as_u64(), written["lora_alpha"].as_f64()), (Some(3), Some(3.0)));
+    assert!(ok(&["inspect", &p(&lora), "--model", &m]).contains("lora"));
+
+    // Refused, nothing written: kinds mixed, weights miscounted, a method the kind lacks.
+    let refused = dir.join("refused");
+    for (args, says) in [
+        (vec!["--adapter", &one, "--adapter", &p(&a)], "only adapters of one kind combine"),
+        (vec!["--adapter", &one, "--adapter", &two, "--weights", "1"], "gives 1 weights for 2 adapters"),
+        (vec!["--adapter", &p(&a), "--adapter", &p(&b), "--method", "ties", "--density", "0.5"], "combine by linear; not `ties`"),
+        (vec!["--adapter", &one, "--adapter", &two, "--method", "ties"], "needs a density"),
+    ] {
+        let mut full = vec!["average", "--model", &m, "--out"];
+        let target = p(&refused);
+        full.push(&target);
+        full.extend(args);
+        let (success, _, err) = run(&full);
+        assert!(!success && err.contains(says), "{full:?}: {err}");
+        assert!(!refused.exists(), "nothing written");
+    }
+    let (success, _, err) = run(&["average", "--model", &m, "--adapter", &p(&a), "--out", &p(&c)]);
+    assert!(!success && err.contains("not empty"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

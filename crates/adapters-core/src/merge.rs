@@ -54,6 +54,9 @@ pub struct Combined {
     pub placement: Placement,
 }
 
+/// A family's combining function: (method, inputs, options, model, device).
+pub type CombineFn = fn(&str, &[Input], &Options, &ModelInfo, &Device) -> Result<Combined, Error>;
+
 /// A method registered by a family for its kind.
 pub struct Combination {
     /// The kind it combines.
@@ -64,7 +67,7 @@ pub struct Combination {
     pub summary: &'static str,
     /// Combines inputs of `kind` by `method` (its own name: one function may serve several
     /// methods); there is at least one input and their kinds were checked.
-    pub combine: fn(&str, &[Input], &Options, &ModelInfo, &Device) -> Result<Combined, Error>,
+    pub combine: CombineFn,
 }
 
 inventory::collect!(Combination);

@@ -92,7 +92,7 @@ pub fn combine(name: &str, inputs: &[Input], options: &Options, model: &ModelInf
     let density = match (entrywise, options.density) {
         (Some(Entrywise::Sum) | None, _) => 1.0,
         (Some(_), None) => return Err(bad(format!("{name} needs a density (the share of entries each input keeps)"))),
-        (Some(Entrywise::DareLinear | Entrywise::DareTies), Some(d)) if d == 0.0 => {
+        (Some(Entrywise::DareLinear | Entrywise::DareTies), Some(0.0)) => {
             return Err(bad("DARE with density 0 keeps nothing and divides by zero; give a density above 0".into()))
         }
         (Some(_), Some(d)) => d,

@@ -1,0 +1,123 @@
+//! `adapters average`: several trained adapters of one kind combined into a new folder,
+//! with the classification heads they all carry averaged by the same weights.
+
+use crate::adapter_commands::{check_empty_target, write_as, write_into, Format};
+use crate::commands::open;
+use adapters_core::merge::{self, Input, Options};
+use adapters_core::{io, InsertionPoint};
+use adapters_models::heads::ClassificationHead;
+use adapters_train::heads::{self, SavedHead};
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use std::path::{Path, PathBuf};
+
+/// What `adapters average` was asked for.
+pub struct Request<'a> {
+    pub model: &'a Path,
+    pub dirs: &'a [PathBuf],
+    /// `--weights` as given (comma-separated), or equal weights summing to 1.
+    pub weights: Option<&'a str>,
+    pub method: &'a str,
+    pub options: Options,
+    pub format: Format,
+    pub name: Option<String>,
+    pub out: &'a Path,
+}
+
+pub fn average(request: Request) -> Result<()> {
+    let Request { model, dirs, weights, method, options, format, name, out } = request;
+    check_empty_target(out)?;
+    let weights = parse_weights(weights, dirs.len())?;
+    let loaded_model = open(model)?;
+    let device = loaded_model.backbone.device();
+    let loaded: Vec<io::Loaded> = dirs
+        .iter()
+        .map(|d| io::load(d, &loaded_model.backbone, device).with_context(|| format!("reading {}", d.display())))
+        .collect::<Result<_>>()?;
+    let inputs: Vec<Input> =
+        loaded.iter().zip(&weights).map(|(l, w)| Input { adapter: l.adapter.as_ref(), placement: &l.placement, weight: *w }).collect();
+    let info = loaded_model.backbone.model_info();
+    let combined = merge::combine(method, &inputs, &options, &info, device).with_context(|| {
+        let named: Vec<String> = dirs.iter().enumerate().map(|(i, d)| format!("{} = {}", i + 1, d.display())).collect();
+        format!("combining the adapters ({})", named.join(", "))
+    })?;
+    let (heads, left_out) = average_heads(dirs, &weights, device)?;
+    let name = name.unwrap_or_else(|| out.file_name().map_or_else(|| "averaged".into(), |n| n.to_string_lossy().into_owned()));
+    write_into(out, |tmp| {
+        write_as(format, tmp, &name, combined.adapter.as_ref(), &combined.placement, &loaded_model, model)?;
+        for (config, head) in &heads {
+            heads::save(tmp, config, head)?;
+        }
+        Ok(())
+    })?;
+    let weights_text: Vec<String> = weights.iter().map(|w| format!("{w}")).collect();
+    println!(
+        "wrote {} (`{name}`: {method} of {} `{}` adapters, weights {}; {} parameters)",
+        out.display(),
+        dirs.len(),
+        combined.adapter.kind(),
+        weights_text.join(", "),
+        combined.adapter.num_parameters()
+    );
+    if !heads.is_empty() {
+        println!("heads averaged with the same weights: {}", heads.iter().map(|(c, _)| c.task.as_str()).collect::<Vec<_>>().join(", "));
+    }
+    if !left_out.is_empty() {
+        println!("heads left out (not in every folder with the same labels): {}", left_out.join(", "));
+    }
+    Ok(())
+}
+
+/// `0.5,0.5` → one weight per adapter; none given: 1/n each.
+fn parse_weights(text: Option<&str>, n: usize) -> Result<Vec<f64>> {
+    let Some(text) = text else { return Ok(vec![1.0 / n as f64; n]) };
+    let weights: Vec<f64> = text
+        .split(',')
+        .map(|w| w.trim().parse::<f64>().with_context(|| format!("--weights {text:?}: `{w}` is not a number")))
+        .collect::<Result<_>>()?;
+    if weights.len() != n {
+        bail!("--weights {text:?} gives {} weights for {n} adapters; give one per --adapter, in order", weights.len());
+    }
+    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        bail!("--weights {text:?}: {w} is not a finite number");
+    }
+    Ok(weights)
+}
+
+/// A head's configuration and its averaged weights.
+type AveragedHead = (heads::HeadConfig, ClassificationHead);
+
+/// The heads every folder carries for the same task with the same labels and pooling,
+/// averaged; the names of the others.
+fn average_heads(dirs: &[PathBuf], weights: &[f64], device: &candle_core::Device) -> Result<(Vec<AveragedHead>, Vec<String>)> {
+    let per_folder: Vec<Vec<SavedHead>> = dirs.iter().map(|d| heads::load_all(d, device)).collect::<Result<_, _>>()?;
+    let mut averaged = Vec::new();
+    let mut left_out = std::collections::BTreeSet::new();
+    for head in &per_folder[0] {
+        let c = &head.config;
+        let matching: Vec<&SavedHead> = per_folder
+            .iter()
+            .filter_map(|hs| hs.iter().find(|h| h.config.task == c.task && h.config.labels == c.labels && h.config.pooling == c.pooling))
+            .collect();
+        if matching.len() != dirs.len() {
+            left_out.insert(c.task.clone());
+            continue;
+        }
+        let sum = |part: fn(&ClassificationHead) -> &Var| -> Result<Var> {
+            let mut total: Option<Tensor> = None;
+            for (h, w) in matching.iter().zip(weights) {
+                let term = (part(&h.head).as_tensor() * *w)?;
+                total = Some(match total {
+                    Some(t) => (t + term)?,
+                    None => term,
+                });
+            }
+            Ok(Var::from_tensor(&total.expect("one folder at least"))?)
+        };
+        averaged.push((c.clone(), ClassificationHead { weight: sum(|h| &h.weight)?, bias: sum(|h| &h.bias)? }));
+    }
+    for hs in &per_folder[1..] {
+        left_out.extend(hs.iter().filter(|h| !averaged.iter().any(|(c, _)| c.task == h.config.task)).map(|h| h.config.task.clone()));
+    }
+    Ok((averaged, left_out.into_iter().collect()))
+}
