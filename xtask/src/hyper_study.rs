@@ -88,12 +88,7 @@ pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
             )?;
             for test in ["rotten_tomatoes", "vader_tweets"] {
                 let data = format!("data/{test}/test.jsonl");
-                let output = std::process::Command::new(cli)
-                    .args(["eval", model, "--data", &data, "--task", test, "--adapter", &dir, "--max-length", "64", "--json"])
-                    .current_dir(root)
-                    .output()?;
-                anyhow::ensure!(output.status.success(), "eval of {dir} on {test}: {}", String::from_utf8_lossy(&output.stderr));
-                out.insert(format!("{form} {test}"), serde_json::from_slice(&output.stdout)?);
+                out.insert(format!("{form} {test}"), crate::eval(root, cli, &dir, &data, &["--task", test])?);
             }
         }
         std::fs::write(&evals, serde_json::to_string_pretty(&out)?)?;
@@ -123,12 +118,7 @@ fn shared_head_evals(root: &Path, cli: &str, model: &str) -> Result<()> {
         crate::run(root, cli, &["hyper-export", &generator, "--model", model, "--task", &task, "--out", &dir])?;
         for test in ["rotten_tomatoes", "vader_tweets"] {
             let data = format!("data/{test}/test.jsonl");
-            let output = std::process::Command::new(cli)
-                .args(["eval", model, "--data", &data, "--head", "sentiment", "--adapter", &dir, "--max-length", "64", "--json"])
-                .current_dir(root)
-                .output()?;
-            anyhow::ensure!(output.status.success(), "eval of {dir} on {test}: {}", String::from_utf8_lossy(&output.stderr));
-            out.insert(format!("{w} {test}"), serde_json::from_slice(&output.stdout)?);
+            out.insert(format!("{w} {test}"), crate::eval(root, cli, &dir, &data, &["--head", "sentiment"])?);
         }
     }
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod data;
+mod fed_study;
 mod fetch;
 mod fusion_study;
 mod hyper_study;
@@ -82,6 +83,11 @@ enum Task {
     /// learned with the generator frozen against a full adapter; the sentiment tasks'
     /// interpolated adapter exported and evaluated, with each task's head and with one head
     /// the two sentiment tasks share. About 50 minutes on 2 cores; finished runs are skipped.
+    /// The federated-averaging study behind RESULTS.md: Rotten Tomatoes dealt into 4
+    /// client shards, 4 rounds of 40 local steps per client from the server's adapter and
+    /// averaging by sample count (`adapters average`), against each client alone and one
+    /// adapter trained centrally. About 20 minutes on 2 cores; finished steps are skipped.
+    FedStudy,
     HyperStudy {
         /// Only these runs (comma-separated: per_task, hyper, hyper_instance, new_task,
         /// new_task_adapter, shared_head); the exports need `hyper` and `shared_head`.
@@ -133,6 +139,7 @@ fn main() -> anyhow::Result<()> {
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
         Task::FusionStudy => fusion_study::run(&root()),
         Task::MoeStudy => moe_study::run(&root()),
+        Task::FedStudy => fed_study::run(&root()),
         Task::HyperStudy { only } => hyper_study::run(&root(), only.as_deref()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
         Task::LoadTest { clients, seconds, adapters, cache } => {
@@ -152,6 +159,17 @@ fn run(root: &std::path::Path, program: &str, args: &[&str]) -> anyhow::Result<(
     let status = std::process::Command::new(program).args(args).current_dir(root).status()?;
     anyhow::ensure!(status.success(), "`{program} {}` failed ({status})", args.join(" "));
     Ok(())
+}
+
+/// `adapters eval` of an adapter folder on a data file with frozen all-MiniLM-L6-v2 at
+/// max length 64 (the studies' setting), `extra` arguments added (`--task`, `--head`):
+/// its JSON.
+fn eval(root: &std::path::Path, cli: &str, adapter: &str, data: &str, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let args =
+        [&["eval", "models/all-MiniLM-L6-v2", "--data", data, "--adapter", adapter, "--max-length", "64", "--json"][..], extra].concat();
+    let output = std::process::Command::new(cli).args(&args).current_dir(root).output()?;
+    anyhow::ensure!(output.status.success(), "eval of {adapter} on {data}: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 /// Trains a Pfeiffer adapter on frozen all-MiniLM-L6-v2 for SMS spam and a head-only

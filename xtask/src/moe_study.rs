@@ -87,24 +87,7 @@ pub fn run(root: &Path) -> Result<()> {
         for (form, dir) in [("mixture", format!("{RUNS}/adamix/adapters/moe")), ("merged", merged.clone())] {
             for task in TASKS {
                 let data = format!("data/{task}/test.jsonl");
-                let output = std::process::Command::new(cli)
-                    .args([
-                        "eval",
-                        "models/all-MiniLM-L6-v2",
-                        "--data",
-                        &data,
-                        "--task",
-                        task,
-                        "--adapter",
-                        &dir,
-                        "--max-length",
-                        "64",
-                        "--json",
-                    ])
-                    .current_dir(root)
-                    .output()?;
-                anyhow::ensure!(output.status.success(), "eval of {dir} on {task}: {}", String::from_utf8_lossy(&output.stderr));
-                out.insert(format!("{form} {task}"), serde_json::from_slice(&output.stdout)?);
+                out.insert(format!("{form} {task}"), crate::eval(root, cli, &dir, &data, &["--task", task])?);
             }
         }
         std::fs::write(&evals, serde_json::to_string_pretty(&out)?)?;

@@ -56,6 +56,11 @@ pub struct AdapterEntry {
     /// `NAME@TAG` / `NAME@VERSION` in the adapter library `$ADAPTERS_STORE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<PathBuf>,
+    /// A trained adapter folder (or `NAME@TAG`) to start from and keep training: its kind,
+    /// configuration, placement and weights (continued training, federated rounds). A head
+    /// saved in it (`heads/HEAD`) starts the head of that name when the labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     /// Where the adapter goes.
     #[serde(default)]
     pub placement: Placement,
@@ -464,8 +469,27 @@ impl Config {
             }
         }
         for (name, entry) in &self.adapters {
+            if entry.init_from.is_some() {
+                if entry.from.is_some() {
+                    fail!(Config, "`adapters.{name}`: `from` loads a folder frozen, `init_from` to keep training; give one");
+                }
+                if !entry.kind.is_empty() || !entry.config.is_empty() || entry.placement != Placement::default() {
+                    fail!(
+                        Config,
+                        "`adapters.{name}`: `init_from` starts from a trained folder with its own kind, configuration and placement; leave out `{}`",
+                        if entry.kind.is_empty() { entry.config.keys().next().map_or("placement", String::as_str) } else { "kind" }
+                    );
+                }
+                if let Some(lr) = entry.lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
+                    fail!(Config, "`adapters.{name}.lr` = {lr}: a learning rate is a positive number");
+                }
+                continue;
+            }
             match (&entry.from, entry.kind.is_empty()) {
-                (None, true) => fail!(Config, "`adapters.{name}`: give `kind` (a registered kind) or `from` (a trained adapter folder)"),
+                (None, true) => fail!(
+                    Config,
+                    "`adapters.{name}`: give `kind` (a registered kind), `from` (a trained adapter folder, frozen) or `init_from` (one to keep training)"
+                ),
                 (Some(_), false) => fail!(Config, "`adapters.{name}`: `from` loads a trained folder with its own kind; leave out `kind`"),
                 (Some(_), _) if entry.lr.is_some() => {
                     fail!(Config, "`adapters.{name}.lr`: an adapter loaded with `from` is frozen and does not train; leave out `lr`")

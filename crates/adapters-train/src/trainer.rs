@@ -135,6 +135,8 @@ pub struct Trainer {
     schedule: Schedule,
     eval_every: usize,
     checkpoint_every: usize,
+    /// Where adapters started from a folder (`init_from`) sit, for saving them.
+    started_placements: BTreeMap<String, Placement>,
 }
 
 impl Trainer {
@@ -152,6 +154,8 @@ impl Trainer {
                 params.push(Param { name: format!("base.{name}"), var, groups: vec!["base".into()] });
             }
         }
+        // Adapters started from a folder (`init_from`): the folder and its placement.
+        let mut started: BTreeMap<String, (PathBuf, Placement)> = BTreeMap::new();
         if mode != Mode::HeadOnly {
             let info = model.backbone.model_info();
             // Trained folders first (frozen), then new adapters, fusion layers last: a
@@ -167,6 +171,15 @@ impl Trainer {
                     model.backbone.adapters_mut().set_frozen(name, true)?;
                     continue;
                 }
+                if let Some(init) = &entry.init_from {
+                    let where_ = || format!("`adapters.{name}.init_from` = {}", init.display());
+                    let folder = local_folder(init).within(where_)?;
+                    let loaded = io::load(&folder, &model.backbone, device).within(where_)?;
+                    add_trainable(&mut params, name, loaded.adapter.as_ref());
+                    model.backbone.adapters_mut().add(name, loaded.adapter)?;
+                    started.insert(name.clone(), (folder, loaded.placement));
+                    continue;
+                }
                 let placement = match entry.kind.as_str() {
                     FUSION if entry.placement == Placement::default() => {
                         members_placement(&model, entry).within(|| format!("`adapters.{name}.members`"))?
@@ -176,13 +189,7 @@ impl Trainer {
                 let adapter_config = with_task_names(&entry.kind, entry.config_json(), &config).within(|| format!("`adapters.{name}`"))?;
                 let adapter = registry::build(&entry.kind, &adapter_config, &placement, &info, device, mix(&[seed, i as u64, 0xada]))
                     .within(|| format!("`adapters.{name}`"))?;
-                for (var_name, var) in adapter.vars().into_iter().filter(|(n, _)| adapter.trains(n)) {
-                    params.push(Param {
-                        name: format!("adapter.{name}.{var_name}"),
-                        var,
-                        groups: vec!["adapters".into(), format!("adapter:{name}")],
-                    });
-                }
+                add_trainable(&mut params, name, adapter.as_ref());
                 model.backbone.adapters_mut().add(name, adapter)?;
             }
         }
@@ -215,6 +222,9 @@ impl Trainer {
                 }
                 (TaskType::Classification, None) => {
                     let head = ClassificationHead::new(hidden, data.labels.len(), mix(&[seed, i as u64, 0x4ead]), device)?;
+                    if let Some((folder, _)) = config.stack_of(t).last().and_then(|top| started.get(top)) {
+                        start_head(&head, folder, head_name, &data.labels, device)?;
+                    }
                     for (var_name, var) in head.vars() {
                         let var_name = var_name.trim_start_matches("head.");
                         params.push(Param {
@@ -256,7 +266,19 @@ impl Trainer {
                 optimizer.scale_lr(&p.name, lr / t.lr)?;
             }
         }
-        let mut trainer = Trainer { config, model, tasks, params, base_parameters, optimizer, schedule, eval_every, checkpoint_every };
+        let started_placements = started.into_iter().map(|(name, (_, placement))| (name, placement)).collect();
+        let mut trainer = Trainer {
+            config,
+            model,
+            tasks,
+            params,
+            base_parameters,
+            optimizer,
+            schedule,
+            eval_every,
+            checkpoint_every,
+            started_placements,
+        };
         if mode == Mode::HeadOnly {
             trainer.cache_features()?;
         }
@@ -785,7 +807,8 @@ impl Trainer {
             }
             let adapter = backbone.adapters().get(name).expect("added in new()");
             let dir = out.join("adapters").join(name);
-            replace_dir(&dir, |tmp| Ok(io::save(tmp, name, adapter.as_ref(), &entry.placement, &fingerprint)?))?;
+            let placement = self.started_placements.get(name).unwrap_or(&entry.placement);
+            replace_dir(&dir, |tmp| Ok(io::save(tmp, name, adapter.as_ref(), placement, &fingerprint)?))?;
         }
         for (task, task_config) in self.tasks.iter().zip(&self.config.task) {
             let Some(head) = &task.head else { continue };
@@ -815,6 +838,35 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// Registers an adapter's trainable variables as `adapter.NAME.VAR`.
+fn add_trainable(params: &mut Vec<Param>, name: &str, adapter: &dyn adapters_core::Adapter) {
+    for (var_name, var) in adapter.vars().into_iter().filter(|(n, _)| adapter.trains(n)) {
+        params.push(Param { name: format!("adapter.{name}.{var_name}"), var, groups: vec!["adapters".into(), format!("adapter:{name}")] });
+    }
+}
+
+/// Starts `head` from the one saved as `heads/NAME` in `folder`, when there is one with
+/// these labels (else it stays new, and says why).
+fn start_head(head: &ClassificationHead, folder: &std::path::Path, name: &str, labels: &[String], device: &Device) -> Result<()> {
+    let dir = folder.join(heads::HEADS_DIR).join(name);
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let saved = heads::load(&dir, device)?;
+    if saved.config.labels != labels {
+        eprintln!(
+            "head `{name}`: {} has labels [{}], this task [{}]; starting a new head",
+            dir.display(),
+            saved.config.labels.join(", "),
+            labels.join(", ")
+        );
+        return Ok(());
+    }
+    head.weight.set(saved.head.weight.as_tensor())?;
+    head.bias.set(saved.head.bias.as_tensor())?;
+    Ok(())
 }
 
 /// The registered kind of AdapterFusion layers.

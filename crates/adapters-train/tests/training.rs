@@ -679,3 +679,57 @@ fn tasks_share_a_head_through_a_label_map() {
     let err = Trainer::new(config(&body("head = \"sms\"\n"), &dir.join("bad")), &Device::Cpu).err().unwrap().to_string();
     assert!(err.contains("`sms` and `renamed` share the head `sms`") && err.contains("label_map"), "{err}");
 }
+
+/// `init_from` starts an adapter from a trained folder and keeps training it: the run
+/// begins with the folder's weights and head (same labels), moves them, and saves the
+/// adapter with the folder's kind, configuration and placement. A task with other labels
+/// gets a new head. `init_from` with `kind` or `from` is refused naming the key.
+#[test]
+fn init_from_continues_an_adapter_and_its_head() {
+    let dir = scratch("init-from");
+    let adapters = "[adapters.pf]\nkind = \"seq_bn\"\nreduction_factor = 32\ninit_weights = \"bert\"\nplacement = { layers = [4, 5] }\n";
+    let first = config(&sms_config(&dir, adapters, "steps = 2\nlr = 1e-2"), &dir.join("first"));
+    Trainer::new(first, &Device::Cpu).unwrap().run(&RunOptions::default()).unwrap();
+    let saved = dir.join("first/adapters/pf");
+    let continued = format!("[adapters.pf]\ninit_from = {:?}\n", saved.display().to_string());
+    let mut trainer =
+        Trainer::new(config(&sms_config(&dir, &continued, "steps = 2\nlr = 1e-2"), &dir.join("second")), &Device::Cpu).unwrap();
+    let start = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let on_disk = |rel: &str| values(adapters_core::io::read_tensors(&saved.join(rel), &Device::Cpu).unwrap().into_iter().collect());
+    let (adapter, head) = (on_disk("adapter_model.safetensors"), on_disk("heads/sms/head.safetensors"));
+    assert_eq!(start.len(), adapter.len() + head.len());
+    for (name, v) in &start {
+        let stored = name.strip_prefix("adapter.pf.").map(|n| &adapter[n]).unwrap_or_else(|| &head[name.trim_start_matches("head.sms.")]);
+        assert_eq!(v, stored, "{name} starts from the folder");
+    }
+    trainer.run(&RunOptions::default()).unwrap();
+    let end = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    assert!(start.iter().all(|(n, v)| v != &end[n]), "every variable trained on");
+    let config_of = |d: &Path| -> serde_json::Value {
+        let c: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::json!([c["kind"], c["config"], c["placement"]])
+    };
+    assert_eq!(config_of(&saved), config_of(&dir.join("second/adapters/pf")));
+
+    // TREC's labels are not the SMS head's: a new head, the adapter still from the folder.
+    let trec = head_of("trec_coarse", "train.jsonl", 16, &dir);
+    let body = format!(
+        "[model]\npath = {:?}\nmax_length = 32\n{continued}[[task]]\nname = \"sms\"\ntype = \"classification\"\ntrain = {:?}\n[training]\nsteps = 1\nbatch_size = 8\n",
+        minilm(),
+        trec.display().to_string()
+    );
+    let trainer = Trainer::new(config(&body, &dir.join("third")), &Device::Cpu).unwrap();
+    let head_rows = trainer.trainable().into_iter().find(|(n, _)| n == "head.sms.weight").unwrap().1.dims()[0];
+    let labels: std::collections::BTreeSet<String> = std::fs::read_to_string(&trec)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["label"].as_str().unwrap().to_string())
+        .collect();
+    assert!(labels.len() > 2 && head_rows == labels.len(), "a head for TREC's {} labels, not the SMS head", labels.len());
+
+    for (extra, says) in [("kind = \"seq_bn\"\n", "leave out `kind`"), ("from = \"x\"\n", "give one")] {
+        let text = format!("{}\n[output]\ndir = \"x\"\n", body.replace(&continued, &format!("{continued}{extra}")));
+        let e = Config::parse(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("adapters.pf") && e.contains(says), "{e}");
+    }
+}

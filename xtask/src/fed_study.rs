@@ -1,0 +1,163 @@
+//! `cargo xtask fed-study`: federated averaging of a Pfeiffer adapter on Rotten Tomatoes.
+//! The training set is dealt into disjoint shards, one per client; every round each client
+//! trains `examples/fedavg_client.toml` on its shard from the server's current adapter and
+//! head (`init_from`), and the server averages the clients' folders by sample count with
+//! `adapters average`. Against each client trained alone on its shard and one adapter
+//! trained centrally on all shards, with the same examples seen in total; every adapter
+//! scored on the test set with `adapters eval`. Writes its section of RESULTS.md.
+//! Finished steps are skipped.
+
+use anyhow::{Context, Result};
+use std::fmt::Write as _;
+use std::path::Path;
+
+const RUNS: &str = "runs/fed-study";
+const CONFIG: &str = "examples/fedavg_client.toml";
+const CLIENTS: usize = 4;
+const ROUNDS: usize = 4;
+/// Optimizer steps a client takes per round (examples/fedavg_client.toml).
+const LOCAL_STEPS: usize = 40;
+const DATA: &str = "data/rotten_tomatoes";
+const BEGIN: &str = "<!-- fed-study: written by `cargo xtask fed-study` -->";
+const END: &str = "<!-- /fed-study -->";
+
+pub fn run(root: &Path) -> Result<()> {
+    crate::fetch::fetch_all(root)?;
+    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
+    let cli = root.join("target/release/adapters");
+    let cli = cli.to_str().context("a UTF-8 path")?;
+    let sizes = write_shards(root)?;
+    let total: usize = sizes.iter().sum();
+    let train = |out: &str, sets: &[String]| -> Result<()> {
+        if root.join(out).join("summary.json").exists() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_dir_all(root.join(out));
+        let mut args = vec!["train".to_string(), CONFIG.into(), "--set".into(), format!("output.dir=\"{out}\"")];
+        for s in sets {
+            args.extend(["--set".to_string(), s.clone()]);
+        }
+        crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Federated rounds: global-0 is none (round 1 starts every client alike from the seed).
+    for round in 1..=ROUNDS {
+        let global = format!("{RUNS}/global-{round}");
+        if root.join(&global).join("adapter_config.json").exists() {
+            continue;
+        }
+        let mut clients = Vec::new();
+        for k in 0..CLIENTS {
+            let out = format!("{RUNS}/round-{round}/client-{k}");
+            let mut sets = vec![format!("task.0.train=\"{RUNS}/shards/{k}.jsonl\""), format!("training.seed={}", 41 + round)];
+            if round > 1 {
+                sets.push(format!("adapters.rt={{ init_from = \"{RUNS}/global-{}\" }}", round - 1));
+            }
+            train(&out, &sets)?;
+            clients.push(format!("{out}/adapters/rt"));
+        }
+        let weights: Vec<String> = sizes.iter().map(|n| format!("{}", *n as f64 / total as f64)).collect();
+        let model = root.join("models/all-MiniLM-L6-v2");
+        let mut args = vec!["average", "--model", model.to_str().context("UTF-8")?];
+        for c in &clients {
+            args.extend(["--adapter", c]);
+        }
+        let weights = weights.join(",");
+        args.extend(["--weights", &weights, "--out", &global]);
+        crate::run(root, cli, &args)?;
+    }
+    // Each client alone on its shard, and one adapter on all of them, seeing as many
+    // examples as the federation did in total.
+    for k in 0..CLIENTS {
+        let sets = [format!("task.0.train=\"{RUNS}/shards/{k}.jsonl\""), format!("training.steps={}", ROUNDS * LOCAL_STEPS)];
+        train(&format!("{RUNS}/alone-{k}"), &sets)?;
+    }
+    let central = [format!("task.0.train=\"{DATA}/train.jsonl\""), format!("training.steps={}", CLIENTS * ROUNDS * LOCAL_STEPS)];
+    train(&format!("{RUNS}/central"), &central)?;
+    let mut scores = serde_json::Map::new();
+    let mut folders: Vec<(String, String)> = (1..=ROUNDS).map(|r| (format!("global-{r}"), format!("{RUNS}/global-{r}"))).collect();
+    folders.extend((0..CLIENTS).map(|k| (format!("alone-{k}"), format!("{RUNS}/alone-{k}/adapters/rt"))));
+    folders.push(("central".into(), format!("{RUNS}/central/adapters/rt")));
+    let scores_path = root.join(RUNS).join("test-scores.json");
+    if let Ok(text) = std::fs::read_to_string(&scores_path) {
+        scores = serde_json::from_str(&text)?;
+    }
+    for (name, folder) in folders {
+        if scores.contains_key(&name) {
+            continue;
+        }
+        scores.insert(name, crate::eval(root, cli, &folder, &format!("{DATA}/test.jsonl"), &[])?);
+        std::fs::write(&scores_path, serde_json::to_string_pretty(&scores)?)?;
+    }
+    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
+    eprintln!("wrote the federated-averaging section of RESULTS.md");
+    Ok(())
+}
+
+/// Deals the training rows into `CLIENTS` disjoint shards (row i to client i mod CLIENTS;
+/// `cargo xtask fetch` shuffled the file) and returns their sizes.
+fn write_shards(root: &Path) -> Result<Vec<usize>> {
+    let text = std::fs::read_to_string(root.join(DATA).join("train.jsonl")).context("run `cargo xtask fetch`")?;
+    let mut shards = vec![String::new(); CLIENTS];
+    let mut sizes = vec![0; CLIENTS];
+    for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        shards[i % CLIENTS].push_str(line);
+        shards[i % CLIENTS].push('\n');
+        sizes[i % CLIENTS] += 1;
+    }
+    let dir = root.join(RUNS).join("shards");
+    std::fs::create_dir_all(&dir)?;
+    for (k, shard) in shards.iter().enumerate() {
+        std::fs::write(dir.join(format!("{k}.jsonl")), shard)?;
+    }
+    Ok(sizes)
+}
+
+/// The section of RESULTS.md, from the scores (or as RESULTS.md has it).
+pub fn block(root: &Path) -> Result<String> {
+    let mut md = String::new();
+    if let Ok(text) = std::fs::read_to_string(root.join(RUNS).join("test-scores.json")) {
+        write(&serde_json::from_str(&text)?, &mut md)?;
+    }
+    crate::quality::marked_block(root, BEGIN, END, &md)
+}
+
+fn write(scores: &serde_json::Value, md: &mut String) -> Result<()> {
+    let acc = |name: &str| 100.0 * scores[name]["accuracy"].as_f64().unwrap_or(f64::NAN);
+    let f1 = |name: &str| 100.0 * scores[name]["macro_f1"].as_f64().unwrap_or(f64::NAN);
+    writeln!(md, "\n## Federated averaging (`cargo xtask fed-study`)\n")?;
+    writeln!(
+        md,
+        "Rotten Tomatoes' training set dealt into {CLIENTS} disjoint shards of about {} rows (row i to client i mod {CLIENTS}; \
+         the fetched file is shuffled, so the shards are alike: an IID split). A Pfeiffer adapter (r = 24) and head on frozen \
+         all-MiniLM-L6-v2, `{CONFIG}`: batch 32, lr 1e-3 constant, max length 64. Each of {ROUNDS} rounds, every client \
+         trains {LOCAL_STEPS} steps on its own shard starting from the server's adapter and head (`init_from`; round 1 from one \
+         seeded initialisation), and the server averages the four folders weighted by shard size (`adapters average`, heads \
+         included). Each client alone trains {} steps on its shard; the central adapter {} steps on the whole training set: \
+         every arm sees the same number of examples per client as the federation. Test set (1,275 rows) through `adapters \
+         eval`, final weights, seed 42.\n",
+        10_202 / CLIENTS,
+        ROUNDS * LOCAL_STEPS,
+        CLIENTS * ROUNDS * LOCAL_STEPS
+    )?;
+    writeln!(md, "| adapter | test accuracy | macro-F1 |\n|---|---|---|")?;
+    for r in 1..=ROUNDS {
+        let name = format!("global-{r}");
+        writeln!(md, "| federated, after round {r} | {:.2} | {:.2} |", acc(&name), f1(&name))?;
+    }
+    let alone: Vec<f64> = (0..CLIENTS).map(|k| acc(&format!("alone-{k}"))).collect();
+    for (k, a) in alone.iter().enumerate() {
+        writeln!(md, "| client {k} alone | {a:.2} | {:.2} |", f1(&format!("alone-{k}")))?;
+    }
+    writeln!(md, "| central, all shards | {:.2} | {:.2} |", acc("central"), f1("central"))?;
+    let mean_alone = alone.iter().sum::<f64>() / alone.len() as f64;
+    let federated = acc(&format!("global-{ROUNDS}"));
+    writeln!(
+        md,
+        "\nAfter {ROUNDS} rounds the averaged adapter reaches {federated:.2}: {:+.2} points over the clients alone (mean {mean_alone:.2}) \
+         and {:+.2} against central training ({:.2}), with no client's data leaving it.",
+        federated - mean_alone,
+        federated - acc("central"),
+        acc("central")
+    )?;
+    Ok(())
+}
