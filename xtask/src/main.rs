@@ -2,6 +2,7 @@
 //! matrix, benchmarks and the demo.
 
 mod bench;
+mod continual_study;
 mod data;
 mod fed_study;
 mod fetch;
@@ -83,6 +84,11 @@ enum Task {
     /// learned with the generator frozen against a full adapter; the sentiment tasks'
     /// interpolated adapter exported and evaluated, with each task's head and with one head
     /// the two sentiment tasks share. About 50 minutes on 2 cores; finished runs are skipped.
+    /// The continual-learning study behind RESULTS.md: SMS spam then TREC coarse by full
+    /// fine-tuning, by one adapter per task and by one adapter trained on both in turn,
+    /// each re-tested on SMS afterwards. About 25 minutes on 2 cores; finished runs are
+    /// skipped.
+    ContinualStudy,
     /// The federated-averaging study behind RESULTS.md: Rotten Tomatoes dealt into 4
     /// client shards, 4 rounds of 40 local steps per client from the server's adapter and
     /// averaging by sample count (`adapters average`), against each client alone and one
@@ -140,6 +146,7 @@ fn main() -> anyhow::Result<()> {
         Task::FusionStudy => fusion_study::run(&root()),
         Task::MoeStudy => moe_study::run(&root()),
         Task::FedStudy => fed_study::run(&root()),
+        Task::ContinualStudy => continual_study::run(&root()),
         Task::HyperStudy { only } => hyper_study::run(&root(), only.as_deref()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
         Task::LoadTest { clients, seconds, adapters, cache } => {
