@@ -20,6 +20,7 @@ const BENCHES: &[(&str, &str)] = &[
 /// Interleaved comparisons written by the benches, in report order.
 const COMPARISONS: &[&str] = &[
     "adapter_overhead_minilm.json",
+    "adapter_switch_minilm.json",
     "adapter_overhead_smollm2_decode.json",
     "training_step.json",
     "composition_fusion.json",

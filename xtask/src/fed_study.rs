@@ -28,17 +28,7 @@ pub fn run(root: &Path) -> Result<()> {
     let cli = cli.to_str().context("a UTF-8 path")?;
     let sizes = write_shards(root)?;
     let total: usize = sizes.iter().sum();
-    let train = |out: &str, sets: &[String]| -> Result<()> {
-        if root.join(out).join("summary.json").exists() {
-            return Ok(());
-        }
-        let _ = std::fs::remove_dir_all(root.join(out));
-        let mut args = vec!["train".to_string(), CONFIG.into(), "--set".into(), format!("output.dir=\"{out}\"")];
-        for s in sets {
-            args.extend(["--set".to_string(), s.clone()]);
-        }
-        crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
+    let train = |out: &str, sets: &[String]| crate::train(root, cli, CONFIG, out, sets);
     // Federated rounds: global-0 is none (round 1 starts every client alike from the seed).
     for round in 1..=ROUNDS {
         let global = format!("{RUNS}/global-{round}");

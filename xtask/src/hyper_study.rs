@@ -61,16 +61,8 @@ pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
     let cli = cli.to_str().context("a UTF-8 path")?;
     let chosen = |name: &str| only.is_none_or(|o| o.split(',').any(|x| x == name));
     for (name, config, sets, _) in ARMS.iter().filter(|a| chosen(a.0)) {
-        let out = format!("{RUNS}/{name}");
-        if root.join(&out).join("summary.json").exists() {
-            continue;
-        }
-        let _ = std::fs::remove_dir_all(root.join(&out));
-        let mut args = vec!["train".to_string(), config.to_string(), "--set".into(), format!("output.dir=\"{out}\"")];
-        for s in sets.iter() {
-            args.extend(["--set".to_string(), s.to_string()]);
-        }
-        crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        crate::train(root, cli, config, &format!("{RUNS}/{name}"), &sets)?;
     }
     // The generated adapters as plain folders: each sentiment task's and their mixture's.
     let model = root.join("models/all-MiniLM-L6-v2");

@@ -61,16 +61,8 @@ pub fn run(root: &Path) -> Result<()> {
         }),
     );
     for (name, config, sets, seed) in runs {
-        let out = format!("{RUNS}/{name}");
-        if root.join(&out).join("summary.json").exists() {
-            continue;
-        }
-        let _ = std::fs::remove_dir_all(root.join(&out));
-        let mut args = vec!["train".to_string(), config.to_string(), "--set".into(), format!("output.dir=\"{out}\"")];
-        for s in sets.iter().map(|s| s.to_string()).chain(seed.map(|s| format!("training.seed={s}"))) {
-            args.extend(["--set".to_string(), s]);
-        }
-        crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain(seed.map(|s| format!("training.seed={s}"))).collect();
+        crate::train(root, cli, config, &format!("{RUNS}/{name}"), &sets)?;
     }
     // AdaMix's serving form: the experts averaged into one Pfeiffer adapter, evaluated
     // beside the mixture itself through the same command.

@@ -1,9 +1,11 @@
 //! What adapters add to the forward pass, timed interleaved (see `adapters_bench`):
-//! MiniLM at batch 32 x seq 128 with no adapter, a Pfeiffer (seq_bn) adapter, parallel
-//! (par_bn) adapters of two sizes, LoRA r=8 on query and value unmerged, and the same
-//! LoRA merged; and
-//! SmolLM2 decode (batch 1, one token after 128) with and without a Pfeiffer adapter.
-//! Targets (issue 9): an adapter adds at most 3%; merged LoRA adds nothing measurable.
+//! MiniLM at batch 32 x seq 128 with no adapter and with each family at matched size
+//! (about 113k parameters: Pfeiffer seq_bn r=24, Houlsby double_seq_bn r=12, parallel
+//! par_bn r=24, LoRA r=12 on query and value unmerged and merged; and AdapterHub's default
+//! par_bn); the time to switch a model between two adapters by activating the other
+//! against LoRA's unmerge + merge; and SmolLM2 decode (batch 1, one token after 128) with
+//! and without a Pfeiffer adapter. Targets (issue 9): an adapter adds at most 3%; merged
+//! LoRA adds nothing measurable.
 
 use adapters_bench::{interleave, to_json, write_result};
 use adapters_core::{registry, ForwardCtx, InsertionPoint, Placement};
@@ -49,13 +51,15 @@ fn main() {
         let Backbone::Bert(b) = m else { unreachable!() };
         b
     };
+    let lora = || ("lora", json!({"r": 12, "alpha": 24}));
     let models = [
         minilm(None, false),
         minilm(Some(("seq_bn", json!({}))), false),
-        minilm(Some(("par_bn", json!({}))), false),
+        minilm(Some(("double_seq_bn", json!({"reduction_factor": 32}))), false),
         minilm(Some(("par_bn", json!({"reduction_factor": 16}))), false),
-        minilm(Some(("lora", json!({"r": 8, "alpha": 16}))), false),
-        minilm(Some(("lora", json!({"r": 8, "alpha": 16}))), true),
+        minilm(Some(("par_bn", json!({}))), false),
+        minilm(Some(lora()), false),
+        minilm(Some(lora()), true),
     ];
     let forwards: Vec<_> = models
         .iter()
@@ -71,15 +75,45 @@ fn main() {
             ("no adapter", &forwards[0]),
             ("no adapter again (noise control)", &forwards[0]),
             ("seq_bn (Pfeiffer, r=24)", &forwards[1]),
-            ("par_bn (AdapterHub default, r=192, s=4)", &forwards[2]),
+            ("double_seq_bn (Houlsby, r=12 twice)", &forwards[2]),
             ("par_bn (r=24, s=4)", &forwards[3]),
-            ("LoRA r=8 q,v unmerged", &forwards[4]),
-            ("LoRA r=8 q,v merged", &forwards[5]),
+            ("par_bn (AdapterHub default, r=192, s=4)", &forwards[4]),
+            ("LoRA r=12 q,v unmerged", &forwards[5]),
+            ("LoRA r=12 q,v merged", &forwards[6]),
         ],
         rounds,
     );
     write_result("adapter_overhead_minilm.json", &to_json("MiniLM forward, batch 32 x seq 128", &timings, rounds));
     drop(models);
+
+    // Switching between two adapters: bottleneck adapters by activating the other (the
+    // weights stay where they are), LoRA by unmerging one and merging the other. Each
+    // timed call switches once, alternating direction.
+    let two = |kind: &str, config: serde_json::Value| {
+        let mut m = load(&fetched("all-MiniLM-L6-v2").unwrap(), &Device::Cpu).unwrap().backbone;
+        attach(&mut m, "a", kind, config.clone());
+        attach(&mut m, "b", kind, config);
+        std::cell::RefCell::new((m, true))
+    };
+    let (bottleneck, merged) = (two("seq_bn", json!({})), two("lora", json!({"r": 12, "alpha": 24})));
+    merged.borrow_mut().0.merge("a").unwrap();
+    let activate = || {
+        let (m, on_a) = &mut *bottleneck.borrow_mut();
+        m.adapters_mut().activate(&[if *on_a { "b" } else { "a" }]).unwrap();
+        *on_a = !*on_a;
+    };
+    let remerge = || {
+        let (m, on_a) = &mut *merged.borrow_mut();
+        let (from, to) = if *on_a { ("a", "b") } else { ("b", "a") };
+        m.unmerge(from).unwrap();
+        m.merge(to).unwrap();
+        *on_a = !*on_a;
+    };
+    let timings = interleave(
+        &[("seq_bn: activate the other adapter", &activate), ("LoRA r=12 q,v: unmerge one, merge the other", &remerge)],
+        rounds * 4,
+    );
+    write_result("adapter_switch_minilm.json", &to_json("Switching MiniLM between two adapters", &timings, rounds * 4));
 
     let mut llama = load(&fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &Device::Cpu).unwrap().backbone;
     attach(&mut llama, "pfeiffer", "seq_bn", json!({}));

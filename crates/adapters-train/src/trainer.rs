@@ -209,7 +209,8 @@ impl Trainer {
                     if first.data.labels != data.labels || first.pooling != pooling {
                         fail!(
                             Config,
-                            "tasks `{}` and `{}` share the head `{head_name}` but not its labels ({} against {}) or pooling                              ({:?} against {:?}); rename labels with `label_map`",
+                            "tasks `{}` and `{}` share the head `{head_name}` but not its labels ({} against {}) or pooling \
+                             ({:?} against {:?}); rename labels with `label_map`",
                             first.name,
                             t.name,
                             first.data.labels.join(", "),
