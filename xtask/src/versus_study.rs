@@ -81,6 +81,56 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
         let params = params.map_or_else(String::new, |p| p.to_string());
         writeln!(md, "| {what} | {params} | {} | {mean} |", cells.join(" | "))?;
     }
+    overhead(root, md)
+}
+
+/// The bench variant of each method in `target/bench-results/adapter_overhead_minilm.json`.
+const BENCH_VARIANTS: &[(&str, &str)] = &[
+    ("Pfeiffer", "seq_bn (Pfeiffer, r=24)"),
+    ("Houlsby", "double_seq_bn (Houlsby, r=12 twice)"),
+    ("parallel", "par_bn (r=24, s=4)"),
+    ("LoRA, unmerged", "LoRA r=12 q,v unmerged"),
+    ("LoRA, merged into the weights", "LoRA r=12 q,v merged"),
+];
+
+/// Inference cost and switching time of the same sizes, from the last `cargo xtask bench`
+/// on this machine (BENCHMARKS.md has the full tables), when its results are here.
+fn overhead(root: &Path, md: &mut String) -> Result<()> {
+    let read = |file: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(root.join("target/bench-results").join(file)).ok()?).ok()
+    };
+    let (Some(forward), Some(switch)) = (read("adapter_overhead_minilm.json"), read("adapter_switch_minilm.json")) else {
+        return Ok(());
+    };
+    let variant = |c: &serde_json::Value, name: &str| -> Option<(f64, f64)> {
+        let v = c["variants"].as_array()?.iter().find(|v| v["name"] == name)?;
+        Some((v["median_s"].as_f64()?, v["median_ratio_to_first"].as_f64()?))
+    };
+    writeln!(
+        md,
+        "\nInference at the same sizes (`cargo xtask bench`, MiniLM forward at batch 32 x seq 128, {} threads, {} interleaved \
+         rounds; medians, and the median ratio to the bare forward of adjacent pairs):\n",
+        forward["threads"], forward["rounds"]
+    )?;
+    writeln!(md, "| method | forward | against no adapter |\n|---|---|---|")?;
+    for (what, name) in BENCH_VARIANTS {
+        if let Some((secs, ratio)) = variant(&forward, name) {
+            writeln!(md, "| {what} | {:.1} ms | {ratio:.3} |", secs * 1e3)?;
+        }
+    }
+    if let (Some((activate, _)), Some((remerge, _))) =
+        (variant(&switch, "seq_bn: activate the other adapter"), variant(&switch, "LoRA r=12 q,v: unmerge one, merge the other"))
+    {
+        writeln!(
+            md,
+            "\nSwitching a loaded model from one task's adapter to another's: activating the other bottleneck adapter takes \
+             {:.1} µs (the weights stay put); a merged LoRA adapter is unmerged and the other merged in {:.1} ms ({:.0} times \
+             longer), which is what merging's free inference costs at every switch.",
+            activate * 1e6,
+            remerge * 1e3,
+            remerge / activate
+        )?;
+    }
     Ok(())
 }
 

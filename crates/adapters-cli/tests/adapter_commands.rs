@@ -318,7 +318,10 @@ fn average_combines_adapters_and_their_heads() {
     for (args, says) in [
         (vec!["--adapter", &one, "--adapter", &p(&a)], "only adapters of one kind combine"),
         (vec!["--adapter", &one, "--adapter", &two, "--weights", "1"], "gives 1 weights for 2 adapters"),
-        (vec!["--adapter", &p(&a), "--adapter", &p(&b), "--method", "ties", "--density", "0.5"], "combine by linear; not `ties`"),
+        (
+            vec!["--adapter", &p(&a), "--adapter", &p(&b), "--method", "ties", "--density", "0.5"],
+            "do not combine by `ties`; they combine by:\n  linear: the weighted sum",
+        ),
         (vec!["--adapter", &one, "--adapter", &two, "--method", "ties"], "needs a density"),
     ] {
         let mut full = vec!["average", "--model", &m, "--out"];

@@ -72,14 +72,16 @@ pub struct Combination {
 
 inventory::collect!(Combination);
 
-/// The methods `kind` combines by: `linear` and the registered ones, sorted.
-pub fn methods(kind: &str) -> Vec<&'static str> {
-    let mut names: Vec<&str> = inventory::iter::<Combination>.into_iter().filter(|c| c.kind == kind).map(|c| c.method).collect();
-    if !names.contains(&"linear") {
-        names.push("linear");
+/// The methods `kind` combines by, with what each does: `linear` and the registered ones,
+/// sorted by name.
+pub fn methods(kind: &str) -> Vec<(&'static str, &'static str)> {
+    let mut methods: Vec<(&str, &str)> =
+        inventory::iter::<Combination>.into_iter().filter(|c| c.kind == kind).map(|c| (c.method, c.summary)).collect();
+    if !methods.iter().any(|(name, _)| *name == "linear") {
+        methods.push(("linear", "the weighted sum of every weight"));
     }
-    names.sort();
-    names
+    methods.sort();
+    methods
 }
 
 /// Combines `inputs` (all of one kind) by `method`.
@@ -101,7 +103,8 @@ pub fn combine(method: &str, inputs: &[Input], options: &Options, model: &ModelI
         return (c.combine)(method, inputs, options, model, device);
     }
     if method != "linear" {
-        return Err(Error::Adapter(format!("`{kind}` adapters combine by {}; not `{method}`", methods(kind).join(", "))));
+        let known: Vec<String> = methods(kind).iter().map(|(name, what)| format!("\n  {name}: {what}")).collect();
+        return Err(Error::Adapter(format!("`{kind}` adapters do not combine by `{method}`; they combine by:{}", known.concat())));
     }
     linear(inputs, model, device)
 }

@@ -164,7 +164,7 @@ fn bad_combinations_are_refused() {
     assert!(err("svd", &Options { rank: Some(1000), ..Options::default() }).contains("at most 384"));
     assert!(err("svd", &Options { density: Some(1.5), ..Options::default() }).contains("density 1.5"));
     let e = err("mean", &Options::default());
-    assert!(e.contains("not `mean`") && e.contains("dare_ties") && e.contains("svd"), "{e}");
+    assert!(e.contains("do not combine by `mean`") && e.contains("\n  dare_ties: DARE") && e.contains("\n  svd: "), "{e}");
     let nan = [Input { weight: f64::NAN, ..inputs[0] }];
     let e = merge::combine("svd", &nan, &Options::default(), &info, &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("weight of adapter 1 is NaN"), "{e}");
