@@ -192,24 +192,6 @@ fn pct(v: &serde_json::Value) -> f64 {
     100.0 * v.as_f64().unwrap_or(f64::NAN)
 }
 
-/// Parameters of a run's heads: (hidden + 1) x labels per head saved with its adapters.
-fn head_parameters(root: &Path, run: &str) -> u64 {
-    let Ok(adapters) = std::fs::read_dir(root.join(RUNS).join(run).join("adapters")) else { return 0 };
-    let mut total = 0;
-    for adapter in adapters.flatten() {
-        let Ok(heads) = std::fs::read_dir(adapter.path().join("heads")) else { continue };
-        for head in heads.flatten() {
-            let config: serde_json::Value = std::fs::read_to_string(head.path().join("head_config.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
-            let labels = config["labels"].as_array().map_or(0, Vec::len) as u64;
-            total += (config["hidden_size"].as_u64().unwrap_or(0) + 1) * labels;
-        }
-    }
-    total
-}
-
 fn write(root: &Path, md: &mut String) -> Result<()> {
     let hyper = summary(root, "hyper").context("the hyper run")?;
     writeln!(md, "\n## Hypernetwork: one generator for four tasks\n")?;
@@ -236,7 +218,10 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
         };
         let accs: Vec<f64> = TASKS.iter().map(|t| pct(&s["tasks"][t]["test"]["accuracy"])).collect();
         let mean = accs.iter().sum::<f64>() / accs.len() as f64;
-        means.insert(*name, (mean, s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(head_parameters(root, name))));
+        means.insert(
+            *name,
+            (mean, s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(crate::head_parameters(&root.join(RUNS).join(name)))),
+        );
         let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
         writeln!(md, "| {what} | {} | **{mean:.2}** | {} |", cells.join(" | "), means[name].1)?;
     }
@@ -315,7 +300,7 @@ fn new_task(root: &Path, md: &mut String) -> Result<()> {
     writeln!(md, "| arm | test accuracy | adapter parameters trained |\n|---|---|---|")?;
     for (run, s) in &rows {
         let what = ARMS.iter().find(|a| a.0 == *run).map_or("", |a| a.3);
-        let trained = s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(head_parameters(root, run));
+        let trained = s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(crate::head_parameters(&root.join(RUNS).join(run)));
         writeln!(md, "| {what} | {:.2} | {trained} |", pct(&s["tasks"]["trec_fine"]["test"]["accuracy"]))?;
     }
     Ok(())

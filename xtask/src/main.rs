@@ -188,6 +188,25 @@ fn train(root: &std::path::Path, cli: &str, config: &str, out: &str, sets: &[Str
     run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// Parameters of a run's heads (`adapters/*/heads/*`): (hidden + 1) x labels each, for
+/// reporting adapter sizes without them.
+fn head_parameters(run: &std::path::Path) -> u64 {
+    let Ok(adapters) = std::fs::read_dir(run.join("adapters")) else { return 0 };
+    let mut total = 0;
+    for adapter in adapters.flatten() {
+        let Ok(heads) = std::fs::read_dir(adapter.path().join("heads")) else { continue };
+        for head in heads.flatten() {
+            let config: serde_json::Value = std::fs::read_to_string(head.path().join("head_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
+            let labels = config["labels"].as_array().map_or(0, Vec::len) as u64;
+            total += (config["hidden_size"].as_u64().unwrap_or(0) + 1) * labels;
+        }
+    }
+    total
+}
+
 /// `adapters eval` of an adapter folder on a data file with frozen all-MiniLM-L6-v2 at
 /// max length 64 (the studies' setting), `extra` arguments added (`--task`, `--head`):
 /// its JSON.

@@ -75,7 +75,8 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
             let (acc, f1) = (100.0 * t["accuracy"].as_f64().unwrap_or(f64::NAN), 100.0 * t["macro_f1"].as_f64().unwrap_or(f64::NAN));
             accs.push(acc);
             cells.push(format!("{acc:.2} ({f1:.2})"));
-            params.get_or_insert(adapter_parameters(root, &format!("{ds}-{method}"), ds, &s));
+            let heads = crate::head_parameters(&root.join(RUNS).join(format!("{ds}-{method}")));
+            params.get_or_insert(s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(heads));
         }
         let mean = if accs.len() == DATASETS.len() {
             let mean = accs.iter().sum::<f64>() / accs.len() as f64;
@@ -146,12 +147,4 @@ fn overhead(root: &Path, md: &mut String) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// Trainable parameters without the head: (hidden + 1) x labels.
-fn adapter_parameters(root: &Path, run: &str, ds: &str, s: &serde_json::Value) -> u64 {
-    let head = root.join(RUNS).join(run).join("adapters").join(ds).join("heads").join(ds).join("head_config.json");
-    let config: serde_json::Value = std::fs::read_to_string(head).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-    let head_params = (config["hidden_size"].as_u64().unwrap_or(0) + 1) * config["labels"].as_array().map_or(0, Vec::len) as u64;
-    s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(head_params)
 }
