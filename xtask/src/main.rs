@@ -13,6 +13,7 @@ mod moe_study;
 mod quality;
 mod serve_demo;
 mod test;
+mod robust_study;
 mod versus_study;
 mod vs_pytorch;
 
@@ -79,12 +80,6 @@ enum Task {
     /// balance loss, with sequence routing, and AdaMix-style merged by `adapters
     /// merge-experts`. About 45 minutes on 2 cores; finished runs are skipped.
     MoeStudy,
-    /// The hypernetwork study behind RESULTS.md: one hypernetwork for SMS spam, TREC coarse,
-    /// Rotten Tomatoes and VADER tweets (mixed-task batches) against per-task Pfeiffer
-    /// adapters on the same batches; conditioned on the input instead of the task; TREC fine
-    /// learned with the generator frozen against a full adapter; the sentiment tasks'
-    /// interpolated adapter exported and evaluated, with each task's head and with one head
-    /// the two sentiment tasks share. About 50 minutes on 2 cores; finished runs are skipped.
     /// The adapters-vs-LoRA study behind RESULTS.md: Pfeiffer, Houlsby, parallel and LoRA
     /// at about 113k parameters each on SMS spam, TREC coarse and Rotten Tomatoes, same
     /// budget and seed. About 30 minutes on 2 cores; finished runs are skipped.
@@ -99,6 +94,17 @@ enum Task {
     /// averaging by sample count (`adapters average`), against each client alone and one
     /// adapter trained centrally. About 20 minutes on 2 cores; finished steps are skipped.
     FedStudy,
+    /// The robustness study behind RESULTS.md: plain, PGD-trained and SMART-trained
+    /// Pfeiffer adapters on SMS spam and Rotten Tomatoes, each tested clean, under PGD on
+    /// the embeddings and with character noise, with the cost per step. About 30 minutes on
+    /// 2 cores; finished runs are skipped.
+    RobustStudy,
+    /// The hypernetwork study behind RESULTS.md: one hypernetwork for SMS spam, TREC coarse,
+    /// Rotten Tomatoes and VADER tweets (mixed-task batches) against per-task Pfeiffer
+    /// adapters on the same batches; conditioned on the input instead of the task; TREC fine
+    /// learned with the generator frozen against a full adapter; the sentiment tasks'
+    /// interpolated adapter exported and evaluated, with each task's head and with one head
+    /// the two sentiment tasks share. About 50 minutes on 2 cores; finished runs are skipped.
     HyperStudy {
         /// Only these runs (comma-separated: per_task, hyper, hyper_instance, new_task,
         /// new_task_adapter, shared_head); the exports need `hyper` and `shared_head`.
@@ -151,6 +157,7 @@ fn main() -> anyhow::Result<()> {
         Task::FusionStudy => fusion_study::run(&root()),
         Task::MoeStudy => moe_study::run(&root()),
         Task::FedStudy => fed_study::run(&root()),
+        Task::RobustStudy => robust_study::run(&root()),
         Task::ContinualStudy => continual_study::run(&root()),
         Task::VersusStudy => versus_study::run(&root()),
         Task::HyperStudy { only } => hyper_study::run(&root(), only.as_deref()),

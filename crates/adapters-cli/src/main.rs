@@ -344,6 +344,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
+        robustness: train_commands::Robustness,
+        #[command(flatten)]
         adapters: AdapterArgs,
     },
     /// Store an adapter folder (or a setup folder: adapter_setup.json with one subfolder
@@ -493,10 +495,23 @@ fn main() {
             train_commands::TaskChoice::parse(task.as_deref(), head.as_deref(), conditioning.as_deref())
                 .and_then(|task| train_commands::predict(&model, &adapters, &task, &texts, max_length, json))
         }
-        Command::Eval { model, data, task, head, conditioning, text_field, label_field, skip_bad_rows, max_length, json, adapters } => {
+        Command::Eval {
+            model,
+            data,
+            task,
+            head,
+            conditioning,
+            text_field,
+            label_field,
+            skip_bad_rows,
+            max_length,
+            json,
+            robustness,
+            adapters,
+        } => {
             let fields = adapters_train::data::Fields { text: text_field, label: label_field, skip_bad_rows };
             train_commands::TaskChoice::parse(task.as_deref(), head.as_deref(), conditioning.as_deref())
-                .and_then(|task| train_commands::eval(&model, &adapters, &task, &data, fields, max_length, json))
+                .and_then(|task| train_commands::eval(&model, &adapters, &task, &data, fields, max_length, &robustness, json))
         }
         Command::Push { dir, name, tags, model, run, store } => store_commands::push(&dir, &name, &tags, model.as_deref(), run, &store),
         Command::Pull { reference, out, store } => store_commands::pull(&reference, &out, &store),

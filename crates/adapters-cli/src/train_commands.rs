@@ -5,7 +5,9 @@ use adapters_core::ForwardCtx;
 use adapters_models::{HoldsAdapters, LoadedModel};
 use adapters_train::config::Pooling;
 use adapters_train::data::{read_labelled, read_text, Fields};
-use adapters_train::forward::{argmax, classify, lm_loss, pooled};
+use adapters_train::adversarial::{attacked_logits, Adversarial};
+use adapters_train::forward::{argmax, classify, lm_loss, pad, pool, pooled};
+use adapters_train::noise::perturb_characters;
 use adapters_train::heads::{self, SavedHead};
 use adapters_train::metrics::{accuracy, macro_f1};
 use adapters_train::{Config, RunOptions, Trainer};
@@ -164,23 +166,64 @@ fn encode(loaded: &LoadedModel, text: &str, max_length: usize) -> Result<Vec<u32
     Ok(adapters_train::encode_truncated(&loaded.tokenizer, text, max_length, loaded.backbone.is_encoder())?)
 }
 
-/// The head's logits for `ids`; `vectors`: each row's own conditioning (a data file's
-/// `conditioning` field), which replaces `task`'s for hypernetworks.
-fn logits_for(loaded: &LoadedModel, head: &SavedHead, task: &TaskChoice, ids: &[Vec<u32>], vectors: Option<Vec<&[f32]>>) -> Result<Tensor> {
-    let ctx = match vectors {
+/// The forward context for `rows` rows; `vectors`: each row's own conditioning (a data
+/// file's `conditioning` field), which replaces `task`'s for hypernetworks.
+fn context_for(loaded: &LoadedModel, task: &TaskChoice, rows: usize, vectors: Option<Vec<&[f32]>>) -> Result<ForwardCtx> {
+    match vectors {
         Some(v) => {
             let width = v[0].len();
             if v.iter().any(|r| r.len() != width) {
                 bail!("the rows' `conditioning` arrays differ in length");
             }
-            ForwardCtx::inference().with_conditioning(Tensor::from_vec(v.concat(), (v.len(), width), loaded.backbone.device())?)
+            Ok(ForwardCtx::inference().with_conditioning(Tensor::from_vec(v.concat(), (v.len(), width), loaded.backbone.device())?))
         }
-        None => task.context(loaded, ids.len())?,
-    };
+        None => task.context(loaded, rows),
+    }
+}
+
+/// The head's logits for `ids` (see [`context_for`] for `vectors`).
+fn logits_for(loaded: &LoadedModel, head: &SavedHead, task: &TaskChoice, ids: &[Vec<u32>], vectors: Option<Vec<&[f32]>>) -> Result<Tensor> {
+    let ctx = context_for(loaded, task, ids.len(), vectors)?;
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let pooling: Pooling = head.config.pooling;
     let features = pooled(&loaded.backbone, &rows, pooling, &ctx)?;
     Ok(classify(&head.head, &features, 0.0, &ctx)?)
+}
+
+/// Evaluation under perturbed inputs: an attack on the embeddings and noisy characters.
+#[derive(clap::Args, Debug, Default)]
+pub struct Robustness {
+    /// Evaluate under attack: projected gradient ascent on the token embeddings against
+    /// the gold labels, each token's perturbation inside an L2 ball of this radius (what
+    /// `[training.adversarial]` trains against; MiniLM's embeddings have norms of ~1.1).
+    #[arg(long)]
+    pub attack_epsilon: Option<f64>,
+    /// The attack's ascent steps.
+    #[arg(long, default_value_t = 2, requires = "attack_epsilon")]
+    pub attack_steps: usize,
+    /// The attack's step length (default: the radius).
+    #[arg(long, requires = "attack_epsilon")]
+    pub attack_step_size: Option<f64>,
+    /// Perturb each text's letters and digits at this rate before encoding: typos (a
+    /// neighbouring key), swaps, dropped and doubled characters.
+    #[arg(long)]
+    pub char_noise: Option<f64>,
+    /// Seeds --char-noise (row i uses seed + i): the same seed, the same test set.
+    #[arg(long, default_value_t = 0, requires = "char_noise")]
+    pub noise_seed: u64,
+}
+
+impl Robustness {
+    fn attack(&self) -> Result<Option<Adversarial>> {
+        let Some(epsilon) = self.attack_epsilon else { return Ok(None) };
+        let attack = Adversarial { epsilon, steps: self.attack_steps, step_size: self.attack_step_size, kl_weight: 0.0 };
+        attack.check().map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("`training.adversarial.", "`--attack-").replace('_', "-")))?;
+        Ok(Some(attack))
+    }
+
+    fn is_set(&self) -> bool {
+        self.attack_epsilon.is_some() || self.char_noise.is_some()
+    }
 }
 
 pub fn predict(model: &Path, adapters: &AdapterArgs, task: &TaskChoice, texts: &[String], max_length: usize, json: bool) -> Result<()> {
@@ -214,10 +257,18 @@ pub fn eval(
     data: &Path,
     fields: Fields,
     max_length: usize,
+    robustness: &Robustness,
     json: bool,
 ) -> Result<()> {
+    let attack = robustness.attack()?;
+    if let Some(rate) = robustness.char_noise.filter(|r| !(0.0..=1.0).contains(r)) {
+        bail!("--char-noise {rate}: a rate is between 0 and 1");
+    }
     let loaded = open_with(model, adapters)?;
     let is_text = data.extension().is_some_and(|e| e == "txt");
+    if is_text && robustness.is_set() {
+        bail!("--attack-epsilon and --char-noise evaluate classification (.jsonl / .csv), not perplexity on {}", data.display());
+    }
     let result = if is_text {
         if loaded.backbone.is_encoder() {
             bail!("{}: perplexity on plain text needs a decoder model; for classification give a .jsonl or .csv file", data.display());
@@ -269,13 +320,34 @@ pub fn eval(
             );
         }
         let mut pred = Vec::new();
-        for chunk in examples.chunks(64) {
-            let ids = chunk.iter().map(|e| encode(&loaded, &e.text, max_length)).collect::<Result<Vec<_>>>()?;
+        for (c, chunk) in examples.chunks(64).enumerate() {
+            let text = |i: usize, t: &str| match robustness.char_noise {
+                Some(rate) => perturb_characters(t, rate, robustness.noise_seed.wrapping_add((c * 64 + i) as u64)),
+                None => t.to_string(),
+            };
+            let ids = chunk.iter().enumerate().map(|(i, e)| encode(&loaded, &text(i, &e.text), max_length)).collect::<Result<Vec<_>>>()?;
             let vectors = chunk.iter().map(|e| e.conditioning.as_deref()).collect::<Option<Vec<_>>>();
-            pred.extend(argmax(&logits_for(&loaded, &head, task, &ids, vectors)?)?);
+            let logits = match &attack {
+                None => logits_for(&loaded, &head, task, &ids, vectors)?,
+                Some(attack) => {
+                    let ctx = context_for(&loaded, task, ids.len(), vectors)?;
+                    let (padded, mask) = pad(&ids.iter().map(Vec::as_slice).collect::<Vec<_>>(), loaded.backbone.device())?;
+                    let labels = Tensor::new(&gold[c * 64..c * 64 + chunk.len()], loaded.backbone.device())?;
+                    let logits = |h: &Tensor, c: &ForwardCtx| classify(&head.head, &pool(h, &mask, head.config.pooling)?, 0.0, c);
+                    attacked_logits(&loaded.backbone, &padded, &mask, &labels, &ctx, attack, logits)?
+                }
+            };
+            pred.extend(argmax(&logits)?);
         }
-        serde_json::json!({"data": data, "task": head.config.task, "examples": gold.len(),
-            "accuracy": accuracy(&gold, &pred), "macro_f1": macro_f1(&gold, &pred, head.config.labels.len())})
+        let mut result = serde_json::json!({"data": data, "task": head.config.task, "examples": gold.len(),
+            "accuracy": accuracy(&gold, &pred), "macro_f1": macro_f1(&gold, &pred, head.config.labels.len())});
+        if let Some(attack) = &attack {
+            result["attack"] = serde_json::to_value(attack)?;
+        }
+        if let Some(rate) = robustness.char_noise {
+            result["char_noise"] = serde_json::json!({"rate": rate, "seed": robustness.noise_seed});
+        }
+        result
     };
     if json {
         println!("{result}");

@@ -100,6 +100,9 @@ pub struct ForwardCtx {
     /// Per-example conditioning vectors `[batch, dim]` (task or instance embeddings) from
     /// which hypernetwork adapters generate their weights at call time.
     pub conditioning: Option<Tensor>,
+    /// A perturbation `[batch, seq, hidden]` the backbone adds to its token embeddings
+    /// before anything else sees them: adversarial training and attacks search it.
+    pub embedding_perturbation: Option<Tensor>,
     /// Keep every fusion layer's attention weights in the reports (see
     /// [`ForwardCtx::with_fusion_attentions`]); off by default (they would pile up).
     pub record_fusion_attentions: bool,
@@ -146,6 +149,12 @@ impl ForwardCtx {
     /// This context with [`ForwardCtx::no_grad`] on: no autograd graph through adapters.
     pub fn without_grad(&self) -> ForwardCtx {
         ForwardCtx { no_grad: true, ..self.clone() }
+    }
+
+    /// This context with [`ForwardCtx::no_grad`] off: gradients reach the inputs through
+    /// adapters too (an attack's search on a trained model).
+    pub fn with_grad(&self) -> ForwardCtx {
+        ForwardCtx { no_grad: false, ..self.clone() }
     }
 
     /// This context with reports of its own (auxiliary losses, routing, fusion attention),
@@ -241,6 +250,12 @@ impl ForwardCtx {
     pub fn with_conditioning(mut self, conditioning: Tensor) -> Self {
         self.conditioning = Some(conditioning);
         self
+    }
+
+    /// Sets the perturbation added to the token embeddings (see
+    /// [`ForwardCtx::embedding_perturbation`]); it shares this context's reports and RNG.
+    pub fn with_embedding_perturbation(&self, delta: Tensor) -> Self {
+        ForwardCtx { embedding_perturbation: Some(delta), ..self.clone() }
     }
 
     /// The context seen by a subset of the batch's rows: per-example fields are narrowed

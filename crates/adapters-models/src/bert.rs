@@ -322,7 +322,7 @@ impl Bert {
             Some(ids) => ids.clone(),
             None => Tensor::zeros((b, t), DType::U32, input_ids.device())?,
         };
-        let words = embedding(&e.word, input_ids)?;
+        let words = crate::ops::perturbed(embedding(&e.word, input_ids)?, ctx, copies)?;
         let types = embedding(&e.token_type, &types)?;
         let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
         let x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;

@@ -419,7 +419,7 @@ impl Llama {
         if past + t > self.config.max_position_embeddings {
             candle_core::bail!("{} positions exceed the model's context of {}", past + t, self.config.max_position_embeddings);
         }
-        let x = embedding(&self.embed, input_ids)?;
+        let x = crate::ops::perturbed(embedding(&self.embed, input_ids)?, ctx, copies)?;
         let inputs = LayerInputs {
             cos: self.cos.narrow(0, past, t)?,
             sin: self.sin.narrow(0, past, t)?,

@@ -139,3 +139,13 @@ impl RmsNorm {
         kernels::rms_norm(x, &self.weight, self.eps)
     }
 }
+
+/// Token embeddings `x` `[copies · batch, seq, hidden]` plus the context's embedding
+/// perturbation (given for `batch` rows, the same for every `parallel(...)` copy).
+pub(crate) fn perturbed(x: Tensor, ctx: &adapters_core::ForwardCtx, copies: usize) -> Result<Tensor> {
+    match &ctx.embedding_perturbation {
+        None => Ok(x),
+        Some(delta) if copies > 1 => x + delta.repeat((copies, 1, 1))?,
+        Some(delta) => x + delta,
+    }
+}

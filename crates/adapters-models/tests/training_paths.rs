@@ -197,3 +197,34 @@ fn idle_hooks_leave_the_base_untouched_and_rows_can_choose() {
     let d = max_abs_diff(&mixed[0].concat(), &adapted[0].concat());
     assert!(d < 1e-5, "row 0 differs from the all-probe forward by {d}");
 }
+
+/// An embedding perturbation (what adversarial training searches) enters the forward
+/// pass: zero changes nothing, and its gradient through every layer and adapter agrees
+/// with finite differences.
+#[test]
+fn bert_embedding_perturbation_gradients_agree_with_finite_differences() {
+    let mut bert = bert();
+    let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
+    bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
+    bert.adapters_mut().activate(&["probe"]).unwrap();
+    let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
+    let ctx = ForwardCtx::inference().with_grad();
+    let plain = bert_loss(&bert, &head, &ctx).to_scalar::<f32>().unwrap();
+    let zero = Var::zeros((2, 5, 384), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let loss = bert_loss(&bert, &head, &ctx.with_embedding_perturbation(zero.as_tensor().clone()));
+    assert_eq!(loss.to_scalar::<f32>().unwrap(), plain, "a zero perturbation changes nothing");
+    let analytic: Vec<Vec<Vec<f32>>> = loss.backward().unwrap().get(zero.as_tensor()).unwrap().to_vec3().unwrap();
+    assert!(analytic[1][4].iter().all(|&g| g == 0.0), "padding gets no gradient");
+    for (b, t, h) in [(0usize, 0usize, 0usize), (0, 3, 100), (1, 1, 383)] {
+        let at = |d: f32| {
+            let mut v = vec![vec![vec![0f32; 384]; 5]; 2];
+            v[b][t][h] = d;
+            let delta = Tensor::new(v, &Device::Cpu).unwrap();
+            bert_loss(&bert, &head, &ctx.with_embedding_perturbation(delta)).to_scalar::<f32>().unwrap() as f64
+        };
+        let eps = 1e-2f32;
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        let a = analytic[b][t][h] as f64;
+        assert!((a - numeric).abs() <= 2e-2 * a.abs().max(1e-3), "[{b},{t},{h}]: analytic {a}, numeric {numeric}");
+    }
+}

@@ -321,6 +321,10 @@ pub struct TrainingConfig {
     /// third more time per step (BENCHMARKS.md has the figures).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
+    /// `[training.adversarial]`: train on embedding perturbations found by projected
+    /// gradient ascent as well as on the clean batch (classification tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adversarial: Option<crate::adversarial::Adversarial>,
 }
 
 impl Default for TrainingConfig {
@@ -344,6 +348,7 @@ impl Default for TrainingConfig {
             group_by_length: true,
             mixed_task_batches: false,
             gradient_checkpointing: false,
+            adversarial: None,
         }
     }
 }
@@ -427,6 +432,16 @@ impl Config {
                 "`training.mixed_task_batches = true` needs `training.batch_size` of at least one row per task ({})",
                 self.task.len()
             );
+        }
+        if let Some(adversarial) = &t.adversarial {
+            adversarial.check()?;
+            if t.mode == Mode::HeadOnly || t.gradient_checkpointing || self.task.iter().any(|k| k.kind != TaskType::Classification) {
+                fail!(
+                    Config,
+                    "`training.adversarial` perturbs the embeddings of classification tasks and needs the backbone to run: \
+                     use mode \"adapters\" or \"full\", classification tasks only, and no `gradient_checkpointing`"
+                );
+            }
         }
         if t.mode == Mode::Adapters && self.adapters.is_empty() {
             fail!(Config, "`training.mode = \"adapters\"` needs at least one [adapters.NAME] table (or use mode \"head_only\" / \"full\")");

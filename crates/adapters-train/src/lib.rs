@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod adversarial;
 mod checkpoint;
 pub mod config;
 pub mod data;
@@ -12,6 +13,7 @@ pub mod forward;
 mod fusion_report;
 pub mod heads;
 pub mod metrics;
+pub mod noise;
 pub mod optim;
 mod report;
 mod routing_report;

@@ -2,6 +2,7 @@
 //! [`Config`], trains the parameter groups the mode and stages allow, evaluates, stops
 //! early, checkpoints, resumes, and writes the trained adapters, heads and reports.
 
+use crate::adversarial::{self, Part};
 use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
 use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
@@ -559,7 +560,11 @@ impl Trainer {
             TaskType::Classification => self.classification_loss(batch, hidden.map(|h| (h, &mask)), ids.len(), &ctx),
         };
         let needs_backbone = kind.is_language_modelling() || batch.iter().any(|(task, _)| self.tasks[*task].features.is_none());
-        let (loss, mut grads, reports) = if needs_backbone {
+        let adversarial = self.config.training.adversarial.as_ref().filter(|_| kind == TaskType::Classification);
+        let (loss, mut grads, reports) = if let Some(attack) = adversarial {
+            let parts = |h: &Tensor, c: &ForwardCtx| self.classification_parts(batch, Some((h, &mask)), ids.len(), c);
+            adversarial::loss_and_grads(&self.model.backbone, &padded, &mask, &ctx, attack, parts)?
+        } else if needs_backbone {
             let vars: Vec<Var> = self.params.iter().map(|p| p.var.clone()).collect();
             let checkpointing = self.config.training.gradient_checkpointing;
             loss_and_grads(&self.model.backbone, &padded, &mask, &ctx, &vars, checkpointing, |h| head(Some(h)))?
@@ -596,7 +601,19 @@ impl Trainer {
         total_rows: usize,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let mut total: Option<Tensor> = None;
+        adversarial::cross_entropy(&self.classification_parts(batch, hidden, total_rows, ctx)?)
+    }
+
+    /// Each part's logits and labels, weighted by its share of the `total_rows` rows (see
+    /// [`Trainer::classification_loss`]).
+    fn classification_parts(
+        &self,
+        batch: &[(usize, Vec<usize>)],
+        hidden: Option<(&Tensor, &Tensor)>,
+        total_rows: usize,
+        ctx: &ForwardCtx,
+    ) -> Result<Vec<Part>> {
+        let mut parts = Vec::with_capacity(batch.len());
         let mut offset = 0;
         for (task_idx, rows) in batch {
             let task = &self.tasks[*task_idx];
@@ -611,13 +628,10 @@ impl Trainer {
             offset += n;
             let logits = classify(task.head.as_ref().expect("classification head"), &features, self.config.training.dropout, ctx)?;
             let labels: Vec<u32> = rows.iter().map(|&i| task.data.train.labels[i]).collect();
-            let part = (candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels, logits.device())?)? * (n as f64 / total_rows as f64))?;
-            total = Some(match total {
-                None => part,
-                Some(t) => (t + part)?,
-            });
+            let labels = Tensor::new(labels, logits.device())?;
+            parts.push(Part { logits, labels, weight: n as f64 / total_rows as f64 });
         }
-        Ok(total.expect("a batch has at least one part"))
+        Ok(parts)
     }
 
     /// Metrics per task on dev or test (tasks without that split are left out).

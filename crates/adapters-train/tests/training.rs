@@ -733,3 +733,38 @@ fn init_from_continues_an_adapter_and_its_head() {
         assert!(e.contains("adapters.pf") && e.contains(says), "{e}");
     }
 }
+
+/// Adversarial training (2 PGD steps, dropout on): every step logs its adversarial term,
+/// stopping and resuming gives the uninterrupted run's weights bit for bit, and the
+/// SMART form (the KL term) trains too.
+#[test]
+fn adversarial_training_logs_its_term_and_resumes_exactly() {
+    let dir = scratch("adversarial");
+    let adapters = "[adapters.pf]\nkind = \"seq_bn\"\nreduction_factor = 16\ndropout = 0.1\n";
+    let training = "steps = 4\neval_every = 2\ncheckpoint_every = 2\n[training.adversarial]\nepsilon = 0.5\nsteps = 2";
+    let body = sms_config(&dir, adapters, training);
+    let mut straight = Trainer::new(config(&body, &dir.join("a")), &Device::Cpu).unwrap();
+    straight.run(&RunOptions::default()).unwrap();
+    let records = adapters_train::metrics::MetricsLog::read(&dir.join("a/metrics.jsonl")).unwrap();
+    let terms: Vec<f64> =
+        records.iter().filter(|r| r.get("split").is_none()).map(|r| r["aux_losses"]["adversarial"].as_f64().unwrap()).collect();
+    assert!(terms.len() == 4 && terms.iter().all(|t| t.is_finite() && *t > 0.0), "{terms:?}");
+    let mut first = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
+    first.run(&RunOptions { stop_after: Some(2), ..Default::default() }).unwrap();
+    drop(first);
+    let mut resumed = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
+    resumed.run(&RunOptions { resume: true, ..Default::default() }).unwrap();
+    let a = values(straight.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let b = values(resumed.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    assert_eq!(a, b);
+    let smart = sms_config(&dir, adapters, &format!("{training}\nkl_weight = 1.0"));
+    let summary = Trainer::new(config(&smart, &dir.join("c")), &Device::Cpu).unwrap().run(&RunOptions::default()).unwrap();
+    assert!(summary.aux_losses["adversarial"] > 0.0, "{:?}", summary.aux_losses);
+    // Only where the backbone runs on classification data.
+    let e = Config::parse(&format!("{}\n[output]\ndir = \"x\"\n", sms_config(&dir, "", &format!("mode = \"head_only\"\n{training}"))), &[])
+        .unwrap_err();
+    assert!(e.to_string().contains("`training.adversarial`"), "{e}");
+    let e = Config::parse(&format!("{}\n[output]\ndir = \"x\"\n", sms_config(&dir, adapters, "[training.adversarial]\nepsilon = -1")), &[])
+        .unwrap_err();
+    assert!(e.to_string().contains("`training.adversarial.epsilon` = -1"), "{e}");
+}
