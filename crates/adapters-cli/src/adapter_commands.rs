@@ -1,6 +1,7 @@
 //! Adapter folders: create (`new`), describe (`inspect`), merge into the base (`merge`).
 
 use crate::commands::{open, open_with, AdapterArgs};
+use adapters_core::durable;
 use adapters_core::io::{self, read_json, read_tensors, CONFIG_FILE};
 use adapters_core::{registry, Adapter, InsertionPoint, Placement};
 use adapters_models::{HoldsAdapters, LoadedModel};
@@ -67,7 +68,7 @@ pub fn new(kind: &str, model: &Path, out: &Path, sets: &[String], name: Option<S
     let info = loaded.backbone.model_info();
     let adapter = registry::build(kind, &config, &placement, &info, loaded.backbone.device(), seed)?;
     let name = name.unwrap_or_else(|| out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| kind.into()));
-    write_as(format, out, &name, adapter.as_ref(), &placement, &loaded, model)?;
+    write_into(out, |tmp| write_as(format, tmp, &name, adapter.as_ref(), &placement, &loaded, model))?;
     let params = adapter.num_parameters();
     println!(
         "wrote {} ({kind} `{name}`, {} points, {params} trainable parameters, {:.3}% of the base's {})",
@@ -104,10 +105,7 @@ pub fn convert(dir: &Path, model: &Path, format: Format, out: &Path) -> Result<(
     check_empty_target(out)?;
     let loaded = open(model)?;
     let adapter = io::load(dir, &loaded.backbone, loaded.backbone.device()).with_context(|| format!("reading {}", dir.display()))?;
-    write_as(format, out, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model).inspect_err(|_| {
-        // Nothing half-written stays behind.
-        std::fs::remove_dir_all(out).ok();
-    })?;
+    write_into(out, |tmp| write_as(format, tmp, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model))?;
     println!("wrote {} ({} `{}` from {} as {format:?})", out.display(), adapter.adapter.kind(), adapter.name, adapter.format);
     Ok(())
 }
@@ -189,7 +187,7 @@ pub fn merge(model: &Path, adapters: &AdapterArgs, out: &Path) -> Result<()> {
     for name in &names {
         loaded.backbone.merge(name)?;
     }
-    loaded.save_folder(out)?;
+    write_into(out, |tmp| Ok(loaded.save_folder(tmp)?))?;
     println!("merged {} into {} and wrote {}", names.join(", "), model.display(), out.display());
     Ok(())
 }
@@ -237,17 +235,20 @@ fn write_plain(out: &Path, name: &str, adapter: &dyn Adapter, placement: &Placem
     })
 }
 
-/// Fills a temporary folder next to `out` with `fill`, then renames it to `out` (which
-/// must be missing or empty): a failure leaves nothing behind.
+/// Fills a temporary folder next to `out` with `fill`, flushes it and renames it to `out`
+/// (which must be missing or empty): a failure or a crash at any moment leaves no
+/// half-written `out` (fault points `folder.*`, see [`adapters_core::durable`]).
 pub fn write_into(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = out.with_file_name(format!(".{}.partial", out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let _ = std::fs::remove_dir_all(&tmp);
     let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         fill(&tmp)?;
+        durable::sync_tree(&tmp, "folder").with_context(|| format!("flushing {}", tmp.display()))?;
         if out.exists() {
             std::fs::remove_dir(out).with_context(|| format!("replacing the empty folder {}", out.display()))?;
         }
-        std::fs::rename(&tmp, out).with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
+        durable::rename(&tmp, out, "folder").with_context(|| format!("moving {} to {}", tmp.display(), out.display()))
     })();
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -73,35 +73,27 @@ pub fn formats() -> impl Iterator<Item = &'static AdapterFormat> {
     inventory::iter::<AdapterFormat>.into_iter()
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a flushed temporary file and a rename (fault points
+/// `file.*`, see [`crate::durable`]): a crash leaves the old file or the new one, whole.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    write_through_temp(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)
+    })
+}
+
+/// Writes tensors as safetensors through a flushed temporary file and a rename.
+pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), Error> {
+    write_through_temp(path, |tmp| candle_core::safetensors::save(tensors, tmp).map_err(|e| std::io::Error::other(e.to_string())))
+}
+
+fn write_through_temp(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), Error> {
     let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), message: e.to_string() };
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        std::fs::remove_file(&tmp).ok();
-    }
-    result.map_err(io)
-}
-
-/// Writes tensors as safetensors through a temporary file and a rename.
-pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), Error> {
-    let io = |m: String| Error::Io { path: path.to_path_buf(), message: m };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
-    }
-    let tmp = temp_path(path);
-    let result = candle_core::safetensors::save(tensors, &tmp)
-        .map_err(|e| e.to_string())
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    let result = write(&tmp).and_then(|()| crate::durable::sync(&tmp, "file")).and_then(|()| crate::durable::rename(&tmp, path, "file"));
     if result.is_err() {
         std::fs::remove_file(&tmp).ok();
     }

@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod context;
+pub mod durable;
 pub mod fingerprint;
 #[doc = include_str!("guide.md")]
 pub mod guide {}

@@ -1,11 +1,12 @@
 //! Checkpoints: the trainable weights, the optimizer state and the loop state, written
-//! into a temporary folder and swapped into place so a crash never leaves half a
-//! checkpoint. Resuming restores all three; with the per-step seeds (data order, task
+//! into a temporary folder and swapped into place ([`replace_dir`]) so a crash never
+//! leaves half a checkpoint. Resuming restores all three; with the per-step seeds (data order, task
 //! choice, dropout) the resumed run computes exactly what an uninterrupted one would.
 
 use crate::config::Config;
 use crate::error::{fail, Error, Result, Within};
 use crate::optim::AdamW;
+use adapters_core::durable::{recover_dir, replace_dir};
 use adapters_core::io::{read_tensors, save_tensors_atomic, write_atomic};
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -66,8 +67,11 @@ fn comparable(config: &Config) -> serde_json::Value {
     v
 }
 
-pub fn exists(out: &Path) -> bool {
-    out.join(CHECKPOINT_DIR).join(STATE).exists()
+/// Whether `out` holds a checkpoint (after finishing a swap a crash interrupted).
+pub fn exists(out: &Path) -> Result<bool> {
+    let dir = out.join(CHECKPOINT_DIR);
+    recover_dir(&dir).within(|| format!("recovering {}", dir.display()))?;
+    Ok(dir.join(STATE).exists())
 }
 
 fn tensors(params: &[(String, Var)]) -> HashMap<String, Tensor> {
@@ -75,7 +79,7 @@ fn tensors(params: &[(String, Var)]) -> HashMap<String, Tensor> {
 }
 
 pub fn save(out: &Path, state: &State, optimizer: &AdamW, params: &[(String, Var)]) -> Result<()> {
-    replace_dir(&out.join(CHECKPOINT_DIR), |tmp| {
+    replace_dir(&out.join(CHECKPOINT_DIR), "checkpoint", |tmp| {
         save_tensors_atomic(&tensors(params), &tmp.join(TRAINABLE))?;
         save_tensors_atomic(&optimizer.state()?, &tmp.join(OPTIMIZER))?;
         write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
@@ -87,7 +91,7 @@ pub fn save(out: &Path, state: &State, optimizer: &AdamW, params: &[(String, Var
 /// config and fits every variable before changing anything.
 pub fn load(out: &Path, config: &Config, optimizer: &mut AdamW, params: &[(String, Var)]) -> Result<State> {
     let dir = out.join(CHECKPOINT_DIR);
-    if !exists(out) {
+    if !exists(out)? {
         fail!(Run, "{} has no checkpoint to resume; start without --resume", out.display());
     }
     let state_path = dir.join(STATE);
@@ -136,24 +140,5 @@ pub fn restore_best(out: &Path, params: &[(String, Var)]) -> Result<()> {
     for (var, t) in fit(params, read_tensors(&path, &candle_core::Device::Cpu)?, &path)? {
         var.set(&t.to_device(var.device())?)?;
     }
-    Ok(())
-}
-
-/// Writes a folder through `write` into a temporary sibling, then swaps it into place, so
-/// an interrupted write never leaves a half-written folder behind.
-pub fn replace_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().ok_or_else(|| Error::file(dir, "an output folder needs a parent folder"))?;
-    std::fs::create_dir_all(parent).within(|| format!("creating {}", parent.display()))?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let (tmp, old) = (parent.join(format!(".{name}.tmp")), parent.join(format!(".{name}.old")));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
-    write(&tmp)?;
-    let _ = std::fs::remove_dir_all(&old);
-    if dir.exists() {
-        std::fs::rename(dir, &old)?;
-    }
-    std::fs::rename(&tmp, dir).within(|| format!("moving the new {} into place", dir.display()))?;
-    let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }

@@ -60,14 +60,15 @@ pub struct SavedHead {
     pub dir: PathBuf,
 }
 
-/// Writes `dir/heads/TASK/` (weights first, then the config, each atomically).
+/// Writes `dir/heads/TASK/` (weights and config) as one folder, replaced whole.
 pub fn save(dir: &Path, config: &HeadConfig, head: &ClassificationHead) -> Result<()> {
-    let dir = dir.join(HEADS_DIR).join(&config.task);
     let tensors: HashMap<String, Tensor> =
         [("weight".to_string(), head.weight.as_tensor().clone()), ("bias".to_string(), head.bias.as_tensor().clone())].into();
-    save_tensors_atomic(&tensors, &dir.join(HEAD_WEIGHTS))?;
-    write_atomic(&dir.join(HEAD_CONFIG), serde_json::to_string_pretty(config)?.as_bytes())?;
-    Ok(())
+    adapters_core::durable::replace_dir(&dir.join(HEADS_DIR).join(&config.task), "head", |tmp| {
+        save_tensors_atomic(&tensors, &tmp.join(HEAD_WEIGHTS))?;
+        write_atomic(&tmp.join(HEAD_CONFIG), serde_json::to_string_pretty(config)?.as_bytes())?;
+        Ok(())
+    })
 }
 
 /// Every head under `dir/heads/`, sorted by task.

@@ -3,7 +3,7 @@
 //! early, checkpoints, resumes, and writes the trained adapters, heads and reports.
 
 use crate::adversarial::{self, Part};
-use crate::checkpoint::{self, replace_dir, Best, Cursor, State};
+use crate::checkpoint::{self, Best, Cursor, State};
 use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
 use crate::forward::{argmax, classify, lm_loss, lm_loss_of, loss_and_grads, pad, pool, pooled, StepReports};
@@ -14,6 +14,7 @@ use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
 use crate::report;
 use crate::routing_report::{self, RoutingSums};
 use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
+use adapters_core::durable::replace_dir;
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Layers, Placement, Setup};
 use adapters_models::heads::ClassificationHead;
 use adapters_models::HoldsAdapters;
@@ -23,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// How to run: fresh or resumed, and optionally stop early (to train in slices).
@@ -350,7 +351,7 @@ impl Trainer {
             eprintln!("resuming from step {} of {}", state.step, self.total_steps());
             state
         } else {
-            if checkpoint::exists(&out) {
+            if checkpoint::exists(&out)? {
                 fail!(Run, "{} holds a checkpoint of an earlier run; resume it (--resume) or choose a new `output.dir`", out.display());
             }
             State::new(self.tasks.len(), &self.config)
@@ -804,29 +805,20 @@ impl Trainer {
 
     /// Writes the trained adapters and heads where `adapters predict` finds them (see
     /// [`crate::heads`]); in full mode, the whole fine-tuned model.
+    /// Writes the trained model (full mode), adapters and heads into the run folder: each
+    /// folder with the heads and setup that live in it is replaced as a whole
+    /// ([`replace_dir`]), so a crash leaves the previous outputs or the new ones.
     fn save_outputs(&self) -> Result<()> {
         let out = &self.config.output.dir;
         let backbone = &self.model.backbone;
         let mode = self.config.training.mode;
         let model_dir = out.join("model");
-        if mode == Mode::Full {
-            replace_dir(&model_dir, |tmp| Ok(self.model.save_folder(tmp)?))?;
-        }
-        let fingerprint = backbone.fingerprint()?;
-        for (name, entry) in &self.config.adapters {
-            if mode == Mode::HeadOnly {
-                break;
-            }
-            if entry.from.is_some() {
-                continue; // trained earlier and frozen: its folder is where `from` says
-            }
-            let adapter = backbone.adapters().get(name).expect("added in new()");
-            let dir = out.join("adapters").join(name);
-            let placement = self.started_placements.get(name).unwrap_or(&entry.placement);
-            replace_dir(&dir, |tmp| Ok(io::save(tmp, name, adapter.as_ref(), placement, &fingerprint)?))?;
-        }
+        // Where each task's head (and setup) lives: the model, its top adapter, or the run.
+        let mut homes: BTreeMap<PathBuf, Vec<(&Task, HeadConfig)>> = BTreeMap::new();
         for (task, task_config) in self.tasks.iter().zip(&self.config.task) {
-            let Some(head) = &task.head else { continue };
+            if task.head.is_none() {
+                continue;
+            }
             let top = match &task.setup {
                 Some(setup) => setup.fusion_names().pop().or_else(|| setup.adapter_names().pop()),
                 None => task.stack.last().cloned(),
@@ -836,9 +828,6 @@ impl Trainer {
                 (_, Some(top)) => out.join("adapters").join(top),
                 (_, None) => out.clone(),
             };
-            if let Some(setup) = &task.setup {
-                setup.save(&home)?;
-            }
             let head_name = task_config.head_name();
             let config = HeadConfig {
                 task: head_name.to_string(),
@@ -849,7 +838,42 @@ impl Trainer {
                 adapters: task.stack.clone(),
                 label_map: self.config.tasks_of_head(head_name).flat_map(|t| t.label_map.clone().unwrap_or_default()).collect(),
             };
-            heads::save(&home, &config, head)?;
+            homes.entry(home).or_default().push((task, config));
+        }
+        let write_heads = |home: &Path, dir: &Path| -> Result<()> {
+            for (task, config) in homes.get(home).into_iter().flatten() {
+                if let Some(setup) = &task.setup {
+                    setup.save(dir)?;
+                }
+                heads::save(dir, config, task.head.as_ref().expect("tasks with heads only"))?;
+            }
+            Ok(())
+        };
+        let mut written = BTreeSet::new();
+        if mode == Mode::Full {
+            replace_dir(&model_dir, "outputs", |tmp| {
+                self.model.save_folder(tmp)?;
+                write_heads(&model_dir, tmp)
+            })?;
+            written.insert(model_dir.clone());
+        }
+        let fingerprint = backbone.fingerprint()?;
+        for (name, entry) in &self.config.adapters {
+            if mode == Mode::HeadOnly || entry.from.is_some() {
+                continue; // nothing trained, or trained earlier and frozen: its folder is where `from` says
+            }
+            let adapter = backbone.adapters().get(name).expect("added in new()");
+            let dir = out.join("adapters").join(name);
+            let placement = self.started_placements.get(name).unwrap_or(&entry.placement);
+            replace_dir(&dir, "outputs", |tmp| {
+                io::save(tmp, name, adapter.as_ref(), placement, &fingerprint)?;
+                write_heads(&dir, tmp)
+            })?;
+            written.insert(dir);
+        }
+        // Heads beside no trained folder (head-only runs, a frozen adapter on top).
+        for home in homes.keys().filter(|h| !written.contains(*h)) {
+            write_heads(home, home)?;
         }
         Ok(())
     }
