@@ -1,6 +1,7 @@
 //! The store: push, resolve, pull, list, tag and remove adapter versions on any
 //! `object_store` backend (a local folder or an S3-compatible bucket).
 
+use adapters_core::durable::fault_point;
 use crate::error::{Error, Result};
 use crate::folder::{self, Contents, FileEntry};
 use crate::name::{Name, Reference};
@@ -170,7 +171,9 @@ impl Store {
                     if hex_sha(&bytes) != f.sha256 {
                         return Err(Error::file(&dir.join(&f.path), "changed while it was being pushed; push again"));
                     }
+                    fault_point("store.file.before_put");
                     self.inner.put(&file_path(name, &version, &f.path), PutPayload::from(bytes)).await.map_err(|e| self.backend(e))?;
+                    fault_point("store.file.after_put");
                 }
                 let size_bytes = files.iter().map(|f| f.size).sum();
                 let manifest = Manifest {
@@ -185,7 +188,12 @@ impl Store {
                 };
                 let body = serde_json::to_vec_pretty(&manifest).expect("manifests serialise");
                 let create = PutOptions { mode: PutMode::Create, ..Default::default() };
-                match self.inner.put_opts(&manifest_path, PutPayload::from(body), create).await {
+                // The manifest is the version's commit point: written last, it appears only
+                // when every file is in place (`pull` and `list` see versions by manifest).
+                fault_point("store.manifest.before_put");
+                let put = self.inner.put_opts(&manifest_path, PutPayload::from(body), create).await;
+                fault_point("store.manifest.after_put");
+                match put {
                     // Another push of the same contents finished first: same files, same version.
                     Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => manifest,
                     Err(e) => return Err(self.backend(e)),
@@ -201,7 +209,9 @@ impl Store {
 
     async fn set_tag(&self, name: &Name, tag: &Name, version: &str) -> Result<()> {
         let body = serde_json::to_vec_pretty(&TagFile { version: version.to_string(), updated: now() }).expect("tags serialise");
+        fault_point("store.tag.before_put");
         self.inner.put(&tag_path(name, tag.as_str()), PutPayload::from(body)).await.map_err(|e| self.backend(e))?;
+        fault_point("store.tag.after_put");
         Ok(())
     }
 
