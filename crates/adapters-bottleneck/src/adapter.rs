@@ -2,7 +2,7 @@
 //! sublayer output (the residual is the backbone's).
 
 use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
-use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, RowBatch, SublayerIo};
+use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, RowBatch, SublayerIo};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -40,6 +40,7 @@ impl Bottleneck {
         for spec in points {
             let d = spec.out_features;
             let r = args.placement.size_for(spec.point.layer, config.default_size(d));
+            registry::check_width(kind.name, "reduction_factor (or placement.sizes)", r, d, d, spec.point)?;
             let (down_w, up_w) = match config.init_weights {
                 InitWeights::Bert => (init.normal((r, d), 0.02, dev)?, init.normal((d, r), 0.02, dev)?),
                 InitWeights::MamAdapter => (init.kaiming_uniform(r, d, dev)?, Tensor::zeros((d, r), DType::F32, dev)?),

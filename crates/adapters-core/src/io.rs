@@ -126,7 +126,8 @@ pub fn hf_model_class(model: &ModelInfo) -> (&'static str, &str) {
     }
 }
 
-/// Reads a safetensors file; a missing, truncated or corrupt file is an error naming it.
+/// Reads a safetensors file (as f32); a missing, truncated or corrupt file, or a tensor
+/// holding NaN or infinite values, is an error naming the file (and the tensor).
 pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, Error> {
     if !path.exists() {
         return Err(Error::Io { path: path.to_path_buf(), message: "the file is missing".into() });
@@ -135,7 +136,27 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
         path: path.to_path_buf(),
         message: format!("not a readable safetensors file (truncated or corrupt?): {e}"),
     })?;
-    tensors.into_iter().map(|(k, t)| Ok((k, if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? }))).collect()
+    let mut out = HashMap::with_capacity(tensors.len());
+    let mut names: Vec<String> = tensors.keys().cloned().collect();
+    names.sort();
+    let mut tensors = tensors;
+    for name in names {
+        let t = tensors.remove(&name).expect("listed");
+        let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        let bad = t.flatten_all()?.to_vec1::<f32>()?.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{name}` holds {bad} NaN or infinite values (of {}): refused; the file is damaged or was saved \
+                     from a diverged run",
+                    t.elem_count()
+                ),
+            });
+        }
+        out.insert(name, t);
+    }
+    Ok(out)
 }
 
 /// Reads and parses a JSON file, naming it in errors.

@@ -3,7 +3,7 @@
 
 use crate::adapter::Adapter;
 use crate::placement::Placement;
-use crate::point::ModelInfo;
+use crate::point::{ModelInfo, Point};
 use crate::Error;
 use candle_core::Device;
 use serde::de::DeserializeOwned;
@@ -88,4 +88,22 @@ pub fn build(
 /// Use `#[serde(deny_unknown_fields)]` on the config struct so misspelt keys are caught.
 pub fn parse_config<T: DeserializeOwned>(kind: &str, config: &serde_json::Value) -> Result<T, Error> {
     serde_json::from_value(config.clone()).map_err(|e| Error::Config { kind: kind.to_string(), message: e.to_string() })
+}
+
+/// Checks an adapter's inner width at one point (a bottleneck's units, a LoRA rank, an
+/// expert's size) before anything is allocated: at least 1 and at most the inputs plus
+/// outputs of the site, beyond which it adds no capacity, so that a config such as
+/// `r = 1000000000` is refused instead of exhausting memory.
+pub fn check_width(kind: &str, field: &str, width: usize, in_features: usize, out_features: usize, at: Point) -> Result<(), Error> {
+    let limit = in_features + out_features;
+    if width == 0 || width > limit {
+        return Err(Error::Config {
+            kind: kind.to_string(),
+            message: format!(
+                "{field} gives a width of {width} at {at}, outside 1..={limit} (the site's {in_features} inputs plus \
+                 {out_features} outputs); nothing was allocated"
+            ),
+        });
+    }
+    Ok(())
 }

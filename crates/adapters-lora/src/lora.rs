@@ -2,7 +2,7 @@
 //! with rsLoRA). A starts kaiming-uniform and B at zero, as PEFT does, so a fresh adapter
 //! leaves the model unchanged. Mergeable: the delta `s * B A` can be added to `W`.
 
-use adapters_core::registry::parse_config;
+use adapters_core::registry::{self, parse_config};
 use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, LowRank, Point, ProjectionIo, RowBatch, Site};
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -78,6 +78,7 @@ impl Lora {
             let r = pattern_match(&config.rank_pattern, &spec.module)
                 .copied()
                 .unwrap_or_else(|| args.placement.size_for(spec.point.layer, config.r));
+            registry::check_width("lora", "r (or rank_pattern, placement.sizes)", r, spec.in_features, spec.out_features, spec.point)?;
             let alpha = pattern_match(&config.alpha_pattern, &spec.module).copied().unwrap_or(config.alpha);
             let scale = if config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
             let a = Var::from_tensor(&init.kaiming_uniform(r, spec.in_features, args.device)?)?;

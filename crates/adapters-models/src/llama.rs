@@ -53,6 +53,18 @@ fn default_model_type() -> String {
 
 impl LlamaConfig {
     /// Width of one attention head.
+    /// Checks the numbers the model's shapes come from (names the first one at fault).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let (nh, nkv) = (self.num_attention_heads, self.num_key_value_heads);
+        if nh == 0 || nkv == 0 || nh % nkv != 0 {
+            return Err(format!("num_attention_heads {nh} is not a positive multiple of num_key_value_heads {nkv}"));
+        }
+        if self.hidden_size == 0 || self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return Err(format!("hidden size {} and head size {} do not make rotary heads", self.hidden_size, self.head_dim()));
+        }
+        Ok(())
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
@@ -202,7 +214,18 @@ impl Llama {
     pub fn from_gguf(path: &Path, device: &Device) -> std::result::Result<(Self, gguf_file::Content), Error> {
         let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
         let ct = gguf_file::Content::read(&mut file).map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
-        let config = LlamaConfig::from_gguf(&ct).map_err(|e| Error::file(path, e))?;
+        let config = LlamaConfig::from_gguf(&ct).and_then(|c| c.check().map(|()| c)).map_err(|e| Error::file(path, e))?;
+        // candle multiplies the dimensions unchecked (an overflow panics or wraps to a
+        // small size) and reads an empty tensor through a misaligned pointer: refuse
+        // shapes whose element count is zero or does not fit.
+        let file_len = file.metadata().map_err(|e| Error::file(path, e))?.len();
+        for (name, info) in &ct.tensor_infos {
+            let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+            let bytes = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n > 0).and_then(|n| (n / block).checked_mul(size));
+            if bytes.is_none_or(|b| b as u64 > file_len) {
+                return Err(Error::file(path, format!("tensor `{name}` has the impossible shape {:?} for this file", info.shape.dims())));
+            }
+        }
         let mut tensors = HashMap::new();
         for name in ct.tensor_infos.keys() {
             let Some(hf) = hf_name(name) else { continue };
@@ -236,10 +259,15 @@ impl Llama {
     /// Builds the model from tensors named as in Hugging Face's `LlamaForCausalLM`.
     pub fn from_weights(config: LlamaConfig, w: &Weights) -> std::result::Result<Self, Error> {
         let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
-        if nh == 0 || nkv == 0 || nh % nkv != 0 {
+        config.check().map_err(|e| Error::Unsupported(format!("{}: {e}", w.source().display())))?;
+        // The rotary tables are built for every position up front: refuse a context length
+        // no model has before allocating them (2^21 positions take 512 MB at head size 64).
+        const MAX_CONTEXT: usize = 1 << 21;
+        if config.max_position_embeddings == 0 || config.max_position_embeddings > MAX_CONTEXT {
             return Err(Error::Unsupported(format!(
-                "{}: num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}",
-                w.source().display()
+                "{}: a context length of {} positions is outside 1..={MAX_CONTEXT}",
+                w.source().display(),
+                config.max_position_embeddings
             )));
         }
         let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());

@@ -8,7 +8,7 @@
 
 use crate::config::{Activation, Dispatch, ExpertKind, Granularity, MoeConfig, RouterKind};
 use crate::router::{self, Plan, Units};
-use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site, SublayerIo};
+use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site, SublayerIo};
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 
@@ -97,6 +97,7 @@ impl Mixture {
                 ExpertKind::Bottleneck => {
                     let rf = config.reduction_factor.expect("parse fills it");
                     let r = args.placement.size_for(spec.point.layer, ((d_out as f64 / rf) as usize).max(1));
+                    registry::check_width(kind.name(), "reduction_factor (or placement.sizes)", r, d_out, d_out, spec.point)?;
                     let draw = |init: &mut Init| -> Result<[Tensor; 2]> {
                         Ok([init.normal((r, d_out), 0.02, dev)?, init.normal((d_out, r), 0.02, dev)?])
                     };
@@ -119,6 +120,7 @@ impl Mixture {
                 }
                 ExpertKind::Lora => {
                     let r = args.placement.size_for(spec.point.layer, config.r.expect("parse fills it"));
+                    registry::check_width(kind.name(), "r (or placement.sizes)", r, d_in, d_out, spec.point)?;
                     let shared = if config.shared_init { Some(init.kaiming_uniform(r, d_in, dev)?) } else { None };
                     let mut experts = Vec::with_capacity(config.experts);
                     for _ in 0..config.experts {
