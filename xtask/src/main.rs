@@ -7,6 +7,7 @@ mod data;
 mod fed_study;
 mod fetch;
 mod fusion_study;
+mod fuzz;
 mod hyper_study;
 mod load_test;
 mod moe_study;
@@ -94,6 +95,13 @@ enum Task {
     /// averaging by sample count (`adapters average`), against each client alone and one
     /// adapter trained centrally. About 20 minutes on 2 cores; finished steps are skipped.
     FedStudy,
+    /// Runs every fuzz target (safetensors, GGUF, adapter folders, configs, data files,
+    /// HTTP bodies) for this many seconds each and prints the cases run; a panic fails
+    /// with the case to replay (ADAPTERS_FUZZ_CASE) and its input under target/fuzz-crashes.
+    Fuzz {
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+    },
     /// The robustness study behind RESULTS.md: plain, PGD-trained and SMART-trained
     /// Pfeiffer adapters on SMS spam and Rotten Tomatoes, each tested clean, under PGD on
     /// the embeddings and with character noise, with the cost per step. About 30 minutes on
@@ -158,6 +166,7 @@ fn main() -> anyhow::Result<()> {
         Task::MoeStudy => moe_study::run(&root()),
         Task::FedStudy => fed_study::run(&root()),
         Task::RobustStudy => robust_study::run(&root()),
+        Task::Fuzz { seconds } => fuzz::run(&root(), seconds),
         Task::ContinualStudy => continual_study::run(&root()),
         Task::VersusStudy => versus_study::run(&root()),
         Task::HyperStudy { only } => hyper_study::run(&root(), only.as_deref()),

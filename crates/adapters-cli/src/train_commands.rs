@@ -196,17 +196,17 @@ pub struct Robustness {
     /// Evaluate under attack: projected gradient ascent on the token embeddings against
     /// the gold labels, each token's perturbation inside an L2 ball of this radius (what
     /// `[training.adversarial]` trains against; MiniLM's embeddings have norms of ~1.1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub attack_epsilon: Option<f64>,
     /// The attack's ascent steps.
     #[arg(long, default_value_t = 2, requires = "attack_epsilon")]
     pub attack_steps: usize,
     /// The attack's step length (default: the radius).
-    #[arg(long, requires = "attack_epsilon")]
+    #[arg(long, requires = "attack_epsilon", allow_negative_numbers = true)]
     pub attack_step_size: Option<f64>,
     /// Perturb each text's letters and digits at this rate before encoding: typos (a
     /// neighbouring key), swaps, dropped and doubled characters.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub char_noise: Option<f64>,
     /// Seeds --char-noise (row i uses seed + i): the same seed, the same test set.
     #[arg(long, default_value_t = 0, requires = "char_noise")]

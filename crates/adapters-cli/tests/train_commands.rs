@@ -78,6 +78,23 @@ fn train_then_predict_and_eval_from_the_saved_folders() {
         assert!(scores.contains_key(p["label"].as_str().unwrap()));
         assert!(scores.contains_key("normal") && scores.contains_key("spam"), "the head's labels are the renamed ones: {p}");
     }
+    // Robustness: no noise is the clean score; an attack on the embeddings (a radius far
+    // above the trained-for one) costs accuracy and is recorded; bad strengths are refused.
+    let eval_with = |extra: &[&str]| -> serde_json::Value {
+        let args = [&["eval", m, "--adapter", a, "--data", test.to_str().unwrap(), "--json"][..], extra].concat();
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    assert_eq!(eval_with(&["--char-noise", "0"])["accuracy"], eval["accuracy"]);
+    let noisy = eval_with(&["--char-noise", "0.3", "--noise-seed", "4"]);
+    assert_eq!(noisy["char_noise"], serde_json::json!({"rate": 0.3, "seed": 4}));
+    assert_eq!(noisy, eval_with(&["--char-noise", "0.3", "--noise-seed", "4"]), "seeded: the same noise");
+    let attacked = eval_with(&["--attack-epsilon", "0.5", "--attack-steps", "3"]);
+    assert!(attacked["accuracy"].as_f64() < eval["accuracy"].as_f64(), "{attacked} vs {eval}");
+    assert_eq!(attacked["attack"], serde_json::json!({"epsilon": 0.5, "steps": 3}));
+    let (success, _, err) = run(&["eval", m, "--adapter", a, "--data", test.to_str().unwrap(), "--attack-epsilon", "-1"]);
+    assert!(!success && err.contains("`--attack-epsilon` = -1"), "{err}");
+    let (success, _, err) = run(&["eval", m, "--adapter", a, "--data", test.to_str().unwrap(), "--char-noise", "2"]);
+    assert!(!success && err.contains("--char-noise 2"), "{err}");
     // Without the adapter there is no head to predict with; the error says where heads live.
     let (success, _, err) = run(&["predict", m, "hello"]);
     assert!(!success && err.contains("heads/TASK"), "{err}");
