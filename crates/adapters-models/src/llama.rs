@@ -52,7 +52,6 @@ fn default_model_type() -> String {
 }
 
 impl LlamaConfig {
-    /// Width of one attention head.
     /// Checks the numbers the model's shapes come from (names the first one at fault).
     pub fn check(&self) -> std::result::Result<(), String> {
         let (nh, nkv) = (self.num_attention_heads, self.num_key_value_heads);
@@ -65,6 +64,7 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }

@@ -26,19 +26,26 @@ pub struct Adversarial {
     /// (so K = 1 is the fast gradient method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_size: Option<f64>,
-    /// SMART's smoothness term: when positive, the perturbation maximises, and training
-    /// adds this weight times, the symmetric KL divergence between the perturbed and the
-    /// clean predictions, instead of the perturbed batch's cross-entropy.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub kl_weight: f64,
+    /// The perturbed term's weight in the loss (the clean cross-entropy's is 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub weight: f64,
+    /// SMART's smoothness term: the perturbation maximises, and training adds, the
+    /// symmetric KL divergence between the perturbed and the clean predictions instead of
+    /// the perturbed batch's cross-entropy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kl: bool,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 fn default_steps() -> usize {
     2
-}
-
-fn is_zero(x: &f64) -> bool {
-    *x == 0.0
 }
 
 impl Adversarial {
@@ -53,8 +60,8 @@ impl Adversarial {
         if let Some(a) = self.step_size.filter(|a| !(a.is_finite() && *a > 0.0)) {
             fail!(Config, "`training.adversarial.step_size` = {a}: a step length is a positive number");
         }
-        if !(self.kl_weight.is_finite() && self.kl_weight >= 0.0) {
-            fail!(Config, "`training.adversarial.kl_weight` = {}: a weight is a number ≥ 0", self.kl_weight);
+        if !(self.weight.is_finite() && self.weight > 0.0) {
+            fail!(Config, "`training.adversarial.weight` = {}: the perturbed term's weight is a positive number", self.weight);
         }
         Ok(())
     }
@@ -145,9 +152,9 @@ pub fn perturbation(
 }
 
 /// A training step's loss and gradients with adversarial training: the clean batch's
-/// cross-entropy plus, on the perturbation that maximises it, the perturbed batch's
-/// cross-entropy (or with `kl_weight` > 0, that weight times the symmetric KL divergence
-/// between perturbed and clean predictions, which the perturbation maximises instead).
+/// cross-entropy plus `weight` times, on the perturbation that maximises it, the perturbed
+/// batch's cross-entropy (or with `kl`, the symmetric KL divergence between perturbed and
+/// clean predictions, which the perturbation maximises instead).
 /// `parts` maps hidden states (and the context they ran with) to the batch's parts.
 pub fn loss_and_grads(
     backbone: &Backbone,
@@ -159,7 +166,7 @@ pub fn loss_and_grads(
 ) -> Result<(Tensor, GradStore, StepReports)> {
     let clean = parts(&backbone.hidden_states(ids, mask, ctx)?, ctx)?;
     let clean_loss = cross_entropy(&clean)?;
-    let smooth = attack.kl_weight > 0.0;
+    let smooth = attack.kl;
     let target: Vec<Part> =
         clean.iter().map(|p| Part { logits: p.logits.detach(), labels: p.labels.clone(), weight: p.weight }).collect();
     let objective = |h: &Tensor, c: &ForwardCtx| {
@@ -172,7 +179,7 @@ pub fn loss_and_grads(
     };
     let delta = perturbation(backbone, ids, mask, ctx, attack, objective)?;
     let perturbed = parts(&backbone.hidden_states(ids, mask, &ctx.with_embedding_perturbation(delta))?, ctx)?;
-    let term = if smooth { (symmetric_kl(&perturbed, &clean)? * attack.kl_weight)? } else { cross_entropy(&perturbed)? };
+    let term = ((if smooth { symmetric_kl(&perturbed, &clean)? } else { cross_entropy(&perturbed)? }) * attack.weight)?;
     let mut reports = StepReports::default();
     reports.aux_losses.insert("adversarial".into(), term.to_scalar::<f32>()? as f64);
     let aux = ctx.take_aux();

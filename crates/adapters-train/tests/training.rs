@@ -757,7 +757,7 @@ fn adversarial_training_logs_its_term_and_resumes_exactly() {
     let a = values(straight.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
     let b = values(resumed.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
     assert_eq!(a, b);
-    let smart = sms_config(&dir, adapters, &format!("{training}\nkl_weight = 1.0"));
+    let smart = sms_config(&dir, adapters, &format!("{training}\nkl = true\nweight = 0.5"));
     let summary = Trainer::new(config(&smart, &dir.join("c")), &Device::Cpu).unwrap().run(&RunOptions::default()).unwrap();
     assert!(summary.aux_losses["adversarial"] > 0.0, "{:?}", summary.aux_losses);
     // Only where the backbone runs on classification data.
