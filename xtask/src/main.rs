@@ -12,9 +12,9 @@ mod hyper_study;
 mod load_test;
 mod moe_study;
 mod quality;
+mod robust_study;
 mod serve_demo;
 mod test;
-mod robust_study;
 mod versus_study;
 mod vs_pytorch;
 

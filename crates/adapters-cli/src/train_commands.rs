@@ -3,13 +3,13 @@
 use crate::commands::{open_with, AdapterArgs};
 use adapters_core::ForwardCtx;
 use adapters_models::{HoldsAdapters, LoadedModel};
+use adapters_train::adversarial::{attacked_logits, Adversarial};
 use adapters_train::config::Pooling;
 use adapters_train::data::{read_labelled, read_text, Fields};
-use adapters_train::adversarial::{attacked_logits, Adversarial};
 use adapters_train::forward::{argmax, classify, lm_loss, pad, pool, pooled};
-use adapters_train::noise::perturb_characters;
 use adapters_train::heads::{self, SavedHead};
 use adapters_train::metrics::{accuracy, macro_f1};
+use adapters_train::noise::perturb_characters;
 use adapters_train::{Config, RunOptions, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -217,7 +217,9 @@ impl Robustness {
     fn attack(&self) -> Result<Option<Adversarial>> {
         let Some(epsilon) = self.attack_epsilon else { return Ok(None) };
         let attack = Adversarial { epsilon, steps: self.attack_steps, step_size: self.attack_step_size, weight: 1.0, kl: false };
-        attack.check().map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("`training.adversarial.", "`--attack-").replace('_', "-")))?;
+        attack
+            .check()
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("`training.adversarial.", "`--attack-").replace('_', "-")))?;
         Ok(Some(attack))
     }
 

@@ -121,7 +121,8 @@ fn train_config(dir: &Path) -> PathBuf {
 }
 
 fn train_args(config: &Path, out: &Path, resume: bool) -> Vec<String> {
-    let mut args = vec!["train".to_string(), config.display().to_string(), "--set".into(), format!("output.dir={:?}", out.display().to_string())];
+    let mut args =
+        vec!["train".to_string(), config.display().to_string(), "--set".into(), format!("output.dir={:?}", out.display().to_string())];
     if resume {
         args.push("--resume".into());
     }
@@ -147,7 +148,14 @@ fn training_crashed_at_every_fault_point_resumes_to_the_same_weights() {
     // From the first point of the second checkpoint on (a first one is then complete).
     let second = passed.iter().enumerate().filter(|(_, p)| *p == "checkpoint.into_place.after_rename").nth(0).map(|(i, _)| i + 1).unwrap();
     let plan = crash_plan(&passed, second);
-    for needed in ["file.before_fsync", "file.after_rename", "checkpoint.aside.after_rename", "checkpoint.into_place.before_rename", "outputs.into_place.after_rename", "head.into_place.before_rename"] {
+    for needed in [
+        "file.before_fsync",
+        "file.after_rename",
+        "checkpoint.aside.after_rename",
+        "checkpoint.into_place.before_rename",
+        "outputs.into_place.after_rename",
+        "head.into_place.before_rename",
+    ] {
         assert!(plan.iter().any(|(p, _)| p == needed), "{needed} not passed: {plan:?}");
     }
     eprintln!("training: crashing at {} fault points: {plan:?}", plan.len());
@@ -157,7 +165,8 @@ fn training_crashed_at_every_fault_point_resumes_to_the_same_weights() {
         let resumed = adapters(&dir.0, &strs(&train_args(&config, &out, true)), &[]);
         let stderr = String::from_utf8_lossy(&resumed.stderr);
         assert!(resumed.status.success(), "resume after a crash at {point}:{k}: {stderr}");
-        let from: usize = stderr.split("resuming from step ").nth(1).and_then(|s| s.split(' ').next()).and_then(|s| s.parse().ok()).unwrap();
+        let from: usize =
+            stderr.split("resuming from step ").nth(1).and_then(|s| s.split(' ').next()).and_then(|s| s.parse().ok()).unwrap();
         assert!([2, 4, 6].contains(&from), "{point}:{k}: resumed from step {from}, not a checkpoint");
         assert_eq!(weights(&out.join("adapters")), expected, "after a crash at {point}:{k}, the finished run's weights differ");
         std::fs::remove_dir_all(&out).unwrap();
@@ -180,7 +189,11 @@ fn training_killed_at_random_moments_ends_with_the_same_weights() {
         state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let delay = std::time::Duration::from_millis(300 + (state >> 33) % 2500);
         let resume = out.join("checkpoint/state.json").exists() || out.join(".checkpoint.old").exists();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_adapters")).args(train_args(&config, &out, resume)).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_adapters"))
+            .args(train_args(&config, &out, resume))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(delay);
         if child.try_wait().unwrap().is_some() {
             // Finished before the kill: start again from nothing to keep killing.
@@ -232,7 +245,11 @@ fn folder_writers_crashed_at_every_fault_point_leave_nothing_half_written() {
             let written = out.exists() && std::fs::read_dir(&out).unwrap().next().is_some();
             if written {
                 // The whole folder: it loads (an adapter on the model, or the merged model).
-                let check = if *name == "merge" { vec!["embed".to_string(), out.display().to_string(), "hello".into()] } else { vec!["inspect".to_string(), out.display().to_string(), "--model".into(), m.clone()] };
+                let check = if *name == "merge" {
+                    vec!["embed".to_string(), out.display().to_string(), "hello".into()]
+                } else {
+                    vec!["inspect".to_string(), out.display().to_string(), "--model".into(), m.clone()]
+                };
                 let shown = ok(&dir.0, &strs(&check));
                 assert!(*name == "merge" || shown.contains("fits model    yes"), "{name} crashed at {point}:{k}: {shown}");
             } else {
@@ -261,7 +278,14 @@ fn store_uploads_crashed_at_every_fault_point_keep_the_previous_version() {
     };
     let plan: Vec<(String, usize)> = {
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        passed.iter().map(|p| { let n = counts.entry(p).or_default(); *n += 1; (p.clone(), *n) }).collect()
+        passed
+            .iter()
+            .map(|p| {
+                let n = counts.entry(p).or_default();
+                *n += 1;
+                (p.clone(), *n)
+            })
+            .collect()
     };
     assert!(plan.iter().any(|(p, _)| p == "store.manifest.after_put") && plan.iter().any(|(p, _)| p == "store.tag.before_put"), "{plan:?}");
     let files_of = |d: &Path| -> BTreeMap<String, Vec<u8>> {

@@ -39,7 +39,13 @@ fn every_endpoint_answers_fuzzed_bodies() {
     let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap();
     let endpoints: &[(&str, &[&str])] = &[
         ("/v1/embeddings", &[r#"{"model": "base", "input": "a quiet evening"}"#, r#"{"model": "sms@prod", "input": ["hi", "win cash"]}"#]),
-        ("/v1/classify", &[r#"{"model": "sms", "input": "win cash now"}"#, r#"{"model": "trec@prod", "input": ["Who wrote Hamlet?"], "task": "trec_coarse"}"#]),
+        (
+            "/v1/classify",
+            &[
+                r#"{"model": "sms", "input": "win cash now"}"#,
+                r#"{"model": "trec@prod", "input": ["Who wrote Hamlet?"], "task": "trec_coarse"}"#,
+            ],
+        ),
         ("/v1/completions", &[r#"{"model": "base", "prompt": "Hello", "max_tokens": 2, "temperature": 0}"#]),
         ("/v1/chat/completions", &[r#"{"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}"#]),
         ("/admin/adapters/load", &[r#"{"adapter": "sms@prod"}"#]),

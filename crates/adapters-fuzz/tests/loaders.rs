@@ -196,8 +196,7 @@ fn kind_configs() {
     fuzz("adapter kind configs", &seeds, |bytes| {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { return };
         let kind = v["kind"].as_str().unwrap_or_default();
-        let Ok(placement) = serde_json::from_value::<adapters_core::Placement>(v.get("placement").cloned().unwrap_or_default())
-        else {
+        let Ok(placement) = serde_json::from_value::<adapters_core::Placement>(v.get("placement").cloned().unwrap_or_default()) else {
             return;
         };
         let _ = adapters_core::registry::build(kind, &v["config"], &placement, &info, &Device::Cpu, 0);

@@ -221,7 +221,13 @@ impl Llama {
         let file_len = file.metadata().map_err(|e| Error::file(path, e))?.len();
         for (name, info) in &ct.tensor_infos {
             let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
-            let bytes = info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n > 0).and_then(|n| (n / block).checked_mul(size));
+            let bytes = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n > 0)
+                .and_then(|n| (n / block).checked_mul(size));
             if bytes.is_none_or(|b| b as u64 > file_len) {
                 return Err(Error::file(path, format!("tensor `{name}` has the impossible shape {:?} for this file", info.shape.dims())));
             }

@@ -1,10 +1,10 @@
 //! The store: push, resolve, pull, list, tag and remove adapter versions on any
 //! `object_store` backend (a local folder or an S3-compatible bucket).
 
-use adapters_core::durable::fault_point;
 use crate::error::{Error, Result};
 use crate::folder::{self, Contents, FileEntry};
 use crate::name::{Name, Reference};
+use adapters_core::durable::fault_point;
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;

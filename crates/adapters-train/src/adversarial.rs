@@ -167,8 +167,7 @@ pub fn loss_and_grads(
     let clean = parts(&backbone.hidden_states(ids, mask, ctx)?, ctx)?;
     let clean_loss = cross_entropy(&clean)?;
     let smooth = attack.kl;
-    let target: Vec<Part> =
-        clean.iter().map(|p| Part { logits: p.logits.detach(), labels: p.labels.clone(), weight: p.weight }).collect();
+    let target: Vec<Part> = clean.iter().map(|p| Part { logits: p.logits.detach(), labels: p.labels.clone(), weight: p.weight }).collect();
     let objective = |h: &Tensor, c: &ForwardCtx| {
         let perturbed = parts(h, c)?;
         if smooth {

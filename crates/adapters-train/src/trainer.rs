@@ -804,10 +804,9 @@ impl Trainer {
     }
 
     /// Writes the trained adapters and heads where `adapters predict` finds them (see
-    /// [`crate::heads`]); in full mode, the whole fine-tuned model.
-    /// Writes the trained model (full mode), adapters and heads into the run folder: each
-    /// folder with the heads and setup that live in it is replaced as a whole
-    /// ([`replace_dir`]), so a crash leaves the previous outputs or the new ones.
+    /// [`crate::heads`]), in full mode the whole fine-tuned model: each folder with the
+    /// heads and setup that live in it is replaced as a whole ([`replace_dir`]), so a
+    /// crash leaves the previous outputs or the new ones.
     fn save_outputs(&self) -> Result<()> {
         let out = &self.config.output.dir;
         let backbone = &self.model.backbone;
