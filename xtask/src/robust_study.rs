@@ -238,8 +238,7 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
             findings.join("; ")
         )?;
     }
-    if let Some(cost) = serde_json::from_str::<Value>(&std::fs::read_to_string(root.join(RUNS).join("cost.json")).unwrap_or_default()).ok()
-    {
+    if let Ok(cost) = serde_json::from_str::<Value>(&std::fs::read_to_string(root.join(RUNS).join("cost.json")).unwrap_or_default()) {
         let line: Vec<String> = DATASETS
             .iter()
             .filter_map(|(ds, _, _)| {

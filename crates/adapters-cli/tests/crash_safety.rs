@@ -146,7 +146,7 @@ fn training_crashed_at_every_fault_point_resumes_to_the_same_weights() {
     let expected = weights(&reference.join("adapters"));
     assert!(expected.keys().any(|k| k.contains("heads")), "the head is among the outputs: {:?}", expected.keys());
     // From the first point of the second checkpoint on (a first one is then complete).
-    let second = passed.iter().enumerate().filter(|(_, p)| *p == "checkpoint.into_place.after_rename").nth(0).map(|(i, _)| i + 1).unwrap();
+    let second = passed.iter().position(|p| p == "checkpoint.into_place.after_rename").unwrap() + 1;
     let plan = crash_plan(&passed, second);
     for needed in [
         "file.before_fsync",

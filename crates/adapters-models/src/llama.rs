@@ -58,7 +58,7 @@ impl LlamaConfig {
         if nh == 0 || nkv == 0 || nh % nkv != 0 {
             return Err(format!("num_attention_heads {nh} is not a positive multiple of num_key_value_heads {nkv}"));
         }
-        if self.hidden_size == 0 || self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.hidden_size == 0 || self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(format!("hidden size {} and head size {} do not make rotary heads", self.hidden_size, self.head_dim()));
         }
         Ok(())
