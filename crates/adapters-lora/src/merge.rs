@@ -116,7 +116,21 @@ pub fn combine(name: &str, inputs: &[Input], options: &Options, model: &ModelInf
             }
             *sums.first().expect("one point at least")
         }
-        Method::Svd(_) => options.rank.unwrap_or_else(|| points.iter().flat_map(|p| ranks(*p)).max().unwrap_or(1)),
+        Method::Svd(_) => {
+            let rank = options.rank.unwrap_or_else(|| points.iter().flat_map(|p| ranks(*p)).max().unwrap_or(1));
+            // Checked before the merged adapter is built at that rank.
+            for p in &points {
+                let (a, b, _) = loras[0].factor_vars(*p).expect("same points");
+                let (rows, cols) = (b.dims()[0], a.dims()[1]);
+                if rank > rows.min(cols) {
+                    return Err(bad(format!(
+                        "rank {rank} is above the update's {rows}x{cols} size; give --rank of at most {}",
+                        rows.min(cols)
+                    )));
+                }
+            }
+            rank
+        }
     };
     let placement = Placement { sizes: BTreeMap::new(), ..inputs[0].placement.clone() };
     let config = serde_json::json!({"r": rank, "alpha": rank as f64, "dropout": loras[0].settings().dropout});
