@@ -217,9 +217,7 @@ impl Robustness {
     fn attack(&self) -> Result<Option<Adversarial>> {
         let Some(epsilon) = self.attack_epsilon else { return Ok(None) };
         let attack = Adversarial { epsilon, steps: self.attack_steps, step_size: self.attack_step_size, weight: 1.0, kl: false };
-        attack
-            .check()
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().replace("`training.adversarial.", "`--attack-").replace('_', "-")))?;
+        attack.check_named(|field| format!("`--attack-{}`", field.replace('_', "-")))?;
         Ok(Some(attack))
     }
 

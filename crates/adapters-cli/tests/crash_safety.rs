@@ -66,33 +66,48 @@ fn crash_at(dir: &Path, args: &[&str], point: &str, k: usize) {
 /// Each distinct point of `passed` with the pass number of its first pass at or after
 /// position `from` (points passed only before `from` are left out).
 fn crash_plan(passed: &[String], from: usize) -> Vec<(String, usize)> {
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut plan: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, p) in passed.iter().enumerate() {
-        let n = counts.entry(p).or_default();
-        *n += 1;
-        if i >= from {
-            plan.entry(p.clone()).or_insert(*n);
-        }
+    for (point, k) in numbered(passed).into_iter().skip(from) {
+        plan.entry(point).or_insert(k);
     }
     plan.into_iter().collect()
+}
+
+/// Each pass of `passed` as (point, which pass through it this is).
+fn numbered(passed: &[String]) -> Vec<(String, usize)> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    passed
+        .iter()
+        .map(|p| {
+            let n = counts.entry(p).or_default();
+            *n += 1;
+            (p.clone(), *n)
+        })
+        .collect()
+}
+
+/// Every file under `dir`, by its path relative to `dir`.
+fn files_under(dir: &Path) -> BTreeMap<String, PathBuf> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for p in std::fs::read_dir(&d).unwrap().flatten().map(|e| e.path()) {
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), p);
+            }
+        }
+    }
+    out
 }
 
 /// Every tensor of the safetensors files under `dir` (relative path/tensor → values).
 fn weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "safetensors") {
-                for (name, t) in candle_core::safetensors::load(&p, &candle_core::Device::Cpu).unwrap() {
-                    let key = format!("{}:{name}", p.strip_prefix(dir).unwrap().display());
-                    out.insert(key, t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                }
-            }
+    for (rel, p) in files_under(dir).into_iter().filter(|(_, p)| p.extension().is_some_and(|x| x == "safetensors")) {
+        for (name, t) in candle_core::safetensors::load(&p, &candle_core::Device::Cpu).unwrap() {
+            out.insert(format!("{rel}:{name}"), t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
     }
     out
@@ -276,32 +291,10 @@ fn store_uploads_crashed_at_every_fault_point_keep_the_previous_version() {
         ok(&probe, &["push", first.to_str().unwrap(), "--name", "spam"]);
         points_passed(&probe, &push_second)
     };
-    let plan: Vec<(String, usize)> = {
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        passed
-            .iter()
-            .map(|p| {
-                let n = counts.entry(p).or_default();
-                *n += 1;
-                (p.clone(), *n)
-            })
-            .collect()
-    };
+    let plan = numbered(&passed);
     assert!(plan.iter().any(|(p, _)| p == "store.manifest.after_put") && plan.iter().any(|(p, _)| p == "store.tag.before_put"), "{plan:?}");
-    let files_of = |d: &Path| -> BTreeMap<String, Vec<u8>> {
-        let mut out = BTreeMap::new();
-        let mut stack = vec![d.to_path_buf()];
-        while let Some(at) = stack.pop() {
-            for e in std::fs::read_dir(&at).unwrap().flatten() {
-                if e.path().is_dir() {
-                    stack.push(e.path());
-                } else {
-                    out.insert(e.path().strip_prefix(d).unwrap().display().to_string(), std::fs::read(e.path()).unwrap());
-                }
-            }
-        }
-        out
-    };
+    let files_of =
+        |d: &Path| -> BTreeMap<String, Vec<u8>> { files_under(d).into_iter().map(|(rel, p)| (rel, std::fs::read(p).unwrap())).collect() };
     eprintln!("push: crashing at {} passes of fault points", plan.len());
     for (i, (point, k)) in plan.iter().enumerate() {
         let home = library(&format!("crash-{i}"));

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct Adversarial {
     /// Radius of each token's L2 ball in embedding space (MiniLM's token embeddings have
-    /// norms of about 1.1: a radius of 0.02 already costs an untrained-for adapter a fifth of its accuracy).
+    /// norms of about 1.1: on Rotten Tomatoes a radius of 0.02 already costs a plain adapter a fifth of its accuracy).
     pub epsilon: f64,
     /// Ascent steps K (each one forward and backward pass).
     #[serde(default = "default_steps")]
@@ -49,19 +49,24 @@ fn default_steps() -> usize {
 }
 
 impl Adversarial {
-    /// Checks the numbers (names the field at fault).
+    /// Checks the numbers (names the `training.adversarial` field at fault).
     pub fn check(&self) -> Result<()> {
+        self.check_named(|field| format!("`training.adversarial.{field}`"))
+    }
+
+    /// [`Adversarial::check`], naming a field as `name(field)` says (a CLI flag, say).
+    pub fn check_named(&self, name: impl Fn(&str) -> String) -> Result<()> {
         if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
-            fail!(Config, "`training.adversarial.epsilon` = {}: the ball's radius is a positive number", self.epsilon);
+            fail!(Config, "{} = {}: the ball's radius is a positive number", name("epsilon"), self.epsilon);
         }
         if !(1..=100).contains(&self.steps) {
-            fail!(Config, "`training.adversarial.steps` = {}: give 1 to 100 ascent steps", self.steps);
+            fail!(Config, "{} = {}: give 1 to 100 ascent steps", name("steps"), self.steps);
         }
         if let Some(a) = self.step_size.filter(|a| !(a.is_finite() && *a > 0.0)) {
-            fail!(Config, "`training.adversarial.step_size` = {a}: a step length is a positive number");
+            fail!(Config, "{} = {a}: a step length is a positive number", name("step_size"));
         }
         if !(self.weight.is_finite() && self.weight > 0.0) {
-            fail!(Config, "`training.adversarial.weight` = {}: the perturbed term's weight is a positive number", self.weight);
+            fail!(Config, "{} = {}: the perturbed term's weight is a positive number", name("weight"), self.weight);
         }
         Ok(())
     }

@@ -72,6 +72,19 @@ fn sms_config(dir: &Path, adapters: &str, training: &str) -> String {
     )
 }
 
+/// Every trainable variable's values, by name.
+fn trainable_values(t: &Trainer) -> HashMap<String, Vec<f32>> {
+    values(t.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect())
+}
+
+/// The run `body` into `out`, stopped after `stop` steps and resumed to its end.
+fn stopped_and_resumed(body: &str, out: &Path, stop: usize) -> Trainer {
+    Trainer::new(config(body, out), &Device::Cpu).unwrap().run(&RunOptions { stop_after: Some(stop), ..Default::default() }).unwrap();
+    let mut resumed = Trainer::new(config(body, out), &Device::Cpu).unwrap();
+    resumed.run(&RunOptions { resume: true, ..Default::default() }).unwrap();
+    resumed
+}
+
 fn values(pairs: Vec<(String, Tensor)>) -> HashMap<String, Vec<f32>> {
     pairs.into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
 }
@@ -85,7 +98,7 @@ fn the_base_stays_frozen_and_everything_trainable_changes() {
     let c = config(&sms_config(&dir, adapters, "steps = 3\nlr = 1e-2\nwarmup_ratio = 0.0"), &dir.join("out"));
     let mut trainer = Trainer::new(c, &Device::Cpu).unwrap();
     let base_before = values(trainer.model().backbone.named_weights());
-    let trainable_before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let trainable_before = trainable_values(&trainer);
     let summary = trainer.run(&RunOptions::default()).unwrap();
     assert!(summary.finished && summary.steps == 3);
     let base_after = values(trainer.model().backbone.named_weights());
@@ -93,7 +106,7 @@ fn the_base_stays_frozen_and_everything_trainable_changes() {
     for (name, before) in &base_before {
         assert!(before == &base_after[name], "base weight {name} changed");
     }
-    let trainable_after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let trainable_after = trainable_values(&trainer);
     assert!(trainable_before.keys().any(|k| k.starts_with("adapter.pf.")) && trainable_before.keys().any(|k| k.starts_with("adapter.lo.")));
     for (name, before) in &trainable_before {
         assert!(before != &trainable_after[name], "trainable variable {name} did not change");
@@ -125,9 +138,7 @@ fn resuming_from_a_checkpoint_gives_the_same_result() {
     let mut resumed = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
     let s = resumed.run(&RunOptions { resume: true, ..Default::default() }).unwrap();
     assert!(s.finished && s.steps == 6);
-    let a = values(straight.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
-    let b = values(resumed.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
-    assert_eq!(a, b);
+    assert_eq!(trainable_values(&straight), trainable_values(&resumed));
     // The log of the resumed run has each step once.
     let steps: Vec<u64> = adapters_train::metrics::MetricsLog::read(&dir.join("b/metrics.jsonl"))
         .unwrap()
@@ -158,7 +169,7 @@ fn gradient_checkpointing_trains_like_the_plain_step() {
             .filter(|r| r.get("split").is_none())
             .map(|r| r["loss"].as_f64().unwrap())
             .collect();
-        (values(t.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()), losses)
+        (trainable_values(&t), losses)
     };
     let (plain, plain_losses) = run("plain", "steps = 4");
     let (checkpointed, losses) = run("checkpointed", "steps = 4\ngradient_checkpointing = true");
@@ -189,17 +200,17 @@ fn stages_freeze_groups_and_multi_task_visits_every_task() {
     );
     let c = config(&body, &dir.join("out"));
     let mut trainer = Trainer::new(c.clone(), &Device::Cpu).unwrap();
-    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let before = trainable_values(&trainer);
     let mut half = Trainer::new(config(&body, &dir.join("half")), &Device::Cpu).unwrap();
     half.run(&RunOptions { stop_after: Some(2), ..Default::default() }).unwrap();
-    let mid = values(half.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let mid = trainable_values(&half);
     for (name, v) in &before {
         if name.starts_with("adapter.") {
             assert_eq!(v, &mid[name], "{name} trained in the heads-only stage");
         }
     }
     trainer.run(&RunOptions::default()).unwrap();
-    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let after = trainable_values(&trainer);
     assert!(before.iter().any(|(n, v)| n.starts_with("adapter.a.") && v != &after[n]), "adapter a never trained");
     for (name, v) in &before {
         if name.starts_with("adapter.b.") {
@@ -425,10 +436,10 @@ fn mixed_task_batches_train_every_task_in_every_step() {
         trec.display().to_string()
     );
     let mut trainer = Trainer::new(config(&body, &dir.join("out")), &Device::Cpu).unwrap();
-    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let before = trainable_values(&trainer);
     context_probe::SEEN_TASKS.lock().unwrap().clear();
     trainer.run(&RunOptions::default()).unwrap();
-    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let after = trainable_values(&trainer);
     for prefix in ["adapter.a.", "adapter.b.", "head.sms.", "head.trec."] {
         assert!(before.iter().any(|(n, v)| n.starts_with(prefix) && v != &after[n]), "{prefix} did not train in the one step");
     }
@@ -475,7 +486,7 @@ fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
             .map(|(n, v)| (n, v.as_tensor().clone()))
             .collect(),
     );
-    let fusion_before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let fusion_before = trainable_values(&trainer);
     trainer.run(&RunOptions::default()).unwrap();
     let members_after = values(
         ["spam", "trec"]
@@ -485,7 +496,7 @@ fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
             .collect(),
     );
     assert_eq!(members_before, members_after, "frozen members moved");
-    let fusion_after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let fusion_after = trainable_values(&trainer);
     let unchanged: Vec<&String> = fusion_before.iter().filter(|(n, v)| *v == &fusion_after[*n]).map(|(n, _)| n).collect();
     assert!(unchanged.is_empty(), "every fusion and head variable trains; unchanged: {unchanged:?}");
     for f in ["adapters/fused/adapter_config.json", "adapters/fused/adapter_setup.json", "adapters/fused/heads/sms/head.safetensors"] {
@@ -509,9 +520,9 @@ fn two_stage_fusion_trains_only_the_fusion_and_the_head() {
     // variables do not move, while the head (at `training.lr`) does.
     let slow = body.replace("members = [\"spam\", \"trec\"]\n", "members = [\"spam\", \"trec\"]\nlr = 1e-30\n");
     let mut trainer = Trainer::new(config(&slow, &dir.join("slow")), &Device::Cpu).unwrap();
-    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let before = trainable_values(&trainer);
     trainer.run(&RunOptions::default()).unwrap();
-    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let after = trainable_values(&trainer);
     let shift = |n: &String| before[n].iter().zip(&after[n]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let moved = |prefix: &str| before.keys().filter(|n| n.starts_with(prefix) && shift(n) > 1e-12).count();
     assert_eq!(moved("adapter.fused."), 0, "the fusion trained at training.lr");
@@ -553,14 +564,8 @@ fn a_shared_mixture_logs_its_routing_and_resumes_exactly() {
     );
     let mut straight = Trainer::new(config(&body, &dir.join("a")), &Device::Cpu).unwrap();
     let summary = straight.run(&RunOptions::default()).unwrap();
-    let mut first = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
-    first.run(&RunOptions { stop_after: Some(3), ..Default::default() }).unwrap();
-    drop(first);
-    let mut resumed = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
-    resumed.run(&RunOptions { resume: true, ..Default::default() }).unwrap();
-    let a = values(straight.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
-    let b = values(resumed.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
-    assert_eq!(a, b);
+    let resumed = stopped_and_resumed(&body, &dir.join("b"), 3);
+    assert_eq!(trainable_values(&straight), trainable_values(&resumed));
 
     let steps: Vec<_> = adapters_train::metrics::MetricsLog::read(&dir.join("a/metrics.jsonl"))
         .unwrap()
@@ -605,9 +610,9 @@ fn a_hypernetwork_learns_tasks_jointly_and_a_new_task_with_its_generator_frozen(
         task("trec", &trec)
     );
     let mut trainer = Trainer::new(config(&body, &dir.join("joint")), &Device::Cpu).unwrap();
-    let before = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let before = trainable_values(&trainer);
     trainer.run(&RunOptions::default()).unwrap();
-    let after = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let after = trainable_values(&trainer);
     assert_ne!(before, after);
     // The trainer filled in the task names, in [[task]] order.
     let saved = dir.join("joint/adapters/hyper");
@@ -694,7 +699,7 @@ fn init_from_continues_an_adapter_and_its_head() {
     let continued = format!("[adapters.pf]\ninit_from = {:?}\n", saved.display().to_string());
     let mut trainer =
         Trainer::new(config(&sms_config(&dir, &continued, "steps = 2\nlr = 1e-2"), &dir.join("second")), &Device::Cpu).unwrap();
-    let start = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let start = trainable_values(&trainer);
     let on_disk = |rel: &str| values(adapters_core::io::read_tensors(&saved.join(rel), &Device::Cpu).unwrap().into_iter().collect());
     let (adapter, head) = (on_disk("adapter_model.safetensors"), on_disk("heads/sms/head.safetensors"));
     assert_eq!(start.len(), adapter.len() + head.len());
@@ -703,7 +708,7 @@ fn init_from_continues_an_adapter_and_its_head() {
         assert_eq!(v, stored, "{name} starts from the folder");
     }
     trainer.run(&RunOptions::default()).unwrap();
-    let end = values(trainer.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
+    let end = trainable_values(&trainer);
     assert!(start.iter().all(|(n, v)| v != &end[n]), "every variable trained on");
     let config_of = |d: &Path| -> serde_json::Value {
         let c: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("adapter_config.json")).unwrap()).unwrap();
@@ -749,14 +754,8 @@ fn adversarial_training_logs_its_term_and_resumes_exactly() {
     let terms: Vec<f64> =
         records.iter().filter(|r| r.get("split").is_none()).map(|r| r["aux_losses"]["adversarial"].as_f64().unwrap()).collect();
     assert!(terms.len() == 4 && terms.iter().all(|t| t.is_finite() && *t > 0.0), "{terms:?}");
-    let mut first = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
-    first.run(&RunOptions { stop_after: Some(2), ..Default::default() }).unwrap();
-    drop(first);
-    let mut resumed = Trainer::new(config(&body, &dir.join("b")), &Device::Cpu).unwrap();
-    resumed.run(&RunOptions { resume: true, ..Default::default() }).unwrap();
-    let a = values(straight.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
-    let b = values(resumed.trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect());
-    assert_eq!(a, b);
+    let resumed = stopped_and_resumed(&body, &dir.join("b"), 2);
+    assert_eq!(trainable_values(&straight), trainable_values(&resumed));
     let smart = sms_config(&dir, adapters, &format!("{training}\nkl = true\nweight = 0.5"));
     let summary = Trainer::new(config(&smart, &dir.join("c")), &Device::Cpu).unwrap().run(&RunOptions::default()).unwrap();
     assert!(summary.aux_losses["adversarial"] > 0.0, "{:?}", summary.aux_losses);
