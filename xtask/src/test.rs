@@ -135,6 +135,8 @@ pub fn run(root: &Path) -> Result<()> {
     // One plain closing line over the whole matrix (the last cargo run alone may be a
     // crate without tests).
     println!("matrix: {} passed, {} failed", counts.passed, counts.failed);
+    // CI's disk is finite (a run once failed with it full): say what the build took.
+    eprintln!("target/ holds {:.1} GiB", bytes_under(&root.join("target")) as f64 / (1u64 << 30) as f64);
     if failed > 0 {
         bail!("{failed} part(s) of the test matrix failed");
     }
@@ -206,8 +208,16 @@ fn cargo_test(root: &Path, args: &[String], env: &[(&str, &str)], counts: &mut C
 /// Crates under `crates/` that are not adapter families. Testing a crate alone builds its
 /// dependencies with its own feature set, which on a fresh machine recompiles candle, so
 /// only the families (the crates users pick one by one) get a run of their own.
-const NOT_FAMILIES: &[&str] =
-    &["adapters-core", "adapters-models", "adapters-train", "adapters-cli", "adapters-bench", "adapters-store", "adapters-serve"];
+const NOT_FAMILIES: &[&str] = &[
+    "adapters-core",
+    "adapters-models",
+    "adapters-train",
+    "adapters-cli",
+    "adapters-bench",
+    "adapters-store",
+    "adapters-serve",
+    "adapters-fuzz",
+];
 
 /// Every adapter family crate (a new family is picked up by adding its crate).
 fn family_crates(root: &Path) -> Result<Vec<String>> {
@@ -219,6 +229,19 @@ fn family_crates(root: &Path) -> Result<Vec<String>> {
         .collect();
     crates.sort();
     Ok(crates)
+}
+
+/// Bytes in the files under `dir` (links not followed; unreadable entries count 0).
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// The first GPU `nvidia-smi -L` lists, if any.
