@@ -270,6 +270,43 @@ impl Adapter for Bottleneck {
         self.forward_with(&site.weights(&site.tensors(), false)?, io, ctx)
     }
 
+    fn bottleneck(&self, point: Point, _ctx: &ForwardCtx) -> Option<Result<kernels::Bottleneck>> {
+        let (c, site) = (&self.config, self.sites.get(&point)?);
+        if site.norm_before.is_some() || site.norm_after.is_some() || site.gate.is_some() {
+            return None;
+        }
+        let reads = match (c.is_parallel, c.original_ln_before) {
+            (true, _) => kernels::BottleneckInput::Input,
+            (false, true) => kernels::BottleneckInput::NormedSum,
+            (false, false) => kernels::BottleneckInput::Output,
+        };
+        let activation = match c.non_linearity {
+            Activation::Relu => kernels::Activation::Relu,
+            Activation::Gelu => kernels::Activation::Gelu,
+            Activation::Swish | Activation::Silu => kernels::Activation::Silu,
+            Activation::Tanh => kernels::Activation::Tanh,
+        };
+        // The scale goes into the up projection's rows (output channels) and bias.
+        let scaled = |w: &Var, rows: bool| -> Result<Tensor> {
+            match (&c.scaling, &site.scaling) {
+                (Scaling::Fixed(v), _) if *v != 1.0 => w.as_tensor() * *v,
+                (Scaling::Learned | Scaling::Channel, Some(s)) if rows => w.broadcast_mul(&s.unsqueeze(1)?),
+                (Scaling::Learned | Scaling::Channel, Some(s)) => w.broadcast_mul(s),
+                _ => Ok(w.as_tensor().clone()),
+            }
+        };
+        Some((|| {
+            Ok(kernels::Bottleneck {
+                reads,
+                down: site.down_w.as_tensor().clone(),
+                down_bias: site.down_b.as_tensor().clone(),
+                activation,
+                up: scaled(&site.up_w, true)?,
+                up_bias: scaled(&site.up_b, false)?,
+            })
+        })())
+    }
+
     fn row_batch(&self, point: Point) -> Option<RowBatch> {
         let site = self.sites.get(&point)?;
         let c = &self.config;

@@ -93,6 +93,47 @@ fn zero_up_projection_starts_as_identity_on_both_backbones() {
     }
 }
 
+/// At inference one bottleneck adapter at a BERT site runs with the layer's add-and-norm
+/// in one fused pass (Pfeiffer reading the normed sum, Houlsby the output, parallel the
+/// input; fixed, learned and per-channel scales folded in). It equals the graph-building
+/// path that training and attacks take; configurations with their own norms take that path.
+#[test]
+fn fused_inference_pass_equals_the_graph_path() {
+    let mut m = model("all-MiniLM-L6-v2");
+    let cases = [
+        ("seq_bn", json!({})),
+        ("seq_bn", json!({"scaling": "channel", "non_linearity": "swish"})),
+        ("seq_bn", json!({"scaling": 2.0, "reduction_factor": 4})),
+        ("double_seq_bn", json!({})),
+        ("par_bn", json!({"scaling": "learned"})),
+        ("seq_bn", json!({"ln_before": true})),
+    ];
+    let ids = Tensor::new(&[[101u32, 7592, 2088, 2003, 102], [101, 2307, 2154, 102, 0]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
+    let hidden = |m: &Backbone, ctx: &ForwardCtx| -> Vec<f32> {
+        let Backbone::Bert(b) = m else { unreachable!("MiniLM is a BERT") };
+        b.forward(&ids, None, Some(&mask), ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let bare = hidden(&m, &ForwardCtx::inference());
+    for (i, (kind, config)) in cases.into_iter().enumerate() {
+        let mut config = config;
+        config["init_weights"] = json!("bert");
+        let own_norm = config.get("ln_before").is_some();
+        let a = build(&m, kind, config.clone(), "{}");
+        // Learned scales start at 1: move them so that folding them in is tested.
+        for (name, v) in a.vars().iter().filter(|(name, _)| name.ends_with("scaling")) {
+            v.set(&(v.as_tensor() * 1.7).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let point = a.points()[0];
+        assert_eq!(a.bottleneck(point, &ForwardCtx::inference()).is_some(), !own_norm, "{kind} {config}");
+        activate(&mut m, &format!("a{i}"), a);
+        let ctx = ForwardCtx::inference();
+        let (fused, graph) = (hidden(&m, &ctx), hidden(&m, &ctx.with_grad()));
+        assert!(max_diff(&fused, &graph) < 2e-5, "{kind} {config}: {}", max_diff(&fused, &graph));
+        assert!(max_diff(&fused, &bare) > 1e-3, "{kind} {config}: the adapter acts");
+    }
+}
+
 #[test]
 fn every_variable_gets_a_gradient_matching_finite_differences() {
     let mut m = model("all-MiniLM-L6-v2");

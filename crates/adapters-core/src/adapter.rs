@@ -114,6 +114,16 @@ pub trait Adapter: Send + Sync {
         None
     }
 
+    /// At a hidden site, for kinds whose whole change there is a bottleneck added to the
+    /// sublayer output: that bottleneck. When such an adapter is the only one at a site of
+    /// a post-norm backbone and no gradient is wanted, the backbone runs it and its own
+    /// add-and-norm in one pass ([`crate::kernels::bottleneck_add_layer_norm`]). `None`
+    /// (the default) otherwise; `forward_hidden` must agree with `io.output + up(act(down(z)))`.
+    fn bottleneck(&self, point: Point, ctx: &ForwardCtx) -> Option<Result<crate::kernels::Bottleneck>> {
+        let _ = (point, ctx);
+        None
+    }
+
     /// The form in which this adapter runs at `point` batched with other adapters, each
     /// on its own rows; `None` (the default): its rows run as a group of their own.
     fn row_batch(&self, point: Point) -> Option<RowBatch> {

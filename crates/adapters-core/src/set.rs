@@ -355,19 +355,45 @@ impl AdapterSet {
         bias: Option<&Tensor>,
         ctx: &ForwardCtx,
     ) -> Result<Option<Tensor>> {
-        if ctx.row_groups.is_some() {
-            return Ok(None);
-        }
-        let adapter = match self.resolved.get(&point) {
-            Some(Node::Adapter(a)) => a,
-            Some(Node::Stack(children)) => match children.as_slice() {
-                [Node::Adapter(a)] => a,
-                _ => return Ok(None),
-            },
-            _ => return Ok(None),
-        };
+        let Some(adapter) = self.single_adapter(point, ctx) else { return Ok(None) };
         let Some(term) = adapter.low_rank_projection(point, x, ctx).transpose()? else { return Ok(None) };
         detached_without_grad(kernels::low_rank_linear(x, weight, bias, &term.down, &term.up)?, ctx).map(Some)
+    }
+
+    /// `layer_norm(output' + input)` at a hidden site of a post-norm backbone, `output'`
+    /// being the sublayer output with the adapters at `point` applied, in one fused pass
+    /// ([`kernels::bottleneck_add_layer_norm`]) when they are one adapter with a bottleneck
+    /// form (see [`Adapter::bottleneck`]) and no gradient is wanted. `None` otherwise; the
+    /// backbone then calls [`AdapterSet::hidden`] and its norm.
+    pub fn hidden_add_layer_norm(
+        &self,
+        point: Point,
+        io: &SublayerIo,
+        (weight, bias, eps): (&Tensor, &Tensor, f64),
+        ctx: &ForwardCtx,
+    ) -> Result<Option<Tensor>> {
+        if ctx.train || !ctx.no_grad {
+            return Ok(None);
+        }
+        let Some(adapter) = self.single_adapter(point, ctx) else { return Ok(None) };
+        let Some(bottleneck) = adapter.bottleneck(point, ctx).transpose()? else { return Ok(None) };
+        kernels::bottleneck_add_layer_norm(io.input, io.output, &bottleneck, weight, bias, eps).map(Some)
+    }
+
+    /// The one adapter the active setup runs at `point` (alone, or as a stack of one), when
+    /// rows do not choose their own.
+    fn single_adapter(&self, point: Point, ctx: &ForwardCtx) -> Option<&Arc<dyn Adapter>> {
+        if ctx.row_groups.is_some() {
+            return None;
+        }
+        match self.resolved.get(&point)? {
+            Node::Adapter(a) => Some(a),
+            Node::Stack(children) => match children.as_slice() {
+                [Node::Adapter(a)] => Some(a),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Applies the active setup, or each row group's stack when the context routes rows.

@@ -368,10 +368,7 @@ impl Bert {
         let attn = kernels::attention(&q, &k, &v, heads, heads, mask, 1.0 / ((h / heads) as f64).sqrt())?;
         let attn = self.project(&layer.attn_out, Point::new(l, Site::AttentionProj), &attn, ctx)?;
 
-        let attn_norm = |y: &Tensor, x: &Tensor| layer.attn_norm.forward_add(y, x);
-        let io = SublayerIo { input: x, output: &attn, post_norm: Some(&attn_norm) };
-        let attn = self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?;
-        let x = layer.attn_norm.forward_add(&attn, x)?;
+        let x = self.adapted_add_norm(Point::new(l, Site::AttentionOutput), x, &attn, &layer.attn_norm, ctx)?;
 
         let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &x, ctx)?;
         let down = Point::new(l, Site::FfnDown);
@@ -382,10 +379,18 @@ impl Bert {
             }
             _ => self.project(&layer.down, down, &self.activation.apply(&up)?, ctx)?,
         };
-        let ffn_norm = |y: &Tensor, x: &Tensor| layer.ffn_norm.forward_add(y, x);
-        let io = SublayerIo { input: &x, output: &ffn, post_norm: Some(&ffn_norm) };
-        let ffn = self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?;
-        layer.ffn_norm.forward_add(&ffn, &x)
+        self.adapted_add_norm(Point::new(l, Site::FfnOutput), &x, &ffn, &layer.ffn_norm, ctx)
+    }
+
+    /// The post-norm residual step `norm(output + input)` with the adapters at the hidden
+    /// site `point` applied to `output` first; one fused pass where the set can make it.
+    fn adapted_add_norm(&self, point: Point, input: &Tensor, output: &Tensor, norm: &LayerNorm, ctx: &ForwardCtx) -> Result<Tensor> {
+        let add_norm = |y: &Tensor, x: &Tensor| norm.forward_add(y, x);
+        let io = SublayerIo { input, output, post_norm: Some(&add_norm) };
+        if let Some(y) = self.adapters.hidden_add_layer_norm(point, &io, (&norm.weight, &norm.bias, norm.eps), ctx)? {
+            return Ok(y);
+        }
+        norm.forward_add(&self.adapters.hidden(point, &io, ctx)?, input)
     }
 }
 

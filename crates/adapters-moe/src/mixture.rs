@@ -240,13 +240,13 @@ impl Mixture {
     }
 
     /// The non-linearity between an expert's two products.
-    fn activation(&self) -> kernels::ExpertActivation {
+    fn activation(&self) -> kernels::Activation {
         match (self.kind, self.config.non_linearity) {
-            (ExpertKind::Lora, _) => kernels::ExpertActivation::Identity,
-            (_, Some(Activation::Gelu)) => kernels::ExpertActivation::Gelu,
-            (_, Some(Activation::Silu)) => kernels::ExpertActivation::Silu,
-            (_, Some(Activation::Tanh)) => kernels::ExpertActivation::Tanh,
-            (_, _) => kernels::ExpertActivation::Relu,
+            (ExpertKind::Lora, _) => kernels::Activation::Identity,
+            (_, Some(Activation::Gelu)) => kernels::Activation::Gelu,
+            (_, Some(Activation::Silu)) => kernels::Activation::Silu,
+            (_, Some(Activation::Tanh)) => kernels::Activation::Tanh,
+            (_, _) => kernels::Activation::Relu,
         }
     }
 

@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Rows per block of the fused path: the block's input, middle and output stay in cache.
 const BLOCK: usize = 32;
 
-/// The non-linearity between an expert's two products.
+/// The non-linearity between the two products of a two-layer adapter (an expert, a
+/// bottleneck).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExpertActivation {
+pub enum Activation {
     /// None (LoRA experts).
     Identity,
     /// `relu`.
@@ -27,28 +28,28 @@ pub enum ExpertActivation {
     Tanh,
 }
 
-impl ExpertActivation {
+impl Activation {
     /// The activation of every value of `x`.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
-            ExpertActivation::Identity => Ok(x.clone()),
-            ExpertActivation::Relu => x.relu(),
-            ExpertActivation::Gelu => super::gelu_erf(x),
-            ExpertActivation::Silu => x.silu(),
-            ExpertActivation::Tanh => x.tanh(),
+            Activation::Identity => Ok(x.clone()),
+            Activation::Relu => x.relu(),
+            Activation::Gelu => super::gelu_erf(x),
+            Activation::Silu => x.silu(),
+            Activation::Tanh => x.tanh(),
         }
     }
 
-    fn apply_in_place(self, v: &mut [f32]) {
+    pub(super) fn apply_in_place(self, v: &mut [f32]) {
         match self {
-            ExpertActivation::Identity => {}
-            ExpertActivation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
-            ExpertActivation::Gelu => {
+            Activation::Identity => {}
+            Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+            Activation::Gelu => {
                 let input = v.to_vec();
                 super::gelu::forward_chunk(&input, v);
             }
-            ExpertActivation::Silu => v.iter_mut().for_each(|x| *x /= 1.0 + (-*x).exp()),
-            ExpertActivation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
+            Activation::Silu => v.iter_mut().for_each(|x| *x /= 1.0 + (-*x).exp()),
+            Activation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
         }
     }
 }
@@ -65,7 +66,7 @@ pub struct Experts<'a> {
     /// Their biases.
     pub up_bias: Option<&'a Tensor>,
     /// Between the two.
-    pub activation: ExpertActivation,
+    pub activation: Activation,
 }
 
 /// Which token each assignment sends to which expert: assignments grouped by expert,
@@ -201,7 +202,7 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
 
 /// `dst += lhs · wᵀ` for row-major `lhs` `[m, k]`, `w` `[n, k]` and `dst` `[m, n]`, on
 /// the calling thread.
-fn block_product(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], w: &[f32]) {
+pub(super) fn block_product(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], w: &[f32]) {
     assert!(dst.len() >= m * n && lhs.len() >= m * k && w.len() >= n * k, "block_product: buffers too small");
     // SAFETY: the views stay inside the buffers (checked above) and `dst` aliases neither.
     unsafe {
@@ -241,9 +242,7 @@ mod tests {
         tokens.extend((0..t as u32).step_by(3));
         let gates = Tensor::rand(0f32, 1.0, tokens.len(), &dev)?;
         let routes = Routes { tokens: &tokens, offsets: &offsets };
-        for activation in
-            [ExpertActivation::Identity, ExpertActivation::Relu, ExpertActivation::Gelu, ExpertActivation::Silu, ExpertActivation::Tanh]
-        {
+        for activation in [Activation::Identity, Activation::Relu, Activation::Gelu, Activation::Silu, Activation::Tanh] {
             for biased in [true, false] {
                 let experts =
                     Experts { down: &down, down_bias: biased.then_some(&down_b), up: &up, up_bias: biased.then_some(&up_b), activation };
@@ -258,7 +257,7 @@ mod tests {
             &x,
             &output,
             &gates,
-            &Experts { down: &down, down_bias: None, up: &up, up_bias: None, activation: ExpertActivation::Relu },
+            &Experts { down: &down, down_bias: None, up: &up, up_bias: None, activation: Activation::Relu },
             &bad,
             false,
         );

@@ -12,6 +12,7 @@
 
 mod adamw;
 mod attention;
+mod bottleneck;
 mod cross_entropy;
 mod experts;
 mod gelu;
@@ -25,8 +26,9 @@ mod swiglu;
 
 pub use adamw::{adamw, AdamWStep};
 pub use attention::attention;
+pub use bottleneck::{bottleneck_add_layer_norm, Bottleneck, BottleneckInput};
 pub use cross_entropy::linear_cross_entropy;
-pub use experts::{expert_mix, ExpertActivation, Experts, Routes};
+pub use experts::{expert_mix, Activation, Experts, Routes};
 pub use gelu::gelu_erf;
 pub use int8::{Int8Weight, BLOCK as INT8_BLOCK};
 pub use linear::{gelu_linear, linear, linear_add, low_rank_linear, swiglu_linear};

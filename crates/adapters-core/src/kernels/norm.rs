@@ -61,7 +61,7 @@ struct Norm {
 
 multiversion! {
     /// Normalises one row into `y` and returns its (mean, 1/std).
-    fn normalize_row(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], eps: f32, center: bool, stat: &mut (f32, f32)) {
+    pub(super) fn normalize_row(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], eps: f32, center: bool, stat: &mut (f32, f32)) {
         let n = x.len() as f32;
         let mean = if center { simd::sum(x) / n } else { 0.0 };
         let mut centered = [0f32; 8];
