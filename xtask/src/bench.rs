@@ -1,9 +1,17 @@
 //! Runs the benchmarks and writes BENCHMARKS.md from their results: criterion's median
-//! estimates, and the JSON written by the interleaved comparison benches.
+//! estimates, and the JSON written by the interleaved comparison benches, all kept in
+//! [`RESULTS`] (tracked: the report survives `cargo clean`, and a bench run with a filter
+//! replaces only its own results).
 
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
+
+/// Where the benches' results live, relative to the repository root.
+pub const RESULTS: &str = "bench/results";
+
+/// criterion's medians by benchmark id, collected from `target/criterion` after each run.
+const CRITERION: &str = "criterion.json";
 
 /// (package, bench target) pairs, in report order.
 const BENCHES: &[(&str, &str)] = &[
@@ -43,12 +51,42 @@ pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
         }
         crate::run(root, "cargo", &args)?;
     }
+    if !report_only {
+        collect_criterion(root)?;
+    }
     let report = report(root)?;
     let path = root.join("BENCHMARKS.md");
     let tmp = root.join(".BENCHMARKS.md.tmp");
     std::fs::write(&tmp, report)?;
     std::fs::rename(&tmp, &path)?;
     eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Adds the median of every benchmark in `target/criterion` to [`CRITERION`], keeping
+/// earlier medians of benchmarks this run did not measure.
+fn collect_criterion(root: &Path) -> Result<()> {
+    let path = root.join(RESULTS).join(CRITERION);
+    let mut medians: std::collections::BTreeMap<String, f64> = if path.exists() {
+        serde_json::from_value(read_json(&path)?).with_context(|| format!("{} is not id -> ns", path.display()))?
+    } else {
+        Default::default()
+    };
+    if let Ok(groups) = std::fs::read_dir(root.join("target/criterion")) {
+        for group in groups.flatten().filter(|g| g.path().is_dir()) {
+            for bench in std::fs::read_dir(group.path())?.flatten() {
+                let est = bench.path().join("new/estimates.json");
+                if est.exists() {
+                    let ns = read_json(&est)?["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+                    medians.insert(format!("{}/{}", group.file_name().to_string_lossy(), bench.file_name().to_string_lossy()), ns);
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&medians)?)?;
+    std::fs::rename(&tmp, &path)?;
     Ok(())
 }
 
@@ -85,27 +123,16 @@ fn report(root: &Path) -> Result<String> {
     writeln!(md, "## Forward pass (criterion, no adapter attached)\n")?;
     writeln!(md, "| benchmark | median | throughput |")?;
     writeln!(md, "|---|---|---|")?;
-    let criterion = root.join("target/criterion");
-    let mut rows = Vec::new();
-    if let Ok(groups) = std::fs::read_dir(&criterion) {
-        for group in groups.flatten().filter(|g| g.path().is_dir()) {
-            for bench in std::fs::read_dir(group.path())?.flatten() {
-                let est = bench.path().join("new/estimates.json");
-                if est.exists() {
-                    let ns = read_json(&est)?["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
-                    rows.push((format!("{}/{}", group.file_name().to_string_lossy(), bench.file_name().to_string_lossy()), ns));
-                }
-            }
-        }
-    }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let criterion = root.join(RESULTS).join(CRITERION);
+    let rows: std::collections::BTreeMap<String, f64> =
+        if criterion.exists() { serde_json::from_value(read_json(&criterion)?).unwrap_or_default() } else { Default::default() };
     for (id, ns) in rows {
         let secs = ns / 1e9;
         let throughput = tokens_in(&id).map(|t| format!("{:.0} tokens/s", t / secs)).unwrap_or_default();
         writeln!(md, "| {id} | {} | {throughput} |", human(secs))?;
     }
 
-    let hooks = root.join("target/bench-results/hook_overhead.json");
+    let hooks = root.join(RESULTS).join("hook_overhead.json");
     if hooks.exists() {
         let h = read_json(&hooks)?;
         writeln!(md, "\n## Cost of the adapter hooks with nothing attached\n")?;
@@ -127,16 +154,16 @@ fn report(root: &Path) -> Result<String> {
         writeln!(md, "| idle hook calls per forward | {} |", h["hook_calls_per_forward"])?;
         writeln!(md, "| idle hooks' share of the forward time | {:.2e} |", h["idle_hooks_share_of_forward"].as_f64().unwrap_or(f64::NAN))?;
     }
-    let vs = root.join("target/bench-results/vs_pytorch.json");
+    let vs = root.join(RESULTS).join("vs_pytorch.json");
     if vs.exists() {
         crate::vs_pytorch::report(&mut md, &read_json(&vs)?)?;
     }
-    let load = root.join("target/bench-results/load_test.json");
+    let load = root.join(RESULTS).join("load_test.json");
     if load.exists() {
         crate::load_test::report(&mut md, &read_json(&load)?)?;
     }
     for file in COMPARISONS {
-        let path = root.join("target/bench-results").join(file);
+        let path = root.join(RESULTS).join(file);
         if !path.exists() {
             continue;
         }

@@ -5,7 +5,7 @@
 //! another, half embeddings of 1-4 texts and half greedy generations of 8-16 tokens, each
 //! for an adapter drawn uniformly from the 50 (client timeout 30 s). The same load runs
 //! with batching on and with it off (`--batch-rows 0`); the figures go to
-//! target/bench-results/load_test.json and BENCHMARKS.md.
+//! bench/results/load_test.json and BENCHMARKS.md.
 
 use crate::{fetch, run};
 use anyhow::{bail, Context, Result};
@@ -101,7 +101,7 @@ pub fn run_load_test(root: &Path, load: Load) -> Result<()> {
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "runs": results,
     });
-    let out = root.join("target/bench-results");
+    let out = root.join(crate::bench::RESULTS);
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("load_test.json"), serde_json::to_string_pretty(&value)?)?;
     crate::bench::run(root, None, true)

@@ -99,7 +99,7 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
     overhead(root, md)
 }
 
-/// The bench variant of each method in `target/bench-results/adapter_overhead_minilm.json`.
+/// The bench variant of each method in `bench/results/adapter_overhead_minilm.json`.
 const BENCH_VARIANTS: &[(&str, &str)] = &[
     ("Pfeiffer", "seq_bn (Pfeiffer, r=24)"),
     ("Houlsby", "double_seq_bn (Houlsby, r=12 twice)"),
@@ -112,7 +112,7 @@ const BENCH_VARIANTS: &[(&str, &str)] = &[
 /// on this machine (BENCHMARKS.md has the full tables), when its results are here.
 fn overhead(root: &Path, md: &mut String) -> Result<()> {
     let read = |file: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(root.join("target/bench-results").join(file)).ok()?).ok()
+        serde_json::from_str(&std::fs::read_to_string(root.join(crate::bench::RESULTS).join(file)).ok()?).ok()
     };
     let (Some(forward), Some(switch)) = (read("adapter_overhead_minilm.json"), read("adapter_switch_minilm.json")) else {
         return Ok(());

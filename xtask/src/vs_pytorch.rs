@@ -58,7 +58,7 @@ pub fn run(root: &Path, only: Option<&str>, rounds: usize) -> Result<()> {
     }
     bar.finish_and_clear();
     // Keep earlier results of the workloads this run did not select, in report order.
-    let path = root.join("target/bench-results/vs_pytorch.json");
+    let path = root.join(crate::bench::RESULTS).join("vs_pytorch.json");
     let earlier: Vec<Value> = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
@@ -80,7 +80,7 @@ pub fn run(root: &Path, only: Option<&str>, rounds: usize) -> Result<()> {
 
 /// Replaces (or adds) the "Against PyTorch" section of BENCHMARKS.md, leaving the others.
 pub fn write_section(root: &Path) -> Result<()> {
-    let results = root.join("target/bench-results/vs_pytorch.json");
+    let results = root.join(crate::bench::RESULTS).join("vs_pytorch.json");
     let r: Value = serde_json::from_slice(
         &std::fs::read(&results).with_context(|| format!("reading {}: run without --report-only first", results.display()))?,
     )?;
@@ -156,7 +156,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// The BENCHMARKS.md section for `target/bench-results/vs_pytorch.json`.
+/// The BENCHMARKS.md section for `bench/results/vs_pytorch.json`.
 pub fn report(md: &mut String, r: &Value) -> Result<()> {
     use std::fmt::Write as _;
     let records = |stack: &str, key: &str| -> Vec<f64> {

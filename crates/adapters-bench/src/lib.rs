@@ -69,10 +69,12 @@ pub fn to_json(title: &str, timings: &[Timing], rounds: usize) -> serde_json::Va
     })
 }
 
-/// Writes a result file under `target/bench-results/` for `cargo xtask bench`.
+/// Writes a result file under `bench/results/` (tracked, so that BENCHMARKS.md can be
+/// rebuilt after `cargo clean` and a partial re-run replaces only its own tables) for
+/// `cargo xtask bench`.
 pub fn write_result(file: &str, value: &serde_json::Value) {
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench-results");
-    std::fs::create_dir_all(&dir).expect("creating target/bench-results");
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");
+    std::fs::create_dir_all(&dir).expect("creating bench/results");
     std::fs::write(dir.join(file), serde_json::to_string_pretty(value).expect("json")).expect("writing the result");
     println!("{}", serde_json::to_string_pretty(value).expect("json"));
 }

@@ -1,5 +1,5 @@
 //! What the adapter hooks cost when nothing is attached, measured two ways and written to
-//! `target/bench-results/hook_overhead.json` for `cargo xtask bench`:
+//! `bench/results/hook_overhead.json` for `cargo xtask bench`:
 //!
 //! 1. Our MiniLM forward against candle-transformers' BertModel (no hooks) on the same
 //!    weights and input, timed interleaved (A, B, A, B, ...) so that the machine's fast
@@ -89,7 +89,7 @@ fn main() {
         "idle_hooks_share_of_forward": share,
     });
     println!("{}", serde_json::to_string_pretty(&result).unwrap());
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench-results");
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/results");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("hook_overhead.json"), serde_json::to_string_pretty(&result).unwrap()).unwrap();
 }
