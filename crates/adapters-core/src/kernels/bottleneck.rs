@@ -79,7 +79,8 @@ pub fn bottleneck_add_layer_norm(
         );
     }
     let tensors = [input, output, &adapter.down, &adapter.down_bias, &adapter.up, &adapter.up_bias, weight, bias];
-    if !fused(&tensors) {
+    // Empty widths would make empty blocks: the composed ops handle them.
+    if !fused(&tensors) || d == 0 || r == 0 {
         return composed(input, output, adapter, weight, bias, eps);
     }
     let (reads, activation, eps) = (adapter.reads, adapter.activation, eps as f32);
