@@ -54,11 +54,8 @@ pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
     if !report_only {
         collect_criterion(root)?;
     }
-    let report = report(root)?;
     let path = root.join("BENCHMARKS.md");
-    let tmp = root.join(".BENCHMARKS.md.tmp");
-    std::fs::write(&tmp, report)?;
-    std::fs::rename(&tmp, &path)?;
+    crate::data::write_atomic(&path, report(root)?.as_bytes())?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }
@@ -66,12 +63,7 @@ pub fn run(root: &Path, filter: Option<&str>, report_only: bool) -> Result<()> {
 /// Adds the median of every benchmark in `target/criterion` to [`CRITERION`], keeping
 /// earlier medians of benchmarks this run did not measure.
 fn collect_criterion(root: &Path) -> Result<()> {
-    let path = root.join(RESULTS).join(CRITERION);
-    let mut medians: std::collections::BTreeMap<String, f64> = if path.exists() {
-        serde_json::from_value(read_json(&path)?).with_context(|| format!("{} is not id -> ns", path.display()))?
-    } else {
-        Default::default()
-    };
+    let mut medians = criterion_medians(root)?;
     if let Ok(groups) = std::fs::read_dir(root.join("target/criterion")) {
         for group in groups.flatten().filter(|g| g.path().is_dir()) {
             for bench in std::fs::read_dir(group.path())?.flatten() {
@@ -83,11 +75,18 @@ fn collect_criterion(root: &Path) -> Result<()> {
             }
         }
     }
+    let path = root.join(RESULTS).join(CRITERION);
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&medians)?)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
+    crate::data::write_atomic(&path, serde_json::to_string_pretty(&medians)?.as_bytes())
+}
+
+/// The criterion medians kept in [`CRITERION`] (none before the first run).
+fn criterion_medians(root: &Path) -> Result<std::collections::BTreeMap<String, f64>> {
+    let path = root.join(RESULTS).join(CRITERION);
+    if !path.exists() {
+        return Ok(Default::default());
+    }
+    serde_json::from_value(read_json(&path)?).with_context(|| format!("{} is not id -> ns", path.display()))
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -123,10 +122,7 @@ fn report(root: &Path) -> Result<String> {
     writeln!(md, "## Forward pass (criterion, no adapter attached)\n")?;
     writeln!(md, "| benchmark | median | throughput |")?;
     writeln!(md, "|---|---|---|")?;
-    let criterion = root.join(RESULTS).join(CRITERION);
-    let rows: std::collections::BTreeMap<String, f64> =
-        if criterion.exists() { serde_json::from_value(read_json(&criterion)?).unwrap_or_default() } else { Default::default() };
-    for (id, ns) in rows {
+    for (id, ns) in criterion_medians(root)? {
         let secs = ns / 1e9;
         let throughput = tokens_in(&id).map(|t| format!("{:.0} tokens/s", t / secs)).unwrap_or_default();
         writeln!(md, "| {id} | {} | {throughput} |", human(secs))?;

@@ -161,7 +161,9 @@ fn movie_dialog(bytes: &[u8]) -> Result<Vec<Example>> {
         .collect())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to a temporary sibling and renames it over `path`: a reader (or a crash)
+/// sees the old file or the new one, never half of one.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)?;

@@ -156,7 +156,7 @@ fn main() -> anyhow::Result<()> {
                 if !report_only {
                     vs_pytorch::run(&root(), only.as_deref(), rounds)?;
                 }
-                return vs_pytorch::write_section(&root());
+                return bench::run(&root(), None, true);
             }
             bench::run(&root(), filter.as_deref(), report_only)
         }

@@ -72,40 +72,9 @@ pub fn run(root: &Path, only: Option<&str>, rounds: usize) -> Result<()> {
         })
         .collect();
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&json!({ "threads": 2, "workloads": merged }))?)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
+    crate::data::write_atomic(&path, serde_json::to_string_pretty(&json!({ "threads": 2, "workloads": merged }))?.as_bytes())
 }
 
-/// Replaces (or adds) the "Against PyTorch" section of BENCHMARKS.md, leaving the others.
-pub fn write_section(root: &Path) -> Result<()> {
-    let results = root.join(crate::bench::RESULTS).join("vs_pytorch.json");
-    let r: Value = serde_json::from_slice(
-        &std::fs::read(&results).with_context(|| format!("reading {}: run without --report-only first", results.display()))?,
-    )?;
-    let mut section = String::new();
-    report(&mut section, &r)?;
-    let path = root.join("BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let new = match old.find(SECTION) {
-        Some(start) => {
-            let end = old[start + SECTION.len()..].find("\n## ").map_or(old.len(), |e| start + SECTION.len() + e);
-            format!("{}{}{}", &old[..start], section.trim_start_matches('\n'), &old[end..])
-        }
-        None => match old.find("\n## ") {
-            Some(i) => format!("{}\n{}{}", &old[..i], section.trim_end(), &old[i..]),
-            None => format!("{}{section}", old.trim_end()),
-        },
-    };
-    let tmp = root.join(".BENCHMARKS.md.tmp");
-    std::fs::write(&tmp, new)?;
-    std::fs::rename(&tmp, &path)?;
-    eprintln!("wrote the PyTorch comparison into {}", path.display());
-    Ok(())
-}
-
-/// The heading of the section this step owns.
 const SECTION: &str = "## Against PyTorch";
 
 fn last_json_line(stdout: &[u8], what: &str) -> Result<Value> {

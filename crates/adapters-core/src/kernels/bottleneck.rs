@@ -95,14 +95,14 @@ pub fn bottleneck_add_layer_norm(
             // SAFETY: each is written in full below before it is read.
             let (mut sum, mut mid) = unsafe { (output_buffer(n * d), output_buffer(n * r)) };
             let mut stat = (0f32, 0f32);
+            for ((s, o), x) in sum.iter_mut().zip(output).zip(input) {
+                *s = o + x;
+            }
             let z: &[f32] = match reads {
                 BottleneckInput::Output => output,
                 BottleneckInput::Input => input,
                 BottleneckInput::NormedSum => {
                     // The normed sum goes into `out`, which is written last.
-                    for ((s, o), x) in sum.iter_mut().zip(output).zip(input) {
-                        *s = o + x;
-                    }
                     for (s, z) in sum.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
                         normalize_row(s, w, Some(b), z, eps, true, &mut stat);
                     }
@@ -112,10 +112,8 @@ pub fn bottleneck_add_layer_norm(
             mid.chunks_exact_mut(r).for_each(|m| m.copy_from_slice(down_b));
             block_product(n, r, d, &mut mid, z, down);
             activation.apply_in_place(&mut mid);
-            for ((s, o), x) in sum.chunks_exact_mut(d).zip(output.chunks_exact(d)).zip(input.chunks_exact(d)) {
-                for (((s, o), x), ub) in s.iter_mut().zip(o).zip(x).zip(up_b) {
-                    *s = o + x + ub;
-                }
+            for s in sum.chunks_exact_mut(d) {
+                s.iter_mut().zip(up_b).for_each(|(s, ub)| *s += ub);
             }
             block_product(n, d, r, &mut sum, &mid, up);
             for (s, y) in sum.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
