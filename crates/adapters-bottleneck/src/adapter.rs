@@ -2,7 +2,7 @@
 //! sublayer output (the residual is the backbone's).
 
 use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
-use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, RowBatch, SublayerIo};
+use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, RowBatch, SublayerIo};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 
@@ -270,7 +270,34 @@ impl Adapter for Bottleneck {
         self.forward_with(&site.weights(&site.tensors(), false)?, io, ctx)
     }
 
-    fn bottleneck(&self, point: Point, _ctx: &ForwardCtx) -> Option<Result<kernels::Bottleneck>> {
+    fn row_batch(&self, point: Point) -> Option<RowBatch> {
+        let site = self.sites.get(&point)?;
+        let c = &self.config;
+        let (r, d) = site.down_w.dims2().ok()?;
+        // Everything the forward depends on besides the tensors (not the kind's name or the init).
+        let key = format!(
+            "bottleneck {d}x{r} act={:?} original_ln_before={} parallel={} scaling={:?} ln_before={} ln_after={} dropout={} gating={}",
+            c.non_linearity, c.original_ln_before, c.is_parallel, c.scaling, c.ln_before, c.ln_after, c.dropout, c.use_gating
+        );
+        Some(RowBatch { key, weights: site.tensors() })
+    }
+
+    fn forward_hidden_rows(&self, point: Point, io: &SublayerIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_with(&self.sites[&point].weights(weights, true)?, io, ctx)
+    }
+
+    fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+        let (weight, bias, eps) = norm;
+        let form = self.bottleneck(point)?;
+        Some(form.and_then(|b| kernels::bottleneck_add_layer_norm(io.input, io.output, &b, weight, bias, eps)))
+    }
+}
+
+impl Bottleneck {
+    /// The whole change at `point` as one bottleneck (`up(act(down(z)))` added to the
+    /// sublayer output), for the fused inference pass; `None` for sites with their own
+    /// norms or gate.
+    fn bottleneck(&self, point: Point) -> Option<Result<kernels::Bottleneck>> {
         let (c, site) = (&self.config, self.sites.get(&point)?);
         if site.norm_before.is_some() || site.norm_after.is_some() || site.gate.is_some() {
             return None;
@@ -305,21 +332,5 @@ impl Adapter for Bottleneck {
                 up_bias: scaled(&site.up_b, false)?,
             })
         })())
-    }
-
-    fn row_batch(&self, point: Point) -> Option<RowBatch> {
-        let site = self.sites.get(&point)?;
-        let c = &self.config;
-        let (r, d) = site.down_w.dims2().ok()?;
-        // Everything the forward depends on besides the tensors (not the kind's name or the init).
-        let key = format!(
-            "bottleneck {d}x{r} act={:?} original_ln_before={} parallel={} scaling={:?} ln_before={} ln_after={} dropout={} gating={}",
-            c.non_linearity, c.original_ln_before, c.is_parallel, c.scaling, c.ln_before, c.ln_after, c.dropout, c.use_gating
-        );
-        Some(RowBatch { key, weights: site.tensors() })
-    }
-
-    fn forward_hidden_rows(&self, point: Point, io: &SublayerIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
-        self.forward_with(&self.sites[&point].weights(weights, true)?, io, ctx)
     }
 }

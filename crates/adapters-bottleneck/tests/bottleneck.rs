@@ -2,11 +2,11 @@
 //! the zero up-projection init, gradients to every variable (checked against finite
 //! differences), dropout only in training, and clear errors when loading bad folders.
 
-use adapters_core::{io, registry, Adapter, ForwardCtx, InsertionPoint, Placement};
+use adapters_core::{io, registry, Adapter, ForwardCtx, InsertionPoint, Placement, SublayerIo};
 use adapters_models::heads::mean_pool;
 use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde_json::json;
 
 fn model(name: &str) -> Backbone {
@@ -125,7 +125,11 @@ fn fused_inference_pass_equals_the_graph_path() {
             v.set(&(v.as_tensor() * 1.7).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         let point = a.points()[0];
-        assert_eq!(a.bottleneck(point, &ForwardCtx::inference()).is_some(), !own_norm, "{kind} {config}");
+        let (x, ones) =
+            (Tensor::zeros((1, 2, 384), DType::F32, &Device::Cpu).unwrap(), Tensor::ones(384, DType::F32, &Device::Cpu).unwrap());
+        let io = SublayerIo { input: &x, output: &x, post_norm: None };
+        let fuses = a.hidden_add_layer_norm(point, &io, (&ones, &ones, 1e-12), &ForwardCtx::inference()).is_some();
+        assert_eq!(fuses, !own_norm, "{kind} {config}");
         activate(&mut m, &format!("a{i}"), a);
         let ctx = ForwardCtx::inference();
         let (fused, graph) = (hidden(&m, &ctx), hidden(&m, &ctx.with_grad()));

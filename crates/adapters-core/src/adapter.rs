@@ -10,6 +10,9 @@ pub type TensorFn<'a> = &'a dyn Fn(&Tensor) -> Result<Tensor>;
 /// A frozen norm of a sum that a site lends to adapters: `norm(a + b)` in one fused step.
 pub type AddNormFn<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Result<Tensor>;
 
+/// A backbone's layer norm: `(weight, bias, eps)`.
+pub type LayerNormWeights<'a> = (&'a Tensor, &'a Tensor, f64);
+
 /// What a hidden site (between sublayers) hands to an adapter.
 pub struct SublayerIo<'a> {
     /// The residual stream entering the sublayer, `[batch, seq, hidden]`.
@@ -114,13 +117,15 @@ pub trait Adapter: Send + Sync {
         None
     }
 
-    /// At a hidden site, for kinds whose whole change there is a bottleneck added to the
-    /// sublayer output: that bottleneck. When such an adapter is the only one at a site of
-    /// a post-norm backbone and no gradient is wanted, the backbone runs it and its own
-    /// add-and-norm in one pass ([`crate::kernels::bottleneck_add_layer_norm`]). `None`
-    /// (the default) otherwise; `forward_hidden` must agree with `io.output + up(act(down(z)))`.
-    fn bottleneck(&self, point: Point, ctx: &ForwardCtx) -> Option<Result<crate::kernels::Bottleneck>> {
-        let _ = (point, ctx);
+    /// At a hidden site of a post-norm backbone, when this adapter is the only one there
+    /// and no gradient is wanted: the site's result `norm(output' + input)` (`output'`
+    /// being `forward_hidden`'s) computed in one pass with the backbone's norm `(weight,
+    /// bias, eps)`, e.g. by [`crate::kernels::bottleneck_add_layer_norm`] or
+    /// [`crate::kernels::mixture_add_layer_norm`]: the adapter's work then costs its own
+    /// arithmetic, not extra passes over `[tokens, hidden]`. `None` (the default): the
+    /// backbone runs `forward_hidden` and its norm, which this must agree with.
+    fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+        let _ = (point, io, norm, ctx);
         None
     }
 

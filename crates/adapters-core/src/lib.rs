@@ -25,7 +25,7 @@ pub mod registry;
 pub mod set;
 pub mod setup;
 
-pub use adapter::{Adapter, AddNormFn, FuseMember, Fused, LowRank, ProjectionIo, RowBatch, SublayerIo};
+pub use adapter::{Adapter, AddNormFn, FuseMember, Fused, LayerNormWeights, LowRank, ProjectionIo, RowBatch, SublayerIo};
 pub use context::{AuxLoss, AuxOutputs, ForwardCtx, FusionAttention, RoutingStats, RowGroup};
 pub use error::Error;
 pub use fingerprint::Fingerprint;

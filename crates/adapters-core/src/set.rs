@@ -1,7 +1,7 @@
 //! The named adapters attached to one model, the active setup, and the dispatch that
 //! backbones call at every point.
 
-use crate::adapter::{Adapter, AddNormFn, FuseMember, ProjectionIo, SublayerIo, TensorFn};
+use crate::adapter::{Adapter, AddNormFn, FuseMember, LayerNormWeights, ProjectionIo, SublayerIo, TensorFn};
 use crate::context::{AuxLoss, ForwardCtx, FusionAttention, RowGroup};
 use crate::kernels;
 use crate::point::Point;
@@ -362,22 +362,15 @@ impl AdapterSet {
 
     /// `layer_norm(output' + input)` at a hidden site of a post-norm backbone, `output'`
     /// being the sublayer output with the adapters at `point` applied, in one fused pass
-    /// ([`kernels::bottleneck_add_layer_norm`]) when they are one adapter with a bottleneck
-    /// form (see [`Adapter::bottleneck`]) and no gradient is wanted. `None` otherwise; the
-    /// backbone then calls [`AdapterSet::hidden`] and its norm.
-    pub fn hidden_add_layer_norm(
-        &self,
-        point: Point,
-        io: &SublayerIo,
-        (weight, bias, eps): (&Tensor, &Tensor, f64),
-        ctx: &ForwardCtx,
-    ) -> Result<Option<Tensor>> {
+    /// when they are one adapter that has one (see [`Adapter::hidden_add_layer_norm`]) and
+    /// no gradient is wanted. `None` otherwise; the backbone then calls
+    /// [`AdapterSet::hidden`] and its norm.
+    pub fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if ctx.train || !ctx.no_grad {
             return Ok(None);
         }
         let Some(adapter) = self.single_adapter(point, ctx) else { return Ok(None) };
-        let Some(bottleneck) = adapter.bottleneck(point, ctx).transpose()? else { return Ok(None) };
-        kernels::bottleneck_add_layer_norm(io.input, io.output, &bottleneck, weight, bias, eps).map(Some)
+        adapter.hidden_add_layer_norm(point, io, norm, ctx).transpose()
     }
 
     /// The one adapter the active setup runs at `point` (alone, or as a stack of one), when

@@ -8,7 +8,9 @@
 
 use crate::config::{Activation, Dispatch, ExpertKind, Granularity, MoeConfig, RouterKind};
 use crate::router::{self, Plan, Units};
-use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, ProjectionIo, Site, SublayerIo};
+use adapters_core::{
+    kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, ProjectionIo, Site, SublayerIo,
+};
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 
@@ -58,6 +60,13 @@ struct MixtureSite {
     experts: Vec<Expert>,
     /// LoRA experts' scale (alpha / r); 1 for bottleneck experts.
     scale: f64,
+}
+
+impl MixtureSite {
+    /// The experts' `i`-th variables (see [`Expert::names`]) stacked, `[E, ...]`.
+    fn stacked(&self, i: usize) -> Result<Tensor> {
+        Tensor::stack(&self.experts.iter().map(|e| e.vars()[i].as_tensor().clone()).collect::<Vec<_>>(), 0)
+    }
 }
 
 /// A mixture-of-experts adapter (`moe_bn` or `moe_lora`) at one or more points.
@@ -302,7 +311,7 @@ impl Mixture {
             return Ok(out.clone());
         }
         let gates = plan.gates.pick(&gate_at, dev)?;
-        let stack = |i: usize| Tensor::stack(&site.experts.iter().map(|e| e.vars()[i].as_tensor().clone()).collect::<Vec<_>>(), 0);
+        let stack = |i: usize| site.stacked(i);
         let ((down, down_bias, up, up_bias), gates) = match self.kind {
             ExpertKind::Bottleneck => ((stack(0)?, Some(stack(1)?), stack(2)?, Some(stack(3)?)), gates),
             // LoRA's scale is linear: it goes into the gates.
@@ -396,5 +405,49 @@ impl Adapter for Mixture {
 
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         self.mix(point, io.input, io.output, ctx)
+    }
+
+    /// Bottleneck experts routed per token, without a capacity limit: routing, the chosen
+    /// experts and the backbone's add-and-norm in one pass
+    /// ([`kernels::mixture_add_layer_norm`]). Routing statistics, when asked for, come
+    /// from the routing plan of `forward_hidden`, so that path runs then.
+    fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+        let c = &self.config;
+        let fusable = self.kind == ExpertKind::Bottleneck
+            && c.routing == Granularity::Token
+            && c.learned_router()
+            && c.capacity_factor.is_none()
+            && c.dispatch == Dispatch::Sparse
+            && !ctx.record_routing;
+        let site = self.sites.get(&point).filter(|_| fusable)?;
+        Some(self.fused_add_layer_norm(site, io, norm, ctx))
+    }
+}
+
+impl Mixture {
+    fn fused_add_layer_norm(
+        &self,
+        site: &MixtureSite,
+        io: &SublayerIo,
+        (weight, bias, eps): LayerNormWeights,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t, _) = io.output.dims3()?;
+        let mask = match &ctx.attention_mask {
+            Some(m) if m.dims() == [b, t] => Some(m.flatten_all()?.to_vec1::<u32>()?),
+            _ => None,
+        };
+        let route = |row: usize, logits: &[f32], picks: &mut Vec<(u32, f32)>| {
+            // Padding is not routed: it passes through.
+            if mask.as_ref().is_none_or(|m| m[row] != 0) {
+                router::route_row(&self.config, logits, picks);
+            }
+        };
+        let router = site.router.as_ref().expect("a learned router").as_tensor();
+        let (down, down_bias, up, up_bias) = (site.stacked(0)?, site.stacked(1)?, site.stacked(2)?, site.stacked(3)?);
+        let experts =
+            kernels::Experts { down: &down, down_bias: Some(&down_bias), up: &up, up_bias: Some(&up_bias), activation: self.activation() };
+        let mixture = kernels::RoutedExperts { router, route: &route, experts };
+        kernels::mixture_add_layer_norm(io.input, io.output, &mixture, weight, bias, eps)
     }
 }

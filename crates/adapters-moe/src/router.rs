@@ -105,19 +105,59 @@ fn choose(config: &MoeConfig, logits: Option<&[f32]>, units: usize, ctx: &Forwar
     let mut chosen = Vec::with_capacity(units * k);
     let mut order: Vec<u32> = Vec::with_capacity(n);
     for row in logits.chunks_exact(n) {
-        if k == 1 {
-            // The first maximum: ties go to the lower index.
-            let best = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
-            chosen.push(best as u32);
-            continue;
-        }
-        order.clear();
-        order.extend(0..n as u32);
-        // Highest logit (= probability) first; ties to the lower index (a stable sort).
-        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-        chosen.extend_from_slice(&order[..k]);
+        choose_row(row, k, &mut order, &mut chosen);
     }
     (chosen, k)
+}
+
+/// A unit's `k` choices from its logits, best first, pushed onto `chosen`; ties go to the
+/// lower index.
+fn choose_row(row: &[f32], k: usize, order: &mut Vec<u32>, chosen: &mut Vec<u32>) {
+    if k == 1 {
+        chosen.push(first_max(row));
+        return;
+    }
+    order.clear();
+    order.extend(0..row.len() as u32);
+    // Highest logit (= probability) first; a stable sort.
+    order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+    chosen.extend_from_slice(&order[..k]);
+}
+
+/// The index of the first maximum.
+fn first_max(row: &[f32]) -> u32 {
+    row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b }) as u32
+}
+
+/// A token's experts and gates from its router logits, as [`plan`] makes them in
+/// inference with a learned router and no capacity limit (the fused inference pass
+/// routes each token with it): `(expert, gate)` pushed onto `picks`, nothing for the skip
+/// choice.
+pub fn route_row(config: &MoeConfig, logits: &[f32], picks: &mut Vec<(u32, f32)>) {
+    let one;
+    let mut many = Vec::new();
+    // Top-1 without allocating: this runs once per token and site.
+    let chosen: &[u32] = if config.top_k == 1 {
+        one = [first_max(logits)];
+        &one
+    } else {
+        choose_row(logits, config.top_k, &mut Vec::new(), &mut many);
+        &many
+    };
+    let max = logits[chosen[0] as usize];
+    // The softmax's normaliser cancels in every gate: over all choices for top-1 (the
+    // router probability), over the chosen ones for top-k.
+    let norm: f32 = match config.top_k {
+        1 => logits.iter().map(|l| (l - max).exp()).sum(),
+        _ => chosen.iter().map(|&c| (logits[c as usize] - max).exp()).sum(),
+    };
+    for &e in chosen.iter().filter(|&&e| (e as usize) < config.experts) {
+        let gate = match config.gate {
+            Gate::StraightThrough => 1.0,
+            Gate::Probability => (logits[e as usize] - max).exp() / norm,
+        };
+        picks.push((e, gate));
+    }
 }
 
 /// Softmax of each row of `logits` (`[units · n]`, flat), on the host.

@@ -95,6 +95,44 @@ fn sparse_dispatch_equals_dense_and_skips_padding() {
     }
 }
 
+/// In inference, token-routed bottleneck mixtures run routing, experts and the layer's
+/// add-and-norm in one fused pass: it equals the graph path (taken with gradients on, and
+/// when routing is recorded) on a padded batch, for every gate, top-2, the skip choice and
+/// the noisy router; mixtures the fused pass does not cover keep the graph path.
+#[test]
+fn fused_inference_pass_equals_the_graph_path() {
+    let (x, ones) = (
+        Tensor::zeros((1, 2, 384), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        Tensor::ones(384, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    let io = SublayerIo { input: &x, output: &x, post_norm: None };
+    let fuses = |a: &dyn Adapter| a.hidden_add_layer_norm(a.points()[0], &io, (&ones, &ones, 1e-12), &ForwardCtx::inference()).is_some();
+    let cases = [
+        (json!({"experts": 4}), true),
+        (json!({"experts": 4, "gate": "straight_through", "non_linearity": "silu"}), true),
+        (json!({"experts": 4, "top_k": 2, "skip_expert": true, "non_linearity": "gelu"}), true),
+        (json!({"experts": 4, "router": "noisy"}), true),
+        (json!({"experts": 4, "capacity_factor": 1.0}), false),
+        (json!({"experts": 4, "routing": "sequence"}), false),
+        (json!({"experts": 4, "router": "random"}), false),
+    ];
+    let mut m = model();
+    let mut base = model();
+    base.adapters_mut().activate(&[]).unwrap();
+    let bare = hidden(&base, &ForwardCtx::inference());
+    for (i, (config, fused)) in cases.into_iter().enumerate() {
+        let a = adapter(&m, "moe_bn", config.clone(), 11 + i as u64);
+        assert_eq!(fuses(a.as_ref()), fused, "{config}");
+        with(&mut m, &format!("moe{i}"), a);
+        let fast = hidden(&m, &ForwardCtx::inference());
+        for graph in [ForwardCtx::inference().with_grad(), ForwardCtx::inference().with_routing()] {
+            let diff = max_diff(&fast, &hidden(&m, &graph));
+            assert!(diff < 2e-5, "{config}: the fused pass differs from the graph path by {diff}");
+        }
+        assert!(max_diff(&fast, &bare) > 1e-3, "{config}: the mixture acts");
+    }
+}
+
 #[test]
 fn padding_does_not_change_routing_or_real_tokens() {
     let mut m = model();

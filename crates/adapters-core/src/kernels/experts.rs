@@ -203,6 +203,15 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
 /// `dst += lhs · wᵀ` for row-major `lhs` `[m, k]`, `w` `[n, k]` and `dst` `[m, n]`, on
 /// the calling thread.
 pub(super) fn block_product(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], w: &[f32]) {
+    product(m, n, k, dst, lhs, w, true)
+}
+
+/// `dst = lhs · wᵀ`, as [`block_product`] but overwriting `dst` (not read).
+pub(super) fn block_product_into(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], w: &[f32]) {
+    product(m, n, k, dst, lhs, w, false)
+}
+
+fn product(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: &[f32], w: &[f32], accumulate: bool) {
     assert!(dst.len() >= m * n && lhs.len() >= m * k && w.len() >= n * k, "block_product: buffers too small");
     // SAFETY: the views stay inside the buffers (checked above) and `dst` aliases neither.
     unsafe {
@@ -215,7 +224,7 @@ pub(super) fn block_product(m: usize, n: usize, k: usize, dst: &mut [f32], lhs: 
             Mat(lhs.as_ptr(), k as isize, 1),
             Mat(w.as_ptr(), 1, k as isize),
             1.0,
-            true,
+            accumulate,
             1,
         )
     }
