@@ -116,7 +116,7 @@ pub fn mixture_add_layer_norm(
             let mut logits = unsafe { output_buffer(n * choices) };
             block_product_into(n, choices, d, &mut logits, z, router);
             // Each expert's rows of this block, with their gates.
-            let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+            let mut assigned: Vec<Vec<(usize, f32)>> = (0..e).map(|_| Vec::with_capacity(n)).collect();
             let mut picks = Vec::new();
             for (row, l) in logits.chunks_exact(choices).enumerate() {
                 picks.clear();
