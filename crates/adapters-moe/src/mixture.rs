@@ -85,6 +85,15 @@ fn default_sites(kind: ExpertKind) -> &'static [Site] {
     }
 }
 
+/// The context's attention mask flattened over a `[b, t]` batch (1 on tokens), when it has
+/// one of that shape.
+fn token_mask(ctx: &ForwardCtx, b: usize, t: usize) -> Result<Option<Vec<u32>>> {
+    match &ctx.attention_mask {
+        Some(m) if m.dims() == [b, t] => Ok(Some(m.flatten_all()?.to_vec1::<u32>()?)),
+        _ => Ok(None),
+    }
+}
+
 fn var(t: Tensor) -> Result<Var> {
     Var::from_tensor(&t)
 }
@@ -275,10 +284,7 @@ impl Mixture {
         let site = &self.sites[&point];
         let (b, t, d_in) = x.dims3()?;
         let d_out = output.dim(D::Minus1)?;
-        let mask = match &ctx.attention_mask {
-            Some(m) if m.dims() == [b, t] => Some(m.flatten_all()?.to_vec1::<u32>()?),
-            _ => None,
-        };
+        let mask = token_mask(ctx, b, t)?;
         let units = Units::new(self.config.routing, b, t, mask.as_deref());
         let logits = self.logits(site, x, &units, ctx)?;
         let unit_tasks = self.unit_tasks(&units, ctx)?;
@@ -326,6 +332,32 @@ impl Mixture {
         };
         let routes = kernels::Routes { tokens: &tokens, offsets: &offsets };
         kernels::expert_mix(x, out, &gates, &experts, &routes, ctx.train || !ctx.no_grad)
+    }
+
+    /// [`Adapter::hidden_add_layer_norm`] at `site`: each real token routed by
+    /// [`router::route_row`], padding passed through.
+    fn fused_add_layer_norm(
+        &self,
+        site: &MixtureSite,
+        io: &SublayerIo,
+        (weight, bias, eps): LayerNormWeights,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, t, _) = io.output.dims3()?;
+        let mask = token_mask(ctx, b, t)?;
+        let route = |row: usize, logits: &[f32], picks: &mut Vec<(u32, f32)>| {
+            // Padding is not routed: it passes through.
+            if mask.as_ref().is_none_or(|m| m[row] != 0) {
+                router::route_row(&self.config, logits, picks);
+            }
+        };
+        let router = site.router.as_ref().ok_or_else(|| candle_core::Error::Msg("the fused pass needs a learned router".into()))?;
+        let router = router.as_tensor();
+        let (down, down_bias, up, up_bias) = (site.stacked(0)?, site.stacked(1)?, site.stacked(2)?, site.stacked(3)?);
+        let experts =
+            kernels::Experts { down: &down, down_bias: Some(&down_bias), up: &up, up_bias: Some(&up_bias), activation: self.activation() };
+        let mixture = kernels::RoutedExperts { router, route: &route, experts };
+        kernels::mixture_add_layer_norm(io.input, io.output, &mixture, weight, bias, eps)
     }
 
     /// Every expert on every token, masked by the plan's gates: the reference the sparse
@@ -421,33 +453,5 @@ impl Adapter for Mixture {
             && !ctx.record_routing;
         let site = self.sites.get(&point).filter(|_| fusable)?;
         Some(self.fused_add_layer_norm(site, io, norm, ctx))
-    }
-}
-
-impl Mixture {
-    fn fused_add_layer_norm(
-        &self,
-        site: &MixtureSite,
-        io: &SublayerIo,
-        (weight, bias, eps): LayerNormWeights,
-        ctx: &ForwardCtx,
-    ) -> Result<Tensor> {
-        let (b, t, _) = io.output.dims3()?;
-        let mask = match &ctx.attention_mask {
-            Some(m) if m.dims() == [b, t] => Some(m.flatten_all()?.to_vec1::<u32>()?),
-            _ => None,
-        };
-        let route = |row: usize, logits: &[f32], picks: &mut Vec<(u32, f32)>| {
-            // Padding is not routed: it passes through.
-            if mask.as_ref().is_none_or(|m| m[row] != 0) {
-                router::route_row(&self.config, logits, picks);
-            }
-        };
-        let router = site.router.as_ref().expect("a learned router").as_tensor();
-        let (down, down_bias, up, up_bias) = (site.stacked(0)?, site.stacked(1)?, site.stacked(2)?, site.stacked(3)?);
-        let experts =
-            kernels::Experts { down: &down, down_bias: Some(&down_bias), up: &up, up_bias: Some(&up_bias), activation: self.activation() };
-        let mixture = kernels::RoutedExperts { router, route: &route, experts };
-        kernels::mixture_add_layer_norm(io.input, io.output, &mixture, weight, bias, eps)
     }
 }

@@ -145,8 +145,8 @@ pub fn route_row(config: &MoeConfig, logits: &[f32], picks: &mut Vec<(u32, f32)>
         &many
     };
     let max = logits[chosen[0] as usize];
-    // The softmax's normaliser cancels in every gate: over all choices for top-1 (the
-    // router probability), over the chosen ones for top-k.
+    // Top-1: the router probability, a softmax over every choice. Top-k: the probabilities
+    // renormalised over the chosen (the softmax's own normaliser cancels).
     let norm: f32 = match config.top_k {
         1 => logits.iter().map(|l| (l - max).exp()).sum(),
         _ => chosen.iter().map(|&c| (logits[c as usize] - max).exp()).sum(),
