@@ -107,19 +107,20 @@ fn evaluate(root: &Path, cli: &str, ds: &str, eps: f64, out: &str) -> Result<()>
     Ok(())
 }
 
-/// Median seconds per training step of each arm, from short runs of the two arms
-/// alternated (3 rounds of 12 steps, the first 2 steps of each left out), kept in
-/// `cost.json` beside the runs: the training runs' own timings overlap other work.
+/// Median seconds per training step of the plain and the dataset's adversarial arm, from
+/// short runs of the two alternated (3 rounds of 12 steps, the first 2 steps of each left
+/// out), kept in `cost.json` beside the runs: the training runs' own timings overlap other
+/// work.
 fn measure_cost(root: &Path, cli: &str) -> Result<()> {
     let file = root.join(RUNS).join("cost.json");
     if file.exists() {
         return Ok(());
     }
     let mut cost = serde_json::Map::new();
-    for (ds, _, eps, _) in DATASETS {
+    for (ds, _, eps, adversarial) in DATASETS {
         let mut times: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
         for round in 0..3 {
-            for (arm, _, table) in ARMS.iter().filter(|(arm, _, _)| ["plain", "pgd"].contains(arm)) {
+            for (arm, _, table) in ARMS.iter().filter(|(arm, _, _)| *arm == "plain" || arm == adversarial) {
                 let out = format!("{RUNS}/cost-probe");
                 let _ = std::fs::remove_dir_all(root.join(&out));
                 let mut args = vec![
@@ -253,9 +254,9 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
     if let Ok(cost) = serde_json::from_str::<Value>(&std::fs::read_to_string(root.join(RUNS).join("cost.json")).unwrap_or_default()) {
         let line: Vec<String> = DATASETS
             .iter()
-            .filter_map(|(ds, _, _, _)| {
-                let (plain, pgd) = (cost[ds]["plain"].as_f64()?, cost[ds]["pgd"].as_f64()?);
-                Some(format!("{ds} {plain:.3} s plain, {pgd:.3} s PGD ({:.2}×)", pgd / plain))
+            .filter_map(|(ds, _, _, adversarial)| {
+                let (plain, adv) = (cost[ds]["plain"].as_f64()?, cost[ds][adversarial].as_f64()?);
+                Some(format!("{ds} {plain:.3} s plain, {adv:.3} s {adversarial} ({:.2}×)", adv / plain))
             })
             .collect();
         writeln!(
