@@ -79,8 +79,13 @@ enum Task {
     /// spam, TREC coarse and Rotten Tomatoes (mixed-task batches) against a shared Pfeiffer
     /// adapter with as many parameters per token and per-task adapters; the mixture without
     /// balance loss, with sequence routing, and AdaMix-style merged by `adapters
-    /// merge-experts`. About 45 minutes on 2 cores; finished runs are skipped.
-    MoeStudy,
+    /// merge-experts`; then the shared adapter against the mixture at twice the steps, three
+    /// seeds each. About 75 + 65 minutes on 2 cores; finished runs are skipped.
+    MoeStudy {
+        /// Only these parts (comma-separated: arms, longer).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// The adapters-vs-LoRA study behind RESULTS.md: Pfeiffer, Houlsby, parallel and LoRA
     /// at about 113k parameters each on SMS spam, TREC coarse and Rotten Tomatoes, same
     /// budget and seed. About 30 minutes on 2 cores; finished runs are skipped.
@@ -163,7 +168,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(&root()),
         Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
         Task::FusionStudy => fusion_study::run(&root()),
-        Task::MoeStudy => moe_study::run(&root()),
+        Task::MoeStudy { only } => moe_study::run(&root(), only.as_deref()),
         Task::FedStudy => fed_study::run(&root()),
         Task::RobustStudy => robust_study::run(&root()),
         Task::Fuzz { seconds } => fuzz::run(&root(), seconds),

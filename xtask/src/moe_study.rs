@@ -45,15 +45,60 @@ const ARMS: &[(&str, &str, &[&str], &str, &str)] = &[
 /// Arms run again with other seeds (as `ARM-sSEED`), to see how much a seed moves them.
 const RESEEDED: &[&str] = &["shared", "moe_token", "moe_st"];
 const SEEDS: &[u64] = &[2, 3];
+/// Point 5's comparison again at twice the steps, fixed before these runs: at 600 steps the
+/// shared adapter and the straight-through mixture kept their last dev step (still
+/// improving), while Switch's gate peaked at 450, so the straight-through mixture is the one
+/// run; seeds 42, 2 and 3 for both arms, judged on the means. Run as `ARM-1200-sSEED`.
+const LONGER_ARMS: &[&str] = &["shared", "moe_st"];
+const LONGER_STEPS: u64 = 1200;
+const LONGER_SEEDS: &[u64] = &[42, 2, 3];
+const LONGER_BEGIN: &str = "<!-- moe-study longer: written by `cargo xtask moe-study` -->";
+const LONGER_END: &str = "<!-- /moe-study longer -->";
 const PICTURE: &str = "docs/moe_routing.svg";
 const BEGIN: &str = "<!-- moe-study: written by `cargo xtask moe-study` -->";
 const END: &str = "<!-- /moe-study -->";
 
-pub fn run(root: &Path) -> Result<()> {
+/// Runs the study's parts (`only`: comma-separated `arms`, `longer`; all when `None`).
+pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
+    let chosen = |part: &str| only.is_none_or(|o| o.split(',').any(|x| x == part));
     crate::fetch::fetch_all(root)?;
     crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
     let cli = root.join("target/release/adapters");
     let cli = cli.to_str().context("a UTF-8 path")?;
+    if chosen("arms") {
+        arms(root, cli)?;
+    }
+    if chosen("longer") {
+        longer(root, cli)?;
+    }
+    let place = "\n<!-- hyper-study:";
+    crate::quality::replace_block(root, BEGIN, END, &main_block(root)?, place)?;
+    crate::quality::replace_block(root, LONGER_BEGIN, LONGER_END, &longer_block(root)?, place)?;
+    eprintln!("wrote the mixture-of-experts sections of RESULTS.md");
+    Ok(())
+}
+
+fn longer_run(arm: &str, seed: u64) -> String {
+    format!("{arm}-{LONGER_STEPS}-s{seed}")
+}
+
+/// The longer comparison, seed by seed (both arms of a seed before the next seed).
+fn longer(root: &Path, cli: &str) -> Result<()> {
+    for seed in LONGER_SEEDS {
+        for arm in LONGER_ARMS {
+            let (_, config, sets, _, _) = ARMS.iter().find(|a| a.0 == *arm).context("a longer arm is an arm")?;
+            let sets: Vec<String> = sets
+                .iter()
+                .map(|s| s.to_string())
+                .chain([format!("training.steps={LONGER_STEPS}"), format!("training.seed={seed}")])
+                .collect();
+            crate::train(root, cli, config, &format!("{RUNS}/{}", longer_run(arm, *seed)), &sets)?;
+        }
+    }
+    Ok(())
+}
+
+fn arms(root: &Path, cli: &str) -> Result<()> {
     let runs = ARMS.iter().map(|(name, config, sets, _, _)| (name.to_string(), *config, sets.to_vec(), None)).chain(
         RESEEDED.iter().flat_map(|arm| {
             let (_, config, sets, _, _) = ARMS.iter().find(|a| a.0 == *arm).expect("a reseeded arm is an arm");
@@ -87,8 +132,6 @@ pub fn run(root: &Path) -> Result<()> {
     let picture = root.join(PICTURE);
     std::fs::create_dir_all(picture.parent().expect("a folder"))?;
     std::fs::copy(root.join(RUNS).join("moe_token/routing.svg"), &picture).context("copying the routing picture")?;
-    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the mixture-of-experts section of RESULTS.md");
     Ok(())
 }
 
@@ -96,13 +139,73 @@ fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
 }
 
-/// The section of RESULTS.md, from the runs (or as RESULTS.md has it when they are not here).
+/// The study's sections of RESULTS.md, from the runs (or as RESULTS.md has them when the
+/// runs are not here).
 pub fn block(root: &Path) -> Result<String> {
+    Ok(main_block(root)? + &longer_block(root)?)
+}
+
+fn main_block(root: &Path) -> Result<String> {
     let mut md = String::new();
     if summary(root, "moe_token").is_some() {
         write(root, &mut md)?;
     }
     crate::quality::marked_block(root, BEGIN, END, &md)
+}
+
+fn longer_block(root: &Path) -> Result<String> {
+    let mut md = String::new();
+    if LONGER_ARMS.iter().any(|arm| summary(root, &longer_run(arm, LONGER_SEEDS[0])).is_some()) {
+        write_longer(root, &mut md)?;
+    }
+    crate::quality::marked_block(root, LONGER_BEGIN, LONGER_END, &md)
+}
+
+/// Point 5's comparison at twice the steps: each seed's mean test accuracy per arm.
+fn write_longer(root: &Path, md: &mut String) -> Result<()> {
+    writeln!(
+        md,
+        "\n### The same comparison at twice the steps\n\nAt {steps} steps the shared adapter and the straight-through \
+         mixture kept their last dev step (still improving). Fixed before these runs: both arms again at {LONGER_STEPS} \
+         steps (about two passes over the training sets; everything else as above), seeds {seeds}, judged on the means \
+         (`cargo xtask moe-study --only longer`). Mean test accuracy over the three tasks (percent); in brackets the best \
+         dev step kept:\n",
+        steps = summary(root, "shared").map(|s| s["steps"].clone()).unwrap_or(serde_json::json!(600)),
+        seeds = LONGER_SEEDS.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+    )?;
+    writeln!(
+        md,
+        "| arm | {} | mean over seeds | {} |",
+        LONGER_SEEDS.iter().map(|s| format!("seed {s}")).collect::<Vec<_>>().join(" | "),
+        TASKS.join(" | ")
+    )?;
+    writeln!(md, "|---|{}---|{}", "---|".repeat(LONGER_SEEDS.len()), "---|".repeat(TASKS.len()))?;
+    let mut means = Vec::new();
+    for arm in LONGER_ARMS {
+        let runs: Vec<Option<serde_json::Value>> = LONGER_SEEDS.iter().map(|seed| summary(root, &longer_run(arm, *seed))).collect();
+        let done: Vec<&serde_json::Value> = runs.iter().flatten().collect();
+        let cells: Vec<String> =
+            runs.iter().map(|s| s.as_ref().map_or("not run".into(), |s| format!("{:.2} ({})", mean_accuracy(s), s["best_step"]))).collect();
+        let mean = done.iter().map(|s| mean_accuracy(s)).sum::<f64>() / done.len().max(1) as f64;
+        let per_task: Vec<String> = TASKS
+            .iter()
+            .map(|t| format!("{:.2}", done.iter().map(|s| pct(&s["tasks"][t]["test"]["accuracy"])).sum::<f64>() / done.len().max(1) as f64))
+            .collect();
+        writeln!(md, "| {arm} | {} | **{mean:.2}** ({} seeds) | {} |", cells.join(" | "), done.len(), per_task.join(" | "))?;
+        means.push((arm, mean, done.len()));
+    }
+    if let [(_, shared, n), (_, moe, m)] = means.as_slice() {
+        if *n == LONGER_SEEDS.len() && *m == LONGER_SEEDS.len() {
+            let verdict = if moe >= shared { "reaches" } else { "does not reach" };
+            writeln!(
+                md,
+                "\nAt {LONGER_STEPS} steps the mixture {verdict} the shared Pfeiffer adapter's mean ({moe:.2} against {shared:.2}, \
+                 {:+.2} points; per-task columns are means over the seeds).",
+                moe - shared
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Accuracy in percent.
