@@ -103,25 +103,33 @@ fn choose(config: &MoeConfig, logits: Option<&[f32]>, units: usize, ctx: &Forwar
     };
     let (n, k) = (config.choices(), config.top_k);
     let mut chosen = Vec::with_capacity(units * k);
-    let mut order: Vec<u32> = Vec::with_capacity(n);
     for row in logits.chunks_exact(n) {
-        choose_row(row, k, &mut order, &mut chosen);
+        choose_row(row, k, &mut chosen);
     }
     (chosen, k)
 }
 
 /// A unit's `k` choices from its logits, best first, pushed onto `chosen`; ties go to the
 /// lower index.
-fn choose_row(row: &[f32], k: usize, order: &mut Vec<u32>, chosen: &mut Vec<u32>) {
+fn choose_row(row: &[f32], k: usize, chosen: &mut Vec<u32>) {
     if k == 1 {
         chosen.push(first_max(row));
         return;
     }
-    order.clear();
-    order.extend(0..row.len() as u32);
-    // Highest logit (= probability) first; a stable sort.
-    order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-    chosen.extend_from_slice(&order[..k]);
+    // k picks of the highest remaining logit (k and the choices are few): no sort, no
+    // scratch.
+    let start = chosen.len();
+    for _ in 0..k {
+        let mut best: Option<usize> = None;
+        for (i, v) in row.iter().enumerate() {
+            let free = !chosen[start..].contains(&(i as u32));
+            if free && best.is_none_or(|b| v.total_cmp(&row[b]).is_gt()) {
+                best = Some(i);
+            }
+        }
+        let Some(best) = best else { return };
+        chosen.push(best as u32);
+    }
 }
 
 /// The index of the first maximum.
@@ -141,7 +149,7 @@ pub fn route_row(config: &MoeConfig, logits: &[f32], picks: &mut Vec<(u32, f32)>
         one = [first_max(logits)];
         &one
     } else {
-        choose_row(logits, config.top_k, &mut Vec::new(), &mut many);
+        choose_row(logits, config.top_k, &mut many);
         &many
     };
     let max = logits[chosen[0] as usize];
@@ -319,4 +327,26 @@ pub fn plan(
         }
     }
     Ok(Plan { tokens, gate_at, gates, kept: units.kept, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_row;
+
+    /// The top-k choice is a stable descending sort's first k: best first, ties to the
+    /// lower index (what resume and the fused pass rely on to route alike).
+    #[test]
+    fn top_k_choice_is_the_stable_sorts_first_k() {
+        let rows: [&[f32]; 4] =
+            [&[0.1, 0.7, 0.7, -1.0, 0.3], &[2.0, 2.0, 2.0, 2.0, 2.0], &[-3.0, 5.0, -0.5, 4.9, 5.0], &[1.0, -2.0, 0.0, 0.5, 1.0]];
+        for row in rows {
+            for k in 1..=row.len() {
+                let mut order: Vec<u32> = (0..row.len() as u32).collect();
+                order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+                let mut chosen = vec![1]; // an earlier unit's choice, not this row's
+                choose_row(row, k, &mut chosen);
+                assert_eq!(&chosen[1..], &order[..k], "row {row:?}, k = {k}");
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@
 //! small products and a second norm over rows already loaded.
 
 use super::experts::block_product;
-use super::norm::{composed_layer_norm, normalize_row};
+use super::norm::{composed_layer_norm, layer_norm_rows};
 use super::{fused, output_buffer, with_values, Activation};
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -92,20 +92,15 @@ pub fn bottleneck_add_layer_norm(
             let n = out.len() / d;
             let span = i * BLOCK * d..i * BLOCK * d + n * d;
             let (input, output) = (&input[span.clone()], &output[span]);
-            // SAFETY: each is written in full below before it is read.
-            let (mut sum, mut mid) = unsafe { (output_buffer(n * d), output_buffer(n * r)) };
-            let mut stat = (0f32, 0f32);
-            for ((s, o), x) in sum.iter_mut().zip(output).zip(input) {
-                *s = o + x;
-            }
+            let mut sum: Vec<f32> = output.iter().zip(input).map(|(o, x)| o + x).collect();
+            // SAFETY: written in full below before it is read.
+            let mut mid = unsafe { output_buffer(n * r) };
             let z: &[f32] = match reads {
                 BottleneckInput::Output => output,
                 BottleneckInput::Input => input,
                 BottleneckInput::NormedSum => {
                     // The normed sum goes into `out`, which is written last.
-                    for (s, z) in sum.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                        normalize_row(s, w, Some(b), z, eps, true, &mut stat);
-                    }
+                    layer_norm_rows(&sum, w, b, eps, out);
                     &*out
                 }
             };
@@ -116,9 +111,7 @@ pub fn bottleneck_add_layer_norm(
                 s.iter_mut().zip(up_b).for_each(|(s, ub)| *s += ub);
             }
             block_product(n, d, r, &mut sum, &mid, up);
-            for (s, y) in sum.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                normalize_row(s, w, Some(b), y, eps, true, &mut stat);
-            }
+            layer_norm_rows(&sum, w, b, eps, out);
         });
         out
     })?;

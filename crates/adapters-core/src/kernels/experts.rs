@@ -69,6 +69,23 @@ pub struct Experts<'a> {
     pub activation: Activation,
 }
 
+impl Experts<'_> {
+    /// The down and up biases, zeros for the ones the experts lack: the fused passes read
+    /// one layout either way.
+    pub(super) fn biases_or_zeros(&self) -> Result<(Tensor, Tensor)> {
+        let zeros = |n: usize| Tensor::zeros(n, self.down.dtype(), self.down.device());
+        let down = match self.down_bias {
+            Some(b) => b.clone(),
+            None => zeros(self.down.dims().iter().take(2).product())?,
+        };
+        let up = match self.up_bias {
+            Some(b) => b.clone(),
+            None => zeros(self.up.dims().iter().take(2).product())?,
+        };
+        Ok((down, up))
+    }
+}
+
 /// Which token each assignment sends to which expert: assignments grouped by expert,
 /// `tokens[offsets[e]..offsets[e + 1]]` for expert `e`, no token twice within an expert.
 pub struct Routes<'a> {
@@ -138,15 +155,7 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
     let (tokens, d_in) = x.dims2()?;
     let (e, r, _) = experts.down.dims3()?;
     let d_out = output.dim(1)?;
-    let zeros = |n: usize| Tensor::zeros(n, x.dtype(), x.device());
-    let down_b = match experts.down_bias {
-        Some(b) => b.clone(),
-        None => zeros(e * r)?,
-    };
-    let up_b = match experts.up_bias {
-        Some(b) => b.clone(),
-        None => zeros(e * d_out)?,
-    };
+    let (down_b, up_b) = experts.biases_or_zeros()?;
     let activation = experts.activation;
     let tensors = [x, output, gates, experts.down, &down_b, experts.up, &up_b];
     let out = super::with_values(tensors, "expert_mix", |[x, output, gates, down, down_b, up, up_b]| {

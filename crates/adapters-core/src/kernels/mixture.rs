@@ -10,7 +10,7 @@
 //! parameters. Per block of rows in cache, routing is a small product and a per-row choice.
 
 use super::experts::{block_product, block_product_into};
-use super::norm::{composed_layer_norm, normalize_row};
+use super::norm::{composed_layer_norm, layer_norm_rows};
 use super::{expert_mix, fused, output_buffer, with_values, Experts, Routes};
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
@@ -75,15 +75,7 @@ pub fn mixture_add_layer_norm(
             weight.shape()
         );
     }
-    let zeros = |n: usize| Tensor::zeros(n, output.dtype(), output.device());
-    let down_b = match mixture.experts.down_bias {
-        Some(b) => b.clone(),
-        None => zeros(e * r)?,
-    };
-    let up_b = match mixture.experts.up_bias {
-        Some(b) => b.clone(),
-        None => zeros(e * d)?,
-    };
+    let (down_b, up_b) = mixture.experts.biases_or_zeros()?;
     let (down, up) = (mixture.experts.down, mixture.experts.up);
     let tensors = [input, output, mixture.router, down, &down_b, up, &up_b, weight, bias];
     // Empty widths would make empty blocks: the composed ops handle them.
@@ -101,16 +93,9 @@ pub fn mixture_add_layer_norm(
             let n = out.len() / d;
             let span = i * block * d..i * block * d + n * d;
             let (input, output) = (&input[span.clone()], &output[span]);
-            // SAFETY: each is written in full below before it is read.
-            let mut sum = unsafe { output_buffer(n * d) };
-            let mut stat = (0f32, 0f32);
-            for ((s, o), x) in sum.iter_mut().zip(output).zip(input) {
-                *s = o + x;
-            }
+            let mut sum: Vec<f32> = output.iter().zip(input).map(|(o, x)| o + x).collect();
             // The normed sum goes into `out`, which is written last.
-            for (s, z) in sum.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                normalize_row(s, w, Some(b), z, eps, true, &mut stat);
-            }
+            layer_norm_rows(&sum, w, b, eps, out);
             let z = &*out;
             // SAFETY: written in full by the product.
             let mut logits = unsafe { output_buffer(n * choices) };
@@ -148,9 +133,7 @@ pub fn mixture_add_layer_norm(
                     s.iter_mut().zip(&ys[j * d..(j + 1) * d]).zip(ub).for_each(|((s, y), ub)| *s += gate * (y + ub));
                 }
             }
-            for (s, y) in sum.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-                normalize_row(s, w, Some(b), y, eps, true, &mut stat);
-            }
+            layer_norm_rows(&sum, w, b, eps, out);
         });
         out
     })?;

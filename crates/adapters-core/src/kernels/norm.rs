@@ -59,6 +59,15 @@ struct Norm {
     stats: Mutex<Vec<(f32, f32)>>,
 }
 
+/// A block of rows of `x` layer-normed into `y` (rows as wide as `w`): the fused post-norm
+/// kernels norm their residual sums with it.
+pub(super) fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let mut stat = (0f32, 0f32);
+    for (x, y) in x.chunks_exact(w.len()).zip(y.chunks_exact_mut(w.len())) {
+        normalize_row(x, w, Some(b), y, eps, true, &mut stat);
+    }
+}
+
 multiversion! {
     /// Normalises one row into `y` and returns its (mean, 1/std).
     pub(super) fn normalize_row(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], eps: f32, center: bool, stat: &mut (f32, f32)) {
