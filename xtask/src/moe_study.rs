@@ -191,17 +191,26 @@ fn write_longer(root: &Path, md: &mut String) -> Result<()> {
             .iter()
             .map(|t| format!("{:.2}", done.iter().map(|s| pct(&s["tasks"][t]["test"]["accuracy"])).sum::<f64>() / done.len().max(1) as f64))
             .collect();
-        writeln!(md, "| {arm} | {} | **{mean:.2}** ({} seeds) | {} |", cells.join(" | "), done.len(), per_task.join(" | "))?;
+        let what = ARMS.iter().find(|a| a.0 == *arm).map_or(*arm, |a| a.3);
+        writeln!(md, "| {what} | {} | **{mean:.2}** ({} seeds) | {} |", cells.join(" | "), done.len(), per_task.join(" | "))?;
         means.push((arm, mean, done.len()));
     }
     if let [(_, shared, n), (_, moe, m)] = means.as_slice() {
         if *n == LONGER_SEEDS.len() && *m == LONGER_SEEDS.len() {
             let verdict = if moe >= shared { "reaches" } else { "does not reach" };
+            let mixtures: Vec<serde_json::Value> =
+                LONGER_SEEDS.iter().filter_map(|seed| summary(root, &longer_run("moe_st", *seed))).collect();
+            let lowest = |field: &str| mixtures.iter().map(|s| routing_range(s, field).0).fold(f64::INFINITY, f64::min);
+            let highest = |field: &str| mixtures.iter().map(|s| routing_range(s, field).1).fold(f64::NEG_INFINITY, f64::max);
             writeln!(
                 md,
                 "\nAt {LONGER_STEPS} steps the mixture {verdict} the shared Pfeiffer adapter's mean ({moe:.2} against {shared:.2}, \
-                 {:+.2} points; per-task columns are means over the seeds).",
-                moe - shared
+                 {:+.2} points; per-task columns are means over the seeds). Its routing on dev, every seed: normalised \
+                 expert-usage entropy at least {:.3} in every layer; {:.3}-{:.3} bits of information about the task.",
+                moe - shared,
+                lowest("entropy"),
+                lowest("task_expert_mi_bits"),
+                highest("task_expert_mi_bits"),
             )?;
         }
     }
