@@ -80,7 +80,7 @@ enum Task {
     /// adapter with as many parameters per token and per-task adapters; the mixture without
     /// balance loss, with sequence routing, and AdaMix-style merged by `adapters
     /// merge-experts`; then the shared adapter against the mixture at twice the steps, three
-    /// seeds each. About 75 + 65 minutes on 2 cores; finished runs are skipped.
+    /// seeds each. About 70 + 30 minutes on 2 cores; finished runs are skipped.
     MoeStudy {
         /// Only these parts (comma-separated: arms, longer).
         #[arg(long)]
@@ -107,10 +107,10 @@ enum Task {
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
     },
-    /// The robustness study behind RESULTS.md: plain, PGD-trained and SMART-trained
-    /// Pfeiffer adapters on SMS spam and Rotten Tomatoes, each tested clean, under PGD on
-    /// the embeddings and with character noise, with the cost per step. About 30 minutes on
-    /// 2 cores; finished runs are skipped.
+    /// The robustness study behind RESULTS.md: plain and adversarially trained (PGD or
+    /// SMART, the arm chosen on dev) Pfeiffer adapters on SMS spam and Rotten Tomatoes, three
+    /// seeds each, tested clean, under PGD on the embeddings and with character noise, with
+    /// the cost per step. About 80 minutes on 2 cores; finished runs are skipped.
     RobustStudy,
     /// The hypernetwork study behind RESULTS.md: one hypernetwork for SMS spam, TREC coarse,
     /// Rotten Tomatoes and VADER tweets (mixed-task batches) against per-task Pfeiffer
