@@ -201,7 +201,7 @@ fn write_longer(root: &Path, md: &mut String) -> Result<()> {
         if *n == LONGER_SEEDS.len() && *m == LONGER_SEEDS.len() {
             let verdict = if moe >= shared { "reaches" } else { "does not reach" };
             let mixtures: Vec<serde_json::Value> =
-                LONGER_SEEDS.iter().filter_map(|seed| summary(root, &longer_run("moe_st", *seed))).collect();
+                LONGER_SEEDS.iter().filter_map(|seed| summary(root, &longer_run(LONGER_ARMS[1], *seed))).collect();
             let lowest = |field: &str| mixtures.iter().map(|s| routing_range(s, field).0).fold(f64::INFINITY, f64::min);
             let highest = |field: &str| mixtures.iter().map(|s| routing_range(s, field).1).fold(f64::NEG_INFINITY, f64::max);
             writeln!(

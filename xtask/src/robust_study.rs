@@ -341,11 +341,10 @@ fn candidates_table(root: &Path, md: &mut String) -> Result<()> {
         writeln!(md, "\nThe choice of {ds}'s arm (seed {}, dev, ε {eps}):\n", SEEDS[0])?;
         writeln!(md, "| training | dev clean | dev PGD at ε | |\n|---|---|---|---|")?;
         for arm in std::iter::once(&"plain").chain(candidates.iter()) {
-            let Some(r) = read(root, &format!("{ds}-{arm}-s{}", SEEDS[0]), "robustness.json") else { continue };
+            let Some((clean, attacked)) = dev(root, ds, arm) else { continue };
             let what = ARMS.iter().find(|a| a.0 == *arm).map_or(*arm, |a| a.1);
             let mark = if *arm == chosen { "chosen" } else { "" };
-            let pct = |k: &str| 100.0 * r[k].as_f64().unwrap_or(f64::NAN);
-            writeln!(md, "| {what} | {:.2} | {:.2} | {mark} |", pct("dev_clean"), pct("dev_pgd"))?;
+            writeln!(md, "| {what} | {clean:.2} | {attacked:.2} | {mark} |")?;
         }
         if !qualifies(root, ds, chosen) {
             writeln!(
