@@ -86,28 +86,28 @@ fn longer_run(arm: &str, seed: u64) -> String {
 fn longer(root: &Path, cli: &str) -> Result<()> {
     for seed in LONGER_SEEDS {
         for arm in LONGER_ARMS {
-            let (_, config, sets, _, _) = ARMS.iter().find(|a| a.0 == *arm).context("a longer arm is an arm")?;
-            let sets: Vec<String> = sets
-                .iter()
-                .map(|s| s.to_string())
-                .chain([format!("training.steps={LONGER_STEPS}"), format!("training.seed={seed}")])
-                .collect();
-            crate::train(root, cli, config, &format!("{RUNS}/{}", longer_run(arm, *seed)), &sets)?;
+            let extra = [format!("training.steps={LONGER_STEPS}"), format!("training.seed={seed}")];
+            train_arm(root, cli, arm, &longer_run(arm, *seed), &extra)?;
         }
     }
     Ok(())
 }
 
+/// Trains an arm of `ARMS` into `runs/moe-study/RUN`, its settings followed by `extra`.
+fn train_arm(root: &Path, cli: &str, arm: &str, run: &str, extra: &[String]) -> Result<()> {
+    let (_, config, sets, _, _) = ARMS.iter().find(|a| a.0 == arm).with_context(|| format!("{arm} is not an arm of the study"))?;
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect();
+    crate::train(root, cli, config, &format!("{RUNS}/{run}"), &sets)
+}
+
 fn arms(root: &Path, cli: &str) -> Result<()> {
-    let runs = ARMS.iter().map(|(name, config, sets, _, _)| (name.to_string(), *config, sets.to_vec(), None)).chain(
-        RESEEDED.iter().flat_map(|arm| {
-            let (_, config, sets, _, _) = ARMS.iter().find(|a| a.0 == *arm).expect("a reseeded arm is an arm");
-            SEEDS.iter().map(move |seed| (format!("{arm}-s{seed}"), *config, sets.to_vec(), Some(*seed)))
-        }),
-    );
-    for (name, config, sets, seed) in runs {
-        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain(seed.map(|s| format!("training.seed={s}"))).collect();
-        crate::train(root, cli, config, &format!("{RUNS}/{name}"), &sets)?;
+    for (arm, ..) in ARMS {
+        train_arm(root, cli, arm, arm, &[])?;
+    }
+    for arm in RESEEDED {
+        for seed in SEEDS {
+            train_arm(root, cli, arm, &format!("{arm}-s{seed}"), &[format!("training.seed={seed}")])?;
+        }
     }
     // AdaMix's serving form: the experts averaged into one Pfeiffer adapter, evaluated
     // beside the mixture itself through the same command.
