@@ -163,7 +163,7 @@ fn safetensors_parameters(path: &Path) -> Result<u64> {
 }
 
 /// Every file under `dir`, sorted by path, with size and sha256.
-fn list_files(dir: &Path) -> Result<Vec<FileEntry>> {
+pub(crate) fn list_files(dir: &Path) -> Result<Vec<FileEntry>> {
     let mut paths = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {

@@ -20,7 +20,7 @@ mod name;
 mod store;
 
 pub use folder::{Contents, FileEntry, SetupContents};
-pub use name::{Name, Reference};
+pub use name::{check_tag, is_version, reads_as_version, Name, Reference};
 pub use store::{default_cache_dir, local_copy, Listing, Manifest, PushOptions, Store, TagFile, VersionListing, LATEST};
 
 mod error;

@@ -38,6 +38,33 @@ impl fmt::Display for Name {
     }
 }
 
+/// Hex digits of a version: the first 16 of its content digest.
+pub const VERSION_DIGITS: usize = 16;
+
+/// Whether `s` is exactly what a version is: 16 lowercase hex digits. Versions read from a
+/// store (tags, manifests, listings) become path segments, so nothing else gets that far.
+pub fn is_version(s: &str) -> bool {
+    s.len() == VERSION_DIGITS && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether a selector after `@` reads as a version or a unique prefix of one (4 to 16
+/// lowercase hex digits). Such selectors resolve to versions before tags, and no tag may
+/// have such a name, so a tag can never shadow a version.
+pub fn reads_as_version(s: &str) -> bool {
+    (4..=VERSION_DIGITS).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Refuses a tag name that could be read as a version (see [`reads_as_version`]).
+pub fn check_tag(tag: &Name) -> Result<()> {
+    if reads_as_version(tag.as_str()) {
+        return Err(Error::Invalid(format!(
+            "tag `{tag}` could be read as a version (4 to 16 hex digits), so `NAME@{tag}` would be ambiguous; \
+             choose a name with another letter in it (e.g. `v-{tag}`)"
+        )));
+    }
+    Ok(())
+}
+
 /// A reference to one adapter version: `name` (its `latest` tag), `name@tag` or
 /// `name@version`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +111,21 @@ mod tests {
         }
         for good in ["pfeiffer", "sms-spam_v2.1", "A1"] {
             assert_eq!(good.parse::<Name>().unwrap().as_str(), good);
+        }
+    }
+
+    #[test]
+    fn versions_are_sixteen_lowercase_hex_digits_and_tags_cannot_look_like_one() {
+        assert!(is_version("0123456789abcdef"));
+        for bad in ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "../../../../etc/", "/etc/passwd00000", "0123456789abcdeg"]
+        {
+            assert!(!is_version(bad), "{bad:?}");
+        }
+        for looks in ["beef", "0123", "0123456789abcdef", "cafe01"] {
+            assert!(check_tag(&looks.parse().unwrap()).is_err(), "{looks}");
+        }
+        for fine in ["prod", "v-beef", "BEEF", "abc", "0123456789abcdef0", "latest", "canary-2"] {
+            assert!(check_tag(&fine.parse().unwrap()).is_ok(), "{fine}");
         }
     }
 

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::folder::{self, Contents, FileEntry};
-use crate::name::{Name, Reference};
+use crate::name::{check_tag, is_version, reads_as_version, Name, Reference, VERSION_DIGITS};
 use adapters_core::durable::fault_point;
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
@@ -16,8 +16,6 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Digits of the content digest that name a version.
-const VERSION_DIGITS: usize = 16;
 /// The tag every push moves.
 pub const LATEST: &str = "latest";
 
@@ -156,6 +154,9 @@ impl Store {
     /// version. Pushing the same contents again only moves the tags.
     pub async fn push(&self, dir: &Path, name: &Name, options: PushOptions) -> Result<Manifest> {
         let PushOptions { tags, training_run, base_model } = options;
+        for tag in &tags {
+            check_tag(tag)?;
+        }
         let (mut contents, files) = folder::inspect(dir)?;
         if contents.base_model.is_none() {
             contents.base_model = base_model;
@@ -223,9 +224,7 @@ impl Store {
         for o in objects {
             let Some(tag) = o.location.filename().and_then(|f| f.strip_suffix(".json")).map(String::from) else { continue };
             let Some(bytes) = self.read(&o.location).await? else { continue };
-            let file: TagFile = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Corrupt(format!("{name}: tag `{tag}` is not readable ({e}); set it again with `adapters tag`")))?;
-            out.push((tag, file));
+            out.push((tag.clone(), parse_tag(&bytes, name, &tag)?));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -237,7 +236,7 @@ impl Store {
         let listed = self.inner.list_with_delimiter(Some(&prefix)).await.map_err(|e| self.backend(e))?;
         let mut out = Vec::new();
         for dir in listed.common_prefixes {
-            let Some(version) = dir.filename().map(String::from) else { continue };
+            let Some(version) = dir.filename().map(String::from).filter(|v| is_version(v)) else { continue };
             if self.inner.head(&manifest_path(name, &version)).await.is_ok() {
                 out.push(version);
             }
@@ -245,15 +244,26 @@ impl Store {
         Ok(out)
     }
 
-    /// The manifest `reference` names: `name` is `name@latest`; after `@`, a tag wins over
-    /// a version; a version may be given by a unique prefix of 4 or more digits.
+    /// The manifest `reference` names: `name` is `name@latest`; after `@`, a version (16
+    /// hex digits, or a unique prefix of 4 or more) before a tag, so a tag can never shadow
+    /// a version.
     pub async fn resolve(&self, reference: &Reference) -> Result<Manifest> {
         let name = &reference.name;
         let selector = reference.selector.as_deref().unwrap_or(LATEST);
+        let versions = if reads_as_version(selector) { self.versions(name).await? } else { Vec::new() };
+        let matching: Vec<&String> = versions.iter().filter(|v| v.starts_with(selector)).collect();
+        match matching.as_slice() {
+            [one] => return self.manifest(name, one).await,
+            [] => {}
+            many => {
+                return Err(Error::Invalid(format!(
+                    "`{reference}`: `{selector}` starts several versions ({}); give more digits",
+                    many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                )))
+            }
+        }
         if let Some(bytes) = self.read(&tag_path(name, selector)).await? {
-            let tag: TagFile = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Corrupt(format!("{name}: tag `{selector}` is not readable ({e}); set it again with `adapters tag`")))?;
-            return self.manifest(name, &tag.version).await;
+            return self.manifest(name, &parse_tag(&bytes, name, selector)?.version).await;
         }
         let versions = self.versions(name).await?;
         if versions.is_empty() {
@@ -262,23 +272,12 @@ impl Store {
                 self.uri, self.uri
             )));
         }
-        let matching: Vec<&String> =
-            if selector.len() >= 4 { versions.iter().filter(|v| v.starts_with(selector)).collect() } else { Vec::new() };
-        match matching.as_slice() {
-            [one] => self.manifest(name, one).await,
-            [] => {
-                let tags: Vec<String> = self.tags(name).await?.into_iter().map(|(t, _)| t).collect();
-                Err(Error::NotFound(format!(
-                    "`{reference}`: `{name}` has no tag or version `{selector}` (tags: {}; versions: {})",
-                    tags.join(", "),
-                    versions.join(", ")
-                )))
-            }
-            many => Err(Error::Invalid(format!(
-                "`{reference}`: `{selector}` starts several versions ({}); give more digits",
-                many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            ))),
-        }
+        let tags: Vec<String> = self.tags(name).await?.into_iter().map(|(t, _)| t).collect();
+        Err(Error::NotFound(format!(
+            "`{reference}`: `{name}` has no tag or version `{selector}` (tags: {}; versions: {})",
+            tags.join(", "),
+            versions.join(", ")
+        )))
     }
 
     async fn manifest(&self, name: &Name, version: &str) -> Result<Manifest> {
@@ -302,65 +301,72 @@ impl Store {
         if dest.exists() && std::fs::read_dir(dest).map_err(|e| Error::file(dest, e))?.next().is_some() {
             return Err(Error::file(dest, "exists and is not empty; pull into a new folder"));
         }
-        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, e))?;
-        let leaf = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
-        let partial = parent.join(format!(".{leaf}.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&partial);
-        let result = self.download_into(manifest, &partial).await;
-        let result = result.and_then(|()| {
+        let files = self.fetch_files(manifest).await?;
+        let dest = dest.to_path_buf();
+        blocking(move || {
+            let partial = write_partial(files, &dest)?;
             if dest.exists() {
-                std::fs::remove_dir(dest).map_err(|e| Error::file(dest, e))?;
+                std::fs::remove_dir(&dest).map_err(|e| Error::file(&dest, e))?;
             }
-            std::fs::rename(&partial, dest).map_err(|e| Error::file(dest, e))
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&partial);
-        }
-        result
+            std::fs::rename(&partial, &dest).map_err(|e| Error::file(&dest, e))
+        })
+        .await
     }
 
-    /// The folder `cache/NAME/VERSION` holding the version `manifest` describes,
-    /// downloaded the first time (versions never change, so a folder there is reused).
+    /// The folder `cache/NAME/VERSION` holding the version `manifest` describes, downloaded
+    /// the first time and checked against the manifest's sizes and hashes every time it is
+    /// opened (a damaged or changed copy is set aside and fetched again). Safe to share
+    /// between processes and replicas: each downloads into a private folder of its own
+    /// (0700, a unique name), flushed before it is renamed into place, and when another
+    /// process renamed its copy first, that copy is used.
     pub async fn cached(&self, manifest: &Manifest, cache: &Path) -> Result<std::path::PathBuf> {
-        let dir = cache.join(&manifest.name).join(&manifest.version);
-        if !dir.exists() {
-            self.download(manifest, &dir).await?;
+        let name: Name = manifest.name.parse()?;
+        if !is_version(&manifest.version) {
+            return Err(Error::Corrupt(format!("{name}@{}: not a version (16 hex digits)", manifest.version)));
         }
+        let dir = cache.join(name.as_str()).join(&manifest.version);
+        let (check, expected) = (dir.clone(), manifest.files.clone());
+        let whole =
+            blocking(move || Ok(check.exists() && verify(&check, &expected).inspect_err(|why| set_aside(&check, why)).is_ok())).await?;
+        if whole {
+            return Ok(dir);
+        }
+        let files = self.fetch_files(manifest).await?;
+        let target = dir.clone();
+        blocking(move || {
+            let partial = write_partial(files, &target)?;
+            match std::fs::rename(&partial, &target) {
+                Ok(()) => sync_parent(&target),
+                // Another process renamed its whole copy into place first: use that one.
+                Err(_) if target.is_dir() => {
+                    let _ = std::fs::remove_dir_all(&partial);
+                    Ok(())
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&partial);
+                    Err(Error::file(&target, e))
+                }
+            }
+        })
+        .await?;
         Ok(dir)
     }
 
-    async fn download_into(&self, manifest: &Manifest, dir: &Path) -> Result<()> {
+    /// Every file of the version, read from the store (the backend's I/O runs here; hashing
+    /// and writing happen in [`write_partial`], off the async runtime).
+    async fn fetch_files(&self, manifest: &Manifest) -> Result<Fetched> {
         let name: Name = manifest.name.parse()?;
+        let mut files = Vec::with_capacity(manifest.files.len());
         for f in &manifest.files {
-            let rel = Path::new(&f.path);
-            if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                return Err(Error::Corrupt(format!(
-                    "{}@{}: the manifest lists a file outside the folder ({})",
-                    manifest.name, manifest.version, f.path
-                )));
-            }
             let bytes = self.read(&file_path(&name, &manifest.version, &f.path)).await?.ok_or_else(|| {
                 Error::Corrupt(format!(
                     "{}@{}: {} is missing from the store; push the adapter again",
                     manifest.name, manifest.version, f.path
                 ))
             })?;
-            if bytes.len() as u64 != f.size || hex_sha(&bytes) != f.sha256 {
-                return Err(Error::Corrupt(format!(
-                    "{}@{}: {} in the store is damaged ({} bytes, {} expected, or a different hash); push the adapter again",
-                    manifest.name,
-                    manifest.version,
-                    f.path,
-                    bytes.len(),
-                    f.size
-                )));
-            }
-            let path = dir.join(rel);
-            std::fs::create_dir_all(path.parent().expect("a file has a parent")).map_err(|e| Error::file(&path, e))?;
-            std::fs::write(&path, &bytes).map_err(|e| Error::file(&path, e))?;
+            files.push((f.clone(), bytes));
         }
-        Ok(())
+        Ok(Fetched { key: format!("{}@{}", manifest.name, manifest.version), files })
     }
 
     /// Every adapter (or just `name`) with its versions (newest first) and their tags.
@@ -394,6 +400,7 @@ impl Store {
 
     /// Points `tag` of the adapter at the version `reference` names; returns that version.
     pub async fn tag(&self, reference: &Reference, tag: &Name) -> Result<Manifest> {
+        check_tag(tag)?;
         let manifest = self.resolve(reference).await?;
         self.set_tag(&reference.name, tag, &manifest.version).await?;
         Ok(manifest)
@@ -449,13 +456,127 @@ fn tag_path(name: &Name, tag: &str) -> StorePath {
     StorePath::from_iter([name.to_string(), "tags".into(), format!("{tag}.json")])
 }
 
+/// A manifest read from the store, checked before any of it can become a path or be
+/// trusted: its name and version are the ones asked for, the version is 16 hex digits and
+/// the start of the digest of its file list, every file path stays inside the folder, and
+/// a setup's members are plain names.
 fn parse_manifest(bytes: &[u8], name: &Name, version: &str) -> Result<Manifest> {
-    let m: Manifest =
-        serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("{name}@{version}: manifest.json is not readable ({e})")))?;
+    let corrupt = |what: String| Error::Corrupt(format!("{name}@{version}: {what}; push the adapter again"));
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("manifest.json is not readable ({e})")))?;
     if m.name != name.as_str() || m.version != version {
-        return Err(Error::Corrupt(format!("{name}@{version}: the manifest describes {}@{}", m.name, m.version)));
+        return Err(corrupt(format!("the manifest describes {}@{}", m.name, m.version)));
+    }
+    if !is_version(&m.version) {
+        return Err(corrupt(format!("the manifest's version `{}` is not 16 hex digits", m.version)));
+    }
+    if folder::digest(&m.files) != m.digest || !m.digest.starts_with(&m.version) {
+        return Err(corrupt("the manifest's version and digest do not match its file list".into()));
+    }
+    if let Some(bad) = m.files.iter().find(|f| !inside_folder(&f.path)) {
+        return Err(corrupt(format!("the manifest lists a file outside the folder (`{}`)", bad.path)));
+    }
+    let members = m.contents.setup.iter().flat_map(|s| &s.adapters).map(|(member, _)| member);
+    if let Some(bad) = members.into_iter().find(|member| member.split(',').any(|part| part.parse::<Name>().is_err())) {
+        return Err(corrupt(format!("the setup names a member `{bad}` that is not a plain name")));
     }
     Ok(m)
+}
+
+/// A tag read from the store; its version must be exactly a version.
+fn parse_tag(bytes: &[u8], name: &Name, tag: &str) -> Result<TagFile> {
+    let corrupt = |what: String| Error::Corrupt(format!("{name}: tag `{tag}` {what}; set it again with `adapters tag`"));
+    let file: TagFile = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("is not readable ({e})")))?;
+    if !is_version(&file.version) {
+        return Err(corrupt(format!("points at `{}`, which is not a version (16 hex digits)", file.version)));
+    }
+    Ok(file)
+}
+
+/// Whether a manifest's `/`-separated file path names a file inside the version's folder.
+fn inside_folder(path: &str) -> bool {
+    !path.is_empty()
+        && !path.contains('\\')
+        && path.split('/').all(|part| !part.is_empty() && part != "." && part != ".." && !part.contains(':'))
+}
+
+/// A version's files as read from the store, not yet checked.
+struct Fetched {
+    /// `NAME@VERSION`, for errors.
+    key: String,
+    files: Vec<(FileEntry, bytes::Bytes)>,
+}
+
+/// Runs blocking file work (hashing, writing, renaming) on the blocking pool.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Invalid(format!("file work stopped: {e}")))?
+}
+
+/// Checks every fetched file against its size and hash and writes them into a new private
+/// folder beside `dest` (a unique name, 0700), flushed to disk; returns that folder. Only
+/// whole versions come out: on any error the folder is removed.
+fn write_partial(fetched: Fetched, dest: &Path) -> Result<std::path::PathBuf> {
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    private_dirs(parent)?;
+    let leaf = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+    let prefix = format!(".{leaf}.partial-");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix);
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
+    let partial = builder.tempdir_in(parent).map_err(|e| Error::file(parent, e))?;
+    for (f, bytes) in &fetched.files {
+        if bytes.len() as u64 != f.size || hex_sha(bytes) != f.sha256 {
+            return Err(Error::Corrupt(format!(
+                "{}: {} in the store is damaged ({} bytes, {} expected, or a different hash); push the adapter again",
+                fetched.key,
+                f.path,
+                bytes.len(),
+                f.size
+            )));
+        }
+        let path = partial.path().join(&f.path);
+        private_dirs(path.parent().expect("a file has a parent"))?;
+        let mut file = std::fs::File::create(&path).map_err(|e| Error::file(&path, e))?;
+        std::io::Write::write_all(&mut file, bytes).and_then(|()| file.sync_all()).map_err(|e| Error::file(&path, e))?;
+    }
+    adapters_core::durable::sync_tree(partial.path(), "store.cache").map_err(|e| Error::file(partial.path(), e))?;
+    Ok(partial.keep())
+}
+
+/// Creates `dir` and its missing parents readable by this user only.
+fn private_dirs(dir: &Path) -> Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|e| Error::file(dir, e))
+}
+
+/// Flushes the folder holding `path`, so a rename into it survives a power cut.
+fn sync_parent(path: &Path) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    adapters_core::durable::sync(parent, "store.cache.rename").map_err(|e| Error::file(parent, e))
+}
+
+/// Whether the folder `dir` holds exactly `files` (paths, sizes, hashes).
+fn verify(dir: &Path, files: &[FileEntry]) -> Result<()> {
+    let found = folder::list_files(dir)?;
+    if found != files {
+        let differs = files.iter().find(|f| !found.contains(f)).map_or_else(|| "an extra file".to_string(), |f| f.path.clone());
+        return Err(Error::Corrupt(format!("{}: {differs} differs from the manifest", dir.display())));
+    }
+    Ok(())
+}
+
+/// Moves a damaged cached copy out of the way (under a unique name, then removed), so it is
+/// fetched again; a process that finds it already gone has nothing to do.
+fn set_aside(dir: &Path, why: &Error) {
+    tracing::warn!(folder = %dir.display(), "cached adapter version damaged ({why}); fetching it again");
+    let trash =
+        dir.with_file_name(format!(".damaged-{}", hex_sha(format!("{}{:?}", dir.display(), std::time::SystemTime::now()).as_bytes())));
+    if std::fs::rename(dir, &trash).is_ok() {
+        let _ = std::fs::remove_dir_all(&trash);
+    }
 }
 
 fn hex_sha(bytes: &[u8]) -> String {

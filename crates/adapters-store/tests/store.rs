@@ -252,3 +252,198 @@ async fn damaged_or_unfinished_versions_are_never_served() {
     assert_eq!(listed[0].versions.len(), 1);
     assert!(matches!(store.resolve(&reference("sms@0123456789abcdef")).await, Err(Error::NotFound(_))));
 }
+
+/// Writes objects into a store behind its back, as an attacker with write access to the
+/// bucket (or a buggy tool) would.
+type Raw = std::sync::Arc<dyn object_store::ObjectStore>;
+
+async fn put_raw(raw: &Raw, path: &str, body: String) {
+    object_store::ObjectStoreExt::put(raw.as_ref(), &object_store::path::Path::from(path), body.into_bytes().into()).await.unwrap();
+}
+
+/// Malicious tags and manifests are refused when read, name the adapter and never become
+/// paths; tags that look like versions are refused when written.
+async fn hostile_store(store: &Store, raw: &Raw, work: &Path) {
+    let sms = fixtures().join("fusion-sources/sms_spam");
+    let good = store.push(&sms, &name("sms"), PushOptions::default()).await.unwrap();
+    let cache = work.join("cache");
+    let corrupt = |e: Error, needle: &str| {
+        assert!(matches!(e, Error::Corrupt(_)) && e.to_string().contains(needle), "expected Corrupt with `{needle}`: {e}")
+    };
+    // Tags pointing outside: a relative escape, an absolute path, upper-case hex.
+    for (tag, version) in [("up", "../../../../tmp/x"), ("abs", "/etc/passwd"), ("upper", "0123456789ABCDEF")] {
+        put_raw(raw, &format!("sms/tags/{tag}.json"), format!(r#"{{"version": "{version}", "updated": "2026-01-01T00:00:00Z"}}"#)).await;
+        corrupt(store.resolve(&reference(&format!("sms@{tag}"))).await.unwrap_err(), "not a version");
+    }
+    // Listing reads every tag, so it refuses the store's bad tags too rather than skipping them.
+    corrupt(store.list(Some(&name("sms"))).await.unwrap_err(), "not a version");
+    for tag in ["up", "abs", "upper"] {
+        object_store::ObjectStoreExt::delete(raw.as_ref(), &object_store::path::Path::from(format!("sms/tags/{tag}.json"))).await.unwrap();
+    }
+    // Manifests whose digests match their (hostile) file lists: files outside the folder, a
+    // setup member with a path in it, a version that is not one.
+    let file = |path: &str| adapters_store::FileEntry { path: path.into(), size: 1, sha256: "00".repeat(32) };
+    let mut forged = good.clone();
+    for (files, member, needle) in [
+        (vec![file("../../outside")], None, "outside the folder"),
+        (vec![file("/etc/cron.d/x")], None, "outside the folder"),
+        (vec![file("a\\..\\..\\x")], None, "outside the folder"),
+        (vec![file("adapter_config.json")], Some("../../etc"), "not a plain name"),
+    ] {
+        forged.files = files;
+        forged.digest = adapters_store::folder::digest(&forged.files);
+        forged.version = forged.digest[..16].to_string();
+        forged.contents.setup =
+            member.map(|m| adapters_store::SetupContents { expression: m.into(), adapters: vec![(m.into(), "seq_bn".into())] });
+        put_raw(raw, &format!("sms/versions/{}/manifest.json", forged.version), serde_json::to_string(&forged).unwrap()).await;
+        corrupt(store.resolve(&reference(&format!("sms@{}", forged.version))).await.unwrap_err(), needle);
+        object_store::ObjectStoreExt::delete(
+            raw.as_ref(),
+            &object_store::path::Path::from(format!("sms/versions/{}/manifest.json", forged.version)),
+        )
+        .await
+        .unwrap();
+    }
+    // A manifest whose version is not the start of its digest.
+    let mut lying = good.clone();
+    lying.version = "0123456789abcdef".into();
+    put_raw(raw, "sms/versions/0123456789abcdef/manifest.json", serde_json::to_string(&lying).unwrap()).await;
+    corrupt(store.resolve(&reference("sms@0123456789abcdef")).await.unwrap_err(), "do not match");
+    object_store::ObjectStoreExt::delete(raw.as_ref(), &object_store::path::Path::from("sms/versions/0123456789abcdef/manifest.json"))
+        .await
+        .unwrap();
+    // A manifest made up in memory never reaches a path either.
+    let mut made_up = good.clone();
+    made_up.version = "../../escaped".into();
+    corrupt(store.cached(&made_up, &cache).await.unwrap_err(), "not a version");
+    assert!(!work.join("escaped").exists());
+
+    // Tags that read as versions are refused at tag and push, before anything is stored.
+    for hexlike in ["beef", "0123abcd", &good.version[..6]] {
+        let e = store.tag(&reference("sms"), &name(hexlike)).await.unwrap_err();
+        assert!(matches!(e, Error::Invalid(_)) && e.to_string().contains("could be read as a version"), "{e}");
+        let e = store.push(&sms, &name("other"), PushOptions { tags: vec![name(hexlike)], ..Default::default() }).await.unwrap_err();
+        assert!(e.to_string().contains("could be read as a version"), "{e}");
+    }
+    assert!(store.list(Some(&name("other"))).await.is_err(), "nothing was pushed");
+    // A tag written before that rule, named like the start of a version, does not shadow it.
+    let other = store.push(&fixtures().join("fusion-sources/trec_coarse"), &name("sms"), PushOptions::default()).await.unwrap();
+    let prefix = &good.version[..6];
+    put_raw(raw, &format!("sms/tags/{prefix}.json"), format!(r#"{{"version": "{}", "updated": "2026-01-01T00:00:00Z"}}"#, other.version))
+        .await;
+    assert_eq!(store.resolve(&reference(&format!("sms@{prefix}"))).await.unwrap().version, good.version);
+    assert_eq!(store.resolve(&reference(&format!("sms@{}", good.version))).await.unwrap().version, good.version);
+}
+
+#[tokio::test]
+async fn a_hostile_local_store_is_refused_and_never_becomes_a_path() {
+    let dir = scratch("hostile-local");
+    let root = dir.0.join("store");
+    let store = Store::open(root.to_str().unwrap()).unwrap();
+    let raw: Raw = std::sync::Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&root).unwrap());
+    hostile_store(&store, &raw, &dir.0).await;
+}
+
+#[tokio::test]
+async fn a_hostile_s3_store_is_refused_and_never_becomes_a_path() {
+    let dir = scratch("hostile-s3");
+    let endpoint = start_s3(&dir.0.join("s3")).await;
+    let options = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test-key"),
+        ("aws_secret_access_key", "test-secret"),
+        ("aws_region", "us-east-1"),
+    ];
+    let store = Store::open_with_options("s3://adapters/team-a", &options).unwrap();
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name("adapters");
+    for (key, value) in options {
+        builder = builder.with_config(key.parse().unwrap(), value);
+    }
+    let raw: Raw = std::sync::Arc::new(object_store::prefix::PrefixStore::new(builder.build().unwrap(), "team-a"));
+    hostile_store(&store, &raw, &dir.0).await;
+}
+
+#[tokio::test]
+async fn a_tampered_cached_copy_is_detected_and_fetched_again() {
+    let dir = scratch("tampered-cache");
+    let store = Store::open(dir.0.join("store").to_str().unwrap()).unwrap();
+    let m = store.push(&fixtures().join("fusion-sources/sms_spam"), &name("sms"), PushOptions::default()).await.unwrap();
+    let cache = dir.0.join("cache");
+    let copy = store.cached(&m, &cache).await.unwrap();
+    assert_eq!(copy, cache.join("sms").join(&m.version));
+    same_files(&fixtures().join("fusion-sources/sms_spam"), &copy);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for folder in [&cache, &cache.join("sms"), &copy] {
+            assert_eq!(std::fs::metadata(folder).unwrap().permissions().mode() & 0o777, 0o700, "{}", folder.display());
+        }
+    }
+    // One byte changed, in place and with the same size.
+    let weights = copy.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&weights, &bytes).unwrap();
+    assert_eq!(store.cached(&m, &cache).await.unwrap(), copy);
+    same_files(&fixtures().join("fusion-sources/sms_spam"), &copy);
+    // A file slipped in beside the version's own.
+    std::fs::write(copy.join("extra.safetensors"), b"not ours").unwrap();
+    store.cached(&m, &cache).await.unwrap();
+    assert!(!copy.join("extra.safetensors").exists());
+    same_files(&fixtures().join("fusion-sources/sms_spam"), &copy);
+    // Nothing is left beside it.
+    let names: Vec<String> =
+        std::fs::read_dir(cache.join("sms")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec![m.version.clone()]);
+}
+
+/// Set by the test below for the two processes it starts.
+const RACE_ENV: &str = "ADAPTERS_STORE_CACHE_RACE";
+const RACE_ROUNDS: usize = 50;
+
+#[tokio::test]
+async fn two_processes_pull_one_version_into_one_cache_concurrently() {
+    let dir = scratch("cache-race");
+    let store = Store::open(dir.0.join("store").to_str().unwrap()).unwrap();
+    store.push(&fixtures().join("fusion-sources/sms_spam"), &name("sms"), PushOptions::default()).await.unwrap();
+    // Two processes (this test binary again, running `cache_race_process`), each pulling
+    // sms into the same 50 fresh caches in the same order: they race on every one.
+    let start = |who: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "cache_race_process", "--ignored", "--nocapture", "--test-threads=1"])
+            .env(RACE_ENV, &dir.0)
+            .env("RACE_WHO", who)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start("a"), start("b"));
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains(&format!("{RACE_ROUNDS} rounds whole")), "{text}");
+    }
+    for round in 0..RACE_ROUNDS {
+        let sms = dir.0.join(format!("cache-{round}/sms"));
+        let entries: Vec<_> = std::fs::read_dir(&sms).unwrap().collect();
+        assert_eq!(entries.len(), 1, "round {round}: leftovers beside the version");
+        same_files(&fixtures().join("fusion-sources/sms_spam"), &entries[0].as_ref().unwrap().path());
+    }
+}
+
+/// One side of the race above; does nothing unless that test started it.
+#[tokio::test]
+#[ignore = "started by two_processes_pull_one_version_into_one_cache_concurrently"]
+async fn cache_race_process() {
+    let Some(dir) = std::env::var_os(RACE_ENV).map(PathBuf::from) else { return };
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    let m = store.resolve(&reference("sms")).await.unwrap();
+    for round in 0..RACE_ROUNDS {
+        let copy = store.cached(&m, &dir.join(format!("cache-{round}"))).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        same_files(&fixtures().join("fusion-sources/sms_spam"), &copy);
+    }
+    println!("{RACE_ROUNDS} rounds whole");
+}
