@@ -403,7 +403,8 @@ enum Command {
         model: PathBuf,
         #[command(flatten)]
         store: StoreArg,
-        /// Address to listen on (0.0.0.0 to accept other machines).
+        /// Address to listen on. 0.0.0.0 accepts other machines, and then an admin token is
+        /// required (or --insecure-admin).
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         #[arg(long, default_value_t = 8080)]
@@ -414,9 +415,15 @@ enum Command {
         /// Most bytes of resident adapters.
         #[arg(long, default_value_t = 2 << 30)]
         max_adapter_bytes: u64,
-        /// Bearer token required by /admin/* (load, unload, pin, tag).
-        #[arg(long, env = "ADAPTERS_ADMIN_TOKEN")]
-        admin_token: Option<String>,
+        /// Bearer token required by /admin/* (load, unload, pin, tag, routes). Prefer the
+        /// environment variable (a Kubernetes Secret) to the flag, which `ps` shows. Without
+        /// one, admin is open, so the server then listens on loopback only.
+        #[arg(long, env = "ADAPTERS_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+        admin_token: Option<adapters_serve::admin::AdminToken>,
+        /// Listen off loopback with /admin/* open, for when something in front (a proxy, a
+        /// network policy) already guards it. Logged as a warning at start and every 10 minutes.
+        #[arg(long)]
+        insecure_admin: bool,
         /// Where downloaded adapter versions are kept (default: $ADAPTERS_CACHE or ~/.cache/adapters).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
@@ -438,6 +445,32 @@ enum Command {
         /// Milliseconds a batch waits for more requests once a compute slot is free.
         #[arg(long, default_value_t = 2)]
         batch_wait_ms: u64,
+        /// Requests in flight (waiting or running, every endpoint) before new ones get 503
+        /// with Retry-After.
+        #[arg(long, default_value_t = adapters_serve::admission::Limits::default().max_requests)]
+        max_concurrent_requests: usize,
+        /// Tokens of embedding and classification requests waiting for a forward pass before
+        /// new ones get 503 (a request larger than this alone gets 413). About the tokens the
+        /// machine embeds in --request-timeout.
+        #[arg(long, default_value_t = adapters_serve::admission::Limits::default().max_waiting_tokens)]
+        max_waiting_tokens: usize,
+        /// KV-cache tokens (prompt + max_tokens) of the generations decoding together; more
+        /// wait. Default: a quarter of the memory available at start, at the model's bytes per
+        /// token (SmolLM2-135M: 46 KB).
+        #[arg(long)]
+        max_kv_tokens: Option<usize>,
+        /// Seconds a request may take before it is answered 503 (a streamed generation: until
+        /// its first token). Keep it under the clients' and the load balancer's time-outs.
+        #[arg(long, default_value_t = adapters_serve::admission::Limits::default().request_timeout.as_secs())]
+        request_timeout: u64,
+        /// On SIGTERM: seconds /ready answers 503 while requests are still served, so the load
+        /// balancer stops sending (longer than its readiness check interval).
+        #[arg(long, default_value_t = adapters_serve::Config::default().drain.as_secs())]
+        drain_seconds: u64,
+        /// Then: seconds requests in flight get to finish before open streams are ended with
+        /// a final event.
+        #[arg(long, default_value_t = adapters_serve::Config::default().shutdown_timeout.as_secs())]
+        shutdown_timeout: u64,
     },
     /// Remove a stored version (NAME@VERSION or NAME@TAG), or with --tag one tag of NAME.
     /// A version that tags point to stays unless --force (which removes those tags too).
@@ -525,12 +558,19 @@ fn main() {
             max_adapters,
             max_adapter_bytes,
             admin_token,
+            insecure_admin,
             cache_dir,
             max_concurrent,
             tag_ttl,
             routes,
             batch_rows,
             batch_wait_ms,
+            max_concurrent_requests,
+            max_waiting_tokens,
+            max_kv_tokens,
+            request_timeout,
+            drain_seconds,
+            shutdown_timeout,
         } => {
             let routes = match routes.map(|r| adapters_serve::routes::Routes::load(&r)).transpose() {
                 Ok(r) => r.unwrap_or_default(),
@@ -544,9 +584,18 @@ fn main() {
                 cache_dir: cache_dir.unwrap_or_else(adapters_store::default_cache_dir),
                 limits: adapters_serve::cache::Limits { max_adapters, max_bytes: max_adapter_bytes },
                 admin_token,
+                insecure_admin,
                 tag_ttl: std::time::Duration::from_secs(tag_ttl),
                 max_concurrent,
                 batching: adapters_serve::Batching { max_rows: batch_rows, max_wait: std::time::Duration::from_millis(batch_wait_ms) },
+                admission: adapters_serve::admission::Limits {
+                    max_requests: max_concurrent_requests,
+                    max_waiting_tokens,
+                    max_kv_tokens,
+                    request_timeout: std::time::Duration::from_secs(request_timeout),
+                },
+                drain: std::time::Duration::from_secs(drain_seconds),
+                shutdown_timeout: std::time::Duration::from_secs(shutdown_timeout),
                 ..Default::default()
             };
             serve_command::serve(&model, &store, &host, port, config)

@@ -12,12 +12,14 @@ pub fn serve(model: &Path, store: &StoreArg, host: &str, port: u16, config: adap
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let loaded = open(model)?;
-    let store = adapters_store::Store::open(&store.store)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the server runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("listening on {host}:{port}"))?;
         let address = listener.local_addr()?;
+        // Before the model loads: a refused start should say so at once.
+        adapters_serve::admin::check_exposure(address, config.admin_token.as_ref(), config.insecure_admin).map_err(anyhow::Error::msg)?;
+        let loaded = open(model)?;
+        let store = adapters_store::Store::open(&store.store)?;
         let state = Arc::new(adapters_serve::AppState::new(loaded, store, config));
         // Scripts and tests read the address (with the port the OS chose for --port 0).
         println!("listening on http://{address}");

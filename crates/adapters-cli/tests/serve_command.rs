@@ -48,7 +48,7 @@ fn serve(endpoint: &str, cache: &Path) -> (Child, String) {
     let mut child = adapters(endpoint, cache)
         .arg("serve")
         .arg(model)
-        .args(["--port", "0"])
+        .args(["--port", "0", "--drain-seconds", "0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -93,5 +93,159 @@ async fn two_server_processes_serve_an_adapter_pushed_once_to_s3() {
         let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
         assert!(status.success(), "a clean exit on SIGTERM, not {status}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `adapters serve MODEL ARGS...` on a local folder store, stdout and stderr piped.
+fn serve_locally(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let model = adapters_models::fetched("all-MiniLM-L6-v2").unwrap();
+    Command::new(env!("CARGO_BIN_EXE_adapters"))
+        .env_remove("ADAPTERS_ADMIN_TOKEN")
+        .env("ADAPTERS_STORE", dir.join("store"))
+        .env("ADAPTERS_CACHE", dir.join("cache"))
+        .envs(env.iter().copied())
+        .arg("serve")
+        .arg(model)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The URL from a started server's first line, and a thread that returns its log lines
+/// once it has exited.
+fn started(child: &mut Child) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().map_while(Result::ok).collect());
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    (url.replace("0.0.0.0", "127.0.0.1"), log)
+}
+
+/// Waits for the exit of a server expected to refuse to start; its stderr.
+fn refused(mut child: Child) -> String {
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "started: {err}");
+    err
+}
+
+fn stop(mut child: Child) {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    child.wait().unwrap();
+}
+
+async fn get_status(url: &str) -> u16 {
+    reqwest::get(url).await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_is_locked_off_loopback_and_the_deploy_files_ship_no_token() {
+    let dir = std::env::temp_dir().join(format!("adapters-cli-admin-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Off loopback without a token: refused before the model loads, saying what to do.
+    let err = refused(serve_locally(&dir, &["--host", "0.0.0.0", "--port", "0"], &[]));
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0") && err.contains("ADAPTERS_ADMIN_TOKEN") && err.contains("--insecure-admin"),
+        "{err}"
+    );
+    // An empty token is no token.
+    let err = refused(serve_locally(&dir, &["--port", "0"], &[("ADAPTERS_ADMIN_TOKEN", "")]));
+    assert!(err.contains("admin token is empty"), "{err}");
+    let err = refused(serve_locally(&dir, &["--port", "0", "--admin-token", "  "], &[]));
+    assert!(err.contains("admin token is empty"), "{err}");
+    // The token never shows in --help, even when it is set.
+    let help = Command::new(env!("CARGO_BIN_EXE_adapters"))
+        .args(["serve", "--help"])
+        .env("ADAPTERS_ADMIN_TOKEN", "hunter2-secret")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("ADAPTERS_ADMIN_TOKEN") && help.contains("--insecure-admin"), "{help}");
+    assert!(!help.contains("hunter2-secret"), "the token leaks into --help:\n{help}");
+    // --insecure-admin starts, and says so in the log.
+    let mut child = serve_locally(&dir, &["--host", "0.0.0.0", "--port", "0", "--insecure-admin"], &[]);
+    let (url, log) = started(&mut child);
+    assert_eq!(get_status(&format!("{url}/health")).await, 200);
+    stop(child);
+    let log = log.join().unwrap();
+    assert!(log.iter().any(|l| l.contains("WARN") && l.contains("--insecure-admin")), "{log:?}");
+
+    // The image's own command (deploy/Dockerfile's ENTRYPOINT): refused without the
+    // secret's token, served with it.
+    let dockerfile = std::fs::read_to_string(workspace().join("deploy/Dockerfile")).unwrap();
+    let entry = dockerfile.lines().find_map(|l| l.strip_prefix("ENTRYPOINT ")).expect("an ENTRYPOINT");
+    let entry: Vec<String> = serde_json::from_str(entry).unwrap();
+    assert_eq!(&entry[..2], ["adapters", "serve"]);
+    let mut args: Vec<&str> = entry[3..].iter().map(String::as_str).collect();
+    let port = args.iter().position(|a| *a == "--port").unwrap() + 1;
+    args[port] = "0";
+    let err = refused(serve_locally(&dir, &args, &[]));
+    assert!(err.contains("ADAPTERS_ADMIN_TOKEN"), "{err}");
+    let mut child = serve_locally(&dir, &args, &[("ADAPTERS_ADMIN_TOKEN", "a-long-random-token")]);
+    let (url, _) = started(&mut child);
+    assert_eq!(get_status(&format!("{url}/ready")).await, 200);
+    stop(child);
+    // The manifest ships no secret value and reads the token from the operator's Secret.
+    let manifest = std::fs::read_to_string(workspace().join("deploy/kubernetes.yaml")).unwrap();
+    assert!(!manifest.contains("stringData") && !manifest.contains("change-me"), "a usable default secret ships in deploy/");
+    assert!(manifest.contains("secretRef: { name: adapters-serve, optional: false }"));
+    assert!(manifest.contains("kubectl create secret generic adapters-serve"), "the manifest says how to make its secret");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_call_leaves_an_audit_line_with_its_peer() {
+    let dir = std::env::temp_dir().join(format!("adapters-cli-audit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sms = workspace().join("fixtures/fusion-sources/sms_spam");
+    let pushed = Command::new(env!("CARGO_BIN_EXE_adapters"))
+        .env("ADAPTERS_STORE", dir.join("store"))
+        .arg("push")
+        .arg(sms)
+        .args(["--name", "sms"])
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+    let mut child = serve_locally(&dir, &["--port", "0"], &[("ADAPTERS_ADMIN_TOKEN", "the-admin-token")]);
+    let (url, log) = started(&mut child);
+    let client = reqwest::Client::new();
+    let tag = |token: &'static str| {
+        client
+            .post(format!("{url}/admin/tags"))
+            .bearer_auth(token)
+            .header("x-forwarded-for", "203.0.113.9")
+            .json(&serde_json::json!({"adapter": "sms", "tag": "prod"}))
+            .send()
+    };
+    assert_eq!(tag("a-guess").await.unwrap().status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(tag("the-admin-token").await.unwrap().status(), reqwest::StatusCode::OK);
+    let pin = client
+        .post(format!("{url}/admin/adapters/pin"))
+        .bearer_auth("the-admin-token")
+        .json(&serde_json::json!({"adapter": "sms@prod"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pin.status(), reqwest::StatusCode::OK);
+    stop(child);
+    let log = log.join().unwrap();
+    let audit: Vec<&String> = log.iter().filter(|l| l.contains("adapters_serve::audit")).collect();
+    assert_eq!(audit.len(), 3, "one line per admin call: {log:#?}");
+    assert!(
+        audit[0].contains("action=\"tag\"")
+            && audit[0].contains("status=401")
+            && audit[0].contains("127.0.0.1")
+            && audit[0].contains("203.0.113.9"),
+        "{}",
+        audit[0]
+    );
+    assert!(audit[1].contains("action=\"tag\"") && audit[1].contains("status=200") && audit[1].contains("sms@prod"), "{}", audit[1]);
+    assert!(audit[2].contains("action=\"pin\"") && audit[2].contains("\"pinned\":true"), "{}", audit[2]);
+    assert!(!log.iter().any(|l| l.contains("the-admin-token")), "the token reached the log");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -532,6 +532,12 @@ impl Llama {
         }
     }
 
+    /// Bytes one cached position takes (keys and values of every layer, f32): what a
+    /// server's KV budget is counted in.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.layers.len() * self.config.num_key_value_heads * self.config.head_dim() * std::mem::size_of::<f32>()
+    }
+
     /// A fresh cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())

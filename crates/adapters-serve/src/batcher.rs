@@ -3,14 +3,25 @@
 //! forward pass even when they use different adapters. Each row goes through its own
 //! adapter (`ForwardCtx::with_row_choices`), and rows whose adapters share a
 //! configuration are computed together over weights stacked per row.
+//!
+//! Requests arrive tokenised (and truncated to the model's context) by their handlers, so
+//! nothing in a batch depends on another request's text. A request whose client has gone,
+//! or whose deadline has passed, is dropped before it is computed. A batch that fails as a
+//! whole (an error or a panic) is run again request by request, so only the request at
+//! fault fails.
 
+use crate::admission::Waiting;
 use crate::error::ApiError;
+use crate::metrics::CauseLabels;
 use crate::server::{AppState, Target};
 use adapters_core::ForwardCtx;
 use adapters_models::heads::{l2_normalize, mean_pool};
 use adapters_models::{Backbone, HoldsAdapters};
 use adapters_train::forward::{classify, pad, pool};
 use serde_json::{json, Value};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::sync::Weak;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -40,36 +51,92 @@ pub(crate) enum Work {
     Classify { head: usize },
 }
 
-/// One request waiting for a forward pass.
-pub(crate) struct Job {
-    pub target: Target,
+/// A request's rows, ready for a forward pass.
+pub(crate) struct Rows {
+    /// The texts (kept for the fault hook of the tests, [`crate::fault`]).
     pub texts: Vec<String>,
-    pub work: Work,
-    pub queued: Instant,
+    /// Their token ids, each within the model's context.
+    pub ids: Vec<Vec<u32>>,
+    /// Its place in the waiting-token budget, freed when its pass starts.
+    pub waiting: Option<Waiting>,
+}
+
+/// One request waiting for a forward pass.
+struct Job {
+    target: Target,
+    rows: Rows,
+    work: Work,
+    queued: Instant,
+    deadline: tokio::time::Instant,
     /// The response body's `data` part and the tokens read, or why not.
-    pub reply: oneshot::Sender<Result<(Value, usize), ApiError>>,
+    reply: oneshot::Sender<Result<(Value, usize), ApiError>>,
 }
 
 /// The queue in front of the compute slots.
 pub(crate) struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
+    /// False once the batch-forming task has ended while the server still runs.
+    alive: Arc<AtomicBool>,
+}
+
+/// Sets its flag to false when dropped: when a loop ends, normally or by a panic.
+pub(crate) struct AliveGuard(pub Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Batcher {
     /// Starts the task that forms batches (it ends when the server state is dropped).
     pub fn start(state: Weak<AppState>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(form_batches(state, rx));
-        Batcher { tx }
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            form_batches(state, rx).await
+        });
+        Batcher { tx, alive }
     }
 
-    /// Queues a request and waits for its result.
-    pub async fn run(&self, target: Target, texts: Vec<String>, work: Work) -> Result<(Value, usize), ApiError> {
-        let (reply, result) = oneshot::channel();
-        let job = Job { target, texts, work, queued: Instant::now(), reply };
-        self.tx.send(job).map_err(|_| ApiError::internal("the server is shutting down"))?;
-        result.await.map_err(|_| ApiError::internal("the forward pass failed"))?
+    /// Whether batches are still being formed.
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
     }
+
+    /// Queues a request and waits for its result until `deadline` (then 503; the work is
+    /// dropped unless its pass has started).
+    pub async fn run(&self, target: Target, rows: Rows, work: Work, deadline: tokio::time::Instant) -> Result<(Value, usize), ApiError> {
+        let (reply, result) = oneshot::channel();
+        let job = Job { target, rows, work, queued: Instant::now(), deadline, reply };
+        self.tx.send(job).map_err(|_| ApiError::internal("the batching queue has stopped; the server is shutting down"))?;
+        match tokio::time::timeout_at(deadline, result).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ApiError::internal("the forward pass ended without an answer")),
+            Err(_) => Err(timed_out()),
+        }
+    }
+}
+
+/// The 503 of a request that ran past `--request-timeout`.
+pub(crate) fn timed_out() -> ApiError {
+    ApiError::busy("the request was not served within the server's --request-timeout; the server is busy")
+}
+
+/// Whether `job` should still be computed; answers (or forgets) it if not.
+fn still_wanted(state: &AppState, job: Job) -> Option<Job> {
+    let cause = if job.reply.is_closed() {
+        "disconnected"
+    } else if tokio::time::Instant::now() >= job.deadline {
+        "timeout"
+    } else {
+        return Some(job);
+    };
+    state.metrics.dropped.get_or_create(&CauseLabels { cause: cause.into() }).inc();
+    let _ = job.reply.send(Err(timed_out()));
+    None
 }
 
 /// Takes the first waiting request, waits for a compute slot, then adds what else is
@@ -93,8 +160,9 @@ async fn form_batches(state: Weak<AppState>, mut rx: mpsc::UnboundedReceiver<Job
                 continue;
             }
         };
+        let Some(first) = still_wanted(&state, first) else { continue };
         let limits = state.batching();
-        let mut rows = first.texts.len();
+        let mut rows = first.rows.ids.len();
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + limits.max_wait;
         while rows < limits.max_rows {
@@ -103,15 +171,19 @@ async fn form_batches(state: Weak<AppState>, mut rx: mpsc::UnboundedReceiver<Job
                 Err(_) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
             };
             let Some(job) = next else { break };
-            if rows + job.texts.len() > limits.max_rows {
+            let Some(job) = still_wanted(&state, job) else { continue };
+            if rows + job.rows.ids.len() > limits.max_rows {
                 carried = Some(job);
                 break;
             }
-            rows += job.texts.len();
+            rows += job.rows.ids.len();
             jobs.push(job);
         }
         for job in &jobs {
             state.metrics.queue.get_or_create(&job.target.labels()).observe(job.queued.elapsed().as_secs_f64());
+        }
+        for job in &mut jobs {
+            job.rows.waiting = None;
         }
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
@@ -123,14 +195,14 @@ async fn form_batches(state: Weak<AppState>, mut rx: mpsc::UnboundedReceiver<Job
 /// Runs one batch: jobs on composition setups (which rows cannot choose) on their own
 /// models, the rest in one forward pass.
 fn run_batch(state: &AppState, jobs: Vec<Job>) {
-    state.metrics.batch_rows.observe(jobs.iter().map(|j| j.texts.len()).sum::<usize>() as f64);
+    state.metrics.batch_rows.observe(jobs.iter().map(|j| j.rows.ids.len()).sum::<usize>() as f64);
     let (on_setups, plain): (Vec<Job>, Vec<Job>) =
         jobs.into_iter().partition(|j| matches!(&j.target, Target::Adapter(r) if r.manifest.contents.setup.is_some()));
     let mut models = 0;
     for job in on_setups {
         models += 1;
         let model = state.model_of(&job.target).clone();
-        run_on(state, &model, false, vec![job]);
+        run_isolated(state, &model, false, vec![job]);
     }
     let mut ids: Vec<String> = plain.iter().map(|j| j.target.id()).collect();
     ids.sort();
@@ -141,10 +213,10 @@ fn run_batch(state: &AppState, jobs: Vec<Job>) {
         // One model: its own path (a single active adapter runs fused).
         1 => {
             let model = state.model_of(&plain[0].target).clone();
-            run_on(state, &model, false, plain);
+            run_isolated(state, &model, false, plain);
         }
         _ => match mixed_model(state, plain.iter().map(|j| &j.target)) {
-            Ok(model) => run_on(state, &model, true, plain),
+            Ok(model) => run_isolated(state, &model, true, plain),
             Err(e) => plain.into_iter().for_each(|j| {
                 let _ = j.reply.send(Err(ApiError::internal(e.clone())));
             }),
@@ -170,48 +242,42 @@ pub(crate) fn mixed_model<'a>(state: &AppState, targets: impl Iterator<Item = &'
     Ok(model)
 }
 
-/// Tokenizes every job's texts, runs one forward pass over all their rows on `model`
-/// (with `per_row`, each row through its job's adapter), and answers each job.
-fn run_on(state: &AppState, model: &Backbone, per_row: bool, jobs: Vec<Job>) {
-    match forward(state, model, per_row, &jobs) {
+/// Runs `jobs` in one forward pass on `model` (with `per_row`, each row through its job's
+/// adapter) and answers each. If the pass fails as a whole (an error or a panic), each job
+/// runs again on its own, so only the one at fault fails.
+fn run_isolated(state: &AppState, model: &Backbone, per_row: bool, jobs: Vec<Job>) {
+    let outcome = guarded(|| forward(model, per_row, &jobs));
+    match outcome {
         Ok(results) => jobs.into_iter().zip(results).for_each(|(job, r)| {
             let _ = job.reply.send(r);
         }),
-        Err(e) => jobs.into_iter().for_each(|job| {
-            let _ = job.reply.send(Err(ApiError { status: e.status, message: e.message.clone() }));
+        Err(e) if jobs.len() == 1 => jobs.into_iter().for_each(|job| {
+            let _ = job.reply.send(Err(e.clone()));
         }),
+        Err(e) => {
+            state.metrics.isolated_failures.inc();
+            tracing::warn!(requests = jobs.len(), "a batch failed as a whole ({}); running its requests one by one", e.message);
+            jobs.into_iter().for_each(|job| run_isolated(state, model, per_row, vec![job]));
+        }
     }
+}
+
+/// `f`'s result, with a panic inside it turned into a 500 that says so.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what =
+            panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+        Err(ApiError::internal(format!("the server failed on this request (a panic: {what}); it has been logged")))
+    })
 }
 
 type JobResult = Result<(Value, usize), ApiError>;
 
-fn forward(state: &AppState, model: &Backbone, per_row: bool, jobs: &[Job]) -> Result<Vec<JobResult>, ApiError> {
-    let tokenizer = state.tokenizer();
-    let bad = |e: adapters_models::Error| ApiError::bad_request(e.to_string());
-    let mut rows: Vec<Vec<u32>> = Vec::new();
-    for job in jobs {
-        match job.work {
-            Work::Embed => {
-                let refs: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-                let batch = tokenizer.encode_batch(&refs).map_err(bad)?;
-                for (ids, mask) in batch.ids.into_iter().zip(batch.attention_mask) {
-                    let len = mask.iter().filter(|&&m| m == 1).count();
-                    rows.push(ids[..len].to_vec());
-                }
-            }
-            Work::Classify { .. } => {
-                for text in &job.texts {
-                    rows.push(
-                        adapters_train::encode_truncated(tokenizer, text, 512, model.is_encoder())
-                            .map_err(|e| ApiError::bad_request(e.to_string()))?,
-                    );
-                }
-            }
-        }
-    }
+fn forward(model: &Backbone, per_row: bool, jobs: &[Job]) -> Result<Vec<JobResult>, ApiError> {
+    crate::fault::check_batch(jobs.iter().flat_map(|j| j.rows.texts.iter().map(String::as_str))).map_err(ApiError::internal)?;
+    let rows: Vec<&[u32]> = jobs.iter().flat_map(|j| j.rows.ids.iter().map(Vec::as_slice)).collect();
     let internal = |e: candle_core::Error| ApiError::internal(e.to_string());
-    let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-    let (ids, mask) = pad(&refs, model.device()).map_err(|e| ApiError::internal(e.to_string()))?;
+    let (ids, mask) = pad(&rows, model.device()).map_err(|e| ApiError::internal(e.to_string()))?;
     let mut ctx = ForwardCtx::inference();
     if per_row {
         let choices: Vec<Vec<String>> = jobs
@@ -221,7 +287,7 @@ fn forward(state: &AppState, model: &Backbone, per_row: bool, jobs: &[Job]) -> R
                     Target::Base => vec![],
                     Target::Adapter(r) => vec![r.key()],
                 };
-                std::iter::repeat_n(stack, j.texts.len())
+                std::iter::repeat_n(stack, j.rows.ids.len())
             })
             .collect();
         ctx = ctx.with_row_choices(&choices, model.device()).map_err(internal)?;
@@ -230,8 +296,8 @@ fn forward(state: &AppState, model: &Backbone, per_row: bool, jobs: &[Job]) -> R
     let mut start = 0;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let n = job.texts.len();
-        let tokens = rows[start..start + n].iter().map(Vec::len).sum();
+        let n = job.rows.ids.len();
+        let tokens = job.rows.ids.iter().map(Vec::len).sum();
         let (h, m) = (hidden.narrow(0, start, n).map_err(internal)?, mask.narrow(0, start, n).map_err(internal)?);
         start += n;
         results.push(answer(job, &h, &m).map(|v| (v, tokens)));

@@ -2,9 +2,11 @@
 //! streamed as server-sent events. A client that disconnects mid-stream stops its
 //! generation at the next token (the channel to it closes).
 
+use crate::batcher::timed_out;
 use crate::decoding::{Generation, Piece};
 use crate::error::ApiError;
 use crate::metrics::AdapterLabels;
+use crate::metrics::CauseLabels;
 use crate::server::{body, record, AppState, Target};
 use adapters_models::generate::{generate, Sampling};
 use adapters_models::{Backbone, Message};
@@ -14,6 +16,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -70,9 +73,11 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, payload: Resul
 
 async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRequest>, JsonRejection>) -> Response {
     let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + state.admission.limits().request_timeout;
     let endpoint = if kind == Kind::Chat { "chat_completions" } else { "completions" };
     let mut labels = AdapterLabels { adapter: "unknown".into(), version: String::new() };
     let prepared = async {
+        let ticket = state.admission.admit(&state.metrics)?;
         let request = body(payload)?;
         if request.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request("`n`: one choice per request is supported"));
@@ -85,21 +90,23 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 target.id()
             )));
         }
-        let text = match (kind, &request.prompt, &request.messages) {
-            (Kind::Completion, Some(p), _) => p.clone(),
-            (Kind::Chat, _, Some(messages)) if !messages.is_empty() => {
-                state.tokenizer().apply_chat_template(messages, true).map_err(|e| ApiError::bad_request(format!("`messages`: {e}")))?
-            }
-            (Kind::Completion, None, _) => return Err(ApiError::bad_request("`prompt`: the text to continue is missing")),
-            (Kind::Chat, _, _) => return Err(ApiError::bad_request("`messages`: give at least one {\"role\", \"content\"} message")),
-        };
-        let prompt = state.tokenizer().encode(&text, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        if prompt.is_empty() {
-            return Err(ApiError::bad_request("the prompt is empty after tokenization"));
-        }
         let max_tokens = request.max_completion_tokens.or(request.max_tokens).unwrap_or(128);
         if max_tokens == 0 || max_tokens > MAX_NEW_TOKENS {
             return Err(ApiError::bad_request(format!("`max_tokens`: 1 to {MAX_NEW_TOKENS}")));
+        }
+        let (text, prompt) = prompt_tokens(&state, kind, request.prompt.clone(), request.messages.clone()).await?;
+        let (context, budget) = (state.context(), state.kv_budget());
+        if prompt.len() + max_tokens > context {
+            return Err(ApiError::bad_request(format!(
+                "the prompt ({} tokens) plus `max_tokens` ({max_tokens}) is more than the model's context of {context} tokens; shorten the prompt or ask for fewer tokens",
+                prompt.len()
+            )));
+        }
+        if state.batching().max_rows > 0 && prompt.len() + max_tokens > budget {
+            return Err(ApiError::bad_request(format!(
+                "the prompt ({} tokens) plus `max_tokens` ({max_tokens}) is more than this server's KV budget of {budget} tokens (--max-kv-tokens); ask for fewer tokens",
+                prompt.len()
+            )));
         }
         let temperature = request.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
@@ -114,10 +121,10 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 seed: request.seed.unwrap_or_else(rand_seed),
             }
         };
-        Ok((target, route, prompt, max_tokens, sampling, request.stream))
+        Ok((ticket, target, route, text, prompt, max_tokens, sampling, request.stream))
     }
     .await;
-    let (target, route, prompt, max_tokens, sampling, stream) = match prepared {
+    let (ticket, target, route, text, prompt, max_tokens, sampling, stream) = match prepared {
         Ok(p) => p,
         Err(e) => {
             record(&state, &labels, endpoint, e.status, started);
@@ -129,13 +136,32 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     let model_id = target.id();
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Piece>();
     if state.batching().max_rows > 0 {
-        let generation = Generation { target, prompt, max_tokens, sampling, queued: Instant::now(), pieces: sender };
+        let generation = Generation { target, text, prompt, max_tokens, sampling, queued: Instant::now(), pieces: sender };
         if let Err(e) = state.decoder().submit(generation) {
+            record(&state, &labels, endpoint, e.status, started);
             return e.into_response();
         }
-    } else if let Err(e) = generate_alone(&state, target, prompt, max_tokens, sampling, sender, &labels).await {
-        return e.into_response();
+    } else {
+        generate_alone(&state, target, prompt, max_tokens, sampling, sender, &labels);
     }
+    // Until the first piece the request may still be refused with a proper status: an
+    // error, or 503 at its deadline (which drops the generation before its prompt runs).
+    let first = match tokio::time::timeout_at(deadline, receiver.recv()).await {
+        Ok(Some(Piece::Failed(e))) => Err(e),
+        Ok(Some(piece)) => Ok(piece),
+        Ok(None) => Err(ApiError::internal("generation stopped without an answer")),
+        Err(_) => {
+            state.metrics.dropped.get_or_create(&CauseLabels { cause: "timeout".into() }).inc();
+            Err(timed_out())
+        }
+    };
+    let first = match first {
+        Ok(piece) => piece,
+        Err(e) => {
+            record(&state, &labels, endpoint, e.status, started);
+            return e.into_response();
+        }
+    };
 
     let chunk = move |content: Option<&str>, finish: Option<&str>| -> Value {
         let mut value = match kind {
@@ -151,22 +177,51 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     };
     if stream {
         let state2 = state.clone();
-        let events = async_stream(receiver, move |piece| match piece {
-            Piece::Text(t) => vec![Event::default().data(chunk(Some(&t), None).to_string())],
-            Piece::Done { finish_reason, prompt_tokens, completion_tokens } => {
-                state2.count_tokens(&labels, prompt_tokens + completion_tokens);
-                record(&state2, &labels, endpoint, StatusCode::OK, started);
-                vec![Event::default().data(chunk(None, Some(finish_reason)).to_string()), Event::default().data("[DONE]")]
-            }
-            Piece::Failed(message) => {
-                record(&state2, &labels, endpoint, StatusCode::INTERNAL_SERVER_ERROR, started);
-                vec![Event::default().event("error").data(json!({"error": {"message": message, "type": "server_error"}}).to_string())]
-            }
+        let error_event = |e: &ApiError| {
+            Event::default()
+                .event("error")
+                .data(json!({"error": {"message": e.message, "type": "server_error", "code": e.status.as_u16()}}).to_string())
+        };
+        let pieces = async_stream(first, receiver, state.stopping());
+        let events = pieces.flat_map(move |piece| {
+            let _ticket = &ticket;
+            let events = match piece {
+                Streamed::Piece(Piece::Text(t)) => vec![Event::default().data(chunk(Some(&t), None).to_string())],
+                Streamed::Piece(Piece::Done { finish_reason, prompt_tokens, completion_tokens }) => {
+                    state2.count_tokens(&labels, prompt_tokens + completion_tokens);
+                    record(&state2, &labels, endpoint, StatusCode::OK, started);
+                    vec![Event::default().data(chunk(None, Some(finish_reason)).to_string()), Event::default().data("[DONE]")]
+                }
+                Streamed::Piece(Piece::Failed(e)) => {
+                    record(&state2, &labels, endpoint, e.status, started);
+                    vec![error_event(&e)]
+                }
+                Streamed::Stopping => {
+                    let e = ApiError::busy("the server is shutting down; the generation was cut short");
+                    record(&state2, &labels, endpoint, e.status, started);
+                    vec![error_event(&e), Event::default().data("[DONE]")]
+                }
+            };
+            futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))
         });
         return Sse::new(events).keep_alive(KeepAlive::default()).into_response();
     }
     let mut text = String::new();
-    while let Some(piece) = receiver.recv().await {
+    let mut next = Some(first);
+    loop {
+        let piece = match next.take() {
+            Some(piece) => piece,
+            None => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(piece)) => piece,
+                Ok(None) => break,
+                Err(_) => {
+                    state.metrics.dropped.get_or_create(&CauseLabels { cause: "timeout".into() }).inc();
+                    let e = timed_out();
+                    record(&state, &labels, endpoint, e.status, started);
+                    return e.into_response();
+                }
+            },
+        };
         match piece {
             Piece::Text(t) => text += &t,
             Piece::Done { finish_reason, prompt_tokens, completion_tokens } => {
@@ -180,19 +235,49 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 body["object"] = json!(if kind == Kind::Chat { "chat.completion" } else { "text_completion" });
                 body["choices"] = json!([choice]);
                 body["usage"] = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+                drop(ticket);
                 return (StatusCode::OK, Json(body)).into_response();
             }
-            Piece::Failed(message) => {
-                record(&state, &labels, endpoint, StatusCode::INTERNAL_SERVER_ERROR, started);
-                return ApiError::internal(message).into_response();
+            Piece::Failed(e) => {
+                record(&state, &labels, endpoint, e.status, started);
+                return e.into_response();
             }
         }
     }
     ApiError::internal("generation stopped without an answer").into_response()
 }
 
-/// Without batching: the whole generation on a compute slot of its own.
-async fn generate_alone(
+/// The prompt's text and token ids: `prompt` as it is, or `messages` through the model's
+/// chat template. Tokenising runs on the blocking pool, off the runtime's worker threads.
+async fn prompt_tokens(
+    state: &Arc<AppState>,
+    kind: Kind,
+    prompt: Option<String>,
+    messages: Option<Vec<Message>>,
+) -> Result<(String, Vec<u32>), ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let text = match (kind, prompt, messages) {
+            (Kind::Completion, Some(p), _) => p,
+            (Kind::Chat, _, Some(messages)) if !messages.is_empty() => {
+                state.tokenizer().apply_chat_template(&messages, true).map_err(|e| ApiError::bad_request(format!("`messages`: {e}")))?
+            }
+            (Kind::Completion, None, _) => return Err(ApiError::bad_request("`prompt`: the text to continue is missing")),
+            (Kind::Chat, _, _) => return Err(ApiError::bad_request("`messages`: give at least one {\"role\", \"content\"} message")),
+        };
+        let ids = state.tokenizer().encode(&text, false).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if ids.is_empty() {
+            return Err(ApiError::bad_request("the prompt is empty after tokenization"));
+        }
+        Ok((text, ids))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+}
+
+/// Without batching: the whole generation on a compute slot of its own, started once a
+/// slot is free (unless the client has gone by then).
+fn generate_alone(
     state: &Arc<AppState>,
     target: Target,
     prompt: Vec<u32>,
@@ -200,12 +285,33 @@ async fn generate_alone(
     sampling: Sampling,
     sender: UnboundedSender<Piece>,
     labels: &AdapterLabels,
-) -> Result<(), ApiError> {
+) {
     let queued = Instant::now();
-    let slot = state.compute_slot().await?;
-    state.metrics.queue.get_or_create(labels).observe(queued.elapsed().as_secs_f64());
-    let worker_state = state.clone();
-    tokio::task::spawn_blocking(move || {
+    let (state, labels) = (state.clone(), labels.clone());
+    tokio::spawn(async move {
+        let slot = match state.compute_slot().await {
+            Ok(slot) => slot,
+            Err(e) => return drop(sender.send(Piece::Failed(e))),
+        };
+        if sender.is_closed() {
+            state.metrics.dropped.get_or_create(&CauseLabels { cause: "disconnected".into() }).inc();
+            return;
+        }
+        state.metrics.queue.get_or_create(&labels).observe(queued.elapsed().as_secs_f64());
+        tokio::task::spawn_blocking(move || generate_on_slot(&state, slot, target, prompt, max_tokens, sampling, sender));
+    });
+}
+
+fn generate_on_slot(
+    worker_state: &AppState,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    target: Target,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: Sampling,
+    sender: UnboundedSender<Piece>,
+) {
+    {
         let _slot = slot;
         let Backbone::Llama(m) = worker_state.model_of(&target) else { unreachable!("checked by the caller") };
         let tokenizer = worker_state.tokenizer();
@@ -231,10 +337,9 @@ async fn generate_alone(
                 tracing::info!(model = %target.id(), "client disconnected mid-stream; generation stopped");
                 Ok(())
             }
-            Err(GenerationStop::Failed(message)) => sender.send(Piece::Failed(message)),
+            Err(GenerationStop::Failed(message)) => sender.send(Piece::Failed(ApiError::internal(message))),
         };
-    });
-    Ok(())
+    }
 }
 
 /// Why generation stopped early.
@@ -249,14 +354,33 @@ impl From<adapters_models::Error> for GenerationStop {
     }
 }
 
-/// The events of each piece from `receiver`, in order, until the generation ends.
+/// What a streamed generation sends next.
+enum Streamed {
+    Piece(Piece),
+    /// The server is stopping and the generation has not finished: a last event ends it.
+    Stopping,
+}
+
+/// `first`, then each piece from `receiver` until the generation ends, or until
+/// `stopping` turns true (then one [`Streamed::Stopping`]).
 fn async_stream(
+    first: Piece,
     receiver: tokio::sync::mpsc::UnboundedReceiver<Piece>,
-    events: impl Fn(Piece) -> Vec<Event> + Send + 'static,
-) -> impl futures::Stream<Item = Result<Event, std::convert::Infallible>> {
-    use futures::StreamExt;
-    futures::stream::unfold(receiver, |mut r| async move { r.recv().await.map(|piece| (piece, r)) })
-        .flat_map(move |piece| futures::stream::iter(events(piece).into_iter().map(Ok)))
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> impl futures::Stream<Item = Streamed> {
+    let rest = futures::stream::unfold(Some((receiver, stopping)), |state| async move {
+        let (mut r, mut stopping) = state?;
+        let next = tokio::select! {
+            biased;
+            piece = r.recv() => Some(piece),
+            _ = stopping.wait_for(|s| *s) => None,
+        };
+        match next {
+            Some(piece) => piece.map(|p| (Streamed::Piece(p), Some((r, stopping)))),
+            None => Some((Streamed::Stopping, None)),
+        }
+    });
+    futures::stream::once(async move { Streamed::Piece(first) }).chain(rest)
 }
 
 fn rand_seed() -> u64 {

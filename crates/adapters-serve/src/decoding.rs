@@ -3,9 +3,17 @@
 //! cache and adapter ([`Llama::decode_step`]). New requests join between steps (their
 //! prompt runs alone, through their own adapter); finished ones, and those whose client
 //! went away, leave.
+//!
+//! Generations join while their KV-cache need (prompt + `max_tokens`) fits the server's
+//! KV budget beside the running ones; the others wait, in order. A waiting generation
+//! whose client has gone (or whose handler gave up at its deadline) is dropped before its
+//! prompt runs. A step that fails as a whole (an error or a panic) is run again generation
+//! by generation from the state before it, so only the one at fault fails; if the loop
+//! itself dies, `/ready` turns 503.
 
-use crate::batcher::mixed_model;
+use crate::batcher::{guarded, mixed_model, AliveGuard};
 use crate::error::ApiError;
+use crate::metrics::CauseLabels;
 use crate::server::{AppState, Target};
 use adapters_core::ForwardCtx;
 use adapters_models::generate::{choose, Sampling};
@@ -13,8 +21,9 @@ use adapters_models::{Backbone, KvCache, Llama};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -22,12 +31,14 @@ use tokio::sync::mpsc::UnboundedSender;
 pub(crate) enum Piece {
     Text(String),
     Done { finish_reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
-    Failed(String),
+    Failed(ApiError),
 }
 
 /// A generation request, ready to run.
 pub(crate) struct Generation {
     pub target: Target,
+    /// The prompt's text (kept for the fault hook of the tests, [`crate::fault`]).
+    pub text: String,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: Sampling,
@@ -36,33 +47,61 @@ pub(crate) struct Generation {
     pub pieces: UnboundedSender<Piece>,
 }
 
+impl Generation {
+    /// KV-cache tokens it may hold: its prompt and every token it may add.
+    fn kv_tokens(&self) -> usize {
+        self.prompt.len() + self.max_tokens
+    }
+}
+
 /// The queue of the decoding loop.
 pub(crate) struct Decoder {
     tx: Sender<Generation>,
+    /// False once the loop's thread has ended while the server still runs.
+    alive: Arc<AtomicBool>,
 }
 
 impl Decoder {
     /// Starts the decoding loop on a thread of its own (it ends with the server state).
     pub fn start(state: Weak<AppState>, runtime: tokio::runtime::Handle) -> Self {
         let (tx, rx) = channel();
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         std::thread::Builder::new()
             .name("decoder".into())
-            .spawn(move || decode_loop(state, rx, runtime))
+            .spawn(move || {
+                let _guard = guard;
+                decode_loop(state, rx, runtime)
+            })
             .expect("starting the decoding thread");
-        Decoder { tx }
+        Decoder { tx, alive }
+    }
+
+    /// Whether the loop still runs.
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
     }
 
     /// Queues a generation; its pieces arrive on its channel.
     pub fn submit(&self, generation: Generation) -> Result<(), ApiError> {
-        self.tx.send(generation).map_err(|_| ApiError::internal("the server is shutting down"))
+        self.tx.send(generation).map_err(|_| ApiError::internal("the decoding loop has stopped; this replica is not ready"))
     }
 }
 
-/// Waits for work without holding the server state, then runs until nothing is left.
+/// Waits for work without holding the server state, then runs until nothing is left. A
+/// panic while busy is caught (the generations it held end with a 500, their channels
+/// closed) and the loop goes on.
 fn decode_loop(state: Weak<AppState>, rx: Receiver<Generation>, runtime: tokio::runtime::Handle) {
     while let Ok(first) = rx.recv() {
+        if let Err(e) = crate::fault::check(crate::fault::Mode::Loop, std::iter::once(first.text.as_str())) {
+            unreachable!("the loop fault panics: {e}");
+        }
         let Some(state) = state.upgrade() else { return };
-        run_while_busy(&state, first, &rx, &runtime);
+        let busy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_while_busy(&state, first, &rx, &runtime)));
+        if busy.is_err() {
+            state.metrics.kv_tokens.set(0);
+            tracing::error!("the decoding loop panicked; the generations it held were ended, and it goes on");
+        }
     }
 }
 
@@ -101,15 +140,15 @@ impl Running<'_> {
                 }
             }
             Ok(None) => {}
-            Err(e) => return self.fail(format!("decoding: {e}")),
+            Err(e) => return self.fail(ApiError::internal(format!("decoding: {e}"))),
         }
         if self.produced == self.generation.max_tokens {
             finish(self, "length");
         }
     }
 
-    fn fail(&mut self, message: String) {
-        let _ = self.generation.pieces.send(Piece::Failed(message));
+    fn fail(&mut self, error: ApiError) {
+        let _ = self.generation.pieces.send(Piece::Failed(error));
         self.done = true;
     }
 }
@@ -134,13 +173,28 @@ fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>
     let mut mixed: Option<(Vec<String>, Backbone)> = None;
     loop {
         waiting.extend(rx.try_iter());
+        // Nobody waits for these any more: drop them before their prompts run.
+        waiting.retain(|g| {
+            let wanted = !g.pieces.is_closed();
+            if !wanted {
+                state.metrics.dropped.get_or_create(&CauseLabels { cause: "disconnected".into() }).inc();
+            }
+            wanted
+        });
         if running.is_empty() && waiting.is_empty() {
+            state.metrics.kv_tokens.set(0);
             return;
         }
         let Ok(_slot) = runtime.block_on(state.compute_slot()) else { return };
         let mut joining = Vec::new();
+        let mut kv: usize = running.iter().map(|r| r.generation.kv_tokens()).sum();
         while running.len() + joining.len() < max_rows {
+            // In order: one that does not fit yet holds the others back, so none starves.
+            if waiting.front().is_none_or(|g| kv + g.kv_tokens() > state.kv_budget()) {
+                break;
+            }
             let Some(generation) = waiting.pop_front() else { break };
+            kv += generation.kv_tokens();
             state.metrics.queue.get_or_create(&generation.target.labels()).observe(generation.queued.elapsed().as_secs_f64());
             let mut stream = tokenizer.inner.decode_stream(true);
             let text = Box::new(move |t: u32| stream.step(t).map_err(|e| e.to_string()));
@@ -151,6 +205,7 @@ fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>
             let cache = base.new_cache();
             joining.push(Running { generation, cache, next: 0, produced: 0, rng, text, done: false });
         }
+        state.metrics.kv_tokens.set(kv as i64);
         if !joining.is_empty() {
             advance(state, &mut joining, &mut mixed, &stop, prefill);
             running.extend(joining.into_iter().filter(|r| !r.done));
@@ -230,7 +285,7 @@ fn advance(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<St
             if mixed.as_ref().is_none_or(|(held, _)| *held != ids) {
                 match mixed_model(state, plain.iter().map(|&i| &running[i].generation.target)) {
                     Ok(model) => *mixed = Some((ids.clone(), model)),
-                    Err(e) => return plain.iter().for_each(|&i| running[i].fail(e.clone())),
+                    Err(e) => return plain.iter().for_each(|&i| running[i].fail(ApiError::internal(e.clone()))),
                 }
             }
             let model = mixed.as_ref().expect("set above").1.clone();
@@ -240,9 +295,33 @@ fn advance(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<St
     state.metrics.batch_models.observe(batches.iter().map(|(_, per_row, _)| if *per_row { ids.len() } else { 1 }).sum::<usize>() as f64);
     state.metrics.batch_rows.observe(running.len() as f64);
     for (model, per_row, rows) in batches {
-        match run(&model, per_row, &rows, running) {
-            Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].take(t, stop)),
-            Err(e) => rows.iter().for_each(|&i| running[i].fail(e.clone())),
+        run_isolated(state, &model, per_row, &rows, running, stop, run);
+    }
+}
+
+/// Runs `rows` of `running` together; if the step fails as a whole (an error or a panic),
+/// puts each row back as it was before the step and runs it alone, so only the row at
+/// fault fails.
+fn run_isolated(state: &AppState, model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running], stop: &[u32], run: RunRows) {
+    let before: Vec<(KvCache, ChaCha8Rng)> = rows.iter().map(|&i| (running[i].cache.clone(), running[i].rng.clone())).collect();
+    let outcome = guarded(|| {
+        crate::fault::check_batch(rows.iter().map(|&i| running[i].generation.text.as_str())).map_err(ApiError::internal)?;
+        run(model, per_row, rows, running).map_err(ApiError::internal)
+    });
+    match outcome {
+        Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].take(t, stop)),
+        Err(e) if rows.len() == 1 => running[rows[0]].fail(e),
+        Err(e) => {
+            state.metrics.isolated_failures.inc();
+            tracing::warn!(
+                generations = rows.len(),
+                "a decoding step failed as a whole ({}); running its generations one by one",
+                e.message
+            );
+            for (&i, (cache, rng)) in rows.iter().zip(before) {
+                (running[i].cache, running[i].rng) = (cache, rng);
+                run_isolated(state, model, per_row, &[i], running, stop, run);
+            }
         }
     }
 }

@@ -4,8 +4,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+/// What a 503 tells clients to wait before they retry, in seconds.
+pub const RETRY_AFTER_SECONDS: &str = "1";
+
 /// An error answered to the client.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError {
     /// The HTTP status.
     pub status: StatusCode,
@@ -22,6 +25,12 @@ impl ApiError {
     /// 404: no such adapter, version or tag.
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError { status: StatusCode::NOT_FOUND, message: message.into() }
+    }
+
+    /// 503 with `Retry-After`: the server is at capacity, or the request ran past its
+    /// deadline; the same request later may succeed.
+    pub fn busy(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into() }
     }
 
     /// 500: the server failed.
@@ -59,7 +68,11 @@ impl From<adapters_store::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"message": self.message, "type": self.kind(), "code": self.status.as_u16()}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        response
     }
 }
 

@@ -29,6 +29,13 @@ pub struct AdapterLabels {
     pub version: String,
 }
 
+/// Why a request was refused or its work dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    /// `requests`, `waiting_tokens`, `timeout`, `disconnected`, ...
+    pub cause: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -70,6 +77,19 @@ pub struct Metrics {
     pub batch_rows: Histogram,
     /// Different models (adapters, or the base) per forward pass.
     pub batch_models: Histogram,
+    /// Requests refused with 503 because a bound was reached, by bound.
+    pub refused: Family<CauseLabels, Counter>,
+    /// Work dropped before it was computed, by cause (`timeout`, `disconnected`).
+    pub dropped: Family<CauseLabels, Counter>,
+    /// Requests in flight.
+    pub in_flight: Gauge,
+    /// Tokens of embedding and classification requests waiting for a forward pass.
+    pub waiting_tokens: Gauge,
+    /// KV-cache tokens held by running generations (prompt + `max_tokens` each).
+    pub kv_tokens: Gauge,
+    /// Batches or decoding steps that failed as a whole (an error or a panic) and were
+    /// run again request by request.
+    pub isolated_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -90,6 +110,12 @@ impl Default for Metrics {
             swap_seconds: swap_latency(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             batch_models: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            refused: Family::default(),
+            dropped: Family::default(),
+            in_flight: Gauge::default(),
+            waiting_tokens: Gauge::default(),
+            kv_tokens: Gauge::default(),
+            isolated_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("requests", "Requests by adapter, version, endpoint and status", m.requests.clone());
@@ -106,6 +132,16 @@ impl Default for Metrics {
         registry.register("snapshot_swap_seconds", "Time to publish a new snapshot of the resident adapters", m.swap_seconds.clone());
         registry.register("batch_rows", "Rows (texts) per forward pass", m.batch_rows.clone());
         registry.register("batch_models", "Different adapters (or the base) per forward pass", m.batch_models.clone());
+        registry.register("refused", "Requests refused with 503 at a bound, by bound", m.refused.clone());
+        registry.register("dropped", "Work dropped before it was computed, by cause", m.dropped.clone());
+        registry.register("requests_in_flight", "Requests in flight", m.in_flight.clone());
+        registry.register("waiting_tokens", "Tokens waiting for a forward pass", m.waiting_tokens.clone());
+        registry.register("kv_tokens", "KV-cache tokens held by running generations", m.kv_tokens.clone());
+        registry.register(
+            "isolated_failures",
+            "Batches or decoding steps that failed whole and were rerun request by request",
+            m.isolated_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

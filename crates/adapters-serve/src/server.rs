@@ -1,5 +1,6 @@
 //! The HTTP server: routes, adapter resolution and loading, and the inference handlers.
 
+use crate::admin::{self, AdminToken};
 use crate::batcher::{Batcher, Batching, Work};
 use crate::cache::{AdapterCache, CacheError, Limits, Resident};
 use crate::decoding::Decoder;
@@ -10,7 +11,7 @@ use adapters_models::{Backbone, HoldsAdapters, LoadedModel, TextTokenizer};
 use adapters_store::{Manifest, Reference, Store};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,8 +30,12 @@ pub struct Config {
     pub cache_dir: PathBuf,
     /// Resident adapter limits.
     pub limits: Limits,
-    /// Bearer token for `/admin/*`; `None` leaves them open (bind to 127.0.0.1 then).
-    pub admin_token: Option<String>,
+    /// Bearer token for `/admin/*`; `None` leaves them open, which [`crate::serve`] allows
+    /// on loopback only (or with `insecure_admin`).
+    pub admin_token: Option<AdminToken>,
+    /// Serve off loopback with `/admin/*` open (something in front guards it); warned about
+    /// at start and every 10 minutes.
+    pub insecure_admin: bool,
     /// How long a tag's resolution is reused before the store is asked again.
     pub tag_ttl: Duration,
     /// Forwards that run at once; further requests queue.
@@ -43,6 +48,14 @@ pub struct Config {
     pub routes: crate::routes::Routes,
     /// How embedding and classification requests are batched across adapters.
     pub batching: Batching,
+    /// What the server takes on before refusing with 503 (requests, tokens, KV cache,
+    /// deadline).
+    pub admission: crate::admission::Limits,
+    /// After the shutdown signal: how long `/ready` answers 503 while requests are still
+    /// served, so load balancers stop sending before connections are refused.
+    pub drain: Duration,
+    /// Then: how long requests in flight get to finish before open streams are ended.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Config {
@@ -51,12 +64,16 @@ impl Default for Config {
             cache_dir: std::env::temp_dir().join("adapters-serve-cache"),
             limits: Limits { max_adapters: 64, max_bytes: 2 << 30 },
             admin_token: None,
+            insecure_admin: false,
             tag_ttl: Duration::from_secs(5),
             max_concurrent: 2,
             max_body_bytes: 1 << 20,
             max_inputs: 256,
             routes: Default::default(),
             batching: Batching::default(),
+            admission: Default::default(),
+            drain: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -65,16 +82,22 @@ impl Default for Config {
 pub struct AppState {
     base: Backbone,
     tokenizer: TextTokenizer,
-    store: Store,
-    cache: AdapterCache,
+    pub(crate) store: Store,
+    pub(crate) cache: AdapterCache,
     /// The server's metrics.
     pub metrics: Metrics,
-    config: Config,
+    pub(crate) config: Config,
     compute: Arc<tokio::sync::Semaphore>,
+    pub(crate) admission: Arc<crate::admission::Admission>,
+    /// KV-cache tokens the decoding loop may hold (prompt + `max_tokens` of each running
+    /// generation); resolved from the model and memory at start when not configured.
+    kv_budget: usize,
     tags: Mutex<HashMap<String, (Manifest, Instant)>>,
     routes: arc_swap::ArcSwap<crate::routes::Routes>,
     route_publishing: Mutex<()>,
     draining: AtomicBool,
+    /// Turns true when the server stops waiting for work in flight: open streams end.
+    stopping: tokio::sync::watch::Sender<bool>,
     batcher: OnceLock<Batcher>,
     decoder: OnceLock<Decoder>,
     /// The base model's fingerprint, computed by the first load (the weights never change).
@@ -91,7 +114,14 @@ impl AppState {
             adapters_moe::family(),
             adapters_hyper::family(),
         );
+        crate::fault::init();
+        let kv_budget = config.admission.max_kv_tokens.unwrap_or_else(|| match &model.backbone {
+            Backbone::Llama(m) => crate::admission::kv_tokens_for_memory(m.kv_bytes_per_token()),
+            Backbone::Bert(_) => 0,
+        });
         AppState {
+            admission: crate::admission::Admission::new(config.admission),
+            kv_budget,
             base: model.backbone,
             tokenizer: model.tokenizer,
             store,
@@ -102,11 +132,45 @@ impl AppState {
             routes: arc_swap::ArcSwap::from_pointee(config.routes.clone()),
             route_publishing: Mutex::new(()),
             draining: AtomicBool::new(false),
+            stopping: tokio::sync::watch::Sender::new(false),
             batcher: OnceLock::new(),
             decoder: OnceLock::new(),
             fingerprint: OnceLock::new(),
             config,
         }
+    }
+
+    /// How it runs.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// KV-cache tokens running generations may hold together.
+    pub fn kv_budget(&self) -> usize {
+        self.kv_budget
+    }
+
+    /// The longest sequence the base model takes (prompt and new tokens together).
+    pub(crate) fn context(&self) -> usize {
+        match &self.base {
+            Backbone::Bert(m) => m.config.max_position_embeddings,
+            Backbone::Llama(m) => m.config.max_position_embeddings,
+        }
+    }
+
+    /// Whether the batching and decoding loops that have started are still running.
+    pub(crate) fn loops_alive(&self) -> bool {
+        self.batcher.get().is_none_or(Batcher::alive) && self.decoder.get().is_none_or(Decoder::alive)
+    }
+
+    /// Turns true when open streams must end (the shutdown timeout has passed).
+    pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Ends every open stream with a final event saying the server is shutting down.
+    pub fn stop_streams(&self) {
+        self.stopping.send_replace(true);
     }
 
     /// From now on `/ready` answers 503, so load balancers stop sending new requests.
@@ -115,7 +179,7 @@ impl AppState {
     }
 
     /// The manifest a reference names, reusing a tag's resolution for `tag_ttl`.
-    async fn manifest(&self, reference: &Reference) -> Result<Manifest, ApiError> {
+    pub(crate) async fn manifest(&self, reference: &Reference) -> Result<Manifest, ApiError> {
         let key = reference.to_string();
         if let Some((m, at)) = self.tags.lock().expect("tag cache poisoned").get(&key) {
             if at.elapsed() < self.config.tag_ttl {
@@ -129,7 +193,7 @@ impl AppState {
 
     /// The resident adapter for `model` (`NAME`, `NAME@TAG`, `NAME@VERSION`), loading it
     /// from the store on first use.
-    async fn adapter(self: &Arc<Self>, model: &str) -> Result<Arc<Resident>, ApiError> {
+    pub(crate) async fn adapter(self: &Arc<Self>, model: &str) -> Result<Arc<Resident>, ApiError> {
         let reference: Reference = model.parse().map_err(|e: adapters_store::Error| ApiError::bad_request(format!("`model`: {e}")))?;
         let manifest = self.manifest(&reference).await?;
         let labels = AdapterLabels { adapter: manifest.name.clone(), version: manifest.version.clone() };
@@ -212,7 +276,27 @@ impl AppState {
         self.metrics.tokens.get_or_create(labels).inc_by(tokens as u64);
     }
 
-    fn update_resident_gauges(&self) {
+    /// Remembers that the tag reference `key` (`NAME@TAG`, or `NAME` for latest) now names
+    /// `manifest`, so new requests on this replica follow a re-tag at once.
+    pub(crate) fn remember_tag(&self, key: &str, manifest: &Manifest) {
+        self.tags.lock().expect("tag cache poisoned").insert(key.to_string(), (manifest.clone(), Instant::now()));
+    }
+
+    /// Sets route `name` to `variants` (none removes it) and publishes the new routes.
+    pub(crate) fn publish_route(&self, name: String, variants: Vec<crate::routes::Variant>) -> Arc<crate::routes::Routes> {
+        let _one_publisher = self.route_publishing.lock().expect("route lock poisoned");
+        let mut next = (**self.routes.load()).clone();
+        if variants.is_empty() {
+            next.0.remove(&name);
+        } else {
+            next.0.insert(name, variants);
+        }
+        let next = Arc::new(next);
+        self.routes.store(next.clone());
+        next
+    }
+
+    pub(crate) fn update_resident_gauges(&self) {
         let residents = self.cache.residents();
         self.metrics.resident.set(residents.len() as i64);
         self.metrics.resident_bytes.set(residents.iter().map(|r| r.bytes() as i64).sum());
@@ -272,11 +356,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(crate::completions::completions))
         .route("/v1/chat/completions", post(crate::completions::chat_completions))
         .route("/v1/models", get(models))
-        .route("/admin/adapters/load", post(admin_load))
-        .route("/admin/adapters/unload", post(admin_unload))
-        .route("/admin/adapters/pin", post(admin_pin))
-        .route("/admin/tags", post(admin_tag))
-        .route("/admin/routes", post(admin_route))
+        .route("/admin/adapters/load", post(admin::load))
+        .route("/admin/adapters/unload", post(admin::unload))
+        .route("/admin/adapters/pin", post(admin::pin))
+        .route("/admin/tags", post(admin::tag))
+        .route("/admin/routes", post(admin::route))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -308,6 +392,10 @@ struct InferenceRequest {
     /// Who asks: keeps them on one variant of an A/B route.
     #[serde(default)]
     user: Option<String>,
+    /// Texts longer than the model's context are cut to it (the default); with `false`
+    /// such a text is a 400 instead.
+    #[serde(default)]
+    truncate: Option<bool>,
 }
 
 /// A JSON body, or a 400/413/415 that says what is wrong with it.
@@ -360,6 +448,39 @@ fn texts(state: &AppState, input: Input) -> Result<Vec<String>, ApiError> {
     Ok(texts)
 }
 
+impl AppState {
+    /// Token ids of each text (with special tokens where `add_special`), each cut to the
+    /// model's context, or with `truncate` false a 400 for the first that is longer.
+    /// Tokenising runs on the blocking pool, off the runtime's worker threads.
+    pub(crate) async fn tokenize(
+        self: &Arc<Self>,
+        texts: Vec<String>,
+        add_special: bool,
+        truncate: bool,
+    ) -> Result<Vec<Vec<u32>>, ApiError> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let (context, encoder) = (state.context(), state.base.is_encoder());
+            texts
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    let ids = state.tokenizer.encode(text, add_special).map_err(|e| ApiError::bad_request(format!("`input[{i}]`: {e}")))?;
+                    if ids.len() > context && !truncate {
+                        return Err(ApiError::bad_request(format!(
+                            "`input[{i}]` has {} tokens, more than the model's context of {context}; shorten it, or leave `truncate` unset to cut it",
+                            ids.len()
+                        )));
+                    }
+                    Ok(adapters_train::truncate_ids(ids, context, encoder && add_special))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
+    }
+}
+
 /// What an endpoint asks of a request's rows, given its model (and `task`).
 type WorkOf = fn(&Target, Option<String>) -> Result<Work, ApiError>;
 
@@ -372,8 +493,10 @@ async fn serve_inference(
     work_of: WorkOf,
 ) -> axum::response::Response {
     let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + state.admission.limits().request_timeout;
     let mut labels = AdapterLabels { adapter: "unknown".into(), version: String::new() };
     let result = async {
+        let _ticket = state.admission.admit(&state.metrics)?;
         let request = body(payload)?;
         let base64 = match request.encoding_format.as_deref() {
             None | Some("float") => false,
@@ -385,7 +508,11 @@ async fn serve_inference(
         labels = target.labels();
         let work = work_of(&target, request.task)?;
         let (rows, id) = (texts.len() as u64, target.id());
-        let (mut value, tokens) = state.batcher().run(target, texts, work).await?;
+        let add_special = matches!(work, Work::Embed) || state.model_of(&target).is_encoder();
+        let ids = state.tokenize(texts.clone(), add_special, request.truncate.unwrap_or(true)).await?;
+        let waiting = Some(state.admission.wait(ids.iter().map(Vec::len).sum(), &state.metrics)?);
+        let batch = crate::batcher::Rows { texts, ids, waiting };
+        let (mut value, tokens) = state.batcher().run(target, batch, work, deadline).await?;
         value["model"] = json!(id);
         state.metrics.rows.get_or_create(&labels).inc_by(rows);
         state.metrics.tokens.get_or_create(&labels).inc_by(tokens as u64);
@@ -475,6 +602,8 @@ async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiEr
 async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if state.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
+    } else if !state.loops_alive() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed: a batching or decoding loop has stopped; replace this replica"})))
     } else {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     }
@@ -482,122 +611,4 @@ async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], state.metrics.encode())
-}
-
-/// Refuses an admin call without the configured bearer token.
-fn authorised(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.config.admin_token else { return Ok(()) };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(token.as_str()) {
-        return Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "admin endpoints need `Authorization: Bearer <token>` (the server's --admin-token)".into(),
-        });
-    }
-    Ok(())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AdminRequest {
-    /// `NAME`, `NAME@TAG` or `NAME@VERSION`.
-    adapter: String,
-    /// For `/admin/adapters/pin`: pin (default) or unpin.
-    #[serde(default)]
-    pinned: Option<bool>,
-    /// For `/admin/tags`: the tag to point at `adapter`.
-    #[serde(default)]
-    tag: Option<String>,
-}
-
-async fn admin_load(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    payload: Result<Json<AdminRequest>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    authorised(&state, &headers)?;
-    let r = state.adapter(&body(payload)?.adapter).await?;
-    Ok(Json(json!({"loaded": r.key()})))
-}
-
-async fn admin_unload(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    payload: Result<Json<AdminRequest>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    authorised(&state, &headers)?;
-    let reference: Reference = body(payload)?.adapter.parse()?;
-    let m = state.manifest(&reference).await?;
-    let key = format!("{}@{}", m.name, m.version);
-    let (was, swap) = state.cache.unload(&key);
-    state.metrics.swap_seconds.observe(swap.as_secs_f64());
-    state.update_resident_gauges();
-    if !was {
-        return Err(ApiError::not_found(format!("{key} is not resident")));
-    }
-    Ok(Json(json!({"unloaded": key, "swap_seconds": swap.as_secs_f64()})))
-}
-
-async fn admin_pin(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    payload: Result<Json<AdminRequest>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    authorised(&state, &headers)?;
-    let request = body(payload)?;
-    let r = state.adapter(&request.adapter).await?;
-    let pinned = request.pinned.unwrap_or(true);
-    r.pinned.store(pinned, Ordering::Relaxed);
-    Ok(Json(json!({"adapter": r.key(), "pinned": pinned})))
-}
-
-async fn admin_tag(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    payload: Result<Json<AdminRequest>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    authorised(&state, &headers)?;
-    let request = body(payload)?;
-    let reference: Reference = request.adapter.parse()?;
-    let tag = request.tag.ok_or_else(|| ApiError::bad_request("`tag`: which tag to point at the adapter"))?.parse()?;
-    let m = state.store.tag(&reference, &tag).await?;
-    // New requests for NAME@TAG resolve to the new version at once on this replica.
-    let tagged = format!("{}@{tag}", m.name);
-    state.tags.lock().expect("tag cache poisoned").insert(tagged.clone(), (m.clone(), Instant::now()));
-    if tag.as_str() == adapters_store::LATEST {
-        state.tags.lock().expect("tag cache poisoned").insert(m.name.clone(), (m.clone(), Instant::now()));
-    }
-    Ok(Json(json!({"tag": tagged, "version": m.version})))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RouteRequest {
-    name: String,
-    /// The new variants; empty removes the route.
-    variants: Vec<crate::routes::Variant>,
-}
-
-/// Sets (or with no variants removes) an A/B route, publishing a new routes snapshot.
-async fn admin_route(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    payload: Result<Json<RouteRequest>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    authorised(&state, &headers)?;
-    let request = body(payload)?;
-    if !request.variants.is_empty() {
-        crate::routes::check(&request.name, &request.variants).map_err(ApiError::bad_request)?;
-    }
-    let _one_publisher = state.route_publishing.lock().expect("route lock poisoned");
-    let mut next = (**state.routes.load()).clone();
-    if request.variants.is_empty() {
-        next.0.remove(&request.name);
-    } else {
-        next.0.insert(request.name.clone(), request.variants);
-    }
-    let t = Instant::now();
-    state.routes.store(Arc::new(next));
-    state.metrics.swap_seconds.observe(t.elapsed().as_secs_f64());
-    Ok(Json(json!({"routes": **state.routes.load()})))
 }

@@ -142,7 +142,8 @@ async fn adapters_load_on_first_use_once_and_classify_like_the_cli() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cache_evicts_the_least_recently_used_and_never_a_pinned_adapter() {
     let dir = scratch("lru");
-    let cfg = Config { limits: Limits { max_adapters: 2, max_bytes: u64::MAX }, admin_token: Some("secret".into()), ..config(&dir) };
+    let cfg =
+        Config { limits: Limits { max_adapters: 2, max_bytes: u64::MAX }, admin_token: Some("secret".parse().unwrap()), ..config(&dir) };
     let server = Server::start(local_store(&dir).await, cfg).await;
     let classify = |model: &'static str| server.post("/v1/classify", json!({"model": model, "input": "hello there"}));
     assert_eq!(classify("sms").await.0, StatusCode::OK);

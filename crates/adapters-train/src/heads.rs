@@ -95,6 +95,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<SavedHead> {
     let config_path = dir.join(HEAD_CONFIG);
     let config: HeadConfig =
         serde_json::from_value(read_json(&config_path)?).within(|| format!("{} is not a head config", config_path.display()))?;
+    if config.labels.is_empty() || config.hidden_size == 0 {
+        fail!(Run, "{}: a classification head needs at least one label and a hidden size; train it again", config_path.display());
+    }
     let weights_path = dir.join(HEAD_WEIGHTS);
     let mut t = read_tensors(&weights_path, device)?;
     let (n, h) = (config.labels.len(), config.hidden_size);

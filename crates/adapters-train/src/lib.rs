@@ -22,5 +22,5 @@ pub mod trainer;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use task::{chat_tokens, encode_truncated};
+pub use task::{chat_tokens, encode_truncated, truncate_ids};
 pub use trainer::{RunOptions, Summary, Trainer};
