@@ -96,9 +96,14 @@ async fn two_server_processes_serve_an_adapter_pushed_once_to_s3() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `adapters serve MODEL ARGS...` on a local folder store, stdout and stderr piped.
+/// `adapters serve MiniLM ARGS...` on a local folder store, stdout and stderr piped.
 fn serve_locally(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
-    let model = adapters_models::fetched("all-MiniLM-L6-v2").unwrap();
+    serve_model(dir, "all-MiniLM-L6-v2", args, env)
+}
+
+/// `adapters serve MODEL ARGS...` (a fetched model) on a local folder store.
+fn serve_model(dir: &Path, model: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let model = adapters_models::fetched(model).unwrap();
     Command::new(env!("CARGO_BIN_EXE_adapters"))
         .env_remove("ADAPTERS_ADMIN_TOKEN")
         .env("ADAPTERS_STORE", dir.join("store"))
@@ -195,6 +200,17 @@ async fn admin_is_locked_off_loopback_and_the_deploy_files_ship_no_token() {
     assert!(!manifest.contains("stringData") && !manifest.contains("change-me"), "a usable default secret ships in deploy/");
     assert!(manifest.contains("secretRef: { name: adapters-serve, optional: false }"));
     assert!(manifest.contains("kubectl create secret generic adapters-serve"), "the manifest says how to make its secret");
+    // Its shutdown numbers fit together: the readiness probe notices the drain before it
+    // ends, and the grace period outlasts drain + shutdown timeout + the streams' last events.
+    let number_after = |key: &str| -> u64 {
+        let rest = &manifest[manifest.find(key).unwrap_or_else(|| panic!("no {key}")) + key.len()..];
+        rest.trim_start_matches(|c: char| !c.is_ascii_digit()).split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    let (drain, shutdown, grace) =
+        (number_after("\"--drain-seconds\""), number_after("\"--shutdown-timeout\""), number_after("terminationGracePeriodSeconds:"));
+    let (period, failures) = (number_after("periodSeconds:"), number_after("failureThreshold:"));
+    assert!(period * failures < drain, "readiness notices after {period} x {failures} s, the drain lasts {drain} s");
+    assert!(drain + shutdown + 2 < grace, "grace {grace} s for drain {drain} + shutdown {shutdown} + 2");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -247,5 +263,136 @@ async fn every_admin_call_leaves_an_audit_line_with_its_peer() {
     assert!(audit[1].contains("action=\"tag\"") && audit[1].contains("status=200") && audit[1].contains("sms@prod"), "{}", audit[1]);
     assert!(audit[2].contains("action=\"pin\"") && audit[2].contains("\"pinned\":true"), "{}", audit[2]);
     assert!(!log.iter().any(|l| l.contains("the-admin-token")), "the token reached the log");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `adapters push DIR --name NAME` into the local store of `dir`.
+fn push(dir: &Path, folder: &Path, name: &str) {
+    let pushed = Command::new(env!("CARGO_BIN_EXE_adapters"))
+        .env("ADAPTERS_STORE", dir.join("store"))
+        .arg("push")
+        .arg(folder)
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "{}", String::from_utf8_lossy(&pushed.stderr));
+}
+
+async fn post(url: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new().post(format!("{url}{path}")).json(&body).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+async fn metric(url: &str, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines().filter(|l| l.starts_with(line_start)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+/// Embedding and classification requests sent together (the batch waits 300 ms for more,
+/// so they share one forward pass), one of them poisoned: it alone fails, with a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_request_fails_alone_in_its_embedding_and_classification_batches() {
+    for mode in ["error", "panic"] {
+        let dir = std::env::temp_dir().join(format!("adapters-cli-poison-{mode}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        push(&dir, &workspace().join("fixtures/fusion-sources/sms_spam"), "sms");
+        push(&dir, &workspace().join("fixtures/fusion-sources/trec_coarse"), "trec");
+        let fault = format!("{mode}:POISON-PILL");
+        let mut child =
+            serve_locally(&dir, &["--port", "0", "--batch-wait-ms", "300", "--drain-seconds", "0"], &[("ADAPTERS_SERVE_FAULT", &fault)]);
+        let (url, log) = started(&mut child);
+        for (path, model) in [("/v1/embeddings", "trec"), ("/v1/classify", "sms")] {
+            let texts = ["free prize, call now", "see you at six", "this one is a POISON-PILL", "what is the capital of peru?"];
+            // Alone, as the reference.
+            let alone: Vec<_> = futures::future::join_all(
+                texts.iter().filter(|t| !t.contains("POISON")).map(|t| post(&url, path, serde_json::json!({"model": model, "input": t}))),
+            )
+            .await;
+            let failures = metric(&url, "adapters_isolated_failures_total").await;
+            let together =
+                futures::future::join_all(texts.iter().map(|t| post(&url, path, serde_json::json!({"model": model, "input": t})))).await;
+            let mut good = alone.iter();
+            for (text, (status, body)) in texts.iter().zip(&together) {
+                if text.contains("POISON") {
+                    assert_eq!(*status, 500, "{mode} {path}: {body}");
+                    continue;
+                }
+                assert_eq!(*status, 200, "{mode} {path} {text}: {body}");
+                let reference = &good.next().unwrap().1;
+                let field = if path == "/v1/embeddings" { "embedding" } else { "scores" };
+                let (a, b) = (&body["data"][0][field], &reference["data"][0][field]);
+                let close = match (a, b) {
+                    (serde_json::Value::Array(a), serde_json::Value::Array(b)) => {
+                        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4)
+                    }
+                    (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                        a.len() == b.len() && a.iter().all(|(k, x)| (x.as_f64().unwrap() - b[k].as_f64().unwrap()).abs() < 1e-4)
+                    }
+                    _ => false,
+                };
+                assert!(close, "{mode} {path} {text}: batched {a} but alone {b}");
+            }
+            assert!(
+                metric(&url, "adapters_isolated_failures_total").await > failures,
+                "{mode} {path}: the poisoned request was not batched with the others"
+            );
+        }
+        assert_eq!(get_status(&format!("{url}/ready")).await, 200);
+        stop(child);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A generation whose decoding steps fail (an error, a panic) while other generations
+/// decode in the same steps: it alone ends with a 500; the others finish with the text they
+/// get alone. A panic of the decoding loop itself turns /ready to 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_generation_fails_alone_and_a_dead_decoding_loop_is_not_ready() {
+    let smol = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let counting = serde_json::json!({"model": "base", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 40, "temperature": 0});
+    for mode in ["error", "panic"] {
+        let dir = std::env::temp_dir().join(format!("adapters-cli-poison-gen-{mode}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let fault = format!("{mode}:POISON-PILL");
+        let mut child =
+            serve_model(&dir, smol, &["--port", "0", "--max-concurrent", "1", "--drain-seconds", "0"], &[("ADAPTERS_SERVE_FAULT", &fault)]);
+        let (url, _log) = started(&mut child);
+        let (status, alone) = post(&url, "/v1/completions", counting.clone()).await;
+        assert_eq!(status, 200, "{alone}");
+        let failures = metric(&url, "adapters_isolated_failures_total").await;
+        let long = tokio::spawn({
+            let (url, counting) = (url.clone(), counting.clone());
+            async move { post(&url, "/v1/completions", counting).await }
+        });
+        // Joins the running generation's decoding steps once its own prompt ran.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let (status, body) = post(
+            &url,
+            "/v1/completions",
+            serde_json::json!({"model": "base", "prompt": "POISON-PILL says", "max_tokens": 20, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(status, 500, "{mode}: {body}");
+        let (status, body) = long.await.unwrap();
+        assert_eq!(status, 200, "{mode}: {body}");
+        assert_eq!(body["choices"][0]["text"], alone["choices"][0]["text"], "{mode}: the batch-mate's text changed");
+        assert!(metric(&url, "adapters_isolated_failures_total").await > failures, "{mode}: the poisoned generation never shared a step");
+        assert_eq!(get_status(&format!("{url}/ready")).await, 200);
+        stop(child);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let dir = std::env::temp_dir().join(format!("adapters-cli-poison-loop-{}", std::process::id()));
+    let mut child = serve_model(&dir, smol, &["--port", "0", "--drain-seconds", "0"], &[("ADAPTERS_SERVE_FAULT", "loop:POISON-PILL")]);
+    let (url, _log) = started(&mut child);
+    assert_eq!(get_status(&format!("{url}/ready")).await, 200);
+    let (status, _) = post(&url, "/v1/completions", serde_json::json!({"model": "base", "prompt": "POISON-PILL", "max_tokens": 5})).await;
+    assert_eq!(status, 500);
+    assert_eq!(get_status(&format!("{url}/ready")).await, 503, "the decoding loop died but the replica says it is ready");
+    assert_eq!(get_status(&format!("{url}/health")).await, 200, "the process itself still answers");
+    let (status, body) = post(&url, "/v1/completions", serde_json::json!({"model": "base", "prompt": "hello", "max_tokens": 5})).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("not ready"), "{body}");
+    stop(child);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -135,6 +135,19 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of one text, and whether the tokenizer's own truncation (`truncation` in
+    /// tokenizer.json) cut it.
+    pub fn encode_noting_cut(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, bool)> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenizer(format!("tokenizing: {e}")))?;
+        Ok((enc.get_ids().to_vec(), !enc.get_overflowing().is_empty()))
+    }
+
+    /// The most tokens the tokenizer keeps of a text (`truncation.max_length` in
+    /// tokenizer.json), if it cuts texts at all.
+    pub fn max_length(&self) -> Option<usize> {
+        self.inner.get_truncation().map(|t| t.max_length)
+    }
+
     /// Encodes several texts (with special tokens), padded to the longest.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Batch> {
         let encs = self.inner.encode_batch(texts.to_vec(), true).map_err(|e| Error::Tokenizer(format!("tokenizing: {e}")))?;

@@ -9,6 +9,7 @@
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +57,9 @@ pub(crate) struct Admission {
     limits: Limits,
     requests: AtomicUsize,
     waiting_tokens: AtomicUsize,
+    /// The gauges that show the two counters.
+    in_flight: Gauge,
+    waiting: Gauge,
 }
 
 /// One request in flight; dropping it frees its place.
@@ -66,8 +70,14 @@ pub(crate) struct Ticket(Arc<Admission>);
 pub(crate) struct Waiting(Arc<Admission>, usize);
 
 impl Admission {
-    pub fn new(limits: Limits) -> Arc<Self> {
-        Arc::new(Admission { limits, requests: AtomicUsize::new(0), waiting_tokens: AtomicUsize::new(0) })
+    pub fn new(limits: Limits, metrics: &Metrics) -> Arc<Self> {
+        Arc::new(Admission {
+            limits,
+            requests: AtomicUsize::new(0),
+            waiting_tokens: AtomicUsize::new(0),
+            in_flight: metrics.in_flight.clone(),
+            waiting: metrics.waiting_tokens.clone(),
+        })
     }
 
     pub fn limits(&self) -> &Limits {
@@ -85,7 +95,7 @@ impl Admission {
                 format!("{} requests are in flight (--max-concurrent-requests)", self.limits.max_requests),
             ));
         }
-        metrics.in_flight.set(n as i64);
+        self.in_flight.set(n as i64);
         Ok(Ticket(self.clone()))
     }
 
@@ -104,7 +114,7 @@ impl Admission {
             self.waiting_tokens.fetch_sub(tokens, Ordering::AcqRel);
             return Err(refuse(metrics, "waiting_tokens", format!("{max} tokens are already waiting (--max-waiting-tokens)")));
         }
-        metrics.waiting_tokens.set(total as i64);
+        self.waiting.set(total as i64);
         Ok(Waiting(self.clone(), tokens))
     }
 }
@@ -117,13 +127,15 @@ pub(crate) fn refuse(metrics: &Metrics, cause: &str, why: String) -> ApiError {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.0.requests.fetch_sub(1, Ordering::AcqRel);
+        let left = self.0.requests.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.0.in_flight.set(left as i64);
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.waiting_tokens.fetch_sub(self.1, Ordering::AcqRel);
+        let left = self.0.waiting_tokens.fetch_sub(self.1, Ordering::AcqRel) - self.1;
+        self.0.waiting.set(left as i64);
     }
 }
 
@@ -134,7 +146,7 @@ mod tests {
     #[test]
     fn bounds_refuse_past_their_limit_and_free_on_drop() {
         let metrics = Metrics::default();
-        let a = Admission::new(Limits { max_requests: 2, max_waiting_tokens: 100, ..Default::default() });
+        let a = Admission::new(Limits { max_requests: 2, max_waiting_tokens: 100, ..Default::default() }, &metrics);
         let (t1, t2) = (a.admit(&metrics).unwrap(), a.admit(&metrics).unwrap());
         let e = a.admit(&metrics).err().unwrap();
         assert_eq!(e.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
@@ -149,6 +161,7 @@ mod tests {
         drop(w);
         let _w3 = a.wait(60, &metrics).unwrap();
         assert!(metrics.encode().contains(r#"adapters_refused_total{cause="requests"} 1"#), "{}", metrics.encode());
+        assert!(metrics.encode().contains("adapters_waiting_tokens 100"), "{}", metrics.encode());
     }
 
     #[test]

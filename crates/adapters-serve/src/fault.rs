@@ -1,9 +1,10 @@
 //! A poisoned request, for the tests that prove one request's failure stays its own. With
 //! `ADAPTERS_SERVE_FAULT=MODE:MARKER` in the server's environment (read once, at start),
-//! a batched forward pass or decoding step that holds a row whose text contains MARKER
-//! fails as a real fault would, inside the batch: `error` returns an error, `panic`
-//! panics; `loop` panics the decoding loop itself, outside its per-step guard, as a bug
-//! in the loop would. Unset, it costs one branch per batch.
+//! a batched forward pass (embeddings, classification) or decoding step (generations,
+//! after their prompts ran) that holds a row whose text contains MARKER fails as a real
+//! fault would, inside the batch: `error` returns an error, `panic` panics; `loop` panics
+//! the decoding loop itself, outside its per-step guard, as a bug in the loop would.
+//! Unset, it costs one branch per batch.
 
 use std::sync::OnceLock;
 

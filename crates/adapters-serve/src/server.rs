@@ -119,14 +119,15 @@ impl AppState {
             Backbone::Llama(m) => crate::admission::kv_tokens_for_memory(m.kv_bytes_per_token()),
             Backbone::Bert(_) => 0,
         });
+        let metrics = Metrics::default();
         AppState {
-            admission: crate::admission::Admission::new(config.admission),
+            admission: crate::admission::Admission::new(config.admission, &metrics),
             kv_budget,
             base: model.backbone,
             tokenizer: model.tokenizer,
             store,
             cache: AdapterCache::new(config.limits),
-            metrics: Metrics::default(),
+            metrics,
             compute: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent.max(1))),
             tags: Mutex::new(HashMap::new()),
             routes: arc_swap::ArcSwap::from_pointee(config.routes.clone()),
@@ -449,9 +450,10 @@ fn texts(state: &AppState, input: Input) -> Result<Vec<String>, ApiError> {
 }
 
 impl AppState {
-    /// Token ids of each text (with special tokens where `add_special`), each cut to the
-    /// model's context, or with `truncate` false a 400 for the first that is longer.
-    /// Tokenising runs on the blocking pool, off the runtime's worker threads.
+    /// Token ids of each text (with special tokens where `add_special`), each cut to what
+    /// the model reads (its context, or less where its tokenizer cuts texts shorter), or
+    /// with `truncate` false a 400 for the first that is longer. Tokenising runs on the
+    /// blocking pool, off the runtime's worker threads.
     pub(crate) async fn tokenize(
         self: &Arc<Self>,
         texts: Vec<String>,
@@ -460,19 +462,21 @@ impl AppState {
     ) -> Result<Vec<Vec<u32>>, ApiError> {
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
-            let (context, encoder) = (state.context(), state.base.is_encoder());
+            let context = state.context();
+            let reads = state.tokenizer.max_length().map_or(context, |m| m.min(context));
+            let keep_last = state.base.is_encoder() && add_special;
             texts
                 .iter()
                 .enumerate()
                 .map(|(i, text)| {
-                    let ids = state.tokenizer.encode(text, add_special).map_err(|e| ApiError::bad_request(format!("`input[{i}]`: {e}")))?;
-                    if ids.len() > context && !truncate {
+                    let (ids, cut) =
+                        state.tokenizer.encode_noting_cut(text, add_special).map_err(|e| ApiError::bad_request(format!("`input[{i}]`: {e}")))?;
+                    if (cut || ids.len() > context) && !truncate {
                         return Err(ApiError::bad_request(format!(
-                            "`input[{i}]` has {} tokens, more than the model's context of {context}; shorten it, or leave `truncate` unset to cut it",
-                            ids.len()
+                            "`input[{i}]` is longer than the {reads} tokens this model reads; shorten it, or leave `truncate` unset to cut it"
                         )));
                     }
-                    Ok(adapters_train::truncate_ids(ids, context, encoder && add_special))
+                    Ok(adapters_train::truncate_ids(ids, context, keep_last))
                 })
                 .collect()
         })

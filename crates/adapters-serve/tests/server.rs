@@ -81,7 +81,16 @@ async fn local_store(dir: &Path) -> Store {
 }
 
 fn config(dir: &Path) -> Config {
-    Config { cache_dir: dir.join("cache"), ..Default::default() }
+    Config { cache_dir: dir.join("cache"), drain: std::time::Duration::ZERO, ..Default::default() }
+}
+
+fn smol() -> adapters_models::LoadedModel {
+    adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu).unwrap()
+}
+
+/// Texts of about `tokens` tokens each.
+fn texts(n: usize, tokens: usize) -> Vec<String> {
+    (0..n).map(|i| format!("text {i}: {}", "word ".repeat(tokens.saturating_sub(5)))).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -658,4 +667,170 @@ async fn requests_for_different_adapters_run_as_one_batch() {
     for ((alone, batched), (_, request)) in answers[0].iter().zip(&answers[1]).zip(&requests) {
         assert!(close(&alone.1, &batched.1, 1e-5), "{request}: alone {} but batched {}", alone.1, batched.1);
     }
+}
+
+/// Past `--max-concurrent-requests`, or past the waiting-token budget, a request gets 503
+/// with Retry-After at once; one larger than the whole budget gets 413. Every answer is a
+/// 200 or one of those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_is_refused_at_once_with_retry_after() {
+    let dir = scratch("overload");
+    let admission = adapters_serve::admission::Limits { max_requests: 3, max_waiting_tokens: 600, ..Default::default() };
+    let server = Server::start(local_store(&dir).await, Config { max_concurrent: 1, admission, ..config(&dir) }).await;
+    let client = reqwest::Client::new();
+    let send = |body: Value| {
+        let (client, url) = (client.clone(), server.url.clone());
+        async move {
+            let started = Instant::now();
+            let r = client.post(format!("{url}/v1/embeddings")).json(&body).send().await.unwrap();
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            (r.status(), retry, started.elapsed().as_secs_f64(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // Twelve at once against three places in flight.
+    let answers = futures::future::join_all((0..12).map(|_| send(json!({"model": "base", "input": texts(20, 8)})))).await;
+    let refused: Vec<_> = answers.iter().filter(|a| a.0 == StatusCode::SERVICE_UNAVAILABLE).collect();
+    assert!(answers.iter().all(|a| a.0 == StatusCode::OK || a.0 == StatusCode::SERVICE_UNAVAILABLE), "{answers:?}");
+    assert!(refused.len() >= 6, "{} of 12 refused", refused.len());
+    for (_, retry, seconds, body) in &refused {
+        assert_eq!(retry.as_deref(), Some("1"), "{body}");
+        assert!(*seconds < 1.0, "a refusal took {seconds} s");
+        assert!(body["error"]["message"].as_str().unwrap().contains("--max-concurrent-requests"), "{body}");
+    }
+    assert!(server.metric(r#"adapters_refused_total{cause="requests"}"#).await >= 6.0);
+    // One request larger than the waiting-token budget on its own.
+    let (status, _, _, body) = send(json!({"model": "base", "input": texts(40, 20)})).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--max-waiting-tokens"), "{body}");
+    // Several of about 250 tokens against a budget of 600 waiting tokens (three in flight).
+    let answers = futures::future::join_all((0..3).map(|_| send(json!({"model": "base", "input": texts(25, 10)})))).await;
+    assert!(answers.iter().all(|a| a.0 == StatusCode::OK || a.0 == StatusCode::SERVICE_UNAVAILABLE), "{answers:?}");
+    let answers = futures::future::join_all((0..9).map(|_| send(json!({"model": "base", "input": texts(25, 10)})))).await;
+    assert!(answers.iter().all(|a| a.0 == StatusCode::OK || a.0 == StatusCode::SERVICE_UNAVAILABLE), "{answers:?}");
+    assert!(server.metric("adapters_refused_total").await >= 7.0);
+    assert_eq!(server.metric("adapters_requests_in_flight").await, 0.0, "every place was given back");
+}
+
+/// A request still waiting at its deadline gets 503; work whose client has gone, or whose
+/// deadline has passed, is dropped before it is computed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deadlines_hold_and_abandoned_work_is_never_computed() {
+    let dir = scratch("deadline");
+    let admission = adapters_serve::admission::Limits { request_timeout: std::time::Duration::from_secs(2), ..Default::default() };
+    let batching = adapters_serve::Batching { max_rows: 64, ..Default::default() };
+    let server = Server::start(local_store(&dir).await, Config { max_concurrent: 1, admission, batching, ..config(&dir) }).await;
+    // A blocker that holds the only compute slot for seconds.
+    let url = server.url.clone();
+    let blocker = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/embeddings"))
+            .json(&json!({"model": "base", "input": texts(64, 400)}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A client that gives up after 200 ms, and one that waits.
+    let impatient = reqwest::Client::builder().timeout(std::time::Duration::from_millis(200)).build().unwrap();
+    assert!(impatient.post(format!("{}/v1/embeddings", server.url)).json(&json!({"model": "base", "input": "gone"})).send().await.is_err());
+    let started = Instant::now();
+    let (status, body) = server.post("/v1/embeddings", json!({"model": "base", "input": "waits"})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--request-timeout"), "{body}");
+    assert!(started.elapsed().as_secs_f64() < 3.0, "the deadline did not hold: {:?}", started.elapsed());
+    assert_eq!(blocker.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE, "the blocker passed its own deadline too");
+    // Once the slot frees, both queued requests are dropped, not computed.
+    let mut dropped = 0.0;
+    for _ in 0..100 {
+        dropped = server.metric("adapters_dropped_total").await;
+        if dropped >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(dropped, 2.0);
+    assert_eq!(server.metric("adapters_batch_rows_count").await, 1.0, "only the blocker's batch ran");
+    // And the server serves normally again.
+    assert_eq!(server.post("/v1/embeddings", json!({"model": "base", "input": "hello"})).await.0, StatusCode::OK);
+}
+
+/// Texts longer than the context are cut to it (or refused with `truncate: false`); a
+/// generation whose prompt and `max_tokens` pass the context or the KV budget is a 400
+/// before it is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_long_inputs_are_truncated_or_refused_before_they_are_queued() {
+    let dir = scratch("too-long");
+    let server = Server::start(local_store(&dir).await, config(&dir)).await;
+    let long = "all work and no play makes a dull model ".repeat(200);
+    for (path, model) in [("/v1/embeddings", "base"), ("/v1/classify", "sms")] {
+        let (status, body) = server.post(path, json!({"model": model, "input": [long.clone(), "short"]})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // all-MiniLM-L6-v2's tokenizer.json cuts texts at 128 tokens (its context is 512).
+        assert_eq!(body["usage"]["prompt_tokens"].as_u64().unwrap(), 128 + 3, "the long text was cut to what the model reads");
+        let (status, body) = server.post(path, json!({"model": model, "input": ["short", long.clone()], "truncate": false})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("`input[1]`") && message.contains("the 128 tokens this model reads"), "{message}");
+    }
+    let server = {
+        drop(server);
+        let admission = adapters_serve::admission::Limits { max_kv_tokens: Some(64), ..Default::default() };
+        Server::start_with(smol(), Store::open(dir.join("store").to_str().unwrap()).unwrap(), Config { admission, ..config(&dir) }).await
+    };
+    let huge = "one two three four five six seven ".repeat(1200);
+    let (status, body) = server.post("/v1/completions", json!({"model": "base", "prompt": huge, "max_tokens": 2000})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("context of 8192"), "{body}");
+    let (status, body) = server.post("/v1/completions", json!({"model": "base", "prompt": "Hello", "max_tokens": 100})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("--max-kv-tokens"), "{body}");
+    // Two that fit the budget only one at a time: both finish, one after the other.
+    let both = futures::future::join_all(
+        (0..2).map(|_| server.post("/v1/completions", json!({"model": "base", "prompt": "1, 2, 3,", "max_tokens": 40, "temperature": 0}))),
+    )
+    .await;
+    for (status, body) in &both {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(both[0].1["choices"], both[1].1["choices"]);
+    assert!(server.metric("adapters_kv_tokens").await <= 64.0);
+    assert_eq!(server.metric(r#"adapters_refused_total"#).await, 0.0, "waiting for KV room is not a refusal");
+}
+
+/// SIGTERM's path: `/ready` turns 503 at once while requests are still served for the
+/// drain period; then no new connection is accepted, and a stream still open at the
+/// shutdown timeout ends with a final event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_drains_then_stops_accepting_and_ends_open_streams() {
+    let dir = scratch("drain-stream");
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    let drain = std::time::Duration::from_millis(1500);
+    let cfg = Config { drain, shutdown_timeout: std::time::Duration::from_secs(1), ..config(&dir) };
+    let mut server = Server::start_with(smol(), store, cfg).await;
+    let request = json!({"model": "base", "prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0, "stream": true});
+    let mut stream = reqwest::Client::new().post(format!("{}/v1/completions", server.url)).json(&request).send().await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut events = String::from_utf8_lossy(&stream.chunk().await.unwrap().unwrap()).into_owned();
+    let stopped_at = Instant::now();
+    server.stop.take().unwrap().send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Draining: not ready, alive, and still serving.
+    assert_eq!(reqwest::get(format!("{}/ready", server.url)).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reqwest::get(format!("{}/health", server.url)).await.unwrap().status(), StatusCode::OK);
+    let (status, body) = server.post("/v1/completions", json!({"model": "base", "prompt": "Hi", "max_tokens": 3, "temperature": 0})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The open stream ends with a last event once the shutdown timeout passes.
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        events += &String::from_utf8_lossy(&chunk);
+    }
+    let ended = stopped_at.elapsed();
+    assert!(
+        events.contains("event: error") && events.contains("shutting down") && events.trim_end().ends_with("data: [DONE]"),
+        "{}",
+        &events[events.len().saturating_sub(400)..]
+    );
+    assert!(ended > drain && ended.as_secs_f64() < 6.0, "the stream ended {ended:?} after the signal");
+    server.task.await.unwrap().unwrap();
+    assert!(reqwest::get(format!("{}/health", server.url)).await.is_err(), "stopped accepting");
 }
