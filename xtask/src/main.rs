@@ -2,6 +2,7 @@
 //! matrix, benchmarks and the demo.
 
 mod bench;
+mod chaos;
 mod continual_study;
 mod data;
 mod fed_study;
@@ -134,6 +135,16 @@ enum Task {
     /// start `adapters serve` over frozen MiniLM, classify the same texts with each over
     /// HTTP, print their per-adapter metrics, stop the server.
     ServeDemo,
+    /// The serving drills behind RELIABILITY.md: 256 clients overloading one server (every
+    /// answer must be a 200 or a 503 with Retry-After, memory bounded, /health fast), then
+    /// two replicas behind HAProxy on one S3 store while a replica is killed, a stored
+    /// version corrupted and the S3 server stopped for 10 s. About 4 minutes; installs
+    /// HAProxy from Debian's packages when missing (as root).
+    Chaos {
+        /// Only one drill: `overload` or `failures`.
+        #[arg(long, value_parser = ["overload", "failures"])]
+        only: Option<String>,
+    },
     /// The serving load test behind BENCHMARKS.md: 50 adapters for SmolLM2 (half
     /// Pfeiffer, half LoRA) in a fresh library, `adapters serve` with room for 10, and 64
     /// concurrent clients sending embeddings and short generations for 60 s, once with
@@ -176,6 +187,7 @@ fn main() -> anyhow::Result<()> {
         Task::VersusStudy => versus_study::run(&root()),
         Task::HyperStudy { only } => hyper_study::run(&root(), only.as_deref()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
+        Task::Chaos { only } => chaos::run_chaos(&root(), only.as_deref()),
         Task::LoadTest { clients, seconds, adapters, cache } => {
             load_test::run_load_test(&root(), load_test::Load { clients, seconds, adapters, cache })
         }

@@ -449,9 +449,10 @@ enum Command {
         /// with Retry-After.
         #[arg(long, default_value_t = adapters_serve::admission::Limits::default().max_requests)]
         max_concurrent_requests: usize,
-        /// Tokens of embedding and classification requests waiting for a forward pass before
-        /// new ones get 503 (a request larger than this alone gets 413). About the tokens the
-        /// machine embeds in --request-timeout.
+        /// Tokens waiting for compute before new requests get 503 (one larger than this alone
+        /// gets 413): texts of embedding and classification requests until their forward pass,
+        /// prompt + max_tokens of generations until they join the decoding batch. About what
+        /// the machine gets through in --request-timeout.
         #[arg(long, default_value_t = adapters_serve::admission::Limits::default().max_waiting_tokens)]
         max_waiting_tokens: usize,
         /// KV-cache tokens (prompt + max_tokens) of the generations decoding together; more

@@ -1,9 +1,11 @@
 //! Admission control: the server takes on only the work it can finish, so overload shows
 //! as an immediate 503 with `Retry-After` rather than as client time-outs. Three bounds, as
 //! TEI and vLLM operators know them: requests in flight (`--max-concurrent-requests`),
-//! tokens of embedding and classification requests waiting for a forward pass
-//! (`--max-waiting-tokens`), and the KV cache of running generations (`--max-kv-tokens`,
-//! prompt plus `max_tokens` of each, checked by the decoding loop as generations join).
+//! tokens waiting for compute (`--max-waiting-tokens`: the texts of embedding and
+//! classification requests until their forward pass starts, and prompt plus `max_tokens` of
+//! generations until they join the decoding batch), and the KV cache of running
+//! generations (`--max-kv-tokens`, prompt plus `max_tokens` of each, checked by the decoding
+//! loop as generations join).
 //! Every request also has a deadline (`--request-timeout`): work still waiting at its
 //! deadline, or whose client has gone, is dropped before it is computed.
 
@@ -21,8 +23,10 @@ use std::time::Duration;
 pub struct Limits {
     /// Requests in flight (waiting or running, any endpoint); more get 503.
     pub max_requests: usize,
-    /// Tokens of embedding and classification requests admitted but not yet in a forward
-    /// pass; a request that would pass it gets 503, one larger than it on its own 413.
+    /// Tokens waiting for compute (texts of embedding and classification requests before
+    /// their forward pass, prompt + `max_tokens` of generations before they join the
+    /// decoding batch); a request that would pass it gets 503, one larger than it on its
+    /// own 413.
     pub max_waiting_tokens: usize,
     /// KV-cache tokens (prompt + `max_tokens`) of running generations; `None` sizes it
     /// from the model and the machine's memory.
@@ -106,7 +110,7 @@ impl Admission {
         if tokens > max {
             return Err(ApiError {
                 status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                message: format!("the request has {tokens} tokens, more than the server's --max-waiting-tokens {max}; send fewer or shorter texts per request"),
+                message: format!("the request needs {tokens} tokens, more than the server's --max-waiting-tokens {max}; send fewer or shorter texts, or ask for fewer new tokens"),
             });
         }
         let total = self.waiting_tokens.fetch_add(tokens, Ordering::AcqRel) + tokens;

@@ -136,7 +136,14 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     let model_id = target.id();
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Piece>();
     if state.batching().max_rows > 0 {
-        let generation = Generation { target, text, prompt, max_tokens, sampling, queued: Instant::now(), pieces: sender };
+        let waiting = match state.admission.wait(prompt.len() + max_tokens, &state.metrics) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                record(&state, &labels, endpoint, e.status, started);
+                return e.into_response();
+            }
+        };
+        let generation = Generation { target, text, prompt, max_tokens, sampling, queued: Instant::now(), waiting, pieces: sender };
         if let Err(e) = state.decoder().submit(generation) {
             record(&state, &labels, endpoint, e.status, started);
             return e.into_response();

@@ -43,6 +43,8 @@ pub(crate) struct Generation {
     pub max_tokens: usize,
     pub sampling: Sampling,
     pub queued: Instant,
+    /// Its place in the waiting-token budget (prompt + `max_tokens`), freed when it joins.
+    pub waiting: Option<crate::admission::Waiting>,
     /// Where its pieces go; closed when the client disconnects.
     pub pieces: UnboundedSender<Piece>,
 }
@@ -193,7 +195,8 @@ fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>
             if waiting.front().is_none_or(|g| kv + g.kv_tokens() > state.kv_budget()) {
                 break;
             }
-            let Some(generation) = waiting.pop_front() else { break };
+            let Some(mut generation) = waiting.pop_front() else { break };
+            generation.waiting = None;
             kv += generation.kv_tokens();
             state.metrics.queue.get_or_create(&generation.target.labels()).observe(generation.queued.elapsed().as_secs_f64());
             let mut stream = tokenizer.inner.decode_stream(true);

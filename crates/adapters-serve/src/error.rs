@@ -58,7 +58,8 @@ impl From<adapters_store::Error> for ApiError {
             E::NotFound(_) => StatusCode::NOT_FOUND,
             // The store holds a damaged version: the server is fine, its upstream is not.
             E::Corrupt(_) => StatusCode::BAD_GATEWAY,
-            E::Backend { .. } => StatusCode::BAD_GATEWAY,
+            // The store cannot be reached now (an outage, a network fault): retry later.
+            E::Backend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             E::File { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError { status, message: e.to_string() }

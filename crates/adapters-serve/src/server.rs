@@ -179,17 +179,33 @@ impl AppState {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// The manifest a reference names, reusing a tag's resolution for `tag_ttl`.
+    /// The manifest a reference names, reusing a tag's resolution for `tag_ttl`. While the
+    /// store cannot be reached, a resolution made before keeps serving (versions never
+    /// change; only where a tag points might have).
     pub(crate) async fn manifest(&self, reference: &Reference) -> Result<Manifest, ApiError> {
         let key = reference.to_string();
-        if let Some((m, at)) = self.tags.lock().expect("tag cache poisoned").get(&key) {
+        let known = self.tags.lock().expect("tag cache poisoned").get(&key).cloned();
+        if let Some((m, at)) = &known {
             if at.elapsed() < self.config.tag_ttl {
                 return Ok(m.clone());
             }
         }
-        let m = self.store.resolve(reference).await?;
-        self.tags.lock().expect("tag cache poisoned").insert(key, (m.clone(), Instant::now()));
-        Ok(m)
+        match self.store.resolve(reference).await {
+            Ok(m) => {
+                self.remember_tag(&key, &m);
+                Ok(m)
+            }
+            Err(e @ adapters_store::Error::Backend { .. }) => match known {
+                Some((m, at)) => {
+                    tracing::warn!(reference = %key, age_s = at.elapsed().as_secs_f64(), "the store is unreachable ({e}); serving the last resolution");
+                    // Asked again after another tag_ttl, not on every request of the outage.
+                    self.remember_tag(&key, &m);
+                    Ok(m)
+                }
+                None => Err(e.into()),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The resident adapter for `model` (`NAME`, `NAME@TAG`, `NAME@VERSION`), loading it

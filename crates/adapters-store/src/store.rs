@@ -109,7 +109,17 @@ impl Store {
             if bucket.is_empty() {
                 return Err(Error::Invalid(format!("store `{uri}`: no bucket; write s3://BUCKET or s3://BUCKET/PREFIX")));
             }
-            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            // A store that cannot be reached fails within seconds (a server then answers 503
+            // and keeps serving what it has) instead of retrying for minutes; the options
+            // and the environment may say otherwise.
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(5),
+                ..Default::default()
+            });
+            if std::env::var_os("AWS_CONNECT_TIMEOUT").is_none() {
+                builder = builder.with_config("connect_timeout".parse().expect("an object_store client key"), "2s");
+            }
             for (key, value) in options {
                 let key = key.parse().map_err(|e| Error::Invalid(format!("store option `{key}`: {e}")))?;
                 builder = builder.with_config(key, *value);

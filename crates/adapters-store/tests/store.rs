@@ -129,13 +129,7 @@ async fn a_local_store_keeps_versions_tags_and_files() {
 async fn an_s3_store_keeps_versions_tags_and_files() {
     let dir = scratch("s3");
     let endpoint = start_s3(&dir.0.join("s3")).await;
-    let options = [
-        ("aws_endpoint", endpoint.as_str()),
-        ("aws_allow_http", "true"),
-        ("aws_access_key_id", "test-key"),
-        ("aws_secret_access_key", "test-secret"),
-        ("aws_region", "us-east-1"),
-    ];
+    let options = s3_options(&endpoint);
     let store = Store::open_with_options("s3://adapters/team-a", &options).unwrap();
     round_trip(&store, &dir.0).await;
     // A wrong secret is an error from the server, named with the store.
@@ -144,6 +138,17 @@ async fn an_s3_store_keeps_versions_tags_and_files() {
     let bad = Store::open_with_options("s3://adapters", &wrong).unwrap();
     let e = bad.list(None).await.unwrap_err();
     assert!(matches!(e, Error::Backend { .. }) && e.to_string().contains("s3://adapters"), "{e}");
+}
+
+/// The settings that reach the test's S3 server at `endpoint`.
+fn s3_options(endpoint: &str) -> [(&'static str, &str); 5] {
+    [
+        ("aws_endpoint", endpoint),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test-key"),
+        ("aws_secret_access_key", "test-secret"),
+        ("aws_region", "us-east-1"),
+    ]
 }
 
 /// An S3-compatible server (s3s-fs) over `root` on a free port, with bucket `adapters`.
@@ -348,13 +353,7 @@ async fn a_hostile_local_store_is_refused_and_never_becomes_a_path() {
 async fn a_hostile_s3_store_is_refused_and_never_becomes_a_path() {
     let dir = scratch("hostile-s3");
     let endpoint = start_s3(&dir.0.join("s3")).await;
-    let options = [
-        ("aws_endpoint", endpoint.as_str()),
-        ("aws_allow_http", "true"),
-        ("aws_access_key_id", "test-key"),
-        ("aws_secret_access_key", "test-secret"),
-        ("aws_region", "us-east-1"),
-    ];
+    let options = s3_options(&endpoint);
     let store = Store::open_with_options("s3://adapters/team-a", &options).unwrap();
     let mut builder = object_store::aws::AmazonS3Builder::new().with_bucket_name("adapters");
     for (key, value) in options {

@@ -9,7 +9,7 @@
 //! 256 does 5/8 of the full square's products.
 
 use super::simd::{self, exp, multiversion};
-use super::{fused, gemm, output_buffer, slice, with_values, Mat, SharedMut};
+use super::{fused, gemm, output_buffer, slice, with_values, written, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -233,8 +233,8 @@ impl CustomOp3 for Attention {
         let hd = width / h;
         let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
         // SAFETY (buffers below): every (row, head) task writes its whole part.
-        let mut out = unsafe { output_buffer(b * tq * width) };
-        let mut stats = unsafe { output_buffer(if self.keep { b * h * tq * 2 } else { 0 }) };
+        let mut out = output_buffer(b * tq * width);
+        let mut stats = output_buffer(if self.keep { b * h * tq * 2 } else { 0 });
         let (out_ptr, stats_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(stats.as_mut_ptr()));
         (0..b * h).into_par_iter().for_each_init(
             || vec![0f32; tq * tk],
@@ -268,7 +268,7 @@ impl CustomOp3 for Attention {
         if self.keep {
             *self.stats.lock().expect("attention statistics") = Some(stats);
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, tq, width))))
+        Ok((CpuStorage::F32(written(out, "attention")), Shape::from((b, tq, width))))
     }
 
     fn bwd(
@@ -287,8 +287,7 @@ impl CustomOp3 for Attention {
         let (group, kv_width) = (h / self.kv_heads, self.kv_heads * hd);
         // SAFETY (buffers below): each task zeroes its kv head's columns of dk and dv
         // before adding into them and writes every row of its query heads' columns of dq.
-        let (mut dq, mut dk, mut dv) =
-            unsafe { (output_buffer(b * tq * width), output_buffer(b * tk * kv_width), output_buffer(b * tk * kv_width)) };
+        let (mut dq, mut dk, mut dv) = (output_buffer(b * tq * width), output_buffer(b * tk * kv_width), output_buffer(b * tk * kv_width));
         let (dq_ptr, dk_ptr, dv_ptr) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         with_values([q, k, v, grad], "attention", |[q, k, v, g]| {
             // One task per (row, key/value head): it owns that head's dk and dv and
@@ -354,7 +353,7 @@ impl CustomOp3 for Attention {
         let dev = q.device();
         let grad_of = |t: &Tensor, g: Vec<f32>| -> Result<Option<Tensor>> {
             if t.track_op() {
-                Ok(Some(Tensor::from_vec(g, t.shape(), dev)?))
+                Ok(Some(Tensor::from_vec(written(g, "attention backward"), t.shape(), dev)?))
             } else {
                 Ok(None)
             }

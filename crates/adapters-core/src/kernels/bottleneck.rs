@@ -10,7 +10,7 @@
 
 use super::experts::block_product;
 use super::norm::{composed_layer_norm, layer_norm_rows};
-use super::{fused, output_buffer, with_values, Activation};
+use super::{fused, output_buffer, with_values, written, Activation};
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
@@ -86,15 +86,13 @@ pub fn bottleneck_add_layer_norm(
     let (reads, activation, eps) = (adapter.reads, adapter.activation, eps as f32);
     let rows = output.elem_count() / d;
     let values = with_values(tensors, "bottleneck_add_layer_norm", |[input, output, down, down_b, up, up_b, w, b]| {
-        // SAFETY: every block writes all of its rows below.
-        let mut out = unsafe { output_buffer(rows * d) };
+        let mut out = output_buffer(rows * d);
         out.par_chunks_mut(BLOCK * d).enumerate().for_each(|(i, out)| {
             let n = out.len() / d;
             let span = i * BLOCK * d..i * BLOCK * d + n * d;
             let (input, output) = (&input[span.clone()], &output[span]);
             let mut sum: Vec<f32> = output.iter().zip(input).map(|(o, x)| o + x).collect();
-            // SAFETY: written in full below before it is read.
-            let mut mid = unsafe { output_buffer(n * r) };
+            let mut mid = output_buffer(n * r);
             let z: &[f32] = match reads {
                 BottleneckInput::Output => output,
                 BottleneckInput::Input => input,
@@ -113,7 +111,7 @@ pub fn bottleneck_add_layer_norm(
             block_product(n, d, r, &mut sum, &mid, up);
             layer_norm_rows(&sum, w, b, eps, out);
         });
-        out
+        written(out, "bottleneck_add_layer_norm")
     })?;
     Tensor::from_vec(values, output.shape(), output.device())
 }

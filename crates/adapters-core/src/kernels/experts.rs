@@ -4,7 +4,7 @@
 //! otherwise composed from candle ops (gather, products, one scatter-add), which autograd
 //! differentiates.
 
-use super::{fused, gemm, output_buffer, Mat, SharedMut};
+use super::{fused, gemm, output_buffer, written, Mat, SharedMut};
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,7 +87,8 @@ impl Experts<'_> {
 }
 
 /// Which token each assignment sends to which expert: assignments grouped by expert,
-/// `tokens[offsets[e]..offsets[e + 1]]` for expert `e`, no token twice within an expert.
+/// `tokens[offsets[e]..offsets[e + 1]]` for expert `e`, no token twice within an expert
+/// ([`expert_mix`] checks both: the fused pass writes an expert's tokens in parallel).
 pub struct Routes<'a> {
     /// Token (row of `x`) of each assignment.
     pub tokens: &'a [u32],
@@ -121,6 +122,7 @@ pub fn expert_mix(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts
             routes.offsets.len().saturating_sub(1)
         );
     }
+    check_routes(routes, tokens)?;
     let mut all = vec![x, output, gates, experts.down, experts.up];
     all.extend(experts.down_bias);
     all.extend(experts.up_bias);
@@ -128,6 +130,24 @@ pub fn expert_mix(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts
         return composed(x, output, gates, experts, routes);
     }
     fused_forward(x, output, gates, experts, routes)
+}
+
+/// Refuses routes whose offsets go backwards or that send a token to one expert twice: the
+/// fused pass writes each expert's rows from parallel blocks, and a repeated token would be
+/// written by two at once.
+fn check_routes(routes: &Routes, tokens: usize) -> Result<()> {
+    if let Some(e) = routes.offsets.windows(2).position(|pair| pair[0] > pair[1]) {
+        candle_core::bail!("expert_mix: offsets go backwards at expert {e} ({} > {})", routes.offsets[e], routes.offsets[e + 1]);
+    }
+    let mut last_expert_of = vec![usize::MAX; tokens];
+    for (e, pair) in routes.offsets.windows(2).enumerate() {
+        for &t in &routes.tokens[pair[0]..pair[1]] {
+            if std::mem::replace(&mut last_expert_of[t as usize], e) == e {
+                candle_core::bail!("expert_mix: token {t} is routed to expert {e} twice");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn composed(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts, routes: &Routes) -> Result<Tensor> {
@@ -162,9 +182,8 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
         // Each token's row is written by its first assignment (output + gate · expert) and
         // added to by later ones; rows no expert took are copied at the end. No pass over
         // the output beyond the one that writes it.
-        // SAFETY: every row is written, by an assignment or by the final copy.
-        let mut out = unsafe { output_buffer(tokens * d_out) };
-        let written: Vec<AtomicBool> = (0..tokens).map(|_| AtomicBool::new(false)).collect();
+        let mut out = output_buffer(tokens * d_out);
+        let taken: Vec<AtomicBool> = (0..tokens).map(|_| AtomicBool::new(false)).collect();
         let target = SharedMut(out.as_mut_ptr());
         for ex in 0..e {
             let (from, to) = (routes.offsets[ex], routes.offsets[ex + 1]);
@@ -173,8 +192,7 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
             let assignments: Vec<usize> = (from..to).collect();
             assignments.par_chunks(BLOCK).for_each(|block| {
                 let n = block.len();
-                // SAFETY: each is written in full below before it is read.
-                let (mut xs, mut mid, mut ys) = unsafe { (output_buffer(n * d_in), output_buffer(n * r), output_buffer(n * d_out)) };
+                let (mut xs, mut mid, mut ys) = (output_buffer(n * d_in), output_buffer(n * r), output_buffer(n * d_out));
                 for (i, &a) in block.iter().enumerate() {
                     let t = routes.tokens[a] as usize;
                     xs[i * d_in..(i + 1) * d_in].copy_from_slice(&x[t * d_in..(t + 1) * d_in]);
@@ -191,7 +209,7 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
                     // experts run one after another.
                     let row = unsafe { std::slice::from_raw_parts_mut(target.get().add(t * d_out), d_out) };
                     let y = &ys[i * d_out..(i + 1) * d_out];
-                    if written[t].swap(true, Ordering::Relaxed) {
+                    if taken[t].swap(true, Ordering::Relaxed) {
                         row.iter_mut().zip(y).for_each(|(o, y)| *o += g * y);
                     } else {
                         row.iter_mut().zip(y).zip(&output[t * d_out..(t + 1) * d_out]).for_each(|((o, y), r)| *o = r + g * y);
@@ -199,12 +217,12 @@ fn fused_forward(x: &Tensor, output: &Tensor, gates: &Tensor, experts: &Experts,
                 }
             });
         }
-        out.par_chunks_mut(d_out).zip(output.par_chunks(d_out)).zip(written.par_iter()).for_each(|((o, r), w)| {
+        out.par_chunks_mut(d_out).zip(output.par_chunks(d_out)).zip(taken.par_iter()).for_each(|((o, r), w)| {
             if !w.load(Ordering::Relaxed) {
                 o.copy_from_slice(r);
             }
         });
-        out
+        written(out, "expert_mix")
     })?;
     Tensor::from_vec(out, (tokens, d_out), x.device())
 }

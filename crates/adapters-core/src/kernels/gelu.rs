@@ -1,7 +1,7 @@
 //! Exact (erf) GELU with a vectorised erf, and its derivative in one pass.
 
 use super::simd::{erf, exp, multiversion};
-use super::{fused, output_buffer, slice, with_values};
+use super::{fused, output_buffer, slice, with_values, written};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -39,18 +39,16 @@ multiversion! {
 
 /// GELU of every value, in parallel chunks.
 pub(super) fn values(x: &[f32]) -> Vec<f32> {
-    // SAFETY: forward_chunk writes every element.
-    let mut y = unsafe { output_buffer(x.len()) };
+    let mut y = output_buffer(x.len());
     y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| forward_chunk(x, y));
-    y
+    written(y, "gelu")
 }
 
 /// The gradient through GELU: `g ⊙ GELU'(x)`, in parallel chunks.
 pub(super) fn backward_values(x: &[f32], g: &[f32]) -> Vec<f32> {
-    // SAFETY: backward_chunk writes every element.
-    let mut dx = unsafe { output_buffer(x.len()) };
+    let mut dx = output_buffer(x.len());
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(dx, (x, g))| backward_chunk(x, g, dx));
-    dx
+    written(dx, "gelu backward")
 }
 
 impl CustomOp1 for GeluErf {

@@ -2,9 +2,10 @@
 //! computes the weight's and bias's gradients only when they train.
 
 use super::simd::multiversion;
-use super::{fused, gelu, gemm, output_buffer, slice, swiglu, with_values, Mat, SharedMut};
+use super::{assume_written, fused, gelu, gemm, slice, swiglu, uninit_buffer, with_values, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows per parallel task of the bias gradient.
 const ROWS: usize = 256;
@@ -116,7 +117,9 @@ pub(super) fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Re
 }
 
 /// Writes a block of [`ROWS`] rows of a product's output, given the block's index.
-type BlockStart<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+/// It must write every element of the block (`MaybeUninit::write`, or a product that
+/// overwrites).
+type BlockStart<'a> = &'a (dyn Fn(usize, &mut [MaybeUninit<f32>]) + Sync);
 
 /// `y = start + x Wᵀ` for `x` `[m, k]` and `W` `[n, k]` (PyTorch's layout): `start` first
 /// writes each block of [`ROWS`] rows of `y`, in parallel and while the block is in cache,
@@ -127,18 +130,18 @@ fn product_onto(x: &[f32], xl: &Layout, w: &[f32], wl: &Layout, start: Option<Bl
     if k != k2 {
         candle_core::bail!("linear: input {:?} and weight {:?} do not fit", xl.shape(), wl.shape());
     }
-    // SAFETY: `start`, or else the gemm (not accumulating), writes all of y.
-    let mut y = unsafe { output_buffer(m * n) };
+    let mut y = uninit_buffer(m * n);
     if let Some(start) = start {
         y.par_chunks_mut(ROWS * n).enumerate().for_each(|(i, block)| start(i, block));
     }
-    // SAFETY: x is m x k, W is n x k (read as its transpose), y is m x n, all in bounds.
+    // SAFETY: x is m x k, W is n x k (read as its transpose), y is m x n, all in bounds; y
+    // is read only where `start` wrote it (accumulate), else overwritten.
     unsafe {
         gemm(
             m,
             n,
             k,
-            SharedMut(y.as_mut_ptr()),
+            SharedMut(y.as_mut_ptr().cast()),
             n as isize,
             Mat(x.as_ptr(), k as isize, 1),
             Mat(w.as_ptr(), 1, k as isize),
@@ -147,7 +150,8 @@ fn product_onto(x: &[f32], xl: &Layout, w: &[f32], wl: &Layout, start: Option<Bl
             candle_core::utils::get_num_threads(),
         )
     };
-    Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    // SAFETY: the product wrote every element (onto what `start` wrote, or over it).
+    Ok((CpuStorage::F32(unsafe { assume_written(y, "linear") }), Shape::from((m, n))))
 }
 
 struct Linear;
@@ -163,7 +167,13 @@ impl Linear {
                 xl,
                 w,
                 wl,
-                Some(&|_, block: &mut [f32]| block.chunks_exact_mut(b.len()).for_each(|row| row.copy_from_slice(b))),
+                Some(&|_, block: &mut [MaybeUninit<f32>]| {
+                    block.chunks_exact_mut(b.len()).for_each(|row| {
+                        row.iter_mut().zip(b).for_each(|(o, &v)| {
+                            o.write(v);
+                        })
+                    })
+                }),
             ),
             None => product_onto(x, xl, w, wl, None),
         }
@@ -349,19 +359,24 @@ impl CustomOp3 for LowRankLinear {
         // Each block of rows starts as bias + down · upᵀ (a small product, on the block while
         // it is in cache), then the frozen product is added.
         let run = |w: &[f32], b: Option<&[f32]>| {
-            let start = |i: usize, block: &mut [f32]| {
+            let start = |i: usize, block: &mut [MaybeUninit<f32>]| {
                 if let Some(b) = b {
-                    block.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b));
+                    block.chunks_exact_mut(n).for_each(|row| {
+                        row.iter_mut().zip(b).for_each(|(o, &v)| {
+                            o.write(v);
+                        })
+                    });
                 }
                 let rows = block.len() / n;
                 // SAFETY: this block's rows of down (rows x r), up (n x r, read as its
-                // transpose) and the block (rows x n) are in bounds.
+                // transpose) and the block (rows x n) are in bounds; the block is read only
+                // where the bias was written (accumulate), else overwritten.
                 unsafe {
                     gemm(
                         rows,
                         n,
                         r,
-                        SharedMut(block.as_mut_ptr()),
+                        SharedMut(block.as_mut_ptr().cast()),
                         n as isize,
                         Mat(down[i * ROWS * r..].as_ptr(), r as isize, 1),
                         Mat(up.as_ptr(), 1, r as isize),
@@ -417,13 +432,12 @@ impl CustomOp3 for LinearAdd {
             candle_core::bail!("linear-add: input {:?}, weight {:?} and residual {:?} do not fit", xl.shape(), wl.shape(), rl.shape());
         }
         let bias: Vec<f32> = (0..n).map(|j| wb[j * k1 + k]).collect();
-        // SAFETY: each block's rows are written by the copy below before its gemm adds to them.
-        let mut y = unsafe { output_buffer(m * n) };
+        let mut y = uninit_buffer(m * n);
         // Block by block, while the block is in cache: residual + bias, then x Wᵀ added.
         y.par_chunks_mut(ROWS * n).zip(r.par_chunks(ROWS * n)).enumerate().for_each(|(i, (yb, rb))| {
             for (yr, rr) in yb.chunks_exact_mut(n).zip(rb.chunks_exact(n)) {
                 for ((o, a), b) in yr.iter_mut().zip(rr).zip(&bias) {
-                    *o = a + b;
+                    o.write(a + b);
                 }
             }
             // SAFETY: this block's rows of x (rows x k), W (the first k columns of the
@@ -433,7 +447,7 @@ impl CustomOp3 for LinearAdd {
                     yb.len() / n,
                     n,
                     k,
-                    SharedMut(yb.as_mut_ptr()),
+                    SharedMut(yb.as_mut_ptr().cast()),
                     n as isize,
                     Mat(x[i * ROWS * k..].as_ptr(), k as isize, 1),
                     Mat(wb.as_ptr(), 1, k1 as isize),
@@ -443,7 +457,8 @@ impl CustomOp3 for LinearAdd {
                 )
             }
         });
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        // SAFETY: every element was written (residual + bias), then added to.
+        Ok((CpuStorage::F32(unsafe { assume_written(y, "linear-add") }), Shape::from((m, n))))
     }
 
     fn bwd(

@@ -11,7 +11,7 @@
 
 use super::experts::{block_product, block_product_into};
 use super::norm::{composed_layer_norm, layer_norm_rows};
-use super::{expert_mix, fused, output_buffer, with_values, Experts, Routes};
+use super::{expert_mix, fused, output_buffer, with_values, written, Experts, Routes};
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,8 +87,7 @@ pub fn mixture_add_layer_norm(
     let block = rows.div_ceil(rayon::current_num_threads()).clamp(MIN_BLOCK, MAX_BLOCK);
     let bad_choice = AtomicBool::new(false);
     let values = with_values(tensors, "mixture_add_layer_norm", |[input, output, router, down, down_b, up, up_b, w, b]| {
-        // SAFETY: every block writes all of its rows below.
-        let mut out = unsafe { output_buffer(rows * d) };
+        let mut out = output_buffer(rows * d);
         out.par_chunks_mut(block * d).enumerate().for_each(|(i, out)| {
             let n = out.len() / d;
             let span = i * block * d..i * block * d + n * d;
@@ -97,8 +96,7 @@ pub fn mixture_add_layer_norm(
             // The normed sum goes into `out`, which is written last.
             layer_norm_rows(&sum, w, b, eps, out);
             let z = &*out;
-            // SAFETY: written in full by the product.
-            let mut logits = unsafe { output_buffer(n * choices) };
+            let mut logits = output_buffer(n * choices);
             block_product_into(n, choices, d, &mut logits, z, router);
             // Each expert's rows of this block, with their gates.
             let mut assigned: Vec<Vec<(usize, f32)>> = (0..e).map(|_| Vec::with_capacity(n)).collect();
@@ -114,8 +112,7 @@ pub fn mixture_add_layer_norm(
                 }
             }
             let most = assigned.iter().map(Vec::len).max().unwrap_or(0);
-            // SAFETY: the first `m · width` values of each are written before they are read.
-            let (mut xs, mut mid, mut ys) = unsafe { (output_buffer(most * d), output_buffer(most * r), output_buffer(most * d)) };
+            let (mut xs, mut mid, mut ys) = (output_buffer(most * d), output_buffer(most * r), output_buffer(most * d));
             for (ex, rows) in assigned.iter().enumerate().filter(|(_, rows)| !rows.is_empty()) {
                 let m = rows.len();
                 let (dw, db) = (&down[ex * r * d..(ex + 1) * r * d], &down_b[ex * r..(ex + 1) * r]);
@@ -135,7 +132,7 @@ pub fn mixture_add_layer_norm(
             }
             layer_norm_rows(&sum, w, b, eps, out);
         });
-        out
+        written(out, "mixture_add_layer_norm")
     })?;
     if bad_choice.load(Ordering::Relaxed) {
         candle_core::bail!("mixture_add_layer_norm: the route function chose an expert beyond the {e} there are");

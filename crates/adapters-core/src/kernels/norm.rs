@@ -2,7 +2,7 @@
 //! row's statistics for the backward pass.
 
 use super::simd::{self, multiversion};
-use super::{fused, output_buffer, slice, with_values, SharedMut};
+use super::{fused, output_buffer, slice, with_values, written, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -142,8 +142,7 @@ impl Norm {
             candle_core::bail!("norm: input {:?} and weight of {} do not fit", xl.shape(), w.len());
         }
         let rows = x.len() / dim;
-        // SAFETY: every row is normalised into y.
-        let mut y = unsafe { output_buffer(x.len()) };
+        let mut y = output_buffer(x.len());
         let mut stats = vec![(0f32, 0f32); rows];
         y.par_chunks_mut(dim * CHUNK).zip(x.par_chunks(dim * CHUNK)).zip(stats.par_chunks_mut(CHUNK)).for_each(|((y, x), st)| {
             for ((y, x), st) in y.chunks_mut(dim).zip(x.chunks(dim)).zip(st.iter_mut()) {
@@ -151,7 +150,7 @@ impl Norm {
             }
         });
         *self.stats.lock().expect("norm statistics") = stats;
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok((CpuStorage::F32(written(y, "norm")), xl.shape().clone()))
     }
 
     /// Gradients for x, weight and bias (each only if it trains).
@@ -177,8 +176,7 @@ impl Norm {
         if stats.len() != rows {
             candle_core::bail!("norm: backward without the forward's statistics (or run twice)");
         }
-        // SAFETY: every row of dx is written by backward_row.
-        let mut dx = unsafe { output_buffer(x.elem_count()) };
+        let mut dx = output_buffer(x.elem_count());
         let chunks = rows.div_ceil(CHUNK);
         let mut partial = vec![0f32; chunks * 2 * dim];
         let ptr = SharedMut(partial.as_mut_ptr());
@@ -204,7 +202,7 @@ impl Norm {
             }
             Tensor::from_vec(total, dim, dev)
         };
-        let gx = if want_x { Some(Tensor::from_vec(dx, x.shape(), dev)?) } else { None };
+        let gx = if want_x { Some(Tensor::from_vec(written(dx, "norm backward"), x.shape(), dev)?) } else { None };
         let gw = if want_affine { Some(sum_parts(0)?) } else { None };
         let gb = if want_affine && b.is_some() { Some(sum_parts(dim)?) } else { None };
         Ok([gx, gw, gb])

@@ -3,7 +3,7 @@
 //! rotation.
 
 use super::simd::multiversion;
-use super::{fused, output_buffer, slice, with_values};
+use super::{fused, output_buffer, slice, with_values, written};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -60,13 +60,12 @@ impl Rope {
     fn apply(&self, x: &[f32], dims: &[usize], sign: f32) -> Result<Vec<f32>> {
         let [_, t, width] = dims else { candle_core::bail!("rope: expects [batch, seq, width]") };
         let half = width / self.heads / 2;
-        // SAFETY: rotate writes every element of each position.
-        let mut y = unsafe { output_buffer(x.len()) };
+        let mut y = output_buffer(x.len());
         y.par_chunks_mut(*width).zip(x.par_chunks(*width)).enumerate().for_each(|(pos, (y, x))| {
             let p = pos % t;
             rotate(x, y, &self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half], half, sign)
         });
-        Ok(y)
+        Ok(written(y, "rope"))
     }
 }
 

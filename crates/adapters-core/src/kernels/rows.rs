@@ -2,7 +2,7 @@
 //! generated adapters): one batched product over the rows, never a loop of tensor ops
 //! over them.
 
-use super::{fused, gemm, output_buffer, slice, Mat, SharedMut};
+use super::{fused, gemm, output_buffer, slice, written, Mat, SharedMut};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -62,8 +62,7 @@ struct RowLinear;
 impl RowLinear {
     fn forward(x: &[f32], xl: &Layout, wb: &[f32], wl: &Layout, residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let ((rows, seq, k), (_, n, k1)) = (xl.shape().dims3()?, wl.shape().dims3()?);
-        // SAFETY: each row's block is written in full (start values) before its gemm adds to it.
-        let mut y = unsafe { output_buffer(rows * seq * n) };
+        let mut y = output_buffer(rows * seq * n);
         y.par_chunks_mut(seq * n).enumerate().for_each(|(i, block)| {
             let w = &wb[i * n * k1..(i + 1) * n * k1];
             let bias: Vec<f32> = (0..n).map(|j| w[j * k1 + k]).collect();
@@ -94,7 +93,7 @@ impl RowLinear {
                 )
             };
         });
-        Ok((CpuStorage::F32(y), Shape::from((rows, seq, n))))
+        Ok((CpuStorage::F32(written(y, "row_linear")), Shape::from((rows, seq, n))))
     }
 
     /// Gradients of the input and the augmented weight, each only when it trains.

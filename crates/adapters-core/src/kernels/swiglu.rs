@@ -1,7 +1,7 @@
 //! `silu(gate) · up`, the gated FFN activation of Llama, in one pass each way.
 
 use super::simd::{exp, multiversion};
-use super::{fused, output_buffer, slice, with_values};
+use super::{fused, output_buffer, slice, with_values, written};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -37,21 +37,19 @@ multiversion! {
 
 /// `silu(gate) · up` of every value, in parallel chunks.
 pub(super) fn values(g: &[f32], u: &[f32]) -> Vec<f32> {
-    // SAFETY: forward_chunk writes every element.
-    let mut y = unsafe { output_buffer(g.len()) };
+    let mut y = output_buffer(g.len());
     y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| forward_chunk(g, u, y));
-    y
+    written(y, "swiglu")
 }
 
 /// The gradients for gate and up given the output's, in parallel chunks.
 pub(super) fn backward_values(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    // SAFETY: backward_chunk writes every element of both.
-    let (mut dg, mut du) = unsafe { (output_buffer(g.len()), output_buffer(g.len())) };
+    let (mut dg, mut du) = (output_buffer(g.len()), output_buffer(g.len()));
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
         .for_each(|((dg, du), ((g, u), dy))| backward_chunk(g, u, dy, dg, du));
-    (dg, du)
+    (written(dg, "swiglu backward"), written(du, "swiglu backward"))
 }
 
 impl CustomOp2 for SwiGlu {

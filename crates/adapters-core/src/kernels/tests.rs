@@ -352,3 +352,39 @@ fn adamw_in_place_matches_composed() {
         assert!(max_diff(&p1, &randn(&[5, 7], 90)) > 1e-3, "the parameter moved");
     }
 }
+
+/// The fused expert pass writes each expert's rows from parallel blocks: routes that would
+/// make two blocks write one row (a token twice within an expert), or offsets that go
+/// backwards, are refused before anything runs; a token in two different experts is fine.
+#[test]
+fn expert_routes_that_would_race_are_refused() {
+    use super::{expert_mix, Activation, Experts, Routes};
+    let (x, out) = (randn(&[4, 6], 1), randn(&[4, 6], 2));
+    let (down, up) = (randn(&[2, 3, 6], 3), randn(&[2, 6, 3], 4));
+    let experts = Experts { down: &down, down_bias: None, up: &up, up_bias: None, activation: Activation::Relu };
+    let run = |tokens: &[u32], offsets: &[usize]| {
+        let gates = Tensor::ones(tokens.len(), candle_core::DType::F32, &Device::Cpu).unwrap();
+        expert_mix(&x, &out, &gates, &experts, &Routes { tokens, offsets }, false)
+    };
+    let twice = run(&[0, 1, 1, 2], &[0, 3, 4]).unwrap_err().to_string();
+    assert!(twice.contains("token 1 is routed to expert 0 twice"), "{twice}");
+    let backwards = run(&[0, 1, 2, 3], &[0, 5, 4]).unwrap_err().to_string();
+    assert!(backwards.contains("offsets go backwards"), "{backwards}");
+    let fine = run(&[0, 1, 1, 2], &[0, 2, 4]).unwrap();
+    assert_eq!(fine.dims(), [4, 6]);
+}
+
+/// Debug builds fill fresh output buffers with a marker and check, as the output leaves
+/// the kernel, that every element was overwritten.
+#[cfg(debug_assertions)]
+#[test]
+fn an_output_element_left_unwritten_is_caught_in_debug_builds() {
+    let mut buffer = super::output_buffer(4);
+    buffer[..3].fill(1.0);
+    let caught = std::panic::catch_unwind(|| super::written(buffer, "probe")).unwrap_err();
+    let message = caught.downcast_ref::<String>().unwrap();
+    assert!(message.contains("probe: output element 3 of 4 was never written"), "{message}");
+    let mut whole = super::output_buffer(4);
+    whole.fill(f32::NAN);
+    assert_eq!(super::written(whole, "probe").len(), 4, "a computed NaN is not the marker");
+}
