@@ -336,8 +336,23 @@ impl AppState {
             };
             let mut heads = Vec::new();
             let device = model.device().clone();
+            // A head that could not answer (no labels, another width) is refused here, at
+            // load, rather than failing the requests that use it.
+            let width = model.model_info().hidden_size;
             let mut read_heads = |d: &std::path::Path| -> Result<(), ApiError> {
-                heads.extend(adapters_train::heads::load_all(d, &device).map_err(|e| ApiError::internal(e.to_string()))?);
+                let broken = |e: String| ApiError {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: format!("{}@{} has a classification head that cannot be served: {e}", manifest.name, manifest.version),
+                };
+                for head in adapters_train::heads::load_all(d, &device).map_err(|e| broken(e.to_string()))? {
+                    if head.config.hidden_size != width {
+                        return Err(broken(format!(
+                            "head `{}` reads width {}, the base model's is {width}",
+                            head.config.task, head.config.hidden_size
+                        )));
+                    }
+                    heads.push(head);
+                }
                 Ok(())
             };
             match &manifest.contents.setup {

@@ -244,6 +244,25 @@ async fn bad_requests_and_bad_adapters_get_clear_errors_and_the_server_keeps_ser
     let weights = dir.join(format!("store/damaged/versions/{}/files/adapter_model.safetensors", damaged.version));
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 3]).unwrap();
+    // Heads that could not answer: no labels, and one (with its weights) for another width.
+    for (name, labels, width) in [("no-labels", 0, 384), ("too-wide", 2, 768)] {
+        let folder = dir.join(name);
+        let head = folder.join("heads/sms_spam");
+        std::fs::create_dir_all(&head).unwrap();
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixtures().join("fusion-sources/sms_spam").join(file), folder.join(file)).unwrap();
+        }
+        let config_path = fixtures().join("fusion-sources/sms_spam/heads/sms_spam/head_config.json");
+        let mut config: Value = serde_json::from_str(&std::fs::read_to_string(config_path).unwrap()).unwrap();
+        config["labels"] = json!(["ham", "spam"][..labels]);
+        config["hidden_size"] = json!(width);
+        std::fs::write(head.join("head_config.json"), config.to_string()).unwrap();
+        let zeros = |shape: &[usize]| candle_core::Tensor::zeros(shape, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let tensors =
+            std::collections::HashMap::from([("weight".to_string(), zeros(&[labels, width])), ("bias".to_string(), zeros(&[labels]))]);
+        candle_core::safetensors::save(&tensors, head.join("head.safetensors")).unwrap();
+        store.push(&folder, &name.parse().unwrap(), PushOptions::default()).await.unwrap();
+    }
     let server = Server::start(store, Config { max_body_bytes: 64 << 10, max_inputs: 8, ..config(&dir) }).await;
     let client = reqwest::Client::new();
     let raw =
@@ -265,6 +284,10 @@ async fn bad_requests_and_bad_adapters_get_clear_errors_and_the_server_keeps_ser
     expect(s, b, "does not fit this server's base model", StatusCode::CONFLICT);
     let (s, b) = server.post("/v1/classify", json!({"model": "damaged", "input": "x"})).await;
     expect(s, b, "damaged", StatusCode::BAD_GATEWAY);
+    let (s, b) = server.post("/v1/classify", json!({"model": "no-labels", "input": "x"})).await;
+    expect(s, b, "at least one label", StatusCode::BAD_GATEWAY);
+    let (s, b) = server.post("/v1/classify", json!({"model": "too-wide", "input": "x"})).await;
+    expect(s, b, "reads width 768, the base model's is 384", StatusCode::BAD_GATEWAY);
     let (s, b) = server.post("/v1/classify", json!({"model": "sms", "input": vec!["x"; 9]})).await;
     expect(s, b, "1 to 8 texts", StatusCode::BAD_REQUEST);
     let r = raw(json!({"model": "sms", "input": "x".repeat(100_000)}).to_string()).await.unwrap();
