@@ -14,6 +14,7 @@
 //! HAProxy comes from Debian's packages (installed here with apt-get when missing and
 //! running as root). About 4 minutes.
 
+use crate::load_test::percentile;
 use crate::{fetch, run};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -197,14 +198,6 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(f64::NAN)
         / 1024.0
-}
-
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 /// What a drill found: its table rows, its figures and its checks (text, held).

@@ -165,7 +165,8 @@ fn one_request(client: &reqwest::blocking::Client, url: &str, rng: &mut impl Rng
     }
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+/// The `p` quantile of `v` (nearest rank); NaN when empty.
+pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }

@@ -127,8 +127,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     let (ticket, target, route, text, prompt, max_tokens, sampling, stream) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            record(&state, &labels, endpoint, e.status, started);
-            return e.into_response();
+            return refused(&state, &labels, endpoint, started, e);
         }
     };
     let id = format!("{}-{:016x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, rand_seed());
@@ -139,14 +138,12 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
         let waiting = match state.admission.wait(prompt.len() + max_tokens, &state.metrics) {
             Ok(w) => Some(w),
             Err(e) => {
-                record(&state, &labels, endpoint, e.status, started);
-                return e.into_response();
+                return refused(&state, &labels, endpoint, started, e);
             }
         };
         let generation = Generation { target, text, prompt, max_tokens, sampling, queued: Instant::now(), waiting, pieces: sender };
         if let Err(e) = state.decoder().submit(generation) {
-            record(&state, &labels, endpoint, e.status, started);
-            return e.into_response();
+            return refused(&state, &labels, endpoint, started, e);
         }
     } else {
         generate_alone(&state, target, prompt, max_tokens, sampling, sender, &labels);
@@ -165,8 +162,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     let first = match first {
         Ok(piece) => piece,
         Err(e) => {
-            record(&state, &labels, endpoint, e.status, started);
-            return e.into_response();
+            return refused(&state, &labels, endpoint, started, e);
         }
     };
 
@@ -223,9 +219,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 Ok(None) => break,
                 Err(_) => {
                     state.metrics.dropped.get_or_create(&CauseLabels { cause: "timeout".into() }).inc();
-                    let e = timed_out();
-                    record(&state, &labels, endpoint, e.status, started);
-                    return e.into_response();
+                    return refused(&state, &labels, endpoint, started, timed_out());
                 }
             },
         };
@@ -246,12 +240,17 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 return (StatusCode::OK, Json(body)).into_response();
             }
             Piece::Failed(e) => {
-                record(&state, &labels, endpoint, e.status, started);
-                return e.into_response();
+                return refused(&state, &labels, endpoint, started, e);
             }
         }
     }
     ApiError::internal("generation stopped without an answer").into_response()
+}
+
+/// The response of a request that ends in `e`, counted under its labels.
+fn refused(state: &AppState, labels: &AdapterLabels, endpoint: &str, started: Instant, e: ApiError) -> Response {
+    record(state, labels, endpoint, e.status, started);
+    e.into_response()
 }
 
 /// The prompt's text and token ids: `prompt` as it is, or `messages` through the model's

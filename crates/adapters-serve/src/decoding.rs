@@ -95,9 +95,7 @@ impl Decoder {
 /// closed) and the loop goes on.
 fn decode_loop(state: Weak<AppState>, rx: Receiver<Generation>, runtime: tokio::runtime::Handle) {
     while let Ok(first) = rx.recv() {
-        if let Err(e) = crate::fault::check(crate::fault::Mode::Loop, std::iter::once(first.text.as_str())) {
-            unreachable!("the loop fault panics: {e}");
-        }
+        crate::fault::panic_if_loop_poisoned(&first.text);
         let Some(state) = state.upgrade() else { return };
         let busy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_while_busy(&state, first, &rx, &runtime)));
         if busy.is_err() {

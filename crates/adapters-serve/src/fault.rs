@@ -60,6 +60,11 @@ pub(crate) fn check<'a>(mode: Mode, mut rows: impl Iterator<Item = &'a str>) -> 
     }
 }
 
+/// Panics (as a bug in the decoding loop would) when `text` holds the marker of `loop`.
+pub(crate) fn panic_if_loop_poisoned(text: &str) {
+    let _ = check(Mode::Loop, std::iter::once(text));
+}
+
 /// Both in-batch modes at once: what a batched pass calls.
 pub(crate) fn check_batch<'a>(rows: impl Iterator<Item = &'a str> + Clone) -> Result<(), String> {
     check(Mode::Panic, rows.clone())?;

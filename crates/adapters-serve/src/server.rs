@@ -484,19 +484,19 @@ impl AppState {
     /// Token ids of each text (with special tokens where `add_special`), each cut to what
     /// the model reads (its context, or less where its tokenizer cuts texts shorter), or
     /// with `truncate` false a 400 for the first that is longer. Tokenising runs on the
-    /// blocking pool, off the runtime's worker threads.
+    /// blocking pool, off the runtime's worker threads; the texts come back with the ids.
     pub(crate) async fn tokenize(
         self: &Arc<Self>,
         texts: Vec<String>,
         add_special: bool,
         truncate: bool,
-    ) -> Result<Vec<Vec<u32>>, ApiError> {
+    ) -> Result<(Vec<String>, Vec<Vec<u32>>), ApiError> {
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
             let context = state.context();
             let reads = state.tokenizer.max_length().map_or(context, |m| m.min(context));
             let keep_last = state.base.is_encoder() && add_special;
-            texts
+            let ids = texts
                 .iter()
                 .enumerate()
                 .map(|(i, text)| {
@@ -509,7 +509,8 @@ impl AppState {
                     }
                     Ok(adapters_train::truncate_ids(ids, context, keep_last))
                 })
-                .collect()
+                .collect::<Result<_, ApiError>>()?;
+            Ok((texts, ids))
         })
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing failed: {e}")))?
@@ -544,7 +545,7 @@ async fn serve_inference(
         let work = work_of(&target, request.task)?;
         let (rows, id) = (texts.len() as u64, target.id());
         let add_special = matches!(work, Work::Embed) || state.model_of(&target).is_encoder();
-        let ids = state.tokenize(texts.clone(), add_special, request.truncate.unwrap_or(true)).await?;
+        let (texts, ids) = state.tokenize(texts, add_special, request.truncate.unwrap_or(true)).await?;
         let waiting = Some(state.admission.wait(ids.iter().map(Vec::len).sum(), &state.metrics)?);
         let batch = crate::batcher::Rows { texts, ids, waiting };
         let (mut value, tokens) = state.batcher().run(target, batch, work, deadline).await?;

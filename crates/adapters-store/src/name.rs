@@ -117,8 +117,7 @@ mod tests {
     #[test]
     fn versions_are_sixteen_lowercase_hex_digits_and_tags_cannot_look_like_one() {
         assert!(is_version("0123456789abcdef"));
-        for bad in ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "../../../../etc/", "/etc/passwd00000", "0123456789abcdeg"]
-        {
+        for bad in ["0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", "../../../../out/", "/absolute/00000", "0123456789abcdeg"] {
             assert!(!is_version(bad), "{bad:?}");
         }
         for looks in ["beef", "0123", "0123456789abcdef", "cafe01"] {

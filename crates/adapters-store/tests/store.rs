@@ -276,7 +276,7 @@ async fn hostile_store(store: &Store, raw: &Raw, work: &Path) {
         assert!(matches!(e, Error::Corrupt(_)) && e.to_string().contains(needle), "expected Corrupt with `{needle}`: {e}")
     };
     // Tags pointing outside: a relative escape, an absolute path, upper-case hex.
-    for (tag, version) in [("up", "../../../../tmp/x"), ("abs", "/etc/passwd"), ("upper", "0123456789ABCDEF")] {
+    for (tag, version) in [("up", "../../../../outside"), ("abs", "/absolute/version"), ("upper", "0123456789ABCDEF")] {
         put_raw(raw, &format!("sms/tags/{tag}.json"), format!(r#"{{"version": "{version}", "updated": "2026-01-01T00:00:00Z"}}"#)).await;
         corrupt(store.resolve(&reference(&format!("sms@{tag}"))).await.unwrap_err(), "not a version");
     }
@@ -291,9 +291,9 @@ async fn hostile_store(store: &Store, raw: &Raw, work: &Path) {
     let mut forged = good.clone();
     for (files, member, needle) in [
         (vec![file("../../outside")], None, "outside the folder"),
-        (vec![file("/etc/cron.d/x")], None, "outside the folder"),
+        (vec![file("/absolute/file")], None, "outside the folder"),
         (vec![file("a\\..\\..\\x")], None, "outside the folder"),
-        (vec![file("adapter_config.json")], Some("../../etc"), "not a plain name"),
+        (vec![file("adapter_config.json")], Some("../../outside"), "not a plain name"),
     ] {
         forged.files = files;
         forged.digest = adapters_store::folder::digest(&forged.files);
