@@ -210,6 +210,7 @@ fn cargo_test(root: &Path, args: &[String], env: &[(&str, &str)], counts: &mut C
 /// only the families (the crates users pick one by one) get a run of their own.
 const NOT_FAMILIES: &[&str] = &[
     "adapters-core",
+    "adapters-kernels",
     "adapters-models",
     "adapters-train",
     "adapters-cli",

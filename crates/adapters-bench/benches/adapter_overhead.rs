@@ -30,7 +30,7 @@ fn attach(m: &mut Backbone, name: &str, kind: &str, config: serde_json::Value) {
 }
 
 fn main() {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

@@ -35,7 +35,7 @@ fn bert(m: Backbone) -> Bert {
 }
 
 fn main() {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

@@ -41,7 +41,7 @@ fn rows(adapters: usize) -> ForwardCtx {
 }
 
 fn main() {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

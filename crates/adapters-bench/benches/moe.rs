@@ -14,7 +14,8 @@
 
 use adapters_bench::workloads::{minilm_infer, minilm_train, Step};
 use adapters_bench::{interleave, to_json, write_result, Timing};
-use adapters_core::{kernels, registry, Adapter, ForwardCtx, InsertionPoint, Placement, Point, Site, SublayerIo};
+use adapters_core::{registry, Adapter, ForwardCtx, InsertionPoint, Placement, Point, Site, SublayerIo};
+use adapters_kernels as kernels;
 use adapters_models::{fetched, load};
 use candle_core::{Device, Tensor};
 use serde_json::json;
@@ -35,7 +36,7 @@ fn ratio(t: &[Timing], name: &str) -> f64 {
 }
 
 fn main() {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

@@ -37,7 +37,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 fn main() {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return;
     }

@@ -2,7 +2,8 @@
 //! sublayer output (the residual is the backbone's).
 
 use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
-use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, RowBatch, SublayerIo};
+use adapters_core::{registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, RowBatch, SublayerIo};
+use adapters_kernels as kernels;
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
 

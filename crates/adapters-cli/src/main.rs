@@ -488,7 +488,7 @@ enum Command {
 }
 
 fn main() {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Kinds => commands::kinds(),

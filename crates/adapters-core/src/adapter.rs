@@ -120,8 +120,8 @@ pub trait Adapter: Send + Sync {
     /// At a hidden site of a post-norm backbone, when this adapter is the only one there
     /// and no gradient is wanted: the site's result `norm(output' + input)` (`output'`
     /// being `forward_hidden`'s) computed in one pass with the backbone's norm `(weight,
-    /// bias, eps)`, e.g. by [`crate::kernels::bottleneck_add_layer_norm`] or
-    /// [`crate::kernels::mixture_add_layer_norm`]: the adapter's work then costs its own
+    /// bias, eps)`, e.g. by [`adapters_kernels::bottleneck_add_layer_norm`] or
+    /// [`adapters_kernels::mixture_add_layer_norm`]: the adapter's work then costs its own
     /// arithmetic, not extra passes over `[tokens, hidden]`. `None` (the default): the
     /// backbone runs `forward_hidden` and its norm, which this must agree with.
     fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Option<Result<Tensor>> {

@@ -17,7 +17,6 @@ pub mod guide {}
 mod error;
 pub mod init;
 pub mod io;
-pub mod kernels;
 pub mod merge;
 pub mod placement;
 pub mod point;

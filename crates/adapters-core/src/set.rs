@@ -3,10 +3,10 @@
 
 use crate::adapter::{Adapter, AddNormFn, FuseMember, LayerNormWeights, ProjectionIo, SublayerIo, TensorFn};
 use crate::context::{AuxLoss, ForwardCtx, FusionAttention, RowGroup};
-use crate::kernels;
 use crate::point::Point;
 use crate::setup::Setup;
 use crate::Error;
+use adapters_kernels as kernels;
 use candle_core::{Result, Tensor, Var};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;

@@ -2,7 +2,8 @@
 //! site its member adapters share, attention over the members' outputs per token, with
 //! the sublayer's (normalised) output as the query.
 
-use adapters_core::{kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, FuseMember, Fused, Init, Point, Site, SublayerIo};
+use adapters_core::{registry, Adapter, BuildArgs, Error, ForwardCtx, FuseMember, Fused, Init, Point, Site, SublayerIo};
+use adapters_kernels as kernels;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -11,7 +11,8 @@
 
 use crate::config::{Conditioning, HyperConfig, TrainParts, KIND};
 use adapters_bottleneck::Bottleneck;
-use adapters_core::{io, kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, Site, SublayerIo};
+use adapters_core::{io, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, Site, SublayerIo};
+use adapters_kernels as kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// One generated tensor: `G · code + c`, reshaped.

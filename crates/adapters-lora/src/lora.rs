@@ -3,7 +3,8 @@
 //! leaves the model unchanged. Mergeable: the delta `s * B A` can be added to `W`.
 
 use adapters_core::registry::{self, parse_config};
-use adapters_core::{kernels, Adapter, BuildArgs, Error, ForwardCtx, Init, LowRank, Point, ProjectionIo, RowBatch, Site};
+use adapters_core::{Adapter, BuildArgs, Error, ForwardCtx, Init, LowRank, Point, ProjectionIo, RowBatch, Site};
+use adapters_kernels as kernels;
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

@@ -20,7 +20,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` compatibility
     }

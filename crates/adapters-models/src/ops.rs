@@ -1,8 +1,8 @@
-//! The layers the backbones are built from, on the fused kernels of [`adapters_core::kernels`]
+//! The layers the backbones are built from, on the fused kernels of [`adapters_kernels`]
 //! (which fall back to composed candle ops off the CPU).
 
-use adapters_core::kernels;
 use adapters_core::{AdapterSet, ForwardCtx, Point, ProjectionIo};
+use adapters_kernels as kernels;
 use candle_core::{Module, Result, Tensor};
 use std::sync::Arc;
 

@@ -8,9 +8,8 @@
 
 use crate::config::{Activation, Dispatch, ExpertKind, Granularity, MoeConfig, RouterKind};
 use crate::router::{self, Plan, Units};
-use adapters_core::{
-    kernels, registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, ProjectionIo, Site, SublayerIo,
-};
+use adapters_core::{registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, ProjectionIo, Site, SublayerIo};
+use adapters_kernels as kernels;
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 

@@ -81,7 +81,7 @@ pub fn lm_loss_of(backbone: &Backbone, hidden: &Tensor, ids: &Tensor, loss_mask:
     }
     let n = targets.dim(0)?;
     // Blocked: the [tokens, vocab] logits are never all in memory at once.
-    let loss = adapters_core::kernels::linear_cross_entropy(&hidden, model.lm_head_weight(), &targets)?;
+    let loss = adapters_kernels::linear_cross_entropy(&hidden, model.lm_head_weight(), &targets)?;
     Ok((loss, n))
 }
 

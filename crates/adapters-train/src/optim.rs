@@ -3,7 +3,7 @@
 //! here matrices decay and vectors (biases, norm weights, scaling vectors) do not.
 
 use crate::error::{fail, Error};
-use adapters_core::kernels::{adamw, AdamWStep};
+use adapters_kernels::{adamw, AdamWStep};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 //! the thing to profile: `perf record -g target/release/bench-workload minilm_train_seq_bn`.
 
 fn main() -> anyhow::Result<()> {
-    adapters_core::kernels::tune_cpu_runtime();
+    adapters_kernels::tune_cpu_runtime();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--probe") {
         println!("{}", serde_json::json!({ "sgemm1024_gflops": adapters_bench::workloads::sgemm_gflops() }));

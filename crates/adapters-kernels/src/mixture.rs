@@ -172,7 +172,7 @@ fn composed(input: &Tensor, output: &Tensor, mixture: &RoutedExperts, weight: &T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::Activation;
+    use crate::Activation;
     use candle_core::Device;
 
     /// Top-k by logit with softmax gates renormalised over the chosen; every fifth row
