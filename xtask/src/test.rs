@@ -211,6 +211,7 @@ fn cargo_test(root: &Path, args: &[String], env: &[(&str, &str)], counts: &mut C
 const NOT_FAMILIES: &[&str] = &[
     "adapters-core",
     "adapters-kernels",
+    "adapters-families",
     "adapters-models",
     "adapters-train",
     "adapters-cli",

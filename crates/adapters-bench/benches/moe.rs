@@ -113,7 +113,7 @@ fn one_site(rounds: usize) {
         .collect();
     let ctx = ForwardCtx::inference();
     let io = SublayerIo { input: &input, output: &output, post_norm: Some(&add_norm) };
-    let at_site = |a: &dyn Adapter| match a.hidden_add_layer_norm(point, &io, norm, &ctx) {
+    let at_site = |a: &dyn Adapter| match a.capabilities().fused_post_norm.and_then(|f| f.add_layer_norm(point, &io, norm, &ctx)) {
         Some(fused) => fused.unwrap(),
         None => add_norm(&a.forward_hidden(point, &io, &ctx).unwrap(), &input).unwrap(),
     };

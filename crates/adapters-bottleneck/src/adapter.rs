@@ -2,7 +2,10 @@
 //! sublayer output (the residual is the backbone's).
 
 use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
-use adapters_core::{registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, RowBatch, SublayerIo};
+use adapters_core::{
+    registry, Adapter, BatchableForm, BuildArgs, Capabilities, Error, ForwardCtx, FusedPostNorm, Init, LayerNormWeights, Point, RowBatched,
+    SublayerIo,
+};
 use adapters_kernels as kernels;
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::BTreeMap;
@@ -197,7 +200,7 @@ impl Bottleneck {
         };
         // Nothing between the up projection and the residual add (the usual case): one
         // fused step, which neither makes nor keeps the up projection's own output.
-        let dropout = ctx.train && c.dropout > 0.0;
+        let dropout = ctx.is_training() && c.dropout > 0.0;
         let unscaled = fold.is_some() || matches!(c.scaling, Scaling::Fixed(v) if v == 1.0);
         if unscaled && w.norm_after.is_none() && w.gate.is_none() && !dropout {
             return match w.per_row {
@@ -271,7 +274,13 @@ impl Adapter for Bottleneck {
         self.forward_with(&site.weights(&site.tensors(), false)?, io, ctx)
     }
 
-    fn row_batch(&self, point: Point) -> Option<RowBatch> {
+    fn capabilities(&self) -> Capabilities<'_> {
+        Capabilities { row_batched: Some(self), fused_post_norm: Some(self), ..Default::default() }
+    }
+}
+
+impl RowBatched for Bottleneck {
+    fn batchable_form(&self, point: Point) -> Option<BatchableForm> {
         let site = self.sites.get(&point)?;
         let c = &self.config;
         let (r, d) = site.down_w.dims2().ok()?;
@@ -280,14 +289,16 @@ impl Adapter for Bottleneck {
             "bottleneck {d}x{r} act={:?} original_ln_before={} parallel={} scaling={:?} ln_before={} ln_after={} dropout={} gating={}",
             c.non_linearity, c.original_ln_before, c.is_parallel, c.scaling, c.ln_before, c.ln_after, c.dropout, c.use_gating
         );
-        Some(RowBatch { key, weights: site.tensors() })
+        Some(BatchableForm { key, weights: site.tensors() })
     }
 
     fn forward_hidden_rows(&self, point: Point, io: &SublayerIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
         self.forward_with(&self.sites[&point].weights(weights, true)?, io, ctx)
     }
+}
 
-    fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+impl FusedPostNorm for Bottleneck {
+    fn add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, _ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         let (weight, bias, eps) = norm;
         let form = self.bottleneck(point)?;
         Some(form.and_then(|b| kernels::bottleneck_add_layer_norm(io.input, io.output, &b, weight, bias, eps)))

@@ -63,7 +63,7 @@ fn with_three(m: &mut Backbone, kind: &str, config: &serde_json::Value) {
     let keys: Vec<String> = (0..3)
         .map(|i| {
             let a = m.adapters().get(&format!("a{i}")).unwrap().clone();
-            a.row_batch(a.points()[0]).expect("a row-batch form").key
+            a.capabilities().row_batched.and_then(|r| r.batchable_form(a.points()[0])).expect("a batchable form").key
         })
         .collect();
     assert!(keys.iter().all(|k| *k == keys[0]), "{kind}: keys differ, so nothing would be batched: {keys:?}");

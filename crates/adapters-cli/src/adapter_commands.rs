@@ -1,6 +1,6 @@
 //! Adapter folders: create (`new`), describe (`inspect`), merge into the base (`merge`).
 
-use crate::commands::{open, open_with, AdapterArgs};
+use crate::commands::{missing_family, open, open_with, AdapterArgs};
 use adapters_core::durable;
 use adapters_core::io::{self, read_json, read_tensors, CONFIG_FILE};
 use adapters_core::{registry, Adapter, InsertionPoint, Placement};
@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Our own layout (adapter_config.json + adapter_model.safetensors).
     Native,
@@ -93,9 +93,18 @@ pub fn write_as(
     let info = loaded.backbone.model_info();
     match format {
         Format::Native => io::save(out, name, adapter, placement, &loaded.backbone.fingerprint()?)?,
+        #[cfg(feature = "lora")]
         Format::Peft => adapters_lora::peft::save(out, adapter, &info, &model.to_string_lossy())?,
+        #[cfg(feature = "fusion")]
         Format::Adapterhub if adapter.kind() == adapters_fusion::KIND => adapters_fusion::adapterhub::save(out, name, adapter, &info)?,
+        #[cfg(feature = "bottleneck")]
         Format::Adapterhub => adapters_bottleneck::adapterhub::save(out, name, adapter, placement, &info)?,
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = (&info, model, name, placement);
+            let feature = if format == Format::Peft { "lora" } else { "bottleneck" };
+            return Err(missing_family(feature, &format!("writing the {format:?} format")));
+        }
     }
     Ok(())
 }
@@ -112,7 +121,8 @@ pub fn convert(dir: &Path, model: &Path, format: Format, out: &Path) -> Result<(
 
 /// The weights file of an adapter folder, whichever layout it has.
 fn weights_file(dir: &Path) -> Option<PathBuf> {
-    [io::WEIGHTS_FILE, adapters_bottleneck::adapterhub::WEIGHTS_FILE].iter().map(|f| dir.join(f)).find(|p| p.exists())
+    // AdapterHub's bottleneck folders keep their weights in `adapter.safetensors`.
+    [io::WEIGHTS_FILE, "adapter.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.exists())
 }
 
 pub fn inspect(dir: &Path, model: Option<&Path>) -> Result<()> {
@@ -193,6 +203,13 @@ pub fn merge(model: &Path, adapters: &AdapterArgs, out: &Path) -> Result<()> {
 }
 
 /// Averages the experts of a mixture folder into one plain adapter folder (heads copied).
+#[cfg(not(feature = "moe"))]
+pub fn merge_experts(dir: &Path, _model: &Path, _out: &Path) -> Result<()> {
+    Err(missing_family("moe", &format!("averaging the experts of {}", dir.display())))
+}
+
+/// Averages the experts of a mixture folder into one plain adapter folder (heads copied).
+#[cfg(feature = "moe")]
 pub fn merge_experts(dir: &Path, model: &Path, out: &Path) -> Result<()> {
     check_empty_target(out)?;
     let loaded = open(model)?;
@@ -210,6 +227,12 @@ pub fn merge_experts(dir: &Path, model: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+#[cfg(not(feature = "hyper"))]
+pub fn hyper_export(dir: &Path, _model: &Path, _task: &str, _out: &Path) -> Result<()> {
+    Err(missing_family("hyper", &format!("exporting an adapter from the hypernetwork {}", dir.display())))
+}
+
+#[cfg(feature = "hyper")]
 pub fn hyper_export(dir: &Path, model: &Path, task: &str, out: &Path) -> Result<()> {
     check_empty_target(out)?;
     let loaded = open(model)?;

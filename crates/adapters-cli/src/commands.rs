@@ -16,19 +16,15 @@ pub fn device() -> Result<Device> {
     Ok(Device::Cpu)
 }
 
-/// Touches every family crate so the linker keeps their registrations.
-pub fn link_families() {
-    let _ = (
-        adapters_bottleneck::family(),
-        adapters_lora::family(),
-        adapters_fusion::family(),
-        adapters_moe::family(),
-        adapters_hyper::family(),
-    );
+/// The error for a command that needs an adapter family this binary was built without.
+pub fn missing_family(feature: &str, what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what} needs the `{feature}` adapter family, which this `adapters` binary was built without; rebuild it with \
+         `cargo build --release -p adapters-cli --features {feature}`"
+    )
 }
 
 pub fn open(model: &Path) -> Result<LoadedModel> {
-    link_families();
     Ok(load(model, &device()?)?)
 }
 
@@ -127,7 +123,6 @@ pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
 }
 
 pub fn kinds() -> Result<()> {
-    link_families();
     let kinds = registry::kinds();
     if kinds.is_empty() {
         println!("No adapter kinds are registered in this build.");

@@ -17,7 +17,6 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<usize>) -> Result<()> {
-    crate::commands::link_families();
     let config = Config::load(config, sets)?;
     let mut trainer = Trainer::new(config.clone(), &crate::commands::device()?)?;
     let trainable = trainer.trainable_parameters();
@@ -88,10 +87,17 @@ impl TaskChoice {
     /// The inference context for `rows` rows: with the task mixture's vector as every row's
     /// conditioning when task-conditioned hypernetworks are loaded (instance-conditioned
     /// ones read the input and need nothing).
+    #[cfg(not(feature = "hyper"))]
+    fn context(&self, _loaded: &LoadedModel, _rows: usize) -> Result<ForwardCtx> {
+        Ok(ForwardCtx::inference())
+    }
+
+    #[cfg(feature = "hyper")]
     fn context(&self, loaded: &LoadedModel, rows: usize) -> Result<ForwardCtx> {
         let set = loaded.backbone.adapters();
-        let by_task =
-            |a: &std::sync::Arc<dyn adapters_core::Adapter>| a.kind() == adapters_hyper::config::KIND && !a.wants_mean_token_embedding();
+        let by_task = |a: &std::sync::Arc<dyn adapters_core::Adapter>| {
+            a.kind() == adapters_hyper::config::KIND && a.capabilities().conditioning.is_none()
+        };
         let hypers: Vec<&str> = set.names().into_iter().filter(|n| set.get(n).is_some_and(by_task)).collect();
         let Some(first) = hypers.first() else { return Ok(ForwardCtx::inference()) };
         if let Some(v) = &self.vector {

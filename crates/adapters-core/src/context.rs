@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Rows of a batch that share one adapter setup (a stack of adapter names, applied in order).
 #[derive(Clone, Debug)]
-pub struct RowGroup {
+pub struct StackRows {
     /// Adapter names applied in order; empty means the base model for these rows.
     pub stack: Vec<String>,
     /// Row indices into the batch (`u32`, on the model's device).
@@ -79,18 +79,44 @@ pub struct AuxOutputs {
     pub fusion_attentions: Vec<FusionAttention>,
 }
 
+/// What a forward pass is for: whether training's randomness is on (dropout, noise,
+/// stochastic routing) and whether an autograd graph is built through the adapters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Deterministic, with an autograd graph: evaluation whose gradients reach the inputs
+    /// (an attack's search on a trained model). The default.
+    #[default]
+    Evaluation,
+    /// Deterministic, no autograd graph: the adapter sites detach their outputs and the
+    /// kernels keep nothing for a backward pass.
+    Inference,
+    /// Training's randomness, with an autograd graph.
+    Training,
+    /// Training's randomness without an autograd graph: gradient checkpointing's first pass
+    /// over a layer, which runs again with a graph for the backward.
+    TrainingWithoutGraph,
+}
+
+impl Mode {
+    /// Whether dropout, noise and stochastic routing are on.
+    pub fn is_training(self) -> bool {
+        matches!(self, Mode::Training | Mode::TrainingWithoutGraph)
+    }
+
+    /// Whether an autograd graph is built through the adapters.
+    pub fn builds_graph(self) -> bool {
+        matches!(self, Mode::Training | Mode::Evaluation)
+    }
+}
+
 /// The per-forward context. Cheap to build; one per forward call. A clone shares the
 /// reports and the random generator.
 #[derive(Clone, Debug, Default)]
 pub struct ForwardCtx {
-    /// Training mode: dropout, noise and stochastic routing are active.
-    pub train: bool,
-    /// No gradients wanted: the adapter sites detach their outputs, so no autograd graph
-    /// is built through trainable adapters (and kernels keep nothing for a backward pass).
-    /// Set by [`ForwardCtx::inference`]; off for evaluation that needs gradients (attacks).
-    pub no_grad: bool,
+    /// Training or not, and whether an autograd graph is built (see [`Mode`]).
+    mode: Mode,
     /// Per-row adapter choice; `None` means every row uses the model's active setup.
-    pub row_groups: Option<Vec<RowGroup>>,
+    pub rows_by_stack: Option<Vec<StackRows>>,
     /// The attention mask `[batch, seq]` (`u32`, 1 on tokens, 0 on padding), set by the
     /// backbone for its forward so that hidden and projection sites can skip padding
     /// (routing statistics, balance losses); `None` when no row is padded.
@@ -121,7 +147,7 @@ pub struct ForwardCtx {
 impl ForwardCtx {
     /// Inference: no dropout, no gradients.
     pub fn inference() -> Self {
-        ForwardCtx { no_grad: true, ..Default::default() }
+        ForwardCtx { mode: Mode::Inference, ..Default::default() }
     }
 
     /// Training: dropout on; dropout masks from an unseeded RNG.
@@ -131,7 +157,7 @@ impl ForwardCtx {
 
     /// Training with reproducible dropout masks: the same seed draws the same masks.
     pub fn training_seeded(seed: u64) -> Self {
-        ForwardCtx { train: true, rng: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))), seed, ..Default::default() }
+        ForwardCtx { mode: Mode::Training, rng: Some(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed)))), seed, ..Default::default() }
     }
 
     /// The context of layer `l` of a backbone: this one with a random stream of the layer's
@@ -146,28 +172,46 @@ impl ForwardCtx {
         ForwardCtx { rng, ..self.clone() }
     }
 
-    /// This context with [`ForwardCtx::no_grad`] on: no autograd graph through adapters.
-    pub fn without_grad(&self) -> ForwardCtx {
-        ForwardCtx { no_grad: true, ..self.clone() }
+    /// What this pass is for.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
-    /// This context with [`ForwardCtx::no_grad`] off: gradients reach the inputs through
-    /// adapters too (an attack's search on a trained model).
-    pub fn with_grad(&self) -> ForwardCtx {
-        ForwardCtx { no_grad: false, ..self.clone() }
+    /// Whether dropout, noise and stochastic routing are on (see [`Mode::is_training`]).
+    pub fn is_training(&self) -> bool {
+        self.mode.is_training()
+    }
+
+    /// Whether an autograd graph is built through the adapters (see [`Mode::builds_graph`]).
+    pub fn builds_graph(&self) -> bool {
+        self.mode.builds_graph()
+    }
+
+    /// This context without an autograd graph through adapters (training stays training).
+    pub fn without_graph(mut self) -> ForwardCtx {
+        self.mode = if self.is_training() { Mode::TrainingWithoutGraph } else { Mode::Inference };
+        self
+    }
+
+    /// This context with an autograd graph: gradients reach the inputs through adapters
+    /// too (an attack's search on a trained model).
+    pub fn with_graph(mut self) -> ForwardCtx {
+        self.mode = if self.is_training() { Mode::Training } else { Mode::Evaluation };
+        self
     }
 
     /// This context with reports of its own (auxiliary losses, routing, fusion attention),
     /// kept apart from this one's.
-    pub fn with_own_reports(&self) -> ForwardCtx {
-        ForwardCtx { aux: Arc::default(), ..self.clone() }
+    pub fn with_own_reports(mut self) -> ForwardCtx {
+        self.aux = Arc::default();
+        self
     }
 
     /// The seeded generator adapters draw training-time randomness from (router noise,
     /// stochastic routing); `None` in inference. Draw in a fixed order so that a resumed
     /// run repeats an uninterrupted one bit for bit.
     pub fn rng(&self) -> Option<MutexGuard<'_, ChaCha8Rng>> {
-        self.rng.as_ref().filter(|_| self.train).map(|rng| rng.lock().expect("forward rng poisoned"))
+        self.rng.as_ref().filter(|_| self.is_training()).map(|rng| rng.lock().expect("forward rng poisoned"))
     }
 
     /// Normal(0, std) noise of `shape` from [`Self::rng`]; `None` in inference.
@@ -207,10 +251,10 @@ impl ForwardCtx {
             .into_iter()
             .map(|(stack, rows)| {
                 let n = rows.len();
-                Ok(RowGroup { stack, rows: Tensor::from_vec(rows.clone(), n, device)?, indices: rows })
+                Ok(StackRows { stack, rows: Tensor::from_vec(rows.clone(), n, device)?, indices: rows })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.row_groups = Some(groups);
+        self.rows_by_stack = Some(groups);
         Ok(self)
     }
 
@@ -254,8 +298,9 @@ impl ForwardCtx {
 
     /// Sets the perturbation added to the token embeddings (see
     /// [`ForwardCtx::embedding_perturbation`]); it shares this context's reports and RNG.
-    pub fn with_embedding_perturbation(&self, delta: Tensor) -> Self {
-        ForwardCtx { embedding_perturbation: Some(delta), ..self.clone() }
+    pub fn with_embedding_perturbation(mut self, delta: Tensor) -> Self {
+        self.embedding_perturbation = Some(delta);
+        self
     }
 
     /// The context seen by a subset of the batch's rows: per-example fields are narrowed
@@ -285,7 +330,7 @@ impl ForwardCtx {
 
     fn narrowed(&self, mask: impl Fn(&Tensor) -> Result<Tensor>, per_example: impl Fn(&Tensor) -> Result<Tensor>) -> Result<ForwardCtx> {
         Ok(ForwardCtx {
-            row_groups: None,
+            rows_by_stack: None,
             attention_mask: self.attention_mask.as_ref().map(&mask).transpose()?,
             task_ids: self.task_ids.as_ref().map(&per_example).transpose()?,
             conditioning: self.conditioning.as_ref().map(&per_example).transpose()?,

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod capability;
 pub mod context;
 pub mod durable;
 pub mod fingerprint;
@@ -24,8 +25,12 @@ pub mod registry;
 pub mod set;
 pub mod setup;
 
-pub use adapter::{Adapter, AddNormFn, FuseMember, Fused, LayerNormWeights, LowRank, ProjectionIo, RowBatch, SublayerIo};
-pub use context::{AuxLoss, AuxOutputs, ForwardCtx, FusionAttention, RoutingStats, RowGroup};
+pub use adapter::{Adapter, AddNormFn, LayerNormWeights, ProjectionIo, SublayerIo};
+pub use capability::{
+    BatchableForm, Capabilities, ConditioningNeed, FuseMember, Fused, FusedPostNorm, FusionLayer, LowRank, LowRankProjection,
+    MergeableDelta, PartlyFrozen, RowBatched,
+};
+pub use context::{AuxLoss, AuxOutputs, ForwardCtx, FusionAttention, Mode, RoutingStats, StackRows};
 pub use error::Error;
 pub use fingerprint::Fingerprint;
 pub use init::Init;

@@ -1,8 +1,9 @@
 //! The named adapters attached to one model, the active setup, and the dispatch that
 //! backbones call at every point.
 
-use crate::adapter::{Adapter, AddNormFn, FuseMember, LayerNormWeights, ProjectionIo, SublayerIo, TensorFn};
-use crate::context::{AuxLoss, ForwardCtx, FusionAttention, RowGroup};
+use crate::adapter::{Adapter, AddNormFn, LayerNormWeights, ProjectionIo, SublayerIo, TensorFn};
+use crate::capability::{ConditioningNeed, FuseMember};
+use crate::context::{AuxLoss, ForwardCtx, FusionAttention, StackRows};
 use crate::point::Point;
 use crate::setup::Setup;
 use crate::Error;
@@ -81,12 +82,13 @@ impl Node {
     }
 }
 
-/// One adapter of a row batch at a point: its tensors there and its rows.
-type RowBatchMember<'a> = (Arc<dyn Adapter>, Vec<Tensor>, &'a RowGroup);
+/// One adapter of a batched computation at a point: its form's tensors there and its rows.
+type BatchedAdapter<'a> = (Arc<dyn Adapter>, Vec<Tensor>, &'a StackRows);
 
-/// What a site lends to its adapters besides its input and output.
+/// The frozen part of a site that it lends to its adapters besides its input and output:
+/// a hidden site's post-norm, a projection's linear map.
 #[derive(Clone, Copy)]
-enum SiteFn<'a> {
+enum LentBySite<'a> {
     Hidden(Option<AddNormFn<'a>>),
     Projection(TensorFn<'a>),
 }
@@ -123,10 +125,10 @@ impl AdapterSet {
         Ok(named.adapter)
     }
 
-    /// Whether an attached adapter reads each row's mean token embedding as its
-    /// conditioning (see [`Adapter::wants_mean_token_embedding`]).
-    pub fn wants_mean_token_embedding(&self) -> bool {
-        self.adapters.iter().any(|a| a.adapter.wants_mean_token_embedding())
+    /// Whether an attached adapter needs a conditioning vector of this kind that the
+    /// backbone computes (see [`crate::capability::ConditioningNeed`]).
+    pub fn needs_conditioning(&self, need: ConditioningNeed) -> bool {
+        self.adapters.iter().any(|a| a.adapter.capabilities().conditioning == Some(need))
     }
 
     /// Names of the attached adapters, in attach order.
@@ -275,6 +277,12 @@ impl AdapterSet {
         Ok(match setup {
             Setup::Adapter { name } => {
                 let named = self.named(name)?;
+                if named.adapter.capabilities().fusion.is_some() {
+                    return Err(Error::Setup(format!(
+                        "`{name}` is a fusion layer: it combines its members inside a `fuse(...)` block and does not \
+                         run on its own; activate e.g. `fuse(a, b)` with the adapters it was trained over"
+                    )));
+                }
                 named.points.contains(&point).then(|| Node::Adapter(named.adapter.clone()))
             }
             Setup::Stack { children } => {
@@ -284,6 +292,13 @@ impl AdapterSet {
             Setup::Fuse { children, fusion } => {
                 let name = fusion.clone().unwrap_or_else(|| Setup::default_fusion_name(children));
                 let layer = self.named(&name)?;
+                if layer.adapter.capabilities().fusion.is_none() {
+                    return Err(Error::Setup(format!(
+                        "`{setup}`: `{name}` is a `{}` adapter, not a fusion layer; train or load a fusion layer over \
+                         these adapters and name it",
+                        layer.adapter.kind()
+                    )));
+                }
                 for member in children.iter().flat_map(Setup::adapter_names) {
                     let named = self.named(&member)?;
                     if named.points.iter().all(|p| p.site.is_projection()) {
@@ -321,7 +336,7 @@ impl AdapterSet {
     /// Whether any adapter may run at `point` in this forward pass (an active one, or any
     /// when rows choose their own): backbones fuse operations around points where none does.
     pub fn may_act_at(&self, point: Point, ctx: &ForwardCtx) -> bool {
-        let Some(groups) = &ctx.row_groups else { return self.resolved.contains_key(&point) };
+        let Some(groups) = &ctx.rows_by_stack else { return self.resolved.contains_key(&point) };
         // A name not attached may act: the dispatch reports it.
         let acts = |name: &String| self.adapters.iter().find(|a| a.name == *name).is_none_or(|a| a.points.contains(&point));
         groups.iter().any(|g| g.stack.iter().any(acts))
@@ -335,16 +350,17 @@ impl AdapterSet {
 
     /// Runs the adapters at a hidden site; returns the (possibly new) sublayer output.
     pub fn hidden(&self, point: Point, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        self.dispatch(point, io.input, io.output, SiteFn::Hidden(io.post_norm), ctx).and_then(|y| detached_without_grad(y, ctx))
+        self.dispatch(point, io.input, io.output, LentBySite::Hidden(io.post_norm), ctx).and_then(|y| detached_without_grad(y, ctx))
     }
 
     /// Runs the adapters at a projection site; returns the (possibly new) projection output.
     pub fn projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        self.dispatch(point, io.input, io.output, SiteFn::Projection(io.linear), ctx).and_then(|y| detached_without_grad(y, ctx))
+        self.dispatch(point, io.input, io.output, LentBySite::Projection(io.linear), ctx).and_then(|y| detached_without_grad(y, ctx))
     }
 
     /// A projection `x Wᵀ + b` (frozen `W`, `b`) with the adapters at `point` applied, when
-    /// they are one adapter with a low-rank term (see [`Adapter::low_rank_projection`]): the
+    /// they are one adapter with a low-rank term (see
+    /// [`crate::capability::LowRankProjection`]): the
     /// term is added inside the product. `None` when they are not; the backbone then
     /// computes the projection and calls [`AdapterSet::projection`].
     pub fn low_rank_projection(
@@ -356,27 +372,29 @@ impl AdapterSet {
         ctx: &ForwardCtx,
     ) -> Result<Option<Tensor>> {
         let Some(adapter) = self.single_adapter(point, ctx) else { return Ok(None) };
-        let Some(term) = adapter.low_rank_projection(point, x, ctx).transpose()? else { return Ok(None) };
+        let Some(low_rank) = adapter.capabilities().low_rank else { return Ok(None) };
+        let Some(term) = low_rank.low_rank_term(point, x, ctx).transpose()? else { return Ok(None) };
         detached_without_grad(kernels::low_rank_linear(x, weight, bias, &term.down, &term.up)?, ctx).map(Some)
     }
 
     /// `layer_norm(output' + input)` at a hidden site of a post-norm backbone, `output'`
     /// being the sublayer output with the adapters at `point` applied, in one fused pass
-    /// when they are one adapter that has one (see [`Adapter::hidden_add_layer_norm`]) and
+    /// when they are one adapter that has one (see [`crate::capability::FusedPostNorm`]) and
     /// no gradient is wanted. `None` otherwise; the backbone then calls
     /// [`AdapterSet::hidden`] and its norm.
     pub fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
-        if ctx.train || !ctx.no_grad {
+        if ctx.is_training() || ctx.builds_graph() {
             return Ok(None);
         }
         let Some(adapter) = self.single_adapter(point, ctx) else { return Ok(None) };
-        adapter.hidden_add_layer_norm(point, io, norm, ctx).transpose()
+        let Some(fused) = adapter.capabilities().fused_post_norm else { return Ok(None) };
+        fused.add_layer_norm(point, io, norm, ctx).transpose()
     }
 
     /// The one adapter the active setup runs at `point` (alone, or as a stack of one), when
     /// rows do not choose their own.
     fn single_adapter(&self, point: Point, ctx: &ForwardCtx) -> Option<&Arc<dyn Adapter>> {
-        if ctx.row_groups.is_some() {
+        if ctx.rows_by_stack.is_some() {
             return None;
         }
         match self.resolved.get(&point)? {
@@ -390,8 +408,8 @@ impl AdapterSet {
     }
 
     /// Applies the active setup, or each row group's stack when the context routes rows.
-    fn dispatch(&self, point: Point, input: &Tensor, output: &Tensor, site: SiteFn, ctx: &ForwardCtx) -> Result<Tensor> {
-        let Some(groups) = &ctx.row_groups else {
+    fn dispatch(&self, point: Point, input: &Tensor, output: &Tensor, site: LentBySite, ctx: &ForwardCtx) -> Result<Tensor> {
+        let Some(groups) = &ctx.rows_by_stack else {
             return match self.resolved.get(&point) {
                 None => Ok(output.clone()),
                 Some(node) => self.run(node, point, input, output, site, ctx),
@@ -403,9 +421,9 @@ impl AdapterSet {
                  base weights (every row would get it); unmerge it first"
             );
         }
-        // Groups whose stack here is one adapter with a row-batch form go in one batched
+        // Groups whose stack here is one adapter with a batchable form go in one batched
         // computation with the groups of the same key; the rest run group by group.
-        let mut batches: Vec<(String, Vec<RowBatchMember>)> = Vec::new();
+        let mut batches: Vec<(String, Vec<BatchedAdapter>)> = Vec::new();
         let mut alone = Vec::new();
         for group in groups {
             let setup = Setup::stack(&group.stack);
@@ -419,7 +437,8 @@ impl AdapterSet {
                 },
                 _ => None,
             };
-            match single.and_then(|a| a.row_batch(point).map(|b| (a, b))) {
+            let form = single.as_ref().and_then(|a| a.capabilities().row_batched?.batchable_form(point));
+            match single.zip(form) {
                 Some((adapter, form)) => match batches.iter_mut().find(|(key, _)| *key == form.key) {
                     Some((_, members)) => members.push((adapter, form.weights, group)),
                     None => batches.push((form.key, vec![(adapter, form.weights, group)])),
@@ -445,19 +464,21 @@ impl AdapterSet {
             let weights = (0..members[0].1.len())
                 .map(|j| Tensor::stack(&members.iter().map(|(_, w, _)| &w[j]).collect::<Vec<_>>(), 0)?.index_select(&member_of, 0))
                 .collect::<Result<Vec<_>>>()?;
-            let adapter = &members[0].0;
+            let Some(batched) = members[0].0.capabilities().row_batched else {
+                candle_core::bail!("`{}` gave a batchable form but no per-row forward ({point})", members[0].0.kind())
+            };
             let rows_of = |t: &Tensor, index: &Tensor| if rows.len() == batch { Ok(t.clone()) } else { t.index_select(index, 0) };
             let index = Tensor::from_iter(rows.iter().map(|&(r, _)| r), output.device())?;
             let (rows_in, rows_out) = (rows_of(input, &index)?, rows_of(output, &index)?);
             let rows_ctx = if rows.len() == batch { ctx.for_range(0, batch)? } else { ctx.for_rows(&index)? };
             let new_rows = match site {
-                SiteFn::Hidden(post_norm) => adapter.forward_hidden_rows(
+                LentBySite::Hidden(post_norm) => batched.forward_hidden_rows(
                     point,
                     &SublayerIo { input: &rows_in, output: &rows_out, post_norm },
                     &weights,
                     &rows_ctx,
                 )?,
-                SiteFn::Projection(linear) => adapter.forward_projection_rows(
+                LentBySite::Projection(linear) => batched.forward_projection_rows(
                     point,
                     &ProjectionIo { input: &rows_in, output: &rows_out, linear },
                     &weights,
@@ -483,7 +504,7 @@ impl AdapterSet {
     }
 
     /// Evaluates a resolved setup on one site's input and output.
-    fn run(&self, node: &Node, point: Point, input: &Tensor, output: &Tensor, site: SiteFn, ctx: &ForwardCtx) -> Result<Tensor> {
+    fn run(&self, node: &Node, point: Point, input: &Tensor, output: &Tensor, site: LentBySite, ctx: &ForwardCtx) -> Result<Tensor> {
         // A child absent at this point passes its input through.
         let child = |c: &Option<Node>, input: &Tensor, output: &Tensor, ctx: &ForwardCtx| match c {
             Some(n) => self.run(n, point, input, output, site, ctx),
@@ -506,8 +527,8 @@ impl AdapterSet {
         };
         match node {
             Node::Adapter(a) => match site {
-                SiteFn::Hidden(post_norm) => a.forward_hidden(point, &SublayerIo { input, output, post_norm }, ctx),
-                SiteFn::Projection(linear) => a.forward_projection(point, &ProjectionIo { input, output, linear }, ctx),
+                LentBySite::Hidden(post_norm) => a.forward_hidden(point, &SublayerIo { input, output, post_norm }, ctx),
+                LentBySite::Projection(linear) => a.forward_projection(point, &ProjectionIo { input, output, linear }, ctx),
             },
             Node::Stack(children) => {
                 let mut out = output.clone();
@@ -517,7 +538,7 @@ impl AdapterSet {
                 Ok(out)
             }
             Node::Fuse { name, fusion, members } => {
-                let SiteFn::Hidden(post_norm) = site else {
+                let LentBySite::Hidden(post_norm) = site else {
                     candle_core::bail!("fusion `{name}` sits at a projection ({point}); fusion runs at hidden sites only")
                 };
                 let outputs = members.iter().map(|m| self.run(m, point, input, output, site, ctx)).collect::<Result<Vec<_>>>()?;
@@ -526,7 +547,8 @@ impl AdapterSet {
                     .zip(outputs)
                     .map(|(m, output)| FuseMember { adapter: m.last_adapter().map(|a| a.as_ref()), output })
                     .collect();
-                let fused = fusion.fuse_hidden(point, &SublayerIo { input, output, post_norm }, &fuse_members, ctx)?;
+                let Some(layer) = fusion.capabilities().fusion else { candle_core::bail!("`{name}` is not a fusion layer ({point})") };
+                let fused = layer.fuse(point, &SublayerIo { input, output, post_norm }, &fuse_members, ctx)?;
                 if let Some(value) = fused.regularization {
                     ctx.push_loss(AuxLoss { adapter: name.clone(), point, name: "fusion_value_regularization".into(), value });
                 }
@@ -571,5 +593,5 @@ impl AdapterSet {
 /// `y` cut from the autograd graph when the context wants no gradients: trainable
 /// adapters would otherwise make every later tensor of an inference pass track its history.
 fn detached_without_grad(y: Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-    Ok(if ctx.no_grad && y.track_op() { y.detach() } else { y })
+    Ok(if !ctx.builds_graph() && y.track_op() { y.detach() } else { y })
 }

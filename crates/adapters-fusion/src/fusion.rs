@@ -2,7 +2,9 @@
 //! site its member adapters share, attention over the members' outputs per token, with
 //! the sublayer's (normalised) output as the query.
 
-use adapters_core::{registry, Adapter, BuildArgs, Error, ForwardCtx, FuseMember, Fused, Init, Point, Site, SublayerIo};
+use adapters_core::{
+    registry, Adapter, BuildArgs, Capabilities, Error, ForwardCtx, FuseMember, Fused, FusionLayer, Init, Point, Site, SublayerIo,
+};
 use adapters_kernels as kernels;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
@@ -194,16 +196,13 @@ impl Adapter for Fusion {
         out
     }
 
-    fn forward_hidden(&self, point: Point, _io: &SublayerIo, _ctx: &ForwardCtx) -> Result<Tensor> {
-        candle_core::bail!(
-            "a fusion layer runs inside a `fuse(...)` block over its members ({}), not on its own ({point}); \
-             activate e.g. `fuse({})`",
-            self.config.members.join(", "),
-            self.config.members.join(", ")
-        )
+    fn capabilities(&self) -> Capabilities<'_> {
+        Capabilities { fusion: Some(self), ..Default::default() }
     }
+}
 
-    fn fuse_hidden(&self, point: Point, io: &SublayerIo, members: &[FuseMember], ctx: &ForwardCtx) -> Result<Fused> {
+impl FusionLayer for Fusion {
+    fn fuse(&self, point: Point, io: &SublayerIo, members: &[FuseMember], ctx: &ForwardCtx) -> Result<Fused> {
         let Some(site) = self.sites.get(&point) else {
             candle_core::bail!("the fusion over {} has no layer at {point}", self.config.members.join(", "))
         };
@@ -239,11 +238,11 @@ impl Adapter for Fusion {
             _ => values,
         };
         let scores = k.broadcast_mul(&q.unsqueeze(2)?)?.sum(D::Minus1)?; // [b, t, n]
-        let scores = if ctx.train { ctx.dropout(&scores, c.dropout_prob.unwrap_or(0.1))? } else { scores };
+        let scores = if ctx.is_training() { ctx.dropout(&scores, c.dropout_prob.unwrap_or(0.1))? } else { scores };
         let temperature = {
             let mut t = site.temperature.lock().expect("fusion temperature");
             let now = *t;
-            if ctx.train && c.temperature {
+            if ctx.is_training() && c.temperature {
                 *t = (now - START_TEMPERATURE / 1000.0).max(1.0);
             }
             now
@@ -254,7 +253,7 @@ impl Adapter for Fusion {
             context = kernels::linear(&context, w.as_tensor(), None)?;
         }
         let output = if c.residual_before { context } else { (context + residual)? };
-        let regularization = match (&site.value, c.regularization && ctx.train) {
+        let regularization = match (&site.value, c.regularization && ctx.is_training()) {
             (Some(w), true) => {
                 let d = w.dim(0)?;
                 let gap = (Tensor::eye(d, DType::F32, w.device())? - w.as_tensor())?;
@@ -310,7 +309,7 @@ mod tests {
         let norm = |y: &Tensor, x: &Tensor| (y + x)?.affine(0.5, 0.1);
         let io = SublayerIo { input, output, post_norm: Some(&norm) };
         let members: Vec<FuseMember> = members.iter().map(|m| FuseMember { adapter: None, output: m.clone() }).collect();
-        let fused = f.fuse_hidden(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::inference()).unwrap();
+        let fused = f.fuse(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::inference()).unwrap();
         let sums = fused.attention.sum(candle_core::D::Minus1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "attention rows sum to 1");
         (fused.output * randn(&[1, 2, D], 99)).unwrap().sum_all().unwrap()
@@ -368,7 +367,7 @@ mod tests {
         let (warm, plain) =
             (fusion(serde_json::json!({ "temperature": true, "dropout_prob": 0.0 })), fusion(serde_json::json!({ "dropout_prob": 0.0 })));
         let spread = |f: &Fusion| -> f32 {
-            let a = f.fuse_hidden(point, &io, &members, &ctx).unwrap().attention;
+            let a = f.fuse(point, &io, &members, &ctx).unwrap().attention;
             (a.max(candle_core::D::Minus1).unwrap() - a.min(candle_core::D::Minus1).unwrap())
                 .unwrap()
                 .max_all()
@@ -391,7 +390,7 @@ mod tests {
         let members: Vec<FuseMember> = (0..3).map(|i| FuseMember { adapter: None, output: randn(&[2, 8, D], 30 + i) }).collect();
         let io = SublayerIo { input: &x, output: &y, post_norm: None };
         let point = Point::new(0, Site::FfnOutput);
-        let attention = |f: &Fusion, ctx: &ForwardCtx| f.fuse_hidden(point, &io, &members, ctx).unwrap().attention;
+        let attention = |f: &Fusion, ctx: &ForwardCtx| f.fuse(point, &io, &members, ctx).unwrap().attention;
         let (dropping, plain) = (fusion(serde_json::json!({ "dropout_prob": 0.5 })), fusion(serde_json::json!({ "dropout_prob": 0.0 })));
         let inference = attention(&dropping, &ForwardCtx::inference());
         let differs = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-4;
@@ -435,9 +434,9 @@ mod tests {
         let (x, y) = (randn(&[1, 2, D], 1), randn(&[1, 2, D], 2));
         let io = SublayerIo { input: &x, output: &y, post_norm: None };
         let members: Vec<FuseMember> = (0..2).map(|i| FuseMember { adapter: None, output: randn(&[1, 2, D], 10 + i) }).collect();
-        let fused = f.fuse_hidden(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::training_seeded(1)).unwrap();
+        let fused = f.fuse(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::training_seeded(1)).unwrap();
         let reg = fused.regularization.unwrap().to_scalar::<f32>().unwrap();
         assert!((reg - 0.01 * (D * D - D) as f32 * 1e-12).abs() < 1e-15, "{reg}");
-        assert!(f.fuse_hidden(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::inference()).unwrap().regularization.is_none());
+        assert!(f.fuse(Point::new(0, Site::FfnOutput), &io, &members, &ForwardCtx::inference()).unwrap().regularization.is_none());
     }
 }

@@ -13,13 +13,7 @@ fn workspace() -> PathBuf {
 }
 
 fn families() {
-    let _ = (
-        adapters_bottleneck::family(),
-        adapters_lora::family(),
-        adapters_fusion::family(),
-        adapters_moe::family(),
-        adapters_hyper::family(),
-    );
+    adapters_families::link();
 }
 
 /// A scratch folder for one target, removed at the end.

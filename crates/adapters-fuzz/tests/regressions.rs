@@ -83,7 +83,7 @@ fn gguf_files_with_impossible_numbers_are_refused() {
 }
 
 fn families() {
-    let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_moe::family());
+    adapters_families::link();
 }
 
 /// Absurd sizes in a config are refused before anything is allocated.

@@ -11,7 +11,9 @@
 
 use crate::config::{Conditioning, HyperConfig, TrainParts, KIND};
 use adapters_bottleneck::Bottleneck;
-use adapters_core::{io, Adapter, BuildArgs, Error, ForwardCtx, Init, Point, Site, SublayerIo};
+use adapters_core::{
+    io, Adapter, BuildArgs, Capabilities, ConditioningNeed, Error, ForwardCtx, Init, PartlyFrozen, Point, RowBatched, Site, SublayerIo,
+};
 use adapters_kernels as kernels;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -382,12 +384,12 @@ impl Adapter for HyperNet {
         out
     }
 
-    fn trains(&self, name: &str) -> bool {
-        self.config.train == TrainParts::All || name == TASK_TABLE
-    }
-
-    fn wants_mean_token_embedding(&self) -> bool {
-        self.config.conditioning == Conditioning::Instance
+    fn capabilities(&self) -> Capabilities<'_> {
+        Capabilities {
+            partly_frozen: (self.config.train != TrainParts::All).then_some(self as &dyn PartlyFrozen),
+            conditioning: (self.config.conditioning == Conditioning::Instance).then_some(ConditioningNeed::MeanTokenEmbedding),
+            ..Default::default()
+        }
     }
 
     /// Generates each row's adapter at this point and runs them all in one per-row forward.
@@ -400,5 +402,12 @@ impl Adapter for HyperNet {
             weights = weights.iter().map(|w| w.index_select(&index, 0)).collect::<Result<_>>()?;
         }
         self.template.forward_hidden_rows(point, io, &weights, ctx)
+    }
+}
+
+impl PartlyFrozen for HyperNet {
+    /// Learning a new task with the generator frozen trains the task embeddings only.
+    fn is_frozen_var(&self, var_name: &str) -> bool {
+        self.config.train != TrainParts::All && var_name != TASK_TABLE
     }
 }

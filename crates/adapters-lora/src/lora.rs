@@ -3,7 +3,10 @@
 //! leaves the model unchanged. Mergeable: the delta `s * B A` can be added to `W`.
 
 use adapters_core::registry::{self, parse_config};
-use adapters_core::{Adapter, BuildArgs, Error, ForwardCtx, Init, LowRank, Point, ProjectionIo, RowBatch, Site};
+use adapters_core::{
+    Adapter, BatchableForm, BuildArgs, Capabilities, Error, ForwardCtx, Init, LowRank, LowRankProjection, MergeableDelta, Point,
+    ProjectionIo, RowBatched, Site,
+};
 use adapters_kernels as kernels;
 use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -102,7 +105,7 @@ impl Lora {
     /// `s · A dropout(x)` and `B` at a point: the delta is their product.
     fn low_rank(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Result<LowRank> {
         let p = &self.pairs[&point];
-        let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(input, self.config.dropout)? } else { input.clone() };
+        let x = if ctx.is_training() && self.config.dropout > 0.0 { ctx.dropout(input, self.config.dropout)? } else { input.clone() };
         // The scale applies to the r-wide middle, not the full-width delta: r/d of the work.
         let down = (kernels::linear(&x, p.a.as_tensor(), None)? * p.scale)?;
         Ok(LowRank { down, up: p.b.as_tensor().clone() })
@@ -147,27 +150,37 @@ impl Adapter for Lora {
         io.output + kernels::linear(&term.down, &term.up, None)?
     }
 
-    fn low_rank_projection(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>> {
-        Some(self.low_rank(point, input, ctx))
+    fn capabilities(&self) -> Capabilities<'_> {
+        Capabilities { low_rank: Some(self), row_batched: Some(self), mergeable: Some(self), ..Default::default() }
     }
+}
 
-    fn row_batch(&self, point: Point) -> Option<RowBatch> {
+impl LowRankProjection for Lora {
+    fn low_rank_term(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>> {
+        self.pairs.contains_key(&point).then(|| self.low_rank(point, input, ctx))
+    }
+}
+
+impl RowBatched for Lora {
+    fn batchable_form(&self, point: Point) -> Option<BatchableForm> {
         let p = self.pairs.get(&point)?;
         let (r, d_in) = p.a.dims2().ok()?;
         let d_out = p.b.dim(0).ok()?;
         let scale = Tensor::new(&[p.scale as f32], p.a.device()).ok()?;
         let key = format!("lora {d_in}->{r}->{d_out} dropout={}", self.config.dropout);
-        Some(RowBatch { key, weights: vec![p.a.as_tensor().clone(), p.b.as_tensor().clone(), scale] })
+        Some(BatchableForm { key, weights: vec![p.a.as_tensor().clone(), p.b.as_tensor().clone(), scale] })
     }
 
     /// `weights`: A `[rows, r, in]`, B `[rows, out, r]`, the scale `[rows, 1]`.
     fn forward_projection_rows(&self, _point: Point, io: &ProjectionIo, weights: &[Tensor], ctx: &ForwardCtx) -> Result<Tensor> {
         let [a, b, scale] = weights else { candle_core::bail!("lora: {} per-row tensors given, not 3 (A, B, scale)", weights.len()) };
-        let x = if ctx.train && self.config.dropout > 0.0 { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
+        let x = if ctx.is_training() && self.config.dropout > 0.0 { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
         let down = kernels::row_linear(&x, a, None, None)?.broadcast_mul(&scale.unsqueeze(1)?)?;
         kernels::row_linear(&down, b, None, Some(io.output))
     }
+}
 
+impl MergeableDelta for Lora {
     fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {
         let p = self.pairs.get(&point)?;
         Some(p.b.as_tensor().matmul(p.a.as_tensor()).and_then(|d| d * p.scale))

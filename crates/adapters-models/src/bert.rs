@@ -8,7 +8,7 @@ use crate::attached::HoldsAdapters;
 use crate::error::Error;
 use crate::ops::{embedding, LayerNorm, Linear};
 use crate::weights::Weights;
-use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
+use adapters_core::{AdapterSet, ConditioningNeed, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use adapters_kernels as kernels;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -304,7 +304,7 @@ impl Bert {
     ) -> Result<(Tensor, LayerInputs)> {
         // A `parallel(...)` setup runs each child on its own copy of the batch: the output
         // has `copies · batch` rows, child i's in rows `i·batch .. (i+1)·batch`.
-        let copies = if ctx.row_groups.is_none() { self.adapters.parallel_width() } else { 1 };
+        let copies = if ctx.rows_by_stack.is_none() { self.adapters.parallel_width() } else { 1 };
         let repeated;
         let (input_ids, token_type_ids, attention_mask) = if copies > 1 {
             let rep = |t: &Tensor| t.repeat((copies, 1));
@@ -334,7 +334,7 @@ impl Bert {
             },
             None => LayerInputs { mask: None, ctx: ctx.clone() },
         };
-        if inputs.ctx.conditioning.is_none() && self.adapters.wants_mean_token_embedding() {
+        if inputs.ctx.conditioning.is_none() && self.adapters.needs_conditioning(ConditioningNeed::MeanTokenEmbedding) {
             let means = match attention_mask {
                 Some(m) => crate::heads::mean_pool(&words, m)?,
                 None => words.mean(1)?,

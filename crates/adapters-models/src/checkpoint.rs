@@ -77,7 +77,7 @@ impl Backbone {
         let mut inputs = Vec::with_capacity(layers.count());
         let mut x = embedded.detach();
         for l in 0..layers.count() {
-            let layer_ctx = layers.ctx(l).without_grad().with_own_reports();
+            let layer_ctx = layers.ctx(l).without_graph().with_own_reports();
             let next = layers.layer(l, &x, &layer_ctx)?.detach();
             let mut reports = layer_ctx.take_aux();
             for loss in &mut reports.losses {

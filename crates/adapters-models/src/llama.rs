@@ -410,7 +410,7 @@ impl Llama {
         if caches.iter().any(|c| c.is_empty() || c.layers.len() != self.layers.len()) {
             candle_core::bail!("decode_step: every sequence needs a cache of this model with its prompt in it");
         }
-        if ctx.row_groups.is_none() && self.adapters.parallel_width() > 1 {
+        if ctx.rows_by_stack.is_none() && self.adapters.parallel_width() > 1 {
             candle_core::bail!("a `parallel(...)` setup runs without a KV cache; generate with one adapter setup at a time");
         }
         let device = self.device();
@@ -441,7 +441,7 @@ impl Llama {
     pub(crate) fn embed(&self, input_ids: &Tensor, past: usize, ctx: &ForwardCtx) -> Result<(Tensor, LayerInputs)> {
         // A `parallel(...)` setup runs each child on its own copy of the batch (rows
         // `i·batch .. (i+1)·batch` are child i's).
-        let copies = if ctx.row_groups.is_none() { self.adapters.parallel_width() } else { 1 };
+        let copies = if ctx.rows_by_stack.is_none() { self.adapters.parallel_width() } else { 1 };
         let repeated;
         let input_ids = if copies > 1 {
             repeated = input_ids.repeat((copies, 1))?;

@@ -97,11 +97,11 @@ impl Backbone {
             .get(name)
             .cloned()
             .ok_or_else(|| Error::Invalid(format!("no adapter named `{name}`; attached: [{}]", self.adapters().names().join(", "))))?;
+        let cannot = || Error::Invalid(format!("adapter `{name}` of kind `{}` cannot be merged into the base weights", adapter.kind()));
+        let mergeable = adapter.capabilities().mergeable.ok_or_else(cannot)?;
         let mut deltas = Vec::new();
         for point in adapter.points() {
-            let delta = adapter.merge_delta(point).ok_or_else(|| {
-                Error::Invalid(format!("adapter `{name}` of kind `{}` cannot be merged into the base weights", adapter.kind()))
-            })??;
+            let delta = mergeable.merge_delta(point).ok_or_else(cannot)??;
             if self.linear_mut(point).is_none() {
                 return Err(Error::Invalid(format!("the model has no projection at {point}")));
             }

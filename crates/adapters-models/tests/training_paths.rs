@@ -208,10 +208,10 @@ fn bert_embedding_perturbation_gradients_agree_with_finite_differences() {
     bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
     bert.adapters_mut().activate(&["probe"]).unwrap();
     let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
-    let ctx = ForwardCtx::inference().with_grad();
+    let ctx = ForwardCtx::inference().with_graph();
     let plain = bert_loss(&bert, &head, &ctx).to_scalar::<f32>().unwrap();
     let zero = Var::zeros((2, 5, 384), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let loss = bert_loss(&bert, &head, &ctx.with_embedding_perturbation(zero.as_tensor().clone()));
+    let loss = bert_loss(&bert, &head, &ctx.clone().with_embedding_perturbation(zero.as_tensor().clone()));
     assert_eq!(loss.to_scalar::<f32>().unwrap(), plain, "a zero perturbation changes nothing");
     let analytic: Vec<Vec<Vec<f32>>> = loss.backward().unwrap().get(zero.as_tensor()).unwrap().to_vec3().unwrap();
     assert!(analytic[1][4].iter().all(|&g| g == 0.0), "padding gets no gradient");
@@ -220,7 +220,7 @@ fn bert_embedding_perturbation_gradients_agree_with_finite_differences() {
             let mut v = vec![vec![vec![0f32; 384]; 5]; 2];
             v[b][t][h] = d;
             let delta = Tensor::new(v, &Device::Cpu).unwrap();
-            bert_loss(&bert, &head, &ctx.with_embedding_perturbation(delta)).to_scalar::<f32>().unwrap() as f64
+            bert_loss(&bert, &head, &ctx.clone().with_embedding_perturbation(delta)).to_scalar::<f32>().unwrap() as f64
         };
         let eps = 1e-2f32;
         let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);

@@ -8,7 +8,10 @@
 
 use crate::config::{Activation, Dispatch, ExpertKind, Granularity, MoeConfig, RouterKind};
 use crate::router::{self, Plan, Units};
-use adapters_core::{registry, Adapter, BuildArgs, Error, ForwardCtx, Init, LayerNormWeights, Point, ProjectionIo, Site, SublayerIo};
+use adapters_core::{
+    registry, Adapter, BuildArgs, Capabilities, Error, ForwardCtx, FusedPostNorm, Init, LayerNormWeights, Point, ProjectionIo, Site,
+    SublayerIo,
+};
 use adapters_kernels as kernels;
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
@@ -288,7 +291,7 @@ impl Mixture {
         let logits = self.logits(site, x, &units, ctx)?;
         let unit_tasks = self.unit_tasks(&units, ctx)?;
         let plan = router::plan(&self.config, self.kind.name(), point, logits, units, unit_tasks, ctx)?;
-        if ctx.train || ctx.record_routing {
+        if ctx.is_training() || ctx.record_routing {
             ctx.push_routing(plan.stats.clone());
         }
         let x = x.reshape((b * t, d_in))?;
@@ -330,10 +333,10 @@ impl Mixture {
             activation: self.activation(),
         };
         let routes = kernels::Routes { tokens: &tokens, offsets: &offsets };
-        kernels::expert_mix(x, out, &gates, &experts, &routes, ctx.train || !ctx.no_grad)
+        kernels::expert_mix(x, out, &gates, &experts, &routes, ctx.is_training() || ctx.builds_graph())
     }
 
-    /// [`Adapter::hidden_add_layer_norm`] at `site`: each real token routed by
+    /// [`FusedPostNorm::add_layer_norm`] at `site`: each real token routed by
     /// [`router::route_row`], padding passed through.
     fn fused_add_layer_norm(
         &self,
@@ -438,11 +441,17 @@ impl Adapter for Mixture {
         self.mix(point, io.input, io.output, ctx)
     }
 
+    fn capabilities(&self) -> Capabilities<'_> {
+        Capabilities { fused_post_norm: Some(self), ..Default::default() }
+    }
+}
+
+impl FusedPostNorm for Mixture {
     /// Bottleneck experts routed per token, without a capacity limit: routing, the chosen
     /// experts and the backbone's add-and-norm in one pass
     /// ([`kernels::mixture_add_layer_norm`]). Routing statistics, when asked for, come
     /// from the routing plan of `forward_hidden`, so that path runs then.
-    fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
+    fn add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Option<Result<Tensor>> {
         let c = &self.config;
         let fusable = self.kind == ExpertKind::Bottleneck
             && c.routing == Granularity::Token

@@ -213,7 +213,7 @@ pub fn plan(
     // gradient (the straight-through gate); 1 (training) or 1/E (inference) for the random
     // router. Tensors only where gradients are wanted.
     let straight_through = config.gate == Gate::StraightThrough;
-    let differentiable = ctx.train || !ctx.no_grad;
+    let differentiable = ctx.is_training() || ctx.builds_graph();
     let probs = match (&logits, differentiable) {
         // Composed softmax: candle's fused `softmax_last_dim` has no backward pass.
         (Some(l), true) => Some(candle_nn::ops::softmax(l, D::Minus1)?),
@@ -245,7 +245,7 @@ pub fn plan(
             }
             Gates::Host(p)
         }
-        (None, None) => Gates::Host(vec![if ctx.train { 1.0 } else { 1.0 / experts as f32 }; units.count * width]),
+        (None, None) => Gates::Host(vec![if ctx.is_training() { 1.0 } else { 1.0 / experts as f32 }; units.count * width]),
     };
 
     // Capacity, in unit order: an expert full at its capacity drops later assignments.
@@ -307,7 +307,7 @@ pub fn plan(
 
     // Balance terms, on the units' choices before the capacity limit (Switch counts what
     // the router asked for).
-    if ctx.train {
+    if ctx.is_training() {
         if let (Some(p), Some(l)) = (&probs, &logits) {
             if config.balance_loss > 0.0 && units.count > 0 {
                 let mut f = vec![0f32; n];

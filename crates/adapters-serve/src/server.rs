@@ -107,13 +107,7 @@ pub struct AppState {
 impl AppState {
     /// The state for serving `model` (no adapters active) with adapters from `store`.
     pub fn new(model: LoadedModel, store: Store, config: Config) -> Self {
-        let _ = (
-            adapters_bottleneck::family(),
-            adapters_lora::family(),
-            adapters_fusion::family(),
-            adapters_moe::family(),
-            adapters_hyper::family(),
-        );
+        adapters_families::link();
         crate::fault::init();
         let kv_budget = config.admission.max_kv_tokens.unwrap_or_else(|| match &model.backbone {
             Backbone::Llama(m) => crate::admission::kv_tokens_for_memory(m.kv_bytes_per_token()),

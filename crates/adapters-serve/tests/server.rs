@@ -61,13 +61,7 @@ impl Server {
 }
 
 async fn local_store(dir: &Path) -> Store {
-    let _ = (
-        adapters_bottleneck::family(),
-        adapters_lora::family(),
-        adapters_fusion::family(),
-        adapters_moe::family(),
-        adapters_hyper::family(),
-    );
+    adapters_families::link();
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
     for (name, folder, tag) in [
         ("sms", "fusion-sources/sms_spam", Some("prod")),
@@ -452,7 +446,7 @@ async fn generations_with_different_adapters_decode_in_one_batch() {
     let smol =
         || adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu).unwrap();
     let model = smol();
-    let _ = adapters_bottleneck::family();
+    adapters_families::link();
     use adapters_core::InsertionPoint;
     let info = model.backbone.model_info();
     let pfeiffer = adapters_core::registry::build("seq_bn", &json!({}), &Default::default(), &info, &candle_core::Device::Cpu, 3).unwrap();
@@ -579,13 +573,7 @@ fn stacked_bundle(dir: &Path) -> (PathBuf, adapters_core::Setup) {
 async fn a_stored_setup_is_served_like_an_adapter() {
     let dir = scratch("setup");
     let (bundle, setup) = stacked_bundle(&dir);
-    let _ = (
-        adapters_bottleneck::family(),
-        adapters_lora::family(),
-        adapters_fusion::family(),
-        adapters_moe::family(),
-        adapters_hyper::family(),
-    );
+    adapters_families::link();
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
     store.push(&bundle, &"stacked".parse().unwrap(), PushOptions::default()).await.unwrap();
     let server = Server::start(store, config(&dir)).await;

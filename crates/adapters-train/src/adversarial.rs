@@ -139,11 +139,11 @@ pub fn perturbation(
 ) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let keep = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-    let ctx = ctx.with_own_reports().with_grad();
+    let ctx = ctx.clone().with_own_reports().with_graph();
     let mut delta = Tensor::zeros((b, t, backbone.hidden_size()), DType::F32, backbone.device())?;
     for _ in 0..attack.steps {
         let var = Var::from_tensor(&delta)?;
-        let pass = ctx.with_embedding_perturbation(var.as_tensor().clone());
+        let pass = ctx.clone().with_embedding_perturbation(var.as_tensor().clone());
         let value = objective(&backbone.hidden_states(ids, mask, &pass)?, &pass)?;
         pass.take_aux();
         let Some(grad) = value.backward()?.remove(var.as_tensor()) else {
@@ -182,7 +182,7 @@ pub fn loss_and_grads(
         }
     };
     let delta = perturbation(backbone, ids, mask, ctx, attack, objective)?;
-    let perturbed = parts(&backbone.hidden_states(ids, mask, &ctx.with_embedding_perturbation(delta))?, ctx)?;
+    let perturbed = parts(&backbone.hidden_states(ids, mask, &ctx.clone().with_embedding_perturbation(delta))?, ctx)?;
     let term = ((if smooth { symmetric_kl(&perturbed, &clean)? } else { cross_entropy(&perturbed)? }) * attack.weight)?;
     let mut reports = StepReports::default();
     reports.aux_losses.insert("adversarial".into(), term.to_scalar::<f32>()? as f64);
@@ -211,7 +211,7 @@ pub fn attacked_logits(
 ) -> Result<Tensor> {
     let objective = |h: &Tensor, c: &ForwardCtx| Ok(candle_nn::loss::cross_entropy(&logits(h, c)?, labels)?);
     let delta = perturbation(backbone, ids, mask, ctx, attack, objective)?;
-    let ctx = ctx.with_embedding_perturbation(delta);
+    let ctx = ctx.clone().with_embedding_perturbation(delta);
     logits(&backbone.hidden_states(ids, mask, &ctx)?, &ctx)
 }
 

@@ -880,7 +880,7 @@ impl Trainer {
 
 /// Registers an adapter's trainable variables as `adapter.NAME.VAR`.
 fn add_trainable(params: &mut Vec<Param>, name: &str, adapter: &dyn adapters_core::Adapter) {
-    for (var_name, var) in adapter.vars().into_iter().filter(|(n, _)| adapter.trains(n)) {
+    for (var_name, var) in adapter.vars().into_iter().filter(|(n, _)| adapter.trains_var(n)) {
         params.push(Param { name: format!("adapter.{name}.{var_name}"), var, groups: vec!["adapters".into(), format!("adapter:{name}")] });
     }
 }

@@ -51,13 +51,7 @@ fn minilm() -> String {
 }
 
 fn config(body: &str, out: &Path) -> Config {
-    let _ = (
-        adapters_bottleneck::family(),
-        adapters_lora::family(),
-        adapters_fusion::family(),
-        adapters_moe::family(),
-        adapters_hyper::family(),
-    );
+    adapters_families::link();
     Config::parse(&format!("{body}\n[output]\ndir = {:?}\n", out.display().to_string()), &[]).unwrap()
 }
 
