@@ -215,6 +215,7 @@ const NOT_FAMILIES: &[&str] = &[
     "adapters-models",
     "adapters-train",
     "adapters-cli",
+    "adapters-scale-shift",
     "adapters-bench",
     "adapters-store",
     "adapters-serve",

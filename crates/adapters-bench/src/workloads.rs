@@ -4,9 +4,10 @@
 
 use adapters_core::{registry, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::heads::ClassificationHead;
+use adapters_models::heads::{classify, pad, pool, pooled};
 use adapters_models::{fetched, load, Backbone, HoldsAdapters};
 use adapters_train::config::Pooling;
-use adapters_train::forward::{classify, lm_loss, loss_and_grads, pad, pool, pooled};
+use adapters_train::forward::{lm_loss, loss_and_grads};
 use adapters_train::optim::{clip_grad_norm, AdamW};
 use candle_core::{Device, Tensor, Var};
 use serde_json::{json, Value};

@@ -251,10 +251,11 @@ pub fn hyper_export(dir: &Path, model: &Path, task: &str, out: &Path) -> Result<
 }
 
 /// Writes a plain adapter made from the folder `from` (with `from`'s heads) to `out`.
+#[cfg_attr(not(any(feature = "moe", feature = "hyper")), allow(dead_code))]
 fn write_plain(out: &Path, name: &str, adapter: &dyn Adapter, placement: &Placement, loaded: &LoadedModel, from: &Path) -> Result<()> {
     write_into(out, |tmp| {
         io::save(tmp, name, adapter, placement, &loaded.backbone.fingerprint()?)?;
-        copy_dir(&from.join(adapters_train::heads::HEADS_DIR), &tmp.join(adapters_train::heads::HEADS_DIR))
+        copy_dir(&from.join(adapters_models::saved_heads::HEADS_DIR), &tmp.join(adapters_models::saved_heads::HEADS_DIR))
     })
 }
 
@@ -280,6 +281,7 @@ pub fn write_into(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
 }
 
 /// Copies a folder tree (nothing when `from` does not exist).
+#[cfg_attr(not(any(feature = "moe", feature = "hyper")), allow(dead_code))]
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     if !from.is_dir() {
         return Ok(());

@@ -6,7 +6,7 @@ use crate::commands::open;
 use adapters_core::merge::{self, Input, Options};
 use adapters_core::{io, InsertionPoint};
 use adapters_models::heads::ClassificationHead;
-use adapters_train::heads::{self, SavedHead};
+use adapters_models::saved_heads::{self, SavedHead};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub fn average(request: Request) -> Result<()> {
     write_into(out, |tmp| {
         write_as(format, tmp, &name, combined.adapter.as_ref(), &combined.placement, &loaded_model, model)?;
         for (config, head) in &heads {
-            heads::save(tmp, config, head)?;
+            saved_heads::save(tmp, config, head)?;
         }
         Ok(())
     })?;
@@ -85,12 +85,12 @@ fn parse_weights(text: Option<&str>, n: usize) -> Result<Vec<f64>> {
 }
 
 /// A head's configuration and its averaged weights.
-type AveragedHead = (heads::HeadConfig, ClassificationHead);
+type AveragedHead = (saved_heads::HeadConfig, ClassificationHead);
 
 /// The heads every folder carries for the same task with the same labels and pooling,
 /// averaged; the names of the others.
 fn average_heads(dirs: &[PathBuf], weights: &[f64], device: &candle_core::Device) -> Result<(Vec<AveragedHead>, Vec<String>)> {
-    let per_folder: Vec<Vec<SavedHead>> = dirs.iter().map(|d| heads::load_all(d, device)).collect::<Result<_, _>>()?;
+    let per_folder: Vec<Vec<SavedHead>> = dirs.iter().map(|d| saved_heads::load_all(d, device)).collect::<Result<_, _>>()?;
     let mut averaged = Vec::new();
     let mut left_out = std::collections::BTreeSet::new();
     for head in &per_folder[0] {

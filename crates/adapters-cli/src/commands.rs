@@ -103,7 +103,7 @@ pub fn open_with(model: &Path, args: &AdapterArgs) -> Result<LoadedModel> {
     let mut loaded = open(model)?;
     let mut names = Vec::new();
     for (name, dir) in args.resolved_dirs()? {
-        if !dir.join(adapters_core::io::CONFIG_FILE).exists() && dir.join(adapters_train::heads::HEADS_DIR).is_dir() {
+        if !dir.join(adapters_core::io::CONFIG_FILE).exists() && dir.join(adapters_models::saved_heads::HEADS_DIR).is_dir() {
             continue; // a head-only run folder: heads, no adapter
         }
         let name = loaded.backbone.load_adapter(&dir, name.as_deref()).with_context(|| format!("loading the adapter {}", dir.display()))?;

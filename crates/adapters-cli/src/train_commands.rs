@@ -2,12 +2,15 @@
 
 use crate::commands::{open_with, AdapterArgs};
 use adapters_core::ForwardCtx;
-use adapters_models::{HoldsAdapters, LoadedModel};
+use adapters_models::heads::{classify, pad, pool, pooled};
+use adapters_models::saved_heads::{self, SavedHead};
+#[cfg(feature = "hyper")]
+use adapters_models::HoldsAdapters;
+use adapters_models::LoadedModel;
 use adapters_train::adversarial::{attacked_logits, Adversarial};
 use adapters_train::config::Pooling;
 use adapters_train::data::{read_labelled, read_text, Fields};
-use adapters_train::forward::{argmax, classify, lm_loss, pad, pool, pooled};
-use adapters_train::heads::{self, SavedHead};
+use adapters_train::forward::{argmax, lm_loss};
 use adapters_train::metrics::{accuracy, macro_f1};
 use adapters_train::noise::perturb_characters;
 use adapters_train::{Config, RunOptions, Trainer};
@@ -18,7 +21,7 @@ use std::path::Path;
 
 pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<usize>) -> Result<()> {
     let config = Config::load(config, sets)?;
-    let mut trainer = Trainer::new(config.clone(), &crate::commands::device()?)?;
+    let mut trainer = Trainer::with_references(config.clone(), &crate::commands::device()?, &store_folder)?;
     let trainable = trainer.trainable_parameters();
     eprintln!(
         "{} mode, {} trainable parameters ({:.2}% of the base's {}), {} steps",
@@ -59,6 +62,7 @@ pub fn train(config: &Path, sets: &[String], resume: bool, stop_after: Option<us
 
 /// `--task` and `--head`: the head to classify with and the task (or task mixture) that
 /// hypernetwork adapters generate their adapters for.
+#[cfg_attr(not(feature = "hyper"), allow(dead_code))]
 pub struct TaskChoice {
     /// The head's task (`--head`, or `--task` when it names one task).
     head: Option<String>,
@@ -124,7 +128,20 @@ impl TaskChoice {
     }
 }
 
+/// The local folder of an adapter reference (`NAME@TAG`, `NAME@VERSION`) in the adapter
+/// library `$ADAPTERS_STORE`, downloaded once into `$ADAPTERS_CACHE`; `None` for a text
+/// that is no reference.
+fn store_folder(from: &Path) -> std::result::Result<Option<std::path::PathBuf>, String> {
+    let text = from.to_string_lossy();
+    let Ok(reference) = text.parse::<adapters_store::Reference>() else { return Ok(None) };
+    let Ok(store) = std::env::var("ADAPTERS_STORE") else {
+        return Err(format!("no folder {text}; to take `{text}` from an adapter library, set ADAPTERS_STORE to its address"));
+    };
+    adapters_store::local_copy(&store, &reference, &adapters_store::default_cache_dir()).map(Some).map_err(|e| e.to_string())
+}
+
 /// An inference context with `vector` as the conditioning of each of `rows` rows.
+#[cfg_attr(not(feature = "hyper"), allow(dead_code))]
 fn every_row(vector: &Tensor, rows: usize) -> Result<ForwardCtx> {
     Ok(ForwardCtx::inference().with_conditioning(vector.unsqueeze(0)?.repeat((rows, 1))?))
 }
@@ -152,7 +169,7 @@ fn find_head(model: &Path, adapters: &AdapterArgs, task: Option<&str>, loaded: &
     let mut found = Vec::new();
     for dir in std::iter::once(model.to_path_buf()).chain(adapters.dirs()?) {
         if dir.is_dir() {
-            found.extend(heads::load_all(&dir, device)?);
+            found.extend(saved_heads::load_all(&dir, device)?);
         }
     }
     let names: Vec<String> = found.iter().map(|h| format!("{} ({})", h.config.task, h.dir.display())).collect();
@@ -339,7 +356,7 @@ pub fn eval(
                     let ctx = context_for(&loaded, task, ids.len(), vectors)?;
                     let (padded, mask) = pad(&ids.iter().map(Vec::as_slice).collect::<Vec<_>>(), loaded.backbone.device())?;
                     let labels = Tensor::new(&gold[c * 64..c * 64 + chunk.len()], loaded.backbone.device())?;
-                    let logits = |h: &Tensor, c: &ForwardCtx| classify(&head.head, &pool(h, &mask, head.config.pooling)?, 0.0, c);
+                    let logits = |h: &Tensor, c: &ForwardCtx| Ok(classify(&head.head, &pool(h, &mask, head.config.pooling)?, 0.0, c)?);
                     attacked_logits(&loaded.backbone, &padded, &mask, &labels, &ctx, attack, logits)?
                 }
             };

@@ -251,7 +251,7 @@ fn tensors(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>
 /// refused before anything is written.
 #[test]
 fn average_combines_adapters_and_their_heads() {
-    use adapters_train::heads::{save, HeadConfig};
+    use adapters_models::saved_heads::{save, HeadConfig};
     let dir = std::env::temp_dir().join(format!("adapters-cli-average-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let m = minilm();

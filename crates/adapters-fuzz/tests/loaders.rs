@@ -205,7 +205,7 @@ fn head_folder() {
     let seed = std::fs::read(head.join("head_config.json")).unwrap();
     fuzz("head_config", &[seed], |bytes| {
         std::fs::write(head.join("head_config.json"), bytes).unwrap();
-        let _ = adapters_train::heads::load(&head, &Device::Cpu);
+        let _ = adapters_models::saved_heads::load(&head, &Device::Cpu);
     });
 }
 

@@ -1,8 +1,10 @@
 //! Task heads on top of a backbone's hidden states. The causal-LM head lives with the
-//! decoder (`Llama::logits`), since it may be tied to the token embeddings.
+//! decoder (`Llama::logits`), since it may be tied to the token embeddings. Padding,
+//! pooling and classification here are the ones training and serving share.
 
-use adapters_core::Init;
+use adapters_core::{ForwardCtx, Init};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
 
 /// Sequence classification: a new linear layer on a pooled representation. A clone shares
 /// the weights (its `Var`s are handles), which is how tasks share one head.
@@ -74,4 +76,51 @@ mod tests {
         assert_eq!(head.forward(&mean_pool(&h, &mask)?)?.dims(), &[2, 3]);
         Ok(())
     }
+}
+
+/// How a classification head sees a sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over the tokens (encoders).
+    Mean,
+    /// The first token (`[CLS]`).
+    Cls,
+    /// The last token (decoders).
+    Last,
+}
+
+/// Right-pads rows of token ids: `[batch, longest]` ids (padding id 0) and the mask.
+pub fn pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {
+    let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(rows.len() * longest);
+    let mut mask = Vec::with_capacity(rows.len() * longest);
+    for r in rows {
+        ids.extend_from_slice(r);
+        ids.extend(std::iter::repeat_n(0u32, longest - r.len()));
+        mask.extend(std::iter::repeat_n(1u32, r.len()));
+        mask.extend(std::iter::repeat_n(0u32, longest - r.len()));
+    }
+    Ok((Tensor::from_vec(ids, (rows.len(), longest), device)?, Tensor::from_vec(mask, (rows.len(), longest), device)?))
+}
+
+/// Pooled features `[batch, hidden]` for a classification head.
+pub fn pooled(backbone: &crate::Backbone, rows: &[&[u32]], pooling: Pooling, ctx: &ForwardCtx) -> Result<Tensor> {
+    let (ids, mask) = pad(rows, backbone.device())?;
+    let hidden = backbone.hidden_states(&ids, &mask, ctx)?;
+    pool(&hidden, &mask, pooling)
+}
+
+/// Pools hidden states `[batch, seq, hidden]` of right-padded rows into `[batch, hidden]`.
+pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> Result<Tensor> {
+    Ok(match pooling {
+        Pooling::Mean => mean_pool(hidden, mask)?,
+        Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        Pooling::Last => last_token_pool(hidden, mask)?,
+    })
+}
+
+/// Logits `[batch, labels]` from pooled features, with dropout on the features in training.
+pub fn classify(head: &ClassificationHead, pooled: &Tensor, dropout: f64, ctx: &ForwardCtx) -> Result<Tensor> {
+    head.forward(&ctx.dropout(pooled, dropout)?)
 }

@@ -17,6 +17,7 @@ pub mod heads;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod saved_heads;
 pub mod tokenizer;
 pub mod weights;
 

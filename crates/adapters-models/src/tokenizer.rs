@@ -193,3 +193,16 @@ impl TextTokenizer {
         Ok(rendered)
     }
 }
+
+/// `ids` cut to `max_length`, keeping the closing special token (`[SEP]`) where
+/// `keep_last`.
+pub fn truncate_ids(mut ids: Vec<u32>, max_length: usize, keep_last: bool) -> Vec<u32> {
+    if ids.len() > max_length && max_length > 0 {
+        let last = ids[ids.len() - 1];
+        ids.truncate(max_length);
+        if keep_last {
+            ids[max_length - 1] = last;
+        }
+    }
+    ids
+}

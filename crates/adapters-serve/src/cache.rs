@@ -4,9 +4,9 @@
 //! evicted; an adapter a request holds is never freed under it (the request keeps its
 //! `Arc`), and eviction takes adapters no request is using first.
 
+use adapters_models::saved_heads::SavedHead;
 use adapters_models::Backbone;
 use adapters_store::Manifest;
-use adapters_train::heads::SavedHead;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::future::Future;

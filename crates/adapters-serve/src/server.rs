@@ -338,7 +338,7 @@ impl AppState {
                     status: StatusCode::BAD_GATEWAY,
                     message: format!("{}@{} has a classification head that cannot be served: {e}", manifest.name, manifest.version),
                 };
-                for head in adapters_train::heads::load_all(d, &device).map_err(|e| broken(e.to_string()))? {
+                for head in adapters_models::saved_heads::load_all(d, &device).map_err(|e| broken(e.to_string()))? {
                     if head.config.hidden_size != width {
                         return Err(broken(format!(
                             "head `{}` reads width {}, the base model's is {width}",
@@ -501,7 +501,7 @@ impl AppState {
                             "`input[{i}]` is longer than the {reads} tokens this model reads; shorten it, or leave `truncate` unset to cut it"
                         )));
                     }
-                    Ok(adapters_train::truncate_ids(ids, context, keep_last))
+                    Ok(adapters_models::tokenizer::truncate_ids(ids, context, keep_last))
                 })
                 .collect::<Result<_, ApiError>>()?;
             Ok((texts, ids))

@@ -4,6 +4,7 @@
 
 use crate::error::{fail, Error, Result, Within};
 use adapters_core::{Placement, Setup};
+pub use adapters_models::heads::Pooling;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -99,18 +100,6 @@ impl TaskType {
     pub fn is_language_modelling(self) -> bool {
         matches!(self, TaskType::CausalLm | TaskType::Chat)
     }
-}
-
-/// How a classification head sees a sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pooling {
-    /// Mean over the tokens (encoders).
-    Mean,
-    /// The first token (`[CLS]`).
-    Cls,
-    /// The last token (decoders).
-    Last,
 }
 
 /// `[[task]]`: one task's data, adapters and head.

@@ -46,9 +46,9 @@ pub enum Error {
     /// A JSON file did not parse.
     #[error(transparent)]
     Json(#[from] serde_json::Error),
-    /// The adapter library failed (a `from = "NAME@TAG"` reference).
-    #[error(transparent)]
-    Store(#[from] adapters_store::Error),
+    /// An adapter reference (`from = "NAME@TAG"`) could not be resolved to a folder.
+    #[error("{0}")]
+    Reference(String),
     /// A CSV file did not parse.
     #[error(transparent)]
     Csv(#[from] csv::Error),

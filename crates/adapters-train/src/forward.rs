@@ -1,49 +1,13 @@
 //! The task forward passes shared by training, evaluation and prediction: padding,
 //! pooling, classification logits and the causal-LM loss.
 
-use crate::config::Pooling;
 use crate::error::{fail, Result};
 use adapters_core::{ForwardCtx, RoutingStats};
-use adapters_models::heads::{last_token_pool, mean_pool, ClassificationHead};
+use adapters_models::heads::pad;
 use adapters_models::Backbone;
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var, D};
+use candle_core::{Tensor, Var, D};
 use std::collections::BTreeMap;
-
-/// Right-pads rows of token ids: `[batch, longest]` ids (padding id 0) and the mask.
-pub fn pad(rows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {
-    let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
-    let mut ids = Vec::with_capacity(rows.len() * longest);
-    let mut mask = Vec::with_capacity(rows.len() * longest);
-    for r in rows {
-        ids.extend_from_slice(r);
-        ids.extend(std::iter::repeat_n(0u32, longest - r.len()));
-        mask.extend(std::iter::repeat_n(1u32, r.len()));
-        mask.extend(std::iter::repeat_n(0u32, longest - r.len()));
-    }
-    Ok((Tensor::from_vec(ids, (rows.len(), longest), device)?, Tensor::from_vec(mask, (rows.len(), longest), device)?))
-}
-
-/// Pooled features `[batch, hidden]` for a classification head.
-pub fn pooled(backbone: &Backbone, rows: &[&[u32]], pooling: Pooling, ctx: &ForwardCtx) -> Result<Tensor> {
-    let (ids, mask) = pad(rows, backbone.device())?;
-    let hidden = backbone.hidden_states(&ids, &mask, ctx)?;
-    pool(&hidden, &mask, pooling)
-}
-
-/// Pools hidden states `[batch, seq, hidden]` of right-padded rows into `[batch, hidden]`.
-pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> Result<Tensor> {
-    Ok(match pooling {
-        Pooling::Mean => mean_pool(hidden, mask)?,
-        Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-        Pooling::Last => last_token_pool(hidden, mask)?,
-    })
-}
-
-/// Logits `[batch, labels]` from pooled features, with dropout on the features in training.
-pub fn classify(head: &ClassificationHead, pooled: &Tensor, dropout: f64, ctx: &ForwardCtx) -> Result<Tensor> {
-    Ok(head.forward(&ctx.dropout(pooled, dropout)?)?)
-}
 
 /// Mean next-token cross-entropy of rows (over every token after the first, or with
 /// `loss_mask` over the tokens it marks), and how many tokens it averages.

@@ -11,7 +11,6 @@ pub mod data;
 pub mod error;
 pub mod forward;
 mod fusion_report;
-pub mod heads;
 pub mod metrics;
 pub mod noise;
 pub mod optim;
@@ -22,5 +21,5 @@ pub mod trainer;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use task::{chat_tokens, encode_truncated, truncate_ids};
-pub use trainer::{RunOptions, Summary, Trainer};
+pub use task::{chat_tokens, encode_truncated};
+pub use trainer::{ResolveReference, RunOptions, Summary, Trainer};

@@ -188,20 +188,7 @@ fn load_labelled(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize
 /// Token ids of a text for classification, cut to `max_length` (keeping an encoder's
 /// closing special token, `[SEP]`).
 pub fn encode_truncated(tokenizer: &TextTokenizer, text: &str, max_length: usize, is_encoder: bool) -> Result<Vec<u32>> {
-    Ok(truncate_ids(tokenizer.encode(text, is_encoder)?, max_length, is_encoder))
-}
-
-/// `ids` cut to `max_length`, keeping the closing special token (`[SEP]`) where
-/// `keep_last`.
-pub fn truncate_ids(mut ids: Vec<u32>, max_length: usize, keep_last: bool) -> Vec<u32> {
-    if ids.len() > max_length && max_length > 0 {
-        let last = ids[ids.len() - 1];
-        ids.truncate(max_length);
-        if keep_last {
-            ids[max_length - 1] = last;
-        }
-    }
-    ids
+    Ok(adapters_models::tokenizer::truncate_ids(tokenizer.encode(text, is_encoder)?, max_length, is_encoder))
 }
 
 /// The batches of one epoch: a seeded shuffle, then (with `group`) rows of similar length

@@ -6,9 +6,8 @@ use crate::adversarial::{self, Part};
 use crate::checkpoint::{self, Best, Cursor, State};
 use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
-use crate::forward::{argmax, classify, lm_loss, lm_loss_of, loss_and_grads, pad, pool, pooled, StepReports};
+use crate::forward::{argmax, lm_loss, lm_loss_of, loss_and_grads, StepReports};
 use crate::fusion_report::{self, AttentionSums};
-use crate::heads::{self, HeadConfig};
 use crate::metrics::{accuracy, macro_f1, MetricsLog};
 use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
 use crate::report;
@@ -17,6 +16,8 @@ use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
 use adapters_core::durable::replace_dir;
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Layers, Placement, Setup};
 use adapters_models::heads::ClassificationHead;
+use adapters_models::heads::{classify, pad, pool, pooled};
+use adapters_models::saved_heads::{self, HeadConfig};
 use adapters_models::HoldsAdapters;
 use adapters_models::LoadedModel;
 use candle_core::{Device, Tensor, Var};
@@ -143,8 +144,15 @@ pub struct Trainer {
 
 impl Trainer {
     /// Loads the model and data and builds adapters and heads; checks everything before
-    /// any training starts.
+    /// any training starts. Adapter folders (`from`, `init_from`) must exist.
     pub fn new(config: Config, device: &Device) -> Result<Self> {
+        Self::with_references(config, device, &|_| Ok(None))
+    }
+
+    /// [`Trainer::new`], with `resolve` turning an adapter reference that is not a folder
+    /// (`NAME@TAG` in an adapter library) into one: the CLI passes the store's resolver, so
+    /// the trainer itself knows no store.
+    pub fn with_references(config: Config, device: &Device, resolve: ResolveReference) -> Result<Self> {
         let mut model =
             adapters_models::load(&config.model.path, device).within(|| format!("`model.path` = {}", config.model.path.display()))?;
         let base_parameters = model.backbone.num_parameters();
@@ -166,7 +174,7 @@ impl Trainer {
             entries.sort_by_key(|(_, (_, e))| (e.from.is_none(), e.kind == FUSION));
             for (i, (name, entry)) in entries {
                 if let Some(from) = &entry.from {
-                    let from = &local_folder(from).within(|| format!("`adapters.{name}.from` = {}", from.display()))?;
+                    let from = &local_folder(from, resolve).within(|| format!("`adapters.{name}.from` = {}", from.display()))?;
                     let loaded =
                         io::load(from, &model.backbone, device).within(|| format!("`adapters.{name}.from` = {}", from.display()))?;
                     model.backbone.adapters_mut().add(name, loaded.adapter)?;
@@ -175,7 +183,7 @@ impl Trainer {
                 }
                 if let Some(init) = &entry.init_from {
                     let where_ = || format!("`adapters.{name}.init_from` = {}", init.display());
-                    let folder = local_folder(init).within(where_)?;
+                    let folder = local_folder(init, resolve).within(where_)?;
                     let loaded = io::load(&folder, &model.backbone, device).within(where_)?;
                     add_trainable(&mut params, name, loaded.adapter.as_ref());
                     model.backbone.adapters_mut().add(name, loaded.adapter)?;
@@ -844,7 +852,7 @@ impl Trainer {
                 if let Some(setup) = &task.setup {
                     setup.save(dir)?;
                 }
-                heads::save(dir, config, task.head.as_ref().expect("tasks with heads only"))?;
+                saved_heads::save(dir, config, task.head.as_ref().expect("tasks with heads only"))?;
             }
             Ok(())
         };
@@ -888,11 +896,11 @@ fn add_trainable(params: &mut Vec<Param>, name: &str, adapter: &dyn adapters_cor
 /// Starts `head` from the one saved as `heads/NAME` in `folder`, when there is one with
 /// these labels (else it stays new, and says why).
 fn start_head(head: &ClassificationHead, folder: &std::path::Path, name: &str, labels: &[String], device: &Device) -> Result<()> {
-    let dir = folder.join(heads::HEADS_DIR).join(name);
+    let dir = folder.join(saved_heads::HEADS_DIR).join(name);
     if !dir.is_dir() {
         return Ok(());
     }
-    let saved = heads::load(&dir, device)?;
+    let saved = saved_heads::load(&dir, device)?;
     if saved.config.labels != labels {
         eprintln!(
             "head `{name}`: {} has labels [{}], this task [{}]; starting a new head",
@@ -910,17 +918,21 @@ fn start_head(head: &ClassificationHead, folder: &std::path::Path, name: &str, l
 /// The registered kind of AdapterFusion layers.
 const FUSION: &str = "fusion";
 
-/// A trained adapter's folder: `from` itself, or, when no such path exists, the version
-/// `from` names (`NAME@TAG`, `NAME@VERSION`) in the adapter library `$ADAPTERS_STORE`,
-/// downloaded once into `$ADAPTERS_CACHE`.
-fn local_folder(from: &std::path::Path) -> Result<PathBuf> {
-    let text = from.to_string_lossy();
-    match (from.exists(), std::env::var("ADAPTERS_STORE"), text.parse::<adapters_store::Reference>()) {
-        (false, Ok(store), Ok(reference)) => Ok(adapters_store::local_copy(&store, &reference, &adapters_store::default_cache_dir())?),
-        (false, Err(_), Ok(_)) => {
-            fail!(Config, "no folder {text}; to take `{text}` from an adapter library, set ADAPTERS_STORE to its address")
-        }
-        _ => Ok(from.to_path_buf()),
+/// Resolves an adapter reference that is not a folder to a local folder: `Ok(None)` when
+/// it is not a reference this resolver knows, `Err` with what to do when it is one that
+/// cannot be had.
+pub type ResolveReference<'a> = &'a dyn Fn(&std::path::Path) -> std::result::Result<Option<PathBuf>, String>;
+
+/// A trained adapter's folder: `from` itself, or, when no such path exists, the folder
+/// `resolve` gives for it.
+fn local_folder(from: &std::path::Path, resolve: ResolveReference) -> Result<PathBuf> {
+    if from.exists() {
+        return Ok(from.to_path_buf());
+    }
+    match resolve(from) {
+        Ok(Some(folder)) => Ok(folder),
+        Ok(None) => Ok(from.to_path_buf()),
+        Err(message) => Err(crate::Error::Reference(message)),
     }
 }
 

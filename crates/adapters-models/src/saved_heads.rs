@@ -3,10 +3,9 @@
 //! folder (head-only mode) or the fine-tuned model folder (full mode).
 //! `head_config.json` holds the task, labels and pooling; `head.safetensors` the weights.
 
-use crate::config::Pooling;
-use crate::error::{fail, Error, Result, Within};
+use crate::error::{Error, Result};
+use crate::heads::{ClassificationHead, Pooling};
 use adapters_core::io::{read_json, read_tensors, save_tensors_atomic, write_atomic};
-use adapters_models::heads::ClassificationHead;
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -64,11 +63,14 @@ pub struct SavedHead {
 pub fn save(dir: &Path, config: &HeadConfig, head: &ClassificationHead) -> Result<()> {
     let tensors: HashMap<String, Tensor> =
         [("weight".to_string(), head.weight.as_tensor().clone()), ("bias".to_string(), head.bias.as_tensor().clone())].into();
-    adapters_core::durable::replace_dir(&dir.join(HEADS_DIR).join(&config.task), "head", |tmp| {
-        save_tensors_atomic(&tensors, &tmp.join(HEAD_WEIGHTS))?;
-        write_atomic(&tmp.join(HEAD_CONFIG), serde_json::to_string_pretty(config)?.as_bytes())?;
+    let json = serde_json::to_string_pretty(config).map_err(|e| Error::Invalid(format!("head config of `{}`: {e}", config.task)))?;
+    let folder = dir.join(HEADS_DIR).join(&config.task);
+    adapters_core::durable::replace_dir(&folder, "head", |tmp| -> std::io::Result<()> {
+        save_tensors_atomic(&tensors, &tmp.join(HEAD_WEIGHTS)).map_err(std::io::Error::other)?;
+        write_atomic(&tmp.join(HEAD_CONFIG), json.as_bytes()).map_err(std::io::Error::other)?;
         Ok(())
     })
+    .map_err(|e| Error::file(&folder, e))
 }
 
 /// Every head under `dir/heads/`, sorted by task.
@@ -79,7 +81,7 @@ pub fn load_all(dir: &Path, device: &Device) -> Result<Vec<SavedHead>> {
     }
     let mut heads = Vec::new();
     let mut entries: Vec<PathBuf> = std::fs::read_dir(&root)
-        .within(|| format!("reading {}", root.display()))?
+        .map_err(|e| Error::file(&root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
@@ -94,9 +96,9 @@ pub fn load_all(dir: &Path, device: &Device) -> Result<Vec<SavedHead>> {
 pub fn load(dir: &Path, device: &Device) -> Result<SavedHead> {
     let config_path = dir.join(HEAD_CONFIG);
     let config: HeadConfig =
-        serde_json::from_value(read_json(&config_path)?).within(|| format!("{} is not a head config", config_path.display()))?;
+        serde_json::from_value(read_json(&config_path)?).map_err(|e| Error::file(&config_path, format!("not a head config: {e}")))?;
     if config.labels.is_empty() || config.hidden_size == 0 {
-        fail!(Run, "{}: a classification head needs at least one label and a hidden size; train it again", config_path.display());
+        return Err(Error::file(&config_path, "a classification head needs at least one label and a hidden size; train it again"));
     }
     let weights_path = dir.join(HEAD_WEIGHTS);
     let mut t = read_tensors(&weights_path, device)?;
@@ -104,7 +106,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<SavedHead> {
     let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
         let x = t.remove(name).ok_or_else(|| Error::file(&weights_path, format!("tensor `{name}` is missing")))?;
         if x.dims() != shape {
-            fail!(Run, "{}: tensor `{name}` has shape {:?}, the head config needs {shape:?}", weights_path.display(), x.dims());
+            return Err(Error::file(&weights_path, format!("tensor `{name}` has shape {:?}, the head config needs {shape:?}", x.dims())));
         }
         Ok(x)
     };
