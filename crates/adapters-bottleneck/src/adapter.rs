@@ -37,7 +37,7 @@ impl Bottleneck {
     /// Builds a bottleneck adapter of `kind` from registry arguments.
     pub fn build(kind: &'static KindDefaults, args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config = crate::config::resolve(kind, args.config)?;
-        let points = args.placement.expand(args.model, kind.sites, |s| !s.is_projection())?;
+        let points = args.placement.expand(args.model, kind.sites, |s| s.is_hidden())?;
         let mut init = Init::new(args.seed);
         let dev = args.device;
         let mut sites = BTreeMap::new();

@@ -1,6 +1,6 @@
 //! The subcommands: thin layers over adapters-core and adapters-models.
 
-use adapters_core::{registry, ForwardCtx, InsertionPoint, Setup};
+use adapters_core::{registry, ForwardCtx, InsertionPoint, Setup, SiteKind};
 use adapters_models::generate::{generate as run_generation, Sampling};
 use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone, LoadedModel, Message};
@@ -171,7 +171,13 @@ pub fn info(model: &Path, json: bool) -> Result<()> {
     println!("insertion points: {} ({} in each of layers 0-{})", info.points.len(), info.sites().len(), info.num_layers - 1);
     for site in info.sites() {
         let spec = info.points.iter().find(|p| p.point.site == site).expect("site listed");
-        let kind = if site.is_projection() { "projection" } else { "between sublayers" };
+        let kind = match site.kind() {
+            SiteKind::Hidden => "between sublayers",
+            SiteKind::Projection => "projection",
+            SiteKind::KeyValuePrefix => "attention prefix",
+            SiteKind::Embeddings => "token embeddings",
+            SiteKind::Intervention => "layer output",
+        };
         println!("    {:<18} {:<18} {} -> {}", site.name(), kind, spec.in_features, spec.out_features);
     }
     Ok(())

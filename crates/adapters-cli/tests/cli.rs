@@ -92,8 +92,9 @@ fn info_and_kinds_describe_what_is_there() {
     let out = stdout_ok(&["info", &model("all-MiniLM-L6-v2"), "--json"]);
     let info: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(info["architecture"], "bert");
-    // 8 points per layer, and the pooler's projection on the last.
-    assert_eq!(info["insertion_points"].as_array().unwrap().len(), 6 * 8 + 1);
+    // 8 points per layer, and the pooler's projection on the last; then the sites of the
+    // families to come: a key/value prefix and a layer output per layer, the input embeddings.
+    assert_eq!(info["insertion_points"].as_array().unwrap().len(), 6 * 8 + 1 + 6 * 2 + 1);
     let out = stdout_ok(&["info", &model("SmolLM2-135M-Instruct.Q4_1.gguf")]);
     assert!(out.contains("llama") && out.contains("tied") && out.contains("ffn_gate"), "{out}");
     stdout_ok(&["kinds"]);

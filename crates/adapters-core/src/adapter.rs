@@ -36,12 +36,40 @@ pub struct ProjectionIo<'a> {
     pub linear: TensorFn<'a>,
 }
 
+/// What the input-embeddings site (and, in decoders, the LM-head input) hands to an adapter.
+pub struct EmbeddingIo<'a> {
+    /// The token embeddings `[batch, seq, hidden]` (at `lm_head_input`: the final hidden
+    /// states, after the final norm).
+    pub embeddings: &'a Tensor,
+    /// `[batch, seq]` (`u32`, 1 on tokens, 0 on padding); `None` when no row is padded.
+    pub mask: Option<&'a Tensor>,
+}
+
+/// Keys and values an adapter prepends to a layer's attention, in the key and value
+/// projections' layout: `[rows, prefix, kv_heads * head_dim]` each.
+pub struct KeyValuePrefix {
+    /// The prefix keys (no position is applied to them).
+    pub keys: Tensor,
+    /// The prefix values.
+    pub values: Tensor,
+}
+
+/// What a layer-output site hands to a position-selective intervention.
+pub struct InterventionIo<'a> {
+    /// The residual stream leaving the layer, `[batch, seq, hidden]`.
+    pub hidden: &'a Tensor,
+    /// `[batch, seq]` (`u32`, 1 on tokens, 0 on padding); `None` when no row is padded.
+    /// Rows are right-padded, so a row's tokens are its first `sum(mask)` positions.
+    pub mask: Option<&'a Tensor>,
+}
+
 /// An adapter: a small trainable module attached to a frozen backbone.
 ///
 /// One `Adapter` value is one named adapter with all its per-point modules; the backbone
 /// calls it at each point it occupies. A kind implements its identity (`kind`, `config`,
-/// `points`, `vars`) and the forward of each kind of site its points sit on; placement
-/// rules keep its points to those sites, so the other forwards are never called.
+/// `points`, `vars`) and the forward of each kind of site its points sit on
+/// ([`crate::SiteKind`]); placement rules keep its points to those sites, so the other
+/// forwards are never called.
 ///
 /// Anything more (a fused fast path, a low-rank or per-row form, a mergeable delta, a
 /// fusion over other adapters, a conditioning need, variables that do not train) is an
@@ -73,6 +101,29 @@ pub trait Adapter: Send + Sync {
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let _ = (point, ctx);
         Ok(io.output.clone())
+    }
+
+    /// At the input-embeddings site: the new embeddings, `[batch, seq + virtual, hidden]`
+    /// (virtual tokens, if any, prepended: prompt tuning); at `lm_head_input`: the new
+    /// final hidden states, same shape. Kinds without such points leave it.
+    fn forward_embeddings(&self, point: Point, io: &EmbeddingIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let _ = (point, ctx);
+        Ok(io.embeddings.clone())
+    }
+
+    /// At a key/value-prefix site: the keys and values to prepend for `rows` rows (prefix
+    /// tuning); `None` for none. Kinds without such points leave it.
+    fn key_value_prefix(&self, point: Point, rows: usize, ctx: &ForwardCtx) -> Result<Option<KeyValuePrefix>> {
+        let _ = (point, rows, ctx);
+        Ok(None)
+    }
+
+    /// At a layer-output site: the new residual stream, changed at the positions the
+    /// intervention chooses only (see [`crate::intervention::at_positions`]). Kinds
+    /// without such points leave it.
+    fn forward_intervention(&self, point: Point, io: &InterventionIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let _ = (point, ctx);
+        Ok(io.hidden.clone())
     }
 
     /// The optional forms this adapter hands out; none by default.

@@ -17,6 +17,7 @@ pub mod fingerprint;
 pub mod guide {}
 mod error;
 pub mod init;
+pub mod intervention;
 pub mod io;
 pub mod merge;
 pub mod placement;
@@ -25,7 +26,7 @@ pub mod registry;
 pub mod set;
 pub mod setup;
 
-pub use adapter::{Adapter, AddNormFn, LayerNormWeights, ProjectionIo, SublayerIo};
+pub use adapter::{Adapter, AddNormFn, EmbeddingIo, InterventionIo, KeyValuePrefix, LayerNormWeights, ProjectionIo, SublayerIo};
 pub use capability::{
     BatchableForm, Capabilities, ConditioningNeed, FuseMember, Fused, FusedPostNorm, FusionLayer, LowRank, LowRankProjection,
     MergeableDelta, PartlyFrozen, RowBatched,
@@ -37,7 +38,7 @@ pub use init::Init;
 pub use inventory;
 pub use io::{AdapterFormat, Loaded};
 pub use placement::{Layers, Placement};
-pub use point::{InsertionPoint, ModelInfo, Point, PointSpec, Site};
+pub use point::{InsertionPoint, ModelInfo, Point, PointSpec, Site, SiteKind};
 pub use registry::{AdapterKind, BuildArgs, ConfigField};
 pub use set::AdapterSet;
 pub use setup::Setup;

@@ -195,12 +195,12 @@ mod tests {
     fn expand_sites_and_sizes() {
         let m = model(3);
         let p = parse(r#"{"layers":[0,2],"sizes":{"2":16}}"#);
-        let pts = p.expand(&m, &[Site::FfnOutput], |s| !s.is_projection()).unwrap();
+        let pts = p.expand(&m, &[Site::FfnOutput], |s| s.is_hidden()).unwrap();
         assert_eq!(pts.iter().map(|s| s.point).collect::<Vec<_>>(), vec![Point::new(0, Site::FfnOutput), Point::new(2, Site::FfnOutput)]);
         assert_eq!(p.size_for(2, 4), 16);
         assert_eq!(p.size_for(0, 4), 4);
 
-        let e = parse(r#"{"sites":["query"]}"#).expand(&m, &[Site::FfnOutput], |s| !s.is_projection()).unwrap_err().to_string();
+        let e = parse(r#"{"sites":["query"]}"#).expand(&m, &[Site::FfnOutput], |s| s.is_hidden()).unwrap_err().to_string();
         assert!(e.contains("query"), "{e}");
         let e = parse(r#"{"sites":["ffn_gate"]}"#).expand(&m, &[], |_| true).unwrap_err().to_string();
         assert!(e.contains("ffn_gate") && e.contains("offers"), "{e}");

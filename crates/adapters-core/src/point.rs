@@ -3,13 +3,16 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// A kind of site inside one transformer layer.
+/// A kind of site inside one transformer layer (or at its input or output).
 ///
 /// Hidden sites sit between sublayers: the adapter sees the sublayer's input (the residual
 /// stream entering it) and its output, so sequential (Pfeiffer, Houlsby) and parallel
 /// (He et al.) adapters, fusion, mixtures and hypernetwork adapters all live there.
 /// Projection sites sit on one linear layer: the adapter sees the projection's input and
 /// output and may add a delta (LoRA) or rescale (IA3), or be merged into the weight.
+/// The other kinds ([`SiteKind`]) serve the families that change attention's keys and
+/// values (prefix tuning), the token embeddings (prompt tuning, invertible adapters) or a
+/// layer's output at chosen positions (ReFT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Site {
@@ -34,11 +37,39 @@ pub enum Site {
     /// BERT's pooler projection (`pooler.dense`, on the `[CLS]` token, feeding
     /// `pooler_output`); one point, on the last layer.
     Pooler,
+    /// Keys and values an adapter prepends to a layer's attention (prefix tuning): every
+    /// query also attends to them; they hold no position and never enter a KV cache.
+    KeyValuePrefix,
+    /// The input token embeddings, before anything else sees them; one point, on layer 0.
+    /// An adapter may transform them (invertible adapters) or prepend virtual tokens
+    /// (prompt tuning), which the backbone attends to and leaves out of its outputs.
+    InputEmbeddings,
+    /// A layer's output, the residual stream leaving it: position-selective
+    /// interventions (ReFT) change it at chosen token positions only.
+    LayerOutput,
+    /// The final hidden states before the LM head (decoders); one point, on the last
+    /// layer: invertible adapters apply their inverse here.
+    LmHeadInput,
+}
+
+/// What a kind of site hands to its adapters, which decides the forward it calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SiteKind {
+    /// Between sublayers: `forward_hidden`.
+    Hidden,
+    /// On a projection: `forward_projection`.
+    Projection,
+    /// Attention's keys and values: `key_value_prefix`.
+    KeyValuePrefix,
+    /// The token embeddings, in or out: `forward_embeddings`.
+    Embeddings,
+    /// A layer's output at chosen positions: `forward_intervention`.
+    Intervention,
 }
 
 impl Site {
-    /// Every site kind, hidden sites first.
-    pub const ALL: [Site; 10] = [
+    /// Every site, hidden sites first.
+    pub const ALL: [Site; 14] = [
         Site::AttentionOutput,
         Site::FfnOutput,
         Site::Query,
@@ -49,11 +80,33 @@ impl Site {
         Site::FfnGate,
         Site::FfnDown,
         Site::Pooler,
+        Site::KeyValuePrefix,
+        Site::InputEmbeddings,
+        Site::LayerOutput,
+        Site::LmHeadInput,
     ];
 
-    /// True for sites on a projection weight, false for sites between sublayers.
+    /// What this site hands to its adapters.
+    pub fn kind(self) -> SiteKind {
+        match self {
+            Site::AttentionOutput | Site::FfnOutput => SiteKind::Hidden,
+            Site::KeyValuePrefix => SiteKind::KeyValuePrefix,
+            Site::InputEmbeddings | Site::LmHeadInput => SiteKind::Embeddings,
+            Site::LayerOutput => SiteKind::Intervention,
+            Site::Query | Site::Key | Site::Value | Site::AttentionProj | Site::FfnUp | Site::FfnGate | Site::FfnDown | Site::Pooler => {
+                SiteKind::Projection
+            }
+        }
+    }
+
+    /// True for sites between sublayers (`forward_hidden`).
+    pub fn is_hidden(self) -> bool {
+        self.kind() == SiteKind::Hidden
+    }
+
+    /// True for sites on a projection weight (`forward_projection`).
     pub fn is_projection(self) -> bool {
-        !matches!(self, Site::AttentionOutput | Site::FfnOutput)
+        self.kind() == SiteKind::Projection
     }
 
     /// The name used in configs and on the command line.
@@ -69,6 +122,10 @@ impl Site {
             Site::FfnGate => "ffn_gate",
             Site::FfnDown => "ffn_down",
             Site::Pooler => "pooler",
+            Site::KeyValuePrefix => "key_value_prefix",
+            Site::InputEmbeddings => "input_embeddings",
+            Site::LayerOutput => "layer_output",
+            Site::LmHeadInput => "lm_head_input",
         }
     }
 

@@ -53,7 +53,7 @@ impl Adapter for ShiftAdapter {
 
 fn build_shift(args: &BuildArgs) -> std::result::Result<Box<dyn Adapter>, adapters_core::Error> {
     let config: ShiftConfig = parse_config("test_shift", args.config)?;
-    let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| !s.is_projection())?;
+    let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| s.is_hidden())?;
     let mut init = Init::new(args.seed);
     let mut shifts = HashMap::new();
     for spec in points {

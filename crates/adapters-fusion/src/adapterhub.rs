@@ -71,7 +71,7 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     let hub = read_tensors(&weights_path, device)?;
     let mut layers = BTreeSet::new();
     let mut sites = BTreeSet::new();
-    for spec in model.points.iter().filter(|s| !s.point.site.is_projection()) {
+    for spec in model.points.iter().filter(|s| s.point.site.is_hidden()) {
         let prefix = format!("{}.adapter_fusion_layer.{name}.", spec.module);
         if hub.keys().any(|k| k.starts_with(&prefix)) {
             layers.insert(spec.point.layer);

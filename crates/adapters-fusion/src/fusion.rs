@@ -124,7 +124,7 @@ impl Fusion {
     /// sites (those its members occupy; by default after the FFN, where Pfeiffer adapters sit).
     pub fn build(args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config = FusionConfig::parse(crate::KIND, args.config)?;
-        let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| !s.is_projection())?;
+        let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| s.is_hidden())?;
         let mut init = Init::new(args.seed);
         let dev = args.device;
         let mut sites = BTreeMap::new();

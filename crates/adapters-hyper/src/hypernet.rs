@@ -60,7 +60,7 @@ impl HyperNet {
     /// Builds a hypernetwork from registry arguments.
     pub fn build(args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config = HyperConfig::parse(args.config)?;
-        let specs = args.placement.expand(args.model, &[Site::FfnOutput], |s| !s.is_projection())?;
+        let specs = args.placement.expand(args.model, &[Site::FfnOutput], |s| s.is_hidden())?;
         let bad = |m: String| Error::Config { kind: KIND.into(), message: m };
         if !args.placement.sizes.is_empty() {
             return Err(bad("one generator writes every layer's adapter, so all have one size: drop `placement.sizes`".into()));

@@ -8,7 +8,9 @@ use crate::attached::HoldsAdapters;
 use crate::error::Error;
 use crate::ops::{embedding, LayerNorm, Linear};
 use crate::weights::Weights;
-use adapters_core::{AdapterSet, ConditioningNeed, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
+use adapters_core::{
+    AdapterSet, ConditioningNeed, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, ModelInfo, Point, PointSpec, Site, SublayerIo,
+};
 use adapters_kernels as kernels;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -290,7 +292,7 @@ impl Bert {
         for l in 0..self.layers.len() {
             x = self.layer(l, &x, &inputs, &inputs.ctx.for_layer(l))?;
         }
-        Ok(x)
+        inputs.finish(&x)
     }
 
     /// The embedded tokens `[rows, seq, hidden]` (rows: `batch` times the number of
@@ -317,27 +319,42 @@ impl Bert {
         if t > self.config.max_position_embeddings {
             candle_core::bail!("input has {t} tokens, more than the model's {} positions", self.config.max_position_embeddings);
         }
-        let e = &self.embeddings;
         let types = match token_type_ids {
             Some(ids) => ids.clone(),
             None => Tensor::zeros((b, t), DType::U32, input_ids.device())?,
         };
-        let words = crate::ops::perturbed(embedding(&e.word, input_ids)?, ctx, copies)?;
-        let types = embedding(&e.token_type, &types)?;
+        let e = &self.embeddings;
+        let token_words = crate::ops::perturbed(embedding(&e.word, input_ids)?, ctx, copies)?;
+        // Prompt tuning's virtual tokens come first: they get positions (and token type 0)
+        // like any token, every row attends to them, and the outputs leave them out.
+        let io = EmbeddingIo { embeddings: &token_words, mask: attention_mask };
+        let words = self.adapters.embeddings(Point::new(0, Site::InputEmbeddings), &io, ctx)?;
+        let virtual_tokens = words.dim(1)? - t;
+        let t = t + virtual_tokens;
+        if t > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "input has {t} positions with {virtual_tokens} virtual tokens, more than the model's {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let types = embedding(&e.token_type, &types.pad_with_zeros(1, virtual_tokens, 0)?)?;
         let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
         let x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;
-        let mut inputs = match attention_mask {
+        let attention_mask =
+            attention_mask.map(|m| Tensor::cat(&[&Tensor::ones((b, virtual_tokens), m.dtype(), m.device())?, m], 1)).transpose()?;
+        let mut inputs = match &attention_mask {
             Some(m) => LayerInputs {
                 // [b, 1, t]: 0 where attended, a large negative value on padding.
                 mask: Some(((m.to_dtype(DType::F32)?.ones_like()? - m.to_dtype(DType::F32)?)? * f32::MIN as f64)?.reshape((b, 1, t))?),
                 ctx: ctx.masked(m),
+                virtual_tokens,
             },
-            None => LayerInputs { mask: None, ctx: ctx.clone() },
+            None => LayerInputs { mask: None, ctx: ctx.clone(), virtual_tokens },
         };
         if inputs.ctx.conditioning.is_none() && self.adapters.needs_conditioning(ConditioningNeed::MeanTokenEmbedding) {
-            let means = match attention_mask {
-                Some(m) => crate::heads::mean_pool(&words, m)?,
-                None => words.mean(1)?,
+            let means = match io.mask {
+                Some(m) => crate::heads::mean_pool(&token_words, m)?,
+                None => token_words.mean(1)?,
             };
             inputs.ctx = inputs.ctx.with_conditioning(means);
         }
@@ -365,7 +382,15 @@ impl Bert {
         let q = self.project(&layer.query, Point::new(l, Site::Query), x, ctx)?;
         let k = self.project(&layer.key, Point::new(l, Site::Key), x, ctx)?;
         let v = self.project(&layer.value, Point::new(l, Site::Value), x, ctx)?;
-        let attn = kernels::attention(&q, &k, &v, heads, heads, mask, 1.0 / ((h / heads) as f64).sqrt())?;
+        let (k, v, mask) = match self.adapters.key_value_prefix(Point::new(l, Site::KeyValuePrefix), x.dim(0)?, ctx)? {
+            None => (k, v, mask.cloned()),
+            Some(prefix) => {
+                let rows = x.dim(0)?;
+                let mask = crate::ops::mask_with_prefix(mask, prefix.valid.as_ref(), prefix.keys.dim(1)?, rows, k.dim(1)?, f32::MIN)?;
+                (Tensor::cat(&[&prefix.keys, &k], 1)?, Tensor::cat(&[&prefix.values, &v], 1)?, Some(mask))
+            }
+        };
+        let attn = kernels::attention(&q, &k, &v, heads, heads, mask.as_ref(), 1.0 / ((h / heads) as f64).sqrt())?;
         let attn = self.project(&layer.attn_out, Point::new(l, Site::AttentionProj), &attn, ctx)?;
 
         let x = self.adapted_add_norm(Point::new(l, Site::AttentionOutput), x, &attn, &layer.attn_norm, ctx)?;
@@ -379,7 +404,9 @@ impl Bert {
             }
             _ => self.project(&layer.down, down, &self.activation.apply(&up)?, ctx)?,
         };
-        self.adapted_add_norm(Point::new(l, Site::FfnOutput), &x, &ffn, &layer.ffn_norm, ctx)
+        let out = self.adapted_add_norm(Point::new(l, Site::FfnOutput), &x, &ffn, &layer.ffn_norm, ctx)?;
+        let io = InterventionIo { hidden: &out, mask: ctx.attention_mask.as_ref() };
+        self.adapters.intervention(Point::new(l, Site::LayerOutput), &io, ctx)
     }
 
     /// The post-norm residual step `norm(output + input)` with the adapters at the hidden
@@ -400,6 +427,18 @@ pub(crate) struct LayerInputs {
     mask: Option<Tensor>,
     /// The forward's context, with the attention mask set.
     pub(crate) ctx: ForwardCtx,
+    /// Virtual tokens the input-embeddings site prepended (prompt tuning).
+    virtual_tokens: usize,
+}
+
+impl LayerInputs {
+    /// The last layer's output as callers see it: without the virtual tokens.
+    pub(crate) fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        match self.virtual_tokens {
+            0 => Ok(x.clone()),
+            n => x.narrow(1, n, x.dim(1)? - n),
+        }
+    }
 }
 
 impl HoldsAdapters for Bert {
@@ -432,6 +471,13 @@ impl InsertionPoint for Bert {
         }
         if self.pooler.is_some() {
             points.push(PointSpec { point: self.pooler_point(), in_features: h, out_features: h, module: "pooler.dense".into() });
+        }
+        let spec = |point, module: String| PointSpec { point, in_features: h, out_features: h, module };
+        points.push(spec(Point::new(0, Site::InputEmbeddings), "embeddings.word_embeddings".into()));
+        for layer in 0..self.config.num_hidden_layers {
+            let p = format!("encoder.layer.{layer}");
+            points.push(spec(Point::new(layer, Site::KeyValuePrefix), format!("{p}.attention.self.key_value_prefix")));
+            points.push(spec(Point::new(layer, Site::LayerOutput), p));
         }
         ModelInfo {
             architecture: "bert".into(),

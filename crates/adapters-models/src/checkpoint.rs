@@ -41,8 +41,8 @@ impl Layers<'_> {
 
     fn finish(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Layers::Bert(..) => Ok(x.clone()),
-            Layers::Llama(m, _) => m.finish(x),
+            Layers::Bert(_, inputs) => inputs.finish(x),
+            Layers::Llama(m, inputs) => m.finish(x, inputs.virtual_tokens, &inputs.ctx),
         }
     }
 }

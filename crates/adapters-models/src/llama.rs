@@ -9,7 +9,7 @@ use crate::attached::HoldsAdapters;
 use crate::error::Error;
 use crate::ops::{embedding, Linear, RmsNorm};
 use crate::weights::Weights;
-use adapters_core::{AdapterSet, ForwardCtx, InsertionPoint, ModelInfo, Point, PointSpec, Site, SublayerIo};
+use adapters_core::{AdapterSet, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use adapters_kernels as kernels;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -361,7 +361,7 @@ impl Llama {
             };
             x = self.layer_forward(l, layer, &x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), kv, &inputs.ctx.for_layer(l))?;
         }
-        self.finish(&x)
+        self.finish(&x, inputs.virtual_tokens, &inputs.ctx)
     }
 
     /// Runs several prompts in one forward pass (right-padded to the longest; rows may use
@@ -378,6 +378,8 @@ impl Llama {
         let mut batch = self.new_cache();
         // Causal: a prompt's tokens never see the padding to their right.
         let hidden = self.forward_hidden(&ids, Some(&mut batch), ctx)?;
+        // Virtual tokens of prompt tuning stay in the caches, before each prompt.
+        let virtual_tokens = batch.len() - longest;
         let last: Vec<u32> = prompts.iter().enumerate().map(|(i, p)| (i * longest + p.len() - 1) as u32).collect();
         let last = hidden.reshape((prompts.len() * longest, ()))?.index_select(&Tensor::new(last.as_slice(), self.device())?, 0)?;
         let caches = prompts
@@ -389,7 +391,8 @@ impl Llama {
                     .iter()
                     .map(|kv| {
                         let (k, v) = kv.as_ref().expect("the forward filled every layer");
-                        Ok(Some((k.narrow(0, i, 1)?.narrow(1, 0, p.len())?, v.narrow(0, i, 1)?.narrow(1, 0, p.len())?)))
+                        let n = virtual_tokens + p.len();
+                        Ok(Some((k.narrow(0, i, 1)?.narrow(1, 0, n)?, v.narrow(0, i, 1)?.narrow(1, 0, n)?)))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(KvCache { layers })
@@ -432,7 +435,7 @@ impl Llama {
             let kv = Kv::PerRow(caches.iter_mut().map(|c| &mut c.layers[l]).collect());
             x = self.layer_forward(l, layer, &x, (&cos, &sin), Some(&mask), kv, &ctx.for_layer(l))?;
         }
-        self.output.forward_decoding(&self.finish(&x)?.squeeze(1)?)
+        self.output.forward_decoding(&self.finish(&x, 0, ctx)?.squeeze(1)?)
     }
 
     /// The embedded tokens `[rows, seq, hidden]` at positions after `past` cached ones
@@ -450,15 +453,32 @@ impl Llama {
             input_ids
         };
         let (_, t) = input_ids.dims2()?;
+        let x = crate::ops::perturbed(embedding(&self.embed, input_ids)?, ctx, copies)?;
+        // Prompt tuning's virtual tokens come first in a sequence (not in the steps that
+        // continue a cache, which holds them): positions count them, outputs leave them out.
+        let (x, ctx) = if past == 0 {
+            let io = EmbeddingIo { embeddings: &x, mask: ctx.attention_mask.as_ref() };
+            let x = self.adapters.embeddings(Point::new(0, Site::InputEmbeddings), &io, ctx)?;
+            let added = x.dim(1)? - t;
+            let ctx = match (&ctx.attention_mask, added) {
+                (Some(m), 1..) => ctx.masked(&Tensor::cat(&[&Tensor::ones((m.dim(0)?, added), m.dtype(), m.device())?, m], 1)?),
+                _ => ctx.clone(),
+            };
+            (x, ctx)
+        } else {
+            (x, ctx.clone())
+        };
+        let virtual_tokens = x.dim(1)? - t;
+        let t = t + virtual_tokens;
         if past + t > self.config.max_position_embeddings {
             candle_core::bail!("{} positions exceed the model's context of {}", past + t, self.config.max_position_embeddings);
         }
-        let x = crate::ops::perturbed(embedding(&self.embed, input_ids)?, ctx, copies)?;
         let inputs = LayerInputs {
             cos: self.cos.narrow(0, past, t)?,
             sin: self.sin.narrow(0, past, t)?,
             mask: if t > 1 { Some(causal_mask(t, past, x.device())?) } else { None },
-            ctx: ctx.clone(),
+            ctx,
+            virtual_tokens,
         };
         Ok((x, inputs))
     }
@@ -469,9 +489,22 @@ impl Llama {
         self.layer_forward(l, &self.layers[l], x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), Kv::None, ctx)
     }
 
-    /// The final norm, after the last layer.
-    pub(crate) fn finish(&self, x: &Tensor) -> Result<Tensor> {
-        self.norm.forward(x)
+    /// After the last layer: the virtual tokens left out, the final norm, and the
+    /// adapters at the LM-head input (invertible adapters' inverse).
+    pub(crate) fn finish(&self, x: &Tensor, virtual_tokens: usize, ctx: &ForwardCtx) -> Result<Tensor> {
+        let x = if virtual_tokens > 0 { x.narrow(1, virtual_tokens, x.dim(1)? - virtual_tokens)? } else { x.clone() };
+        let x = self.norm.forward(&x)?;
+        let mask = match (&ctx.attention_mask, virtual_tokens) {
+            (Some(m), 1..) => Some(m.narrow(1, virtual_tokens, m.dim(1)? - virtual_tokens)?),
+            (m, _) => m.clone(),
+        };
+        let io = EmbeddingIo { embeddings: &x, mask: mask.as_ref() };
+        let head_input = Point::new(self.layers.len() - 1, Site::LmHeadInput);
+        let y = self.adapters.embeddings(head_input, &io, ctx)?;
+        if y.dims() != x.dims() {
+            candle_core::bail!("an adapter at {head_input} changed the final hidden states from {:?} to {:?}", x.dims(), y.dims());
+        }
+        Ok(y)
     }
 
     /// Number of layers.
@@ -486,7 +519,7 @@ impl Llama {
         for l in 0..num_layers.min(self.layers.len()) {
             x = self.layer(l, &x, &inputs, &inputs.ctx.for_layer(l))?;
         }
-        Ok(x)
+        x.narrow(1, inputs.virtual_tokens, x.dim(1)? - inputs.virtual_tokens)
     }
 
     /// The output projection `[vocab, hidden]` (the token embeddings when tied).
@@ -598,7 +631,15 @@ impl Llama {
                 v = Tensor::cat(&values, 0)?;
             }
         }
-        let attn = kernels::attention(&q, &k, &v, nh, nkv, mask, 1.0 / (hd as f64).sqrt())?;
+        // Prefix tuning's keys and values: before every other key, never cached.
+        let (k, v, mask) = match self.adapters.key_value_prefix(Point::new(l, Site::KeyValuePrefix), x.dim(0)?, ctx)? {
+            None => (k, v, mask.cloned()),
+            Some(p) => {
+                let mask = crate::ops::mask_with_prefix(mask, p.valid.as_ref(), p.keys.dim(1)?, x.dim(0)?, k.dim(1)?, f32::NEG_INFINITY)?;
+                (Tensor::cat(&[&p.keys, &k], 1)?, Tensor::cat(&[&p.values, &v], 1)?, Some(mask))
+            }
+        };
+        let attn = kernels::attention(&q, &k, &v, nh, nkv, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
         let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx, decoding)?;
         let io = SublayerIo { input: x, output: &attn, post_norm: None };
         let x = (x + self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?)?;
@@ -614,7 +655,10 @@ impl Llama {
             self.project(&layer.down, down, &kernels::swiglu(&gate, &up)?, ctx, decoding)?
         };
         let io = SublayerIo { input: &x, output: &ffn, post_norm: None };
-        &x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?
+        let out = (&x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?)?;
+        // In a decoding step the site sees the new position only.
+        let io = InterventionIo { hidden: &out, mask: ctx.attention_mask.as_ref() };
+        self.adapters.intervention(Point::new(l, Site::LayerOutput), &io, ctx)
     }
 
     /// The projection at a point, for merging adapters into its weight.
@@ -702,6 +746,21 @@ impl InsertionPoint for Llama {
             add(Site::FfnUp, h, i, "mlp.up_proj");
             add(Site::FfnDown, i, h, "mlp.down_proj");
         }
+        let kv = c.num_key_value_heads * hd;
+        points.push(PointSpec {
+            point: Point::new(0, Site::InputEmbeddings),
+            in_features: h,
+            out_features: h,
+            module: "model.embed_tokens".into(),
+        });
+        for layer in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{layer}");
+            let module = format!("{p}.self_attn.key_value_prefix");
+            points.push(PointSpec { point: Point::new(layer, Site::KeyValuePrefix), in_features: h, out_features: kv, module });
+            points.push(PointSpec { point: Point::new(layer, Site::LayerOutput), in_features: h, out_features: h, module: p });
+        }
+        let last = Point::new(c.num_hidden_layers - 1, Site::LmHeadInput);
+        points.push(PointSpec { point: last, in_features: h, out_features: h, module: "lm_head".into() });
         ModelInfo { architecture: "llama".into(), hidden_size: h, num_layers: c.num_hidden_layers, vocab_size: c.vocab_size, points }
     }
 
@@ -732,4 +791,6 @@ pub(crate) struct LayerInputs {
     mask: Option<Tensor>,
     /// The forward's context.
     pub(crate) ctx: ForwardCtx,
+    /// Virtual tokens the input-embeddings site prepended (prompt tuning).
+    pub(crate) virtual_tokens: usize,
 }

@@ -3,7 +3,7 @@
 
 use adapters_core::{AdapterSet, ForwardCtx, Point, ProjectionIo};
 use adapters_kernels as kernels;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use std::sync::Arc;
 
 /// Decoding steps of at most this many rows use a layer's 8-bit copy, when it has one:
@@ -148,4 +148,34 @@ pub(crate) fn perturbed(x: Tensor, ctx: &adapters_core::ForwardCtx, copies: usiz
         Some(delta) if copies > 1 => x + delta.repeat((copies, 1, 1))?,
         Some(delta) => x + delta,
     }
+}
+
+/// The additive attention mask with a key/value prefix in front of the keys: `mask`
+/// (`[1 or rows, 1 or queries, keys]`, `None`: every key visible) extended by `prefix`
+/// positions, hidden (`hidden`, a large negative bias) where `valid` (`[rows, prefix]`,
+/// `u32`) is 0; `[1 or rows, 1 or queries, prefix + keys]`.
+pub fn mask_with_prefix(
+    mask: Option<&Tensor>,
+    valid: Option<&Tensor>,
+    prefix: usize,
+    rows: usize,
+    keys: usize,
+    hidden: f32,
+) -> Result<Tensor> {
+    let device = valid.or(mask).map_or(candle_core::Device::Cpu, |t| t.device().clone());
+    let front = match valid {
+        // 0 where valid, `hidden` where not (a product with 0 would be NaN for -inf).
+        Some(v) => {
+            v.eq(0u32)?.where_cond(&Tensor::full(hidden, v.shape(), v.device())?, &Tensor::zeros(v.shape(), DType::F32, v.device())?)?
+        }
+        None => Tensor::zeros((1, prefix), DType::F32, &device)?,
+    }
+    .unsqueeze(1)?;
+    let rest = match mask {
+        Some(m) => m.clone(),
+        None => Tensor::zeros((1, 1, keys), DType::F32, &device)?,
+    };
+    let batch = if front.dim(0)? > 1 || rest.dim(0)? > 1 { rows } else { 1 };
+    let queries = rest.dim(1)?;
+    Tensor::cat(&[front.broadcast_as((batch, queries, prefix))?, rest.broadcast_as((batch, queries, rest.dim(2)?))?], 2)
 }

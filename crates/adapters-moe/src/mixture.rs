@@ -105,7 +105,7 @@ impl Mixture {
     pub fn build(kind: ExpertKind, args: &BuildArgs) -> std::result::Result<Self, Error> {
         let config = MoeConfig::parse(kind, args.config)?;
         let points = match kind {
-            ExpertKind::Bottleneck => args.placement.expand(args.model, default_sites(kind), |s| !s.is_projection())?,
+            ExpertKind::Bottleneck => args.placement.expand(args.model, default_sites(kind), |s| s.is_hidden())?,
             ExpertKind::Lora => args.placement.expand(args.model, default_sites(kind), Site::is_projection)?,
         };
         let mut init = Init::new(args.seed);

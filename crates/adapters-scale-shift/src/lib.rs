@@ -82,7 +82,7 @@ fn build(args: &BuildArgs) -> std::result::Result<Box<dyn Adapter>, Error> {
     }
     let mut init = Init::new(args.seed);
     let mut sites = BTreeMap::new();
-    for spec in args.placement.expand(args.model, &[Site::AttentionOutput, Site::FfnOutput], |s| !s.is_projection())? {
+    for spec in args.placement.expand(args.model, &[Site::AttentionOutput, Site::FfnOutput], |s| s.is_hidden())? {
         let d = spec.out_features;
         let scale = (init.normal(d, config.init_std, args.device)? + 1.0)?;
         let shift = init.normal(d, config.init_std, args.device)?;

@@ -404,7 +404,7 @@ mod context_probe {
     }
 
     fn build(args: &BuildArgs) -> std::result::Result<Box<dyn Adapter>, adapters_core::Error> {
-        let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| !s.is_projection())?;
+        let points = args.placement.expand(args.model, &[Site::FfnOutput], |s| s.is_hidden())?;
         Ok(Box::new(Probe(points.into_iter().map(|p| p.point).collect())))
     }
 

@@ -58,7 +58,9 @@ impl Probe {
     pub fn everywhere(info: &ModelInfo, device: &Device) -> Result<Self> {
         let mut init = Init::new(11);
         let mut vars = BTreeMap::new();
-        for spec in &info.points {
+        // The sites that lend a sublayer or a projection (the other kinds have toy kinds of
+        // their own in tests/new_sites.rs).
+        for spec in info.points.iter().filter(|s| s.point.site.is_hidden() || s.point.site.is_projection()) {
             let w = init.normal((spec.in_features, spec.out_features), 0.01, device)?;
             vars.insert(spec.point, Var::from_tensor(&w)?);
         }

@@ -12,6 +12,9 @@ use candle_core::{Result, Tensor, Var};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+mod stacked_sites;
+pub use stacked_sites::PrefixKv;
+
 #[derive(Clone)]
 struct Named {
     name: String,
@@ -305,6 +308,12 @@ impl AdapterSet {
                         return Err(Error::Setup(format!(
                             "`{setup}`: `{member}` sits on projections; fusion combines adapters at hidden sites \
                              (bottleneck adapters), so stack projection adapters (LoRA, IA3) under or over the fusion instead"
+                        )));
+                    }
+                    if !named.points.iter().any(|p| p.site.is_hidden()) {
+                        return Err(Error::Setup(format!(
+                            "`{setup}`: `{member}` has no hidden site; fusion combines adapters at hidden sites \
+                             (bottleneck adapters), so stack `{member}` under or over the fusion instead"
                         )));
                     }
                 }
