@@ -216,6 +216,7 @@ const NOT_FAMILIES: &[&str] = &[
     "adapters-train",
     "adapters-cli",
     "adapters-scale-shift",
+    "adapters-testkit",
     "adapters-bench",
     "adapters-store",
     "adapters-serve",

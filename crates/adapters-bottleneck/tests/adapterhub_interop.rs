@@ -6,12 +6,9 @@ use adapters_core::{io, ForwardCtx, InsertionPoint};
 use adapters_models::heads::{l2_normalize, mean_pool};
 use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone, Bert};
+use adapters_testkit::{json_rows, max_diff_rows, workspace};
 use candle_core::{Device, Tensor};
 use std::path::PathBuf;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn bert() -> Bert {
     let path = workspace().join("models/all-MiniLM-L6-v2");
@@ -43,11 +40,9 @@ fn embeddings(bert: &Bert, expected: &serde_json::Value) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The largest difference from a fixture's rows (shapes checked).
 fn max_diff(got: &[Vec<f32>], want: &serde_json::Value) -> f32 {
-    got.iter()
-        .zip(want.as_array().unwrap())
-        .flat_map(|(g, w)| g.iter().zip(w.as_array().unwrap()).map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs()).collect::<Vec<_>>())
-        .fold(0.0, f32::max)
+    max_diff_rows(got, &json_rows(want))
 }
 
 fn attach(bert: &mut Bert, loaded: io::Loaded) {

@@ -6,6 +6,7 @@ use adapters_core::{io, registry, Adapter, ForwardCtx, InsertionPoint, Placement
 use adapters_models::heads::mean_pool;
 use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
+use adapters_testkit::max_diff_values as max_diff;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::json;
 
@@ -42,10 +43,6 @@ fn output(m: &Backbone) -> Vec<f32> {
         Backbone::Llama(l) => l.forward_hidden(&ids, None, &ForwardCtx::inference()).unwrap(),
     };
     h.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 fn activate(m: &mut Backbone, name: &str, a: Box<dyn Adapter>) {

@@ -7,6 +7,7 @@
 use adapters_core::{registry, Adapter, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
+use adapters_testkit::max_diff;
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
@@ -67,10 +68,6 @@ fn with_three(m: &mut Backbone, kind: &str, config: &serde_json::Value) {
         })
         .collect();
     assert!(keys.iter().all(|k| *k == keys[0]), "{kind}: keys differ, so nothing would be batched: {keys:?}");
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
 #[test]

@@ -1,12 +1,9 @@
 //! `adapters kinds`, `new`, `inspect`, `merge`, `merge-experts`, `route` and `--adapter`,
 //! run as a user would.
 
+use adapters_testkit::{max_diff_values as max_diff, workspace};
 use std::path::PathBuf;
 use std::process::Command;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn minilm() -> String {
     adapters_models::fetched("all-MiniLM-L6-v2").unwrap().to_string_lossy().into_owned()
@@ -26,10 +23,6 @@ fn ok(args: &[&str]) -> String {
 fn embedding(args: &[&str]) -> Vec<f32> {
     let v: Vec<Vec<f32>> = serde_json::from_str(&ok(args)).unwrap();
     v.into_iter().next().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]

@@ -1,11 +1,7 @@
 //! The `adapters` binary, run as a user would, on the real models.
 
-use std::path::PathBuf;
+use adapters_testkit::workspace;
 use std::process::{Command, Output};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn model(name: &str) -> String {
     let path = workspace().join("models").join(name);

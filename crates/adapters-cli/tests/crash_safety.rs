@@ -4,14 +4,11 @@
 //! the run, and the finished run must hold the uninterrupted run's weights bit for bit.
 //! Plus SIGKILL at random moments of a real training run, repeated.
 
+use adapters_testkit::workspace;
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn minilm() -> String {
     adapters_models::fetched("all-MiniLM-L6-v2").unwrap().to_string_lossy().into_owned()

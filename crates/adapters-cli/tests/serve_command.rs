@@ -2,33 +2,10 @@
 //! starts on 127.0.0.1): an adapter pushed once by `adapters push` is served by both, and
 //! SIGTERM stops each one cleanly.
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use adapters_testkit::{start_s3, workspace};
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// An S3-compatible server (s3s-fs) over `root` on a free port, with bucket `adapters`.
-async fn start_s3(root: &Path) -> String {
-    std::fs::create_dir_all(root.join("adapters")).unwrap();
-    let mut builder = s3s::service::S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
-    builder.set_auth(s3s::auth::SimpleAuth::from_single("test-key", "test-secret"));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else { return };
-            let conn = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-            tokio::spawn(conn);
-        }
-    });
-    format!("http://{addr}")
-}
 
 fn adapters(endpoint: &str, cache: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_adapters"));

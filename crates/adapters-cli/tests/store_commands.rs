@@ -1,12 +1,9 @@
 //! `adapters push | list | pull | tag | rm` on a local library, and `--adapter NAME@TAG`
 //! taking an adapter from it, run as a user would.
 
+use adapters_testkit::workspace;
 use std::path::PathBuf;
 use std::process::Command;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn minilm() -> String {
     adapters_models::fetched("all-MiniLM-L6-v2").unwrap().to_string_lossy().into_owned()

@@ -1,11 +1,8 @@
 //! `adapters train`, `predict` and `eval`, run as a user would, on real data.
 
-use std::path::{Path, PathBuf};
+use adapters_testkit::workspace;
+use std::path::Path;
 use std::process::Command;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_adapters")).args(args).output().unwrap();

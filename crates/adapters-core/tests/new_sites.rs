@@ -8,6 +8,7 @@
 use adapters_core::intervention::{at_positions, edge_positions, row_lengths};
 use adapters_core::{Adapter, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, KeyValuePrefix, Point, Site, SiteKind};
 use adapters_models::{Backbone, HoldsAdapters, LoadedModel};
+use adapters_testkit::max_diff;
 use candle_core::{Device, IndexOp, Result, Tensor, Var};
 
 /// A fetched model; a decoder without its 8-bit decoding copies, so that a decoding step
@@ -18,11 +19,6 @@ fn load(name: &str) -> LoadedModel {
         m.dequantize();
     }
     model
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "compared tensors differ in shape");
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
 fn randn(shape: &[usize], std: f64, seed: u64) -> Tensor {

@@ -7,15 +7,12 @@ use adapters_core::{io, ForwardCtx, InsertionPoint, Setup, Site};
 use adapters_models::heads::{l2_normalize, mean_pool};
 use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone, Bert};
+use adapters_testkit::{json_rows, max_diff_rows, workspace};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 use std::path::PathBuf;
 
 const TOLERANCE: f32 = 1e-4;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn reference() -> PathBuf {
     workspace().join("fixtures/interop/adapterhub_fusion_minilm")
@@ -47,11 +44,9 @@ fn run(bert: &Bert, reference: &Value) -> (Vec<Vec<f32>>, Vec<Vec<adapters_core:
     (embeddings, attentions)
 }
 
+/// The largest difference from a fixture's rows (shapes checked).
 fn max_diff(got: &[Vec<f32>], want: &Value) -> f32 {
-    got.iter()
-        .zip(want.as_array().unwrap())
-        .flat_map(|(g, w)| g.iter().zip(w.as_array().unwrap()).map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs()).collect::<Vec<_>>())
-        .fold(0.0, f32::max)
+    max_diff_rows(got, &json_rows(want))
 }
 
 fn activate(bert: &mut Bert, setup: &str) {

@@ -6,6 +6,7 @@
 use adapters_core::{io, ForwardCtx, Setup};
 use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone, Bert};
+use adapters_testkit::max_diff;
 use candle_core::{Device, Tensor};
 use std::path::PathBuf;
 
@@ -29,10 +30,6 @@ fn forward(bert: &mut Bert, setup: &str) -> Tensor {
     bert.adapters_mut().set_setup(Some(setup.parse::<Setup>().unwrap())).unwrap();
     let ids = Tensor::new(&[[101u32, 1996, 3185, 2001, 1037, 102], [101, 15768, 3062, 9249, 2044, 102]], &Device::Cpu).unwrap();
     bert.forward(&ids, None, None, &ForwardCtx::inference()).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
 #[test]

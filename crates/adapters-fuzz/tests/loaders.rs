@@ -4,16 +4,13 @@
 //! bad bytes with an error, never a panic (nor an allocation the input asked for).
 
 use adapters_fuzz::fuzz;
+use adapters_testkit::workspace;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn families() {
-    adapters_families::link();
+    adapters_testkit::register_all();
 }
 
 /// A scratch folder for one target, removed at the end.
@@ -68,6 +65,10 @@ fn safetensors_reader() {
     ];
     let dir = scratch("safetensors");
     let file = dir.0.join("x.safetensors");
+    for seed in &seeds {
+        std::fs::write(&file, seed).unwrap();
+        adapters_core::io::read_tensors(&file, &dev).expect("every seed is a readable file");
+    }
     fuzz("safetensors", &seeds, |bytes| {
         std::fs::write(&file, bytes).unwrap();
         let _ = adapters_core::io::read_tensors(&file, &dev);
@@ -187,6 +188,13 @@ fn kind_configs() {
     .iter()
     .map(|s| s.as_bytes().to_vec())
     .collect();
+    // Every seed builds: a kind whose registration was lost fails here, not silently below.
+    for seed in &seeds {
+        let v: serde_json::Value = serde_json::from_slice(seed).unwrap();
+        let placement = serde_json::from_value::<adapters_core::Placement>(v.get("placement").cloned().unwrap_or_default()).unwrap();
+        adapters_core::registry::build(v["kind"].as_str().unwrap(), &v["config"], &placement, &info, &Device::Cpu, 0)
+            .unwrap_or_else(|e| panic!("seed {v}: {e}"));
+    }
     fuzz("adapter kind configs", &seeds, |bytes| {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { return };
         let kind = v["kind"].as_str().unwrap_or_default();
@@ -203,6 +211,7 @@ fn head_folder() {
     let head = dir.0.join("head");
     copy_dir(&workspace().join("fixtures/fusion-sources/sms_spam/heads/sms_spam"), &head);
     let seed = std::fs::read(head.join("head_config.json")).unwrap();
+    adapters_models::saved_heads::load(&head, &Device::Cpu).expect("the seed head loads");
     fuzz("head_config", &[seed], |bytes| {
         std::fs::write(head.join("head_config.json"), bytes).unwrap();
         let _ = adapters_models::saved_heads::load(&head, &Device::Cpu);
@@ -223,6 +232,11 @@ fn setups() {
     .iter()
     .map(|s| s.as_bytes().to_vec())
     .collect();
+    for seed in &seeds {
+        let text = String::from_utf8_lossy(seed);
+        let parsed = adapters_core::Setup::from_json(&text).is_ok() || text.parse::<adapters_core::Setup>().is_ok();
+        assert!(parsed, "the seed {text} is a setup");
+    }
     fuzz("adapter setups", &seeds, |bytes| {
         let text = String::from_utf8_lossy(bytes);
         let _ = adapters_core::Setup::from_json(&text);
@@ -240,6 +254,10 @@ fn run_configs() {
         .map(|e| std::fs::read(e.path()).unwrap())
         .collect();
     seeds.sort();
+    assert!(!seeds.is_empty(), "the examples are the seeds");
+    for seed in &seeds {
+        adapters_train::Config::parse(&String::from_utf8_lossy(seed), &[]).expect("every example config parses");
+    }
     fuzz("TOML run configs", &seeds, |bytes| {
         let _ = adapters_train::Config::parse(&String::from_utf8_lossy(bytes), &[]);
     });

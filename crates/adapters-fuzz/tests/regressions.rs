@@ -83,7 +83,7 @@ fn gguf_files_with_impossible_numbers_are_refused() {
 }
 
 fn families() {
-    adapters_families::link();
+    adapters_testkit::register_all();
 }
 
 /// Absurd sizes in a config are refused before anything is allocated.

@@ -8,6 +8,7 @@ use adapters_core::{io, registry, Adapter, BuildArgs, ForwardCtx, InsertionPoint
 use adapters_hyper::HyperNet;
 use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
+use adapters_testkit::max_diff;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
@@ -50,10 +51,6 @@ fn hidden(m: &Backbone, ctx: &ForwardCtx) -> Tensor {
 
 fn tasks(ids: &[u32]) -> ForwardCtx {
     ForwardCtx::inference().with_task_ids(Tensor::new(ids, &Device::Cpu).unwrap())
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
 fn mean_abs(a: &Tensor) -> f32 {

@@ -7,13 +7,9 @@ use adapters_core::merge::{self, Input, MajoritySign, Options};
 use adapters_core::{io, Adapter, InsertionPoint};
 use adapters_lora::Lora;
 use adapters_models::{load, Backbone};
+use adapters_testkit::workspace;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn minilm() -> Backbone {
     let _ = adapters_lora::family();

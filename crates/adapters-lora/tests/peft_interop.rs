@@ -6,12 +6,9 @@ use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::heads::{l2_normalize, mean_pool};
 use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone};
+use adapters_testkit::{max_diff_rows as max_diff, workspace};
 use candle_core::{Device, Tensor};
 use std::path::PathBuf;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn model(name: &str) -> Backbone {
     let path = workspace().join("models").join(name);
@@ -42,10 +39,6 @@ fn bert_embeddings(m: &Backbone, expected: &serde_json::Value) -> Vec<Vec<f32>> 
             l2_normalize(&mean_pool(&h, &mask).unwrap()).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
         })
         .collect()
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 fn to_vecs(v: &serde_json::Value) -> Vec<Vec<f32>> {

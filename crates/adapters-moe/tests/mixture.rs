@@ -9,6 +9,7 @@ use adapters_core::{io, registry, Adapter, ForwardCtx, InsertionPoint, Placement
 use adapters_models::HoldsAdapters;
 use adapters_models::{fetched, load, Backbone};
 use adapters_moe::Mixture;
+use adapters_testkit::max_diff;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
@@ -43,10 +44,6 @@ fn batch() -> (Tensor, Tensor) {
 fn hidden(m: &Backbone, ctx: &ForwardCtx) -> Tensor {
     let (ids, mask) = batch();
     m.hidden_states(&ids, &mask, ctx).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
 fn with(m: &mut Backbone, name: &str, a: Box<dyn Adapter>) {

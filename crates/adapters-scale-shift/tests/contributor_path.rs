@@ -4,21 +4,11 @@
 
 use adapters_core::{io, registry, InsertionPoint};
 use adapters_models::HoldsAdapters;
+use adapters_testkit::{minilm, scratch, workspace};
 use candle_core::Device;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("adapters-scale-shift-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn binary() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_adapters-with-scale-shift"));
@@ -30,10 +20,6 @@ fn ok(command: &mut Command) -> String {
     let out = command.output().unwrap();
     assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn minilm() -> PathBuf {
-    adapters_models::fetched("all-MiniLM-L6-v2").expect("run `cargo xtask fetch` first")
 }
 
 #[test]

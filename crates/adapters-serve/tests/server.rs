@@ -5,24 +5,12 @@
 use adapters_serve::cache::Limits;
 use adapters_serve::{AppState, Config};
 use adapters_store::{Name, PushOptions, Store};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use adapters_testkit::{fixtures, s3_options, scratch, start_s3};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("adapters-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A running server and what it needs to stop.
 struct Server {
@@ -61,7 +49,7 @@ impl Server {
 }
 
 async fn local_store(dir: &Path) -> Store {
-    adapters_families::link();
+    adapters_testkit::register_all();
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
     for (name, folder, tag) in [
         ("sms", "fusion-sources/sms_spam", Some("prod")),
@@ -325,13 +313,7 @@ async fn shutdown_drains_requests_in_flight() {
 async fn two_servers_share_one_s3_store() {
     let dir = scratch("s3");
     let endpoint = start_s3(&dir.join("s3")).await;
-    let options = [
-        ("aws_endpoint", endpoint.as_str()),
-        ("aws_allow_http", "true"),
-        ("aws_access_key_id", "test-key"),
-        ("aws_secret_access_key", "test-secret"),
-        ("aws_region", "us-east-1"),
-    ];
+    let options = s3_options(&endpoint);
     let store = || Store::open_with_options("s3://adapters/shared", &options).unwrap();
     store().push(&fixtures().join("fusion-sources/sms_spam"), &"sms".parse().unwrap(), PushOptions::default()).await.unwrap();
     let a = Server::start(store(), Config { cache_dir: dir.join("cache-a"), ..Default::default() }).await;
@@ -340,24 +322,6 @@ async fn two_servers_share_one_s3_store() {
     let (sb, rb) = b.post("/v1/classify", json!({"model": "sms", "input": "win cash now"})).await;
     assert_eq!((sa, sb), (StatusCode::OK, StatusCode::OK), "{ra} {rb}");
     assert_eq!(ra, rb);
-}
-
-/// An S3-compatible server (s3s-fs) over `root` on a free port, with bucket `adapters`.
-async fn start_s3(root: &Path) -> String {
-    std::fs::create_dir_all(root.join("adapters")).unwrap();
-    let mut builder = s3s::service::S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
-    builder.set_auth(s3s::auth::SimpleAuth::from_single("test-key", "test-secret"));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else { return };
-            let conn = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-            tokio::spawn(conn);
-        }
-    });
-    format!("http://{addr}")
 }
 
 /// The OpenAI Python client (pinned, in a venv under target/ that this test sets up) against
@@ -451,7 +415,7 @@ async fn generations_with_different_adapters_decode_in_one_batch() {
     let smol =
         || adapters_models::load(&adapters_models::fetched("SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(), &candle_core::Device::Cpu).unwrap();
     let model = smol();
-    adapters_families::link();
+    adapters_testkit::register_all();
     use adapters_core::InsertionPoint;
     let info = model.backbone.model_info();
     let pfeiffer = adapters_core::registry::build("seq_bn", &json!({}), &Default::default(), &info, &candle_core::Device::Cpu, 3).unwrap();
@@ -578,7 +542,7 @@ fn stacked_bundle(dir: &Path) -> (PathBuf, adapters_core::Setup) {
 async fn a_stored_setup_is_served_like_an_adapter() {
     let dir = scratch("setup");
     let (bundle, setup) = stacked_bundle(&dir);
-    adapters_families::link();
+    adapters_testkit::register_all();
     let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
     store.push(&bundle, &"stacked".parse().unwrap(), PushOptions::default()).await.unwrap();
     let server = Server::start(store, config(&dir)).await;

@@ -2,8 +2,7 @@
 //! started on 127.0.0.1 by the test), with the repository's adapter fixtures.
 
 use adapters_store::{Error, Name, PushOptions, Reference, Store};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use adapters_testkit::{s3_options, start_s3};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -20,7 +19,7 @@ impl Drop for Scratch {
 }
 
 fn scratch(name: &str) -> Scratch {
-    adapters_families::link();
+    adapters_testkit::register_all();
     let dir = std::env::temp_dir().join(format!("adapters-store-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -132,35 +131,6 @@ async fn an_s3_store_keeps_versions_tags_and_files() {
     let bad = Store::open_with_options("s3://adapters", &wrong).unwrap();
     let e = bad.list(None).await.unwrap_err();
     assert!(matches!(e, Error::Backend { .. }) && e.to_string().contains("s3://adapters"), "{e}");
-}
-
-/// The settings that reach the test's S3 server at `endpoint`.
-fn s3_options(endpoint: &str) -> [(&'static str, &str); 5] {
-    [
-        ("aws_endpoint", endpoint),
-        ("aws_allow_http", "true"),
-        ("aws_access_key_id", "test-key"),
-        ("aws_secret_access_key", "test-secret"),
-        ("aws_region", "us-east-1"),
-    ]
-}
-
-/// An S3-compatible server (s3s-fs) over `root` on a free port, with bucket `adapters`.
-async fn start_s3(root: &Path) -> String {
-    std::fs::create_dir_all(root.join("adapters")).unwrap();
-    let mut builder = s3s::service::S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
-    builder.set_auth(s3s::auth::SimpleAuth::from_single("test-key", "test-secret"));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((socket, _)) = listener.accept().await else { return };
-            let conn = ConnBuilder::new(TokioExecutor::new()).serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-            tokio::spawn(conn);
-        }
-    });
-    format!("http://{addr}")
 }
 
 #[tokio::test]

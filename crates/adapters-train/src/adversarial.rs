@@ -78,7 +78,7 @@ impl Adversarial {
 
 /// Classification logits `[rows, labels]` of one part of a batch, its gold labels and its
 /// weight in the batch's loss (its share of the rows).
-pub struct Part {
+pub struct LabelledLogits {
     /// The part's logits.
     pub logits: Tensor,
     /// Gold label indices `[rows]` (u32).
@@ -88,12 +88,12 @@ pub struct Part {
 }
 
 /// The weighted cross-entropy of parts.
-pub fn cross_entropy(parts: &[Part]) -> Result<Tensor> {
+pub fn cross_entropy(parts: &[LabelledLogits]) -> Result<Tensor> {
     weighted(parts.iter().map(|p| Ok((candle_nn::loss::cross_entropy(&p.logits, &p.labels)?, p.weight))))
 }
 
 /// The weighted symmetric KL divergence between two sets of parts' predictions (mean over rows).
-fn symmetric_kl(a: &[Part], b: &[Part]) -> Result<Tensor> {
+fn symmetric_kl(a: &[LabelledLogits], b: &[LabelledLogits]) -> Result<Tensor> {
     weighted(a.iter().zip(b).map(|(a, b)| {
         let (la, lb) = (candle_nn::ops::log_softmax(&a.logits, D::Minus1)?, candle_nn::ops::log_softmax(&b.logits, D::Minus1)?);
         let diff = (&la - &lb)?;
@@ -167,12 +167,13 @@ pub fn loss_and_grads(
     mask: &Tensor,
     ctx: &ForwardCtx,
     attack: &Adversarial,
-    parts: impl Fn(&Tensor, &ForwardCtx) -> Result<Vec<Part>>,
+    parts: impl Fn(&Tensor, &ForwardCtx) -> Result<Vec<LabelledLogits>>,
 ) -> Result<(Tensor, GradStore, StepReports)> {
     let clean = parts(&backbone.hidden_states(ids, mask, ctx)?, ctx)?;
     let clean_loss = cross_entropy(&clean)?;
     let smooth = attack.kl;
-    let target: Vec<Part> = clean.iter().map(|p| Part { logits: p.logits.detach(), labels: p.labels.clone(), weight: p.weight }).collect();
+    let target: Vec<LabelledLogits> =
+        clean.iter().map(|p| LabelledLogits { logits: p.logits.detach(), labels: p.labels.clone(), weight: p.weight }).collect();
     let objective = |h: &Tensor, c: &ForwardCtx| {
         let perturbed = parts(h, c)?;
         if smooth {
@@ -235,8 +236,8 @@ mod tests {
 
     #[test]
     fn symmetric_kl_is_zero_for_equal_predictions_and_positive_otherwise() -> Result<()> {
-        let part = |v: &[[f32; 2]; 2]| -> Result<Part> {
-            Ok(Part { logits: Tensor::new(v, &Device::Cpu)?, labels: Tensor::new(&[0u32, 1], &Device::Cpu)?, weight: 1.0 })
+        let part = |v: &[[f32; 2]; 2]| -> Result<LabelledLogits> {
+            Ok(LabelledLogits { logits: Tensor::new(v, &Device::Cpu)?, labels: Tensor::new(&[0u32, 1], &Device::Cpu)?, weight: 1.0 })
         };
         let a = [part(&[[1.0, 2.0], [0.0, -1.0]])?];
         let b = [part(&[[2.0, 0.0], [0.0, -1.0]])?];

@@ -196,7 +196,7 @@ pub fn encode_truncated(tokenizer: &TextTokenizer, text: &str, max_length: usize
 /// batches shuffled again. Deterministic in (seed, task, epoch), so a resumed run sees the
 /// same.
 pub fn epoch_batches(lengths: &[usize], batch_size: usize, group: bool, seed: u64, task: usize, epoch: usize) -> Vec<Vec<usize>> {
-    let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, task as u64, epoch as u64, 0xba7c]));
+    let mut rng = ChaCha8Rng::seed_from_u64(mix(&[seed, task as u64, epoch as u64, salt::EPOCH_ORDER]));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut rng);
     if !group {
@@ -216,6 +216,22 @@ pub fn sorted_batches(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| lengths[i]);
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
+}
+
+/// The salts that keep a run's random streams apart: each is mixed with the run's seed
+/// (and the step, task or epoch), so that changing how one stream is drawn never shifts
+/// another. The values are arbitrary but fixed: changing one changes every run.
+pub mod salt {
+    /// A new adapter's initial weights.
+    pub const ADAPTER_INIT: u64 = 0xada;
+    /// A new classification head's initial weights.
+    pub const HEAD_INIT: u64 = 0x4ead;
+    /// Which task a multi-task step samples.
+    pub const TASK_CHOICE: u64 = 0x7a5c;
+    /// A step's dropout masks and other training-time randomness.
+    pub const DROPOUT: u64 = 0xd209;
+    /// The order of an epoch's batches.
+    pub const EPOCH_ORDER: u64 = 0xba7c;
 }
 
 /// Mixes numbers into one seed (splitmix64 steps).

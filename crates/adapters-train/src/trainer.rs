@@ -2,7 +2,7 @@
 //! [`Config`], trains the parameter groups the mode and stages allow, evaluates, stops
 //! early, checkpoints, resumes, and writes the trained adapters, heads and reports.
 
-use crate::adversarial::{self, Part};
+use crate::adversarial::{self, LabelledLogits};
 use crate::checkpoint::{self, Best, Cursor, State};
 use crate::config::{AdapterEntry, Config, Metric, Mode, Pooling, ScheduleKind, TaskType};
 use crate::error::{fail, Result, Within};
@@ -12,7 +12,7 @@ use crate::metrics::{accuracy, macro_f1, MetricsLog};
 use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
 use crate::report;
 use crate::routing_report::{self, RoutingSums};
-use crate::task::{self, epoch_batches, mix, sorted_batches, Split, TaskData};
+use crate::task::{self, epoch_batches, mix, salt, sorted_batches, Split, TaskData};
 use adapters_core::durable::replace_dir;
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Layers, Placement, Setup};
 use adapters_models::heads::ClassificationHead;
@@ -121,8 +121,9 @@ struct Param {
     groups: Vec<String>,
 }
 
+/// The held-out split an evaluation reads.
 #[derive(Clone, Copy)]
-enum Which {
+enum EvalSplit {
     Dev,
     Test,
 }
@@ -197,8 +198,9 @@ impl Trainer {
                     _ => entry.placement.clone(),
                 };
                 let adapter_config = with_task_names(&entry.kind, entry.config_json(), &config).within(|| format!("`adapters.{name}`"))?;
-                let adapter = registry::build(&entry.kind, &adapter_config, &placement, &info, device, mix(&[seed, i as u64, 0xada]))
-                    .within(|| format!("`adapters.{name}`"))?;
+                let adapter =
+                    registry::build(&entry.kind, &adapter_config, &placement, &info, device, mix(&[seed, i as u64, salt::ADAPTER_INIT]))
+                        .within(|| format!("`adapters.{name}`"))?;
                 add_trainable(&mut params, name, adapter.as_ref());
                 model.backbone.adapters_mut().add(name, adapter)?;
             }
@@ -232,7 +234,7 @@ impl Trainer {
                     first.head.clone()
                 }
                 (TaskType::Classification, None) => {
-                    let head = ClassificationHead::new(hidden, data.labels.len(), mix(&[seed, i as u64, 0x4ead]), device)?;
+                    let head = ClassificationHead::new(hidden, data.labels.len(), mix(&[seed, i as u64, salt::HEAD_INIT]), device)?;
                     if let Some((folder, _)) = config.stack_of(t).last().and_then(|top| started.get(top)) {
                         start_head(&head, folder, head_name, &data.labels, device)?;
                     }
@@ -366,10 +368,10 @@ impl Trainer {
         };
         let mut log = MetricsLog::open(&out.join(report::METRICS_FILE), options.resume.then_some(state.step))?;
         if state.step == 0 && !options.resume {
-            let dev = self.evaluate(Which::Dev)?;
+            let dev = self.evaluate(EvalSplit::Dev)?;
             self.log_eval(&mut log, 0, "dev", &dev)?;
             state.dev_at_start = dev;
-            state.test_at_start = self.evaluate(Which::Test)?;
+            state.test_at_start = self.evaluate(EvalSplit::Test)?;
         }
         let total = self.total_steps();
         let last = options.stop_after.unwrap_or(total).min(total);
@@ -408,7 +410,7 @@ impl Trainer {
                 eprintln!("step {}/{total}  loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s", state.step, window.examples_per_s());
             }
             if state.step % self.eval_every == 0 || state.step == total {
-                let dev = self.evaluate(Which::Dev)?;
+                let dev = self.evaluate(EvalSplit::Dev)?;
                 self.log_eval(&mut log, state.step, "dev", &dev)?;
                 bar.suspend(|| print_eval(state.step, "dev", &dev));
                 self.track_best(&mut state, &dev, &out)?;
@@ -427,10 +429,10 @@ impl Trainer {
             if state.best.is_some() {
                 checkpoint::restore_best(&out, &self.params_by_name())?;
             }
-            let test = self.evaluate(Which::Test)?;
+            let test = self.evaluate(EvalSplit::Test)?;
             self.log_eval(&mut log, state.step, "test", &test)?;
             let mut recording = Recording::default();
-            let dev = self.evaluate_recording(Which::Dev, Some(&mut recording))?;
+            let dev = self.evaluate_recording(EvalSplit::Dev, Some(&mut recording))?;
             if !recording.attention.is_empty() {
                 fusion_report::write(&out, &recording.attention.to_json("dev"))?;
             }
@@ -488,7 +490,7 @@ impl Trainer {
         let weights = self.task_weights();
         let total: f64 = weights.iter().sum();
         use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(&[self.config.training.seed, step as u64, 0x7a5c]));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(&[self.config.training.seed, step as u64, salt::TASK_CHOICE]));
         let mut u = rng.random::<f64>() * total;
         for (i, w) in weights.iter().enumerate() {
             if u < *w {
@@ -536,7 +538,7 @@ impl Trainer {
         let device = self.model.backbone.device().clone();
         let task_ids: Vec<u32> = batch.iter().flat_map(|(task, rows)| std::iter::repeat_n(*task as u32, rows.len())).collect();
         let examples = task_ids.len();
-        let mut ctx = ForwardCtx::training_seeded(mix(&[seed, step as u64, 0xd209])).with_task_ids(Tensor::new(task_ids, &device)?);
+        let mut ctx = ForwardCtx::training_seeded(mix(&[seed, step as u64, salt::DROPOUT])).with_task_ids(Tensor::new(task_ids, &device)?);
         let (first, _) = batch[0];
         let same = |a: &Task, b: &Task| a.stack == b.stack && a.setup == b.setup;
         if batch.iter().all(|(task, _)| same(&self.tasks[*task], &self.tasks[first])) {
@@ -621,7 +623,7 @@ impl Trainer {
         hidden: Option<(&Tensor, &Tensor)>,
         total_rows: usize,
         ctx: &ForwardCtx,
-    ) -> Result<Vec<Part>> {
+    ) -> Result<Vec<LabelledLogits>> {
         let mut parts = Vec::with_capacity(batch.len());
         let mut offset = 0;
         for (task_idx, rows) in batch {
@@ -638,13 +640,13 @@ impl Trainer {
             let logits = classify(task.head.as_ref().expect("classification head"), &features, self.config.training.dropout, ctx)?;
             let labels: Vec<u32> = rows.iter().map(|&i| task.data.train.labels[i]).collect();
             let labels = Tensor::new(labels, logits.device())?;
-            parts.push(Part { logits, labels, weight: n as f64 / total_rows as f64 });
+            parts.push(LabelledLogits { logits, labels, weight: n as f64 / total_rows as f64 });
         }
         Ok(parts)
     }
 
     /// Metrics per task on dev or test (tasks without that split are left out).
-    fn evaluate(&mut self, which: Which) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    fn evaluate(&mut self, which: EvalSplit) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         self.evaluate_recording(which, None)
     }
 
@@ -657,7 +659,7 @@ impl Trainer {
     /// for classification tasks whose setup fuses adapters.
     fn evaluate_recording(
         &mut self,
-        which: Which,
+        which: EvalSplit,
         mut recording: Option<&mut Recording>,
     ) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
         let mut out = BTreeMap::new();
@@ -670,8 +672,8 @@ impl Trainer {
             self.activate_task(i)?;
             let task = &self.tasks[i];
             let (split, features) = match which {
-                Which::Dev => (task.data.dev.as_ref(), task.features.as_ref().and_then(|f| f.dev.as_ref())),
-                Which::Test => (task.data.test.as_ref(), task.features.as_ref().and_then(|f| f.test.as_ref())),
+                EvalSplit::Dev => (task.data.dev.as_ref(), task.features.as_ref().and_then(|f| f.dev.as_ref())),
+                EvalSplit::Test => (task.data.test.as_ref(), task.features.as_ref().and_then(|f| f.test.as_ref())),
             };
             let Some(split) = split else { continue };
             let lengths: Vec<usize> = split.ids.iter().map(Vec::len).collect();

@@ -51,7 +51,7 @@ fn minilm() -> String {
 }
 
 fn config(body: &str, out: &Path) -> Config {
-    adapters_families::link();
+    adapters_testkit::register_all();
     Config::parse(&format!("{body}\n[output]\ndir = {:?}\n", out.display().to_string()), &[]).unwrap()
 }
 

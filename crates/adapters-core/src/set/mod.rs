@@ -2,8 +2,8 @@
 //! backbones call at every point.
 
 use crate::adapter::{Adapter, AddNormFn, LayerNormWeights, ProjectionIo, SublayerIo, TensorFn};
-use crate::capability::{ConditioningNeed, FuseMember};
-use crate::context::{AuxLoss, ForwardCtx, FusionAttention, StackRows};
+use crate::capability::ConditioningNeed;
+use crate::context::ForwardCtx;
 use crate::point::Point;
 use crate::setup::Setup;
 use crate::Error;
@@ -12,6 +12,8 @@ use candle_core::{Result, Tensor, Var};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+mod composition;
+mod rows;
 mod stacked_sites;
 pub use stacked_sites::PrefixKv;
 
@@ -84,9 +86,6 @@ impl Node {
         }
     }
 }
-
-/// One adapter of a batched computation at a point: its form's tensors there and its rows.
-type BatchedAdapter<'a> = (Arc<dyn Adapter>, Vec<Tensor>, &'a StackRows);
 
 /// The frozen part of a site that it lends to its adapters besides its input and output:
 /// a hidden site's post-norm, a projection's linear map.
@@ -413,188 +412,6 @@ impl AdapterSet {
                 _ => None,
             },
             _ => None,
-        }
-    }
-
-    /// Applies the active setup, or each row group's stack when the context routes rows.
-    fn dispatch(&self, point: Point, input: &Tensor, output: &Tensor, site: LentBySite, ctx: &ForwardCtx) -> Result<Tensor> {
-        let Some(groups) = &ctx.rows_by_stack else {
-            return match self.resolved.get(&point) {
-                None => Ok(output.clone()),
-                Some(node) => self.run(node, point, input, output, site, ctx),
-            };
-        };
-        if let Some(name) = self.merged.iter().next() {
-            candle_core::bail!(
-                "per-row adapter choices need an unmerged base model, but adapter `{name}` is merged into the \
-                 base weights (every row would get it); unmerge it first"
-            );
-        }
-        // Groups whose stack here is one adapter with a batchable form go in one batched
-        // computation with the groups of the same key; the rest run group by group.
-        let mut batches: Vec<(String, Vec<BatchedAdapter>)> = Vec::new();
-        let mut alone = Vec::new();
-        for group in groups {
-            let setup = Setup::stack(&group.stack);
-            let node = self.resolve(&setup, point).map_err(|e| candle_core::Error::Msg(format!("row choice: {e}")))?;
-            let Some(node) = node else { continue };
-            let single = match &node {
-                Node::Adapter(a) => Some(a.clone()),
-                Node::Stack(children) => match children.as_slice() {
-                    [Node::Adapter(a)] => Some(a.clone()),
-                    _ => None,
-                },
-                _ => None,
-            };
-            let form = single.as_ref().and_then(|a| a.capabilities().row_batched?.batchable_form(point));
-            match single.zip(form) {
-                Some((adapter, form)) => match batches.iter_mut().find(|(key, _)| *key == form.key) {
-                    Some((_, members)) => members.push((adapter, form.weights, group)),
-                    None => batches.push((form.key, vec![(adapter, form.weights, group)])),
-                },
-                None => alone.push((node, group)),
-            }
-        }
-        // A key with one adapter gains nothing from per-row weights.
-        for (_, members) in batches.iter_mut().filter(|(_, m)| m.len() == 1) {
-            let (adapter, _, group) = members.pop().expect("one member");
-            alone.push((Node::Adapter(adapter), group));
-        }
-        let batch = output.dim(0)?;
-        let whole = |indices: &[u32]| indices.len() == batch && indices.iter().enumerate().all(|(i, &r)| r as usize == i);
-        let mut result = output.clone();
-        let mut untouched = true;
-        for (_, members) in batches.into_iter().filter(|(_, m)| !m.is_empty()) {
-            // Row r of the batch (in ascending order) takes member `member_of[r]`'s weights.
-            let mut rows: Vec<(u32, u32)> =
-                members.iter().enumerate().flat_map(|(m, (_, _, g))| g.indices.iter().map(move |&r| (r, m as u32))).collect();
-            rows.sort_unstable();
-            let member_of = Tensor::from_iter(rows.iter().map(|&(_, m)| m), output.device())?;
-            let weights = (0..members[0].1.len())
-                .map(|j| Tensor::stack(&members.iter().map(|(_, w, _)| &w[j]).collect::<Vec<_>>(), 0)?.index_select(&member_of, 0))
-                .collect::<Result<Vec<_>>>()?;
-            let Some(batched) = members[0].0.capabilities().row_batched else {
-                candle_core::bail!("`{}` gave a batchable form but no per-row forward ({point})", members[0].0.kind())
-            };
-            let rows_of = |t: &Tensor, index: &Tensor| if rows.len() == batch { Ok(t.clone()) } else { t.index_select(index, 0) };
-            let index = Tensor::from_iter(rows.iter().map(|&(r, _)| r), output.device())?;
-            let (rows_in, rows_out) = (rows_of(input, &index)?, rows_of(output, &index)?);
-            let rows_ctx = if rows.len() == batch { ctx.for_range(0, batch)? } else { ctx.for_rows(&index)? };
-            let new_rows = match site {
-                LentBySite::Hidden(post_norm) => batched.forward_hidden_rows(
-                    point,
-                    &SublayerIo { input: &rows_in, output: &rows_out, post_norm },
-                    &weights,
-                    &rows_ctx,
-                )?,
-                LentBySite::Projection(linear) => batched.forward_projection_rows(
-                    point,
-                    &ProjectionIo { input: &rows_in, output: &rows_out, linear },
-                    &weights,
-                    &rows_ctx,
-                )?,
-            };
-            result = if rows.len() == batch && untouched { new_rows } else { result.index_add(&index, &(new_rows - rows_out)?, 0)? };
-            untouched = false;
-        }
-        for (node, group) in alone {
-            if whole(&group.indices) && untouched {
-                result = self.run(&node, point, input, output, site, &ctx.for_range(0, batch)?)?;
-                untouched = false;
-                continue;
-            }
-            let rows_in = input.index_select(&group.rows, 0)?;
-            let rows_out = output.index_select(&group.rows, 0)?;
-            let new_rows = self.run(&node, point, &rows_in, &rows_out, site, &ctx.for_rows(&group.rows)?)?;
-            result = result.index_add(&group.rows, &(new_rows - rows_out)?, 0)?;
-            untouched = false;
-        }
-        Ok(result)
-    }
-
-    /// Evaluates a resolved setup on one site's input and output.
-    fn run(&self, node: &Node, point: Point, input: &Tensor, output: &Tensor, site: LentBySite, ctx: &ForwardCtx) -> Result<Tensor> {
-        // A child absent at this point passes its input through.
-        let child = |c: &Option<Node>, input: &Tensor, output: &Tensor, ctx: &ForwardCtx| match c {
-            Some(n) => self.run(n, point, input, output, site, ctx),
-            None => Ok(output.clone()),
-        };
-        // Children on consecutive parts of dimension `dim` (rows or positions).
-        let parts = |children: &[Option<Node>], sizes: &[usize], dim: usize, what: &str| -> Result<Tensor> {
-            let total = output.dim(dim)?;
-            if sizes.iter().sum::<usize>() != total {
-                candle_core::bail!("{what} {:?} add up to {}, but the batch has {total} ({point})", sizes, sizes.iter().sum::<usize>());
-            }
-            let mut outs = Vec::with_capacity(children.len());
-            let mut start = 0;
-            for (c, &n) in children.iter().zip(sizes) {
-                let part_ctx = if dim == 0 { ctx.for_range(start, n)? } else { ctx.for_positions(start, n)? };
-                outs.push(child(c, &input.narrow(dim, start, n)?, &output.narrow(dim, start, n)?, &part_ctx)?);
-                start += n;
-            }
-            Tensor::cat(&outs, dim)
-        };
-        match node {
-            Node::Adapter(a) => match site {
-                LentBySite::Hidden(post_norm) => a.forward_hidden(point, &SublayerIo { input, output, post_norm }, ctx),
-                LentBySite::Projection(linear) => a.forward_projection(point, &ProjectionIo { input, output, linear }, ctx),
-            },
-            Node::Stack(children) => {
-                let mut out = output.clone();
-                for c in children {
-                    out = self.run(c, point, input, &out, site, ctx)?;
-                }
-                Ok(out)
-            }
-            Node::Fuse { name, fusion, members } => {
-                let LentBySite::Hidden(post_norm) = site else {
-                    candle_core::bail!("fusion `{name}` sits at a projection ({point}); fusion runs at hidden sites only")
-                };
-                let outputs = members.iter().map(|m| self.run(m, point, input, output, site, ctx)).collect::<Result<Vec<_>>>()?;
-                let fuse_members: Vec<FuseMember> = members
-                    .iter()
-                    .zip(outputs)
-                    .map(|(m, output)| FuseMember { adapter: m.last_adapter().map(|a| a.as_ref()), output })
-                    .collect();
-                let Some(layer) = fusion.capabilities().fusion else { candle_core::bail!("`{name}` is not a fusion layer ({point})") };
-                let fused = layer.fuse(point, &SublayerIo { input, output, post_norm }, &fuse_members, ctx)?;
-                if let Some(value) = fused.regularization {
-                    ctx.push_loss(AuxLoss { adapter: name.clone(), point, name: "fusion_value_regularization".into(), value });
-                }
-                ctx.push_fusion_attention(FusionAttention { fusion: name.clone(), point, weights: fused.attention });
-                Ok(fused.output)
-            }
-            Node::Parallel(children) => {
-                let n = children.len();
-                let rows = output.dim(0)?;
-                if rows % n != 0 {
-                    candle_core::bail!(
-                        "parallel over {n} adapters needs the batch repeated {n} times, but it has {rows} rows ({point}); \
-                         the backbone repeats it when the setup is set on the model"
-                    );
-                }
-                let copy = rows / n;
-                let mut outs = Vec::with_capacity(n);
-                for (i, c) in children.iter().enumerate() {
-                    let (x, y) = (input.narrow(0, i * copy, copy)?, output.narrow(0, i * copy, copy)?);
-                    outs.push(child(c, &x, &y, &ctx.for_copy(i, copy)?)?);
-                }
-                Tensor::cat(&outs, 0)
-            }
-            Node::Average { children, weights } => {
-                let mut total: Option<Tensor> = None;
-                let n = children.len() as f64;
-                for (c, &w) in children.iter().zip(weights) {
-                    let y = (child(c, input, output, ctx)? * (w as f64 / n))?;
-                    total = Some(match total {
-                        None => y,
-                        Some(t) => (t + y)?,
-                    });
-                }
-                total.ok_or_else(|| candle_core::Error::Msg(format!("average with no children ({point})")))
-            }
-            Node::BatchSplit { children, sizes } => parts(children, sizes, 0, "batch_split sizes"),
-            Node::Split { children, splits } => parts(children, splits, 1, "split positions"),
         }
     }
 }
