@@ -191,14 +191,17 @@ fn kind_configs() {
     // Every seed builds: a kind whose registration was lost fails here, not silently below.
     for seed in &seeds {
         let v: serde_json::Value = serde_json::from_slice(seed).unwrap();
-        let placement = serde_json::from_value::<adapters_core::Placement>(v.get("placement").cloned().unwrap_or_default()).unwrap();
+        let placement =
+            serde_json::from_value::<adapters_core::Placement>(v.get("placement").cloned().unwrap_or(serde_json::json!({}))).unwrap();
         adapters_core::registry::build(v["kind"].as_str().unwrap(), &v["config"], &placement, &info, &Device::Cpu, 0)
             .unwrap_or_else(|e| panic!("seed {v}: {e}"));
     }
     fuzz("adapter kind configs", &seeds, |bytes| {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else { return };
         let kind = v["kind"].as_str().unwrap_or_default();
-        let Ok(placement) = serde_json::from_value::<adapters_core::Placement>(v.get("placement").cloned().unwrap_or_default()) else {
+        let Ok(placement) =
+            serde_json::from_value::<adapters_core::Placement>(v.get("placement").cloned().unwrap_or(serde_json::json!({})))
+        else {
             return;
         };
         let _ = adapters_core::registry::build(kind, &v["config"], &placement, &info, &Device::Cpu, 0);
@@ -220,18 +223,17 @@ fn head_folder() {
 
 #[test]
 fn setups() {
-    let seeds: Vec<Vec<u8>> = [
-        r#"{"stack": ["a", "b"]}"#,
-        r#"{"fuse": {"name": "f", "members": ["a", "b", "c"]}}"#,
-        r#"{"parallel": [{"stack": ["a"]}, {"stack": ["b"]}]}"#,
-        "stack(a, fuse(f: b, c))",
-        "parallel(a, b)",
-        "split(a, b, at = 4)",
-        "average(a: 0.5, b: 0.5)",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect();
+    let texts = [
+        "stack(a, b)",
+        "stack(lang, fuse(a, b; fusion=ab))",
+        "parallel(a, stack(b, c))",
+        "average(a, b; weights=0.7, -0.3)",
+        "batch_split(a, b; sizes=2, 3)",
+        "split(a, b; splits=64, 64)",
+    ];
+    // Each setup as text and as the `adapter_setup.json` it is saved as.
+    let seeds: Vec<Vec<u8>> =
+        texts.iter().flat_map(|t| [t.as_bytes().to_vec(), t.parse::<adapters_core::Setup>().unwrap().to_json().into_bytes()]).collect();
     for seed in &seeds {
         let text = String::from_utf8_lossy(seed);
         let parsed = adapters_core::Setup::from_json(&text).is_ok() || text.parse::<adapters_core::Setup>().is_ok();

@@ -11,12 +11,13 @@ use crate::ops::{embedding, Linear, RmsNorm};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use adapters_kernels as kernels;
-use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
+
+mod decoding;
+mod files;
+pub use decoding::KvCache;
 
 /// The fields of a Llama `config.json` that the forward pass uses.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -68,42 +69,6 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
-
-    /// Reads the architecture from GGUF metadata (`llama.*` keys).
-    /// Errors name the missing key; the caller adds the file.
-    pub fn from_gguf(ct: &gguf_file::Content) -> std::result::Result<Self, String> {
-        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        if arch != "llama" {
-            return Err(format!("GGUF architecture `{arch}` is not supported (only `llama`)"));
-        }
-        let u = |k: &str| -> std::result::Result<usize, String> {
-            let v = ct.metadata.get(k).ok_or_else(|| format!("GGUF metadata has no `{k}`"))?;
-            Ok(v.to_u32().map_err(|e| format!("GGUF metadata `{k}`: {e}"))? as usize)
-        };
-        let f = |k: &str| ct.metadata.get(k).and_then(|v| v.to_f32().ok()).map(|v| v as f64);
-        let heads = u("llama.attention.head_count")?;
-        let hidden = u("llama.embedding_length")?;
-        let vocab = match ct.metadata.get("llama.vocab_size") {
-            Some(_) => u("llama.vocab_size")?,
-            None => ct.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map_or(0, |t| t.len()),
-        };
-        Ok(LlamaConfig {
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: u("llama.feed_forward_length")?,
-            num_hidden_layers: u("llama.block_count")?,
-            num_attention_heads: heads,
-            num_key_value_heads: u("llama.attention.head_count_kv").unwrap_or(heads),
-            head_dim: u("llama.rope.dimension_count").ok(),
-            rms_norm_eps: f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: f("llama.rope.freq_base").unwrap_or(10000.0),
-            max_position_embeddings: u("llama.context_length").unwrap_or(4096),
-            tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
-            bos_token_id: ct.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
-            eos_token_id: ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
-            model_type: "llama".into(),
-        })
-    }
 }
 
 #[derive(Clone)]
@@ -117,30 +82,6 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
-}
-
-/// Cached keys and values of earlier positions, one entry per layer, each
-/// `[batch, positions, kv_heads * head_dim]` (the projections' layout, after RoPE).
-#[derive(Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    /// An empty cache for a model of `num_layers` layers.
-    pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
-    }
-
-    /// Number of positions already cached.
-    pub fn len(&self) -> usize {
-        self.layers[0].as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Where a layer's attention finds and keeps keys and values.
@@ -172,96 +113,7 @@ pub struct Llama {
     adapters: Arc<AdapterSet>,
 }
 
-/// Maps a GGUF tensor name to the Hugging Face name.
-fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, name) = rest.split_once('.')?;
-    let hf = match name {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
-}
-
-/// Undoes llama.cpp's q/k row permutation (interleaved RoPE pairs back to half-split).
-fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    w.reshape((heads, out / heads / 2, 2, inp))?.transpose(1, 2)?.reshape((out, inp))
-}
-
 impl Llama {
-    /// Loads a GGUF file: config and weights (de-quantised to f32, Hugging Face names).
-    ///
-    /// De-quantisation runs on the CPU whatever `device` is, so the f32 weights (and the
-    /// base-model fingerprint over them) are the same on every device.
-    pub fn from_gguf(path: &Path, device: &Device) -> std::result::Result<(Self, gguf_file::Content), Error> {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-        let ct = gguf_file::Content::read(&mut file).map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
-        let config = LlamaConfig::from_gguf(&ct).and_then(|c| c.check().map(|()| c)).map_err(|e| Error::file(path, e))?;
-        // candle multiplies the dimensions unchecked (an overflow panics or wraps to a
-        // small size) and reads an empty tensor through a misaligned pointer: refuse
-        // shapes whose element count is zero or does not fit.
-        let file_len = file.metadata().map_err(|e| Error::file(path, e))?.len();
-        for (name, info) in &ct.tensor_infos {
-            let (block, size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
-            let bytes = info
-                .shape
-                .dims()
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .filter(|&n| n > 0)
-                .and_then(|n| (n / block).checked_mul(size));
-            if bytes.is_none_or(|b| b as u64 > file_len) {
-                return Err(Error::file(path, format!("tensor `{name}` has the impossible shape {:?} for this file", info.shape.dims())));
-            }
-        }
-        let mut tensors = HashMap::new();
-        for name in ct.tensor_infos.keys() {
-            let Some(hf) = hf_name(name) else { continue };
-            let t = ct
-                .tensor(&mut file, name, &Device::Cpu)
-                .and_then(|q| q.dequantize(&Device::Cpu))
-                .and_then(|t| t.to_device(device))
-                .map_err(|e| Error::file(path, format!("tensor `{name}` cannot be read: {e}")))?;
-            let t = match name.rsplit('.').nth(1) {
-                Some("attn_q") => unpermute(&t, config.num_attention_heads)?,
-                Some("attn_k") => unpermute(&t, config.num_key_value_heads)?,
-                _ => t,
-            };
-            tensors.insert(hf, t);
-        }
-        let model = Self::from_weights(config, &Weights::new(path.to_path_buf(), tensors))?;
-        Ok((model, ct))
-    }
-
-    /// Loads `config.json` and `model.safetensors` (or a sharded index) from a folder.
-    pub fn from_folder(dir: &Path, device: &Device) -> std::result::Result<Self, Error> {
-        let config_path = dir.join("config.json");
-        let bytes = std::fs::read(&config_path).map_err(|e| Error::file(&config_path, e))?;
-        let config: LlamaConfig =
-            serde_json::from_slice(&bytes).map_err(|e| Error::file(&config_path, format!("not a valid Llama config: {e}")))?;
-        let index = dir.join("model.safetensors.index.json");
-        let file = if index.exists() { index } else { dir.join("model.safetensors") };
-        Self::from_weights(config, &Weights::from_safetensors(&file, device)?)
-    }
-
     /// Builds the model from tensors named as in Hugging Face's `LlamaForCausalLM`.
     pub fn from_weights(config: LlamaConfig, w: &Weights) -> std::result::Result<Self, Error> {
         let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
@@ -364,80 +216,6 @@ impl Llama {
         self.finish(&x, inputs.virtual_tokens, &inputs.ctx)
     }
 
-    /// Runs several prompts in one forward pass (right-padded to the longest; rows may use
-    /// different adapters through `ctx`'s row choices), each into a cache of its own: the
-    /// logits after each prompt's last token, `[rows, vocab]`, and the caches, ready for
-    /// [`Llama::decode_step`].
-    pub fn prefill(&self, prompts: &[&[u32]], ctx: &ForwardCtx) -> Result<(Tensor, Vec<KvCache>)> {
-        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-            candle_core::bail!("prefill: every prompt needs at least one token");
-        }
-        let padded: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied().chain(std::iter::repeat_n(0, longest - p.len()))).collect();
-        let ids = Tensor::from_vec(padded, (prompts.len(), longest), self.device())?;
-        let mut batch = self.new_cache();
-        // Causal: a prompt's tokens never see the padding to their right.
-        let hidden = self.forward_hidden(&ids, Some(&mut batch), ctx)?;
-        // Virtual tokens of prompt tuning stay in the caches, before each prompt.
-        let virtual_tokens = batch.len() - longest;
-        let last: Vec<u32> = prompts.iter().enumerate().map(|(i, p)| (i * longest + p.len() - 1) as u32).collect();
-        let last = hidden.reshape((prompts.len() * longest, ()))?.index_select(&Tensor::new(last.as_slice(), self.device())?, 0)?;
-        let caches = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let layers = batch
-                    .layers
-                    .iter()
-                    .map(|kv| {
-                        let (k, v) = kv.as_ref().expect("the forward filled every layer");
-                        let n = virtual_tokens + p.len();
-                        Ok(Some((k.narrow(0, i, 1)?.narrow(1, 0, n)?, v.narrow(0, i, 1)?.narrow(1, 0, n)?)))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(KvCache { layers })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((self.logits(&last)?, caches))
-    }
-
-    /// One decoding step for sequences that each have their own cache, at their own
-    /// position (continuous batching: sequences join after their prompt ran with their
-    /// own cache, and leave when done): `tokens[i]` continues `caches[i]`, which is
-    /// extended. Rows may use different adapters (`ctx`'s row choices). Returns the next
-    /// token's logits, `[rows, vocab]`, on the 8-bit copies if any (as [`Llama::last_logits`]).
-    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache], ctx: &ForwardCtx) -> Result<Tensor> {
-        if tokens.len() != caches.len() || tokens.is_empty() {
-            candle_core::bail!("decode_step: {} tokens for {} caches", tokens.len(), caches.len());
-        }
-        if caches.iter().any(|c| c.is_empty() || c.layers.len() != self.layers.len()) {
-            candle_core::bail!("decode_step: every sequence needs a cache of this model with its prompt in it");
-        }
-        if ctx.rows_by_stack.is_none() && self.adapters.parallel_width() > 1 {
-            candle_core::bail!("a `parallel(...)` setup runs without a KV cache; generate with one adapter setup at a time");
-        }
-        let device = self.device();
-        let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
-        let longest = *positions.iter().max().expect("at least one row") as usize;
-        if longest + 1 > self.config.max_position_embeddings {
-            candle_core::bail!("{} positions exceed the model's context of {}", longest + 1, self.config.max_position_embeddings);
-        }
-        let at = Tensor::new(positions.as_slice(), device)?;
-        let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
-        // Row i sees its own positions 0..p_i and the new token (placed at `longest`).
-        let mask: Vec<f32> = positions
-            .iter()
-            .flat_map(|&p| (0..=longest).map(move |j| if j < p as usize || j == longest { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (tokens.len(), 1, longest + 1), device)?;
-        let mut x = embedding(&self.embed, &Tensor::new(tokens, device)?.unsqueeze(1)?)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let kv = Kv::PerRow(caches.iter_mut().map(|c| &mut c.layers[l]).collect());
-            x = self.layer_forward(l, layer, &x, (&cos, &sin), Some(&mask), kv, &ctx.for_layer(l))?;
-        }
-        self.output.forward_decoding(&self.finish(&x, 0, ctx)?.squeeze(1)?)
-    }
-
     /// The embedded tokens `[rows, seq, hidden]` at positions after `past` cached ones
     /// (rows: `batch` times the number of `parallel(...)` copies), and what every layer
     /// needs besides them.
@@ -530,50 +308,6 @@ impl Llama {
     /// Logits `[batch, seq, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.output.forward(hidden)
-    }
-
-    /// Keeps 8-bit copies of every projection and the output layer for decoding steps (see
-    /// [`Linear::forward_decoding`]): token-by-token generation then reads a quarter of the
-    /// bytes. Prompts, training and forwards without a cache still use the f32 weights.
-    pub fn quantize_for_decoding(&mut self) -> Result<()> {
-        self.projections_mut().try_for_each(Linear::quantize)
-    }
-
-    /// Drops the 8-bit copies: every forward runs on the f32 weights.
-    pub fn dequantize(&mut self) {
-        self.projections_mut().for_each(Linear::dequantize);
-    }
-
-    /// Every projection of every layer, and the output layer.
-    fn projections_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.layers
-            .iter_mut()
-            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
-            .chain(std::iter::once(&mut self.output))
-    }
-
-    /// Logits at the last position of each row, `[batch, vocab]`.
-    /// A decoding step (after cached positions) runs on the 8-bit copies, if any.
-    pub fn last_logits(&self, input_ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
-        let decoding = cache.as_ref().is_some_and(|c| !c.is_empty());
-        let hidden = self.forward_hidden(input_ids, cache, ctx)?;
-        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        if decoding {
-            self.output.forward_decoding(&last)
-        } else {
-            self.logits(&last)
-        }
-    }
-
-    /// Bytes one cached position takes (keys and values of every layer, f32): what a
-    /// server's KV budget is counted in.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.layers.len() * self.config.num_key_value_heads * self.config.head_dim() * std::mem::size_of::<f32>()
-    }
-
-    /// A fresh cache for this model.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
     }
 
     fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx, decoding: bool) -> Result<Tensor> {
@@ -674,45 +408,6 @@ impl Llama {
             Site::FfnDown => &mut layer.down,
             _ => return None,
         })
-    }
-
-    /// Every weight by its Hugging Face name.
-    fn hf_tensors(&self) -> HashMap<String, Tensor> {
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        tensors.insert("model.embed_tokens.weight".into(), self.embed.clone());
-        tensors.insert("model.norm.weight".into(), self.norm.weight.clone());
-        if !self.tied {
-            tensors.insert("lm_head.weight".into(), self.output.weight.clone());
-        }
-        for (l, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            for (name, t) in [
-                ("input_layernorm.weight", &layer.attn_norm.weight),
-                ("post_attention_layernorm.weight", &layer.ffn_norm.weight),
-                ("self_attn.q_proj.weight", &layer.q.weight),
-                ("self_attn.k_proj.weight", &layer.k.weight),
-                ("self_attn.v_proj.weight", &layer.v.weight),
-                ("self_attn.o_proj.weight", &layer.o.weight),
-                ("mlp.gate_proj.weight", &layer.gate.weight),
-                ("mlp.up_proj.weight", &layer.up.weight),
-                ("mlp.down_proj.weight", &layer.down.weight),
-            ] {
-                tensors.insert(format!("{p}.{name}"), t.clone());
-            }
-        }
-        tensors
-    }
-
-    /// Writes this model as a Hugging Face folder (`config.json`, `model.safetensors`).
-    pub fn save_hf_weights(&self, dir: &Path) -> std::result::Result<(), Error> {
-        let tensors = self.hf_tensors();
-        let mut config = self.config.clone();
-        config.tie_word_embeddings = self.tied;
-        // Weights first: a folder with a config.json is one whose weights are complete.
-        adapters_core::io::save_tensors_atomic(&tensors, &dir.join("model.safetensors"))?;
-        let json = serde_json::to_string_pretty(&config).expect("configs serialise");
-        adapters_core::io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
-        Ok(())
     }
 }
 
