@@ -298,3 +298,97 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The arguments of `adapters new`.
+#[derive(clap::Args)]
+pub struct NewArgs {
+    /// The adapter kind (see `adapters kinds`).
+    pub kind: String,
+    /// The base model the adapter is made for.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// The folder to write (must not exist yet, or be empty).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// A config field (`r=4`, `non_linearity=gelu`) or placement rule
+    /// (`placement.layers=[0,1]`, `placement.layers={"top":2}`, `placement.leave_out=[0]`,
+    /// `placement.sites=["query","value"]`, `placement.sizes.5=16`). Values are JSON;
+    /// bare words are strings. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The name recorded in the adapter (default: the folder name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Seed for the initial weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// File layout: ours, `peft` (LoRA) or `adapterhub` (bottleneck kinds).
+    #[arg(long, value_enum, default_value_t = crate::adapter_commands::Format::Native)]
+    pub format: crate::adapter_commands::Format,
+}
+
+/// The arguments of `adapters convert`.
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// The adapter folder (any layout).
+    pub dir: std::path::PathBuf,
+    /// The base model it belongs to.
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// The layout to write.
+    #[arg(long, value_enum)]
+    pub format: crate::adapter_commands::Format,
+    /// The folder to write (must not exist yet, or be empty).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}
+
+/// The arguments of `adapters inspect`.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    pub dir: std::path::PathBuf,
+    /// Check against this model and show the parameter share.
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
+}
+
+/// The arguments of `adapters merge`.
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    pub model: std::path::PathBuf,
+    /// LoRA adapter folders to merge, in order (repeatable).
+    #[arg(long = "adapter", required = true)]
+    pub adapters: Vec<std::path::PathBuf>,
+    /// The folder to write the merged model to.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}
+
+/// The arguments of `adapters merge-experts`.
+#[derive(clap::Args)]
+pub struct MergeExpertsArgs {
+    /// The mixture's adapter folder.
+    pub dir: std::path::PathBuf,
+    /// The base model it belongs to (checked).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// The folder to write (must not exist yet, or be empty).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}
+
+/// The arguments of `adapters hyper-export`.
+#[derive(clap::Args)]
+pub struct HyperExportArgs {
+    /// The hypernetwork's adapter folder.
+    pub dir: std::path::PathBuf,
+    /// The base model it belongs to (checked).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// A task name, or a mixture of tasks: 'vader_tweets:0.5,rotten_tomatoes:0.5'.
+    #[arg(long)]
+    pub task: String,
+    /// The folder to write (must not exist yet, or be empty).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}

@@ -121,3 +121,45 @@ fn average_heads(dirs: &[PathBuf], weights: &[f64], device: &candle_core::Device
     }
     Ok((averaged, left_out.into_iter().collect()))
 }
+
+/// The arguments of `adapters average`.
+#[derive(clap::Args)]
+pub struct AverageArgs {
+    /// The base model the adapters belong to (checked).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    /// An adapter folder to combine (repeatable; ours, PEFT or AdapterHub), all of one kind.
+    #[arg(long = "adapter", required = true)]
+    pub adapters: Vec<std::path::PathBuf>,
+    /// One weight per --adapter, comma-separated, e.g. 0.7,0.3 or 1,-0.5 (default:
+    /// equal weights that sum to 1).
+    #[arg(long, allow_hyphen_values = true)]
+    pub weights: Option<String>,
+    /// How to combine (see above).
+    #[arg(long, default_value = "linear")]
+    pub method: String,
+    /// The share of each input's entries that TIES, DARE and magnitude pruning keep, in [0, 1].
+    #[arg(long)]
+    pub density: Option<f64>,
+    /// The rank of an SVD result (default: the inputs' largest).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Clamp an SVD result's factors at this quantile of their entries, in (0, 1].
+    #[arg(long)]
+    pub clamp: Option<f64>,
+    /// TIES's sign election: the sign of the sum (`total`) or the most common (`frequency`).
+    #[arg(long, default_value = "total", value_parser = ["total", "frequency"])]
+    pub majority_sign: String,
+    /// Seed of DARE's random masks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The layout to write.
+    #[arg(long, value_enum, default_value = "native")]
+    pub format: crate::adapter_commands::Format,
+    /// The new adapter's name (default: the folder's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The folder to write (must not exist yet, or be empty).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+}

@@ -342,3 +342,98 @@ pub fn route(model: &Path, adapters: &AdapterArgs, texts: &[String], task_id: Op
     }
     Ok(())
 }
+
+/// The arguments of `adapters info`.
+#[derive(clap::Args)]
+pub struct InfoArgs {
+    pub model: std::path::PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The arguments of `adapters embed`.
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    pub model: std::path::PathBuf,
+    /// One or more texts.
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+    /// Print one JSON array of embeddings (one array of floats per text).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub adapters: crate::commands::AdapterArgs,
+}
+
+/// The arguments of `adapters similarity`.
+#[derive(clap::Args)]
+pub struct SimilarityArgs {
+    pub model: std::path::PathBuf,
+    /// Two or more texts.
+    #[arg(required = true, num_args = 2..)]
+    pub texts: Vec<String>,
+    #[command(flatten)]
+    pub adapters: crate::commands::AdapterArgs,
+}
+
+/// The arguments of `adapters generate`.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    pub model: std::path::PathBuf,
+    pub prompt: String,
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Always take the most likely token (otherwise sample).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[command(flatten)]
+    pub adapters: crate::commands::AdapterArgs,
+}
+
+/// The arguments of `adapters logits`.
+#[derive(clap::Args)]
+pub struct LogitsArgs {
+    pub model: std::path::PathBuf,
+    pub prompt: String,
+    /// How many of the largest logits to show.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Print JSON: [{"id": .., "token": .., "logit": ..}, ...].
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub adapters: crate::commands::AdapterArgs,
+}
+
+/// The arguments of `adapters route`.
+#[derive(clap::Args)]
+pub struct RouteArgs {
+    pub model: std::path::PathBuf,
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+    /// The task id to route by (mixtures with `routing = "task"`).
+    #[arg(long)]
+    pub task_id: Option<u32>,
+    /// Print JSON: [{"text", "tokens", "experts": {point: [[expert, ...] per token]}}].
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub adapters: crate::commands::AdapterArgs,
+}

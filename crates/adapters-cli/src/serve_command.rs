@@ -42,3 +42,80 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// The arguments of `adapters serve`.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    pub model: std::path::PathBuf,
+    #[command(flatten)]
+    pub store: crate::store_commands::StoreArg,
+    /// Address to listen on. 0.0.0.0 accepts other machines, and then an admin token is
+    /// required (or --insecure-admin).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Most adapters resident at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_adapters: usize,
+    /// Most bytes of resident adapters.
+    #[arg(long, default_value_t = 2 << 30)]
+    pub max_adapter_bytes: u64,
+    /// Bearer token required by /admin/* (load, unload, pin, tag, routes). Prefer the
+    /// environment variable (a Kubernetes Secret) to the flag, which `ps` shows. Without
+    /// one, admin is open, so the server then listens on loopback only.
+    #[arg(long, env = "ADAPTERS_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub admin_token: Option<adapters_serve::admin::AdminToken>,
+    /// Listen off loopback with /admin/* open, for when something in front (a proxy, a
+    /// network policy) already guards it. Logged as a warning at start and every 10 minutes.
+    #[arg(long)]
+    pub insecure_admin: bool,
+    /// Where downloaded adapter versions are kept (default: $ADAPTERS_CACHE or ~/.cache/adapters).
+    #[arg(long)]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Forward passes run at once; more requests wait in a queue.
+    #[arg(long, default_value_t = 2)]
+    pub max_concurrent: usize,
+    /// Seconds a tag's resolution is reused before asking the store again.
+    #[arg(long, default_value_t = 5)]
+    pub tag_ttl: u64,
+    /// A/B routes, JSON: `{"ROUTE": [{"adapter": "NAME@VERSION", "weight": 90}, ...]}`;
+    /// a request for ROUTE goes to a variant by weight (sticky per `user`).
+    #[arg(long)]
+    pub routes: Option<std::path::PathBuf>,
+    /// Most rows in one forward pass, each through its own adapter: texts of embedding and
+    /// classification requests waiting together, or generations decoding together
+    /// (continuous batching). 0 turns batching off: each request alone.
+    #[arg(long, default_value_t = 32)]
+    pub batch_rows: usize,
+    /// Milliseconds a batch waits for more requests once a compute slot is free.
+    #[arg(long, default_value_t = 2)]
+    pub batch_wait_ms: u64,
+    /// Requests in flight (waiting or running, every endpoint) before new ones get 503
+    /// with Retry-After.
+    #[arg(long, default_value_t = adapters_serve::admission::Limits::default().max_requests)]
+    pub max_concurrent_requests: usize,
+    /// Tokens waiting for compute before new requests get 503 (one larger than this alone
+    /// gets 413): texts of embedding and classification requests until their forward pass,
+    /// prompt + max_tokens of generations until they join the decoding batch. About what
+    /// the machine gets through in --request-timeout.
+    #[arg(long, default_value_t = adapters_serve::admission::Limits::default().max_waiting_tokens)]
+    pub max_waiting_tokens: usize,
+    /// KV-cache tokens (prompt + max_tokens) of the generations decoding together; more
+    /// wait. Default: a quarter of the memory available at start, at the model's bytes per
+    /// token (SmolLM2-135M: 46 KB).
+    #[arg(long)]
+    pub max_kv_tokens: Option<usize>,
+    /// Seconds a request may take before it is answered 503 (a streamed generation: until
+    /// its first token). Keep it under the clients' and the load balancer's time-outs.
+    #[arg(long, default_value_t = adapters_serve::admission::Limits::default().request_timeout.as_secs())]
+    pub request_timeout: u64,
+    /// On SIGTERM: seconds /ready answers 503 while requests are still served, so the load
+    /// balancer stops sending (longer than its readiness check interval).
+    #[arg(long, default_value_t = adapters_serve::Config::default().drain.as_secs())]
+    pub drain_seconds: u64,
+    /// Then: seconds requests in flight get to finish before open streams are ended with
+    /// a final event.
+    #[arg(long, default_value_t = adapters_serve::Config::default().shutdown_timeout.as_secs())]
+    pub shutdown_timeout: u64,
+}

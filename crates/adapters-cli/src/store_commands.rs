@@ -151,3 +151,68 @@ pub fn rm(reference: &str, tag: Option<&str>, force: bool, store: &StoreArg) -> 
     }
     Ok(())
 }
+
+/// The arguments of `adapters push`.
+#[derive(clap::Args)]
+pub struct PushArgs {
+    /// The adapter or setup folder.
+    pub dir: std::path::PathBuf,
+    /// The adapter's name in the library (letters, digits, `.`, `_`, `-`).
+    #[arg(long)]
+    pub name: String,
+    /// Also point this tag at the new version (`prod`, `canary`, ...). Repeatable.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Check that it loads onto this base model (and record the model's fingerprint).
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
+    /// The training run it came from, recorded in the manifest.
+    #[arg(long)]
+    pub run: Option<String>,
+    #[command(flatten)]
+    pub store: crate::store_commands::StoreArg,
+}
+
+/// The arguments of `adapters pull`.
+#[derive(clap::Args)]
+pub struct PullArgs {
+    pub reference: String,
+    /// The folder to write (must not exist yet, or be empty).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    #[command(flatten)]
+    pub store: crate::store_commands::StoreArg,
+}
+
+/// The arguments of `adapters list`.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    pub name: Option<String>,
+    /// Print JSON (the manifests and their tags).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub store: crate::store_commands::StoreArg,
+}
+
+/// The arguments of `adapters tag`.
+#[derive(clap::Args)]
+pub struct TagArgs {
+    pub reference: String,
+    pub tag: String,
+    #[command(flatten)]
+    pub store: crate::store_commands::StoreArg,
+}
+
+/// The arguments of `adapters rm`.
+#[derive(clap::Args)]
+pub struct RmArgs {
+    pub reference: String,
+    /// Remove this tag of the adapter instead of a version.
+    #[arg(long)]
+    pub tag: Option<String>,
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub store: crate::store_commands::StoreArg,
+}

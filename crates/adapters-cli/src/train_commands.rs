@@ -381,3 +381,85 @@ pub fn eval(
     }
     Ok(())
 }
+
+/// The arguments of `adapters train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The config file (model, adapters, tasks, training, output).
+    pub config: std::path::PathBuf,
+    /// Override a config value: `training.lr=5e-4`, `training.mode="head_only"`,
+    /// `output.dir="runs/x"` (dotted key, TOML value). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the checkpoint in the output folder.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many steps in total (a checkpoint is written; --resume continues).
+    #[arg(long, value_name = "STEPS")]
+    pub stop_after: Option<usize>,
+}
+
+/// The arguments of `adapters predict`.
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    pub model: std::path::PathBuf,
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+    /// The task: picks its head and, for hypernetwork adapters (hyper_bn), the adapter
+    /// they generate. A hypernetwork also takes a mixture of its tasks,
+    /// 'vader_tweets:0.5,rotten_tomatoes:0.5' (choose the head with --head).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// The task whose head classifies, when it is not --task (a task mixture).
+    #[arg(long)]
+    pub head: Option<String>,
+    /// For hypernetworks: generate from this vector of the task-embedding space (a JSON
+    /// array, e.g. one a caller learned or composed) instead of --task's embedding.
+    #[arg(long, conflicts_with = "task")]
+    pub conditioning: Option<String>,
+    /// Longer texts are truncated to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_length: usize,
+    /// Print JSON: [{"text", "label", "scores": {label: probability}}].
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub adapters: crate::commands::AdapterArgs,
+}
+
+/// The arguments of `adapters eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    pub model: std::path::PathBuf,
+    /// The data file.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// The task: picks its head and, for hypernetwork adapters (hyper_bn), the adapter
+    /// they generate. A hypernetwork also takes a mixture of its tasks,
+    /// 'vader_tweets:0.5,rotten_tomatoes:0.5' (choose the head with --head).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// The task whose head classifies, when it is not --task (a task mixture).
+    #[arg(long)]
+    pub head: Option<String>,
+    /// For hypernetworks: generate from this vector of the task-embedding space (a JSON
+    /// array, e.g. one a caller learned or composed) instead of --task's embedding.
+    #[arg(long, conflicts_with = "task")]
+    pub conditioning: Option<String>,
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    #[arg(long, default_value = "label")]
+    pub label_field: String,
+    /// Skip bad rows instead of failing.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// Token limit per text (classification) or block length (perplexity).
+    #[arg(long, default_value_t = 128)]
+    pub max_length: usize,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub robustness: Robustness,
+    #[command(flatten)]
+    pub adapters: crate::commands::AdapterArgs,
+}
