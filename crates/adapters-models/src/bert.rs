@@ -306,15 +306,11 @@ impl Bert {
     ) -> Result<(Tensor, LayerInputs)> {
         // A `parallel(...)` setup runs each child on its own copy of the batch: the output
         // has `copies · batch` rows, child i's in rows `i·batch .. (i+1)·batch`.
-        let copies = if ctx.rows_by_stack.is_none() { self.adapters.parallel_width() } else { 1 };
-        let repeated;
-        let (input_ids, token_type_ids, attention_mask) = if copies > 1 {
-            let rep = |t: &Tensor| t.repeat((copies, 1));
-            repeated = (rep(input_ids)?, token_type_ids.map(rep).transpose()?, attention_mask.map(rep).transpose()?);
-            (&repeated.0, repeated.1.as_ref(), repeated.2.as_ref())
-        } else {
-            (input_ids, token_type_ids, attention_mask)
-        };
+        let copies = crate::ops::parallel_copies(&self.adapters, ctx);
+        let rep = |t: &Tensor| crate::ops::repeat_rows(t, copies);
+        let (input_ids, token_type_ids, attention_mask) =
+            (rep(input_ids)?, token_type_ids.map(rep).transpose()?, attention_mask.map(rep).transpose()?);
+        let (input_ids, token_type_ids, attention_mask) = (&input_ids, token_type_ids.as_ref(), attention_mask.as_ref());
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle_core::bail!("input has {t} tokens, more than the model's {} positions", self.config.max_position_embeddings);

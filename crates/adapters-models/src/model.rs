@@ -228,15 +228,13 @@ impl InsertionPoint for Backbone {
 /// tokens and L2-normalised (what sentence-transformers does for MiniLM); with the number
 /// of tokens read.
 pub fn sentence_embeddings(backbone: &Backbone, tokenizer: &TextTokenizer, texts: &[String]) -> Result<(Vec<Vec<f32>>, usize)> {
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let batch = tokenizer.encode_batch(&refs)?;
-    let tokens = batch.attention_mask.iter().flatten().filter(|&&m| m == 1).count();
-    let dev = backbone.device();
-    let ids = Tensor::new(batch.ids, dev)?;
-    let mask = Tensor::new(batch.attention_mask, dev)?;
+    let rows = texts.iter().map(|t| tokenizer.encode(t, true)).collect::<Result<Vec<_>>>()?;
+    let tokens = rows.iter().map(Vec::len).sum();
+    let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let (ids, mask) = crate::heads::pad(&refs, backbone.device())?;
     let ctx = ForwardCtx::inference();
     let hidden = match backbone {
-        Backbone::Bert(m) => m.forward(&ids, Some(&Tensor::new(batch.type_ids, dev)?), Some(&mask), &ctx)?,
+        Backbone::Bert(m) => m.forward(&ids, None, Some(&mask), &ctx)?,
         Backbone::Llama(m) => m.forward_hidden(&ids, None, &ctx)?,
     };
     let vectors = crate::heads::l2_normalize(&crate::heads::mean_pool(&hidden, &mask)?)?.to_vec2()?;

@@ -140,13 +140,33 @@ impl RmsNorm {
     }
 }
 
+/// How many copies of the batch a forward runs: one per child of the active `parallel(...)`
+/// block (child i's in rows `i·batch .. (i+1)·batch`); one when rows choose their stacks.
+pub(crate) fn parallel_copies(adapters: &AdapterSet, ctx: &adapters_core::ForwardCtx) -> usize {
+    if ctx.rows_by_stack.is_none() {
+        adapters.parallel_width()
+    } else {
+        1
+    }
+}
+
+/// `t` (`[batch, ...]`) with its rows repeated `copies` times, copy i in rows
+/// `i·batch .. (i+1)·batch`.
+pub(crate) fn repeat_rows(t: &Tensor, copies: usize) -> Result<Tensor> {
+    if copies == 1 {
+        return Ok(t.clone());
+    }
+    let mut times = vec![1; t.rank()];
+    times[0] = copies;
+    t.repeat(times.as_slice())
+}
+
 /// Token embeddings `x` `[copies · batch, seq, hidden]` plus the context's embedding
 /// perturbation (given for `batch` rows, the same for every `parallel(...)` copy).
 pub(crate) fn perturbed(x: Tensor, ctx: &adapters_core::ForwardCtx, copies: usize) -> Result<Tensor> {
     match &ctx.embedding_perturbation {
         None => Ok(x),
-        Some(delta) if copies > 1 => x + delta.repeat((copies, 1, 1))?,
-        Some(delta) => x + delta,
+        Some(delta) => x + repeat_rows(delta, copies)?,
     }
 }
 

@@ -222,14 +222,8 @@ impl Llama {
     pub(crate) fn embed(&self, input_ids: &Tensor, past: usize, ctx: &ForwardCtx) -> Result<(Tensor, LayerInputs)> {
         // A `parallel(...)` setup runs each child on its own copy of the batch (rows
         // `i·batch .. (i+1)·batch` are child i's).
-        let copies = if ctx.rows_by_stack.is_none() { self.adapters.parallel_width() } else { 1 };
-        let repeated;
-        let input_ids = if copies > 1 {
-            repeated = input_ids.repeat((copies, 1))?;
-            &repeated
-        } else {
-            input_ids
-        };
+        let copies = crate::ops::parallel_copies(&self.adapters, ctx);
+        let input_ids = &crate::ops::repeat_rows(input_ids, copies)?;
         let (_, t) = input_ids.dims2()?;
         let x = crate::ops::perturbed(embedding(&self.embed, input_ids)?, ctx, copies)?;
         // Prompt tuning's virtual tokens come first in a sequence (not in the steps that
