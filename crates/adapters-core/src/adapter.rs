@@ -45,6 +45,17 @@ pub struct EmbeddingIo<'a> {
     pub mask: Option<&'a Tensor>,
 }
 
+impl EmbeddingIo<'_> {
+    /// `mask` (`[rows, seq]`) with `virtual_tokens` ones in front of every row: the mask
+    /// of embeddings after virtual tokens were prepended.
+    pub fn mask_with_virtual_tokens(mask: &Tensor, virtual_tokens: usize) -> Result<Tensor> {
+        if virtual_tokens == 0 {
+            return Ok(mask.clone());
+        }
+        Tensor::cat(&[&Tensor::ones((mask.dim(0)?, virtual_tokens), mask.dtype(), mask.device())?, mask], 1)
+    }
+}
+
 /// Keys and values an adapter prepends to a layer's attention, in the key and value
 /// projections' layout: `[rows, prefix, kv_heads * head_dim]` each.
 pub struct KeyValuePrefix {

@@ -336,8 +336,7 @@ impl Bert {
         let types = embedding(&e.token_type, &types.pad_with_zeros(1, virtual_tokens, 0)?)?;
         let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
         let x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;
-        let attention_mask =
-            attention_mask.map(|m| Tensor::cat(&[&Tensor::ones((b, virtual_tokens), m.dtype(), m.device())?, m], 1)).transpose()?;
+        let attention_mask = attention_mask.map(|m| EmbeddingIo::mask_with_virtual_tokens(m, virtual_tokens)).transpose()?;
         let mut inputs = match &attention_mask {
             Some(m) => LayerInputs {
                 // [b, 1, t]: 0 where attended, a large negative value on padding.

@@ -3,7 +3,7 @@
 
 use crate::adapter::{Adapter, AddNormFn, LayerNormWeights, ProjectionIo, SublayerIo, TensorFn};
 use crate::capability::ConditioningNeed;
-use crate::context::ForwardCtx;
+use crate::context::{ForwardCtx, StackRows};
 use crate::point::Point;
 use crate::setup::Setup;
 use crate::Error;
@@ -77,6 +77,18 @@ enum Node {
 }
 
 impl Node {
+    /// The one adapter this node runs: itself, or a stack of one.
+    fn single(&self) -> Option<&Arc<dyn Adapter>> {
+        match self {
+            Node::Adapter(a) => Some(a),
+            Node::Stack(children) => match children.as_slice() {
+                [Node::Adapter(a)] => Some(a),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// The adapter whose conventions a fusion follows for this member: the last one.
     fn last_adapter(&self) -> Option<&Arc<dyn Adapter>> {
         match self {
@@ -405,14 +417,24 @@ impl AdapterSet {
         if ctx.rows_by_stack.is_some() {
             return None;
         }
-        match self.resolved.get(&point)? {
-            Node::Adapter(a) => Some(a),
-            Node::Stack(children) => match children.as_slice() {
-                [Node::Adapter(a)] => Some(a),
-                _ => None,
-            },
-            _ => None,
+        self.resolved.get(&point)?.single()
+    }
+
+    /// Each row group's stack resolved at `point` (groups with nothing there left out);
+    /// refused while an adapter is merged into the weights every row shares.
+    fn row_nodes<'a>(&self, point: Point, groups: &'a [StackRows]) -> Result<Vec<(&'a StackRows, Node)>> {
+        if let Some(name) = self.merged.iter().next() {
+            candle_core::bail!(
+                "per-row adapter choices need an unmerged base model, but adapter `{name}` is merged into the \
+                 base weights (every row would get it); unmerge it first"
+            );
         }
+        let mut nodes = Vec::new();
+        for group in groups {
+            let node = self.resolve(&Setup::stack(&group.stack), point).map_err(|e| candle_core::Error::Msg(format!("row choice: {e}")))?;
+            nodes.extend(node.map(|n| (group, n)));
+        }
+        Ok(nodes)
     }
 }
 

@@ -6,7 +6,6 @@ use super::{AdapterSet, LentBySite, Node};
 use crate::adapter::{Adapter, ProjectionIo, SublayerIo};
 use crate::context::{ForwardCtx, StackRows};
 use crate::point::Point;
-use crate::setup::Setup;
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
@@ -22,28 +21,12 @@ impl AdapterSet {
                 Some(node) => self.run(node, point, input, output, site, ctx),
             };
         };
-        if let Some(name) = self.merged.iter().next() {
-            candle_core::bail!(
-                "per-row adapter choices need an unmerged base model, but adapter `{name}` is merged into the \
-                 base weights (every row would get it); unmerge it first"
-            );
-        }
         // Groups whose stack here is one adapter with a batchable form go in one batched
         // computation with the groups of the same key; the rest run group by group.
         let mut batches: Vec<(String, Vec<BatchedAdapter>)> = Vec::new();
         let mut alone = Vec::new();
-        for group in groups {
-            let setup = Setup::stack(&group.stack);
-            let node = self.resolve(&setup, point).map_err(|e| candle_core::Error::Msg(format!("row choice: {e}")))?;
-            let Some(node) = node else { continue };
-            let single = match &node {
-                Node::Adapter(a) => Some(a.clone()),
-                Node::Stack(children) => match children.as_slice() {
-                    [Node::Adapter(a)] => Some(a.clone()),
-                    _ => None,
-                },
-                _ => None,
-            };
+        for (group, node) in self.row_nodes(point, groups)? {
+            let single = node.single().cloned();
             let form = single.as_ref().and_then(|a| a.capabilities().row_batched?.batchable_form(point));
             match single.zip(form) {
                 Some((adapter, form)) => match batches.iter_mut().find(|(key, _)| *key == form.key) {

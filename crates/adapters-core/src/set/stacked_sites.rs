@@ -6,8 +6,7 @@ use super::{detached_without_grad, AdapterSet, Node};
 use crate::adapter::{Adapter, EmbeddingIo, InterventionIo};
 use crate::context::{ForwardCtx, StackRows};
 use crate::point::Point;
-use crate::setup::Setup;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
 /// The key/value prefix of one layer for every row of a batch.
@@ -38,13 +37,14 @@ impl AdapterSet {
                 let added = x.dim(1)?.checked_sub(before).ok_or_else(|| {
                     candle_core::Error::Msg(format!("`{}` at {point} dropped positions; an adapter may only prepend", a.kind()))
                 })?;
-                if added > 0 {
-                    mask = mask.map(|m| prepend_ones(&m, added)).transpose()?;
-                }
+                mask = mask.map(|m| EmbeddingIo::mask_with_virtual_tokens(&m, added)).transpose()?;
             }
             Ok::<_, candle_core::Error>(x)
         };
         let stacks = self.stacks_at(point, ctx)?;
+        if stacks.is_empty() {
+            return Ok(io.embeddings.clone());
+        }
         let (batch, seq, _) = io.embeddings.dims3()?;
         let mut outputs = Vec::with_capacity(stacks.len());
         for (rows, adapters) in &stacks {
@@ -105,6 +105,9 @@ impl AdapterSet {
             Ok(Some((keys, values)))
         };
         let stacks = self.stacks_at(point, ctx)?;
+        if stacks.is_empty() {
+            return Ok(None);
+        }
         if let [(None, adapters)] = stacks.as_slice() {
             return Ok(stack_prefix(adapters, rows, ctx)?.map(|(keys, values)| PrefixKv { keys, values, valid: None }));
         }
@@ -118,9 +121,9 @@ impl AdapterSet {
         let Some(longest) = groups.iter().map(|(_, (k, _))| k.dim(1)).collect::<Result<Vec<_>>>()?.into_iter().max() else {
             return Ok(None);
         };
-        let width = groups[0].1 .0.dim(2)?;
-        let device = groups[0].1 .0.device().clone();
-        let mut keys = Tensor::zeros((rows, longest, width), DType::F32, &device)?;
+        let first = &groups[0].1 .0;
+        let (width, dtype, device) = (first.dim(2)?, first.dtype(), first.device().clone());
+        let mut keys = Tensor::zeros((rows, longest, width), dtype, &device)?;
         let mut values = keys.clone();
         let mut valid = vec![0u32; rows * longest];
         for (g, (k, v)) in groups {
@@ -144,8 +147,12 @@ impl AdapterSet {
             }
             Ok::<_, candle_core::Error>(x)
         };
+        let stacks = self.stacks_at(point, ctx)?;
+        if stacks.is_empty() {
+            return Ok(io.hidden.clone());
+        }
         let mut result = io.hidden.clone();
-        for (rows, adapters) in self.stacks_at(point, ctx)? {
+        for (rows, adapters) in stacks {
             result = match rows {
                 None => run(&adapters, &result, io.mask, ctx)?,
                 Some(g) => {
@@ -168,17 +175,7 @@ impl AdapterSet {
                 Some(node) => vec![(None, flatten(node, point)?)],
             });
         };
-        if let Some(name) = self.merged.iter().next() {
-            candle_core::bail!("per-row adapter choices need an unmerged base model, but adapter `{name}` is merged; unmerge it first");
-        }
-        let mut stacks = Vec::new();
-        for group in groups {
-            let node = self.resolve(&Setup::stack(&group.stack), point).map_err(|e| candle_core::Error::Msg(format!("row choice: {e}")))?;
-            if let Some(node) = node {
-                stacks.push((Some(group), flatten(&node, point)?));
-            }
-        }
-        Ok(stacks)
+        self.row_nodes(point, groups)?.into_iter().map(|(group, node)| Ok((Some(group), flatten(&node, point)?))).collect()
     }
 }
 
@@ -193,10 +190,4 @@ fn flatten(node: &Node, point: Point) -> Result<Vec<Arc<dyn Adapter>>> {
             point.site
         ),
     }
-}
-
-/// `mask` (`[rows, seq]`) with `n` ones prepended to every row.
-fn prepend_ones(mask: &Tensor, n: usize) -> Result<Tensor> {
-    let rows = mask.dim(0)?;
-    Tensor::cat(&[&Tensor::ones((rows, n), mask.dtype(), mask.device())?, mask], 1)
 }

@@ -233,7 +233,7 @@ impl Llama {
             let x = self.adapters.embeddings(Point::new(0, Site::InputEmbeddings), &io, ctx)?;
             let added = x.dim(1)? - t;
             let ctx = match (&ctx.attention_mask, added) {
-                (Some(m), 1..) => ctx.masked(&Tensor::cat(&[&Tensor::ones((m.dim(0)?, added), m.dtype(), m.device())?, m], 1)?),
+                (Some(m), 1..) => ctx.masked(&EmbeddingIo::mask_with_virtual_tokens(m, added)?),
                 _ => ctx.clone(),
             };
             (x, ctx)
@@ -266,12 +266,15 @@ impl Llama {
     pub(crate) fn finish(&self, x: &Tensor, virtual_tokens: usize, ctx: &ForwardCtx) -> Result<Tensor> {
         let x = if virtual_tokens > 0 { x.narrow(1, virtual_tokens, x.dim(1)? - virtual_tokens)? } else { x.clone() };
         let x = self.norm.forward(&x)?;
+        let head_input = Point::new(self.layers.len() - 1, Site::LmHeadInput);
+        if !self.adapters.may_act_at(head_input, ctx) {
+            return Ok(x);
+        }
         let mask = match (&ctx.attention_mask, virtual_tokens) {
             (Some(m), 1..) => Some(m.narrow(1, virtual_tokens, m.dim(1)? - virtual_tokens)?),
             (m, _) => m.clone(),
         };
         let io = EmbeddingIo { embeddings: &x, mask: mask.as_ref() };
-        let head_input = Point::new(self.layers.len() - 1, Site::LmHeadInput);
         let y = self.adapters.embeddings(head_input, &io, ctx)?;
         if y.dims() != x.dims() {
             candle_core::bail!("an adapter at {head_input} changed the final hidden states from {:?} to {:?}", x.dims(), y.dims());
