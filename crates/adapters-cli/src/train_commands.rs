@@ -13,6 +13,7 @@ use adapters_train::data::{read_labelled, read_text, Fields};
 use adapters_train::forward::{argmax, lm_loss};
 use adapters_train::metrics::{accuracy, macro_f1};
 use adapters_train::noise::perturb_characters;
+use adapters_train::records::{CharNoise, ClassificationReport, EvalReport, PerplexityReport};
 use adapters_train::{Config, RunOptions, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -313,7 +314,8 @@ pub fn eval(
             nll += loss.to_scalar::<f32>()? as f64 * n as f64;
             count += n;
         }
-        serde_json::json!({"data": data, "tokens": count, "loss": nll / count as f64, "perplexity": (nll / count as f64).exp()})
+        let loss = nll / count as f64;
+        EvalReport::Perplexity(PerplexityReport { data: data.to_path_buf(), tokens: count, loss, perplexity: loss.exp() })
     } else {
         let head = find_head(model, adapters, task.head.as_deref(), &loaded)?;
         let examples = read_labelled(data, &fields)?.examples;
@@ -362,16 +364,17 @@ pub fn eval(
             };
             pred.extend(argmax(&logits)?);
         }
-        let mut result = serde_json::json!({"data": data, "task": head.config.task, "examples": gold.len(),
-            "accuracy": accuracy(&gold, &pred), "macro_f1": macro_f1(&gold, &pred, head.config.labels.len())});
-        if let Some(attack) = &attack {
-            result["attack"] = serde_json::to_value(attack)?;
-        }
-        if let Some(rate) = robustness.char_noise {
-            result["char_noise"] = serde_json::json!({"rate": rate, "seed": robustness.noise_seed});
-        }
-        result
+        EvalReport::Classification(ClassificationReport {
+            data: data.to_path_buf(),
+            task: head.config.task.clone(),
+            examples: gold.len(),
+            accuracy: accuracy(&gold, &pred),
+            macro_f1: macro_f1(&gold, &pred, head.config.labels.len()),
+            attack,
+            char_noise: robustness.char_noise.map(|rate| CharNoise { rate, seed: robustness.noise_seed }),
+        })
     };
+    let result = serde_json::to_value(&result)?;
     if json {
         println!("{result}");
     } else {

@@ -65,6 +65,11 @@ fn train_then_predict_and_eval_from_the_saved_folders() {
         serde_json::from_str(&ok(&["eval", m, "--adapter", a, "--data", test.to_str().unwrap(), "--json"])).unwrap();
     assert_eq!(eval["examples"], 40);
     assert_eq!(eval["accuracy"], summary["tasks"]["sms_spam"]["test"]["accuracy"], "{eval} vs {summary}");
+    // The studies read both through the types the trainer and the CLI write them with.
+    let typed: adapters_train::records::Summary = serde_json::from_value(summary.clone()).unwrap();
+    let report: adapters_train::records::EvalReport = serde_json::from_value(eval.clone()).unwrap();
+    let adapters_train::records::EvalReport::Classification(report) = report else { panic!("not a classification: {eval}") };
+    assert_eq!(Some(report.accuracy), typed.metric("sms_spam", "test", "accuracy"));
     let preds: serde_json::Value =
         serde_json::from_str(&ok(&["predict", m, "--adapter", a, "--json", "WINNER!! Claim your free prize now", "see you at lunch"]))
             .unwrap();

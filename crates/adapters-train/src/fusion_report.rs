@@ -3,14 +3,13 @@
 //! `fusion_attention.svg`), so one can see which adapters a fusion draws on, and where.
 
 use crate::error::{Error, Result};
+use crate::records::{FusionAttentionEntry, FusionAttentionPoint, FusionAttentionReport, FUSION_ATTENTION_FILE};
 use adapters_core::{io, FusionAttention, Point, Setup};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub const JSON_FILE: &str = "fusion_attention.json";
 pub const PLOT_FILE: &str = "fusion_attention.svg";
 
 /// Running sums of attention weights per (task, fusion) and point, over real tokens.
@@ -53,24 +52,28 @@ impl AttentionSums {
         self.fusions.is_empty()
     }
 
-    /// The mean weights as JSON: one entry per fusion, its members and one row per point.
-    pub fn to_json(&self, split: &str) -> Value {
-        let fusions: Vec<Value> = self
+    /// The mean weights: one entry per fusion, its members and one row per point.
+    pub fn report(&self, split: &str) -> FusionAttentionReport {
+        let fusions = self
             .fusions
             .iter()
-            .map(|((task, fusion), f)| {
-                let points: Vec<Value> = f
+            .map(|((task, fusion), f)| FusionAttentionEntry {
+                task: task.clone(),
+                fusion: fusion.clone(),
+                members: f.members.clone(),
+                points: f
                     .points
                     .iter()
-                    .map(|(p, (sums, n))| {
-                        json!({"layer": p.layer, "site": p.site.to_string(), "tokens": n,
-                            "weights": sums.iter().map(|s| s / (*n).max(1) as f64).collect::<Vec<_>>()})
+                    .map(|(p, (sums, n))| FusionAttentionPoint {
+                        layer: p.layer,
+                        site: p.site.to_string(),
+                        tokens: *n,
+                        weights: sums.iter().map(|s| s / (*n).max(1) as f64).collect(),
                     })
-                    .collect();
-                json!({"task": task, "fusion": fusion, "members": f.members, "points": points})
+                    .collect(),
             })
             .collect();
-        json!({"split": split, "fusions": fusions})
+        FusionAttentionReport { split: split.to_string(), fusions }
     }
 }
 
@@ -89,19 +92,19 @@ fn members_of(setup: &Setup, fusion: &str) -> Vec<String> {
 }
 
 /// Writes the JSON and the heatmap into `dir`.
-pub fn write(dir: &Path, report: &Value) -> Result<()> {
-    io::write_atomic(&dir.join(JSON_FILE), serde_json::to_string_pretty(report)?.as_bytes())?;
+pub fn write(dir: &Path, report: &FusionAttentionReport) -> Result<()> {
+    io::write_atomic(&dir.join(FUSION_ATTENTION_FILE), serde_json::to_string_pretty(report)?.as_bytes())?;
     plot(report, &dir.join(PLOT_FILE))
 }
 
 /// One heatmap per fusion: a row per layer, a column per member, shade and number the
 /// mean attention weight.
-pub fn plot(report: &Value, out: &Path) -> Result<()> {
-    let fusions = report["fusions"].as_array().cloned().unwrap_or_default();
+pub fn plot(report: &FusionAttentionReport, out: &Path) -> Result<()> {
+    let fusions = &report.fusions;
     let (cell_w, cell_h, label_w, head_h) = (130i32, 30i32, 150i32, 70i32);
-    let panel = |f: &Value| {
-        let members = f["members"].as_array().map_or(1, Vec::len).max(1) as i32;
-        let rows = f["points"].as_array().map_or(1, Vec::len).max(1) as i32;
+    let panel = |f: &FusionAttentionEntry| {
+        let members = f.members.len().max(1) as i32;
+        let rows = f.points.len().max(1) as i32;
         (label_w + members * cell_w + 20, head_h + rows * cell_h + 20)
     };
     let width = fusions.iter().map(|f| panel(f).0).max().unwrap_or(400);
@@ -111,25 +114,20 @@ pub fn plot(report: &Value, out: &Path) -> Result<()> {
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let text = |size: i32, h: HPos| ("sans-serif", size).into_font().color(&BLACK).pos(Pos::new(h, VPos::Center));
     let mut top = 0;
-    for f in &fusions {
-        let members: Vec<String> = f["members"].as_array().into_iter().flatten().map(|m| m.as_str().unwrap_or("?").to_string()).collect();
-        let split = report["split"].as_str().unwrap_or("dev");
-        let title = format!(
-            "fusion `{}` (task {}): mean attention per layer over {split} tokens",
-            f["fusion"].as_str().unwrap_or("?"),
-            f["task"].as_str().unwrap_or("?")
-        );
+    for f in fusions {
+        let members = &f.members;
+        let title = format!("fusion `{}` (task {}): mean attention per layer over {} tokens", f.fusion, f.task, report.split);
         root.draw_text(&title, &text(16, HPos::Left), (10, top + 18)).map_err(|e| err(&e))?;
         for (j, m) in members.iter().enumerate() {
             let x = label_w + j as i32 * cell_w + cell_w / 2;
             root.draw_text(m, &text(13, HPos::Center), (x, top + head_h - 14)).map_err(|e| err(&e))?;
         }
-        for (i, p) in f["points"].as_array().into_iter().flatten().enumerate() {
+        for (i, p) in f.points.iter().enumerate() {
             let y = top + head_h + i as i32 * cell_h;
-            let label = format!("layer {} {}", p["layer"], p["site"].as_str().unwrap_or(""));
+            let label = format!("layer {} {}", p.layer, p.site);
             root.draw_text(&label, &text(13, HPos::Left), (10, y + cell_h / 2)).map_err(|e| err(&e))?;
-            for (j, w) in p["weights"].as_array().into_iter().flatten().enumerate() {
-                let w = w.as_f64().unwrap_or(0.0).clamp(0.0, 1.0);
+            for (j, w) in p.weights.iter().enumerate() {
+                let w = w.clamp(0.0, 1.0);
                 let x = label_w + j as i32 * cell_w;
                 let shade = |c: f64| (255.0 - w * (255.0 - c)) as u8;
                 let fill = RGBColor(shade(33.0), shade(102.0), shade(172.0));

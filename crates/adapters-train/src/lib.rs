@@ -14,6 +14,7 @@ mod fusion_report;
 pub mod metrics;
 pub mod noise;
 pub mod optim;
+pub mod records;
 mod report;
 mod routing_report;
 mod task;
@@ -21,5 +22,6 @@ pub mod trainer;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use records::Summary;
 pub use task::{chat_tokens, encode_truncated};
-pub use trainer::{ResolveReference, RunOptions, Summary, Trainer};
+pub use trainer::{ResolveReference, RunOptions, Trainer};

@@ -1,6 +1,7 @@
 //! Evaluation metrics and the JSONL metrics log.
 
 use crate::error::{Result, Within};
+use crate::records::StepRecord;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -75,6 +76,16 @@ impl MetricsLog {
     pub fn read(path: &Path) -> Result<Vec<serde_json::Value>> {
         let text = std::fs::read_to_string(path).within(|| format!("reading {}", path.display()))?;
         text.lines().map(|l| serde_json::from_str(l).within(|| format!("{}: bad line", path.display()))).collect()
+    }
+
+    /// The training steps' records of a log file (evaluation lines, which carry a
+    /// `split`, left out); a step line that does not read as a [`StepRecord`] is an error.
+    pub fn steps(path: &Path) -> Result<Vec<StepRecord>> {
+        Self::read(path)?
+            .into_iter()
+            .filter(|r| r.get("split").is_none())
+            .map(|r| serde_json::from_value(r).within(|| format!("{}: a step line that is not a step record", path.display())))
+            .collect()
     }
 }
 

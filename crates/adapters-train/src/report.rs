@@ -1,4 +1,4 @@
-//! Run reports: the metrics log's file name, the summary, and the training/dev curves.
+//! The training/dev curves of a run.
 
 use crate::error::{Error, Result};
 use crate::metrics::MetricsLog;
@@ -6,8 +6,6 @@ use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub const METRICS_FILE: &str = "metrics.jsonl";
-pub const SUMMARY_FILE: &str = "summary.json";
 pub const PLOT_FILE: &str = "curves.svg";
 
 /// Draws the training loss (and its running mean) and each task's dev metrics against

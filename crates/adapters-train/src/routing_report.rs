@@ -6,9 +6,9 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::MetricsLog;
+use crate::records::RoutingPoint;
 use adapters_core::RoutingStats;
 use plotters::prelude::*;
-use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -68,22 +68,19 @@ impl RoutingSums {
 
     /// Per point: expert shares, normalised usage entropy, skipped and overflowed shares;
     /// with `per_task`, each task's shares and the task-expert mutual information.
-    pub fn to_json(&self, per_task: bool) -> Value {
-        let mut out = Map::new();
-        for (name, s) in &self.points {
-            let mut point = json!({
-                "share": shares(&s.experts),
-                "entropy": normalised_entropy(&s.experts),
-                "skipped": s.skipped / s.tokens.max(1.0),
-                "overflowed": s.overflowed / s.tokens.max(1.0),
-            });
-            if per_task && !s.per_task.is_empty() {
-                point["per_task_share"] = s.per_task.iter().map(|(t, c)| (t.clone(), json!(shares(c)))).collect::<Map<_, _>>().into();
-                point["task_expert_mi_bits"] = json!(mutual_information(&s.per_task.values().cloned().collect::<Vec<_>>()));
+    pub fn points(&self, per_task: bool) -> BTreeMap<String, RoutingPoint> {
+        let point = |s: &PointSums| {
+            let per_task = per_task && !s.per_task.is_empty();
+            RoutingPoint {
+                share: shares(&s.experts),
+                entropy: normalised_entropy(&s.experts),
+                skipped: s.skipped / s.tokens.max(1.0),
+                overflowed: s.overflowed / s.tokens.max(1.0),
+                per_task_share: per_task.then(|| s.per_task.iter().map(|(t, c)| (t.clone(), shares(c))).collect()),
+                task_expert_mi_bits: per_task.then(|| mutual_information(&s.per_task.values().cloned().collect::<Vec<_>>())),
             }
-            out.insert(name.clone(), point);
-        }
-        Value::Object(out)
+        };
+        self.points.iter().map(|(name, s)| (name.clone(), point(s))).collect()
     }
 }
 
@@ -128,10 +125,10 @@ pub fn mutual_information(joint: &[Vec<f64>]) -> f64 {
 /// z-losses of routers, fusion regularisation), by name.
 pub fn mean_aux_losses(metrics: &Path) -> Result<BTreeMap<String, f64>> {
     let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    for r in MetricsLog::read(metrics)? {
-        for (name, v) in r.get("aux_losses").and_then(Value::as_object).into_iter().flatten() {
-            let entry = sums.entry(name.clone()).or_default();
-            entry.0 += v.as_f64().unwrap_or(0.0);
+    for r in MetricsLog::steps(metrics)? {
+        for (name, v) in r.aux_losses.into_iter().flatten() {
+            let entry = sums.entry(name).or_default();
+            entry.0 += v;
             entry.1 += 1;
         }
     }
@@ -143,11 +140,9 @@ pub fn mean_aux_losses(metrics: &Path) -> Result<BTreeMap<String, f64>> {
 /// returns `false` when no step routed.
 pub fn plot(metrics: &Path, out: &Path) -> Result<bool> {
     let mut series: BTreeMap<String, Vec<(f64, Vec<f64>)>> = BTreeMap::new();
-    for r in MetricsLog::read(metrics)? {
-        let (Some(step), Some(routing)) = (r["step"].as_f64(), r.get("routing").and_then(Value::as_object)) else { continue };
-        for (point, v) in routing {
-            let share: Vec<f64> = v["share"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default();
-            series.entry(point.clone()).or_default().push((step, share));
+    for r in MetricsLog::steps(metrics)? {
+        for (point, v) in r.routing.into_iter().flatten() {
+            series.entry(point).or_default().push((r.step as f64, v.share));
         }
     }
     if series.is_empty() {

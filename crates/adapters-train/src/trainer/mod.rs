@@ -10,6 +10,7 @@ use crate::forward::{argmax, lm_loss, lm_loss_of, loss_and_grads, StepReports};
 use crate::fusion_report::{self, AttentionSums};
 use crate::metrics::{accuracy, macro_f1, MetricsLog};
 use crate::optim::{clip_grad_norm, AdamW, Decay, Schedule};
+use crate::records::{RoutingReport, StepRecord, Summary, TaskResult, METRICS_FILE, SUMMARY_FILE};
 use crate::report;
 use crate::routing_report::{self, RoutingSums};
 use crate::task::{self, epoch_batches, mix, salt, sorted_batches, Split, TaskData};
@@ -22,7 +23,6 @@ use adapters_models::HoldsAdapters;
 use adapters_models::LoadedModel;
 use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -44,54 +44,6 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Draw a progress bar (otherwise a plain line every tenth of the run).
     pub progress: bool,
-}
-
-/// What a run produced.
-#[derive(Clone, Debug, Serialize)]
-pub struct Summary {
-    /// What trained.
-    pub mode: Mode,
-    /// Steps done.
-    pub steps: usize,
-    /// Whether the run reached its end (or stopped early).
-    pub finished: bool,
-    /// Wall time of the training loop.
-    pub seconds: f64,
-    /// Trainable parameters.
-    pub trainable_parameters: usize,
-    /// Parameters of the base model.
-    pub base_parameters: usize,
-    /// Trainable parameters as a share of the base model's.
-    pub trainable_share: f64,
-    /// Per task: metrics on test (and on dev at the chosen step).
-    pub tasks: BTreeMap<String, TaskResult>,
-    /// The step whose weights were kept (early stopping).
-    pub best_step: Option<usize>,
-    /// Whether early stopping ended the run.
-    pub stopped_early: bool,
-    /// The run folder.
-    pub output: PathBuf,
-    /// What mixture-of-experts routers did on the dev split with the final weights (per
-    /// point: expert shares, usage entropy, per-task shares, task-expert information).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub routing: Option<serde_json::Value>,
-    /// Each auxiliary loss adapters reported (router balance and z-losses, fusion
-    /// regularisation), averaged over the training steps.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub aux_losses: BTreeMap<String, f64>,
-}
-
-/// One task's metrics.
-#[derive(Clone, Debug, Serialize)]
-pub struct TaskResult {
-    /// Dev metrics at the end (best weights).
-    pub dev: BTreeMap<String, f64>,
-    /// Test metrics at the end (best weights).
-    pub test: BTreeMap<String, f64>,
-    /// Dev and test metrics before any training (step 0).
-    pub dev_at_start: BTreeMap<String, f64>,
-    /// Test metrics before training.
-    pub test_at_start: BTreeMap<String, f64>,
 }
 
 /// Pooled features of every row, computed once when the base is frozen and has no
@@ -373,7 +325,7 @@ impl Trainer {
             }
             State::new(self.tasks.len(), &self.config)
         };
-        let mut log = MetricsLog::open(&out.join(report::METRICS_FILE), options.resume.then_some(state.step))?;
+        let mut log = MetricsLog::open(&out.join(METRICS_FILE), options.resume.then_some(state.step))?;
         if state.step == 0 && !options.resume {
             let dev = self.evaluate(EvalSplit::Dev)?;
             self.log_eval(&mut log, 0, "dev", &dev)?;
@@ -396,17 +348,22 @@ impl Trainer {
                 [(task, _)] => self.tasks[*task].name.as_str(),
                 _ => "mixed",
             };
-            let mut record = json!({"step": state.step, "task": task, "loss": loss, "lr": lr,
-                "grad_norm": grad_norm, "examples_per_s": window.examples_per_s(), "elapsed_s": started.elapsed().as_secs_f64()});
-            if !reports.aux_losses.is_empty() {
-                record["aux_losses"] = json!(reports.aux_losses);
-            }
-            if !reports.routing.is_empty() {
-                let mut sums = RoutingSums::default();
-                sums.add(&reports.routing, &self.task_names());
-                record["routing"] = sums.to_json(false);
-            }
-            log.write(&record)?;
+            let record = StepRecord {
+                step: state.step,
+                task: task.to_string(),
+                loss,
+                lr,
+                grad_norm,
+                examples_per_s: window.examples_per_s(),
+                elapsed_s: started.elapsed().as_secs_f64(),
+                aux_losses: (!reports.aux_losses.is_empty()).then(|| reports.aux_losses.clone()),
+                routing: (!reports.routing.is_empty()).then(|| {
+                    let mut sums = RoutingSums::default();
+                    sums.add(&reports.routing, &self.task_names());
+                    sums.points(false)
+                }),
+            };
+            log.write(&serde_json::to_value(&record)?)?;
             bar.set_position(state.step as u64);
             bar.set_message(format!(
                 "loss {loss:.4}  lr {lr:.2e}  {:.1} ex/s  {:.0} tok/s",
@@ -441,20 +398,20 @@ impl Trainer {
             let mut recording = Recording::default();
             let dev = self.evaluate_recording(EvalSplit::Dev, Some(&mut recording))?;
             if !recording.attention.is_empty() {
-                fusion_report::write(&out, &recording.attention.to_json("dev"))?;
+                fusion_report::write(&out, &recording.attention.report("dev"))?;
             }
             if !recording.routing.is_empty() {
-                summary.routing = Some(json!({"split": "dev", "points": recording.routing.to_json(true)}));
+                summary.routing = Some(RoutingReport { split: "dev".into(), points: recording.routing.points(true) });
             }
             for (name, result) in summary.tasks.iter_mut() {
                 result.test = test.get(name).cloned().unwrap_or_default();
                 result.dev = dev.get(name).cloned().unwrap_or_default();
             }
-            summary.aux_losses = routing_report::mean_aux_losses(&out.join(report::METRICS_FILE))?;
+            summary.aux_losses = routing_report::mean_aux_losses(&out.join(METRICS_FILE))?;
             self.save_outputs()?;
-            io::write_atomic(&out.join(report::SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-            report::plot(&out.join(report::METRICS_FILE), &out.join(report::PLOT_FILE))?;
-            routing_report::plot(&out.join(report::METRICS_FILE), &out.join(routing_report::PLOT_FILE))?;
+            io::write_atomic(&out.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+            report::plot(&out.join(METRICS_FILE), &out.join(report::PLOT_FILE))?;
+            routing_report::plot(&out.join(METRICS_FILE), &out.join(routing_report::PLOT_FILE))?;
         }
         Ok(summary)
     }

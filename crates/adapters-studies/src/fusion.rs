@@ -1,11 +1,15 @@
-//! `cargo xtask fusion-study`: does AdapterFusion help a low-resource task? For each
+//! `cargo studies fusion`: does AdapterFusion help a low-resource task? For each
 //! target (Rotten Tomatoes, VADER tweets) with 500 training examples: its own Pfeiffer
 //! adapter alone, against a fusion of that adapter with frozen adapters trained on the
 //! other datasets (committed in fixtures/fusion-sources), over 3 seeds. Writes the section
 //! of RESULTS.md and a fusion attention heatmap per target next to it. Finished runs are
 //! kept and skipped.
 
+use crate::results::{Section, FUSION};
+use crate::runs::{best_step, copy_dir, pct, read_json, write_json, Cli, Runs};
+use adapters_train::records::{FusionAttentionReport, Summary, FUSION_ATTENTION_FILE, SUMMARY_FILE};
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -23,11 +27,11 @@ fn picture(target: &str) -> String {
     format!("docs/fusion_attention_{target}.svg")
 }
 
-pub fn run(root: &Path) -> Result<()> {
-    crate::fetch::fetch_all(root)?;
-    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
-    let cli = root.join("target/release/adapters");
-    let cli = cli.to_str().context("a UTF-8 path")?;
+/// The source adapters' test accuracy on their own tasks (0-1), by dataset.
+const SOURCE_ACCURACY: &str = "fixtures/fusion-sources/sources.json";
+
+pub fn run(cli: &Cli) -> Result<()> {
+    let root = cli.root();
     for (ds, epochs) in SOURCES {
         let fixture = root.join("fixtures/fusion-sources").join(ds);
         if fixture.join("adapter_config.json").exists() {
@@ -36,7 +40,7 @@ pub fn run(root: &Path) -> Result<()> {
         let out = format!("{RUNS}/source-{ds}");
         let _ = std::fs::remove_dir_all(root.join(&out));
         let (epochs, dir) = (format!("training.epochs={epochs}"), format!("output.dir=\"{out}\""));
-        crate::run(root, cli, &["train", &format!("examples/{ds}.toml"), "--set", &epochs, "--set", &dir])?;
+        cli.run(&["train", &format!("examples/{ds}.toml"), "--set", &epochs, "--set", &dir])?;
         copy_dir(&root.join(&out).join("adapters").join(ds), &fixture)?;
         record_source_accuracy(root, ds, &root.join(&out))?;
     }
@@ -44,57 +48,25 @@ pub fn run(root: &Path) -> Result<()> {
         for seed in SEEDS {
             let (own, fusion) = (format!("{RUNS}/{target}/own-s{seed}"), format!("{RUNS}/{target}/fusion-s{seed}"));
             let seed_set = format!("training.seed={seed}");
-            if !root.join(&own).join("summary.json").exists() {
-                let _ = std::fs::remove_dir_all(root.join(&own));
-                let (config, dir) = (format!("examples/{target}_500.toml"), format!("output.dir=\"{own}\""));
-                crate::run(root, cli, &["train", &config, "--set", &seed_set, "--set", &dir])?;
-            }
-            if !root.join(&fusion).join("summary.json").exists() {
-                let _ = std::fs::remove_dir_all(root.join(&fusion));
-                let member = format!("adapters.{target}.from=\"{own}/adapters/{target}\"");
-                let (config, dir) = (format!("examples/{target}_fusion.toml"), format!("output.dir=\"{fusion}\""));
-                crate::run(root, cli, &["train", &config, "--set", &seed_set, "--set", &member, "--set", &dir])?;
-            }
+            cli.train(&format!("examples/{target}_500.toml"), &own, std::slice::from_ref(&seed_set))?;
+            let member = format!("adapters.{target}.from=\"{own}/adapters/{target}\"");
+            cli.train(&format!("examples/{target}_fusion.toml"), &fusion, &[seed_set, member])?;
         }
         let picture = root.join(picture(target));
         std::fs::create_dir_all(picture.parent().expect("a folder"))?;
         std::fs::copy(root.join(RUNS).join(target).join("fusion-s1/fusion_attention.svg"), &picture)
             .context("copying the attention heatmap")?;
     }
-    update_results(root)
+    Ok(())
 }
 
-/// Keeps a trained source adapter's test accuracy in fixtures/fusion-sources/sources.json.
+/// Keeps a trained source adapter's test accuracy in [`SOURCE_ACCURACY`].
 fn record_source_accuracy(root: &Path, ds: &str, run: &Path) -> Result<()> {
-    let path = root.join("fixtures/fusion-sources/sources.json");
-    let mut all: serde_json::Value =
-        std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| serde_json::json!({}));
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json"))?)?;
-    all[ds] = s["tasks"][ds]["test"]["accuracy"].clone();
-    std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
-}
-
-fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
-}
-
-fn accuracy(s: &serde_json::Value, task: &str, split: &str) -> f64 {
-    100.0 * s["tasks"][task][split]["accuracy"].as_f64().unwrap_or(f64::NAN)
+    let path = root.join(SOURCE_ACCURACY);
+    let mut all: BTreeMap<String, f64> = read_json(&path)?.unwrap_or_default();
+    let s: Summary = read_json(&run.join(SUMMARY_FILE))?.context("the source's run has no summary")?;
+    all.insert(ds.to_string(), s.metric(ds, "test", "accuracy").context("the source's run has no test accuracy")?);
+    write_json(&path, &all)
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -107,26 +79,26 @@ fn spread(v: &[f64]) -> f64 {
     v.iter().cloned().fold(f64::NEG_INFINITY, f64::max) - v.iter().cloned().fold(f64::INFINITY, f64::min)
 }
 
-/// The RESULTS.md section from the runs (empty until the study has run).
-fn section(root: &Path) -> Result<String> {
+/// The study's section of RESULTS.md, when its runs are here.
+pub fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
+    let runs = Runs::load(root, RUNS)?;
     let mut md = String::new();
     for (target, sources) in TARGETS {
-        md.push_str(&target_section(root, target, sources)?);
+        md.push_str(&target_section(root, &runs, target, sources)?);
     }
     if md.is_empty() {
-        return Ok(md);
+        return Ok(vec![]);
     }
-    let recorded: Option<serde_json::Value> =
-        std::fs::read_to_string(root.join("fixtures/fusion-sources/sources.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let recorded: BTreeMap<String, f64> = read_json(&root.join(SOURCE_ACCURACY))?.unwrap_or_default();
     let sources: Vec<String> = SOURCES
         .iter()
         .map(|(ds, _)| {
-            let acc = recorded.as_ref().and_then(|s| s[*ds].as_f64()).map_or("?".to_string(), |a| format!("{:.2}", 100.0 * a));
+            let acc = recorded.get(*ds).map_or("?".to_string(), |a| format!("{:.2}", 100.0 * a));
             format!("{ds} {acc}")
         })
         .collect();
     let intro = format!(
-        "\n## AdapterFusion on low-resource tasks (`cargo xtask fusion-study`)\n\n\
+        "\n## AdapterFusion on low-resource tasks (`cargo studies fusion`)\n\n\
          Does fusing adapters trained on other tasks help a task with little data? Each target trains on \
          the first 500 examples of its shuffled training split (`train_limit = 500`) and is evaluated on its \
          full dev and test splits. Own adapter: `examples/TARGET_500.toml` (Pfeiffer, reduction factor 16, \
@@ -141,13 +113,13 @@ fn section(root: &Path) -> Result<String> {
          initialisation, dropout and data order. Source adapters' test accuracy on their own tasks: {}.\n",
         sources.join(", ")
     );
-    Ok(intro + &md)
+    Ok(vec![(&FUSION, intro + &md)])
 }
 
-fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String> {
-    let runs: Vec<(u64, serde_json::Value, serde_json::Value)> = SEEDS
+fn target_section(root: &Path, all: &Runs, target: &str, sources: &[&str]) -> Result<String> {
+    let runs: Vec<(u64, &Summary, &Summary)> = SEEDS
         .iter()
-        .filter_map(|&s| Some((s, summary(root, &format!("{target}/own-s{s}"))?, summary(root, &format!("{target}/fusion-s{s}"))?)))
+        .filter_map(|&s| Some((s, all.get(&format!("{target}/own-s{s}"))?, all.get(&format!("{target}/fusion-s{s}"))?)))
         .collect();
     if runs.is_empty() {
         return Ok(String::new());
@@ -158,11 +130,11 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
     writeln!(md, "|---|---|---|---|---|---|---|")?;
     let (mut own, mut fused) = (Vec::new(), Vec::new());
     for (seed, o, f) in &runs {
-        let (a, b) = (accuracy(o, target, "test"), accuracy(f, target, "test"));
+        let (a, b) = (pct(o, target, "test", "accuracy"), pct(f, target, "test", "accuracy"));
         own.push(a);
         fused.push(b);
-        let (od, fd) = (accuracy(o, target, "dev"), accuracy(f, target, "dev"));
-        writeln!(md, "| {seed} | {a:.2} | {b:.2} | {:+.2} | {od:.2} | {fd:.2} | {} |", b - a, f["best_step"])?;
+        let (od, fd) = (pct(o, target, "dev", "accuracy"), pct(f, target, "dev", "accuracy"));
+        writeln!(md, "| {seed} | {a:.2} | {b:.2} | {:+.2} | {od:.2} | {fd:.2} | {} |", b - a, best_step(f))?;
     }
     let gains: Vec<f64> = own.iter().zip(&fused).map(|(a, b)| b - a).collect();
     let ((om, osd), (fm, fsd), (gm, gsd)) = (mean_sd(&own), mean_sd(&fused), mean_sd(&gains));
@@ -187,16 +159,15 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
         }
     )?;
     // What the fusions attend to: each member's weight, averaged over layers and dev tokens.
-    let reports: Vec<(u64, serde_json::Value)> = runs
-        .iter()
-        .filter_map(|(s, _, _)| {
-            let text = std::fs::read_to_string(root.join(RUNS).join(format!("{target}/fusion-s{s}/fusion_attention.json"))).ok()?;
-            Some((*s, serde_json::from_str(&text).ok()?))
-        })
-        .collect();
-    if let Some((_, first)) = reports.first() {
-        let members: Vec<String> =
-            first["fusions"][0]["members"].as_array().into_iter().flatten().map(|m| m.as_str().unwrap_or("?").to_string()).collect();
+    let mut reports: Vec<(u64, FusionAttentionReport)> = Vec::new();
+    for (s, _, _) in &runs {
+        let path = root.join(RUNS).join(format!("{target}/fusion-s{s}")).join(FUSION_ATTENTION_FILE);
+        if let Some(report) = read_json(&path)? {
+            reports.push((*s, report));
+        }
+    }
+    if let Some(first) = reports.first().and_then(|(_, r)| r.fusions.first()) {
+        let members = first.members.clone();
         writeln!(
             md,
             "\nWhat the fusion attends to: each member's attention weight averaged over the dev tokens and the \
@@ -208,16 +179,15 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
         writeln!(md, "|---|{}", "---|".repeat(members.len()))?;
         let mut overall = vec![0.0; members.len()];
         // The largest weight a source (not the target's own adapter) gets at one layer.
-        let mut peak: (f64, String, u64, u64) = (0.0, String::new(), 0, 0);
+        let mut peak: (f64, String, usize, u64) = (0.0, String::new(), 0, 0);
         for (seed, r) in &reports {
-            let points = r["fusions"][0]["points"].as_array().cloned().unwrap_or_default();
+            let points = r.fusions.first().map_or(&[][..], |f| &f.points[..]);
             let mut means = vec![0.0; members.len()];
-            for p in &points {
-                for (i, w) in p["weights"].as_array().into_iter().flatten().enumerate().take(members.len()) {
-                    let w = w.as_f64().unwrap_or(0.0);
+            for p in points {
+                for (i, &w) in p.weights.iter().enumerate().take(members.len()) {
                     means[i] += w / points.len().max(1) as f64;
                     if members[i] != target && w > peak.0 {
-                        peak = (w, members[i].clone(), p["layer"].as_u64().unwrap_or(0), *seed);
+                        peak = (w, members[i].clone(), p.layer, *seed);
                     }
                 }
             }
@@ -241,20 +211,4 @@ fn target_section(root: &Path, target: &str, sources: &[&str]) -> Result<String>
         )?;
     }
     Ok(md)
-}
-
-const BEGIN: &str = "<!-- fusion-study: written by `cargo xtask fusion-study` -->";
-const END: &str = "<!-- /fusion-study -->";
-
-/// The section as RESULTS.md holds it: from the runs when they are here, else the one
-/// RESULTS.md already has (so `cargo xtask quality` keeps it on a machine without them).
-pub fn block(root: &Path) -> Result<String> {
-    crate::quality::marked_block(root, BEGIN, END, &section(root)?)
-}
-
-/// Replaces the section in RESULTS.md (before "Other runs", or at the end).
-fn update_results(root: &Path) -> Result<()> {
-    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the AdapterFusion section of RESULTS.md");
-    Ok(())
 }

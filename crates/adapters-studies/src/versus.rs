@@ -1,15 +1,16 @@
-//! `cargo xtask versus-study`: bottleneck adapters against LoRA at matched trainable
+//! `cargo studies versus`: bottleneck adapters against LoRA at matched trainable
 //! parameters (about 113k, a Pfeiffer adapter of r = 24 on MiniLM) on SMS spam, TREC
 //! coarse and Rotten Tomatoes, same trainer, data, budget and seed. Writes its section of
 //! RESULTS.md. Finished runs are skipped.
 
-use anyhow::{Context, Result};
+use crate::results::{Section, VERSUS};
+use crate::runs::{pct, read_json, Cli, Runs};
+use anyhow::Result;
+use serde::Deserialize;
 use std::fmt::Write as _;
 use std::path::Path;
 
 const RUNS: &str = "runs/versus-study";
-const BEGIN: &str = "<!-- versus-study: written by `cargo xtask versus-study` -->";
-const END: &str = "<!-- /versus-study -->";
 /// (dataset, epochs): the examples' budgets.
 const DATASETS: &[(&str, usize)] = &[("sms_spam", 2), ("trec_coarse", 3), ("rotten_tomatoes", 2)];
 /// (method, what it is, the adapter table replacing the example's; `{ds}` the dataset).
@@ -20,37 +21,29 @@ const METHODS: &[(&str, &str, &str)] = &[
     ("lora", "LoRA (r = 12, alpha 24, query and value)", "{kind=\"lora\", r=12, alpha=24, placement={sites=[\"query\",\"value\"]}}"),
 ];
 
-pub fn run(root: &Path) -> Result<()> {
-    crate::fetch::fetch_all(root)?;
-    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
-    let cli = root.join("target/release/adapters");
-    let cli = cli.to_str().context("a UTF-8 path")?;
+pub fn run(cli: &Cli) -> Result<()> {
     for (ds, epochs) in DATASETS {
         for (method, _, table) in METHODS {
             let sets = [format!("training.epochs={epochs}"), "model.max_length=64".into(), format!("adapters.{ds}={table}")];
-            crate::train(root, cli, &format!("examples/{ds}.toml"), &format!("{RUNS}/{ds}-{method}"), &sets)?;
+            cli.train(&format!("examples/{ds}.toml"), &format!("{RUNS}/{ds}-{method}"), &sets)?;
         }
     }
-    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the adapters-vs-LoRA section of RESULTS.md");
     Ok(())
 }
 
-fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
-}
-
-/// The section of RESULTS.md, from the runs (or as RESULTS.md has it).
-pub fn block(root: &Path) -> Result<String> {
-    let mut md = String::new();
-    if DATASETS.iter().any(|(ds, _)| METHODS.iter().any(|(m, _, _)| summary(root, &format!("{ds}-{m}")).is_some())) {
-        write(root, &mut md)?;
+/// The study's section of RESULTS.md, when its runs are here.
+pub fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
+    let runs = Runs::load(root, RUNS)?;
+    if runs.all().next().is_none() {
+        return Ok(vec![]);
     }
-    crate::quality::marked_block(root, BEGIN, END, &md)
+    let mut md = String::new();
+    write(root, &runs, &mut md)?;
+    Ok(vec![(&VERSUS, md)])
 }
 
-fn write(root: &Path, md: &mut String) -> Result<()> {
-    writeln!(md, "\n## Adapters against LoRA at matched size (`cargo xtask versus-study`)\n")?;
+fn write(root: &Path, runs: &Runs, md: &mut String) -> Result<()> {
+    writeln!(md, "\n## Adapters against LoRA at matched size (`cargo studies versus`)\n")?;
     writeln!(
         md,
         "Each method with about 113k adapter parameters on frozen all-MiniLM-L6-v2 (heads not counted), trained by the \
@@ -67,16 +60,17 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
         let mut accs = Vec::new();
         let mut params = None;
         for (ds, _) in DATASETS {
-            let Some(s) = summary(root, &format!("{ds}-{method}")) else {
+            let run = format!("{ds}-{method}");
+            let Some(s) = runs.get(&run) else {
                 cells.push("not run".to_string());
                 continue;
             };
-            let t = &s["tasks"][ds]["test"];
-            let (acc, f1) = (100.0 * t["accuracy"].as_f64().unwrap_or(f64::NAN), 100.0 * t["macro_f1"].as_f64().unwrap_or(f64::NAN));
+            let (acc, f1) = (pct(s, ds, "test", "accuracy"), pct(s, ds, "test", "macro_f1"));
             accs.push(acc);
             cells.push(format!("{acc:.2} ({f1:.2})"));
-            let heads = crate::head_parameters(&root.join(RUNS).join(format!("{ds}-{method}")));
-            params.get_or_insert(s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(heads));
+            if params.is_none() {
+                params = runs.adapter_parameters(&run);
+            }
         }
         let mean = if accs.len() == DATASETS.len() {
             let mean = accs.iter().sum::<f64>() / accs.len() as f64;
@@ -108,24 +102,37 @@ const BENCH_VARIANTS: &[(&str, &str)] = &[
     ("LoRA, merged into the weights", "LoRA r=12 q,v merged"),
 ];
 
+/// What `cargo xtask bench` keeps of an interleaved comparison (`bench/results/*.json`).
+#[derive(Deserialize)]
+struct Comparison {
+    threads: usize,
+    rounds: usize,
+    variants: Vec<Variant>,
+}
+
+#[derive(Deserialize)]
+struct Variant {
+    name: String,
+    median_s: f64,
+    median_ratio_to_first: f64,
+}
+
 /// Inference cost and switching time of the same sizes, from the last `cargo xtask bench`
 /// on this machine (BENCHMARKS.md has the full tables), when its results are here.
 fn overhead(root: &Path, md: &mut String) -> Result<()> {
-    let read = |file: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(root.join(crate::bench::RESULTS).join(file)).ok()?).ok()
-    };
-    let (Some(forward), Some(switch)) = (read("adapter_overhead_minilm.json"), read("adapter_switch_minilm.json")) else {
+    let read = |file: &str| read_json::<Comparison>(&root.join("bench/results").join(file));
+    let (Some(forward), Some(switch)) = (read("adapter_overhead_minilm.json")?, read("adapter_switch_minilm.json")?) else {
         return Ok(());
     };
-    let variant = |c: &serde_json::Value, name: &str| -> Option<(f64, f64)> {
-        let v = c["variants"].as_array()?.iter().find(|v| v["name"] == name)?;
-        Some((v["median_s"].as_f64()?, v["median_ratio_to_first"].as_f64()?))
+    let variant = |c: &Comparison, name: &str| -> Option<(f64, f64)> {
+        let v = c.variants.iter().find(|v| v.name == name)?;
+        Some((v.median_s, v.median_ratio_to_first))
     };
     writeln!(
         md,
         "\nInference at the same sizes (`cargo xtask bench`, MiniLM forward at batch 32 x seq 128, {} threads, {} interleaved \
          rounds; medians, and the median ratio to the bare forward of adjacent pairs):\n",
-        forward["threads"], forward["rounds"]
+        forward.threads, forward.rounds
     )?;
     writeln!(md, "| method | forward | against no adapter |\n|---|---|---|")?;
     for (what, name) in BENCH_VARIANTS {

@@ -1,4 +1,4 @@
-//! `cargo xtask moe-study`: one mixture-of-experts adapter shared by three classification
+//! `cargo studies moe`: one mixture-of-experts adapter shared by three classification
 //! tasks (SMS spam, TREC coarse, Rotten Tomatoes), trained jointly on mixed-task batches,
 //! against one shared Pfeiffer adapter with as many parameters per token and against
 //! per-task Pfeiffer adapters, all with the same data, batches and steps; the mixture
@@ -6,7 +6,11 @@
 //! from one initialisation) merged into one adapter with `adapters merge-experts`. Writes
 //! its section of RESULTS.md and the routing picture next to it. Finished runs are skipped.
 
+use crate::results::{Section, MOE as MOE_SECTION, MOE_LONGER};
+use crate::runs::{best_step, read_json, test_accuracy, write_json, Cli, Runs, MINILM};
+use adapters_train::records::{ClassificationReport, RoutingPoint, Summary};
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -52,29 +56,19 @@ const SEEDS: &[u64] = &[2, 3];
 const LONGER_ARMS: &[&str] = &["shared", "moe_st"];
 const LONGER_STEPS: u64 = 1200;
 const LONGER_SEEDS: &[u64] = &[42, 2, 3];
-const LONGER_BEGIN: &str = "<!-- moe-study longer: written by `cargo xtask moe-study` -->";
-const LONGER_END: &str = "<!-- /moe-study longer -->";
 const PICTURE: &str = "docs/moe_routing.svg";
-const BEGIN: &str = "<!-- moe-study: written by `cargo xtask moe-study` -->";
-const END: &str = "<!-- /moe-study -->";
+/// The AdaMix mixture's and merged adapter's test figures, by `FORM TASK`.
+const ADAMIX_EVALS: &str = "adamix-evals.json";
 
 /// Runs the study's parts (`only`: comma-separated `arms`, `longer`; all when `None`).
-pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
+pub fn run(cli: &Cli, only: Option<&str>) -> Result<()> {
     let chosen = |part: &str| only.is_none_or(|o| o.split(',').any(|x| x == part));
-    crate::fetch::fetch_all(root)?;
-    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
-    let cli = root.join("target/release/adapters");
-    let cli = cli.to_str().context("a UTF-8 path")?;
     if chosen("arms") {
-        arms(root, cli)?;
+        arms(cli)?;
     }
     if chosen("longer") {
-        longer(root, cli)?;
+        longer(cli)?;
     }
-    let place = "\n<!-- hyper-study:";
-    crate::quality::replace_block(root, BEGIN, END, &main_block(root)?, place)?;
-    crate::quality::replace_block(root, LONGER_BEGIN, LONGER_END, &longer_block(root)?, place)?;
-    eprintln!("wrote the mixture-of-experts sections of RESULTS.md");
     Ok(())
 }
 
@@ -83,30 +77,31 @@ fn longer_run(arm: &str, seed: u64) -> String {
 }
 
 /// The longer comparison, seed by seed (both arms of a seed before the next seed).
-fn longer(root: &Path, cli: &str) -> Result<()> {
+fn longer(cli: &Cli) -> Result<()> {
     for seed in LONGER_SEEDS {
         for arm in LONGER_ARMS {
             let extra = [format!("training.steps={LONGER_STEPS}"), format!("training.seed={seed}")];
-            train_arm(root, cli, arm, &longer_run(arm, *seed), &extra)?;
+            train_arm(cli, arm, &longer_run(arm, *seed), &extra)?;
         }
     }
     Ok(())
 }
 
 /// Trains an arm of `ARMS` into `runs/moe-study/RUN`, its settings followed by `extra`.
-fn train_arm(root: &Path, cli: &str, arm: &str, run: &str, extra: &[String]) -> Result<()> {
+fn train_arm(cli: &Cli, arm: &str, run: &str, extra: &[String]) -> Result<()> {
     let (_, config, sets, _, _) = ARMS.iter().find(|a| a.0 == arm).with_context(|| format!("{arm} is not an arm of the study"))?;
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect();
-    crate::train(root, cli, config, &format!("{RUNS}/{run}"), &sets)
+    cli.train(config, &format!("{RUNS}/{run}"), &sets)
 }
 
-fn arms(root: &Path, cli: &str) -> Result<()> {
+fn arms(cli: &Cli) -> Result<()> {
+    let root = cli.root();
     for (arm, ..) in ARMS {
-        train_arm(root, cli, arm, arm, &[])?;
+        train_arm(cli, arm, arm, &[])?;
     }
     for arm in RESEEDED {
         for seed in SEEDS {
-            train_arm(root, cli, arm, &format!("{arm}-s{seed}"), &[format!("training.seed={seed}")])?;
+            train_arm(cli, arm, &format!("{arm}-s{seed}"), &[format!("training.seed={seed}")])?;
         }
     }
     // AdaMix's serving form: the experts averaged into one Pfeiffer adapter, evaluated
@@ -114,20 +109,19 @@ fn arms(root: &Path, cli: &str) -> Result<()> {
     let merged = format!("{RUNS}/adamix-merged");
     if !root.join(&merged).join("adapter_config.json").exists() {
         let _ = std::fs::remove_dir_all(root.join(&merged));
-        let model = root.join("models/all-MiniLM-L6-v2");
         let mixture = format!("{RUNS}/adamix/adapters/moe");
-        crate::run(root, cli, &["merge-experts", &mixture, "--model", model.to_str().context("UTF-8")?, "--out", &merged])?;
+        cli.run(&["merge-experts", &mixture, "--model", MINILM, "--out", &merged])?;
     }
-    let evals = root.join(RUNS).join("adamix-evals.json");
+    let evals = root.join(RUNS).join(ADAMIX_EVALS);
     if !evals.exists() {
-        let mut out = serde_json::Map::new();
+        let mut out = BTreeMap::new();
         for (form, dir) in [("mixture", format!("{RUNS}/adamix/adapters/moe")), ("merged", merged.clone())] {
             for task in TASKS {
                 let data = format!("data/{task}/test.jsonl");
-                out.insert(format!("{form} {task}"), crate::eval(root, cli, &dir, &data, &["--task", task])?);
+                out.insert(format!("{form} {task}"), cli.eval(&dir, &data, &["--task", task])?);
             }
         }
-        std::fs::write(&evals, serde_json::to_string_pretty(&out)?)?;
+        write_json(&evals, &out)?;
     }
     let picture = root.join(PICTURE);
     std::fs::create_dir_all(picture.parent().expect("a folder"))?;
@@ -135,42 +129,33 @@ fn arms(root: &Path, cli: &str) -> Result<()> {
     Ok(())
 }
 
-fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
-}
-
-/// The study's sections of RESULTS.md, from the runs (or as RESULTS.md has them when the
-/// runs are not here).
-pub fn block(root: &Path) -> Result<String> {
-    Ok(main_block(root)? + &longer_block(root)?)
-}
-
-fn main_block(root: &Path) -> Result<String> {
-    let mut md = String::new();
-    if summary(root, "moe_token").is_some() {
-        write(root, &mut md)?;
+/// The study's sections of RESULTS.md, each when its runs are here.
+pub fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
+    let runs = Runs::load(root, RUNS)?;
+    let mut out = Vec::new();
+    if runs.get("moe_token").is_some() {
+        let mut md = String::new();
+        write(root, &runs, &mut md)?;
+        out.push((&MOE_SECTION, md));
     }
-    crate::quality::marked_block(root, BEGIN, END, &md)
-}
-
-fn longer_block(root: &Path) -> Result<String> {
-    let mut md = String::new();
-    if LONGER_ARMS.iter().any(|arm| summary(root, &longer_run(arm, LONGER_SEEDS[0])).is_some()) {
-        write_longer(root, &mut md)?;
+    if LONGER_ARMS.iter().any(|arm| runs.get(&longer_run(arm, LONGER_SEEDS[0])).is_some()) {
+        let mut md = String::new();
+        write_longer(&runs, &mut md)?;
+        out.push((&MOE_LONGER, md));
     }
-    crate::quality::marked_block(root, LONGER_BEGIN, LONGER_END, &md)
+    Ok(out)
 }
 
 /// Point 5's comparison at twice the steps: each seed's mean test accuracy per arm.
-fn write_longer(root: &Path, md: &mut String) -> Result<()> {
+fn write_longer(runs: &Runs, md: &mut String) -> Result<()> {
     writeln!(
         md,
         "\n### The same comparison at twice the steps\n\nAt {steps} steps the shared adapter and the straight-through \
          mixture kept their last dev step (still improving). Fixed before these runs: both arms again at {LONGER_STEPS} \
          steps (about two passes over the training sets; everything else as above), seeds {seeds}, judged on the means \
-         (`cargo xtask moe-study --only longer`). Mean test accuracy over the three tasks (percent); in brackets the best \
+         (`cargo studies moe --only longer`). Mean test accuracy over the three tasks (percent); in brackets the best \
          dev step kept:\n",
-        steps = summary(root, "shared").map(|s| s["steps"].clone()).unwrap_or(serde_json::json!(600)),
+        steps = runs.get("shared").map_or(600, |s| s.steps),
         seeds = LONGER_SEEDS.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
     )?;
     writeln!(
@@ -182,14 +167,14 @@ fn write_longer(root: &Path, md: &mut String) -> Result<()> {
     writeln!(md, "|---|{}---|{}", "---|".repeat(LONGER_SEEDS.len()), "---|".repeat(TASKS.len()))?;
     let (mut means, mut spreads) = (Vec::new(), Vec::new());
     for arm in LONGER_ARMS {
-        let runs: Vec<Option<serde_json::Value>> = LONGER_SEEDS.iter().map(|seed| summary(root, &longer_run(arm, *seed))).collect();
-        let done: Vec<&serde_json::Value> = runs.iter().flatten().collect();
+        let seeds: Vec<Option<&Summary>> = LONGER_SEEDS.iter().map(|seed| runs.get(&longer_run(arm, *seed))).collect();
+        let done: Vec<&Summary> = seeds.iter().flatten().copied().collect();
         let cells: Vec<String> =
-            runs.iter().map(|s| s.as_ref().map_or("not run".into(), |s| format!("{:.2} ({})", mean_accuracy(s), s["best_step"]))).collect();
+            seeds.iter().map(|s| s.map_or("not run".into(), |s| format!("{:.2} ({})", mean_accuracy(s), best_step(s)))).collect();
         let mean = done.iter().map(|s| mean_accuracy(s)).sum::<f64>() / done.len().max(1) as f64;
         let per_task: Vec<String> = TASKS
             .iter()
-            .map(|t| format!("{:.2}", done.iter().map(|s| pct(&s["tasks"][t]["test"]["accuracy"])).sum::<f64>() / done.len().max(1) as f64))
+            .map(|t| format!("{:.2}", done.iter().map(|s| test_accuracy(s, t)).sum::<f64>() / done.len().max(1) as f64))
             .collect();
         let what = ARMS.iter().find(|a| a.0 == *arm).map_or(*arm, |a| a.3);
         writeln!(md, "| {what} | {} | **{mean:.2}** ({} seeds) | {} |", cells.join(" | "), done.len(), per_task.join(" | "))?;
@@ -200,10 +185,9 @@ fn write_longer(root: &Path, md: &mut String) -> Result<()> {
     if let [(_, shared, n), (_, moe, m)] = means.as_slice() {
         if *n == LONGER_SEEDS.len() && *m == LONGER_SEEDS.len() {
             let verdict = if moe >= shared { "reaches" } else { "does not reach" };
-            let mixtures: Vec<serde_json::Value> =
-                LONGER_SEEDS.iter().filter_map(|seed| summary(root, &longer_run(LONGER_ARMS[1], *seed))).collect();
-            let lowest = |field: &str| mixtures.iter().map(|s| routing_range(s, field).0).fold(f64::INFINITY, f64::min);
-            let highest = |field: &str| mixtures.iter().map(|s| routing_range(s, field).1).fold(f64::NEG_INFINITY, f64::max);
+            let mixtures: Vec<&Summary> = LONGER_SEEDS.iter().filter_map(|seed| runs.get(&longer_run(LONGER_ARMS[1], *seed))).collect();
+            let lowest = |field: Field| mixtures.iter().map(|s| routing_range(s, field).0).fold(f64::INFINITY, f64::min);
+            let highest = |field: Field| mixtures.iter().map(|s| routing_range(s, field).1).fold(f64::NEG_INFINITY, f64::max);
             writeln!(
                 md,
                 "\nAt {LONGER_STEPS} steps the mixture {verdict} the shared Pfeiffer adapter's mean ({moe:.2} against {shared:.2}, \
@@ -213,26 +197,21 @@ fn write_longer(root: &Path, md: &mut String) -> Result<()> {
                 moe - shared,
                 spreads[0],
                 spreads[1],
-                lowest("entropy"),
-                lowest("task_expert_mi_bits"),
-                highest("task_expert_mi_bits"),
+                lowest(entropy),
+                lowest(task_expert_mi),
+                highest(task_expert_mi),
             )?;
         }
     }
     Ok(())
 }
 
-/// Accuracy in percent.
-fn pct(v: &serde_json::Value) -> f64 {
-    100.0 * v.as_f64().unwrap_or(f64::NAN)
-}
-
-fn write(root: &Path, md: &mut String) -> Result<()> {
-    let steps = summary(root, "moe_token").map(|s| s["steps"].clone()).unwrap_or_default();
+fn write(root: &Path, runs: &Runs, md: &mut String) -> Result<()> {
+    let steps = runs.get("moe_token").map_or(0, |s| s.steps);
     writeln!(md, "\n## Mixture of experts: one adapter for three tasks\n")?;
     writeln!(
         md,
-        "`cargo xtask moe-study`. Three visible classification tasks trained jointly on frozen all-MiniLM-L6-v2: every batch \
+        "`cargo studies moe`. Three visible classification tasks trained jointly on frozen all-MiniLM-L6-v2: every batch \
          of 32 mixes the tasks by temperature sampling (T = 2: about 8 SMS, 9 TREC and 14 Rotten Tomatoes rows), each task has \
          its own head, {steps} steps (about one pass over the three training sets), lr 1e-3, max length 64, seed 42, the best \
          dev step (mean accuracy, evaluated every 150 steps) kept. The mixture (`{MOE}`): 8 bottleneck experts after every \
@@ -243,50 +222,61 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
     writeln!(md, "| arm | {} | mean | adapter parameters stored | per token per layer |", TASKS.join(" | "))?;
     writeln!(md, "|---|{}---|---|---|", "---|".repeat(TASKS.len()))?;
     for (name, _, _, what, per_token) in ARMS {
-        let Some(s) = summary(root, name) else {
+        let Some(s) = runs.get(name) else {
             writeln!(md, "| {what} | not run |")?;
             continue;
         };
-        let accs: Vec<f64> = TASKS.iter().map(|t| pct(&s["tasks"][t]["test"]["accuracy"])).collect();
+        let accs: Vec<f64> = TASKS.iter().map(|t| test_accuracy(s, t)).collect();
         let mean = accs.iter().sum::<f64>() / accs.len() as f64;
-        let stored = s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(3850);
+        let stored = s.trainable_parameters.saturating_sub(3850);
         let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
         writeln!(md, "| {what} | {} | **{mean:.2}** | {stored} | {per_token} |", cells.join(" | "))?;
     }
-    routing(root, md)?;
+    routing(runs, md)?;
     adamix(root, md)?;
-    findings(root, md)?;
+    findings(runs, md)?;
     Ok(())
 }
 
 /// Mean test accuracy (percent) of a run over the three tasks.
-fn mean_accuracy(s: &serde_json::Value) -> f64 {
-    TASKS.iter().map(|t| pct(&s["tasks"][t]["test"]["accuracy"])).sum::<f64>() / TASKS.len() as f64
+fn mean_accuracy(s: &Summary) -> f64 {
+    TASKS.iter().map(|t| test_accuracy(s, t)).sum::<f64>() / TASKS.len() as f64
 }
 
-/// (lowest, highest) of a routing field over a run's routed points.
-fn routing_range(s: &serde_json::Value, field: &str) -> (f64, f64) {
-    let values = s["routing"]["points"].as_object().into_iter().flatten().filter_map(|(_, p)| p[field].as_f64());
+/// A figure of a routed point.
+type Field = fn(&RoutingPoint) -> Option<f64>;
+
+fn entropy(p: &RoutingPoint) -> Option<f64> {
+    Some(p.entropy)
+}
+
+fn task_expert_mi(p: &RoutingPoint) -> Option<f64> {
+    p.task_expert_mi_bits
+}
+
+/// (lowest, highest) of a routing figure over a run's routed points.
+fn routing_range(s: &Summary, field: Field) -> (f64, f64) {
+    let values = s.routing.iter().flat_map(|r| r.points.values()).filter_map(field);
     values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
 }
 
 /// An arm's mean test accuracy averaged over the seeds it ran with, and how many.
-fn seed_mean(root: &Path, arm: &str) -> (f64, usize) {
+fn seed_mean(runs: &Runs, arm: &str) -> (f64, usize) {
     let means: Vec<f64> = std::iter::once(arm.to_string())
         .chain(SEEDS.iter().map(|s| format!("{arm}-s{s}")))
-        .filter_map(|run| summary(root, &run))
-        .map(|s| mean_accuracy(&s))
+        .filter_map(|run| runs.get(&run))
+        .map(mean_accuracy)
         .collect();
     (means.iter().sum::<f64>() / means.len().max(1) as f64, means.len())
 }
 
 /// The reseeded arms: each seed's mean accuracy.
-fn seeds(root: &Path, md: &mut String) -> Result<()> {
+fn seeds(runs: &Runs, md: &mut String) -> Result<()> {
     let rows: Vec<(&str, Vec<(u64, f64)>)> = RESEEDED
         .iter()
         .map(|arm| {
-            let first = summary(root, arm).map(|s| (42, mean_accuracy(&s)));
-            let others = SEEDS.iter().filter_map(|seed| summary(root, &format!("{arm}-s{seed}")).map(|s| (*seed, mean_accuracy(&s))));
+            let first = runs.get(arm).map(|s| (42, mean_accuracy(s)));
+            let others = SEEDS.iter().filter_map(|seed| runs.get(&format!("{arm}-s{seed}")).map(|s| (*seed, mean_accuracy(s))));
             (*arm, first.into_iter().chain(others).collect())
         })
         .collect();
@@ -304,30 +294,30 @@ fn seeds(root: &Path, md: &mut String) -> Result<()> {
 }
 
 /// What the tables say, computed from them.
-fn findings(root: &Path, md: &mut String) -> Result<()> {
-    let arms: Vec<Option<serde_json::Value>> =
-        ["shared", "moe_token", "moe_st", "moe_top2", "moe_no_balance", "moe_sequence"].iter().map(|a| summary(root, a)).collect();
-    let [Some(shared), Some(token), Some(st), Some(top2), Some(free), Some(sequence)] = arms.as_slice() else { return Ok(()) };
-    seeds(root, md)?;
-    let (bar, seeds_shared) = seed_mean(root, "shared");
-    let (t1, seeds_token) = seed_mean(root, "moe_token");
-    let (t1_st, seeds_st) = seed_mean(root, "moe_st");
+fn findings(runs: &Runs, md: &mut String) -> Result<()> {
+    let arms: Vec<Option<&Summary>> =
+        ["shared", "moe_token", "moe_st", "moe_top2", "moe_no_balance", "moe_sequence"].iter().map(|a| runs.get(a)).collect();
+    let [Some(shared), Some(token), Some(st), Some(top2), Some(free), Some(sequence)] = arms[..] else { return Ok(()) };
+    seeds(runs, md)?;
+    let (bar, seeds_shared) = seed_mean(runs, "shared");
+    let (t1, seeds_token) = seed_mean(runs, "moe_token");
+    let (t1_st, seeds_st) = seed_mean(runs, "moe_st");
     let t2 = mean_accuracy(top2);
     let spread = |arm: &str| {
         let means: Vec<f64> = std::iter::once(arm.to_string())
             .chain(SEEDS.iter().map(|s| format!("{arm}-s{s}")))
-            .filter_map(|run| summary(root, &run))
-            .map(|s| mean_accuracy(&s))
+            .filter_map(|run| runs.get(&run))
+            .map(mean_accuracy)
             .collect();
         means.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b)) - means.iter().fold(f64::INFINITY, |a, &b| a.min(b))
     };
     let verdict = if t1.max(t1_st).max(t2) >= bar { "reaches" } else { "does not reach" };
-    let (e_lo, _) = routing_range(token, "entropy");
-    let (st_lo, _) = routing_range(st, "entropy");
-    let (e2_lo, _) = routing_range(top2, "entropy");
-    let (f_lo, f_hi) = routing_range(free, "entropy");
-    let (mi_lo, mi_hi) = routing_range(st, "task_expert_mi_bits");
-    let (smi_lo, smi_hi) = routing_range(sequence, "task_expert_mi_bits");
+    let (e_lo, _) = routing_range(token, entropy);
+    let (st_lo, _) = routing_range(st, entropy);
+    let (e2_lo, _) = routing_range(top2, entropy);
+    let (f_lo, f_hi) = routing_range(free, entropy);
+    let (mi_lo, mi_hi) = routing_range(st, task_expert_mi);
+    let (smi_lo, smi_hi) = routing_range(sequence, task_expert_mi);
     writeln!(
         md,
         "\nFindings (the shared adapter and the top-1 mixtures: means over {seeds_shared}, {seeds_token} (Switch gate) and \
@@ -349,18 +339,18 @@ fn findings(root: &Path, md: &mut String) -> Result<()> {
         spread("shared"),
         spread("moe_token"),
         spread("moe_st"),
-        shared["steps"],
-        shared["best_step"],
-        st["best_step"],
-        token["best_step"],
-        top2["best_step"],
+        shared.steps,
+        best_step(shared),
+        best_step(st),
+        best_step(token),
+        best_step(top2),
         mean_accuracy(sequence)
     )?;
     Ok(())
 }
 
 /// Per layer: normalised expert-usage entropy and task-expert mutual information on dev.
-fn routing(root: &Path, md: &mut String) -> Result<()> {
+fn routing(runs: &Runs, md: &mut String) -> Result<()> {
     let arms = ["moe_st", "moe_token", "moe_top2", "moe_no_balance", "moe_sequence"];
     writeln!(
         md,
@@ -371,32 +361,25 @@ fn routing(root: &Path, md: &mut String) -> Result<()> {
     )?;
     writeln!(md, "| layer | {} |", arms.iter().map(|a| format!("{a} entropy | {a} MI")).collect::<Vec<_>>().join(" | "))?;
     writeln!(md, "|---|{}", "---|".repeat(arms.len() * 2))?;
-    let summaries: Vec<Option<serde_json::Value>> = arms.iter().map(|a| summary(root, a)).collect();
+    let point = |arm: &str, key: &str| runs.get(arm)?.routing.as_ref()?.points.get(key);
     for layer in 0..6 {
         let key = format!("moe_bn layer {layer} ffn_output");
-        let cells: Vec<String> = summaries
+        let cells: Vec<String> = arms
             .iter()
-            .map(|s| match s.as_ref().map(|s| &s["routing"]["points"][&key]) {
-                Some(p) if !p.is_null() => {
-                    format!(
-                        "{:.3} | {:.3}",
-                        p["entropy"].as_f64().unwrap_or(f64::NAN),
-                        p["task_expert_mi_bits"].as_f64().unwrap_or(f64::NAN)
-                    )
-                }
-                _ => "not run | not run".into(),
+            .map(|arm| match point(arm, &key) {
+                Some(p) => format!("{:.3} | {:.3}", p.entropy, p.task_expert_mi_bits.unwrap_or(f64::NAN)),
+                None => "not run | not run".into(),
             })
             .collect();
         writeln!(md, "| {layer} | {} |", cells.join(" | "))?;
     }
-    if let Some(s) = summary(root, "moe_token") {
-        let p = &s["routing"]["points"]["moe_bn layer 5 ffn_output"]["per_task_share"];
+    if runs.get("moe_token").is_some() {
+        let shares = point("moe_token", "moe_bn layer 5 ffn_output").and_then(|p| p.per_task_share.as_ref());
         writeln!(md, "\nExpert shares per task at layer 5 (token routing, dev):\n")?;
         writeln!(md, "| task | {} |", (0..8).map(|e| format!("e{e}")).collect::<Vec<_>>().join(" | "))?;
         writeln!(md, "|---|{}", "---|".repeat(8))?;
         for task in TASKS {
-            let shares: Vec<String> =
-                p[task].as_array().into_iter().flatten().map(|v| format!("{:.2}", v.as_f64().unwrap_or(f64::NAN))).collect();
+            let shares: Vec<String> = shares.and_then(|s| s.get(*task)).into_iter().flatten().map(|v| format!("{v:.2}")).collect();
             writeln!(md, "| {task} | {} |", shares.join(" | "))?;
         }
     }
@@ -405,8 +388,7 @@ fn routing(root: &Path, md: &mut String) -> Result<()> {
 
 /// The AdaMix mixture against its merged form, through `adapters eval`.
 fn adamix(root: &Path, md: &mut String) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(root.join(RUNS).join("adamix-evals.json")) else { return Ok(()) };
-    let evals: serde_json::Value = serde_json::from_str(&text)?;
+    let Some(evals) = read_json::<BTreeMap<String, ClassificationReport>>(&root.join(RUNS).join(ADAMIX_EVALS))? else { return Ok(()) };
     writeln!(
         md,
         "\nAdaMix's serving form: `adapters merge-experts` averages the 8 experts' weights into one plain Pfeiffer adapter \
@@ -417,7 +399,7 @@ fn adamix(root: &Path, md: &mut String) -> Result<()> {
     writeln!(md, "|---|{}---|", "---|".repeat(TASKS.len()))?;
     let mut means = Vec::new();
     for form in ["mixture", "merged"] {
-        let accs: Vec<f64> = TASKS.iter().map(|t| pct(&evals[format!("{form} {t}")]["accuracy"])).collect();
+        let accs: Vec<f64> = TASKS.iter().map(|t| evals.get(&format!("{form} {t}")).map_or(f64::NAN, |r| 100.0 * r.accuracy)).collect();
         let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
         means.push(accs.iter().sum::<f64>() / accs.len() as f64);
         writeln!(md, "| {form} | {} | {:.2} |", cells.join(" | "), means[means.len() - 1])?;

@@ -1,17 +1,24 @@
-//! `cargo xtask robust-study`: plain against adversarially trained Pfeiffer adapters
+//! `cargo studies robust`: plain against adversarially trained Pfeiffer adapters
 //! (`[training.adversarial]`: PGD, and PGD with SMART's KL term) on SMS spam and Rotten
 //! Tomatoes, each evaluated on the clean test set, under the PGD attack of the strength it
 //! was trained for (and a stronger one), and on a character-perturbed test set, with the
 //! cost per training step. Writes its section of RESULTS.md. Finished runs are skipped.
 
+use crate::results::{Section, ROBUST};
+use crate::runs::{read_json, write_json, Cli};
+use adapters_train::metrics::MetricsLog;
+use adapters_train::records::METRICS_FILE;
 use anyhow::{Context, Result};
-use serde_json::Value;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 const RUNS: &str = "runs/robust-study";
-const BEGIN: &str = "<!-- robust-study: written by `cargo xtask robust-study` -->";
-const END: &str = "<!-- /robust-study -->";
+/// A run's accuracies (0-1) by figure name ([`FIGURES`]), beside its summary.
+const ROBUSTNESS: &str = "robustness.json";
+/// Per dataset, per arm: the median seconds per training step.
+const COST: &str = "cost.json";
+type Cost = BTreeMap<String, BTreeMap<String, f64>>;
 /// (dataset, epochs, ε, candidate adversarial arms).
 ///
 /// ε, each token's L2 radius for training and the attack, is per dataset the smallest of
@@ -63,11 +70,8 @@ fn runs(ds: &str, arm: &str) -> Vec<(&'static (&'static str, &'static str, &'sta
     SEEDS.iter().map(|seed| (a, *seed, format!("{ds}-{arm}-s{seed}"))).collect()
 }
 
-pub fn run(root: &Path) -> Result<()> {
-    crate::fetch::fetch_all(root)?;
-    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
-    let cli = root.join("target/release/adapters");
-    let cli = cli.to_str().context("a UTF-8 path")?;
+pub fn run(cli: &Cli) -> Result<()> {
+    let root = cli.root();
     for (ds, epochs, eps, candidates) in DATASETS {
         let train = |table: &str, seed: u64, run: &str, figures: &[&str]| -> Result<()> {
             let out = format!("{RUNS}/{run}");
@@ -75,8 +79,8 @@ pub fn run(root: &Path) -> Result<()> {
             if !table.is_empty() {
                 sets.push(format!("training.adversarial={}", table.replace("{eps}", &eps.to_string())));
             }
-            crate::train(root, cli, &format!("examples/{ds}.toml"), &out, &sets)?;
-            evaluate(root, cli, ds, *eps, &out, figures)
+            cli.train(&format!("examples/{ds}.toml"), &out, &sets)?;
+            evaluate(cli, ds, *eps, &out, figures)
         };
         for ((_, _, table), seed, run) in runs(ds, "plain") {
             train(table, seed, &run, &FIGURES)?;
@@ -88,41 +92,48 @@ pub fn run(root: &Path) -> Result<()> {
                 train(table, *seed, run, &FIGURES[4..])?;
             }
         }
-        let chosen = choose(root, ds, candidates).context("the candidates' dev figures")?;
+        let chosen = choose(root, ds, candidates)?.context("the candidates' dev figures")?;
         for ((_, _, table), seed, run) in runs(ds, chosen) {
             train(table, seed, &run, &FIGURES)?;
         }
     }
-    measure_cost(root, cli)?;
-    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the robustness section of RESULTS.md");
-    Ok(())
+    measure_cost(cli)
 }
 
 /// A dataset's adversarial arm: the only candidate, or else (on dev, at the first seed)
 /// the one with the highest accuracy under the trained-for attack among those whose clean
 /// accuracy is at most [`CLEAN_DEV_SLACK`] points under the plain adapter's; if none is,
 /// the one with the highest clean accuracy. `None` until the candidates have run.
-fn choose(root: &Path, ds: &str, candidates: &[&'static str]) -> Option<&'static str> {
+fn choose(root: &Path, ds: &str, candidates: &[&'static str]) -> Result<Option<&'static str>> {
     if let [only] = candidates {
-        return Some(only);
+        return Ok(Some(only));
     }
-    dev(root, ds, "plain")?;
-    let scored: Vec<(&'static str, (f64, f64))> = candidates.iter().map(|arm| Some((*arm, dev(root, ds, arm)?))).collect::<Option<_>>()?;
-    let qualified = scored.iter().filter(|(arm, _)| qualifies(root, ds, arm));
-    match qualified.max_by(|a, b| a.1 .1.total_cmp(&b.1 .1)) {
+    if dev(root, ds, "plain")?.is_none() {
+        return Ok(None);
+    }
+    let mut scored: Vec<(&'static str, (f64, f64))> = Vec::new();
+    for arm in candidates {
+        let Some(figures) = dev(root, ds, arm)? else { return Ok(None) };
+        scored.push((arm, figures));
+    }
+    let mut qualified = Vec::new();
+    for candidate in &scored {
+        if qualifies(root, ds, candidate.0)? {
+            qualified.push(candidate);
+        }
+    }
+    Ok(match qualified.into_iter().max_by(|a, b| a.1 .1.total_cmp(&b.1 .1)) {
         Some((arm, _)) => Some(arm),
         None => scored.iter().max_by(|a, b| a.1 .0.total_cmp(&b.1 .0)).map(|(arm, _)| *arm),
-    }
+    })
 }
 
 /// Accuracy of the run's adapter on test (clean, under both attacks, with character
 /// noise) and on dev (clean and under the trained-for attack, for choosing between arms),
 /// kept in `robustness.json`: only missing figures are computed.
-fn evaluate(root: &Path, cli: &str, ds: &str, eps: f64, out: &str, wanted: &[&str]) -> Result<()> {
-    let file = root.join(out).join("robustness.json");
-    let mut scores: serde_json::Map<String, Value> =
-        std::fs::read_to_string(&file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+fn evaluate(cli: &Cli, ds: &str, eps: f64, out: &str, wanted: &[&str]) -> Result<()> {
+    let file = cli.root().join(out).join(ROBUSTNESS);
+    let mut scores: BTreeMap<String, f64> = read_json(&file)?.unwrap_or_default();
     let adapter = format!("{out}/adapters/{ds}");
     let (strong, eps, steps) = ((STRONGER * eps).to_string(), eps.to_string(), STEPS.to_string());
     let (rate, seed) = (NOISE.0.to_string(), NOISE.1.to_string());
@@ -142,10 +153,10 @@ fn evaluate(root: &Path, cli: &str, ds: &str, eps: f64, out: &str, wanted: &[&st
             continue;
         }
         let started = std::time::Instant::now();
-        let result = crate::eval(root, cli, &adapter, &format!("data/{ds}/{split}.jsonl"), extra)?;
-        eprintln!("{out} {key}: {:.4} ({:.0} s)", result["accuracy"], started.elapsed().as_secs_f64());
-        scores.insert(key.into(), result["accuracy"].clone());
-        std::fs::write(&file, serde_json::to_string_pretty(&scores)?)?;
+        let result = cli.eval(&adapter, &format!("data/{ds}/{split}.jsonl"), extra)?;
+        eprintln!("{out} {key}: {:.4} ({:.0} s)", result.accuracy, started.elapsed().as_secs_f64());
+        scores.insert(key.into(), result.accuracy);
+        write_json(&file, &scores)?;
     }
     Ok(())
 }
@@ -154,13 +165,13 @@ fn evaluate(root: &Path, cli: &str, ds: &str, eps: f64, out: &str, wanted: &[&st
 /// short runs of the two alternated (3 rounds of 12 steps, the first 2 steps of each left
 /// out), kept in `cost.json` beside the runs: the training runs' own timings overlap other
 /// work.
-fn measure_cost(root: &Path, cli: &str) -> Result<()> {
-    let file = root.join(RUNS).join("cost.json");
-    let mut cost: serde_json::Map<String, Value> =
-        std::fs::read_to_string(&file).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+fn measure_cost(cli: &Cli) -> Result<()> {
+    let root = cli.root();
+    let file = root.join(RUNS).join(COST);
+    let mut cost: Cost = read_json(&file)?.unwrap_or_default();
     for (ds, _, eps, candidates) in DATASETS {
-        let adversarial = choose(root, ds, candidates).context("the candidates' dev figures")?;
-        if cost.get(*ds).is_some_and(|c| c.get(adversarial).is_some() && c.get("plain").is_some()) {
+        let adversarial = choose(root, ds, candidates)?.context("the candidates' dev figures")?;
+        if cost.get(*ds).is_some_and(|c| c.contains_key(adversarial) && c.contains_key("plain")) {
             continue;
         }
         let mut times: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
@@ -183,15 +194,10 @@ fn measure_cost(root: &Path, cli: &str) -> Result<()> {
                 if !table.is_empty() {
                     args.extend(["--set".into(), format!("training.adversarial={}", table.replace("{eps}", &eps.to_string()))]);
                 }
-                let status = std::process::Command::new(cli).args(&args).current_dir(root).stderr(std::process::Stdio::null()).status()?;
-                anyhow::ensure!(status.success(), "the cost probe of {ds} {arm} (round {round}) failed");
-                let text = std::fs::read_to_string(root.join(&out).join("metrics.jsonl"))?;
-                let elapsed: Vec<f64> = text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .filter(|r| r.get("split").is_none())
-                    .filter_map(|r| r["elapsed_s"].as_f64())
-                    .collect();
+                cli.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                    .with_context(|| format!("the cost probe of {ds} {arm} (round {round})"))?;
+                let steps = MetricsLog::steps(&root.join(&out).join(METRICS_FILE))?;
+                let elapsed: Vec<f64> = steps.iter().map(|r| r.elapsed_s).collect();
                 times.entry(arm).or_default().extend(elapsed.windows(2).skip(2).map(|w| w[1] - w[0]));
             }
         }
@@ -200,32 +206,36 @@ fn measure_cost(root: &Path, cli: &str) -> Result<()> {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let per_arm: serde_json::Map<String, Value> = times.into_iter().map(|(arm, v)| (arm.to_string(), median(v).into())).collect();
-        cost.insert(ds.to_string(), Value::Object(per_arm));
+        let per_arm = times.into_iter().map(|(arm, v)| (arm.to_string(), median(v))).collect();
+        cost.insert(ds.to_string(), per_arm);
     }
-    std::fs::write(&file, serde_json::to_string_pretty(&cost)?)?;
-    Ok(())
+    write_json(&file, &cost)
 }
 
-fn read(root: &Path, run: &str, file: &str) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join(file)).ok()?).ok()
+/// A run's figures (`robustness.json`), when it has them.
+fn figures(root: &Path, run: &str) -> Result<Option<BTreeMap<String, f64>>> {
+    read_json(&root.join(RUNS).join(run).join(ROBUSTNESS))
 }
 
-/// The section of RESULTS.md, from the runs (or as RESULTS.md has it).
-pub fn block(root: &Path) -> Result<String> {
-    let mut md = String::new();
-    let any = DATASETS.iter().any(|(ds, _, _, _)| runs(ds, "plain").iter().any(|(_, _, run)| read(root, run, "robustness.json").is_some()));
-    if any {
-        write(root, &mut md)?;
+/// The study's section of RESULTS.md, when its runs are here.
+pub fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
+    for (ds, _, _, _) in DATASETS {
+        for (_, _, run) in runs(ds, "plain") {
+            if figures(root, &run)?.is_some() {
+                let mut md = String::new();
+                write(root, &mut md)?;
+                return Ok(vec![(&ROBUST, md)]);
+            }
+        }
     }
-    crate::quality::marked_block(root, BEGIN, END, &md)
+    Ok(vec![])
 }
 
 /// The figures of `robustness.json`, in table order.
 const FIGURES: [&str; 6] = ["clean", "pgd", "pgd_strong", "char_noise", "dev_clean", "dev_pgd"];
 
 fn write(root: &Path, md: &mut String) -> Result<()> {
-    writeln!(md, "\n## Adversarial training (`cargo xtask robust-study`)\n")?;
+    writeln!(md, "\n## Adversarial training (`cargo studies robust`)\n")?;
     writeln!(
         md,
         "Pfeiffer adapters (r = 24) on frozen all-MiniLM-L6-v2 trained by the dataset's example config (lr 1e-3, batch 32, \
@@ -261,15 +271,15 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
     for (ds, _, eps, candidates) in DATASETS {
         // Per arm, the mean of each figure over the seeds that ran.
         let mut means: Vec<(&str, [f64; 6])> = Vec::new();
-        for arm in std::iter::once("plain").chain(choose(root, ds, candidates)) {
+        for arm in std::iter::once("plain").chain(choose(root, ds, candidates)?) {
             let what = ARMS.iter().find(|a| a.0 == arm).map_or(arm, |a| a.1);
             let mut rows: Vec<[f64; 6]> = Vec::new();
             for seed in SEEDS {
-                let Some(r) = read(root, &format!("{ds}-{arm}-s{seed}"), "robustness.json") else {
+                let Some(r) = figures(root, &format!("{ds}-{arm}-s{seed}"))? else {
                     writeln!(md, "| {ds} (ε {eps}) | {what} | {seed} | not run | | | | | |")?;
                     continue;
                 };
-                let row = FIGURES.map(|k| 100.0 * r[k].as_f64().unwrap_or(f64::NAN));
+                let row = FIGURES.map(|k| 100.0 * r.get(k).copied().unwrap_or(f64::NAN));
                 let cells: Vec<String> = row.iter().map(|v| format!("{v:.2}")).collect();
                 writeln!(md, "| {ds} (ε {eps}) | {what} | {seed} | {} |", cells.join(" | "))?;
                 rows.push(row);
@@ -302,15 +312,16 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
         )?;
     }
     candidates_table(root, md)?;
-    if let Ok(cost) = serde_json::from_str::<Value>(&std::fs::read_to_string(root.join(RUNS).join("cost.json")).unwrap_or_default()) {
-        let line: Vec<String> = DATASETS
-            .iter()
-            .filter_map(|(ds, _, _, candidates)| {
-                let adversarial = choose(root, ds, candidates)?;
-                let (plain, adv) = (cost[ds]["plain"].as_f64()?, cost[ds][adversarial].as_f64()?);
-                Some(format!("{ds} {plain:.3} s plain, {adv:.3} s {adversarial} ({:.2}×)", adv / plain))
-            })
-            .collect();
+    if let Some(cost) = read_json::<Cost>(&root.join(RUNS).join(COST))? {
+        let mut line = Vec::new();
+        for (ds, _, _, candidates) in DATASETS {
+            let Some(adversarial) = choose(root, ds, candidates)? else { continue };
+            let (Some(plain), Some(adv)) = (cost.get(*ds).and_then(|c| c.get("plain")), cost.get(*ds).and_then(|c| c.get(adversarial)))
+            else {
+                continue;
+            };
+            line.push(format!("{ds} {plain:.3} s plain, {adv:.3} s {adversarial} ({:.2}×)", adv / plain));
+        }
         writeln!(
             md,
             "\nCost per training step (K = {STEPS}: the clean forward, {STEPS} ascent passes of forward and backward, the \
@@ -323,30 +334,30 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
 }
 
 /// An arm's (clean, trained-for attack) dev accuracy in percent at the first seed.
-fn dev(root: &Path, ds: &str, arm: &str) -> Option<(f64, f64)> {
-    let r = read(root, &format!("{ds}-{arm}-s{}", SEEDS[0]), "robustness.json")?;
-    Some((100.0 * r["dev_clean"].as_f64()?, 100.0 * r["dev_pgd"].as_f64()?))
+fn dev(root: &Path, ds: &str, arm: &str) -> Result<Option<(f64, f64)>> {
+    let Some(r) = figures(root, &format!("{ds}-{arm}-s{}", SEEDS[0]))? else { return Ok(None) };
+    Ok(r.get("dev_clean").zip(r.get("dev_pgd")).map(|(clean, pgd)| (100.0 * clean, 100.0 * pgd)))
 }
 
 /// Whether an arm's clean dev accuracy is within [`CLEAN_DEV_SLACK`] points of the plain
 /// adapter's (first seed).
-fn qualifies(root: &Path, ds: &str, arm: &str) -> bool {
-    matches!((dev(root, ds, arm), dev(root, ds, "plain")), (Some((clean, _)), Some((plain, _))) if clean >= plain - CLEAN_DEV_SLACK)
+fn qualifies(root: &Path, ds: &str, arm: &str) -> Result<bool> {
+    Ok(matches!((dev(root, ds, arm)?, dev(root, ds, "plain")?), (Some((clean, _)), Some((plain, _))) if clean >= plain - CLEAN_DEV_SLACK))
 }
 
 /// The dev figures the choice of an arm was made on (datasets with more than one candidate).
 fn candidates_table(root: &Path, md: &mut String) -> Result<()> {
     for (ds, _, eps, candidates) in DATASETS.iter().filter(|d| d.3.len() > 1) {
-        let Some(chosen) = choose(root, ds, candidates) else { continue };
+        let Some(chosen) = choose(root, ds, candidates)? else { continue };
         writeln!(md, "\nThe choice of {ds}'s arm (seed {}, dev, ε {eps}):\n", SEEDS[0])?;
         writeln!(md, "| training | dev clean | dev PGD at ε | |\n|---|---|---|---|")?;
         for arm in std::iter::once(&"plain").chain(candidates.iter()) {
-            let Some((clean, attacked)) = dev(root, ds, arm) else { continue };
+            let Some((clean, attacked)) = dev(root, ds, arm)? else { continue };
             let what = ARMS.iter().find(|a| a.0 == *arm).map_or(*arm, |a| a.1);
             let mark = if *arm == chosen { "chosen" } else { "" };
             writeln!(md, "| {what} | {clean:.2} | {attacked:.2} | {mark} |")?;
         }
-        if !qualifies(root, ds, chosen) {
+        if !qualifies(root, ds, chosen)? {
             writeln!(
                 md,
                 "\nNo candidate came within {CLEAN_DEV_SLACK} points of the plain adapter's clean dev accuracy, so the rule took \

@@ -1,16 +1,20 @@
-//! `cargo xtask continual-study`: what training on a second task does to the first.
+//! `cargo studies continual`: what training on a second task does to the first.
 //! SMS spam, then TREC coarse, three ways: full fine-tuning (the SMS-tuned model tuned on
 //! TREC), one adapter per task on the frozen base, and one adapter trained on SMS and then
 //! on TREC (`init_from`). After the TREC run, each is re-tested on SMS with its SMS head.
 //! Writes its section of RESULTS.md. Finished runs are skipped.
 
-use anyhow::{Context, Result};
+use crate::results::{Section, CONTINUAL};
+use crate::runs::{copy_dir, read_json, test_accuracy, write_json, Cli, Runs, MINILM};
+use adapters_train::records::ClassificationReport;
+use anyhow::Result;
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 const RUNS: &str = "runs/continual-study";
-const BEGIN: &str = "<!-- continual-study: written by `cargo xtask continual-study` -->";
-const END: &str = "<!-- /continual-study -->";
+/// The SMS re-test of each arm after its TREC run, by arm.
+const RETEST: &str = "sms-retest.json";
 const SHORT: &str = "model.max_length=64";
 const FULL: &[&str] = &["training.mode=\"full\"", "training.lr=5e-5", "adapters={}"];
 
@@ -56,26 +60,11 @@ fn arms() -> Vec<Arm> {
     ]
 }
 
-pub fn run(root: &Path) -> Result<()> {
-    crate::fetch::fetch_all(root)?;
-    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
-    let cli = root.join("target/release/adapters");
-    let cli = cli.to_str().context("a UTF-8 path")?;
-    let train = |config: &str, out: &str, sets: &[String]| -> Result<()> {
-        if root.join(out).join("summary.json").exists() {
-            return Ok(());
-        }
-        let _ = std::fs::remove_dir_all(root.join(out));
-        let mut args =
-            vec!["train".to_string(), config.into(), "--set".into(), format!("output.dir=\"{out}\""), "--set".into(), SHORT.into()];
-        for s in sets {
-            args.extend(["--set".to_string(), s.clone()]);
-        }
-        crate::run(root, cli, &args.iter().map(String::as_str).collect::<Vec<_>>())
-    };
-    let scores_path = root.join(RUNS).join("sms-retest.json");
-    let mut scores: serde_json::Map<String, serde_json::Value> =
-        std::fs::read_to_string(&scores_path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+pub fn run(cli: &Cli) -> Result<()> {
+    let root = cli.root();
+    let train = |config: &str, out: &str, sets: &[String]| cli.train(config, out, &[&[SHORT.to_string()][..], sets].concat());
+    let scores_path = root.join(RUNS).join(RETEST);
+    let mut scores: BTreeMap<String, ClassificationReport> = read_json(&scores_path)?.unwrap_or_default();
     for arm in arms() {
         train("examples/sms_spam.toml", &format!("{RUNS}/{}-sms", arm.name), &arm.sms)?;
         train("examples/trec_coarse.toml", &format!("{RUNS}/{}-trec", arm.name), &arm.trec)?;
@@ -93,57 +82,28 @@ pub fn run(root: &Path) -> Result<()> {
             copy_dir(&root.join(&sms_head), &target)?;
         }
         let data = "data/sms_spam/test.jsonl";
+        let common = ["--data", data, "--task", "sms_spam", "--max-length", "64"];
         let args: Vec<&str> = if arm.model_folder {
-            vec!["eval", &arm.after, "--data", data, "--task", "sms_spam", "--max-length", "64", "--json"]
+            [&["eval", arm.after.as_str()][..], &common].concat()
         } else {
-            vec![
-                "eval",
-                "models/all-MiniLM-L6-v2",
-                "--adapter",
-                &arm.after,
-                "--data",
-                data,
-                "--task",
-                "sms_spam",
-                "--max-length",
-                "64",
-                "--json",
-            ]
+            [&["eval", MINILM, "--adapter", arm.after.as_str()][..], &common].concat()
         };
-        let output = std::process::Command::new(cli).args(&args).current_dir(root).output()?;
-        anyhow::ensure!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
-        scores.insert(arm.name.into(), serde_json::from_slice(&output.stdout)?);
-        std::fs::write(&scores_path, serde_json::to_string_pretty(&scores)?)?;
-    }
-    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the continual-learning section of RESULTS.md");
-    Ok(())
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        scores.insert(arm.name.into(), cli.eval_with(&args)?);
+        write_json(&scores_path, &scores)?;
     }
     Ok(())
 }
 
-fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
-}
-
-/// The section of RESULTS.md, from the runs (or as RESULTS.md has it).
-pub fn block(root: &Path) -> Result<String> {
+/// The study's section of RESULTS.md, when its re-tests are here.
+pub fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
+    let Some(retest) = read_json::<BTreeMap<String, ClassificationReport>>(&root.join(RUNS).join(RETEST))? else { return Ok(vec![]) };
     let mut md = String::new();
-    if let Ok(text) = std::fs::read_to_string(root.join(RUNS).join("sms-retest.json")) {
-        write(root, &serde_json::from_str(&text)?, &mut md)?;
-    }
-    crate::quality::marked_block(root, BEGIN, END, &md)
+    write(&Runs::load(root, RUNS)?, &retest, &mut md)?;
+    Ok(vec![(&CONTINUAL, md)])
 }
 
-fn write(root: &Path, retest: &serde_json::Value, md: &mut String) -> Result<()> {
-    writeln!(md, "\n## Continual learning: SMS spam, then TREC coarse (`cargo xtask continual-study`)\n")?;
+fn write(runs: &Runs, retest: &BTreeMap<String, ClassificationReport>, md: &mut String) -> Result<()> {
+    writeln!(md, "\n## Continual learning: SMS spam, then TREC coarse (`cargo studies continual`)\n")?;
     writeln!(
         md,
         "all-MiniLM-L6-v2, max length 64; SMS spam with `examples/sms_spam.toml` (2 epochs), then TREC coarse with \
@@ -153,23 +113,17 @@ fn write(root: &Path, retest: &serde_json::Value, md: &mut String) -> Result<()>
          with its SMS adapter, which the TREC run cannot touch. Test accuracy in percent:\n"
     )?;
     writeln!(md, "| approach | SMS after SMS training | SMS after TREC training | change | TREC coarse test |\n|---|---|---|---|---|")?;
-    let pct = |v: &serde_json::Value| 100.0 * v.as_f64().unwrap_or(f64::NAN);
+    let retested = |arm: &str| retest.get(arm).map_or(f64::NAN, |r| 100.0 * r.accuracy);
     for arm in arms() {
-        let (Some(sms), Some(trec)) = (summary(root, &format!("{}-sms", arm.name)), summary(root, &format!("{}-trec", arm.name))) else {
+        let (Some(sms), Some(trec)) = (runs.get(&format!("{}-sms", arm.name)), runs.get(&format!("{}-trec", arm.name))) else {
             continue;
         };
-        let before = pct(&sms["tasks"]["sms_spam"]["test"]["accuracy"]);
-        let after = pct(&retest[arm.name]["accuracy"]);
-        writeln!(
-            md,
-            "| {} | {before:.2} | {after:.2} | {:+.2} | {:.2} |",
-            arm.what,
-            after - before,
-            pct(&trec["tasks"]["trec_coarse"]["test"]["accuracy"])
-        )?;
+        let before = test_accuracy(sms, "sms_spam");
+        let after = retested(arm.name);
+        writeln!(md, "| {} | {before:.2} | {after:.2} | {:+.2} | {:.2} |", arm.what, after - before, test_accuracy(trec, "trec_coarse"))?;
     }
-    if let Some(sms) = summary(root, "per_task-sms") {
-        let same = (pct(&sms["tasks"]["sms_spam"]["test"]["accuracy"]) - pct(&retest["per_task"]["accuracy"])).abs() < 1e-9;
+    if let Some(sms) = runs.get("per_task-sms") {
+        let same = (test_accuracy(sms, "sms_spam") - retested("per_task")).abs() < 1e-9;
         writeln!(
             md,
             "\nThe per-task SMS adapter's re-test {} the accuracy it had when trained: the frozen base and the SMS adapter \

@@ -1,4 +1,4 @@
-//! `cargo xtask hyper-study`: one hypernetwork trained on four classification tasks (SMS
+//! `cargo studies hyper`: one hypernetwork trained on four classification tasks (SMS
 //! spam, TREC coarse, Rotten Tomatoes, VADER tweets) on mixed-task batches, against
 //! per-task Pfeiffer adapters trained on the same batches; the hypernetwork conditioned on
 //! each input instead of its task; an unseen task (TREC fine) learned with the generator
@@ -6,7 +6,12 @@
 //! through `adapters hyper-export` and `adapters eval`. Writes its section of RESULTS.md.
 //! Finished runs are skipped.
 
+use crate::results::{Section, HYPER, HYPER_SHARED_HEAD};
+use crate::runs::{read_json, test_accuracy, write_json, Cli, Runs, MINILM};
+use adapters_train::metrics::MetricsLog;
+use adapters_train::records::{ClassificationReport, Summary, METRICS_FILE};
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -49,102 +54,106 @@ const SHARED_HEAD: &[&str] = &[
 const RT_WEIGHTS: &[f64] = &[0.0, 0.25, 0.5, 0.75, 1.0];
 /// The interpolated adapter: the two sentiment tasks' embeddings, averaged.
 const MIXTURE: &str = "vader_tweets:0.5,rotten_tomatoes:0.5";
-const BEGIN: &str = "<!-- hyper-study: written by `cargo xtask hyper-study` -->";
-const END: &str = "<!-- /hyper-study -->";
-const SHARED_BEGIN: &str = "<!-- hyper-study shared head: written by `cargo xtask hyper-study` -->";
-const SHARED_END: &str = "<!-- /hyper-study shared head -->";
+/// The exported adapters' test figures, by `FORM TEST-SET`.
+const EXPORTS_EVALS: &str = "exports-evals.json";
+/// The shared-head run's interpolated adapters' test figures, by `WEIGHT TEST-SET`.
+const SHARED_HEAD_EVALS: &str = "shared-head-evals.json";
+/// Test figures by name.
+type Evals = BTreeMap<String, ClassificationReport>;
 
-pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
-    crate::fetch::fetch_all(root)?;
-    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
-    let cli = root.join("target/release/adapters");
-    let cli = cli.to_str().context("a UTF-8 path")?;
+pub fn run(cli: &Cli, only: Option<&str>) -> Result<()> {
+    let root = cli.root();
     let chosen = |name: &str| only.is_none_or(|o| o.split(',').any(|x| x == name));
     for (name, config, sets, _) in ARMS.iter().filter(|a| chosen(a.0)) {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        crate::train(root, cli, config, &format!("{RUNS}/{name}"), &sets)?;
+        cli.train(config, &format!("{RUNS}/{name}"), &sets)?;
     }
     // The generated adapters as plain folders: each sentiment task's and their mixture's.
-    let model = root.join("models/all-MiniLM-L6-v2");
-    let model = model.to_str().context("UTF-8")?;
-    let evals = root.join(RUNS).join("exports-evals.json");
-    if !evals.exists() && summary(root, "hyper").is_some() {
-        let mut out = serde_json::Map::new();
+    let runs = Runs::load(root, RUNS)?;
+    let evals = root.join(RUNS).join(EXPORTS_EVALS);
+    if !evals.exists() && runs.get("hyper").is_some() {
+        let mut out = Evals::new();
         for (form, task) in [("rotten_tomatoes", "rotten_tomatoes"), ("vader_tweets", "vader_tweets"), ("mixture", MIXTURE)] {
             let dir = format!("{RUNS}/export-{form}");
             let _ = std::fs::remove_dir_all(root.join(&dir));
-            crate::run(
-                root,
-                cli,
-                &["hyper-export", &format!("{RUNS}/hyper/adapters/hyper"), "--model", model, "--task", task, "--out", &dir],
-            )?;
+            cli.run(&["hyper-export", &format!("{RUNS}/hyper/adapters/hyper"), "--model", MINILM, "--task", task, "--out", &dir])?;
             for test in ["rotten_tomatoes", "vader_tweets"] {
                 let data = format!("data/{test}/test.jsonl");
-                out.insert(format!("{form} {test}"), crate::eval(root, cli, &dir, &data, &["--task", test])?);
+                out.insert(format!("{form} {test}"), cli.eval(&dir, &data, &["--task", test])?);
             }
         }
-        std::fs::write(&evals, serde_json::to_string_pretty(&out)?)?;
+        write_json(&evals, &out)?;
     }
-    if summary(root, "shared_head").is_some() {
-        shared_head_evals(root, cli, model)?;
+    if runs.get("shared_head").is_some() {
+        shared_head_evals(cli)?;
     }
-    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    crate::quality::replace_block(root, SHARED_BEGIN, SHARED_END, &shared_head_block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the hypernetwork sections of RESULTS.md");
     Ok(())
 }
 
 /// The shared-head run's interpolated adapters (`RT_WEIGHTS`), each exported and scored
 /// with the shared head on both sentiment test sets (kept in `shared-head-evals.json`).
-fn shared_head_evals(root: &Path, cli: &str, model: &str) -> Result<()> {
-    let path = root.join(RUNS).join("shared-head-evals.json");
+fn shared_head_evals(cli: &Cli) -> Result<()> {
+    let root = cli.root();
+    let path = root.join(RUNS).join(SHARED_HEAD_EVALS);
     if path.exists() {
         return Ok(());
     }
-    let mut out = serde_json::Map::new();
+    let mut out = Evals::new();
     for w in RT_WEIGHTS {
         let task = format!("rotten_tomatoes:{w},vader_tweets:{}", 1.0 - w);
         let dir = format!("{RUNS}/shared-export-{w}");
         let _ = std::fs::remove_dir_all(root.join(&dir));
         let generator = format!("{RUNS}/shared_head/adapters/hyper");
-        crate::run(root, cli, &["hyper-export", &generator, "--model", model, "--task", &task, "--out", &dir])?;
+        cli.run(&["hyper-export", &generator, "--model", MINILM, "--task", &task, "--out", &dir])?;
         for test in ["rotten_tomatoes", "vader_tweets"] {
             let data = format!("data/{test}/test.jsonl");
-            out.insert(format!("{w} {test}"), crate::eval(root, cli, &dir, &data, &["--head", "sentiment"])?);
+            out.insert(format!("{w} {test}"), cli.eval(&dir, &data, &["--head", "sentiment"])?);
         }
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-    Ok(())
+    write_json(&path, &out)
 }
 
-/// The shared-head section of RESULTS.md, from its run (or as RESULTS.md has it).
-fn shared_head_block(root: &Path) -> Result<String> {
-    let mut md = String::new();
-    if let (Some(s), Ok(text)) = (summary(root, "shared_head"), std::fs::read_to_string(root.join(RUNS).join("shared-head-evals.json"))) {
-        shared_head_section(&s, &serde_json::from_str(&text)?, &mut md)?;
+/// The study's sections of RESULTS.md, each when its runs are here.
+pub fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
+    let runs = Runs::load(root, RUNS)?;
+    let mut out = Vec::new();
+    if runs.get("hyper").is_some() {
+        let mut md = String::new();
+        write(root, &runs, &mut md)?;
+        out.push((&HYPER, md));
     }
-    crate::quality::marked_block(root, SHARED_BEGIN, SHARED_END, &md)
+    if let (Some(s), Some(evals)) = (runs.get("shared_head"), read_json(&root.join(RUNS).join(SHARED_HEAD_EVALS))?) {
+        let mut md = String::new();
+        shared_head_section(s, &evals, &mut md)?;
+        out.push((&HYPER_SHARED_HEAD, md));
+    }
+    Ok(out)
 }
 
-fn shared_head_section(run: &serde_json::Value, evals: &serde_json::Value, md: &mut String) -> Result<()> {
+/// Test accuracy in percent of an evaluation by name (NaN when it has not run).
+fn accuracy(evals: &Evals, name: &str) -> f64 {
+    evals.get(name).map_or(f64::NAN, |r| 100.0 * r.accuracy)
+}
+
+fn shared_head_section(run: &Summary, evals: &Evals, md: &mut String) -> Result<()> {
     writeln!(
         md,
         "\n### Interpolating the sentiment tasks under one shared head\n\nThe same hypernetwork run (`examples/hyper_multitask.toml`, \
          seed 42) with Rotten Tomatoes and VADER tweets sharing one binary head: `--set 'task.2.head=\"sentiment\"' --set \
          'task.2.label_map={{ fresh = \"positive\", rotten = \"negative\" }}'` and the same for `task.3` with `pos`/`neg`. \
-         Trainer's test accuracy after training: {} (SMS spam), {} (TREC coarse), {} (Rotten Tomatoes), {} (VADER tweets). \
+         Trainer's test accuracy after training: {:.2} (SMS spam), {:.2} (TREC coarse), {:.2} (Rotten Tomatoes), {:.2} (VADER tweets). \
          Then `adapters hyper-export --task 'rotten_tomatoes:w,vader_tweets:1-w'` for each w, and `adapters eval --head \
          sentiment --max-length 64` of the exported plain Pfeiffer folder on both sentiment test sets (the head reads each \
          set's own label names through its `label_map`). Test accuracy in percent:\n",
-        fmt_pct(&run["tasks"]["sms_spam"]["test"]["accuracy"]),
-        fmt_pct(&run["tasks"]["trec_coarse"]["test"]["accuracy"]),
-        fmt_pct(&run["tasks"]["rotten_tomatoes"]["test"]["accuracy"]),
-        fmt_pct(&run["tasks"]["vader_tweets"]["test"]["accuracy"]),
+        test_accuracy(run, "sms_spam"),
+        test_accuracy(run, "trec_coarse"),
+        test_accuracy(run, "rotten_tomatoes"),
+        test_accuracy(run, "vader_tweets"),
     )?;
     writeln!(md, "| Rotten Tomatoes weight w | rotten_tomatoes test | vader_tweets test | mean |\n|---|---|---|---|")?;
     let mut best = (f64::MIN, 0.0);
     for w in RT_WEIGHTS {
-        let acc = |test: &str| pct(&evals[format!("{w} {test}")]["accuracy"]);
+        let acc = |test: &str| accuracy(evals, &format!("{w} {test}"));
         let (rt, vader) = (acc("rotten_tomatoes"), acc("vader_tweets"));
         let mean = (rt + vader) / 2.0;
         writeln!(md, "| {w} | {rt:.2} | {vader:.2} | {mean:.2} |")?;
@@ -152,7 +161,7 @@ fn shared_head_section(run: &serde_json::Value, evals: &serde_json::Value, md: &
             best = (mean, *w);
         }
     }
-    let four: f64 = TASKS.iter().map(|t| pct(&run["tasks"][t]["test"]["accuracy"])).sum::<f64>() / TASKS.len() as f64;
+    let four: f64 = TASKS.iter().map(|t| test_accuracy(run, t)).sum::<f64>() / TASKS.len() as f64;
     writeln!(
         md,
         "\nMoving w trades one test set's accuracy for the other's step by step; the best mean of the two is at w = {} ({:.2}). \
@@ -161,7 +170,7 @@ fn shared_head_section(run: &serde_json::Value, evals: &serde_json::Value, md: &
     )?;
     let same = [("1", "rotten_tomatoes"), ("0", "vader_tweets")]
         .iter()
-        .all(|(w, t)| (pct(&evals[format!("{w} {t}")]["accuracy"]) - pct(&run["tasks"][t]["test"]["accuracy"])).abs() < 1e-9);
+        .all(|(w, t)| (accuracy(evals, &format!("{w} {t}")) - test_accuracy(run, t)).abs() < 1e-9);
     writeln!(
         md,
         "\nThe pure ends (w = 1 on Rotten Tomatoes, w = 0 on VADER) {} the trainer's accuracy for that task.",
@@ -170,34 +179,12 @@ fn shared_head_section(run: &serde_json::Value, evals: &serde_json::Value, md: &
     Ok(())
 }
 
-fn fmt_pct(v: &serde_json::Value) -> String {
-    format!("{:.2}", pct(v))
-}
-
-fn summary(root: &Path, run: &str) -> Option<serde_json::Value> {
-    serde_json::from_str(&std::fs::read_to_string(root.join(RUNS).join(run).join("summary.json")).ok()?).ok()
-}
-
-/// The section of RESULTS.md, from the runs (or as RESULTS.md has it when they are not here).
-pub fn block(root: &Path) -> Result<String> {
-    let mut md = String::new();
-    if summary(root, "hyper").is_some() {
-        write(root, &mut md)?;
-    }
-    crate::quality::marked_block(root, BEGIN, END, &md)
-}
-
-/// Accuracy in percent.
-fn pct(v: &serde_json::Value) -> f64 {
-    100.0 * v.as_f64().unwrap_or(f64::NAN)
-}
-
-fn write(root: &Path, md: &mut String) -> Result<()> {
-    let hyper = summary(root, "hyper").context("the hyper run")?;
+fn write(root: &Path, runs: &Runs, md: &mut String) -> Result<()> {
+    let hyper = runs.get("hyper").context("the hyper run")?;
     writeln!(md, "\n## Hypernetwork: one generator for four tasks\n")?;
     writeln!(
         md,
-        "`cargo xtask hyper-study`. Four visible classification tasks trained jointly on frozen all-MiniLM-L6-v2: every batch \
+        "`cargo studies hyper`. Four visible classification tasks trained jointly on frozen all-MiniLM-L6-v2: every batch \
          of 32 mixes the tasks by temperature sampling (T = 2), each task has its own head, {} steps (about one pass over the \
          four training sets), lr 1e-3, max length 64, seed 42, the best dev step (mean accuracy, every 200 steps) kept. The \
          per-task adapters train on the same batches, each row through its task's adapter, so every task gets the same \
@@ -206,22 +193,19 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
          parameters) to an 8-number code, and one generator head per tensor of a Pfeiffer adapter (r = 24), each `G · code + \
          c`; rows of different tasks run in one forward with per-row weights. Test accuracy in percent; parameters stored \
          without the heads.\n",
-        hyper["steps"]
+        hyper.steps
     )?;
     writeln!(md, "| arm | {} | mean | adapter parameters stored |", TASKS.join(" | "))?;
     writeln!(md, "|---|{}---|---|", "---|".repeat(TASKS.len()))?;
     let mut means = std::collections::BTreeMap::new();
     for (name, _, _, what) in ARMS.iter().filter(|a| !a.0.starts_with("new_task")) {
-        let Some(s) = summary(root, name) else {
+        let Some(s) = runs.get(name) else {
             writeln!(md, "| {what} | not run |")?;
             continue;
         };
-        let accs: Vec<f64> = TASKS.iter().map(|t| pct(&s["tasks"][t]["test"]["accuracy"])).collect();
+        let accs: Vec<f64> = TASKS.iter().map(|t| test_accuracy(s, t)).collect();
         let mean = accs.iter().sum::<f64>() / accs.len() as f64;
-        means.insert(
-            *name,
-            (mean, s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(crate::head_parameters(&root.join(RUNS).join(name)))),
-        );
+        means.insert(*name, (mean, runs.adapter_parameters(name).unwrap_or(0)));
         let cells: Vec<String> = accs.iter().map(|a| format!("{a:.2}")).collect();
         writeln!(md, "| {what} | {} | **{mean:.2}** | {} |", cells.join(" | "), means[name].1)?;
     }
@@ -242,7 +226,7 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
          task-dependent part `G · code` half that size, so the generated adapters start near the identity (the model's \
          output moves about as much as with a fresh Pfeiffer adapter, tested) and apart from each other; the trainer clips \
          the gradient norm at 1 as in every run. {}\n",
-        diverged(root)
+        diverged(runs)?
     )?;
     if let (Some((h, hp)), Some((p, pp))) = (means.get("hyper"), means.get("per_task")) {
         let verdict = if p - h <= 1.0 { "within" } else { "not within" };
@@ -257,35 +241,29 @@ fn write(root: &Path, md: &mut String) -> Result<()> {
     if let Some((i, _)) = means.get("hyper_instance") {
         writeln!(md, "Conditioned on each input's mean token embedding instead of its task, the same generator reaches {i:.2}.")?;
     }
-    new_task(root, md)?;
-    mixture(root, md)?;
+    new_task(runs, md)?;
+    mixture(root, runs, md)?;
     Ok(())
 }
 
 /// Whether any hypernetwork run logged a non-finite training loss.
-fn diverged(root: &Path) -> String {
-    let runs: Vec<&str> =
-        ["hyper", "hyper_instance", "new_task", "shared_head"].into_iter().filter(|r| summary(root, r).is_some()).collect();
-    let bad: Vec<&str> = runs
-        .iter()
-        .copied()
-        .filter(|run| {
-            let text = std::fs::read_to_string(root.join(RUNS).join(run).join("metrics.jsonl")).unwrap_or_default();
-            text.lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .any(|r| r.get("split").is_none() && r.get("loss").is_some_and(|l| !l.as_f64().is_some_and(f64::is_finite)))
-        })
-        .collect();
-    match bad.as_slice() {
-        [] => format!("Every training step of the {} hypernetwork runs logged a finite loss.", runs.len()),
-        runs => format!("Non-finite training losses in: {}.", runs.join(", ")),
+fn diverged(runs: &Runs) -> Result<String> {
+    let done: Vec<&str> = ["hyper", "hyper_instance", "new_task", "shared_head"].into_iter().filter(|r| runs.get(r).is_some()).collect();
+    let mut bad = Vec::new();
+    for run in &done {
+        if !MetricsLog::steps(&runs.dir(run).join(METRICS_FILE))?.iter().all(|r| r.loss.is_finite()) {
+            bad.push(*run);
+        }
     }
+    Ok(match bad.as_slice() {
+        [] => format!("Every training step of the {} hypernetwork runs logged a finite loss.", done.len()),
+        runs => format!("Non-finite training losses in: {}.", runs.join(", ")),
+    })
 }
 
 /// The unseen task: a new task embedding on the frozen generator against a full adapter.
-fn new_task(root: &Path, md: &mut String) -> Result<()> {
-    let rows: Vec<(&str, serde_json::Value)> =
-        ["new_task", "new_task_adapter"].iter().filter_map(|r| summary(root, r).map(|s| (*r, s))).collect();
+fn new_task(runs: &Runs, md: &mut String) -> Result<()> {
+    let rows: Vec<(&str, &Summary)> = ["new_task", "new_task_adapter"].iter().filter_map(|r| runs.get(r).map(|s| (*r, s))).collect();
     if rows.is_empty() {
         return Ok(());
     }
@@ -295,21 +273,20 @@ fn new_task(root: &Path, md: &mut String) -> Result<()> {
          length 64. With the generator frozen (`examples/hyper_new_task.toml`: `generator_from`, `train = \"task_embeddings\"`, \
          lr 1e-2) only the new task's embedding and its head train; the full adapter is `examples/trec_fine.toml` (lr 1e-3) \
          with the same steps and length.\n",
-        rows[0].1["steps"]
+        rows[0].1.steps
     )?;
     writeln!(md, "| arm | test accuracy | adapter parameters trained |\n|---|---|---|")?;
     for (run, s) in &rows {
         let what = ARMS.iter().find(|a| a.0 == *run).map_or("", |a| a.3);
-        let trained = s["trainable_parameters"].as_u64().unwrap_or(0).saturating_sub(crate::head_parameters(&root.join(RUNS).join(run)));
-        writeln!(md, "| {what} | {:.2} | {trained} |", pct(&s["tasks"]["trec_fine"]["test"]["accuracy"]))?;
+        let trained = runs.adapter_parameters(run).unwrap_or(0);
+        writeln!(md, "| {what} | {:.2} | {trained} |", test_accuracy(s, "trec_fine"))?;
     }
     Ok(())
 }
 
 /// The sentiment tasks' exported adapters and their mixture on both sentiment test sets.
-fn mixture(root: &Path, md: &mut String) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(root.join(RUNS).join("exports-evals.json")) else { return Ok(()) };
-    let evals: serde_json::Value = serde_json::from_str(&text)?;
+fn mixture(root: &Path, runs: &Runs, md: &mut String) -> Result<()> {
+    let Some(evals) = read_json::<Evals>(&root.join(RUNS).join(EXPORTS_EVALS))? else { return Ok(()) };
     writeln!(
         md,
         "\nInterpolated task embeddings: `adapters hyper-export --task '{MIXTURE}'` writes the adapter generated from the \
@@ -319,13 +296,13 @@ fn mixture(root: &Path, md: &mut String) -> Result<()> {
     )?;
     writeln!(md, "| exported adapter | rotten_tomatoes test | vader_tweets test |\n|---|---|---|")?;
     for (form, what) in [("rotten_tomatoes", "rotten_tomatoes"), ("vader_tweets", "vader_tweets"), ("mixture", MIXTURE)] {
-        let acc = |test: &str| pct(&evals[format!("{form} {test}")]["accuracy"]);
+        let acc = |test: &str| accuracy(&evals, &format!("{form} {test}"));
         writeln!(md, "| {what} | {:.2} | {:.2} |", acc("rotten_tomatoes"), acc("vader_tweets"))?;
     }
-    if let Some(hyper) = summary(root, "hyper") {
+    if let Some(hyper) = runs.get("hyper") {
         let same = ["rotten_tomatoes", "vader_tweets"]
             .iter()
-            .all(|t| (pct(&evals[format!("{t} {t}")]["accuracy"]) - pct(&hyper["tasks"][t]["test"]["accuracy"])).abs() < 1e-9);
+            .all(|t| (accuracy(&evals, &format!("{t} {t}")) - test_accuracy(hyper, t)).abs() < 1e-9);
         writeln!(
             md,
             "\nEach pure export {} the hypernetwork's own test accuracy for its task (the trainer's figures in the first table): \

@@ -1,4 +1,4 @@
-//! `cargo xtask fed-study`: federated averaging of a Pfeiffer adapter on Rotten Tomatoes.
+//! `cargo studies fed`: federated averaging of a Pfeiffer adapter on Rotten Tomatoes.
 //! The training set is dealt into disjoint shards, one per client; every round each client
 //! trains `examples/fedavg_client.toml` on its shard from the server's current adapter and
 //! head (`init_from`), and the server averages the clients' folders by sample count with
@@ -7,7 +7,11 @@
 //! scored on the test set with `adapters eval`. Writes its section of RESULTS.md.
 //! Finished steps are skipped.
 
+use crate::results::{Section, FED};
+use crate::runs::{read_json, write_json, Cli, MINILM};
+use adapters_train::records::ClassificationReport;
 use anyhow::{Context, Result};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -18,17 +22,14 @@ const ROUNDS: usize = 4;
 /// Optimizer steps a client takes per round (examples/fedavg_client.toml).
 const LOCAL_STEPS: usize = 40;
 const DATA: &str = "data/rotten_tomatoes";
-const BEGIN: &str = "<!-- fed-study: written by `cargo xtask fed-study` -->";
-const END: &str = "<!-- /fed-study -->";
+/// Every adapter's test figures, by name (`global-R`, `alone-K`, `central`).
+const SCORES: &str = "test-scores.json";
 
-pub fn run(root: &Path) -> Result<()> {
-    crate::fetch::fetch_all(root)?;
-    crate::run(root, "cargo", &["build", "--release", "--quiet", "-p", "adapters-cli"])?;
-    let cli = root.join("target/release/adapters");
-    let cli = cli.to_str().context("a UTF-8 path")?;
+pub fn run(cli: &Cli) -> Result<()> {
+    let root = cli.root();
     let sizes = write_shards(root)?;
     let total: usize = sizes.iter().sum();
-    let train = |out: &str, sets: &[String]| crate::train(root, cli, CONFIG, out, sets);
+    let train = |out: &str, sets: &[String]| cli.train(CONFIG, out, sets);
     // Federated rounds: global-0 is none (round 1 starts every client alike from the seed).
     for round in 1..=ROUNDS {
         let global = format!("{RUNS}/global-{round}");
@@ -46,14 +47,13 @@ pub fn run(root: &Path) -> Result<()> {
             clients.push(format!("{out}/adapters/rt"));
         }
         let weights: Vec<String> = sizes.iter().map(|n| format!("{}", *n as f64 / total as f64)).collect();
-        let model = root.join("models/all-MiniLM-L6-v2");
-        let mut args = vec!["average", "--model", model.to_str().context("UTF-8")?];
+        let mut args = vec!["average", "--model", MINILM];
         for c in &clients {
             args.extend(["--adapter", c]);
         }
         let weights = weights.join(",");
         args.extend(["--weights", &weights, "--out", &global]);
-        crate::run(root, cli, &args)?;
+        cli.run(&args)?;
     }
     // Each client alone on its shard, and one adapter on all of them, seeing as many
     // examples as the federation did in total.
@@ -63,23 +63,18 @@ pub fn run(root: &Path) -> Result<()> {
     }
     let central = [format!("task.0.train=\"{DATA}/train.jsonl\""), format!("training.steps={}", CLIENTS * ROUNDS * LOCAL_STEPS)];
     train(&format!("{RUNS}/central"), &central)?;
-    let mut scores = serde_json::Map::new();
     let mut folders: Vec<(String, String)> = (1..=ROUNDS).map(|r| (format!("global-{r}"), format!("{RUNS}/global-{r}"))).collect();
     folders.extend((0..CLIENTS).map(|k| (format!("alone-{k}"), format!("{RUNS}/alone-{k}/adapters/rt"))));
     folders.push(("central".into(), format!("{RUNS}/central/adapters/rt")));
-    let scores_path = root.join(RUNS).join("test-scores.json");
-    if let Ok(text) = std::fs::read_to_string(&scores_path) {
-        scores = serde_json::from_str(&text)?;
-    }
+    let scores_path = root.join(RUNS).join(SCORES);
+    let mut scores: BTreeMap<String, ClassificationReport> = read_json(&scores_path)?.unwrap_or_default();
     for (name, folder) in folders {
         if scores.contains_key(&name) {
             continue;
         }
-        scores.insert(name, crate::eval(root, cli, &folder, &format!("{DATA}/test.jsonl"), &[])?);
-        std::fs::write(&scores_path, serde_json::to_string_pretty(&scores)?)?;
+        scores.insert(name, cli.eval(&folder, &format!("{DATA}/test.jsonl"), &[])?);
+        write_json(&scores_path, &scores)?;
     }
-    crate::quality::replace_block(root, BEGIN, END, &block(root)?, "\n## Other runs")?;
-    eprintln!("wrote the federated-averaging section of RESULTS.md");
     Ok(())
 }
 
@@ -97,24 +92,23 @@ fn write_shards(root: &Path) -> Result<Vec<usize>> {
     let dir = root.join(RUNS).join("shards");
     std::fs::create_dir_all(&dir)?;
     for (k, shard) in shards.iter().enumerate() {
-        std::fs::write(dir.join(format!("{k}.jsonl")), shard)?;
+        adapters_core::io::write_atomic(&dir.join(format!("{k}.jsonl")), shard.as_bytes())?;
     }
     Ok(sizes)
 }
 
-/// The section of RESULTS.md, from the scores (or as RESULTS.md has it).
-pub fn block(root: &Path) -> Result<String> {
+/// The study's section of RESULTS.md, when its scores are here.
+pub fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
+    let Some(scores) = read_json(&root.join(RUNS).join(SCORES))? else { return Ok(vec![]) };
     let mut md = String::new();
-    if let Ok(text) = std::fs::read_to_string(root.join(RUNS).join("test-scores.json")) {
-        write(&serde_json::from_str(&text)?, &mut md)?;
-    }
-    crate::quality::marked_block(root, BEGIN, END, &md)
+    write(&scores, &mut md)?;
+    Ok(vec![(&FED, md)])
 }
 
-fn write(scores: &serde_json::Value, md: &mut String) -> Result<()> {
-    let acc = |name: &str| 100.0 * scores[name]["accuracy"].as_f64().unwrap_or(f64::NAN);
-    let f1 = |name: &str| 100.0 * scores[name]["macro_f1"].as_f64().unwrap_or(f64::NAN);
-    writeln!(md, "\n## Federated averaging (`cargo xtask fed-study`)\n")?;
+fn write(scores: &BTreeMap<String, ClassificationReport>, md: &mut String) -> Result<()> {
+    let acc = |name: &str| scores.get(name).map_or(f64::NAN, |r| 100.0 * r.accuracy);
+    let f1 = |name: &str| scores.get(name).map_or(f64::NAN, |r| 100.0 * r.macro_f1);
+    writeln!(md, "\n## Federated averaging (`cargo studies fed`)\n")?;
     writeln!(
         md,
         "Rotten Tomatoes' training set dealt into {CLIENTS} disjoint shards of about {} rows (row i to client i mod {CLIENTS}; \
