@@ -11,9 +11,10 @@
 //! fault fails.
 
 use crate::admission::Waiting;
+use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::metrics::CauseLabels;
-use crate::server::{AppState, Target};
+use crate::target::Target;
 use adapters_core::ForwardCtx;
 use adapters_models::heads::{classify, l2_normalize, mean_pool, pad, pool};
 use adapters_models::{Backbone, HoldsAdapters};
@@ -22,25 +23,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
-
-/// How requests are batched.
-#[derive(Clone, Copy, Debug)]
-pub struct Batching {
-    /// Most rows in one forward pass: texts of embedding and classification requests (a
-    /// request with more runs alone), or generations in one decoding step. 0 turns
-    /// batching off: each request alone (a generation on a compute slot of its own).
-    pub max_rows: usize,
-    /// How long the first request of a batch waits for more once a compute slot is free.
-    pub max_wait: Duration,
-}
-
-impl Default for Batching {
-    fn default() -> Self {
-        Batching { max_rows: 32, max_wait: Duration::from_millis(2) }
-    }
-}
 
 /// What a request wants from its rows.
 pub(crate) enum Work {
@@ -88,14 +72,14 @@ impl Drop for AliveGuard {
 }
 
 impl Batcher {
-    /// Starts the task that forms batches (it ends when the server state is dropped).
-    pub fn start(state: Weak<AppState>) -> Self {
+    /// Starts the task that forms batches (it ends when the engine is dropped).
+    pub fn start(engine: Weak<Engine>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
         tokio::spawn(async move {
             let _guard = guard;
-            form_batches(state, rx).await
+            form_batches(engine, rx).await
         });
         Batcher { tx, alive }
     }
@@ -125,7 +109,7 @@ pub(crate) fn timed_out() -> ApiError {
 }
 
 /// Whether `job` should still be computed; answers (or forgets) it if not.
-fn still_wanted(state: &AppState, job: Job) -> Option<Job> {
+fn still_wanted(engine: &Engine, job: Job) -> Option<Job> {
     let cause = if job.reply.is_closed() {
         "disconnected"
     } else if tokio::time::Instant::now() >= job.deadline {
@@ -133,7 +117,7 @@ fn still_wanted(state: &AppState, job: Job) -> Option<Job> {
     } else {
         return Some(job);
     };
-    state.metrics.dropped.get_or_create(&CauseLabels { cause: cause.into() }).inc();
+    engine.metrics.dropped.get_or_create(&CauseLabels { cause: cause.into() }).inc();
     let _ = job.reply.send(Err(timed_out()));
     None
 }
@@ -141,7 +125,7 @@ fn still_wanted(state: &AppState, job: Job) -> Option<Job> {
 /// Takes the first waiting request, waits for a compute slot, then adds what else is
 /// waiting (or arrives within `max_wait`) up to `max_rows` rows, and runs the batch on the
 /// slot in the blocking pool while the next batch forms.
-async fn form_batches(state: Weak<AppState>, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn form_batches(engine: Weak<Engine>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {
@@ -151,16 +135,16 @@ async fn form_batches(state: Weak<AppState>, mut rx: mpsc::UnboundedReceiver<Job
                 None => return,
             },
         };
-        let Some(state) = state.upgrade() else { return };
-        let slot = match state.compute_slot().await {
+        let Some(engine) = engine.upgrade() else { return };
+        let slot = match engine.compute_slot().await {
             Ok(slot) => slot,
             Err(e) => {
                 let _ = first.reply.send(Err(e));
                 continue;
             }
         };
-        let Some(first) = still_wanted(&state, first) else { continue };
-        let limits = state.batching();
+        let Some(first) = still_wanted(&engine, first) else { continue };
+        let limits = engine.batching();
         let mut rows = first.rows.ids.len();
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + limits.max_wait;
@@ -170,7 +154,7 @@ async fn form_batches(state: Weak<AppState>, mut rx: mpsc::UnboundedReceiver<Job
                 Err(_) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
             };
             let Some(job) = next else { break };
-            let Some(job) = still_wanted(&state, job) else { continue };
+            let Some(job) = still_wanted(&engine, job) else { continue };
             if rows + job.rows.ids.len() > limits.max_rows {
                 carried = Some(job);
                 break;
@@ -179,29 +163,29 @@ async fn form_batches(state: Weak<AppState>, mut rx: mpsc::UnboundedReceiver<Job
             jobs.push(job);
         }
         for job in &jobs {
-            state.metrics.queue.get_or_create(&job.target.labels()).observe(job.queued.elapsed().as_secs_f64());
+            engine.metrics.queue.get_or_create(&job.target.labels()).observe(job.queued.elapsed().as_secs_f64());
         }
         for job in &mut jobs {
             job.rows.waiting = None;
         }
         tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            run_batch(&state, jobs);
+            run_batch(&engine, jobs);
         });
     }
 }
 
 /// Runs one batch: jobs on composition setups (which rows cannot choose) on their own
 /// models, the rest in one forward pass.
-fn run_batch(state: &AppState, jobs: Vec<Job>) {
-    state.metrics.batch_rows.observe(jobs.iter().map(|j| j.rows.ids.len()).sum::<usize>() as f64);
+fn run_batch(engine: &Engine, jobs: Vec<Job>) {
+    engine.metrics.batch_rows.observe(jobs.iter().map(|j| j.rows.ids.len()).sum::<usize>() as f64);
     let (on_setups, plain): (Vec<Job>, Vec<Job>) =
         jobs.into_iter().partition(|j| matches!(&j.target, Target::Adapter(r) if r.manifest.contents.setup.is_some()));
     let mut models = 0;
     for job in on_setups {
         models += 1;
-        let model = state.model_of(&job.target).clone();
-        run_isolated(state, &model, false, vec![job]);
+        let model = engine.model_of(&job.target).clone();
+        run_isolated(engine, &model, false, vec![job]);
     }
     let mut ids: Vec<String> = plain.iter().map(|j| j.target.id()).collect();
     ids.sort();
@@ -211,23 +195,23 @@ fn run_batch(state: &AppState, jobs: Vec<Job>) {
         0 => {}
         // One model: its own path (a single active adapter runs fused).
         1 => {
-            let model = state.model_of(&plain[0].target).clone();
-            run_isolated(state, &model, false, plain);
+            let model = engine.model_of(&plain[0].target).clone();
+            run_isolated(engine, &model, false, plain);
         }
-        _ => match mixed_model(state, plain.iter().map(|j| &j.target)) {
-            Ok(model) => run_isolated(state, &model, true, plain),
+        _ => match mixed_model(engine, plain.iter().map(|j| &j.target)) {
+            Ok(model) => run_isolated(engine, &model, true, plain),
             Err(e) => plain.into_iter().for_each(|j| {
                 let _ = j.reply.send(Err(ApiError::internal(e.clone())));
             }),
         },
     }
-    state.metrics.batch_models.observe(models as f64);
+    engine.metrics.batch_models.observe(models as f64);
 }
 
 /// The base model with the adapter of every resident among `targets` attached (shared,
 /// not copied) under its `name@version`, none active.
-pub(crate) fn mixed_model<'a>(state: &AppState, targets: impl Iterator<Item = &'a Target>) -> Result<Backbone, String> {
-    let mut model = state.model_of(&Target::Base).clone();
+pub(crate) fn mixed_model<'a>(engine: &Engine, targets: impl Iterator<Item = &'a Target>) -> Result<Backbone, String> {
+    let mut model = engine.model_of(&Target::Base).clone();
     for target in targets {
         let Target::Adapter(resident) = target else { continue };
         let key = resident.key();
@@ -244,7 +228,7 @@ pub(crate) fn mixed_model<'a>(state: &AppState, targets: impl Iterator<Item = &'
 /// Runs `jobs` in one forward pass on `model` (with `per_row`, each row through its job's
 /// adapter) and answers each. If the pass fails as a whole (an error or a panic), each job
 /// runs again on its own, so only the one at fault fails.
-fn run_isolated(state: &AppState, model: &Backbone, per_row: bool, jobs: Vec<Job>) {
+fn run_isolated(engine: &Engine, model: &Backbone, per_row: bool, jobs: Vec<Job>) {
     let outcome = guarded(|| forward(model, per_row, &jobs));
     match outcome {
         Ok(results) => jobs.into_iter().zip(results).for_each(|(job, r)| {
@@ -254,9 +238,9 @@ fn run_isolated(state: &AppState, model: &Backbone, per_row: bool, jobs: Vec<Job
             let _ = job.reply.send(Err(e.clone()));
         }),
         Err(e) => {
-            state.metrics.isolated_failures.inc();
+            engine.metrics.isolated_failures.inc();
             tracing::warn!(requests = jobs.len(), "a batch failed as a whole ({}); running its requests one by one", e.message);
-            jobs.into_iter().for_each(|job| run_isolated(state, model, per_row, vec![job]));
+            jobs.into_iter().for_each(|job| run_isolated(engine, model, per_row, vec![job]));
         }
     }
 }

@@ -12,9 +12,10 @@
 //! itself dies, `/ready` turns 503.
 
 use crate::batcher::{guarded, mixed_model, AliveGuard};
+use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::metrics::CauseLabels;
-use crate::server::{AppState, Target};
+use crate::target::Target;
 use adapters_core::ForwardCtx;
 use adapters_models::generate::{choose, Sampling};
 use adapters_models::{Backbone, KvCache, Llama};
@@ -64,8 +65,8 @@ pub(crate) struct Decoder {
 }
 
 impl Decoder {
-    /// Starts the decoding loop on a thread of its own (it ends with the server state).
-    pub fn start(state: Weak<AppState>, runtime: tokio::runtime::Handle) -> Self {
+    /// Starts the decoding loop on a thread of its own (it ends when the engine is dropped).
+    pub fn start(engine: Weak<Engine>, runtime: tokio::runtime::Handle) -> Self {
         let (tx, rx) = channel();
         let alive = Arc::new(AtomicBool::new(true));
         let guard = AliveGuard(alive.clone());
@@ -73,7 +74,7 @@ impl Decoder {
             .name("decoder".into())
             .spawn(move || {
                 let _guard = guard;
-                decode_loop(state, rx, runtime)
+                decode_loop(engine, rx, runtime)
             })
             .expect("starting the decoding thread");
         Decoder { tx, alive }
@@ -90,16 +91,16 @@ impl Decoder {
     }
 }
 
-/// Waits for work without holding the server state, then runs until nothing is left. A
+/// Waits for work without holding the engine, then runs until nothing is left. A
 /// panic while busy is caught (the generations it held end with a 500, their channels
 /// closed) and the loop goes on.
-fn decode_loop(state: Weak<AppState>, rx: Receiver<Generation>, runtime: tokio::runtime::Handle) {
+fn decode_loop(engine: Weak<Engine>, rx: Receiver<Generation>, runtime: tokio::runtime::Handle) {
     while let Ok(first) = rx.recv() {
         crate::fault::panic_if_loop_poisoned(&first.text);
-        let Some(state) = state.upgrade() else { return };
-        let busy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_while_busy(&state, first, &rx, &runtime)));
+        let Some(engine) = engine.upgrade() else { return };
+        let busy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_while_busy(&engine, first, &rx, &runtime)));
         if busy.is_err() {
-            state.metrics.kv_tokens.set(0);
+            engine.metrics.kv_tokens.set(0);
             tracing::error!("the decoding loop panicked; the generations it held were ended, and it goes on");
         }
     }
@@ -162,12 +163,12 @@ fn llama(model: &Backbone) -> &Llama {
 
 /// Decodes until no generation is running or waiting: before each step, waiting ones join
 /// (up to the batch size) after their prompt; each step holds a compute slot.
-fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>, runtime: &tokio::runtime::Handle) {
-    let tokenizer = state.tokenizer();
-    let base = llama(state.model_of(&Target::Base));
+fn run_while_busy(engine: &Engine, first: Generation, rx: &Receiver<Generation>, runtime: &tokio::runtime::Handle) {
+    let tokenizer = engine.tokenizer();
+    let base = llama(engine.model_of(&Target::Base));
     let mut stop: Vec<u32> = base.config.eos_token_id.into_iter().collect();
     stop.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)));
-    let max_rows = state.batching().max_rows.max(1);
+    let max_rows = engine.batching().max_rows.max(1);
     let mut waiting = VecDeque::from([first]);
     let mut running: Vec<Running> = Vec::new();
     let mut mixed: Option<(Vec<String>, Backbone)> = None;
@@ -177,26 +178,26 @@ fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>
         waiting.retain(|g| {
             let wanted = !g.pieces.is_closed();
             if !wanted {
-                state.metrics.dropped.get_or_create(&CauseLabels { cause: "disconnected".into() }).inc();
+                engine.metrics.dropped.get_or_create(&CauseLabels { cause: "disconnected".into() }).inc();
             }
             wanted
         });
         if running.is_empty() && waiting.is_empty() {
-            state.metrics.kv_tokens.set(0);
+            engine.metrics.kv_tokens.set(0);
             return;
         }
-        let Ok(_slot) = runtime.block_on(state.compute_slot()) else { return };
+        let Ok(_slot) = runtime.block_on(engine.compute_slot()) else { return };
         let mut joining = Vec::new();
         let mut kv: usize = running.iter().map(|r| r.generation.kv_tokens()).sum();
         while running.len() + joining.len() < max_rows {
             // In order: one that does not fit yet holds the others back, so none starves.
-            if waiting.front().is_none_or(|g| kv + g.kv_tokens() > state.kv_budget()) {
+            if waiting.front().is_none_or(|g| kv + g.kv_tokens() > engine.kv_budget()) {
                 break;
             }
             let Some(mut generation) = waiting.pop_front() else { break };
             generation.waiting = None;
             kv += generation.kv_tokens();
-            state.metrics.queue.get_or_create(&generation.target.labels()).observe(generation.queued.elapsed().as_secs_f64());
+            engine.metrics.queue.get_or_create(&generation.target.labels()).observe(generation.queued.elapsed().as_secs_f64());
             let mut stream = tokenizer.inner.decode_stream(true);
             let text = Box::new(move |t: u32| stream.step(t).map_err(|e| e.to_string()));
             let rng = ChaCha8Rng::seed_from_u64(match generation.sampling {
@@ -206,13 +207,13 @@ fn run_while_busy(state: &AppState, first: Generation, rx: &Receiver<Generation>
             let cache = base.new_cache();
             joining.push(Running { generation, cache, next: 0, produced: 0, rng, text, done: false });
         }
-        state.metrics.kv_tokens.set(kv as i64);
+        engine.metrics.kv_tokens.set(kv as i64);
         if !joining.is_empty() {
-            advance(state, &mut joining, &mut mixed, &stop, prefill);
+            advance(engine, &mut joining, &mut mixed, &stop, prefill);
             running.extend(joining.into_iter().filter(|r| !r.done));
         }
         if !running.is_empty() {
-            advance(state, &mut running, &mut mixed, &stop, decode);
+            advance(engine, &mut running, &mut mixed, &stop, decode);
             running.retain(|r| !r.done);
         }
     }
@@ -259,7 +260,7 @@ type RunRows = fn(&Backbone, bool, &[usize], &mut [Running]) -> Result<Vec<u32>,
 /// One token for every generation in `running` (by `run`: a prompt, or a decoding step):
 /// those on plain adapters (or the base) in one forward pass, each row through its own
 /// adapter; those on composition setups, which rows cannot choose, on their own models.
-fn advance(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<String>, Backbone)>, stop: &[u32], run: RunRows) {
+fn advance(engine: &Engine, running: &mut [Running], mixed: &mut Option<(Vec<String>, Backbone)>, stop: &[u32], run: RunRows) {
     let on_setup = |r: &Running| matches!(&r.generation.target, Target::Adapter(a) if a.manifest.contents.setup.is_some());
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     let mut plain = Vec::new();
@@ -278,13 +279,13 @@ fn advance(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<St
     ids.sort();
     ids.dedup();
     let mut batches: Vec<(Backbone, bool, Vec<usize>)> =
-        groups.into_iter().map(|(_, rows)| (state.model_of(&running[rows[0]].generation.target).clone(), false, rows)).collect();
+        groups.into_iter().map(|(_, rows)| (engine.model_of(&running[rows[0]].generation.target).clone(), false, rows)).collect();
     match ids.len() {
         0 => {}
-        1 => batches.push((state.model_of(&running[plain[0]].generation.target).clone(), false, plain)),
+        1 => batches.push((engine.model_of(&running[plain[0]].generation.target).clone(), false, plain)),
         _ => {
             if mixed.as_ref().is_none_or(|(held, _)| *held != ids) {
-                match mixed_model(state, plain.iter().map(|&i| &running[i].generation.target)) {
+                match mixed_model(engine, plain.iter().map(|&i| &running[i].generation.target)) {
                     Ok(model) => *mixed = Some((ids.clone(), model)),
                     Err(e) => return plain.iter().for_each(|&i| running[i].fail(ApiError::internal(e.clone()))),
                 }
@@ -293,24 +294,24 @@ fn advance(state: &AppState, running: &mut [Running], mixed: &mut Option<(Vec<St
             batches.push((model, true, plain));
         }
     }
-    state.metrics.batch_models.observe(batches.iter().map(|(_, per_row, _)| if *per_row { ids.len() } else { 1 }).sum::<usize>() as f64);
-    state.metrics.batch_rows.observe(running.len() as f64);
+    engine.metrics.batch_models.observe(batches.iter().map(|(_, per_row, _)| if *per_row { ids.len() } else { 1 }).sum::<usize>() as f64);
+    engine.metrics.batch_rows.observe(running.len() as f64);
     for (model, per_row, rows) in batches {
-        run_isolated(state, &model, per_row, &rows, running, stop, run);
+        run_isolated(engine, &model, per_row, &rows, running, stop, run);
     }
 }
 
 /// Runs `rows` of `running` together; if the step fails as a whole (an error or a panic),
 /// puts each row back as it was before the step and runs it alone, so only the row at
 /// fault fails.
-fn run_isolated(state: &AppState, model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running], stop: &[u32], run: RunRows) {
+fn run_isolated(engine: &Engine, model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running], stop: &[u32], run: RunRows) {
     let before: Vec<(KvCache, ChaCha8Rng)> = rows.iter().map(|&i| (running[i].cache.clone(), running[i].rng.clone())).collect();
     let outcome = guarded(|| run(model, per_row, rows, running).map_err(ApiError::internal));
     match outcome {
         Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].take(t, stop)),
         Err(e) if rows.len() == 1 => running[rows[0]].fail(e),
         Err(e) => {
-            state.metrics.isolated_failures.inc();
+            engine.metrics.isolated_failures.inc();
             tracing::warn!(
                 generations = rows.len(),
                 "a decoding step failed as a whole ({}); running its generations one by one",
@@ -318,7 +319,7 @@ fn run_isolated(state: &AppState, model: &Backbone, per_row: bool, rows: &[usize
             );
             for (&i, (cache, rng)) in rows.iter().zip(before) {
                 (running[i].cache, running[i].rng) = (cache, rng);
-                run_isolated(state, model, per_row, &[i], running, stop, run);
+                run_isolated(engine, model, per_row, &[i], running, stop, run);
             }
         }
     }

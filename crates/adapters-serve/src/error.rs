@@ -84,3 +84,8 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// A JSON body, or a 400/413/415 that says what is wrong with it.
+pub(crate) fn body<T>(payload: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
+    payload.map(|axum::Json(t)| t).map_err(|r| ApiError { status: r.status(), message: format!("request body: {}", r.body_text()) })
+}

@@ -10,17 +10,20 @@ pub mod admin;
 pub mod admission;
 mod batcher;
 pub mod cache;
-mod completions;
 mod decoding;
+mod engine;
 mod error;
 pub mod fault;
 pub mod metrics;
 pub mod routes;
 mod server;
+mod state;
+mod target;
 
-pub use batcher::Batching;
+pub use engine::Batching;
 pub use error::ApiError;
-pub use server::{router, AppState, Config};
+pub use server::router;
+pub use state::{AppState, Config};
 
 /// Serves `state` on `listener` until `shutdown` resolves, then stops as a load balancer
 /// expects: `/ready` answers 503 at once while requests are still served for

@@ -154,3 +154,23 @@ impl Metrics {
         out
     }
 }
+
+impl Metrics {
+    /// Counts and times a finished request.
+    pub(crate) fn record_request(
+        &self,
+        labels: &AdapterLabels,
+        endpoint: &str,
+        status: axum::http::StatusCode,
+        started: std::time::Instant,
+    ) {
+        let l = RequestLabels {
+            adapter: labels.adapter.clone(),
+            version: labels.version.clone(),
+            endpoint: endpoint.into(),
+            status: status.as_u16().to_string(),
+        };
+        self.requests.get_or_create(&l).inc();
+        self.latency.get_or_create(&l).observe(started.elapsed().as_secs_f64());
+    }
+}

@@ -155,3 +155,45 @@ fn overhead(root: &Path, md: &mut String) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adapters_train::records::{Summary, TaskResult, SUMMARY_FILE};
+
+    /// A finished run of `ds` as the trainer writes it.
+    fn summary(ds: &str, accuracy: f64, trainable: usize) -> Summary {
+        let test: std::collections::BTreeMap<String, f64> =
+            [("accuracy".to_string(), accuracy), ("macro_f1".to_string(), accuracy - 0.01)].into();
+        let task = TaskResult { dev: test.clone(), test, dev_at_start: Default::default(), test_at_start: Default::default() };
+        serde_json::from_value(serde_json::json!({
+            "mode": "adapters", "steps": 10, "finished": true, "seconds": 1.0, "trainable_parameters": trainable,
+            "base_parameters": 1000, "trainable_share": 0.1, "tasks": {ds: task}, "best_step": 10, "stopped_early": false,
+            "output": "x"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_section_is_written_from_the_runs_summaries() {
+        let root = std::env::temp_dir().join(format!("versus-study-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (i, (ds, _)) in DATASETS.iter().enumerate() {
+            for (j, (method, _, _)) in METHODS.iter().enumerate() {
+                let dir = root.join(RUNS).join(format!("{ds}-{method}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                let s = summary(ds, 0.5 + 0.1 * i as f64 + 0.01 * j as f64, 1000 + j);
+                std::fs::write(dir.join(SUMMARY_FILE), serde_json::to_string(&s).unwrap()).unwrap();
+            }
+        }
+        let sections = sections(&root).unwrap();
+        let [(section, md)] = &sections[..] else { panic!("one section: {sections:?}") };
+        assert_eq!(section.id, "versus-study");
+        assert!(
+            md.contains("| Pfeiffer (seq_bn, r = 24, after the FFN) | 1000 | 50.00 (49.00) | 60.00 (59.00) | 70.00 (69.00) | **60.00** |"),
+            "{md}"
+        );
+        assert!(md.contains("Means range from 60.00 (pfeiffer) to 63.00 (lora)."), "{md}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -98,9 +98,10 @@ fn load_chats(task: &TaskConfig, tokenizer: &TextTokenizer, max_length: usize) -
     let mut read = |path: &Path| -> Result<Split> {
         let mut split = Split::default();
         for messages in crate::data::read_chats(path)? {
-            let (mut ids, mut mask) = chat_tokens(tokenizer, &messages).within(|| format!("{}", path.display()))?;
-            ids.truncate(max_length);
-            mask.truncate(max_length);
+            let (ids, mut mask) = chat_tokens(tokenizer, &messages).within(|| format!("{}", path.display()))?;
+            // A decoder keeps the start of the conversation (no end token to keep).
+            let ids = adapters_models::tokenizer::truncate_ids(ids, max_length, false);
+            mask.truncate(ids.len());
             if mask.iter().skip(1).all(|&m| m == 0) {
                 skipped += 1;
                 continue;

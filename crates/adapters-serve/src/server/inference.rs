@@ -1,7 +1,23 @@
 //! The inference routes: embeddings, classification, the model list, readiness and
 //! metrics (completions live in `completions`).
 
-use super::*;
+use crate::batcher::Work;
+use crate::cache::Resident;
+use crate::error::{body, ApiError};
+use crate::metrics::AdapterLabels;
+use crate::state::AppState;
+use crate::target::Target;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// `input`: one text or a list of them.
 #[derive(Deserialize)]
@@ -58,14 +74,14 @@ impl AppState {
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
             let context = state.context();
-            let reads = state.tokenizer.max_length().map_or(context, |m| m.min(context));
-            let keep_last = state.base.is_encoder() && add_special;
+            let reads = state.tokenizer().max_length().map_or(context, |m| m.min(context));
+            let keep_last = state.base().is_encoder() && add_special;
             let ids = texts
                 .iter()
                 .enumerate()
                 .map(|(i, text)| {
                     let (ids, cut) =
-                        state.tokenizer.encode_noting_cut(text, add_special).map_err(|e| ApiError::bad_request(format!("`input[{i}]`: {e}")))?;
+                        state.tokenizer().encode_noting_cut(text, add_special).map_err(|e| ApiError::bad_request(format!("`input[{i}]`: {e}")))?;
                     if (cut || ids.len() > context) && !truncate {
                         return Err(ApiError::bad_request(format!(
                             "`input[{i}]` is longer than the {reads} tokens this model reads; shorten it, or leave `truncate` unset to cut it"
@@ -138,7 +154,7 @@ async fn serve_inference(
             e.into_response()
         }
     };
-    record(&state, &labels, endpoint, response.status(), started);
+    state.metrics.record_request(&labels, endpoint, response.status(), started);
     response
 }
 
@@ -200,7 +216,7 @@ pub(super) async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Va
 }
 
 pub(super) async fn ready(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    if state.draining.load(Ordering::Relaxed) {
+    if state.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"})))
     } else if !state.loops_alive() {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed: a batching or decoding loop has stopped; replace this replica"})))

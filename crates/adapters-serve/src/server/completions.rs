@@ -4,10 +4,12 @@
 
 use crate::batcher::timed_out;
 use crate::decoding::{Generation, Piece};
+use crate::error::body;
 use crate::error::ApiError;
 use crate::metrics::AdapterLabels;
 use crate::metrics::CauseLabels;
-use crate::server::{body, record, AppState, Target};
+use crate::state::AppState;
+use crate::target::Target;
 use adapters_models::generate::{generate, Sampling};
 use adapters_models::{Backbone, Message};
 use axum::extract::rejection::JsonRejection;
@@ -102,7 +104,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 prompt.len()
             )));
         }
-        if state.batching().max_rows > 0 && prompt.len() + max_tokens > budget {
+        if state.config().batching.max_rows > 0 && prompt.len() + max_tokens > budget {
             return Err(ApiError::bad_request(format!(
                 "the prompt ({} tokens) plus `max_tokens` ({max_tokens}) is more than this server's KV budget of {budget} tokens (--max-kv-tokens); ask for fewer tokens",
                 prompt.len()
@@ -134,7 +136,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
     let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let model_id = target.id();
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Piece>();
-    if state.batching().max_rows > 0 {
+    if state.config().batching.max_rows > 0 {
         let waiting = match state.admission.wait(prompt.len() + max_tokens, &state.metrics) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -192,16 +194,16 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 Streamed::Piece(Piece::Text(t)) => vec![Event::default().data(chunk(Some(&t), None).to_string())],
                 Streamed::Piece(Piece::Done { finish_reason, prompt_tokens, completion_tokens }) => {
                     state2.count_tokens(&labels, prompt_tokens + completion_tokens);
-                    record(&state2, &labels, endpoint, StatusCode::OK, started);
+                    state2.metrics.record_request(&labels, endpoint, StatusCode::OK, started);
                     vec![Event::default().data(chunk(None, Some(finish_reason)).to_string()), Event::default().data("[DONE]")]
                 }
                 Streamed::Piece(Piece::Failed(e)) => {
-                    record(&state2, &labels, endpoint, e.status, started);
+                    state2.metrics.record_request(&labels, endpoint, e.status, started);
                     vec![error_event(&e)]
                 }
                 Streamed::Stopping => {
                     let e = ApiError::busy("the server is shutting down; the generation was cut short");
-                    record(&state2, &labels, endpoint, e.status, started);
+                    state2.metrics.record_request(&labels, endpoint, e.status, started);
                     vec![error_event(&e), Event::default().data("[DONE]")]
                 }
             };
@@ -227,7 +229,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
             Piece::Text(t) => text += &t,
             Piece::Done { finish_reason, prompt_tokens, completion_tokens } => {
                 state.count_tokens(&labels, prompt_tokens + completion_tokens);
-                record(&state, &labels, endpoint, StatusCode::OK, started);
+                state.metrics.record_request(&labels, endpoint, StatusCode::OK, started);
                 let mut body = chunk(None, Some(finish_reason));
                 let choice = match kind {
                     Kind::Completion => json!({"index": 0, "text": text, "finish_reason": finish_reason}),
@@ -249,7 +251,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
 
 /// The response of a request that ends in `e`, counted under its labels.
 fn refused(state: &AppState, labels: &AdapterLabels, endpoint: &str, started: Instant, e: ApiError) -> Response {
-    record(state, labels, endpoint, e.status, started);
+    state.metrics.record_request(labels, endpoint, e.status, started);
     e.into_response()
 }
 
