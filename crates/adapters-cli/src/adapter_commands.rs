@@ -283,18 +283,8 @@ pub fn write_into(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
 /// Copies a folder tree (nothing when `from` does not exist).
 #[cfg_attr(not(any(feature = "moe", feature = "hyper")), allow(dead_code))]
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    if !from.is_dir() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target).with_context(|| format!("copying {}", entry.path().display()))?;
-        }
+    if from.is_dir() {
+        io::copy_dir(from, to)?;
     }
     Ok(())
 }

@@ -82,6 +82,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     })
 }
 
+/// Copies the folder `from` with everything below it into `to` (created as needed).
+pub fn copy_dir(from: &Path, to: &Path) -> Result<(), Error> {
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |e| Error::Io { path: path.to_path_buf(), message: e.to_string() }
+    }
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let target = to.join(entry.file_name());
+        if entry.file_type().map_err(io(&entry.path()))?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(io(&entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes tensors as safetensors through a flushed temporary file and a rename.
 pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(), Error> {
     write_through_temp(path, |tmp| candle_core::safetensors::save(tensors, tmp).map_err(|e| std::io::Error::other(e.to_string())))

@@ -34,14 +34,7 @@ fn minilm() -> adapters_models::LoadedModel {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
+    adapters_core::io::copy_dir(from, to).unwrap();
 }
 
 fn safetensors_bytes(tensors: &[(&str, Tensor)]) -> Vec<u8> {

@@ -5,7 +5,7 @@
 //! Writes its section of RESULTS.md. Finished runs are skipped.
 
 use crate::results::{Section, CONTINUAL};
-use crate::runs::{copy_dir, read_json, test_accuracy, write_json, Cli, Runs, MINILM};
+use crate::runs::{read_json, test_accuracy, write_json, Cli, Runs, MINILM};
 use adapters_train::records::ClassificationReport;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -79,7 +79,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         // The SMS head beside the TREC-trained weights (the per-task SMS adapter has it).
         let target = root.join(&arm.after).join("heads/sms_spam");
         if !target.exists() {
-            copy_dir(&root.join(&sms_head), &target)?;
+            adapters_core::io::copy_dir(&root.join(&sms_head), &target)?;
         }
         let data = "data/sms_spam/test.jsonl";
         let common = ["--data", data, "--task", "sms_spam", "--max-length", "64"];

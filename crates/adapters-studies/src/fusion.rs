@@ -6,7 +6,7 @@
 //! kept and skipped.
 
 use crate::results::{Section, FUSION};
-use crate::runs::{best_step, copy_dir, pct, read_json, write_json, Cli, Runs};
+use crate::runs::{best_step, pct, read_json, write_json, Cli, Runs};
 use adapters_train::records::{FusionAttentionReport, Summary, FUSION_ATTENTION_FILE, SUMMARY_FILE};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -41,7 +41,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         let _ = std::fs::remove_dir_all(root.join(&out));
         let (epochs, dir) = (format!("training.epochs={epochs}"), format!("output.dir=\"{out}\""));
         cli.run(&["train", &format!("examples/{ds}.toml"), "--set", &epochs, "--set", &dir])?;
-        copy_dir(&root.join(&out).join("adapters").join(ds), &fixture)?;
+        adapters_core::io::copy_dir(&root.join(&out).join("adapters").join(ds), &fixture)?;
         record_source_accuracy(root, ds, &root.join(&out))?;
     }
     for (target, _) in TARGETS {

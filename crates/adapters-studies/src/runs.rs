@@ -204,18 +204,3 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     adapters_core::io::write_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }
-
-/// Copies a folder with everything in it.
-pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), target)?;
-        }
-    }
-    Ok(())
-}
