@@ -280,6 +280,11 @@ fn average_combines_adapters_and_their_heads() {
         }
     }
     assert!(!c.join("heads/only_in_a").exists());
+    // Adapters of another form are refused with the differing field and both values.
+    let other = dir.join("other");
+    ok(&["new", "seq_bn", "--model", &m, "--out", &p(&other), "--set", "reduction_factor=8"]);
+    let (success, _, err) = run(&["average", "--model", &m, "--adapter", &p(&a), "--adapter", &p(&other), "--out", &p(&dir.join("x"))]);
+    assert!(!success && err.contains("field `reduction_factor`: 16.0 in adapter 1, 8.0 in adapter 2"), "{err}");
 
     // LoRA: PEFT's svd, written as a PEFT folder that loads.
     let inputs = workspace().join("fixtures/merging/inputs");

@@ -146,19 +146,69 @@ pub fn linear(inputs: &[Input], model: &ModelInfo, device: &Device) -> Result<Co
     Ok(Combined { adapter, placement: first.placement.clone() })
 }
 
-/// Inputs 1 and `i + 1` have the same kind, configuration, placement and variable shapes.
+/// Inputs 1 and `i + 1` have the same kind, configuration, placement and variable shapes;
+/// a difference is named with both values (`field `r`: 16 in adapter 1, 8 in adapter 2`).
 pub fn same_form(first: &Input, other: &Input, i: usize) -> Result<(), Error> {
     let differ =
         |what: &str| Error::Mismatch(format!("adapter {} differs from adapter 1 in its {what}; only adapters of one form combine", i + 1));
-    if first.adapter.config() != other.adapter.config() {
-        return Err(differ("configuration"));
+    let (a, b) = (first.adapter.config(), other.adapter.config());
+    if a != b {
+        return Err(differ(&format!("configuration: {}", difference(&a, &b, "", i + 1))));
     }
     if first.placement != other.placement {
-        return Err(differ("placement"));
+        let json = |p: &Placement| serde_json::to_value(p).unwrap_or_default();
+        return Err(differ(&format!("placement: {}", difference(&json(first.placement), &json(other.placement), "", i + 1))));
     }
     let shapes = |a: &dyn Adapter| -> Vec<(String, Vec<usize>)> { a.vars().into_iter().map(|(n, v)| (n, v.dims().to_vec())).collect() };
     if shapes(first.adapter) != shapes(other.adapter) {
         return Err(differ("weights' names or shapes"));
     }
     Ok(())
+}
+
+/// The first field where two JSON values differ, with both values: `field `r`: 16 in
+/// adapter 1, 8 in adapter N` (a field one side lacks reads as absent).
+fn difference(a: &serde_json::Value, b: &serde_json::Value, path: &str, n: usize) -> String {
+    use serde_json::Value;
+    if let (Value::Object(x), Value::Object(y)) = (a, b) {
+        let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+        for key in keys {
+            let (u, v) = (x.get(key), y.get(key));
+            if u != v {
+                let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                return match (u, v) {
+                    (Some(u), Some(v)) => difference(u, v, &path, n),
+                    _ => {
+                        let shown = |v: Option<&Value>| v.map_or("absent".to_string(), Value::to_string);
+                        format!("field `{path}`: {} in adapter 1, {} in adapter {n}", shown(u), shown(v))
+                    }
+                };
+            }
+        }
+    }
+    let field = if path.is_empty() { "the whole value".to_string() } else { format!("field `{path}`") };
+    format!("{field}: {a} in adapter 1, {b} in adapter {n}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::difference;
+    use serde_json::json;
+
+    #[test]
+    fn a_difference_names_the_first_differing_field_and_both_values() {
+        let a = json!({"r": 16, "alpha": 32, "placement": {"layers": [0, 1]}});
+        assert_eq!(
+            difference(&a, &json!({"r": 8, "alpha": 32, "placement": {"layers": [0, 1]}}), "", 2),
+            "field `r`: 16 in adapter 1, 8 in adapter 2"
+        );
+        assert_eq!(
+            difference(&a, &json!({"r": 16, "alpha": 32, "placement": {"layers": [0]}}), "", 3),
+            "field `placement.layers`: [0,1] in adapter 1, [0] in adapter 3"
+        );
+        assert_eq!(
+            difference(&a, &json!({"r": 16, "alpha": 32}), "", 2),
+            "field `placement`: {\"layers\":[0,1]} in adapter 1, absent in adapter 2"
+        );
+    }
 }
