@@ -116,7 +116,29 @@ pub fn convert(dir: &Path, model: &Path, format: Format, out: &Path) -> Result<(
     let adapter = io::load(dir, &loaded.backbone, loaded.backbone.device()).with_context(|| format!("reading {}", dir.display()))?;
     write_into(out, |tmp| write_as(format, tmp, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model))?;
     println!("wrote {} ({} `{}` from {} as {format:?})", out.display(), adapter.adapter.kind(), adapter.name, adapter.format);
+    if let Some(python) = python_loader(format, adapter.adapter.kind(), out) {
+        println!("{python}");
+    }
     Ok(())
+}
+
+/// How a Python user loads a converted folder into a transformers `model`: the folders
+/// hold safetensors only, which AdapterHub reads when asked (`use_safetensors=True`).
+fn python_loader(format: Format, kind: &str, out: &Path) -> Option<String> {
+    let out = out.display();
+    Some(match format {
+        Format::Native => return None,
+        Format::Peft => {
+            format!("load it in Python (PEFT):\n  from peft import PeftModel\n  model = PeftModel.from_pretrained(model, \"{out}\")")
+        }
+        Format::Adapterhub if kind == "fusion" => format!(
+            "load it in Python (AdapterHub, after loading its member adapters):\n  import adapters; adapters.init(model)\n  \
+             model.load_adapter_fusion(\"{out}\", use_safetensors=True)"
+        ),
+        Format::Adapterhub => {
+            format!("load it in Python (AdapterHub):\n  import adapters; adapters.init(model)\n  model.load_adapter(\"{out}\", use_safetensors=True)")
+        }
+    })
 }
 
 /// The weights file of an adapter folder, whichever layout it has.

@@ -114,7 +114,12 @@ fn convert_round_trips_between_layouts() {
         let native = tmp.join(format!("{other}-native"));
         let back = tmp.join(format!("{other}-back"));
         ok(&["convert", &original, "--model", &m, "--format", "native", "--out", &path(&native)]);
-        ok(&["convert", &path(&native), "--model", &m, "--format", other, "--out", &path(&back)]);
+        let said = ok(&["convert", &path(&native), "--model", &m, "--format", other, "--out", &path(&back)]);
+        let loads = match other {
+            "peft" => format!("PeftModel.from_pretrained(model, \"{}\")", path(&back)),
+            _ => format!("model.load_adapter(\"{}\", use_safetensors=True)", path(&back)),
+        };
+        assert!(said.contains(&loads), "convert tells a Python user how to load the folder: {said}");
         for dir in [&native, &back] {
             let got = embedding(&["embed", "--json", &m, "--adapter", &path(dir), "a converted adapter"]);
             assert!(max_diff(&got, &want) < 1e-6, "{}: {}", dir.display(), max_diff(&got, &want));
@@ -145,7 +150,8 @@ fn convert_round_trips_between_layouts() {
     let want = fused(&path(&reference.join("fusion")));
     let (native, back) = (tmp.join("fusion-native"), tmp.join("fusion-back"));
     ok(&["convert", &path(&reference.join("fusion")), "--model", &m, "--format", "native", "--out", &path(&native)]);
-    ok(&["convert", &path(&native), "--model", &m, "--format", "adapterhub", "--out", &path(&back)]);
+    let said = ok(&["convert", &path(&native), "--model", &m, "--format", "adapterhub", "--out", &path(&back)]);
+    assert!(said.contains(&format!("model.load_adapter_fusion(\"{}\", use_safetensors=True)", path(&back))), "{said}");
     assert!(back.join("adapter_fusion_config.json").exists() && back.join("model_adapter_fusion.safetensors").exists());
     for dir in [&native, &back] {
         assert_eq!(max_diff(&fused(&path(dir)), &want), 0.0, "{}", dir.display());
