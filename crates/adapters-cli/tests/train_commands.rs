@@ -69,7 +69,7 @@ fn train_then_predict_and_eval_from_the_saved_folders() {
     let typed: adapters_train::records::Summary = serde_json::from_value(summary.clone()).unwrap();
     let report: adapters_train::records::EvalReport = serde_json::from_value(eval.clone()).unwrap();
     let adapters_train::records::EvalReport::Classification(report) = report else { panic!("not a classification: {eval}") };
-    assert_eq!(Some(report.accuracy), typed.metric("sms_spam", "test", "accuracy"));
+    assert_eq!(Some(report.accuracy), typed.metric("sms_spam", adapters_train::records::Split::Test, "accuracy"));
     let preds: serde_json::Value =
         serde_json::from_str(&ok(&["predict", m, "--adapter", a, "--json", "WINNER!! Claim your free prize now", "see you at lunch"]))
             .unwrap();

@@ -7,7 +7,7 @@
 
 use crate::results::{Section, FUSION};
 use crate::runs::{best_step, pct, read_json, write_json, Cli, Runs};
-use adapters_train::records::{FusionAttentionReport, Summary, FUSION_ATTENTION_FILE, SUMMARY_FILE};
+use adapters_train::records::{FusionAttentionReport, Split, Summary, FUSION_ATTENTION_FILE, SUMMARY_FILE};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -65,7 +65,7 @@ fn record_source_accuracy(root: &Path, ds: &str, run: &Path) -> Result<()> {
     let path = root.join(SOURCE_ACCURACY);
     let mut all: BTreeMap<String, f64> = read_json(&path)?.unwrap_or_default();
     let s: Summary = read_json(&run.join(SUMMARY_FILE))?.context("the source's run has no summary")?;
-    all.insert(ds.to_string(), s.metric(ds, "test", "accuracy").context("the source's run has no test accuracy")?);
+    all.insert(ds.to_string(), s.metric(ds, Split::Test, "accuracy").context("the source's run has no test accuracy")?);
     write_json(&path, &all)
 }
 
@@ -130,10 +130,10 @@ fn target_section(root: &Path, all: &Runs, target: &str, sources: &[&str]) -> Re
     writeln!(md, "|---|---|---|---|---|---|---|")?;
     let (mut own, mut fused) = (Vec::new(), Vec::new());
     for (seed, o, f) in &runs {
-        let (a, b) = (pct(o, target, "test", "accuracy"), pct(f, target, "test", "accuracy"));
+        let (a, b) = (pct(o, target, Split::Test, "accuracy"), pct(f, target, Split::Test, "accuracy"));
         own.push(a);
         fused.push(b);
-        let (od, fd) = (pct(o, target, "dev", "accuracy"), pct(f, target, "dev", "accuracy"));
+        let (od, fd) = (pct(o, target, Split::Dev, "accuracy"), pct(f, target, Split::Dev, "accuracy"));
         writeln!(md, "| {seed} | {a:.2} | {b:.2} | {:+.2} | {od:.2} | {fd:.2} | {} |", b - a, best_step(f))?;
     }
     let gains: Vec<f64> = own.iter().zip(&fused).map(|(a, b)| b - a).collect();

@@ -6,7 +6,7 @@
 
 use crate::results::{Section, CHAT, OTHER_RUNS, QUALITY};
 use crate::runs::{best_step, pct, read_json, stop, test_accuracy, write_json, Cli, Runs, SMOLLM};
-use adapters_train::records::Summary;
+use adapters_train::records::{Split, Summary};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -180,19 +180,19 @@ fn tables(runs: &Runs) -> Result<String> {
             "| method | test accuracy | vs full fine-tuning | test macro-F1 | trainable parameters | share of base | best step | time |"
         )?;
         writeln!(md, "|---|---|---|---|---|---|---|---|")?;
-        let full = runs.get(&format!("{ds}-full")).and_then(|s| s.metric(ds, "test", "accuracy"));
+        let full = runs.get(&format!("{ds}-full")).and_then(|s| s.metric(ds, Split::Test, "accuracy"));
         for (method, _, _) in METHODS {
             let Some(s) = runs.get(&format!("{ds}-{method}")) else {
                 writeln!(md, "| {method} | not run | | | | | | |")?;
                 continue;
             };
-            let acc = s.metric(ds, "test", "accuracy").unwrap_or(f64::NAN);
+            let acc = s.metric(ds, Split::Test, "accuracy").unwrap_or(f64::NAN);
             let delta = full.map(|f| format!("{:+.2}", 100.0 * (acc - f))).unwrap_or_default();
             writeln!(
                 md,
                 "| {method} | {:.2} | {delta} | {:.2} | {} | {:.2}% | {} | {:.0} s |",
                 100.0 * acc,
-                pct(s, ds, "test", "macro_f1"),
+                pct(s, ds, Split::Test, "macro_f1"),
                 s.trainable_parameters,
                 100.0 * s.trainable_share,
                 best_step(s),
@@ -220,9 +220,9 @@ fn tables(runs: &Runs) -> Result<String> {
 /// A language-modelling run's perplexity before and after training on dev and test, and
 /// its size and time.
 fn perplexity_table(md: &mut String, s: &Summary, task: &str) -> Result<()> {
-    let ppl = |split: &str| s.metric(task, split, "perplexity").unwrap_or(f64::NAN);
+    let ppl = |split: Split| s.metric(task, split, "perplexity").unwrap_or(f64::NAN);
     writeln!(md, "| split | before | after | change |\n|---|---|---|---|")?;
-    for (split, before, after) in [("dev", "dev_at_start", "dev"), ("test", "test_at_start", "test")] {
+    for (split, before, after) in [("dev", Split::DevAtStart, Split::Dev), ("test", Split::TestAtStart, Split::Test)] {
         let (b, a) = (ppl(before), ppl(after));
         writeln!(md, "| {split} | {b:.2} | {a:.2} | {:+.1}% |", 100.0 * (a / b - 1.0))?;
     }
@@ -285,7 +285,7 @@ fn extra_runs(runs: &Runs, md: &mut String) -> Result<()> {
                 md,
                 "| {name} | {task} | {:.2} | {:.2} | {} | {:.2}% |",
                 test_accuracy(s, task),
-                pct(s, task, "dev", "accuracy"),
+                pct(s, task, Split::Dev, "accuracy"),
                 s.trainable_parameters,
                 100.0 * s.trainable_share
             )?;

@@ -3,7 +3,7 @@
 //! trainer and the CLI write them with ([`adapters_train::records`]).
 
 use adapters_models::saved_heads::HeadConfig;
-use adapters_train::records::{ClassificationReport, EvalReport, Summary, SUMMARY_FILE};
+use adapters_train::records::{ClassificationReport, EvalReport, Split, Summary, SUMMARY_FILE};
 use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -159,14 +159,14 @@ impl Runs {
     }
 }
 
-/// A metric of a task in percent (NaN when the run has none): `pct(s, "sms_spam", "test", "accuracy")`.
-pub fn pct(s: &Summary, task: &str, split: &str, metric: &str) -> f64 {
+/// A metric of a task in percent (NaN when the run has none): `pct(s, "sms_spam", Split::Test, "accuracy")`.
+pub fn pct(s: &Summary, task: &str, split: Split, metric: &str) -> f64 {
     100.0 * s.metric(task, split, metric).unwrap_or(f64::NAN)
 }
 
 /// Test accuracy of a task in percent.
 pub fn test_accuracy(s: &Summary, task: &str) -> f64 {
-    pct(s, task, "test", "accuracy")
+    pct(s, task, Split::Test, "accuracy")
 }
 
 /// The step a run kept, as the tables print it (`null` when it kept none).

@@ -5,6 +5,7 @@
 
 use crate::results::{Section, VERSUS};
 use crate::runs::{pct, read_json, Cli, Runs};
+use adapters_train::records::Split;
 use anyhow::Result;
 use serde::Deserialize;
 use std::fmt::Write as _;
@@ -65,7 +66,7 @@ fn write(root: &Path, runs: &Runs, md: &mut String) -> Result<()> {
                 cells.push("not run".to_string());
                 continue;
             };
-            let (acc, f1) = (pct(s, ds, "test", "accuracy"), pct(s, ds, "test", "macro_f1"));
+            let (acc, f1) = (pct(s, ds, Split::Test, "accuracy"), pct(s, ds, Split::Test, "macro_f1"));
             accs.push(acc);
             cells.push(format!("{acc:.2} ({f1:.2})"));
             if params.is_none() {

@@ -52,18 +52,34 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// A task's metric on a split (`test`, `dev`, `test_at_start`, `dev_at_start`), if
-    /// the run has it: `summary.metric("sms_spam", "test", "accuracy")`.
-    pub fn metric(&self, task: &str, split: &str, metric: &str) -> Option<f64> {
-        let t = self.tasks.get(task)?;
-        let split = match split {
-            "test" => &t.test,
-            "dev" => &t.dev,
-            "test_at_start" => &t.test_at_start,
-            "dev_at_start" => &t.dev_at_start,
-            _ => return None,
-        };
-        split.get(metric).copied()
+    /// A task's metric on a split, if the run has it: `summary.metric("sms_spam", Split::Test, "accuracy")`.
+    pub fn metric(&self, task: &str, split: Split, metric: &str) -> Option<f64> {
+        self.tasks.get(task)?.split(split).get(metric).copied()
+    }
+}
+
+/// Which of a task's metric sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Dev, at the end (best weights).
+    Dev,
+    /// Test, at the end (best weights).
+    Test,
+    /// Dev before training.
+    DevAtStart,
+    /// Test before training.
+    TestAtStart,
+}
+
+impl TaskResult {
+    /// The metrics of one split.
+    pub fn split(&self, split: Split) -> &BTreeMap<String, f64> {
+        match split {
+            Split::Dev => &self.dev,
+            Split::Test => &self.test,
+            Split::DevAtStart => &self.dev_at_start,
+            Split::TestAtStart => &self.test_at_start,
+        }
     }
 }
 
