@@ -1,7 +1,7 @@
 //! The bottleneck adapter: down-projection, non-linearity, up-projection, added to the
 //! sublayer output (the residual is the backbone's).
 
-use crate::config::{Activation, BottleneckConfig, InitWeights, KindDefaults, Scaling};
+use crate::config::{BottleneckConfig, InitWeights, KindDefaults, ResidualBeforeLn, Scaling};
 use adapters_core::{
     registry, Adapter, BatchableForm, BuildArgs, Capabilities, Error, ForwardCtx, FusedPostNorm, Init, LayerNormWeights, Point, RowBatched,
     SublayerIo,
@@ -48,6 +48,7 @@ impl Bottleneck {
             let (down_w, up_w) = match config.init_weights {
                 InitWeights::Bert => (init.normal((r, d), 0.02, dev)?, init.normal((d, r), 0.02, dev)?),
                 InitWeights::MamAdapter => (init.kaiming_uniform(r, d, dev)?, Tensor::zeros((d, r), DType::F32, dev)?),
+                InitWeights::Houlsby => (init.truncated_normal((r, d), 0.01, 0.02, dev)?, init.truncated_normal((d, r), 0.01, 0.02, dev)?),
             };
             let norm = |on: bool| -> Result<Option<(Var, Var)>> {
                 Ok(if on { Some((var(Tensor::ones(d, DType::F32, dev)?)?, var(Tensor::zeros(d, DType::F32, dev)?)?)) } else { None })
@@ -59,10 +60,14 @@ impl Bottleneck {
                 up_b: var(Tensor::zeros(d, DType::F32, dev)?)?,
                 norm_before: norm(config.ln_before)?,
                 norm_after: norm(config.ln_after)?,
-                gate: if config.use_gating {
-                    Some((var(init.normal((1, d), 0.02, dev)?)?, var(Tensor::zeros(1, DType::F32, dev)?)?))
-                } else {
-                    None
+                gate: match (config.use_gating, config.init_weights) {
+                    (false, _) => None,
+                    // AdapterHub leaves `houlsby`'s gate at PyTorch's default Linear init.
+                    (true, InitWeights::Houlsby) => {
+                        let bound = 1.0 / (d as f64).sqrt();
+                        Some((var(init.kaiming_uniform(1, d, dev)?)?, var(init.uniform(1, bound, dev)?)?))
+                    }
+                    (true, _) => Some((var(init.normal((1, d), 0.02, dev)?)?, var(Tensor::zeros(1, DType::F32, dev)?)?)),
                 },
                 scaling: match config.scaling {
                     Scaling::Fixed(_) => None,
@@ -83,15 +88,6 @@ impl Bottleneck {
     /// The bottleneck width at a point.
     pub fn size_at(&self, point: Point) -> Option<usize> {
         self.sites.get(&point).map(|s| s.down_b.dim(0).unwrap_or(0))
-    }
-}
-
-fn act(a: Activation, x: &Tensor) -> Result<Tensor> {
-    match a {
-        Activation::Relu => x.relu(),
-        Activation::Gelu => kernels::gelu_erf(x),
-        Activation::Swish | Activation::Silu => x.silu(),
-        Activation::Tanh => x.tanh(),
     }
 }
 
@@ -170,62 +166,94 @@ impl Weights {
 }
 
 impl Bottleneck {
-    /// The forward at a site with the given weights (see [`Weights`]).
+    /// The forward at a site with the given weights (see [`Weights`]), in AdapterHub's
+    /// order: the adapter reads `x`; `up(act(down(norm_before(x)))) · scaling`, dropped
+    /// out, gated per sequence by the mean of σ(gate(x)), normed after (with the residual
+    /// added before or after that norm) and added to the residual; the backbone then adds
+    /// its residual stream and applies its own norm to what this returns.
     fn forward_with(&self, w: &Weights, io: &SublayerIo, ctx: &ForwardCtx) -> Result<Tensor> {
         let c = &self.config;
-        let z = if c.is_parallel {
-            io.input.clone()
+        let (x, residual) = if c.is_parallel {
+            (io.input.clone(), io.output.clone())
         } else if c.original_ln_before {
-            match io.post_norm {
+            let sum = || io.input + io.output;
+            let x = match io.post_norm {
                 Some(norm) => norm(io.output, io.input)?,
-                None => (io.input + io.output)?,
-            }
+                None => sum()?,
+            };
+            let residual = match c.residual_before_ln {
+                ResidualBeforeLn::Output => io.output.clone(),
+                ResidualBeforeLn::AdapterInput => x.clone(),
+                ResidualBeforeLn::PostAdd => sum()?,
+            };
+            (x, residual)
         } else {
-            io.output.clone()
+            (io.output.clone(), io.output.clone())
         };
         let z = match &w.norm_before {
-            Some(n) => w.layer_norm(&z, n)?,
-            None => z,
+            Some(n) => w.layer_norm(&x, n)?,
+            None => x.clone(),
         };
-        let hidden = act(c.non_linearity, &w.linear(&z, &w.down_w, &w.down_b)?)?;
-        // A fixed scale with nothing between it and the up projection goes into that
-        // projection's (small) weight and bias: no pass over the [tokens, hidden] output.
-        let fold = match (&c.scaling, &w.norm_after) {
-            (Scaling::Fixed(v), None) if *v != 1.0 => Some(*v),
-            _ => None,
+        let hidden = c.non_linearity.apply(&w.linear(&z, &w.down_w, &w.down_b)?)?;
+        // A fixed scale goes into the up projection's (small) weight and bias: no pass
+        // over the [tokens, hidden] output.
+        let (up_w, up_b) = match c.scaling {
+            Scaling::Fixed(v) if v != 1.0 => ((&w.up_w * v)?, (&w.up_b * v)?),
+            _ => (w.up_w.clone(), w.up_b.clone()),
         };
-        let (up_w, up_b) = match fold {
-            Some(v) => ((&w.up_w * v)?, (&w.up_b * v)?),
-            None => (w.up_w.clone(), w.up_b.clone()),
-        };
+        let dropout = ctx.is_training() && c.dropout > 0.0;
+        let dropped_rows = ctx.is_training() && c.stochastic_depth > 0.0 && !c.is_parallel;
+        let learned = matches!(c.scaling, Scaling::Learned | Scaling::Channel);
         // Nothing between the up projection and the residual add (the usual case): one
         // fused step, which neither makes nor keeps the up projection's own output.
-        let dropout = ctx.is_training() && c.dropout > 0.0;
-        let unscaled = fold.is_some() || matches!(c.scaling, Scaling::Fixed(v) if v == 1.0);
-        if unscaled && w.norm_after.is_none() && w.gate.is_none() && !dropout {
+        if !learned && w.norm_after.is_none() && w.gate.is_none() && !dropout && !dropped_rows {
             return match w.per_row {
-                true => kernels::row_linear(&hidden, &up_w, Some(&up_b), Some(io.output)),
-                false => kernels::linear_add(&hidden, &up_w, &up_b, io.output),
+                true => kernels::row_linear(&hidden, &up_w, Some(&up_b), Some(&residual)),
+                false => kernels::linear_add(&hidden, &up_w, &up_b, &residual),
             };
         }
         let mut up = w.linear(&hidden, &up_w, &up_b)?;
-        if let Some(n) = &w.norm_after {
-            up = w.layer_norm(&up, n)?;
+        if dropped_rows {
+            let keep = ctx.dropout(&Tensor::ones((up.dim(0)?, 1, 1), up.dtype(), up.device())?, c.stochastic_depth)?;
+            up = up.broadcast_mul(&keep)?;
         }
-        up = match (&c.scaling, &w.scaling) {
-            (Scaling::Fixed(_), _) if fold.is_some() => up,
-            (Scaling::Fixed(v), _) if *v == 1.0 => up,
-            (Scaling::Fixed(v), _) => (up * *v)?,
-            (_, Some(learned)) => up.broadcast_mul(&w.scale(learned)?)?,
-            (_, None) => up,
-        };
-        if let Some((gw, gb)) = &w.gate {
-            up = up.broadcast_mul(&candle_nn::ops::sigmoid(&w.linear(&z, gw, gb)?)?)?;
+        if let (true, Some(learned)) = (learned, &w.scaling) {
+            up = up.broadcast_mul(&w.scale(learned)?)?;
         }
         if dropout {
             up = ctx.dropout(&up, c.dropout)?;
         }
-        io.output + up
+        if let Some((gw, gb)) = &w.gate {
+            up = up.broadcast_mul(&sequence_gate(&candle_nn::ops::sigmoid(&w.linear(&x, gw, gb)?)?, ctx)?)?;
+        }
+        let residual_first = c.adapter_residual_before_ln && !c.is_parallel;
+        if residual_first {
+            up = (up + &residual)?;
+        }
+        if let Some(n) = &w.norm_after {
+            up = w.layer_norm(&up, n)?;
+        }
+        if residual_first {
+            Ok(up)
+        } else {
+            residual + up
+        }
+    }
+}
+
+/// A sequence's gate: the mean over its tokens of the per-token gates `[batch, seq, 1]`,
+/// as `[batch, 1, 1]`. AdapterHub averages over the padded length; we average over each
+/// sequence's own tokens (the attention mask), which equals AdapterHub's on an unpadded
+/// sequence and keeps a row's result independent of its batch-mates.
+fn sequence_gate(gates: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+    let (batch, seq, _) = gates.dims3()?;
+    match &ctx.attention_mask {
+        Some(mask) if mask.dims() == [batch, seq] => {
+            let mask = mask.to_dtype(gates.dtype())?.unsqueeze(2)?;
+            let tokens = mask.sum_keepdim(1)?.clamp(1f64, f64::MAX)?;
+            gates.mul(&mask)?.sum_keepdim(1)?.div(&tokens)
+        }
+        _ => gates.mean_keepdim(1),
     }
 }
 
@@ -286,8 +314,19 @@ impl RowBatched for Bottleneck {
         let (r, d) = site.down_w.dims2().ok()?;
         // Everything the forward depends on besides the tensors (not the kind's name or the init).
         let key = format!(
-            "bottleneck {d}x{r} act={:?} original_ln_before={} parallel={} scaling={:?} ln_before={} ln_after={} dropout={} gating={}",
-            c.non_linearity, c.original_ln_before, c.is_parallel, c.scaling, c.ln_before, c.ln_after, c.dropout, c.use_gating
+            "bottleneck {d}x{r} act={:?} original_ln_before={} parallel={} scaling={:?} ln_before={} ln_after={} dropout={} gating={} \
+             residual={:?} adapter_residual_before_ln={} stochastic_depth={}",
+            c.non_linearity,
+            c.original_ln_before,
+            c.is_parallel,
+            c.scaling,
+            c.ln_before,
+            c.ln_after,
+            c.dropout,
+            c.use_gating,
+            c.residual_before_ln,
+            c.adapter_residual_before_ln,
+            c.stochastic_depth
         );
         Some(BatchableForm { key, weights: site.tensors() })
     }
@@ -308,22 +347,20 @@ impl FusedPostNorm for Bottleneck {
 impl Bottleneck {
     /// The whole change at `point` as one bottleneck (`up(act(down(z)))` added to the
     /// sublayer output), for the fused inference pass; `None` for sites with their own
-    /// norms or gate.
+    /// norms or gate, another residual, or an activation the kernels lack.
     fn bottleneck(&self, point: Point) -> Option<Result<kernels::Bottleneck>> {
         let (c, site) = (&self.config, self.sites.get(&point)?);
         if site.norm_before.is_some() || site.norm_after.is_some() || site.gate.is_some() {
             return None;
         }
+        if c.original_ln_before && !c.is_parallel && c.residual_before_ln != ResidualBeforeLn::Output {
+            return None;
+        }
+        let activation = c.non_linearity.kernel()?;
         let reads = match (c.is_parallel, c.original_ln_before) {
             (true, _) => kernels::BottleneckInput::Input,
             (false, true) => kernels::BottleneckInput::NormedSum,
             (false, false) => kernels::BottleneckInput::Output,
-        };
-        let activation = match c.non_linearity {
-            Activation::Relu => kernels::Activation::Relu,
-            Activation::Gelu => kernels::Activation::Gelu,
-            Activation::Swish | Activation::Silu => kernels::Activation::Silu,
-            Activation::Tanh => kernels::Activation::Tanh,
         };
         // The scale goes into the up projection's rows (output channels) and bias.
         let scaled = |w: &Var, rows: bool| -> Result<Tensor> {

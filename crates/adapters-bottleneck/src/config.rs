@@ -5,20 +5,142 @@ use adapters_core::registry::parse_config;
 use adapters_core::{Error, Site};
 use serde::{Deserialize, Serialize};
 
-/// The non-linearity between the down and up projections.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// The non-linearity between the down and up projections, by every name AdapterHub
+/// accepts (its `leakyrelu` and transformers' `ACT2FN`), computed as those compute it.
+/// Names for one function (`swish`/`silu`, the tanh-approximated GELUs) read as one
+/// variant and are written back by its first name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     /// `relu`.
     Relu,
-    /// `gelu` (exact).
+    /// `relu2`: relu(x)².
+    Relu2,
+    /// `relu6`: min(max(x, 0), 6).
+    Relu6,
+    /// `leakyrelu` / `leaky_relu`: negative slope 0.01.
+    LeakyRelu,
+    /// `gelu` / `gelu_python`: exact (erf) GELU.
     Gelu,
-    /// SiLU, as AdapterHub names it.
-    Swish,
-    /// `silu` (same as `swish`).
+    /// `gelu_10`: exact GELU clipped to [-10, 10].
+    Gelu10,
+    /// `gelu_new` / `gelu_fast` / `gelu_accurate` / `gelu_pytorch_tanh` / `gelu_python_tanh`:
+    /// 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))).
+    GeluTanh,
+    /// `quick_gelu`: x σ(1.702 x).
+    QuickGelu,
+    /// `swish` / `silu`: x σ(x).
     Silu,
     /// `tanh`.
     Tanh,
+    /// `sigmoid`.
+    Sigmoid,
+    /// `mish`: x tanh(softplus(x)).
+    Mish,
+    /// `linear`: the identity.
+    Linear,
+    /// `laplace`: 0.5 (1 + erf((x − 0.707107) / (0.282095 √2))).
+    Laplace,
+}
+
+/// Every accepted name and its function; the first name of each is the one written.
+const ACTIVATION_NAMES: &[(&str, Activation)] = &[
+    ("relu", Activation::Relu),
+    ("relu2", Activation::Relu2),
+    ("relu6", Activation::Relu6),
+    ("leakyrelu", Activation::LeakyRelu),
+    ("leaky_relu", Activation::LeakyRelu),
+    ("gelu", Activation::Gelu),
+    ("gelu_python", Activation::Gelu),
+    ("gelu_10", Activation::Gelu10),
+    ("gelu_new", Activation::GeluTanh),
+    ("gelu_fast", Activation::GeluTanh),
+    ("gelu_accurate", Activation::GeluTanh),
+    ("gelu_pytorch_tanh", Activation::GeluTanh),
+    ("gelu_python_tanh", Activation::GeluTanh),
+    ("quick_gelu", Activation::QuickGelu),
+    ("swish", Activation::Silu),
+    ("silu", Activation::Silu),
+    ("tanh", Activation::Tanh),
+    ("sigmoid", Activation::Sigmoid),
+    ("mish", Activation::Mish),
+    ("linear", Activation::Linear),
+    ("laplace", Activation::Laplace),
+];
+
+/// transformers' `LaplaceActivation` constants, as it writes them (not 1/√2 exactly).
+#[allow(clippy::approx_constant)]
+const LAPLACE_MU: f64 = 0.707107;
+const LAPLACE_SIGMA: f64 = 0.282095;
+
+impl Activation {
+    /// The activation of a name, case-insensitively as AdapterHub lowercases it; the
+    /// error lists the names accepted.
+    pub fn from_name(name: &str) -> Result<Activation, String> {
+        let lower = name.to_lowercase();
+        if let Some((_, a)) = ACTIVATION_NAMES.iter().find(|(n, _)| *n == lower) {
+            return Ok(*a);
+        }
+        let names: Vec<&str> = ACTIVATION_NAMES.iter().map(|(n, _)| *n).collect();
+        let why = match lower.as_str() {
+            "prelu" | "xielu" => " (it has learned parameters of its own, which this library does not load)",
+            _ => "",
+        };
+        Err(format!("non_linearity `{name}` is not supported{why}; use one of {}", names.join(", ")))
+    }
+
+    /// The name written for it.
+    pub fn name(self) -> &'static str {
+        ACTIVATION_NAMES.iter().find(|(_, a)| *a == self).map(|(n, _)| *n).expect("every variant is named")
+    }
+
+    /// The function, on any tensor (differentiable).
+    pub fn apply(self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        use candle_nn::ops::sigmoid;
+        match self {
+            Activation::Relu => x.relu(),
+            Activation::Relu2 => x.relu()?.sqr(),
+            Activation::Relu6 => x.relu()?.minimum(6f64),
+            Activation::LeakyRelu => candle_nn::ops::leaky_relu(x, 0.01),
+            Activation::Gelu => adapters_kernels::gelu_erf(x),
+            Activation::Gelu10 => adapters_kernels::gelu_erf(x)?.clamp(-10f64, 10f64),
+            Activation::GeluTanh => x.gelu(),
+            Activation::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
+            Activation::Silu => x.silu(),
+            Activation::Tanh => x.tanh(),
+            Activation::Sigmoid => sigmoid(x),
+            Activation::Mish => {
+                // softplus(x) = max(x, 0) + log(1 + exp(-|x|)), stable for large |x|.
+                let softplus = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+                x.mul(&softplus.tanh()?)
+            }
+            Activation::Linear => Ok(x.clone()),
+            Activation::Laplace => (((x - LAPLACE_MU)? / (LAPLACE_SIGMA * std::f64::consts::SQRT_2))?.erf()? + 1.0)? * 0.5,
+        }
+    }
+
+    /// The fused kernels' form of it, where they have one.
+    pub fn kernel(self) -> Option<adapters_kernels::Activation> {
+        match self {
+            Activation::Relu => Some(adapters_kernels::Activation::Relu),
+            Activation::Gelu => Some(adapters_kernels::Activation::Gelu),
+            Activation::Silu => Some(adapters_kernels::Activation::Silu),
+            Activation::Tanh => Some(adapters_kernels::Activation::Tanh),
+            Activation::Linear => Some(adapters_kernels::Activation::Identity),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for Activation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Activation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Activation::from_name(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 /// How the adapter output is scaled: a fixed number, a learned scalar, or a learned
@@ -63,13 +185,66 @@ pub enum InitWeights {
     /// Down projection kaiming-uniform, up projection and biases zero: the adapter starts
     /// as the identity (AdapterHub's `mam_adapter`).
     MamAdapter,
+    /// Both projections truncated normal(0, 0.01) within ±0.02, biases zero
+    /// (AdapterHub's `houlsby`, used by its `AdapterPlusConfig`).
+    Houlsby,
+}
+
+/// Which tensor the residual around a sequential adapter is (AdapterHub's
+/// `residual_before_ln`): what the adapter's output is added to before the backbone's
+/// own residual add and norm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ResidualBeforeLn {
+    /// `true`: the sublayer's output, before the backbone's residual add and norm.
+    #[default]
+    Output,
+    /// `false`: the adapter's input (with `original_ln_before`, the post-norm sum).
+    AdapterInput,
+    /// `"post_add"`: the sublayer output plus the residual stream, before the norm.
+    PostAdd,
+}
+
+impl ResidualBeforeLn {
+    fn is_default(&self) -> bool {
+        *self == ResidualBeforeLn::Output
+    }
+}
+
+impl Serialize for ResidualBeforeLn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ResidualBeforeLn::Output => s.serialize_bool(true),
+            ResidualBeforeLn::AdapterInput => s.serialize_bool(false),
+            ResidualBeforeLn::PostAdd => s.serialize_str("post_add"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ResidualBeforeLn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Bool(true) => Ok(ResidualBeforeLn::Output),
+            serde_json::Value::Bool(false) => Ok(ResidualBeforeLn::AdapterInput),
+            serde_json::Value::String(s) if s == "post_add" => Ok(ResidualBeforeLn::PostAdd),
+            other => Err(serde::de::Error::custom(format!("residual_before_ln must be true, false or \"post_add\", not {other}"))),
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// A bottleneck adapter's full configuration (AdapterHub's `BnConfig` fields we support).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BottleneckConfig {
-    /// Bottleneck width = hidden size / reduction_factor (unless `bottleneck_size` is set).
+    /// Bottleneck width = ⌊hidden size / reduction_factor⌋ (Python's `//`; at least 1),
+    /// unless `bottleneck_size` is set.
     pub reduction_factor: f64,
     /// An explicit bottleneck width, overriding `reduction_factor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,8 +264,20 @@ pub struct BottleneckConfig {
     pub ln_after: bool,
     /// Dropout on the adapter output, in training only.
     pub dropout: f64,
-    /// A learned sigmoid gate on the adapter output.
+    /// A learned sigmoid gate on the adapter output, one value per sequence: the mean
+    /// over the sequence's tokens of σ(gate(adapter input)), as AdapterHub gates.
     pub use_gating: bool,
+    /// Which tensor the adapter's output is added to (sequential adapters).
+    #[serde(default, skip_serializing_if = "ResidualBeforeLn::is_default")]
+    pub residual_before_ln: ResidualBeforeLn,
+    /// With `ln_after`: add the residual before the adapter's own norm, not after it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub adapter_residual_before_ln: bool,
+    /// Sequential adapters, in training: drop a whole sequence's adapter output with this
+    /// probability, scaling the kept ones by 1 / (1 − p) (torchvision's row-mode stochastic
+    /// depth, as AdapterHub applies it). No effect at inference.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stochastic_depth: f64,
     /// How the projections start.
     pub init_weights: InitWeights,
 }
@@ -98,8 +285,27 @@ pub struct BottleneckConfig {
 impl BottleneckConfig {
     /// The width at a layer of a model with this hidden size (before per-layer overrides).
     pub fn default_size(&self, hidden: usize) -> usize {
-        self.bottleneck_size.unwrap_or_else(|| ((hidden as f64 / self.reduction_factor) as usize).max(1))
+        self.bottleneck_size.unwrap_or_else(|| width_for(hidden, self.reduction_factor))
     }
+}
+
+/// AdapterHub's width for a reduction factor: `max(int(hidden // reduction_factor), 1)`,
+/// with Python's float floor division (which can differ from ⌊hidden / rf⌋ by one).
+pub fn width_for(hidden: usize, reduction_factor: f64) -> usize {
+    let (x, w) = (hidden as f64, reduction_factor);
+    // CPython's float_floor_div.
+    let mut m = x % w;
+    let mut div = (x - m) / w;
+    if m != 0.0 && ((w < 0.0) != (m < 0.0)) {
+        m += w;
+        div -= 1.0;
+    }
+    let _ = m;
+    let mut floor = div.floor();
+    if div - floor > 0.5 {
+        floor += 1.0;
+    }
+    (floor.max(0.0) as usize).max(1)
 }
 
 /// The registered kinds and their defaults.
@@ -172,6 +378,20 @@ pub fn resolve(kind: &KindDefaults, user: &serde_json::Value) -> Result<Bottlene
     }
     if !(0.0..1.0).contains(&config.dropout) {
         return Err(Error::Config { kind: kind.name.into(), message: format!("dropout must be in [0, 1), got {}", config.dropout) });
+    }
+    if !(0.0..1.0).contains(&config.stochastic_depth) {
+        return Err(Error::Config {
+            kind: kind.name.into(),
+            message: format!("stochastic_depth must be in [0, 1), got {}", config.stochastic_depth),
+        });
+    }
+    if config.residual_before_ln == ResidualBeforeLn::PostAdd && !config.original_ln_before && !config.is_parallel {
+        return Err(Error::Config {
+            kind: kind.name.into(),
+            message: "residual_before_ln = \"post_add\" needs original_ln_before = true (there is no residual add before the \
+                      adapter to take it after; AdapterHub fails on this combination too)"
+                .into(),
+        });
     }
     Ok(config)
 }

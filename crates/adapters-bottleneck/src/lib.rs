@@ -27,9 +27,9 @@ const FIELDS: &[ConfigField] = &[
     ConfigField { name: "bottleneck_size", ty: "integer", default: "none", doc: "explicit bottleneck width (overrides reduction_factor)" },
     ConfigField {
         name: "non_linearity",
-        ty: "relu|gelu|swish|silu|tanh",
+        ty: "relu|gelu|gelu_new|swish|tanh|leakyrelu|...",
         default: "relu (double_seq_bn: swish)",
-        doc: "activation between the projections",
+        doc: "activation between the projections; every name AdapterHub accepts (docs/interop.md)",
     },
     ConfigField {
         name: "original_ln_before",
@@ -47,12 +47,30 @@ const FIELDS: &[ConfigField] = &[
     ConfigField { name: "ln_before", ty: "bool", default: "false", doc: "adapter LayerNorm before the down projection" },
     ConfigField { name: "ln_after", ty: "bool", default: "false", doc: "adapter LayerNorm after the up projection" },
     ConfigField { name: "dropout", ty: "number", default: "0.0", doc: "dropout on the adapter output (training only)" },
-    ConfigField { name: "use_gating", ty: "bool", default: "false", doc: "learned sigmoid gate on the adapter output" },
+    ConfigField { name: "use_gating", ty: "bool", default: "false", doc: "learned sigmoid gate on the adapter output, one per sequence" },
+    ConfigField {
+        name: "residual_before_ln",
+        ty: "true|false|\"post_add\"",
+        default: "true",
+        doc: "what the output is added to: sublayer output, adapter input, or output + residual stream",
+    },
+    ConfigField {
+        name: "adapter_residual_before_ln",
+        ty: "bool",
+        default: "false",
+        doc: "with ln_after: add the residual before the adapter's own norm",
+    },
+    ConfigField {
+        name: "stochastic_depth",
+        ty: "number",
+        default: "0.0",
+        doc: "training: drop a sequence's whole adapter output with this probability",
+    },
     ConfigField {
         name: "init_weights",
-        ty: "bert|mam_adapter",
+        ty: "bert|mam_adapter|houlsby",
         default: "bert (par_bn: mam_adapter)",
-        doc: "normal(0,0.02) both, or zero up-projection (identity at start)",
+        doc: "normal(0,0.02) both; zero up-projection (identity at start); truncated normal(0,0.01)",
     },
 ];
 

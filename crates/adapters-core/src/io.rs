@@ -150,10 +150,21 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
     if !path.exists() {
         return Err(Error::Io { path: path.to_path_buf(), message: "the file is missing".into() });
     }
-    let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        message: format!("not a readable safetensors file (truncated or corrupt?): {e}"),
-    })?;
+    // PyTorch pickles (`.bin`, what AdapterHub and PEFT write by default) are read by
+    // candle's restricted unpickler, which builds tensors and runs no code.
+    let pickle = path.extension().is_some_and(|e| e == "bin" || e == "pt");
+    let tensors: HashMap<String, Tensor> = if pickle {
+        candle_core::pickle::read_all(path)
+            .map_err(|e| Error::Io { path: path.to_path_buf(), message: format!("not a readable PyTorch tensor file: {e}") })?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(device)?)))
+            .collect::<Result<_, Error>>()?
+    } else {
+        candle_core::safetensors::load(path, device).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            message: format!("not a readable safetensors file (truncated or corrupt?): {e}"),
+        })?
+    };
     let mut out = HashMap::with_capacity(tensors.len());
     let mut names: Vec<String> = tensors.keys().cloned().collect();
     names.sort();

@@ -32,22 +32,139 @@ fn point_of(module: &str, model: &ModelInfo) -> Option<Point> {
     }
 }
 
+/// Every field of PEFT 0.21.2's `LoraConfig` and what it needs to be for the adapter to
+/// compute here exactly what PEFT computes: `None`, any value (it does not change what a
+/// loaded adapter computes on our models, or we compute it); `Some(check)`, values the
+/// check accepts, else refused by name.
+type FieldRule = (&'static str, Option<fn(&Value) -> bool>);
+
+fn is_null(v: &Value) -> bool {
+    v.is_null()
+}
+fn is_false(v: &Value) -> bool {
+    v.is_null() || v == &Value::Bool(false)
+}
+fn is_empty(v: &Value) -> bool {
+    v.is_null() || v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty())
+}
+
+/// Fields every PEFT config has (metadata; `task_type` only picks the wrapper class).
+const PEFT_FIELDS: &[FieldRule] = &[
+    ("peft_type", None),
+    ("task_type", None),
+    ("auto_mapping", None),
+    ("peft_version", None),
+    ("base_model_name_or_path", None),
+    ("revision", None),
+    ("inference_mode", None),
+    // Our projections are all `nn.Linear`, for which PEFT itself resets it to false.
+    ("fan_in_fan_out", None),
+    // Placement: read from which modules the file holds tensors for.
+    ("target_modules", None),
+    ("exclude_modules", None),
+    ("modules_to_save", Some(is_empty)),
+];
+
+const LORA_FIELDS: &[FieldRule] = &[
+    ("r", None),
+    ("lora_alpha", None),
+    ("lora_dropout", None),
+    ("use_rslora", None),
+    ("layers_to_transform", None),
+    ("layers_pattern", None),
+    ("rank_pattern", None),
+    ("alpha_pattern", None),
+    // Only where the bias is "none" are the base model's biases untouched.
+    ("bias", Some(|v| v.is_null() || v == "none")),
+    // Only initialisations that leave the base weights alone (PiSSA, OLoRA, CorDA, EVA,
+    // LoftQ rewrite them at load).
+    ("init_lora_weights", Some(|v| v.is_null() || v.is_boolean() || v == "gaussian" || v == "orthogonal")),
+    ("megatron_config", Some(is_null)),
+    ("megatron_core", None),
+    ("trainable_token_indices", Some(is_empty)),
+    ("loftq_config", Some(is_empty)),
+    ("eva_config", Some(is_null)),
+    ("corda_config", Some(is_null)),
+    ("lora_ga_config", Some(is_null)),
+    ("use_dora", Some(is_false)),
+    ("velora_config", Some(is_null)),
+    ("alora_invocation_tokens", Some(is_null)),
+    ("use_qalora", Some(is_false)),
+    ("qalora_group_size", None),
+    ("monteclora_config", Some(is_null)),
+    ("layer_replication", Some(is_null)),
+    ("runtime_config", None),
+    ("lora_bias", Some(is_false)),
+    ("target_parameters", Some(is_empty)),
+    ("use_bdlora", Some(is_null)),
+    ("arrow_config", Some(is_null)),
+    ("kasa_config", Some(is_null)),
+    ("ensure_weight_tying", None),
+];
+
+const IA3_FIELDS: &[FieldRule] = &[("feedforward_modules", None), ("init_ia3_weights", None)];
+
+/// The first field that is unknown or has a value we would not compute as PEFT does.
+fn check_fields(json: &Value, rules: &[&[FieldRule]]) -> Result<(), String> {
+    let fields = json.as_object().ok_or("the config is not a table of fields")?;
+    for (name, value) in fields {
+        match rules.iter().flat_map(|r| r.iter()).find(|(n, _)| n == name) {
+            None => return Err(format!("config field `{name}` is not one of PEFT 0.21.2's fields; refused rather than ignored")),
+            Some((_, Some(accepts))) if !accepts(value) => {
+                return Err(format!("config field `{name}` = {value} is not supported (it would compute something else here)"))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The weights file of a PEFT folder: safetensors, else the PyTorch pickle PEFT writes
+/// with `safe_serialization=False`.
+fn weights_file(dir: &Path) -> std::path::PathBuf {
+    let safetensors = dir.join(WEIGHTS_FILE);
+    let pickle = dir.join("adapter_model.bin");
+    if !safetensors.exists() && pickle.exists() {
+        pickle
+    } else {
+        safetensors
+    }
+}
+
+/// The points of a set of module paths as a placement: the layers and sites that carry
+/// tensors. Points of that grid the file does not cover are returned apart, for the
+/// caller to fill with weights that change nothing.
+fn grid_placement(points: impl Iterator<Item = Point>, model: &ModelInfo) -> (Placement, Vec<Point>, BTreeSet<Point>) {
+    let present: BTreeSet<Point> = points.collect();
+    let layers: BTreeSet<usize> = present.iter().map(|p| p.layer).collect();
+    let sites: BTreeSet<Site> = present.iter().map(|p| p.site).collect();
+    let missing = layers
+        .iter()
+        .flat_map(|&l| sites.iter().map(move |&s| Point::new(l, s)))
+        .filter(|p| model.spec(*p).is_some() && !present.contains(p))
+        .collect();
+    let placement = Placement {
+        layers: if layers.len() == model.num_layers { Layers::All } else { Layers::List(layers.into_iter().collect()) },
+        leave_out: vec![],
+        sites: sites.into_iter().collect(),
+        sizes: Default::default(),
+    };
+    (placement, missing, present)
+}
+
 pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
     let config_path = dir.join(CONFIG_FILE);
     let peft_type = json["peft_type"].as_str().unwrap_or("");
-    if peft_type != "LORA" {
-        return Err(bad(&config_path, format!("peft_type `{peft_type}` is not supported (only LORA)")));
+    let rules: &[&[FieldRule]] = match peft_type {
+        "LORA" => &[PEFT_FIELDS, LORA_FIELDS],
+        "IA3" => &[PEFT_FIELDS, IA3_FIELDS],
+        other => return Err(bad(&config_path, format!("peft_type `{other}` is not supported (LORA and IA3 are)"))),
+    };
+    check_fields(json, rules).map_err(|m| bad(&config_path, m))?;
+    if peft_type == "IA3" {
+        return load_ia3(dir, model, device);
     }
-    let unsupported = [
-        ("use_dora", json["use_dora"].as_bool() == Some(true)),
-        ("fan_in_fan_out", json["fan_in_fan_out"].as_bool() == Some(true)),
-        ("bias other than \"none\"", json["bias"].as_str().is_some_and(|b| b != "none")),
-        ("modules_to_save", json["modules_to_save"].as_array().is_some_and(|m| !m.is_empty())),
-    ];
-    if let Some((what, _)) = unsupported.iter().find(|(_, on)| *on) {
-        return Err(bad(&config_path, format!("`{what}` is not supported by this library's LoRA")));
-    }
-    let weights = dir.join(WEIGHTS_FILE);
+    let weights = weights_file(dir);
     let tensors = read_tensors(&weights, device)?;
     let mut pairs: HashMap<Point, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (key, t) in tensors {
@@ -56,6 +173,8 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
             (m, 0)
         } else if let Some(m) = stripped.strip_suffix(".lora_B.weight") {
             (m, 1)
+        } else if stripped.contains(".lora_embedding_A") || stripped.contains(".lora_embedding_B") {
+            return Err(bad(&weights, format!("tensor `{key}` (lora_embedding_A/B): LoRA on embedding layers is not supported")));
         } else {
             return Err(bad(&weights, format!("tensor `{key}` is not a LoRA A or B weight")));
         };
@@ -79,19 +198,15 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
             _ => return Err(bad(&weights, format!("{p}: has only one of lora_A and lora_B"))),
         };
     }
-    // Placement: the layers and sites that carry tensors (they must form a full grid).
-    let layers: BTreeSet<usize> = complete.keys().map(|p| p.layer).collect();
-    let sites: BTreeSet<Site> = complete.keys().map(|p| p.site).collect();
-    let grid = layers.iter().flat_map(|&l| sites.iter().map(move |&s| Point::new(l, s))).filter(|p| model.spec(*p).is_some()).count();
-    if grid != complete.len() {
-        return Err(bad(&weights, "the adapted modules do not cover the same sites in every adapted layer; not supported".into()));
+    // Points of the layers x sites grid that PEFT left out (`exclude_modules`, a regex)
+    // get a zero update: B = 0 adds nothing, exactly as an unadapted module.
+    let (placement, missing, _) = grid_placement(complete.keys().copied(), model);
+    let r_config = json["r"].as_u64().unwrap_or(8) as usize;
+    for p in missing {
+        let spec = model.spec(p).expect("point of the model");
+        let zero = |rows, cols| Tensor::zeros((rows, cols), candle_core::DType::F32, device);
+        complete.insert(p, (zero(r_config, spec.in_features)?, zero(spec.out_features, r_config)?));
     }
-    let placement = Placement {
-        layers: if layers.len() == model.num_layers { Layers::All } else { Layers::List(layers.into_iter().collect()) },
-        leave_out: vec![],
-        sites: sites.into_iter().collect(),
-        sizes: Default::default(),
-    };
     // Ranks come from the tensors (exact), alphas from the config's patterns.
     let r = json["r"].as_u64().unwrap_or(8) as usize;
     let alpha = json["lora_alpha"].as_f64().unwrap_or(8.0);
@@ -117,6 +232,53 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     let config_json = serde_json::to_value(&config).expect("json");
     let adapter = Lora::build(&BuildArgs { config: &config_json, placement: &placement, model, device, seed: 0 })?;
     fill_vars(&adapter, tensors_by_point(complete), &weights)?;
+    let name = folder_name(dir);
+    Ok(Loaded { name, adapter: Box::new(adapter), placement, format: "peft" })
+}
+
+fn folder_name(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into())
+}
+
+/// A PEFT IA3 folder: `<module>.ia3_l` vectors, `[1, in]` where the input is scaled
+/// (`feedforward_modules`), `[out, 1]` where the output is.
+fn load_ia3(dir: &Path, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
+    let weights = weights_file(dir);
+    let mut scales: HashMap<Point, (Tensor, bool)> = HashMap::new();
+    for (key, t) in read_tensors(&weights, device)? {
+        let stripped = key.strip_prefix(PREFIX).unwrap_or(&key);
+        let module = stripped.strip_suffix(".ia3_l").ok_or_else(|| bad(&weights, format!("tensor `{key}` is not an IA3 vector")))?;
+        let point = point_of(module, model).ok_or_else(|| {
+            bad(&weights, format!("tensor `{key}`: module `{module}` is not a projection of this {} model", model.architecture))
+        })?;
+        let input_scaled = t.dim(0)? == 1 && t.rank() == 2 && t.dim(1)? > 1;
+        scales.insert(point, (t.flatten_all()?, input_scaled));
+    }
+    if scales.is_empty() {
+        return Err(bad(&weights, "holds no IA3 vectors".into()));
+    }
+    let mut feedforward_sites: Vec<Site> = Vec::new();
+    for (p, (_, input_scaled)) in &scales {
+        if *input_scaled && !feedforward_sites.contains(&p.site) {
+            feedforward_sites.push(p.site);
+        }
+    }
+    if let Some((p, _)) = scales.iter().find(|(p, (_, i))| feedforward_sites.contains(&p.site) != *i) {
+        return Err(bad(&weights, format!("{p}: scales its output where the same site elsewhere scales its input; not supported")));
+    }
+    feedforward_sites.sort();
+    // Points of the grid without a vector scale by one: unchanged.
+    let (placement, missing, _) = grid_placement(scales.keys().copied(), model);
+    let config = crate::Ia3Config { feedforward_sites };
+    let config_json = serde_json::to_value(&config).expect("json");
+    let adapter = crate::Ia3::build(&BuildArgs { config: &config_json, placement: &placement, model, device, seed: 0 })?;
+    let mut by_var: HashMap<String, Tensor> = scales.into_iter().map(|(p, (t, _))| (p.var_name("ia3_l"), t)).collect();
+    for p in missing {
+        let spec = model.spec(p).expect("point of the model");
+        let n = if config.feedforward_sites.contains(&p.site) { spec.in_features } else { spec.out_features };
+        by_var.insert(p.var_name("ia3_l"), Tensor::ones(n, candle_core::DType::F32, device)?);
+    }
+    fill_vars(&adapter, by_var, &weights)?;
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "lora".into());
     Ok(Loaded { name, adapter: Box::new(adapter), placement, format: "peft" })
 }
