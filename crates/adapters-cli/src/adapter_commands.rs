@@ -143,14 +143,15 @@ fn python_loader(format: Format, kind: &str, out: &Path) -> Option<String> {
 
 /// The weights file of an adapter folder, whichever layout it has.
 fn weights_file(dir: &Path) -> Option<PathBuf> {
-    // AdapterHub's bottleneck folders keep their weights in `adapter.safetensors`.
-    [io::WEIGHTS_FILE, "adapter.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.exists())
+    // AdapterHub's bottleneck folders keep their weights in `adapter.safetensors`; both
+    // libraries write PyTorch pickles by default.
+    [io::WEIGHTS_FILE, "adapter.safetensors", "adapter_model.bin", "pytorch_adapter.bin"].iter().map(|f| dir.join(f)).find(|p| p.exists())
 }
 
 pub fn inspect(dir: &Path, model: Option<&Path>) -> Result<()> {
     let config = read_json(&dir.join(CONFIG_FILE))?;
-    let weights =
-        weights_file(dir).with_context(|| format!("{} has no adapter_model.safetensors or adapter.safetensors", dir.display()))?;
+    let weights = weights_file(dir)
+        .with_context(|| format!("{} has no adapter weights (adapter_model.safetensors, adapter.safetensors or a .bin)", dir.display()))?;
     let tensors = read_tensors(&weights, &Device::Cpu)?;
     let params: usize = tensors.values().map(|t| t.elem_count()).sum();
     let format = if config.get("format").and_then(|f| f.as_str()) == Some(io::FORMAT) {

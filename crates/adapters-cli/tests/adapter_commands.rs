@@ -340,3 +340,37 @@ fn average_combines_adapters_and_their_heads() {
     assert!(!success && err.contains("not empty"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Our writer, checked by the other library: `make_differential.py` converted a sample of
+/// the differential fixtures with `adapters convert` and loaded the results in AdapterHub
+/// and PEFT, which computed what they computed on their own folders (recorded
+/// differences). Converting again must write those very files (same sha256), so what the
+/// Python libraries checked is what `convert` writes today.
+#[test]
+fn converted_folders_are_the_ones_adapterhub_and_peft_checked() {
+    use sha2::{Digest, Sha256};
+    let fixtures = workspace().join("fixtures/interop/differential");
+    let cases: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures.join("cases.json")).unwrap()).unwrap();
+    let reverse = cases["reverse"].as_array().unwrap();
+    assert!(reverse.len() >= 20, "{} folders written here and checked there", reverse.len());
+    let models = PathBuf::from(minilm()).parent().unwrap().to_path_buf();
+    let tmp = std::env::temp_dir().join(format!("reverse-{}", std::process::id()));
+    let sha = |path: PathBuf| format!("{:x}", Sha256::digest(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))));
+    for entry in reverse {
+        let (name, format) = (entry["name"].as_str().unwrap(), entry["format"].as_str().unwrap());
+        assert!(entry["max_diff"].as_f64().unwrap() <= 1e-5, "{name}: {format} computed {} away from its own folder", entry["max_diff"]);
+        let out = tmp.join(name);
+        // From the models folder, as the script ran it: PEFT records `--model` as given.
+        let status = Command::new(env!("CARGO_BIN_EXE_adapters"))
+            .current_dir(&models)
+            .args(["convert", fixtures.join(name).to_str().unwrap(), "--model", "all-MiniLM-L6-v2", "--format", format])
+            .args(["--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{name}: {}", String::from_utf8_lossy(&status.stderr));
+        let weights = if format == "adapterhub" { "adapter.safetensors" } else { "adapter_model.safetensors" };
+        assert_eq!(sha(out.join(weights)), entry["weights_sha256"].as_str().unwrap(), "{name}: {format} weights differ from those checked");
+        assert_eq!(sha(out.join("adapter_config.json")), entry["config_sha256"].as_str().unwrap(), "{name}: {format} config differs");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
