@@ -96,7 +96,7 @@ pub fn write_as(
         #[cfg(feature = "lora")]
         Format::Peft => adapters_lora::peft::save(out, adapter, &info, &model.to_string_lossy())?,
         #[cfg(feature = "fusion")]
-        Format::Adapterhub if adapter.kind() == adapters_fusion::KIND => adapters_fusion::adapterhub::save(out, name, adapter, &info)?,
+        Format::Adapterhub if adapter.kind() == adapters_fusion::KIND => adapters_fusion::adapterhub::save(out, adapter, &info)?,
         #[cfg(feature = "bottleneck")]
         Format::Adapterhub => adapters_bottleneck::adapterhub::save(out, name, adapter, placement, &info)?,
         #[allow(unreachable_patterns)]

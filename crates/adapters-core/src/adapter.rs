@@ -32,8 +32,21 @@ pub struct ProjectionIo<'a> {
     pub input: &'a Tensor,
     /// The projection's output `W x + b`, `[batch, seq, out_features]`.
     pub output: &'a Tensor,
-    /// The frozen projection itself, so an adapter can re-apply it to a changed input.
-    pub linear: TensorFn<'a>,
+    /// The frozen projection itself.
+    pub linear: FrozenLinear<'a>,
+}
+
+/// A frozen projection as its site lends it to adapters: the map, to re-apply to a changed
+/// input (IA3 on a feed-forward input), and its weights, for adapters whose update depends
+/// on them (DoRA normalises `W + ΔW` per output row).
+#[derive(Clone, Copy)]
+pub struct FrozenLinear<'a> {
+    /// `x ↦ x Wᵀ + b` (in decoding steps possibly on an 8-bit copy of `W`).
+    pub apply: TensorFn<'a>,
+    /// `W`, `[out_features, in_features]`, in f32.
+    pub weight: &'a Tensor,
+    /// `b`, `[out_features]`, if the projection has one.
+    pub bias: Option<&'a Tensor>,
 }
 
 /// What the input-embeddings site (and, in decoders, the LM-head input) hands to an adapter.

@@ -130,6 +130,10 @@ pub struct Fused {
 /// outputs at a hidden site instead of changing the site itself (AdapterFusion). A setup
 /// that names it outside a `fuse(...)` block is refused when it is set.
 pub trait FusionLayer {
+    /// The names of the adapters it was made over, in order: a `fuse(...)` block without a
+    /// fusion name finds it by them.
+    fn members(&self) -> Vec<String>;
+
     /// The new sublayer output at `point` from the members' outputs there.
     fn fuse(&self, point: Point, io: &SublayerIo, members: &[FuseMember], ctx: &ForwardCtx) -> Result<Fused>;
 }

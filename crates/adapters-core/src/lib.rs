@@ -26,7 +26,9 @@ pub mod registry;
 pub mod set;
 pub mod setup;
 
-pub use adapter::{Adapter, AddNormFn, EmbeddingIo, InterventionIo, KeyValuePrefix, LayerNormWeights, ProjectionIo, SublayerIo};
+pub use adapter::{
+    Adapter, AddNormFn, EmbeddingIo, FrozenLinear, InterventionIo, KeyValuePrefix, LayerNormWeights, ProjectionIo, SublayerIo,
+};
 pub use capability::{
     BatchableForm, Capabilities, ConditioningNeed, FuseMember, Fused, FusedPostNorm, FusionLayer, LowRank, LowRankProjection,
     MergeableDelta, PartlyFrozen, RowBatched,

@@ -132,6 +132,19 @@ impl Setup {
         }
     }
 
+    /// The direct children, to change in place.
+    pub fn children_mut(&mut self) -> &mut [Setup] {
+        match self {
+            Setup::Adapter { .. } => &mut [],
+            Setup::Stack { children }
+            | Setup::Fuse { children, .. }
+            | Setup::Parallel { children }
+            | Setup::Average { children, .. }
+            | Setup::BatchSplit { children, .. }
+            | Setup::Split { children, .. } => children,
+        }
+    }
+
     /// Every adapter name in the tree, left to right (fusion layers not included).
     pub fn adapter_names(&self) -> Vec<String> {
         match self {

@@ -49,7 +49,10 @@ impl RowBatched for Shift {
 }
 
 /// A fusion layer that takes the members' mean output.
-struct MeanFusion;
+/// A fusion layer averaging its members' outputs, made over `members`.
+struct MeanFusion {
+    members: Vec<String>,
+}
 
 impl Adapter for MeanFusion {
     fn kind(&self) -> &str {
@@ -70,6 +73,10 @@ impl Adapter for MeanFusion {
 }
 
 impl FusionLayer for MeanFusion {
+    fn members(&self) -> Vec<String> {
+        self.members.clone()
+    }
+
     fn fuse(&self, _: Point, _: &SublayerIo, members: &[FuseMember], _: &ForwardCtx) -> Result<Fused> {
         let outputs: Vec<&Tensor> = members.iter().map(|m| &m.output).collect();
         let output = (Tensor::stack(&outputs, 0)?.sum(0)? / members.len() as f64)?;
@@ -90,7 +97,7 @@ fn set(batchable: bool) -> (AdapterSet, [Tensor; 3]) {
     for (name, bias) in ["a", "b", "c"].iter().zip(&biases) {
         set.add(name, Box::new(Shift { bias: bias.clone(), batchable })).unwrap();
     }
-    set.add("ab", Box::new(MeanFusion)).unwrap();
+    set.add("ab", Box::new(MeanFusion { members: vec!["a".into(), "b".into()] })).unwrap();
     (set, biases)
 }
 
@@ -106,6 +113,31 @@ fn run(set: &AdapterSet, h: &Tensor, ctx: &ForwardCtx) -> Tensor {
 
 fn with(set: &mut AdapterSet, setup: &str) {
     set.set_setup(Some(setup.parse::<Setup>().unwrap())).unwrap();
+}
+
+#[test]
+fn an_unnamed_fuse_block_finds_its_fusion_by_name_or_by_members() {
+    let (mut set, _) = set(false);
+    let h = output(2);
+    let ctx = ForwardCtx::inference();
+    // `ab` is made over [a, b]: `fuse(a, b)` finds it without AdapterHub's name `a,b`.
+    with(&mut set, "fuse(a, b; fusion=ab)");
+    let named = run(&set, &h, &ctx);
+    with(&mut set, "fuse(a, b)");
+    assert_eq!(set.setup().unwrap().to_string(), "fuse(a, b; fusion=ab)");
+    assert_eq!(max_diff(&run(&set, &h, &ctx), &named), 0.0);
+    // AdapterHub's name wins where it is attached.
+    set.add("a,b", Box::new(MeanFusion { members: vec!["b".into(), "a".into()] })).unwrap();
+    with(&mut set, "fuse(a, b)");
+    assert_eq!(set.setup().unwrap().fusion_names(), ["a,b"]);
+    // None over these members: the error lists what is attached.
+    let err = set.set_setup(Some("fuse(b, c)".parse().unwrap())).unwrap_err().to_string();
+    assert!(err.contains("no fusion layer over [b, c]") && err.contains("`ab` over [a, b]") && err.contains("`a,b` over [b, a]"), "{err}");
+    // Two over the same members: name one.
+    set.add("ab2", Box::new(MeanFusion { members: vec!["a".into(), "b".into()] })).unwrap();
+    set.remove("a,b").unwrap();
+    let err = set.check_setup(&"fuse(a, b)".parse().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("several") && err.contains("ab, ab2"), "{err}");
 }
 
 #[test]

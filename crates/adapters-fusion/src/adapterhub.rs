@@ -97,11 +97,15 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
 }
 
 /// Saves a fusion layer in AdapterHub's layout (`load_adapter_fusion` reads it).
-pub fn save(dir: &Path, name: &str, adapter: &dyn Adapter, model: &ModelInfo) -> Result<(), Error> {
+/// The folder is named as AdapterHub names a fusion (its members joined by commas, `a,b`),
+/// whatever it is called here, so that AdapterHub's `Fuse("a", "b")` finds it.
+pub fn save(dir: &Path, adapter: &dyn Adapter, model: &ModelInfo) -> Result<(), Error> {
     if adapter.kind() != crate::KIND {
         return Err(Error::Adapter(format!("AdapterHub's fusion format holds fusion layers, not `{}` adapters", adapter.kind())));
     }
     let c = adapter.config();
+    let members: Vec<&str> = c["members"].as_array().into_iter().flatten().filter_map(|m| m.as_str()).collect();
+    let name = &members.join(",");
     let mut config = serde_json::Map::new();
     for field in FIELDS {
         config.insert(field.into(), c[field].clone());

@@ -202,6 +202,10 @@ impl Adapter for Fusion {
 }
 
 impl FusionLayer for Fusion {
+    fn members(&self) -> Vec<String> {
+        self.config.members.clone()
+    }
+
     fn fuse(&self, point: Point, io: &SublayerIo, members: &[FuseMember], ctx: &ForwardCtx) -> Result<Fused> {
         let Some(site) = self.sites.get(&point) else {
             candle_core::bail!("the fusion over {} has no layer at {point}", self.config.members.join(", "))

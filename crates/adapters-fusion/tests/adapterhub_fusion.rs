@@ -123,14 +123,22 @@ fn fusion_saved_ours_and_adapterhubs_way_loads_back_to_the_same_outputs() {
     let fusion = bert.adapters().get(&name).unwrap().clone();
     let placement = io::load(&reference().join("fusion"), &bert, &Device::Cpu).unwrap().placement;
     io::save(&ours, &name, fusion.as_ref(), &placement, &bert.fingerprint().unwrap()).unwrap();
-    adapters_fusion::adapterhub::save(&hub, &name, fusion.as_ref(), &info).unwrap();
+    adapters_fusion::adapterhub::save(&hub, fusion.as_ref(), &info).unwrap();
 
-    for dir in [&ours, &hub] {
+    // AdapterHub's layout names the fusion as AdapterHub does (`Fuse("sentiment", "topic")`
+    // finds it there); attached here under any name, `fuse(sentiment, topic)` finds it by
+    // its members.
+    for (dir, attach_as) in [(&ours, "fusion"), (&hub, "sentiment,topic")] {
         bert.adapters_mut().set_setup(None).unwrap();
-        bert.adapters_mut().remove(&name).unwrap();
+        let attached: Vec<String> = bert.adapters().names().iter().map(|n| n.to_string()).collect();
+        for n in attached.iter().filter(|n| *n == &name || n.as_str() == "fusion") {
+            bert.adapters_mut().remove(n).unwrap();
+        }
         let loaded = io::load(dir, &bert, &Device::Cpu).unwrap();
-        assert_eq!(loaded.name, name);
-        bert.adapters_mut().add(&name, loaded.adapter).unwrap();
+        if dir == &hub {
+            assert_eq!(loaded.name, "sentiment,topic");
+        }
+        bert.adapters_mut().add(attach_as, loaded.adapter).unwrap();
         activate(&mut bert, "fuse(sentiment, topic)");
         let (after, _) = run(&bert, &expected);
         let d = max_diff(&after, &serde_json::to_value(&before).unwrap());
@@ -146,7 +154,9 @@ fn fusion_errors_name_what_is_wrong() {
     attach_reference(&mut bert);
     let err = |setup: &str, bert: &mut Bert| bert.adapters_mut().set_setup(Some(setup.parse().unwrap())).unwrap_err().to_string();
     assert!(err("fuse(sentiment, nope)", &mut bert).contains("no adapter named `nope`"));
-    assert!(err("fuse(topic, sentiment)", &mut bert).contains("no adapter named `topic,sentiment`"));
+    // The members in another order: no fusion over them, and the error lists what there is.
+    let e = err("fuse(topic, sentiment)", &mut bert);
+    assert!(e.contains("no fusion layer over [topic, sentiment]") && e.contains("`sentiment,topic` over [sentiment, topic]"), "{e}");
     // A fusion layer is named after its members (commas), so it cannot be a plain member
     // of a setup; it runs only inside `fuse(...)`.
     let e = bert.adapters_mut().activate(&["sentiment,topic"]).unwrap_err().to_string();

@@ -64,7 +64,7 @@ impl Adapter for Ia3 {
     fn forward_projection(&self, point: Point, io: &ProjectionIo, _ctx: &ForwardCtx) -> Result<Tensor> {
         let l = self.scales[&point].as_tensor();
         if self.config.feedforward_sites.contains(&point.site) {
-            (io.linear)(&io.input.broadcast_mul(l)?)
+            (io.linear.apply)(&io.input.broadcast_mul(l)?)
         } else {
             io.output.broadcast_mul(l)
         }

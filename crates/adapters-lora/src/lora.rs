@@ -35,6 +35,13 @@ pub struct LoraConfig {
     /// Per-module alpha overrides (PEFT's `alpha_pattern`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// DoRA (Liu et al., 2024), as PEFT computes it: the adapted weight `W + s·BA` is split
+    /// into a learned magnitude per output row and its direction,
+    /// `W' = m ⊙ (W + s·BA) / ‖W + s·BA‖` (row norms, treated as constants in the backward).
+    /// The magnitude starts at `‖W‖` at the first forward, so the adapter starts as the
+    /// identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_dora: bool,
 }
 
 fn default_r() -> usize {
@@ -53,6 +60,10 @@ struct Pair {
     a: Var,
     b: Var,
     scale: f64,
+    /// DoRA's magnitude `[out]` (NaN until the first forward sets it from the weights).
+    magnitude: Option<Var>,
+    /// Whether the magnitude holds values (read from a file or set from the weights).
+    magnitude_set: std::sync::atomic::AtomicBool,
 }
 
 /// A LoRA adapter on one or more projection points.
@@ -87,7 +98,11 @@ impl Lora {
             let scale = if config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
             let a = Var::from_tensor(&init.kaiming_uniform(r, spec.in_features, args.device)?)?;
             let b = Var::from_tensor(&Tensor::zeros((spec.out_features, r), DType::F32, args.device)?)?;
-            pairs.insert(spec.point, Pair { a, b, scale });
+            let magnitude = match config.use_dora {
+                true => Some(Var::from_tensor(&Tensor::full(f32::NAN, spec.out_features, args.device)?)?),
+                false => None,
+            };
+            pairs.insert(spec.point, Pair { a, b, scale, magnitude, magnitude_set: false.into() });
         }
         Ok(Lora { config, pairs })
     }
@@ -120,6 +135,37 @@ impl Lora {
     pub fn var_names(point: Point) -> (String, String) {
         (point.var_name("lora_A.weight"), point.var_name("lora_B.weight"))
     }
+
+    /// DoRA's magnitude variable at a point, by our variable name.
+    pub fn magnitude_name(point: Point) -> String {
+        point.var_name("lora_magnitude_vector")
+    }
+
+    /// PEFT's DoRA forward: `output + (m/‖W + s·BA‖ − 1) ⊙ (x Wᵀ) + m/‖W + s·BA‖ ⊙ s·(x Aᵀ) Bᵀ`,
+    /// with `x` dropped out in training and the norm detached.
+    fn dora(&self, p: &Pair, magnitude: &Var, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let w = io.linear.weight;
+        let delta = (p.b.as_tensor().detach().matmul(&p.a.as_tensor().detach())? * p.scale)?;
+        let norm = (w + delta)?.sqr()?.sum(1)?.sqrt()?.detach();
+        if !p.magnitude_set.load(std::sync::atomic::Ordering::Acquire) {
+            // A magnitude of NaN is one not read from a file: DoRA starts it at ‖W + s·BA‖.
+            if magnitude.as_tensor().to_vec1::<f32>()?.iter().any(|v| v.is_nan()) {
+                magnitude.set(&norm)?;
+            }
+            p.magnitude_set.store(true, std::sync::atomic::Ordering::Release);
+        }
+        let scale = magnitude.as_tensor().div(&norm)?;
+        let dropped = ctx.is_training() && self.config.dropout > 0.0;
+        let x = if dropped { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
+        let base = match (dropped, io.linear.bias) {
+            (true, _) => kernels::linear(&x, w, None)?,
+            (false, Some(b)) => io.output.broadcast_sub(b)?,
+            (false, None) => io.output.clone(),
+        };
+        let lora = kernels::linear(&(kernels::linear(&x, p.a.as_tensor(), None)? * p.scale)?, p.b.as_tensor(), None)?;
+        let change = (base.broadcast_mul(&(&scale - 1.0)?)? + lora.broadcast_mul(&scale)?)?;
+        io.output + change
+    }
 }
 
 impl Adapter for Lora {
@@ -140,12 +186,17 @@ impl Adapter for Lora {
             .iter()
             .flat_map(|(p, pair)| {
                 let (a, b) = Lora::var_names(*p);
-                [(a, pair.a.clone()), (b, pair.b.clone())]
+                let magnitude = pair.magnitude.iter().map(|m| (Lora::magnitude_name(*p), m.clone()));
+                [(a, pair.a.clone()), (b, pair.b.clone())].into_iter().chain(magnitude)
             })
             .collect()
     }
 
     fn forward_projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
+        let p = &self.pairs[&point];
+        if let Some(magnitude) = &p.magnitude {
+            return self.dora(p, magnitude, io, ctx);
+        }
         let term = self.low_rank(point, io.input, ctx)?;
         io.output + kernels::linear(&term.down, &term.up, None)?
     }
@@ -157,13 +208,15 @@ impl Adapter for Lora {
 
 impl LowRankProjection for Lora {
     fn low_rank_term(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>> {
-        self.pairs.contains_key(&point).then(|| self.low_rank(point, input, ctx))
+        // DoRA's update is not a low-rank term: it rescales the whole output.
+        (self.pairs.contains_key(&point) && !self.config.use_dora).then(|| self.low_rank(point, input, ctx))
     }
 }
 
 impl RowBatched for Lora {
     fn batchable_form(&self, point: Point) -> Option<BatchableForm> {
-        let p = self.pairs.get(&point)?;
+        // DoRA rows run adapter by adapter (each normalises its own W + s·BA).
+        let p = self.pairs.get(&point).filter(|p| p.magnitude.is_none())?;
         let (r, d_in) = p.a.dims2().ok()?;
         let d_out = p.b.dim(0).ok()?;
         let scale = Tensor::new(&[p.scale as f32], p.a.device()).ok()?;
@@ -183,6 +236,13 @@ impl RowBatched for Lora {
 impl MergeableDelta for Lora {
     fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {
         let p = self.pairs.get(&point)?;
+        if p.magnitude.is_some() {
+            return Some(Err(candle_core::Error::Msg(
+                "DoRA adapters are not merged into the base weights yet (the merged weight depends on the base weight); run it \
+                 unmerged"
+                    .into(),
+            )));
+        }
         Some(p.b.as_tensor().matmul(p.a.as_tensor()).and_then(|d| d * p.scale))
     }
 }

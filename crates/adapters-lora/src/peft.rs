@@ -86,7 +86,7 @@ const LORA_FIELDS: &[FieldRule] = &[
     ("eva_config", Some(is_null)),
     ("corda_config", Some(is_null)),
     ("lora_ga_config", Some(is_null)),
-    ("use_dora", Some(is_false)),
+    ("use_dora", None),
     ("velora_config", Some(is_null)),
     ("alora_invocation_tokens", Some(is_null)),
     ("use_qalora", Some(is_false)),
@@ -117,6 +117,35 @@ fn check_fields(json: &Value, rules: &[&[FieldRule]]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// PEFT's `alpha_pattern` resolved per adapted module: a key applies to a module whose
+/// path matches the regular expression `(.*\.)?(KEY)$`, as PEFT matches it. PEFT takes the
+/// first matching key in the file's order, which a parsed table does not keep, so two
+/// matching keys with different values are refused.
+fn alpha_by_module(pattern: &Value, modules: &[String]) -> Result<BTreeMap<String, f64>, String> {
+    let Some(pattern) = pattern.as_object() else { return Ok(BTreeMap::new()) };
+    let mut keys = Vec::new();
+    for (key, value) in pattern {
+        let re = regex::Regex::new(&format!(r"^(.*\.)?({key})$"))
+            .map_err(|e| format!("config field `alpha_pattern`: key `{key}` is not a regular expression this library reads: {e}"))?;
+        let alpha = value.as_f64().ok_or_else(|| format!("config field `alpha_pattern`: `{key}` = {value} is not a number"))?;
+        keys.push((key, re, alpha));
+    }
+    let mut out = BTreeMap::new();
+    for module in modules {
+        let matching: Vec<&(&String, regex::Regex, f64)> = keys.iter().filter(|(_, re, _)| re.is_match(module)).collect();
+        if let Some((first, _, alpha)) = matching.first() {
+            if let Some((other, _, _)) = matching.iter().find(|(_, _, a)| a != alpha) {
+                return Err(format!(
+                    "config field `alpha_pattern`: keys `{first}` and `{other}` both match `{module}` with different values; PEFT \
+                     takes the first in the file, which is not kept here: refused"
+                ));
+            }
+            out.insert(module.clone(), *alpha);
+        }
+    }
+    Ok(out)
 }
 
 /// The weights file of a PEFT folder: safetensors, else the PyTorch pickle PEFT writes
@@ -167,8 +196,20 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     let weights = weights_file(dir);
     let tensors = read_tensors(&weights, device)?;
     let mut pairs: HashMap<Point, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    let mut magnitudes: HashMap<String, Tensor> = HashMap::new();
+    let use_dora = json["use_dora"].as_bool().unwrap_or(false);
     for (key, t) in tensors {
         let stripped = key.strip_prefix(PREFIX).unwrap_or(&key);
+        // DoRA's magnitude (older PEFT versions add `.weight`).
+        if let Some(m) = stripped.strip_suffix(".lora_magnitude_vector").or_else(|| stripped.strip_suffix(".lora_magnitude_vector.weight"))
+        {
+            if !use_dora {
+                return Err(bad(&weights, format!("tensor `{key}` is a DoRA magnitude, but the config has no `use_dora = true`")));
+            }
+            let point = point_of(m, model).ok_or_else(|| bad(&weights, format!("tensor `{key}`: `{m}` is not a projection")))?;
+            magnitudes.insert(Lora::magnitude_name(point), t);
+            continue;
+        }
         let (module, which) = if let Some(m) = stripped.strip_suffix(".lora_A.weight") {
             (m, 0)
         } else if let Some(m) = stripped.strip_suffix(".lora_B.weight") {
@@ -210,10 +251,8 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     // Ranks come from the tensors (exact), alphas from the config's patterns.
     let r = json["r"].as_u64().unwrap_or(8) as usize;
     let alpha = json["lora_alpha"].as_f64().unwrap_or(8.0);
-    let alpha_pattern: BTreeMap<String, f64> = json["alpha_pattern"]
-        .as_object()
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
-        .unwrap_or_default();
+    let modules: Vec<String> = complete.keys().map(|p| model.spec(*p).expect("point of the model").module.clone()).collect();
+    let alpha_pattern = alpha_by_module(&json["alpha_pattern"], &modules).map_err(|m| bad(&config_path, m))?;
     let mut rank_pattern = BTreeMap::new();
     for (p, (a, _)) in &complete {
         let rank = a.dim(0)?;
@@ -228,10 +267,22 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
         use_rslora: json["use_rslora"].as_bool().unwrap_or(false),
         rank_pattern,
         alpha_pattern,
+        use_dora,
     };
     let config_json = serde_json::to_value(&config).expect("json");
     let adapter = Lora::build(&BuildArgs { config: &config_json, placement: &placement, model, device, seed: 0 })?;
-    fill_vars(&adapter, tensors_by_point(complete), &weights)?;
+    let mut by_var = tensors_by_point(complete);
+    if use_dora {
+        // A module PEFT left out starts as DoRA does, at ‖W‖: NaN until the first forward.
+        for (name, var) in adapter.vars().into_iter().filter(|(n, _)| n.ends_with("lora_magnitude_vector")) {
+            let t = match magnitudes.remove(&name) {
+                Some(t) => t,
+                None => Tensor::full(f32::NAN, var.dims(), device)?,
+            };
+            by_var.insert(name, t);
+        }
+    }
+    fill_vars(&adapter, by_var, &weights)?;
     let name = folder_name(dir);
     Ok(Loaded { name, adapter: Box::new(adapter), placement, format: "peft" })
 }
@@ -305,6 +356,13 @@ pub fn save(dir: &Path, adapter: &dyn Adapter, model: &ModelInfo, base_model_nam
         }
         tensors.insert(format!("{PREFIX}{module}.lora_A.weight"), a);
         tensors.insert(format!("{PREFIX}{module}.lora_B.weight"), vars[&bn].as_tensor().clone());
+        // A magnitude not set yet (NaN: no forward ran) is left out: PEFT then starts it at
+        // ‖W + s·BA‖, which is what it stands for.
+        if let Some(m) =
+            vars.get(&Lora::magnitude_name(*p)).filter(|m| m.as_tensor().to_vec1::<f32>().is_ok_and(|v| !v.iter().any(|x| x.is_nan())))
+        {
+            tensors.insert(format!("{PREFIX}{module}.lora_magnitude_vector"), m.as_tensor().clone());
+        }
     }
     let layers: BTreeSet<usize> = points.iter().map(|p| p.layer).collect();
     let layers_to_transform = if layers.len() == model.num_layers { Value::Null } else { json!(layers) };
@@ -314,7 +372,7 @@ pub fn save(dir: &Path, adapter: &dyn Adapter, model: &ModelInfo, base_model_nam
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": config.alpha_pattern,
         "layers_to_transform": layers_to_transform, "layers_pattern": null,
-        "bias": "none", "fan_in_fan_out": false, "use_dora": false, "modules_to_save": null,
+        "bias": "none", "fan_in_fan_out": false, "use_dora": config.use_dora, "modules_to_save": null,
         "init_lora_weights": true, "inference_mode": true, "revision": null,
     });
     write_atomic(&dir.join(CONFIG_FILE), serde_json::to_string_pretty(&file).expect("json").as_bytes())

@@ -450,8 +450,13 @@ impl Config {
                     fail!(Config, "task `{}`: `setup` needs `training.mixed_task_batches = false` (rows choose plain stacks)", task.name);
                 }
                 let setup: Setup = text.parse().map_err(|e| Error::Config(format!("`task.setup` of task `{}`: {e}", task.name)))?;
+                // An unnamed `fuse(a, b)` block may mean a fusion defined under another name
+                // (found by its members when the setup is set).
+                let fusion_elsewhere = |name: &str| {
+                    name.contains(',') && self.adapters.values().any(|e| e.kind == "fusion" || e.from.is_some() || e.init_from.is_some())
+                };
                 for a in setup.adapter_names().iter().chain(&setup.fusion_names()) {
-                    if !self.adapters.contains_key(a) {
+                    if !self.adapters.contains_key(a) && !fusion_elsewhere(a) {
                         fail!(
                             Config,
                             "`task.setup` of task `{}`: no adapter `{a}` (defined: {})",

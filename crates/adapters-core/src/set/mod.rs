@@ -1,7 +1,7 @@
 //! The named adapters attached to one model, the active setup, and the dispatch that
 //! backbones call at every point.
 
-use crate::adapter::{Adapter, AddNormFn, LayerNormWeights, ProjectionIo, SublayerIo, TensorFn};
+use crate::adapter::{Adapter, AddNormFn, FrozenLinear, LayerNormWeights, ProjectionIo, SublayerIo};
 use crate::capability::ConditioningNeed;
 use crate::context::{ForwardCtx, StackRows};
 use crate::point::Point;
@@ -104,7 +104,7 @@ impl Node {
 #[derive(Clone, Copy)]
 enum LentBySite<'a> {
     Hidden(Option<AddNormFn<'a>>),
-    Projection(TensorFn<'a>),
+    Projection(FrozenLinear<'a>),
 }
 
 impl AdapterSet {
@@ -166,6 +166,7 @@ impl AdapterSet {
     /// Makes `setup` the active composition (`None`: no adapter). Checked once here (see
     /// [`AdapterSet::check_setup`]); a refused setup leaves the active one in place.
     pub fn set_setup(&mut self, setup: Option<Setup>) -> std::result::Result<(), Error> {
+        let setup = setup.map(|s| self.with_fusion_names(s)).transpose()?;
         let resolved = match &setup {
             Some(s) => self.resolve_all(s)?,
             None => HashMap::new(),
@@ -178,7 +179,54 @@ impl AdapterSet {
     /// shape, that every name is attached and not merged, that each `fuse` block has its
     /// fusion layer, and that a fusion's members and layer occupy the same hidden sites.
     pub fn check_setup(&self, setup: &Setup) -> std::result::Result<(), Error> {
-        self.resolve_all(setup).map(|_| ())
+        self.resolve_all(&self.with_fusion_names(setup.clone())?).map(|_| ())
+    }
+
+    /// `setup` with a fusion layer named in every `fuse(...)` block: the one attached under
+    /// AdapterHub's name for it (`a,b`), else the one attached fusion layer made over
+    /// exactly these members; an error lists the attached fusion layers when none is.
+    pub fn with_fusion_names(&self, mut setup: Setup) -> std::result::Result<Setup, Error> {
+        if let Setup::Fuse { children, fusion: fusion @ None } = &mut setup {
+            *fusion = Some(self.fusion_over(children)?);
+        }
+        for child in setup.children_mut() {
+            *child = self.with_fusion_names(child.clone())?;
+        }
+        Ok(setup)
+    }
+
+    /// The fusion layer a `fuse(...)` block without a name means: the one attached under
+    /// AdapterHub's name for it (`a,b`), else the one attached fusion layer made over
+    /// exactly these members, in this order.
+    fn fusion_over(&self, children: &[Setup]) -> std::result::Result<String, Error> {
+        let hub_name = Setup::default_fusion_name(children);
+        if self.index(&hub_name).is_ok() {
+            return Ok(hub_name);
+        }
+        let members: Vec<String> = children.iter().flat_map(Setup::adapter_names).collect();
+        for member in &members {
+            self.index(member)?;
+        }
+        let fusions: Vec<(&str, Vec<String>)> =
+            self.adapters.iter().filter_map(|a| a.adapter.capabilities().fusion.map(|f| (a.name.as_str(), f.members()))).collect();
+        let matching: Vec<&str> = fusions.iter().filter(|(_, m)| *m == members).map(|(n, _)| *n).collect();
+        match matching.as_slice() {
+            [one] => Ok(one.to_string()),
+            [] => {
+                let attached: Vec<String> = fusions.iter().map(|(n, m)| format!("`{n}` over [{}]", m.join(", "))).collect();
+                Err(Error::Setup(format!(
+                    "no fusion layer over [{}] is attached (AdapterHub would name it `{hub_name}`); attached fusion layers: {}; \
+                     load the fusion trained over these adapters, or name one with `fuse(...; fusion=NAME)`",
+                    members.join(", "),
+                    if attached.is_empty() { "none".to_string() } else { attached.join(", ") }
+                )))
+            }
+            many => Err(Error::Setup(format!(
+                "several attached fusion layers are made over [{}]: {}; name one with `fuse(...; fusion=NAME)`",
+                members.join(", "),
+                many.join(", ")
+            ))),
+        }
     }
 
     /// The active setup, if any.

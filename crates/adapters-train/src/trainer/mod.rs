@@ -209,11 +209,17 @@ impl Trainer {
                 }
                 (TaskType::CausalLm | TaskType::Chat, _) => None,
             };
-            let setup = config.setup_of(t);
-            if let Some(setup) = &setup {
-                // Checked now, not at the first step: names, nesting, shared fusion sites.
-                model.backbone.adapters().check_setup(setup).within(|| format!("`task.setup` of task `{}`", t.name))?;
-            }
+            // Checked now, not at the first step: names, nesting, shared fusion sites; every
+            // `fuse` block gets the name of the fusion layer it finds.
+            let setup = match config.setup_of(t) {
+                Some(setup) => {
+                    let adapters = model.backbone.adapters();
+                    let named = adapters.with_fusion_names(setup).within(|| format!("`task.setup` of task `{}`", t.name))?;
+                    adapters.check_setup(&named).within(|| format!("`task.setup` of task `{}`", t.name))?;
+                    Some(named)
+                }
+                None => None,
+            };
             tasks.push(Task { name: t.name.clone(), kind: t.kind, data, stack: config.stack_of(t), setup, pooling, head, features: None });
         }
         if let Some(es) = &config.training.early_stopping {
