@@ -20,7 +20,7 @@ pub struct Capabilities<'a> {
     /// Its rows run batched with other adapters of the same form (bottleneck, LoRA).
     pub row_batched: Option<&'a dyn RowBatched>,
     /// It can be merged into the frozen weights (LoRA).
-    pub mergeable: Option<&'a dyn MergeableDelta>,
+    pub mergeable: Option<&'a dyn Mergeable>,
     /// It combines other adapters' outputs inside a `fuse(...)` block (AdapterFusion).
     pub fusion: Option<&'a dyn FusionLayer>,
     /// Some of its variables are saved but not trained (a hypernetwork learning a task).
@@ -100,10 +100,14 @@ pub trait RowBatched {
 
 /// An adapter that can be merged into the frozen base weights, so that inference pays
 /// nothing for it (BENCHMARKS.md: MiniLM with LoRA r=12 on q,v merged runs at 0.999x the
-/// bare forward, unmerged 1.009x). Used by LoRA.
-pub trait MergeableDelta {
-    /// The weight delta `ΔW` (`[out, in]`) at a projection point; `None` where it has none.
-    fn merge_delta(&self, point: Point) -> Option<Result<Tensor>>;
+/// bare forward, unmerged 1.009x). Used by LoRA (`W + ΔW`) and DoRA (`W` rescaled per row).
+pub trait Mergeable {
+    /// The weight (`[out, in]`) that replaces the base weight `weight` at a projection point
+    /// when merged; `None` where the adapter has nothing there.
+    fn merged_weight(&self, point: Point, weight: &Tensor) -> Option<Result<Tensor>>;
+    /// The base weight back from the merged one: the inverse of
+    /// [`Mergeable::merged_weight`], exact up to float rounding.
+    fn unmerged_weight(&self, point: Point, merged: &Tensor) -> Option<Result<Tensor>>;
 }
 
 /// One member of a fusion at a site: its output there and the adapter whose conventions

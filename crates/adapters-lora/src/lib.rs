@@ -42,6 +42,12 @@ adapters_core::inventory::submit! {
             ConfigField { name: "use_rslora", ty: "bool", default: "false", doc: "scale = alpha / sqrt(r)" },
             ConfigField { name: "rank_pattern", ty: "{module: r}", default: "{}", doc: "per-module ranks (module path or suffix)" },
             ConfigField { name: "alpha_pattern", ty: "{module: alpha}", default: "{}", doc: "per-module alphas" },
+            ConfigField {
+                name: "use_dora",
+                ty: "bool",
+                default: "false",
+                doc: "DoRA: a learned magnitude per output row over the normalised W + s·BA (PEFT's use_dora)",
+            },
         ],
         build: build_lora,
     }

@@ -4,8 +4,8 @@
 
 use adapters_core::registry::{self, parse_config};
 use adapters_core::{
-    Adapter, BatchableForm, BuildArgs, Capabilities, Error, ForwardCtx, Init, LowRank, LowRankProjection, MergeableDelta, Point,
-    ProjectionIo, RowBatched, Site,
+    Adapter, BatchableForm, BuildArgs, Capabilities, Error, ForwardCtx, Init, LowRank, LowRankProjection, Mergeable, Point, ProjectionIo,
+    RowBatched, Site,
 };
 use adapters_kernels as kernels;
 use candle_core::{DType, Result, Tensor, Var};
@@ -70,6 +70,8 @@ struct Pair {
 pub struct Lora {
     config: LoraConfig,
     pairs: BTreeMap<Point, Pair>,
+    /// DoRA: the row norms of `W + s·BA` at merge, for the exact unmerge.
+    merged_norms: std::sync::Mutex<HashMap<Point, Tensor>>,
 }
 
 /// Sites used when the placement names none (PEFT's defaults).
@@ -104,7 +106,7 @@ impl Lora {
             };
             pairs.insert(spec.point, Pair { a, b, scale, magnitude, magnitude_set: false.into() });
         }
-        Ok(Lora { config, pairs })
+        Ok(Lora { config, pairs, merged_norms: Default::default() })
     }
 
     /// The configuration it was built with.
@@ -147,13 +149,7 @@ impl Lora {
         let w = io.linear.weight;
         let delta = (p.b.as_tensor().detach().matmul(&p.a.as_tensor().detach())? * p.scale)?;
         let norm = (w + delta)?.sqr()?.sum(1)?.sqrt()?.detach();
-        if !p.magnitude_set.load(std::sync::atomic::Ordering::Acquire) {
-            // A magnitude of NaN is one not read from a file: DoRA starts it at ‖W + s·BA‖.
-            if magnitude.as_tensor().to_vec1::<f32>()?.iter().any(|v| v.is_nan()) {
-                magnitude.set(&norm)?;
-            }
-            p.magnitude_set.store(true, std::sync::atomic::Ordering::Release);
-        }
+        start_magnitude(p, magnitude, &norm)?;
         let scale = magnitude.as_tensor().div(&norm)?;
         let dropped = ctx.is_training() && self.config.dropout > 0.0;
         let x = if dropped { ctx.dropout(io.input, self.config.dropout)? } else { io.input.clone() };
@@ -233,18 +229,50 @@ impl RowBatched for Lora {
     }
 }
 
-impl MergeableDelta for Lora {
-    fn merge_delta(&self, point: Point) -> Option<Result<Tensor>> {
+impl Mergeable for Lora {
+    /// LoRA: `W + s·BA`. DoRA: `m ⊙ (W + s·BA) / ‖W + s·BA‖` per output row (PEFT's merge);
+    /// the norm is kept for [`Mergeable::unmerged_weight`].
+    fn merged_weight(&self, point: Point, weight: &Tensor) -> Option<Result<Tensor>> {
         let p = self.pairs.get(&point)?;
-        if p.magnitude.is_some() {
-            return Some(Err(candle_core::Error::Msg(
-                "DoRA adapters are not merged into the base weights yet (the merged weight depends on the base weight); run it \
-                 unmerged"
-                    .into(),
-            )));
-        }
-        Some(p.b.as_tensor().matmul(p.a.as_tensor()).and_then(|d| d * p.scale))
+        Some((|| {
+            let adapted = (weight + (p.b.as_tensor().matmul(p.a.as_tensor())? * p.scale)?)?;
+            let Some(magnitude) = &p.magnitude else { return Ok(adapted) };
+            let norm = adapted.sqr()?.sum_keepdim(1)?.sqrt()?;
+            start_magnitude(p, magnitude, &norm.squeeze(1)?)?;
+            let merged = adapted.broadcast_mul(&magnitude.as_tensor().unsqueeze(1)?.div(&norm)?)?;
+            self.merged_norms.lock().expect("not poisoned").insert(point, norm);
+            Ok(merged)
+        })())
     }
+
+    /// LoRA: `W' − s·BA`. DoRA: `W' · ‖W + s·BA‖ / m − s·BA`, with the norm kept at merge.
+    fn unmerged_weight(&self, point: Point, merged: &Tensor) -> Option<Result<Tensor>> {
+        let p = self.pairs.get(&point)?;
+        Some((|| {
+            let delta = (p.b.as_tensor().matmul(p.a.as_tensor())? * p.scale)?;
+            let adapted = match &p.magnitude {
+                None => merged.clone(),
+                Some(magnitude) => {
+                    let norm = self.merged_norms.lock().expect("not poisoned").remove(&point);
+                    let norm = norm.ok_or_else(|| candle_core::Error::Msg(format!("DoRA at {point} was not merged here")))?;
+                    merged.broadcast_mul(&norm.div(&magnitude.as_tensor().unsqueeze(1)?)?)?
+                }
+            };
+            adapted - delta
+        })())
+    }
+}
+
+/// A DoRA magnitude of NaN is one not read from a file: it starts at `norm` = ‖W + s·BA‖
+/// (the adapter then starts as the identity). Checked once per point.
+fn start_magnitude(p: &Pair, magnitude: &Var, norm: &Tensor) -> Result<()> {
+    if !p.magnitude_set.load(std::sync::atomic::Ordering::Acquire) {
+        if magnitude.as_tensor().to_vec1::<f32>()?.iter().any(|v| v.is_nan()) {
+            magnitude.set(norm)?;
+        }
+        p.magnitude_set.store(true, std::sync::atomic::Ordering::Release);
+    }
+    Ok(())
 }
 
 /// Copies our variables from a map keyed by point, used by the PEFT reader.

@@ -68,8 +68,8 @@ impl Backbone {
         }
     }
 
-    /// Adds the weight deltas of adapter `name` (LoRA) to the base projections; the hooks
-    /// then skip it. Fails, changing nothing, if the adapter's kind cannot be merged.
+    /// Folds adapter `name` (LoRA, DoRA) into the base projections; the hooks then skip it.
+    /// Fails, changing nothing, if the adapter's kind cannot be merged.
     pub fn merge(&mut self, name: &str) -> Result<()> {
         if self.adapters().is_merged(name) {
             return Err(Error::Invalid(format!("adapter `{name}` is already merged")));
@@ -78,20 +78,20 @@ impl Backbone {
         if let Some(setup) = self.adapters().setup() {
             setup.without(name)?;
         }
-        self.apply_merge(name, 1.0)?;
+        self.apply_merge(name, true)?;
         Ok(self.adapters_mut().set_merged(name, true)?)
     }
 
-    /// Subtracts a merged adapter's deltas again (exact up to float rounding).
+    /// Takes a merged adapter out of the base weights again (exact up to float rounding).
     pub fn unmerge(&mut self, name: &str) -> Result<()> {
         if !self.adapters().is_merged(name) {
             return Err(Error::Invalid(format!("adapter `{name}` is not merged")));
         }
-        self.apply_merge(name, -1.0)?;
+        self.apply_merge(name, false)?;
         Ok(self.adapters_mut().set_merged(name, false)?)
     }
 
-    fn apply_merge(&mut self, name: &str, sign: f64) -> Result<()> {
+    fn apply_merge(&mut self, name: &str, merge: bool) -> Result<()> {
         let adapter = self
             .adapters()
             .get(name)
@@ -99,17 +99,17 @@ impl Backbone {
             .ok_or_else(|| Error::Invalid(format!("no adapter named `{name}`; attached: [{}]", self.adapters().names().join(", "))))?;
         let cannot = || Error::Invalid(format!("adapter `{name}` of kind `{}` cannot be merged into the base weights", adapter.kind()));
         let mergeable = adapter.capabilities().mergeable.ok_or_else(cannot)?;
-        let mut deltas = Vec::new();
+        let mut weights = Vec::new();
         for point in adapter.points() {
-            let delta = mergeable.merge_delta(point).ok_or_else(cannot)??;
-            if self.linear_mut(point).is_none() {
-                return Err(Error::Invalid(format!("the model has no projection at {point}")));
-            }
-            deltas.push((point, (delta * sign)?));
+            let lin = self.linear_mut(point).ok_or_else(|| Error::Invalid(format!("the model has no projection at {point}")))?;
+            let new = match merge {
+                true => mergeable.merged_weight(point, &lin.weight),
+                false => mergeable.unmerged_weight(point, &lin.weight),
+            };
+            weights.push((point, new.ok_or_else(cannot)??));
         }
-        for (point, delta) in deltas {
-            let lin = self.linear_mut(point).expect("checked above");
-            lin.set_weight((&lin.weight + delta)?);
+        for (point, weight) in weights {
+            self.linear_mut(point).expect("checked above").set_weight(weight);
         }
         Ok(())
     }

@@ -20,6 +20,11 @@ const METHODS: &[(&str, &str, &str)] = &[
     ("houlsby", "Houlsby (double_seq_bn, r = 12 after attention and after the FFN)", "{kind=\"double_seq_bn\", reduction_factor=32}"),
     ("parallel", "parallel (par_bn, r = 24, scaling 4)", "{kind=\"par_bn\", reduction_factor=16}"),
     ("lora", "LoRA (r = 12, alpha 24, query and value)", "{kind=\"lora\", r=12, alpha=24, placement={sites=[\"query\",\"value\"]}}"),
+    (
+        "dora",
+        "DoRA (LoRA r = 12, alpha 24, query and value, with a learned magnitude per output row)",
+        "{kind=\"lora\", r=12, alpha=24, use_dora=true, placement={sites=[\"query\",\"value\"]}}",
+    ),
 ];
 
 pub fn run(cli: &Cli) -> Result<()> {
@@ -194,7 +199,7 @@ mod tests {
             md.contains("| Pfeiffer (seq_bn, r = 24, after the FFN) | 1000 | 50.00 (49.00) | 60.00 (59.00) | 70.00 (69.00) | **60.00** |"),
             "{md}"
         );
-        assert!(md.contains("Means range from 60.00 (pfeiffer) to 63.00 (lora)."), "{md}");
+        assert!(md.contains("Means range from 60.00 (pfeiffer) to 64.00 (dora)."), "{md}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }
