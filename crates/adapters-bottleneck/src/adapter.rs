@@ -184,7 +184,11 @@ impl Bottleneck {
             let residual = match c.residual_before_ln {
                 ResidualBeforeLn::Output => io.output.clone(),
                 ResidualBeforeLn::AdapterInput => x.clone(),
-                ResidualBeforeLn::PostAdd => sum()?,
+                ResidualBeforeLn::PostAdd if io.post_norm.is_some() => sum()?,
+                ResidualBeforeLn::PostAdd => candle_core::bail!(
+                    "residual_before_ln = \"post_add\" needs a post-norm backbone (BERT): this one applies no norm after the \
+                     residual add to take the residual before (AdapterHub fails on it too)"
+                ),
             };
             (x, residual)
         } else {

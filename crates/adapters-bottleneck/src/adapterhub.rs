@@ -133,6 +133,12 @@ fn read_config(c: &Value, model: &ModelInfo) -> Result<(&'static KindDefaults, V
             .collect(),
         other => return Err(format!("config field `leave_out` must be a list of layer indices, not {other}")),
     };
+    if value("residual_before_ln") == "post_add" && model.architecture != "bert" {
+        return Err(format!(
+            "config field `residual_before_ln` = \"post_add\" needs a post-norm model (BERT); on `{}` AdapterHub fails on it too",
+            model.architecture
+        ));
+    }
     let (reduction_factor, sizes) = reduction_factors(value("reduction_factor"), model)?;
     let number = |k: &str, default: f64| -> Result<f64, String> {
         match value(k) {
@@ -227,8 +233,25 @@ fn hub_params(param: &str, ln_before: bool) -> Vec<String> {
 /// (and any other key PyTorch gives the same tensor).
 fn hub_keys(ours: &str, name: &str, model: &ModelInfo, ln_before: bool) -> Option<Vec<String>> {
     let (point, param) = adapters_core::Point::split_var_name(ours)?;
-    let module = &model.spec(point)?.module;
+    let module = hub_module(point, model)?;
     Some(hub_params(param, ln_before).into_iter().map(|p| format!("{module}.adapters.{name}.{p}")).collect())
+}
+
+/// The module AdapterHub hangs a bottleneck layer on: BERT's sublayer output modules
+/// (`encoder.layer.3.output`); on Llama the decoder layer's own `attention_adapters` and
+/// `output_adapters` (`layers.3.output_adapters`, under `model.` in a task model, which
+/// the reader's suffix match accepts).
+fn hub_module(point: adapters_core::Point, model: &ModelInfo) -> Option<String> {
+    let module = &model.spec(point)?.module;
+    if model.architecture != "llama" {
+        return Some(module.clone());
+    }
+    let layers = match point.site {
+        Site::AttentionOutput => "attention_adapters",
+        Site::FfnOutput => "output_adapters",
+        _ => return None,
+    };
+    Some(format!("layers.{}.{layers}", point.layer))
 }
 
 /// Maps AdapterHub keys to our variable names; any model prefix (`bert.`) is dropped.

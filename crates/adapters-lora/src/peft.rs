@@ -21,11 +21,17 @@ fn bad(path: &Path, message: String) -> Error {
     Error::Io { path: path.to_path_buf(), message }
 }
 
-/// The point of a PEFT module path; a task model's extra prefix (`bert.`) is skipped.
+/// The point of a PEFT module path: a task model's extra prefix (`bert.`) is skipped, and
+/// a base model's path (`layers.3.self_attn.q_proj` from `LlamaModel`) is found under the
+/// task model's (`model.layers.3.self_attn.q_proj`).
 fn point_of(module: &str, model: &ModelInfo) -> Option<Point> {
     let mut rest = module;
     loop {
         if let Some(spec) = model.point_at_module(rest) {
+            return Some(spec.point);
+        }
+        let under = format!(".{rest}");
+        if let Some(spec) = model.points.iter().find(|s| s.module.ends_with(&under) && s.point.site.is_projection()) {
             return Some(spec.point);
         }
         rest = rest.split_once('.')?.1;
