@@ -294,13 +294,11 @@ impl BottleneckConfig {
 pub fn width_for(hidden: usize, reduction_factor: f64) -> usize {
     let (x, w) = (hidden as f64, reduction_factor);
     // CPython's float_floor_div.
-    let mut m = x % w;
+    let m = x % w;
     let mut div = (x - m) / w;
     if m != 0.0 && ((w < 0.0) != (m < 0.0)) {
-        m += w;
         div -= 1.0;
     }
-    let _ = m;
     let mut floor = div.floor();
     if div - floor > 0.5 {
         floor += 1.0;

@@ -12,9 +12,7 @@ use adapters_testkit::workspace;
 use candle_core::{Device, Tensor};
 
 fn bert() -> Bert {
-    let path = workspace().join("models/all-MiniLM-L6-v2");
-    assert!(path.exists(), "{} is missing: run `cargo xtask fetch` first", path.display());
-    match load(&path, &Device::Cpu).unwrap().backbone {
+    match load(&adapters_testkit::minilm(), &Device::Cpu).unwrap().backbone {
         Backbone::Bert(b) => b,
         _ => unreachable!(),
     }
@@ -23,8 +21,7 @@ fn bert() -> Bert {
 /// SmolLM2 with its weights in f32 only (no 8-bit decoding copies), as transformers
 /// de-quantises the GGUF file.
 fn smollm2() -> Llama {
-    let path = workspace().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    match load(&path, &Device::Cpu).unwrap().backbone {
+    match load(&adapters_testkit::smollm(), &Device::Cpu).unwrap().backbone {
         Backbone::Llama(mut l) => {
             l.dequantize();
             l

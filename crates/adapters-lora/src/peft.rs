@@ -248,14 +248,13 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     // Points of the layers x sites grid that PEFT left out (`exclude_modules`, a regex)
     // get a zero update: B = 0 adds nothing, exactly as an unadapted module.
     let (placement, missing, _) = grid_placement(complete.keys().copied(), model);
-    let r_config = json["r"].as_u64().unwrap_or(8) as usize;
+    let r = json["r"].as_u64().unwrap_or(8) as usize;
     for p in missing {
         let spec = model.spec(p).expect("point of the model");
         let zero = |rows, cols| Tensor::zeros((rows, cols), candle_core::DType::F32, device);
-        complete.insert(p, (zero(r_config, spec.in_features)?, zero(spec.out_features, r_config)?));
+        complete.insert(p, (zero(r, spec.in_features)?, zero(spec.out_features, r)?));
     }
     // Ranks come from the tensors (exact), alphas from the config's patterns.
-    let r = json["r"].as_u64().unwrap_or(8) as usize;
     let alpha = json["lora_alpha"].as_f64().unwrap_or(8.0);
     let modules: Vec<String> = complete.keys().map(|p| model.spec(*p).expect("point of the model").module.clone()).collect();
     let alpha_pattern = alpha_by_module(&json["alpha_pattern"], &modules).map_err(|m| bad(&config_path, m))?;
@@ -336,8 +335,7 @@ fn load_ia3(dir: &Path, model: &ModelInfo, device: &Device) -> Result<Loaded, Er
         by_var.insert(p.var_name("ia3_l"), Tensor::ones(n, candle_core::DType::F32, device)?);
     }
     fill_vars(&adapter, by_var, &weights)?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "lora".into());
-    Ok(Loaded { name, adapter: Box::new(adapter), placement, format: "peft" })
+    Ok(Loaded { name: folder_name(dir), adapter: Box::new(adapter), placement, format: "peft" })
 }
 
 /// Saves a LoRA adapter as a PEFT folder. Ranks that differ from `r` (per-layer sizes)

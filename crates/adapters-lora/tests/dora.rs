@@ -7,14 +7,12 @@
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::HoldsAdapters;
 use adapters_models::{load, Backbone};
-use adapters_testkit::workspace;
+use adapters_testkit::{max_diff, workspace};
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
 fn minilm() -> Backbone {
-    let path = workspace().join("models/all-MiniLM-L6-v2");
-    assert!(path.exists(), "{} is missing: run `cargo xtask fetch` first", path.display());
-    load(&path, &Device::Cpu).unwrap().backbone
+    load(&adapters_testkit::minilm(), &Device::Cpu).unwrap().backbone
 }
 
 /// Three padded rows of tokens.
@@ -28,10 +26,6 @@ fn hidden(m: &Backbone, ctx: &ForwardCtx) -> Tensor {
     let Backbone::Bert(b) = m else { unreachable!() };
     let (ids, mask) = batch();
     b.forward(&ids, None, Some(&mask), ctx).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
 /// The MiniLM DoRA folders among the differential fixtures.

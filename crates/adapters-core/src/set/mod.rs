@@ -186,13 +186,15 @@ impl AdapterSet {
     /// AdapterHub's name for it (`a,b`), else the one attached fusion layer made over
     /// exactly these members; an error lists the attached fusion layers when none is.
     pub fn with_fusion_names(&self, mut setup: Setup) -> std::result::Result<Setup, Error> {
-        if let Setup::Fuse { children, fusion: fusion @ None } = &mut setup {
+        self.name_fusions(&mut setup)?;
+        Ok(setup)
+    }
+
+    fn name_fusions(&self, setup: &mut Setup) -> std::result::Result<(), Error> {
+        if let Setup::Fuse { children, fusion: fusion @ None } = setup {
             *fusion = Some(self.fusion_over(children)?);
         }
-        for child in setup.children_mut() {
-            *child = self.with_fusion_names(child.clone())?;
-        }
-        Ok(setup)
+        setup.children_mut().iter_mut().try_for_each(|child| self.name_fusions(child))
     }
 
     /// The fusion layer a `fuse(...)` block without a name means: the one attached under
