@@ -4,7 +4,7 @@
 
 use adapters_core::{registry, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::heads::ClassificationHead;
-use adapters_models::heads::{classify, pad, pool, pooled};
+use adapters_models::heads::{mean_pool, pad, pooled};
 use adapters_models::{fetched, load, Backbone, HoldsAdapters};
 use adapters_train::config::Pooling;
 use adapters_train::forward::{lm_loss, loss_and_grads};
@@ -122,7 +122,7 @@ pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize
         let (kind, config) = method(m)?;
         attach(&mut model, kind, config)?
     };
-    let head = ClassificationHead::new(384, 2, 1, &Device::Cpu)?;
+    let head = ClassificationHead::new(384, 2, &Default::default(), 1, &Device::Cpu)?;
     named.extend(head.vars());
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let trainable = vars.iter().map(|v| v.elem_count()).sum();
@@ -134,7 +134,7 @@ pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize
     let step: Step = Box::new(move || {
         let ctx = ForwardCtx::training_seeded(1);
         let (_, mut grads, _) = loss_and_grads(&model, &ids, &mask, &ctx, &vars, checkpointing, |hidden| {
-            let logits = classify(&head, &pool(hidden, &mask, Pooling::Mean)?, 0.1, &ctx)?;
+            let logits = head.forward(&mean_pool(hidden, &mask)?, 0.1, &ctx)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             after_forward();
             Ok(loss)

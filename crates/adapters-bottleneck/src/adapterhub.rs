@@ -115,7 +115,7 @@ fn read_config(c: &Value, model: &ModelInfo) -> Result<(&'static KindDefaults, V
     };
     let sites = [(mh, Site::AttentionOutput), (out, Site::FfnOutput)].into_iter().filter(|(on, _)| *on).map(|(_, s)| s).collect();
     let non_linearity = value("non_linearity").as_str().ok_or("config field `non_linearity` is missing or not a name")?;
-    let non_linearity = Activation::from_name(non_linearity)?;
+    let non_linearity = Activation::from_name(non_linearity).map_err(|e| format!("config field `non_linearity`: {e}"))?;
     let init_weights = match value("init_weights") {
         Value::Null => "bert",
         Value::String(s) if ["bert", "mam_adapter", "houlsby"].contains(&s.as_str()) => s.as_str(),

@@ -4,6 +4,9 @@ use crate::commands::{missing_family, open, open_with, AdapterArgs};
 use adapters_core::durable;
 use adapters_core::io::{self, read_json, read_tensors, CONFIG_FILE};
 use adapters_core::{registry, Adapter, InsertionPoint, Placement};
+use adapters_models::head_interop;
+use adapters_models::heads::ClassificationHead;
+use adapters_models::saved_heads::{self, HeadConfig};
 use adapters_models::{HoldsAdapters, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -109,35 +112,121 @@ pub fn write_as(
     Ok(())
 }
 
-/// Rewrites an adapter folder (any layout) in another layout, e.g. for Python users.
-pub fn convert(dir: &Path, model: &Path, format: Format, out: &Path) -> Result<()> {
+/// Which classification heads `convert` carries over.
+pub enum HeadChoice {
+    /// Every head the folder has.
+    All,
+    /// The head of this task only.
+    Task(String),
+    /// None.
+    None,
+}
+
+/// Rewrites an adapter folder (any layout) in another layout, e.g. for Python users, with
+/// its classification heads.
+pub fn convert(dir: &Path, model: &Path, format: Format, out: &Path, heads: HeadChoice) -> Result<()> {
     check_empty_target(out)?;
     let loaded = open(model)?;
     let adapter = io::load(dir, &loaded.backbone, loaded.backbone.device()).with_context(|| format!("reading {}", dir.display()))?;
-    write_into(out, |tmp| write_as(format, tmp, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model))?;
-    println!("wrote {} ({} `{}` from {} as {format:?})", out.display(), adapter.adapter.kind(), adapter.name, adapter.format);
-    if let Some(python) = python_loader(format, adapter.adapter.kind(), out) {
+    let mut saved = match heads {
+        HeadChoice::None => Vec::new(),
+        _ => saved_heads::load_all(dir, &loaded.backbone).with_context(|| format!("reading the heads of {}", dir.display()))?,
+    };
+    if let HeadChoice::Task(task) = &heads {
+        let names: Vec<String> = saved.iter().map(|h| h.config.task.clone()).collect();
+        saved.retain(|h| &h.config.task == task);
+        if saved.is_empty() {
+            bail!(
+                "--head {task}: {} has no head of that task (it has: {})",
+                dir.display(),
+                if names.is_empty() { "none".into() } else { names.join(", ") }
+            );
+        }
+    }
+    let heads: Vec<(HeadConfig, ClassificationHead)> = saved.into_iter().map(|h| (h.config, h.head)).collect();
+    write_into(out, |tmp| {
+        write_as(format, tmp, &adapter.name, adapter.adapter.as_ref(), &adapter.placement, &loaded, model)?;
+        write_heads(format, tmp, &heads, &loaded, model)
+    })?;
+    let with_heads = if heads.is_empty() {
+        String::new()
+    } else {
+        format!(", heads: {}", heads.iter().map(|(c, _)| c.task.as_str()).collect::<Vec<_>>().join(", "))
+    };
+    println!("wrote {} ({} `{}` from {} as {format:?}{with_heads})", out.display(), adapter.adapter.kind(), adapter.name, adapter.format);
+    if let Some(python) = python_loader(format, adapter.adapter.kind(), out, model, heads.first().map(|(c, _)| c)) {
         println!("{python}");
+    }
+    Ok(())
+}
+
+/// Writes classification heads into the adapter folder `dir` in `format`'s layout (see
+/// [`adapters_models::head_interop`]): ours keeps any number, AdapterHub's and PEFT's one.
+pub fn write_heads(
+    format: Format,
+    dir: &Path,
+    heads: &[(HeadConfig, ClassificationHead)],
+    loaded: &LoadedModel,
+    model: &Path,
+) -> Result<()> {
+    if format == Format::Native {
+        for (config, head) in heads {
+            saved_heads::save(dir, config, head)?;
+        }
+        return Ok(());
+    }
+    let [(config, head)] = heads else {
+        if heads.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = heads.iter().map(|(c, _)| c.task.as_str()).collect();
+        bail!(
+            "the folder has {} heads ({}); a {format:?} folder holds one: choose it with --head TASK, or leave them out with --no-heads",
+            heads.len(),
+            names.join(", ")
+        );
+    };
+    match format {
+        Format::Adapterhub => head_interop::write_adapterhub(dir, config, head, &loaded.backbone, &model.to_string_lossy())?,
+        Format::Peft => head_interop::write_peft(dir, config, head, &loaded.backbone)?,
+        Format::Native => unreachable!("written above"),
     }
     Ok(())
 }
 
 /// How a Python user loads a converted folder into a transformers `model`: the folders
 /// hold safetensors only, which AdapterHub reads when asked (`use_safetensors=True`).
-fn python_loader(format: Format, kind: &str, out: &Path) -> Option<String> {
+fn python_loader(format: Format, kind: &str, out: &Path, model: &Path, head: Option<&HeadConfig>) -> Option<String> {
     let out = out.display();
-    Some(match format {
-        Format::Native => return None,
-        Format::Peft => {
+    let base = model.display();
+    Some(match (format, head) {
+        (Format::Native, _) => return None,
+        (Format::Peft, None) => {
             format!("load it in Python (PEFT):\n  from peft import PeftModel\n  model = PeftModel.from_pretrained(model, \"{out}\")")
         }
-        Format::Adapterhub if kind == "fusion" => format!(
+        (Format::Peft, Some(head)) => {
+            let labels: Vec<String> = head.labels.iter().enumerate().map(|(i, l)| format!("{i}: {l:?}")).collect();
+            format!(
+                "load it in Python (PEFT; the label names are not kept in PEFT folders, so pass them):\n  \
+                 from peft import PeftModel\n  from transformers import AutoModelForSequenceClassification\n  \
+                 model = AutoModelForSequenceClassification.from_pretrained(\"{base}\", num_labels={}, id2label={{{}}})\n  \
+                 model = PeftModel.from_pretrained(model, \"{out}\")",
+                head.labels.len(),
+                labels.join(", ")
+            )
+        }
+        (Format::Adapterhub, _) if kind == "fusion" => format!(
             "load it in Python (AdapterHub, after loading its member adapters):\n  import adapters; adapters.init(model)\n  \
              model.load_adapter_fusion(\"{out}\", use_safetensors=True)"
         ),
-        Format::Adapterhub => {
+        (Format::Adapterhub, None) => {
             format!("load it in Python (AdapterHub):\n  import adapters; adapters.init(model)\n  model.load_adapter(\"{out}\", use_safetensors=True)")
         }
+        (Format::Adapterhub, Some(_)) => format!(
+            "load it in Python (AdapterHub, with its head):\n  from adapters import AutoAdapterModel\n  \
+             model = AutoAdapterModel.from_pretrained(\"{base}\")\n  \
+             model.set_active_adapters(model.load_adapter(\"{out}\", with_head=True, use_safetensors=True))"
+        ),
     })
 }
 
@@ -354,6 +443,24 @@ pub struct ConvertArgs {
     /// The folder to write (must not exist yet, or be empty).
     #[arg(long)]
     pub out: std::path::PathBuf,
+    /// Carry only this task's classification head (AdapterHub and PEFT folders hold one).
+    #[arg(long, value_name = "TASK", conflicts_with = "no_heads")]
+    pub head: Option<String>,
+    /// Leave the classification heads out (default: every head is carried over, in the
+    /// target's layout, or the conversion is refused if that layout cannot compute it).
+    #[arg(long)]
+    pub no_heads: bool,
+}
+
+impl ConvertArgs {
+    /// The heads asked for.
+    pub fn heads(&self) -> HeadChoice {
+        match (&self.head, self.no_heads) {
+            (_, true) => HeadChoice::None,
+            (Some(task), _) => HeadChoice::Task(task.clone()),
+            (None, false) => HeadChoice::All,
+        }
+    }
 }
 
 /// The arguments of `adapters inspect`.

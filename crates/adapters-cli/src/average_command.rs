@@ -1,14 +1,15 @@
 //! `adapters average`: several trained adapters of one kind combined into a new folder,
 //! with the classification heads they all carry averaged by the same weights.
 
-use crate::adapter_commands::{check_empty_target, write_as, write_into, Format};
+use crate::adapter_commands::{check_empty_target, write_as, write_heads, write_into, Format};
 use crate::commands::open;
 use adapters_core::merge::{self, Input, Options};
 use adapters_core::{io, InsertionPoint};
 use adapters_models::heads::ClassificationHead;
 use adapters_models::saved_heads::{self, SavedHead};
+use adapters_models::Backbone;
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 
 /// What `adapters average` was asked for.
@@ -41,14 +42,11 @@ pub fn average(request: Request) -> Result<()> {
         let named: Vec<String> = dirs.iter().enumerate().map(|(i, d)| format!("{} = {}", i + 1, d.display())).collect();
         format!("combining the adapters ({})", named.join(", "))
     })?;
-    let (heads, left_out) = average_heads(dirs, &weights, device)?;
+    let (heads, left_out) = average_heads(dirs, &weights, &loaded_model.backbone)?;
     let name = name.unwrap_or_else(|| out.file_name().map_or_else(|| "averaged".into(), |n| n.to_string_lossy().into_owned()));
     write_into(out, |tmp| {
         write_as(format, tmp, &name, combined.adapter.as_ref(), &combined.placement, &loaded_model, model)?;
-        for (config, head) in &heads {
-            saved_heads::save(tmp, config, head)?;
-        }
-        Ok(())
+        write_heads(format, tmp, &heads, &loaded_model, model)
     })?;
     let weights_text: Vec<String> = weights.iter().map(|w| format!("{w}")).collect();
     println!(
@@ -87,34 +85,49 @@ fn parse_weights(text: Option<&str>, n: usize) -> Result<Vec<f64>> {
 /// A head's configuration and its averaged weights.
 type AveragedHead = (saved_heads::HeadConfig, ClassificationHead);
 
-/// The heads every folder carries for the same task with the same labels and pooling,
-/// averaged; the names of the others.
-fn average_heads(dirs: &[PathBuf], weights: &[f64], device: &candle_core::Device) -> Result<(Vec<AveragedHead>, Vec<String>)> {
-    let per_folder: Vec<Vec<SavedHead>> = dirs.iter().map(|d| saved_heads::load_all(d, device)).collect::<Result<_, _>>()?;
+/// The heads every folder carries for the same task with the same labels, pooling and
+/// layers, averaged; the names of the others.
+fn average_heads(dirs: &[PathBuf], weights: &[f64], model: &Backbone) -> Result<(Vec<AveragedHead>, Vec<String>)> {
+    let per_folder: Vec<Vec<SavedHead>> = dirs.iter().map(|d| saved_heads::load_all(d, model)).collect::<Result<_, _>>()?;
     let mut averaged = Vec::new();
     let mut left_out = std::collections::BTreeSet::new();
     for head in &per_folder[0] {
         let c = &head.config;
         let matching: Vec<&SavedHead> = per_folder
             .iter()
-            .filter_map(|hs| hs.iter().find(|h| h.config.task == c.task && h.config.labels == c.labels && h.config.pooling == c.pooling))
+            .filter_map(|hs| {
+                hs.iter().find(|h| {
+                    h.config.task == c.task
+                        && h.config.labels == c.labels
+                        && h.config.pooling == c.pooling
+                        && h.head.shape() == head.head.shape()
+                })
+            })
             .collect();
         if matching.len() != dirs.len() {
             left_out.insert(c.task.clone());
             continue;
         }
-        let sum = |part: fn(&ClassificationHead) -> &Var| -> Result<Var> {
+        // Every variable of the (shared) shape, weighted.
+        let first = &head.head;
+        let mut values = std::collections::HashMap::new();
+        for (name, _) in first.vars() {
             let mut total: Option<Tensor> = None;
             for (h, w) in matching.iter().zip(weights) {
-                let term = (part(&h.head).as_tensor() * *w)?;
+                let var = h.head.vars().into_iter().find(|(n, _)| *n == name).expect("same shape").1;
+                let term = (var.as_tensor() * *w)?;
                 total = Some(match total {
                     Some(t) => (t + term)?,
                     None => term,
                 });
             }
-            Ok(Var::from_tensor(&total.expect("one folder at least"))?)
-        };
-        averaged.push((c.clone(), ClassificationHead { weight: sum(|h| &h.weight)?, bias: sum(|h| &h.bias)? }));
+            values.insert(name, total.expect("one folder at least"));
+        }
+        let shape = first.shape();
+        averaged.push((
+            c.clone(),
+            ClassificationHead::from_tensors(values, &shape, c.hidden_size, c.labels.len()).map_err(anyhow::Error::msg)?,
+        ));
     }
     for hs in &per_folder[1..] {
         left_out.extend(hs.iter().filter(|h| !averaged.iter().any(|(c, _)| c.task == h.config.task)).map(|h| h.config.task.clone()));

@@ -64,8 +64,9 @@ enum Command {
     /// Create a freshly initialised adapter of any registered kind and save it.
     New(adapter_commands::NewArgs),
     /// Rewrite an adapter folder in another layout: ours (`native`), PEFT (LoRA) or
-    /// AdapterHub (bottleneck kinds and fusion layers), e.g. to hand it to Python users.
-    /// The model is the one the adapter was made for (checked).
+    /// AdapterHub (bottleneck kinds and fusion layers), e.g. to hand it to Python users,
+    /// with its classification heads in that layout (AdapterHub's `with_head=True` heads,
+    /// PEFT's `SEQ_CLS` classifier). The model is the one the adapter was made for (checked).
     Convert(adapter_commands::ConvertArgs),
     /// Show an adapter folder (ours, PEFT or AdapterHub): kind, placement, parameters,
     /// base model, and with --model whether it fits that model.
@@ -153,9 +154,7 @@ pub fn main() {
             adapter_commands::new(&kind, &model, &out, &set, name, seed, format)
         }
         Command::Inspect(adapter_commands::InspectArgs { dir, model }) => adapter_commands::inspect(&dir, model.as_deref()),
-        Command::Convert(adapter_commands::ConvertArgs { dir, model, format, out }) => {
-            adapter_commands::convert(&dir, &model, format, &out)
-        }
+        Command::Convert(args) => adapter_commands::convert(&args.dir, &args.model, args.format, &args.out, args.heads()),
         Command::Merge(adapter_commands::MergeArgs { model, adapters, out }) => {
             adapter_commands::merge(&model, &AdapterArgs::stacked(&adapters), &out)
         }

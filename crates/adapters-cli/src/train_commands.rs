@@ -2,7 +2,7 @@
 
 use crate::commands::{open_with, AdapterArgs};
 use adapters_core::ForwardCtx;
-use adapters_models::heads::{classify, pad, pool, pooled};
+use adapters_models::heads::{pad, pool, pooled};
 use adapters_models::saved_heads::{self, SavedHead};
 #[cfg(feature = "hyper")]
 use adapters_models::HoldsAdapters;
@@ -166,11 +166,10 @@ pub fn parse_mixture(spec: &str) -> Result<Vec<(String, f64)>> {
 
 /// The heads in the model folder and the adapter folders, narrowed to `task` if given.
 fn find_head(model: &Path, adapters: &AdapterArgs, task: Option<&str>, loaded: &LoadedModel) -> Result<SavedHead> {
-    let device = loaded.backbone.device();
     let mut found = Vec::new();
     for dir in std::iter::once(model.to_path_buf()).chain(adapters.dirs()?) {
         if dir.is_dir() {
-            found.extend(saved_heads::load_all(&dir, device)?);
+            found.extend(saved_heads::load_all(&dir, &loaded.backbone)?);
         }
     }
     let names: Vec<String> = found.iter().map(|h| format!("{} ({})", h.config.task, h.dir.display())).collect();
@@ -211,7 +210,7 @@ fn logits_for(loaded: &LoadedModel, head: &SavedHead, task: &TaskChoice, ids: &[
     let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let pooling: Pooling = head.config.pooling;
     let features = pooled(&loaded.backbone, &rows, pooling, &ctx)?;
-    Ok(classify(&head.head, &features, 0.0, &ctx)?)
+    Ok(head.head.forward(&features, 0.0, &ctx)?)
 }
 
 /// Evaluation under perturbed inputs: an attack on the embeddings and noisy characters.
@@ -358,7 +357,9 @@ pub fn eval(
                     let ctx = context_for(&loaded, task, ids.len(), vectors)?;
                     let (padded, mask) = pad(&ids.iter().map(Vec::as_slice).collect::<Vec<_>>(), loaded.backbone.device())?;
                     let labels = Tensor::new(&gold[c * 64..c * 64 + chunk.len()], loaded.backbone.device())?;
-                    let logits = |h: &Tensor, c: &ForwardCtx| Ok(classify(&head.head, &pool(h, &mask, head.config.pooling)?, 0.0, c)?);
+                    let logits = |h: &Tensor, c: &ForwardCtx| {
+                        Ok(head.head.forward(&pool(&loaded.backbone, h, &mask, head.config.pooling, c)?, 0.0, c)?)
+                    };
                     attacked_logits(&loaded.backbone, &padded, &mask, &labels, &ctx, attack, logits)?
                 }
             };

@@ -267,13 +267,24 @@ fn average_combines_adapters_and_their_heads() {
         hidden_size: 384,
         adapters: vec!["a".into()],
         label_map: Default::default(),
+        layers: 1,
+        activation: None,
+        bias: true,
     };
     for (folder, seed) in [(&a, 1), (&b, 2)] {
-        save(folder, &config("sms"), &adapters_models::heads::ClassificationHead::new(384, 2, seed, &candle_core::Device::Cpu).unwrap())
-            .unwrap();
-    }
-    save(&a, &config("only_in_a"), &adapters_models::heads::ClassificationHead::new(384, 2, 3, &candle_core::Device::Cpu).unwrap())
+        save(
+            folder,
+            &config("sms"),
+            &adapters_models::heads::ClassificationHead::new(384, 2, &Default::default(), seed, &candle_core::Device::Cpu).unwrap(),
+        )
         .unwrap();
+    }
+    save(
+        &a,
+        &config("only_in_a"),
+        &adapters_models::heads::ClassificationHead::new(384, 2, &Default::default(), 3, &candle_core::Device::Cpu).unwrap(),
+    )
+    .unwrap();
     let out = ok(&["average", "--model", &m, "--adapter", &p(&a), "--adapter", &p(&b), "--weights", "0.75,-0.25", "--out", &p(&c)]);
     assert!(out.contains("linear of 2 `seq_bn` adapters") && out.contains("left out") && out.contains("only_in_a"), "{out}");
     for file in ["adapter_model.safetensors", "heads/sms/head.safetensors"] {

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod adapter;
 pub mod capability;
 pub mod context;
@@ -26,6 +27,7 @@ pub mod registry;
 pub mod set;
 pub mod setup;
 
+pub use activation::Activation;
 pub use adapter::{
     Adapter, AddNormFn, EmbeddingIo, FrozenLinear, InterventionIo, KeyValuePrefix, LayerNormWeights, ProjectionIo, SublayerIo,
 };

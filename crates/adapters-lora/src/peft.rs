@@ -68,8 +68,32 @@ const PEFT_FIELDS: &[FieldRule] = &[
     // Placement: read from which modules the file holds tensors for.
     ("target_modules", None),
     ("exclude_modules", None),
-    ("modules_to_save", Some(is_empty)),
+    // Checked with `task_type` (see `check_modules_to_save`).
+    ("modules_to_save", None),
 ];
+
+/// The modules PEFT saves whole for a `SEQ_CLS` adapter: transformers' classifier, which
+/// the models crate reads as the adapter's classification head.
+const CLASSIFIERS: [&str; 2] = ["classifier", "score"];
+
+/// `modules_to_save` holds only a `SEQ_CLS` adapter's classifier: any other module saved
+/// whole would replace base weights, which is refused.
+fn check_modules_to_save(json: &Value) -> Result<(), String> {
+    let saved = &json["modules_to_save"];
+    let only_classifiers = saved.as_array().is_some_and(|a| a.iter().all(|m| m.as_str().is_some_and(|m| CLASSIFIERS.contains(&m))));
+    if is_empty(saved) || (json["task_type"] == "SEQ_CLS" && only_classifiers) {
+        return Ok(());
+    }
+    Err(format!(
+        "config field `modules_to_save` = {saved} is not supported: only a SEQ_CLS adapter's classifier (`classifier`, `score`) is read, \
+         as its classification head"
+    ))
+}
+
+/// Whether `key` (without PEFT's prefix) is a tensor of a saved classifier.
+fn is_classifier(stripped: &str, json: &Value) -> bool {
+    json["task_type"] == "SEQ_CLS" && stripped.split_once('.').is_some_and(|(m, _)| CLASSIFIERS.contains(&m))
+}
 
 const LORA_FIELDS: &[FieldRule] = &[
     ("r", None),
@@ -195,9 +219,9 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
         "IA3" => &[PEFT_FIELDS, IA3_FIELDS],
         other => return Err(bad(&config_path, format!("peft_type `{other}` is not supported (LORA and IA3 are)"))),
     };
-    check_fields(json, rules).map_err(|m| bad(&config_path, m))?;
+    check_fields(json, rules).and_then(|()| check_modules_to_save(json)).map_err(|m| bad(&config_path, m))?;
     if peft_type == "IA3" {
-        return load_ia3(dir, model, device);
+        return load_ia3(dir, json, model, device);
     }
     let weights = weights_file(dir);
     let tensors = read_tensors(&weights, device)?;
@@ -206,6 +230,9 @@ pub(crate) fn load(dir: &Path, json: &Value, model: &ModelInfo, device: &Device)
     let use_dora = json["use_dora"].as_bool().unwrap_or(false);
     for (key, t) in tensors {
         let stripped = key.strip_prefix(PREFIX).unwrap_or(&key);
+        if is_classifier(stripped, json) {
+            continue;
+        }
         // DoRA's magnitude (older PEFT versions add `.weight`).
         if let Some(m) = stripped.strip_suffix(".lora_magnitude_vector").or_else(|| stripped.strip_suffix(".lora_magnitude_vector.weight"))
         {
@@ -298,11 +325,14 @@ fn folder_name(dir: &Path) -> String {
 
 /// A PEFT IA3 folder: `<module>.ia3_l` vectors, `[1, in]` where the input is scaled
 /// (`feedforward_modules`), `[out, 1]` where the output is.
-fn load_ia3(dir: &Path, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
+fn load_ia3(dir: &Path, json: &Value, model: &ModelInfo, device: &Device) -> Result<Loaded, Error> {
     let weights = weights_file(dir);
     let mut scales: HashMap<Point, (Tensor, bool)> = HashMap::new();
     for (key, t) in read_tensors(&weights, device)? {
         let stripped = key.strip_prefix(PREFIX).unwrap_or(&key);
+        if is_classifier(stripped, json) {
+            continue;
+        }
         let module = stripped.strip_suffix(".ia3_l").ok_or_else(|| bad(&weights, format!("tensor `{key}` is not an IA3 vector")))?;
         let point = point_of(module, model).ok_or_else(|| {
             bad(&weights, format!("tensor `{key}`: module `{module}` is not a projection of this {} model", model.architecture))

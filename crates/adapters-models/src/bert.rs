@@ -9,7 +9,8 @@ use crate::error::Error;
 use crate::ops::{embedding, LayerNorm, Linear};
 use crate::weights::Weights;
 use adapters_core::{
-    AdapterSet, ConditioningNeed, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, ModelInfo, Point, PointSpec, Site, SublayerIo,
+    Activation, AdapterSet, ConditioningNeed, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, ModelInfo, Point, PointSpec, Site,
+    SublayerIo,
 };
 use adapters_kernels as kernels;
 use candle_core::{DType, Device, Result, Tensor};
@@ -50,46 +51,6 @@ fn default_eps() -> f64 {
 }
 fn default_pos() -> String {
     "absolute".into()
-}
-
-/// The FFN activation, by its Hugging Face name.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Activation {
-    /// `gelu`: exact (erf) GELU.
-    GeluErf,
-    /// `gelu_new`, `gelu_pytorch_tanh`: tanh approximation.
-    GeluTanh,
-    /// `relu`.
-    Relu,
-    /// `silu`, `swish`.
-    Silu,
-}
-
-impl Activation {
-    /// The activation named `name` in a Hugging Face config.
-    pub fn parse(name: &str) -> std::result::Result<Self, Error> {
-        Ok(match name {
-            "gelu" => Activation::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            "silu" | "swish" => Activation::Silu,
-            other => {
-                return Err(Error::Unsupported(format!(
-                    "unsupported hidden_act `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
-                )))
-            }
-        })
-    }
-
-    /// Applies the activation elementwise.
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Activation::GeluErf => kernels::gelu_erf(x),
-            Activation::GeluTanh => x.gelu(),
-            Activation::Relu => x.relu(),
-            Activation::Silu => x.silu(),
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -152,7 +113,7 @@ impl Bert {
                 config.hidden_size, config.num_attention_heads
             )));
         }
-        let activation = Activation::parse(&config.hidden_act)?;
+        let activation = Activation::from_name(&config.hidden_act).map_err(|e| Error::Unsupported(format!("hidden_act: {e}")))?;
         let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let linear = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
@@ -222,6 +183,11 @@ impl Bert {
     /// Where the pooler's projection is: the last layer.
     fn pooler_point(&self) -> Point {
         Point::new(self.config.num_hidden_layers.saturating_sub(1), Site::Pooler)
+    }
+
+    /// Whether the checkpoint has BERT's pooler.
+    pub fn has_pooler(&self) -> bool {
+        self.pooler.is_some()
     }
 
     /// Hugging Face's `pooler_output`: `tanh(W h[CLS] + b)` on the last hidden state, with
@@ -394,9 +360,7 @@ impl Bert {
         let down = Point::new(l, Site::FfnDown);
         let ffn = match (self.activation, &layer.down.bias) {
             // GELU inside the down projection: its output is not kept for the backward pass.
-            (Activation::GeluErf, Some(bias)) if !self.adapters.may_act_at(down, ctx) => {
-                kernels::gelu_linear(&up, &layer.down.weight, bias)?
-            }
+            (Activation::Gelu, Some(bias)) if !self.adapters.may_act_at(down, ctx) => kernels::gelu_linear(&up, &layer.down.weight, bias)?,
             _ => self.project(&layer.down, down, &self.activation.apply(&up)?, ctx)?,
         };
         let out = self.adapted_add_norm(Point::new(l, Site::FfnOutput), &x, &ffn, &layer.ffn_norm, ctx)?;

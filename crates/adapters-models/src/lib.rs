@@ -13,6 +13,7 @@ pub mod bert;
 mod checkpoint;
 mod error;
 pub mod generate;
+pub mod head_interop;
 pub mod heads;
 pub mod llama;
 pub mod model;

@@ -139,6 +139,21 @@ impl Backbone {
         }
     }
 
+    /// BERT's pooler output on the last hidden state (see [`crate::Bert::pooler_output`]);
+    /// `None` where the model has no pooler (decoders, sentence-embedding checkpoints
+    /// without one).
+    pub fn pooler_output(&self, hidden: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Option<Tensor>> {
+        match self {
+            Backbone::Bert(m) => m.pooler_output(hidden, ctx),
+            Backbone::Llama(_) => Ok(None),
+        }
+    }
+
+    /// Whether it has BERT's pooler (see [`Self::pooler_output`]).
+    pub fn has_pooler(&self) -> bool {
+        matches!(self, Backbone::Bert(m) if m.has_pooler())
+    }
+
     /// Whether this is an encoder (BERT) rather than a decoder.
     pub fn is_encoder(&self) -> bool {
         matches!(self, Backbone::Bert(_))

@@ -1,12 +1,15 @@
 //! Trained classification heads on disk. A head lives in a `heads/TASK/` folder inside
 //! whatever it was trained on top of: the top adapter's folder (adapters mode), the run
 //! folder (head-only mode) or the fine-tuned model folder (full mode).
-//! `head_config.json` holds the task, labels and pooling; `head.safetensors` the weights.
+//! `head_config.json` holds the task, labels, pooling and shape; `head.safetensors` the
+//! weights. [`load_all`] also reads the heads AdapterHub and PEFT keep in their adapter
+//! folders (see [`crate::head_interop`]).
 
 use crate::error::{Error, Result};
-use crate::heads::{ClassificationHead, Pooling};
+use crate::heads::{ClassificationHead, HeadShape, Pooling};
 use adapters_core::io::{read_json, read_tensors, save_tensors_atomic, write_atomic};
-use candle_core::{Device, Tensor, Var};
+use adapters_core::Activation;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -39,9 +42,41 @@ pub struct HeadConfig {
     /// that data in either naming can be scored.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub label_map: BTreeMap<String, String>,
+    /// Linear layers in all (see [`HeadShape`]); 1 unless written.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub layers: usize,
+    /// The activation after each hidden layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
+    /// Whether the output layer has a bias; true unless written.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub bias: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl HeadConfig {
+    /// The layers it describes.
+    pub fn shape(&self) -> HeadShape {
+        HeadShape { layers: self.layers, activation: self.activation, bias: self.bias }
+    }
+
+    /// Sets the layers it describes.
+    pub fn set_shape(&mut self, shape: &HeadShape) {
+        (self.layers, self.activation, self.bias) = (shape.layers, shape.activation, shape.bias);
+    }
+
     /// The index of a data label, read through `label_map`.
     pub fn label_index(&self, label: &str) -> Option<usize> {
         let label = self.label_map.get(label).map_or(label, String::as_str);
@@ -61,8 +96,7 @@ pub struct SavedHead {
 
 /// Writes `dir/heads/TASK/` (weights and config) as one folder, replaced whole.
 pub fn save(dir: &Path, config: &HeadConfig, head: &ClassificationHead) -> Result<()> {
-    let tensors: HashMap<String, Tensor> =
-        [("weight".to_string(), head.weight.as_tensor().clone()), ("bias".to_string(), head.bias.as_tensor().clone())].into();
+    let tensors: HashMap<String, Tensor> = head.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
     let json = serde_json::to_string_pretty(config).map_err(|e| Error::Invalid(format!("head config of `{}`: {e}", config.task)))?;
     let folder = dir.join(HEADS_DIR).join(&config.task);
     adapters_core::durable::replace_dir(&folder, "head", |tmp| -> std::io::Result<()> {
@@ -73,22 +107,25 @@ pub fn save(dir: &Path, config: &HeadConfig, head: &ClassificationHead) -> Resul
     .map_err(|e| Error::file(&folder, e))
 }
 
-/// Every head under `dir/heads/`, sorted by task.
-pub fn load_all(dir: &Path, device: &Device) -> Result<Vec<SavedHead>> {
-    let root = dir.join(HEADS_DIR);
-    if !root.is_dir() {
-        return Ok(Vec::new());
-    }
+/// Every head kept in the adapter or model folder `dir`, sorted by task: ours under
+/// `dir/heads/`, then AdapterHub's (`head_config.json` beside the adapter) and PEFT's (a
+/// `SEQ_CLS` adapter's saved classifier), checked against `model`.
+pub fn load_all(dir: &Path, model: &crate::Backbone) -> Result<Vec<SavedHead>> {
     let mut heads = Vec::new();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map_err(|e| Error::file(&root, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    entries.sort();
-    for d in entries {
-        heads.push(load(&d, device)?);
+    let root = dir.join(HEADS_DIR);
+    if root.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&root)
+            .map_err(|e| Error::file(&root, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        entries.sort();
+        for d in entries {
+            heads.push(load(&d, model.device())?);
+        }
     }
+    heads.extend(crate::head_interop::read_adapterhub(dir, model)?);
+    heads.extend(crate::head_interop::read_peft(dir, model)?);
     Ok(heads)
 }
 
@@ -97,19 +134,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<SavedHead> {
     let config_path = dir.join(HEAD_CONFIG);
     let config: HeadConfig =
         serde_json::from_value(read_json(&config_path)?).map_err(|e| Error::file(&config_path, format!("not a head config: {e}")))?;
-    if config.labels.is_empty() || config.hidden_size == 0 {
-        return Err(Error::file(&config_path, "a classification head needs at least one label and a hidden size; train it again"));
+    if config.labels.is_empty() || config.hidden_size == 0 || config.layers == 0 {
+        return Err(Error::file(&config_path, "a classification head needs at least one label, a hidden size and a layer; train it again"));
     }
     let weights_path = dir.join(HEAD_WEIGHTS);
-    let mut t = read_tensors(&weights_path, device)?;
-    let (n, h) = (config.labels.len(), config.hidden_size);
-    let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-        let x = t.remove(name).ok_or_else(|| Error::file(&weights_path, format!("tensor `{name}` is missing")))?;
-        if x.dims() != shape {
-            return Err(Error::file(&weights_path, format!("tensor `{name}` has shape {:?}, the head config needs {shape:?}", x.dims())));
-        }
-        Ok(x)
-    };
-    let head = ClassificationHead { weight: Var::from_tensor(&take("weight", &[n, h])?)?, bias: Var::from_tensor(&take("bias", &[n])?)? };
+    let tensors = read_tensors(&weights_path, device)?;
+    let head = ClassificationHead::from_tensors(tensors, &config.shape(), config.hidden_size, config.labels.len())
+        .map_err(|e| Error::file(&weights_path, e))?;
     Ok(SavedHead { config, head, dir: dir.to_path_buf() })
 }

@@ -37,7 +37,7 @@ fn bert_loss(bert: &Bert, head: &ClassificationHead, ctx: &ForwardCtx) -> Tensor
     let hidden = bert.forward(&ids, None, Some(&mask), ctx).unwrap();
     // Mean pooling plus the pooler's output, so the pooler's projection is on the path too.
     let pooled = (mean_pool(&hidden, &mask).unwrap() + bert.pooler_output(&hidden, ctx).unwrap().unwrap()).unwrap();
-    let logits = head.forward(&pooled).unwrap();
+    let logits = head.forward(&pooled, 0.0, &ForwardCtx::inference()).unwrap();
     let labels = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
     candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
 }
@@ -49,7 +49,7 @@ fn bert_every_adapter_and_head_variable_gets_a_gradient() {
     assert_eq!(probe.points().len(), 6 * 8 + 1, "8 points per layer and the pooler");
     bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
     bert.adapters_mut().activate(&["probe"]).unwrap();
-    let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
+    let head = ClassificationHead::new(384, 2, &Default::default(), 0, &Device::Cpu).unwrap();
     let loss = bert_loss(&bert, &head, &ForwardCtx::training());
     let grads = loss.backward().unwrap();
     let mut vars = bert.adapters().active_vars();
@@ -63,7 +63,7 @@ fn bert_gradients_agree_with_finite_differences() {
     let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
     bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
     bert.adapters_mut().activate(&["probe"]).unwrap();
-    let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
+    let head = ClassificationHead::new(384, 2, &Default::default(), 0, &Device::Cpu).unwrap();
     let ctx = ForwardCtx::training();
     let grads = bert_loss(&bert, &head, &ctx).backward().unwrap();
     let vars = bert.adapters().active_vars();
@@ -135,11 +135,11 @@ fn assert_checkpointing_matches(model: &Backbone, ids: &Tensor, mask: &Tensor, v
 #[test]
 fn checkpointed_steps_match_plain_steps_for_both_backbones_and_full_fine_tuning() {
     let dev = Device::Cpu;
-    let head = ClassificationHead::new(384, 2, 0, &dev).unwrap();
+    let head = ClassificationHead::new(384, 2, &Default::default(), 0, &dev).unwrap();
     let labels = Tensor::new(&[1u32, 0], &dev).unwrap();
     let (ids, mask) = bert_batch();
     let classify = |h: &Tensor| {
-        let logits = head.forward(&mean_pool(h, &mask).unwrap()).unwrap();
+        let logits = head.forward(&mean_pool(h, &mask).unwrap(), 0.0, &ForwardCtx::inference()).unwrap();
         candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
     };
     let mut model = Backbone::Bert(bert());
@@ -207,7 +207,7 @@ fn bert_embedding_perturbation_gradients_agree_with_finite_differences() {
     let probe = Probe::everywhere(&bert.model_info(), &Device::Cpu).unwrap();
     bert.adapters_mut().add("probe", Box::new(probe)).unwrap();
     bert.adapters_mut().activate(&["probe"]).unwrap();
-    let head = ClassificationHead::new(384, 2, 0, &Device::Cpu).unwrap();
+    let head = ClassificationHead::new(384, 2, &Default::default(), 0, &Device::Cpu).unwrap();
     let ctx = ForwardCtx::inference().with_graph();
     let plain = bert_loss(&bert, &head, &ctx).to_scalar::<f32>().unwrap();
     let zero = Var::zeros((2, 5, 384), candle_core::DType::F32, &Device::Cpu).unwrap();

@@ -16,8 +16,9 @@ use crate::error::ApiError;
 use crate::metrics::CauseLabels;
 use crate::target::Target;
 use adapters_core::ForwardCtx;
-use adapters_models::heads::{classify, l2_normalize, mean_pool, pad, pool};
+use adapters_models::heads::{l2_normalize, mean_pool, pad, pool, Pooling};
 use adapters_models::{Backbone, HoldsAdapters};
+use candle_core::Tensor;
 use serde_json::{json, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -276,20 +277,29 @@ fn forward(model: &Backbone, per_row: bool, jobs: &[Job]) -> Result<Vec<JobResul
         ctx = ctx.with_row_choices(&choices, model.device()).map_err(internal)?;
     }
     let hidden = model.hidden_states(&ids, &mask, &ctx).map_err(internal)?;
+    // BERT's pooler runs with each row's adapters (at the pooler's projection), so once
+    // for the batch, under the batch's routing.
+    let uses_pooler = jobs.iter().any(|j| match (&j.work, &j.target) {
+        (Work::Classify { head }, Target::Adapter(r)) => r.heads[*head].config.pooling == Pooling::Pooler,
+        _ => false,
+    });
+    let pooler = if uses_pooler { model.pooler_output(&hidden, &ctx).map_err(internal)? } else { None };
     let mut start = 0;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         let n = job.rows.ids.len();
         let tokens = job.rows.ids.iter().map(Vec::len).sum();
         let (h, m) = (hidden.narrow(0, start, n).map_err(internal)?, mask.narrow(0, start, n).map_err(internal)?);
+        let p = pooler.as_ref().map(|p| p.narrow(0, start, n)).transpose().map_err(internal)?;
         start += n;
-        results.push(answer(job, &h, &m).map(|v| (v, tokens)));
+        results.push(answer(model, job, &h, &m, p.as_ref()).map(|v| (v, tokens)));
     }
     Ok(results)
 }
 
-/// A job's response body from the hidden states and mask of its rows.
-fn answer(job: &Job, hidden: &candle_core::Tensor, mask: &candle_core::Tensor) -> Result<Value, ApiError> {
+/// A job's response body from the hidden states and mask of its rows (and their pooler
+/// output, where a head reads it).
+fn answer(model: &Backbone, job: &Job, hidden: &Tensor, mask: &Tensor, pooler: Option<&Tensor>) -> Result<Value, ApiError> {
     let internal = |e: candle_core::Error| ApiError::internal(e.to_string());
     match (&job.work, &job.target) {
         (Work::Embed, _) => {
@@ -302,9 +312,11 @@ fn answer(job: &Job, hidden: &candle_core::Tensor, mask: &candle_core::Tensor) -
         (Work::Classify { head }, Target::Adapter(resident)) => {
             let head = &resident.heads[*head];
             let ctx = ForwardCtx::inference();
-            let logits = pool(hidden, mask, head.config.pooling)
-                .and_then(|f| classify(&head.head, &f, 0.0, &ctx))
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let features = match (head.config.pooling, pooler) {
+                (Pooling::Pooler, Some(p)) => Ok(p.clone()),
+                (pooling, _) => pool(model, hidden, mask, pooling, &ctx),
+            };
+            let logits = features.and_then(|f| head.head.forward(&f, 0.0, &ctx)).map_err(internal)?;
             let probs = candle_nn::ops::softmax_last_dim(&logits).and_then(|p| p.to_vec2::<f32>()).map_err(internal)?;
             let data: Vec<Value> = probs
                 .iter()

@@ -330,16 +330,15 @@ impl AppState {
                 None => model.fingerprint().map_err(|e| ApiError::internal(format!("fingerprinting the base model: {e}")))?,
             };
             let mut heads = Vec::new();
-            let device = model.device().clone();
             // A head that could not answer (no labels, another width) is refused here, at
             // load, rather than failing the requests that use it.
             let width = model.model_info().hidden_size;
-            let mut read_heads = |d: &std::path::Path| -> Result<(), ApiError> {
+            let read_heads = |d: &std::path::Path, model: &Backbone, heads: &mut Vec<_>| -> Result<(), ApiError> {
                 let broken = |e: String| ApiError {
                     status: StatusCode::BAD_GATEWAY,
                     message: format!("{}@{} has a classification head that cannot be served: {e}", manifest.name, manifest.version),
                 };
-                for head in adapters_models::saved_heads::load_all(d, &device).map_err(|e| broken(e.to_string()))? {
+                for head in adapters_models::saved_heads::load_all(d, model).map_err(|e| broken(e.to_string()))? {
                     if head.config.hidden_size != width {
                         return Err(broken(format!(
                             "head `{}` reads width {}, the base model's is {width}",
@@ -354,7 +353,7 @@ impl AppState {
                 Some(setup) => {
                     for (name, _) in &setup.adapters {
                         model.load_adapter_for(&dir.join(name), Some(name), &fingerprint).map_err(fits)?;
-                        read_heads(&dir.join(name))?;
+                        read_heads(&dir.join(name), &model, &mut heads)?;
                     }
                     let tree = Setup::load(&dir).map_err(|e| ApiError::internal(e.to_string()))?;
                     model.adapters_mut().set_setup(Some(tree)).map_err(|e| fits(e.into()))?;
@@ -362,7 +361,7 @@ impl AppState {
                 None => {
                     let name = model.load_adapter_for(&dir, Some(&manifest.name), &fingerprint).map_err(fits)?;
                     model.adapters_mut().activate(&[name.as_str()]).map_err(|e| fits(e.into()))?;
-                    read_heads(&dir)?;
+                    read_heads(&dir, &model, &mut heads)?;
                 }
             }
             Ok::<_, ApiError>((Resident::new(manifest, model, heads), fingerprint))

@@ -99,8 +99,7 @@ async fn adapters_load_on_first_use_once_and_classify_like_the_cli() {
     let mut direct = adapters_models::load(&adapters_models::fetched("all-MiniLM-L6-v2").unwrap(), &candle_core::Device::Cpu).unwrap();
     let name = direct.backbone.load_adapter(&fixtures().join("fusion-sources/sms_spam"), None).unwrap();
     adapters_models::HoldsAdapters::adapters_mut(&mut direct.backbone).activate(&[name.as_str()]).unwrap();
-    let head =
-        adapters_models::saved_heads::load_all(&fixtures().join("fusion-sources/sms_spam"), &candle_core::Device::Cpu).unwrap().remove(0);
+    let head = adapters_models::saved_heads::load_all(&fixtures().join("fusion-sources/sms_spam"), &direct.backbone).unwrap().remove(0);
     let ids = adapters_models::tokenizer::truncate_ids(
         direct.tokenizer.encode("free entry to win a prize, text WIN now", true).unwrap(),
         512,
@@ -108,7 +107,7 @@ async fn adapters_load_on_first_use_once_and_classify_like_the_cli() {
     );
     let ctx = adapters_core::ForwardCtx::inference();
     let features = adapters_models::heads::pooled(&direct.backbone, &[ids.as_slice()], head.config.pooling, &ctx).unwrap();
-    let logits = adapters_models::heads::classify(&head.head, &features, 0.0, &ctx).unwrap();
+    let logits = head.head.forward(&features, 0.0, &ctx).unwrap();
     let p = candle_nn::ops::softmax_last_dim(&logits).unwrap().to_vec2::<f32>().unwrap();
     let served = body["data"][0]["scores"]["spam"].as_f64().unwrap() as f32;
     assert!((served - p[0][1]).abs() < 1e-5, "served {served}, direct {}", p[0][1]);

@@ -3,8 +3,9 @@
 //! output folder. Unknown keys and wrong types are errors that name the key.
 
 use crate::error::{fail, Error, Result, Within};
+pub use adapters_core::Activation;
 use adapters_core::{Placement, Setup};
-pub use adapters_models::heads::Pooling;
+pub use adapters_models::heads::{HeadShape, Pooling};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -135,7 +136,18 @@ pub struct TaskConfig {
     /// folder of its fusion layer, or else of its last adapter.
     pub setup: Option<String>,
     /// Pooling for the classification head; default mean for encoders, last for decoders.
+    /// `cls` and `pooler` (BERT's pooler output) are what AdapterHub's and transformers'
+    /// encoder heads read, so heads trained with them convert to those formats.
     pub pooling: Option<Pooling>,
+    /// Linear layers of the classification head; default 1 (a linear classifier). 2 is
+    /// AdapterHub's default `ClassificationHead`: a hidden layer, `head_activation`, then
+    /// the classifier.
+    pub head_layers: Option<usize>,
+    /// The activation after each hidden layer of the head; default `tanh` (AdapterHub's).
+    pub head_activation: Option<Activation>,
+    /// Whether the head's output layer has a bias; default true (transformers' Llama
+    /// `score` classifier, which PEFT saves, has none).
+    pub head_bias: Option<bool>,
     /// The classification head this task trains and is scored by; default: its own, named
     /// after the task. Tasks that name the same head share its weights, so they must end
     /// up with the same labels (see `label_map`) and pooling.
@@ -599,16 +611,32 @@ impl TaskConfig {
         self.head.as_deref().unwrap_or(&self.name)
     }
 
+    /// The layers of the head this task trains.
+    pub fn head_shape(&self) -> HeadShape {
+        let layers = self.head_layers.unwrap_or(1);
+        let activation = if layers > 1 { Some(self.head_activation.unwrap_or(Activation::Tanh)) } else { self.head_activation };
+        HeadShape { layers, activation, bias: self.head_bias.unwrap_or(true) }
+    }
+
     /// `head` names a folder; `label_map` and a shared head need classification.
     fn check_head(&self) -> Result<()> {
+        if self.head_layers == Some(0) {
+            fail!(Config, "`head_layers` = 0: a head has at least one (its classifier)");
+        }
         if let Some(head) = &self.head {
             let folder_safe = head.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
             if head.is_empty() || !folder_safe || head.starts_with('.') {
                 fail!(Config, "`head` = {head:?}: a head name is a folder name of letters, digits, `_`, `-` and `.`");
             }
         }
-        if self.kind != TaskType::Classification && (self.head.is_some() || self.label_map.is_some()) {
-            fail!(Config, "`head` and `label_map` are for classification tasks; this one predicts tokens");
+        let head_fields = self.head.is_some()
+            || self.label_map.is_some()
+            || self.head_layers.is_some()
+            || self.head_activation.is_some()
+            || self.head_bias.is_some()
+            || self.pooling.is_some();
+        if self.kind != TaskType::Classification && head_fields {
+            fail!(Config, "`head`, `label_map`, `pooling` and `head_*` are for classification tasks; this one predicts tokens");
         }
         for (from, to) in self.label_map.iter().flatten() {
             if from.is_empty() || to.is_empty() {

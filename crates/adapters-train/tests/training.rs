@@ -670,7 +670,8 @@ fn tasks_share_a_head_through_a_label_map() {
     let summary = trainer.run(&RunOptions::default()).unwrap();
     let test = |t: &str| serde_json::to_value(&summary).unwrap()["tasks"][t]["test"].clone();
     assert_eq!(test("sms"), test("renamed"), "one head, the same rows: the same scores");
-    let saved = adapters_models::saved_heads::load_all(&dir.join("out/adapters/pf"), &Device::Cpu).unwrap();
+    let model = adapters_models::load(minilm().as_ref(), &Device::Cpu).unwrap().backbone;
+    let saved = adapters_models::saved_heads::load_all(&dir.join("out/adapters/pf"), &model).unwrap();
     assert_eq!(saved.len(), 1, "one head folder");
     let head = &saved[0].config;
     assert_eq!((head.task.as_str(), head.labels.clone()), ("sms", vec!["ham".to_string(), "spam".into()]));

@@ -65,7 +65,7 @@ impl Trainer {
                                 f
                             }
                         };
-                        let logits = classify(head, &f, 0.0, &ForwardCtx::inference())?;
+                        let logits = head.forward(&f, 0.0, &ForwardCtx::inference())?;
                         let labels: Vec<u32> = batch.iter().map(|&i| split.labels[i]).collect();
                         let loss = candle_nn::loss::cross_entropy(&logits, &Tensor::new(labels.as_slice(), logits.device())?)?;
                         loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;

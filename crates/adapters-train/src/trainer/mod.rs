@@ -17,7 +17,7 @@ use crate::task::{self, epoch_batches, mix, salt, sorted_batches, Split, TaskDat
 use adapters_core::durable::replace_dir;
 use adapters_core::{io, registry, ForwardCtx, InsertionPoint, Layers, Placement, Setup};
 use adapters_models::heads::ClassificationHead;
-use adapters_models::heads::{classify, pad, pool, pooled};
+use adapters_models::heads::{pad, pool, pooled};
 use adapters_models::saved_heads::{self, HeadConfig};
 use adapters_models::HoldsAdapters;
 use adapters_models::LoadedModel;
@@ -177,28 +177,43 @@ impl Trainer {
             let shared = config.task[..i].iter().position(|o| o.head_name() == head_name).map(|j| &tasks[j]);
             let head = match (t.kind, shared) {
                 (TaskType::Classification, Some(first)) => {
-                    if first.data.labels != data.labels || first.pooling != pooling {
+                    let shape = first.head.as_ref().map(ClassificationHead::shape);
+                    if first.data.labels != data.labels || first.pooling != pooling || shape.as_ref() != Some(&t.head_shape()) {
                         fail!(
                             Config,
-                            "tasks `{}` and `{}` share the head `{head_name}` but not its labels ({} against {}) or pooling \
-                             ({:?} against {:?}); rename labels with `label_map`",
+                            "tasks `{}` and `{}` share the head `{head_name}` but not its labels ({} against {}), pooling \
+                             ({:?} against {:?}) or layers ({:?} against {:?}); rename labels with `label_map`",
                             first.name,
                             t.name,
                             first.data.labels.join(", "),
                             data.labels.join(", "),
                             first.pooling,
-                            pooling
+                            pooling,
+                            shape,
+                            t.head_shape()
                         );
                     }
                     first.head.clone()
                 }
                 (TaskType::Classification, None) => {
-                    let head = ClassificationHead::new(hidden, data.labels.len(), mix(&[seed, i as u64, salt::HEAD_INIT]), device)?;
+                    if pooling == Pooling::Pooler && !model.backbone.has_pooler() {
+                        fail!(
+                            Config,
+                            "task `{}`: `pooling = \"pooler\"` needs BERT's pooler, which this model does not have; use cls or mean",
+                            t.name
+                        );
+                    }
+                    let head = ClassificationHead::new(
+                        hidden,
+                        data.labels.len(),
+                        &t.head_shape(),
+                        mix(&[seed, i as u64, salt::HEAD_INIT]),
+                        device,
+                    )?;
                     if let Some((folder, _)) = config.stack_of(t).last().and_then(|top| started.get(top)) {
                         start_head(&head, folder, head_name, &data.labels, device)?;
                     }
                     for (var_name, var) in head.vars() {
-                        let var_name = var_name.trim_start_matches("head.");
                         params.push(Param {
                             name: format!("head.{head_name}.{var_name}"),
                             var,
@@ -451,8 +466,18 @@ fn start_head(head: &ClassificationHead, folder: &std::path::Path, name: &str, l
         );
         return Ok(());
     }
-    head.weight.set(saved.head.weight.as_tensor())?;
-    head.bias.set(saved.head.bias.as_tensor())?;
+    if saved.head.shape() != head.shape() {
+        eprintln!(
+            "head `{name}`: {} has layers {:?}, this task {:?}; starting a new head",
+            dir.display(),
+            saved.head.shape(),
+            head.shape()
+        );
+        return Ok(());
+    }
+    for ((_, var), (_, saved)) in head.vars().into_iter().zip(saved.head.vars()) {
+        var.set(saved.as_tensor())?;
+    }
     Ok(())
 }
 

@@ -112,11 +112,11 @@ impl Trainer {
                 (Some(f), _) => {
                     f.train.index_select(&Tensor::from_vec(rows.iter().map(|&i| i as u32).collect(), n, f.train.device())?, 0)?
                 }
-                (None, Some((h, m))) => pool(&h.narrow(0, offset, n)?, &m.narrow(0, offset, n)?, task.pooling)?,
+                (None, Some((h, m))) => pool(&self.model.backbone, &h.narrow(0, offset, n)?, &m.narrow(0, offset, n)?, task.pooling, ctx)?,
                 (None, None) => unreachable!("hidden states are computed when a task has no cached features"),
             };
             offset += n;
-            let logits = classify(task.head.as_ref().expect("classification head"), &features, self.config.training.dropout, ctx)?;
+            let logits = task.head.as_ref().expect("classification head").forward(&features, self.config.training.dropout, ctx)?;
             let labels: Vec<u32> = rows.iter().map(|&i| task.data.train.labels[i]).collect();
             let labels = Tensor::new(labels, logits.device())?;
             parts.push(LabelledLogits { logits, labels, weight: n as f64 / total_rows as f64 });
