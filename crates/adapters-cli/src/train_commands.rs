@@ -177,7 +177,8 @@ fn find_head(model: &Path, adapters: &AdapterArgs, task: Option<&str>, loaded: &
     match matching.len() {
         1 => Ok(matching.remove(0)),
         0 if names.is_empty() => bail!(
-            "no trained head in {} or the --adapter folders (heads live in a heads/TASK folder; `adapters train` writes them)",
+            "no trained head in {} or the --adapter folders (heads live in a heads/TASK folder, which `adapters train` writes, or \
+             are AdapterHub's head_config.json or a PEFT SEQ_CLS adapter's classifier)",
             model.display()
         ),
         0 => bail!("no head for task `{}`; found: {}", task.unwrap_or_default(), names.join(", ")),

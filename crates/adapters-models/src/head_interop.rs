@@ -312,7 +312,16 @@ pub fn write_peft(dir: &Path, config: &HeadConfig, head: &ClassificationHead, mo
         )));
     }
     let weights = dir.join(WEIGHTS_FILE);
-    let mut tensors: HashMap<String, Tensor> = read_tensors(&weights, model.device())?;
+    // transformers' BERT classifier keeps the encoder under `bert.`; the Llama one under
+    // `model.`, as the base model's paths already read.
+    let encoder_prefix = if model.is_encoder() { "bert." } else { "" };
+    let mut tensors: HashMap<String, Tensor> = read_tensors(&weights, model.device())?
+        .into_iter()
+        .map(|(key, t)| match key.strip_prefix(PEFT_PREFIX) {
+            Some(rest) => (format!("{PEFT_PREFIX}{encoder_prefix}{rest}"), t),
+            None => (key, t),
+        })
+        .collect();
     tensors.insert(format!("{PEFT_PREFIX}{module}.weight"), head.out.weight.as_tensor().clone());
     if let Some(b) = &head.out.bias {
         tensors.insert(format!("{PEFT_PREFIX}{module}.bias"), b.as_tensor().clone());

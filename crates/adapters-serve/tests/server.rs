@@ -134,6 +134,39 @@ async fn adapters_load_on_first_use_once_and_classify_like_the_cli() {
     assert_eq!(ids.len(), 4, "{ids:?}");
 }
 
+/// AdapterHub heads (the pooler's, three layers) and a PEFT `SEQ_CLS` classifier, pushed
+/// as those libraries saved them and asked at once (one mixed batch, the pooler run under
+/// each row's adapter): each answers with the probabilities of the logits those libraries
+/// computed (`fixtures/interop/heads`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adapterhub_and_peft_heads_classify_as_those_libraries_do() {
+    let dir = scratch("foreign-heads");
+    adapters_testkit::register_all();
+    let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
+    let heads = fixtures().join("interop/heads");
+    let names = ["ah_head_pooler_relu", "ah_head_three_layers", "peft_seq_cls_dora"];
+    for name in names {
+        store.push(&heads.join(name), &name.replace('_', "-").parse().unwrap(), PushOptions::default()).await.unwrap();
+    }
+    let server = Server::start(store, config(&dir)).await;
+    let cases: Value = serde_json::from_slice(&std::fs::read(heads.join("cases.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = cases["sentences"].as_array().unwrap().iter().map(|s| s["text"].as_str().unwrap()).collect();
+    let requests = names.map(|name| server.post("/v1/classify", json!({"model": name.replace('_', "-"), "input": texts})));
+    let answers = futures::future::join_all(requests).await;
+    for (name, (status, body)) in names.iter().zip(answers) {
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        let case = cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == *name).unwrap();
+        let labels = case["labels"].as_array().unwrap();
+        for (row, logits) in body["data"].as_array().unwrap().iter().zip(adapters_testkit::json_rows(&case["logits"])) {
+            let z: f32 = logits.iter().map(|l| l.exp()).sum();
+            for (label, l) in labels.iter().zip(&logits) {
+                let served = row["scores"][label.as_str().unwrap()].as_f64().unwrap() as f32;
+                assert!((served - l.exp() / z).abs() < 1e-5, "{name}: {label} served {served}, expected {}", l.exp() / z);
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cache_evicts_the_least_recently_used_and_never_a_pinned_adapter() {
     let dir = scratch("lru");
