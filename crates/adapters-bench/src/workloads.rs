@@ -28,6 +28,9 @@ pub const NAMES: &[&str] = &[
     "smol_train_lora",
     "smol_decode_b1",
     "smol_decode_b8",
+    "smol_decode_b32",
+    "smol_serve_decode_b8",
+    "smol_serve_decode_b32",
 ];
 
 /// Runs workload `name` (`warmup` untimed, then `steps` timed) and returns its record:
@@ -41,6 +44,9 @@ pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
         n if n.starts_with("smol_train_") => smol_train(&n["smol_train_".len()..])?,
         "smol_decode_b1" => return smol_decode(1, warmup, steps),
         "smol_decode_b8" => return smol_decode(8, warmup, steps),
+        "smol_decode_b32" => return smol_decode(32, warmup, steps),
+        "smol_serve_decode_b8" => return smol_serve_decode(8, warmup, steps),
+        "smol_serve_decode_b32" => return smol_serve_decode(32, warmup, steps),
         other => anyhow::bail!("unknown workload `{other}` (known: {})", NAMES.join(", ")),
     };
     let rss_before = rss_mib("VmRSS");
@@ -214,6 +220,40 @@ fn smol_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Valu
     let med = crate::median(step_ms);
     Ok(json!({
         "config": format!("smol_decode_b{batch}"), "median_ms": med, "decode_tokens_per_s": batch as f64 / (med / 1e3),
+        "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
+        "threads": candle_core::utils::get_num_threads(),
+    }))
+}
+
+/// The server's decoding step (continuous batching): prompts of 16 to 48 tokens, each run
+/// into a cache of its own (reserved for its 32 new tokens, as the server reserves), then
+/// steps of one token for every row, each at its own position; the median step time.
+fn smol_serve_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Value> {
+    let Backbone::Llama(model) = smollm2()? else { anyhow::bail!("SmolLM2 is a decoder") };
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|i| token_rows(1, 16 + (i * 7) % 33, 49152).remove(0)).collect();
+    let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let ctx = ForwardCtx::inference();
+    let rss_before = rss_mib("VmRSS");
+    reset_peak_rss();
+    let mut step_ms = Vec::new();
+    for call in 0..warmup + calls {
+        let (logits, mut caches) = model.prefill(&prompts, &ctx)?;
+        for c in &mut caches {
+            c.reserve(c.len() + 32)?;
+        }
+        let mut next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        for _ in 1..32 {
+            let t = Instant::now();
+            let mut rows: Vec<&mut adapters_models::KvCache> = caches.iter_mut().collect();
+            next = model.decode_step(&next, &mut rows, &ctx)?.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            if call >= warmup {
+                step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let med = crate::median(step_ms);
+    Ok(json!({
+        "config": format!("smol_serve_decode_b{batch}"), "median_ms": med, "decode_tokens_per_s": batch as f64 / (med / 1e3),
         "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
         "threads": candle_core::utils::get_num_threads(),
     }))

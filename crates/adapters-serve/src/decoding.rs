@@ -232,6 +232,8 @@ fn prefill(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Runni
         .map(|(k, (&i, cache))| {
             let r = &mut running[i];
             r.cache = cache;
+            // Room for every token it may add: its steps then write in place.
+            r.cache.reserve(r.generation.kv_tokens()).map_err(|e| e.to_string())?;
             logits.get(k).and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map_err(|e| e.to_string())
         })
         .collect()
@@ -305,7 +307,8 @@ fn advance(engine: &Engine, running: &mut [Running], mixed: &mut Option<(Vec<Str
 /// puts each row back as it was before the step and runs it alone, so only the row at
 /// fault fails.
 fn run_isolated(engine: &Engine, model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running], stop: &[u32], run: RunRows) {
-    let before: Vec<(KvCache, ChaCha8Rng)> = rows.iter().map(|&i| (running[i].cache.clone(), running[i].rng.clone())).collect();
+    // A step only appends to a cache: its length before the step is enough to undo it.
+    let before: Vec<(usize, ChaCha8Rng)> = rows.iter().map(|&i| (running[i].cache.len(), running[i].rng.clone())).collect();
     let outcome = guarded(|| run(model, per_row, rows, running).map_err(ApiError::internal));
     match outcome {
         Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].take(t, stop)),
@@ -317,8 +320,9 @@ fn run_isolated(engine: &Engine, model: &Backbone, per_row: bool, rows: &[usize]
                 "a decoding step failed as a whole ({}); running its generations one by one",
                 e.message
             );
-            for (&i, (cache, rng)) in rows.iter().zip(before) {
-                (running[i].cache, running[i].rng) = (cache, rng);
+            for (&i, (len, rng)) in rows.iter().zip(before) {
+                running[i].cache.truncate(len);
+                running[i].rng = rng;
                 run_isolated(engine, model, per_row, &[i], running, stop, run);
             }
         }

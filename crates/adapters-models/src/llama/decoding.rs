@@ -6,27 +6,109 @@ use crate::ops::{embedding, Linear};
 use adapters_core::ForwardCtx;
 use candle_core::{Result, Tensor};
 
-/// Cached keys and values of earlier positions, one entry per layer, each
-/// `[batch, positions, kv_heads * head_dim]` (the projections' layout, after RoPE).
-#[derive(Clone)]
+/// Cached keys and values of earlier positions, one entry per layer (see `LayerKv`).
+/// A clone is a copy (the buffers are written in place).
 pub struct KvCache {
-    pub(super) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(super) layers: Vec<Option<LayerKv>>,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let copy = |l: &LayerKv| -> LayerKv {
+            LayerKv { keys: l.keys.copy().expect("a copy"), values: l.values.copy().expect("a copy"), len: l.len }
+        };
+        KvCache { layers: self.layers.iter().map(|l| l.as_ref().map(copy)).collect() }
+    }
 }
 
 impl KvCache {
     /// An empty cache for a model of `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        KvCache { layers: (0..num_layers).map(|_| None).collect() }
     }
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers[0].as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0))
+        self.layers[0].as_ref().map_or(0, |l| l.len)
     }
 
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Makes room for `positions` in all, so that appends up to there write in place
+    /// without growing (a server knows each generation's prompt and token limit).
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.layers.iter_mut().flatten().try_for_each(|l| l.grow_to(positions))
+    }
+
+    /// Forgets the positions from `len` on (a step undone: what it wrote is past `len`).
+    pub fn truncate(&mut self, len: usize) {
+        for l in self.layers.iter_mut().flatten() {
+            l.len = l.len.min(len);
+        }
+    }
+}
+
+/// One layer's cached keys and values (after RoPE): `[batch, capacity, kv_heads * head_dim]`
+/// buffers whose first `len` positions are filled. Appends write in place and the buffers
+/// grow by doubling, so a decoding step copies its new position only (concatenating
+/// instead copied the whole cache every step: O(length) per token).
+pub(super) struct LayerKv {
+    keys: Tensor,
+    values: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    /// A cache holding `k` and `v` `[batch, positions, width]`. Its buffers are exactly
+    /// full (they may be views of the forward's own tensors), so the first append or
+    /// [`KvCache::reserve`] moves them into buffers of its own before writing in place.
+    pub(super) fn new(k: &Tensor, v: &Tensor) -> Result<Self> {
+        let (keys, values) = (k.contiguous()?, v.contiguous()?);
+        Ok(LayerKv { len: keys.dim(1)?, keys, values })
+    }
+
+    /// Appends the positions `k`, `v` `[batch, new, width]`.
+    pub(super) fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let end = self.len + k.dim(1)?;
+        if end > self.capacity() {
+            self.grow_to(end.max(2 * self.capacity()))?;
+        }
+        self.keys.slice_set(&k.contiguous()?, 1, self.len)?;
+        self.values.slice_set(&v.contiguous()?, 1, self.len)?;
+        self.len = end;
+        Ok(())
+    }
+
+    /// The cached keys and values, `[batch, len, width]` (views of the buffers).
+    pub(super) fn keys_values(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.keys.narrow(1, 0, self.len)?, self.values.narrow(1, 0, self.len)?))
+    }
+
+    /// The whole buffers and how many positions they hold (for [`adapters_kernels::attention_per_row`]).
+    pub(super) fn buffers(&self) -> (&Tensor, &Tensor, usize) {
+        (&self.keys, &self.values, self.len)
+    }
+
+    fn capacity(&self) -> usize {
+        self.keys.dim(1).unwrap_or(0)
+    }
+
+    /// Moves the filled positions into buffers of `capacity` (no-op if already as large).
+    fn grow_to(&mut self, capacity: usize) -> Result<()> {
+        if capacity <= self.capacity() {
+            return Ok(());
+        }
+        let grown = |t: &Tensor| -> Result<Tensor> {
+            let (b, _, w) = t.dims3()?;
+            let buffer = Tensor::zeros((b, capacity, w), t.dtype(), t.device())?;
+            buffer.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            Ok(buffer)
+        };
+        (self.keys, self.values) = (grown(&self.keys)?, grown(&self.values)?);
+        Ok(())
     }
 }
 
@@ -57,9 +139,9 @@ impl Llama {
                     .layers
                     .iter()
                     .map(|kv| {
-                        let (k, v) = kv.as_ref().expect("the forward filled every layer");
+                        let (k, v) = kv.as_ref().expect("the forward filled every layer").keys_values()?;
                         let n = virtual_tokens + p.len();
-                        Ok(Some((k.narrow(0, i, 1)?.narrow(1, 0, n)?, v.narrow(0, i, 1)?.narrow(1, 0, n)?)))
+                        Ok(Some(LayerKv::new(&k.narrow(0, i, 1)?.narrow(1, 0, n)?, &v.narrow(0, i, 1)?.narrow(1, 0, n)?)?))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(KvCache { layers })
@@ -91,11 +173,10 @@ impl Llama {
         }
         let at = Tensor::new(positions.as_slice(), device)?;
         let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
-        // Row i sees its own positions 0..p_i and the new token (placed at `longest`).
-        let mask: Vec<f32> = positions
-            .iter()
-            .flat_map(|&p| (0..=longest).map(move |j| if j < p as usize || j == longest { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
+        // Row i sees its own positions 0..=p_i (the new token is appended at p_i); read
+        // only where the rows' caches are gathered padded (see `Kv::PerRow`).
+        let mask: Vec<f32> =
+            positions.iter().flat_map(|&p| (0..=longest).map(move |j| if j <= p as usize { 0.0 } else { f32::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(mask, (tokens.len(), 1, longest + 1), device)?;
         let mut x = embedding(&self.embed, &Tensor::new(tokens, device)?.unsqueeze(1)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -147,5 +228,40 @@ impl Llama {
     /// A fresh cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn positions(from: u32, n: usize) -> Result<Tensor> {
+        Tensor::arange(from * 4, from * 4 + n as u32 * 4, &Device::Cpu)?.to_dtype(candle_core::DType::F32)?.reshape((1, n, 4))
+    }
+
+    /// Appends grow the buffers and keep every position; a truncated step is overwritten by
+    /// the next append; a clone is a copy that later appends do not touch.
+    #[test]
+    fn appends_write_in_place_and_truncation_undoes_a_step() -> Result<()> {
+        let mut layer = LayerKv::new(&positions(0, 2)?, &positions(100, 2)?)?;
+        for p in 2..7 {
+            layer.append(&positions(p, 1)?, &positions(100 + p, 1)?)?;
+        }
+        assert!(layer.capacity() >= 7);
+        let (k, v) = layer.keys_values()?;
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, positions(0, 7)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, positions(100, 7)?.flatten_all()?.to_vec1::<f32>()?);
+        let mut cache = KvCache { layers: vec![Some(layer)] };
+        let copy = cache.clone();
+        cache.truncate(5);
+        let layer = cache.layers[0].as_mut().expect("filled");
+        layer.append(&positions(50, 1)?, &positions(150, 1)?)?;
+        let (k, _) = layer.keys_values()?;
+        assert_eq!(k.dim(1)?, 6);
+        assert_eq!(k.narrow(1, 5, 1)?.flatten_all()?.to_vec1::<f32>()?, positions(50, 1)?.flatten_all()?.to_vec1::<f32>()?);
+        let (k, _) = copy.layers[0].as_ref().expect("filled").keys_values()?;
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, positions(0, 7)?.flatten_all()?.to_vec1::<f32>()?, "the clone is untouched");
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 mod decoding;
 mod files;
 pub use decoding::KvCache;
+use decoding::LayerKv;
 
 /// The fields of a Llama `config.json` that the forward pass uses.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -89,10 +90,28 @@ enum Kv<'a> {
     /// No cache: the keys are this forward's own.
     None,
     /// One cache for the whole batch (all rows at the same position).
-    Shared(&'a mut Option<(Tensor, Tensor)>),
-    /// One cache per row, each at its own position, for one new token per row: keys are
-    /// padded to the longest cache and the mask hides the padding.
-    PerRow(Vec<&'a mut Option<(Tensor, Tensor)>>),
+    Shared(&'a mut Option<LayerKv>),
+    /// One cache per row, each at its own position, for one new token per row: each row
+    /// attends over its own cache in place (padded to the longest, with the mask hiding
+    /// the padding, only where prefix tuning's keys go first).
+    PerRow(Vec<&'a mut Option<LayerKv>>),
+}
+
+/// The rows' caches as one right-padded `[rows, longest, width]` pair (where attention
+/// needs them together: prefix tuning's keys go before each row's).
+fn gather_padded(rows: &[&mut Option<LayerKv>]) -> Result<(Tensor, Tensor)> {
+    let held: Vec<(Tensor, Tensor)> = rows
+        .iter()
+        .map(|c| c.as_ref().ok_or_else(|| candle_core::Error::Msg("an empty cache".into()))?.keys_values())
+        .collect::<Result<_>>()?;
+    let longest = held.iter().map(|(k, _)| k.dim(1).unwrap_or(0)).max().unwrap_or(0);
+    let pad = |t: &Tensor| -> Result<Tensor> {
+        let missing = longest - t.dim(1)?;
+        Tensor::cat(&[t, &Tensor::zeros((1, missing, t.dim(2)?), t.dtype(), t.device())?], 1)
+    };
+    let keys = held.iter().map(|(k, _)| pad(k)).collect::<Result<Vec<_>>>()?;
+    let values = held.iter().map(|(_, v)| pad(v)).collect::<Result<Vec<_>>>()?;
+    Ok((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?))
 }
 
 /// A Llama-family decoder with its causal-LM head.
@@ -319,7 +338,7 @@ impl Llama {
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
         mask: Option<&Tensor>,
-        kv: Kv,
+        mut kv: Kv,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim());
@@ -338,39 +357,50 @@ impl Llama {
         let q = rope(&self.project(&layer.q, Point::new(l, Site::Query), &n, ctx, decoding)?, nh)?;
         let mut k = rope(&self.project(&layer.k, Point::new(l, Site::Key), &n, ctx, decoding)?, nkv)?;
         let mut v = self.project(&layer.v, Point::new(l, Site::Value), &n, ctx, decoding)?;
-        match kv {
+        match &mut kv {
             Kv::None => {}
-            Kv::Shared(kv) => {
-                if let Some((pk, pv)) = kv.as_ref() {
-                    k = Tensor::cat(&[pk, &k], 1)?;
-                    v = Tensor::cat(&[pv, &v], 1)?;
+            Kv::Shared(kv) => match kv {
+                Some(cache) => {
+                    cache.append(&k, &v)?;
+                    (k, v) = cache.keys_values()?;
                 }
-                *kv = Some((k.clone(), v.clone()));
-            }
+                None => **kv = Some(LayerKv::new(&k, &v)?),
+            },
             Kv::PerRow(rows) => {
-                let longest = rows.iter().map(|c| c.as_ref().map_or(0, |(k, _)| k.dim(1).unwrap_or(0))).max().unwrap_or(0);
-                let (mut keys, mut values) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
-                for (i, cache) in rows.into_iter().enumerate() {
-                    let (new_k, new_v) = (k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
-                    let (pk, pv) = cache.take().ok_or_else(|| candle_core::Error::Msg("decode_step: an empty cache".into()))?;
-                    let pad = Tensor::zeros((1, longest - pk.dim(1)?, pk.dim(2)?), pk.dtype(), pk.device())?;
-                    keys.push(Tensor::cat(&[&pk, &pad, &new_k], 1)?);
-                    values.push(Tensor::cat(&[&pv, &pad, &new_v], 1)?);
-                    *cache = Some((Tensor::cat(&[&pk, &new_k], 1)?, Tensor::cat(&[&pv, &new_v], 1)?));
+                for (i, cache) in rows.iter_mut().enumerate() {
+                    let cache = cache.as_mut().ok_or_else(|| candle_core::Error::Msg("decode_step: an empty cache".into()))?;
+                    cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
                 }
-                k = Tensor::cat(&keys, 0)?;
-                v = Tensor::cat(&values, 0)?;
             }
         }
+        let scale = 1.0 / (hd as f64).sqrt();
         // Prefix tuning's keys and values: before every other key, never cached.
-        let (k, v, mask) = match self.adapters.key_value_prefix(Point::new(l, Site::KeyValuePrefix), x.dim(0)?, ctx)? {
-            None => (k, v, mask.cloned()),
-            Some(p) => {
-                let mask = crate::ops::mask_with_prefix(mask, p.valid.as_ref(), p.keys.dim(1)?, x.dim(0)?, k.dim(1)?, f32::NEG_INFINITY)?;
-                (Tensor::cat(&[&p.keys, &k], 1)?, Tensor::cat(&[&p.values, &v], 1)?, Some(mask))
+        let prefix = self.adapters.key_value_prefix(Point::new(l, Site::KeyValuePrefix), x.dim(0)?, ctx)?;
+        let attn = match (kv, prefix) {
+            // Each row over its own cache, in place.
+            (Kv::PerRow(rows), None) => {
+                let held: Vec<(&Tensor, &Tensor, usize)> = rows.iter().map(|c| c.as_ref().expect("appended above").buffers()).collect();
+                let keys: Vec<&Tensor> = held.iter().map(|h| h.0).collect();
+                let values: Vec<&Tensor> = held.iter().map(|h| h.1).collect();
+                let lens: Vec<usize> = held.iter().map(|h| h.2).collect();
+                kernels::attention_per_row(&q, &keys, &values, &lens, nh, nkv, scale)?
+            }
+            (kv, prefix) => {
+                let (k, v) = match kv {
+                    Kv::PerRow(rows) => gather_padded(&rows)?,
+                    _ => (k, v),
+                };
+                let (k, v, mask) = match prefix {
+                    None => (k, v, mask.cloned()),
+                    Some(p) => {
+                        let mask =
+                            crate::ops::mask_with_prefix(mask, p.valid.as_ref(), p.keys.dim(1)?, x.dim(0)?, k.dim(1)?, f32::NEG_INFINITY)?;
+                        (Tensor::cat(&[&p.keys, &k], 1)?, Tensor::cat(&[&p.values, &v], 1)?, Some(mask))
+                    }
+                };
+                kernels::attention(&q, &k, &v, nh, nkv, mask.as_ref(), scale)?
             }
         };
-        let attn = kernels::attention(&q, &k, &v, nh, nkv, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
         let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx, decoding)?;
         let io = SublayerIo { input: x, output: &attn, post_norm: None };
         let x = (x + self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?)?;
