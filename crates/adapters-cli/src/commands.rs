@@ -183,14 +183,15 @@ pub fn info(model: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Normalised mean-pooled embeddings, one per text.
-fn embeddings(loaded: &LoadedModel, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-    Ok(adapters_models::sentence_embeddings(&loaded.backbone, &loaded.tokenizer, texts)?.0)
+/// Normalised mean-pooled embeddings, one per text, in batches of at most
+/// `max_batch_tokens` padded tokens.
+fn embeddings(loaded: &LoadedModel, texts: &[String], max_batch_tokens: usize) -> Result<Vec<Vec<f32>>> {
+    Ok(adapters_models::sentence_embeddings(&loaded.backbone, &loaded.tokenizer, texts, max_batch_tokens)?.0)
 }
 
-pub fn embed(model: &Path, adapters: &AdapterArgs, texts: &[String], json: bool) -> Result<()> {
+pub fn embed(model: &Path, adapters: &AdapterArgs, texts: &[String], json: bool, max_batch_tokens: usize) -> Result<()> {
     let loaded = open_with(model, adapters)?;
-    let vectors = embeddings(&loaded, texts)?;
+    let vectors = embeddings(&loaded, texts, max_batch_tokens)?;
     if json {
         println!("{}", serde_json::to_string(&vectors)?);
     } else {
@@ -204,7 +205,7 @@ pub fn embed(model: &Path, adapters: &AdapterArgs, texts: &[String], json: bool)
 
 pub fn similarity(model: &Path, adapters: &AdapterArgs, texts: &[String]) -> Result<()> {
     let loaded = open_with(model, adapters)?;
-    let v = embeddings(&loaded, texts)?;
+    let v = embeddings(&loaded, texts, adapters_models::MAX_BATCH_TOKENS)?;
     for (i, a) in texts.iter().enumerate() {
         for (j, b) in texts.iter().enumerate().skip(i + 1) {
             let cos: f32 = v[i].iter().zip(&v[j]).map(|(x, y)| x * y).sum();
@@ -362,6 +363,10 @@ pub struct EmbedArgs {
     /// Print one JSON array of embeddings (one array of floats per text).
     #[arg(long)]
     pub json: bool,
+    /// Padded tokens per forward at most: the texts run sorted by length in batches of
+    /// this many tokens (TEI's `--max-batch-tokens`); a longer text runs alone.
+    #[arg(long, default_value_t = adapters_models::MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
     #[command(flatten)]
     pub adapters: crate::commands::AdapterArgs,
 }

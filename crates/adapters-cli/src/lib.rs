@@ -137,7 +137,9 @@ pub fn main() {
     let result = match cli.command {
         Command::Kinds => commands::kinds(),
         Command::Info(commands::InfoArgs { model, json }) => commands::info(&model, json),
-        Command::Embed(commands::EmbedArgs { model, texts, json, adapters }) => commands::embed(&model, &adapters, &texts, json),
+        Command::Embed(commands::EmbedArgs { model, texts, json, max_batch_tokens, adapters }) => {
+            commands::embed(&model, &adapters, &texts, json, max_batch_tokens)
+        }
         Command::Similarity(commands::SimilarityArgs { model, texts, adapters }) => commands::similarity(&model, &adapters, &texts),
         Command::Generate(commands::GenerateArgs { model, prompt, max_tokens, greedy, temperature, top_p, seed, chat, adapters }) => {
             let sampling = if greedy {

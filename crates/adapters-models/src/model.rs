@@ -239,20 +239,47 @@ impl InsertionPoint for Backbone {
     }
 }
 
+/// The default budget of padded tokens per forward of [`sentence_embeddings`] (TEI's
+/// default `--max-batch-tokens`).
+pub const MAX_BATCH_TOKENS: usize = 16384;
+
 /// Sentence embeddings of `texts`: the last hidden states mean-pooled over each text's
 /// tokens and L2-normalised (what sentence-transformers does for MiniLM); with the number
-/// of tokens read.
-pub fn sentence_embeddings(backbone: &Backbone, tokenizer: &TextTokenizer, texts: &[String]) -> Result<(Vec<Vec<f32>>, usize)> {
+/// of tokens read. The texts run sorted by length in batches of at most
+/// `max_batch_tokens` padded tokens (a longer text runs alone), so that a short text is
+/// never padded to a long one's length and memory stays bounded; the vectors come back in
+/// the texts' order.
+pub fn sentence_embeddings(
+    backbone: &Backbone,
+    tokenizer: &TextTokenizer,
+    texts: &[String],
+    max_batch_tokens: usize,
+) -> Result<(Vec<Vec<f32>>, usize)> {
     let rows = texts.iter().map(|t| tokenizer.encode(t, true)).collect::<Result<Vec<_>>>()?;
     let tokens = rows.iter().map(Vec::len).sum();
-    let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-    let (ids, mask) = crate::heads::pad(&refs, backbone.device())?;
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| rows[i].len());
+    let mut vectors = vec![Vec::new(); rows.len()];
     let ctx = ForwardCtx::inference();
-    let hidden = match backbone {
-        Backbone::Bert(m) => m.forward(&ids, None, Some(&mask), &ctx)?,
-        Backbone::Llama(m) => m.forward_hidden(&ids, None, &ctx)?,
-    };
-    let vectors = crate::heads::l2_normalize(&crate::heads::mean_pool(&hidden, &mask)?)?.to_vec2()?;
+    let mut start = 0;
+    while start < order.len() {
+        // Sorted, so a batch's longest row is its last.
+        let mut end = start + 1;
+        while end < order.len() && (end + 1 - start) * rows[order[end]].len() <= max_batch_tokens {
+            end += 1;
+        }
+        let refs: Vec<&[u32]> = order[start..end].iter().map(|&i| rows[i].as_slice()).collect();
+        let (ids, mask) = crate::heads::pad(&refs, backbone.device())?;
+        let hidden = match backbone {
+            Backbone::Bert(m) => m.forward(&ids, None, Some(&mask), &ctx)?,
+            Backbone::Llama(m) => m.forward_hidden(&ids, None, &ctx)?,
+        };
+        let batch: Vec<Vec<f32>> = crate::heads::l2_normalize(&crate::heads::mean_pool(&hidden, &mask)?)?.to_vec2()?;
+        for (&i, v) in order[start..end].iter().zip(batch) {
+            vectors[i] = v;
+        }
+        start = end;
+    }
     Ok((vectors, tokens))
 }
 

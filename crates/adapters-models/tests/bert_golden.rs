@@ -55,6 +55,25 @@ fn embeddings_match_within_1e_4_one_by_one_and_padded() {
     }
 }
 
+/// `sentence_embeddings` runs texts sorted by length in token-budget batches: the golden
+/// vectors come back in the texts' order, whatever the batches.
+#[test]
+fn sentence_embeddings_batch_by_length_and_keep_the_order() {
+    let loaded = load(&minilm(), &Device::Cpu).unwrap();
+    let golden = fixture("golden/minilm.json");
+    let sentences = golden["sentences"].as_array().unwrap();
+    let texts: Vec<String> = sentences.iter().map(|s| s["text"].as_str().unwrap().to_string()).collect();
+    let embed =
+        |texts: &[String], budget| adapters_models::sentence_embeddings(&loaded.backbone, &loaded.tokenizer, texts, budget).unwrap().0;
+    // One batch (the default budget), one text per batch, and batches of a few texts.
+    for budget in [adapters_models::MAX_BATCH_TOKENS, 1, 40] {
+        for (g, s) in embed(&texts, budget).iter().zip(sentences) {
+            let d = max_abs_diff(g, &floats(&s["embedding"]));
+            assert!(d <= 1e-4, "budget {budget}, {:?}: max abs diff {d}", s["text"]);
+        }
+    }
+}
+
 #[test]
 fn last_hidden_state_matches_within_1e_3_and_training_path_agrees() {
     let (bert, _) = model();

@@ -43,7 +43,10 @@ fn on_minilm_identity_at_init_and_saved_folders_load_back() {
     let mut loaded = adapters_models::load(&minilm(), &Device::Cpu).unwrap();
     let texts = ["free prize, call now".to_string(), "see you at six".to_string()];
     let embed = |loaded: &adapters_models::LoadedModel| -> Vec<f32> {
-        adapters_models::sentence_embeddings(&loaded.backbone, &loaded.tokenizer, &texts).unwrap().0.concat()
+        adapters_models::sentence_embeddings(&loaded.backbone, &loaded.tokenizer, &texts, adapters_models::MAX_BATCH_TOKENS)
+            .unwrap()
+            .0
+            .concat()
     };
     let bare = embed(&loaded);
     let info = loaded.backbone.model_info();

@@ -591,8 +591,13 @@ async fn a_stored_setup_is_served_like_an_adapter() {
         direct.backbone.load_adapter(&bundle.join(member), Some(member)).unwrap();
     }
     adapters_models::HoldsAdapters::adapters_mut(&mut direct.backbone).set_setup(Some(setup)).unwrap();
-    let (vectors, _) =
-        adapters_models::sentence_embeddings(&direct.backbone, &direct.tokenizer, &["Who wrote Hamlet?".to_string()]).unwrap();
+    let (vectors, _) = adapters_models::sentence_embeddings(
+        &direct.backbone,
+        &direct.tokenizer,
+        &["Who wrote Hamlet?".to_string()],
+        adapters_models::MAX_BATCH_TOKENS,
+    )
+    .unwrap();
     let served: Vec<f32> = served["data"][0]["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     let d = served.iter().zip(&vectors[0]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(d < 1e-6, "served and direct embeddings differ by {d}");
