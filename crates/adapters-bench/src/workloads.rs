@@ -217,12 +217,7 @@ fn smol_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Valu
             }
         }
     }
-    let med = crate::median(step_ms);
-    Ok(json!({
-        "config": format!("smol_decode_b{batch}"), "median_ms": med, "decode_tokens_per_s": batch as f64 / (med / 1e3),
-        "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
-        "threads": candle_core::utils::get_num_threads(),
-    }))
+    Ok(decode_record(&format!("smol_decode_b{batch}"), batch, step_ms, rss_before))
 }
 
 /// The server's decoding step (continuous batching): prompts of 16 to 48 tokens, each run
@@ -251,12 +246,17 @@ fn smol_serve_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Resul
             }
         }
     }
+    Ok(decode_record(&format!("smol_serve_decode_b{batch}"), batch, step_ms, rss_before))
+}
+
+/// A decoding workload's record: the median step and the tokens per second it gives.
+fn decode_record(config: &str, batch: usize, step_ms: Vec<f64>, rss_before: Option<f64>) -> Value {
     let med = crate::median(step_ms);
-    Ok(json!({
-        "config": format!("smol_serve_decode_b{batch}"), "median_ms": med, "decode_tokens_per_s": batch as f64 / (med / 1e3),
+    json!({
+        "config": config, "median_ms": med, "decode_tokens_per_s": batch as f64 / (med / 1e3),
         "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
         "threads": candle_core::utils::get_num_threads(),
-    }))
+    })
 }
 
 /// The machine-speed probe: GFLOP/s of a 1024 x 1024 f32 matrix product through candle.

@@ -165,7 +165,7 @@ pub fn read_adapterhub(dir: &Path, model: &Backbone) -> Result<Option<SavedHead>
     }
     let head = ClassificationHead::from_tensors(tensors, &shape, hidden, num_labels).map_err(|e| Error::file(&weights, e))?;
     let adapters = read_json(&dir.join(CONFIG_FILE)).ok().and_then(|c| c["name"].as_str().map(|n| vec![n.to_string()])).unwrap_or_default();
-    let mut config = HeadConfig {
+    let config = HeadConfig {
         task: name,
         kind: "classification".into(),
         labels,
@@ -173,11 +173,10 @@ pub fn read_adapterhub(dir: &Path, model: &Backbone) -> Result<Option<SavedHead>
         hidden_size: hidden,
         adapters,
         label_map: Default::default(),
-        layers: 1,
-        activation: None,
-        bias: true,
+        layers: shape.layers,
+        activation: shape.activation,
+        bias: shape.bias,
     };
-    config.set_shape(&shape);
     Ok(Some(SavedHead { config, head, dir: dir.to_path_buf() }))
 }
 

@@ -72,11 +72,6 @@ impl HeadConfig {
         HeadShape { layers: self.layers, activation: self.activation, bias: self.bias }
     }
 
-    /// Sets the layers it describes.
-    pub fn set_shape(&mut self, shape: &HeadShape) {
-        (self.layers, self.activation, self.bias) = (shape.layers, shape.activation, shape.bias);
-    }
-
     /// The index of a data label, read through `label_map`.
     pub fn label_index(&self, label: &str) -> Option<usize> {
         let label = self.label_map.get(label).map_or(label, String::as_str);

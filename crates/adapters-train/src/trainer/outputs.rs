@@ -94,7 +94,8 @@ impl Trainer {
                 (_, None) => out.clone(),
             };
             let head_name = task_config.head_name();
-            let mut config = HeadConfig {
+            let shape = task.head.as_ref().expect("tasks with heads only").shape();
+            let config = HeadConfig {
                 task: head_name.to_string(),
                 kind: "classification".into(),
                 labels: task.data.labels.clone(),
@@ -102,11 +103,10 @@ impl Trainer {
                 hidden_size: backbone.hidden_size(),
                 adapters: task.stack.clone(),
                 label_map: self.config.tasks_of_head(head_name).flat_map(|t| t.label_map.clone().unwrap_or_default()).collect(),
-                layers: 1,
-                activation: None,
-                bias: true,
+                layers: shape.layers,
+                activation: shape.activation,
+                bias: shape.bias,
             };
-            config.set_shape(&task.head.as_ref().expect("tasks with heads only").shape());
             homes.entry(home).or_default().push((task, config));
         }
         let write_heads = |home: &Path, dir: &Path| -> Result<()> {
