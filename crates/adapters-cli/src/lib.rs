@@ -240,6 +240,7 @@ pub fn main() {
             tag_ttl,
             routes,
             batch_rows,
+            max_batch_tokens,
             batch_wait_ms,
             max_concurrent_requests,
             max_waiting_tokens,
@@ -263,7 +264,11 @@ pub fn main() {
                 insecure_admin,
                 tag_ttl: std::time::Duration::from_secs(tag_ttl),
                 max_concurrent,
-                batching: adapters_serve::Batching { max_rows: batch_rows, max_wait: std::time::Duration::from_millis(batch_wait_ms) },
+                batching: adapters_serve::Batching {
+                    max_rows: batch_rows,
+                    max_batch_tokens,
+                    max_wait: std::time::Duration::from_millis(batch_wait_ms),
+                },
                 admission: adapters_serve::admission::Limits {
                     max_requests: max_concurrent_requests,
                     max_waiting_tokens,

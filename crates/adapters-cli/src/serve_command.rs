@@ -83,11 +83,15 @@ pub struct ServeArgs {
     /// a request for ROUTE goes to a variant by weight (sticky per `user`).
     #[arg(long)]
     pub routes: Option<std::path::PathBuf>,
-    /// Most rows in one forward pass, each through its own adapter: texts of embedding and
-    /// classification requests waiting together, or generations decoding together
-    /// (continuous batching). 0 turns batching off: each request alone.
+    /// Most generations decoding together in one step, each through its own adapter
+    /// (continuous batching). 0 turns batching off for every endpoint: each request alone.
     #[arg(long, default_value_t = 32)]
     pub batch_rows: usize,
+    /// Most tokens of embedding and classification requests batched together, each text
+    /// through its own adapter (TEI's --max-batch-tokens). They run sorted by length in
+    /// forwards of at most this many padded tokens; a request with more runs alone.
+    #[arg(long, default_value_t = adapters_models::MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
     /// Milliseconds a batch waits for more requests once a compute slot is free.
     #[arg(long, default_value_t = 2)]
     pub batch_wait_ms: u64,

@@ -26,5 +26,5 @@ pub use attached::HoldsAdapters;
 pub use bert::{Bert, BertConfig};
 pub use error::{Error, Result};
 pub use llama::{KvCache, Llama, LlamaConfig};
-pub use model::{fetched, load, models_dir, sentence_embeddings, Backbone, LoadedModel, MAX_BATCH_TOKENS};
+pub use model::{fetched, length_batches, load, models_dir, sentence_embeddings, Backbone, LoadedModel, MAX_BATCH_TOKENS};
 pub use tokenizer::{Message, TextTokenizer};

@@ -243,6 +243,26 @@ impl InsertionPoint for Backbone {
 /// default `--max-batch-tokens`).
 pub const MAX_BATCH_TOKENS: usize = 16384;
 
+/// Rows (given by their lengths) grouped for padded forward passes: sorted by length, each
+/// group of at most `max_batch_tokens` tokens once padded to its longest row (a longer row
+/// runs alone). Sorting bounds the padding: a short row is never padded to a long one.
+pub fn length_batches(lengths: &[usize], max_batch_tokens: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        // Sorted, so a batch's longest row is its last.
+        let mut end = start + 1;
+        while end < order.len() && (end + 1 - start) * lengths[order[end]] <= max_batch_tokens {
+            end += 1;
+        }
+        batches.push(order[start..end].to_vec());
+        start = end;
+    }
+    batches
+}
+
 /// Sentence embeddings of `texts`: the last hidden states mean-pooled over each text's
 /// tokens and L2-normalised (what sentence-transformers does for MiniLM); with the number
 /// of tokens read. The texts run sorted by length in batches of at most
@@ -257,28 +277,20 @@ pub fn sentence_embeddings(
 ) -> Result<(Vec<Vec<f32>>, usize)> {
     let rows = texts.iter().map(|t| tokenizer.encode(t, true)).collect::<Result<Vec<_>>>()?;
     let tokens = rows.iter().map(Vec::len).sum();
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].len());
+    let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
     let mut vectors = vec![Vec::new(); rows.len()];
     let ctx = ForwardCtx::inference();
-    let mut start = 0;
-    while start < order.len() {
-        // Sorted, so a batch's longest row is its last.
-        let mut end = start + 1;
-        while end < order.len() && (end + 1 - start) * rows[order[end]].len() <= max_batch_tokens {
-            end += 1;
-        }
-        let refs: Vec<&[u32]> = order[start..end].iter().map(|&i| rows[i].as_slice()).collect();
+    for batch in length_batches(&lengths, max_batch_tokens) {
+        let refs: Vec<&[u32]> = batch.iter().map(|&i| rows[i].as_slice()).collect();
         let (ids, mask) = crate::heads::pad(&refs, backbone.device())?;
         let hidden = match backbone {
             Backbone::Bert(m) => m.forward(&ids, None, Some(&mask), &ctx)?,
             Backbone::Llama(m) => m.forward_hidden(&ids, None, &ctx)?,
         };
-        let batch: Vec<Vec<f32>> = crate::heads::l2_normalize(&crate::heads::mean_pool(&hidden, &mask)?)?.to_vec2()?;
-        for (&i, v) in order[start..end].iter().zip(batch) {
+        let pooled: Vec<Vec<f32>> = crate::heads::l2_normalize(&crate::heads::mean_pool(&hidden, &mask)?)?.to_vec2()?;
+        for (&i, v) in batch.iter().zip(pooled) {
             vectors[i] = v;
         }
-        start = end;
     }
     Ok((vectors, tokens))
 }
@@ -380,4 +392,24 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         }
     };
     Ok(LoadedModel { backbone, tokenizer, source: path.to_path_buf() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_batches;
+
+    #[test]
+    fn length_batches_sort_by_length_and_keep_padding_within_the_budget() {
+        let lengths = [30, 3, 12, 3, 100, 11];
+        let batches = length_batches(&lengths, 40);
+        // Every row once, shortest first; each batch's rows times its longest within 40,
+        // except a row longer than the budget, which runs alone.
+        assert_eq!(batches, vec![vec![1, 3, 5], vec![2], vec![0], vec![4]]);
+        for batch in &batches {
+            let longest = batch.iter().map(|&i| lengths[i]).max().unwrap();
+            assert!(batch.len() * longest <= 40 || batch.len() == 1);
+        }
+        assert_eq!(length_batches(&[5, 5, 5], 1 << 20), vec![vec![0, 1, 2]]);
+        assert!(length_batches(&[], 40).is_empty());
+    }
 }

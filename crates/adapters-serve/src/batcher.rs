@@ -1,6 +1,8 @@
 //! Batching across requests for `/v1/embeddings` and `/v1/classify`: requests that arrive
 //! while the compute slots are busy, or within a short wait after one frees, run as one
-//! forward pass even when they use different adapters. Each row goes through its own
+//! batch of up to `--max-batch-tokens` tokens even when they use different adapters. The
+//! batch's texts run sorted by length in forwards of at most that many padded tokens
+//! (TEI's token budget), so padding stays bounded. Each row goes through its own
 //! adapter (`ForwardCtx::with_row_choices`), and rows whose adapters share a
 //! configuration are computed together over weights stacked per row.
 //!
@@ -16,7 +18,7 @@ use crate::error::ApiError;
 use crate::metrics::CauseLabels;
 use crate::target::Target;
 use adapters_core::ForwardCtx;
-use adapters_models::heads::{l2_normalize, mean_pool, pad, pool, Pooling};
+use adapters_models::heads::{l2_normalize, pad, pool, Pooling};
 use adapters_models::{Backbone, HoldsAdapters};
 use candle_core::Tensor;
 use serde_json::{json, Value};
@@ -43,6 +45,13 @@ pub(crate) struct Rows {
     pub ids: Vec<Vec<u32>>,
     /// Its place in the waiting-token budget, freed when its pass starts.
     pub waiting: Option<Waiting>,
+}
+
+impl Rows {
+    /// Tokens in all its rows.
+    fn tokens(&self) -> usize {
+        self.ids.iter().map(Vec::len).sum()
+    }
 }
 
 /// One request waiting for a forward pass.
@@ -124,8 +133,8 @@ fn still_wanted(engine: &Engine, job: Job) -> Option<Job> {
 }
 
 /// Takes the first waiting request, waits for a compute slot, then adds what else is
-/// waiting (or arrives within `max_wait`) up to `max_rows` rows, and runs the batch on the
-/// slot in the blocking pool while the next batch forms.
+/// waiting (or arrives within `max_wait`) up to `max_batch_tokens` tokens, and runs the
+/// batch on the slot in the blocking pool while the next batch forms.
 async fn form_batches(engine: Weak<Engine>, mut rx: mpsc::UnboundedReceiver<Job>) {
     let mut carried: Option<Job> = None;
     loop {
@@ -146,21 +155,22 @@ async fn form_batches(engine: Weak<Engine>, mut rx: mpsc::UnboundedReceiver<Job>
         };
         let Some(first) = still_wanted(&engine, first) else { continue };
         let limits = engine.batching();
-        let mut rows = first.rows.ids.len();
+        let budget = if limits.max_rows == 0 { 0 } else { limits.max_batch_tokens };
+        let mut tokens = first.rows.tokens();
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + limits.max_wait;
-        while rows < limits.max_rows {
+        while tokens < budget {
             let next = match rx.try_recv() {
                 Ok(job) => Some(job),
                 Err(_) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
             };
             let Some(job) = next else { break };
             let Some(job) = still_wanted(&engine, job) else { continue };
-            if rows + job.rows.ids.len() > limits.max_rows {
+            if tokens + job.rows.tokens() > budget {
                 carried = Some(job);
                 break;
             }
-            rows += job.rows.ids.len();
+            tokens += job.rows.tokens();
             jobs.push(job);
         }
         for job in &jobs {
@@ -179,7 +189,6 @@ async fn form_batches(engine: Weak<Engine>, mut rx: mpsc::UnboundedReceiver<Job>
 /// Runs one batch: jobs on composition setups (which rows cannot choose) on their own
 /// models, the rest in one forward pass.
 fn run_batch(engine: &Engine, jobs: Vec<Job>) {
-    engine.metrics.batch_rows.observe(jobs.iter().map(|j| j.rows.ids.len()).sum::<usize>() as f64);
     let (on_setups, plain): (Vec<Job>, Vec<Job>) =
         jobs.into_iter().partition(|j| matches!(&j.target, Target::Adapter(r) if r.manifest.contents.setup.is_some()));
     let mut models = 0;
@@ -226,11 +235,11 @@ pub(crate) fn mixed_model<'a>(engine: &Engine, targets: impl Iterator<Item = &'a
     Ok(model)
 }
 
-/// Runs `jobs` in one forward pass on `model` (with `per_row`, each row through its job's
-/// adapter) and answers each. If the pass fails as a whole (an error or a panic), each job
-/// runs again on its own, so only the one at fault fails.
+/// Runs `jobs` on `model` (with `per_row`, each row through its job's adapter) and
+/// answers each. If the batch fails as a whole (an error or a panic), each job runs again
+/// on its own, so only the one at fault fails.
 fn run_isolated(engine: &Engine, model: &Backbone, per_row: bool, jobs: Vec<Job>) {
-    let outcome = guarded(|| forward(model, per_row, &jobs));
+    let outcome = guarded(|| forward(engine, model, per_row, &jobs));
     match outcome {
         Ok(results) => jobs.into_iter().zip(results).for_each(|(job, r)| {
             let _ = job.reply.send(r);
@@ -257,66 +266,76 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T, ApiError>) -> Result<T, A
 
 type JobResult = Result<(Value, usize), ApiError>;
 
-fn forward(model: &Backbone, per_row: bool, jobs: &[Job]) -> Result<Vec<JobResult>, ApiError> {
+/// Runs every row of `jobs`, sorted by length, in forwards of at most the batching's
+/// `max_batch_tokens` padded tokens, and answers each job from its rows' pooled features.
+fn forward(engine: &Engine, model: &Backbone, per_row: bool, jobs: &[Job]) -> Result<Vec<JobResult>, ApiError> {
     crate::fault::check_batch(jobs.iter().flat_map(|j| j.rows.texts.iter().map(String::as_str))).map_err(ApiError::internal)?;
-    let rows: Vec<&[u32]> = jobs.iter().flat_map(|j| j.rows.ids.iter().map(Vec::as_slice)).collect();
     let internal = |e: candle_core::Error| ApiError::internal(e.to_string());
-    let (ids, mask) = pad(&rows, model.device()).map_err(|e| ApiError::internal(e.to_string()))?;
-    let mut ctx = ForwardCtx::inference();
-    if per_row {
-        let choices: Vec<Vec<String>> = jobs
-            .iter()
-            .flat_map(|j| {
-                let stack = match &j.target {
+    // Every row with its job, in the jobs' order.
+    let rows: Vec<(&Job, &[u32])> = jobs.iter().flat_map(|j| j.rows.ids.iter().map(move |r| (j, r.as_slice()))).collect();
+    let lengths: Vec<usize> = rows.iter().map(|(_, r)| r.len()).collect();
+    let mut features: Vec<Option<Tensor>> = vec![None; rows.len()];
+    for batch in adapters_models::length_batches(&lengths, engine.batching().max_batch_tokens) {
+        engine.metrics.batch_rows.observe(batch.len() as f64);
+        let refs: Vec<&[u32]> = batch.iter().map(|&i| rows[i].1).collect();
+        let (ids, mask) = pad(&refs, model.device()).map_err(internal)?;
+        let mut ctx = ForwardCtx::inference();
+        if per_row {
+            let choices: Vec<Vec<String>> = batch
+                .iter()
+                .map(|&i| match &rows[i].0.target {
                     Target::Base => vec![],
                     Target::Adapter(r) => vec![r.key()],
-                };
-                std::iter::repeat_n(stack, j.rows.ids.len())
-            })
-            .collect();
-        ctx = ctx.with_row_choices(&choices, model.device()).map_err(internal)?;
+                })
+                .collect();
+            ctx = ctx.with_row_choices(&choices, model.device()).map_err(internal)?;
+        }
+        let hidden = model.hidden_states(&ids, &mask, &ctx).map_err(internal)?;
+        // Each pooling that a row here reads, once for the forward (BERT's pooler runs
+        // with each row's adapters, under this forward's routing).
+        let poolings: Vec<Pooling> = batch.iter().map(|&i| pooling_of(rows[i].0)).collect();
+        let mut pooled: Vec<(Pooling, Tensor)> = Vec::new();
+        for (k, &i) in batch.iter().enumerate() {
+            let p = poolings[k];
+            if !pooled.iter().any(|(q, _)| *q == p) {
+                pooled.push((p, pool(model, &hidden, &mask, p, &ctx).map_err(internal)?));
+            }
+            let (_, t) = pooled.iter().find(|(q, _)| *q == p).expect("pooled above");
+            features[i] = Some(t.get(k).map_err(internal)?);
+        }
     }
-    let hidden = model.hidden_states(&ids, &mask, &ctx).map_err(internal)?;
-    // BERT's pooler runs with each row's adapters (at the pooler's projection), so once
-    // for the batch, under the batch's routing.
-    let uses_pooler = jobs.iter().any(|j| match (&j.work, &j.target) {
-        (Work::Classify { head }, Target::Adapter(r)) => r.heads[*head].config.pooling == Pooling::Pooler,
-        _ => false,
-    });
-    let pooler = if uses_pooler { model.pooler_output(&hidden, &ctx).map_err(internal)? } else { None };
-    let mut start = 0;
+    let mut features = features.into_iter().map(|f| f.expect("every row ran"));
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let n = job.rows.ids.len();
-        let tokens = job.rows.ids.iter().map(Vec::len).sum();
-        let (h, m) = (hidden.narrow(0, start, n).map_err(internal)?, mask.narrow(0, start, n).map_err(internal)?);
-        let p = pooler.as_ref().map(|p| p.narrow(0, start, n)).transpose().map_err(internal)?;
-        start += n;
-        results.push(answer(model, job, &h, &m, p.as_ref()).map(|v| (v, tokens)));
+        let mine: Vec<Tensor> = features.by_ref().take(job.rows.ids.len()).collect();
+        let tokens = job.rows.tokens();
+        let answered = Tensor::stack(&mine, 0).map_err(internal).and_then(|f| answer(job, &f));
+        results.push(answered.map(|v| (v, tokens)));
     }
     Ok(results)
 }
 
-/// A job's response body from the hidden states and mask of its rows (and their pooler
-/// output, where a head reads it).
-fn answer(model: &Backbone, job: &Job, hidden: &Tensor, mask: &Tensor, pooler: Option<&Tensor>) -> Result<Value, ApiError> {
+/// The pooling a job's answer reads: the mean for embeddings, its head's for classification.
+fn pooling_of(job: &Job) -> Pooling {
+    match (&job.work, &job.target) {
+        (Work::Classify { head }, Target::Adapter(r)) => r.heads[*head].config.pooling,
+        _ => Pooling::Mean,
+    }
+}
+
+/// A job's response body from its rows' pooled features `[rows, hidden]`.
+fn answer(job: &Job, features: &Tensor) -> Result<Value, ApiError> {
     let internal = |e: candle_core::Error| ApiError::internal(e.to_string());
     match (&job.work, &job.target) {
         (Work::Embed, _) => {
-            let vectors: Vec<Vec<f32>> =
-                l2_normalize(&mean_pool(hidden, mask).map_err(internal)?).map_err(internal)?.to_vec2().map_err(internal)?;
+            let vectors: Vec<Vec<f32>> = l2_normalize(features).map_err(internal)?.to_vec2().map_err(internal)?;
             let data: Vec<Value> =
                 vectors.into_iter().enumerate().map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v})).collect();
             Ok(json!({"object": "list", "data": data}))
         }
         (Work::Classify { head }, Target::Adapter(resident)) => {
             let head = &resident.heads[*head];
-            let ctx = ForwardCtx::inference();
-            let features = match (head.config.pooling, pooler) {
-                (Pooling::Pooler, Some(p)) => Ok(p.clone()),
-                (pooling, _) => pool(model, hidden, mask, pooling, &ctx),
-            };
-            let logits = features.and_then(|f| head.head.forward(&f, 0.0, &ctx)).map_err(internal)?;
+            let logits = head.head.forward(features, 0.0, &ForwardCtx::inference()).map_err(internal)?;
             let probs = candle_nn::ops::softmax_last_dim(&logits).and_then(|p| p.to_vec2::<f32>()).map_err(internal)?;
             let data: Vec<Value> = probs
                 .iter()

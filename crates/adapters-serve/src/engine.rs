@@ -14,17 +14,21 @@ use std::time::Duration;
 /// How requests are batched.
 #[derive(Clone, Copy, Debug)]
 pub struct Batching {
-    /// Most rows in one forward pass: texts of embedding and classification requests (a
-    /// request with more runs alone), or generations in one decoding step. 0 turns
-    /// batching off: each request alone (a generation on a compute slot of its own).
+    /// Most generations in one decoding step (continuous batching). 0 turns batching off
+    /// for every endpoint: each request alone (a generation on a compute slot of its own).
     pub max_rows: usize,
+    /// Most tokens of embedding and classification requests in one batch (TEI's
+    /// `--max-batch-tokens`; a request with more runs alone). The batch runs sorted by
+    /// length in forwards of at most this many padded tokens, so a tweet is never padded
+    /// to an article's length.
+    pub max_batch_tokens: usize,
     /// How long the first request of a batch waits for more once a compute slot is free.
     pub max_wait: Duration,
 }
 
 impl Default for Batching {
     fn default() -> Self {
-        Batching { max_rows: 32, max_wait: Duration::from_millis(2) }
+        Batching { max_rows: 32, max_batch_tokens: adapters_models::MAX_BATCH_TOKENS, max_wait: Duration::from_millis(2) }
     }
 }
 

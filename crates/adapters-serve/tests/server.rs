@@ -633,7 +633,9 @@ fn mixture_folder(dir: &Path) -> PathBuf {
 /// adapters (three Pfeiffer adapters with heads, a PEFT LoRA, an AdapterHub parallel
 /// adapter, the base model, a mixture of experts, and a stored setup; the mixture and the
 /// setup run as groups of their own): each answer equals the answer of a server that runs
-/// every request alone.
+/// every request alone. Under a small token budget the same requests run in several
+/// batches, each sorted by length into forwards of bounded padding (a request of a short
+/// and a long text splits across two forwards), with the same answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_for_different_adapters_run_as_one_batch() {
     let dir = scratch("batching");
@@ -648,6 +650,10 @@ async fn requests_for_different_adapters_run_as_one_batch() {
         ("/v1/classify", json!({"model": "sms", "input": ["free entry to win a prize, text WIN now", "are we meeting at six?"]})),
         ("/v1/classify", json!({"model": "trec", "input": "Who wrote Hamlet?"})),
         ("/v1/embeddings", json!({"model": "vader", "input": "what a lovely day :)"})),
+        (
+            "/v1/embeddings",
+            json!({"model": "vader", "input": ["hi", "the committee met for six hours on tuesday and, after a long argument about the budget, agreed to postpone every decision until the spring"]}),
+        ),
         ("/v1/embeddings", json!({"model": "lora", "input": ["a quiet evening", "the results are in, and they look good"]})),
         ("/v1/embeddings", json!({"model": "parallel", "input": "the results are in"})),
         ("/v1/embeddings", json!({"model": "base", "input": "a quiet evening"})),
@@ -656,28 +662,38 @@ async fn requests_for_different_adapters_run_as_one_batch() {
         ("/v1/classify", json!({"model": "sms", "input": "call now to claim your reward"})),
     ];
     let mut answers = Vec::new();
-    for max_rows in [0, 64] {
+    let budget =
+        |max_batch_tokens| adapters_serve::Batching { max_rows: 64, max_batch_tokens, max_wait: std::time::Duration::from_millis(300) };
+    let runs = [adapters_serve::Batching { max_rows: 0, ..budget(16384) }, budget(16384), budget(48)];
+    for batching in runs {
         let store = Store::open(dir.join("store").to_str().unwrap()).unwrap();
-        let batching = adapters_serve::Batching { max_rows, max_wait: std::time::Duration::from_millis(300) };
         let server = Server::start(store, Config { batching, max_concurrent: 1, ..config(&dir) }).await;
         // Every adapter resident first, so that loading does not split the batch.
         for (path, body) in &requests {
             assert_eq!(server.post(path, body.clone()).await.0, StatusCode::OK, "{body}");
         }
         let forwards = server.metric("adapters_batch_rows_count").await;
+        let batches = server.metric("adapters_batch_models_count").await;
         let models = server.metric("adapters_batch_models_sum").await;
         let bodies = futures::future::join_all(requests.iter().map(|(path, body)| server.post(path, body.clone()))).await;
         for (status, body) in &bodies {
             assert_eq!(*status, StatusCode::OK, "{body}");
         }
-        let (forwards, models) =
-            (server.metric("adapters_batch_rows_count").await - forwards, server.metric("adapters_batch_models_sum").await - models);
-        if max_rows == 0 {
-            assert_eq!(forwards, requests.len() as f64, "without batching every request runs alone");
-        } else {
-            assert_eq!(forwards, 1.0, "{} requests took {forwards} batches", requests.len());
+        let forwards = server.metric("adapters_batch_rows_count").await - forwards;
+        let batches = server.metric("adapters_batch_models_count").await - batches;
+        let models = server.metric("adapters_batch_models_sum").await - models;
+        if batching.max_rows == 0 {
+            assert_eq!(batches, requests.len() as f64, "without batching every request runs alone");
+        } else if batching.max_batch_tokens == 16384 {
+            assert_eq!(batches, 1.0, "{} requests took {batches} batches", requests.len());
             // Eight models in the one batch.
             assert_eq!(models, 8.0);
+        } else {
+            assert!(batches > 1.0, "the 48-token budget splits the requests into batches");
+            assert!(
+                forwards > batches,
+                "the short and the long text of one request run in forwards of their own ({forwards} forwards, {batches} batches)"
+            );
         }
         answers.push(bodies);
     }
