@@ -31,6 +31,8 @@ pub const NAMES: &[&str] = &[
     "smol_decode_b32",
     "smol_serve_decode_b8",
     "smol_serve_decode_b32",
+    "smol_generate_mixed_b8",
+    "smol_generate_mixed_b32",
 ];
 
 /// Runs workload `name` (`warmup` untimed, then `steps` timed) and returns its record:
@@ -47,6 +49,8 @@ pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
         "smol_decode_b32" => return smol_decode(32, warmup, steps),
         "smol_serve_decode_b8" => return smol_serve_decode(8, warmup, steps),
         "smol_serve_decode_b32" => return smol_serve_decode(32, warmup, steps),
+        "smol_generate_mixed_b8" => return smol_generate_mixed(8, warmup, steps),
+        "smol_generate_mixed_b32" => return smol_generate_mixed(32, warmup, steps),
         other => anyhow::bail!("unknown workload `{other}` (known: {})", NAMES.join(", ")),
     };
     let rss_before = rss_mib("VmRSS");
@@ -247,6 +251,65 @@ fn smol_serve_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Resul
         }
     }
     Ok(decode_record(&format!("smol_serve_decode_b{batch}"), batch, step_ms, rss_before))
+}
+
+/// The prompts of the serving benchmark (`cargo xtask bench --serving`): 32 exchanges of
+/// the movie-dialog test split, 12-36 words each.
+pub const PROMPTS: &str = include_str!("../../../bench/prompts.txt");
+
+/// Tokens each generation of the serving benchmark asks for.
+pub const GENERATED_TOKENS: usize = 32;
+
+/// What the server does for `batch` concurrent generations, offline and in lockstep: the
+/// first `batch` benchmark prompts, rows taking turns through the base model, a Pfeiffer
+/// adapter and a LoRA (r=8 on q, v), prefilled together (each into its own cache, reserved
+/// for its new tokens), then [`GENERATED_TOKENS`] greedy tokens each by decoding steps.
+/// `median_ms` is one whole generation; `decode_tokens_per_s` the generated tokens per
+/// second over it, prefill included (the offline side of the serving ratio).
+fn smol_generate_mixed(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Value> {
+    let loaded = load(&fetched("SmolLM2-135M-Instruct.Q4_1.gguf")?, &Device::Cpu)?;
+    let mut model = loaded.backbone;
+    let info = model.model_info();
+    for (name, (kind, config)) in [("pfeiffer", method("seq_bn")?), ("lora", method("lora")?)] {
+        let adapter = registry::build(kind, &config, &Placement::default(), &info, &Device::Cpu, 1)?;
+        model.adapters_mut().add(name, adapter)?;
+    }
+    let Backbone::Llama(m) = &model else { anyhow::bail!("SmolLM2 is a decoder") };
+    let prompts: Vec<Vec<u32>> = PROMPTS.lines().cycle().take(batch).map(|p| loaded.tokenizer.encode(p, true)).collect::<Result<_, _>>()?;
+    let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let choices: Vec<Vec<String>> = (0..batch)
+        .map(|i| match i % 3 {
+            0 => vec![],
+            1 => vec!["pfeiffer".to_string()],
+            _ => vec!["lora".to_string()],
+        })
+        .collect();
+    let ctx = ForwardCtx::inference().with_row_choices(&choices, &Device::Cpu)?;
+    let rss_before = rss_mib("VmRSS");
+    reset_peak_rss();
+    let mut times = Vec::new();
+    for call in 0..warmup + calls {
+        let t = Instant::now();
+        let (logits, mut caches) = m.prefill(&prompts, &ctx)?;
+        for c in &mut caches {
+            c.reserve(c.len() + GENERATED_TOKENS)?;
+        }
+        let mut next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        for _ in 1..GENERATED_TOKENS {
+            let mut rows: Vec<&mut adapters_models::KvCache> = caches.iter_mut().collect();
+            next = m.decode_step(&next, &mut rows, &ctx)?.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        }
+        if call >= warmup {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let med = crate::median(times);
+    Ok(json!({
+        "config": format!("smol_generate_mixed_b{batch}"), "median_ms": med,
+        "decode_tokens_per_s": (batch * GENERATED_TOKENS) as f64 / (med / 1e3),
+        "rss_before_loop_mib": rss_before, "steps_peak_rss_mib": rss_mib("VmHWM"),
+        "threads": candle_core::utils::get_num_threads(),
+    }))
 }
 
 /// A decoding workload's record: the median step and the tokens per second it gives.

@@ -34,7 +34,7 @@ pub use decode_attention::attention_per_row;
 pub use experts::{expert_mix, Activation, Experts, Routes};
 pub use gelu::gelu_erf;
 pub use int8::{Int8Weight, BLOCK as INT8_BLOCK};
-pub use linear::{gelu_linear, linear, linear_add, low_rank_linear, swiglu_linear};
+pub use linear::{gelu_linear, linear, linear_add, low_rank_linear, swiglu_linear, transposed_storage};
 pub use mixture::{mixture_add_layer_norm, RouteRow, RoutedExperts};
 pub use norm::{add_layer_norm, layer_norm, rms_norm};
 pub use rope::rope;
@@ -70,6 +70,18 @@ pub fn tune_cpu_runtime() {
         // The caller runs this before starting threads, so nothing reads the environment
         // concurrently (candle reads this variable when its pool first starts).
         std::env::set_var(SPIN, "0");
+    }
+}
+
+/// Hands the heap's free memory back to the kernel (glibc on Linux; a no-op elsewhere).
+/// [`tune_cpu_runtime`] keeps freed buffers for reuse, which is right for the buffers of
+/// a step but not for a model's load, which frees a copy of the weights once (the
+/// decoder's projections, rewritten transposed): called after loading a model.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -388,3 +388,29 @@ fn an_output_element_left_unwritten_is_caught_in_debug_builds() {
     whole.fill(f32::NAN);
     assert_eq!(super::written(whole, "probe").len(), 4, "a computed NaN is not the marker");
 }
+
+/// A frozen weight stored transposed in memory (a decoder's projections) gives the same
+/// products and input gradients as the weight in PyTorch's layout, through every kernel
+/// that reads a frozen weight: plain, with a bias, after GELU or SwiGLU, and with a
+/// low-rank term.
+#[test]
+fn weights_stored_transposed_give_the_same_products() {
+    let (x, w, b) = (randn(&[3, 9, 16], 41), randn(&[24, 16], 42), randn(&[24], 43));
+    let (down, up) = (randn(&[3, 9, 4], 44), randn(&[24, 4], 45));
+    let t = linear::transposed_storage(&w).unwrap();
+    assert!(!t.is_contiguous() && t.t().unwrap().is_contiguous());
+    assert_eq!(t.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+    let product = |name: &str, x: &Tensor, w: &Tensor| match name {
+        "linear" => linear::linear(x, w, None),
+        "linear+bias" => linear::linear(x, w, Some(&b)),
+        "gelu-linear" => linear::gelu_linear(x, w, &b),
+        "swiglu-linear" => linear::swiglu_linear(x, &x.sqr()?, w),
+        _ => linear::low_rank_linear(x, w, Some(&b), &down, &up),
+    };
+    for name in ["linear", "linear+bias", "gelu-linear", "swiglu-linear", "low-rank-linear"] {
+        let (y, g) = value_and_grads(&[x.clone()], &|v| product(name, &v[0], &w)).unwrap();
+        let (yt, gt) = value_and_grads(&[x.clone()], &|v| product(name, &v[0], &t)).unwrap();
+        assert!(max_diff(&y, &yt) < 1e-5, "{name}: products differ by {}", max_diff(&y, &yt));
+        assert!(max_diff(&g[0], &gt[0]) < 1e-5, "{name}: input gradients differ by {}", max_diff(&g[0], &gt[0]));
+    }
+}

@@ -109,7 +109,7 @@ impl Backbone {
             weights.push((point, new.ok_or_else(cannot)??));
         }
         for (point, weight) in weights {
-            self.linear_mut(point).expect("checked above").set_weight(weight);
+            self.linear_mut(point).expect("checked above").set_weight(weight)?;
         }
         Ok(())
     }
@@ -365,6 +365,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         }
         let (mut model, ct) = Llama::from_gguf(path, device)?;
         model.quantize_for_decoding()?;
+        adapters_kernels::release_free_memory();
         let tokenizer = TextTokenizer::from_gguf(&ct).map_err(|e| Error::file(path, format!("reading the tokenizer: {e}")))?;
         return Ok(LoadedModel { backbone: Backbone::Llama(model), tokenizer, source: path.to_path_buf() });
     }
@@ -382,6 +383,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         "llama" => {
             let mut model = Llama::from_folder(path, device)?;
             model.quantize_for_decoding()?;
+            adapters_kernels::release_free_memory();
             Backbone::Llama(model)
         }
         other => {
