@@ -19,9 +19,17 @@ chat = client.chat.completions.create(
 out["chat"] = chat.choices[0].message.content
 out["chat_model"] = chat.model
 stream = client.chat.completions.create(
-    model="smol-lora", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0, stream=True
+    model="smol-lora",
+    messages=[{"role": "user", "content": "Say hello."}],
+    max_tokens=8,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
 )
-out["chat_streamed"] = "".join(c.choices[0].delta.content or "" for c in stream)
+chunks = list(stream)
+out["chat_streamed"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+# The last chunk carries the usage, and no choices.
+out["chat_streamed_usage"] = [chunks[-1].usage.completion_tokens, len(chunks[-1].choices)]
 emb = client.embeddings.create(model="base", input=["one text", "another text"])
 out["embedding_dims"] = [len(e.embedding) for e in emb.data]
 try:

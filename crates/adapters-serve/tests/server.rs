@@ -393,6 +393,7 @@ async fn the_official_openai_client_works_against_the_server() {
     assert_eq!(got["completion_usage"], 6);
     assert!(got["chat_model"].as_str().unwrap().starts_with("smol-lora@"));
     assert_eq!(got["chat"], got["chat_streamed"], "streamed and whole greedy answers agree");
+    assert_eq!(got["chat_streamed_usage"], json!([8, 0]), "a streamed generation ends with its usage when asked");
     assert!(!got["chat"].as_str().unwrap().is_empty());
     assert_eq!(got["embedding_dims"], json!([576, 576]));
     assert_eq!(got["unknown_model"], "NotFoundError");

@@ -48,11 +48,21 @@ pub struct GenerationRequest {
     seed: Option<u64>,
     #[serde(default)]
     stream: bool,
+    /// `{"include_usage": true}`: a streamed generation ends with a chunk of its token
+    /// counts (no choices), as OpenAI's API sends it.
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<usize>,
     /// Who asks: keeps them on one variant of an A/B route.
     #[serde(default)]
     user: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 /// Which endpoint, and the shape of its answers.
@@ -123,10 +133,11 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 seed: request.seed.unwrap_or_else(rand_seed),
             }
         };
-        Ok((ticket, target, route, text, prompt, max_tokens, sampling, request.stream))
+        let usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        Ok((ticket, target, route, text, prompt, max_tokens, sampling, request.stream, usage))
     }
     .await;
-    let (ticket, target, route, text, prompt, max_tokens, sampling, stream) = match prepared {
+    let (ticket, target, route, text, prompt, max_tokens, sampling, stream, stream_usage) = match prepared {
         Ok(p) => p,
         Err(e) => {
             return refused(&state, &labels, endpoint, started, e);
@@ -195,7 +206,15 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 Streamed::Piece(Piece::Done { finish_reason, prompt_tokens, completion_tokens }) => {
                     state2.count_tokens(&labels, prompt_tokens + completion_tokens);
                     state2.metrics.record_request(&labels, endpoint, StatusCode::OK, started);
-                    vec![Event::default().data(chunk(None, Some(finish_reason)).to_string()), Event::default().data("[DONE]")]
+                    let mut events = vec![Event::default().data(chunk(None, Some(finish_reason)).to_string())];
+                    if stream_usage {
+                        let mut last = chunk(None, None);
+                        last["choices"] = json!([]);
+                        last["usage"] = usage(prompt_tokens, completion_tokens);
+                        events.push(Event::default().data(last.to_string()));
+                    }
+                    events.push(Event::default().data("[DONE]"));
+                    events
                 }
                 Streamed::Piece(Piece::Failed(e)) => {
                     state2.metrics.record_request(&labels, endpoint, e.status, started);
@@ -237,7 +256,7 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
                 };
                 body["object"] = json!(if kind == Kind::Chat { "chat.completion" } else { "text_completion" });
                 body["choices"] = json!([choice]);
-                body["usage"] = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+                body["usage"] = usage(prompt_tokens, completion_tokens);
                 drop(ticket);
                 return (StatusCode::OK, Json(body)).into_response();
             }
@@ -247,6 +266,11 @@ async fn run(state: Arc<AppState>, kind: Kind, payload: Result<Json<GenerationRe
         }
     }
     ApiError::internal("generation stopped without an answer").into_response()
+}
+
+/// OpenAI's `usage` object.
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens})
 }
 
 /// The response of a request that ends in `e`, counted under its labels.
