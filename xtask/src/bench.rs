@@ -158,6 +158,10 @@ fn report(root: &Path) -> Result<String> {
     if load.exists() {
         crate::load_test::report(&mut md, &read_json(&load)?)?;
     }
+    let serving = root.join(RESULTS).join("serving.json");
+    if serving.exists() {
+        crate::serving::report(&mut md, &read_json(&serving)?)?;
+    }
     for file in COMPARISONS {
         let path = root.join(RESULTS).join(file);
         if !path.exists() {

@@ -9,6 +9,7 @@ mod fetch;
 mod fuzz;
 mod load_test;
 mod serve_demo;
+mod serving;
 mod test;
 mod vs_pytorch;
 
@@ -48,9 +49,19 @@ enum Task {
         /// (e.g. minilm_train, smol_decode).
         #[arg(long)]
         only: Option<String>,
-        /// With --vs-pytorch: rounds (each runs every workload once per stack).
+        /// With --vs-pytorch or --serving: rounds (each runs every workload once per
+        /// stack, or the server and the engine once per workload).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Instead of the criterion benchmarks: `adapters serve` against the same engine
+        /// offline, alternately (embeddings from 64 clients through 32 adapters;
+        /// generation at 8 and 32 concurrent streams over base, Pfeiffer and LoRA, with
+        /// time to first token and between tokens). About 4 minutes a round.
+        #[arg(long)]
+        serving: bool,
+        /// With --serving: seconds each served generation load runs.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
     /// The main job on a fresh machine: fetch the model and data, train a Pfeiffer adapter
     /// on frozen all-MiniLM-L6-v2 for SMS spam and a head-only baseline, and print test
@@ -99,7 +110,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Fetch => fetch::fetch_all(&root()).map(|_| ()),
         Task::Test => test::run(&root()),
-        Task::Bench { filter, report_only, vs_pytorch, only, rounds } => {
+        Task::Bench { filter, report_only, vs_pytorch, only, rounds, serving, seconds } => {
+            if serving {
+                return serving::run_serving(&root(), rounds, seconds);
+            }
             if vs_pytorch {
                 if !report_only {
                     vs_pytorch::run(&root(), only.as_deref(), rounds)?;

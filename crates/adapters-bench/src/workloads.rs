@@ -244,7 +244,10 @@ fn smol_serve_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Resul
         for _ in 1..32 {
             let t = Instant::now();
             let mut rows: Vec<&mut adapters_models::KvCache> = caches.iter_mut().collect();
-            next = model.decode_step(&next, &mut rows, &ctx)?.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            next = model
+                .decode_step(&next.iter().map(std::slice::from_ref).collect::<Vec<_>>(), &mut rows, &ctx)?
+                .argmax(candle_core::D::Minus1)?
+                .to_vec1()?;
             if call >= warmup {
                 step_ms.push(t.elapsed().as_secs_f64() * 1e3);
             }
@@ -297,7 +300,10 @@ fn smol_generate_mixed(batch: usize, warmup: usize, calls: usize) -> anyhow::Res
         let mut next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
         for _ in 1..GENERATED_TOKENS {
             let mut rows: Vec<&mut adapters_models::KvCache> = caches.iter_mut().collect();
-            next = m.decode_step(&next, &mut rows, &ctx)?.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            next = m
+                .decode_step(&next.iter().map(std::slice::from_ref).collect::<Vec<_>>(), &mut rows, &ctx)?
+                .argmax(candle_core::D::Minus1)?
+                .to_vec1()?;
         }
         if call >= warmup {
             times.push(t.elapsed().as_secs_f64() * 1e3);

@@ -143,16 +143,12 @@ fn each_adapter_gets_the_gradient_of_its_own_rows() {
 /// A test sequence: adapters, prompt, continuation fed one token per step, first step, last step.
 type Sequence = (Vec<String>, Vec<u32>, Vec<u32>, usize, usize);
 
-/// Continuous batching: sequences with different prompt lengths and adapters (Pfeiffer,
-/// LoRA, the base) run their prompts together (padded) and then decode one token per step
-/// in one batch, each with its own cache; one joins after the others started, one leaves
-/// early. Every prompt's and step's logits equal that sequence run alone with its adapter
-/// active.
-#[test]
-fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
-    let mut m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
-    with_three(&mut m, "seq_bn", &json!({}));
-    let lora = adapter(&m, "lora", &json!({"r": 4, "alpha": 8}), 20);
+/// Three Pfeiffer adapters and a LoRA on `m`, four test sequences over them and the
+/// base, and each sequence's logits run alone with its adapter active: after the prompt,
+/// then after each token of the continuation.
+fn sequences_run_alone(m: &mut Backbone) -> (Vec<Sequence>, Vec<Vec<Tensor>>) {
+    with_three(m, "seq_bn", &json!({}));
+    let lora = adapter(m, "lora", &json!({"r": 4, "alpha": 8}), 20);
     m.adapters_mut().add("l0", lora).unwrap();
     let s = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<String>>();
     // (adapters, prompt, continuation fed one token per step, first step, last step)
@@ -179,6 +175,18 @@ fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
         alone.push(logits);
     }
     m.adapters_mut().activate(&[]).unwrap();
+    (sequences, alone)
+}
+
+/// Continuous batching: sequences with different prompt lengths and adapters (Pfeiffer,
+/// LoRA, the base) run their prompts together (padded) and then decode one token per step
+/// in one batch, each with its own cache; one joins after the others started, one leaves
+/// early. Every prompt's and step's logits equal that sequence run alone with its adapter
+/// active.
+#[test]
+fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
+    let mut m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (sequences, alone) = sequences_run_alone(&mut m);
     let Backbone::Llama(l) = &m else { unreachable!() };
     let mut caches: Vec<_> = sequences.iter().map(|_| l.new_cache()).collect();
     for step in 0..5 {
@@ -201,11 +209,68 @@ fn decoding_steps_batch_sequences_with_their_own_caches_and_adapters() {
         let ctx = ForwardCtx::inference().with_row_choices(&choices, &Device::Cpu).unwrap();
         let mut row_caches: Vec<&mut adapters_models::KvCache> =
             caches.iter_mut().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, c)| c).collect();
-        let logits = l.decode_step(&tokens, &mut row_caches, &ctx).unwrap();
+        let logits = l.decode_step(&tokens.iter().map(std::slice::from_ref).collect::<Vec<_>>(), &mut row_caches, &ctx).unwrap();
         for (r, &i) in rows.iter().enumerate() {
             let want = &alone[i][step - sequences[i].3 + 1];
             let d = max_diff(&logits.get(r).unwrap(), want);
             assert!(d < 2e-3, "step {step}, sequence {i} ({:?}): logits differ from it alone by {d}", sequences[i].0);
         }
     }
+}
+
+/// Chunked prefill: the same sequences join through the decoding step itself, their
+/// prompts fed in chunks of at most 3 tokens (an empty cache takes the first) in the same
+/// steps as the other sequences' single tokens, on the f32 weights. After a prompt's last
+/// chunk, and after each token that follows, every sequence's logits equal it alone.
+#[test]
+fn prompts_join_the_decoding_step_in_chunks() {
+    let mut m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if let Backbone::Llama(l) = &mut m {
+        l.dequantize();
+    }
+    let (sequences, alone) = sequences_run_alone(&mut m);
+    let Backbone::Llama(l) = &m else { unreachable!() };
+    let mut caches: Vec<_> = sequences.iter().map(|_| l.new_cache()).collect();
+    let (mut fed, mut decoded) = (vec![0; sequences.len()], vec![0; sequences.len()]);
+    let mut compared = 0;
+    for step in 0..12 {
+        // (sequence, its tokens this step)
+        let mut runs: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, (_, prompt, continuation, join, _)) in sequences.iter().enumerate() {
+            if step < *join {
+                continue;
+            }
+            if fed[i] < prompt.len() {
+                runs.push((i, prompt[fed[i]..(fed[i] + 3).min(prompt.len())].to_vec()));
+            } else if decoded[i] < continuation.len() {
+                runs.push((i, vec![continuation[decoded[i]]]));
+            }
+        }
+        if runs.is_empty() {
+            break;
+        }
+        let choices: Vec<Vec<String>> = runs.iter().map(|(i, _)| sequences[*i].0.clone()).collect();
+        let ctx = ForwardCtx::inference().with_row_choices(&choices, &Device::Cpu).unwrap();
+        let inputs: Vec<&[u32]> = runs.iter().map(|(_, t)| t.as_slice()).collect();
+        let mut row_caches: Vec<&mut adapters_models::KvCache> =
+            caches.iter_mut().enumerate().filter(|(i, _)| runs.iter().any(|(r, _)| r == i)).map(|(_, c)| c).collect();
+        let logits = l.decode_step(&inputs, &mut row_caches, &ctx).unwrap();
+        for (r, (i, tokens)) in runs.iter().enumerate() {
+            let prompt_len = sequences[*i].1.len();
+            let want = if fed[*i] < prompt_len {
+                fed[*i] += tokens.len();
+                (fed[*i] == prompt_len).then(|| &alone[*i][0])
+            } else {
+                decoded[*i] += 1;
+                Some(&alone[*i][decoded[*i]])
+            };
+            if let Some(want) = want {
+                let d = max_diff(&logits.get(r).unwrap(), want);
+                assert!(d < 1e-3, "step {step}, sequence {i} ({:?}): logits differ from it alone by {d}", sequences[*i].0);
+                compared += 1;
+            }
+        }
+    }
+    // Each sequence: its prompt's logits and one per continuation token.
+    assert_eq!(compared, sequences.iter().map(|s| 1 + s.2.len()).sum::<usize>());
 }

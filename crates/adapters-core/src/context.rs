@@ -258,6 +258,27 @@ impl ForwardCtx {
         Ok(self)
     }
 
+    /// This context for a batch in which row `i` of this one becomes `counts[i]`
+    /// consecutive rows, each through row `i`'s choice (a decoding step in which a joining
+    /// sequence brings a chunk of its prompt).
+    pub fn with_rows_repeated(&self, counts: &[usize], device: &Device) -> Result<Self> {
+        let Some(groups) = &self.rows_by_stack else { return Ok(self.clone()) };
+        let starts: Vec<usize> = counts.iter().scan(0, |next, &n| Some(std::mem::replace(next, *next + n))).collect();
+        let choices = groups
+            .iter()
+            .map(|g| {
+                let indices: Vec<u32> = g
+                    .indices
+                    .iter()
+                    .flat_map(|&r| (starts[r as usize]..starts[r as usize] + counts[r as usize]).map(|i| i as u32))
+                    .collect();
+                let n = indices.len();
+                Ok(StackRows { stack: g.stack.clone(), rows: Tensor::from_vec(indices.clone(), n, device)?, indices })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ForwardCtx { rows_by_stack: Some(choices), ..self.clone() })
+    }
+
     /// Sets the attention mask `[batch, seq]` (`u32`, 1 on tokens).
     pub fn with_attention_mask(mut self, mask: Tensor) -> Self {
         self.attention_mask = Some(mask);

@@ -197,7 +197,7 @@ fn virtual_tokens_act_as_text_prepended_on_both_backbones() {
             let (logits, mut caches) = m.prefill(&[t.as_slice()], &ctx).unwrap();
             assert_eq!(caches[0].len(), p + t.len(), "the cache holds the virtual tokens");
             let next = 42u32;
-            let step = m.decode_step(&[next], &mut caches.iter_mut().collect::<Vec<_>>(), &ctx).unwrap();
+            let step = m.decode_step(&[&[next]], &mut caches.iter_mut().collect::<Vec<_>>(), &ctx).unwrap();
             activate(&mut model, &[]);
             let Backbone::Llama(m) = &model.backbone else { unreachable!() };
             let full: Vec<u32> = x_ids.iter().chain(&t).copied().collect();
@@ -262,7 +262,12 @@ fn key_value_prefixes_per_row_and_through_the_cache() {
             for (c, p) in caches.iter().zip(&prompts) {
                 assert_eq!(c.len(), p.len(), "prefixes stay out of the cache");
             }
-            let step = m.decode_step(&[7, 9], &mut caches.iter_mut().collect::<Vec<_>>(), &ctx).unwrap();
+            let step = m.decode_step(&[&[7], &[9]], &mut caches.iter_mut().collect::<Vec<_>>(), &ctx).unwrap();
+            // The same, each prompt and its token fed through the decoding step as one chunk
+            // from an empty cache (chunked prefill), under the prefixes.
+            let wholes: Vec<Vec<u32>> = (0..2).map(|row| prompts[row].iter().copied().chain([[7, 9][row]]).collect()).collect();
+            let mut fresh: Vec<_> = (0..2).map(|_| m.new_cache()).collect();
+            let chunked = m.decode_step(&[&wholes[0], &wholes[1]], &mut fresh.iter_mut().collect::<Vec<_>>(), &ctx).unwrap();
             for (row, choice) in choices[..2].iter().enumerate() {
                 activate(&mut model, &[choice[0].as_str()]);
                 let Backbone::Llama(m) = &model.backbone else { unreachable!() };
@@ -271,6 +276,8 @@ fn key_value_prefixes_per_row_and_through_the_cache() {
                 let expected = m.last_logits(&ids, None, &ForwardCtx::inference()).unwrap();
                 let diff = max_diff(&step.i(row..row + 1).unwrap(), &expected);
                 assert!(diff < 2e-3, "row {row}: a decoding step with a prefix differs from the whole prompt by {diff}");
+                let diff = max_diff(&chunked.i(row..row + 1).unwrap(), &expected);
+                assert!(diff < 2e-3, "row {row}: a prompt chunk with a prefix differs from the whole prompt by {diff}");
             }
         }
     }

@@ -408,8 +408,8 @@ fn weights_stored_transposed_give_the_same_products() {
         _ => linear::low_rank_linear(x, w, Some(&b), &down, &up),
     };
     for name in ["linear", "linear+bias", "gelu-linear", "swiglu-linear", "low-rank-linear"] {
-        let (y, g) = value_and_grads(&[x.clone()], &|v| product(name, &v[0], &w)).unwrap();
-        let (yt, gt) = value_and_grads(&[x.clone()], &|v| product(name, &v[0], &t)).unwrap();
+        let (y, g) = value_and_grads(std::slice::from_ref(&x), &|v| product(name, &v[0], &w)).unwrap();
+        let (yt, gt) = value_and_grads(std::slice::from_ref(&x), &|v| product(name, &v[0], &t)).unwrap();
         assert!(max_diff(&y, &yt) < 1e-5, "{name}: products differ by {}", max_diff(&y, &yt));
         assert!(max_diff(&g[0], &gt[0]) < 1e-5, "{name}: input gradients differ by {}", max_diff(&g[0], &gt[0]));
     }

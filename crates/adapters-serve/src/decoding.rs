@@ -1,8 +1,11 @@
-//! Continuous batching for `/v1/completions` and `/v1/chat/completions`: one loop decodes
-//! every running generation together, one token for each per step, each with its own KV
-//! cache and adapter ([`Llama::decode_step`]). New requests join between steps (their
-//! prompt runs alone, through their own adapter); finished ones, and those whose client
-//! went away, leave.
+//! Continuous batching for `/v1/completions` and `/v1/chat/completions`: one loop steps
+//! every running generation together, each with its own KV cache and adapter
+//! ([`Llama::decode_step`]): one token for each generation that is decoding, and a chunk
+//! of the prompt of each that is joining (chunked prefill: at most [`PREFILL_CHUNK`]
+//! prompt tokens a step), so a new prompt shares the step's forward (and its reading of
+//! the weights) with the running generations instead of stalling them. Finished
+//! generations, and those whose client went away, leave. Prompts under prompt tuning
+//! (virtual tokens first) run whole, together, before the step.
 //!
 //! Generations join while their KV-cache need (prompt + `max_tokens`) fits the server's
 //! KV budget beside the running ones; the others wait, in order. A waiting generation
@@ -106,10 +109,21 @@ fn decode_loop(engine: Weak<Engine>, rx: Receiver<Generation>, runtime: tokio::r
     }
 }
 
+/// Prompt tokens one step takes from joining generations at most: bounds how much a
+/// step's time grows when prompts join (a longer prompt takes several steps).
+pub(crate) const PREFILL_CHUNK: usize = 256;
+
 /// A generation in the batch.
 struct Running<'t> {
     generation: Generation,
     cache: KvCache,
+    /// Prompt tokens in the cache; the prompt is still joining while fewer than all.
+    fed: usize,
+    /// Tokens this step feeds it: 1 when decoding, a chunk of its prompt when joining, 0
+    /// when it sits this step out (no prompt budget left).
+    chunk: usize,
+    /// Whether its prompt runs whole through [`Llama::prefill`] (prompt tuning).
+    whole_prompt: bool,
     /// The token to feed at the next step.
     next: u32,
     produced: usize,
@@ -119,6 +133,30 @@ struct Running<'t> {
 }
 
 impl Running<'_> {
+    fn joining(&self) -> bool {
+        self.fed < self.generation.prompt.len()
+    }
+
+    /// The tokens this step feeds it.
+    fn input(&self) -> Vec<u32> {
+        if self.joining() {
+            self.generation.prompt[self.fed..self.fed + self.chunk].to_vec()
+        } else {
+            vec![self.next]
+        }
+    }
+
+    /// After a step that fed it: the prompt's progress, and the new token if the step
+    /// gave one (every step but a prompt's chunks before its last).
+    fn stepped(&mut self, token: Option<u32>, stop: &[u32]) {
+        if self.joining() {
+            self.fed += self.chunk;
+        }
+        if let Some(token) = token {
+            self.take(token, stop);
+        }
+    }
+
     /// Takes a new token: sends its text, or finishes at a stop token, the length limit,
     /// or a closed channel.
     fn take(&mut self, token: u32, stop: &[u32]) {
@@ -205,23 +243,40 @@ fn run_while_busy(engine: &Engine, first: Generation, rx: &Receiver<Generation>,
                 Sampling::Greedy => 0,
             });
             let cache = base.new_cache();
-            joining.push(Running { generation, cache, next: 0, produced: 0, rng, text, done: false });
+            let whole_prompt = llama(engine.model_of(&generation.target)).prompts_need_prefill();
+            let chunk = if whole_prompt { generation.prompt.len() } else { 0 };
+            joining.push(Running { generation, cache, fed: 0, chunk, whole_prompt, next: 0, produced: 0, rng, text, done: false });
         }
         engine.metrics.kv_tokens.set(kv as i64);
-        if !joining.is_empty() {
-            advance(engine, &mut joining, &mut mixed, &stop, prefill);
-            running.extend(joining.into_iter().filter(|r| !r.done));
+        let (mut whole, chunked): (Vec<Running>, Vec<Running>) = joining.into_iter().partition(|r| r.whole_prompt);
+        if !whole.is_empty() {
+            advance(engine, &mut whole, &mut mixed, &stop, prefill);
+            running.extend(whole.into_iter().filter(|r| !r.done));
         }
-        if !running.is_empty() {
-            advance(engine, &mut running, &mut mixed, &stop, decode);
-            running.retain(|r| !r.done);
+        running.extend(chunked);
+        // This step: one token for each generation decoding, prompt chunks in order of
+        // arrival for those joining, within the prompt budget.
+        let mut budget = PREFILL_CHUNK;
+        for r in &mut running {
+            r.chunk = if r.joining() {
+                let chunk = (r.generation.prompt.len() - r.fed).min(budget);
+                budget -= chunk;
+                chunk
+            } else {
+                1
+            };
         }
+        let (mut stepping, resting): (Vec<Running>, Vec<Running>) = running.drain(..).partition(|r| r.chunk > 0);
+        if !stepping.is_empty() {
+            advance(engine, &mut stepping, &mut mixed, &stop, decode);
+        }
+        running = stepping.into_iter().chain(resting).filter(|r| !r.done).collect();
     }
 }
 
-/// Runs the prompts of `rows` of `running` (all joining now) in one forward pass on
+/// Runs the whole prompts of `rows` of `running` (all joining now) in one forward pass on
 /// `model`, each into its own cache; the first token of each.
-fn prefill(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running]) -> Result<Vec<u32>, String> {
+fn prefill(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running]) -> Result<Vec<Option<u32>>, String> {
     let m = llama(model);
     let ctx = row_context(m, per_row, rows, running)?;
     let prompts: Vec<&[u32]> = rows.iter().map(|&i| running[i].generation.prompt.as_slice()).collect();
@@ -234,7 +289,7 @@ fn prefill(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Runni
             r.cache = cache;
             // Room for every token it may add: its steps then write in place.
             r.cache.reserve(r.generation.kv_tokens()).map_err(|e| e.to_string())?;
-            logits.get(k).and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map_err(|e| e.to_string())
+            logits.get(k).and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map(Some).map_err(|e| e.to_string())
         })
         .collect()
 }
@@ -256,8 +311,9 @@ fn row_context(m: &Llama, per_row: bool, rows: &[usize], running: &[Running]) ->
     ctx.with_row_choices(&choices, m.device()).map_err(|e| e.to_string())
 }
 
-/// What runs a group of rows on one model: the next token of each.
-type RunRows = fn(&Backbone, bool, &[usize], &mut [Running]) -> Result<Vec<u32>, String>;
+/// What runs a group of rows on one model: the next token of each (none for a prompt's
+/// chunk before its last).
+type RunRows = fn(&Backbone, bool, &[usize], &mut [Running]) -> Result<Vec<Option<u32>>, String>;
 
 /// One token for every generation in `running` (by `run`: a prompt, or a decoding step):
 /// those on plain adapters (or the base) in one forward pass, each row through its own
@@ -311,7 +367,7 @@ fn run_isolated(engine: &Engine, model: &Backbone, per_row: bool, rows: &[usize]
     let before: Vec<(usize, ChaCha8Rng)> = rows.iter().map(|&i| (running[i].cache.len(), running[i].rng.clone())).collect();
     let outcome = guarded(|| run(model, per_row, rows, running).map_err(ApiError::internal));
     match outcome {
-        Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].take(t, stop)),
+        Ok(tokens) => rows.iter().zip(tokens).for_each(|(&i, t)| running[i].stepped(t, stop)),
         Err(e) if rows.len() == 1 => running[rows[0]].fail(e),
         Err(e) => {
             engine.metrics.isolated_failures.inc();
@@ -329,22 +385,31 @@ fn run_isolated(engine: &Engine, model: &Backbone, per_row: bool, rows: &[usize]
     }
 }
 
-/// One decoding step of `rows` of `running` on `model`; the next token of each.
-fn decode(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running]) -> Result<Vec<u32>, String> {
+/// One step of `rows` of `running` on `model`: each row's token, or its prompt's chunk;
+/// the next token of each (none for a prompt's chunk before its last).
+fn decode(model: &Backbone, per_row: bool, rows: &[usize], running: &mut [Running]) -> Result<Vec<Option<u32>>, String> {
     // The tests' poisoned generation fails its decoding steps (after its prompt ran), so
     // that it fails inside a batch with the generations already running.
-    crate::fault::check_batch(rows.iter().map(|&i| running[i].generation.text.as_str()))?;
+    crate::fault::check_batch(rows.iter().filter(|&&i| !running[i].joining()).map(|&i| running[i].generation.text.as_str()))?;
     let m = llama(model);
-    let tokens: Vec<u32> = rows.iter().map(|&i| running[i].next).collect();
+    let inputs: Vec<Vec<u32>> = rows.iter().map(|&i| running[i].input()).collect();
+    let inputs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
     let ctx = row_context(m, per_row, rows, running)?;
     let mut caches: Vec<&mut KvCache> =
         running.iter_mut().enumerate().filter(|(i, _)| rows.contains(i)).map(|(_, r)| &mut r.cache).collect();
-    let logits = m.decode_step(&tokens, &mut caches, &ctx).map_err(|e| e.to_string())?;
+    let logits = m.decode_step(&inputs, &mut caches, &ctx).map_err(|e| e.to_string())?;
     rows.iter()
         .enumerate()
         .map(|(k, &i)| {
             let r = &mut running[i];
-            logits.get(k).and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map_err(|e| e.to_string())
+            if r.joining() {
+                // Room for every token it may add: its steps then write in place.
+                r.cache.reserve(r.generation.kv_tokens()).map_err(|e| e.to_string())?;
+                if r.fed + r.chunk < r.generation.prompt.len() {
+                    return Ok(None);
+                }
+            }
+            logits.get(k).and_then(|l| choose(&l, &r.generation.sampling, &mut r.rng)).map(Some).map_err(|e| e.to_string())
         })
         .collect()
 }

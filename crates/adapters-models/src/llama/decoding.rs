@@ -3,7 +3,8 @@
 
 use super::{Kv, Llama};
 use crate::ops::{embedding, Linear};
-use adapters_core::ForwardCtx;
+use adapters_core::{ForwardCtx, Point, Site};
+use candle_core::Module;
 use candle_core::{Result, Tensor};
 
 /// Cached keys and values of earlier positions, one entry per layer (see `LayerKv`).
@@ -150,40 +151,65 @@ impl Llama {
         Ok((self.logits(&last)?, caches))
     }
 
-    /// One decoding step for sequences that each have their own cache, at their own
-    /// position (continuous batching: sequences join after their prompt ran with their
-    /// own cache, and leave when done): `tokens[i]` continues `caches[i]`, which is
-    /// extended. Rows may use different adapters (`ctx`'s row choices). Returns the next
-    /// token's logits, `[rows, vocab]`, on the 8-bit copies if any (as [`Llama::last_logits`]).
-    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache], ctx: &ForwardCtx) -> Result<Tensor> {
-        if tokens.len() != caches.len() || tokens.is_empty() {
-            candle_core::bail!("decode_step: {} tokens for {} caches", tokens.len(), caches.len());
+    /// One step for sequences that each have their own cache, at their own position
+    /// (continuous batching): `tokens[i]` are sequence `i`'s new tokens, appended to
+    /// `caches[i]`: one for a sequence that is decoding, or a chunk of the prompt of one
+    /// that is joining (chunked prefill: an empty cache takes a prompt's first chunk).
+    /// Every row's tokens go through the projections together, so a step reads the weights
+    /// once for decoding and prompts alike. Sequences may use different adapters (`ctx`'s
+    /// row choices, one per sequence). Returns the logits after each sequence's last new
+    /// token, `[sequences, vocab]`; a step of single tokens runs on the 8-bit copies if any
+    /// (as [`Llama::last_logits`]).
+    pub fn decode_step(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache], ctx: &ForwardCtx) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() || tokens.iter().any(|t| t.is_empty()) {
+            candle_core::bail!("decode_step: {} token runs (each of at least one token) for {} caches", tokens.len(), caches.len());
         }
-        if caches.iter().any(|c| c.is_empty() || c.layers.len() != self.layers.len()) {
-            candle_core::bail!("decode_step: every sequence needs a cache of this model with its prompt in it");
+        if caches.iter().any(|c| c.layers.len() != self.layers.len()) {
+            candle_core::bail!("decode_step: every sequence needs a cache of this model");
         }
         if ctx.rows_by_stack.is_none() && self.adapters.parallel_width() > 1 {
             candle_core::bail!("a `parallel(...)` setup runs without a KV cache; generate with one adapter setup at a time");
         }
+        let fresh = caches.iter().any(|c| c.is_empty());
+        if fresh && self.adapters.may_act_at(Point::new(0, Site::InputEmbeddings), ctx) {
+            candle_core::bail!("decode_step: prompt tuning adds virtual tokens before a prompt; run prompts with Llama::prefill");
+        }
         let device = self.device();
-        let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
+        let counts: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
+        // Row j of sequence i sits at position len_i + j and sees positions 0..=len_i + j.
+        let positions: Vec<u32> = caches.iter().zip(&counts).flat_map(|(c, &n)| (c.len()..c.len() + n).map(|p| p as u32)).collect();
         let longest = *positions.iter().max().expect("at least one row") as usize;
         if longest + 1 > self.config.max_position_embeddings {
             candle_core::bail!("{} positions exceed the model's context of {}", longest + 1, self.config.max_position_embeddings);
         }
         let at = Tensor::new(positions.as_slice(), device)?;
         let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
-        // Row i sees its own positions 0..=p_i (the new token is appended at p_i); read
-        // only where the rows' caches are gathered padded (see `Kv::PerRow`).
+        // Read only where the rows' caches are gathered padded (see `Kv::PerRow`).
         let mask: Vec<f32> =
             positions.iter().flat_map(|&p| (0..=longest).map(move |j| if j <= p as usize { 0.0 } else { f32::NEG_INFINITY })).collect();
-        let mask = Tensor::from_vec(mask, (tokens.len(), 1, longest + 1), device)?;
-        let mut x = embedding(&self.embed, &Tensor::new(tokens, device)?.unsqueeze(1)?)?;
+        let mask = Tensor::from_vec(mask, (positions.len(), 1, longest + 1), device)?;
+        let rows_ctx = ctx.with_rows_repeated(&counts, device)?;
+        let ids: Vec<u32> = tokens.concat();
+        let mut x = embedding(&self.embed, &Tensor::new(ids.as_slice(), device)?.unsqueeze(1)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let kv = Kv::PerRow(caches.iter_mut().map(|c| &mut c.layers[l]).collect());
-            x = self.layer_forward(l, layer, &x, (&cos, &sin), Some(&mask), kv, &ctx.for_layer(l))?;
+            let kv = Kv::PerRow { caches: caches.iter_mut().map(|c| &mut c.layers[l]).collect(), counts: &counts };
+            x = self.layer_forward(l, layer, &x, (&cos, &sin), Some(&mask), kv, &rows_ctx.for_layer(l))?;
         }
-        self.output.forward_decoding(&self.finish(&x, 0, ctx)?.squeeze(1)?)
+        let last: Vec<u32> = counts.iter().scan(0, |end, &n| Some((std::mem::replace(end, *end + n) + n - 1) as u32)).collect();
+        let x = if last.len() == positions.len() { x } else { x.index_select(&Tensor::new(last.as_slice(), device)?, 0)? };
+        let hidden = self.finish(&x, 0, ctx)?.squeeze(1)?;
+        if counts.iter().all(|&n| n == 1) {
+            self.output.forward_decoding(&hidden)
+        } else {
+            self.output.forward(&hidden)
+        }
+    }
+
+    /// Whether prompts must run through [`Llama::prefill`] rather than in chunks through
+    /// [`Llama::decode_step`]: the active adapters add virtual tokens before a prompt
+    /// (prompt tuning).
+    pub fn prompts_need_prefill(&self) -> bool {
+        self.adapters.may_act_at(Point::new(0, Site::InputEmbeddings), &ForwardCtx::inference())
     }
 
     /// Keeps 8-bit copies of every projection and the output layer for decoding steps (see

@@ -91,19 +91,27 @@ enum Kv<'a> {
     None,
     /// One cache for the whole batch (all rows at the same position).
     Shared(&'a mut Option<LayerKv>),
-    /// One cache per row, each at its own position, for one new token per row: each row
-    /// attends over its own cache in place (padded to the longest, with the mask hiding
-    /// the padding, only where prefix tuning's keys go first).
-    PerRow(Vec<&'a mut Option<LayerKv>>),
+    /// One cache per sequence, each at its own position: sequence `i`'s new tokens are
+    /// `counts[i]` consecutive rows of the batch, one token each (one for a decoding step,
+    /// more for a chunk of a prompt), appended to its cache. Each row attends over its
+    /// sequence's cache up to its own position, in place (padded to the longest, with the
+    /// mask hiding the padding, only where prefix tuning's keys go first).
+    PerRow { caches: Vec<&'a mut Option<LayerKv>>, counts: &'a [usize] },
 }
 
-/// The rows' caches as one right-padded `[rows, longest, width]` pair (where attention
-/// needs them together: prefix tuning's keys go before each row's).
-fn gather_padded(rows: &[&mut Option<LayerKv>]) -> Result<(Tensor, Tensor)> {
-    let held: Vec<(Tensor, Tensor)> = rows
-        .iter()
-        .map(|c| c.as_ref().ok_or_else(|| candle_core::Error::Msg("an empty cache".into()))?.keys_values())
-        .collect::<Result<_>>()?;
+/// Each row's keys and values (its sequence's cache up to its own position) as one
+/// right-padded `[rows, longest, width]` pair (where attention needs them together:
+/// prefix tuning's keys go before each row's).
+fn gather_padded(caches: &[&mut Option<LayerKv>], counts: &[usize]) -> Result<(Tensor, Tensor)> {
+    let mut held: Vec<(Tensor, Tensor)> = Vec::new();
+    for (cache, &n) in caches.iter().zip(counts) {
+        let (k, v) = cache.as_ref().ok_or_else(|| candle_core::Error::Msg("an empty cache".into()))?.keys_values()?;
+        let len = k.dim(1)?;
+        for j in 0..n {
+            let seen = len - n + j + 1;
+            held.push((k.narrow(1, 0, seen)?, v.narrow(1, 0, seen)?));
+        }
+    }
     let longest = held.iter().map(|(k, _)| k.dim(1).unwrap_or(0)).max().unwrap_or(0);
     let pad = |t: &Tensor| -> Result<Tensor> {
         let missing = longest - t.dim(1)?;
@@ -353,11 +361,12 @@ impl Llama {
         let decoding = match &kv {
             Kv::None => false,
             Kv::Shared(c) => c.is_some(),
-            Kv::PerRow(_) => true,
+            // Prompt chunks run on the f32 weights, as whole prompts do.
+            Kv::PerRow { counts, .. } => counts.iter().all(|&n| n == 1),
         };
         // One position per row, each its own: RoPE sees the rows as positions of one row.
         let rope = |t: &Tensor, heads: usize| match &kv {
-            Kv::PerRow(_) => kernels::rope(&t.reshape((1, t.dim(0)?, ()))?, cos, sin, heads)?.reshape(t.shape()),
+            Kv::PerRow { .. } => kernels::rope(&t.reshape((1, t.dim(0)?, ()))?, cos, sin, heads)?.reshape(t.shape()),
             _ => kernels::rope(t, cos, sin, heads),
         };
         let n = layer.attn_norm.forward(x)?;
@@ -373,10 +382,15 @@ impl Llama {
                 }
                 None => **kv = Some(LayerKv::new(&k, &v)?),
             },
-            Kv::PerRow(rows) => {
-                for (i, cache) in rows.iter_mut().enumerate() {
-                    let cache = cache.as_mut().ok_or_else(|| candle_core::Error::Msg("decode_step: an empty cache".into()))?;
-                    cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+            Kv::PerRow { caches, counts } => {
+                let mut start = 0;
+                for (cache, &n) in caches.iter_mut().zip(counts.iter()) {
+                    let (k, v) = (k.narrow(0, start, n)?.reshape((1, n, ()))?, v.narrow(0, start, n)?.reshape((1, n, ()))?);
+                    match cache.as_mut() {
+                        Some(cache) => cache.append(&k, &v)?,
+                        None => **cache = Some(LayerKv::new(&k, &v)?),
+                    }
+                    start += n;
                 }
             }
         }
@@ -384,17 +398,22 @@ impl Llama {
         // Prefix tuning's keys and values: before every other key, never cached.
         let prefix = self.adapters.key_value_prefix(Point::new(l, Site::KeyValuePrefix), x.dim(0)?, ctx)?;
         let attn = match (kv, prefix) {
-            // Each row over its own cache, in place.
-            (Kv::PerRow(rows), None) => {
-                let held: Vec<(&Tensor, &Tensor, usize)> = rows.iter().map(|c| c.as_ref().expect("appended above").buffers()).collect();
-                let keys: Vec<&Tensor> = held.iter().map(|h| h.0).collect();
-                let values: Vec<&Tensor> = held.iter().map(|h| h.1).collect();
-                let lens: Vec<usize> = held.iter().map(|h| h.2).collect();
+            // Each row over its sequence's cache up to its own position, in place.
+            (Kv::PerRow { caches, counts }, None) => {
+                let (mut keys, mut values, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+                for (cache, &n) in caches.iter().zip(counts) {
+                    let (k, v, len) = cache.as_ref().expect("appended above").buffers();
+                    for j in 0..n {
+                        keys.push(k);
+                        values.push(v);
+                        lens.push(len - n + j + 1);
+                    }
+                }
                 kernels::attention_per_row(&q, &keys, &values, &lens, nh, nkv, scale)?
             }
             (kv, prefix) => {
                 let (k, v) = match kv {
-                    Kv::PerRow(rows) => gather_padded(&rows)?,
+                    Kv::PerRow { caches, counts } => gather_padded(&caches, counts)?,
                     _ => (k, v),
                 };
                 let (k, v, mask) = match prefix {
