@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 const EMBED_ADAPTERS: usize = 32;
 /// Clients sending embedding requests.
 const EMBED_CLIENTS: usize = 64;
+/// The generation server's `--prefill-chunk`.
+const PREFILL_CHUNK: usize = 128;
 /// Tokens each generation asks for (as `bench-workload smol_generate_mixed_*`).
 const GENERATED_TOKENS: usize = 32;
 
@@ -66,9 +68,10 @@ pub fn run_serving(root: &Path, rounds: usize, seconds: u64) -> Result<()> {
     make_adapter(&tools.cli, &tools.smol, &work, "pfeiffer", "seq_bn", &["reduction_factor=16"], 1)?;
     make_adapter(&tools.cli, &tools.smol, &work, "lora", "lora", &["r=8", "alpha=16"], 1)?;
     let store = work.join("store");
+    let chunk = PREFILL_CHUNK.to_string();
     let start = |model: &Path, cache: &str| {
         let cache = work.join(cache);
-        let args: [&std::ffi::OsStr; 7] = [
+        let args: [&std::ffi::OsStr; 9] = [
             model.as_ref(),
             "--store".as_ref(),
             store.as_ref(),
@@ -76,6 +79,8 @@ pub fn run_serving(root: &Path, rounds: usize, seconds: u64) -> Result<()> {
             "64".as_ref(),
             "--cache-dir".as_ref(),
             cache.as_ref(),
+            "--prefill-chunk".as_ref(),
+            chunk.as_ref(),
         ];
         crate::serve_demo::start(&tools.cli, &args)
     };
@@ -113,7 +118,8 @@ pub fn run_serving(root: &Path, rounds: usize, seconds: u64) -> Result<()> {
             "title": "Serving against the engine offline",
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "rounds": rounds, "seconds": seconds, "texts": texts.len(), "embed_adapters": EMBED_ADAPTERS,
-            "embed_clients": EMBED_CLIENTS, "generated_tokens": GENERATED_TOKENS, "rows": rows,
+            "embed_clients": EMBED_CLIENTS, "generated_tokens": GENERATED_TOKENS, "prefill_chunk": PREFILL_CHUNK,
+            "rows": rows,
         }))
     })();
     crate::serve_demo::stop(embed_server)?;
@@ -303,18 +309,26 @@ pub fn report(md: &mut String, v: &Value) -> Result<()> {
     use std::fmt::Write as _;
     let rows = v["rows"].as_array().context("rows")?;
     let median = |kind: &str, f: &dyn Fn(&Value) -> Option<f64>| -> f64 {
-        percentile(rows.iter().filter(|r| r["kind"] == kind).filter_map(f).collect(), 0.5)
+        let mut v: Vec<f64> = rows.iter().filter(|r| r["kind"] == kind).filter_map(f).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            n => (v[(n - 1) / 2] + v[n / 2]) / 2.0,
+        }
     };
+    // Served over offline in each round (measured one after the other), then the median.
+    let ratio = |kind: &str, served: &dyn Fn(&Value) -> Option<f64>| median(kind, &|r| Some(served(r)? / r["offline"].as_f64()?));
     writeln!(md, "\n## {}\n", v["title"].as_str().unwrap_or("Serving"))?;
     writeln!(
         md,
-        "`cargo xtask bench --serving`: `adapters serve` and the same engine offline on the same machine ({} threads, server and clients together), alternately, {} rounds; medians. Embeddings: {} texts (tweets and 40-300-word passages), {} clients, one text a request, through {} adapters (half Pfeiffer, half LoRA r=8) against `adapters embed` through one Pfeiffer adapter (model load subtracted). Generation: clients streaming `/v1/completions` of {} greedy tokens back to back for {} s, rows taking turns through base, Pfeiffer and LoRA, against `bench-workload smol_generate_mixed_bN` (same prompts, adapters and tokens, in lockstep, prefill included).\n",
-        v["threads"], v["rounds"], v["texts"], v["embed_clients"], v["embed_adapters"], v["generated_tokens"], v["seconds"]
+        "`cargo xtask bench --serving`: `adapters serve` and the same engine offline on the same machine ({} threads, server and clients together), alternately, {} rounds; medians. Decoding steps take at most {} prompt tokens of joining requests (chunked prefill). Embeddings: {} texts (tweets and 40-300-word passages), {} clients, one text a request, through {} adapters (half Pfeiffer, half LoRA r=8) against `adapters embed` through one Pfeiffer adapter (model load subtracted). Generation: clients streaming `/v1/completions` of {} greedy tokens back to back for {} s, rows taking turns through base, Pfeiffer and LoRA, against `bench-workload smol_generate_mixed_bN` (same prompts, adapters and tokens, in lockstep, prefill included).\n",
+        v["threads"], v["rounds"], v["prefill_chunk"], v["texts"], v["embed_clients"], v["embed_adapters"], v["generated_tokens"], v["seconds"]
     )?;
-    writeln!(md, "| workload | offline | served | served / offline | time to first token p50 / p99 | time between tokens p50 / p99 |")?;
+    writeln!(md, "| workload | offline | served | served / offline (median of the rounds' ratios) | time to first token p50 / p99 | time between tokens p50 / p99 |")?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     let (off, on) = (median("embed", &|r| r["offline"].as_f64()), median("embed", &|r| r["served"].as_f64()));
-    writeln!(md, "| embeddings (texts/s) | {off:.1} | {on:.1} | {:.2} | | |", on / off)?;
+    let embed_ratio = ratio("embed", &|r| r["served"].as_f64());
+    writeln!(md, "| embeddings (texts/s) | {off:.1} | {on:.1} | {embed_ratio:.2} | | |")?;
     for batch in [8, 32] {
         let kind = format!("generate_{batch}");
         let off = median(&kind, &|r| r["offline"].as_f64());
@@ -323,7 +337,7 @@ pub fn report(md: &mut String, v: &Value) -> Result<()> {
         writeln!(
             md,
             "| generation, {batch} concurrent (tokens/s) | {off:.1} | {on:.1} | {:.2} | {:.2} / {:.2} s | {:.0} / {:.0} ms |",
-            on / off,
+            ratio(&kind, &|r| r["served"]["tokens_per_s"].as_f64()),
             s("ttft_p50_s"),
             s("ttft_p99_s"),
             s("tbt_p50_s") * 1e3,

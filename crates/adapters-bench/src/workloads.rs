@@ -24,6 +24,7 @@ pub const NAMES: &[&str] = &[
     "minilm_infer_seq_bn",
     "minilm_infer_lora_unmerged",
     "minilm_infer_lora_merged",
+    "minilm_infer_mixed_kinds",
     "smol_train_seq_bn",
     "smol_train_lora",
     "smol_decode_b1",
@@ -160,6 +161,9 @@ pub fn minilm_train(m: &str, after_forward: fn()) -> anyhow::Result<(Step, usize
 /// not) or a mixture attached (random non-zero weights).
 pub fn minilm_infer(v: &str) -> anyhow::Result<Step> {
     let mut model = minilm()?;
+    if v == "mixed_kinds" {
+        return minilm_infer_mixed_kinds(model);
+    }
     if v != "base" {
         let (kind, config) = method(v)?;
         for (_, var) in attach(&mut model, kind, config)? {
@@ -173,6 +177,36 @@ pub fn minilm_infer(v: &str) -> anyhow::Result<Step> {
     Ok(Box::new(move || {
         let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         pooled(&model, &rows, Pooling::Mean, &ForwardCtx::inference())?;
+        Ok(())
+    }))
+}
+
+/// One forward of 32 x 128 in which rows take turns through five adapters of different
+/// kinds (Pfeiffer, Houlsby, parallel, LoRA r=8, IA3; random non-zero weights), each row
+/// through its own: what a server's mixed batch runs (against `minilm_infer_seq_bn`, the
+/// same batch through one adapter).
+fn minilm_infer_mixed_kinds(mut model: Backbone) -> anyhow::Result<Step> {
+    let kinds = [
+        ("seq_bn", json!({"reduction_factor": 16})),
+        ("double_seq_bn", json!({"reduction_factor": 16})),
+        ("par_bn", json!({"reduction_factor": 16})),
+        ("lora", json!({"r": 8, "alpha": 16})),
+        ("ia3", json!({})),
+    ];
+    let info = model.model_info();
+    for (kind, config) in &kinds {
+        let adapter = registry::build(kind, config, &Placement::default(), &info, &Device::Cpu, 1)?;
+        for (_, var) in adapter.vars() {
+            var.set(&(var.as_tensor().randn_like(0.0, 0.02)? + 1.0)?)?;
+        }
+        model.adapters_mut().add(kind, adapter)?;
+    }
+    let choices: Vec<Vec<String>> = (0..32).map(|i| vec![kinds[i % kinds.len()].0.to_string()]).collect();
+    let ctx = ForwardCtx::inference().with_row_choices(&choices, &Device::Cpu)?;
+    let ids = token_rows(32, 128, 30522);
+    Ok(Box::new(move || {
+        let rows: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        pooled(&model, &rows, Pooling::Mean, &ctx)?;
         Ok(())
     }))
 }

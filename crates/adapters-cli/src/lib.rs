@@ -241,6 +241,7 @@ pub fn main() {
             routes,
             batch_rows,
             max_batch_tokens,
+            prefill_chunk,
             batch_wait_ms,
             max_concurrent_requests,
             max_waiting_tokens,
@@ -267,6 +268,7 @@ pub fn main() {
                 batching: adapters_serve::Batching {
                     max_rows: batch_rows,
                     max_batch_tokens,
+                    prefill_chunk,
                     max_wait: std::time::Duration::from_millis(batch_wait_ms),
                 },
                 admission: adapters_serve::admission::Limits {

@@ -92,6 +92,12 @@ pub struct ServeArgs {
     /// forwards of at most this many padded tokens; a request with more runs alone.
     #[arg(long, default_value_t = adapters_models::MAX_BATCH_TOKENS)]
     pub max_batch_tokens: usize,
+    /// Most prompt tokens of joining generations in one decoding step (chunked prefill):
+    /// a prompt shares the step with the running generations, and a longer one takes
+    /// several steps. Lower keeps the time between their tokens steadier; higher gives
+    /// new requests their first token sooner.
+    #[arg(long, default_value_t = adapters_serve::Batching::default().prefill_chunk)]
+    pub prefill_chunk: usize,
     /// Milliseconds a batch waits for more requests once a compute slot is free.
     #[arg(long, default_value_t = 2)]
     pub batch_wait_ms: u64,

@@ -245,16 +245,22 @@ pub const MAX_BATCH_TOKENS: usize = 16384;
 
 /// Rows (given by their lengths) grouped for padded forward passes: sorted by length, each
 /// group of at most `max_batch_tokens` tokens once padded to its longest row (a longer row
-/// runs alone). Sorting bounds the padding: a short row is never padded to a long one.
+/// runs alone), and none padding a row by more than a quarter of its length plus 8
+/// tokens. Sorting and the bound keep padding small: a tweet is never padded to an
+/// article's length, whatever the budget.
 pub fn length_batches(lengths: &[usize], max_batch_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| lengths[i]);
     let mut batches = Vec::new();
     let mut start = 0;
     while start < order.len() {
-        // Sorted, so a batch's longest row is its last.
+        // Sorted, so a batch's shortest row is its first and its longest its last.
+        let shortest = lengths[order[start]];
         let mut end = start + 1;
-        while end < order.len() && (end + 1 - start) * lengths[order[end]] <= max_batch_tokens {
+        while end < order.len()
+            && (end + 1 - start) * lengths[order[end]] <= max_batch_tokens
+            && lengths[order[end]] <= shortest + shortest / 4 + 8
+        {
             end += 1;
         }
         batches.push(order[start..end].to_vec());
@@ -401,7 +407,7 @@ mod tests {
     use super::length_batches;
 
     #[test]
-    fn length_batches_sort_by_length_and_keep_padding_within_the_budget() {
+    fn length_batches_sort_by_length_and_bound_the_padding() {
         let lengths = [30, 3, 12, 3, 100, 11];
         let batches = length_batches(&lengths, 40);
         // Every row once, shortest first; each batch's rows times its longest within 40,
@@ -412,6 +418,8 @@ mod tests {
             assert!(batch.len() * longest <= 40 || batch.len() == 1);
         }
         assert_eq!(length_batches(&[5, 5, 5], 1 << 20), vec![vec![0, 1, 2]]);
+        // Under any budget, no row is padded by more than a quarter of its length + 8.
+        assert_eq!(length_batches(&[40, 10, 20], 1 << 20), vec![vec![1, 2], vec![0]]);
         assert!(length_batches(&[], 40).is_empty());
     }
 }

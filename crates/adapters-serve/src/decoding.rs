@@ -1,7 +1,7 @@
 //! Continuous batching for `/v1/completions` and `/v1/chat/completions`: one loop steps
 //! every running generation together, each with its own KV cache and adapter
 //! ([`Llama::decode_step`]): one token for each generation that is decoding, and a chunk
-//! of the prompt of each that is joining (chunked prefill: at most [`PREFILL_CHUNK`]
+//! of the prompt of each that is joining (chunked prefill: at most `--prefill-chunk`
 //! prompt tokens a step), so a new prompt shares the step's forward (and its reading of
 //! the weights) with the running generations instead of stalling them. Finished
 //! generations, and those whose client went away, leave. Prompts under prompt tuning
@@ -108,10 +108,6 @@ fn decode_loop(engine: Weak<Engine>, rx: Receiver<Generation>, runtime: tokio::r
         }
     }
 }
-
-/// Prompt tokens one step takes from joining generations at most: bounds how much a
-/// step's time grows when prompts join (a longer prompt takes several steps).
-pub(crate) const PREFILL_CHUNK: usize = 256;
 
 /// A generation in the batch.
 struct Running<'t> {
@@ -256,7 +252,7 @@ fn run_while_busy(engine: &Engine, first: Generation, rx: &Receiver<Generation>,
         running.extend(chunked);
         // This step: one token for each generation decoding, prompt chunks in order of
         // arrival for those joining, within the prompt budget.
-        let mut budget = PREFILL_CHUNK;
+        let mut budget = engine.batching().prefill_chunk.max(1);
         for r in &mut running {
             r.chunk = if r.joining() {
                 let chunk = (r.generation.prompt.len() - r.fed).min(budget);

@@ -22,13 +22,22 @@ pub struct Batching {
     /// length in forwards of at most this many padded tokens, so a tweet is never padded
     /// to an article's length.
     pub max_batch_tokens: usize,
+    /// Most prompt tokens of joining generations in one decoding step (chunked prefill):
+    /// bounds how much a step, and so the time between the running generations' tokens,
+    /// grows when prompts join; a longer prompt takes several steps.
+    pub prefill_chunk: usize,
     /// How long the first request of a batch waits for more once a compute slot is free.
     pub max_wait: Duration,
 }
 
 impl Default for Batching {
     fn default() -> Self {
-        Batching { max_rows: 32, max_batch_tokens: adapters_models::MAX_BATCH_TOKENS, max_wait: Duration::from_millis(2) }
+        Batching {
+            max_rows: 32,
+            max_batch_tokens: adapters_models::MAX_BATCH_TOKENS,
+            prefill_chunk: 128,
+            max_wait: Duration::from_millis(2),
+        }
     }
 }
 
