@@ -162,6 +162,10 @@ fn report(root: &Path) -> Result<String> {
     if serving.exists() {
         crate::serving::report(&mut md, &read_json(&serving)?)?;
     }
+    // The physical-limit analysis, written by hand from its own measurements.
+    if let Ok(limits) = std::fs::read_to_string(root.join("bench/limits.md")) {
+        writeln!(md, "\n{}", limits.trim_end())?;
+    }
     for file in COMPARISONS {
         let path = root.join(RESULTS).join(file);
         if !path.exists() {

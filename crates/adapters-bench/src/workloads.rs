@@ -13,7 +13,8 @@ use candle_core::{Device, Tensor, Var};
 use serde_json::{json, Value};
 use std::time::Instant;
 
-/// Every workload name, as the reference spells it.
+/// Every workload name: the PyTorch reference's, as it spells them, and the serving ones it lacks
+/// (`smol_serve_decode_*`, `smol_generate_mixed_*`, `minilm_infer_mixed_kinds`).
 pub const NAMES: &[&str] = &[
     "minilm_train_full",
     "minilm_train_seq_bn",
