@@ -271,24 +271,32 @@ fn smol_serve_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Resul
     reset_peak_rss();
     let mut step_ms = Vec::new();
     for call in 0..warmup + calls {
-        let (logits, mut caches) = model.prefill(&prompts, &ctx)?;
-        for c in &mut caches {
-            c.reserve(c.len() + 32)?;
-        }
-        let mut next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        for _ in 1..32 {
-            let t = Instant::now();
-            let mut rows: Vec<&mut adapters_models::KvCache> = caches.iter_mut().collect();
-            next = model
-                .decode_step(&next.iter().map(std::slice::from_ref).collect::<Vec<_>>(), &mut rows, &ctx)?
-                .argmax(candle_core::D::Minus1)?
-                .to_vec1()?;
-            if call >= warmup {
-                step_ms.push(t.elapsed().as_secs_f64() * 1e3);
-            }
+        let steps = generate_greedy(&model, &prompts, &ctx, 32)?;
+        if call >= warmup {
+            step_ms.extend(steps);
         }
     }
     Ok(decode_record(&format!("smol_serve_decode_b{batch}"), batch, step_ms, rss_before))
+}
+
+/// `tokens` greedy tokens after each of `prompts`, as the server makes them: the prompts
+/// prefilled together, each into a cache of its own reserved for its new tokens, then
+/// decoding steps of one token for every row. The milliseconds of each decoding step.
+fn generate_greedy(m: &adapters_models::Llama, prompts: &[&[u32]], ctx: &ForwardCtx, tokens: usize) -> anyhow::Result<Vec<f64>> {
+    let (logits, mut caches) = m.prefill(prompts, ctx)?;
+    for c in &mut caches {
+        c.reserve(c.len() + tokens)?;
+    }
+    let mut next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+    let mut step_ms = Vec::with_capacity(tokens);
+    for _ in 1..tokens {
+        let t = Instant::now();
+        let mut rows: Vec<&mut adapters_models::KvCache> = caches.iter_mut().collect();
+        let runs: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+        next = m.decode_step(&runs, &mut rows, ctx)?.argmax(candle_core::D::Minus1)?.to_vec1()?;
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(step_ms)
 }
 
 /// The prompts of the serving benchmark (`cargo xtask bench --serving`): 32 exchanges of
@@ -328,18 +336,7 @@ fn smol_generate_mixed(batch: usize, warmup: usize, calls: usize) -> anyhow::Res
     let mut times = Vec::new();
     for call in 0..warmup + calls {
         let t = Instant::now();
-        let (logits, mut caches) = m.prefill(&prompts, &ctx)?;
-        for c in &mut caches {
-            c.reserve(c.len() + GENERATED_TOKENS)?;
-        }
-        let mut next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        for _ in 1..GENERATED_TOKENS {
-            let mut rows: Vec<&mut adapters_models::KvCache> = caches.iter_mut().collect();
-            next = m
-                .decode_step(&next.iter().map(std::slice::from_ref).collect::<Vec<_>>(), &mut rows, &ctx)?
-                .argmax(candle_core::D::Minus1)?
-                .to_vec1()?;
-        }
+        generate_greedy(m, &prompts, &ctx, GENERATED_TOKENS)?;
         if call >= warmup {
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }

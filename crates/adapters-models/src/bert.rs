@@ -116,16 +116,9 @@ impl Bert {
         let activation = Activation::from_name(&config.hidden_act).map_err(|e| Error::Unsupported(format!("hidden_act: {e}")))?;
         let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let (h, i) = (config.hidden_size, config.intermediate_size);
-        // Frozen projections on the CPU are kept transposed in memory: forwards of few
-        // tokens (a short text, a small length bucket) read them several times faster
-        // (Linear::store_transposed). Trainable ones stay as given.
         let linear = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
             let weight = w.get(&format!("{prefix}{name}.weight"), &[out, inp])?;
-            let mut linear = Linear::new(weight, Some(w.get(&format!("{prefix}{name}.bias"), &[out])?));
-            if linear.weight.device().is_cpu() && !linear.weight.track_op() {
-                linear.store_transposed()?;
-            }
-            Ok(linear)
+            Ok(Linear::loaded(weight, Some(w.get(&format!("{prefix}{name}.bias"), &[out])?))?)
         };
         let norm = |name: &str| -> std::result::Result<LayerNorm, Error> {
             let n = |a: &str| format!("{prefix}{name}.{a}");

@@ -35,6 +35,16 @@ impl Linear {
         Ok(())
     }
 
+    /// A layer of a loaded model: frozen ones on the CPU are kept transposed in memory
+    /// ([`Linear::store_transposed`]); trainable ones (variables) stay as given.
+    pub fn loaded(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let mut linear = Linear::new(weight, bias);
+        if linear.weight.device().is_cpu() && !linear.weight.track_op() {
+            linear.store_transposed()?;
+        }
+        Ok(linear)
+    }
+
     /// Keeps the weight transposed in memory (`[in, out]`, still seen as `[out, in]`):
     /// products over few rows (decoding steps, short prompts) then run 2-7x faster
     /// ([`kernels::transposed_storage`]), at the same memory. For a decoder's projections;

@@ -156,14 +156,8 @@ impl Llama {
             )));
         }
         let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
-        // Frozen projections on the CPU are kept transposed in memory: decoding steps read
-        // them several times faster (Linear::store_transposed). Trainable ones stay as given.
         let lin = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
-            let mut linear = Linear::new(w.get(name, &[out, inp])?, None);
-            if linear.weight.device().is_cpu() && !linear.weight.track_op() {
-                linear.store_transposed()?;
-            }
-            Ok(linear)
+            Ok(Linear::loaded(w.get(name, &[out, inp])?, None)?)
         };
         let norm =
             |name: &str| -> std::result::Result<RmsNorm, Error> { Ok(RmsNorm { weight: w.get(name, &[h])?, eps: config.rms_norm_eps }) };
