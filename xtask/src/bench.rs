@@ -35,6 +35,7 @@ const COMPARISONS: &[&str] = &[
     "composition_parallel.json",
     "mixed_batch_pfeiffer.json",
     "mixed_batch_lora.json",
+    "mixed_batch_kinds.json",
     "moe_forward.json",
     "moe_site.json",
     "moe_train.json",
@@ -161,6 +162,10 @@ fn report(root: &Path) -> Result<String> {
     let serving = root.join(RESULTS).join("serving.json");
     if serving.exists() {
         crate::serving::report(&mut md, &read_json(&serving)?)?;
+    }
+    let library = root.join(RESULTS).join("library.json");
+    if library.exists() {
+        crate::library::report(&mut md, &read_json(&library)?)?;
     }
     // The physical-limit analysis, written by hand from its own measurements.
     if let Ok(limits) = std::fs::read_to_string(root.join("bench/limits.md")) {

@@ -19,7 +19,6 @@ use crate::{fetch, run};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -112,18 +111,10 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Starts a program that prints `listening on URL` first; returns it and the URL.
+/// Starts a program that prints `listening on URL` first, its log discarded; returns it
+/// and the URL.
 fn start(mut command: Command) -> Result<(Child, String)> {
-    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting a server")?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
-    match line.trim().strip_prefix("listening on ") {
-        Some(url) => Ok((child, url.replace("0.0.0.0", "127.0.0.1"))),
-        None => {
-            let _ = child.kill();
-            bail!("a server did not start: {line:?}")
-        }
-    }
+    crate::serve_demo::spawn(command.stderr(Stdio::null()))
 }
 
 fn kill(child: &mut Child, signal: &str) {

@@ -7,6 +7,7 @@ mod chaos;
 mod data;
 mod fetch;
 mod fuzz;
+mod library;
 mod load_test;
 mod serve_demo;
 mod serving;
@@ -49,7 +50,7 @@ enum Task {
         /// (e.g. minilm_train, smol_decode).
         #[arg(long)]
         only: Option<String>,
-        /// With --vs-pytorch or --serving: rounds (each runs every workload once per
+        /// With --vs-pytorch, --serving or --library: rounds (each runs every workload once per
         /// stack, or the server and the engine once per workload).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
@@ -59,7 +60,14 @@ enum Task {
         /// time to first token and between tokens). About 4 minutes a round.
         #[arg(long)]
         serving: bool,
-        /// With --serving: seconds each served generation load runs.
+        /// Instead of the criterion benchmarks: `adapters serve` over a library of 1,000
+        /// adapters with room for 200, under Zipf traffic, against the same load over 10;
+        /// cache-miss load times from a local store and from S3; memory per resident
+        /// adapter. About 3 minutes to make the library, then 1.5 minutes a round.
+        #[arg(long)]
+        library: bool,
+        /// With --serving: seconds each served generation load runs; with --library, each
+        /// measured load.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
@@ -110,7 +118,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Fetch => fetch::fetch_all(&root()).map(|_| ()),
         Task::Test => test::run(&root()),
-        Task::Bench { filter, report_only, vs_pytorch, only, rounds, serving, seconds } => {
+        Task::Bench { filter, report_only, vs_pytorch, only, rounds, serving, library, seconds } => {
+            if library {
+                return library::run_library(&root(), rounds, seconds);
+            }
             if serving {
                 return serving::run_serving(&root(), rounds, seconds);
             }

@@ -44,20 +44,22 @@ pub fn run_demo(root: &Path) -> Result<()> {
 
 /// Starts `adapters serve ARGS --port 0`; the process and the URL it listens on.
 pub fn start(cli: &Path, args: &[&std::ffi::OsStr]) -> Result<(Child, String)> {
-    let mut server = Command::new(cli)
-        .arg("serve")
-        .args(args)
-        .args(["--port", "0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting adapters serve")?;
+    let mut serve = Command::new(cli);
+    serve.arg("serve").args(args).args(["--port", "0"]);
+    spawn(&mut serve)
+}
+
+/// Starts a program that prints `listening on URL` first (a server, the S3 server); the
+/// process and the URL, for 127.0.0.1.
+pub fn spawn(command: &mut Command) -> Result<(Child, String)> {
+    let mut child = command.stdout(Stdio::piped()).spawn().with_context(|| format!("starting {command:?}"))?;
     let mut line = String::new();
-    std::io::BufReader::new(server.stdout.as_mut().context("server stdout")?).read_line(&mut line)?;
+    std::io::BufReader::new(child.stdout.as_mut().context("stdout")?).read_line(&mut line)?;
     match line.trim().strip_prefix("listening on ") {
-        Some(url) => Ok((server, url.to_string())),
+        Some(url) => Ok((child, url.replace("0.0.0.0", "127.0.0.1"))),
         None => {
-            let _ = server.kill();
-            bail!("the server did not start: {line:?}")
+            let _ = child.kill();
+            bail!("{command:?} did not start: {line:?}")
         }
     }
 }

@@ -157,7 +157,7 @@ fn quiet(mut command: Command) -> Result<std::process::Output> {
 
 /// The 512 embedding texts: 384 tweets and 128 movie-dialog passages of 40-300 words,
 /// shuffled (seeded).
-fn embedding_texts(root: &Path) -> Result<Vec<String>> {
+pub(crate) fn embedding_texts(root: &Path) -> Result<Vec<String>> {
     let tweets = std::fs::read_to_string(root.join("data/vader_tweets/test.jsonl"))?;
     let mut texts: Vec<String> = tweets
         .lines()

@@ -182,7 +182,7 @@ pub fn minilm_infer(v: &str) -> anyhow::Result<Step> {
     }))
 }
 
-/// One forward of 32 x 128 in which rows take turns through five adapters of different
+/// One forward of 32 x 128 in which rows go through five adapters of different
 /// kinds (Pfeiffer, Houlsby, parallel, LoRA r=8, IA3; random non-zero weights), each row
 /// through its own: what a server's mixed batch runs (against `minilm_infer_seq_bn`, the
 /// same batch through one adapter).
@@ -202,7 +202,8 @@ fn minilm_infer_mixed_kinds(mut model: Backbone) -> anyhow::Result<Step> {
         }
         model.adapters_mut().add(kind, adapter)?;
     }
-    let choices: Vec<Vec<String>> = (0..32).map(|i| vec![kinds[i % kinds.len()].0.to_string()]).collect();
+    // Rows of one adapter side by side, as the server orders a forward's rows.
+    let choices: Vec<Vec<String>> = (0..32).map(|i| vec![kinds[i * kinds.len() / 32].0.to_string()]).collect();
     let ctx = ForwardCtx::inference().with_row_choices(&choices, &Device::Cpu)?;
     let ids = token_rows(32, 128, 30522);
     Ok(Box::new(move || {

@@ -1,8 +1,9 @@
 //! A batch whose rows use different adapters (mixed-adapter serving): rows whose adapters
 //! share a configuration run as one batched computation over weights stacked per row.
 //! Every row equals the forward of its own adapter alone, on both backbones, for the
-//! bottleneck kinds (every optional part on) and LoRA; training through such a batch gives
-//! each adapter the gradient of its own rows.
+//! bottleneck kinds (every optional part on), LoRA and IA3 (whose feed-forward input scales
+//! run before the product, per row); training through such a batch gives each adapter the
+//! gradient of its own rows.
 
 use adapters_core::{registry, Adapter, ForwardCtx, InsertionPoint, Placement};
 use adapters_models::HoldsAdapters;
@@ -52,6 +53,13 @@ fn choices() -> Vec<Vec<String>> {
     vec![s(&["a0"]), s(&["a1"]), s(&[]), s(&["a2"]), s(&["a1"]), s(&["a0", "a1"])]
 }
 
+/// The same choices in the order a server gives a forward's rows (by stack): each
+/// computation's rows are consecutive, so they run as views of the batch, not gathers.
+fn server_ordered() -> Vec<Vec<String>> {
+    let s = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    vec![s(&[]), s(&["a0"]), s(&["a1"]), s(&["a1"]), s(&["a2"]), s(&["a0", "a1"])]
+}
+
 fn with_three(m: &mut Backbone, kind: &str, config: &serde_json::Value) {
     for i in 0..3 {
         let mut config = config.clone();
@@ -86,20 +94,57 @@ fn every_row_equals_its_own_adapter_alone() {
         let mut m = model(model_name);
         with_three(&mut m, kind, &config);
         let ctx = ForwardCtx::inference();
-        let mixed = hidden(&m, &ForwardCtx::inference().with_row_choices(&choices(), &Device::Cpu).unwrap());
-        for (row, stack) in choices().iter().enumerate() {
-            let names: Vec<&str> = stack.iter().map(String::as_str).collect();
-            m.adapters_mut().activate(&names).unwrap();
-            let alone = hidden(&m, &ctx);
-            let d = max_diff(&mixed.get(row).unwrap(), &alone.get(row).unwrap());
-            // Relative to the row's largest value: SmolLM2's residual stream reaches the
-            // hundreds, where f32 products blocked differently differ by more than 1e-4.
-            // (Over six weight draws the largest relative difference was 3.3e-6.)
-            let scale = alone.get(row).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(
-                d <= 1e-5 * scale,
-                "{model_name} {kind} {config}: row {row} ({stack:?}) differs from its adapter alone by {d} (largest value {scale})"
-            );
+        for choices in [choices(), server_ordered()] {
+            let mixed = hidden(&m, &ForwardCtx::inference().with_row_choices(&choices, &Device::Cpu).unwrap());
+            for (row, stack) in choices.iter().enumerate() {
+                let names: Vec<&str> = stack.iter().map(String::as_str).collect();
+                m.adapters_mut().activate(&names).unwrap();
+                let alone = hidden(&m, &ctx);
+                let d = max_diff(&mixed.get(row).unwrap(), &alone.get(row).unwrap());
+                // Relative to the row's largest value: SmolLM2's residual stream reaches the
+                // hundreds, where f32 products blocked differently differ by more than 1e-4.
+                // (Over six weight draws the largest relative difference was 3.3e-6.)
+                let scale = alone.get(row).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(
+                    d <= 1e-5 * scale,
+                    "{model_name} {kind} {config}: row {row} ({stack:?}) differs from its adapter alone by {d} (largest value {scale})"
+                );
+            }
+        }
+    }
+}
+
+/// IA3 scales inputs per row before the feed-forward product (and outputs after the
+/// attention ones) beside rows of LoRA, the base model and a stack, in either row order: each
+/// row equals its adapter alone.
+#[test]
+fn input_scales_per_row_equal_each_adapter_alone() {
+    let s = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let orders = [
+        vec![s(&["i0"]), s(&["lora"]), s(&[]), s(&["i1"]), s(&["i0", "lora"]), s(&["i0"])],
+        vec![s(&[]), s(&["i0"]), s(&["i0"]), s(&["i0", "lora"]), s(&["i1"]), s(&["lora"])],
+    ];
+    for model_name in ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct.Q4_1.gguf"] {
+        let mut m = model(model_name);
+        for (i, name) in ["i0", "i1"].iter().enumerate() {
+            let a = adapter(&m, "ia3", &json!({}), 20 + i as u64);
+            m.adapters_mut().add(name, a).unwrap();
+        }
+        let a = adapter(&m, "lora", &json!({"r": 4, "alpha": 8}), 30);
+        m.adapters_mut().add("lora", a).unwrap();
+        for choices in &orders {
+            let mixed = hidden(&m, &ForwardCtx::inference().with_row_choices(choices, &Device::Cpu).unwrap());
+            for (row, stack) in choices.iter().enumerate() {
+                let names: Vec<&str> = stack.iter().map(String::as_str).collect();
+                m.adapters_mut().activate(&names).unwrap();
+                let alone = hidden(&m, &ForwardCtx::inference());
+                let d = max_diff(&mixed.get(row).unwrap(), &alone.get(row).unwrap());
+                let scale = alone.get(row).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(
+                    d <= 1e-5 * scale,
+                    "{model_name}: row {row} ({stack:?}) differs from its adapters alone by {d} (largest value {scale})"
+                );
+            }
         }
     }
 }

@@ -15,6 +15,8 @@ use candle_core::{Result, Tensor};
 pub struct Capabilities<'a> {
     /// Its change at a projection is a low-rank term (LoRA).
     pub low_rank: Option<&'a dyn LowRankProjection>,
+    /// Its change at a projection is a per-feature scale of the input (IA3).
+    pub input_scaled: Option<&'a dyn InputScaled>,
     /// It runs with a post-norm backbone's add-and-norm in one pass (bottleneck, MoE).
     pub fused_post_norm: Option<&'a dyn FusedPostNorm>,
     /// Its rows run batched with other adapters of the same form (bottleneck, LoRA).
@@ -48,6 +50,18 @@ pub trait LowRankProjection {
     /// The term at `point` for this projection input; `None` where the adapter has none.
     /// Must agree with `forward_projection`: `io.output + down · upᵀ`.
     fn low_rank_term(&self, point: Point, input: &Tensor, ctx: &ForwardCtx) -> Option<Result<LowRank>>;
+}
+
+/// A projection adapter whose whole change is a per-feature scale of the projection's
+/// input, `W (l ⊙ x) + b` (IA3 at feed-forward inputs). The set scales the input before
+/// the frozen product, per row when rows choose their adapters, where the plain
+/// `forward_projection` would run the product a second time on the scaled input:
+/// introduced when IA3 alone made the MiniLM b32 x s128 forward 1.3x slower than a Pfeiffer
+/// adapter, and its rows slowed a mixed batch of five kinds.
+pub trait InputScaled {
+    /// `l` (`[in_features]`) at `point`; `None` where the adapter scales no input there
+    /// (its `forward_projection` then runs). Must agree with `forward_projection`.
+    fn input_scale(&self, point: Point) -> Option<Tensor>;
 }
 
 /// An adapter at a hidden site of a post-norm backbone (BERT) that computes the site's

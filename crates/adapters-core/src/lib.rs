@@ -32,8 +32,8 @@ pub use adapter::{
     Adapter, AddNormFn, EmbeddingIo, FrozenLinear, InterventionIo, KeyValuePrefix, LayerNormWeights, ProjectionIo, SublayerIo,
 };
 pub use capability::{
-    BatchableForm, Capabilities, ConditioningNeed, FuseMember, Fused, FusedPostNorm, FusionLayer, LowRank, LowRankProjection, Mergeable,
-    PartlyFrozen, RowBatched,
+    BatchableForm, Capabilities, ConditioningNeed, FuseMember, Fused, FusedPostNorm, FusionLayer, InputScaled, LowRank, LowRankProjection,
+    Mergeable, PartlyFrozen, RowBatched,
 };
 pub use context::{AuxLoss, AuxOutputs, ForwardCtx, FusionAttention, Mode, RoutingStats, StackRows};
 pub use error::Error;

@@ -2,6 +2,7 @@
 //! (key, value by default) `y = l * (W x + b)`; at input-scaled feed-forward sites
 //! (ffn_down by default) `y = W (l * x) + b`. Vectors start at one: no change.
 
+use adapters_core::capability::{Capabilities, InputScaled};
 use adapters_core::registry::parse_config;
 use adapters_core::{Adapter, BuildArgs, Error, ForwardCtx, Point, ProjectionIo, Site};
 use candle_core::{DType, Result, Tensor, Var};
@@ -61,6 +62,10 @@ impl Adapter for Ia3 {
         self.scales.iter().map(|(p, v)| (p.var_name("ia3_l"), v.clone())).collect()
     }
 
+    fn capabilities(&self) -> Capabilities<'_> {
+        Capabilities { input_scaled: Some(self), ..Default::default() }
+    }
+
     fn forward_projection(&self, point: Point, io: &ProjectionIo, _ctx: &ForwardCtx) -> Result<Tensor> {
         let l = self.scales[&point].as_tensor();
         if self.config.feedforward_sites.contains(&point.site) {
@@ -68,5 +73,12 @@ impl Adapter for Ia3 {
         } else {
             io.output.broadcast_mul(l)
         }
+    }
+}
+
+impl InputScaled for Ia3 {
+    fn input_scale(&self, point: Point) -> Option<Tensor> {
+        let l = self.scales.get(&point)?;
+        self.config.feedforward_sites.contains(&point.site).then(|| l.as_tensor().clone())
     }
 }

@@ -1,7 +1,7 @@
 //! The layers the backbones are built from, on the fused kernels of [`adapters_kernels`]
 //! (which fall back to composed candle ops off the CPU).
 
-use adapters_core::{AdapterSet, ForwardCtx, FrozenLinear, Point, ProjectionIo};
+use adapters_core::{AdapterSet, ForwardCtx, FrozenLinear, Point};
 use adapters_kernels as kernels;
 use candle_core::{DType, Module, Result, Tensor};
 use std::sync::Arc;
@@ -94,9 +94,8 @@ impl Linear {
             }
         }
         let apply = |t: &Tensor| if decoding { self.forward_decoding(t) } else { self.forward(t) };
-        let y = apply(x)?;
         let linear = FrozenLinear { apply: &apply, weight: &self.weight, bias: self.bias.as_ref() };
-        adapters.projection(point, &ProjectionIo { input: x, output: &y, linear }, ctx)
+        adapters.projection(point, x, linear, ctx)
     }
 
     /// The product for a decoding step: on the 8-bit copy when there is one, `x` has at

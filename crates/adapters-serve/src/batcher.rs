@@ -275,21 +275,22 @@ fn forward(engine: &Engine, model: &Backbone, per_row: bool, jobs: &[Job]) -> Re
     let rows: Vec<(&Job, &[u32])> = jobs.iter().flat_map(|j| j.rows.ids.iter().map(move |r| (j, r.as_slice()))).collect();
     let lengths: Vec<usize> = rows.iter().map(|(_, r)| r.len()).collect();
     let mut features: Vec<Option<Tensor>> = vec![None; rows.len()];
-    for batch in adapters_models::length_batches(&lengths, engine.batching().max_batch_tokens) {
+    let stack_of = |i: usize| match &rows[i].0.target {
+        Target::Base => vec![],
+        Target::Adapter(r) => vec![r.key()],
+    };
+    for mut batch in adapters_models::length_batches(&lengths, engine.batching().max_batch_tokens) {
         engine.metrics.batch_rows.observe(batch.len() as f64);
-        let refs: Vec<&[u32]> = batch.iter().map(|&i| rows[i].1).collect();
-        let (ids, mask) = pad(&refs, model.device()).map_err(internal)?;
         let mut ctx = ForwardCtx::inference();
         if per_row {
-            let choices: Vec<Vec<String>> = batch
-                .iter()
-                .map(|&i| match &rows[i].0.target {
-                    Target::Base => vec![],
-                    Target::Adapter(r) => vec![r.key()],
-                })
-                .collect();
+            // Rows of one adapter side by side (the padding is the forward's either way):
+            // each adapter's computation then reads its rows as a view, not a gather.
+            batch.sort_by_cached_key(|&i| stack_of(i));
+            let choices: Vec<Vec<String>> = batch.iter().map(|&i| stack_of(i)).collect();
             ctx = ctx.with_row_choices(&choices, model.device()).map_err(internal)?;
         }
+        let refs: Vec<&[u32]> = batch.iter().map(|&i| rows[i].1).collect();
+        let (ids, mask) = pad(&refs, model.device()).map_err(internal)?;
         let hidden = model.hidden_states(&ids, &mask, &ctx).map_err(internal)?;
         // Each pooling that a row here reads, once for the forward (BERT's pooler runs
         // with each row's adapters, under this forward's routing).

@@ -362,20 +362,21 @@ impl Store {
         Ok(dir)
     }
 
-    /// Every file of the version, read from the store (the backend's I/O runs here; hashing
-    /// and writing happen in [`write_partial`], off the async runtime).
+    /// Every file of the version, read from the store concurrently (one round trip to a
+    /// remote store, not one per file); hashing and writing happen in [`write_partial`], off
+    /// the async runtime.
     async fn fetch_files(&self, manifest: &Manifest) -> Result<Fetched> {
         let name: Name = manifest.name.parse()?;
-        let mut files = Vec::with_capacity(manifest.files.len());
-        for f in &manifest.files {
+        let reads = manifest.files.iter().map(|f| async {
             let bytes = self.read(&file_path(&name, &manifest.version, &f.path)).await?.ok_or_else(|| {
                 Error::Corrupt(format!(
                     "{}@{}: {} is missing from the store; push the adapter again",
                     manifest.name, manifest.version, f.path
                 ))
             })?;
-            files.push((f.clone(), bytes));
-        }
+            Ok::<_, Error>((f.clone(), bytes))
+        });
+        let files = futures::future::try_join_all(reads).await?;
         Ok(Fetched { key: format!("{}@{}", manifest.name, manifest.version), files })
     }
 

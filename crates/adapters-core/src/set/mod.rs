@@ -1,7 +1,7 @@
 //! The named adapters attached to one model, the active setup, and the dispatch that
 //! backbones call at every point.
 
-use crate::adapter::{Adapter, AddNormFn, FrozenLinear, LayerNormWeights, ProjectionIo, SublayerIo};
+use crate::adapter::{Adapter, AddNormFn, FrozenLinear, LayerNormWeights, SublayerIo};
 use crate::capability::ConditioningNeed;
 use crate::context::{ForwardCtx, StackRows};
 use crate::point::Point;
@@ -423,9 +423,44 @@ impl AdapterSet {
         self.dispatch(point, io.input, io.output, LentBySite::Hidden(io.post_norm), ctx).and_then(|y| detached_without_grad(y, ctx))
     }
 
-    /// Runs the adapters at a projection site; returns the (possibly new) projection output.
-    pub fn projection(&self, point: Point, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        self.dispatch(point, io.input, io.output, LentBySite::Projection(io.linear), ctx).and_then(|y| detached_without_grad(y, ctx))
+    /// The projection at `point` of `x` with its adapters: `linear` on the input, scaled
+    /// first where the adapter (of the batch, or of a row) is an input scale (see
+    /// [`crate::capability::InputScaled`]), then the other adapters' changes to the output.
+    pub fn projection(&self, point: Point, x: &Tensor, linear: FrozenLinear, ctx: &ForwardCtx) -> Result<Tensor> {
+        let y = match &ctx.rows_by_stack {
+            None => match self.resolved.get(&point).and_then(|node| input_scale(node, point)) {
+                // The adapter's whole change: nothing left to dispatch.
+                Some(l) => return detached_without_grad((linear.apply)(&x.broadcast_mul(&l)?)?, ctx),
+                None => (linear.apply)(x)?,
+            },
+            // Rows whose adapter scales the input take the product of their scaled rows; the
+            // others, of theirs (outputs are assembled: narrower than a feed-forward input).
+            Some(_) if !self.adapters.iter().any(|a| a.points.contains(&point) && a.adapter.capabilities().input_scaled.is_some()) => {
+                (linear.apply)(x)?
+            }
+            Some(groups) => {
+                let mut pieces = Vec::new();
+                let mut scaled = vec![false; x.dim(0)?];
+                for (group, node) in self.row_nodes(point, groups)? {
+                    if let Some(l) = input_scale(&node, point) {
+                        let rows = rows::RowPick::new(&group.indices, x.device())?.of(x)?;
+                        pieces.push((group.indices.clone(), (linear.apply)(&rows.broadcast_mul(&l)?)?));
+                        group.indices.iter().for_each(|&r| scaled[r as usize] = true);
+                    }
+                }
+                if pieces.is_empty() {
+                    (linear.apply)(x)?
+                } else {
+                    let rest: Vec<u32> = (0..scaled.len() as u32).filter(|&r| !scaled[r as usize]).collect();
+                    if !rest.is_empty() {
+                        let rows = rows::RowPick::new(&rest, x.device())?.of(x)?;
+                        pieces.push((rest, (linear.apply)(&rows)?));
+                    }
+                    rows::assemble_all(pieces)?
+                }
+            }
+        };
+        self.dispatch(point, x, &y, LentBySite::Projection(linear), ctx).and_then(|y| detached_without_grad(y, ctx))
     }
 
     /// A projection `x Wᵀ + b` (frozen `W`, `b`) with the adapters at `point` applied, when
@@ -449,12 +484,15 @@ impl AdapterSet {
 
     /// `layer_norm(output' + input)` at a hidden site of a post-norm backbone, `output'`
     /// being the sublayer output with the adapters at `point` applied, in one fused pass
-    /// when they are one adapter that has one (see [`crate::capability::FusedPostNorm`]) and
-    /// no gradient is wanted. `None` otherwise; the backbone then calls
+    /// when they are one adapter that has one (see [`crate::capability::FusedPostNorm`]),
+    /// or rows choose adapters that all have one, and no gradient is wanted. `None` otherwise; the backbone then calls
     /// [`AdapterSet::hidden`] and its norm.
     pub fn hidden_add_layer_norm(&self, point: Point, io: &SublayerIo, norm: LayerNormWeights, ctx: &ForwardCtx) -> Result<Option<Tensor>> {
         if ctx.is_training() || ctx.builds_graph() {
             return Ok(None);
+        }
+        if let Some(groups) = &ctx.rows_by_stack {
+            return self.rows_add_layer_norm(point, io, norm, groups, ctx);
         }
         let Some(adapter) = self.single_adapter(point, ctx) else { return Ok(None) };
         let Some(fused) = adapter.capabilities().fused_post_norm else { return Ok(None) };
@@ -486,6 +524,12 @@ impl AdapterSet {
         }
         Ok(nodes)
     }
+}
+
+/// The input scale `node` applies at a projection `point`, when it is one adapter whose
+/// whole change there is one.
+fn input_scale(node: &Node, point: Point) -> Option<Tensor> {
+    node.single()?.capabilities().input_scaled?.input_scale(point)
 }
 
 /// `y` cut from the autograd graph when the context wants no gradients: trainable
