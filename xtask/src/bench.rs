@@ -36,6 +36,8 @@ const COMPARISONS: &[&str] = &[
     "mixed_batch_pfeiffer.json",
     "mixed_batch_lora.json",
     "mixed_batch_kinds.json",
+    "int8_products.json",
+    "int8_forward.json",
     "moe_forward.json",
     "moe_site.json",
     "moe_train.json",

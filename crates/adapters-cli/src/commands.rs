@@ -28,6 +28,27 @@ pub fn open(model: &Path) -> Result<LoadedModel> {
     Ok(load(model, &device()?)?)
 }
 
+/// How to run the frozen base model.
+#[derive(clap::Args, Debug, Default)]
+pub struct BaseArgs {
+    /// `int8`: run an encoder's frozen projections in 8 bits (weights quantised per
+    /// channel at load, activations per row at each product; adapters, embeddings and norms
+    /// stay f32). Faster on CPUs with AVX-512 VNNI, slower without; see BENCHMARKS.md for
+    /// speed and RESULTS.md for accuracy against f32.
+    #[arg(long, value_name = "MODE", value_parser = ["int8"])]
+    pub quantize: Option<String>,
+}
+
+impl BaseArgs {
+    /// Applies the options to a loaded model.
+    pub fn apply(&self, loaded: &mut LoadedModel) -> Result<()> {
+        if self.quantize.is_some() {
+            loaded.backbone.use_int8().context("--quantize int8")?;
+        }
+        Ok(())
+    }
+}
+
 /// Adapters to attach before running, and how to compose them.
 #[derive(clap::Args, Debug, Default)]
 pub struct AdapterArgs {
@@ -189,8 +210,9 @@ fn embeddings(loaded: &LoadedModel, texts: &[String], max_batch_tokens: usize) -
     Ok(adapters_models::sentence_embeddings(&loaded.backbone, &loaded.tokenizer, texts, max_batch_tokens)?.0)
 }
 
-pub fn embed(model: &Path, adapters: &AdapterArgs, texts: &[String], json: bool, max_batch_tokens: usize) -> Result<()> {
-    let loaded = open_with(model, adapters)?;
+pub fn embed(model: &Path, adapters: &AdapterArgs, base: &BaseArgs, texts: &[String], json: bool, max_batch_tokens: usize) -> Result<()> {
+    let mut loaded = open_with(model, adapters)?;
+    base.apply(&mut loaded)?;
     let vectors = embeddings(&loaded, texts, max_batch_tokens)?;
     if json {
         println!("{}", serde_json::to_string(&vectors)?);
@@ -367,6 +389,8 @@ pub struct EmbedArgs {
     /// this many tokens (TEI's `--max-batch-tokens`); a longer text runs alone.
     #[arg(long, default_value_t = adapters_models::MAX_BATCH_TOKENS)]
     pub max_batch_tokens: usize,
+    #[command(flatten)]
+    pub base: crate::commands::BaseArgs,
     #[command(flatten)]
     pub adapters: crate::commands::AdapterArgs,
 }

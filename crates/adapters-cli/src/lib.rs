@@ -137,8 +137,8 @@ pub fn main() {
     let result = match cli.command {
         Command::Kinds => commands::kinds(),
         Command::Info(commands::InfoArgs { model, json }) => commands::info(&model, json),
-        Command::Embed(commands::EmbedArgs { model, texts, json, max_batch_tokens, adapters }) => {
-            commands::embed(&model, &adapters, &texts, json, max_batch_tokens)
+        Command::Embed(commands::EmbedArgs { model, texts, json, max_batch_tokens, base, adapters }) => {
+            commands::embed(&model, &adapters, &base, &texts, json, max_batch_tokens)
         }
         Command::Similarity(commands::SimilarityArgs { model, texts, adapters }) => commands::similarity(&model, &adapters, &texts),
         Command::Generate(commands::GenerateArgs { model, prompt, max_tokens, greedy, temperature, top_p, seed, chat, adapters }) => {
@@ -198,9 +198,9 @@ pub fn main() {
         Command::Train(train_commands::TrainArgs { config, set, resume, stop_after }) => {
             train_commands::train(&config, &set, resume, stop_after)
         }
-        Command::Predict(train_commands::PredictArgs { model, texts, task, head, conditioning, max_length, json, adapters }) => {
+        Command::Predict(train_commands::PredictArgs { model, texts, task, head, conditioning, max_length, json, base, adapters }) => {
             train_commands::TaskChoice::parse(task.as_deref(), head.as_deref(), conditioning.as_deref())
-                .and_then(|task| train_commands::predict(&model, &adapters, &task, &texts, max_length, json))
+                .and_then(|task| train_commands::predict(&model, &adapters, &base, &task, &texts, max_length, json))
         }
         Command::Eval(train_commands::EvalArgs {
             model,
@@ -214,11 +214,12 @@ pub fn main() {
             max_length,
             json,
             robustness,
+            base,
             adapters,
         }) => {
             let fields = adapters_train::data::Fields { text: text_field, label: label_field, skip_bad_rows };
             train_commands::TaskChoice::parse(task.as_deref(), head.as_deref(), conditioning.as_deref())
-                .and_then(|task| train_commands::eval(&model, &adapters, &task, &data, fields, max_length, &robustness, json))
+                .and_then(|task| train_commands::eval(&model, &adapters, &base, &task, &data, fields, max_length, &robustness, json))
         }
         Command::Push(store_commands::PushArgs { dir, name, tags, model, run, store }) => {
             store_commands::push(&dir, &name, &tags, model.as_deref(), run, &store)
@@ -228,6 +229,7 @@ pub fn main() {
         Command::Tag(store_commands::TagArgs { reference, tag, store }) => store_commands::tag(&reference, &tag, &store),
         Command::Serve(serve_command::ServeArgs {
             model,
+            base,
             store,
             host,
             port,
@@ -281,7 +283,7 @@ pub fn main() {
                 shutdown_timeout: std::time::Duration::from_secs(shutdown_timeout),
                 ..Default::default()
             };
-            serve_command::serve(&model, &store, &host, port, config)
+            serve_command::serve(&model, &base, &store, &host, port, config)
         }
         Command::Rm(store_commands::RmArgs { reference, tag, force, store }) => {
             store_commands::rm(&reference, tag.as_deref(), force, &store)

@@ -6,7 +6,14 @@ use anyhow::{Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 
-pub fn serve(model: &Path, store: &StoreArg, host: &str, port: u16, config: adapters_serve::Config) -> Result<()> {
+pub fn serve(
+    model: &Path,
+    base: &crate::commands::BaseArgs,
+    store: &StoreArg,
+    host: &str,
+    port: u16,
+    config: adapters_serve::Config,
+) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -18,7 +25,8 @@ pub fn serve(model: &Path, store: &StoreArg, host: &str, port: u16, config: adap
         let address = listener.local_addr()?;
         // Before the model loads: a refused start should say so at once.
         adapters_serve::admin::check_exposure(address, config.admin_token.as_ref(), config.insecure_admin).map_err(anyhow::Error::msg)?;
-        let loaded = open(model)?;
+        let mut loaded = open(model)?;
+        base.apply(&mut loaded)?;
         let store = adapters_store::Store::open(&store.store)?;
         let state = Arc::new(adapters_serve::AppState::new(loaded, store, config));
         // Scripts and tests read the address (with the port the OS chose for --port 0).
@@ -47,6 +55,8 @@ async fn shutdown_signal() {
 #[derive(clap::Args)]
 pub struct ServeArgs {
     pub model: std::path::PathBuf,
+    #[command(flatten)]
+    pub base: crate::commands::BaseArgs,
     #[command(flatten)]
     pub store: crate::store_commands::StoreArg,
     /// Address to listen on. 0.0.0.0 accepts other machines, and then an admin token is

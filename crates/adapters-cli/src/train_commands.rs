@@ -1,6 +1,6 @@
 //! Training and using trained heads: `train`, `predict`, `eval`.
 
-use crate::commands::{open_with, AdapterArgs};
+use crate::commands::{open_with, AdapterArgs, BaseArgs};
 use adapters_core::ForwardCtx;
 use adapters_models::heads::{pad, pool, pooled};
 use adapters_models::saved_heads::{self, SavedHead};
@@ -250,8 +250,17 @@ impl Robustness {
     }
 }
 
-pub fn predict(model: &Path, adapters: &AdapterArgs, task: &TaskChoice, texts: &[String], max_length: usize, json: bool) -> Result<()> {
-    let loaded = open_with(model, adapters)?;
+pub fn predict(
+    model: &Path,
+    adapters: &AdapterArgs,
+    base: &BaseArgs,
+    task: &TaskChoice,
+    texts: &[String],
+    max_length: usize,
+    json: bool,
+) -> Result<()> {
+    let mut loaded = open_with(model, adapters)?;
+    base.apply(&mut loaded)?;
     let head = find_head(model, adapters, task.head.as_deref(), &loaded)?;
     let ids = texts.iter().map(|t| encode(&loaded, t, max_length)).collect::<Result<Vec<_>>>()?;
     let probs = candle_nn::ops::softmax_last_dim(&logits_for(&loaded, &head, task, &ids, None)?)?.to_vec2::<f32>()?;
@@ -277,6 +286,7 @@ pub fn predict(model: &Path, adapters: &AdapterArgs, task: &TaskChoice, texts: &
 pub fn eval(
     model: &Path,
     adapters: &AdapterArgs,
+    base: &BaseArgs,
     task: &TaskChoice,
     data: &Path,
     fields: Fields,
@@ -288,7 +298,8 @@ pub fn eval(
     if let Some(rate) = robustness.char_noise.filter(|r| !(0.0..=1.0).contains(r)) {
         bail!("--char-noise {rate}: a rate is between 0 and 1");
     }
-    let loaded = open_with(model, adapters)?;
+    let mut loaded = open_with(model, adapters)?;
+    base.apply(&mut loaded)?;
     let is_text = data.extension().is_some_and(|e| e == "txt");
     if is_text && robustness.is_set() {
         bail!("--attack-epsilon and --char-noise evaluate classification (.jsonl / .csv), not perplexity on {}", data.display());
@@ -429,6 +440,8 @@ pub struct PredictArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
+    pub base: crate::commands::BaseArgs,
+    #[command(flatten)]
     pub adapters: crate::commands::AdapterArgs,
 }
 
@@ -465,6 +478,8 @@ pub struct EvalArgs {
     pub json: bool,
     #[command(flatten)]
     pub robustness: Robustness,
+    #[command(flatten)]
+    pub base: crate::commands::BaseArgs,
     #[command(flatten)]
     pub adapters: crate::commands::AdapterArgs,
 }

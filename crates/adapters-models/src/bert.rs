@@ -329,6 +329,17 @@ impl Bert {
         self.layer_forward(l, &self.layers[l], x, inputs.mask.as_ref(), ctx)
     }
 
+    /// Runs the layers' frozen projections in 8 bits for inference ([`Linear::use_int8`]);
+    /// adapters, embeddings and norms stay f32.
+    pub fn use_int8(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for linear in [&mut layer.query, &mut layer.key, &mut layer.value, &mut layer.attn_out, &mut layer.up, &mut layer.down] {
+                linear.use_int8()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Number of layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
@@ -361,7 +372,7 @@ impl Bert {
         let down = Point::new(l, Site::FfnDown);
         let ffn = match (self.activation, &layer.down.bias) {
             // GELU inside the down projection: its output is not kept for the backward pass.
-            (Activation::Gelu, Some(bias)) if !self.adapters.may_act_at(down, ctx) => kernels::gelu_linear(&up, &layer.down.weight, bias)?,
+            (Activation::Gelu, Some(_)) if !self.adapters.may_act_at(down, ctx) => layer.down.gelu_forward(&up)?,
             _ => self.project(&layer.down, down, &self.activation.apply(&up)?, ctx)?,
         };
         let out = self.adapted_add_norm(Point::new(l, Site::FfnOutput), &x, &ffn, &layer.ffn_norm, ctx)?;

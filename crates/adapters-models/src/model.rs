@@ -22,6 +22,18 @@ pub enum Backbone {
 }
 
 impl Backbone {
+    /// Runs an encoder's frozen projections in 8 bits for inference (`--quantize int8`,
+    /// [`Bert::use_int8`]); refused for a decoder, whose GGUF weights decoding steps read
+    /// in 8 bits already.
+    pub fn use_int8(&mut self) -> Result<()> {
+        match self {
+            Backbone::Bert(b) => Ok(b.use_int8()?),
+            Backbone::Llama(_) => Err(Error::Unsupported(
+                "`--quantize int8` runs an encoder's projections in 8 bits; this model is a decoder (its decoding steps already read 8-bit weights): drop the option".into(),
+            )),
+        }
+    }
+
     /// Reads the adapter folder `dir` (any known format), checks it against this model and
     /// attaches it, inactive, under `name` or else its saved name; a name already taken is
     /// an error. Returns the name. On any error the model is left as it was.

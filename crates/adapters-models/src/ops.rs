@@ -19,12 +19,15 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// An 8-bit copy of `weight` for inference on few rows.
     quantized: Option<Arc<kernels::Int8Weight>>,
+    /// An 8-bit copy of `weight` (per channel) that every inference product runs on, with
+    /// the activations quantised per row ([`Linear::use_int8`]).
+    int8: Option<Arc<kernels::Int8Matrix>>,
 }
 
 impl Linear {
     /// A layer from its weight and optional bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias, quantized: None }
+        Linear { weight, bias, quantized: None, int8: None }
     }
 
     /// Replaces the weight (merging an adapter into it), kept in the storage the old one
@@ -32,6 +35,7 @@ impl Linear {
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
         self.weight = if self.stored_transposed() { kernels::transposed_storage(&weight)? } else { weight };
         self.quantized = None;
+        self.int8 = None;
         Ok(())
     }
 
@@ -75,6 +79,30 @@ impl Linear {
         self.quantized = None;
     }
 
+    /// Runs every inference product (no gradient, CPU) in 8 bits: the weight quantised
+    /// per output channel once, each input row per call ([`kernels::Int8Matrix`]); products
+    /// that need a gradient stay on the f32 weight. An encoder's `--quantize int8`.
+    pub fn use_int8(&mut self) -> Result<()> {
+        if self.weight.device().is_cpu() {
+            self.int8 = Some(Arc::new(kernels::Int8Matrix::quantize(&self.weight)?));
+        }
+        Ok(())
+    }
+
+    /// `gelu(x) Wᵀ + b` without storing `gelu(x)` where it can: inside the 8-bit product's
+    /// quantisation of the rows, or the f32 product's packing of them (with a bias).
+    pub fn gelu_forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.int8 {
+            if !x.track_op() && x.device().is_cpu() {
+                return q.gelu_matmul(x, self.bias.as_ref());
+            }
+        }
+        match &self.bias {
+            Some(b) => kernels::gelu_linear(x, &self.weight, b),
+            None => self.forward(&kernels::gelu_erf(x)?),
+        }
+    }
+
     /// Input width.
     pub fn in_features(&self) -> usize {
         self.weight.dim(1).unwrap_or(0)
@@ -88,7 +116,8 @@ impl Linear {
     /// The projection at `point`, passed through the adapters attached there; `decoding`
     /// picks [`Linear::forward_decoding`] for the frozen product.
     pub fn forward_with(&self, adapters: &AdapterSet, point: Point, x: &Tensor, ctx: &ForwardCtx, decoding: bool) -> Result<Tensor> {
-        if !decoding {
+        // The low-rank term is added inside an f32 product: not with 8-bit products.
+        if !decoding && self.int8.is_none() {
             if let Some(y) = adapters.low_rank_projection(point, x, &self.weight, self.bias.as_ref(), ctx)? {
                 return Ok(y);
             }
@@ -118,6 +147,11 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(q) = &self.int8 {
+            if !x.track_op() && x.device().is_cpu() {
+                return q.matmul(x, self.bias.as_ref());
+            }
+        }
         kernels::linear(x, &self.weight, self.bias.as_ref())
     }
 }

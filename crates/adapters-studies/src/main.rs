@@ -8,6 +8,7 @@ mod continual;
 mod fed;
 mod fusion;
 mod hyper;
+mod int8;
 mod moe;
 mod quality;
 mod results;
@@ -86,6 +87,9 @@ enum Study {
     /// under PGD on the embeddings and with character noise, with the cost per step. About
     /// 80 minutes on 2 cores.
     Robust,
+    /// 8-bit projections: the example adapters on SMS spam, TREC coarse and Rotten
+    /// Tomatoes' test sets with the base in f32 and with `--quantize int8`. About a minute.
+    Int8,
     /// Only rewrite RESULTS.md from the runs on this machine (no training).
     Report,
 }
@@ -102,6 +106,7 @@ fn main() -> Result<()> {
         Study::Continual => continual::run(&prepare()?)?,
         Study::Versus => versus::run(&prepare()?)?,
         Study::Robust => robust::run(&prepare()?)?,
+        Study::Int8 => int8::run(&prepare()?)?,
         Study::Report => {}
     }
     results::update(&root, &sections(&root)?)
@@ -119,6 +124,7 @@ fn sections(root: &Path) -> Result<Vec<(&'static Section, String)>> {
         continual::sections,
         versus::sections,
         robust::sections,
+        int8::sections,
     ] {
         all.extend(study(root)?);
     }
