@@ -433,32 +433,7 @@ impl AdapterSet {
                 Some(l) => return detached_without_grad((linear.apply)(&x.broadcast_mul(&l)?)?, ctx),
                 None => (linear.apply)(x)?,
             },
-            // Rows whose adapter scales the input take the product of their scaled rows; the
-            // others, of theirs (outputs are assembled: narrower than a feed-forward input).
-            Some(_) if !self.adapters.iter().any(|a| a.points.contains(&point) && a.adapter.capabilities().input_scaled.is_some()) => {
-                (linear.apply)(x)?
-            }
-            Some(groups) => {
-                let mut pieces = Vec::new();
-                let mut scaled = vec![false; x.dim(0)?];
-                for (group, node) in self.row_nodes(point, groups)? {
-                    if let Some(l) = input_scale(&node, point) {
-                        let rows = rows::RowPick::new(&group.indices, x.device())?.of(x)?;
-                        pieces.push((group.indices.clone(), (linear.apply)(&rows.broadcast_mul(&l)?)?));
-                        group.indices.iter().for_each(|&r| scaled[r as usize] = true);
-                    }
-                }
-                if pieces.is_empty() {
-                    (linear.apply)(x)?
-                } else {
-                    let rest: Vec<u32> = (0..scaled.len() as u32).filter(|&r| !scaled[r as usize]).collect();
-                    if !rest.is_empty() {
-                        let rows = rows::RowPick::new(&rest, x.device())?.of(x)?;
-                        pieces.push((rest, (linear.apply)(&rows)?));
-                    }
-                    rows::assemble_all(pieces)?
-                }
-            }
+            Some(groups) => self.rows_product(point, x, &linear, groups)?,
         };
         self.dispatch(point, x, &y, LentBySite::Projection(linear), ctx).and_then(|y| detached_without_grad(y, ctx))
     }

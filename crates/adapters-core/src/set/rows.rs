@@ -3,7 +3,7 @@
 //! weights stacked per row; the others run group by group.
 
 use super::{AdapterSet, LentBySite, Node};
-use crate::adapter::{Adapter, LayerNormWeights, ProjectionIo, SublayerIo};
+use crate::adapter::{Adapter, FrozenLinear, LayerNormWeights, ProjectionIo, SublayerIo};
 use crate::context::{ForwardCtx, StackRows};
 use crate::point::Point;
 use candle_core::{Result, Tensor};
@@ -45,6 +45,33 @@ impl AdapterSet {
         }
         batches.retain(|(_, m)| !m.is_empty());
         Ok((batches, alone))
+    }
+
+    /// The frozen product at a projection `point` when rows choose their adapters: rows
+    /// whose adapter scales the input take the product of their scaled rows, the others of
+    /// theirs, assembled (outputs are narrower than a feed-forward input).
+    pub(super) fn rows_product(&self, point: Point, x: &Tensor, linear: &FrozenLinear, groups: &[StackRows]) -> Result<Tensor> {
+        if !self.adapters.iter().any(|a| a.points.contains(&point) && a.adapter.capabilities().input_scaled.is_some()) {
+            return (linear.apply)(x);
+        }
+        let mut pieces = Vec::new();
+        let mut scaled = vec![false; x.dim(0)?];
+        for (group, node) in self.row_nodes(point, groups)? {
+            if let Some(l) = super::input_scale(&node, point) {
+                let rows = RowPick::new(&group.indices, x.device())?.of(x)?;
+                pieces.push((group.indices.clone(), (linear.apply)(&rows.broadcast_mul(&l)?)?));
+                group.indices.iter().for_each(|&r| scaled[r as usize] = true);
+            }
+        }
+        if pieces.is_empty() {
+            return (linear.apply)(x);
+        }
+        let rest: Vec<u32> = (0..scaled.len() as u32).filter(|&r| !scaled[r as usize]).collect();
+        if !rest.is_empty() {
+            let rows = RowPick::new(&rest, x.device())?.of(x)?;
+            pieces.push((rest, (linear.apply)(&rows)?));
+        }
+        assemble_all(pieces)
     }
 
     /// [`AdapterSet::hidden_add_layer_norm`] when rows choose their adapters: when every
@@ -138,13 +165,13 @@ impl AdapterSet {
 
 /// Rows of a batch picked for one computation: a view when they are consecutive (a server
 /// orders a forward's rows by adapter), a gather otherwise.
-pub(super) enum RowPick {
+enum RowPick {
     Range(usize, usize),
     Gather(Tensor),
 }
 
 impl RowPick {
-    pub(super) fn new(indices: &[u32], device: &candle_core::Device) -> Result<Self> {
+    fn new(indices: &[u32], device: &candle_core::Device) -> Result<Self> {
         let first = indices.first().copied().unwrap_or(0);
         let consecutive = indices.iter().enumerate().all(|(i, &r)| r as usize == first as usize + i);
         Ok(if consecutive {
@@ -154,7 +181,7 @@ impl RowPick {
         })
     }
 
-    pub(super) fn of(&self, t: &Tensor) -> Result<Tensor> {
+    fn of(&self, t: &Tensor) -> Result<Tensor> {
         match self {
             RowPick::Range(start, len) if *start == 0 && *len == t.dim(0)? => Ok(t.clone()),
             RowPick::Range(start, len) => t.narrow(0, *start, *len),
@@ -171,7 +198,7 @@ impl RowPick {
 }
 
 /// `output` with the rows each piece computed put in their place (see [`assemble_rows`]).
-pub(super) fn assemble(output: &Tensor, pieces: Vec<(Vec<u32>, Tensor)>) -> Result<Tensor> {
+fn assemble(output: &Tensor, pieces: Vec<(Vec<u32>, Tensor)>) -> Result<Tensor> {
     if pieces.is_empty() {
         return Ok(output.clone());
     }
@@ -179,7 +206,7 @@ pub(super) fn assemble(output: &Tensor, pieces: Vec<(Vec<u32>, Tensor)>) -> Resu
 }
 
 /// The batch from pieces that compute every one of its rows (see [`assemble_rows`]).
-pub(super) fn assemble_all(pieces: Vec<(Vec<u32>, Tensor)>) -> Result<Tensor> {
+fn assemble_all(pieces: Vec<(Vec<u32>, Tensor)>) -> Result<Tensor> {
     let batch = pieces.iter().map(|(indices, _)| indices.len()).sum();
     assemble_rows(batch, None, pieces)
 }
