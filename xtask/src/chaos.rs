@@ -180,17 +180,6 @@ fn probe(url: String, stop: Arc<std::sync::atomic::AtomicBool>) -> std::thread::
     })
 }
 
-/// A process's peak resident memory so far (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(f64::NAN)
-        / 1024.0
-}
-
 /// What a drill found: its table rows, its figures and its checks (text, held).
 struct Drill {
     rows: Vec<String>,
@@ -253,7 +242,8 @@ fn overload(cli: &Path, smol: &Path, work: &Path) -> Result<Drill> {
     });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let health = health.join().unwrap_or_default();
-    let rss = peak_rss_mib(pid);
+    // Peak resident memory so far.
+    let rss = crate::load_test::status_mib(pid, "VmHWM");
     kill(&mut server, "-TERM");
     let all: Vec<&Outcome> = outcomes.iter().collect();
     let by = |k: &str| outcomes.iter().filter(|o| o.kind == k).collect::<Vec<_>>();

@@ -15,7 +15,8 @@
 //!   texts), the adapter drawn from a Zipf law (s = 1) over all 1,000, or over 10; the two
 //!   loads alternate on one server, each after its own warm-up, for `--rounds`.
 
-use crate::load_test::percentile;
+use crate::load_test::{median, percentile, status_mib};
+use crate::serving::quiet;
 use crate::{fetch, run};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -67,9 +68,9 @@ pub fn run_library(root: &Path, rounds: usize, seconds: u64) -> Result<()> {
     let outcome = (|| -> Result<Value> {
         let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build()?;
         embed(&client, &server.url, "base", "warm up")?;
-        let rss_before = rss_mib(server.child.id());
+        let rss_before = status_mib(server.child.id(), "VmRSS");
         let local_loads = cold_loads(&client, &server, 0..RESIDENT)?;
-        let rss_after = rss_mib(server.child.id());
+        let rss_after = status_mib(server.child.id(), "VmRSS");
         let resident_bytes = metric_sum(&client, &server.url, "adapters_resident_adapter_bytes")?;
         eprintln!(
             "library bench: {RESIDENT} cold loads from the local store: p50 {:.1} ms, p99 {:.1} ms; {:.2} MiB resident per adapter",
@@ -343,17 +344,6 @@ fn metric_sum(client: &reqwest::blocking::Client, url: &str, name: &str) -> Resu
         .sum())
 }
 
-/// A process's resident set now (VmRSS), in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(f64::NAN)
-        / 1024.0
-}
-
 fn folder_bytes(dir: &Path) -> Result<f64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
@@ -362,21 +352,13 @@ fn folder_bytes(dir: &Path) -> Result<f64> {
     Ok(total as f64)
 }
 
-fn quiet(mut command: Command) -> Result<()> {
-    let out = command.output().with_context(|| format!("running {command:?}"))?;
-    if !out.status.success() {
-        bail!("{command:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 /// The BENCHMARKS.md section for `library.json`: medians over the rounds.
 pub fn report(md: &mut String, v: &Value) -> Result<()> {
     use std::fmt::Write as _;
     let rows = v["rows"].as_array().context("rows")?;
-    let median = |adapters: u64, key: &str| -> f64 {
+    let load_median = |adapters: u64, key: &str| -> f64 {
         let values: Vec<f64> = rows.iter().filter(|r| r["adapters"] == adapters).filter_map(|r| r[key].as_f64()).collect();
-        median_of(values)
+        median(values)
     };
     // Each round's big load over its small load, then the median.
     let ratios: Vec<f64> = (0..v["rounds"].as_u64().unwrap_or(0))
@@ -399,21 +381,21 @@ pub fn report(md: &mut String, v: &Value) -> Result<()> {
         writeln!(
             md,
             "| Zipf over {n} | {:.1} | {:.2} / {:.2} s | {:.0} | {} |",
-            median(n, "texts_per_s"),
-            median(n, "p50_s"),
-            median(n, "p99_s"),
-            median(n, "misses"),
+            load_median(n, "texts_per_s"),
+            load_median(n, "p50_s"),
+            load_median(n, "p99_s"),
+            load_median(n, "misses"),
             if n == small {
                 "–".to_string()
             } else {
-                format!("{:.1} / {:.1} ms", median(n, "load_p50_s") * 1e3, median(n, "load_p99_s") * 1e3)
+                format!("{:.1} / {:.1} ms", load_median(n, "load_p50_s") * 1e3, load_median(n, "load_p99_s") * 1e3)
             }
         )?;
     }
     writeln!(
         md,
         "\nThroughput over {library} adapters / over {small}: **{:.2}** (rounds: {}).\n",
-        median_of(ratios.clone()),
+        median(ratios.clone()),
         ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ")
     )?;
     let ms = |o: &Value, k: &str| o[k].as_f64().unwrap_or(f64::NAN) * 1e3;
@@ -430,12 +412,4 @@ pub fn report(md: &mut String, v: &Value) -> Result<()> {
         v["resident_adapter_bytes"].as_f64().unwrap_or(f64::NAN) / resident / 1024.0
     )?;
     Ok(())
-}
-
-fn median_of(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n => (v[(n - 1) / 2] + v[n / 2]) / 2.0,
-    }
 }

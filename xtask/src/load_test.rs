@@ -166,6 +166,26 @@ fn one_request(client: &reqwest::blocking::Client, url: &str, rng: &mut impl Rng
 }
 
 /// The `p` quantile of `v` (nearest rank); NaN when empty.
+/// The median (the mean of the middle two of an even count; NaN for none).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n => (v[(n - 1) / 2] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A field of a process's /proc status (`VmRSS`, `VmHWM`), in MiB; NaN if unreadable.
+pub(crate) fn status_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        / 1024.0
+}
+
 pub(crate) fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;

@@ -147,7 +147,8 @@ fn make_adapter(cli: &Path, model: &Path, work: &Path, name: &str, kind: &str, s
     Ok(dir)
 }
 
-fn quiet(mut command: Command) -> Result<std::process::Output> {
+/// Runs `command`, failing with its stderr if it fails; its output.
+pub(crate) fn quiet(mut command: Command) -> Result<std::process::Output> {
     let out = command.output().with_context(|| format!("running {command:?}"))?;
     if !out.status.success() {
         bail!("{command:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -309,12 +310,7 @@ pub fn report(md: &mut String, v: &Value) -> Result<()> {
     use std::fmt::Write as _;
     let rows = v["rows"].as_array().context("rows")?;
     let median = |kind: &str, f: &dyn Fn(&Value) -> Option<f64>| -> f64 {
-        let mut v: Vec<f64> = rows.iter().filter(|r| r["kind"] == kind).filter_map(f).collect();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => f64::NAN,
-            n => (v[(n - 1) / 2] + v[n / 2]) / 2.0,
-        }
+        crate::load_test::median(rows.iter().filter(|r| r["kind"] == kind).filter_map(f).collect())
     };
     // Served over offline in each round (measured one after the other), then the median.
     let ratio = |kind: &str, served: &dyn Fn(&Value) -> Option<f64>| median(kind, &|r| Some(served(r)? / r["offline"].as_f64()?));
