@@ -83,9 +83,10 @@ impl Linear {
     /// per output channel once, each input row per call ([`kernels::Int8Matrix`]); products
     /// that need a gradient stay on the f32 weight. An encoder's `--quantize int8`.
     pub fn use_int8(&mut self) -> Result<()> {
-        if self.weight.device().is_cpu() {
-            self.int8 = Some(Arc::new(kernels::Int8Matrix::quantize(&self.weight)?));
+        if !self.weight.device().is_cpu() {
+            candle_core::bail!("8-bit products run on the CPU; this model is on {:?}: drop --quantize int8 there", self.weight.device());
         }
+        self.int8 = Some(Arc::new(kernels::Int8Matrix::quantize(&self.weight)?));
         Ok(())
     }
 
