@@ -185,7 +185,7 @@ pub fn info(model: &Path, json: bool) -> Result<()> {
     println!("vocabulary    {}", info.vocab_size);
     if let Backbone::Llama(m) = &loaded.backbone {
         let c = &m.config;
-        println!("heads         {} query, {} key/value, head size {}", c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        println!("heads         {} query, {} key/value, head size {}", c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         println!("context       {} positions, RoPE theta {}", c.max_position_embeddings, c.rope_theta);
         println!("lm head       {}", if m.ties_embeddings() { "tied to the token embeddings" } else { "separate" });
     }
@@ -264,7 +264,7 @@ pub fn generate(model: &Path, adapters: &AdapterArgs, prompt: &str, max_tokens: 
     let loaded = open_with(model, adapters)?;
     let m = decoder(&loaded)?;
     let ids = prompt_ids(&loaded, prompt, chat)?;
-    let mut stop: Vec<u32> = m.config.eos_token_id.into_iter().collect();
+    let mut stop: Vec<u32> = m.config.eos_tokens();
     if let Some(id) = loaded.tokenizer.eos_token.as_deref().and_then(|t| loaded.tokenizer.token_id(t)) {
         stop.push(id);
     }

@@ -138,10 +138,20 @@ pub fn check_model_type(dir: &Path, config: &serde_json::Value, model: &ModelInf
 
 /// The Hugging Face `model_class` and `model_type` written for a model's architecture.
 pub fn hf_model_class(model: &ModelInfo) -> (&'static str, &str) {
-    match model.architecture.as_str() {
-        "bert" => ("BertModel", "bert"),
-        other => ("LlamaModel", other),
-    }
+    let class = match model.architecture.as_str() {
+        "bert" => "BertModel",
+        "roberta" => "RobertaModel",
+        "xlm-roberta" => "XLMRobertaModel",
+        "distilbert" => "DistilBertModel",
+        "mistral" => "MistralModel",
+        "qwen2" => "Qwen2Model",
+        "qwen3" => "Qwen3Model",
+        "gemma2" => "Gemma2Model",
+        "gemma3_text" => "Gemma3TextModel",
+        "phi3" => "Phi3Model",
+        _ => "LlamaModel",
+    };
+    (class, &model.architecture)
 }
 
 /// Reads a safetensors file (as f32); a missing, truncated or corrupt file, or a tensor

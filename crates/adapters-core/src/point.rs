@@ -34,6 +34,12 @@ pub enum Site {
     FfnGate,
     /// FFN down projection (BERT `output.dense`, Llama `down_proj`).
     FfnDown,
+    /// The fused query-key-value projection (Phi-3 `qkv_proj`: queries, keys, values
+    /// stacked along the output), where a model has one instead of three.
+    QueryKeyValue,
+    /// The fused gate-up projection (Phi-3 `gate_up_proj`: gate, then up, along the
+    /// output), where a model has one instead of two.
+    FfnGateUp,
     /// BERT's pooler projection (`pooler.dense`, on the `[CLS]` token, feeding
     /// `pooler_output`); one point, on the last layer.
     Pooler,
@@ -69,7 +75,7 @@ pub enum SiteKind {
 
 impl Site {
     /// Every site, hidden sites first.
-    pub const ALL: [Site; 14] = [
+    pub const ALL: [Site; 16] = [
         Site::AttentionOutput,
         Site::FfnOutput,
         Site::Query,
@@ -79,6 +85,8 @@ impl Site {
         Site::FfnUp,
         Site::FfnGate,
         Site::FfnDown,
+        Site::QueryKeyValue,
+        Site::FfnGateUp,
         Site::Pooler,
         Site::KeyValuePrefix,
         Site::InputEmbeddings,
@@ -93,7 +101,11 @@ impl Site {
             Site::KeyValuePrefix => SiteKind::KeyValuePrefix,
             Site::InputEmbeddings | Site::LmHeadInput => SiteKind::Embeddings,
             Site::LayerOutput => SiteKind::Intervention,
-            Site::Query | Site::Key | Site::Value | Site::AttentionProj | Site::FfnUp | Site::FfnGate | Site::FfnDown | Site::Pooler => {
+            Site::Query | Site::Key | Site::Value | Site::AttentionProj | Site::FfnUp | Site::FfnGate
+            | Site::FfnDown
+            | Site::QueryKeyValue
+            | Site::FfnGateUp
+            | Site::Pooler => {
                 SiteKind::Projection
             }
         }
@@ -121,6 +133,8 @@ impl Site {
             Site::FfnUp => "ffn_up",
             Site::FfnGate => "ffn_gate",
             Site::FfnDown => "ffn_down",
+            Site::QueryKeyValue => "query_key_value",
+            Site::FfnGateUp => "ffn_gate_up",
             Site::Pooler => "pooler",
             Site::KeyValuePrefix => "key_value_prefix",
             Site::InputEmbeddings => "input_embeddings",

@@ -1,7 +1,9 @@
-//! BERT-family encoder (BERT, MiniLM, ...) with adapter insertion points.
+//! BERT-family encoders (BERT, MiniLM, RoBERTa, XLM-RoBERTa, DistilBERT) with adapter
+//! insertion points.
 //!
 //! Loads a Hugging Face folder (`config.json`, `model.safetensors`) by the original tensor
-//! names. Post-norm layers: each sublayer's output passes through the adapter hook before
+//! names (DistilBERT's are translated to BERT's layout, which it shares). RoBERTa and
+//! XLM-R count positions from `pad_token_id + 1`; DistilBERT has no token types. Post-norm layers: each sublayer's output passes through the adapter hook before
 //! the residual add and the sublayer's LayerNorm, which the hook also receives.
 
 use crate::attached::HoldsAdapters;
@@ -18,16 +20,103 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
 
-/// The fields of a BERT `config.json` that the forward pass uses.
+/// An encoder architecture, by its Hugging Face `model_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncoderArch {
+    /// BERT (and MiniLM, which is BERT's architecture).
+    Bert,
+    /// RoBERTa: BERT's layers, positions counted from `pad_token_id + 1`.
+    Roberta,
+    /// XLM-RoBERTa: RoBERTa's architecture.
+    XlmRoberta,
+    /// DistilBERT: BERT's layers under other names, no token types, no pooler.
+    DistilBert,
+}
+
+impl EncoderArch {
+    /// Every encoder architecture.
+    pub const ALL: [EncoderArch; 4] = [EncoderArch::Bert, EncoderArch::Roberta, EncoderArch::XlmRoberta, EncoderArch::DistilBert];
+
+    /// Hugging Face's `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            EncoderArch::Bert => "bert",
+            EncoderArch::Roberta => "roberta",
+            EncoderArch::XlmRoberta => "xlm-roberta",
+            EncoderArch::DistilBert => "distilbert",
+        }
+    }
+
+    /// The architecture of a `model_type`.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.model_type() == model_type)
+    }
+
+    /// The name of a weight or module in this architecture's checkpoints, from BERT's.
+    fn name(self, bert: &str) -> String {
+        if self != EncoderArch::DistilBert {
+            return bert.to_string();
+        }
+        let Some(rest) = bert.strip_prefix("encoder.layer.") else { return bert.to_string() };
+        let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
+        // Longest BERT path first: `attention.output.dense` before `attention.output`.
+        const DISTIL: [(&str, &str); 10] = [
+            ("attention.self.query", "attention.q_lin"),
+            ("attention.self.key_value_prefix", "attention.key_value_prefix"),
+            ("attention.self.key", "attention.k_lin"),
+            ("attention.self.value", "attention.v_lin"),
+            ("attention.output.dense", "attention.out_lin"),
+            ("attention.output.LayerNorm", "sa_layer_norm"),
+            ("attention.output", "attention"),
+            ("intermediate.dense", "ffn.lin1"),
+            ("output.dense", "ffn.lin2"),
+            ("output.LayerNorm", "output_layer_norm"),
+        ];
+        let mapped = DISTIL.iter().find_map(|(b, d)| {
+            rest.strip_prefix(b).filter(|r| r.is_empty() || r.starts_with('.')).map(|r| format!("{d}{r}"))
+        });
+        let rest = match (mapped, rest) {
+            (Some(m), _) => m,
+            (None, "output") => "ffn".into(),
+            (None, r) => r.to_string(),
+        };
+        if rest.is_empty() {
+            format!("transformer.layer.{layer}")
+        } else {
+            format!("transformer.layer.{layer}.{rest}")
+        }
+    }
+
+    /// The prefix a task model's checkpoint puts before the base model's names.
+    fn task_prefix(self) -> &'static str {
+        match self {
+            EncoderArch::Bert => "bert.",
+            EncoderArch::Roberta | EncoderArch::XlmRoberta => "roberta.",
+            EncoderArch::DistilBert => "distilbert.",
+        }
+    }
+}
+
+/// The supported encoder `model_type`s, for error messages.
+pub fn supported_encoders() -> String {
+    EncoderArch::ALL.iter().map(|a| a.model_type()).collect::<Vec<_>>().join(", ")
+}
+
+/// The fields of a BERT-family `config.json` that the forward pass uses (DistilBERT's
+/// names are read as their BERT equivalents).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[allow(missing_docs)] // the fields are Hugging Face's, with their meaning there
 pub struct BertConfig {
     pub vocab_size: usize,
+    #[serde(alias = "dim")]
     pub hidden_size: usize,
+    #[serde(alias = "n_layers")]
     pub num_hidden_layers: usize,
+    #[serde(alias = "n_heads")]
     pub num_attention_heads: usize,
+    #[serde(alias = "hidden_dim")]
     pub intermediate_size: usize,
-    #[serde(default = "default_act")]
+    #[serde(default = "default_act", alias = "activation")]
     pub hidden_act: String,
     pub max_position_embeddings: usize,
     #[serde(default = "default_type_vocab")]
@@ -38,6 +127,29 @@ pub struct BertConfig {
     pub position_embedding_type: String,
     #[serde(default)]
     pub model_type: Option<String>,
+    /// RoBERTa's positions start after this id's (`padding_idx + 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<usize>,
+}
+
+impl BertConfig {
+    /// The architecture `model_type` names (BERT when it names none).
+    pub fn arch(&self) -> std::result::Result<EncoderArch, String> {
+        match self.model_type.as_deref() {
+            None => Ok(EncoderArch::Bert),
+            Some(t) => EncoderArch::from_model_type(t)
+                .ok_or_else(|| format!("model_type `{t}` is not a supported encoder; supported: {}", supported_encoders())),
+        }
+    }
+
+    /// The index of the first position embedding: `pad_token_id + 1` for RoBERTa and
+    /// XLM-R (transformers' `create_position_ids_from_input_ids`), else 0.
+    pub fn position_offset(&self) -> usize {
+        match self.arch() {
+            Ok(EncoderArch::Roberta | EncoderArch::XlmRoberta) => self.pad_token_id.unwrap_or(1) + 1,
+            _ => 0,
+        }
+    }
 }
 
 fn default_act() -> String {
@@ -57,7 +169,8 @@ fn default_pos() -> String {
 struct Embeddings {
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    /// `None` for DistilBERT, which has no token types.
+    token_type: Option<Tensor>,
     norm: LayerNorm,
 }
 
@@ -114,13 +227,16 @@ impl Bert {
             )));
         }
         let activation = Activation::from_name(&config.hidden_act).map_err(|e| Error::Unsupported(format!("hidden_act: {e}")))?;
-        let prefix = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let arch = config.arch().map_err(Error::Unsupported)?;
+        let prefix = if w.contains(&format!("{}embeddings.word_embeddings.weight", arch.task_prefix())) { arch.task_prefix() } else { "" };
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let linear = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
+            let name = arch.name(name);
             let weight = w.get(&format!("{prefix}{name}.weight"), &[out, inp])?;
             Ok(Linear::loaded(weight, Some(w.get(&format!("{prefix}{name}.bias"), &[out])?))?)
         };
         let norm = |name: &str| -> std::result::Result<LayerNorm, Error> {
+            let name = arch.name(name);
             let n = |a: &str| format!("{prefix}{name}.{a}");
             Ok(LayerNorm {
                 weight: w.get_any(&[n("weight"), n("gamma")], &[h])?,
@@ -131,7 +247,10 @@ impl Bert {
         let embeddings = Embeddings {
             word: w.get(&format!("{prefix}embeddings.word_embeddings.weight"), &[config.vocab_size, h])?,
             position: w.get(&format!("{prefix}embeddings.position_embeddings.weight"), &[config.max_position_embeddings, h])?,
-            token_type: w.get(&format!("{prefix}embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?,
+            token_type: match arch {
+                EncoderArch::DistilBert => None,
+                _ => Some(w.get(&format!("{prefix}embeddings.token_type_embeddings.weight"), &[config.type_vocab_size, h])?),
+            },
             norm: norm("embeddings.LayerNorm")?,
         };
         let layers = (0..config.num_hidden_layers)
@@ -151,6 +270,12 @@ impl Bert {
             .collect::<std::result::Result<Vec<_>, Error>>()?;
         // BERT's pooler (`pooler_output`); sentence-embedding checkpoints may lack it.
         let pooler = if w.contains(&format!("{prefix}pooler.dense.weight")) { Some(linear("pooler.dense", h, h)?) } else { None };
+        if config.position_offset() + 1 > config.max_position_embeddings {
+            return Err(Error::Unsupported(format!(
+                "pad_token_id {:?} leaves no position of the {} embeddings",
+                config.pad_token_id, config.max_position_embeddings
+            )));
+        }
         Ok(Bert { config, activation, embeddings, layers, pooler, adapters: Arc::default() })
     }
 
@@ -218,28 +343,7 @@ impl Bert {
 
     /// Total number of (frozen) base parameters.
     pub fn num_parameters(&self) -> usize {
-        let e = &self.embeddings;
-        let lin = |l: &Linear| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count());
-        let ln = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
-        e.word.elem_count()
-            + e.position.elem_count()
-            + e.token_type.elem_count()
-            + ln(&e.norm)
-            + self
-                .layers
-                .iter()
-                .map(|l| {
-                    lin(&l.query)
-                        + lin(&l.key)
-                        + lin(&l.value)
-                        + lin(&l.attn_out)
-                        + lin(&l.up)
-                        + lin(&l.down)
-                        + ln(&l.attn_norm)
-                        + ln(&l.ffn_norm)
-                })
-                .sum::<usize>()
-            + self.pooler.as_ref().map_or(0, lin)
+        self.named_weights().iter().map(|(_, t)| t.elem_count()).sum()
     }
 
     /// The last hidden state `[batch, seq, hidden]`.
@@ -279,8 +383,9 @@ impl Bert {
             (rep(input_ids)?, token_type_ids.map(rep).transpose()?, attention_mask.map(rep).transpose()?);
         let (input_ids, token_type_ids, attention_mask) = (&input_ids, token_type_ids.as_ref(), attention_mask.as_ref());
         let (b, t) = input_ids.dims2()?;
-        if t > self.config.max_position_embeddings {
-            candle_core::bail!("input has {t} tokens, more than the model's {} positions", self.config.max_position_embeddings);
+        let (offset, max) = (self.config.position_offset(), self.config.max_position_embeddings);
+        if t + offset > max {
+            candle_core::bail!("input has {t} tokens, more than the model's {} positions", max - offset);
         }
         let types = match token_type_ids {
             Some(ids) => ids.clone(),
@@ -294,15 +399,15 @@ impl Bert {
         let words = self.adapters.embeddings(Point::new(0, Site::InputEmbeddings), &io, ctx)?;
         let virtual_tokens = words.dim(1)? - t;
         let t = t + virtual_tokens;
-        if t > self.config.max_position_embeddings {
-            candle_core::bail!(
-                "input has {t} positions with {virtual_tokens} virtual tokens, more than the model's {}",
-                self.config.max_position_embeddings
-            );
+        if t + offset > max {
+            candle_core::bail!("input has {t} positions with {virtual_tokens} virtual tokens, more than the model's {}", max - offset);
         }
-        let types = embedding(&e.token_type, &types.pad_with_zeros(1, virtual_tokens, 0)?)?;
-        let positions = e.position.narrow(0, 0, t)?.unsqueeze(0)?;
-        let x = e.norm.forward(&words.add(&types)?.broadcast_add(&positions)?)?;
+        let words = match &e.token_type {
+            Some(table) => words.add(&embedding(table, &types.pad_with_zeros(1, virtual_tokens, 0)?)?)?,
+            None => words,
+        };
+        let positions = e.position.narrow(0, offset, t)?.unsqueeze(0)?;
+        let x = e.norm.forward(&words.broadcast_add(&positions)?)?;
         let attention_mask = attention_mask.map(|m| EmbeddingIo::mask_with_virtual_tokens(m, virtual_tokens)).transpose()?;
         let mut inputs = match &attention_mask {
             Some(m) => LayerInputs {
@@ -425,11 +530,13 @@ impl HoldsAdapters for Bert {
 impl InsertionPoint for Bert {
     fn model_info(&self) -> ModelInfo {
         let (h, i) = (self.config.hidden_size, self.config.intermediate_size);
+        let arch = self.config.arch().unwrap_or(EncoderArch::Bert);
         let mut points = Vec::new();
         for layer in 0..self.config.num_hidden_layers {
             let p = format!("encoder.layer.{layer}");
             let mut add = |site, in_features, out_features, module: &str| {
-                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features, module: format!("{p}.{module}") })
+                let module = arch.name(&format!("{p}.{module}"));
+                points.push(PointSpec { point: Point::new(layer, site), in_features, out_features, module })
             };
             add(Site::AttentionOutput, h, h, "attention.output");
             add(Site::FfnOutput, h, h, "output");
@@ -443,7 +550,7 @@ impl InsertionPoint for Bert {
         if self.pooler.is_some() {
             points.push(PointSpec { point: self.pooler_point(), in_features: h, out_features: h, module: "pooler.dense".into() });
         }
-        let spec = |point, module: String| PointSpec { point, in_features: h, out_features: h, module };
+        let spec = |point, module: String| PointSpec { point, in_features: h, out_features: h, module: arch.name(&module) };
         points.push(spec(Point::new(0, Site::InputEmbeddings), "embeddings.word_embeddings".into()));
         for layer in 0..self.config.num_hidden_layers {
             let p = format!("encoder.layer.{layer}");
@@ -451,7 +558,7 @@ impl InsertionPoint for Bert {
             points.push(spec(Point::new(layer, Site::LayerOutput), p));
         }
         ModelInfo {
-            architecture: "bert".into(),
+            architecture: arch.model_type().into(),
             hidden_size: h,
             num_layers: self.config.num_hidden_layers,
             vocab_size: self.config.vocab_size,
@@ -467,12 +574,14 @@ impl InsertionPoint for Bert {
 
     fn named_weights(&self) -> Vec<(String, Tensor)> {
         let e = &self.embeddings;
+        let arch = self.config.arch().unwrap_or(EncoderArch::Bert);
         let mut out = vec![
             ("embeddings.word_embeddings.weight".to_string(), e.word.clone()),
             ("embeddings.position_embeddings.weight".to_string(), e.position.clone()),
-            ("embeddings.token_type_embeddings.weight".to_string(), e.token_type.clone()),
         ];
+        out.extend(e.token_type.iter().map(|t| ("embeddings.token_type_embeddings.weight".to_string(), t.clone())));
         let mut norm = |name: String, n: &LayerNorm| {
+            let name = arch.name(&name);
             out.push((format!("{name}.weight"), n.weight.clone()));
             out.push((format!("{name}.bias"), n.bias.clone()));
         };

@@ -1,6 +1,7 @@
-//! Backbones with adapter insertion points: a BERT-family encoder and a Llama-family
-//! decoder, loaded from their original files by their original tensor names, with
-//! tokenizers, heads and generation.
+//! Backbones with adapter insertion points: BERT-family encoders (BERT, RoBERTa, XLM-R,
+//! DistilBERT) and Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3),
+//! loaded from their original files by their original tensor names, with tokenizers,
+//! heads and generation.
 //!
 //! Both backbones are our own code so that every sublayer and projection calls its
 //! model's [`adapters_core::AdapterSet`], and so that training gradients flow through
@@ -23,8 +24,8 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use attached::HoldsAdapters;
-pub use bert::{Bert, BertConfig};
+pub use bert::{Bert, BertConfig, EncoderArch};
 pub use error::{Error, Result};
-pub use llama::{KvCache, Llama, LlamaConfig};
+pub use llama::{DecoderArch, KvCache, Llama, LlamaConfig};
 pub use model::{fetched, length_batches, load, models_dir, sentence_embeddings, Backbone, LoadedModel, MAX_BATCH_TOKENS};
 pub use tokenizer::{Message, TextTokenizer};

@@ -397,8 +397,8 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     }
     let tokenizer = TextTokenizer::from_folder(path)?;
     let backbone = match model_type {
-        "bert" => Backbone::Bert(Bert::from_folder(path, device)?),
-        "llama" => {
+        t if crate::bert::EncoderArch::from_model_type(t).is_some() => Backbone::Bert(Bert::from_folder(path, device)?),
+        t if crate::llama::DecoderArch::from_model_type(t).is_some() => {
             let mut model = Llama::from_folder(path, device)?;
             model.quantize_for_decoding()?;
             adapters_kernels::release_free_memory();
@@ -407,7 +407,11 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         other => {
             return Err(Error::file(
                 &config_path,
-                format!("model_type `{other}` is not supported; supported: bert (BERT-family encoders), llama (Llama-family decoders)"),
+                format!(
+                    "model_type `{other}` is not supported; supported: encoders {}; decoders {}",
+                    crate::bert::supported_encoders(),
+                    crate::llama::supported_decoders()
+                ),
             ))
         }
     };

@@ -186,19 +186,27 @@ impl LayerNorm {
     }
 }
 
-/// RMS norm over the last dimension (Llama).
+/// RMS norm over the last dimension (Llama; Gemma's scales by `1 + w`).
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
-    /// Scale `[hidden]`.
+    /// The checkpoint's weight `[width]` (Gemma's: the `w` of `1 + w`).
     pub weight: Tensor,
+    /// What multiplies the normalised values: `weight`, or `1 + weight` for Gemma.
+    scale: Tensor,
     /// Added to the mean square.
     pub eps: f64,
 }
 
 impl RmsNorm {
+    /// A norm scaling by `weight`, or by `1 + weight` where `plus_one` (Gemma).
+    pub fn new(weight: Tensor, eps: f64, plus_one: bool) -> Result<Self> {
+        let scale = if plus_one { (&weight + 1.0)? } else { weight.clone() };
+        Ok(RmsNorm { weight, scale, eps })
+    }
+
     /// Normalises the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        kernels::rms_norm(x, &self.weight, self.eps)
+        kernels::rms_norm(x, &self.scale, self.eps)
     }
 }
 
@@ -260,4 +268,34 @@ pub fn mask_with_prefix(
     let batch = if front.dim(0)? > 1 || rest.dim(0)? > 1 { rows } else { 1 };
     let queries = rest.dim(1)?;
     Tensor::cat(&[front.broadcast_as((batch, queries, prefix))?, rest.broadcast_as((batch, queries, rest.dim(2)?))?], 2)
+}
+
+/// Attention with Gemma 2's soft-capped scores, `softmax(cap · tanh(q kᵀ · scale / cap) +
+/// mask) v`, on the layout of [`kernels::attention`] (grouped key/value heads, additive
+/// `mask` `[1 or batch, 1 or queries, keys]`). In candle ops: no fused kernel caps scores.
+#[allow(clippy::too_many_arguments)]
+pub fn softcapped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let (b, tq, width) = q.dims3()?;
+    let (hd, tk, group) = (width / heads, k.dim(1)?, heads / kv_heads);
+    let q = q.reshape((b, tq, heads, hd))?.transpose(1, 2)?.contiguous()?;
+    // Key/value head j serves query heads j·group .. (j+1)·group, as transformers' repeat_kv.
+    let repeated = |t: &Tensor| -> Result<Tensor> {
+        t.reshape((b, tk, kv_heads, 1, hd))?.broadcast_as((b, tk, kv_heads, group, hd))?.reshape((b, tk, heads, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let (k, v) = (repeated(k)?, repeated(v)?);
+    let scores = ((q.matmul(&k.t()?)? * scale)? / cap)?.tanh()? * cap;
+    let scores = match mask {
+        Some(m) => scores?.broadcast_add(&m.unsqueeze(1)?)?,
+        None => scores?,
+    };
+    candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, width))
 }

@@ -200,7 +200,7 @@ fn llama(model: &Backbone) -> &Llama {
 fn run_while_busy(engine: &Engine, first: Generation, rx: &Receiver<Generation>, runtime: &tokio::runtime::Handle) {
     let tokenizer = engine.tokenizer();
     let base = llama(engine.model_of(&Target::Base));
-    let mut stop: Vec<u32> = base.config.eos_token_id.into_iter().collect();
+    let mut stop: Vec<u32> = base.config.eos_tokens();
     stop.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)));
     let max_rows = engine.batching().max_rows.max(1);
     let mut waiting = VecDeque::from([first]);

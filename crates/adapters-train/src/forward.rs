@@ -44,8 +44,13 @@ pub fn lm_loss_of(backbone: &Backbone, hidden: &Tensor, ids: &Tensor, loss_mask:
         targets = targets.index_select(&keep, 0)?;
     }
     let n = targets.dim(0)?;
-    // Blocked: the [tokens, vocab] logits are never all in memory at once.
-    let loss = adapters_kernels::linear_cross_entropy(&hidden, model.lm_head_weight(), &targets)?;
+    let loss = if model.config.final_logit_softcapping.is_some() {
+        // Gemma 2 caps its logits: the loss is on the capped ones, as transformers computes it.
+        candle_nn::loss::cross_entropy(&model.logits(&hidden)?, &targets)?
+    } else {
+        // Blocked: the [tokens, vocab] logits are never all in memory at once.
+        adapters_kernels::linear_cross_entropy(&hidden, model.lm_head_weight(), &targets)?
+    };
     Ok((loss, n))
 }
 

@@ -2,9 +2,8 @@
 //! at their own positions (continuous batching), on 8-bit copies of the weights.
 
 use super::{Kv, Llama};
-use crate::ops::{embedding, Linear};
+use crate::ops::Linear;
 use adapters_core::{ForwardCtx, Point, Site};
-use candle_core::Module;
 use candle_core::{Result, Tensor};
 
 /// Cached keys and values of earlier positions, one entry per layer (see `LayerKv`).
@@ -182,26 +181,23 @@ impl Llama {
         if longest + 1 > self.config.max_position_embeddings {
             candle_core::bail!("{} positions exceed the model's context of {}", longest + 1, self.config.max_position_embeddings);
         }
-        let at = Tensor::new(positions.as_slice(), device)?;
-        let (cos, sin) = (self.cos.index_select(&at, 0)?, self.sin.index_select(&at, 0)?);
-        // Read only where the rows' caches are gathered padded (see `Kv::PerRow`).
-        let mask: Vec<f32> =
-            positions.iter().flat_map(|&p| (0..=longest).map(move |j| if j <= p as usize { 0.0 } else { f32::NEG_INFINITY })).collect();
-        let mask = Tensor::from_vec(mask, (positions.len(), 1, longest + 1), device)?;
+        // The masks are read only where the rows' caches are gathered padded (see `Kv::PerRow`).
+        let positions: Vec<usize> = positions.iter().map(|&p| p as usize).collect();
+        let at = self.positions(&positions, longest + 1, true)?;
         let rows_ctx = ctx.with_rows_repeated(&counts, device)?;
         let ids: Vec<u32> = tokens.concat();
-        let mut x = embedding(&self.embed, &Tensor::new(ids.as_slice(), device)?.unsqueeze(1)?)?;
+        let mut x = self.embed_tokens(&Tensor::new(ids.as_slice(), device)?.unsqueeze(1)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let kv = Kv::PerRow { caches: caches.iter_mut().map(|c| &mut c.layers[l]).collect(), counts: &counts };
-            x = self.layer_forward(l, layer, &x, (&cos, &sin), Some(&mask), kv, &rows_ctx.for_layer(l))?;
+            x = self.layer_forward(l, layer, &x, &at, kv, &rows_ctx.for_layer(l))?;
         }
         let last: Vec<u32> = counts.iter().scan(0, |end, &n| Some((std::mem::replace(end, *end + n) + n - 1) as u32)).collect();
         let x = if last.len() == positions.len() { x } else { x.index_select(&Tensor::new(last.as_slice(), device)?, 0)? };
         let hidden = self.finish(&x, 0, ctx)?.squeeze(1)?;
         if counts.iter().all(|&n| n == 1) {
-            self.output.forward_decoding(&hidden)
+            self.soft_capped(self.output.forward_decoding(&hidden)?)
         } else {
-            self.output.forward(&hidden)
+            self.logits(&hidden)
         }
     }
 
@@ -226,10 +222,7 @@ impl Llama {
 
     /// Every projection of every layer, and the output layer.
     fn projections_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
-        self.layers
-            .iter_mut()
-            .flat_map(|l| [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down])
-            .chain(std::iter::once(&mut self.output))
+        self.layers.iter_mut().flat_map(|l| l.projections_mut()).chain(std::iter::once(&mut self.output))
     }
 
     /// Logits at the last position of each row, `[batch, vocab]`.
@@ -239,7 +232,7 @@ impl Llama {
         let hidden = self.forward_hidden(input_ids, cache, ctx)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         if decoding {
-            self.output.forward_decoding(&last)
+            self.soft_capped(self.output.forward_decoding(&last)?)
         } else {
             self.logits(&last)
         }
@@ -248,7 +241,7 @@ impl Llama {
     /// Bytes one cached position takes (keys and values of every layer, f32): what a
     /// server's KV budget is counted in.
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.layers.len() * self.config.num_key_value_heads * self.config.head_dim() * std::mem::size_of::<f32>()
+        2 * self.layers.len() * self.config.num_kv_heads() * self.config.head_dim() * std::mem::size_of::<f32>()
     }
 
     /// A fresh cache for this model.

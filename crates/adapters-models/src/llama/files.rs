@@ -1,7 +1,7 @@
 //! Reading and writing a Llama's files: GGUF (weights de-quantised to f32, q/k rows
 //! restored to Hugging Face's layout) and Hugging Face folders.
 
-use super::{Llama, LlamaConfig};
+use super::{DecoderArch, Llama, LlamaConfig};
 use crate::error::Error;
 use crate::weights::Weights;
 use candle_core::quantized::gguf_file;
@@ -9,46 +9,93 @@ use candle_core::{Device, Result, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The decoder a GGUF `general.architecture` names. llama.cpp converts Mistral to `llama`
+/// (without its sliding window, which llama.cpp does not apply to that architecture).
+fn gguf_arch(name: &str) -> Option<DecoderArch> {
+    Some(match name {
+        "llama" => DecoderArch::Llama,
+        "qwen2" => DecoderArch::Qwen2,
+        "qwen3" => DecoderArch::Qwen3,
+        "gemma2" => DecoderArch::Gemma2,
+        "gemma3" => DecoderArch::Gemma3,
+        "phi3" => DecoderArch::Phi3,
+        _ => return None,
+    })
+}
+
+/// The GGUF architectures [`Llama::from_gguf`] reads, for error messages.
+pub const GGUF_ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma2, gemma3, phi3";
+
 impl LlamaConfig {
-    /// Reads the architecture from GGUF metadata (`llama.*` keys).
-    /// Errors name the missing key; the caller adds the file.
+    /// Reads the architecture from GGUF metadata (`{arch}.*` keys, as llama.cpp writes and
+    /// reads them). Errors name the missing key; the caller adds the file.
     pub fn from_gguf(ct: &gguf_file::Content) -> std::result::Result<Self, String> {
-        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-        if arch != "llama" {
-            return Err(format!("GGUF architecture `{arch}` is not supported (only `llama`)"));
-        }
+        let name = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let arch =
+            gguf_arch(&name).ok_or_else(|| format!("GGUF architecture `{name}` is not supported (supported: {GGUF_ARCHITECTURES})"))?;
         let u = |k: &str| -> std::result::Result<usize, String> {
-            let v = ct.metadata.get(k).ok_or_else(|| format!("GGUF metadata has no `{k}`"))?;
-            Ok(v.to_u32().map_err(|e| format!("GGUF metadata `{k}`: {e}"))? as usize)
+            let key = format!("{name}.{k}");
+            let v = ct.metadata.get(&key).ok_or_else(|| format!("GGUF metadata has no `{key}`"))?;
+            Ok(v.to_u32().map_err(|e| format!("GGUF metadata `{key}`: {e}"))? as usize)
         };
-        let f = |k: &str| ct.metadata.get(k).and_then(|v| v.to_f32().ok()).map(|v| v as f64);
-        let heads = u("llama.attention.head_count")?;
-        let hidden = u("llama.embedding_length")?;
-        let vocab = match ct.metadata.get("llama.vocab_size") {
-            Some(_) => u("llama.vocab_size")?,
+        let f = |k: &str| ct.metadata.get(&format!("{name}.{k}")).and_then(|v| v.to_f32().ok()).map(|v| v as f64);
+        let heads = u("attention.head_count")?;
+        let hidden = u("embedding_length")?;
+        let vocab = match ct.metadata.get(&format!("{name}.vocab_size")) {
+            Some(_) => u("vocab_size")?,
             None => ct.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).map_or(0, |t| t.len()),
         };
+        let head_dim = u("attention.key_length").or_else(|_| u("rope.dimension_count")).ok();
+        let window = u("attention.sliding_window").ok();
+        let gemma = arch.is_gemma();
         Ok(LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
-            intermediate_size: u("llama.feed_forward_length")?,
-            num_hidden_layers: u("llama.block_count")?,
+            intermediate_size: u("feed_forward_length")?,
+            num_hidden_layers: u("block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: u("llama.attention.head_count_kv").unwrap_or(heads),
-            head_dim: u("llama.rope.dimension_count").ok(),
-            rms_norm_eps: f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: f("llama.rope.freq_base").unwrap_or(10000.0),
-            max_position_embeddings: u("llama.context_length").unwrap_or(4096),
+            num_key_value_heads: Some(u("attention.head_count_kv").unwrap_or(heads)),
+            head_dim,
+            rms_norm_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: f("rope.freq_base").unwrap_or(10000.0),
+            max_position_embeddings: u("context_length").unwrap_or(4096),
             tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
             bos_token_id: ct.metadata.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
-            eos_token_id: ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()),
-            model_type: "llama".into(),
+            eos_token_id: ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).map(Into::into),
+            model_type: arch.model_type().into(),
+            attention_bias: false,
+            mlp_bias: false,
+            // llama.cpp writes a linear factor only (Gemma 3's global layers).
+            rope_scaling: f("rope.scaling.factor").filter(|&x| x != 1.0).map(|factor| serde_json::json!({"rope_type": "linear", "factor": factor})),
+            sliding_window: window,
+            use_sliding_window: None,
+            max_window_layers: None,
+            layer_types: None,
+            hidden_act: None,
+            hidden_activation: None,
+            query_pre_attn_scalar: if gemma { gemma_query_scalar(arch, u("block_count")?, hidden, heads, head_dim) } else { None },
+            attn_logit_softcapping: f("attn_logit_softcapping"),
+            final_logit_softcapping: f("final_logit_softcapping"),
+            rope_local_base_freq: None,
+            sliding_window_pattern: None,
+            partial_rotary_factor: None,
         })
     }
 }
 
-/// Maps a GGUF tensor name to the Hugging Face name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// Gemma's `query_pre_attn_scalar` as llama.cpp derives it (no GGUF key holds it): the
+/// head size, but hidden / heads for the 27B models (46 layers for Gemma 2, 62 for Gemma 3).
+fn gemma_query_scalar(arch: DecoderArch, layers: usize, hidden: usize, heads: usize, head_dim: Option<usize>) -> Option<f64> {
+    let is_27b = matches!((arch, layers), (DecoderArch::Gemma2, 46) | (DecoderArch::Gemma3, 62));
+    if is_27b {
+        Some((hidden / heads.max(1)) as f64)
+    } else {
+        Some(head_dim.unwrap_or(hidden / heads.max(1)) as f64)
+    }
+}
+
+/// Maps a GGUF tensor name to the Hugging Face name of the architecture.
+fn hf_name(gguf: &str, arch: DecoderArch) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -60,19 +107,27 @@ fn hf_name(gguf: &str) -> Option<String> {
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, name) = rest.split_once('.')?;
-    let hf = match name {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
+    let (module, param) = name.rsplit_once('.')?;
+    let hf = match (module, arch) {
+        ("attn_norm", _) => "input_layernorm",
+        ("ffn_norm", DecoderArch::Gemma2 | DecoderArch::Gemma3) => "pre_feedforward_layernorm",
+        ("ffn_norm", _) => "post_attention_layernorm",
+        ("post_attention_norm", _) => "post_attention_layernorm",
+        ("post_ffw_norm", _) => "post_feedforward_layernorm",
+        ("attn_q", _) => "self_attn.q_proj",
+        ("attn_k", _) => "self_attn.k_proj",
+        ("attn_v", _) => "self_attn.v_proj",
+        ("attn_qkv", _) => "self_attn.qkv_proj",
+        ("attn_q_norm", _) => "self_attn.q_norm",
+        ("attn_k_norm", _) => "self_attn.k_norm",
+        ("attn_output", _) => "self_attn.o_proj",
+        ("ffn_gate", _) => "mlp.gate_proj",
+        ("ffn_up", DecoderArch::Phi3) => "mlp.gate_up_proj",
+        ("ffn_up", _) => "mlp.up_proj",
+        ("ffn_down", _) => "mlp.down_proj",
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}"))
+    Some(format!("model.layers.{layer}.{hf}.{param}"))
 }
 
 /// Undoes llama.cpp's q/k row permutation (interleaved RoPE pairs back to half-split).
@@ -90,6 +145,7 @@ impl Llama {
         let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
         let ct = gguf_file::Content::read(&mut file).map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
         let config = LlamaConfig::from_gguf(&ct).and_then(|c| c.check().map(|()| c)).map_err(|e| Error::file(path, e))?;
+        let arch = config.arch();
         // candle multiplies the dimensions unchecked (an overflow panics or wraps to a
         // small size) and reads an empty tensor through a misaligned pointer: refuse
         // shapes whose element count is zero or does not fit.
@@ -109,15 +165,19 @@ impl Llama {
         }
         let mut tensors = HashMap::new();
         for name in ct.tensor_infos.keys() {
-            let Some(hf) = hf_name(name) else { continue };
+            let hf = if name == super::ROPE_FREQS { Some(name.clone()) } else { hf_name(name, arch) };
+            let Some(hf) = hf else { continue };
             let t = ct
                 .tensor(&mut file, name, &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))
                 .and_then(|t| t.to_device(device))
                 .map_err(|e| Error::file(path, format!("tensor `{name}` cannot be read: {e}")))?;
-            let t = match name.rsplit('.').nth(1) {
-                Some("attn_q") => unpermute(&t, config.num_attention_heads)?,
-                Some("attn_k") => unpermute(&t, config.num_key_value_heads)?,
+            // llama.cpp permutes Llama's q/k rows (interleaved RoPE pairs) and stores Gemma's
+            // norms as `1 + w`; the other architectures' tensors are Hugging Face's.
+            let t = match (name.rsplit('.').nth(1), arch) {
+                (Some("attn_q"), DecoderArch::Llama) if name.ends_with(".weight") => unpermute(&t, config.num_attention_heads)?,
+                (Some("attn_k"), DecoderArch::Llama) if name.ends_with(".weight") => unpermute(&t, config.num_kv_heads())?,
+                (Some(module), a) if a.is_gemma() && module.ends_with("norm") => (t - 1.0)?,
                 _ => t,
             };
             tensors.insert(hf, t);
@@ -145,27 +205,25 @@ impl Llama {
         if !self.tied {
             tensors.insert("lm_head.weight".into(), self.output.weight.clone());
         }
+        if let Some(d) = &self.rope_divisors {
+            tensors.insert(super::ROPE_FREQS.into(), d.clone());
+        }
+        let gemma = self.config.arch().is_gemma();
         for (l, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            for (name, t) in [
-                ("input_layernorm.weight", &layer.attn_norm.weight),
-                ("post_attention_layernorm.weight", &layer.ffn_norm.weight),
-                ("self_attn.q_proj.weight", &layer.q.weight),
-                ("self_attn.k_proj.weight", &layer.k.weight),
-                ("self_attn.v_proj.weight", &layer.v.weight),
-                ("self_attn.o_proj.weight", &layer.o.weight),
-                ("mlp.gate_proj.weight", &layer.gate.weight),
-                ("mlp.up_proj.weight", &layer.up.weight),
-                ("mlp.down_proj.weight", &layer.down.weight),
-            ] {
-                tensors.insert(format!("{p}.{name}"), t.clone());
-            }
+            tensors.extend(layer.named(&format!("model.layers.{l}"), gemma));
         }
         tensors
     }
 
     /// Writes this model as a Hugging Face folder (`config.json`, `model.safetensors`).
     pub fn save_hf_weights(&self, dir: &Path) -> std::result::Result<(), Error> {
+        if self.rope_divisors.is_some() {
+            return Err(Error::Unsupported(format!(
+                "{}: this GGUF model scales RoPE by llama.cpp's `{}` tensor, which a Hugging Face config.json cannot express; keep the GGUF file",
+                dir.display(),
+                super::ROPE_FREQS
+            )));
+        }
         let tensors = self.hf_tensors();
         let mut config = self.config.clone();
         config.tie_word_embeddings = self.tied;

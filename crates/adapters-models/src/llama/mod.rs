@@ -1,9 +1,11 @@
-//! Llama-family decoder (Llama, SmolLM2, ...) with adapter insertion points.
+//! Llama-family decoders (Llama, SmolLM2, Mistral, Qwen2/2.5/3, Gemma 2/3, Phi-3) with
+//! adapter insertion points.
 //!
-//! Loads a GGUF file (weights de-quantised to f32, q/k rows restored to Hugging Face's
-//! layout so that projection-level adapters such as PEFT LoRA line up) or a Hugging Face
-//! folder (`config.json`, `model.safetensors`). Pre-norm layers: each sublayer's output
-//! passes through the adapter hook before the residual add.
+//! Loads a GGUF file (weights de-quantised to f32, in Hugging Face's names and layout so
+//! that projection-level adapters such as PEFT LoRA line up) or a Hugging Face folder
+//! (`config.json`, `model.safetensors`). Pre-norm layers: each sublayer's output passes
+//! through the adapter hook before the residual add (Gemma's after its output norm).
+//! `config.rs` says what each architecture changes.
 
 use crate::attached::HoldsAdapters;
 use crate::error::Error;
@@ -11,78 +13,107 @@ use crate::ops::{embedding, Linear, RmsNorm};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use adapters_kernels as kernels;
-use candle_core::{DType, Device, Module, Result, Tensor};
-use serde::{Deserialize, Serialize};
+use candle_core::{Device, Module, Result, Tensor};
 use std::sync::Arc;
 
+mod config;
 mod decoding;
 mod files;
+pub use config::{supported_decoders, DecoderArch, LlamaConfig};
 pub use decoding::KvCache;
 use decoding::LayerKv;
 
-/// The fields of a Llama `config.json` that the forward pass uses.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[allow(missing_docs)] // the fields are Hugging Face's, with their meaning there
-pub struct LlamaConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    #[serde(default)]
-    pub head_dim: Option<usize>,
-    pub rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f64,
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub bos_token_id: Option<u32>,
-    #[serde(default)]
-    pub eos_token_id: Option<u32>,
-    #[serde(default = "default_model_type")]
-    pub model_type: String,
+/// The attention's input projections: three, or one fused (Phi-3's `qkv_proj`).
+#[derive(Clone)]
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
 }
 
-fn default_theta() -> f64 {
-    10000.0
-}
-fn default_model_type() -> String {
-    "llama".into()
-}
-
-impl LlamaConfig {
-    /// Checks the numbers the model's shapes come from (names the first one at fault).
-    pub fn check(&self) -> std::result::Result<(), String> {
-        let (nh, nkv) = (self.num_attention_heads, self.num_key_value_heads);
-        if nh == 0 || nkv == 0 || nh % nkv != 0 {
-            return Err(format!("num_attention_heads {nh} is not a positive multiple of num_key_value_heads {nkv}"));
-        }
-        if self.hidden_size == 0 || self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
-            return Err(format!("hidden size {} and head size {} do not make rotary heads", self.hidden_size, self.head_dim()));
-        }
-        Ok(())
-    }
-
-    /// Width of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
-    }
+/// The feed-forward's gate and up projections: two, or one fused (Phi-3's `gate_up_proj`,
+/// gate first).
+#[derive(Clone)]
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused(Linear),
 }
 
 #[derive(Clone)]
 struct Layer {
     attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
+    /// Norms of each head's queries and keys before RoPE (Qwen3, Gemma 3).
+    qk_norms: Option<(RmsNorm, RmsNorm)>,
     o: Linear,
+    /// The attention output's norm before the residual add (Gemma).
+    post_attn_norm: Option<RmsNorm>,
+    /// The norm before the feed-forward (Gemma's `pre_feedforward_layernorm`).
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
+    /// The feed-forward output's norm before the residual add (Gemma).
+    post_ffn_norm: Option<RmsNorm>,
+    /// How many positions, itself included, a query sees (sliding-window attention);
+    /// `None`: its whole past.
+    window: Option<usize>,
+}
+
+impl Layer {
+    /// Every weight by its Hugging Face name under `p` (`model.layers.L`).
+    fn named(&self, p: &str, gemma: bool) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        let mut lin = |name: &str, l: &Linear| {
+            out.push((format!("{p}.{name}.weight"), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{p}.{name}.bias"), b.clone()));
+            }
+        };
+        match &self.qkv {
+            Qkv::Separate { q, k, v } => {
+                lin("self_attn.q_proj", q);
+                lin("self_attn.k_proj", k);
+                lin("self_attn.v_proj", v);
+            }
+            Qkv::Fused(qkv) => lin("self_attn.qkv_proj", qkv),
+        }
+        lin("self_attn.o_proj", &self.o);
+        match &self.gate_up {
+            GateUp::Separate { gate, up } => {
+                lin("mlp.gate_proj", gate);
+                lin("mlp.up_proj", up);
+            }
+            GateUp::Fused(gate_up) => lin("mlp.gate_up_proj", gate_up),
+        }
+        lin("mlp.down_proj", &self.down);
+        let ffn_norm = if gemma { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
+        let mut norms = vec![("input_layernorm", &self.attn_norm), (ffn_norm, &self.ffn_norm)];
+        if let Some((qn, kn)) = &self.qk_norms {
+            norms.extend([("self_attn.q_norm", qn), ("self_attn.k_norm", kn)]);
+        }
+        if let Some(n) = &self.post_attn_norm {
+            norms.push(("post_attention_layernorm", n));
+        }
+        if let Some(n) = &self.post_ffn_norm {
+            norms.push(("post_feedforward_layernorm", n));
+        }
+        out.extend(norms.into_iter().map(|(name, n)| (format!("{p}.{name}.weight"), n.weight.clone())));
+        out
+    }
+
+    /// Every projection, mutably.
+    fn projections_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out: Vec<&mut Linear> = match &mut self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        };
+        out.push(&mut self.o);
+        match &mut self.gate_up {
+            GateUp::Separate { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(gate_up) => out.push(gate_up),
+        }
+        out.push(&mut self.down);
+        out
+    }
 }
 
 /// Where a layer's attention finds and keeps keys and values.
@@ -122,12 +153,17 @@ fn gather_padded(caches: &[&mut Option<LayerKv>], counts: &[usize]) -> Result<(T
     Ok((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?))
 }
 
+/// The name under which a GGUF's RoPE divisors travel with the weights.
+pub(crate) const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// A Llama-family decoder with its causal-LM head.
 #[derive(Clone)]
 pub struct Llama {
     /// The model's configuration.
     pub config: LlamaConfig,
     embed: Tensor,
+    /// What the token embeddings are multiplied by (Gemma: √hidden, rounded to f32).
+    embed_scale: Option<f64>,
     layers: Vec<Layer>,
     norm: RmsNorm,
     /// The output projection: `lm_head`, or the token embeddings when `tied`.
@@ -136,14 +172,19 @@ pub struct Llama {
     tied: bool,
     cos: Tensor,
     sin: Tensor,
+    /// RoPE tables of sliding-window layers, where they differ (Gemma 3's local base).
+    local_rope: Option<(Tensor, Tensor)>,
+    /// A GGUF's per-frequency RoPE divisors (`rope_freqs.weight`), which `config` does not
+    /// express.
+    rope_divisors: Option<Tensor>,
     /// The adapters attached to this model: an immutable snapshot, replaced on change.
     adapters: Arc<AdapterSet>,
 }
 
 impl Llama {
-    /// Builds the model from tensors named as in Hugging Face's `LlamaForCausalLM`.
+    /// Builds the model from tensors named as in Hugging Face's `*ForCausalLM` of its
+    /// architecture.
     pub fn from_weights(config: LlamaConfig, w: &Weights) -> std::result::Result<Self, Error> {
-        let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
         config.check().map_err(|e| Error::Unsupported(format!("{}: {e}", w.source().display())))?;
         // The rotary tables are built for every position up front: refuse a context length
         // no model has before allocating them (2^21 positions take 512 MB at head size 64).
@@ -155,25 +196,58 @@ impl Llama {
                 config.max_position_embeddings
             )));
         }
+        let arch = config.arch();
+        let (nh, nkv) = (config.num_attention_heads, config.num_kv_heads());
         let (h, i, hd) = (config.hidden_size, config.intermediate_size, config.head_dim());
-        let lin = |name: &str, out: usize, inp: usize| -> std::result::Result<Linear, Error> {
-            Ok(Linear::loaded(w.get(name, &[out, inp])?, None)?)
+        let gemma = arch.is_gemma();
+        let lin = |name: &str, out: usize, inp: usize, bias: bool| -> std::result::Result<Linear, Error> {
+            let b = if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None };
+            Ok(Linear::loaded(w.get(&format!("{name}.weight"), &[out, inp])?, b)?)
         };
-        let norm =
-            |name: &str| -> std::result::Result<RmsNorm, Error> { Ok(RmsNorm { weight: w.get(name, &[h])?, eps: config.rms_norm_eps }) };
+        let norm = |name: &str, width: usize| -> std::result::Result<RmsNorm, Error> {
+            Ok(RmsNorm::new(w.get(&format!("{name}.weight"), &[width])?, config.rms_norm_eps, gemma)?)
+        };
+        let qkv_bias = config.attention_bias || arch == DecoderArch::Qwen2;
+        let windows = config.layer_windows();
         let layers = (0..config.num_hidden_layers)
             .map(|l| {
                 let p = format!("model.layers.{l}");
+                let qkv = if arch.is_fused() {
+                    Qkv::Fused(lin(&format!("{p}.self_attn.qkv_proj"), (nh + 2 * nkv) * hd, h, qkv_bias)?)
+                } else {
+                    Qkv::Separate {
+                        q: lin(&format!("{p}.self_attn.q_proj"), nh * hd, h, qkv_bias)?,
+                        k: lin(&format!("{p}.self_attn.k_proj"), nkv * hd, h, qkv_bias)?,
+                        v: lin(&format!("{p}.self_attn.v_proj"), nkv * hd, h, qkv_bias)?,
+                    }
+                };
+                let gate_up = if arch.is_fused() {
+                    GateUp::Fused(lin(&format!("{p}.mlp.gate_up_proj"), 2 * i, h, config.mlp_bias)?)
+                } else {
+                    GateUp::Separate {
+                        gate: lin(&format!("{p}.mlp.gate_proj"), i, h, config.mlp_bias)?,
+                        up: lin(&format!("{p}.mlp.up_proj"), i, h, config.mlp_bias)?,
+                    }
+                };
+                let qk_norms = match arch.has_qk_norm() {
+                    true => Some((norm(&format!("{p}.self_attn.q_norm"), hd)?, norm(&format!("{p}.self_attn.k_norm"), hd)?)),
+                    false => None,
+                };
+                let gemma_norm = |name: &str| match gemma {
+                    true => norm(&format!("{p}.{name}"), h).map(Some),
+                    false => Ok(None),
+                };
                 Ok(Layer {
-                    attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
-                    q: lin(&format!("{p}.self_attn.q_proj.weight"), nh * hd, h)?,
-                    k: lin(&format!("{p}.self_attn.k_proj.weight"), nkv * hd, h)?,
-                    v: lin(&format!("{p}.self_attn.v_proj.weight"), nkv * hd, h)?,
-                    o: lin(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
-                    ffn_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                    gate: lin(&format!("{p}.mlp.gate_proj.weight"), i, h)?,
-                    up: lin(&format!("{p}.mlp.up_proj.weight"), i, h)?,
-                    down: lin(&format!("{p}.mlp.down_proj.weight"), h, i)?,
+                    attn_norm: norm(&format!("{p}.input_layernorm"), h)?,
+                    qkv,
+                    qk_norms,
+                    o: lin(&format!("{p}.self_attn.o_proj"), h, nh * hd, config.attention_bias)?,
+                    post_attn_norm: gemma_norm("post_attention_layernorm")?,
+                    ffn_norm: norm(&format!("{p}.{}", if gemma { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }), h)?,
+                    gate_up,
+                    down: lin(&format!("{p}.mlp.down_proj"), h, i, config.mlp_bias)?,
+                    post_ffn_norm: gemma_norm("post_feedforward_layernorm")?,
+                    window: windows[l],
                 })
             })
             .collect::<std::result::Result<Vec<_>, Error>>()?;
@@ -184,10 +258,31 @@ impl Llama {
             None
         };
         let device = embed.device().clone();
-        let (cos, sin) = rope_tables(hd, config.rope_theta, config.max_position_embeddings, &device)?;
+        // A GGUF's Llama 3 RoPE scaling (llama.cpp's `rope_freqs.weight`).
+        let rope_divisors = match w.contains(ROPE_FREQS) {
+            true => Some(w.get(ROPE_FREQS, &[hd / 2])?),
+            false => None,
+        };
+        let divisors = rope_divisors.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
+        let ((cos, sin), local_rope) = config.rope_tables(&device, divisors.as_deref())?;
         let tied = lm_head.is_none();
         let output = Linear::new(lm_head.unwrap_or_else(|| embed.clone()), None);
-        Ok(Llama { norm: norm("model.norm.weight")?, config, embed, layers, output, tied, cos, sin, adapters: Arc::default() })
+        // transformers: `hidden_size**0.5` as an f32 tensor.
+        let embed_scale = gemma.then(|| (h as f64).sqrt() as f32 as f64);
+        Ok(Llama {
+            norm: norm("model.norm", h)?,
+            config,
+            embed,
+            embed_scale,
+            layers,
+            output,
+            tied,
+            cos,
+            sin,
+            local_rope,
+            rope_divisors,
+            adapters: Arc::default(),
+        })
     }
 
     /// The device the weights live on.
@@ -197,25 +292,16 @@ impl Llama {
 
     /// Total number of base parameters (tied embeddings counted once).
     pub fn num_parameters(&self) -> usize {
-        let lin = |l: &Linear| l.weight.elem_count();
-        self.embed.elem_count()
-            + self.norm.weight.elem_count()
-            + if self.tied { 0 } else { self.output.weight.elem_count() }
-            + self
-                .layers
-                .iter()
-                .map(|l| {
-                    lin(&l.q)
-                        + lin(&l.k)
-                        + lin(&l.v)
-                        + lin(&l.o)
-                        + lin(&l.gate)
-                        + lin(&l.up)
-                        + lin(&l.down)
-                        + l.attn_norm.weight.elem_count()
-                        + l.ffn_norm.weight.elem_count()
-                })
-                .sum::<usize>()
+        self.hf_tensors().values().map(Tensor::elem_count).sum()
+    }
+
+    /// The token embeddings of `ids` (scaled, for Gemma).
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = embedding(&self.embed, ids)?;
+        match self.embed_scale {
+            Some(s) => x * s,
+            None => Ok(x),
+        }
     }
 
     /// Whether the output projection is the token embedding matrix.
@@ -239,7 +325,7 @@ impl Llama {
                 Some(c) => Kv::Shared(&mut c.layers[l]),
                 None => Kv::None,
             };
-            x = self.layer_forward(l, layer, &x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), kv, &inputs.ctx.for_layer(l))?;
+            x = self.layer_forward(l, layer, &x, &inputs.positions, kv, &inputs.ctx.for_layer(l))?;
         }
         self.finish(&x, inputs.virtual_tokens, &inputs.ctx)
     }
@@ -253,7 +339,7 @@ impl Llama {
         let copies = crate::ops::parallel_copies(&self.adapters, ctx);
         let input_ids = &crate::ops::repeat_rows(input_ids, copies)?;
         let (_, t) = input_ids.dims2()?;
-        let x = crate::ops::perturbed(embedding(&self.embed, input_ids)?, ctx, copies)?;
+        let x = crate::ops::perturbed(self.embed_tokens(input_ids)?, ctx, copies)?;
         // Prompt tuning's virtual tokens come first in a sequence (not in the steps that
         // continue a cache, which holds them): positions count them, outputs leave them out.
         let (x, ctx) = if past == 0 {
@@ -273,20 +359,15 @@ impl Llama {
         if past + t > self.config.max_position_embeddings {
             candle_core::bail!("{} positions exceed the model's context of {}", past + t, self.config.max_position_embeddings);
         }
-        let inputs = LayerInputs {
-            cos: self.cos.narrow(0, past, t)?,
-            sin: self.sin.narrow(0, past, t)?,
-            mask: if t > 1 { Some(causal_mask(t, past, x.device())?) } else { None },
-            ctx,
-            virtual_tokens,
-        };
+        let positions: Vec<usize> = (past..past + t).collect();
+        let inputs = LayerInputs { positions: self.positions(&positions, past + t, false)?, ctx, virtual_tokens };
         Ok((x, inputs))
     }
 
     /// Layer `l` on the residual stream `x`, without a cache; `ctx` is
     /// `inputs.ctx.for_layer(l)` or a variant of it.
     pub(crate) fn layer(&self, l: usize, x: &Tensor, inputs: &LayerInputs, ctx: &ForwardCtx) -> Result<Tensor> {
-        self.layer_forward(l, &self.layers[l], x, (&inputs.cos, &inputs.sin), inputs.mask.as_ref(), Kv::None, ctx)
+        self.layer_forward(l, &self.layers[l], x, &inputs.positions, Kv::None, ctx)
     }
 
     /// After the last layer: the virtual tokens left out, the final norm, and the
@@ -332,25 +413,52 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` from final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.output.forward(hidden)
+        self.soft_capped(self.output.forward(hidden)?)
+    }
+
+    /// Gemma 2's final soft cap on the logits, `cap · tanh(logits / cap)`, where the
+    /// config sets one ([`LlamaConfig::final_logit_softcapping`]).
+    pub(crate) fn soft_capped(&self, logits: Tensor) -> Result<Tensor> {
+        match self.config.final_logit_softcapping {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
+    }
+
+    /// The RoPE angles and attention masks of queries at `positions` over keys `0..keys`:
+    /// the causal mask and that of sliding-window layers. The queries are one row's
+    /// (masks `[1, queries, keys]`; no causal mask for a single query, which sees every
+    /// key) or, `per_row`, one query in each row (masks `[rows, 1, keys]`).
+    pub(crate) fn positions(&self, positions: &[usize], keys: usize, per_row: bool) -> Result<Positions> {
+        let device = self.device();
+        let at = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), positions.len(), device)?;
+        let angles = |(c, s): (&Tensor, &Tensor)| -> Result<(Tensor, Tensor)> { Ok((c.index_select(&at, 0)?, s.index_select(&at, 0)?)) };
+        let (cos, sin) = angles((&self.cos, &self.sin))?;
+        let local = self.local_rope.as_ref().map(|(c, s)| angles((c, s))).transpose()?;
+        let mask = |window: Option<usize>| -> Result<Tensor> {
+            let visible = |p: usize, j: usize| j <= p && window.is_none_or(|w| j + w > p);
+            let values: Vec<f32> =
+                positions.iter().flat_map(|&p| (0..keys).map(move |j| if visible(p, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
+            match per_row {
+                true => Tensor::from_vec(values, (positions.len(), 1, keys), device),
+                false => Tensor::from_vec(values, (1, positions.len(), keys), device),
+            }
+        };
+        let window = self.layers.iter().find_map(|l| l.window);
+        let causal = if positions.len() == 1 && !per_row { None } else { Some(mask(None)?) };
+        let windowed = match window {
+            Some(w) if keys > w => Some(mask(Some(w))?),
+            _ => causal.clone(),
+        };
+        Ok(Positions { cos, sin, local, causal, windowed })
     }
 
     fn project(&self, lin: &Linear, point: Point, x: &Tensor, ctx: &ForwardCtx, decoding: bool) -> Result<Tensor> {
         lin.forward_with(&self.adapters, point, x, ctx, decoding)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
-        &self,
-        l: usize,
-        layer: &Layer,
-        x: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
-        mask: Option<&Tensor>,
-        mut kv: Kv,
-        ctx: &ForwardCtx,
-    ) -> Result<Tensor> {
-        let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim());
+    fn layer_forward(&self, l: usize, layer: &Layer, x: &Tensor, positions: &Positions, mut kv: Kv, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.config.num_attention_heads, self.config.num_kv_heads(), self.config.head_dim());
         // A step after cached positions: few rows, weights dominate; see Linear::forward_decoding.
         let decoding = match &kv {
             Kv::None => false,
@@ -358,15 +466,32 @@ impl Llama {
             // Prompt chunks run on the f32 weights, as whole prompts do.
             Kv::PerRow { counts, .. } => counts.iter().all(|&n| n == 1),
         };
+        let (cos, sin) = positions.angles(layer);
+        let mask = positions.mask(layer);
         // One position per row, each its own: RoPE sees the rows as positions of one row.
         let rope = |t: &Tensor, heads: usize| match &kv {
             Kv::PerRow { .. } => kernels::rope(&t.reshape((1, t.dim(0)?, ()))?, cos, sin, heads)?.reshape(t.shape()),
             _ => kernels::rope(t, cos, sin, heads),
         };
         let n = layer.attn_norm.forward(x)?;
-        let q = rope(&self.project(&layer.q, Point::new(l, Site::Query), &n, ctx, decoding)?, nh)?;
-        let mut k = rope(&self.project(&layer.k, Point::new(l, Site::Key), &n, ctx, decoding)?, nkv)?;
-        let mut v = self.project(&layer.v, Point::new(l, Site::Value), &n, ctx, decoding)?;
+        let (q, k, mut v) = match &layer.qkv {
+            Qkv::Separate { q, k, v } => (
+                self.project(q, Point::new(l, Site::Query), &n, ctx, decoding)?,
+                self.project(k, Point::new(l, Site::Key), &n, ctx, decoding)?,
+                self.project(v, Point::new(l, Site::Value), &n, ctx, decoding)?,
+            ),
+            Qkv::Fused(qkv) => {
+                let all = self.project(qkv, Point::new(l, Site::QueryKeyValue), &n, ctx, decoding)?;
+                let d = all.rank() - 1;
+                (all.narrow(d, 0, nh * hd)?, all.narrow(d, nh * hd, nkv * hd)?, all.narrow(d, (nh + nkv) * hd, nkv * hd)?)
+            }
+        };
+        let (q, k) = match &layer.qk_norms {
+            Some((qn, kn)) => (per_head(qn, &q, nh)?, per_head(kn, &k, nkv)?),
+            None => (q, k),
+        };
+        let q = rope(&q, nh)?;
+        let mut k = rope(&k, nkv)?;
         match &mut kv {
             Kv::None => {}
             Kv::Shared(kv) => match kv {
@@ -388,21 +513,31 @@ impl Llama {
                 }
             }
         }
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.config.attention_scale();
+        let softcap = self.config.attn_logit_softcapping;
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>| match softcap {
+            Some(cap) => crate::ops::softcapped_attention(q, k, v, nh, nkv, mask, scale, cap),
+            None => kernels::attention(q, k, v, nh, nkv, mask, scale),
+        };
         // Prefix tuning's keys and values: before every other key, never cached.
         let prefix = self.adapters.key_value_prefix(Point::new(l, Site::KeyValuePrefix), x.dim(0)?, ctx)?;
         let attn = match (kv, prefix) {
-            // Each row over its sequence's cache up to its own position, in place.
-            (Kv::PerRow { caches, counts }, None) => {
+            // Each row over its sequence's cache up to its own position (the last `window`
+            // of them), in place.
+            (Kv::PerRow { caches, counts }, None) if softcap.is_none() => {
                 let (mut keys, mut values, mut lens) = (Vec::new(), Vec::new(), Vec::new());
                 for (cache, &n) in caches.iter().zip(counts) {
                     let (k, v, len) = cache.as_ref().expect("appended above").buffers();
                     for j in 0..n {
-                        keys.push(k);
-                        values.push(v);
-                        lens.push(len - n + j + 1);
+                        let seen = len - n + j + 1;
+                        let from = layer.window.map_or(0, |w| seen.saturating_sub(w));
+                        let width = k.dim(1)? - from;
+                        keys.push(k.narrow(1, from, width)?);
+                        values.push(v.narrow(1, from, width)?);
+                        lens.push(seen - from);
                     }
                 }
+                let (keys, values): (Vec<&Tensor>, Vec<&Tensor>) = (keys.iter().collect(), values.iter().collect());
                 kernels::attention_per_row(&q, &keys, &values, &lens, nh, nkv, scale)?
             }
             (kv, prefix) => {
@@ -418,22 +553,42 @@ impl Llama {
                         (Tensor::cat(&[&p.keys, &k], 1)?, Tensor::cat(&[&p.values, &v], 1)?, Some(mask))
                     }
                 };
-                kernels::attention(&q, &k, &v, nh, nkv, mask.as_ref(), scale)?
+                attend(&q, &k, &v, mask.as_ref())?
             }
         };
         let attn = self.project(&layer.o, Point::new(l, Site::AttentionProj), &attn, ctx, decoding)?;
+        let attn = match &layer.post_attn_norm {
+            Some(norm) => norm.forward(&attn)?,
+            None => attn,
+        };
         let io = SublayerIo { input: x, output: &attn, post_norm: None };
         let x = (x + self.adapters.hidden(Point::new(l, Site::AttentionOutput), &io, ctx)?)?;
 
         let n = layer.ffn_norm.forward(&x)?;
-        let gate = self.project(&layer.gate, Point::new(l, Site::FfnGate), &n, ctx, decoding)?;
-        let up = self.project(&layer.up, Point::new(l, Site::FfnUp), &n, ctx, decoding)?;
+        let (gate, up) = match &layer.gate_up {
+            GateUp::Separate { gate, up } => (
+                self.project(gate, Point::new(l, Site::FfnGate), &n, ctx, decoding)?,
+                self.project(up, Point::new(l, Site::FfnUp), &n, ctx, decoding)?,
+            ),
+            GateUp::Fused(gate_up) => {
+                let both = self.project(gate_up, Point::new(l, Site::FfnGateUp), &n, ctx, decoding)?;
+                let (d, i) = (both.rank() - 1, self.config.intermediate_size);
+                (both.narrow(d, 0, i)?, both.narrow(d, i, i)?)
+            }
+        };
         let down = Point::new(l, Site::FfnDown);
-        let ffn = if !decoding && layer.down.bias.is_none() && !self.adapters.may_act_at(down, ctx) {
+        let ffn = if self.config.arch().is_gemma() {
+            // GeGLU with GELU's tanh form (`gelu_pytorch_tanh`).
+            self.project(&layer.down, down, &(gate.gelu()? * up)?, ctx, decoding)?
+        } else if !decoding && layer.down.bias.is_none() && !self.adapters.may_act_at(down, ctx) {
             // The activation inside the down projection: it is not kept for the backward pass.
             kernels::swiglu_linear(&gate, &up, &layer.down.weight)?
         } else {
             self.project(&layer.down, down, &kernels::swiglu(&gate, &up)?, ctx, decoding)?
+        };
+        let ffn = match &layer.post_ffn_norm {
+            Some(norm) => norm.forward(&ffn)?,
+            None => ffn,
         };
         let io = SublayerIo { input: &x, output: &ffn, post_norm: None };
         let out = (&x + self.adapters.hidden(Point::new(l, Site::FfnOutput), &io, ctx)?)?;
@@ -445,17 +600,28 @@ impl Llama {
     /// The projection at a point, for merging adapters into its weight.
     pub fn linear_mut(&mut self, point: Point) -> Option<&mut Linear> {
         let layer = self.layers.get_mut(point.layer)?;
-        Some(match point.site {
-            Site::Query => &mut layer.q,
-            Site::Key => &mut layer.k,
-            Site::Value => &mut layer.v,
-            Site::AttentionProj => &mut layer.o,
-            Site::FfnGate => &mut layer.gate,
-            Site::FfnUp => &mut layer.up,
-            Site::FfnDown => &mut layer.down,
+        Some(match (point.site, &mut layer.qkv, &mut layer.gate_up) {
+            (Site::Query, Qkv::Separate { q, .. }, _) => q,
+            (Site::Key, Qkv::Separate { k, .. }, _) => k,
+            (Site::Value, Qkv::Separate { v, .. }, _) => v,
+            (Site::QueryKeyValue, Qkv::Fused(qkv), _) => qkv,
+            (Site::AttentionProj, _, _) => &mut layer.o,
+            (Site::FfnGate, _, GateUp::Separate { gate, .. }) => gate,
+            (Site::FfnUp, _, GateUp::Separate { up, .. }) => up,
+            (Site::FfnGateUp, _, GateUp::Fused(gate_up)) => gate_up,
+            (Site::FfnDown, _, _) => &mut layer.down,
             _ => return None,
         })
     }
+}
+
+/// `x` `[.., heads * head_dim]` with each head's slice normed by `norm` (`[head_dim]`).
+fn per_head(norm: &RmsNorm, x: &Tensor, heads: usize) -> Result<Tensor> {
+    let shape = x.shape().clone();
+    let mut dims = shape.dims().to_vec();
+    let width = dims.pop().unwrap_or(0);
+    dims.extend([heads, width / heads]);
+    norm.forward(&x.reshape(dims)?)?.reshape(shape)
 }
 
 impl HoldsAdapters for Llama {
@@ -480,15 +646,24 @@ impl InsertionPoint for Llama {
             };
             add(Site::AttentionOutput, h, h, "self_attn");
             add(Site::FfnOutput, h, h, "mlp");
-            add(Site::Query, h, c.num_attention_heads * hd, "self_attn.q_proj");
-            add(Site::Key, h, c.num_key_value_heads * hd, "self_attn.k_proj");
-            add(Site::Value, h, c.num_key_value_heads * hd, "self_attn.v_proj");
-            add(Site::AttentionProj, c.num_attention_heads * hd, h, "self_attn.o_proj");
-            add(Site::FfnGate, h, i, "mlp.gate_proj");
-            add(Site::FfnUp, h, i, "mlp.up_proj");
+            let (q, kv) = (c.num_attention_heads * hd, c.num_kv_heads() * hd);
+            if c.arch().is_fused() {
+                add(Site::QueryKeyValue, h, q + 2 * kv, "self_attn.qkv_proj");
+            } else {
+                add(Site::Query, h, q, "self_attn.q_proj");
+                add(Site::Key, h, kv, "self_attn.k_proj");
+                add(Site::Value, h, kv, "self_attn.v_proj");
+            }
+            add(Site::AttentionProj, q, h, "self_attn.o_proj");
+            if c.arch().is_fused() {
+                add(Site::FfnGateUp, h, 2 * i, "mlp.gate_up_proj");
+            } else {
+                add(Site::FfnGate, h, i, "mlp.gate_proj");
+                add(Site::FfnUp, h, i, "mlp.up_proj");
+            }
             add(Site::FfnDown, i, h, "mlp.down_proj");
         }
-        let kv = c.num_key_value_heads * hd;
+        let kv = c.num_kv_heads() * hd;
         points.push(PointSpec {
             point: Point::new(0, Site::InputEmbeddings),
             in_features: h,
@@ -503,7 +678,7 @@ impl InsertionPoint for Llama {
         }
         let last = Point::new(c.num_hidden_layers - 1, Site::LmHeadInput);
         points.push(PointSpec { point: last, in_features: h, out_features: h, module: "lm_head".into() });
-        ModelInfo { architecture: "llama".into(), hidden_size: h, num_layers: c.num_hidden_layers, vocab_size: c.vocab_size, points }
+        ModelInfo { architecture: c.model_type.clone(), hidden_size: h, num_layers: c.num_hidden_layers, vocab_size: c.vocab_size, points }
     }
 
     fn named_weights(&self) -> Vec<(String, Tensor)> {
@@ -511,28 +686,41 @@ impl InsertionPoint for Llama {
     }
 }
 
-/// cos and sin tables `[max_pos, head_dim/2]` for half-split RoPE.
-fn rope_tables(head_dim: usize, theta: f64, max_pos: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32).collect();
-    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
-    let pos = Tensor::arange(0u32, max_pos as u32, device)?.to_dtype(DType::F32)?.reshape((max_pos, 1))?;
-    let freqs = pos.broadcast_mul(&inv)?;
-    Ok((freqs.cos()?, freqs.sin()?))
-}
-
-/// `[1, t, past + t]`: 0 where position i may attend to j, -inf to the right of i.
-fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..t).flat_map(|i| (0..past + t).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (1, t, past + t), device)
-}
 /// What every layer of one forward pass needs besides the residual stream.
 pub(crate) struct LayerInputs {
-    cos: Tensor,
-    sin: Tensor,
-    /// The causal mask, `None` for a single position.
-    mask: Option<Tensor>,
+    positions: Positions,
     /// The forward's context.
     pub(crate) ctx: ForwardCtx,
     /// Virtual tokens the input-embeddings site prepended (prompt tuning).
     pub(crate) virtual_tokens: usize,
+}
+
+/// What attention needs to know of its queries' positions (see [`Llama::positions`]).
+pub(crate) struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    /// The angles of sliding-window layers where they differ (Gemma 3's local layers).
+    local: Option<(Tensor, Tensor)>,
+    /// The causal mask; `None`: every key is visible.
+    causal: Option<Tensor>,
+    /// The mask of sliding-window layers (the causal one where no key is out of reach).
+    windowed: Option<Tensor>,
+}
+
+impl Positions {
+    /// The RoPE angles a layer uses.
+    fn angles(&self, layer: &Layer) -> (&Tensor, &Tensor) {
+        match (&self.local, layer.window) {
+            (Some((c, s)), Some(_)) => (c, s),
+            _ => (&self.cos, &self.sin),
+        }
+    }
+
+    /// The mask a layer uses.
+    fn mask(&self, layer: &Layer) -> Option<&Tensor> {
+        match layer.window {
+            Some(_) => self.windowed.as_ref(),
+            None => self.causal.as_ref(),
+        }
+    }
 }

@@ -347,7 +347,7 @@ fn generate_on_slot(
         let _slot = slot;
         let Backbone::Llama(m) = worker_state.model_of(&target) else { unreachable!("checked by the caller") };
         let tokenizer = worker_state.tokenizer();
-        let mut stop: Vec<u32> = m.config.eos_token_id.into_iter().collect();
+        let mut stop: Vec<u32> = m.config.eos_tokens();
         stop.extend(tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_id(t)));
         let mut pieces = tokenizer.inner.decode_stream(true);
         let result = generate(m, &prompt, max_tokens, &sampling, &stop, |token| -> Result<(), GenerationStop> {
