@@ -133,7 +133,7 @@ fn read_config(c: &Value, model: &ModelInfo) -> Result<(&'static KindDefaults, V
             .collect(),
         other => return Err(format!("config field `leave_out` must be a list of layer indices, not {other}")),
     };
-    if value("residual_before_ln") == "post_add" && model.architecture != "bert" {
+    if value("residual_before_ln") == "post_add" && !matches!(model.architecture.as_str(), "bert" | "roberta" | "xlm-roberta") {
         return Err(format!(
             "config field `residual_before_ln` = \"post_add\" needs a post-norm model (BERT); on `{}` AdapterHub fails on it too",
             model.architecture
@@ -237,21 +237,23 @@ fn hub_keys(ours: &str, name: &str, model: &ModelInfo, ln_before: bool) -> Optio
     Some(hub_params(param, ln_before).into_iter().map(|p| format!("{module}.adapters.{name}.{p}")).collect())
 }
 
-/// The module AdapterHub hangs a bottleneck layer on: BERT's sublayer output modules
-/// (`encoder.layer.3.output`); on Llama the decoder layer's own `attention_adapters` and
-/// `output_adapters` (`layers.3.output_adapters`, under `model.` in a task model, which
-/// the reader's suffix match accepts).
+/// The module AdapterHub hangs a bottleneck layer on: BERT's and RoBERTa's sublayer output
+/// modules (`encoder.layer.3.output`); elsewhere (DistilBERT, the decoders) the layer's own
+/// `attention_adapters` and `output_adapters` (`transformer.layer.3.output_adapters`,
+/// `layers.3.output_adapters`: a decoder's base-model path, found under `model.` in a task
+/// model by the reader's suffix match).
 fn hub_module(point: adapters_core::Point, model: &ModelInfo) -> Option<String> {
     let module = &model.spec(point)?.module;
-    if model.architecture != "llama" {
+    if matches!(model.architecture.as_str(), "bert" | "roberta" | "xlm-roberta") {
         return Some(module.clone());
     }
-    let layers = match point.site {
+    let adapters = match point.site {
         Site::AttentionOutput => "attention_adapters",
         Site::FfnOutput => "output_adapters",
         _ => return None,
     };
-    Some(format!("layers.{}.{layers}", point.layer))
+    let layer = &model.spec(adapters_core::Point::new(point.layer, Site::LayerOutput))?.module;
+    Some(format!("{}.{adapters}", layer.strip_prefix("model.").unwrap_or(layer)))
 }
 
 /// Maps AdapterHub keys to our variable names; any model prefix (`bert.`) is dropped.
