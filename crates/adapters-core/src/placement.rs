@@ -103,8 +103,12 @@ impl Placement {
     ///
     /// `default_sites` are used when the placement names none; `allowed` says which site
     /// kinds the adapter kind supports (an error names the first one it does not).
+    /// Default sites a model fuses into one projection (Phi-3's `query_key_value`,
+    /// `ffn_gate_up`) are taken on the fused one, as PEFT's defaults for such models target
+    /// `qkv_proj`; sites a placement names are taken as named.
     pub fn expand(&self, model: &ModelInfo, default_sites: &[Site], allowed: impl Fn(Site) -> bool) -> Result<Vec<PointSpec>, Error> {
-        let sites = if self.sites.is_empty() { default_sites } else { &self.sites };
+        let defaults = on_fused_projections(default_sites, model);
+        let sites = if self.sites.is_empty() { &defaults } else { &self.sites };
         if sites.is_empty() {
             return Err(Error::Placement("no sites selected".into()));
         }
@@ -143,6 +147,26 @@ impl Placement {
         }
         Ok(points)
     }
+}
+
+/// `sites` with each one the model lacks replaced by the fused projection that holds it
+/// where the model has one (query, key, value: `query_key_value`; gate, up: `ffn_gate_up`),
+/// each site once.
+fn on_fused_projections(sites: &[Site], model: &ModelInfo) -> Vec<Site> {
+    let offered = model.sites();
+    let mut out: Vec<Site> = Vec::new();
+    for &site in sites {
+        let fused = match site {
+            Site::Query | Site::Key | Site::Value => Site::QueryKeyValue,
+            Site::FfnGate | Site::FfnUp => Site::FfnGateUp,
+            other => other,
+        };
+        let site = if !offered.contains(&site) && offered.contains(&fused) { fused } else { site };
+        if !out.contains(&site) {
+            out.push(site);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

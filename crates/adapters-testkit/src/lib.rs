@@ -115,14 +115,18 @@ pub mod architectures {
     /// decoder's logits per prompt (`logits_<i>`) and last hidden states (`last_hidden_<i>`),
     /// an encoder's last hidden state of the padded pair (`last_hidden`).
     pub fn outputs(backbone: &Backbone, name: &str) -> HashMap<String, Tensor> {
+        outputs_in(backbone, name, &ForwardCtx::inference())
+    }
+
+    /// [`outputs`] in the context `ctx` (a training one keeps the adapters' gradients).
+    pub fn outputs_in(backbone: &Backbone, name: &str, ctx: &ForwardCtx) -> HashMap<String, Tensor> {
         let golden = tensors(&folder(name).join("golden.safetensors"));
-        let ctx = ForwardCtx::inference();
         let prompt = |i: usize| golden[&format!("prompt_{i}")].to_dtype(DType::U32).unwrap();
         let mut out = HashMap::new();
         match backbone {
             Backbone::Llama(m) => {
                 for i in 0..2 {
-                    let hidden = m.forward_hidden(&prompt(i).unsqueeze(0).unwrap(), None, &ctx).unwrap();
+                    let hidden = m.forward_hidden(&prompt(i).unsqueeze(0).unwrap(), None, ctx).unwrap();
                     out.insert(format!("logits_{i}"), m.logits(&hidden).unwrap().squeeze(0).unwrap());
                     out.insert(format!("last_hidden_{i}"), hidden.squeeze(0).unwrap());
                 }
@@ -130,7 +134,7 @@ pub mod architectures {
             Backbone::Bert(m) => {
                 let ids = Tensor::stack(&[prompt(0), prompt(1)], 0).unwrap();
                 let mask = Tensor::stack(&[&golden["mask_0"], &golden["mask_1"]], 0).unwrap().to_dtype(DType::U32).unwrap();
-                out.insert("last_hidden".into(), m.forward(&ids, None, Some(&mask), &ctx).unwrap());
+                out.insert("last_hidden".into(), m.forward(&ids, None, Some(&mask), ctx).unwrap());
             }
         }
         out
