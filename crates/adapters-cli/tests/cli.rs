@@ -93,6 +93,14 @@ fn info_and_kinds_describe_what_is_there() {
     assert_eq!(info["insertion_points"].as_array().unwrap().len(), 6 * 8 + 1 + 6 * 2 + 1);
     let out = stdout_ok(&["info", &model("SmolLM2-135M-Instruct.Q4_1.gguf")]);
     assert!(out.contains("llama") && out.contains("tied") && out.contains("ffn_gate"), "{out}");
+    // Every architecture by its model_type; Phi-3's fused projections as their own sites.
+    let fixture = |name: &str| workspace().join("fixtures/architectures").join(name).to_string_lossy().into_owned();
+    let out = stdout_ok(&["info", &fixture("phi3")]);
+    assert!(out.contains("architecture  phi3") && out.contains("query_key_value") && out.contains("ffn_gate_up"), "{out}");
+    let out = stdout_ok(&["info", &format!("{}/model.q4_0.gguf", fixture("gemma3"))]);
+    assert!(out.contains("architecture  gemma3_text"), "{out}");
+    let out = stdout_ok(&["info", &fixture("distilbert")]);
+    assert!(out.contains("architecture  distilbert"), "{out}");
     stdout_ok(&["kinds"]);
 }
 
