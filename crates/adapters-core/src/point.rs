@@ -101,13 +101,16 @@ impl Site {
             Site::KeyValuePrefix => SiteKind::KeyValuePrefix,
             Site::InputEmbeddings | Site::LmHeadInput => SiteKind::Embeddings,
             Site::LayerOutput => SiteKind::Intervention,
-            Site::Query | Site::Key | Site::Value | Site::AttentionProj | Site::FfnUp | Site::FfnGate
+            Site::Query
+            | Site::Key
+            | Site::Value
+            | Site::AttentionProj
+            | Site::FfnUp
+            | Site::FfnGate
             | Site::FfnDown
             | Site::QueryKeyValue
             | Site::FfnGateUp
-            | Site::Pooler => {
-                SiteKind::Projection
-            }
+            | Site::Pooler => SiteKind::Projection,
         }
     }
 

@@ -72,9 +72,8 @@ impl EncoderArch {
             ("output.dense", "ffn.lin2"),
             ("output.LayerNorm", "output_layer_norm"),
         ];
-        let mapped = DISTIL.iter().find_map(|(b, d)| {
-            rest.strip_prefix(b).filter(|r| r.is_empty() || r.starts_with('.')).map(|r| format!("{d}{r}"))
-        });
+        let mapped =
+            DISTIL.iter().find_map(|(b, d)| rest.strip_prefix(b).filter(|r| r.is_empty() || r.starts_with('.')).map(|r| format!("{d}{r}")));
         let rest = match (mapped, rest) {
             (Some(m), _) => m,
             (None, "output") => "ffn".into(),

@@ -42,12 +42,24 @@ fn default_labels(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("LABEL_{i}")).collect()
 }
 
-/// AdapterHub's flexible-head model class for this backbone.
-fn adapterhub_class(model: &Backbone) -> (&'static str, &'static str) {
-    match model {
-        Backbone::Bert(_) => ("BertAdapterModel", "bert"),
-        Backbone::Llama(_) => ("LlamaAdapterModel", "llama"),
-    }
+/// AdapterHub's flexible-head model class for this backbone, and its `model_type`;
+/// an error for an architecture AdapterHub 1.3.0 does not support.
+fn adapterhub_class(model: &Backbone) -> Result<(&'static str, String)> {
+    let architecture = adapters_core::InsertionPoint::model_info(model).architecture;
+    let class = match architecture.as_str() {
+        "bert" => "BertAdapterModel",
+        "roberta" => "RobertaAdapterModel",
+        "xlm-roberta" => "XLMRobertaAdapterModel",
+        "distilbert" => "DistilBertAdapterModel",
+        "llama" => "LlamaAdapterModel",
+        "mistral" => "MistralAdapterModel",
+        other => {
+            return Err(Error::Unsupported(format!(
+                "AdapterHub 1.3.0 has no model with heads for `{other}`; keep the head in our format or PEFT's"
+            )))
+        }
+    };
+    Ok((class, architecture))
 }
 
 /// The index of each linear layer in AdapterHub's `nn.Sequential`: the hidden ones, then
@@ -71,7 +83,7 @@ pub fn read_adapterhub(dir: &Path, model: &Backbone) -> Result<Option<SavedHead>
     let bad = |m: String| Error::file(&path, m);
     let json = read_json(&path)?;
     let name = json["name"].as_str().ok_or_else(|| bad("has no head `name`".into()))?.to_string();
-    let (class, _) = adapterhub_class(model);
+    let (class, _) = adapterhub_class(model)?;
     let saved_class = json["model_class"].as_str().unwrap_or_default();
     // AdapterHub loads a head into the class it was saved from, or the older
     // `...ModelWithHeads` of the same model.
@@ -206,7 +218,7 @@ pub fn write_adapterhub(dir: &Path, config: &HeadConfig, head: &ClassificationHe
     } else {
         Value::Object(config.labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect())
     };
-    let (class, model_type) = adapterhub_class(model);
+    let (class, model_type) = adapterhub_class(model)?;
     let file = json!({
         "config": {
             "head_type": "classification", "num_labels": config.labels.len(), "layers": shape.layers,

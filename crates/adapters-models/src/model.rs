@@ -135,7 +135,7 @@ impl Backbone {
         let adapters = self.adapters_snapshot();
         *self = match self {
             Backbone::Bert(m) => Backbone::Bert(Bert::from_weights(m.config.clone(), &weights)?),
-            Backbone::Llama(m) => Backbone::Llama(Llama::from_weights(m.config.clone(), &weights)?),
+            Backbone::Llama(m) => Backbone::Llama(Llama::from_weights((*m.config).clone(), &weights)?),
         };
         self.set_adapters(adapters);
         Ok(vars)

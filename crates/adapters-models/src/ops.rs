@@ -289,7 +289,11 @@ pub fn softcapped_attention(
     let q = q.reshape((b, tq, heads, hd))?.transpose(1, 2)?.contiguous()?;
     // Key/value head j serves query heads j·group .. (j+1)·group, as transformers' repeat_kv.
     let repeated = |t: &Tensor| -> Result<Tensor> {
-        t.reshape((b, tk, kv_heads, 1, hd))?.broadcast_as((b, tk, kv_heads, group, hd))?.reshape((b, tk, heads, hd))?.transpose(1, 2)?.contiguous()
+        t.reshape((b, tk, kv_heads, 1, hd))?
+            .broadcast_as((b, tk, kv_heads, group, hd))?
+            .reshape((b, tk, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()
     };
     let (k, v) = (repeated(k)?, repeated(v)?);
     let scores = ((q.matmul(&k.t()?)? * scale)? / cap)?.tanh()? * cap;

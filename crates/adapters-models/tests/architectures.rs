@@ -45,7 +45,12 @@ fn row(ids: &[u32]) -> Tensor {
 fn assert_close(got: &Tensor, want: &Tensor, tol: f32, what: &str) {
     let (g, w) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     assert_eq!(g.len(), w.len(), "{what}: {} values, expected {}", g.len(), w.len());
-    let (i, err) = g.iter().zip(&w).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).enumerate().fold((0, 0f32), |m, (i, e)| if e > m.1 { (i, e) } else { m });
+    let (i, err) =
+        g.iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .enumerate()
+            .fold((0, 0f32), |m, (i, e)| if e > m.1 { (i, e) } else { m });
     assert!(err <= tol, "{what}: value {i} is {}, expected {} (relative error {err:.2e} > {tol:.0e})", g[i], w[i]);
 }
 
@@ -73,7 +78,12 @@ fn decoders_match_transformers() {
             let prompt = ids(&g[&format!("prompt_{i}")]);
             for layer in 0..m.num_layers() {
                 let h = m.residual_stream(&row(&prompt), layer, &ctx).unwrap().squeeze(0).unwrap();
-                assert_close(&h, &g[&format!("hidden_{i}_{layer}")], 1e-4, &format!("{name} prompt {i} residual stream after {layer} layers"));
+                assert_close(
+                    &h,
+                    &g[&format!("hidden_{i}_{layer}")],
+                    1e-4,
+                    &format!("{name} prompt {i} residual stream after {layer} layers"),
+                );
             }
             let last = m.forward_hidden(&row(&prompt), None, &ctx).unwrap().squeeze(0).unwrap();
             assert_close(&last, &g[&format!("last_hidden_{i}")], 1e-4, &format!("{name} prompt {i} last hidden state"));

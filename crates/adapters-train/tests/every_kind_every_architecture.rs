@@ -33,7 +33,12 @@ fn every_kind_trains_on_every_architecture() {
             let value = total.to_scalar::<f32>().unwrap();
             assert!(value.is_finite(), "{name}: {}: outputs are not finite", kind.name);
             let grads = total.backward().unwrap();
-            let reached = vars.iter().filter(|(_, v)| grads.get(v.as_tensor()).is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)).count();
+            let reached = vars
+                .iter()
+                .filter(|(_, v)| {
+                    grads.get(v.as_tensor()).is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+                })
+                .count();
             assert!(reached > 0, "{name}: {}: no gradient reaches its {} variables", kind.name, vars.len());
             m.adapters_mut().activate(&[]).unwrap();
             m.adapters_mut().remove(kind.name).unwrap();

@@ -268,7 +268,7 @@ impl LlamaConfig {
     ///
     /// `divisors` are llama.cpp's `rope_freqs.weight` (a GGUF's form of Llama 3's scaling):
     /// each global frequency is divided by its entry.
-    pub(crate) fn rope_tables(&self, device: &Device, divisors: Option<&[f32]>) -> Result<((Tensor, Tensor), Option<(Tensor, Tensor)>)> {
+    pub(crate) fn rope_tables(&self, device: &Device, divisors: Option<&[f32]>) -> Result<(Angles, Option<Angles>)> {
         let scaling = self.rope_scaling_kind().map_err(candle_core::Error::Msg)?;
         let mut inv = inverse_frequencies(self.head_dim(), self.rope_theta, scaling);
         if let Some(d) = divisors {
@@ -290,6 +290,9 @@ impl LlamaConfig {
     }
 }
 
+/// cos and sin tables of RoPE, `[positions, head_dim / 2]` each.
+pub(crate) type Angles = (Tensor, Tensor);
+
 /// The supported decoder `model_type`s, for error messages.
 pub fn supported_decoders() -> String {
     DecoderArch::ALL.iter().map(|a| a.model_type()).collect::<Vec<_>>().join(", ")
@@ -300,9 +303,16 @@ pub fn supported_decoders() -> String {
 enum RopeScaling {
     None,
     /// Every frequency divided by `factor` (Gemma 3's global layers).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1+: low frequencies divided by `factor`, high ones kept, a smooth blend between.
-    Llama3 { factor: f64, low: f64, high: f64, original: f64 },
+    Llama3 {
+        factor: f64,
+        low: f64,
+        high: f64,
+        original: f64,
+    },
 }
 
 /// The inverse frequencies of RoPE, as transformers computes them (in f32 where it does).
@@ -332,7 +342,7 @@ fn inverse_frequencies(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec
 }
 
 /// cos and sin `[max_pos, frequencies]` of every position's angles.
-fn angle_tables(inv: Vec<f32>, max_pos: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+fn angle_tables(inv: Vec<f32>, max_pos: usize, device: &Device) -> Result<Angles> {
     let n = inv.len();
     let inv = Tensor::from_vec(inv, (1, n), device)?;
     let pos = Tensor::arange(0u32, max_pos as u32, device)?.to_dtype(DType::F32)?.reshape((max_pos, 1))?;

@@ -66,7 +66,9 @@ impl LlamaConfig {
             attention_bias: false,
             mlp_bias: false,
             // llama.cpp writes a linear factor only (Gemma 3's global layers).
-            rope_scaling: f("rope.scaling.factor").filter(|&x| x != 1.0).map(|factor| serde_json::json!({"rope_type": "linear", "factor": factor})),
+            rope_scaling: f("rope.scaling.factor")
+                .filter(|&x| x != 1.0)
+                .map(|factor| serde_json::json!({"rope_type": "linear", "factor": factor})),
             sliding_window: window,
             use_sliding_window: None,
             max_window_layers: None,
@@ -232,5 +234,34 @@ impl Llama {
         let json = serde_json::to_string_pretty(&config).expect("configs serialise");
         adapters_core::io::write_atomic(&dir.join("config.json"), json.as_bytes())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gguf_file::{Content, Value, VersionedMagic};
+
+    fn content(arch: &str) -> Content {
+        let metadata = [("general.architecture", Value::String(arch.into()))].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        Content { magic: VersionedMagic::GgufV3, metadata, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
+    }
+
+    /// Another architecture is refused with the list; a known one names its missing keys
+    /// under its own prefix (llama.cpp's `{arch}.*`).
+    #[test]
+    fn gguf_architectures_are_read_by_their_own_keys_or_refused_with_the_list() {
+        let err = LlamaConfig::from_gguf(&content("falcon")).unwrap_err();
+        assert!(err.contains("`falcon`") && err.contains(GGUF_ARCHITECTURES), "{err}");
+        let err = LlamaConfig::from_gguf(&content("qwen3")).unwrap_err();
+        assert!(err.contains("qwen3.attention.head_count"), "{err}");
+    }
+
+    /// Gemma's query scale follows llama.cpp: the head size, hidden / heads for 27B models.
+    #[test]
+    fn gemma_query_scalar_follows_llama_cpp() {
+        assert_eq!(gemma_query_scalar(DecoderArch::Gemma2, 26, 2304, 8, Some(256)), Some(256.0));
+        assert_eq!(gemma_query_scalar(DecoderArch::Gemma2, 46, 4608, 32, Some(128)), Some(144.0));
+        assert_eq!(gemma_query_scalar(DecoderArch::Gemma3, 62, 5376, 32, Some(128)), Some(168.0));
     }
 }

@@ -159,8 +159,8 @@ pub(crate) const ROPE_FREQS: &str = "rope_freqs.weight";
 /// A Llama-family decoder with its causal-LM head.
 #[derive(Clone)]
 pub struct Llama {
-    /// The model's configuration.
-    pub config: LlamaConfig,
+    /// The model's configuration (boxed: it is large and rarely read).
+    pub config: Box<LlamaConfig>,
     embed: Tensor,
     /// What the token embeddings are multiplied by (Gemma: √hidden, rounded to f32).
     embed_scale: Option<f64>,
@@ -271,7 +271,7 @@ impl Llama {
         let embed_scale = gemma.then(|| (h as f64).sqrt() as f32 as f64);
         Ok(Llama {
             norm: norm("model.norm", h)?,
-            config,
+            config: Box::new(config),
             embed,
             embed_scale,
             layers,
