@@ -43,8 +43,9 @@ pub struct ProjectionIo<'a> {
 pub struct FrozenLinear<'a> {
     /// `x ↦ x Wᵀ + b` (in decoding steps possibly on an 8-bit copy of `W`).
     pub apply: TensorFn<'a>,
-    /// `W`, `[out_features, in_features]`, in f32.
-    pub weight: &'a Tensor,
+    /// `W`, `[out_features, in_features]`, in f32: a view of the base's weight, or over a
+    /// quantized (packed) base a transient de-quantised copy, made only when called.
+    pub weight: &'a dyn Fn() -> candle_core::Result<Tensor>,
     /// `b`, `[out_features]`, if the projection has one.
     pub bias: Option<&'a Tensor>,
 }

@@ -146,7 +146,7 @@ impl Lora {
     /// PEFT's DoRA forward: `output + (m/‖W + s·BA‖ − 1) ⊙ (x Wᵀ) + m/‖W + s·BA‖ ⊙ s·(x Aᵀ) Bᵀ`,
     /// with `x` dropped out in training and the norm detached.
     fn dora(&self, p: &Pair, magnitude: &Var, io: &ProjectionIo, ctx: &ForwardCtx) -> Result<Tensor> {
-        let w = io.linear.weight;
+        let w = &(io.linear.weight)()?;
         let delta = (p.b.as_tensor().detach().matmul(&p.a.as_tensor().detach())? * p.scale)?;
         let norm = (w + delta)?.sqr()?.sum(1)?.sqrt()?.detach();
         start_magnitude(p, magnitude, &norm)?;

@@ -141,7 +141,7 @@ fn fresh_dora_starts_as_the_identity_and_its_magnitude_gradient_matches_finite_d
         let io = adapters_core::ProjectionIo {
             input: &x,
             output: &y,
-            linear: adapters_core::FrozenLinear { apply: &apply, weight: &w, bias: Some(&b) },
+            linear: adapters_core::FrozenLinear { apply: &apply, weight: &|| Ok(w.clone()), bias: Some(&b) },
         };
         adapter.forward_projection(point, &io, ctx).unwrap().mul(&probe).unwrap().sum_all().unwrap()
     };

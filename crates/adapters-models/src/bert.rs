@@ -444,6 +444,17 @@ impl Bert {
         Ok(())
     }
 
+    /// Keeps every layer's projections as 8-bit blocks (Q8_0) instead of f32
+    /// ([`crate::BaseWeights::Q8_0`]); embeddings, norms and the pooler stay f32.
+    pub fn pack_q8_0(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for linear in [&mut layer.query, &mut layer.key, &mut layer.value, &mut layer.attn_out, &mut layer.up, &mut layer.down] {
+                linear.pack_q8_0()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Number of layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
@@ -593,7 +604,7 @@ impl InsertionPoint for Bert {
         let info = self.model_info();
         for (point, lin) in self.linears() {
             let module = info.spec(point).map(|s| s.module.clone()).unwrap_or_default();
-            out.push((format!("{module}.weight"), lin.weight.clone()));
+            out.push((format!("{module}.weight"), lin.weight().expect("a loaded weight de-quantises")));
             if let Some(b) = &lin.bias {
                 out.push((format!("{module}.bias"), b.clone()));
             }

@@ -19,6 +19,7 @@ pub mod heads;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod packed;
 pub mod saved_heads;
 pub mod tokenizer;
 pub mod weights;
@@ -27,5 +28,7 @@ pub use attached::HoldsAdapters;
 pub use bert::{Bert, BertConfig, EncoderArch};
 pub use error::{Error, Result};
 pub use llama::{DecoderArch, KvCache, Llama, LlamaConfig};
-pub use model::{fetched, length_batches, load, models_dir, sentence_embeddings, Backbone, LoadedModel, MAX_BATCH_TOKENS};
+pub use model::{
+    fetched, length_batches, load, load_with, models_dir, sentence_embeddings, Backbone, BaseWeights, LoadedModel, MAX_BATCH_TOKENS,
+};
 pub use tokenizer::{Message, TextTokenizer};

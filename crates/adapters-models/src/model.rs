@@ -115,8 +115,8 @@ impl Backbone {
         for point in adapter.points() {
             let lin = self.linear_mut(point).ok_or_else(|| Error::Invalid(format!("the model has no projection at {point}")))?;
             let new = match merge {
-                true => mergeable.merged_weight(point, &lin.weight),
-                false => mergeable.unmerged_weight(point, &lin.weight),
+                true => mergeable.merged_weight(point, &lin.weight()?),
+                false => mergeable.unmerged_weight(point, &lin.weight()?),
             };
             weights.push((point, new.ok_or_else(cannot)??));
         }
@@ -367,10 +367,30 @@ pub fn fetched(name: &str) -> Result<PathBuf> {
 
 const EXPECTED: &str = "expected a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file";
 
+/// How a loaded model keeps its frozen projection weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseWeights {
+    /// f32: a GGUF file's blocks are de-quantised at load.
+    #[default]
+    F32,
+    /// A GGUF file's quantized blocks as stored (Q4_0, Q4_K, Q8_0, ...), multiplied through
+    /// without a lasting f32 copy: QLoRA-style training over a quantized base
+    /// ([`crate::packed`]). Embeddings, norms and the output layer stay f32.
+    Packed,
+    /// 8-bit blocks (Q8_0) made at load from any model's f32 projections.
+    Q8_0,
+}
+
 /// Loads the model at `path`: a Hugging Face folder (`config.json`, `model.safetensors`,
 /// `tokenizer.json`) of a BERT or Llama model, or a Llama `.gguf` file. Llama models also
 /// keep 8-bit copies of their projections for decoding ([`Llama::quantize_for_decoding`]).
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    load_with(path, device, BaseWeights::F32)
+}
+
+/// [`load`], keeping the projection weights as `base` says.
+pub fn load_with(path: &Path, device: &Device, base: BaseWeights) -> Result<LoadedModel> {
     if !path.exists() {
         return Err(Error::file(path, format!("does not exist; {EXPECTED}. Run `cargo xtask fetch` to get the project's models")));
     }
@@ -381,7 +401,10 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         if &magic != b"GGUF" {
             return Err(Error::file(path, format!("is a file but not a GGUF file (no GGUF magic); {EXPECTED}")));
         }
-        let (mut model, ct) = Llama::from_gguf(path, device)?;
+        let (mut model, ct) = Llama::from_gguf_with(path, device, base == BaseWeights::Packed)?;
+        if base == BaseWeights::Q8_0 {
+            model.pack_q8_0()?;
+        }
         model.quantize_for_decoding()?;
         adapters_kernels::release_free_memory();
         let tokenizer = TextTokenizer::from_gguf(&ct).map_err(|e| Error::file(path, format!("reading the tokenizer: {e}")))?;
@@ -396,10 +419,25 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         return Err(Error::file(path, format!("has no tokenizer.json; {EXPECTED}")));
     }
     let tokenizer = TextTokenizer::from_folder(path)?;
+    if base == BaseWeights::Packed {
+        return Err(Error::file(
+            path,
+            "holds f32 weights, not quantized blocks: `packed` keeps a GGUF file's blocks; use `q8_0` to quantise this model at load",
+        ));
+    }
     let backbone = match model_type {
-        t if crate::bert::EncoderArch::from_model_type(t).is_some() => Backbone::Bert(Bert::from_folder(path, device)?),
+        t if crate::bert::EncoderArch::from_model_type(t).is_some() => {
+            let mut model = Bert::from_folder(path, device)?;
+            if base == BaseWeights::Q8_0 {
+                model.pack_q8_0()?;
+            }
+            Backbone::Bert(model)
+        }
         t if crate::llama::DecoderArch::from_model_type(t).is_some() => {
             let mut model = Llama::from_folder(path, device)?;
+            if base == BaseWeights::Q8_0 {
+                model.pack_q8_0()?;
+            }
             model.quantize_for_decoding()?;
             adapters_kernels::release_free_memory();
             Backbone::Llama(model)

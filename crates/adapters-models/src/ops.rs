@@ -1,6 +1,7 @@
 //! The layers the backbones are built from, on the fused kernels of [`adapters_kernels`]
 //! (which fall back to composed candle ops off the CPU).
 
+use crate::packed::PackedWeight;
 use adapters_core::{AdapterSet, ForwardCtx, FrozenLinear, Point};
 use adapters_kernels as kernels;
 use candle_core::{DType, Module, Result, Tensor};
@@ -13,8 +14,8 @@ const QUANTIZED_MAX_ROWS: usize = 16;
 /// A frozen linear layer `y = x W^T + b`, as stored by PyTorch (`W` is `[out, in]`).
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// `[out, in]`. Change it with [`Linear::set_weight`], which drops a stale 8-bit copy.
-    pub weight: Tensor,
+    /// `[out, in]`: f32, or quantized blocks (see [`crate::packed`]).
+    weight: Weight,
     /// `[out]`, if the layer has one.
     pub bias: Option<Tensor>,
     /// An 8-bit copy of `weight` for inference on few rows.
@@ -24,16 +25,71 @@ pub struct Linear {
     int8: Option<Arc<kernels::Int8Matrix>>,
 }
 
+/// Where a projection's weight lives.
+#[derive(Clone, Debug)]
+enum Weight {
+    /// f32 (possibly kept transposed in memory, see [`Linear::store_transposed`]).
+    Dense(Tensor),
+    /// Quantized blocks, multiplied through without a lasting f32 copy.
+    Packed(PackedWeight),
+}
+
 impl Linear {
     /// A layer from its weight and optional bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias, quantized: None, int8: None }
+        Linear { weight: Weight::Dense(weight), bias, quantized: None, int8: None }
+    }
+
+    /// A layer whose weight stays in quantized blocks (QLoRA-style training and inference).
+    pub fn packed(weight: PackedWeight, bias: Option<Tensor>) -> Self {
+        Linear { weight: Weight::Packed(weight), bias, quantized: None, int8: None }
+    }
+
+    /// The weight `[out, in]` in f32: the layer's own tensor, or a transient de-quantised
+    /// copy of a packed one.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Packed(p) => p.dequantize(),
+        }
+    }
+
+    /// The f32 weight, unless the layer is packed: for the fused paths that read it in
+    /// place (a packed layer takes the plain product instead).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Packed(_) => None,
+        }
+    }
+
+    /// The quantized blocks, if the layer is packed.
+    pub fn packed_weight(&self) -> Option<&PackedWeight> {
+        match &self.weight {
+            Weight::Packed(p) => Some(p),
+            Weight::Dense(_) => None,
+        }
+    }
+
+    /// Keeps the weight as 8-bit blocks (Q8_0) instead of f32 (`--quantize q8_0` for
+    /// training over a safetensors model); a no-op for a packed layer or widths that are
+    /// not whole blocks.
+    pub fn pack_q8_0(&mut self) -> Result<()> {
+        if let Weight::Dense(w) = &self.weight {
+            if w.device().is_cpu() && self.in_features().is_multiple_of(32) {
+                self.weight = Weight::Packed(PackedWeight::quantize_q8_0(w)?);
+                self.quantized = None;
+                self.int8 = None;
+            }
+        }
+        Ok(())
     }
 
     /// Replaces the weight (merging an adapter into it), kept in the storage the old one
-    /// had ([`Linear::store_transposed`]); drops the 8-bit copy.
+    /// had ([`Linear::store_transposed`]; a packed layer becomes f32); drops the 8-bit copy.
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
-        self.weight = if self.stored_transposed() { kernels::transposed_storage(&weight)? } else { weight };
+        let transposed = self.stored_transposed();
+        self.weight = Weight::Dense(if transposed { kernels::transposed_storage(&weight)? } else { weight });
         self.quantized = None;
         self.int8 = None;
         Ok(())
@@ -43,8 +99,10 @@ impl Linear {
     /// ([`Linear::store_transposed`]); trainable ones (variables) stay as given.
     pub fn loaded(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let mut linear = Linear::new(weight, bias);
-        if linear.weight.device().is_cpu() && !linear.weight.track_op() {
-            linear.store_transposed()?;
+        if let Weight::Dense(w) = &linear.weight {
+            if w.device().is_cpu() && !w.track_op() {
+                linear.store_transposed()?;
+            }
         }
         Ok(linear)
     }
@@ -54,22 +112,25 @@ impl Linear {
     /// ([`kernels::transposed_storage`]), at the same memory. For a decoder's projections;
     /// a layer whose weight also serves as an embedding table keeps PyTorch's layout.
     pub fn store_transposed(&mut self) -> Result<()> {
-        if !self.stored_transposed() {
-            self.weight = kernels::transposed_storage(&self.weight)?;
+        if let (false, Weight::Dense(w)) = (self.stored_transposed(), &self.weight) {
+            self.weight = Weight::Dense(kernels::transposed_storage(w)?);
         }
         Ok(())
     }
 
     fn stored_transposed(&self) -> bool {
-        !self.weight.is_contiguous() && self.weight.t().is_ok_and(|t| t.is_contiguous())
+        matches!(&self.weight, Weight::Dense(w) if !w.is_contiguous() && w.t().is_ok_and(|t| t.is_contiguous()))
     }
 
     /// Keeps an 8-bit copy of the weight ([`kernels::Int8Weight`]), used by decoding steps
     /// ([`Linear::forward_decoding`]): a quarter of the f32 weight's memory traffic, at
-    /// 8-bit weight precision. CPU only; a no-op for widths that are not whole blocks.
+    /// 8-bit weight precision. CPU only; a no-op for widths that are not whole blocks and
+    /// for packed layers (their decoding steps multiply the blocks).
     pub fn quantize(&mut self) -> Result<()> {
-        if self.weight.device().is_cpu() && self.in_features().is_multiple_of(kernels::INT8_BLOCK) {
-            self.quantized = Some(Arc::new(kernels::Int8Weight::quantize(&self.weight)?));
+        if let Weight::Dense(w) = &self.weight {
+            if w.device().is_cpu() && self.in_features().is_multiple_of(kernels::INT8_BLOCK) {
+                self.quantized = Some(Arc::new(kernels::Int8Weight::quantize(w)?));
+            }
         }
         Ok(())
     }
@@ -83,10 +144,11 @@ impl Linear {
     /// per output channel once, each input row per call ([`kernels::Int8Matrix`]); products
     /// that need a gradient stay on the f32 weight. An encoder's `--quantize int8`.
     pub fn use_int8(&mut self) -> Result<()> {
-        if !self.weight.device().is_cpu() {
-            candle_core::bail!("8-bit products run on the CPU; this model is on {:?}: drop --quantize int8 there", self.weight.device());
+        let w = self.weight()?;
+        if !w.device().is_cpu() {
+            candle_core::bail!("8-bit products run on the CPU; this model is on {:?}: drop --quantize int8 there", w.device());
         }
-        self.int8 = Some(Arc::new(kernels::Int8Matrix::quantize(&self.weight)?));
+        self.int8 = Some(Arc::new(kernels::Int8Matrix::quantize(&w)?));
         Ok(())
     }
 
@@ -98,51 +160,63 @@ impl Linear {
                 return q.gelu_matmul(x, self.bias.as_ref());
             }
         }
-        match &self.bias {
-            Some(b) => kernels::gelu_linear(x, &self.weight, b),
-            None => self.forward(&kernels::gelu_erf(x)?),
+        match (&self.bias, self.dense_weight()) {
+            (Some(b), Some(w)) => kernels::gelu_linear(x, w, b),
+            _ => self.forward(&kernels::gelu_erf(x)?),
         }
     }
 
     /// Input width.
     pub fn in_features(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0)
+        match &self.weight {
+            Weight::Dense(w) => w.dim(1).unwrap_or(0),
+            Weight::Packed(p) => p.dims().1,
+        }
     }
 
     /// Output width.
     pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        match &self.weight {
+            Weight::Dense(w) => w.dim(0).unwrap_or(0),
+            Weight::Packed(p) => p.dims().0,
+        }
+    }
+
+    /// The number of weights and biases.
+    pub fn num_parameters(&self) -> usize {
+        self.in_features() * self.out_features() + self.bias.as_ref().map_or(0, Tensor::elem_count)
     }
 
     /// The projection at `point`, passed through the adapters attached there; `decoding`
     /// picks [`Linear::forward_decoding`] for the frozen product.
     pub fn forward_with(&self, adapters: &AdapterSet, point: Point, x: &Tensor, ctx: &ForwardCtx, decoding: bool) -> Result<Tensor> {
-        // The low-rank term is added inside an f32 product: not with 8-bit products.
-        if !decoding && self.int8.is_none() {
-            if let Some(y) = adapters.low_rank_projection(point, x, &self.weight, self.bias.as_ref(), ctx)? {
+        // The low-rank term is added inside an f32 product: not with 8-bit or packed weights.
+        if let (false, None, Some(w)) = (decoding, &self.int8, self.dense_weight()) {
+            if let Some(y) = adapters.low_rank_projection(point, x, w, self.bias.as_ref(), ctx)? {
                 return Ok(y);
             }
         }
         let apply = |t: &Tensor| if decoding { self.forward_decoding(t) } else { self.forward(t) };
-        let linear = FrozenLinear { apply: &apply, weight: &self.weight, bias: self.bias.as_ref() };
+        let weight = || self.weight();
+        let linear = FrozenLinear { apply: &apply, weight: &weight, bias: self.bias.as_ref() };
         adapters.projection(point, x, linear, ctx)
     }
 
-    /// The product for a decoding step: on the 8-bit copy when there is one, `x` has at
-    /// most 16 rows and needs no gradient; on the f32 weight otherwise.
+    /// The product for a decoding step: on the 8-bit copy (or a packed layer's blocks) when
+    /// `x` has at most 16 rows and needs no gradient; the full-precision product otherwise.
     /// Prompts (prefill) and plain forwards stay on f32, where the golden tests hold.
     pub fn forward_decoding(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(q) = &self.quantized {
-            let rows = x.elem_count() / self.in_features().max(1);
-            if rows <= QUANTIZED_MAX_ROWS && !x.track_op() && x.device().is_cpu() {
-                let y = q.matmul(x)?;
-                return match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                };
-            }
+        let rows = x.elem_count() / self.in_features().max(1);
+        let few = rows <= QUANTIZED_MAX_ROWS && !x.track_op() && x.device().is_cpu();
+        let y = match (&self.quantized, &self.weight) {
+            (Some(q), _) if few => q.matmul(x)?,
+            (None, Weight::Packed(p)) if few => p.decode_product(x)?,
+            _ => return self.forward(x),
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
-        self.forward(x)
     }
 }
 
@@ -153,7 +227,13 @@ impl Module for Linear {
                 return q.matmul(x, self.bias.as_ref());
             }
         }
-        kernels::linear(x, &self.weight, self.bias.as_ref())
+        match &self.weight {
+            Weight::Dense(w) => kernels::linear(x, w, self.bias.as_ref()),
+            Weight::Packed(p) => match &self.bias {
+                Some(b) => p.product(x)?.broadcast_add(b),
+                None => p.product(x),
+            },
+        }
     }
 }
 

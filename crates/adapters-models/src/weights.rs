@@ -1,6 +1,7 @@
 //! Named tensors read from a model file, with errors that name the file and the tensor.
 
 use crate::error::{Error, Result};
+use crate::packed::PackedWeight;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,12 +10,32 @@ use std::path::{Path, PathBuf};
 pub struct Weights {
     source: PathBuf,
     tensors: HashMap<String, Tensor>,
+    /// Projection weights kept in the file's quantized blocks (see [`crate::packed`]).
+    packed: HashMap<String, PackedWeight>,
 }
 
 impl Weights {
     /// Tensors already in memory; `source` names them in error messages.
     pub fn new(source: PathBuf, tensors: HashMap<String, Tensor>) -> Self {
-        Weights { source, tensors }
+        Weights { source, tensors, packed: HashMap::new() }
+    }
+
+    /// Adds weights kept in quantized blocks, found by [`Weights::get_packed`].
+    pub fn with_packed(mut self, packed: HashMap<String, PackedWeight>) -> Self {
+        self.packed = packed;
+        self
+    }
+
+    /// The packed weight `name`, if it is kept packed, checked against `[out, in]`.
+    pub fn get_packed(&self, name: &str, shape: [usize; 2]) -> Result<Option<PackedWeight>> {
+        match self.packed.get(name) {
+            None => Ok(None),
+            Some(p) if p.dims() != (shape[0], shape[1]) => Err(Error::file(
+                &self.source,
+                format!("tensor `{name}` has shape {:?}, expected {shape:?} from the model config", p.dims()),
+            )),
+            Some(p) => Ok(Some(p.clone())),
+        }
     }
 
     /// Reads a safetensors file, or every shard listed in a `*.safetensors.index.json`.
@@ -41,7 +62,7 @@ impl Weights {
                 tensors.insert(name, t);
             }
         }
-        Ok(Weights { source: path.to_path_buf(), tensors })
+        Ok(Weights { source: path.to_path_buf(), tensors, packed: HashMap::new() })
     }
 
     /// The file the tensors came from (for error messages).
@@ -49,9 +70,9 @@ impl Weights {
         &self.source
     }
 
-    /// Whether a tensor of that name exists.
+    /// Whether a tensor of that name exists (packed or not).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.packed.contains_key(name)
     }
 
     /// The tensor `name`, checked against the expected shape.

@@ -41,6 +41,15 @@ pub struct ModelConfig {
     /// Longer texts are truncated to this many tokens.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
+    /// How the frozen projections are kept: `"f32"` (a GGUF file de-quantised at load),
+    /// `"packed"` (a GGUF file's quantized blocks as stored: QLoRA-style training, the base
+    /// at its file size in memory), `"q8_0"` (8-bit blocks made at load, from any model).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub base_weights: adapters_models::BaseWeights,
+}
+
+fn is_f32(b: &adapters_models::BaseWeights) -> bool {
+    *b == adapters_models::BaseWeights::F32
 }
 
 fn default_max_length() -> usize {

@@ -3,8 +3,9 @@
 
 use super::{DecoderArch, Llama, LlamaConfig};
 use crate::error::Error;
+use crate::packed::PackedWeight;
 use crate::weights::Weights;
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{Device, Result, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -132,6 +133,19 @@ fn hf_name(gguf: &str, arch: DecoderArch) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{param}"))
 }
 
+/// The row order that undoes llama.cpp's q/k permutation of a `[rows, ..]` weight: row
+/// `(h, j, i)` of Hugging Face's layout (head, half, index) is the file's row `(h, i, j)`.
+fn unpermuted_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let half = rows / heads / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, rest) = (r / (2 * half), r % (2 * half));
+            let (j, i) = (rest / half, rest % half);
+            h * 2 * half + i * 2 + j
+        })
+        .collect()
+}
+
 /// Undoes llama.cpp's q/k row permutation (interleaved RoPE pairs back to half-split).
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
@@ -144,6 +158,16 @@ impl Llama {
     /// De-quantisation runs on the CPU whatever `device` is, so the f32 weights (and the
     /// base-model fingerprint over them) are the same on every device.
     pub fn from_gguf(path: &Path, device: &Device) -> std::result::Result<(Self, gguf_file::Content), Error> {
+        Self::from_gguf_with(path, device, false)
+    }
+
+    /// [`Llama::from_gguf`], keeping the layers' quantized projection weights in their
+    /// blocks when `packed` (QLoRA-style: see [`crate::packed`]); embeddings, norms and
+    /// f32/f16 tensors are de-quantised either way. CPU only.
+    pub fn from_gguf_with(path: &Path, device: &Device, packed: bool) -> std::result::Result<(Self, gguf_file::Content), Error> {
+        if packed && !device.is_cpu() {
+            return Err(Error::Unsupported(format!("{}: packed base weights run on the CPU; drop `base_weights` there", path.display())));
+        }
         let mut file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
         let ct = gguf_file::Content::read(&mut file).map_err(|e| Error::file(path, format!("not a readable GGUF file: {e}")))?;
         let config = LlamaConfig::from_gguf(&ct).and_then(|c| c.check().map(|()| c)).map_err(|e| Error::file(path, e))?;
@@ -165,15 +189,24 @@ impl Llama {
                 return Err(Error::file(path, format!("tensor `{name}` has the impossible shape {:?} for this file", info.shape.dims())));
             }
         }
-        let mut tensors = HashMap::new();
+        let (mut tensors, mut kept) = (HashMap::new(), HashMap::new());
         for name in ct.tensor_infos.keys() {
             let hf = if name == super::ROPE_FREQS { Some(name.clone()) } else { hf_name(name, arch) };
             let Some(hf) = hf else { continue };
-            let t = ct
-                .tensor(&mut file, name, &Device::Cpu)
-                .and_then(|q| q.dequantize(&Device::Cpu))
-                .and_then(|t| t.to_device(device))
-                .map_err(|e| Error::file(path, format!("tensor `{name}` cannot be read: {e}")))?;
+            let read = |e: candle_core::Error| Error::file(path, format!("tensor `{name}` cannot be read: {e}"));
+            let q = ct.tensor(&mut file, name, &Device::Cpu).map_err(read)?;
+            let quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            if packed && quantized && hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") {
+                let p = PackedWeight::new(std::sync::Arc::new(q)).map_err(read)?;
+                let p = match (name.rsplit('.').nth(1), arch) {
+                    (Some("attn_q"), DecoderArch::Llama) => p.rows_reordered(&unpermuted_rows(p.dims().0, config.num_attention_heads))?,
+                    (Some("attn_k"), DecoderArch::Llama) => p.rows_reordered(&unpermuted_rows(p.dims().0, config.num_kv_heads()))?,
+                    _ => p,
+                };
+                kept.insert(hf, p);
+                continue;
+            }
+            let t = q.dequantize(&Device::Cpu).and_then(|t| t.to_device(device)).map_err(read)?;
             // llama.cpp permutes Llama's q/k rows (interleaved RoPE pairs) and stores Gemma's
             // norms as `1 + w`; the other architectures' tensors are Hugging Face's.
             let t = match (name.rsplit('.').nth(1), arch) {
@@ -184,7 +217,7 @@ impl Llama {
             };
             tensors.insert(hf, t);
         }
-        let model = Self::from_weights(config, &Weights::new(path.to_path_buf(), tensors))?;
+        let model = Self::from_weights(config, &Weights::new(path.to_path_buf(), tensors).with_packed(kept))?;
         Ok((model, ct))
     }
 
@@ -205,7 +238,7 @@ impl Llama {
         tensors.insert("model.embed_tokens.weight".into(), self.embed.clone());
         tensors.insert("model.norm.weight".into(), self.norm.weight.clone());
         if !self.tied {
-            tensors.insert("lm_head.weight".into(), self.output.weight.clone());
+            tensors.insert("lm_head.weight".into(), self.output.weight().expect("a loaded weight de-quantises"));
         }
         if let Some(d) = &self.rope_divisors {
             tensors.insert(super::ROPE_FREQS.into(), d.clone());
@@ -255,6 +288,15 @@ mod tests {
         assert!(err.contains("`falcon`") && err.contains(GGUF_ARCHITECTURES), "{err}");
         let err = LlamaConfig::from_gguf(&content("qwen3")).unwrap_err();
         assert!(err.contains("qwen3.attention.head_count"), "{err}");
+    }
+
+    /// Moving whole rows undoes the permutation as the f32 reshape does.
+    #[test]
+    fn unpermuted_rows_match_the_reshape() -> candle_core::Result<()> {
+        let w = Tensor::arange(0f32, 24.0 * 3.0, &Device::Cpu)?.reshape((24, 3))?;
+        let moved = w.index_select(&Tensor::new(unpermuted_rows(24, 3).iter().map(|&r| r as u32).collect::<Vec<_>>(), &Device::Cpu)?, 0)?;
+        assert_eq!(moved.to_vec2::<f32>()?, unpermute(&w, 3)?.to_vec2::<f32>()?);
+        Ok(())
     }
 
     /// Gemma's query scale follows llama.cpp: the head size, hidden / heads for 27B models.

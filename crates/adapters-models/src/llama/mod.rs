@@ -63,7 +63,7 @@ impl Layer {
     fn named(&self, p: &str, gemma: bool) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         let mut lin = |name: &str, l: &Linear| {
-            out.push((format!("{p}.{name}.weight"), l.weight.clone()));
+            out.push((format!("{p}.{name}.weight"), l.weight().expect("a loaded weight de-quantises")));
             if let Some(b) = &l.bias {
                 out.push((format!("{p}.{name}.bias"), b.clone()));
             }
@@ -98,6 +98,28 @@ impl Layer {
         }
         out.extend(norms.into_iter().map(|(name, n)| (format!("{p}.{name}.weight"), n.weight.clone())));
         out
+    }
+
+    /// Every projection.
+    fn projection_list(&self) -> Vec<&Linear> {
+        let mut out: Vec<&Linear> = match &self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        };
+        out.push(&self.o);
+        match &self.gate_up {
+            GateUp::Separate { gate, up } => out.extend([gate, up]),
+            GateUp::Fused(gate_up) => out.push(gate_up),
+        }
+        out.push(&self.down);
+        out
+    }
+
+    /// Number of norm scale values.
+    fn norm_values(&self) -> usize {
+        let norms = [Some(&self.attn_norm), Some(&self.ffn_norm), self.post_attn_norm.as_ref(), self.post_ffn_norm.as_ref()];
+        let qk = self.qk_norms.as_ref().map_or(0, |(q, k)| q.weight.elem_count() + k.weight.elem_count());
+        norms.iter().flatten().map(|n| n.weight.elem_count()).sum::<usize>() + qk
     }
 
     /// Every projection, mutably.
@@ -202,7 +224,11 @@ impl Llama {
         let gemma = arch.is_gemma();
         let lin = |name: &str, out: usize, inp: usize, bias: bool| -> std::result::Result<Linear, Error> {
             let b = if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None };
-            Ok(Linear::loaded(w.get(&format!("{name}.weight"), &[out, inp])?, b)?)
+            let weight = format!("{name}.weight");
+            match w.get_packed(&weight, [out, inp])? {
+                Some(packed) => Ok(Linear::packed(packed, b)),
+                None => Ok(Linear::loaded(w.get(&weight, &[out, inp])?, b)?),
+            }
         };
         let norm = |name: &str, width: usize| -> std::result::Result<RmsNorm, Error> {
             Ok(RmsNorm::new(w.get(&format!("{name}.weight"), &[width])?, config.rms_norm_eps, gemma)?)
@@ -407,8 +433,8 @@ impl Llama {
     }
 
     /// The output projection `[vocab, hidden]` (the token embeddings when tied).
-    pub fn lm_head_weight(&self) -> &Tensor {
-        &self.output.weight
+    pub fn lm_head_weight(&self) -> Result<Tensor> {
+        self.output.weight()
     }
 
     /// Logits `[batch, seq, vocab]` from final hidden states.
@@ -580,9 +606,11 @@ impl Llama {
         let ffn = if self.config.arch().is_gemma() {
             // GeGLU with GELU's tanh form (`gelu_pytorch_tanh`).
             self.project(&layer.down, down, &(gate.gelu()? * up)?, ctx, decoding)?
-        } else if !decoding && layer.down.bias.is_none() && !self.adapters.may_act_at(down, ctx) {
+        } else if let (false, None, Some(w), false) =
+            (decoding, &layer.down.bias, layer.down.dense_weight(), self.adapters.may_act_at(down, ctx))
+        {
             // The activation inside the down projection: it is not kept for the backward pass.
-            kernels::swiglu_linear(&gate, &up, &layer.down.weight)?
+            kernels::swiglu_linear(&gate, &up, w)?
         } else {
             self.project(&layer.down, down, &kernels::swiglu(&gate, &up)?, ctx, decoding)?
         };

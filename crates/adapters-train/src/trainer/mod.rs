@@ -113,8 +113,8 @@ impl Trainer {
     /// (`NAME@TAG` in an adapter library) into one: the CLI passes the store's resolver, so
     /// the trainer itself knows no store.
     pub fn with_references(config: Config, device: &Device, resolve: ResolveReference) -> Result<Self> {
-        let mut model =
-            adapters_models::load(&config.model.path, device).within(|| format!("`model.path` = {}", config.model.path.display()))?;
+        let mut model = adapters_models::load_with(&config.model.path, device, config.model.base_weights)
+            .within(|| format!("`model.path` = {}", config.model.path.display()))?;
         let base_parameters = model.backbone.num_parameters();
         let seed = config.training.seed;
         let mode = config.training.mode;
