@@ -39,11 +39,26 @@ pub const CONTINUAL: Section = Section { id: "continual-study", command: "contin
 pub const VERSUS: Section = Section { id: "versus-study", command: "versus" };
 pub const ROBUST: Section = Section { id: "robust-study", command: "robust" };
 pub const INT8: Section = Section { id: "int8-study", command: "int8" };
+pub const QLORA: Section = Section { id: "qlora-study", command: "qlora" };
 pub const OTHER_RUNS: Section = Section { id: "other-runs", command: "quality" };
 
 /// Every section, in the order RESULTS.md has them.
-const ORDER: [&Section; 13] =
-    [&QUALITY, &CHAT, &FUSION, &MOE, &MOE_LONGER, &HYPER, &HYPER_SHARED_HEAD, &FED, &CONTINUAL, &VERSUS, &ROBUST, &INT8, &OTHER_RUNS];
+const ORDER: [&Section; 14] = [
+    &QUALITY,
+    &CHAT,
+    &FUSION,
+    &MOE,
+    &MOE_LONGER,
+    &HYPER,
+    &HYPER_SHARED_HEAD,
+    &FED,
+    &CONTINUAL,
+    &VERSUS,
+    &ROBUST,
+    &INT8,
+    &QLORA,
+    &OTHER_RUNS,
+];
 
 /// Rewrites `root/RESULTS.md` (atomically) with these sections' fresh text.
 pub fn update(root: &Path, fresh: &[(&Section, String)]) -> Result<()> {
