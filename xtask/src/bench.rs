@@ -157,6 +157,9 @@ fn report(root: &Path) -> Result<String> {
     if vs.exists() {
         crate::vs_pytorch::report(&mut md, &read_json(&vs)?)?;
     }
+    if let Some(scale) = crate::scale::results(root)? {
+        crate::scale::report(&mut md, &scale)?;
+    }
     let load = root.join(RESULTS).join("load_test.json");
     if load.exists() {
         crate::load_test::report(&mut md, &read_json(&load)?)?;

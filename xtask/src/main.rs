@@ -12,6 +12,7 @@ mod load_test;
 mod serve_demo;
 mod serving;
 mod test;
+mod scale;
 mod vs_pytorch;
 
 use clap::{Parser, Subcommand};
@@ -46,14 +47,20 @@ enum Task {
         /// table to BENCHMARKS.md. Installs the reference stack into target/ref-venv once.
         #[arg(long)]
         vs_pytorch: bool,
-        /// With --vs-pytorch: only workloads whose name contains this text
+        /// Instead of the criterion benchmarks: training steps (batch 4 x 512), decoding and
+        /// 100 resident LoRA adapters on SmolLM2-135M and a 1.24B-parameter model with
+        /// Llama-3.2-1B's configuration (made once into target/scale/, 7 GB), against
+        /// PyTorch + AdapterHub/PEFT and llama.cpp alternately. About 45 minutes a round.
+        #[arg(long)]
+        scale: bool,
+        /// With --vs-pytorch or --scale: only workloads whose name contains this text
         /// (e.g. minilm_train, smol_decode).
         #[arg(long)]
         only: Option<String>,
-        /// With --vs-pytorch, --serving or --library: rounds (each runs every workload once per
-        /// stack, or the server and the engine once per workload).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
+        /// With --vs-pytorch, --scale, --serving or --library: rounds (each runs every workload
+        /// once per stack, or the server and the engine once per workload); 3, or 1 with --scale.
+        #[arg(long)]
+        rounds: Option<usize>,
         /// Instead of the criterion benchmarks: `adapters serve` against the same engine
         /// offline, alternately (embeddings from 64 clients through 32 adapters;
         /// generation at 8 and 32 concurrent streams over base, Pfeiffer and LoRA, with
@@ -118,12 +125,19 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Fetch => fetch::fetch_all(&root()).map(|_| ()),
         Task::Test => test::run(&root()),
-        Task::Bench { filter, report_only, vs_pytorch, only, rounds, serving, library, seconds } => {
+        Task::Bench { filter, report_only, vs_pytorch, scale, only, rounds, serving, library, seconds } => {
+            let rounds = rounds.unwrap_or(if scale { 1 } else { 3 });
             if library {
                 return library::run_library(&root(), rounds, seconds);
             }
             if serving {
                 return serving::run_serving(&root(), rounds, seconds);
+            }
+            if scale {
+                if !report_only {
+                    scale::run(&root(), only.as_deref(), rounds)?;
+                }
+                return bench::run(&root(), None, true);
             }
             if vs_pytorch {
                 if !report_only {

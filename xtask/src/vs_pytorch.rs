@@ -95,13 +95,13 @@ fn checked(mut cmd: Command, what: &str) -> Result<Value> {
     last_json_line(&out.stdout, what)
 }
 
-fn run_ours(root: &Path, name: &str, warmup: usize, steps: usize) -> Result<Value> {
+pub fn run_ours(root: &Path, name: &str, warmup: usize, steps: usize) -> Result<Value> {
     let mut cmd = Command::new(root.join("target/release/bench-workload"));
     cmd.args([name, "--warmup", &warmup.to_string(), "--steps", &steps.to_string()]).current_dir(root);
     checked(cmd, &format!("bench-workload {name}"))
 }
 
-fn run_pytorch(root: &Path, name: &str, warmup: usize, steps: usize) -> Result<Value> {
+pub fn run_pytorch(root: &Path, name: &str, warmup: usize, steps: usize) -> Result<Value> {
     let mut cmd = Command::new(root.join(VENV).join("bin/python"));
     cmd.args(["bench/reference/torch_bench.py", "run", name, "--warmup", &warmup.to_string(), "--steps", &steps.to_string()])
         .env("REF_MODELS", root.join("models"))

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+pub mod scale;
 pub mod workloads;
 
 /// One variant's result.

@@ -42,7 +42,10 @@ pub const NAMES: &[&str] = &[
 /// the reference does (the kernel's resident-set high-water mark, reset before warm-up).
 pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
     let _ = (adapters_bottleneck::family(), adapters_lora::family(), adapters_moe::family(), adapters_hyper::family());
-    let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = match name {
+    if name.starts_with("scale_") {
+        return crate::scale::run(name, warmup, steps);
+    }
+    let step: Step = match name {
         n if n.starts_with("minilm_train_") => minilm_train(&n["minilm_train_".len()..], || {})?.0,
         n if n.starts_with("minilm_infer_") => minilm_infer(&n["minilm_infer_".len()..])?,
         n if n.starts_with("smol_train_") => smol_train(&n["smol_train_".len()..])?,
@@ -53,8 +56,13 @@ pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
         "smol_serve_decode_b32" => return smol_serve_decode(32, warmup, steps),
         "smol_generate_mixed_b8" => return smol_generate_mixed(8, warmup, steps),
         "smol_generate_mixed_b32" => return smol_generate_mixed(32, warmup, steps),
-        other => anyhow::bail!("unknown workload `{other}` (known: {})", NAMES.join(", ")),
+        other => anyhow::bail!("unknown workload `{other}` (known: {}, and {})", NAMES.join(", "), crate::scale::NAMES.join(", ")),
     };
+    timed(name, step, warmup, steps)
+}
+
+/// Times `step` (`warmup` untimed, then `steps` timed): the record of [`run`].
+pub(crate) fn timed(name: &str, mut step: Step, warmup: usize, steps: usize) -> anyhow::Result<Value> {
     let rss_before = rss_mib("VmRSS");
     reset_peak_rss();
     for _ in 0..warmup {
@@ -74,7 +82,7 @@ pub fn run(name: &str, warmup: usize, steps: usize) -> anyhow::Result<Value> {
 }
 
 /// A `/proc/self/status` field in MiB.
-fn rss_mib(field: &str) -> Option<f64> {
+pub(crate) fn rss_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? / 1024.0)
@@ -86,7 +94,7 @@ fn reset_peak_rss() {
 }
 
 /// Attaches a freshly initialised adapter of `kind` and makes it the active one.
-fn attach(model: &mut Backbone, kind: &str, config: Value) -> anyhow::Result<Vec<(String, Var)>> {
+pub(crate) fn attach(model: &mut Backbone, kind: &str, config: Value) -> anyhow::Result<Vec<(String, Var)>> {
     let a = registry::build(kind, &config, &Placement::default(), &model.model_info(), &Device::Cpu, 1)?;
     let vars = a.vars();
     model.adapters_mut().add("bench", a)?;
@@ -96,7 +104,7 @@ fn attach(model: &mut Backbone, kind: &str, config: Value) -> anyhow::Result<Vec
 
 /// The adapter of a reference method name: AdapterHub's `seq_bn` (reduction 16) and
 /// PEFT's LoRA r=8, alpha 16 on query and value; and the `moe` bench's mixtures.
-fn method(name: &str) -> anyhow::Result<(&'static str, Value)> {
+pub(crate) fn method(name: &str) -> anyhow::Result<(&'static str, Value)> {
     Ok(match name {
         "seq_bn" => ("seq_bn", json!({"reduction_factor": 16})),
         "lora" | "lora_unmerged" | "lora_merged" => ("lora", json!({"r": 8, "alpha": 16})),
@@ -109,7 +117,7 @@ fn method(name: &str) -> anyhow::Result<(&'static str, Value)> {
 }
 
 /// Deterministic token ids, as in the training-step bench.
-fn token_rows(batch: usize, seq: usize, vocab: u32) -> Vec<Vec<u32>> {
+pub(crate) fn token_rows(batch: usize, seq: usize, vocab: u32) -> Vec<Vec<u32>> {
     (0..batch).map(|r| (0..seq).map(|i| 1000 + ((r * seq + i) as u32 * 7919) % (vocab - 1000)).collect()).collect()
 }
 
@@ -218,7 +226,7 @@ fn smollm2() -> anyhow::Result<Backbone> {
 }
 
 /// Causal-LM loss, backward, clipping, AdamW: batch 4 x 256.
-fn smol_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+fn smol_train(m: &str) -> anyhow::Result<Step> {
     let mut model = smollm2()?;
     let (kind, config) = method(m)?;
     let named = attach(&mut model, kind, config)?;
@@ -239,7 +247,12 @@ fn smol_train(m: &str) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>>
 /// median time of one decode step (one new token for every row).
 fn smol_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Value> {
     let Backbone::Llama(model) = smollm2()? else { anyhow::bail!("SmolLM2 is a decoder") };
-    let prompt = Tensor::new(token_rows(batch, 32, 49152), &Device::Cpu)?;
+    decode(&model, &format!("smol_decode_b{batch}"), batch, warmup, calls)
+}
+
+/// [`smol_decode`] on any decoder, recorded as `name`.
+pub(crate) fn decode(model: &adapters_models::Llama, name: &str, batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Value> {
+    let prompt = Tensor::new(token_rows(batch, 32, model.config.vocab_size as u32), &Device::Cpu)?;
     let ctx = ForwardCtx::inference();
     let rss_before = rss_mib("VmRSS");
     reset_peak_rss();
@@ -257,7 +270,7 @@ fn smol_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Result<Valu
             }
         }
     }
-    Ok(decode_record(&format!("smol_decode_b{batch}"), batch, step_ms, rss_before))
+    Ok(decode_record(name, batch, step_ms, rss_before))
 }
 
 /// The server's decoding step (continuous batching): prompts of 16 to 48 tokens, each run
@@ -283,7 +296,7 @@ fn smol_serve_decode(batch: usize, warmup: usize, calls: usize) -> anyhow::Resul
 /// `tokens` greedy tokens after each of `prompts`, as the server makes them: the prompts
 /// prefilled together, each into a cache of its own reserved for its new tokens, then
 /// decoding steps of one token for every row. The milliseconds of each decoding step.
-fn generate_greedy(m: &adapters_models::Llama, prompts: &[&[u32]], ctx: &ForwardCtx, tokens: usize) -> anyhow::Result<Vec<f64>> {
+pub(crate) fn generate_greedy(m: &adapters_models::Llama, prompts: &[&[u32]], ctx: &ForwardCtx, tokens: usize) -> anyhow::Result<Vec<f64>> {
     let (logits, mut caches) = m.prefill(prompts, ctx)?;
     for c in &mut caches {
         c.reserve(c.len() + tokens)?;

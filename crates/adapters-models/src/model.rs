@@ -376,9 +376,10 @@ pub enum BaseWeights {
     F32,
     /// A GGUF file's quantized blocks as stored (Q4_0, Q4_K, Q8_0, ...), multiplied through
     /// without a lasting f32 copy: QLoRA-style training over a quantized base
-    /// ([`crate::packed`]). Embeddings, norms and the output layer stay f32.
+    /// ([`crate::packed`]): the projections, the token embeddings and the output layer,
+    /// where the file quantizes them. Norms stay f32.
     Packed,
-    /// 8-bit blocks (Q8_0) made at load from any model's f32 projections.
+    /// 8-bit blocks (Q8_0) made at load from any model's f32 weight matrices.
     Q8_0,
 }
 

@@ -63,6 +63,28 @@ impl Linear {
         }
     }
 
+    /// Rows `ids` `[b, t]` of the weight, `[b, t, in]`: the layer read as an embedding
+    /// table (a packed one de-quantises only those rows).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => embedding(w, ids),
+            Weight::Packed(p) => {
+                let (b, t) = ids.dims2()?;
+                p.gather_rows(ids)?.reshape((b, t, ()))
+            }
+        }
+    }
+
+    /// Bytes the weight and bias take: f32 at 4 bytes a value, packed at their blocks' size
+    /// (the 8-bit decoding copies left out).
+    pub fn weight_bytes(&self) -> usize {
+        let weight = match &self.weight {
+            Weight::Dense(w) => 4 * w.elem_count(),
+            Weight::Packed(p) => p.size_in_bytes(),
+        };
+        weight + self.bias.as_ref().map_or(0, |b| 4 * b.elem_count())
+    }
+
     /// The quantized blocks, if the layer is packed.
     pub fn packed_weight(&self) -> Option<&PackedWeight> {
         match &self.weight {

@@ -49,7 +49,7 @@ pub fn lm_loss_of(backbone: &Backbone, hidden: &Tensor, ids: &Tensor, loss_mask:
         candle_nn::loss::cross_entropy(&model.logits(&hidden)?, &targets)?
     } else {
         // Blocked: the [tokens, vocab] logits are never all in memory at once.
-        adapters_kernels::linear_cross_entropy(&hidden, &model.lm_head_weight()?, &targets)?
+        model.output_cross_entropy(&hidden, &targets)?
     };
     Ok((loss, n))
 }

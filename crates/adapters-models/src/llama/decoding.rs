@@ -215,28 +215,26 @@ impl Llama {
         self.projections_mut().try_for_each(Linear::quantize)
     }
 
-    /// Keeps every layer's projections as 8-bit blocks (Q8_0) instead of f32
-    /// ([`crate::BaseWeights::Q8_0`]); the token embeddings and output layer stay f32.
+    /// Keeps every weight matrix (the layers' projections, the token embeddings and the
+    /// output layer) as 8-bit blocks (Q8_0) instead of f32 ([`crate::BaseWeights::Q8_0`]).
     pub fn pack_q8_0(&mut self) -> Result<()> {
-        self.layers.iter_mut().flat_map(|l| l.projections_mut()).try_for_each(Linear::pack_q8_0)
+        self.layers.iter_mut().flat_map(|l| l.projections_mut()).try_for_each(Linear::pack_q8_0)?;
+        self.embed.pack_q8_0()?;
+        match self.tied {
+            true => self.output = self.embed.clone(),
+            false => self.output.pack_q8_0()?,
+        }
+        Ok(())
     }
 
     /// Bytes the base weights take in memory: f32 tensors at 4 bytes a value, packed
-    /// projections at their blocks' size (tied embeddings counted once; the 8-bit decoding
+    /// ones at their blocks' size (tied embeddings counted once; the 8-bit decoding
     /// copies left out).
     pub fn weight_bytes(&self) -> usize {
-        let projections: usize = self
-            .layers
-            .iter()
-            .flat_map(|l| l.projection_list())
-            .map(|p| match p.packed_weight() {
-                Some(w) => w.size_in_bytes(),
-                None => 4 * p.in_features() * p.out_features(),
-            } + p.bias.as_ref().map_or(0, |b| 4 * b.elem_count()))
-            .sum();
+        let projections: usize = self.layers.iter().flat_map(|l| l.projection_list()).map(Linear::weight_bytes).sum();
         let norms: usize = self.layers.iter().map(|l| 4 * l.norm_values()).sum();
-        let head = if self.tied { 0 } else { 4 * self.output.in_features() * self.output.out_features() };
-        projections + norms + head + 4 * (self.embed.elem_count() + self.norm.weight.elem_count())
+        let head = if self.tied { 0 } else { self.output.weight_bytes() };
+        projections + norms + head + self.embed.weight_bytes() + 4 * self.norm.weight.elem_count()
     }
 
     /// Drops the 8-bit copies: every forward runs on the f32 weights.

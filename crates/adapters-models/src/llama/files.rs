@@ -161,9 +161,9 @@ impl Llama {
         Self::from_gguf_with(path, device, false)
     }
 
-    /// [`Llama::from_gguf`], keeping the layers' quantized projection weights in their
-    /// blocks when `packed` (QLoRA-style: see [`crate::packed`]); embeddings, norms and
-    /// f32/f16 tensors are de-quantised either way. CPU only.
+    /// [`Llama::from_gguf`], keeping the quantized weight matrices (projections, token
+    /// embeddings, output layer) in their blocks when `packed` (QLoRA-style: see
+    /// [`crate::packed`]); norms and f32/f16 tensors are read as f32 either way. CPU only.
     pub fn from_gguf_with(path: &Path, device: &Device, packed: bool) -> std::result::Result<(Self, gguf_file::Content), Error> {
         if packed && !device.is_cpu() {
             return Err(Error::Unsupported(format!("{}: packed base weights run on the CPU; drop `base_weights` there", path.display())));
@@ -196,7 +196,10 @@ impl Llama {
             let read = |e: candle_core::Error| Error::file(path, format!("tensor `{name}` cannot be read: {e}"));
             let q = ct.tensor(&mut file, name, &Device::Cpu).map_err(read)?;
             let quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-            if packed && quantized && hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") {
+            let matrix = hf.starts_with("model.layers.") && hf.ends_with("_proj.weight")
+                || hf == "model.embed_tokens.weight"
+                || hf == "lm_head.weight";
+            if packed && quantized && matrix {
                 let p = PackedWeight::new(std::sync::Arc::new(q)).map_err(read)?;
                 let p = match (name.rsplit('.').nth(1), arch) {
                     (Some("attn_q"), DecoderArch::Llama) => p.rows_reordered(&unpermuted_rows(p.dims().0, config.num_attention_heads))?,
@@ -235,7 +238,7 @@ impl Llama {
     /// Every weight by its Hugging Face name.
     pub(super) fn hf_tensors(&self) -> HashMap<String, Tensor> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        tensors.insert("model.embed_tokens.weight".into(), self.embed.clone());
+        tensors.insert("model.embed_tokens.weight".into(), self.embed.weight().expect("a loaded weight de-quantises"));
         tensors.insert("model.norm.weight".into(), self.norm.weight.clone());
         if !self.tied {
             tensors.insert("lm_head.weight".into(), self.output.weight().expect("a loaded weight de-quantises"));

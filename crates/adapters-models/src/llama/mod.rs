@@ -9,7 +9,7 @@
 
 use crate::attached::HoldsAdapters;
 use crate::error::Error;
-use crate::ops::{embedding, Linear, RmsNorm};
+use crate::ops::{Linear, RmsNorm};
 use crate::weights::Weights;
 use adapters_core::{AdapterSet, EmbeddingIo, ForwardCtx, InsertionPoint, InterventionIo, ModelInfo, Point, PointSpec, Site, SublayerIo};
 use adapters_kernels as kernels;
@@ -183,7 +183,8 @@ pub(crate) const ROPE_FREQS: &str = "rope_freqs.weight";
 pub struct Llama {
     /// The model's configuration (boxed: it is large and rarely read).
     pub config: Box<LlamaConfig>,
-    embed: Tensor,
+    /// The token embeddings `[vocab, hidden]`, read a row per token.
+    embed: Linear,
     /// What the token embeddings are multiplied by (Gemma: √hidden, rounded to f32).
     embed_scale: Option<f64>,
     layers: Vec<Layer>,
@@ -277,13 +278,17 @@ impl Llama {
                 })
             })
             .collect::<std::result::Result<Vec<_>, Error>>()?;
-        let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
-        let lm_head = if w.contains("lm_head.weight") && !config.tie_word_embeddings {
-            Some(w.get("lm_head.weight", &[config.vocab_size, h])?)
-        } else {
-            None
+        // The embedding table keeps PyTorch's layout (rows are read), so `Linear::new`.
+        let table = |name: &str| -> std::result::Result<Linear, Error> {
+            match w.get_packed(name, [config.vocab_size, h])? {
+                Some(packed) => Ok(Linear::packed(packed, None)),
+                None => Ok(Linear::new(w.get(name, &[config.vocab_size, h])?, None)),
+            }
         };
-        let device = embed.device().clone();
+        let embed = table("model.embed_tokens.weight")?;
+        let lm_head = if w.contains("lm_head.weight") && !config.tie_word_embeddings { Some(table("lm_head.weight")?) } else { None };
+        let norm = norm("model.norm", h)?;
+        let device = norm.weight.device().clone();
         // A GGUF's Llama 3 RoPE scaling (llama.cpp's `rope_freqs.weight`).
         let rope_divisors = match w.contains(ROPE_FREQS) {
             true => Some(w.get(ROPE_FREQS, &[hd / 2])?),
@@ -292,11 +297,11 @@ impl Llama {
         let divisors = rope_divisors.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
         let ((cos, sin), local_rope) = config.rope_tables(&device, divisors.as_deref())?;
         let tied = lm_head.is_none();
-        let output = Linear::new(lm_head.unwrap_or_else(|| embed.clone()), None);
+        let output = lm_head.unwrap_or_else(|| embed.clone());
         // transformers: `hidden_size**0.5` as an f32 tensor.
         let embed_scale = gemma.then(|| (h as f64).sqrt() as f32 as f64);
         Ok(Llama {
-            norm: norm("model.norm", h)?,
+            norm,
             config: Box::new(config),
             embed,
             embed_scale,
@@ -313,17 +318,22 @@ impl Llama {
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
-        self.embed.device()
+        self.norm.weight.device()
     }
 
-    /// Total number of base parameters (tied embeddings counted once).
+    /// Total number of base parameters (tied embeddings counted once), counted without
+    /// de-quantising packed weights.
     pub fn num_parameters(&self) -> usize {
-        self.hf_tensors().values().map(Tensor::elem_count).sum()
+        let layers: usize =
+            self.layers.iter().map(|l| l.norm_values() + l.projection_list().iter().map(|p| p.num_parameters()).sum::<usize>()).sum();
+        let head = if self.tied { 0 } else { self.output.num_parameters() };
+        let divisors = self.rope_divisors.as_ref().map_or(0, Tensor::elem_count);
+        layers + head + divisors + self.embed.num_parameters() + self.norm.weight.elem_count()
     }
 
     /// The token embeddings of `ids` (scaled, for Gemma).
     fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
-        let x = embedding(&self.embed, ids)?;
+        let x = self.embed.rows(ids)?;
         match self.embed_scale {
             Some(s) => x * s,
             None => Ok(x),
@@ -432,9 +442,20 @@ impl Llama {
         x.narrow(1, inputs.virtual_tokens, x.dim(1)? - inputs.virtual_tokens)
     }
 
-    /// The output projection `[vocab, hidden]` (the token embeddings when tied).
+    /// The output projection `[vocab, hidden]` (the token embeddings when tied): an f32
+    /// copy when it is packed.
     pub fn lm_head_weight(&self) -> Result<Tensor> {
         self.output.weight()
+    }
+
+    /// Mean next-token cross-entropy of `hidden` `[n, hidden]` against `targets` `[n]`,
+    /// without the `[n, vocab]` logits in memory at once (on the output layer's blocks
+    /// when it is packed). Soft-capped logits (Gemma 2) are not covered: use [`Llama::logits`].
+    pub fn output_cross_entropy(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        match self.output.packed_weight() {
+            Some(packed) => crate::packed::linear_cross_entropy(hidden, packed, targets),
+            None => adapters_kernels::linear_cross_entropy(hidden, &self.output.weight()?, targets),
+        }
     }
 
     /// Logits `[batch, seq, vocab]` from final hidden states.
