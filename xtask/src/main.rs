@@ -9,10 +9,10 @@ mod fetch;
 mod fuzz;
 mod library;
 mod load_test;
+mod scale;
 mod serve_demo;
 mod serving;
 mod test;
-mod scale;
 mod vs_pytorch;
 
 use clap::{Parser, Subcommand};

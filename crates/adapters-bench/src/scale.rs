@@ -48,7 +48,10 @@ fn model(name: &str) -> anyhow::Result<Backbone> {
         (PathBuf::from(MODEL_1B), BaseWeights::F32)
     };
     if !path.exists() {
-        anyhow::bail!("{} is missing: run `cargo xtask bench --scale` (it makes the model with bench/scale/make_models.py)", path.display());
+        anyhow::bail!(
+            "{} is missing: run `cargo xtask bench --scale` (it makes the model with bench/scale/make_models.py)",
+            path.display()
+        );
     }
     Ok(load_with(&path, &Device::Cpu, base)?.backbone)
 }

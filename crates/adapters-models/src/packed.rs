@@ -113,7 +113,7 @@ impl PackedWeight {
             }
             rows.extend_from_slice(&data[id * row_bytes..(id + 1) * row_bytes]);
         }
-        self.from_row_bytes(rows, ids.len())?.dequantize(&Device::Cpu)
+        self.blocks_from_rows(rows, ids.len())?.dequantize(&Device::Cpu)
     }
 
     fn row_bytes(&self) -> usize {
@@ -121,7 +121,7 @@ impl PackedWeight {
         self.dims().1 / dtype.block_size() * dtype.type_size()
     }
 
-    fn from_row_bytes(&self, bytes: Vec<u8>, rows: usize) -> Result<QTensor> {
+    fn blocks_from_rows(&self, bytes: Vec<u8>, rows: usize) -> Result<QTensor> {
         blocks_of(bytes, rows, self.dims().1, self.dtype())
     }
 
@@ -156,7 +156,7 @@ impl PackedWeight {
         for &r in order {
             moved.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
         }
-        Self::new(Arc::new(self.from_row_bytes(moved, out)?))
+        Self::new(Arc::new(self.blocks_from_rows(moved, out)?))
     }
 }
 
@@ -230,9 +230,19 @@ fn f32_values(t: &Tensor) -> Result<CpuStorage> {
 pub fn linear_cross_entropy(hidden: &Tensor, weight: &PackedWeight, targets: &Tensor) -> Result<Tensor> {
     let (n, d) = hidden.dims2()?;
     if d != weight.dims().1 || targets.dims1()? != n {
-        candle_core::bail!("cross-entropy: hidden {:?}, packed weight {:?} and targets {:?} do not fit", hidden.dims(), weight.dims(), targets.dims());
+        candle_core::bail!(
+            "cross-entropy: hidden {:?}, packed weight {:?} and targets {:?} do not fit",
+            hidden.dims(),
+            weight.dims(),
+            targets.dims()
+        );
     }
-    let op = PackedCrossEntropy { weight: weight.clone(), targets: targets.to_dtype(DType::U32)?, want_grad: hidden.track_op(), grad: Mutex::new(None) };
+    let op = PackedCrossEntropy {
+        weight: weight.clone(),
+        targets: targets.to_dtype(DType::U32)?,
+        want_grad: hidden.track_op(),
+        grad: Mutex::new(None),
+    };
     hidden.contiguous()?.apply_op1(op)
 }
 
@@ -251,7 +261,8 @@ impl CustomOp1 for PackedCrossEntropy {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(values) = storage else { candle_core::bail!("packed cross-entropy: expects f32 hidden states") };
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("packed cross-entropy: a contiguous input".into()))?;
+        let (start, end) =
+            layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("packed cross-entropy: a contiguous input".into()))?;
         let h = Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?;
         let n = h.dim(0)?;
         if let Some(t) = self.targets.to_vec1::<u32>()?.iter().find(|&&t| t as usize >= self.weight.dims().0) {

@@ -71,7 +71,8 @@ fn the_loss_over_a_packed_output_layer_is_the_dequantized_ones() {
         let vars = m.adapters().active_vars();
         (loss, vars.iter().map(|(_, v)| grads.get(v.as_tensor()).expect("a gradient").clone()).collect::<Vec<_>>())
     };
-    let ((want, want_grads), (got, got_grads)) = (loss_and_gradients(llama(BaseWeights::F32)), loss_and_gradients(llama(BaseWeights::Packed)));
+    let ((want, want_grads), (got, got_grads)) =
+        (loss_and_gradients(llama(BaseWeights::F32)), loss_and_gradients(llama(BaseWeights::Packed)));
     assert!(relative(&got, &want) < 1e-5, "the loss differs by {}", relative(&got, &want));
     for (g, w) in got_grads.iter().zip(&want_grads) {
         assert!(relative(g, w) < 1e-3, "a probe variable's gradient differs by {}", relative(g, w));
